@@ -1,0 +1,1 @@
+"""Example pipelines bundled with podpipe."""

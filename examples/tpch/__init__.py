@@ -1,0 +1,1 @@
+"""TPC-H Q1 as a podpipe pipeline over `lineitem`."""

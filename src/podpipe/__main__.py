@@ -1,0 +1,5 @@
+"""`python -m podpipe` is the CLI; stage processes are started this way."""
+
+from podpipe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,144 @@
+"""The `podpipe` command. Each subcommand parses its arguments and calls one function.
+
+Exit codes (errors.py): 0 success, 1 the run failed, 2 invalid input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+from podpipe import __version__, report
+from podpipe.errors import PodpipeError, UsageError, exit_code
+
+NOT_YET = {
+    "resume": "resuming a run needs the journal and tiered checkpoints, not implemented yet",
+    "swap": "swapping a stage mid-run is not implemented yet",
+    "render": "rendering Kubernetes manifests is not implemented yet",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="podpipe",
+        description="Run a pipeline as a pod: stage processes that hand Arrow batches to "
+                    "each other through shared memory.",
+        epilog="exit codes: 0 success, 1 the run failed, 2 invalid input, 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"podpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a pipeline to the end",
+                         description="Run a pipeline spec to the end in a pod on this machine.")
+    run.add_argument("spec", metavar="SPEC", help="pipeline spec (YAML)")
+    run.add_argument("--run-dir", metavar="DIR",
+                     help="run directory (default: CHECKPOINTS_NODE/runs/RUN_ID)")
+    run.add_argument("--replicas", type=int, default=1, metavar="N",
+                     help="pods to start (only 1 so far)")
+    run.add_argument("--memory", metavar="SIZE", help="RAM scratch budget, e.g. 2GiB "
+                     "(overrides spec.memory)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a spec field, e.g. source.batchRows=100000 or "
+                          "stages.filter.run=mod:fn (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="no progress, no summary")
+
+    resume = sub.add_parser("resume", help="resume a run (not implemented yet)")
+    resume.add_argument("run_dir", metavar="RUN_DIR")
+
+    status = sub.add_parser("status", help="show a run's state, processes and progress")
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("--json", action="store_true",
+                        help="one JSON object: state, scratch, processes, stages")
+
+    validate = sub.add_parser("validate", help="check a spec without running it")
+    validate.add_argument("spec", metavar="SPEC")
+    validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
+    swap = sub.add_parser("swap", help="swap a stage's version mid-run (not implemented yet)")
+    swap.add_argument("run_dir", metavar="RUN_DIR")
+    swap.add_argument("stage", metavar="STAGE")
+    swap.add_argument("rest", nargs=argparse.REMAINDER)
+
+    render = sub.add_parser("render", help="render Kubernetes manifests (not implemented yet)")
+    render.add_argument("spec", metavar="SPEC")
+    render.add_argument("rest", nargs=argparse.REMAINDER)
+
+    agent = sub.add_parser("agent", help="(internal) serve one stage of a running pod")
+    agent.add_argument("--node", required=True, help="the stage, 'source' or a sink name")
+    agent.add_argument("--spec", required=True)
+    agent.add_argument("--socket", required=True, help="the conductor's Unix socket")
+    agent.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console, errors = Console(), Console(stderr=True)
+    try:
+        return _COMMANDS[args.command](args, console)
+    except PodpipeError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True,
+                     soft_wrap=True)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        return exit_code(KeyboardInterrupt())
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.runtime import pod
+
+    kwargs = dict(overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
+                  memory=args.memory)
+    if args.quiet:
+        pod.run(args.spec, **kwargs)
+        return 0
+    with report.LiveProgress(console) as live:
+        try:
+            final = pod.run(args.spec, observer=live, **kwargs)
+        except PodpipeError:
+            live.progress.stop()
+            raise
+    console.print(report.summary(final))
+    console.print(f"run directory: {final['run_dir']}")
+    return 0
+
+
+def _status(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.runtime import status
+
+    current = status.read(args.run_dir)
+    if args.json:
+        print(json.dumps(current, indent=2))
+    else:
+        console.print(report.status_table(current))
+    return 0
+
+
+def _validate(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.runtime import pod
+
+    pipeline = pod.validate(args.spec, args.set)
+    console.print(f"{args.spec}: valid pipeline {pipeline.name!r} with "
+                  f"{len(pipeline.stages)} stages and {len(pipeline.sinks)} sinks",
+                  highlight=False)
+    return 0
+
+
+def _agent(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.runtime import agent
+
+    return agent.serve(args.spec, args.set, args.node, args.socket)
+
+
+def _not_yet(args: argparse.Namespace, console: Console) -> int:
+    raise UsageError(f"podpipe {args.command}: {NOT_YET[args.command]}")
+
+
+_COMMANDS = {"run": _run, "status": _status, "validate": _validate, "agent": _agent,
+             "resume": _not_yet, "swap": _not_yet, "render": _not_yet}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The engine layer: decisions of a run as pure functions, no I/O."""

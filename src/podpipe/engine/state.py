@@ -1,0 +1,340 @@
+"""The run state machine: (state, event) -> actions, with no I/O.
+
+The conductor turns what happens (an agent connects, a task finishes, a process
+exits) into events, feeds them to `RunState.handle`, and carries out the actions it
+returns (hand a task to an agent, grant RAM, delete a file, finish, fail). All the
+decisions of a run live here, so they can be tested without processes:
+
+- readiness: a per-batch task is ready once every input has that batch; a reduce
+  task once every input has all its batches;
+- the RAM budget: an agent asks for the exact bytes of its output before writing
+  it and waits for a grant, so scratch never exceeds the budget. New source batches
+  are admitted only while the batches already on the line, at the largest footprint
+  seen so far, still fit (backpressure). A run that cannot move for lack of RAM
+  fails with a BudgetError instead of hanging;
+- lifetime: an output is deleted as soon as every node that reads it has read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from podpipe.errors import BudgetError, RunError, StageError
+from podpipe.model.graph import BATCH, Graph
+from podpipe.model.sizes import format_size
+from podpipe.model.spec import SOURCE
+
+# --------------------------------------------------------------------- data
+
+Key = tuple[str, int]  # (node, batch)
+
+
+@dataclass(frozen=True)
+class Output:
+    """A batch output in RAM scratch."""
+
+    path: str
+    nbytes: int
+    rows: int
+    checksum: str = ""
+
+
+# ------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class AgentReady:
+    node: str
+
+
+@dataclass(frozen=True)
+class SpaceRequested:
+    node: str
+    batch: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    node: str
+    batch: int
+    output: Output | None  # None for sinks
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    node: str
+    batch: int
+    message: str
+
+
+@dataclass(frozen=True)
+class AgentExited:
+    node: str
+    returncode: int | None
+
+
+Event = AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    node: str
+    batch: int
+    inputs: tuple[tuple[Output, ...], ...]  # per input in spec order; all batches for a reduce
+
+
+@dataclass(frozen=True)
+class Grant:
+    node: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    path: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: RunError
+
+
+Action = Dispatch | Grant | Delete | Finished | Failed
+
+# -------------------------------------------------------------------- state
+
+IDLE, RUNNING, WAITING, ABSENT = "idle", "running", "waiting", "absent"
+
+
+@dataclass
+class _Agent:
+    status: str = ABSENT
+    batch: int | None = None
+    want: int = 0        # bytes asked for while WAITING
+    reserved: int = 0    # bytes granted, not yet an output
+
+
+@dataclass
+class RunState:
+    graph: Graph
+    source_batches: int
+    budget: int
+    outputs: dict[Key, Output] = field(default_factory=dict)
+    unread: dict[Key, set[str]] = field(default_factory=dict)
+    done: dict[str, set[int]] = field(default_factory=dict)
+    ready: dict[str, list[int]] = field(default_factory=dict)
+    agents: dict[str, _Agent] = field(default_factory=dict)
+    usage: int = 0           # bytes in scratch plus bytes granted
+    peak: int = 0
+    next_source: int = 0
+    on_line: dict[int, int] = field(default_factory=dict)  # batch -> tasks left on the line
+    produced: dict[int, int] = field(default_factory=dict)  # batch -> bytes made so far
+    footprint: int | None = None  # most bytes one batch has made over the whole line
+    outcome: Action | None = None
+
+    def __post_init__(self) -> None:
+        for node in self.graph.order:
+            self.done.setdefault(node, set())
+            self.ready.setdefault(node, [])
+            self.agents.setdefault(node, _Agent())
+        self._per_batch_nodes = sum(1 for n in self.graph.order if self.graph.domain[n] == BATCH)
+        if self.source_batches == 0:
+            for node in self.graph.order:
+                if self.graph.domain[node] != BATCH:
+                    self._maybe_ready(node, 0)
+
+    # -- queries --------------------------------------------------------------
+
+    def total(self, node: str) -> int:
+        return self.graph.batches(node, self.source_batches)
+
+    @property
+    def finished(self) -> bool:
+        return all(len(self.done[n]) == self.total(n) for n in self.graph.order)
+
+    # -- the transition -------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        if self.outcome is not None:
+            return []
+        actions: list[Action] = []
+        agent = self.agents[event.node]
+        if isinstance(event, AgentReady):
+            agent.status, agent.batch = IDLE, None
+        elif isinstance(event, SpaceRequested):
+            self._request(agent, event, actions)
+        elif isinstance(event, TaskDone):
+            self._done(agent, event, actions)
+        elif isinstance(event, TaskFailed):
+            return self._fail(StageError(event.node, event.batch, event.message))
+        elif isinstance(event, AgentExited):
+            if agent.status in (RUNNING, WAITING):
+                return self._fail(StageError(event.node, agent.batch,
+                                             f"its process exited (code {event.returncode}) "
+                                             "before finishing the batch"))
+            if not self.finished:
+                return self._fail(StageError(event.node, None, f"its process exited (code "
+                                             f"{event.returncode}) while the run needed it"))
+            agent.status = ABSENT
+        self._grant_waiting(actions)
+        self._dispatch(actions)
+        if self.finished:
+            self.outcome = Finished()
+            actions.append(self.outcome)
+        elif self._stuck():
+            actions.extend(self._fail(self._budget_error()))
+        return actions
+
+    # -- pieces ----------------------------------------------------------------
+
+    def _request(self, agent: _Agent, event: SpaceRequested, actions: list[Action]) -> None:
+        agent.status, agent.want = WAITING, event.nbytes
+        if event.nbytes > self.budget:
+            actions.extend(self._fail(BudgetError(
+                f"stage {event.node!r}, batch {event.batch}: its output needs "
+                f"{format_size(event.nbytes)}, more than the whole RAM budget of "
+                f"{format_size(self.budget)}; lower spec.source.batchRows or raise "
+                "spec.memory (--memory)")))
+
+    def _grant_waiting(self, actions: list[Action]) -> None:
+        if self.outcome is not None:
+            return
+        # Downstream first: granting them frees their inputs soonest.
+        waiting = [n for n in reversed(self.graph.order) if self.agents[n].status == WAITING]
+        for node in waiting:
+            agent = self.agents[node]
+            if self.usage + agent.want > self.budget:
+                continue
+            self.usage += agent.want
+            self.peak = max(self.peak, self.usage)
+            agent.status, agent.reserved, agent.want = RUNNING, agent.want, 0
+            actions.append(Grant(node))
+
+    def _done(self, agent: _Agent, event: TaskDone, actions: list[Action]) -> None:
+        node, batch = event.node, event.batch
+        agent.status, agent.batch = IDLE, None
+        self.usage -= agent.reserved
+        agent.reserved = 0
+        self.done[node].add(batch)
+        if event.output is not None:
+            key = (node, batch)
+            self.outputs[key] = event.output
+            self.usage += event.output.nbytes
+            self.peak = max(self.peak, self.usage)
+            self.unread[key] = set(self.graph.consumers[node])
+            if self.graph.domain[node] == BATCH:
+                self.produced[batch] = self.produced.get(batch, 0) + event.output.nbytes
+            if not self.unread[key]:
+                self._delete(key, actions)
+        self._release_inputs(node, batch, actions)
+        if self.graph.domain[node] == BATCH:
+            self.on_line[batch] -= 1
+            if self.on_line[batch] == 0:
+                del self.on_line[batch]
+                self.footprint = max(self.footprint or 0, self.produced.pop(batch, 0))
+        for consumer in self.graph.consumers[node]:
+            self._maybe_ready(consumer, batch if self.graph.domain[consumer] == BATCH else 0)
+
+    def _release_inputs(self, node: str, batch: int, actions: list[Action]) -> None:
+        for key in self._input_keys(node, batch):
+            readers = self.unread.get(key)
+            if readers is None:
+                continue
+            readers.discard(node)
+            if not readers:
+                self._delete(key, actions)
+
+    def _delete(self, key: Key, actions: list[Action]) -> None:
+        output = self.outputs.pop(key)
+        del self.unread[key]
+        self.usage -= output.nbytes
+        actions.append(Delete(output.path))
+
+    def _input_keys(self, node: str, batch: int) -> list[Key]:
+        keys = []
+        for name in self.graph.inputs[node]:
+            if self._reads_all(node, name):
+                keys.extend((name, b) for b in range(self.source_batches))
+            else:
+                keys.append((name, batch))
+        return keys
+
+    def _reads_all(self, node: str, name: str) -> bool:
+        """Does `node` read every batch of `name` at once (a reduce over batches)?"""
+        return self.graph.domain[node] != BATCH and self.graph.domain[name] == BATCH
+
+    def _maybe_ready(self, node: str, batch: int) -> None:
+        if batch in self.done[node] or batch in self.ready[node]:
+            return
+        if self.agents[node].batch == batch:
+            return
+        if all(len(self.done[name]) == self.source_batches if self._reads_all(node, name)
+               else batch in self.done[name] for name in self.graph.inputs[node]):
+            self.ready[node].append(batch)
+            self.ready[node].sort()
+
+    def _dispatch(self, actions: list[Action]) -> None:
+        if self.outcome is not None:
+            return
+        for node in self.graph.order:
+            agent = self.agents[node]
+            if agent.status != IDLE:
+                continue
+            if node == SOURCE:
+                batch = self._admit()
+                if batch is None:
+                    continue
+            elif self.ready[node]:
+                batch = self.ready[node].pop(0)
+            else:
+                continue
+            agent.status, agent.batch = RUNNING, batch
+            inputs = tuple(
+                tuple(self.outputs[(name, b)] for b in
+                      (range(self.source_batches) if self._reads_all(node, name)
+                       else (batch,)))
+                for name in self.graph.inputs[node])
+            actions.append(Dispatch(node, batch, inputs))
+
+    def _admit(self) -> int | None:
+        """The next source batch, if the line has room for it (backpressure)."""
+        if self.next_source >= self.source_batches:
+            return None
+        if self.on_line:
+            if self.footprint is None:
+                return None  # learn one batch's footprint before overlapping batches
+            coming = sum(max(0, self.footprint - self.produced.get(b, 0)) for b in self.on_line)
+            if self.usage + coming + self.footprint > self.budget:
+                return None
+        batch = self.next_source
+        self.next_source += 1
+        self.on_line[batch] = self._per_batch_nodes
+        self.produced[batch] = 0
+        return batch
+
+    def _stuck(self) -> bool:
+        """Someone waits for RAM and nothing running can free any."""
+        statuses = [a.status for a in self.agents.values()]
+        return WAITING in statuses and RUNNING not in statuses
+
+    def _budget_error(self) -> BudgetError:
+        node, agent = next((n, a) for n, a in self.agents.items() if a.status == WAITING)
+        held = sorted(self.outputs.items(), key=lambda kv: -kv[1].nbytes)
+        holders = ", ".join(sorted({k[0] for k, _ in held}))
+        return BudgetError(
+            f"the RAM budget of {format_size(self.budget)} is full: stage {node!r}, batch "
+            f"{agent.batch} needs {format_size(agent.want)} more while "
+            f"{format_size(self.usage)} is held by outputs still to be read "
+            f"(of {holders or 'nothing'}); raise spec.memory (--memory) or lower "
+            "spec.source.batchRows")
+
+    def _fail(self, error: RunError) -> list[Action]:
+        self.outcome = Failed(error)
+        return [self.outcome]

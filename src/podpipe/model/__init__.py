@@ -1,0 +1,1 @@
+"""The model layer: pipeline specs and their graph, as pure, frozen data."""

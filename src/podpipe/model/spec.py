@@ -1,0 +1,389 @@
+"""The pipeline spec: YAML in the Kubernetes resource style, parsed into frozen data.
+
+Parsing is strict. An unknown field is an error that names it, so that a typo is
+never silently ignored; every error names the file, the field (as a path such as
+`spec.stages[1].inputs[0]`), its line where the YAML has one, and what was
+expected. Everything past this module sees typed objects only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from podpipe.errors import SpecError
+from podpipe.model.sizes import parse_size
+
+API_VERSION = "podpipe/v1alpha1"
+KIND = "Pipeline"
+SOURCE = "source"
+DEFAULT_MEMORY = "1GiB"
+DEFAULT_BATCH_ROWS = 500_000
+SOURCE_FORMATS = ("parquet", "csv", "arrow")
+
+# A stage's name becomes a process name, a directory in scratch and, on
+# Kubernetes, a container name: so it must be a DNS-1123 label.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+@dataclass(frozen=True)
+class Source:
+    uri: str
+    format: str
+    batch_rows: int
+    columns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    run: str | None = None
+    command: tuple[str, ...] | None = None
+    reduce: bool = False
+    version: str | None = None
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sink:
+    name: str
+    input: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Accepted now; the tiers that use it arrive with the checkpoints issue."""
+
+    node: str = ".podpipe"
+    durable: str | None = None
+    every_batches: int | None = None
+    interval: float = 30.0
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    source: Source
+    stages: tuple[Stage, ...]
+    sinks: tuple[Sink, ...]
+    memory: int
+    checkpoints: Checkpoints
+    shards: int = 1
+    file: str = "spec"
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
+    """Read, override (`--set KEY=VALUE`) and validate the spec at `path`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError("no such file", file=str(path)) from None
+    except IsADirectoryError:
+        raise SpecError("is a directory, expected a YAML file", file=str(path)) from None
+    except OSError as exc:
+        raise SpecError(f"cannot read: {exc.strerror}", file=str(path)) from exc
+    return parse(raw, file=str(path), overrides=overrides)
+
+
+def parse(raw: bytes | str, *, file: str = "spec", overrides=()) -> Pipeline:
+    """Validate spec text; see `load`."""
+    if isinstance(raw, bytes):
+        if b"\0" in raw:
+            raise SpecError("is a binary file, expected YAML text", file=file)
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"is not UTF-8 text (byte {exc.start})", file=file) from None
+    if not raw.strip():
+        raise SpecError("is empty, expected a Pipeline spec", file=file)
+    try:
+        loader = yaml.SafeLoader(raw)
+        try:
+            root = loader.get_single_node()
+            document = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"invalid YAML: {problem}", file=file,
+                        line=mark.line + 1 if mark else None) from None
+    reader = _Reader(file, root)
+    for item in overrides:
+        document = _apply_override(document, item, reader)
+    return _pipeline(reader, document)
+
+
+class _Reader:
+    """Checks values and raises SpecError with the field's path and YAML line."""
+
+    def __init__(self, file: str, root: yaml.Node | None) -> None:
+        self.file, self.root = file, root
+
+    def fail(self, path: str, message: str) -> SpecError:
+        return SpecError(message, file=self.file, field=path or None, line=self._line(path))
+
+    def _line(self, path: str) -> int | None:
+        node = self.root
+        for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == part), None)
+            elif isinstance(node, yaml.SequenceNode) and part.startswith("["):
+                index = int(part[1:-1])
+                node = node.value[index] if index < len(node.value) else None
+            else:
+                node = None
+            if node is None:
+                return None
+        return node.start_mark.line + 1 if node is not None else None
+
+    def mapping(self, path: str, value: Any, allowed: set[str], required: set[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping with fields {sorted(allowed)}, "
+                                  f"got {_kind(value)}")
+        for key in value:
+            if key not in allowed:
+                raise self.fail(_join(path, str(key)),
+                                f"unknown field {key!r}; expected one of {sorted(allowed)}")
+        for key in sorted(required):
+            if key not in value:
+                raise self.fail(path, f"missing required field {key!r}")
+        return value
+
+    def string(self, path: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(path, f"expected a non-empty string, got {_kind(value)}")
+        return value
+
+    def integer(self, path: str, value: Any, minimum: int = 1) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(path, f"expected an integer >= {minimum}, got {value!r}")
+        return value
+
+    def strings(self, path: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(path, f"expected a non-empty list of strings, got {_kind(value)}")
+        return tuple(self.string(f"{path}[{i}]", item) for i, item in enumerate(value))
+
+    def name(self, path: str, value: Any) -> str:
+        text = self.string(path, value)
+        if not _NAME.match(text):
+            raise self.fail(path, f"invalid name {text!r}: expected lower-case letters, digits "
+                                  "and '-', starting and ending with a letter or digit, "
+                                  "at most 63 characters")
+        return text
+
+
+def _pipeline(r: _Reader, doc: Any) -> Pipeline:
+    doc = r.mapping("", doc, {"apiVersion", "kind", "metadata", "spec"},
+                    {"apiVersion", "kind", "metadata", "spec"})
+    if doc["apiVersion"] != API_VERSION:
+        raise r.fail("apiVersion", f"expected {API_VERSION!r}, got {doc['apiVersion']!r}")
+    if doc["kind"] != KIND:
+        raise r.fail("kind", f"expected {KIND!r}, got {doc['kind']!r}")
+    meta = r.mapping("metadata", doc["metadata"], {"name", "labels", "annotations"}, {"name"})
+    spec = r.mapping("spec", doc["spec"],
+                     {"source", "stages", "sinks", "memory", "checkpoints", "shards"},
+                     {"source", "stages", "sinks"})
+    stages = _stages(r, spec["stages"])
+    sinks = _sinks(r, spec["sinks"], stages)
+    memory = spec.get("memory", DEFAULT_MEMORY)
+    try:
+        memory_bytes = parse_size(memory)
+    except ValueError as exc:
+        raise r.fail("spec.memory", str(exc)) from None
+    pipeline = Pipeline(
+        name=r.name("metadata.name", meta["name"]),
+        source=_source(r, spec["source"]),
+        stages=stages,
+        sinks=sinks,
+        memory=memory_bytes,
+        checkpoints=_checkpoints(r, spec.get("checkpoints", {})),
+        shards=r.integer("spec.shards", spec.get("shards", 1)),
+        file=r.file,
+    )
+    from podpipe.model.graph import Graph  # the graph checks inputs and cycles
+    Graph.of(pipeline, fail=r.fail)
+    return pipeline
+
+
+def _source(r: _Reader, value: Any) -> Source:
+    src = r.mapping("spec.source", value, {"uri", "format", "batchRows", "columns"}, {"uri"})
+    uri = r.string("spec.source.uri", src["uri"])
+    fmt = src.get("format") or _guess_format(uri)
+    if fmt not in SOURCE_FORMATS:
+        raise r.fail("spec.source.format", f"expected one of {list(SOURCE_FORMATS)}, got "
+                     f"{fmt!r}" + ("" if "format" in src else " (from the uri's extension)"))
+    columns = src.get("columns")
+    return Source(
+        uri=uri, format=fmt,
+        batch_rows=r.integer("spec.source.batchRows", src.get("batchRows", DEFAULT_BATCH_ROWS)),
+        columns=r.strings("spec.source.columns", columns) if columns is not None else None,
+    )
+
+
+def _guess_format(uri: str) -> str | None:
+    suffix = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
+    return {"parquet": "parquet", "pq": "parquet", "csv": "csv", "arrow": "arrow",
+            "feather": "arrow", "ipc": "arrow"}.get(suffix, "parquet" if not suffix else suffix)
+
+
+_STAGE_FIELDS = {"name", "run", "command", "inputs", "reduce", "version", "image", "env",
+                 "resources", "retries"}
+
+
+def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
+    if not isinstance(value, list) or not value:
+        raise r.fail("spec.stages", f"expected a non-empty list of stages, got {_kind(value)}")
+    stages, seen = [], set()
+    for i, item in enumerate(value):
+        path = f"spec.stages[{i}]"
+        st = r.mapping(path, item, _STAGE_FIELDS, {"name", "inputs"})
+        name = r.name(f"{path}.name", st["name"])
+        if name == SOURCE:
+            raise r.fail(f"{path}.name", f"{SOURCE!r} is reserved for the pipeline's source")
+        if name in seen:
+            raise r.fail(f"{path}.name", f"duplicate stage name {name!r}")
+        seen.add(name)
+        if ("run" in st) == ("command" in st):
+            raise r.fail(path, "expected exactly one of 'run' (a Python callable "
+                               "module:function) or 'command' (an executable), "
+                               + ("got both" if "run" in st else "got neither"))
+        run = command = None
+        if "run" in st:
+            run = r.string(f"{path}.run", st["run"])
+            if not _CALLABLE.match(run):
+                raise r.fail(f"{path}.run", f"expected a Python callable as "
+                                            f"'module.path:function', got {run!r}")
+        else:
+            command = r.strings(f"{path}.command", st["command"])
+        reduce = st.get("reduce", False)
+        if not isinstance(reduce, bool):
+            raise r.fail(f"{path}.reduce", f"expected true or false, got {reduce!r}")
+        env = st.get("env", {})
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise r.fail(f"{path}.env", "expected a mapping of strings to strings")
+        resources = st.get("resources", {})
+        if not isinstance(resources, dict):
+            raise r.fail(f"{path}.resources", f"expected a mapping, got {_kind(resources)}")
+        if "retries" in st:
+            r.integer(f"{path}.retries", st["retries"], minimum=0)
+        stages.append(Stage(
+            name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
+            command=command, reduce=reduce,
+            version=str(st["version"]) if st.get("version") is not None else None,
+            image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
+            env=dict(env), resources=dict(resources),
+        ))
+    return tuple(stages)
+
+
+def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...]:
+    if not isinstance(value, list) or not value:
+        raise r.fail("spec.sinks", f"expected a non-empty list of sinks, got {_kind(value)}")
+    names = {s.name for s in stages}
+    sinks = []
+    for i, item in enumerate(value):
+        path = f"spec.sinks[{i}]"
+        sk = r.mapping(path, item, {"name", "input", "uri"}, {"input", "uri"})
+        name = r.name(f"{path}.name", sk.get("name", f"sink-{i}"))
+        if name in names or name == SOURCE:
+            raise r.fail(f"{path}.name", f"duplicate name {name!r}: sinks and stages share "
+                                         "one namespace")
+        names.add(name)
+        sinks.append(Sink(name=name, input=r.string(f"{path}.input", sk["input"]),
+                          uri=r.string(f"{path}.uri", sk["uri"])))
+    return tuple(sinks)
+
+
+def _checkpoints(r: _Reader, value: Any) -> Checkpoints:
+    ck = r.mapping("spec.checkpoints", value,
+                   {"node", "durable", "everyBatches", "interval", "keep"}, set())
+    interval = ck.get("interval", 30.0)
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
+        raise r.fail("spec.checkpoints.interval", f"expected seconds > 0, got {interval!r}")
+    return Checkpoints(
+        node=r.string("spec.checkpoints.node", ck.get("node", ".podpipe")),
+        durable=r.string("spec.checkpoints.durable", ck["durable"]) if "durable" in ck else None,
+        every_batches=(r.integer("spec.checkpoints.everyBatches", ck["everyBatches"])
+                       if "everyBatches" in ck else None),
+        interval=float(interval),
+        keep=r.integer("spec.checkpoints.keep", ck.get("keep", 3)),
+    )
+
+
+def _apply_override(doc: Any, item: str, r: _Reader) -> Any:
+    """`--set stages.filter.run=m:f`: a dotted path under `spec` (or from the top
+    when it starts with apiVersion/kind/metadata/spec); list items by `name`."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE", file=r.file)
+    parts = key.split(".")
+    if parts[0] not in ("apiVersion", "kind", "metadata", "spec"):
+        parts = ["spec", *parts]
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = doc
+    for depth, part in enumerate(parts[:-1]):
+        nxt = _child(node, part)
+        if nxt is None:
+            raise SpecError(f"--set {key}: no field {'.'.join(parts[:depth + 1])!r} "
+                            "to set a value under", file=r.file)
+        node = nxt
+    if isinstance(node, list):
+        index = _index(node, parts[-1])
+        if index is None:
+            raise SpecError(f"--set {key}: no list item {parts[-1]!r}", file=r.file)
+        node[index] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise SpecError(f"--set {key}: {'.'.join(parts[:-1])!r} is not a mapping", file=r.file)
+    return doc
+
+
+def _child(node: Any, part: str) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list):
+        index = _index(node, part)
+        return node[index] if index is not None else None
+    return None
+
+
+def _index(items: list, part: str) -> int | None:
+    if part.isdigit():
+        return int(part) if int(part) < len(items) else None
+    return next((i for i, item in enumerate(items)
+                 if isinstance(item, dict) and item.get("name") == part), None)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: f"the string {value!r}",
+            bool: f"{str(value).lower()}"}.get(type(value), f"{value!r}")

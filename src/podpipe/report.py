@@ -1,0 +1,86 @@
+"""What a person sees: live progress while a run goes, tables after it and for status.
+
+Everything here renders a status dict (see runtime/status.py); none of it talks to
+processes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from podpipe.model.sizes import format_size
+
+
+class LiveProgress:
+    """A rich progress bar per node: batches done/total, rows/s; scratch in use."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.fields[name]:<12}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:>14}"), TimeElapsedColumn(),
+            TextColumn("{task.fields[extra]}"), console=console, transient=False)
+        self.tasks: dict[str, Any] = {}
+        self.scratch_task = None
+        self.started = time.monotonic()
+
+    def __enter__(self) -> "LiveProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        elapsed = max(1e-9, time.monotonic() - self.started)
+        for node, s in status["stages"].items():
+            rate = f"{s['rows_out'] / elapsed:,.0f} rows/s" if s["rows_out"] else ""
+            if node not in self.tasks:
+                self.tasks[node] = self.progress.add_task(
+                    "", total=s["batches_total"], name=node, rate=rate, extra="")
+            self.progress.update(self.tasks[node], completed=s["batches_done"],
+                                 total=s["batches_total"], rate=rate)
+        scratch = (f"RAM scratch {format_size(status['scratch_bytes'])} / "
+                   f"{format_size(status['budget_bytes'])}")
+        if self.scratch_task is None:
+            self.scratch_task = self.progress.add_task("", total=None, name="scratch",
+                                                       rate="", extra=scratch)
+        self.progress.update(self.scratch_task, extra=scratch)
+
+
+def summary(status: dict[str, Any]) -> Table:
+    """Per stage: batches, rows in and out, busy time, RAM written, read zero-copy."""
+    table = Table(title=f"{status['pipeline']}: {status['state']} in "
+                        f"{status['elapsed_seconds']:.2f} s  (peak RAM scratch "
+                        f"{format_size(status['peak_scratch_bytes'])} of "
+                        f"{format_size(status['budget_bytes'])})")
+    for column in ("stage", "kind", "batches", "rows in", "rows out", "busy s",
+                   "RAM written", "read zero-copy"):
+        table.add_column(column, justify="left" if column in ("stage", "kind") else "right")
+    for node, s in status["stages"].items():
+        table.add_row(node, s["kind"], f"{s['batches_done']}/{s['batches_total']}",
+                      f"{s['rows_in']:,}", f"{s['rows_out']:,}", f"{s['busy_seconds']:.2f}",
+                      format_size(s["bytes_written"]), format_size(s["bytes_read"]))
+    return table
+
+
+def status_table(status: dict[str, Any]) -> Table:
+    """`podpipe status` without --json."""
+    table = summary(status)
+    table.caption = (f"run {status['run_id']}  state {status['state']}  scratch "
+                     f"{status['scratch']}" + (f"\nerror: {status['error']}"
+                                                if status.get("error") else ""))
+    pids = Table(title="processes")
+    for column in ("role", "stage", "pod", "pid"):
+        pids.add_column(column)
+    for p in status["processes"]:
+        pids.add_row(p["role"], p["stage"] or "", p["pod"], str(p["pid"]))
+    grid = Table.grid()
+    grid.add_row(table)
+    grid.add_row(pids)
+    return grid

@@ -1,0 +1,1 @@
+"""The runtime layer: processes, sockets, files. It carries out the engine's actions."""

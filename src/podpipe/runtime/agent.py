@@ -1,0 +1,211 @@
+"""A stage process: connects to the conductor, takes tasks, hands back metadata.
+
+One long-lived agent runs per node of the pipeline (the source, each stage, each
+sink): on Kubernetes it is a container, locally an OS process. For every task it
+memory-maps its inputs from RAM scratch, does the work, asks the conductor for the
+exact RAM its output needs, writes the output once and reports its path, rows,
+bytes and checksum. Data never crosses the socket.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+
+from podpipe.errors import DataError, InputError, SpecError
+from podpipe.model import spec as specs
+from podpipe.model.graph import Graph
+from podpipe.model.spec import SOURCE, Pipeline
+from podpipe.runtime import arrowfile, protocol, sink, source
+
+# Environment of a `command:` stage, documented in the README.
+ENV_INPUT = "PODPIPE_INPUT"          # the first input's Arrow IPC file
+ENV_INPUTS = "PODPIPE_INPUTS"        # every input, joined with ':'; reduce: all batches
+ENV_OUTPUT = "PODPIPE_OUTPUT"        # where to write the output (Arrow IPC file or stream)
+ENV_BATCH = "PODPIPE_BATCH"
+ENV_STAGE = "PODPIPE_STAGE"
+
+
+class Work:
+    """What one node does with a task; `run` returns a table, a written file or None."""
+
+    def run(self, batch: int, inputs: list[list[pa.Table]], task: dict) -> pa.Table | Path | None:
+        raise NotImplementedError
+
+
+class LoadSource(Work):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.loader = source.Loader(pipeline.source)
+
+    def run(self, batch, inputs, task):
+        return self.loader.load(source.SourceBatch.from_json(task["source"]))
+
+
+class CallFunction(Work):
+    def __init__(self, target: str, reduce: bool) -> None:
+        module, _, name = target.partition(":")
+        try:
+            self.function: Callable[..., Any] = getattr(importlib.import_module(module), name)
+        except Exception as exc:  # any import-time failure of user code
+            raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}") from exc
+        if not callable(self.function):
+            raise SpecError(f"{target!r} is not callable")
+        self.reduce = reduce
+
+    def run(self, batch, inputs, task):
+        tables = [_concat(tables) if self.reduce or len(tables) > 1 else tables[0]
+                  for tables in inputs]
+        result = self.function(*tables)
+        if result is None:
+            raise TypeError("returned None; expected a table")
+        return arrowfile.to_arrow(result)
+
+
+class RunCommand(Work):
+    def __init__(self, command: tuple[str, ...], env: dict[str, str], node: str) -> None:
+        self.command, self.env, self.node = list(command), env, node
+
+    def run(self, batch, inputs, task):
+        paths = [p for group in task["inputs"] for p in group]
+        output = Path(task["output"]).with_suffix(".cmd")
+        env = {**os.environ, **self.env, ENV_INPUT: paths[0], ENV_INPUTS: ":".join(paths),
+               ENV_OUTPUT: str(output), ENV_BATCH: str(batch), ENV_STAGE: self.node}
+        try:
+            done = subprocess.run(self.command, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=sys.stderr, stderr=sys.stderr)
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {self.command[0]!r}: {exc.strerror}") from exc
+        keep = False
+        try:
+            if done.returncode != 0:
+                raise RuntimeError(f"command {self.command[0]!r} exited with code "
+                                   f"{done.returncode}")
+            if not output.exists():
+                raise RuntimeError(f"command {self.command[0]!r} wrote no output to "
+                                   f"${ENV_OUTPUT}")
+            with open(output, "rb") as f:
+                is_file_format = f.read(6) == b"ARROW1"
+            try:
+                if is_file_format:
+                    arrowfile.read_table(output)  # validate before trusting it
+                    keep = True
+                    return output
+                return arrowfile.read_any_ipc(output)
+            except pa.ArrowException as exc:
+                raise RuntimeError(f"command {self.command[0]!r} wrote an invalid Arrow "
+                                   f"IPC output: {exc}") from exc
+        finally:
+            if not keep:
+                output.unlink(missing_ok=True)
+
+
+class WriteSink(Work):
+    def __init__(self, target: specs.Sink) -> None:
+        self.writer = sink.Writer(target)
+
+    def run(self, batch, inputs, task):
+        self.writer.write(_concat(inputs[0]), batch)
+        return None
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    """One table whose chunks are the batches: no copy."""
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def work_for(pipeline: Pipeline, node: str) -> Work:
+    if node == SOURCE:
+        return LoadSource(pipeline)
+    for target in pipeline.sinks:
+        if target.name == node:
+            return WriteSink(target)
+    stage = pipeline.stage(node)
+    if stage.run:
+        return CallFunction(stage.run, stage.reduce)
+    return RunCommand(stage.command or (), stage.env, node)
+
+
+def version_of(pipeline: Pipeline, node: str) -> str:
+    if node == SOURCE or node not in {s.name for s in pipeline.stages}:
+        return "builtin"
+    return pipeline.stage(node).version or "unversioned"
+
+
+def serve(spec_path: str, overrides: list[str], node: str, socket_path: str) -> int:
+    """The agent's main loop; returns the process exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the conductor decides when we stop
+    sys.path.insert(0, os.getcwd())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(socket_path)
+    try:
+        pipeline = specs.load(spec_path, overrides)
+        Graph.of(pipeline)
+        work = work_for(pipeline, node)
+    except InputError as exc:
+        protocol.send(sock, {"type": "broken", "node": node, "message": str(exc)})
+        return 2
+    protocol.send(sock, {"type": "hello", "node": node, "pid": os.getpid(),
+                         "version": version_of(pipeline, node)})
+    while True:
+        try:
+            message = protocol.recv(sock)
+        except protocol.Closed:
+            return 0  # the conductor is gone: so are we
+        if message["type"] == "stop":
+            return 0
+        _task(sock, work, message)
+
+
+def _task(sock: socket.socket, work: Work, task: dict) -> None:
+    batch, started = task["batch"], time.perf_counter()
+    try:
+        inputs = [[arrowfile.read_table(p) for p in group] for group in task["inputs"]]
+        result = work.run(batch, inputs, task)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stderr)
+        protocol.send(sock, {"type": "failed", "batch": batch,
+                             "input_error": isinstance(exc, (DataError, InputError)),
+                             "message": f"{type(exc).__name__}: {exc}"})
+        return
+    rows_in = sum(t.num_rows for group in inputs for t in group)
+    stats: dict[str, Any] = {"rows_in": rows_in, "bytes_in": sum(
+        os.stat(p).st_size for group in task["inputs"] for p in group)}
+    output = None
+    if result is not None:
+        path = Path(task["output"])
+        if isinstance(result, Path):  # a command wrote its own IPC file
+            nbytes = result.stat().st_size
+            _reserve(sock, batch, nbytes)
+            os.rename(result, path)
+            rows, checksum = arrowfile.read_table(path).num_rows, ""
+        else:
+            nbytes = arrowfile.ipc_size(result)
+            _reserve(sock, batch, nbytes)
+            try:
+                nbytes, checksum = arrowfile.write_table(result, path)
+            except OSError as exc:
+                protocol.send(sock, {"type": "failed", "batch": batch,
+                                     "message": f"cannot write {path}: {exc.strerror}"})
+                return
+            rows = result.num_rows
+        output = {"path": str(path), "nbytes": nbytes, "rows": rows, "checksum": checksum}
+        stats.update(rows_out=rows, bytes_out=nbytes)
+    stats["busy"] = time.perf_counter() - started
+    protocol.send(sock, {"type": "done", "batch": batch, "output": output, "stats": stats})
+
+
+def _reserve(sock: socket.socket, batch: int, nbytes: int) -> None:
+    protocol.send(sock, {"type": "reserve", "batch": batch, "nbytes": nbytes})
+    reply = protocol.recv(sock)
+    if reply["type"] != "grant":
+        raise SystemExit(0)  # told to stop while waiting for RAM

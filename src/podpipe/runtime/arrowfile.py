@@ -1,0 +1,96 @@
+"""Batch outputs as uncompressed Arrow IPC files: written once, memory-mapped by readers.
+
+The writer learns the exact size before writing (so the conductor can grant that
+much RAM first), hashes while writing (xxh3, no second pass) and renames a
+temporary name into place, so a reader never sees a half-written file. Readers
+`memory_map` the file: the table's buffers point into the page cache of the tmpfs,
+no bytes are copied however large the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import xxhash
+
+
+def ipc_size(table: pa.Table) -> int:
+    """Bytes the IPC file of `table` will take, without writing it."""
+    mock = pa.MockOutputStream()
+    with pa.ipc.new_file(mock, table.schema) as writer:
+        writer.write_table(table)
+    return mock.size()
+
+
+class _HashingFile:
+    """A raw file that hashes what passes through it; pyarrow hands it its buffers."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.hash, self.closed = fd, xxhash.xxh3_64(), False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.hash.update(view)
+        written = 0
+        while written < len(view):
+            written += os.write(self.fd, view[written:])
+        return written
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def write_table(table: pa.Table, path: str | Path) -> tuple[int, str]:
+    """Write `table` to `path` atomically; returns (bytes, xxh3 checksum)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        raw = _HashingFile(fd)
+        with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:
+            writer.write_table(table)
+        nbytes = os.lseek(fd, 0, os.SEEK_CUR)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.rename(tmp, path)
+    return nbytes, raw.hash.hexdigest()
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """The table in an IPC file, memory-mapped: zero-copy."""
+    with pa.memory_map(str(path), "r") as source:
+        return pa.ipc.open_file(source).read_all()
+
+
+def read_any_ipc(path: str | Path) -> pa.Table:
+    """An IPC file or stream (what a command stage may write), memory-mapped."""
+    with pa.memory_map(str(path), "r") as source:
+        magic = source.read(6)
+        source.seek(0)
+        if magic == b"ARROW1":
+            return pa.ipc.open_file(source).read_all()
+        return pa.ipc.open_stream(source).read_all()
+
+
+def to_arrow(result: Any) -> pa.Table:
+    """A stage's return value as a pyarrow Table, without copying where possible."""
+    if isinstance(result, pa.Table):
+        return result
+    if isinstance(result, pa.RecordBatch):
+        return pa.Table.from_batches([result])
+    module = type(result).__module__.split(".")[0]
+    if module == "polars" and hasattr(result, "to_arrow"):
+        return result.to_arrow()
+    if module == "pandas" and hasattr(result, "columns"):
+        return pa.Table.from_pandas(result, preserve_index=False)
+    raise TypeError(f"returned {type(result).__name__}; expected a pyarrow Table or "
+                    "RecordBatch, a polars DataFrame or a pandas DataFrame")

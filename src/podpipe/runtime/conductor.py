@@ -1,0 +1,293 @@
+"""The conductor: the per-pod process that owns the run.
+
+It starts one agent per node, accepts their connections on a Unix socket in RAM
+scratch, and blocks on events only: socket messages, process exits (pidfds) and
+signals (a wakeup fd). Each event goes to the engine's `RunState`; the conductor
+carries out the actions it returns and keeps `status.json` current. It never
+touches batch data.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from podpipe.engine import state as st
+from podpipe.errors import DataError, InterruptedRun, PodpipeError, SpecError, StageError
+from podpipe.model.graph import Graph
+from podpipe.model.spec import SOURCE, Pipeline
+from podpipe.runtime import protocol, status
+from podpipe.runtime.launcher import LocalLauncher, Process
+from podpipe.runtime.scratch import Scratch, process_start
+from podpipe.runtime.source import SourceBatch
+
+FLUSH_SECONDS = 0.25
+STOP_GRACE_SECONDS = 5.0
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    reader: protocol.Reader = field(default_factory=protocol.Reader)
+    node: str | None = None
+
+
+@dataclass
+class _Stats:
+    rows_in: int = 0
+    rows_out: int = 0
+    busy: float = 0.0
+    bytes_written: int = 0
+    bytes_read: int = 0
+
+
+class Conductor:
+    def __init__(self, *, pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
+                 scratch: Scratch, run_dir: Path, launcher: LocalLauncher, run_id: str,
+                 pod: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.pipeline, self.graph, self.plan = pipeline, graph, plan
+        self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
+        self.run_id, self.pod, self.observer = run_id, pod, observer
+        self.engine = st.RunState(graph, len(plan), pipeline.memory)
+        self.processes: dict[str, Process] = {}
+        self.conns: dict[str, _Conn] = {}
+        self.versions: dict[str, str] = {}
+        self.stats = {node: _Stats() for node in graph.order}
+        self.state, self.error = "running", None
+        self.started, self.ended = time.time(), None
+        self.sel = selectors.DefaultSelector()
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run to the end; returns the final status, raises the run's error."""
+        wake_r, wake_w = socket.socketpair()
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno())
+        old_handlers = {s: signal.signal(s, lambda *_: None)
+                        for s in (signal.SIGINT, signal.SIGTERM)}
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for node in self.graph.order:
+                self.scratch.output_dir(node).mkdir(exist_ok=True)
+            listener.bind(str(self.scratch.socket))
+            listener.listen(64)
+            self.sel.register(listener, selectors.EVENT_READ, ("listen", None))
+            self.sel.register(wake_r, selectors.EVENT_READ, ("signal", None))
+            for node in self.graph.order:
+                self._start(node)
+            self._loop(listener, wake_r)
+        finally:
+            self._stop_all()
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            listener.close()
+            wake_r.close()
+            wake_w.close()
+            self.sel.close()
+            self.scratch.remove()
+            self.ended = time.time()
+            self._flush()
+        if self.error is not None:
+            raise self.error
+        return self.snapshot()
+
+    def _loop(self, listener: socket.socket, wake: socket.socket) -> None:
+        next_flush = time.monotonic()
+        while self.state == "running":
+            timeout = max(0.0, next_flush - time.monotonic())
+            for key, _ in self.sel.select(timeout):
+                kind, data = key.data
+                if kind == "listen":
+                    sock, _ = listener.accept()
+                    self.sel.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock)))
+                elif kind == "conn":
+                    self._read(data)
+                elif kind == "exit":
+                    self._exited(data, key.fileobj)
+                elif kind == "signal":
+                    wake.recv(64)
+                    self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
+                if self.state != "running":
+                    break
+            if time.monotonic() >= next_flush:
+                self._flush()
+                next_flush = time.monotonic() + FLUSH_SECONDS
+
+    # -- events in ---------------------------------------------------------------
+
+    def _start(self, node: str) -> None:
+        process = self.launcher.start(node)
+        self.processes[node] = process
+        pidfd = os.pidfd_open(process.pid)
+        self.sel.register(pidfd, selectors.EVENT_READ, ("exit", node))
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(1 << 16)
+            messages = conn.reader.feed(data) if data else []
+        except (OSError, protocol.Closed):
+            data, messages = b"", []
+        for message in messages:
+            self._message(conn, message)
+            if self.state != "running":
+                return
+        if not data:  # a closed connection; its process exit is the event that counts
+            self.sel.unregister(conn.sock)
+            conn.sock.close()
+
+    def _message(self, conn: _Conn, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "broken":
+            node = message.get("node", "?")
+            self._end("failed", SpecError(message["message"], file=self.pipeline.file,
+                                          field=f"stage {node!r}"))
+            return
+        if kind == "hello":
+            node = message["node"]
+            if node not in self.processes or node in self.conns:
+                conn.sock.close()
+                return
+            conn.node = node
+            self.conns[node] = conn
+            self.versions[node] = message.get("version", "")
+            self._feed(st.AgentReady(node))
+            return
+        node = conn.node
+        if node is None:
+            return
+        batch = message.get("batch")
+        if kind == "reserve":
+            self._feed(st.SpaceRequested(node, batch, int(message["nbytes"])))
+        elif kind == "done":
+            self._count(node, message.get("stats", {}))
+            out = message.get("output")
+            self._feed(st.TaskDone(node, batch, st.Output(**out) if out else None))
+        elif kind == "failed":
+            if message.get("input_error"):
+                self._end("failed", DataError(f"stage {node!r}, batch {batch}: "
+                                              f"{message['message']}"))
+            else:
+                self._feed(st.TaskFailed(node, batch, message["message"]))
+
+    def _exited(self, node: str, pidfd: int) -> None:
+        self.sel.unregister(pidfd)
+        os.close(pidfd)
+        returncode = self.processes[node].popen.wait()
+        self._feed(st.AgentExited(node, returncode))
+
+    def _count(self, node: str, stats: dict[str, Any]) -> None:
+        s = self.stats[node]
+        s.rows_in += stats.get("rows_in", 0)
+        s.rows_out += stats.get("rows_out", 0)
+        s.busy += stats.get("busy", 0.0)
+        s.bytes_read += stats.get("bytes_in", 0)
+        s.bytes_written += stats.get("bytes_out", 0)
+
+    # -- actions out --------------------------------------------------------------
+
+    def _feed(self, event: st.Event) -> None:
+        for action in self.engine.handle(event):
+            if isinstance(action, st.Dispatch):
+                self._dispatch(action)
+            elif isinstance(action, st.Grant):
+                protocol.send(self.conns[action.node].sock, {"type": "grant"})
+            elif isinstance(action, st.Delete):
+                try:
+                    os.unlink(action.path)
+                except FileNotFoundError:
+                    pass
+            elif isinstance(action, st.Finished):
+                self._end("succeeded", None)
+            elif isinstance(action, st.Failed):
+                error = action.error
+                if isinstance(error, StageError) and error.stage in self.processes:
+                    error.args = (f"{error.args[0]} (log: {self.processes[error.stage].log})",)
+                self._end("failed", error)
+
+    def _dispatch(self, action: st.Dispatch) -> None:
+        task: dict[str, Any] = {
+            "type": "task", "batch": action.batch,
+            "inputs": [[o.path for o in group] for group in action.inputs],
+            "output": str(self.scratch.output_path(action.node, action.batch)),
+        }
+        if action.node == SOURCE:
+            task["source"] = self.plan[action.batch].to_json()
+        protocol.send(self.conns[action.node].sock, task)
+
+    def _end(self, state: str, error: PodpipeError | None) -> None:
+        if self.state == "running":
+            self.state, self.error = state, error
+
+    def _stop_all(self) -> None:
+        """Stop every agent: politely when idle, by signal when not, never waiting long."""
+        for conn in self.conns.values():
+            try:
+                protocol.send(conn.sock, {"type": "stop"})
+            except OSError:
+                pass
+        if self.state != "succeeded":
+            for process in self.processes.values():
+                if process.popen.poll() is None:
+                    process.popen.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in self.processes.values():
+            try:
+                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # TimeoutExpired: it would not stop
+                process.popen.kill()
+                process.popen.wait()
+        for conn in self.conns.values():
+            conn.sock.close()
+
+    # -- status ---------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        engine = self.engine
+        processes = [{"role": "conductor", "stage": None, "pid": os.getpid(), "pod": self.pod,
+                      "start": process_start(os.getpid())}]
+        processes += [{"role": "stage", "stage": node, "pid": p.pid, "pod": self.pod,
+                       "alive": p.popen.returncode is None} for node, p in self.processes.items()]
+        stages = {}
+        for node in self.graph.order:
+            s = self.stats[node]
+            stages[node] = {
+                "kind": _kind(node, self.graph),
+                "version": self.versions.get(node),
+                "batches_done": len(engine.done[node]),
+                "batches_total": engine.total(node),
+                "rows_in": s.rows_in, "rows_out": s.rows_out,
+                "busy_seconds": round(s.busy, 4),
+                "bytes_written": s.bytes_written, "bytes_read": s.bytes_read,
+            }
+        return {
+            "run_id": self.run_id, "pipeline": self.pipeline.name, "state": self.state,
+            "error": str(self.error) if self.error else None,
+            "run_dir": str(self.run_dir), "scratch": str(self.scratch.path),
+            "started": self.started, "ended": self.ended,
+            "elapsed_seconds": round((self.ended or time.time()) - self.started, 3),
+            "budget_bytes": self.pipeline.memory, "scratch_bytes": engine.usage,
+            "peak_scratch_bytes": engine.peak, "source_batches": len(self.plan),
+            "processes": processes, "stages": stages,
+        }
+
+    def _flush(self) -> None:
+        snapshot = self.snapshot()
+        status.write(self.run_dir, snapshot)
+        if self.observer is not None:
+            self.observer(snapshot)
+
+
+def _kind(node: str, graph: Graph) -> str:
+    if node == SOURCE:
+        return "source"
+    if node in graph.sinks:
+        return "sink"
+    return "reduce" if node in graph.reduce else "stage"

@@ -1,0 +1,103 @@
+"""The pod's RAM scratch: one directory on a tmpfs per run, shared by every process.
+
+Layout: `owner.json` (who owns it), `conductor.sock`, `data/<node>/<batch>.arrow`.
+A finished or failed run removes its scratch; a crashed one is swept by the next
+run on this machine once its owner process is gone (pid and start time checked,
+so a reused pid does not keep garbage alive).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+PREFIX = "podpipe-"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("PODPIPE_SCRATCH_ROOT", "/dev/shm"))
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def alive(pid: int, start: str | None) -> bool:
+    now = process_start(pid)
+    return now is not None and (start is None or now == start)
+
+
+@dataclass(frozen=True)
+class Scratch:
+    path: Path
+
+    @classmethod
+    def create(cls, run_id: str, root: Path | None = None) -> "Scratch":
+        root = root or default_root()
+        path = root / f"{PREFIX}{run_id}"
+        path.mkdir(parents=True)
+        (path / "data").mkdir()
+        owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
+        tmp = path / ".owner.json.tmp"
+        tmp.write_text(json.dumps(owner))
+        tmp.rename(path / "owner.json")
+        return cls(path)
+
+    @property
+    def socket(self) -> Path:
+        return self.path / "conductor.sock"
+
+    def output_dir(self, node: str) -> Path:
+        return self.path / "data" / node
+
+    def output_path(self, node: str, batch: int) -> Path:
+        return self.output_dir(node) / f"{batch:06d}.arrow"
+
+    def usage(self) -> int:
+        """Bytes of files under the scratch directory, as the filesystem counts them."""
+        total = 0
+        for folder, _, files in os.walk(self.path):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def sweep(root: Path | None = None) -> list[Path]:
+    """Remove scratch directories whose owner process is gone; returns them."""
+    root = root or default_root()
+    removed = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
+    except OSError:
+        return removed
+    for path in candidates:
+        try:
+            owner = json.loads((path / "owner.json").read_text())
+            if alive(int(owner["pid"]), owner.get("start")):
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            # No readable owner: a run that crashed while creating it, unless it is
+            # being created right now; give a fresh directory a minute.
+            try:
+                if time.time() - path.stat().st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -1,0 +1,39 @@
+"""Sinks: Parquet files under a deterministic name, one per batch (one for a reduce).
+
+A batch's file is `part-<batch>.parquet`; it is written under a temporary name and
+renamed, so a repeated batch replaces its file and never duplicates output, and a
+reader never trusts a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from podpipe.model.spec import Sink
+
+
+def file_name(batch: int) -> str:
+    return f"part-{batch:06d}.parquet"
+
+
+class Writer:
+    def __init__(self, sink: Sink) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(sink.uri)
+        self.fs.makedirs(self.root, exist_ok=True)
+
+    def write(self, table: pa.Table, batch: int) -> str:
+        final = f"{self.root.rstrip('/')}/{file_name(batch)}"
+        tmp = f"{self.root.rstrip('/')}/.{file_name(batch)}.{os.getpid()}.tmp"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                pq.write_table(table, f)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+        return final

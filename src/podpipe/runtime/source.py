@@ -1,0 +1,141 @@
+"""The source: which batches a dataset splits into, and how to load one.
+
+Numbering is deterministic: files in sorted order, batches in file order.
+- Parquet: whole row groups are packed into batches of at most `batchRows` rows; a
+  row group larger than `batchRows` is cut into slices (each slice decodes the row
+  group again, so write row groups no larger than a batch).
+- Arrow IPC files: the same, over record batches.
+- CSV: one batch per file.
+Planning reads only footers; loading reads the columns the spec asks for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from podpipe.errors import DataError
+from podpipe.model.spec import Source
+
+_GLOB = set("*?[")
+
+
+@dataclass(frozen=True)
+class SourceBatch:
+    file: str
+    parts: tuple[int, ...] = ()   # row groups / record batches; () = the whole file
+    offset: int = 0               # rows to skip within the parts
+    length: int | None = None     # rows to keep; None = all
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SourceBatch":
+        return cls(file=data["file"], parts=tuple(data["parts"]), offset=data["offset"],
+                   length=data["length"])
+
+
+def files(source: Source) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The files the source URI names, sorted."""
+    try:
+        fs, path = fsspec.core.url_to_fs(source.uri)
+        if _GLOB & set(path):
+            found = fs.glob(path)
+        elif fs.isdir(path):
+            found = [p for p in fs.find(path) if not p.rsplit("/", 1)[-1].startswith((".", "_"))]
+        elif fs.exists(path):
+            found = [path]
+        else:
+            found = []
+    except (OSError, ValueError, ImportError) as exc:
+        raise DataError(f"spec.source.uri {source.uri!r}: {exc}") from exc
+    found = sorted(p for p in found if not fs.isdir(p))
+    if not found:
+        raise DataError(f"spec.source.uri {source.uri!r} matches no files")
+    return fs, found
+
+
+def plan(source: Source) -> list[SourceBatch]:
+    """Every batch of the source, in order."""
+    fs, paths = files(source)
+    batches: list[SourceBatch] = []
+    for path in paths:
+        if source.format == "csv":
+            batches.append(SourceBatch(file=path))
+            continue
+        try:
+            sizes = _part_rows(fs, path, source.format)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{path}: cannot read as {source.format}: {exc}") from exc
+        batches.extend(_pack(path, sizes, source.batch_rows))
+    if not batches:
+        raise DataError(f"spec.source.uri {source.uri!r}: the files hold no rows")
+    return batches
+
+
+def _part_rows(fs, path: str, fmt: str) -> list[int]:
+    with fs.open(path, "rb") as f:
+        if fmt == "parquet":
+            meta = pq.ParquetFile(f).metadata
+            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        reader = pa.ipc.open_file(f)
+        return [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+
+
+def _pack(path: str, sizes: list[int], batch_rows: int) -> list[SourceBatch]:
+    batches, group, rows = [], [], 0
+    for part, size in enumerate(sizes):
+        if size == 0:
+            continue
+        if size > batch_rows:
+            if group:
+                batches.append(SourceBatch(path, tuple(group)))
+                group, rows = [], 0
+            slices = math.ceil(size / batch_rows)
+            step = math.ceil(size / slices)
+            batches.extend(SourceBatch(path, (part,), off, min(step, size - off))
+                           for off in range(0, size, step))
+            continue
+        if rows + size > batch_rows and group:
+            batches.append(SourceBatch(path, tuple(group)))
+            group, rows = [], 0
+        group.append(part)
+        rows += size
+    if group:
+        batches.append(SourceBatch(path, tuple(group)))
+    return batches
+
+
+class Loader:
+    """Loads one planned batch; lives in the source's agent process."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.fs, _ = fsspec.core.url_to_fs(source.uri)
+
+    def load(self, batch: SourceBatch) -> pa.Table:
+        columns = list(self.source.columns) if self.source.columns else None
+        try:
+            with self.fs.open(batch.file, "rb") as f:
+                if self.source.format == "parquet":
+                    table = pq.ParquetFile(f).read_row_groups(list(batch.parts), columns=columns)
+                elif self.source.format == "arrow":
+                    reader = pa.ipc.open_file(f)
+                    table = pa.Table.from_batches([reader.get_batch(i) for i in batch.parts],
+                                                  schema=reader.schema)
+                    table = table.select(columns) if columns else table
+                else:
+                    options = pacsv.ConvertOptions(include_columns=columns) if columns else None
+                    table = pacsv.read_csv(f, convert_options=options)
+        except (KeyError, pa.ArrowException, OSError) as exc:
+            raise DataError(f"{batch.file}: {exc}") from exc
+        if batch.length is not None:
+            table = table.slice(batch.offset, batch.length)
+        return table

@@ -1,0 +1,41 @@
+"""The run's status file: `RUN_DIR/status.json`, rewritten atomically while it runs.
+
+`podpipe status` reads only this file, so it works from the run directory alone,
+with or without a live conductor. A run that says `running` but whose conductor
+process is gone is reported as `interrupted`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from podpipe.errors import UsageError
+from podpipe.runtime.scratch import alive
+
+FILE = "status.json"
+
+
+def write(run_dir: Path, status: dict[str, Any]) -> None:
+    tmp = run_dir / f".{FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(status, indent=2))
+    os.replace(tmp, run_dir / FILE)
+
+
+def read(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    try:
+        status = json.loads((run_dir / FILE).read_text())
+    except FileNotFoundError:
+        kind = "no such directory" if not run_dir.is_dir() else f"has no {FILE}"
+        raise UsageError(f"{run_dir}: not a podpipe run directory ({kind})") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{run_dir / FILE}: unreadable status: {exc}") from None
+    if status.get("state") == "running":
+        conductor = next((p for p in status.get("processes", [])
+                          if p.get("role") == "conductor"), None)
+        if conductor is None or not alive(conductor["pid"], conductor.get("start")):
+            status["state"] = "interrupted"
+    return status
