@@ -183,6 +183,8 @@ class RunState:
                 return self._fail(StageError(event.node, None, f"its process exited (code "
                                              f"{event.returncode}) while the run needed it"))
             agent.status = ABSENT
+        if self.outcome is not None:
+            return actions
         self._grant_waiting(actions)
         self._dispatch(actions)
         if self.finished:
@@ -204,8 +206,6 @@ class RunState:
                 "spec.memory (--memory)")))
 
     def _grant_waiting(self, actions: list[Action]) -> None:
-        if self.outcome is not None:
-            return
         # Downstream first: granting them frees their inputs soonest.
         waiting = [n for n in reversed(self.graph.order) if self.agents[n].status == WAITING]
         for node in waiting:
@@ -281,8 +281,6 @@ class RunState:
             self.ready[node].sort()
 
     def _dispatch(self, actions: list[Action]) -> None:
-        if self.outcome is not None:
-            return
         for node in self.graph.order:
             agent = self.agents[node]
             if agent.status != IDLE:

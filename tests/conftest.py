@@ -1,0 +1,70 @@
+"""Shared fixtures: specs on disk, the CLI as a real process, small datasets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ROOT / "tests" / "stages"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(STAGES), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def podpipe(*args: str, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in its own process."""
+    return subprocess.run([sys.executable, "-m", "podpipe", *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def spec(stages: list[dict], sinks: list[dict], *, uri: str = "data/*.parquet",
+         batch_rows: int = 1000, memory: str = "256MiB", name: str = "t", **extra) -> dict:
+    return {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": name},
+            "spec": {"source": {"uri": uri, "batchRows": batch_rows}, "stages": stages,
+                     "sinks": sinks, "memory": memory, **extra}}
+
+
+def write_spec(path: Path, document: dict) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def make_numbers(folder: Path, files: int = 2, rows: int = 5000, row_group: int = 1000) -> Path:
+    """Parquet files with column x = 0, 1, 2, ... across files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        start = i * rows
+        table = pa.table({"x": pa.array(range(start, start + rows), pa.int64())})
+        pq.write_table(table, folder / f"part-{i}.parquet", row_group_size=row_group)
+    return folder
+
+
+def read_sink(folder: Path) -> pa.Table:
+    files = sorted(folder.glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    make_numbers(tmp_path / "data")
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def no_scratch_left():
+    """Every test must leave no RAM scratch of its own behind."""
+    before = set(Path("/dev/shm").glob("podpipe-*"))
+    yield
+    left = set(Path("/dev/shm").glob("podpipe-*")) - before
+    assert not left, f"scratch left behind: {sorted(left)}"

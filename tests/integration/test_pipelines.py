@@ -1,0 +1,136 @@
+"""Real pods on this machine: the example's answer, graph shapes, stage kinds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, STAGES, podpipe, read_sink, spec, write_spec
+
+SF = 0.01
+
+
+@pytest.fixture(scope="session")
+def lineitem(tmp_path_factory) -> Path:
+    from examples.tpch import data
+
+    return data.generate(SF, tmp_path_factory.mktemp("tpch") / "lineitem", rows_per_group=10_000)
+
+
+def test_the_tpch_example_matches_the_official_answer(lineitem, tmp_path):
+    from examples.tpch import data
+
+    done = podpipe("run", str(ROOT / "examples/tpch/q1.yaml"), "--quiet",
+                   "--set", f"source.uri={lineitem}/*.parquet", "--set", "source.batchRows=15000",
+                   "--set", f"sinks.0.uri={tmp_path / 'q1'}", "--run-dir", str(tmp_path / "run"),
+                   cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert data.compare(pq.read_table(tmp_path / "q1"), SF) == []
+    status = json.loads(podpipe("status", str(tmp_path / "run"), "--json", cwd=ROOT).stdout)
+    assert status["state"] == "succeeded"
+    n = status["source_batches"]
+    assert n > 1
+    assert {n: (s["batches_done"], s["batches_total"]) for n, s in status["stages"].items()} == {
+        "source": (n, n), "filter": (n, n), "prices": (n, n), "partial": (n, n),
+        "total": (1, 1), "sink-0": (1, 1)}
+    assert status["stages"]["filter"]["bytes_read"] == status["stages"]["source"]["bytes_written"]
+
+
+def test_fan_out_and_fan_in_pass_inputs_in_spec_order(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "doubled", "run": "pystages:double", "inputs": ["source"]},
+         {"name": "plus", "run": "pystages:plus_one", "inputs": ["source"]},
+         {"name": "both", "run": "pystages:combine", "inputs": ["doubled", "plus"]}],
+        [{"input": "both", "uri": "out/"}, {"name": "raw", "input": "plus", "uri": "raw/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    out = read_sink(workdir / "out")
+    assert out["x"].to_pylist() == [2 * x for x in range(10_000)]
+    assert out["y"].to_pylist() == [x + 1 for x in range(10_000)]
+    assert len(list((workdir / "out").glob("part-*.parquet"))) == 10
+    assert read_sink(workdir / "raw")["x"].to_pylist() == [x + 1 for x in range(10_000)]
+
+
+def test_a_reduce_gets_every_batch_as_one_chunked_table(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "chunks", "run": "pystages:chunk_report", "reduce": True,
+          "inputs": ["source"]}],
+        [{"input": "chunks", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    out = read_sink(workdir / "out")
+    assert out["rows"].to_pylist() == [1000] * 10
+    assert sum(out["sum"].to_pylist()) == sum(range(10_000))
+    assert [p.name for p in (workdir / "out").iterdir()] == ["part-000000.parquet"]
+
+
+@pytest.mark.parametrize("function,expected", [
+    ("pystages:as_polars", lambda x: 3 * x),
+    ("pystages:as_pandas", lambda x: x - 1),
+], ids=["polars", "pandas"])
+def test_stages_may_return_polars_or_pandas(workdir, function, expected):
+    write_spec(workdir / "p.yaml", spec([{"name": "s", "run": function, "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert read_sink(workdir / "out")["x"].to_pylist() == [expected(x) for x in range(10_000)]
+
+
+@pytest.fixture
+def js_stage() -> Path:
+    if not shutil.which("node"):
+        pytest.fail("node is not installed: .ci/run installs it")
+    if not (STAGES / "js" / "node_modules" / "apache-arrow").exists():
+        pytest.fail("run `npm ci --prefix tests/stages/js` first (.ci/run does)")
+    return STAGES / "js" / "double.mjs"
+
+
+def test_a_command_stage_in_another_language_reads_and_writes_arrow_ipc(workdir, js_stage):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "js", "command": ["node", str(js_stage)], "inputs": ["source"]},
+         {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["js"]}],
+        [{"input": "js", "uri": "out/"}, {"name": "sum", "input": "total", "uri": "sum/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    out = read_sink(workdir / "out")
+    assert out["x"].to_pylist() == [2.0 * x for x in range(10_000)]
+    assert out["batch"].to_pylist() == [x // 1000 for x in range(10_000)]
+    assert read_sink(workdir / "sum").to_pylist() == [{"rows": 10_000,
+                                                       "sum": 2.0 * sum(range(10_000))}]
+
+
+def test_a_failing_command_fails_the_run_naming_stage_and_batch(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "sh", "command": ["sh", "-c", "exit 3"], "inputs": ["source"]}],
+        [{"input": "sh", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 1
+    assert "stage 'sh', batch 0: RuntimeError: command 'sh' exited with code 3" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sinks_are_deterministic_and_a_rerun_replaces_not_duplicates(workdir):
+    write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                          "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", cwd=workdir).returncode == 0
+    first = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
+    assert podpipe("run", "p.yaml", "--quiet", cwd=workdir).returncode == 0
+    second = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
+    assert first == second and len(first) == 10
+
+
+def test_progress_and_summary_are_shown_without_quiet(workdir):
+    write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                          "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", cwd=workdir, COLUMNS="160")
+    assert done.returncode == 0, done.stderr
+    for text in ("succeeded", "RAM scratch", "read zero-copy", "10/10"):
+        assert text in done.stdout
+    assert pc.sum(read_sink(workdir / "out")["x"]).as_py() == 2 * sum(range(10_000))

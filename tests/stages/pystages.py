@@ -1,0 +1,69 @@
+"""Stage functions the integration tests run in real stage processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def double(t: pa.Table) -> pa.Table:
+    return t.set_column(t.schema.get_field_index("x"), "x", pc.multiply(t["x"], 2))
+
+
+def plus_one(t: pa.Table) -> pa.Table:
+    return t.set_column(t.schema.get_field_index("x"), "x", pc.add(t["x"], 1))
+
+
+def combine(doubled: pa.Table, plus: pa.Table) -> pa.Table:
+    """Fan-in: positional inputs, in the order the spec lists them."""
+    return pa.table({"x": doubled["x"], "y": plus["x"],
+                     "sum": pc.add(doubled["x"], plus["x"])})
+
+
+def as_polars(t: pa.Table):
+    import polars as pl
+
+    return pl.from_arrow(t).with_columns((pl.col("x") * 3).alias("x"))
+
+
+def as_pandas(t: pa.Table):
+    df = t.to_pandas(types_mapper=pd_arrow_dtype)
+    df["x"] = df["x"] - 1
+    return df
+
+
+def pd_arrow_dtype(arrow_type):
+    import pandas as pd
+
+    return pd.ArrowDtype(arrow_type)
+
+
+def chunk_report(t: pa.Table) -> pa.Table:
+    """A reduce: one row per input chunk (batch), to prove it sees chunks, not a copy."""
+    return pa.table({"chunk": list(range(t["x"].num_chunks)),
+                     "rows": [len(c) for c in t["x"].chunks],
+                     "sum": [pc.sum(c).as_py() for c in t["x"].chunks]})
+
+
+def sum_all(t: pa.Table) -> pa.Table:
+    return pa.table({"rows": [t.num_rows], "sum": [pc.sum(t["x"]).as_py()]})
+
+
+def fail_on_third(t: pa.Table) -> pa.Table:
+    if pc.any(pc.equal(t["x"], int(os.environ.get("BOOM_AT", "2500")))).as_py():
+        raise ValueError("boom on purpose")
+    return t
+
+
+def slow(t: pa.Table) -> pa.Table:
+    time.sleep(float(os.environ.get("SLOW_SECONDS", "0.3")))
+    return t
+
+
+def widen(t: pa.Table) -> pa.Table:
+    """An output several times the input: pressure on the RAM budget."""
+    pad = pa.array([b"p" * 200] * t.num_rows, pa.binary())
+    return t.append_column("pad", pad)

@@ -1,0 +1,156 @@
+"""A spec is strict: every mistake is named by file, field and line, never ignored."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from podpipe.errors import SpecError
+from podpipe.model import spec as specs
+
+GOOD = """\
+apiVersion: podpipe/v1alpha1
+kind: Pipeline
+metadata: {name: q1}
+spec:
+  source: {uri: "data/*.parquet", batchRows: 1000}
+  stages:
+    - {name: filter, run: "m.stages:f", inputs: [source]}
+    - {name: total, run: "m.stages:t", reduce: true, inputs: [filter]}
+  sinks:
+    - {input: total, uri: out/}
+  memory: 2GiB
+  checkpoints: {node: .podpipe, durable: "file://.durable", everyBatches: 4}
+"""
+
+
+def test_a_valid_spec_parses_into_typed_fields():
+    pipeline = specs.parse(GOOD, file="q1.yaml")
+    assert pipeline.name == "q1"
+    assert pipeline.memory == 2 * 2**30
+    assert pipeline.source.batch_rows == 1000 and pipeline.source.format == "parquet"
+    assert [s.name for s in pipeline.stages] == ["filter", "total"]
+    assert pipeline.stage("total").reduce is True
+    assert pipeline.sinks[0].name == "sink-0"
+    assert pipeline.checkpoints.every_batches == 4
+
+
+def _edit(path: str, value) -> str:
+    doc = yaml.safe_load(GOOD)
+    node = doc
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    last = parts[-1]
+    if value is _DELETE:
+        del node[int(last) if isinstance(node, list) else last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+_DELETE = object()
+
+BAD = [
+    ("unknown-field", _edit("spec.stages.0.inptus", ["source"]),
+     "spec.stages[0].inptus", "unknown field 'inptus'"),
+    ("unknown-top-field", _edit("spec.memroy", "1GiB"), "spec.memroy", "unknown field"),
+    ("unknown-input", _edit("spec.stages.1.inputs", ["filtr"]), "spec.stages[1].inputs[0]",
+     "unknown input 'filtr'"),
+    ("cycle", _edit("spec.stages.0.inputs", ["total"]), "spec.stages[0].inputs",
+     "cycle: filter -> total -> filter"),
+    ("duplicate-name", _edit("spec.stages.1.name", "filter"), "spec.stages[1].name",
+     "duplicate stage name 'filter'"),
+    ("unsafe-name", _edit("spec.stages.0.name", "../x"), "spec.stages[0].name",
+     "invalid name '../x'"),
+    ("reserved-name", _edit("spec.stages.0.name", "source"), "spec.stages[0].name", "reserved"),
+    ("bad-size", _edit("spec.memory", "lots"), "spec.memory", "expected a size"),
+    ("zero-size", _edit("spec.memory", 0), "spec.memory", "positive"),
+    ("run-not-callable", _edit("spec.stages.0.run", "m.stages.f"), "spec.stages[0].run",
+     "module.path:function"),
+    ("both-run-and-command", _edit("spec.stages.0.command", ["./x"]), "spec.stages[0]",
+     "got both"),
+    ("neither-run-nor-command", _edit("spec.stages.0.run", _DELETE), "spec.stages[0]",
+     "got neither"),
+    ("wrong-api-version", _edit("apiVersion", "v1"), "apiVersion", "podpipe/v1alpha1"),
+    ("wrong-kind", _edit("kind", "Pod"), "kind", "'Pipeline'"),
+    ("no-stages", _edit("spec.stages", []), "spec.stages", "non-empty list"),
+    ("batch-rows-not-int", _edit("spec.source.batchRows", "many"), "spec.source.batchRows",
+     "integer >= 1"),
+    ("unknown-format", _edit("spec.source.format", "xlsx"), "spec.source.format",
+     "parquet"),
+    ("dangling-stage", _edit("spec.sinks.0.input", "filter"), "spec.stages[1].name",
+     "read by no stage and no sink"),
+    ("unknown-sink-input", _edit("spec.sinks.0.input", "nope"), "spec.sinks[0].input",
+     "unknown input 'nope'"),
+    ("unknown-checkpoint-field", _edit("spec.checkpoints.every", 3),
+     "spec.checkpoints.every", "unknown field"),
+    ("missing-metadata-name", _edit("metadata.name", _DELETE), "metadata",
+     "missing required field 'name'"),
+]
+
+
+@pytest.mark.parametrize("text,field,message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_a_bad_spec_names_file_field_and_expectation(text, field, message):
+    with pytest.raises(SpecError) as caught:
+        specs.parse(text, file="q1.yaml")
+    assert caught.value.field == field
+    assert message in str(caught.value)
+    assert str(caught.value).startswith("q1.yaml")
+
+
+def test_an_error_points_at_the_line_of_the_field():
+    text = GOOD.replace("inputs: [filter]", "inputs: [filtr]")
+    with pytest.raises(SpecError) as caught:
+        specs.parse(text, file="q1.yaml")
+    assert caught.value.line == 8
+    assert str(caught.value).startswith("q1.yaml:8: spec.stages[1].inputs[0]")
+
+
+def test_mixing_per_batch_and_reduced_inputs_is_refused():
+    text = GOOD.replace("- {input: total, uri: out/}",
+                        "- {input: both, uri: out/}").replace(
+        "  sinks:", "    - {name: both, run: 'm:f', inputs: [filter, total]}\n  sinks:")
+    with pytest.raises(SpecError, match="mixes per-batch and reduced inputs"):
+        specs.parse(text, file="q1.yaml")
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"", "is empty"),
+    (b"   \n\n", "is empty"),
+    (b"\x00\x01\x02PK", "binary file"),
+    (b"\xff\xfe\xfa", "not UTF-8"),
+    (b"spec: [unclosed\n", "invalid YAML"),
+    (b"- just\n- a list\n", "expected a mapping"),
+], ids=["empty", "blank", "binary", "not-utf8", "yaml-syntax", "not-a-mapping"])
+def test_unreadable_files_are_input_errors(raw, message):
+    with pytest.raises(SpecError, match=message):
+        specs.parse(raw, file="x.yaml")
+
+
+def test_a_yaml_syntax_error_carries_its_line():
+    with pytest.raises(SpecError) as caught:
+        specs.parse(GOOD + "  extra: [unclosed\n", file="q1.yaml")
+    assert caught.value.line is not None and caught.value.line >= 13
+
+
+@pytest.mark.parametrize("override,check", [
+    ("source.batchRows=42", lambda p: p.source.batch_rows == 42),
+    ("memory=3GiB", lambda p: p.memory == 3 * 2**30),
+    ("stages.filter.run=other:g", lambda p: p.stage("filter").run == "other:g"),
+    ("spec.sinks.0.uri=elsewhere/", lambda p: p.sinks[0].uri == "elsewhere/"),
+], ids=["int", "size", "stage-by-name", "list-index"])
+def test_set_overrides_a_field_before_validation(override, check):
+    assert check(specs.parse(GOOD, overrides=[override]))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("nonsense", "expected KEY=VALUE"),
+    ("stages.nope.run=m:f", "no field 'spec.stages.nope'"),
+    ("source.batchRows=zero", "integer >= 1"),
+], ids=["no-equals", "unknown-item", "invalid-value"])
+def test_a_bad_override_is_an_input_error(override, message):
+    with pytest.raises(SpecError, match=message):
+        specs.parse(GOOD, overrides=[override])

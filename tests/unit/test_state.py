@@ -1,0 +1,186 @@
+"""The run state machine, driven by a simulated pod in every order hypothesis finds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from podpipe.engine import state as S
+from podpipe.errors import BudgetError, StageError
+from podpipe.model import spec as specs
+from podpipe.model.graph import Graph
+
+
+def _pipeline(stages: list[dict], sinks: list[dict]):
+    import yaml
+    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+           "spec": {"source": {"uri": "x.parquet"}, "stages": stages, "sinks": sinks}}
+    return specs.parse(yaml.safe_dump(doc))
+
+
+CHAIN = _pipeline([{"name": "a", "run": "m:f", "inputs": ["source"]},
+                   {"name": "b", "run": "m:f", "inputs": ["a"]}],
+                  [{"input": "b", "uri": "out/"}])
+DIAMOND = _pipeline([
+    {"name": "a", "run": "m:f", "inputs": ["source"]},
+    {"name": "b", "run": "m:f", "inputs": ["a"]},
+    {"name": "c", "run": "m:f", "inputs": ["a"]},
+    {"name": "d", "run": "m:f", "inputs": ["b", "c"]},
+    {"name": "r", "run": "m:f", "reduce": True, "inputs": ["d"]},
+    {"name": "after", "run": "m:f", "inputs": ["r"]},
+], [{"input": "after", "uri": "out/"}, {"name": "per-batch", "input": "d", "uri": "o2/"}])
+
+
+class Pod:
+    """A fake pod: agents that take their tasks in an order chosen by `rng`."""
+
+    def __init__(self, pipeline, batches: int, budget: int, size, rng: random.Random):
+        self.graph = Graph.of(pipeline)
+        self.state = S.RunState(self.graph, batches, budget)
+        self.size, self.rng = size, rng
+        self.live: dict[str, int] = {}            # path -> bytes, as files in scratch
+        self.tasks: dict[str, S.Dispatch] = {}    # node -> its current task
+        self.granted: set[str] = set()
+        self.processed: list[tuple[str, int]] = []
+        self.outcome = None
+        self.max_live = 0
+
+    def apply(self, actions):
+        for action in actions:
+            if isinstance(action, S.Dispatch):
+                assert action.node not in self.tasks, "two tasks at once for one agent"
+                for group in action.inputs:
+                    for output in group:
+                        assert output.path in self.live, f"input {output.path} is gone"
+                self.tasks[action.node] = action
+            elif isinstance(action, S.Grant):
+                self.granted.add(action.node)
+            elif isinstance(action, S.Delete):
+                del self.live[action.path]
+            else:
+                self.outcome = action
+
+    def run(self) -> S.Action:
+        for node in self.graph.order:
+            self.apply(self.state.handle(S.AgentReady(node)))
+        while self.outcome is None:
+            waiting_for_grant = {n for n in self.tasks
+                                 if n not in self.graph.sinks and n not in self.granted
+                                 and self.state.agents[n].status == S.WAITING}
+            movable = [n for n in self.tasks if n not in waiting_for_grant]
+            assert movable, "hung: no agent can move and the run neither ended nor failed"
+            node = self.rng.choice(sorted(movable))
+            task = self.tasks[node]
+            if node in self.graph.sinks:
+                del self.tasks[node]
+                self.processed.append((node, task.batch))
+                self.apply(self.state.handle(S.TaskDone(node, task.batch, None)))
+            elif node not in self.granted:
+                self.apply(self.state.handle(S.SpaceRequested(node, task.batch,
+                                                              self.size(node, task.batch))))
+            else:
+                self.granted.discard(node)
+                del self.tasks[node]
+                nbytes = self.size(node, task.batch)
+                path = f"{node}/{task.batch}"
+                self.live[path] = nbytes
+                self.max_live = max(self.max_live, sum(self.live.values()))
+                self.processed.append((node, task.batch))
+                self.apply(self.state.handle(S.TaskDone(
+                    node, task.batch, S.Output(path, nbytes, rows=1))))
+            assert self.state.usage <= self.state.budget
+        return self.outcome
+
+
+@settings(max_examples=150, deadline=None)
+@given(pipeline=st.sampled_from([CHAIN, DIAMOND]), batches=st.integers(1, 12),
+       seed=st.integers(0, 2**32), sizes=st.lists(st.integers(1, 100), min_size=1),
+       tight=st.booleans())
+def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed, sizes, tight):
+    def size(node, batch):
+        return sizes[hash((node, batch)) % len(sizes)]
+
+    graph = Graph.of(pipeline)
+    everything = sum(size(n, b) for n in graph.order for b in range(graph.batches(n, batches)))
+    budget = max(sizes) * 6 if tight else everything
+    pod = Pod(pipeline, batches, budget, size, random.Random(seed))
+    outcome = pod.run()
+    assert pod.max_live <= budget
+    if not tight:
+        assert isinstance(outcome, S.Finished)
+    if isinstance(outcome, S.Failed):
+        assert isinstance(outcome.error, BudgetError)
+        return
+    expected = sorted((n, b) for n in graph.order for b in range(graph.batches(n, batches)))
+    assert sorted(pod.processed) == expected
+    assert pod.live == {}, "outputs left in scratch after the run"
+    assert pod.state.usage == 0
+
+
+def test_the_line_overlaps_batches_once_their_footprint_is_known():
+    pod = Pod(CHAIN, 10, budget=10_000, size=lambda n, b: 10, rng=random.Random(1))
+    assert isinstance(pod.run(), S.Finished)
+    assert pod.state.footprint == 30  # source + a + b, per batch
+    assert pod.state.peak > 30        # more than one batch was on the line at once
+
+
+def test_backpressure_keeps_a_small_budget_from_filling():
+    sizes = lambda n, b: 100  # noqa: E731
+    pod = Pod(CHAIN, 20, budget=350, size=sizes, rng=random.Random(7))
+    assert isinstance(pod.run(), S.Finished)
+    assert pod.max_live <= 350
+
+
+def test_an_output_larger_than_the_budget_fails_with_a_clear_message():
+    pod = Pod(CHAIN, 3, budget=50, size=lambda n, b: 80 if n == "a" else 10,
+              rng=random.Random(0))
+    outcome = pod.run()
+    assert isinstance(outcome, S.Failed) and isinstance(outcome.error, BudgetError)
+    assert "stage 'a', batch 0" in str(outcome.error)
+    assert "more than the whole RAM budget" in str(outcome.error)
+
+
+def test_reduce_inputs_that_outgrow_the_budget_fail_instead_of_hanging():
+    pipeline = _pipeline([{"name": "r", "run": "m:f", "reduce": True, "inputs": ["source"]}],
+                         [{"input": "r", "uri": "o/"}])
+    pod = Pod(pipeline, 10, budget=100, size=lambda n, b: 30, rng=random.Random(0))
+    outcome = pod.run()
+    assert isinstance(outcome, S.Failed) and isinstance(outcome.error, BudgetError)
+    assert "is full" in str(outcome.error)
+
+
+def test_a_failed_task_fails_the_run_naming_stage_and_batch():
+    run = S.RunState(Graph.of(CHAIN), 2, 1000)
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    actions = run.handle(S.TaskFailed("a", 1, "ValueError: boom"))
+    assert isinstance(actions[-1], S.Failed)
+    assert isinstance(actions[-1].error, StageError)
+    assert str(actions[-1].error) == "stage 'a', batch 1: ValueError: boom"
+    assert run.handle(S.AgentReady("a")) == []  # a finished run takes no more events
+
+
+def test_a_stage_process_that_dies_mid_batch_fails_the_run():
+    run = S.RunState(Graph.of(CHAIN), 2, 1000)
+    actions = run.handle(S.AgentReady("source"))
+    assert actions == [S.Dispatch("source", 0, ())]
+    actions = run.handle(S.AgentExited("source", -9))
+    assert isinstance(actions[-1], S.Failed)
+    assert "stage 'source', batch 0" in str(actions[-1].error)
+
+
+@pytest.mark.parametrize("batches", [1, 5])
+def test_a_reduce_is_handed_every_batch_of_its_input_at_once(batches):
+    pipeline = _pipeline([{"name": "r", "run": "m:f", "reduce": True, "inputs": ["source"]}],
+                         [{"input": "r", "uri": "o/"}])
+    pod = Pod(pipeline, batches, budget=10_000, size=lambda n, b: 1, rng=random.Random(3))
+    dispatched = []
+    apply = pod.apply
+    pod.apply = lambda actions: (dispatched.extend(
+        a for a in actions if isinstance(a, S.Dispatch) and a.node == "r"), apply(actions))
+    assert isinstance(pod.run(), S.Finished)
+    assert len(dispatched) == 1
+    assert [o.path for o in dispatched[0].inputs[0]] == [f"source/{b}" for b in range(batches)]
