@@ -1,0 +1,223 @@
+"""Failures end cleanly: exit codes, messages naming stage and batch, no processes or
+scratch left behind, nothing hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, make_numbers, podpipe, read_sink, spec, write_spec
+from podpipe.runtime import scratch
+
+
+def _pids(run_dir: Path) -> list[int]:
+    status = json.loads((run_dir / "status.json").read_text())
+    return [p["pid"] for p in status["processes"]]
+
+
+def _gone(pid: int) -> bool:
+    return scratch.process_start(pid) is None or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def test_a_raising_stage_fails_the_run_naming_stage_batch_and_exception(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]}],
+        [{"input": "boom", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir)
+    assert done.returncode == 1
+    assert "stage 'boom', batch 2: ValueError: boom on purpose" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Traceback" in (workdir / "run/logs/boom.log").read_text()
+    assert all(_gone(pid) for pid in _pids(workdir / "run"))
+    status = json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)
+    assert status["state"] == "failed" and "boom on purpose" in status["error"]
+
+
+def test_a_stage_process_that_dies_fails_the_run(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "die", "command": ["sh", "-c", "kill -9 $PPID; sleep 5"],
+          "inputs": ["source"]}],
+        [{"input": "die", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir, timeout=60)
+    assert done.returncode == 1
+    assert "stage 'die', batch 0: its process exited (code -9)" in done.stderr
+
+
+def _start(workdir: Path, **env: str) -> subprocess.Popen:
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]}],
+        [{"input": "slow", "uri": "out/"}]))
+    return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                             "--run-dir", "run"], cwd=workdir, env=cli_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _running_status(workdir: Path) -> dict:
+    path = workdir / "run" / "status.json"
+    _wait_for(lambda: path.exists() and json.loads(path.read_text())["stages"]["slow"][
+        "version"] is not None)
+    return json.loads(path.read_text())
+
+
+def test_status_reports_the_live_run_then_its_end(workdir):
+    run = _start(workdir, SLOW_SECONDS="0.2")
+    try:
+        _running_status(workdir)
+        live = json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)
+        assert live["state"] == "running"
+        assert Path(live["scratch"]).is_dir()
+        roles = {(p["role"], p["stage"]) for p in live["processes"]}
+        assert roles == {("conductor", None), ("stage", "source"), ("stage", "slow"),
+                         ("stage", "sink-0")}
+        assert all(not _gone(p["pid"]) for p in live["processes"])
+        assert all(p["pod"] == "t-0" for p in live["processes"])
+        assert live["stages"]["slow"]["batches_total"] == 10
+        table = podpipe("status", "run", cwd=workdir, COLUMNS="160")
+        assert table.returncode == 0 and "conductor" in table.stdout
+    finally:
+        _, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    final = json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)
+    assert final["state"] == "succeeded"
+    assert final["stages"]["slow"]["batches_done"] == 10
+    assert not Path(final["scratch"]).exists()
+
+
+def test_ctrl_c_stops_every_process_and_removes_scratch(workdir):
+    run = _start(workdir, SLOW_SECONDS="5")
+    status = _running_status(workdir)
+    run.send_signal(signal.SIGINT)
+    run.communicate(timeout=30)
+    assert run.returncode == 130
+    assert all(_gone(p["pid"]) for p in status["processes"])
+    assert not Path(status["scratch"]).exists()
+    final = json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)
+    assert final["state"] == "interrupted"
+
+
+def test_a_killed_conductor_takes_its_stages_along_and_its_scratch_is_swept(workdir):
+    run = _start(workdir, SLOW_SECONDS="5")
+    status = _running_status(workdir)
+    run.kill()
+    run.communicate(timeout=30)
+    _wait_for(lambda: all(_gone(p["pid"]) for p in status["processes"]), timeout=15)
+    assert json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)[
+        "state"] == "interrupted"
+    assert Path(status["scratch"]).exists()  # a crash leaves it; the next run sweeps it
+    make_numbers(workdir / "small", files=1, rows=10)
+    write_spec(workdir / "q.yaml", spec([{"name": "s", "run": "pystages:double",
+                                          "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out2/"}],
+                                        uri="small/*.parquet"))
+    assert podpipe("run", "q.yaml", "--quiet", cwd=workdir).returncode == 0
+    assert not Path(status["scratch"]).exists()
+
+
+def test_scratch_of_a_live_run_is_never_swept(tmp_path):
+    mine = scratch.Scratch.create("sweep-test-live", tmp_path)
+    dead = tmp_path / "podpipe-sweep-test-dead"
+    dead.mkdir()
+    (dead / "owner.json").write_text(json.dumps({"pid": 2**22 + 7, "start": "1"}))
+    assert scratch.sweep(tmp_path) == [dead]
+    assert mine.path.exists() and not dead.exists()
+
+
+def test_a_run_whose_data_is_many_times_the_budget_completes_within_it(tmp_path):
+    make_numbers(tmp_path / "data", files=4, rows=20_000, row_group=2000)
+    budget = 3 * 2**20
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "wide", "run": "pystages:widen", "inputs": ["source"]},
+         {"name": "again", "run": "pystages:double", "inputs": ["wide"]}],
+        [{"input": "again", "uri": "out/"}], batch_rows=2000, memory=str(budget)))
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:  # watch the real tmpfs, not the conductor's bookkeeping
+        while not stop.is_set():
+            for path in Path("/dev/shm").glob("podpipe-t-*"):
+                peak[0] = max(peak[0], scratch.Scratch(path).usage())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    try:
+        done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    finally:
+        stop.set()
+        watcher.join()
+    assert done.returncode == 0, done.stderr
+    status = json.loads((tmp_path / "run/status.json").read_text())
+    written = sum(s["bytes_written"] for s in status["stages"].values())
+    assert written > 5 * budget, "the test must push several budgets' worth through scratch"
+    assert 0 < status["peak_scratch_bytes"] <= budget
+    assert 0 < peak[0] <= budget + 64 * 1024  # + the socket and owner file's pages
+    out = read_sink(tmp_path / "out")
+    assert out["x"].to_pylist() == [2 * x for x in range(80_000)]
+
+
+def test_a_batch_larger_than_the_budget_is_a_clear_error(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "wide", "run": "pystages:widen", "inputs": ["source"]}],
+        [{"input": "wide", "uri": "out/"}], memory="64KiB"))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir, timeout=60)
+    assert done.returncode == 1
+    assert "stage 'wide', batch 0: its output needs" in done.stderr
+    assert "more than the whole RAM budget of 64.0 KiB" in done.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "missing.yaml"], "missing.yaml: no such file"),
+    (["run", "p.yaml", "--memory", "lots"], "--memory: expected a size"),
+    (["run", "p.yaml", "--replicas", "2"], "only 1 replica"),
+    (["run", "p.yaml", "--memory", "900TiB"], "is more than the"),
+    (["run", "p.yaml", "--set", "source.uri=nowhere/*.parquet"], "matches no files"),
+    (["run", "p.yaml", "--set", "stages.s.run=no_such_module:f"],
+     "cannot import 'no_such_module:f'"),
+    (["run", "p.yaml", "--set", "stages.s.inptus=[source]"], "unknown field 'inptus'"),
+    (["validate", "bad.yaml"], "bad.yaml:3: invalid YAML"),
+    (["status", "nowhere"], "not a podpipe run directory"),
+    (["resume", "nowhere"], "not implemented yet"),
+    (["run"], "the following arguments are required: SPEC"),
+], ids=["no-spec-file", "bad-memory", "replicas", "budget-over-tmpfs", "no-source-files",
+        "unimportable-stage", "typo-field", "yaml-syntax", "status-no-run", "resume",
+        "missing-argument"])
+def test_bad_input_exits_2_with_a_message_and_no_traceback(workdir, args, message):
+    write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                          "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out/"}]))
+    (workdir / "bad.yaml").write_text("spec:\n  a: 1\n\tb: 2\n")
+    done = podpipe(*args, cwd=workdir, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+
+
+def test_validate_accepts_a_good_spec(workdir):
+    write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                          "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out/"}]))
+    done = podpipe("validate", "p.yaml", cwd=workdir)
+    assert done.returncode == 0
+    assert "valid pipeline 't'" in done.stdout
