@@ -101,7 +101,7 @@ class RunCommand(Work):
                     keep = True
                     return output
                 return arrowfile.read_any_ipc(output)
-            except pa.ArrowException as exc:
+            except (pa.ArrowException, ValueError) as exc:  # ValueError: an empty file
                 raise RuntimeError(f"command {self.command[0]!r} wrote an invalid Arrow "
                                    f"IPC output: {exc}") from exc
         finally:

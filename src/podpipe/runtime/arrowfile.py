@@ -9,6 +9,7 @@ no bytes are copied however large the batch.
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Any
@@ -65,20 +66,28 @@ def write_table(table: pa.Table, path: str | Path) -> tuple[int, str]:
     return nbytes, raw.hash.hexdigest()
 
 
+def _mapped(path: str | Path) -> pa.Buffer:
+    """The whole file as one buffer backed by a read-only mapping: nothing is copied.
+
+    Python's mmap, not pyarrow's MemoryMappedFile: the latter advises the kernel
+    to prefetch (madvise WILLNEED) every range it hands out, a cost that grows with
+    the batch (1-2 ms per GiB on tmpfs). The buffer keeps the mapping alive.
+    """
+    with open(path, "rb") as f:
+        return pa.py_buffer(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+
+
 def read_table(path: str | Path) -> pa.Table:
-    """The table in an IPC file, memory-mapped: zero-copy."""
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_file(source).read_all()
+    """The table in an IPC file, memory-mapped: zero-copy, O(1) in the batch size."""
+    return pa.ipc.open_file(pa.BufferReader(_mapped(path))).read_all()
 
 
 def read_any_ipc(path: str | Path) -> pa.Table:
     """An IPC file or stream (what a command stage may write), memory-mapped."""
-    with pa.memory_map(str(path), "r") as source:
-        magic = source.read(6)
-        source.seek(0)
-        if magic == b"ARROW1":
-            return pa.ipc.open_file(source).read_all()
-        return pa.ipc.open_stream(source).read_all()
+    buffer = _mapped(path)
+    if buffer[:6].to_pybytes() == b"ARROW1":
+        return pa.ipc.open_file(pa.BufferReader(buffer)).read_all()
+    return pa.ipc.open_stream(pa.BufferReader(buffer)).read_all()
 
 
 def to_arrow(result: Any) -> pa.Table:

@@ -1,0 +1,147 @@
+"""Handoff cost: from "producer finished the batch" to "consumer holds the table".
+
+Three real processes, as in a pod: a producer writes a batch into RAM scratch with
+podpipe's writer and reports it; a relay (standing in for the conductor) passes
+the metadata on; the consumer memory-maps the file with podpipe's reader. Both
+ends stamp CLOCK_MONOTONIC, which all processes share. For contrast the consumer
+also reads the same file by copying it into memory (what a store-in-between
+pipeline pays at best). Batch sizes run from 1 MiB to 1 GiB.
+
+    python benchmarks/handoff.py [--max-mib 1024] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from podpipe.runtime import arrowfile, protocol
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _table(nbytes: int) -> pa.Table:
+    rows = nbytes // 16
+    values = np.arange(rows, dtype=np.int64)
+    return pa.table({"a": values, "b": values.astype(np.float64)})
+
+
+def producer(sock_path: str, sizes: list[int], repeat: int, folder: str) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sock_path)
+    for size in sizes:
+        table = _table(size)
+        for i in range(repeat):
+            path = os.path.join(folder, f"{size}-{i}.arrow")
+            nbytes, checksum = arrowfile.write_table(table, path)
+            protocol.send(sock, {"type": "done", "path": path, "nbytes": nbytes,
+                                 "t": time.monotonic_ns()})
+            protocol.recv(sock)  # wait until the consumer is done with it
+    protocol.send(sock, {"type": "stop"})
+
+
+def relay(listener: socket.socket) -> None:
+    """The conductor's part: metadata in from one agent, a task out to the next."""
+    prod, _ = listener.accept()
+    cons, _ = listener.accept()
+    while True:
+        message = protocol.recv(prod)
+        protocol.send(cons, message)
+        if message["type"] == "stop":
+            return
+        protocol.send(prod, protocol.recv(cons))
+
+
+def consumer(sock_path: str, out: str) -> None:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(sock_path)
+    rows = []
+    while True:
+        message = protocol.recv(sock)
+        if message["type"] == "stop":
+            break
+        table = arrowfile.read_table(message["path"])
+        held = time.monotonic_ns()
+        assert table.num_rows > 0
+        start = time.monotonic_ns()
+        with pa.OSFile(message["path"]) as f:  # the copying read, for contrast
+            copied = pa.ipc.open_file(f).read_all()
+        copy_ns = time.monotonic_ns() - start
+        assert copied.num_rows == table.num_rows
+        rows.append({"bytes": message["nbytes"], "handoff_ns": held - message["t"],
+                     "copy_read_ns": copy_ns})
+        del table, copied
+        os.unlink(message["path"])
+        protocol.send(sock, {"type": "ack"})
+    Path(out).write_text(json.dumps(rows))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-mib", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--role", choices=["producer", "consumer"])
+    parser.add_argument("--socket")
+    parser.add_argument("--sizes")
+    parser.add_argument("--folder")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.role == "producer":
+        producer(args.socket, json.loads(args.sizes), args.repeat, args.folder)
+        return 0
+    if args.role == "consumer":
+        consumer(args.socket, args.out)
+        return 0
+
+    sizes = [mib << 20 for mib in (1, 4, 16, 64, 256, 1024) if mib <= args.max_mib]
+    with tempfile.TemporaryDirectory(prefix="handoff-bench-", dir="/dev/shm") as folder:
+        sock_path = os.path.join(folder, "relay.sock")
+        out = os.path.join(folder, "result.json")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(sock_path)
+        listener.listen(2)
+        me = [sys.executable, __file__, "--socket", sock_path, "--repeat", str(args.repeat)]
+        prod = subprocess.Popen(me + ["--role", "producer", "--sizes", json.dumps(sizes),
+                                      "--folder", folder])
+        time.sleep(0.5)  # the producer connects first
+        cons = subprocess.Popen(me + ["--role", "consumer", "--out", out])
+        relay(listener)
+        prod.wait()
+        cons.wait()
+        rows = json.loads(Path(out).read_text())
+    report = []
+    for size in sizes:
+        mine = [r for r in rows if abs(r["bytes"] - size) < size * 0.01 + 4096]
+        report.append({
+            "batch_bytes": size,
+            "handoff_ms_median": statistics.median(r["handoff_ns"] for r in mine) / 1e6,
+            "handoff_ms_max": max(r["handoff_ns"] for r in mine) / 1e6,
+            "copy_read_ms_median": statistics.median(r["copy_read_ns"] for r in mine) / 1e6,
+            "runs": len(mine),
+        })
+    first, last = report[0]["handoff_ms_median"], report[-1]["handoff_ms_median"]
+    result = {"benchmark": "handoff", "repeat": args.repeat, "sizes": report,
+              "ratio_largest_to_smallest": last / first}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "handoff.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'batch':>10} {'handoff median':>15} {'max':>9} {'copying read':>13}")
+    for r in report:
+        print(f"{r['batch_bytes'] >> 20:>6} MiB {r['handoff_ms_median']:>12.3f} ms "
+              f"{r['handoff_ms_max']:>6.3f} ms {r['copy_read_ms_median']:>10.2f} ms")
+    print(f"largest / smallest handoff: {result['ratio_largest_to_smallest']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
