@@ -1,5 +1,5 @@
 """`python -m podpipe` is the CLI; stage processes are started this way."""
 
-from podpipe.cli import main
+from podpipe.cli import entry
 
-raise SystemExit(main())
+entry()

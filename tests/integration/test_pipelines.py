@@ -41,19 +41,22 @@ def test_the_tpch_example_matches_the_official_answer(lineitem, tmp_path):
     assert status["stages"]["filter"]["bytes_read"] == status["stages"]["source"]["bytes_written"]
 
 
-def test_fan_out_and_fan_in_pass_inputs_in_spec_order(workdir):
+@pytest.mark.parametrize("launcher", ["fork", "spawn"])
+def test_fan_out_and_fan_in_pass_inputs_in_spec_order(workdir, launcher):
     write_spec(workdir / "p.yaml", spec(
         [{"name": "doubled", "run": "pystages:double", "inputs": ["source"]},
          {"name": "plus", "run": "pystages:plus_one", "inputs": ["source"]},
          {"name": "both", "run": "pystages:combine", "inputs": ["doubled", "plus"]}],
         [{"input": "both", "uri": "out/"}, {"name": "raw", "input": "plus", "uri": "raw/"}]))
-    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir,
+                   PODPIPE_LAUNCHER=launcher)
     assert done.returncode == 0, done.stderr
     out = read_sink(workdir / "out")
     assert out["x"].to_pylist() == [2 * x for x in range(10_000)]
     assert out["y"].to_pylist() == [x + 1 for x in range(10_000)]
     assert len(list((workdir / "out").glob("part-*.parquet"))) == 10
     assert read_sink(workdir / "raw")["x"].to_pylist() == [x + 1 for x in range(10_000)]
+    assert (workdir / "run/logs/forkserver.log").exists() == (launcher == "fork")
 
 
 def test_a_reduce_gets_every_batch_as_one_chunked_table(workdir):

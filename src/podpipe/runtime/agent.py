@@ -26,7 +26,7 @@ from podpipe.errors import DataError, InputError, SpecError
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.spec import SOURCE, Pipeline
-from podpipe.runtime import arrowfile, protocol, sink, source
+from podpipe.runtime import arrowfile, protocol
 
 # Environment of a `command:` stage, documented in the README.
 ENV_INPUT = "PODPIPE_INPUT"          # the first input's Arrow IPC file
@@ -45,10 +45,13 @@ class Work:
 
 class LoadSource(Work):
     def __init__(self, pipeline: Pipeline) -> None:
+        from podpipe.runtime import source  # only this agent pays for Parquet and fsspec
+
+        self.source = source
         self.loader = source.Loader(pipeline.source)
 
     def run(self, batch, inputs, task):
-        return self.loader.load(source.SourceBatch.from_json(task["source"]))
+        return self.loader.load(self.source.SourceBatch.from_json(task["source"]))
 
 
 class CallFunction(Work):
@@ -111,6 +114,8 @@ class RunCommand(Work):
 
 class WriteSink(Work):
     def __init__(self, target: specs.Sink) -> None:
+        from podpipe.runtime import sink
+
         self.writer = sink.Writer(target)
 
     def run(self, batch, inputs, task):

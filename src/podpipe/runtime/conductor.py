@@ -23,7 +23,7 @@ from podpipe.errors import DataError, InterruptedRun, PodpipeError, SpecError, S
 from podpipe.model.graph import Graph
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import protocol, status
-from podpipe.runtime.launcher import LocalLauncher, Process
+from podpipe.runtime.launcher import ForkLauncher, Process, SpawnLauncher
 from podpipe.runtime.scratch import Scratch, process_start
 from podpipe.runtime.source import SourceBatch
 
@@ -49,7 +49,7 @@ class _Stats:
 
 class Conductor:
     def __init__(self, *, pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
-                 scratch: Scratch, run_dir: Path, launcher: LocalLauncher, run_id: str,
+                 scratch: Scratch, run_dir: Path, launcher: ForkLauncher | SpawnLauncher, run_id: str,
                  pod: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan
         self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
@@ -82,7 +82,7 @@ class Conductor:
             self.sel.register(wake_r, selectors.EVENT_READ, ("signal", None))
             for node in self.graph.order:
                 self._start(node)
-            self._loop(listener, wake_r)
+            self._loop(wake_r)
         finally:
             self._stop_all()
             signal.set_wakeup_fd(old_fd)
@@ -99,19 +99,18 @@ class Conductor:
             raise self.error
         return self.snapshot()
 
-    def _loop(self, listener: socket.socket, wake: socket.socket) -> None:
+    def _loop(self, wake: socket.socket) -> None:
         next_flush = time.monotonic()
         while self.state == "running":
             timeout = max(0.0, next_flush - time.monotonic())
             for key, _ in self.sel.select(timeout):
                 kind, data = key.data
-                if kind == "listen":
-                    sock, _ = listener.accept()
-                    self.sel.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock)))
-                elif kind == "conn":
-                    self._read(data)
+                if kind in ("listen", "conn"):
+                    self._socket_event(key)
                 elif kind == "exit":
-                    self._exited(data, key.fileobj)
+                    self._drain()  # what it said before dying counts first
+                    if self.state == "running":
+                        self._exited(data, key.fileobj)
                 elif kind == "signal":
                     wake.recv(64)
                     self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
@@ -128,6 +127,23 @@ class Conductor:
         self.processes[node] = process
         pidfd = os.pidfd_open(process.pid)
         self.sel.register(pidfd, selectors.EVENT_READ, ("exit", node))
+
+    def _socket_event(self, key: selectors.SelectorKey) -> None:
+        kind, data = key.data
+        if kind == "listen":
+            sock, _ = key.fileobj.accept()
+            self.sel.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock)))
+        else:
+            self._read(data)
+
+    def _drain(self) -> None:
+        """Accept and read everything already waiting on the sockets."""
+        while self.state == "running":
+            ready = [key for key, _ in self.sel.select(0) if key.data[0] in ("listen", "conn")]
+            if not ready:
+                return
+            for key in ready:
+                self._socket_event(key)
 
     def _read(self, conn: _Conn) -> None:
         try:
@@ -180,7 +196,7 @@ class Conductor:
     def _exited(self, node: str, pidfd: int) -> None:
         self.sel.unregister(pidfd)
         os.close(pidfd)
-        returncode = self.processes[node].popen.wait()
+        returncode = self.processes[node].wait()
         self._feed(st.AgentExited(node, returncode))
 
     def _count(self, node: str, stats: dict[str, Any]) -> None:
@@ -235,15 +251,13 @@ class Conductor:
                 pass
         if self.state != "succeeded":
             for process in self.processes.values():
-                if process.popen.poll() is None:
-                    process.popen.terminate()
+                process.signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for process in self.processes.values():
-            try:
-                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # TimeoutExpired: it would not stop
-                process.popen.kill()
-                process.popen.wait()
+            if process.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
+                process.signal(signal.SIGKILL)  # it would not stop
+                process.wait()
+        self.launcher.close()
         for conn in self.conns.values():
             conn.sock.close()
 
@@ -254,7 +268,7 @@ class Conductor:
         processes = [{"role": "conductor", "stage": None, "pid": os.getpid(), "pod": self.pod,
                       "start": process_start(os.getpid())}]
         processes += [{"role": "stage", "stage": node, "pid": p.pid, "pod": self.pod,
-                       "alive": p.popen.returncode is None} for node, p in self.processes.items()]
+                       "alive": p.returncode is None} for node, p in self.processes.items()]
         stages = {}
         for node in self.graph.order:
             s = self.stats[node]

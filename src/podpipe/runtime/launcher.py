@@ -1,57 +1,171 @@
 """Starting stage processes: the local stand-in for a pod's containers.
 
-The conductor asks a launcher for one process per node. `LocalLauncher` starts
-`python -m podpipe agent`, the same entry point a container runs on Kubernetes,
-with its output in the run's log directory. Each process dies with the conductor
-(PR_SET_PDEATHSIG), so a killed conductor leaves no orphans.
+The conductor asks a launcher for one process per node and gets a `Process` it can
+watch (pidfd), wait for, terminate and kill. Two launchers, one interface:
+
+- `ForkLauncher` (the default): a fork server imports pyarrow once and forks every
+  stage process from it, so a pod of N stages does not pay N interpreter starts.
+- `SpawnLauncher`: runs `python -m podpipe agent ...`, the very command a
+  container runs on Kubernetes (`PODPIPE_LAUNCHER=spawn`).
+
+Both run `agent.serve`, log to `RUN_DIR/logs/NODE.log`, and tie each process's life
+to the conductor's (PR_SET_PDEATHSIG), so a killed conductor leaves no orphans.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
+import select
+import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+from podpipe.runtime import protocol
+from podpipe.runtime.forkserver import die_with_parent
 
 
 @dataclass
 class Process:
     node: str
-    popen: subprocess.Popen
+    pid: int
     log: Path
+    launcher: "ForkLauncher | SpawnLauncher" = field(repr=False)
+    returncode: int | None = None
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.launcher.poll(self)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, or None if it is still running after `timeout` seconds."""
+        if self.returncode is None:
+            self.returncode = self.launcher.wait(self, timeout)
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
-class LocalLauncher:
-    def __init__(self, spec_path: Path, overrides: list[str], socket_path: Path,
-                 log_dir: Path, pod: str) -> None:
-        self.spec_path, self.overrides = spec_path, overrides
-        self.socket_path, self.log_dir, self.pod = socket_path, log_dir, pod
+@dataclass
+class _Where:
+    spec_path: Path
+    overrides: list[str]
+    socket_path: Path
+    log_dir: Path
+    pod: str
+
+    def env(self) -> dict[str, str]:
+        return {"PODPIPE_POD": self.pod}
+
+
+class SpawnLauncher:
+    def __init__(self, where: _Where) -> None:
+        self.where = where
+        self.popens: dict[int, subprocess.Popen] = {}
 
     def start(self, node: str) -> Process:
-        log = self.log_dir / f"{node}.log"
+        w = self.where
+        log = w.log_dir / f"{node}.log"
         argv = [sys.executable, "-m", "podpipe", "agent", "--node", node,
-                "--spec", str(self.spec_path), "--socket", str(self.socket_path)]
-        for item in self.overrides:
+                "--spec", str(w.spec_path), "--socket", str(w.socket_path)]
+        for item in w.overrides:
             argv += ["--set", item]
-        env = {**os.environ, "PODPIPE_POD": self.pod}
         with open(log, "ab") as out:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                     env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
-        return Process(node, popen, log)
+                                     env={**os.environ, **w.env()}, start_new_session=True,
+                                     preexec_fn=die_with_parent)
+        self.popens[popen.pid] = popen
+        return Process(node, popen.pid, log, self)
+
+    def poll(self, process: Process) -> int | None:
+        return self.popens[process.pid].poll()
+
+    def wait(self, process: Process, timeout: float | None) -> int | None:
+        try:
+            return self.popens[process.pid].wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        pass
+
+
+class ForkLauncher:
+    def __init__(self, where: _Where) -> None:
+        self.where = where
+        self.sock, theirs = socket.socketpair()
+        with open(where.log_dir / "forkserver.log", "ab") as out:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "podpipe.runtime.forkserver", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=out, start_new_session=True, preexec_fn=die_with_parent)
+        theirs.close()
+        self.reader = protocol.Reader()
+        self.pending: list[dict] = []
+        self.exits: dict[int, int] = {}
+
+    def start(self, node: str) -> Process:
+        w = self.where
+        log = w.log_dir / f"{node}.log"
+        protocol.send(self.sock, {"type": "spawn", "node": node, "spec": str(w.spec_path),
+                                  "overrides": w.overrides, "socket": str(w.socket_path),
+                                  "env": w.env(), "log": str(log)})
+        while True:
+            message = self._next(None)
+            if message is None:
+                raise OSError("the fork server exited; see its log in "
+                              f"{w.log_dir / 'forkserver.log'}")
+            if message["type"] == "spawned":
+                return Process(node, message["pid"], log, self)
+
+    def poll(self, process: Process) -> int | None:
+        while process.pid not in self.exits and self._next(0.0) is not None:
+            pass
+        return self.exits.get(process.pid)
+
+    def wait(self, process: Process, timeout: float | None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while process.pid not in self.exits:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._next(left) is None:
+                break
+        return self.exits.get(process.pid)
+
+    def _next(self, timeout: float | None) -> dict | None:
+        """The next message from the server (recording exits); None on timeout or EOF."""
+        while not self.pending:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                return None
+            data = self.sock.recv(1 << 16)
+            if not data:
+                return None
+            self.pending.extend(self.reader.feed(data))
+        message = self.pending.pop(0)
+        if message["type"] == "exited":
+            self.exits[message["pid"]] = message["code"]
+        return message
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+
+
+def launcher(spec_path: Path, overrides: list[str], socket_path: Path, log_dir: Path,
+             pod: str) -> ForkLauncher | SpawnLauncher:
+    where = _Where(spec_path, overrides, socket_path, log_dir, pod)
+    kind = os.environ.get("PODPIPE_LAUNCHER", "fork")
+    return SpawnLauncher(where) if kind == "spawn" else ForkLauncher(where)
+

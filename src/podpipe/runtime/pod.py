@@ -23,7 +23,7 @@ from podpipe.model.sizes import format_size, parse_size
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime import source
 from podpipe.runtime.conductor import Conductor
-from podpipe.runtime.launcher import LocalLauncher
+from podpipe.runtime.launcher import launcher as make_launcher
 
 
 def validate(spec_path: str, overrides: list[str] = ()) -> specs.Pipeline:
@@ -51,15 +51,21 @@ def run(spec_path: str, *, overrides: list[str] = (), run_dir: str | None = None
     root = scratches.default_root()
     scratches.sweep(root)
     _check_budget(pipeline, root)
-    plan = source.plan(pipeline.source)
-
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     _make_run_dir(run_path, spec_path, overrides)
     scratch = scratches.Scratch.create(run_id, root)
     pod = f"{pipeline.name}-0"
-    launcher = LocalLauncher(run_path / "spec.yaml", overrides, scratch.socket,
+    # Start the stage processes' fork server first: it imports while we plan.
+    launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                              run_path / "logs", pod)
+    try:
+        plan = source.plan(pipeline.source)
+    except BaseException:
+        launcher.close()
+        scratch.remove()
+        shutil.rmtree(run_path, ignore_errors=True)  # nothing ran: leave no half a run
+        raise
     conductor = Conductor(pipeline=pipeline, graph=graph, plan=plan, scratch=scratch,
                           run_dir=run_path, launcher=launcher, run_id=run_id, pod=pod,
                           observer=observer)

@@ -1,0 +1,123 @@
+"""A pre-warmed process that forks stage processes on request.
+
+Importing pyarrow costs a third of a second of CPU per process; a pod of six stage
+processes on two cores would spend over a second just starting. The fork server
+imports everything once, then forks each stage process, which runs exactly what
+`podpipe agent` runs (agent.serve). It reaps its children and reports their exit
+codes. Each child dies with the server, and the server with the conductor
+(PR_SET_PDEATHSIG), so no process outlives the pod.
+
+Wire (protocol.py framing over a socketpair):
+    conductor -> server  {"type": "spawn", "node", "spec", "overrides", "socket", "env", "log"}
+    server -> conductor  {"type": "spawned", "pid"} | {"type": "exited", "pid", "code"}
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import sys
+import traceback
+
+from podpipe.runtime import protocol
+
+PRELOAD = ("pyarrow", "pyarrow.compute", "pyarrow.parquet", "fsspec", "yaml", "xxhash",
+           "podpipe.runtime.agent", "podpipe.runtime.source", "podpipe.runtime.sink")
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when our parent dies; leave if it already has."""
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def serve(fd: int) -> int:
+    import importlib
+
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    conductor = socket.socket(fileno=fd)
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    sel = selectors.DefaultSelector()
+    sel.register(conductor, selectors.EVENT_READ, "conductor")
+    sel.register(wake_r, selectors.EVENT_READ, "child")
+    reader = protocol.Reader()
+    while True:
+        for key, _ in sel.select():
+            if key.data == "child":
+                wake_r.recv(4096)
+                _reap(conductor)
+                continue
+            data = conductor.recv(1 << 16)
+            if not data:
+                return 0  # the conductor is gone; our children follow us
+            for message in reader.feed(data):
+                pid = _spawn(message, [conductor.fileno(), wake_r.fileno(), wake_w.fileno(),
+                                       sel.fileno()])
+                protocol.send(conductor, {"type": "spawned", "pid": pid})
+        _reap(conductor)
+
+
+def _reap(conductor: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        protocol.send(conductor, {"type": "exited", "pid": pid,
+                                  "code": os.waitstatus_to_exitcode(status)})
+
+
+def _spawn(message: dict, close: list[int]) -> int:
+    log = os.open(message["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    pid = os.fork()
+    if pid:
+        os.close(log)
+        return pid
+    code = 1
+    try:
+        os.setsid()
+        die_with_parent()
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in close:
+            os.close(fd)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.environ.update(message["env"])
+        from podpipe.runtime import agent
+
+        code = agent.serve(message["spec"], message["overrides"], message["node"],
+                           message["socket"])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
+    os._exit(0)
