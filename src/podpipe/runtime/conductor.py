@@ -25,7 +25,6 @@ from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import protocol, status
 from podpipe.runtime.launcher import ForkLauncher, Process, SpawnLauncher
 from podpipe.runtime.scratch import Scratch, process_start
-from podpipe.runtime.source import SourceBatch
 
 FLUSH_SECONDS = 0.25
 STOP_GRACE_SECONDS = 5.0
@@ -48,7 +47,7 @@ class _Stats:
 
 
 class Conductor:
-    def __init__(self, *, pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
+    def __init__(self, *, pipeline: Pipeline, graph: Graph, plan: list,
                  scratch: Scratch, run_dir: Path, launcher: ForkLauncher | SpawnLauncher, run_id: str,
                  pod: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan

@@ -25,6 +25,9 @@ from podpipe.runtime import protocol
 
 PRELOAD = ("pyarrow", "pyarrow.compute", "pyarrow.parquet", "fsspec", "yaml", "xxhash",
            "podpipe.runtime.agent", "podpipe.runtime.source", "podpipe.runtime.sink")
+# pyarrow imports pandas, when installed, the first time it converts Python objects:
+# nearly every stage module does that, so it is worth importing once here.
+OPTIONAL = ("pandas",)
 
 
 def die_with_parent() -> None:
@@ -47,6 +50,11 @@ def serve(fd: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in PRELOAD:
         importlib.import_module(name)
+    for name in OPTIONAL:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     conductor = socket.socket(fileno=fd)
     wake_r, wake_w = socket.socketpair()
     wake_w.setblocking(False)

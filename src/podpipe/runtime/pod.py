@@ -21,7 +21,6 @@ from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
 from podpipe.runtime import scratch as scratches
-from podpipe.runtime import source
 from podpipe.runtime.conductor import Conductor
 from podpipe.runtime.launcher import launcher as make_launcher
 
@@ -60,6 +59,8 @@ def run(spec_path: str, *, overrides: list[str] = (), run_dir: str | None = None
     launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                              run_path / "logs", pod)
     try:
+        from podpipe.runtime import source  # pyarrow: imported while the fork server starts
+
         plan = source.plan(pipeline.source)
     except BaseException:
         launcher.close()
