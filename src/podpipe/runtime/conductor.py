@@ -213,7 +213,7 @@ class Conductor:
             if isinstance(action, st.Dispatch):
                 self._dispatch(action)
             elif isinstance(action, st.Grant):
-                protocol.send(self.conns[action.node].sock, {"type": "grant"})
+                self._send(action.node, {"type": "grant"})
             elif isinstance(action, st.Delete):
                 try:
                     os.unlink(action.path)
@@ -235,7 +235,13 @@ class Conductor:
         }
         if action.node == SOURCE:
             task["source"] = self.plan[action.batch].to_json()
-        protocol.send(self.conns[action.node].sock, task)
+        self._send(action.node, task)
+
+    def _send(self, node: str, message: dict[str, Any]) -> None:
+        try:
+            protocol.send(self.conns[node].sock, message)
+        except OSError:
+            pass  # it died; its exit event, still queued, decides what happens
 
     def _end(self, state: str, error: PodpipeError | None) -> None:
         if self.state == "running":
@@ -243,11 +249,8 @@ class Conductor:
 
     def _stop_all(self) -> None:
         """Stop every agent: politely when idle, by signal when not, never waiting long."""
-        for conn in self.conns.values():
-            try:
-                protocol.send(conn.sock, {"type": "stop"})
-            except OSError:
-                pass
+        for node in self.conns:
+            self._send(node, {"type": "stop"})
         if self.state != "succeeded":
             for process in self.processes.values():
                 process.signal(signal.SIGTERM)
