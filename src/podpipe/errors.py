@@ -35,7 +35,7 @@ class SpecError(InputError):
 
     def __init__(self, message: str, *, file: str | None = None, field: str | None = None,
                  line: int | None = None) -> None:
-        self.file, self.field, self.line = file, field, line
+        self.file, self.field, self.line, self.detail = file, field, line, message
         where = file or "spec"
         if line is not None:
             where += f":{line}"

@@ -194,14 +194,15 @@ def test_a_batch_larger_than_the_budget_is_a_clear_error(workdir):
     (["run", "p.yaml", "--memory", "900TiB"], "is more than the"),
     (["run", "p.yaml", "--set", "source.uri=nowhere/*.parquet"], "matches no files"),
     (["run", "p.yaml", "--set", "stages.s.run=no_such_module:f"],
-     "cannot import 'no_such_module:f'"),
+     "p.yaml: spec.stages[0].run: cannot import 'no_such_module:f'"),
     (["run", "p.yaml", "--set", "stages.s.inptus=[source]"], "unknown field 'inptus'"),
+    (["run", "p.yaml", "--set", "source.columns=[nope]"], "names ['nope'], which the file"),
     (["validate", "bad.yaml"], "bad.yaml:3: invalid YAML"),
     (["status", "nowhere"], "not a podpipe run directory"),
     (["resume", "nowhere"], "not implemented yet"),
     (["run"], "the following arguments are required: SPEC"),
 ], ids=["no-spec-file", "bad-memory", "replicas", "budget-over-tmpfs", "no-source-files",
-        "unimportable-stage", "typo-field", "yaml-syntax", "status-no-run", "resume",
+        "unimportable-stage", "typo-field", "missing-column", "yaml-syntax", "status-no-run", "resume",
         "missing-argument"])
 def test_bad_input_exits_2_with_a_message_and_no_traceback(workdir, args, message):
     write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",

@@ -141,9 +141,18 @@ def test_a_yaml_syntax_error_carries_its_line():
     ("memory=3GiB", lambda p: p.memory == 3 * 2**30),
     ("stages.filter.run=other:g", lambda p: p.stage("filter").run == "other:g"),
     ("spec.sinks.0.uri=elsewhere/", lambda p: p.sinks[0].uri == "elsewhere/"),
-], ids=["int", "size", "stage-by-name", "list-index"])
+    ("shards=4", lambda p: p.shards == 4),
+], ids=["int", "size", "stage-by-name", "list-index", "new-field"])
 def test_set_overrides_a_field_before_validation(override, check):
     assert check(specs.parse(GOOD, overrides=[override]))
+
+
+def test_set_creates_missing_parent_mappings():
+    text = GOOD.replace("  checkpoints: {node: .podpipe, durable: \"file://.durable\", "
+                        "everyBatches: 4}\n", "")
+    assert specs.parse(text).checkpoints.durable is None
+    pipeline = specs.parse(text, overrides=["checkpoints.durable=file:///tmp/d"])
+    assert pipeline.checkpoints.durable == "file:///tmp/d"
 
 
 @pytest.mark.parametrize("override,message", [

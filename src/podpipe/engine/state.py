@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from podpipe.errors import BudgetError, RunError, StageError
+from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
 from podpipe.model.graph import BATCH, Graph
 from podpipe.model.sizes import format_size
 from podpipe.model.spec import SOURCE
@@ -66,6 +66,7 @@ class TaskFailed:
     node: str
     batch: int
     message: str
+    input_error: bool = False  # the data, not the code, is at fault
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    error: RunError
+    error: PodpipeError
 
 
 Action = Dispatch | Grant | Delete | Finished | Failed
@@ -173,6 +174,9 @@ class RunState:
         elif isinstance(event, TaskDone):
             self._done(agent, event, actions)
         elif isinstance(event, TaskFailed):
+            if event.input_error:
+                return self._fail(DataError(f"stage {event.node!r}, batch {event.batch}: "
+                                            f"{event.message}"))
             return self._fail(StageError(event.node, event.batch, event.message))
         elif isinstance(event, AgentExited):
             if agent.status in (RUNNING, WAITING):
@@ -333,6 +337,6 @@ class RunState:
             f"(of {holders or 'nothing'}); raise spec.memory (--memory) or lower "
             "spec.source.batchRows")
 
-    def _fail(self, error: RunError) -> list[Action]:
+    def _fail(self, error: PodpipeError) -> list[Action]:
         self.outcome = Failed(error)
         return [self.outcome]

@@ -346,6 +346,8 @@ def _apply_override(doc: Any, item: str, r: _Reader) -> Any:
     node = doc
     for depth, part in enumerate(parts[:-1]):
         nxt = _child(node, part)
+        if nxt is None and isinstance(node, dict):
+            nxt = node[part] = {}
         if nxt is None:
             raise SpecError(f"--set {key}: no field {'.'.join(parts[:depth + 1])!r} "
                             "to set a value under", file=r.file)

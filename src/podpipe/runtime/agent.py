@@ -24,7 +24,6 @@ import pyarrow as pa
 
 from podpipe.errors import DataError, InputError, SpecError
 from podpipe.model import spec as specs
-from podpipe.model.graph import Graph
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import arrowfile, protocol
 
@@ -55,14 +54,15 @@ class LoadSource(Work):
 
 
 class CallFunction(Work):
-    def __init__(self, target: str, reduce: bool) -> None:
+    def __init__(self, target: str, reduce: bool, file: str, field: str) -> None:
         module, _, name = target.partition(":")
         try:
             self.function: Callable[..., Any] = getattr(importlib.import_module(module), name)
         except Exception as exc:  # any import-time failure of user code
-            raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}") from exc
+            raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
+                            file=file, field=field) from exc
         if not callable(self.function):
-            raise SpecError(f"{target!r} is not callable")
+            raise SpecError(f"{target!r} is not callable", file=file, field=field)
         self.reduce = reduce
 
     def run(self, batch, inputs, task):
@@ -136,7 +136,8 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
             return WriteSink(target)
     stage = pipeline.stage(node)
     if stage.run:
-        return CallFunction(stage.run, stage.reduce)
+        return CallFunction(stage.run, stage.reduce, pipeline.file,
+                            f"spec.stages[{pipeline.stages.index(stage)}].run")
     return RunCommand(stage.command or (), stage.env, node)
 
 
@@ -154,21 +155,23 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str) -> 
     sock.connect(socket_path)
     try:
         pipeline = specs.load(spec_path, overrides)
-        Graph.of(pipeline)
         work = work_for(pipeline, node)
+    except SpecError as exc:  # the conductor names the user's file, not our copy
+        protocol.send(sock, {"type": "broken", "field": exc.field, "message": exc.detail})
+        return 2
     except InputError as exc:
-        protocol.send(sock, {"type": "broken", "node": node, "message": str(exc)})
+        protocol.send(sock, {"type": "broken", "message": str(exc)})
         return 2
     protocol.send(sock, {"type": "hello", "node": node, "pid": os.getpid(),
                          "version": version_of(pipeline, node)})
-    while True:
-        try:
+    try:
+        while True:
             message = protocol.recv(sock)
-        except protocol.Closed:
-            return 0  # the conductor is gone: so are we
-        if message["type"] == "stop":
-            return 0
-        _task(sock, work, message)
+            if message["type"] == "stop":
+                return 0
+            _task(sock, work, message)
+    except (protocol.Closed, ConnectionError):
+        return 0  # the conductor is gone: so are we
 
 
 def _task(sock: socket.socket, work: Work, task: dict) -> None:
@@ -211,6 +214,5 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
 
 def _reserve(sock: socket.socket, batch: int, nbytes: int) -> None:
     protocol.send(sock, {"type": "reserve", "batch": batch, "nbytes": nbytes})
-    reply = protocol.recv(sock)
-    if reply["type"] != "grant":
-        raise SystemExit(0)  # told to stop while waiting for RAM
+    if protocol.recv(sock)["type"] != "grant":
+        raise protocol.Closed("told to stop while waiting for RAM")

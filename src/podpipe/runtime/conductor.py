@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from podpipe.engine import state as st
-from podpipe.errors import DataError, InterruptedRun, PodpipeError, SpecError, StageError
+from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
+                            StageError)
 from podpipe.model.graph import Graph
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import protocol, status
@@ -55,7 +56,8 @@ class Conductor:
         self.run_id, self.pod, self.observer = run_id, pod, observer
         self.engine = st.RunState(graph, len(plan), pipeline.memory)
         self.processes: dict[str, Process] = {}
-        self.conns: dict[str, _Conn] = {}
+        self.conns: dict[str, _Conn] = {}    # by node, once it said hello
+        self.accepted: list[_Conn] = []       # every connection, to close at the end
         self.versions: dict[str, str] = {}
         self.stats = {node: _Stats() for node in graph.order}
         self.state, self.error = "running", None
@@ -122,7 +124,10 @@ class Conductor:
     # -- events in ---------------------------------------------------------------
 
     def _start(self, node: str) -> None:
-        process = self.launcher.start(node)
+        try:
+            process = self.launcher.start(node)
+        except OSError as exc:
+            raise RunError(f"cannot start the process of stage {node!r}: {exc}") from exc
         self.processes[node] = process
         pidfd = os.pidfd_open(process.pid)
         self.sel.register(pidfd, selectors.EVENT_READ, ("exit", node))
@@ -131,7 +136,9 @@ class Conductor:
         kind, data = key.data
         if kind == "listen":
             sock, _ = key.fileobj.accept()
-            self.sel.register(sock, selectors.EVENT_READ, ("conn", _Conn(sock)))
+            conn = _Conn(sock)
+            self.accepted.append(conn)
+            self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
         else:
             self._read(data)
 
@@ -160,10 +167,11 @@ class Conductor:
 
     def _message(self, conn: _Conn, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == "broken":
-            node = message.get("node", "?")
+        if kind == "broken":  # an agent could not start, for the user's input
+            field = message.get("field")
             self._end("failed", SpecError(message["message"], file=self.pipeline.file,
-                                          field=f"stage {node!r}"))
+                                          field=field) if field else
+                      InputError(message["message"]))
             return
         if kind == "hello":
             node = message["node"]
@@ -186,11 +194,8 @@ class Conductor:
             out = message.get("output")
             self._feed(st.TaskDone(node, batch, st.Output(**out) if out else None))
         elif kind == "failed":
-            if message.get("input_error"):
-                self._end("failed", DataError(f"stage {node!r}, batch {batch}: "
-                                              f"{message['message']}"))
-            else:
-                self._feed(st.TaskFailed(node, batch, message["message"]))
+            self._feed(st.TaskFailed(node, batch, message["message"],
+                                     bool(message.get("input_error"))))
 
     def _exited(self, node: str, pidfd: int) -> None:
         self.sel.unregister(pidfd)
@@ -260,7 +265,7 @@ class Conductor:
                 process.signal(signal.SIGKILL)  # it would not stop
                 process.wait()
         self.launcher.close()
-        for conn in self.conns.values():
+        for conn in self.accepted:
             conn.sock.close()
 
     # -- status ---------------------------------------------------------------------
@@ -296,7 +301,10 @@ class Conductor:
 
     def _flush(self) -> None:
         snapshot = self.snapshot()
-        status.write(self.run_dir, snapshot)
+        try:
+            status.write(self.run_dir, snapshot)
+        except OSError:
+            pass  # the status file is a view; the run does not depend on it
         if self.observer is not None:
             self.observer(snapshot)
 

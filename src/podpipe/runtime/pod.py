@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from podpipe.errors import UsageError
+from podpipe.errors import RunError, UsageError
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
@@ -26,9 +26,8 @@ from podpipe.runtime.launcher import launcher as make_launcher
 
 
 def validate(spec_path: str, overrides: list[str] = ()) -> specs.Pipeline:
-    pipeline = specs.load(spec_path, list(overrides))
-    Graph.of(pipeline)
-    return pipeline
+    """The spec, parsed and checked (fields, names, graph)."""
+    return specs.load(spec_path, list(overrides))
 
 
 def run(spec_path: str, *, overrides: list[str] = (), run_dir: str | None = None,
@@ -53,7 +52,10 @@ def run(spec_path: str, *, overrides: list[str] = (), run_dir: str | None = None
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     _make_run_dir(run_path, spec_path, overrides)
-    scratch = scratches.Scratch.create(run_id, root)
+    try:
+        scratch = scratches.Scratch.create(run_id, root)
+    except OSError as exc:
+        raise RunError(f"cannot create the RAM scratch in {root}: {exc.strerror}") from exc
     pod = f"{pipeline.name}-0"
     # Start the stage processes' fork server first: it imports while we plan.
     launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,

@@ -71,22 +71,30 @@ def plan(source: Source) -> list[SourceBatch]:
             batches.append(SourceBatch(file=path))
             continue
         try:
-            sizes = _part_rows(fs, path, source.format)
+            sizes, names = _footer(fs, path, source.format)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{path}: cannot read as {source.format}: {exc}") from exc
+        missing = [c for c in source.columns or () if c not in names]
+        if missing:  # pyarrow would silently leave them out
+            raise DataError(f"{path}: spec.source.columns names {missing}, which the file "
+                            f"does not have; it has {names}")
         batches.extend(_pack(path, sizes, source.batch_rows))
     if not batches:
         raise DataError(f"spec.source.uri {source.uri!r}: the files hold no rows")
     return batches
 
 
-def _part_rows(fs, path: str, fmt: str) -> list[int]:
+def _footer(fs, path: str, fmt: str) -> tuple[list[int], list[str]]:
+    """Rows per row group (or record batch), and the column names."""
     with fs.open(path, "rb") as f:
         if fmt == "parquet":
-            meta = pq.ParquetFile(f).metadata
-            return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            parquet = pq.ParquetFile(f)
+            meta = parquet.metadata
+            return ([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
+                    parquet.schema_arrow.names)
         reader = pa.ipc.open_file(f)
-        return [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+        return ([reader.get_batch(i).num_rows for i in range(reader.num_record_batches)],
+                reader.schema.names)
 
 
 def _pack(path: str, sizes: list[int], batch_rows: int) -> list[SourceBatch]:
