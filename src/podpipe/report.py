@@ -10,23 +10,23 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from podpipe.model.sizes import format_size
 
 
 class LiveProgress:
-    """A rich progress bar per node: batches done/total, rows/s; scratch in use."""
+    """A rich progress bar per node (batches done/total, rows/s), and one for the RAM
+    scratch in use against the budget."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.progress = Progress(
-            TextColumn("{task.fields[name]:<12}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:>14}"), TimeElapsedColumn(),
-            TextColumn("{task.fields[extra]}"), console=console, transient=False)
+            TextColumn("{task.fields[name]:<12}"), BarColumn(),
+            TextColumn("{task.fields[count]:>19}"), TextColumn("{task.fields[rate]:>17}"),
+            TimeElapsedColumn(), console=console, transient=False)
         self.tasks: dict[str, Any] = {}
-        self.scratch_task = None
         self.started = time.monotonic()
 
     def __enter__(self) -> "LiveProgress":
@@ -39,18 +39,21 @@ class LiveProgress:
     def __call__(self, status: dict[str, Any]) -> None:
         elapsed = max(1e-9, time.monotonic() - self.started)
         for node, s in status["stages"].items():
-            rate = f"{s['rows_out'] / elapsed:,.0f} rows/s" if s["rows_out"] else ""
-            if node not in self.tasks:
-                self.tasks[node] = self.progress.add_task(
-                    "", total=s["batches_total"], name=node, rate=rate, extra="")
-            self.progress.update(self.tasks[node], completed=s["batches_done"],
-                                 total=s["batches_total"], rate=rate)
-        scratch = (f"RAM scratch {format_size(status['scratch_bytes'])} / "
-                   f"{format_size(status['budget_bytes'])}")
-        if self.scratch_task is None:
-            self.scratch_task = self.progress.add_task("", total=None, name="scratch",
-                                                       rate="", extra=scratch)
-        self.progress.update(self.scratch_task, extra=scratch)
+            rows = s["rows_out"] if s["kind"] == "source" else s["rows_in"]
+            self._show(node, s["batches_done"], s["batches_total"],
+                       f"{s['batches_done']}/{s['batches_total']}",
+                       f"{rows / elapsed:,.0f} rows/s" if rows else "")
+        used, budget = status["scratch_bytes"], status["budget_bytes"]
+        self._show("RAM scratch", used, budget,
+                   f"{format_size(used)} / {format_size(budget)}",
+                   f"peak {format_size(status['peak_scratch_bytes'])}")
+
+    def _show(self, name: str, done: int, total: int, count: str, rate: str) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task("", total=total, name=name, count="",
+                                                      rate="")
+        self.progress.update(self.tasks[name], completed=done, total=total, count=count,
+                             rate=rate)
 
 
 def summary(status: dict[str, Any]) -> Table:

@@ -203,7 +203,8 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
                 nbytes, checksum = arrowfile.write_table(result, path)
             except OSError as exc:
                 protocol.send(sock, {"type": "failed", "batch": batch,
-                                     "message": f"cannot write {path}: {exc.strerror}"})
+                                     "message": f"cannot write {path}: "
+                                                f"{exc.strerror or exc}"})
                 return
             rows = result.num_rows
         output = {"path": str(path), "nbytes": nbytes, "rows": rows, "checksum": checksum}
