@@ -177,6 +177,23 @@ def test_a_run_whose_data_is_many_times_the_budget_completes_within_it(tmp_path)
     assert out["x"].to_pylist() == [2 * x for x in range(80_000)]
 
 
+def test_batches_that_grow_midway_still_complete_within_the_budget(tmp_path):
+    make_numbers(tmp_path / "data", files=4, rows=10_000, row_group=2000)
+    budget = 2 * 2**20  # one large batch on the line fits, two do not
+    write_spec(tmp_path / "p.yaml", spec(  # a slow stage after a growing one
+        [{"name": "wide", "run": "pystages:widen_later", "inputs": ["source"]},
+         {"name": "slow", "run": "pystages:slow", "inputs": ["wide"]}],
+        [{"input": "slow", "uri": "out/"}], batch_rows=2000, memory=str(budget)))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
+                   SLOW_SECONDS="0.05")
+    assert done.returncode == 0, done.stderr
+    status = json.loads((tmp_path / "run/status.json").read_text())
+    assert 0 < status["peak_scratch_bytes"] <= budget
+    out = read_sink(tmp_path / "out")
+    assert out["x"].to_pylist() == list(range(40_000))
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 20
+
+
 def test_a_batch_larger_than_the_budget_is_a_clear_error(workdir):
     write_spec(workdir / "p.yaml", spec(
         [{"name": "wide", "run": "pystages:widen", "inputs": ["source"]}],

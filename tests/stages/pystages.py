@@ -67,3 +67,10 @@ def widen(t: pa.Table) -> pa.Table:
     """An output several times the input: pressure on the RAM budget."""
     pad = pa.array([b"p" * 200] * t.num_rows, pa.binary())
     return t.append_column("pad", pad)
+
+
+def widen_later(t: pa.Table) -> pa.Table:
+    """Outputs that grow tenfold partway through: the footprint learned early is wrong."""
+    big = pc.greater_equal(t["x"], int(os.environ.get("GROW_AT", "20000")))
+    size = 400 if pc.any(big).as_py() else 40
+    return t.append_column("pad", pa.array([b"p" * size] * t.num_rows, pa.binary()))

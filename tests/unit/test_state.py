@@ -58,6 +58,8 @@ class Pod:
                 self.tasks[action.node] = action
             elif isinstance(action, S.Grant):
                 self.granted.add(action.node)
+            elif isinstance(action, S.Deny):
+                del self.tasks[action.node]  # the agent drops its result
             elif isinstance(action, S.Delete):
                 del self.live[action.path]
             else:
@@ -115,7 +117,10 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
         assert isinstance(outcome.error, BudgetError)
         return
     expected = sorted((n, b) for n in graph.order for b in range(graph.batches(n, batches)))
-    assert sorted(pod.processed) == expected
+    if tight:  # a batch given up for lack of RAM runs again
+        assert sorted(set(pod.processed)) == expected
+    else:
+        assert sorted(pod.processed) == expected
     assert pod.live == {}, "outputs left in scratch after the run"
     assert pod.state.usage == 0
 
@@ -184,3 +189,16 @@ def test_a_reduce_is_handed_every_batch_of_its_input_at_once(batches):
     assert isinstance(pod.run(), S.Finished)
     assert len(dispatched) == 1
     assert [o.path for o in dispatched[0].inputs[0]] == [f"source/{b}" for b in range(batches)]
+
+
+def test_batches_larger_than_those_seen_so_far_do_not_fail_the_run():
+    """The footprint learned from small batches under-estimates big ones; the line
+    must still finish when one big batch at a time fits the budget."""
+    sizes = lambda n, b: 10 if b < 3 else 100  # noqa: E731
+    for seed in range(20):
+        pod = Pod(CHAIN, 8, budget=330, size=sizes, rng=random.Random(seed))
+        outcome = pod.run()
+        assert isinstance(outcome, S.Finished), (seed, outcome)
+        assert pod.max_live <= 330
+        assert set(pod.processed) == {(n, b) for n in ("source", "a", "b", "sink-0")
+                                      for b in range(8)}

@@ -10,8 +10,10 @@ decisions of a run live here, so they can be tested without processes:
 - the RAM budget: an agent asks for the exact bytes of its output before writing
   it and waits for a grant, so scratch never exceeds the budget. New source batches
   are admitted only while the batches already on the line, at the largest footprint
-  seen so far, still fit (backpressure). A run that cannot move for lack of RAM
-  fails with a BudgetError instead of hanging;
+  seen so far, still fit (backpressure). When that estimate proves too low (later
+  batches are larger) and the line stops for lack of RAM, the newest batch on the
+  line is given up and run again from the source later. A run that still cannot
+  move fails with a BudgetError instead of hanging;
 - lifetime: an output is deleted as soon as every node that reads it has read it.
 """
 
@@ -93,6 +95,13 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class Deny:
+    """Refuse a waiting request for RAM: the agent drops its result, the batch is redone."""
+
+    node: str
+
+
+@dataclass(frozen=True)
 class Delete:
     path: str
 
@@ -107,7 +116,7 @@ class Failed:
     error: PodpipeError
 
 
-Action = Dispatch | Grant | Delete | Finished | Failed
+Action = Dispatch | Grant | Deny | Delete | Finished | Failed
 
 # -------------------------------------------------------------------- state
 
@@ -138,6 +147,7 @@ class RunState:
     on_line: dict[int, int] = field(default_factory=dict)  # batch -> tasks left on the line
     produced: dict[int, int] = field(default_factory=dict)  # batch -> bytes made so far
     footprint: int | None = None  # most bytes one batch has made over the whole line
+    redo: list[int] = field(default_factory=list)  # source batches dropped, to load again
     outcome: Action | None = None
 
     def __post_init__(self) -> None:
@@ -195,7 +205,11 @@ class RunState:
             self.outcome = Finished()
             actions.append(self.outcome)
         elif self._stuck():
-            actions.extend(self._fail(self._budget_error()))
+            while self._stuck() and self._evict(actions):  # each gives up one batch
+                self._grant_waiting(actions)
+                self._dispatch(actions)
+            if self._stuck():
+                actions.extend(self._fail(self._budget_error()))
         return actions
 
     # -- pieces ----------------------------------------------------------------
@@ -307,7 +321,7 @@ class RunState:
 
     def _admit(self) -> int | None:
         """The next source batch, if the line has room for it (backpressure)."""
-        if self.next_source >= self.source_batches:
+        if self.next_source >= self.source_batches and not self.redo:
             return None
         if self.on_line:
             if self.footprint is None:
@@ -315,11 +329,51 @@ class RunState:
             coming = sum(max(0, self.footprint - self.produced.get(b, 0)) for b in self.on_line)
             if self.usage + coming + self.footprint > self.budget:
                 return None
-        batch = self.next_source
-        self.next_source += 1
+        if self.redo:
+            batch = self.redo.pop(0)
+        else:
+            batch = self.next_source
+            self.next_source += 1
         self.on_line[batch] = self._per_batch_nodes
         self.produced[batch] = 0
         return batch
+
+    def _evict(self, actions: list[Action]) -> bool:
+        """Give up the newest batch on the line so that an older one waiting for RAM can
+        move: refuse its waiting requests, delete its outputs, and run it again from
+        the source later (stages are deterministic, sink files idempotent). A batch
+        with a task still computing is left alone."""
+        line = [(n, a) for n, a in self.agents.items() if self.graph.domain[n] == BATCH]
+        waiting = [a.batch for _, a in line if a.status == WAITING]
+        if not waiting:
+            return False
+        for batch in sorted(self.on_line, reverse=True):
+            if batch <= min(waiting):
+                return False
+            if any(a.status == RUNNING and a.batch == batch for _, a in line):
+                continue
+            for node, agent in line:
+                if agent.status == WAITING and agent.batch == batch:
+                    agent.status, agent.batch, agent.want = IDLE, None, 0
+                    actions.append(Deny(node))
+            for node in self.graph.order:
+                if self.graph.domain[node] != BATCH:
+                    continue
+                if (node, batch) in self.outputs:
+                    self._delete((node, batch), actions)
+                self.done[node].discard(batch)
+                if batch in self.ready[node]:
+                    self.ready[node].remove(batch)
+            return self._redo(batch)
+        return False
+
+    def _redo(self, batch: int) -> bool:
+        del self.on_line[batch]
+        self.produced.pop(batch, None)
+        self.redo = sorted(self.redo + [batch])
+        # The footprint was under-estimated: the line holds no more batches than now.
+        self.footprint = max(self.footprint or 0, self.budget // (len(self.on_line) + 1))
+        return True
 
     def _stuck(self) -> bool:
         """Someone waits for RAM and nothing running can free any."""

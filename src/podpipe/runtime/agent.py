@@ -193,12 +193,15 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
         path = Path(task["output"])
         if isinstance(result, Path):  # a command wrote its own IPC file
             nbytes = result.stat().st_size
-            _reserve(sock, batch, nbytes)
+            if not _reserve(sock, batch, nbytes):
+                result.unlink()
+                return
             os.rename(result, path)
             rows, checksum = arrowfile.read_table(path).num_rows, ""
         else:
             nbytes = arrowfile.ipc_size(result)
-            _reserve(sock, batch, nbytes)
+            if not _reserve(sock, batch, nbytes):
+                return
             try:
                 nbytes, checksum = arrowfile.write_table(result, path)
             except OSError as exc:
@@ -213,7 +216,10 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
     protocol.send(sock, {"type": "done", "batch": batch, "output": output, "stats": stats})
 
 
-def _reserve(sock: socket.socket, batch: int, nbytes: int) -> None:
+def _reserve(sock: socket.socket, batch: int, nbytes: int) -> bool:
+    """Ask for the RAM the output needs; False if the conductor wants it dropped."""
     protocol.send(sock, {"type": "reserve", "batch": batch, "nbytes": nbytes})
-    if protocol.recv(sock)["type"] != "grant":
+    reply = protocol.recv(sock)["type"]
+    if reply == "stop":
         raise protocol.Closed("told to stop while waiting for RAM")
+    return reply == "grant"

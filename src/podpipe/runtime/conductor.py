@@ -219,6 +219,8 @@ class Conductor:
                 self._dispatch(action)
             elif isinstance(action, st.Grant):
                 self._send(action.node, {"type": "grant"})
+            elif isinstance(action, st.Deny):
+                self._send(action.node, {"type": "deny"})
             elif isinstance(action, st.Delete):
                 try:
                     os.unlink(action.path)

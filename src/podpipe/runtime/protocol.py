@@ -5,7 +5,7 @@ Only metadata crosses it (stage, batch, paths, sizes, checksums), never data.
     agent -> conductor   {"type": "hello", "node", "version", "pid"}
     conductor -> agent   {"type": "task", "batch", "inputs": [[path, ...], ...], "output", ...}
     agent -> conductor   {"type": "reserve", "batch", "nbytes"}   before writing its output
-    conductor -> agent   {"type": "grant"}
+    conductor -> agent   {"type": "grant"} | {"type": "deny"}    deny: drop the result
     agent -> conductor   {"type": "done", "batch", "output": {...} | null, "stats": {...}}
     agent -> conductor   {"type": "failed", "batch", "message"}
     conductor -> agent   {"type": "stop"}
