@@ -1,4 +1,5 @@
-"""The layers of STYLE.md hold: model < engine < runtime < interfaces."""
+"""Static checks of the code itself: the layers of STYLE.md hold, and mypy agrees
+with the annotations."""
 
 import shutil
 import subprocess
@@ -8,10 +9,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent))
+    assert path, f"{name} is not installed (pip install -e '.[test]')"
+    return path
+
+
 def test_lower_layers_never_import_higher_ones():
-    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
-    assert lint, "import-linter is not installed"
-    done = subprocess.run([lint, str(ROOT / "pyproject.toml")], cwd=ROOT,
+    done = subprocess.run([_tool("lint-imports"), str(ROOT / "pyproject.toml")], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 kept, 0 broken" in done.stdout
+
+
+def test_the_package_type_checks():
+    done = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -276,7 +276,7 @@ class RunState:
         actions.append(Delete(output.path))
 
     def _input_keys(self, node: str, batch: int) -> list[Key]:
-        keys = []
+        keys: list[Key] = []
         for name in self.graph.inputs[node]:
             if self._reads_all(node, name):
                 keys.extend((name, b) for b in range(self.source_batches))
@@ -344,7 +344,7 @@ class RunState:
         the source later (stages are deterministic, sink files idempotent). A batch
         with a task still computing is left alone."""
         line = [(n, a) for n, a in self.agents.items() if self.graph.domain[n] == BATCH]
-        waiting = [a.batch for _, a in line if a.status == WAITING]
+        waiting = [a.batch for _, a in line if a.status == WAITING and a.batch is not None]
         if not waiting:
             return False
         for batch in sorted(self.on_line, reverse=True):

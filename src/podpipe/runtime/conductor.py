@@ -60,8 +60,10 @@ class Conductor:
         self.accepted: list[_Conn] = []       # every connection, to close at the end
         self.versions: dict[str, str] = {}
         self.stats = {node: _Stats() for node in graph.order}
-        self.state, self.error = "running", None
-        self.started, self.ended = time.time(), None
+        self.state: str = "running"
+        self.error: PodpipeError | None = None
+        self.started: float = time.time()
+        self.ended: float | None = None
         self.sel = selectors.DefaultSelector()
 
     # -- the loop --------------------------------------------------------------
@@ -79,7 +81,7 @@ class Conductor:
                 self.scratch.output_dir(node).mkdir(exist_ok=True)
             listener.bind(str(self.scratch.socket))
             listener.listen(64)
-            self.sel.register(listener, selectors.EVENT_READ, ("listen", None))
+            self.sel.register(listener, selectors.EVENT_READ, ("listen", listener))
             self.sel.register(wake_r, selectors.EVENT_READ, ("signal", None))
             for node in self.graph.order:
                 self._start(node)
@@ -111,7 +113,7 @@ class Conductor:
                 elif kind == "exit":
                     self._drain()  # what it said before dying counts first
                     if self.state == "running":
-                        self._exited(data, key.fileobj)
+                        self._exited(data, key.fd)
                 elif kind == "signal":
                     wake.recv(64)
                     self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
@@ -135,7 +137,7 @@ class Conductor:
     def _socket_event(self, key: selectors.SelectorKey) -> None:
         kind, data = key.data
         if kind == "listen":
-            sock, _ = key.fileobj.accept()
+            sock, _ = data.accept()
             conn = _Conn(sock)
             self.accepted.append(conn)
             self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
@@ -186,7 +188,7 @@ class Conductor:
         node = conn.node
         if node is None:
             return
-        batch = message.get("batch")
+        batch = int(message.get("batch") or 0)
         if kind == "reserve":
             self._feed(st.SpaceRequested(node, batch, int(message["nbytes"])))
         elif kind == "done":

@@ -25,12 +25,13 @@ from podpipe.runtime.conductor import Conductor
 from podpipe.runtime.launcher import launcher as make_launcher
 
 
-def validate(spec_path: str, overrides: list[str] = ()) -> specs.Pipeline:
+def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> specs.Pipeline:
     """The spec, parsed and checked (fields, names, graph)."""
     return specs.load(spec_path, list(overrides))
 
 
-def run(spec_path: str, *, overrides: list[str] = (), run_dir: str | None = None,
+def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
+        run_dir: str | None = None,
         replicas: int = 1, memory: str | None = None,
         observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the pipeline to the end in one pod; returns the final status."""

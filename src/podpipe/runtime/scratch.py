@@ -80,7 +80,7 @@ class Scratch:
 def sweep(root: Path | None = None) -> list[Path]:
     """Remove scratch directories whose owner process is gone; returns them."""
     root = root or default_root()
-    removed = []
+    removed: list[Path] = []
     try:
         candidates = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
     except OSError:

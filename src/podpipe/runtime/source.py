@@ -98,7 +98,9 @@ def _footer(fs, path: str, fmt: str) -> tuple[list[int], list[str]]:
 
 
 def _pack(path: str, sizes: list[int], batch_rows: int) -> list[SourceBatch]:
-    batches, group, rows = [], [], 0
+    batches: list[SourceBatch] = []
+    group: list[int] = []
+    rows = 0
     for part, size in enumerate(sizes):
         if size == 0:
             continue
