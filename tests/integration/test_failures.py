@@ -106,10 +106,11 @@ def test_status_reports_the_live_run_then_its_end(workdir):
     assert not Path(final["scratch"]).exists()
 
 
-def test_ctrl_c_stops_every_process_and_removes_scratch(workdir):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_stops_every_process_and_removes_scratch(workdir, sig):
     run = _start(workdir, SLOW_SECONDS="5")
     status = _running_status(workdir)
-    run.send_signal(signal.SIGINT)
+    run.send_signal(sig)
     run.communicate(timeout=30)
     assert run.returncode == 130
     assert all(_gone(p["pid"]) for p in status["processes"])

@@ -117,6 +117,16 @@ def test_a_failing_command_fails_the_run_naming_stage_and_batch(workdir):
     assert "Traceback" not in done.stderr
 
 
+def test_a_stage_sees_its_env(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"],
+          "env": {"BOOM_AT": "-1"}}],  # never matches: the default (2500) would fail
+        [{"input": "boom", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert read_sink(workdir / "out").num_rows == 10_000
+
+
 def test_sinks_are_deterministic_and_a_rerun_replaces_not_duplicates(workdir):
     write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
                                           "inputs": ["source"]}],

@@ -135,6 +135,7 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
         if target.name == node:
             return WriteSink(target)
     stage = pipeline.stage(node)
+    os.environ.update(stage.env)  # before the stage's module is imported
     if stage.run:
         return CallFunction(stage.run, stage.reduce, pipeline.file,
                             f"spec.stages[{pipeline.stages.index(stage)}].run")
