@@ -132,6 +132,17 @@ def test_the_line_overlaps_batches_once_their_footprint_is_known():
     assert pod.state.peak > 30        # more than one batch was on the line at once
 
 
+def test_the_second_batch_enters_as_soon_as_the_first_is_loaded():
+    run = S.RunState(Graph.of(CHAIN), 3, 10_000)
+    for node in ("a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    assert run.handle(S.AgentReady("source")) == [S.Dispatch("source", 0, ())]
+    assert run.handle(S.SpaceRequested("source", 0, 100)) == [S.Grant("source")]
+    actions = run.handle(S.TaskDone("source", 0, S.Output("s0", 100, 1)))
+    assert S.Dispatch("source", 1, ()) in actions  # batch 0 has not crossed the line yet
+    assert any(isinstance(a, S.Dispatch) and a.node == "a" and a.batch == 0 for a in actions)
+
+
 def test_backpressure_keeps_a_small_budget_from_filling():
     sizes = lambda n, b: 100  # noqa: E731
     pod = Pod(CHAIN, 20, budget=350, size=sizes, rng=random.Random(7))

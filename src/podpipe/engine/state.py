@@ -324,10 +324,11 @@ class RunState:
         if self.next_source >= self.source_batches and not self.redo:
             return None
         if self.on_line:
-            if self.footprint is None:
-                return None  # learn one batch's footprint before overlapping batches
-            coming = sum(max(0, self.footprint - self.produced.get(b, 0)) for b in self.on_line)
-            if self.usage + coming + self.footprint > self.budget:
+            footprint = self._footprint()
+            if footprint is None:
+                return None
+            coming = sum(max(0, footprint - self.produced.get(b, 0)) for b in self.on_line)
+            if self.usage + coming + footprint > self.budget:
                 return None
         if self.redo:
             batch = self.redo.pop(0)
@@ -337,6 +338,16 @@ class RunState:
         self.on_line[batch] = self._per_batch_nodes
         self.produced[batch] = 0
         return batch
+
+    def _footprint(self) -> int | None:
+        """Bytes one batch makes over the whole line: the most seen, else a first guess
+        once the source has written a batch (that size at every per-batch node). A
+        guess too low only costs time: a jammed line gives up its newest batch."""
+        if self.footprint is not None:
+            return self.footprint
+        sizes = [self.outputs[(SOURCE, b)].nbytes for b in self.on_line
+                 if (SOURCE, b) in self.outputs]
+        return max(sizes) * self._per_batch_nodes if sizes else None
 
     def _evict(self, actions: list[Action]) -> bool:
         """Give up the newest batch on the line so that an older one waiting for RAM can
