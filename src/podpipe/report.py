@@ -79,10 +79,13 @@ def status_table(status: dict[str, Any]) -> Table:
                      f"{status['scratch']}" + (f"\nerror: {status['error']}"
                                                 if status.get("error") else ""))
     pids = Table(title="processes")
-    for column in ("role", "stage", "pod", "pid"):
+    for column in ("role", "stage", "pod", "pid", "alive"):
         pids.add_column(column)
+    live = status["state"] == "running"
     for p in status["processes"]:
-        pids.add_row(p["role"], p["stage"] or "", p["pod"], str(p["pid"]))
+        alive = p.get("alive", live) if live else False
+        pids.add_row(p["role"], p["stage"] or "", p["pod"], str(p["pid"]),
+                     "yes" if alive else "no")
     grid = Table.grid()
     grid.add_row(table)
     grid.add_row(pids)
