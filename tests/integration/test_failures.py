@@ -66,6 +66,20 @@ def test_a_stage_process_that_dies_fails_the_run(workdir):
     assert "stage 'die', batch 0: its process exited (code -9)" in done.stderr
 
 
+def test_a_stage_process_killed_from_outside_fails_the_run_cleanly(workdir):
+    run = _start(workdir, SLOW_SECONDS="1")
+    status = _running_status(workdir)
+    _wait_for(lambda: json.loads((workdir / "run/status.json").read_text())["stages"]["source"][
+        "batches_done"] > 0)
+    victim = next(p["pid"] for p in status["processes"] if p["stage"] == "slow")
+    os.kill(victim, signal.SIGKILL)  # as the OOM killer would
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 1
+    assert "stage 'slow', batch 0: its process exited (code -9)" in err
+    assert all(_gone(p["pid"]) for p in status["processes"])
+    assert not Path(status["scratch"]).exists()
+
+
 def _start(workdir: Path, **env: str) -> subprocess.Popen:
     write_spec(workdir / "p.yaml", spec(
         [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]}],
