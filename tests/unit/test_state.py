@@ -213,3 +213,30 @@ def test_batches_larger_than_those_seen_so_far_do_not_fail_the_run():
         assert pod.max_live <= 330
         assert set(pod.processed) == {(n, b) for n in ("source", "a", "b", "sink-0")
                                       for b in range(8)}
+
+
+def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
+    """Outputs held for a slow-starting stage are not a jam: it will read them."""
+    sizes = {"source": 10, "a": 100, "b": 10}
+    run = S.RunState(Graph.of(CHAIN), 4, budget=150)
+    files: dict[str, S.Dispatch] = {}
+
+    def step(event):
+        for action in run.handle(event):
+            if isinstance(action, S.Dispatch):
+                files[action.node] = action
+            assert not isinstance(action, S.Failed), action.error
+    for node in ("source", "a"):  # b and the sink are still starting
+        step(S.AgentReady(node))
+    for _ in range(3):  # the source and `a` work as far as the budget lets them
+        for node in ("source", "a"):
+            task = files.pop(node, None)
+            if task is not None:
+                step(S.SpaceRequested(node, task.batch, sizes[node]))
+                if run.agents[node].status == S.RUNNING:
+                    step(S.TaskDone(node, task.batch,
+                                    S.Output(f"{node}/{task.batch}", sizes[node], 1)))
+    assert run.agents["a"].status == S.WAITING
+    assert run.outcome is None
+    step(S.AgentReady("b"))
+    assert files["b"].batch == 0

@@ -156,10 +156,6 @@ class RunState:
             self.ready.setdefault(node, [])
             self.agents.setdefault(node, _Agent())
         self._per_batch_nodes = sum(1 for n in self.graph.order if self.graph.domain[n] == BATCH)
-        if self.source_batches == 0:
-            for node in self.graph.order:
-                if self.graph.domain[node] != BATCH:
-                    self._maybe_ready(node, 0)
 
     # -- queries --------------------------------------------------------------
 
@@ -387,14 +383,14 @@ class RunState:
         return True
 
     def _stuck(self) -> bool:
-        """Someone waits for RAM and nothing running can free any."""
-        statuses = [a.status for a in self.agents.values()]
-        return WAITING in statuses and RUNNING not in statuses
+        """Someone waits for RAM and nothing can free any: no task is running, and no
+        agent is still to connect (it would read what it is owed)."""
+        statuses = {a.status for a in self.agents.values()}
+        return WAITING in statuses and not statuses & {RUNNING, ABSENT}
 
     def _budget_error(self) -> BudgetError:
         node, agent = next((n, a) for n, a in self.agents.items() if a.status == WAITING)
-        held = sorted(self.outputs.items(), key=lambda kv: -kv[1].nbytes)
-        holders = ", ".join(sorted({k[0] for k, _ in held}))
+        holders = ", ".join(sorted({name for name, _ in self.outputs}))
         return BudgetError(
             f"the RAM budget of {format_size(self.budget)} is full: stage {node!r}, batch "
             f"{agent.batch} needs {format_size(agent.want)} more while "
