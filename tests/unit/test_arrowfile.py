@@ -65,6 +65,12 @@ def test_an_unsupported_result_is_named(tmp_path):
         arrowfile.to_arrow({"x": [1]})
 
 
+def test_a_foreign_file_is_checksummed_like_our_own(tmp_path):
+    path = tmp_path / "f.arrow"
+    _, ours = arrowfile.write_table(_table(), path)
+    assert arrowfile.checksum(path) == ours
+
+
 def test_command_outputs_may_be_ipc_files_or_streams(tmp_path):
     table = _table(50)
     with pa.OSFile(str(tmp_path / "s.arrows"), "wb") as sink:

@@ -153,7 +153,11 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str) -> 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the conductor decides when we stop
     sys.path.insert(0, os.getcwd())
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(socket_path)
+    try:
+        sock.connect(socket_path)
+    except OSError as exc:
+        print(f"cannot reach the conductor at {socket_path}: {exc}", file=sys.stderr)
+        return 1
     try:
         pipeline = specs.load(spec_path, overrides)
         work = work_for(pipeline, node)
@@ -192,17 +196,20 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
     output = None
     if result is not None:
         path = Path(task["output"])
+        asked = time.perf_counter()
         if isinstance(result, Path):  # a command wrote its own IPC file
             nbytes = result.stat().st_size
             if not _reserve(sock, batch, nbytes):
                 result.unlink()
                 return
+            started += time.perf_counter() - asked  # waiting for RAM is not work
             os.rename(result, path)
-            rows, checksum = arrowfile.read_table(path).num_rows, ""
+            rows, checksum = arrowfile.read_table(path).num_rows, arrowfile.checksum(path)
         else:
             nbytes = arrowfile.ipc_size(result)
             if not _reserve(sock, batch, nbytes):
                 return
+            started += time.perf_counter() - asked  # waiting for RAM is not work
             try:
                 nbytes, checksum = arrowfile.write_table(result, path)
             except OSError as exc:

@@ -77,6 +77,11 @@ def _mapped(path: str | Path) -> pa.Buffer:
         return pa.py_buffer(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
 
 
+def checksum(path: str | Path) -> str:
+    """xxh3 of a file someone else wrote (a command stage's output), over its mapping."""
+    return xxhash.xxh3_64(memoryview(_mapped(path))).hexdigest()
+
+
 def read_table(path: str | Path) -> pa.Table:
     """The table in an IPC file, memory-mapped: zero-copy, O(1) in the batch size."""
     return pa.ipc.open_file(pa.BufferReader(_mapped(path))).read_all()

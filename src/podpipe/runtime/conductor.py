@@ -58,6 +58,7 @@ class Conductor:
         self.processes: dict[str, Process] = {}
         self.conns: dict[str, _Conn] = {}    # by node, once it said hello
         self.accepted: list[_Conn] = []       # every connection, to close at the end
+        self.pidfds: set[int] = set()         # process exit events still watched
         self.versions: dict[str, str] = {}
         self.stats = {node: _Stats() for node in graph.order}
         self.state: str = "running"
@@ -95,6 +96,8 @@ class Conductor:
             wake_r.close()
             wake_w.close()
             self.sel.close()
+            for pidfd in self.pidfds:
+                os.close(pidfd)
             self.scratch.remove()
             self.ended = time.time()
             self._flush()
@@ -132,6 +135,7 @@ class Conductor:
             raise RunError(f"cannot start the process of stage {node!r}: {exc}") from exc
         self.processes[node] = process
         pidfd = os.pidfd_open(process.pid)
+        self.pidfds.add(pidfd)
         self.sel.register(pidfd, selectors.EVENT_READ, ("exit", node))
 
     def _socket_event(self, key: selectors.SelectorKey) -> None:
@@ -201,6 +205,7 @@ class Conductor:
 
     def _exited(self, node: str, pidfd: int) -> None:
         self.sel.unregister(pidfd)
+        self.pidfds.discard(pidfd)
         os.close(pidfd)
         returncode = self.processes[node].wait()
         self._feed(st.AgentExited(node, returncode))
