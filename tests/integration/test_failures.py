@@ -245,6 +245,9 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(workdir, args, messag
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr
+    runs = workdir / ".podpipe" / "runs"
+    left = [p for p in runs.glob("*") if not (p / "status.json").exists()] if runs.exists() else []
+    assert left == [], "a run directory without a status was left behind"
 
 
 def test_validate_accepts_a_good_spec(workdir):

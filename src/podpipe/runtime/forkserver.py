@@ -111,6 +111,8 @@ def _spawn(message: dict, close: list[int]) -> int:
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
         os.environ.update(message["env"])
         from podpipe.runtime import agent
 

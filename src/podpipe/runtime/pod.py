@@ -53,21 +53,24 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     _make_run_dir(run_path, spec_path, overrides)
-    try:
-        scratch = scratches.Scratch.create(run_id, root)
-    except OSError as exc:
-        raise RunError(f"cannot create the RAM scratch in {root}: {exc.strerror}") from exc
     pod = f"{pipeline.name}-0"
-    # Start the stage processes' fork server first: it imports while we plan.
-    launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
-                             run_path / "logs", pod)
+    scratch = launcher = None
     try:
+        try:
+            scratch = scratches.Scratch.create(run_id, root)
+        except OSError as exc:
+            raise RunError(f"cannot create the RAM scratch in {root}: {exc.strerror}") from exc
+        # Start the stage processes' fork server first: it imports while we plan.
+        launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
+                                 run_path / "logs", pod)
         from podpipe.runtime import source  # pyarrow: imported while the fork server starts
 
         plan = source.plan(pipeline.source)
     except BaseException:
-        launcher.close()
-        scratch.remove()
+        if launcher is not None:
+            launcher.close()
+        if scratch is not None:
+            scratch.remove()
         shutil.rmtree(run_path, ignore_errors=True)  # nothing ran: leave no half a run
         raise
     conductor = Conductor(pipeline=pipeline, graph=graph, plan=plan, scratch=scratch,
