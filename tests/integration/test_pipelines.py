@@ -117,6 +117,36 @@ def test_a_failing_command_fails_the_run_naming_stage_and_batch(workdir):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("kind", ["csv", "arrow", "file-url"])
+def test_csv_arrow_ipc_and_url_sources_run_end_to_end(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.feather as feather
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        table = pa.table({"x": pa.array(range(i * 1000, (i + 1) * 1000), pa.int64())})
+        if kind == "csv":
+            pacsv.write_csv(table, folder / f"p{i}.csv")
+        elif kind == "arrow":
+            feather.write_feather(table, folder / f"p{i}.arrow", compression="uncompressed",
+                                  chunksize=250)
+        else:
+            pq.write_table(table, folder / f"p{i}.parquet")
+    uri = {"csv": "in/*.csv", "arrow": "in/*.arrow",
+           "file-url": f"file://{folder}/*.parquet"}[kind]
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}], uri=uri,
+                                         batch_rows=500))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert read_sink(tmp_path / "out")["x"].to_pylist() == [2 * x for x in range(3000)]
+    batches = json.loads((tmp_path / "run/status.json").read_text())["source_batches"]
+    assert batches == {"csv": 3, "arrow": 6, "file-url": 6}[kind]
+
+
 def test_a_stage_sees_its_env(workdir):
     write_spec(workdir / "p.yaml", spec(
         [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"],
