@@ -44,7 +44,7 @@ class Work:
 
 class LoadSource(Work):
     def __init__(self, pipeline: Pipeline) -> None:
-        from podpipe.runtime import source  # only this agent pays for Parquet and fsspec
+        from podpipe.runtime import source  # spawned stage processes skip Parquet, fsspec
 
         self.source = source
         self.loader = source.Loader(pipeline.source)
@@ -54,7 +54,7 @@ class LoadSource(Work):
 
 
 class CallFunction(Work):
-    def __init__(self, target: str, reduce: bool, file: str, field: str) -> None:
+    def __init__(self, target: str, file: str, field: str) -> None:
         module, _, name = target.partition(":")
         try:
             self.function: Callable[..., Any] = getattr(importlib.import_module(module), name)
@@ -63,25 +63,22 @@ class CallFunction(Work):
                             file=file, field=field) from exc
         if not callable(self.function):
             raise SpecError(f"{target!r} is not callable", file=file, field=field)
-        self.reduce = reduce
 
     def run(self, batch, inputs, task):
-        tables = [_concat(tables) if self.reduce or len(tables) > 1 else tables[0]
-                  for tables in inputs]
-        result = self.function(*tables)
+        result = self.function(*[_concat(tables) for tables in inputs])
         if result is None:
             raise TypeError("returned None; expected a table")
         return arrowfile.to_arrow(result)
 
 
 class RunCommand(Work):
-    def __init__(self, command: tuple[str, ...], env: dict[str, str], node: str) -> None:
-        self.command, self.env, self.node = list(command), env, node
+    def __init__(self, command: tuple[str, ...], node: str) -> None:
+        self.command, self.node = list(command), node
 
     def run(self, batch, inputs, task):
         paths = [p for group in task["inputs"] for p in group]
         output = Path(task["output"]).with_suffix(".cmd")
-        env = {**os.environ, **self.env, ENV_INPUT: paths[0], ENV_INPUTS: ":".join(paths),
+        env = {**os.environ, ENV_INPUT: paths[0], ENV_INPUTS: ":".join(paths),
                ENV_OUTPUT: str(output), ENV_BATCH: str(batch), ENV_STAGE: self.node}
         try:
             done = subprocess.run(self.command, env=env, stdin=subprocess.DEVNULL,
@@ -137,9 +134,9 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
     stage = pipeline.stage(node)
     os.environ.update(stage.env)  # before the stage's module is imported
     if stage.run:
-        return CallFunction(stage.run, stage.reduce, pipeline.file,
+        return CallFunction(stage.run, pipeline.file,
                             f"spec.stages[{pipeline.stages.index(stage)}].run")
-    return RunCommand(stage.command or (), stage.env, node)
+    return RunCommand(stage.command or (), node)
 
 
 def version_of(pipeline: Pipeline, node: str) -> str:
@@ -190,26 +187,22 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
                              "input_error": isinstance(exc, (DataError, InputError)),
                              "message": f"{type(exc).__name__}: {exc}"})
         return
-    rows_in = sum(t.num_rows for group in inputs for t in group)
-    stats: dict[str, Any] = {"rows_in": rows_in, "bytes_in": sum(
-        os.stat(p).st_size for group in task["inputs"] for p in group)}
+    stats: dict[str, Any] = {"rows_in": sum(t.num_rows for group in inputs for t in group)}
     output = None
     if result is not None:
         path = Path(task["output"])
+        written = result if isinstance(result, Path) else None  # a command's own file
+        nbytes = written.stat().st_size if written else arrowfile.ipc_size(result)
         asked = time.perf_counter()
-        if isinstance(result, Path):  # a command wrote its own IPC file
-            nbytes = result.stat().st_size
-            if not _reserve(sock, batch, nbytes):
-                result.unlink()
-                return
-            started += time.perf_counter() - asked  # waiting for RAM is not work
-            os.rename(result, path)
+        if not _reserve(sock, batch, nbytes):
+            if written:
+                written.unlink()
+            return
+        started += time.perf_counter() - asked  # waiting for RAM is not work
+        if written:
+            os.rename(written, path)
             rows, checksum = arrowfile.read_table(path).num_rows, arrowfile.checksum(path)
-        else:
-            nbytes = arrowfile.ipc_size(result)
-            if not _reserve(sock, batch, nbytes):
-                return
-            started += time.perf_counter() - asked  # waiting for RAM is not work
+        elif isinstance(result, pa.Table):
             try:
                 nbytes, checksum = arrowfile.write_table(result, path)
             except OSError as exc:

@@ -60,6 +60,7 @@ class Conductor:
         self.accepted: list[_Conn] = []       # every connection, to close at the end
         self.pidfds: set[int] = set()         # process exit events still watched
         self.versions: dict[str, str] = {}
+        self.reading: dict[str, int] = {}     # node -> bytes its current task maps
         self.stats = {node: _Stats() for node in graph.order}
         self.state: str = "running"
         self.error: PodpipeError | None = None
@@ -215,7 +216,7 @@ class Conductor:
         s.rows_in += stats.get("rows_in", 0)
         s.rows_out += stats.get("rows_out", 0)
         s.busy += stats.get("busy", 0.0)
-        s.bytes_read += stats.get("bytes_in", 0)
+        s.bytes_read += self.reading.pop(node, 0)
         s.bytes_written += stats.get("bytes_out", 0)
 
     # -- actions out --------------------------------------------------------------
@@ -249,6 +250,7 @@ class Conductor:
         }
         if action.node == SOURCE:
             task["source"] = self.plan[action.batch].to_json()
+        self.reading[action.node] = sum(o.nbytes for group in action.inputs for o in group)
         self._send(action.node, task)
 
     def _send(self, node: str, message: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ Only metadata crosses it (stage, batch, paths, sizes, checksums), never data.
     conductor -> agent   {"type": "task", "batch", "inputs": [[path, ...], ...], "output", ...}
     agent -> conductor   {"type": "reserve", "batch", "nbytes"}   before writing its output
     conductor -> agent   {"type": "grant"} | {"type": "deny"}    deny: drop the result
-    agent -> conductor   {"type": "done", "batch", "output": {...} | null, "stats": {...}}
+    agent -> conductor   {"type": "done", "batch", "output": {...} | null,
+                          "stats": {"rows_in", "rows_out", "bytes_out", "busy"}}
     agent -> conductor   {"type": "failed", "batch", "message"}
     conductor -> agent   {"type": "stop"}
 """
