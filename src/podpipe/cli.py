@@ -65,11 +65,35 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("spec", metavar="SPEC")
     render.add_argument("rest", nargs=argparse.REMAINDER)
 
-    agent = sub.add_parser("agent", help="(internal) serve one stage of a running pod")
-    agent.add_argument("--node", required=True, help="the stage, 'source' or a sink name")
+    agent = sub.add_parser("agent", help="(internal) serve one stage of a pod: a container's "
+                                         "command on Kubernetes")
+    agent.add_argument("--stage", "--node", dest="node", required=True, metavar="NAME",
+                       help="the stage, 'source' or a sink name")
     agent.add_argument("--spec", required=True)
     agent.add_argument("--socket", required=True, help="the conductor's Unix socket")
     agent.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    agent.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait this long for the conductor's socket to come up")
+    agent.add_argument("--hold", action="store_true",
+                       help="once the run is over, stay up until SIGTERM")
+
+    conductor = sub.add_parser("conductor", help="(internal) the conductor of a pod on "
+                                                 "Kubernetes: a native sidecar's command")
+    conductor.add_argument("--spec", required=True)
+    conductor.add_argument("--scratch", required=True, metavar="DIR",
+                           help="the pod's memory-backed volume")
+    conductor.add_argument("--run-dir", required=True, metavar="DIR",
+                           help="the run directory, on the node tier")
+    conductor.add_argument("--layout", choices=("containers", "processes"),
+                           default="containers",
+                           help="containers: the kubelet starts one agent container per "
+                                "stage; processes: this process starts them")
+    conductor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    conductor.add_argument("--no-hold", dest="hold", action="store_false",
+                           help="exit when the run is over instead of staying up")
+
+    probe = sub.add_parser("probe", help="(internal) exit 0 if a conductor answers on SOCKET")
+    probe.add_argument("socket", metavar="SOCKET")
     return parser
 
 
@@ -78,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":  # a stage process: keep its start light, no rich
         from podpipe.runtime import agent
 
-        return agent.serve(args.spec, args.set, args.node, args.socket)
+        return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
+                           wait=args.wait)
+    if args.command == "probe":
+        from podpipe.runtime import protocol
+
+        return 0 if protocol.probe(args.socket) else 1
     from rich.console import Console
 
     console, errors = Console(), Console(stderr=True)
@@ -144,11 +173,18 @@ def _validate(args: argparse.Namespace, console) -> int:
     return 0
 
 
+def _conductor(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import pod
+
+    return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
+                     run_dir=args.run_dir, layout=args.layout, hold=args.hold)
+
+
 def _not_yet(args: argparse.Namespace, console) -> int:
     raise UsageError(f"podpipe {args.command}: {NOT_YET[args.command]}")
 
 
-_COMMANDS = {"run": _run, "status": _status, "validate": _validate,
+_COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
              "resume": _not_yet, "swap": _not_yet, "render": _not_yet}
 
 if __name__ == "__main__":

@@ -185,13 +185,14 @@ class RunState:
                                             f"{event.message}"))
             return self._fail(StageError(event.node, event.batch, event.message))
         elif isinstance(event, AgentExited):
+            gone = ("its container disconnected" if event.returncode is None
+                    else f"its process exited (code {event.returncode})")
             if agent.status in (RUNNING, WAITING):
                 return self._fail(StageError(event.node, agent.batch,
-                                             f"its process exited (code {event.returncode}) "
-                                             "before finishing the batch"))
+                                             f"{gone} before finishing the batch"))
             if not self.finished:
-                return self._fail(StageError(event.node, None, f"its process exited (code "
-                                             f"{event.returncode}) while the run needed it"))
+                return self._fail(StageError(event.node, None,
+                                             f"{gone} while the run needed it"))
             agent.status = ABSENT
         if self.outcome is not None:
             return actions

@@ -145,16 +145,30 @@ def version_of(pipeline: Pipeline, node: str) -> str:
     return pipeline.stage(node).version or "unversioned"
 
 
-def serve(spec_path: str, overrides: list[str], node: str, socket_path: str) -> int:
-    """The agent's main loop; returns the process exit code."""
+def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
+          hold: bool = False, wait: float = 0.0) -> int:
+    """The agent's main loop; returns the process exit code.
+
+    `wait`: seconds to wait for the conductor's socket to come up. `hold`: once told
+    to stop, stay up until SIGTERM instead of exiting (a container of a StatefulSet
+    pod that exits is restarted).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the conductor decides when we stop
     sys.path.insert(0, os.getcwd())
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(socket_path)
+        sock = protocol.connect(socket_path, wait)
     except OSError as exc:
         print(f"cannot reach the conductor at {socket_path}: {exc}", file=sys.stderr)
         return 1
+    code = _serve(sock, spec_path, overrides, node)
+    if hold and code == 0:
+        sock.close()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.sigwait({signal.SIGTERM})
+    return code
+
+
+def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str) -> int:
     try:
         pipeline = specs.load(spec_path, overrides)
         work = work_for(pipeline, node)
@@ -172,8 +186,15 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str) -> 
             if message["type"] == "stop":
                 return 0
             _task(sock, work, message)
+    except _Stopped:
+        return 0
     except (protocol.Closed, ConnectionError):
-        return 0  # the conductor is gone: so are we
+        print("the conductor went away", file=sys.stderr)
+        return 1  # in a pod, the restarted container reconnects to the new conductor
+
+
+class _Stopped(Exception):
+    """Told to stop in the middle of a task."""
 
 
 def _task(sock: socket.socket, work: Work, task: dict) -> None:
@@ -222,5 +243,5 @@ def _reserve(sock: socket.socket, batch: int, nbytes: int) -> bool:
     protocol.send(sock, {"type": "reserve", "batch": batch, "nbytes": nbytes})
     reply = protocol.recv(sock)["type"]
     if reply == "stop":
-        raise protocol.Closed("told to stop while waiting for RAM")
+        raise _Stopped()
     return reply == "grant"

@@ -1,8 +1,9 @@
 """The conductor: the per-pod process that owns the run.
 
-It starts one agent per node, accepts their connections on a Unix socket in RAM
-scratch, and blocks on events only: socket messages, process exits (pidfds) and
-signals (a wakeup fd). Each event goes to the engine's `RunState`; the conductor
+It starts one agent per node (or, in a Kubernetes pod, waits for the agents the
+kubelet starts as containers), accepts their connections on a Unix socket in RAM
+scratch, and blocks on events only: socket messages, process exits (pidfds; a
+closed connection for containers) and signals (a wakeup fd). Each event goes to the engine's `RunState`; the conductor
 carries out the actions it returns and keeps `status.json` current. It never
 touches batch data.
 """
@@ -49,13 +50,14 @@ class _Stats:
 
 class Conductor:
     def __init__(self, *, pipeline: Pipeline, graph: Graph, plan: list,
-                 scratch: Scratch, run_dir: Path, launcher: ForkLauncher | SpawnLauncher, run_id: str,
-                 pod: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 scratch: Scratch, run_dir: Path,
+                 launcher: ForkLauncher | SpawnLauncher | None, run_id: str, pod: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan
         self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
         self.run_id, self.pod, self.observer = run_id, pod, observer
         self.engine = st.RunState(graph, len(plan), pipeline.memory)
-        self.processes: dict[str, Process] = {}
+        self.processes: dict[str, Process] = {}  # empty when agents are containers
+        self.pids: dict[str, int] = {}             # as each agent said in its hello
         self.conns: dict[str, _Conn] = {}    # by node, once it said hello
         self.accepted: list[_Conn] = []       # every connection, to close at the end
         self.pidfds: set[int] = set()         # process exit events still watched
@@ -85,8 +87,9 @@ class Conductor:
             listener.listen(64)
             self.sel.register(listener, selectors.EVENT_READ, ("listen", listener))
             self.sel.register(wake_r, selectors.EVENT_READ, ("signal", None))
-            for node in self.graph.order:
-                self._start(node)
+            if self.launcher is not None:
+                for node in self.graph.order:
+                    self._start(node)
             self._loop(wake_r)
         finally:
             self._stop_all()
@@ -130,6 +133,7 @@ class Conductor:
     # -- events in ---------------------------------------------------------------
 
     def _start(self, node: str) -> None:
+        assert self.launcher is not None
         try:
             process = self.launcher.start(node)
         except OSError as exc:
@@ -168,9 +172,13 @@ class Conductor:
             self._message(conn, message)
             if self.state != "running":
                 return
-        if not data:  # a closed connection; its process exit is the event that counts
+        if not data:
             self.sel.unregister(conn.sock)
             conn.sock.close()
+            # Our own processes' exits arrive as pidfd events; a container's only so.
+            if self.launcher is None and conn.node and self.conns.get(conn.node) is conn:
+                del self.conns[conn.node]
+                self._feed(st.AgentExited(conn.node, None))
 
     def _message(self, conn: _Conn, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -180,13 +188,18 @@ class Conductor:
                                           field=field) if field else
                       InputError(message["message"]))
             return
+        if kind == "probe":  # a startup probe: the conductor is up
+            protocol.send(conn.sock, {"type": "ready"})
+            return
         if kind == "hello":
             node = message["node"]
-            if node not in self.processes or node in self.conns:
+            expected = self.processes if self.launcher is not None else self.stats
+            if node not in expected or node in self.conns:
                 conn.sock.close()
                 return
             conn.node = node
             self.conns[node] = conn
+            self.pids[node] = int(message.get("pid") or 0)
             self.versions[node] = message.get("version", "")
             self._feed(st.AgentReady(node))
             return
@@ -275,7 +288,8 @@ class Conductor:
             if process.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
                 process.signal(signal.SIGKILL)  # it would not stop
                 process.wait()
-        self.launcher.close()
+        if self.launcher is not None:
+            self.launcher.close()
         for conn in self.accepted:
             conn.sock.close()
 
@@ -285,8 +299,14 @@ class Conductor:
         engine = self.engine
         processes = [{"role": "conductor", "stage": None, "pid": os.getpid(), "pod": self.pod,
                       "start": process_start(os.getpid())}]
-        processes += [{"role": "stage", "stage": node, "pid": p.pid, "pod": self.pod,
-                       "alive": p.returncode is None} for node, p in self.processes.items()]
+        if self.launcher is not None:
+            processes += [{"role": "stage", "stage": node, "pid": p.pid, "pod": self.pod,
+                           "alive": p.returncode is None}
+                          for node, p in self.processes.items()]
+        else:  # containers: pids in their own namespaces, alive while connected
+            processes += [{"role": "stage", "stage": node, "pid": pid, "pod": self.pod,
+                           "container": node, "alive": node in self.conns}
+                          for node, pid in self.pids.items()]
         stages = {}
         for node in self.graph.order:
             s = self.stats[node]

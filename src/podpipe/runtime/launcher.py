@@ -74,7 +74,7 @@ class SpawnLauncher:
     def start(self, node: str) -> Process:
         w = self.where
         log = w.log_dir / f"{node}.log"
-        argv = [sys.executable, "-m", "podpipe", "agent", "--node", node,
+        argv = [sys.executable, "-m", "podpipe", "agent", "--stage", node,
                 "--spec", str(w.spec_path), "--socket", str(w.socket_path)]
         for item in w.overrides:
             argv += ["--set", item]

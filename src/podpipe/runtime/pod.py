@@ -1,6 +1,7 @@
-"""A pod on this machine: plan the source, lay out the run, run the conductor.
+"""A pod: plan the source, lay out the run, run the conductor.
 
-`run` is what `podpipe run` calls. It validates everything that can be checked
+`run` is what `podpipe run` calls, a pod on this machine; `serve` is what the
+conductor container of a pod on Kubernetes runs (`podpipe conductor`). It validates everything that can be checked
 before a process starts (spec, source files, the budget against the tmpfs), sweeps
 scratch left by crashed runs, creates the run directory and the RAM scratch, and
 hands over to the conductor.
@@ -11,7 +12,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import selectors
 import shutil
+import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +24,7 @@ from podpipe.errors import RunError, UsageError
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
+from podpipe.runtime import protocol, status
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime.conductor import Conductor
 from podpipe.runtime.launcher import launcher as make_launcher
@@ -34,7 +39,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         run_dir: str | None = None,
         replicas: int = 1, memory: str | None = None,
         observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the pipeline to the end in one pod; returns the final status."""
+    """Run the pipeline to the end in one pod on this machine; returns the final status."""
     overrides = list(overrides)
     if replicas != 1:
         raise UsageError(f"--replicas {replicas}: only 1 replica is supported so far; "
@@ -46,23 +51,64 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
             raise UsageError(f"--memory: {exc}") from None
         overrides.append(f"memory={memory}")
     pipeline = validate(spec_path, overrides)
-    graph = Graph.of(pipeline)
     root = scratches.default_root()
     scratches.sweep(root)
     _check_budget(pipeline, root)
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     _make_run_dir(run_path, spec_path, overrides)
-    pod = f"{pipeline.name}-0"
+    return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-0",
+                    lambda: scratches.Scratch.create(run_id, root), launch=True,
+                    observer=observer)
+
+
+def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
+          scratch: str, run_dir: str, layout: str = "containers", hold: bool = True) -> int:
+    """The conductor of a pod on Kubernetes (`podpipe conductor`); returns the exit code.
+
+    The scratch is the pod's memory-backed volume at `scratch`, the run directory is
+    on the node tier. With layout `containers` the kubelet starts the agents, one
+    container per node; with `processes` this process starts them, as `run` does.
+    With `hold`, a finished pod stays up (a StatefulSet restarts what exits),
+    answering agents that reconnect with `stop`, until SIGTERM.
+    """
+    overrides = list(overrides)
+    pipeline = validate(spec_path, overrides)
+    scratch_path = Path(scratch)
+    _check_budget(pipeline, scratch_path)
+    run_path = Path(run_dir)
+    pod = os.environ.get("POD_NAME") or socket.gethostname()
+    previous = run_path / status.FILE
+    if previous.exists():
+        state = status.read(run_path).get("state")
+        if state != "succeeded":
+            raise RunError(f"{run_path} holds a {state} run; resuming it needs the "
+                           "checkpoints work (not implemented yet): remove the directory "
+                           "to start again")
+    else:
+        _make_run_dir(run_path, spec_path, overrides)
+        run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
+        _conduct(pipeline, run_path, overrides, run_id, pod,
+                 lambda: scratches.Scratch.at(scratch_path),
+                 launch=layout == "processes", observer=None)
+    if hold:
+        _hold(scratches.Scratch(scratch_path, volume=True).socket)
+    return 0
+
+
+def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
+             pod: str, make_scratch: Callable[[], scratches.Scratch], *, launch: bool,
+             observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    graph = Graph.of(pipeline)
     scratch = launcher = None
     try:
         try:
-            scratch = scratches.Scratch.create(run_id, root)
+            scratch = make_scratch()
         except OSError as exc:
-            raise RunError(f"cannot create the RAM scratch in {root}: {exc.strerror}") from exc
-        # Start the stage processes' fork server first: it imports while we plan.
-        launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
-                                 run_path / "logs", pod)
+            raise RunError(f"cannot create the RAM scratch: {exc}") from exc
+        if launch:  # start the fork server first: it imports while we plan
+            launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
+                                     run_path / "logs", pod)
         from podpipe.runtime import source  # pyarrow: imported while the fork server starts
 
         plan = source.plan(pipeline.source)
@@ -77,6 +123,36 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                           run_dir=run_path, launcher=launcher, run_id=run_id, pod=pod,
                           observer=observer)
     return conductor.run()
+
+
+def _hold(socket_path: Path) -> None:
+    """Stay up until SIGTERM or SIGINT, telling every agent that connects to stop."""
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    socket_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(socket_path))
+    listener.listen(16)
+    with selectors.DefaultSelector() as sel:
+        sel.register(listener, selectors.EVENT_READ)
+        sel.register(wake_r, selectors.EVENT_READ)
+        while True:
+            for key, _ in sel.select():
+                if key.fileobj is wake_r:
+                    listener.close()
+                    socket_path.unlink(missing_ok=True)
+                    return
+                conn, _ = listener.accept()
+                with conn:
+                    conn.settimeout(5)
+                    try:
+                        protocol.recv(conn)  # its hello, or a probe
+                        protocol.send(conn, {"type": "stop"})
+                    except (OSError, protocol.Closed, ValueError):
+                        pass
 
 
 def _check_budget(pipeline: specs.Pipeline, root: Path) -> None:

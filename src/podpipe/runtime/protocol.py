@@ -10,6 +10,7 @@ Only metadata crosses it (stage, batch, paths, sizes, checksums), never data.
                           "stats": {"rows_in", "rows_out", "bytes_out", "busy"}}
     agent -> conductor   {"type": "failed", "batch", "message"}
     conductor -> agent   {"type": "stop"}
+    probe -> conductor   {"type": "probe"}   answered {"type": "ready"} (or "stop" once done)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from typing import Any
 
 _HEADER = struct.Struct("!I")
@@ -69,3 +71,34 @@ class Reader:
             messages.append(json.loads(self._buffer[_HEADER.size:end]))
             del self._buffer[:end]
         return messages
+
+
+def connect(path: str, wait: float) -> socket.socket:
+    """A connection to the conductor's socket, waiting up to `wait` seconds for it to
+    come up (in a pod, containers may start before the conductor is listening)."""
+    deadline = time.monotonic() + wait
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)  # nothing to block on until the socket exists
+        except OSError:
+            sock.close()
+            raise
+
+
+def probe(path: str, timeout: float = 2.0) -> bool:
+    """True if a conductor answers on `path` within `timeout` seconds."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            send(sock, {"type": "probe"})
+            return recv(sock)["type"] in ("ready", "stop")
+    except (OSError, Closed, ValueError):
+        return False

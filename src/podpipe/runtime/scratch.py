@@ -39,18 +39,35 @@ def alive(pid: int, start: str | None) -> bool:
 @dataclass(frozen=True)
 class Scratch:
     path: Path
+    volume: bool = False  # the directory is a mounted volume: empty it, keep it
 
     @classmethod
     def create(cls, run_id: str, root: Path | None = None) -> "Scratch":
         root = root or default_root()
         path = root / f"{PREFIX}{run_id}"
         path.mkdir(parents=True)
+        return cls(path)._claim()
+
+    @classmethod
+    def at(cls, path: Path) -> "Scratch":
+        """The scratch of a pod on Kubernetes: the whole memory-backed volume at `path`.
+
+        What a previous conductor container of this pod left there is removed first:
+        the volume outlives container restarts.
+        """
+        path.mkdir(parents=True, exist_ok=True)
+        scratch = cls(path, volume=True)
+        scratch.remove()
+        return scratch._claim()
+
+    def _claim(self) -> "Scratch":
+        path = self.path
         (path / "data").mkdir()
         owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
         tmp = path / ".owner.json.tmp"
         tmp.write_text(json.dumps(owner))
         tmp.rename(path / "owner.json")
-        return cls(path)
+        return self
 
     @property
     def socket(self) -> Path:
@@ -74,7 +91,14 @@ class Scratch:
         return total
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        if not self.volume:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
 
 
 def sweep(root: Path | None = None) -> list[Path]:
