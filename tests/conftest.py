@@ -68,3 +68,14 @@ def no_scratch_left():
     yield
     left = set(Path("/dev/shm").glob("podpipe-*")) - before
     assert not left, f"scratch left behind: {sorted(left)}"
+
+
+SF = 0.01  # the TPC-H scale factor of the tests
+
+
+@pytest.fixture(scope="session")
+def lineitem(tmp_path_factory) -> Path:
+    """TPC-H lineitem at SF 0.01 as Parquet, made once per session."""
+    from examples.tpch import data
+
+    return data.generate(SF, tmp_path_factory.mktemp("tpch") / "lineitem", rows_per_group=10_000)

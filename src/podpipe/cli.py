@@ -17,7 +17,6 @@ from podpipe.errors import PodpipeError, UsageError, exit_code
 NOT_YET = {
     "resume": "resuming a run needs the journal and tiered checkpoints, not implemented yet",
     "swap": "swapping a stage mid-run is not implemented yet",
-    "render": "rendering Kubernetes manifests is not implemented yet",
 }
 
 
@@ -61,9 +60,38 @@ def _parser() -> argparse.ArgumentParser:
     swap.add_argument("stage", metavar="STAGE")
     swap.add_argument("rest", nargs=argparse.REMAINDER)
 
-    render = sub.add_parser("render", help="render Kubernetes manifests (not implemented yet)")
+    render = sub.add_parser(
+        "render", help="print Kubernetes manifests that run the pipeline as a StatefulSet",
+        description="Print a ConfigMap (the spec), a headless Service and a StatefulSet "
+                    "whose pods run the pipeline: the conductor as a native sidecar, one "
+                    "container per stage, the RAM scratch as a memory-backed emptyDir.")
     render.add_argument("spec", metavar="SPEC")
-    render.add_argument("rest", nargs=argparse.REMAINDER)
+    render.add_argument("--flavor", choices=("kubernetes", "openkruise"), default="kubernetes",
+                        help="apps/v1 StatefulSet, or OpenKruise's Advanced StatefulSet "
+                             "(in-place image updates)")
+    render.add_argument("--replicas", type=int, default=1, metavar="N")
+    render.add_argument("--image", metavar="IMAGE",
+                        help="image of the conductor and of every stage without an image: "
+                             f"field (default podpipe:{__version__})")
+    render.add_argument("--layout", choices=("containers", "processes"), default="containers",
+                        help="containers: one per stage (default); processes: one container "
+                             "whose conductor starts the stages as processes")
+    render.add_argument("--storage-class", metavar="NAME",
+                        help="storage class of each pod's node-tier volume")
+    render.add_argument("--node-size", default="20Gi", metavar="SIZE",
+                        help="size of each pod's node-tier volume (default 20Gi)")
+    render.add_argument("--host-path", metavar="DIR",
+                        help="put the node tier on the host at DIR instead of a volume claim")
+    render.add_argument("--secret", metavar="NAME",
+                        help="a Secret whose keys become every container's env "
+                             "(object-store credentials)")
+    render.add_argument("--namespace", metavar="NS")
+    render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a spec field in every process of the pod")
+    render.add_argument("--patch", metavar="STAGE=IMAGE",
+                        help="print instead the JSON patch that swaps STAGE's image "
+                             "(kubectl patch --type json; OpenKruise applies it in place)")
+    render.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
 
     agent = sub.add_parser("agent", help="(internal) serve one stage of a pod: a container's "
                                          "command on Kubernetes")
@@ -173,6 +201,40 @@ def _validate(args: argparse.Namespace, console) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace, console) -> int:
+    from pathlib import Path
+
+    from podpipe import render
+    from podpipe.runtime import pod
+
+    pipeline = pod.validate(args.spec, args.set)
+    options = render.Options(
+        flavor=args.flavor, replicas=args.replicas, layout=args.layout,
+        image=args.image or render.Options.image, storage_class=args.storage_class,
+        node_size=args.node_size, host_path=args.host_path, secret=args.secret,
+        namespace=args.namespace, overrides=tuple(args.set))
+    manifests = render.render(pipeline, Path(args.spec).read_text(), options)
+    if args.patch:
+        stage, sep, image = args.patch.partition("=")
+        if not sep or not stage or not image:
+            raise UsageError(f"--patch {args.patch!r}: expected STAGE=IMAGE")
+        text = json.dumps(render.image_patch(manifests, stage, image)) + "\n"
+    else:
+        text = render.dump(manifests)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.rename(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"-o {out}: {exc.strerror}") from None
+    return 0
+
+
 def _conductor(args: argparse.Namespace, console) -> int:
     from podpipe.runtime import pod
 
@@ -185,7 +247,7 @@ def _not_yet(args: argparse.Namespace, console) -> int:
 
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
-             "resume": _not_yet, "swap": _not_yet, "render": _not_yet}
+             "render": _render, "resume": _not_yet, "swap": _not_yet}
 
 if __name__ == "__main__":
     entry()

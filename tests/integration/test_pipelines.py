@@ -10,16 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, STAGES, podpipe, read_sink, spec, write_spec
+from conftest import ROOT, SF, STAGES, podpipe, read_sink, spec, write_spec
 
-SF = 0.01
-
-
-@pytest.fixture(scope="session")
-def lineitem(tmp_path_factory) -> Path:
-    from examples.tpch import data
-
-    return data.generate(SF, tmp_path_factory.mktemp("tpch") / "lineitem", rows_per_group=10_000)
 
 
 def test_the_tpch_example_matches_the_official_answer(lineitem, tmp_path):

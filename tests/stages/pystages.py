@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pyarrow as pa
@@ -74,3 +75,15 @@ def widen_later(t: pa.Table) -> pa.Table:
     big = pc.greater_equal(t["x"], int(os.environ.get("GROW_AT", "20000")))
     size = 400 if pc.any(big).as_py() else 40
     return t.append_column("pad", pa.array([b"p" * size] * t.num_rows, pa.binary()))
+
+
+_calls = 0
+
+
+def die_on_call(t: pa.Table) -> pa.Table:
+    """Kills its own process on call number $DIE_ON_CALL, as an OOM kill would."""
+    global _calls
+    _calls += 1
+    if _calls == int(os.environ.get("DIE_ON_CALL", "1")):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return t

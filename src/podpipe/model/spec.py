@@ -29,6 +29,15 @@ SOURCE_FORMATS = ("parquet", "csv", "arrow")
 # Kubernetes, a container name: so it must be a DNS-1123 label.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+_CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or millicores
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one stage process needs besides the RAM scratch (Kubernetes requests)."""
+
+    cpu: str | None = None       # a Kubernetes CPU quantity: "2", "0.5", "500m"
+    memory: int | None = None    # bytes of the process's own memory
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,7 @@ class Stage:
     version: str | None = None
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    resources: dict[str, Any] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
 
 
 @dataclass(frozen=True)
@@ -281,9 +290,7 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
         if not isinstance(env, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise r.fail(f"{path}.env", "expected a mapping of strings to strings")
-        resources = st.get("resources", {})
-        if not isinstance(resources, dict):
-            raise r.fail(f"{path}.resources", f"expected a mapping, got {_kind(resources)}")
+        resources = _resources(r, f"{path}.resources", st.get("resources", {}))
         if "retries" in st:
             r.integer(f"{path}.retries", st["retries"], minimum=0)
         stages.append(Stage(
@@ -291,9 +298,26 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
             command=command, reduce=reduce,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
-            env=dict(env), resources=dict(resources),
+            env=dict(env), resources=resources,
         ))
     return tuple(stages)
+
+
+def _resources(r: _Reader, path: str, value: Any) -> Resources:
+    res = r.mapping(path, value, {"cpu", "memory"}, set())
+    cpu = res.get("cpu")
+    if cpu is not None:
+        cpu = str(cpu) if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else cpu
+        if not isinstance(cpu, str) or not _CPU.match(cpu) or float(cpu.rstrip("m")) <= 0:
+            raise r.fail(f"{path}.cpu", f"expected CPU cores such as 2, 0.5 or 500m, "
+                                        f"got {cpu!r}")
+    memory = None
+    if res.get("memory") is not None:
+        try:
+            memory = parse_size(res["memory"])
+        except ValueError as exc:
+            raise r.fail(f"{path}.memory", str(exc)) from None
+    return Resources(cpu=cpu, memory=memory)
 
 
 def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...]:

@@ -1,0 +1,279 @@
+"""Kubernetes manifests for a pipeline: what `podpipe render` prints.
+
+A pipeline becomes a ConfigMap (the spec, verbatim), a headless Service and a
+StatefulSet whose every replica is one pod of the pod pipeline pattern:
+
+- the conductor as a native sidecar (an init container with `restartPolicy:
+  Always`) whose startup probe passes once its socket answers, so the agent
+  containers start after it;
+- one container per node (source, stages, sinks) running `podpipe agent --stage
+  NAME`, the entry point the local launchers run; or, with layout `processes`, one
+  container whose conductor starts every agent as a process;
+- the RAM scratch as an `emptyDir` with `medium: Memory` and `sizeLimit` = the
+  pipeline's budget, mounted at the scratch path and at `/dev/shm` everywhere;
+  the node tier on a PersistentVolumeClaim per pod (or a hostPath); the pod index
+  from the `apps.kubernetes.io/pod-index` label through the downward API.
+
+The `openkruise` flavor renders an Advanced StatefulSet whose pods take image
+changes in place (`InPlaceIfPossible`), so a stage can be swapped without losing
+what is in RAM; `image_patch` is the JSON patch that does it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from podpipe import __version__
+from podpipe.errors import UsageError
+from podpipe.model.graph import Graph
+from podpipe.model.sizes import parse_size
+from podpipe.model.spec import Pipeline, Resources
+
+FLAVORS = ("kubernetes", "openkruise")
+LAYOUTS = ("containers", "processes")
+
+# Paths inside every container; the agents and the conductor get them as flags.
+SPEC_DIR = "/etc/podpipe"
+SPEC_FILE = f"{SPEC_DIR}/pipeline.yaml"
+SCRATCH = "/podpipe/scratch"
+SOCKET = f"{SCRATCH}/conductor.sock"
+NODE_TIER = "/var/lib/podpipe"
+RUN_DIR = f"{NODE_TIER}/runs/$(POD_NAME)"  # expanded by the kubelet from the env
+WORKDIR = "/app"                           # the image's WORKDIR: user code, relative paths
+CONDUCTOR = "podpipe-conductor"
+POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
+UID = 10001
+
+# What a container asks for when its stage does not say (`resources:` in the spec).
+DEFAULT_CPU = "250m"
+DEFAULT_MEMORY = 256 << 20
+CONDUCTOR_MEMORY = 128 << 20
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to render; every field is a `podpipe render` flag."""
+
+    flavor: str = "kubernetes"
+    replicas: int = 1
+    image: str = f"podpipe:{__version__}"     # for nodes whose stage names no `image:`
+    layout: str = "containers"
+    storage_class: str | None = None          # the node tier's PVCs; None: the default
+    node_size: str = "20Gi"                   # each pod's node-tier volume
+    host_path: str | None = None              # the node tier on the host instead of a PVC
+    secret: str | None = None                 # env from this Secret: store credentials
+    namespace: str | None = None
+    grace_seconds: int = 10                   # OpenKruise in-place update grace period
+    overrides: tuple[str, ...] = ()           # `--set`, passed on to every process
+
+    def check(self) -> None:
+        if self.flavor not in FLAVORS:
+            raise UsageError(f"--flavor {self.flavor!r}: expected one of {', '.join(FLAVORS)}")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if self.replicas < 1:
+            raise UsageError(f"--replicas {self.replicas}: expected at least 1")
+        try:
+            parse_size(self.node_size)
+        except ValueError as exc:
+            raise UsageError(f"--node-size: {exc}") from None
+        if self.host_path is not None and not self.host_path.startswith("/"):
+            raise UsageError(f"--host-path {self.host_path!r}: expected an absolute path")
+
+
+def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[str, Any]]:
+    """The manifests, in apply order: ConfigMap, Service, StatefulSet."""
+    options.check()
+    name = pipeline.name
+    labels = {"app.kubernetes.io/name": "podpipe", "app.kubernetes.io/instance": name}
+    meta = {"name": name, **({"namespace": options.namespace} if options.namespace else {}),
+            "labels": {**labels, "app.kubernetes.io/version": __version__}}
+    config = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {**meta, "name": f"{name}-spec"},
+              "data": {"pipeline.yaml": spec_text}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+               "spec": {"clusterIP": "None", "selector": labels, "publishNotReadyAddresses": True}}
+    spec_digest = hashlib.sha256(spec_text.encode()).hexdigest()[:16]
+    template = {"metadata": {"labels": labels,
+                             "annotations": {"podpipe.dev/spec-sha256": spec_digest,
+                                             "kubectl.kubernetes.io/default-container":
+                                                 CONDUCTOR if options.layout == "containers"
+                                                 else "pod"}},
+                "spec": _pod_spec(pipeline, options)}
+    statefulset: dict[str, Any] = {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta,
+        "spec": {"serviceName": name, "replicas": options.replicas,
+                 "podManagementPolicy": "Parallel",
+                 "selector": {"matchLabels": labels},
+                 "updateStrategy": {"type": "RollingUpdate"},
+                 "template": template},
+    }
+    if options.host_path is None:
+        statefulset["spec"]["volumeClaimTemplates"] = [_node_claim(options)]
+    if options.flavor == "openkruise":
+        statefulset["apiVersion"] = "apps.kruise.io/v1beta1"
+        statefulset["spec"]["updateStrategy"] = {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"podUpdatePolicy": "InPlaceIfPossible",
+                              "inPlaceUpdateStrategy": {
+                                  "gracePeriodSeconds": options.grace_seconds}}}
+        template["spec"]["readinessGates"] = [{"conditionType": "InPlaceUpdateReady"}]
+    return [config, service, statefulset]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML as people write it: no anchors, multi-line strings as blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
+
+
+def dump(manifests: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def image_patch(manifests: list[dict[str, Any]], stage: str, image: str) -> list[dict[str, Any]]:
+    """A JSON patch (RFC 6902) of the StatefulSet that gives `stage` a new image.
+
+    It tests the container's name before replacing, so it cannot land on the wrong
+    container if the StatefulSet was rendered differently.
+    """
+    pod = manifests[-1]["spec"]["template"]["spec"]
+    names = [c["name"] for c in pod["containers"]]
+    if stage not in names:
+        if len(names) == 1:
+            raise UsageError(f"stage {stage!r} has no container of its own in the "
+                             "'processes' layout; swap the pod's image instead")
+        raise UsageError(f"no stage {stage!r}; the pod's containers are {', '.join(names)}")
+    path = f"/spec/template/spec/containers/{names.index(stage)}"
+    return [{"op": "test", "path": f"{path}/name", "value": stage},
+            {"op": "replace", "path": f"{path}/image", "value": image}]
+
+
+# -- the pod ----------------------------------------------------------------------
+
+
+def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
+    nodes = Graph.of(pipeline).order
+    if CONDUCTOR in nodes:
+        raise UsageError(f"a stage named {CONDUCTOR!r} would clash with the conductor's "
+                         "container; rename it")
+    flags = [arg for item in options.overrides for arg in ("--set", item)]
+    conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH, "--run-dir", RUN_DIR,
+                      "--layout", options.layout, *flags]
+    budget = pipeline.memory
+    if options.layout == "processes":
+        total = [_resources(pipeline, node) for node in nodes]
+        cpu = sum(_millicores(r.cpu or DEFAULT_CPU) for r in total)
+        memory = sum(r.memory or DEFAULT_MEMORY for r in total) + CONDUCTOR_MEMORY
+        init: list[dict[str, Any]] = []
+        containers = [_container("pod", options.image, ["podpipe", "conductor"],
+                                 conductor_args, Resources(f"{cpu}m", memory), budget, options)]
+    else:
+        sidecar = _container(CONDUCTOR, options.image, ["podpipe", "conductor"],
+                             conductor_args, Resources("50m", CONDUCTOR_MEMORY), 0, options)
+        sidecar["restartPolicy"] = "Always"  # a native sidecar: up before, down after
+        sidecar["startupProbe"] = {"exec": {"command": ["podpipe", "probe", SOCKET]},
+                                   "periodSeconds": 1, "timeoutSeconds": 3,
+                                   "failureThreshold": 300}
+        init = [sidecar]
+        containers = [
+            _container(node, _image(pipeline, node, options), ["podpipe", "agent"],
+                       ["--stage", node, "--spec", SPEC_FILE, "--socket", SOCKET,
+                        "--wait", "60", "--hold", *flags],
+                       _resources(pipeline, node), budget, options)
+            for node in nodes]
+    pod: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID,
+                            "fsGroup": UID, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if init:
+        pod["initContainers"] = init
+    pod["containers"] = containers
+    pod["volumes"] = _volumes(pipeline, options)
+    return pod
+
+
+def _container(name: str, image: str, command: list[str], args: list[str],
+               resources: Resources, scratch_bytes: int, options: Options) -> dict[str, Any]:
+    """A container; its memory limit covers its own need plus the scratch it may write
+    (pages of a memory-backed volume are charged to the writer's cgroup)."""
+    memory = resources.memory or DEFAULT_MEMORY
+    container: dict[str, Any] = {
+        "name": name, "image": image, "imagePullPolicy": "IfNotPresent",
+        "command": command, "args": args, "workingDir": WORKDIR,
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_INDEX", "valueFrom": {"fieldRef": {
+                "fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
+            {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
+        ],
+        "resources": {"requests": {"cpu": resources.cpu or DEFAULT_CPU,
+                                   "memory": _mebibytes(memory)},
+                      "limits": {"memory": _mebibytes(memory + scratch_bytes)}},
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": SCRATCH},
+            {"name": "scratch", "mountPath": "/dev/shm"},
+            {"name": "node", "mountPath": NODE_TIER},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if options.secret:
+        container["envFrom"] = [{"secretRef": {"name": options.secret}}]
+    return container
+
+
+def _volumes(pipeline: Pipeline, options: Options) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "spec", "configMap": {"name": f"{pipeline.name}-spec"}},
+        {"name": "scratch", "emptyDir": {"medium": "Memory",
+                                         "sizeLimit": _mebibytes(pipeline.memory)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+    ]
+    if options.host_path is not None:
+        volumes.append({"name": "node", "hostPath": {"path": options.host_path,
+                                                     "type": "DirectoryOrCreate"}})
+    return volumes
+
+
+def _node_claim(options: Options) -> dict[str, Any]:
+    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": options.node_size}}}
+    if options.storage_class:
+        spec["storageClassName"] = options.storage_class
+    return {"metadata": {"name": "node"}, "spec": spec}
+
+
+def _image(pipeline: Pipeline, node: str, options: Options) -> str:
+    stage = next((s for s in pipeline.stages if s.name == node), None)
+    return stage.image if stage is not None and stage.image else options.image
+
+
+def _resources(pipeline: Pipeline, node: str) -> Resources:
+    stage = next((s for s in pipeline.stages if s.name == node), None)
+    return stage.resources if stage is not None else Resources()
+
+
+def _mebibytes(nbytes: int) -> str:
+    return f"{math.ceil(nbytes / (1 << 20))}Mi"
+
+
+def _millicores(cpu: str) -> int:
+    return int(cpu[:-1]) if cpu.endswith("m") else math.ceil(float(cpu) * 1000)

@@ -1,0 +1,236 @@
+"""The rendered pod works: its containers' commands, env and mounts agree with the runtime.
+
+No cluster here, so this does what the kubelet would do for one replica of the
+rendered StatefulSet, with processes: every volume becomes a directory (the
+ConfigMap's files written into one), each container's mount paths and working
+directory are mapped onto those directories, its env is filled in (the downward
+API's pod name and pod index included) and `$(VAR)` references expanded, the
+native sidecar starts first and the others only once its startup probe passes.
+Then the pipeline must finish with the right answer and every container must stop
+cleanly on SIGTERM, as on pod deletion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import ROOT, SF, podpipe
+
+EXAMPLE = ROOT / "examples" / "tpch" / "q1.yaml"
+
+
+class LocalPod:
+    """Replica `ordinal` of a rendered StatefulSet, run as local processes."""
+
+    def __init__(self, manifests: list[dict], root: Path, image_root: Path, ordinal: int = 0):
+        config, _, statefulset = manifests
+        self.name = f"{statefulset['metadata']['name']}-{ordinal}"
+        self.ordinal, self.root, self.image_root = ordinal, root, image_root
+        self.pod = statefulset["spec"]["template"]["spec"]
+        self.volumes = {v["name"]: self._volume(v, config) for v in self.pod["volumes"]}
+        for claim in statefulset["spec"].get("volumeClaimTemplates", []):
+            self.volumes[claim["metadata"]["name"]] = self._dir(f"pvc/{claim['metadata']['name']}")
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _dir(self, relative: str) -> Path:
+        path = self.root / relative
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _volume(self, volume: dict, config: dict) -> Path:
+        if "configMap" in volume:
+            assert volume["configMap"]["name"] == config["metadata"]["name"]
+            path = self._dir(f"configmap/{volume['name']}")
+            for key, text in config["data"].items():
+                (path / key).write_text(text)
+            return path
+        if "hostPath" in volume:
+            return self._dir("host" + volume["hostPath"]["path"])
+        assert "emptyDir" in volume, volume
+        return self._dir(f"emptydir/{volume['name']}")
+
+    def host_path(self, container: dict, path: str) -> str:
+        """Where a container path lives here: its mounts, else the image (workingDir)."""
+        mounts = {m["mountPath"]: self.volumes[m["name"]] for m in container["volumeMounts"]}
+        mounts[container["workingDir"]] = self.image_root
+        for mount in sorted(mounts, key=len, reverse=True):
+            if path == mount or path.startswith(mount.rstrip("/") + "/"):
+                return str(mounts[mount]) + path[len(mount):]
+        return path
+
+    def env(self, container: dict) -> dict[str, str]:
+        fields = {"metadata.name": self.name,
+                  "metadata.labels['apps.kubernetes.io/pod-index']": str(self.ordinal)}
+        env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        for item in container.get("env", []):
+            if "value" in item:
+                env[item["name"]] = self._expand(item["value"], env)
+            else:
+                env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        return env
+
+    @staticmethod
+    def _expand(text: str, env: dict[str, str]) -> str:
+        return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                      lambda m: env.get(m.group(1), m.group(0)), text)
+
+    def argv(self, container: dict, env: dict[str, str], command: list[str]) -> list[str]:
+        return [self.host_path(container, self._expand(arg, env)) for arg in command]
+
+    def start(self, container: dict) -> subprocess.Popen:
+        env = self.env(container)
+        env = {k: self.host_path(container, v) for k, v in env.items()}
+        argv = self.argv(container, env, container["command"] + container.get("args", []))
+        with open(self.root / f"{container['name']}.log", "ab") as log:
+            process = subprocess.Popen(argv, cwd=self.image_root, env=env,
+                                       stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT)
+        self.processes[container["name"]] = process
+        return process
+
+    def probe(self, container: dict, timeout: float = 60) -> None:
+        """Run the startup probe the way the kubelet does until it passes."""
+        probe = container["startupProbe"]
+        env = self.env(container)
+        argv = self.argv(container, env, probe["exec"]["command"])
+        deadline = time.monotonic() + timeout
+        while subprocess.run(argv, env={**env, "PATH": env["PATH"]},
+                             timeout=probe["timeoutSeconds"] * 10).returncode != 0:
+            assert self.processes[container["name"]].poll() is None, self.log(container["name"])
+            assert time.monotonic() < deadline, "the startup probe never passed"
+            time.sleep(probe["periodSeconds"])
+
+    def run(self) -> None:
+        for container in self.pod.get("initContainers", []):
+            assert container.get("restartPolicy") == "Always"  # only native sidecars here
+            self.start(container)
+            if "startupProbe" in container:
+                self.probe(container)
+        for container in self.pod["containers"]:
+            self.start(container)
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def terminate(self, timeout: float = 15) -> dict[str, int | None]:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, process in self.processes.items():
+            try:
+                codes[name] = process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[name] = None
+        return codes
+
+
+def wait_for(run_dir: Path, pod: LocalPod, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = json.loads((run_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            status = {"state": "starting"}
+        if status["state"] not in ("starting", "running"):
+            return status
+        for name, process in pod.processes.items():
+            assert process.poll() is None or process.returncode == 0, \
+                f"container {name} exited {process.returncode}:\n{pod.log(name)}"
+        time.sleep(0.2)
+    raise AssertionError(f"the pod did not finish in {timeout} s")
+
+
+@pytest.fixture
+def image_root(tmp_path: Path, lineitem: Path) -> Path:
+    """The image's WORKDIR: the user's code (the example) and, here, its data."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "examples").symlink_to(ROOT / "examples")
+    (app / "data").symlink_to(lineitem)
+    return app
+
+
+@pytest.mark.parametrize("flags", [("--flavor", "openkruise"), ("--layout", "processes")],
+                         ids=["containers", "processes"])
+def test_the_rendered_pod_runs_the_example_to_the_right_answer(tmp_path, image_root, flags):
+    from examples.tpch import data
+
+    done = podpipe("render", str(EXAMPLE), *flags, "--set", "source.uri=data/*.parquet",
+                   "--set", "source.batchRows=15000", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
+    run_dir = pod.volumes["node"] / "runs" / pod.name
+    try:
+        pod.run()
+        status = wait_for(run_dir, pod)
+        assert status["state"] == "succeeded", status.get("error")
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+        assert status["pipeline"] == "tpch-q1" and status["run_dir"] == str(run_dir)
+        assert all(s["batches_done"] == s["batches_total"] for s in status["stages"].values())
+        time.sleep(0.5)  # a finished pod stays up: no container exits (and restarts)
+        assert {n: p.poll() for n, p in pod.processes.items()} == \
+            {n: None for n in pod.processes}
+    finally:
+        codes = pod.terminate()
+    assert codes == {name: 0 for name in codes}, codes
+    assert [p.name for p in pod.volumes["scratch"].iterdir()] == []  # nothing left in RAM
+
+
+def test_a_restarted_conductor_of_a_finished_pod_holds_instead_of_rerunning(tmp_path,
+                                                                             image_root):
+    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet", cwd=ROOT)
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
+    run_dir = pod.volumes["node"] / "runs" / pod.name
+    try:
+        pod.run()
+        assert wait_for(run_dir, pod)["state"] == "succeeded"
+        sidecar = pod.pod["initContainers"][0]
+        old = pod.processes.pop(sidecar["name"])
+        old.send_signal(signal.SIGTERM)
+        assert old.wait(10) == 0
+        finished = (run_dir / "status.json").stat().st_mtime_ns
+        pod.start(sidecar)  # the kubelet restarts it
+        pod.probe(sidecar)
+        assert (run_dir / "status.json").stat().st_mtime_ns == finished
+        assert "holds a" not in pod.log(sidecar["name"])
+    finally:
+        codes = pod.terminate()
+    assert set(codes.values()) == {0}, codes
+
+
+def test_a_stage_container_that_dies_fails_the_run_naming_it(tmp_path, image_root):
+    """Until checkpoints bring retries, a lost stage container fails the run; the
+    conductor notices through the closed connection and names stage and batch."""
+    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet",
+                   "--set", "source.batchRows=2000",
+                   "--set", 'stages.prices.env.DIE_ON_CALL="3"',
+                   "--set", "stages.prices.run=pystages:die_on_call", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    run_dir = pod.volumes["node"] / "runs" / pod.name
+    try:
+        pod.run()
+        deadline = time.monotonic() + 60
+        while pod.processes["podpipe-conductor"].poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert pod.processes["podpipe-conductor"].returncode == 1
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "failed"
+        assert "stage 'prices'" in status["error"] and "container disconnected" in status["error"]
+    finally:
+        pod.terminate()

@@ -1,0 +1,236 @@
+"""`podpipe render`: manifests that validate against real schemas, and match the golden files.
+
+Native kinds are validated with kubernetes-validate in strict mode (an unknown field
+is an error) for the oldest and newest Kubernetes versions we claim; the OpenKruise
+StatefulSet against the CRD's own schema in ../shared/schemas/openkruise, closed so
+that unknown fields fail too, and its pod template as a core PodTemplate.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from conftest import ROOT, podpipe, spec, write_spec
+
+GOLDEN = ROOT / "tests" / "golden"
+# OpenKruise's CRD, copied from ../shared/schemas/openkruise so that CI has it.
+KRUISE_CRD = ROOT / "tests" / "schemas" / "openkruise" / "apps.kruise.io_statefulsets.yaml"
+SHARED_CRD = ROOT.parent / "shared" / "schemas" / "openkruise" / KRUISE_CRD.name
+VERSIONS = ("1.33.0", kubernetes_validate.latest_version())
+EXAMPLE = ROOT / "examples" / "tpch" / "q1.yaml"
+
+
+def render(*args: str, cwd: Path = ROOT) -> list[dict]:
+    done = podpipe("render", *args, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    return list(yaml.safe_load_all(done.stdout))
+
+
+def _closed(schema: dict) -> dict:
+    """The CRD schema with every object that lists its properties closed to others,
+    as the API server's pruning would silently drop them."""
+    schema = copy.deepcopy(schema)
+
+    def close(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                close(value)
+        elif isinstance(node, list):
+            for value in node:
+                close(value)
+
+    close(schema)
+    return schema
+
+
+def kruise_schema() -> dict:
+    crd = yaml.safe_load(KRUISE_CRD.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
+    return _closed(version["schema"]["openAPIV3Schema"])
+
+
+def validate(manifest: dict) -> None:
+    """Raises if `manifest` is not a valid object."""
+    if manifest["apiVersion"] == "apps.kruise.io/v1beta1":
+        jsonschema.validate(manifest, kruise_schema())
+        template = {"apiVersion": "v1", "kind": "PodTemplate",
+                    "metadata": {"name": manifest["metadata"]["name"]},
+                    "template": manifest["spec"]["template"]}
+        for version in VERSIONS:
+            kubernetes_validate.validate(template, version, strict=True)
+        return
+    for version in VERSIONS:
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+@pytest.mark.skipif(not SHARED_CRD.exists(), reason="no ../shared checkout here")
+def test_the_copied_openkruise_schema_is_the_shared_one():
+    assert KRUISE_CRD.read_bytes() == SHARED_CRD.read_bytes()
+
+
+FLAVORS = {
+    "kubernetes": (),
+    "openkruise": ("--flavor", "openkruise"),
+    "processes": ("--layout", "processes"),
+    "hostpath-secret": ("--host-path", "/mnt/podpipe", "--secret", "s3-credentials",
+                        "--replicas", "3", "--storage-class", "local-path"),
+    "openkruise-processes": ("--flavor", "openkruise", "--layout", "processes"),
+}
+
+
+@pytest.mark.parametrize("flags", FLAVORS.values(), ids=FLAVORS.keys())
+def test_every_rendered_object_validates_against_the_real_schemas(flags):
+    manifests = render(str(EXAMPLE), *flags)
+    assert [m["kind"] for m in manifests] == ["ConfigMap", "Service", "StatefulSet"]
+    for manifest in manifests:
+        validate(manifest)
+
+
+def test_the_validation_catches_what_it_should():
+    """The checks above can fail: an unknown field, a wrong type, a missing field."""
+    manifests = render(str(EXAMPLE), "--flavor", "openkruise")
+    kruise = manifests[2]
+    broken = copy.deepcopy(kruise)
+    broken["spec"]["updateStrategy"]["rollingUpdate"]["podUpdatePolicy2"] = "x"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken)
+    broken = copy.deepcopy(kruise)
+    broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = {"a": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(broken)
+    native = render(str(EXAMPLE))[2]
+    del native["spec"]["template"]["spec"]["containers"][0]["name"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(native)
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("tpch-q1-kubernetes", ()),
+    ("tpch-q1-openkruise", ("--flavor", "openkruise")),
+    ("tpch-q1-processes", ("--layout", "processes")),
+])
+def test_the_example_renders_as_its_golden_file(name, flags):
+    """The golden files were read by hand once; a change to them is a change to review.
+    PODPIPE_UPDATE_GOLDEN=1 rewrites them."""
+    done = podpipe("render", str(EXAMPLE.relative_to(ROOT)), *flags, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    golden = GOLDEN / f"{name}.yaml"
+    if os.environ.get("PODPIPE_UPDATE_GOLDEN"):
+        golden.write_text(done.stdout)
+    assert done.stdout == golden.read_text()
+
+
+def pod_spec(manifests: list[dict]) -> dict:
+    return manifests[2]["spec"]["template"]["spec"]
+
+
+def test_the_pod_has_a_sidecar_conductor_and_a_container_per_stage():
+    manifests = render(str(EXAMPLE), "--flavor", "openkruise", "--image", "reg/podpipe:1")
+    statefulset = manifests[2]
+    pod = pod_spec(manifests)
+    assert [c["name"] for c in pod["containers"]] == [
+        "source", "filter", "prices", "partial", "total", "sink-0"]
+    assert all(c["command"] == ["podpipe", "agent"] and c["image"] == "reg/podpipe:1"
+               for c in pod["containers"])
+    (sidecar,) = pod["initContainers"]
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["startupProbe"]["exec"]["command"][:2] == ["podpipe", "probe"]
+    assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
+    rolling = statefulset["spec"]["updateStrategy"]["rollingUpdate"]
+    assert rolling["podUpdatePolicy"] == "InPlaceIfPossible"
+    assert pod["readinessGates"] == [{"conditionType": "InPlaceUpdateReady"}]
+    scratch = next(v for v in pod["volumes"] if v["name"] == "scratch")
+    assert scratch["emptyDir"] == {"medium": "Memory", "sizeLimit": "1024Mi"}
+    for container in [sidecar, *pod["containers"]]:
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts["/dev/shm"] == "scratch" and "scratch" in mounts.values()
+        security = container["securityContext"]
+        assert security["readOnlyRootFilesystem"] and security["runAsNonRoot"]
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert not security["allowPrivilegeEscalation"]
+        index = next(e for e in container["env"] if e["name"] == "POD_INDEX")
+        assert index["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def test_a_stage_image_and_resources_come_from_the_spec(tmp_path):
+    stages = [{"name": "double", "run": "pystages:double", "inputs": ["source"],
+               "image": "reg/double:2", "resources": {"cpu": 2, "memory": "1GiB"}}]
+    path = write_spec(tmp_path / "p.yaml", spec(stages, [{"input": "double", "uri": "out/"}],
+                                                memory="512MiB"))
+    containers = {c["name"]: c for c in pod_spec(render(str(path), cwd=tmp_path))["containers"]}
+    double = containers["double"]
+    assert double["image"] == "reg/double:2"
+    assert double["resources"] == {"requests": {"cpu": "2", "memory": "1024Mi"},
+                                   "limits": {"memory": "1536Mi"}}  # its own + the scratch
+    assert containers["source"]["image"].startswith("podpipe:")
+
+
+def test_the_patch_swaps_one_stage_image_and_checks_the_container_first():
+    manifests = render(str(EXAMPLE), "--flavor", "openkruise")
+    done = podpipe("render", str(EXAMPLE), "--flavor", "openkruise",
+                   "--patch", "prices=reg/prices:v2", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    patch = json.loads(done.stdout)
+    names = [c["name"] for c in pod_spec(manifests)["containers"]]
+    index = names.index("prices")
+    assert patch == [
+        {"op": "test", "path": f"/spec/template/spec/containers/{index}/name", "value": "prices"},
+        {"op": "replace", "path": f"/spec/template/spec/containers/{index}/image",
+         "value": "reg/prices:v2"}]
+    # Applied to the StatefulSet, it changes that image and nothing else.
+    patched = copy.deepcopy(manifests[2])
+    patched["spec"]["template"]["spec"]["containers"][index]["image"] = "reg/prices:v2"
+    assert _apply(manifests[2], patch) == patched
+
+
+def _apply(document: dict, patch: list[dict]) -> dict:
+    document = copy.deepcopy(document)
+    for op in patch:
+        *parents, last = op["path"].strip("/").split("/")
+        node = document
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        key = int(last) if isinstance(node, list) else last
+        if op["op"] == "test":
+            assert node[key] == op["value"]
+        else:
+            node[key] = op["value"]
+    return document
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--patch", "nope=img:1"), "no stage 'nope'"),
+    (("--patch", "prices"), "expected STAGE=IMAGE"),
+    (("--layout", "processes", "--patch", "prices=img:1"), "no container of its own"),
+    (("--replicas", "0"), "--replicas 0: expected at least 1"),
+    (("--node-size", "big"), "--node-size"),
+    (("--host-path", "relative/dir"), "expected an absolute path"),
+    (("--flavor", "nomad"), "invalid choice: 'nomad'"),
+    (("--set", "stages.prices.run=nocolon"), "spec.stages[1].run"),
+])
+def test_bad_render_flags_exit_2_naming_the_flag(flags, message):
+    done = podpipe("render", str(EXAMPLE), *flags, cwd=ROOT)
+    assert done.returncode == 2, done.stdout
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_render_writes_the_output_file_whole(tmp_path):
+    out = tmp_path / "pod.yaml"
+    done = podpipe("render", str(EXAMPLE), "-o", str(out), cwd=ROOT)
+    assert done.returncode == 0 and done.stdout == ""
+    assert [m["kind"] for m in yaml.safe_load_all(out.read_text())] == \
+        ["ConfigMap", "Service", "StatefulSet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pod.yaml"]
