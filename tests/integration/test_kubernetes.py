@@ -234,3 +234,21 @@ def test_a_stage_container_that_dies_fails_the_run_naming_it(tmp_path, image_roo
         assert "stage 'prices'" in status["error"] and "container disconnected" in status["error"]
     finally:
         pod.terminate()
+
+
+def test_a_second_replica_owns_no_shard_of_a_one_shard_pipeline_and_idles(tmp_path,
+                                                                         image_root):
+    done = podpipe("render", str(EXAMPLE), "--replicas", "2",
+                   "--set", "source.uri=data/*.parquet", cwd=ROOT)
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root,
+                   ordinal=1)
+    try:
+        pod.run()  # the startup probe passes: the pod is up
+        time.sleep(1.0)
+        assert {n: p.poll() for n, p in pod.processes.items()} == \
+            {n: None for n in pod.processes}
+        assert "pod index 1 owns no shard" in pod.log("podpipe-conductor")
+        assert not (image_root / "out").exists()
+    finally:
+        codes = pod.terminate()
+    assert set(codes.values()) == {0}, codes

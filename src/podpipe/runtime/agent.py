@@ -154,6 +154,8 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
     pod that exits is restarted).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the conductor decides when we stop
+    if hold:  # a container: SIGTERM is the pod going away, a clean end at any point
+        signal.signal(signal.SIGTERM, _exit_now)
     sys.path.insert(0, os.getcwd())
     try:
         sock = protocol.connect(socket_path, wait)
@@ -163,9 +165,14 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
     code = _serve(sock, spec_path, overrides, node)
     if hold and code == 0:
         sock.close()
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        signal.sigwait({signal.SIGTERM})
+        while True:
+            signal.pause()
     return code
+
+
+def _exit_now(*_: Any) -> None:
+    sys.stderr.flush()
+    os._exit(0)  # outputs are written under temporary names: nothing half-done is trusted
 
 
 def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str) -> int:

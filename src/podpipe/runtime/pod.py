@@ -16,6 +16,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,18 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     overrides = list(overrides)
     pipeline = validate(spec_path, overrides)
     scratch_path = Path(scratch)
+    index = os.environ.get("POD_INDEX", "0")
+    if not index.isdigit():
+        raise UsageError(f"POD_INDEX={index!r}: expected the pod's ordinal, 0 or more")
+    if int(index) > 0:
+        # Replica i owns the shards s with s % replicas == i; until sharding lands
+        # (spec.shards), the pipeline is one shard and replica 0 owns it.
+        print(f"pod index {index} owns no shard: the pipeline has one, run by pod 0 "
+              "(sharding across replicas is not implemented yet)", file=sys.stderr)
+        if hold:
+            scratches.Scratch.at(scratch_path)
+            _hold(scratches.Scratch(scratch_path, volume=True).socket)
+        return 0
     _check_budget(pipeline, scratch_path)
     run_path = Path(run_dir)
     pod = os.environ.get("POD_NAME") or socket.gethostname()
