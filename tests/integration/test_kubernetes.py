@@ -70,15 +70,22 @@ class LocalPod:
         return path
 
     def env(self, container: dict) -> dict[str, str]:
+        """The container's env as the kubelet fills it in (container paths)."""
         fields = {"metadata.name": self.name,
                   "metadata.labels['apps.kubernetes.io/pod-index']": str(self.ordinal)}
-        env = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        env: dict[str, str] = {}
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = self._expand(item["value"], env)
             else:
                 env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
         return env
+
+    def process_env(self, container: dict) -> dict[str, str]:
+        """The env, paths mapped, and a PATH on which `podpipe` is the one installed
+        here (the image's)."""
+        env = {k: self.host_path(container, v) for k, v in self.env(container).items()}
+        return {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     @staticmethod
     def _expand(text: str, env: dict[str, str]) -> str:
@@ -89,11 +96,11 @@ class LocalPod:
         return [self.host_path(container, self._expand(arg, env)) for arg in command]
 
     def start(self, container: dict) -> subprocess.Popen:
-        env = self.env(container)
-        env = {k: self.host_path(container, v) for k, v in env.items()}
-        argv = self.argv(container, env, container["command"] + container.get("args", []))
+        argv = self.argv(container, self.env(container),
+                         container["command"] + container.get("args", []))
         with open(self.root / f"{container['name']}.log", "ab") as log:
-            process = subprocess.Popen(argv, cwd=self.image_root, env=env,
+            process = subprocess.Popen(argv, cwd=self.image_root,
+                                       env=self.process_env(container),
                                        stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT)
         self.processes[container["name"]] = process
@@ -102,11 +109,9 @@ class LocalPod:
     def probe(self, container: dict, timeout: float = 60) -> None:
         """Run the startup probe the way the kubelet does until it passes."""
         probe = container["startupProbe"]
-        env = self.env(container)
-        argv = self.argv(container, env, probe["exec"]["command"])
+        argv = self.argv(container, self.env(container), probe["exec"]["command"])
         deadline = time.monotonic() + timeout
-        while subprocess.run(argv, env={**env, "PATH": env["PATH"]},
-                             timeout=probe["timeoutSeconds"] * 10).returncode != 0:
+        while subprocess.run(argv, env=self.process_env(container), timeout=probe["timeoutSeconds"] * 10).returncode != 0:
             assert self.processes[container["name"]].poll() is None, self.log(container["name"])
             assert time.monotonic() < deadline, "the startup probe never passed"
             time.sleep(probe["periodSeconds"])
@@ -244,11 +249,15 @@ def test_a_second_replica_owns_no_shard_of_a_one_shard_pipeline_and_idles(tmp_pa
                    ordinal=1)
     try:
         pod.run()  # the startup probe passes: the pod is up
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not all("holding until SIGTERM" in pod.log(c["name"])
+                      for c in pod.pod["containers"]):
+            assert time.monotonic() < deadline, "the agents were never told to stop"
+            time.sleep(0.2)
         assert {n: p.poll() for n, p in pod.processes.items()} == \
             {n: None for n in pod.processes}
         assert "pod index 1 owns no shard" in pod.log("podpipe-conductor")
-        assert not (image_root / "out").exists()
+        assert not list(image_root.glob("out/**/*.parquet"))
     finally:
         codes = pod.terminate()
     assert set(codes.values()) == {0}, codes

@@ -165,6 +165,7 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
     code = _serve(sock, spec_path, overrides, node)
     if hold and code == 0:
         sock.close()
+        print("stopped by the conductor; holding until SIGTERM", file=sys.stderr, flush=True)
         while True:
             signal.pause()
     return code
