@@ -134,8 +134,10 @@ def _ray_step(spec_path, overrides, node, batch, groups, *tables):
 def run_ray(w: Workload) -> dict:
     import ray
 
+    started = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
+    init_seconds = time.perf_counter() - started
     from benchmarks import contestants  # by name, not as __main__: workers import it
 
     load = ray.remote(num_returns=2)(contestants._ray_load)
@@ -166,8 +168,11 @@ def run_ray(w: Workload) -> dict:
             done.append(refs[node])
     ray.get(done)
     moved = sum(ray.get(sizes))
+    work_seconds = time.perf_counter() - started - init_seconds
     ray.shutdown()
-    return {"shared_memory_bytes": moved, "network_storage_bytes": 0}
+    return {"shared_memory_bytes": moved, "network_storage_bytes": 0,
+            "ray_init_seconds": round(init_seconds, 3),
+            "ray_work_seconds": round(work_seconds, 3)}
 
 
 # -- paradigm 1: services ----------------------------------------------------------
