@@ -245,6 +245,7 @@ def markdown(results: dict) -> str:
                 f"| {_mib(s['shared_memory_bytes'])} | {_mib(s['peak_bytes'])} |")
         ray = summary.get("ray", {})
         if "median_ray_init_seconds" in ray:
+            lines.append("")
             lines.append(f"Ray's median splits into {ray['median_ray_init_seconds']:.2f} s "
                          f"starting its local cluster (`ray.init`) and "
                          f"{ray['median_ray_work_seconds']:.2f} s of work "
