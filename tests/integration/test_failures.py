@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,23 +57,49 @@ def test_a_raising_stage_fails_the_run_naming_stage_batch_and_exception(workdir)
     assert status["state"] == "failed" and "boom on purpose" in status["error"]
 
 
-def test_a_stage_process_that_dies_fails_the_run(workdir):
+def test_a_stage_process_that_dies_every_time_fails_the_run_after_its_retries(workdir):
     write_spec(workdir / "p.yaml", spec(
         [{"name": "die", "command": ["sh", "-c", "kill -9 $PPID; sleep 5"],
-          "inputs": ["source"]}],
+          "inputs": ["source"], "retries": 2}],
         [{"input": "die", "uri": "out/"}]))
-    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir, timeout=60)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir, timeout=60)
     assert done.returncode == 1
-    assert "stage 'die', batch 0: its process exited (code -9)" in done.stderr
+    assert ("stage 'die', batch 0: its process exited (code -9) before finishing the batch, "
+            "after 2 restarts") in done.stderr
+    status = json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)
+    assert status["stages"]["die"]["restarts"] == 2
+    assert (workdir / "run/logs/conductor.log").read_text().count("restarting stage 'die'") == 2
 
 
-def test_a_stage_process_killed_from_outside_fails_the_run_cleanly(workdir):
-    run = _start(workdir, SLOW_SECONDS="1")
+def test_a_stage_process_killed_from_outside_is_restarted_and_the_output_is_unchanged(workdir):
+    clean = podpipe("run", "p.yaml", "--quiet", "--run-dir", "clean", cwd=_write_slow(workdir),
+                    SLOW_SECONDS="0")
+    assert clean.returncode == 0, clean.stderr
+    expected = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
+    shutil.rmtree(workdir / "out")
+    run = _start(workdir, SLOW_SECONDS="0.3")
+    status = _running_status(workdir)
+    _wait_for(lambda: json.loads((workdir / "run/status.json").read_text())["stages"]["slow"][
+        "batches_done"] > 0)
+    victim = next(p["pid"] for p in status["processes"] if p["stage"] == "slow")
+    os.kill(victim, signal.SIGKILL)  # as the OOM killer would, mid-batch
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert {p.name: p.read_bytes() for p in (workdir / "out").iterdir()} == expected
+    final = json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)
+    assert final["stages"]["slow"]["restarts"] == 1
+    assert final["stages"]["slow"]["batches_done"] == final["source_batches"]
+    assert victim not in {p["pid"] for p in final["processes"]}
+    assert all(_gone(p["pid"]) for p in final["processes"])
+
+
+def test_with_no_retries_a_killed_stage_fails_the_run_cleanly(workdir):
+    run = _start(workdir, SLOW_SECONDS="1", retries="0")
     status = _running_status(workdir)
     _wait_for(lambda: json.loads((workdir / "run/status.json").read_text())["stages"]["source"][
         "batches_done"] > 0)
     victim = next(p["pid"] for p in status["processes"] if p["stage"] == "slow")
-    os.kill(victim, signal.SIGKILL)  # as the OOM killer would
+    os.kill(victim, signal.SIGKILL)
     _, err = run.communicate(timeout=30)
     assert run.returncode == 1
     assert "stage 'slow', batch 0: its process exited (code -9)" in err
@@ -80,10 +107,17 @@ def test_a_stage_process_killed_from_outside_fails_the_run_cleanly(workdir):
     assert not Path(status["scratch"]).exists()
 
 
-def _start(workdir: Path, **env: str) -> subprocess.Popen:
-    write_spec(workdir / "p.yaml", spec(
-        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]}],
-        [{"input": "slow", "uri": "out/"}]))
+def _write_slow(workdir: Path, retries: int | None = None) -> Path:
+    stage = {"name": "slow", "run": "pystages:slow", "inputs": ["source"]}
+    if retries is not None:
+        stage["retries"] = retries
+    write_spec(workdir / "p.yaml", spec([stage], [{"input": "slow", "uri": "out/"}]))
+    return workdir
+
+
+def _start(workdir: Path, retries: str | None = None, **env: str) -> subprocess.Popen:
+    if not (workdir / "p.yaml").exists() or retries is not None:
+        _write_slow(workdir, int(retries) if retries is not None else None)
     return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
                              "--run-dir", "run"], cwd=workdir, env=cli_env(**env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

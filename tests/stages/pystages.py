@@ -87,3 +87,17 @@ def die_on_call(t: pa.Table) -> pa.Table:
     if _calls == int(os.environ.get("DIE_ON_CALL", "1")):
         os.kill(os.getpid(), signal.SIGKILL)
     return t
+
+
+def q1_prices_dying_once(t: pa.Table) -> pa.Table:
+    """TPC-H Q1's prices stage, except that the first process to reach call number
+    $DIE_ON_CALL kills itself (once per run: it leaves the file $DIE_MARKER behind)."""
+    from examples.tpch.stages import prices
+
+    global _calls
+    _calls += 1
+    marker = os.environ["DIE_MARKER"]
+    if _calls == int(os.environ.get("DIE_ON_CALL", "1")) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return prices(t)

@@ -37,9 +37,13 @@ DIAMOND = _pipeline([
 class Pod:
     """A fake pod: agents that take their tasks in an order chosen by `rng`."""
 
-    def __init__(self, pipeline, batches: int, budget: int, size, rng: random.Random):
+    def __init__(self, pipeline, batches: int, budget: int, size, rng: random.Random,
+                 crashes: int = 0):
         self.graph = Graph.of(pipeline)
-        self.state = S.RunState(self.graph, batches, budget)
+        self.state = S.RunState(self.graph, batches, budget,
+                                retries={n: crashes for n in self.graph.order})
+        self.crashes = crashes                    # processes still to kill mid-task
+        self.restarting: set[str] = set()
         self.size, self.rng = size, rng
         self.live: dict[str, int] = {}            # path -> bytes, as files in scratch
         self.tasks: dict[str, S.Dispatch] = {}    # node -> its current task
@@ -62,6 +66,8 @@ class Pod:
                 del self.tasks[action.node]  # the agent drops its result
             elif isinstance(action, S.Delete):
                 del self.live[action.path]
+            elif isinstance(action, S.Restart):
+                self.restarting.add(action.node)
             else:
                 self.outcome = action
 
@@ -73,9 +79,20 @@ class Pod:
                                  if n not in self.graph.sinks and n not in self.granted
                                  and self.state.agents[n].status == S.WAITING}
             movable = [n for n in self.tasks if n not in waiting_for_grant]
+            movable += sorted(self.restarting)
             assert movable, "hung: no agent can move and the run neither ended nor failed"
             node = self.rng.choice(sorted(movable))
+            if node in self.restarting:  # its new process says hello
+                self.restarting.discard(node)
+                self.apply(self.state.handle(S.AgentReady(node)))
+                continue
             task = self.tasks[node]
+            if self.crashes and node in self.tasks and self.rng.random() < 0.1:
+                self.crashes -= 1  # killed mid-task: its result, if any, is lost
+                del self.tasks[node]
+                self.granted.discard(node)
+                self.apply(self.state.handle(S.AgentExited(node, -9)))
+                continue
             if node in self.graph.sinks:
                 del self.tasks[node]
                 self.processed.append((node, task.batch))
@@ -100,15 +117,18 @@ class Pod:
 @settings(max_examples=150, deadline=None)
 @given(pipeline=st.sampled_from([CHAIN, DIAMOND]), batches=st.integers(1, 12),
        seed=st.integers(0, 2**32), sizes=st.lists(st.integers(1, 100), min_size=1),
-       tight=st.booleans())
-def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed, sizes, tight):
+       tight=st.booleans(), crashes=st.integers(0, 3))
+def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed, sizes, tight,
+                                                         crashes):
+    """...and when up to `crashes` processes are killed mid-task and restarted, every
+    task still finishes, with nothing left in scratch and the budget never exceeded."""
     def size(node, batch):
         return sizes[hash((node, batch)) % len(sizes)]
 
     graph = Graph.of(pipeline)
     everything = sum(size(n, b) for n in graph.order for b in range(graph.batches(n, batches)))
     budget = max(sizes) * 6 if tight else everything
-    pod = Pod(pipeline, batches, budget, size, random.Random(seed))
+    pod = Pod(pipeline, batches, budget, size, random.Random(seed), crashes)
     outcome = pod.run()
     assert pod.max_live <= budget
     if not tight:
@@ -117,7 +137,7 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
         assert isinstance(outcome.error, BudgetError)
         return
     expected = sorted((n, b) for n in graph.order for b in range(graph.batches(n, batches)))
-    if tight:  # a batch given up for lack of RAM runs again
+    if tight or crashes:  # a batch given up for lack of RAM runs again
         assert sorted(set(pod.processed)) == expected
     else:
         assert sorted(pod.processed) == expected
@@ -240,3 +260,21 @@ def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
     assert run.outcome is None
     step(S.AgentReady("b"))
     assert files["b"].batch == 0
+
+
+def test_a_process_killed_mid_batch_is_restarted_and_only_its_batch_is_redone():
+    run = S.RunState(Graph.of(CHAIN), 2, 10_000, retries={"a": 1})
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    run.handle(S.SpaceRequested("source", 0, 10))
+    assert S.Dispatch("a", 0, ((S.Output("source/0", 10, 1),),)) in \
+        run.handle(S.TaskDone("source", 0, S.Output("source/0", 10, 1)))
+    run.handle(S.SpaceRequested("a", 0, 10))  # granted, then killed before done
+    assert run.handle(S.AgentExited("a", -9)) == [S.Restart("a", 1, 0.1)]
+    assert run.usage == 10  # the source output stays; a's reservation is released
+    actions = run.handle(S.AgentReady("a"))
+    assert actions == [S.Dispatch("a", 0, ((S.Output("source/0", 10, 1),),))]
+    run.handle(S.SpaceRequested("a", 0, 10))
+    assert run.handle(S.AgentExited("a", -9)) == [S.Failed(run.outcome.error)]
+    assert str(run.outcome.error) == ("stage 'a', batch 0: its process exited (code -9) "
+                                      "before finishing the batch, after 1 restarts")

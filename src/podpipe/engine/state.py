@@ -107,6 +107,15 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class Restart:
+    """Start `node`'s process again after `delay` seconds (its `attempt`-th restart)."""
+
+    node: str
+    attempt: int
+    delay: float
+
+
+@dataclass(frozen=True)
 class Finished:
     pass
 
@@ -116,7 +125,7 @@ class Failed:
     error: PodpipeError
 
 
-Action = Dispatch | Grant | Deny | Delete | Finished | Failed
+Action = Dispatch | Grant | Deny | Delete | Restart | Finished | Failed
 
 # -------------------------------------------------------------------- state
 
@@ -136,6 +145,8 @@ class RunState:
     graph: Graph
     source_batches: int
     budget: int
+    retries: dict[str, int] = field(default_factory=dict)  # node -> restarts allowed
+    restarts: dict[str, int] = field(default_factory=dict)  # node -> restarts so far
     outputs: dict[Key, Output] = field(default_factory=dict)
     unread: dict[Key, set[str]] = field(default_factory=dict)
     done: dict[str, set[int]] = field(default_factory=dict)
@@ -155,6 +166,7 @@ class RunState:
             self.done.setdefault(node, set())
             self.ready.setdefault(node, [])
             self.agents.setdefault(node, _Agent())
+            self.restarts.setdefault(node, 0)
         self._per_batch_nodes = sum(1 for n in self.graph.order if self.graph.domain[n] == BATCH)
 
     # -- queries --------------------------------------------------------------
@@ -185,15 +197,8 @@ class RunState:
                                             f"{event.message}"))
             return self._fail(StageError(event.node, event.batch, event.message))
         elif isinstance(event, AgentExited):
-            gone = ("its container disconnected" if event.returncode is None
-                    else f"its process exited (code {event.returncode})")
-            if agent.status in (RUNNING, WAITING):
-                return self._fail(StageError(event.node, agent.batch,
-                                             f"{gone} before finishing the batch"))
-            if not self.finished:
-                return self._fail(StageError(event.node, None,
-                                             f"{gone} while the run needed it"))
-            agent.status = ABSENT
+            if not self.finished and not self._restart(event, agent, actions):
+                return actions
         if self.outcome is not None:
             return actions
         self._grant_waiting(actions)
@@ -210,6 +215,29 @@ class RunState:
         return actions
 
     # -- pieces ----------------------------------------------------------------
+
+    def _restart(self, event: AgentExited, agent: _Agent, actions: list[Action]) -> bool:
+        """A process the run needs died: put its in-flight batch back and have it started
+        again, with backoff, while it has restarts left; else fail the run."""
+        node, batch = event.node, agent.batch
+        busy = agent.status in (RUNNING, WAITING)
+        attempt = self.restarts[node] + 1
+        if attempt > self.retries.get(node, 0):
+            gone = ("its container disconnected" if event.returncode is None
+                    else f"its process exited (code {event.returncode})")
+            where = "before finishing the batch" if busy else "while the run needed it"
+            tries = self.retries.get(node, 0)
+            actions.extend(self._fail(StageError(
+                node, batch if busy else None,
+                f"{gone} {where}" + (f", after {tries} restarts" if tries else ""))))
+            return False
+        self.restarts[node] = attempt
+        self.usage -= agent.reserved
+        agent.status, agent.batch, agent.want, agent.reserved = ABSENT, None, 0, 0
+        if busy and batch is not None:
+            self.ready[node] = sorted(self.ready[node] + [batch])
+        actions.append(Restart(node, attempt, min(0.1 * 4 ** (attempt - 1), 5.0)))
+        return True
 
     def _request(self, agent: _Agent, event: SpaceRequested, actions: list[Action]) -> None:
         agent.status, agent.want = WAITING, event.nbytes
@@ -300,7 +328,7 @@ class RunState:
             agent = self.agents[node]
             if agent.status != IDLE:
                 continue
-            if node == SOURCE:
+            if node == SOURCE and not self.ready[node]:
                 batch = self._admit()
                 if batch is None:
                     continue

@@ -23,6 +23,7 @@ KIND = "Pipeline"
 SOURCE = "source"
 DEFAULT_MEMORY = "1GiB"
 DEFAULT_BATCH_ROWS = 500_000
+DEFAULT_RETRIES = 3  # restarts of a stage process that dies, before the run fails
 SOURCE_FORMATS = ("parquet", "csv", "arrow")
 
 # A stage's name becomes a process name, a directory in scratch and, on
@@ -59,6 +60,7 @@ class Stage:
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
+    retries: int = DEFAULT_RETRIES
 
 
 @dataclass(frozen=True)
@@ -291,14 +293,14 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise r.fail(f"{path}.env", "expected a mapping of strings to strings")
         resources = _resources(r, f"{path}.resources", st.get("resources", {}))
-        if "retries" in st:
-            r.integer(f"{path}.retries", st["retries"], minimum=0)
+        retries = (r.integer(f"{path}.retries", st["retries"], minimum=0)
+                   if "retries" in st else DEFAULT_RETRIES)
         stages.append(Stage(
             name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
             command=command, reduce=reduce,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
-            env=dict(env), resources=resources,
+            env=dict(env), resources=resources, retries=retries,
         ))
     return tuple(stages)
 

@@ -23,7 +23,7 @@ from podpipe.engine import state as st
 from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
                             StageError)
 from podpipe.model.graph import Graph
-from podpipe.model.spec import SOURCE, Pipeline
+from podpipe.model.spec import DEFAULT_RETRIES, SOURCE, Pipeline
 from podpipe.runtime import protocol, status
 from podpipe.runtime.launcher import ForkLauncher, Process, SpawnLauncher
 from podpipe.runtime.scratch import Scratch, process_start
@@ -55,7 +55,10 @@ class Conductor:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan
         self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
         self.run_id, self.pod, self.observer = run_id, pod, observer
-        self.engine = st.RunState(graph, len(plan), pipeline.memory)
+        retries = {node: DEFAULT_RETRIES for node in graph.order}
+        retries.update({stage.name: stage.retries for stage in pipeline.stages})
+        self.engine = st.RunState(graph, len(plan), pipeline.memory, retries=retries)
+        self.timers: list[tuple[float, str]] = []  # (when, node): processes to start
         self.processes: dict[str, Process] = {}  # empty when agents are containers
         self.pids: dict[str, int] = {}             # as each agent said in its hello
         self.conns: dict[str, _Conn] = {}    # by node, once it said hello
@@ -112,8 +115,8 @@ class Conductor:
     def _loop(self, wake: socket.socket) -> None:
         next_flush = time.monotonic()
         while self.state == "running":
-            timeout = max(0.0, next_flush - time.monotonic())
-            for key, _ in self.sel.select(timeout):
+            due = min([next_flush] + [when for when, _ in self.timers])
+            for key, _ in self.sel.select(max(0.0, due - time.monotonic())):
                 kind, data = key.data
                 if kind in ("listen", "conn"):
                     self._socket_event(key)
@@ -126,6 +129,10 @@ class Conductor:
                     self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
                 if self.state != "running":
                     break
+            for when, node in sorted(self.timers):
+                if when <= time.monotonic() and self.state == "running":
+                    self.timers.remove((when, node))
+                    self._start(node)
             if time.monotonic() >= next_flush:
                 self._flush()
                 next_flush = time.monotonic() + FLUSH_SECONDS
@@ -222,6 +229,10 @@ class Conductor:
         self.pidfds.discard(pidfd)
         os.close(pidfd)
         returncode = self.processes[node].wait()
+        conn = self.conns.pop(node, None)  # a restarted process says hello anew
+        if conn is not None and conn.sock.fileno() >= 0:
+            self.sel.unregister(conn.sock)
+            conn.sock.close()
         self._feed(st.AgentExited(node, returncode))
 
     def _count(self, node: str, stats: dict[str, Any]) -> None:
@@ -247,6 +258,11 @@ class Conductor:
                     os.unlink(action.path)
                 except FileNotFoundError:
                     pass
+            elif isinstance(action, st.Restart):
+                self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
+                          f"in {action.delay:.1f} s")
+                if self.launcher is not None:  # containers: the kubelet restarts them
+                    self.timers.append((time.monotonic() + action.delay, action.node))
             elif isinstance(action, st.Finished):
                 self._end("succeeded", None)
             elif isinstance(action, st.Failed):
@@ -318,6 +334,7 @@ class Conductor:
                 "rows_in": s.rows_in, "rows_out": s.rows_out,
                 "busy_seconds": round(s.busy, 4),
                 "bytes_written": s.bytes_written, "bytes_read": s.bytes_read,
+                "restarts": engine.restarts[node],
             }
         return {
             "run_id": self.run_id, "pipeline": self.pipeline.name, "state": self.state,
@@ -329,6 +346,14 @@ class Conductor:
             "peak_scratch_bytes": engine.peak, "source_batches": len(self.plan),
             "processes": processes, "stages": stages,
         }
+
+    def _log(self, message: str) -> None:
+        """A line in the run's own log (RUN_DIR/logs/conductor.log)."""
+        try:
+            with open(self.run_dir / "logs" / "conductor.log", "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        except OSError:
+            pass
 
     def _flush(self) -> None:
         snapshot = self.snapshot()
