@@ -3,9 +3,10 @@
 It starts one agent per node (or, in a Kubernetes pod, waits for the agents the
 kubelet starts as containers), accepts their connections on a Unix socket in RAM
 scratch, and blocks on events only: socket messages, process exits (pidfds; a
-closed connection for containers) and signals (a wakeup fd). Each event goes to the engine's `RunState`; the conductor
-carries out the actions it returns and keeps `status.json` current. It never
-touches batch data.
+closed connection for containers), signals (a wakeup fd) and the timers of
+restarts. Each event goes to the engine's `RunState`; the conductor carries out
+the actions it returns and keeps `status.json` current. It never touches batch
+data.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class _Stats:
 class Conductor:
     def __init__(self, *, pipeline: Pipeline, graph: Graph, plan: list,
                  scratch: Scratch, run_dir: Path,
-                 launcher: ForkLauncher | SpawnLauncher | None, run_id: str, pod: str, observer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 launcher: ForkLauncher | SpawnLauncher | None, run_id: str, pod: str,
+                 observer: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan
         self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
         self.run_id, self.pod, self.observer = run_id, pod, observer

@@ -1,10 +1,11 @@
 """A pod: plan the source, lay out the run, run the conductor.
 
 `run` is what `podpipe run` calls, a pod on this machine; `serve` is what the
-conductor container of a pod on Kubernetes runs (`podpipe conductor`). It validates everything that can be checked
-before a process starts (spec, source files, the budget against the tmpfs), sweeps
-scratch left by crashed runs, creates the run directory and the RAM scratch, and
-hands over to the conductor.
+conductor container of a pod on Kubernetes runs (`podpipe conductor`). Both
+validate everything that can be checked before a process starts (spec, source
+files, the budget against the tmpfs), create the run directory and the RAM
+scratch (`run` also sweeps scratch left by crashed runs), and hand over to the
+conductor.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     overrides = list(overrides)
     pipeline = validate(spec_path, overrides)
     scratch_path = Path(scratch)
+    conductor_socket = scratches.Scratch(scratch_path, volume=True).socket
     index = os.environ.get("POD_INDEX", "0")
     if not index.isdigit():
         raise UsageError(f"POD_INDEX={index!r}: expected the pod's ordinal, 0 or more")
@@ -85,8 +87,8 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         print(f"pod index {index} owns no shard: the pipeline has one, run by pod 0 "
               "(sharding across replicas is not implemented yet)", file=sys.stderr)
         if hold:
-            scratches.Scratch.at(scratch_path)
-            _hold(scratches.Scratch(scratch_path, volume=True).socket)
+            scratches.Scratch.at(scratch_path)  # nothing of an earlier conductor's left
+            _hold(conductor_socket)
         return 0
     _check_budget(pipeline, scratch_path)
     run_path = Path(run_dir)
@@ -105,7 +107,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                  lambda: scratches.Scratch.at(scratch_path),
                  launch=layout == "processes", observer=None)
     if hold:
-        _hold(scratches.Scratch(scratch_path, volume=True).socket)
+        _hold(conductor_socket)
     return 0
 
 
