@@ -15,7 +15,6 @@ from podpipe import __version__
 from podpipe.errors import PodpipeError, UsageError, exit_code
 
 NOT_YET = {
-    "resume": "resuming a run needs the journal and tiered checkpoints, not implemented yet",
     "swap": "swapping a stage mid-run is not implemented yet",
 }
 
@@ -43,8 +42,13 @@ def _parser() -> argparse.ArgumentParser:
                           "stages.filter.run=mod:fn (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress, no summary")
 
-    resume = sub.add_parser("resume", help="resume a run (not implemented yet)")
+    resume = sub.add_parser(
+        "resume", help="finish a run whose conductor died or whose pod was lost",
+        description="Finish the run in RUN_DIR from what survived it: outputs still in its "
+                    "RAM scratch, else on the node tier (checked by checksum), else "
+                    "computed again. Batches whose results were kept are not run again.")
     resume.add_argument("run_dir", metavar="RUN_DIR")
+    resume.add_argument("--quiet", action="store_true", help="no progress, no summary")
 
     status = sub.add_parser("status", help="show a run's state, processes and progress")
     status.add_argument("run_dir", metavar="RUN_DIR")
@@ -160,20 +164,34 @@ def entry() -> None:
 
 
 def _run(args: argparse.Namespace, console) -> int:
-    from podpipe import report
     from podpipe.runtime import pod
 
-    kwargs = dict(overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
-                  memory=args.memory)
-    if args.quiet:
-        pod.run(args.spec, **kwargs)
+    return _with_progress(console, args.quiet, lambda observer: pod.run(
+        args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
+        memory=args.memory, observer=observer))
+
+
+def _resume(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import pod
+
+    return _with_progress(console, args.quiet,
+                          lambda observer: pod.resume(args.run_dir, observer=observer))
+
+
+def _with_progress(console, quiet: bool, start) -> int:
+    from podpipe import report
+
+    if quiet:
+        start(None)
         return 0
     with report.LiveProgress(console) as live:
         try:
-            final = pod.run(args.spec, observer=live, **kwargs)
+            final = start(live)
         except PodpipeError:
             live.progress.stop()
             raise
+    for note in final.get("restore_notes", []):
+        console.print(f"[yellow]restored:[/] {note}", highlight=False)
     console.print(report.summary(final))
     console.print(f"run directory: {final['run_dir']}")
     return 0
@@ -247,7 +265,7 @@ def _not_yet(args: argparse.Namespace, console) -> int:
 
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
-             "render": _render, "resume": _not_yet, "swap": _not_yet}
+             "render": _render, "resume": _resume, "swap": _not_yet}
 
 if __name__ == "__main__":
     entry()

@@ -265,7 +265,7 @@ def test_a_batch_larger_than_the_budget_is_a_clear_error(workdir):
     (["run", "p.yaml", "--set", "source.columns=[nope]"], "names ['nope'], which the file"),
     (["validate", "bad.yaml"], "bad.yaml:3: invalid YAML"),
     (["status", "nowhere"], "not a podpipe run directory"),
-    (["resume", "nowhere"], "not implemented yet"),
+    (["resume", "nowhere"], "nowhere: not a podpipe run directory (no such directory)"),
     (["run"], "the following arguments are required: SPEC"),
 ], ids=["no-spec-file", "bad-memory", "replicas", "budget-over-tmpfs", "no-source-files",
         "unimportable-stage", "typo-field", "missing-column", "yaml-syntax", "status-no-run", "resume",

@@ -33,12 +33,13 @@ Key = tuple[str, int]  # (node, batch)
 
 @dataclass(frozen=True)
 class Output:
-    """A batch output in RAM scratch."""
+    """A batch output: in RAM scratch, or (restored on resume) on the node tier."""
 
     path: str
     nbytes: int
     rows: int
     checksum: str = ""
+    tier: str = "ram"
 
 
 # ------------------------------------------------------------------- events
@@ -169,6 +170,47 @@ class RunState:
             self.restarts.setdefault(node, 0)
         self._per_batch_nodes = sum(1 for n in self.graph.order if self.graph.domain[n] == BATCH)
 
+    @classmethod
+    def restored(cls, graph: Graph, source_batches: int, budget: int, *,
+                 retries: dict[str, int], kept: dict[Key, Output],
+                 finished: dict[str, set[int]]) -> "RunState":
+        """A run that resumes. `kept`: outputs found intact in some tier; `finished`:
+        what each node had finished (the journal).
+
+        A source batch is not run again when everything it gave the rest of the run
+        is kept: its outputs that a reduce reads, and its per-batch sinks' files.
+        Other batches run again from the source. What runs once (a reduce, and what
+        follows it) runs again unless every sink of it had finished.
+        """
+        run = cls(graph, source_batches, budget, retries=retries)
+        per_batch = [n for n in graph.order if graph.domain[n] == BATCH]
+        for_reduce = [n for n in per_batch
+                      if any(graph.domain[c] != BATCH for c in graph.consumers[n])]
+        batch_sinks = [n for n in per_batch if n in graph.sinks]
+        for batch in range(source_batches):
+            if not (all((n, batch) in kept for n in for_reduce) and
+                    all(batch in finished.get(n, ()) for n in batch_sinks)):
+                run.redo.append(batch)
+                continue
+            for node in per_batch:
+                run.done[node].add(batch)
+            for node in for_reduce:
+                output = kept[(node, batch)]
+                run.outputs[(node, batch)] = output
+                run.unread[(node, batch)] = {c for c in graph.consumers[node]
+                                             if graph.domain[c] != BATCH}
+                if output.tier == "ram":
+                    run.usage += output.nbytes
+        run.next_source = source_batches  # what is left comes through `redo`
+        once = [n for n in graph.order if graph.domain[n] != BATCH]
+        if once and all(0 in finished.get(n, ()) for n in once if n in graph.sinks):
+            for node in once:
+                run.done[node].add(0)
+        for node in once:
+            run._maybe_ready(node, 0)
+        run.peak = run.usage
+        return run
+
     # -- queries --------------------------------------------------------------
 
     def total(self, node: str) -> int:
@@ -271,7 +313,8 @@ class RunState:
             self.outputs[key] = event.output
             self.usage += event.output.nbytes
             self.peak = max(self.peak, self.usage)
-            self.unread[key] = set(self.graph.consumers[node])
+            self.unread[key] = {c for c in self.graph.consumers[node]  # (resumed: some
+                                if self._batch_of(c, batch) not in self.done[c]}  # are done)
             if self.graph.domain[node] == BATCH:
                 self.produced[batch] = self.produced.get(batch, 0) + event.output.nbytes
             if not self.unread[key]:
@@ -285,6 +328,9 @@ class RunState:
         for consumer in self.graph.consumers[node]:
             self._maybe_ready(consumer, batch if self.graph.domain[consumer] == BATCH else 0)
 
+    def _batch_of(self, node: str, batch: int) -> int:
+        return batch if self.graph.domain[node] == BATCH else 0
+
     def _release_inputs(self, node: str, batch: int, actions: list[Action]) -> None:
         for key in self._input_keys(node, batch):
             readers = self.unread.get(key)
@@ -297,8 +343,9 @@ class RunState:
     def _delete(self, key: Key, actions: list[Action]) -> None:
         output = self.outputs.pop(key)
         del self.unread[key]
-        self.usage -= output.nbytes
-        actions.append(Delete(output.path))
+        if output.tier == "ram":  # the node tier keeps its copies for the run
+            self.usage -= output.nbytes
+            actions.append(Delete(output.path))
 
     def _input_keys(self, node: str, batch: int) -> list[Key]:
         keys: list[Key] = []

@@ -23,11 +23,13 @@ from typing import Any, Callable
 from podpipe.engine import state as st
 from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
                             StageError)
-from podpipe.model.graph import Graph
+from podpipe.model.graph import BATCH, Graph
 from podpipe.model.spec import DEFAULT_RETRIES, SOURCE, Pipeline
 from podpipe.runtime import protocol, status
+from podpipe.runtime.journal import Copy, Journal
 from podpipe.runtime.launcher import ForkLauncher, Process, SpawnLauncher
 from podpipe.runtime.scratch import Scratch, process_start
+from podpipe.runtime.tiers import NodeTier
 
 FLUSH_SECONDS = 0.25
 STOP_GRACE_SECONDS = 5.0
@@ -49,17 +51,43 @@ class _Stats:
     bytes_read: int = 0
 
 
+def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
+    """Restarts each node's process may have (the spec's, else the default)."""
+    allowed = {node: DEFAULT_RETRIES for node in graph.order}
+    allowed.update({stage.name: stage.retries for stage in pipeline.stages})
+    return allowed
+
+
+@dataclass
+class Restored:
+    """What a resumed run starts from: the engine, and what it found where."""
+
+    engine: st.RunState
+    counts: dict[str, dict[str, int]]   # node -> tier -> batches restored from it
+    finished: dict[str, set[int]]       # node -> batches the journal had finished
+    notes: list[str]                    # what was found wrong (corrupt copies)
+
+
 class Conductor:
     def __init__(self, *, pipeline: Pipeline, graph: Graph, plan: list,
                  scratch: Scratch, run_dir: Path,
                  launcher: ForkLauncher | SpawnLauncher | None, run_id: str, pod: str,
-                 observer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 observer: Callable[[dict[str, Any]], None] | None = None,
+                 restored: Restored | None = None) -> None:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan
         self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
         self.run_id, self.pod, self.observer = run_id, pod, observer
-        retries = {node: DEFAULT_RETRIES for node in graph.order}
-        retries.update({stage.name: stage.retries for stage in pipeline.stages})
-        self.engine = st.RunState(graph, len(plan), pipeline.memory, retries=retries)
+        self.engine = restored.engine if restored else st.RunState(
+            graph, len(plan), pipeline.memory, retries=retries(pipeline, graph))
+        self.restored = restored.counts if restored else {}
+        self.previously = restored.finished if restored else {}
+        self.notes = restored.notes if restored else []
+        self.recomputed = {node: 0 for node in graph.order}
+        self.journal = Journal(run_dir)
+        self.node_tier = NodeTier(run_dir)
+        self.keep = {n for n in graph.order if n not in graph.sinks and (
+            graph.domain[n] != BATCH or
+            any(graph.domain[c] != BATCH for c in graph.consumers[n]))}
         self.timers: list[tuple[float, str]] = []  # (when, node): processes to start
         self.processes: dict[str, Process] = {}  # empty when agents are containers
         self.pids: dict[str, int] = {}             # as each agent said in its hello
@@ -88,6 +116,7 @@ class Conductor:
         try:
             for node in self.graph.order:
                 self.scratch.output_dir(node).mkdir(exist_ok=True)
+            self.scratch.socket.unlink(missing_ok=True)  # a dead conductor's, on resume
             listener.bind(str(self.scratch.socket))
             listener.listen(64)
             self.sel.register(listener, selectors.EVENT_READ, ("listen", listener))
@@ -107,9 +136,11 @@ class Conductor:
             self.sel.close()
             for pidfd in self.pidfds:
                 os.close(pidfd)
+            self.node_tier.close()  # copies handed over are finished: a resume uses them
             self.scratch.remove()
             self.ended = time.time()
             self._flush()
+            self.journal.close()
         if self.error is not None:
             raise self.error
         return self.snapshot()
@@ -221,7 +252,9 @@ class Conductor:
         elif kind == "done":
             self._count(node, message.get("stats", {}))
             out = message.get("output")
-            self._feed(st.TaskDone(node, batch, st.Output(**out) if out else None))
+            output = st.Output(**out) if out else None
+            self._record(node, batch, output)
+            self._feed(st.TaskDone(node, batch, output))
         elif kind == "failed":
             self._feed(st.TaskFailed(node, batch, message["message"],
                                      bool(message.get("input_error"))))
@@ -236,6 +269,19 @@ class Conductor:
             self.sel.unregister(conn.sock)
             conn.sock.close()
         self._feed(st.AgentExited(node, returncode))
+
+    def _record(self, node: str, batch: int, output: st.Output | None) -> None:
+        """Journal what finished; copy to the node tier what a resume would need (what
+        a reduce reads, and what runs once): the rest is cheaper to recompute."""
+        self.journal.finished(node, batch, self.versions.get(node, ""))
+        if batch in self.previously.get(node, ()):
+            self.recomputed[node] += 1
+        if output is not None:
+            self.journal.stored(Copy(node, batch, "ram", output.path, output.nbytes,
+                                     output.rows, output.checksum))
+            if node in self.keep:
+                self.node_tier.submit(node, batch, output.path, output.nbytes, output.rows,
+                                      output.checksum)
 
     def _count(self, node: str, stats: dict[str, Any]) -> None:
         s = self.stats[node]
@@ -337,6 +383,9 @@ class Conductor:
                 "busy_seconds": round(s.busy, 4),
                 "bytes_written": s.bytes_written, "bytes_read": s.bytes_read,
                 "restarts": engine.restarts[node],
+                "restored": {tier: self.restored.get(node, {}).get(tier, 0)
+                             for tier in ("ram", "node", "durable")},
+                "recomputed": self.recomputed[node],
             }
         return {
             "run_id": self.run_id, "pipeline": self.pipeline.name, "state": self.state,
@@ -347,6 +396,9 @@ class Conductor:
             "budget_bytes": self.pipeline.memory, "scratch_bytes": engine.usage,
             "peak_scratch_bytes": engine.peak, "source_batches": len(self.plan),
             "processes": processes, "stages": stages,
+            "restore_notes": self.notes,
+            "node_tier": {"copies": self.node_tier.copied,
+                          "errors": self.node_tier.errors[-5:]},
         }
 
     def _log(self, message: str) -> None:
@@ -358,6 +410,9 @@ class Conductor:
             pass
 
     def _flush(self) -> None:
+        for copy in self.node_tier.finished():
+            self.journal.stored(copy)
+        self.journal.commit()
         snapshot = self.snapshot()
         try:
             status.write(self.run_dir, snapshot)

@@ -28,7 +28,9 @@ from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
 from podpipe.runtime import protocol, status
 from podpipe.runtime import scratch as scratches
-from podpipe.runtime.conductor import Conductor
+from podpipe.engine import state as st
+from podpipe.runtime.conductor import Conductor, Restored, retries
+from podpipe.runtime.journal import Journal
 from podpipe.runtime.launcher import launcher as make_launcher
 
 
@@ -111,9 +113,77 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     return 0
 
 
+def resume(run_dir: str, *,
+           observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Finish a run whose conductor died, or whose pod was lost, from what survived:
+    outputs still in its RAM scratch, else on the node tier (checked by checksum),
+    else computed again. Returns the final status."""
+    run_path = Path(run_dir)
+    before = status.read(run_path)
+    if before["state"] in ("running", "succeeded"):
+        raise UsageError(f"{run_path}: the run " + ("is still running (its conductor is "
+                         "alive)" if before["state"] == "running" else "already succeeded")
+                         + "; nothing to resume")
+    try:
+        recorded = json.loads((run_path / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{run_path}: not a podpipe run directory ({exc})") from None
+    os.chdir(recorded["cwd"])  # relative paths in the spec resolve as they did
+    overrides = recorded["overrides"]
+    pipeline = validate(str(run_path / "spec.yaml"), overrides)
+    old = Path(before["scratch"])
+    root = scratches.default_root()
+    adopt = old.is_dir() and old.parent == root
+    scratches.sweep(root, keep=old if adopt else None)
+    _check_budget(pipeline, root)
+    run_id = before["run_id"]
+    make = ((lambda: scratches.Scratch.adopt(old)) if adopt
+            else (lambda: scratches.Scratch.create(run_id, root)))
+    return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-0", make,
+                    launch=True, observer=observer,
+                    restore=lambda graph, plan: _restore(pipeline, graph, plan, run_path,
+                                                         before))
+
+
+def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
+             before: dict[str, Any]) -> Restored:
+    """The engine of a resumed run, from the journal and the copies that check out."""
+    from podpipe.runtime import tiers
+
+    if len(plan) != before["source_batches"]:
+        raise RunError(f"the source has {len(plan)} batches now, {before['source_batches']} "
+                       "when the run started: it changed; start a new run")
+    journal = Journal(run_path)
+    try:
+        finished, copies = journal.done(), journal.copies()
+    finally:
+        journal.close()
+    kept: dict[tuple[str, int], st.Output] = {}
+    counts: dict[str, dict[str, int]] = {}
+    notes: list[str] = []
+    for copy in sorted(copies, key=lambda c: TIERS.index(c.tier)):
+        key = (copy.node, copy.batch)
+        if key in kept or copy.batch not in finished.get(copy.node, ()):
+            continue
+        if not Path(copy.path).exists():
+            continue  # a RAM copy of a lost pod, or one deleted once read
+        if not tiers.verified(copy.path, copy.checksum):
+            notes.append(f"{copy.node} batch {copy.batch}: the {copy.tier} copy is corrupt "
+                         "(checksum); not used")
+            continue
+        kept[key] = st.Output(copy.path, copy.nbytes, copy.rows, copy.checksum, copy.tier)
+        tally = counts.setdefault(copy.node, {})
+        tally[copy.tier] = tally.get(copy.tier, 0) + 1
+    engine = st.RunState.restored(graph, len(plan), pipeline.memory,
+                                  retries=retries(pipeline, graph), kept=kept,
+                                  finished=finished)
+    return Restored(engine, counts, finished, notes)
+
+
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
              pod: str, make_scratch: Callable[[], scratches.Scratch], *, launch: bool,
-             observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+             observer: Callable[[dict[str, Any]], None] | None,
+             restore: Callable[[Graph, list], Restored] | None = None) -> dict[str, Any]:
     graph = Graph.of(pipeline)
     scratch = launcher = None
     try:
@@ -127,16 +197,18 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         from podpipe.runtime import source  # pyarrow: imported while the fork server starts
 
         plan = source.plan(pipeline.source)
+        restored = restore(graph, plan) if restore else None
     except BaseException:
         if launcher is not None:
             launcher.close()
-        if scratch is not None:
-            scratch.remove()
-        shutil.rmtree(run_path, ignore_errors=True)  # nothing ran: leave no half a run
+        if restore is None:  # nothing ran: leave no half a run (a resumed one stays)
+            if scratch is not None:
+                scratch.remove()
+            shutil.rmtree(run_path, ignore_errors=True)
         raise
     conductor = Conductor(pipeline=pipeline, graph=graph, plan=plan, scratch=scratch,
                           run_dir=run_path, launcher=launcher, run_id=run_id, pod=pod,
-                          observer=observer)
+                          observer=observer, restored=restored)
     return conductor.run()
 
 
@@ -170,6 +242,9 @@ def _hold(socket_path: Path) -> None:
                         pass
 
 
+TIERS = ("ram", "node", "durable")  # nearest first: where a resume looks for an output
+
+
 def _check_budget(pipeline: specs.Pipeline, root: Path) -> None:
     try:
         free = shutil.disk_usage(root).free
@@ -184,8 +259,8 @@ def _make_run_dir(path: Path, spec_path: str, overrides: list[str]) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):
-            raise UsageError(f"--run-dir {path}: already holds a run; choose an empty "
-                             "directory")
+            raise UsageError(f"--run-dir {path}: already holds a run; resume it with "
+                             f"'podpipe resume {path}', or choose an empty directory")
         (path / "logs").mkdir()
         shutil.copyfile(spec_path, path / "spec.yaml")
         tmp = path / ".run.json.tmp"

@@ -60,9 +60,14 @@ class Scratch:
         scratch.remove()
         return scratch._claim()
 
+    @classmethod
+    def adopt(cls, path: Path) -> "Scratch":
+        """The scratch of a run whose conductor died, taken over with what it holds."""
+        return cls(path)._claim()
+
     def _claim(self) -> "Scratch":
         path = self.path
-        (path / "data").mkdir()
+        (path / "data").mkdir(exist_ok=True)
         owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
         tmp = path / ".owner.json.tmp"
         tmp.write_text(json.dumps(owner))
@@ -101,8 +106,8 @@ class Scratch:
                 child.unlink(missing_ok=True)
 
 
-def sweep(root: Path | None = None) -> list[Path]:
-    """Remove scratch directories whose owner process is gone; returns them."""
+def sweep(root: Path | None = None, keep: Path | None = None) -> list[Path]:
+    """Remove scratch directories whose owner process is gone, but `keep`; returns them."""
     root = root or default_root()
     removed: list[Path] = []
     try:
@@ -110,6 +115,8 @@ def sweep(root: Path | None = None) -> list[Path]:
     except OSError:
         return removed
     for path in candidates:
+        if path == keep:
+            continue
         try:
             owner = json.loads((path / "owner.json").read_text())
             if alive(int(owner["pid"]), owner.get("start")):

@@ -1,0 +1,82 @@
+"""The run's journal: which (node, batch) finished, and where its output lives.
+
+SQLite in `RUN_DIR/journal.sqlite` (WAL). Two tables: `done` (node, batch, the
+version of the stage that did it) and `outputs` (node, batch, tier, path, bytes,
+rows, checksum), a row per tier holding a copy. The conductor records what
+finished, and each node-tier copy once it is fsynced, and commits at every status
+flush. A crash loses at most the last quarter
+second of records: those batches are computed again. Nothing in the journal is
+trusted on resume without checking the file's checksum.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+FILE = "journal.sqlite"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS done (
+    node TEXT NOT NULL, batch INTEGER NOT NULL, version TEXT,
+    PRIMARY KEY (node, batch));
+CREATE TABLE IF NOT EXISTS outputs (
+    node TEXT NOT NULL, batch INTEGER NOT NULL, tier TEXT NOT NULL, path TEXT NOT NULL,
+    nbytes INTEGER NOT NULL, rows INTEGER NOT NULL, checksum TEXT NOT NULL,
+    PRIMARY KEY (node, batch, tier));
+"""
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One tier's copy of one output, as the journal has it."""
+
+    node: str
+    batch: int
+    tier: str
+    path: str
+    nbytes: int
+    rows: int
+    checksum: str
+
+
+class Journal:
+    def __init__(self, run_dir: Path) -> None:
+        self.db = sqlite3.connect(run_dir / FILE, timeout=10)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def finished(self, node: str, batch: int, version: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?)", (node, batch, version))
+
+    def undone(self, node: str, batch: int) -> None:
+        """A batch given up (to be computed again): it is not finished any more."""
+        self.db.execute("DELETE FROM done WHERE node = ? AND batch = ?", (node, batch))
+
+    def stored(self, copy: Copy) -> None:
+        self.db.execute("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (copy.node, copy.batch, copy.tier, copy.path, copy.nbytes,
+                         copy.rows, copy.checksum))
+
+    def dropped(self, node: str, batch: int, tier: str) -> None:
+        self.db.execute("DELETE FROM outputs WHERE node = ? AND batch = ? AND tier = ?",
+                        (node, batch, tier))
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    def done(self) -> dict[str, set[int]]:
+        finished: dict[str, set[int]] = {}
+        for node, batch in self.db.execute("SELECT node, batch FROM done"):
+            finished.setdefault(node, set()).add(batch)
+        return finished
+
+    def copies(self) -> list[Copy]:
+        return [Copy(*row) for row in self.db.execute(
+            "SELECT node, batch, tier, path, nbytes, rows, checksum FROM outputs "
+            "ORDER BY node, batch, tier")]
+
+    def close(self) -> None:
+        self.db.commit()
+        self.db.close()

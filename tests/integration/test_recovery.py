@@ -1,0 +1,195 @@
+"""Failures and what survives them: a dead conductor, a lost pod, a corrupt copy.
+
+The pipeline: source -> slow -> double -> (per-batch sink, and a reduce -> sink).
+A batch is finished for good once its `double` output (what the reduce reads) is
+kept in some tier and its per-batch sink file is written; `podpipe resume` runs
+only the other batches again. Every case ends with the undisturbed run's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, make_numbers, podpipe, spec, write_spec
+
+BATCHES, ROWS = 10, 1000
+
+
+def _spec(workdir: Path) -> Path:
+    make_numbers(workdir / "data")  # 10 batches of 1000 rows
+    return write_spec(workdir / "p.yaml", spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+         {"name": "double", "run": "pystages:double", "inputs": ["slow"]},
+         {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["double"]}],
+        [{"name": "doubled", "input": "double", "uri": "out/doubled/"},
+         {"name": "summed", "input": "total", "uri": "out/summed/"}]))
+
+
+def _output(workdir: Path) -> dict[str, bytes]:
+    out = workdir / "out"
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
+
+
+@pytest.fixture
+def expected(tmp_path: Path) -> dict[str, bytes]:
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    _spec(clean)
+    done = podpipe("run", "p.yaml", "--quiet", cwd=clean, SLOW_SECONDS="0")
+    assert done.returncode == 0, done.stderr
+    result = _output(clean)
+    assert len(result) == BATCHES + 1
+    return result
+
+
+def _start(workdir: Path, slow: str = "0.15") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                             "--run-dir", "run"], cwd=workdir, env=cli_env(SLOW_SECONDS=slow),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _status(workdir: Path) -> dict:
+    try:
+        return json.loads((workdir / "run" / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _kill_conductor_after(run: subprocess.Popen, workdir: Path, batches: int) -> dict:
+    """SIGKILL the conductor once `batches` per-batch sink files are written."""
+    deadline = time.monotonic() + 60
+    while _status(workdir).get("stages", {}).get("doubled", {}).get("batches_done", 0) < batches:
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    before = _status(workdir)
+    run.kill()
+    run.communicate()
+    _wait_gone([p["pid"] for p in before["processes"]])
+    return before
+
+
+def _wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < deadline, f"process {pid} outlived its conductor"
+            time.sleep(0.02)
+
+
+def _resume(workdir: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    done = podpipe("resume", "run", *flags, cwd=workdir, SLOW_SECONDS="0.01")
+    return done, _status(workdir)
+
+
+def test_after_the_conductor_dies_resume_finishes_from_ram_without_redoing_batches(
+        tmp_path, expected):
+    workdir = tmp_path / "w"
+    _spec(workdir)
+    run = _start(workdir)
+    before = _kill_conductor_after(run, workdir, 4)
+    assert Path(before["scratch"]).is_dir()  # the pod is still there: RAM survived
+    done, after = _resume(workdir)
+    assert done.returncode == 0, done.stderr
+    assert _output(workdir) == expected
+    double = after["stages"]["double"]
+    kept = double["restored"]["ram"]
+    assert kept >= 4 and double["restored"]["node"] == 0
+    assert double["recomputed"] == 0  # no batch it had finished and kept ran again
+    assert double["rows_in"] == ROWS * (BATCHES - kept)  # only the others ran
+    assert after["state"] == "succeeded" and not Path(after["scratch"]).exists()
+
+
+def test_after_the_pod_is_lost_resume_finishes_from_the_node_tier(tmp_path, expected):
+    workdir = tmp_path / "w"
+    _spec(workdir)
+    run = _start(workdir)
+    before = _kill_conductor_after(run, workdir, 4)
+    shutil.rmtree(before["scratch"])  # the pod's RAM is gone
+    done, after = _resume(workdir)
+    assert done.returncode == 0, done.stderr
+    assert _output(workdir) == expected
+    double = after["stages"]["double"]
+    assert double["restored"]["ram"] == 0 and double["restored"]["node"] >= 4
+    assert double["rows_in"] == ROWS * (BATCHES - double["restored"]["node"])
+
+
+def test_a_corrupt_copy_is_detected_by_checksum_and_its_batch_computed_again(tmp_path,
+                                                                            expected):
+    workdir = tmp_path / "w"
+    _spec(workdir)
+    run = _start(workdir)
+    before = _kill_conductor_after(run, workdir, 4)
+    shutil.rmtree(before["scratch"])
+    copy = sorted((workdir / "run" / "node" / "double").glob("*.arrow"))[1]
+    copy.write_bytes(copy.read_bytes()[:-7])  # truncated on a bad disk
+    done, after = _resume(workdir)
+    assert done.returncode == 0, done.stderr
+    assert f"double batch {int(copy.stem)}: the node copy is corrupt" in done.stdout
+    assert any("corrupt" in note for note in after["restore_notes"])
+    assert _output(workdir) == expected
+    double = after["stages"]["double"]
+    assert double["recomputed"] >= 1
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("succeeded", "already succeeded; nothing to resume"),
+    ("missing", "not a podpipe run directory"),
+])
+def test_resume_refuses_what_it_cannot_resume(tmp_path, setup, message):
+    workdir = tmp_path / "w"
+    _spec(workdir)
+    if setup == "succeeded":
+        assert podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir,
+                       SLOW_SECONDS="0").returncode == 0
+    done = podpipe("resume", "run", cwd=workdir)
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_run_into_a_run_directory_that_holds_a_run_points_to_resume(tmp_path):
+    workdir = tmp_path / "w"
+    _spec(workdir)
+    run = _start(workdir)
+    _kill_conductor_after(run, workdir, 2)
+    done = podpipe("run", "p.yaml", "--run-dir", "run", cwd=workdir)
+    assert done.returncode == 2 and "podpipe resume run" in done.stderr
+
+
+def test_chaos_kill_a_random_process_at_a_random_moment_then_resume(tmp_path, expected):
+    """Kill -9 the conductor or a stage process at a random moment; resume until the run
+    succeeds. PODPIPE_CHAOS_RUNS sets how many times (default 20)."""
+    rng = random.Random(int(os.environ.get("PODPIPE_CHAOS_SEED", "7")))
+    for attempt in range(int(os.environ.get("PODPIPE_CHAOS_RUNS", "20"))):
+        workdir = tmp_path / f"chaos-{attempt}"
+        _spec(workdir)
+        run = _start(workdir, slow="0.05")
+        time.sleep(rng.uniform(0.3, 1.5))
+        processes = _status(workdir).get("processes", [])
+        victim = rng.choice(processes) if processes else None
+        if victim is not None and run.poll() is None:
+            try:
+                os.kill(victim["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        run.communicate(timeout=60)
+        for _ in range(3):
+            if _status(workdir).get("state") == "succeeded":
+                break
+            if victim and victim["role"] == "conductor":
+                _wait_gone([p["pid"] for p in processes])
+            done, _ = _resume(workdir, "--quiet")
+            assert done.returncode == 0, (attempt, victim, done.stderr)
+        assert _status(workdir)["state"] == "succeeded", (attempt, victim)
+        assert _output(workdir) == expected, (attempt, victim)
+        shutil.rmtree(workdir)
