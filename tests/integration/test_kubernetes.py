@@ -156,7 +156,8 @@ def wait_for(run_dir: Path, pod: LocalPod, timeout: float = 120,
             return status
         for name, process in list(pod.processes.items()):
             if restart and process.poll() is not None:
-                pod.start(next(c for c in pod.pod["containers"] if c["name"] == name))
+                pod.start(next(c for c in pod.pod["containers"] + pod.pod["initContainers"]
+                               if c["name"] == name))
                 continue
             assert process.poll() is None or process.returncode == 0, \
                 f"container {name} exited {process.returncode}:\n{pod.log(name)}"
@@ -243,6 +244,35 @@ def test_a_stage_container_that_dies_is_restarted_and_the_run_still_gets_it_righ
         assert status["state"] == "succeeded", status.get("error")
         assert (image_root / "died-once").exists()
         assert status["stages"]["prices"]["restarts"] == 1
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+    finally:
+        pod.terminate()
+
+
+def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_path,
+                                                                          image_root):
+    from examples.tpch import data
+
+    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet",
+                   "--set", "source.batchRows=2000", cwd=ROOT)
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
+    run_dir = pod.volumes["node"] / "runs" / pod.name
+    try:
+        pod.run()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                progress = json.loads((run_dir / "status.json").read_text())
+            except (OSError, ValueError):
+                progress = {}
+            if progress.get("stages", {}).get("partial", {}).get("batches_done", 0) >= 5:
+                break
+            assert time.monotonic() < deadline and progress.get("state") != "succeeded"
+            time.sleep(0.02)
+        pod.processes["podpipe-conductor"].kill()  # the kubelet will restart it
+        status = wait_for(run_dir, pod, restart=True)
+        assert status["state"] == "succeeded", status.get("error")
+        assert status["stages"]["partial"]["restored"]["ram"] >= 5
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
     finally:
         pod.terminate()

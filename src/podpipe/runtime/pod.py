@@ -95,13 +95,13 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     _check_budget(pipeline, scratch_path)
     run_path = Path(run_dir)
     pod = os.environ.get("POD_NAME") or socket.gethostname()
-    previous = run_path / status.FILE
-    if previous.exists():
-        state = status.read(run_path).get("state")
-        if state != "succeeded":
-            raise RunError(f"{run_path} holds a {state} run; resuming it needs the "
-                           "checkpoints work (not implemented yet): remove the directory "
-                           "to start again")
+    if (run_path / status.FILE).exists():
+        # A restarted conductor container: the memory volume outlived it, and the run
+        # directory is on the node tier. Finish the run from them, unless it is done.
+        if status.read(run_path)["state"] != "succeeded":
+            resume(str(run_path), scratch=lambda: scratches.Scratch.adopt(scratch_path,
+                                                                         volume=True),
+                   launch=layout == "processes", pod=pod)
     else:
         _make_run_dir(run_path, spec_path, overrides)
         run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -113,11 +113,14 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     return 0
 
 
-def resume(run_dir: str, *,
-           observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = None,
+           scratch: Callable[[], scratches.Scratch] | None = None, launch: bool = True,
+           pod: str | None = None) -> dict[str, Any]:
     """Finish a run whose conductor died, or whose pod was lost, from what survived:
     outputs still in its RAM scratch, else on the node tier (checked by checksum),
-    else computed again. Returns the final status."""
+    else computed again. Returns the final status. `scratch`, `launch` and `pod`:
+    as a pod on Kubernetes has them (see `serve`); by default the run's own scratch
+    on this machine is taken over if it is still there."""
     run_path = Path(run_dir)
     before = status.read(run_path)
     if before["state"] in ("running", "succeeded"):
@@ -131,16 +134,17 @@ def resume(run_dir: str, *,
     os.chdir(recorded["cwd"])  # relative paths in the spec resolve as they did
     overrides = recorded["overrides"]
     pipeline = validate(str(run_path / "spec.yaml"), overrides)
-    old = Path(before["scratch"])
-    root = scratches.default_root()
-    adopt = old.is_dir() and old.parent == root
-    scratches.sweep(root, keep=old if adopt else None)
-    _check_budget(pipeline, root)
     run_id = before["run_id"]
-    make = ((lambda: scratches.Scratch.adopt(old)) if adopt
-            else (lambda: scratches.Scratch.create(run_id, root)))
-    return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-0", make,
-                    launch=True, observer=observer,
+    if scratch is None:
+        old = Path(before["scratch"])
+        root = scratches.default_root()
+        adopt = old.is_dir() and old.parent == root
+        scratches.sweep(root, keep=old if adopt else None)
+        _check_budget(pipeline, root)
+        scratch = ((lambda: scratches.Scratch.adopt(old)) if adopt
+                   else (lambda: scratches.Scratch.create(run_id, root)))
+    return _conduct(pipeline, run_path, overrides, run_id, pod or f"{pipeline.name}-0",
+                    scratch, launch=launch, observer=observer,
                     restore=lambda graph, plan: _restore(pipeline, graph, plan, run_path,
                                                          before))
 

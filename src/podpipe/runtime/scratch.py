@@ -61,9 +61,9 @@ class Scratch:
         return scratch._claim()
 
     @classmethod
-    def adopt(cls, path: Path) -> "Scratch":
+    def adopt(cls, path: Path, volume: bool = False) -> "Scratch":
         """The scratch of a run whose conductor died, taken over with what it holds."""
-        return cls(path)._claim()
+        return cls(path, volume)._claim()
 
     def _claim(self) -> "Scratch":
         path = self.path
