@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a spec field, e.g. source.batchRows=100000 or "
                           "stages.filter.run=mod:fn (repeatable)")
+    run.add_argument("--fresh", action="store_true",
+                     help="ignore the durable tier's checkpoints of this spec; start over")
     run.add_argument("--quiet", action="store_true", help="no progress, no summary")
 
     resume = sub.add_parser(
@@ -168,7 +170,7 @@ def _run(args: argparse.Namespace, console) -> int:
 
     return _with_progress(console, args.quiet, lambda observer: pod.run(
         args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
-        memory=args.memory, observer=observer))
+        memory=args.memory, fresh=args.fresh, observer=observer))
 
 
 def _resume(args: argparse.Namespace, console) -> int:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import cli_env, make_numbers, podpipe, spec, write_spec
 
@@ -193,3 +194,111 @@ def test_chaos_kill_a_random_process_at_a_random_moment_then_resume(tmp_path, ex
         assert _status(workdir)["state"] == "succeeded", (attempt, victim)
         assert _output(workdir) == expected, (attempt, victim)
         shutil.rmtree(workdir)
+
+
+# -- the durable tier ------------------------------------------------------------------
+
+
+def _durable_spec(workdir: Path, url: str) -> Path:
+    path = _spec(workdir)
+    document = yaml.safe_load(path.read_text())
+    document["spec"]["checkpoints"] = {"durable": url, "everyBatches": 2, "interval": 0.5}
+    return write_spec(path, document)
+
+
+def _manifests(store: Path) -> list[Path]:
+    return sorted(store.rglob("manifest-*.json"))
+
+
+def _lose_the_node(run: subprocess.Popen, workdir: Path, until) -> None:
+    """Run until `until()`, then lose the node: processes, RAM scratch, run directory."""
+    deadline = time.monotonic() + 60
+    while not until():
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    before = _status(workdir)
+    run.kill()
+    run.communicate()
+    _wait_gone([p["pid"] for p in before["processes"]])
+    shutil.rmtree(before["scratch"], ignore_errors=True)
+    shutil.rmtree(workdir / "run")
+
+
+def test_after_the_node_is_lost_the_same_run_starts_from_the_durable_checkpoint(
+        tmp_path, expected):
+    workdir, store = tmp_path / "w", tmp_path / "store"
+    _durable_spec(workdir, f"file://{store}")
+    run = _start(workdir)
+    _lose_the_node(run, workdir, lambda: len(_manifests(store)) >= 2)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir,
+                   SLOW_SECONDS="0.01")
+    assert done.returncode == 0, done.stderr
+    assert _output(workdir) == expected
+    after = _status(workdir)
+    restored = after["stages"]["double"]["restored"]
+    assert restored["durable"] >= 2 and restored["ram"] == restored["node"] == 0
+    assert after["stages"]["double"]["rows_in"] == ROWS * (BATCHES - restored["durable"])
+    assert len(_manifests(store)) <= 3  # checkpoints.keep
+
+
+def test_run_fresh_ignores_the_durable_checkpoints(tmp_path, expected):
+    workdir, store = tmp_path / "w", tmp_path / "store"
+    _durable_spec(workdir, f"file://{store}")
+    run = _start(workdir)
+    _lose_the_node(run, workdir, lambda: len(_manifests(store)) >= 1)
+    done = podpipe("run", "p.yaml", "--quiet", "--fresh", "--run-dir", "run", cwd=workdir,
+                   SLOW_SECONDS="0")
+    assert done.returncode == 0, done.stderr
+    assert _output(workdir) == expected
+    double = _status(workdir)["stages"]["double"]
+    assert double["restored"] == {"ram": 0, "node": 0, "durable": 0}
+    assert double["rows_in"] == ROWS * BATCHES
+
+
+@pytest.fixture
+def s3():
+    from benchmarks.paradigms import MotoServer
+
+    with MotoServer() as server:
+        env = {**os.environ, **server.env}
+        subprocess.run([sys.executable, "-c", "import fsspec; fsspec.filesystem('s3')"
+                        ".mkdir('checkpoints')"], env=env, check=True)
+        yield server
+
+
+def test_over_s3_a_lost_node_resumes_from_the_object_store(tmp_path, expected, s3):
+    workdir = tmp_path / "w"
+    _durable_spec(workdir, "s3://checkpoints/runs")
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=workdir,
+                           env=cli_env(SLOW_SECONDS="0.15", **s3.env),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _lose_the_node(run, workdir, lambda: (_status(workdir).get("durable") or {}).get(
+        "checkpoints", 0) >= 2)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir,
+                   SLOW_SECONDS="0.01", **s3.env)
+    assert done.returncode == 0, done.stderr
+    assert _output(workdir) == expected
+    assert _status(workdir)["stages"]["double"]["restored"]["durable"] >= 2
+
+
+def test_when_the_store_goes_down_the_run_goes_on_and_says_checkpoints_are_behind(
+        tmp_path, expected, s3):
+    workdir = tmp_path / "w"
+    _durable_spec(workdir, "s3://checkpoints/down")
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=workdir,
+                           env=cli_env(SLOW_SECONDS="0.15", **s3.env),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (_status(workdir).get("durable") or {}).get("checkpoints", 0) < 1:
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    s3.process.kill()  # the store is gone mid-run
+    s3.process.wait()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    assert _output(workdir) == expected
+    durable = _status(workdir)["durable"]
+    assert durable["behind"]  # its last checkpoints never reached the store

@@ -29,10 +29,12 @@ from podpipe.runtime import protocol, status
 from podpipe.runtime.journal import Copy, Journal
 from podpipe.runtime.launcher import ForkLauncher, Process, SpawnLauncher
 from podpipe.runtime.scratch import Scratch, process_start
+from podpipe.runtime.durable import DurableTier
 from podpipe.runtime.tiers import NodeTier
 
 FLUSH_SECONDS = 0.25
 STOP_GRACE_SECONDS = 5.0
+DURABLE_WAIT = 10.0  # at the end of a failed run, for its last checkpoint
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Restored:
     counts: dict[str, dict[str, int]]   # node -> tier -> batches restored from it
     finished: dict[str, set[int]]       # node -> batches the journal had finished
     notes: list[str]                    # what was found wrong (corrupt copies)
+    on_disk: list[Copy]                 # kept copies on the node tier, for checkpoints
 
 
 class Conductor:
@@ -73,7 +76,8 @@ class Conductor:
                  scratch: Scratch, run_dir: Path,
                  launcher: ForkLauncher | SpawnLauncher | None, run_id: str, pod: str,
                  observer: Callable[[dict[str, Any]], None] | None = None,
-                 restored: Restored | None = None) -> None:
+                 restored: Restored | None = None,
+                 durable: DurableTier | None = None) -> None:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan
         self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
         self.run_id, self.pod, self.observer = run_id, pod, observer
@@ -82,6 +86,8 @@ class Conductor:
         self.restored = restored.counts if restored else {}
         self.previously = restored.finished if restored else {}
         self.notes = restored.notes if restored else []
+        self.durable = durable
+        self.on_disk: list[Copy] = list(restored.on_disk) if restored else []
         self.recomputed = {node: 0 for node in graph.order}
         self.journal = Journal(run_dir)
         self.node_tier = NodeTier(run_dir)
@@ -140,6 +146,11 @@ class Conductor:
             self.scratch.remove()
             self.ended = time.time()
             self._flush()
+            if self.durable is not None:
+                if self.state != "succeeded":  # what a rescheduled pod would start from
+                    self._checkpoint()
+                self.durable.close(wait=0 if self.state == "succeeded" else DURABLE_WAIT)
+                self._flush()
             self.journal.close()
         if self.error is not None:
             raise self.error
@@ -397,9 +408,14 @@ class Conductor:
             "peak_scratch_bytes": engine.peak, "source_batches": len(self.plan),
             "processes": processes, "stages": stages,
             "restore_notes": self.notes,
+            "durable": self.durable.status() if self.durable else None,
             "node_tier": {"copies": self.node_tier.copied,
                           "errors": self.node_tier.errors[-5:]},
         }
+
+    def _checkpoint(self) -> None:
+        assert self.durable is not None
+        self.durable.take(self.on_disk, {n: sorted(b) for n, b in self.engine.done.items()})
 
     def _log(self, message: str) -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""
@@ -412,7 +428,11 @@ class Conductor:
     def _flush(self) -> None:
         for copy in self.node_tier.finished():
             self.journal.stored(copy)
+            self.on_disk.append(copy)
         self.journal.commit()
+        if self.durable is not None and self.state == "running" and \
+                self.durable.due(len(self.on_disk)):
+            self._checkpoint()
         snapshot = self.snapshot()
         try:
             status.write(self.run_dir, snapshot)

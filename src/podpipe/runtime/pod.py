@@ -30,7 +30,8 @@ from podpipe.runtime import protocol, status
 from podpipe.runtime import scratch as scratches
 from podpipe.engine import state as st
 from podpipe.runtime.conductor import Conductor, Restored, retries
-from podpipe.runtime.journal import Journal
+from podpipe.runtime import durable
+from podpipe.runtime.journal import Copy, Journal
 from podpipe.runtime.launcher import launcher as make_launcher
 
 
@@ -41,9 +42,13 @@ def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> spe
 
 def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         run_dir: str | None = None,
-        replicas: int = 1, memory: str | None = None,
+        replicas: int = 1, memory: str | None = None, fresh: bool = False,
         observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the pipeline to the end in one pod on this machine; returns the final status."""
+    """Run the pipeline to the end in one pod on this machine; returns the final status.
+
+    With a durable tier (`checkpoints.durable`), a run of the same spec starts from its
+    latest major checkpoint there, as a pod rescheduled on another node would;
+    `fresh` ignores it."""
     overrides = list(overrides)
     if replicas != 1:
         raise UsageError(f"--replicas {replicas}: only 1 replica is supported so far; "
@@ -61,9 +66,23 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     _make_run_dir(run_path, spec_path, overrides)
+    restore = None
+    if pipeline.checkpoints.durable and not fresh:
+        found = durable.latest(pipeline.checkpoints.durable, pipeline.name,
+                               _spec_digest(run_path))
+        if found is not None:
+            def restore(graph: Graph, plan: list) -> Restored:
+                from podpipe.runtime import tiers
+
+                if found.source_batches != len(plan):
+                    return _restore(pipeline, graph, plan, {}, [], [
+                        f"the durable checkpoint has {found.source_batches} source batches, "
+                        f"the source {len(plan)} now: not used"])
+                copies, notes = durable.fetch(found, run_path, tiers.verified)
+                return _restore(pipeline, graph, plan, found.finished, copies, notes)
     return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-0",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
-                    observer=observer)
+                    observer=observer, restore=restore)
 
 
 def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
@@ -145,15 +164,12 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
                    else (lambda: scratches.Scratch.create(run_id, root)))
     return _conduct(pipeline, run_path, overrides, run_id, pod or f"{pipeline.name}-0",
                     scratch, launch=launch, observer=observer,
-                    restore=lambda graph, plan: _restore(pipeline, graph, plan, run_path,
-                                                         before))
+                    restore=lambda graph, plan: _from_journal(pipeline, graph, plan,
+                                                              run_path, before))
 
 
-def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
-             before: dict[str, Any]) -> Restored:
-    """The engine of a resumed run, from the journal and the copies that check out."""
-    from podpipe.runtime import tiers
-
+def _from_journal(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
+                  before: dict[str, Any]) -> Restored:
     if len(plan) != before["source_batches"]:
         raise RunError(f"the source has {len(plan)} batches now, {before['source_batches']} "
                        "when the run started: it changed; start a new run")
@@ -162,9 +178,21 @@ def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
         finished, copies = journal.done(), journal.copies()
     finally:
         journal.close()
+    return _restore(pipeline, graph, plan, finished, copies, [])
+
+
+def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list,
+             finished: dict[str, set[int]], copies: list[Copy], notes: list[str]) -> Restored:
+    """The engine of a resumed run: what each node had finished, and the copies of its
+    outputs that check out, nearest tier first. A sink's batch counts as finished only
+    if its file is there."""
+    from podpipe.runtime import sink, tiers
+
+    for target in pipeline.sinks:
+        if target.name in finished:
+            finished[target.name] &= sink.written(target)
     kept: dict[tuple[str, int], st.Output] = {}
     counts: dict[str, dict[str, int]] = {}
-    notes: list[str] = []
     for copy in sorted(copies, key=lambda c: TIERS.index(c.tier)):
         key = (copy.node, copy.batch)
         if key in kept or copy.batch not in finished.get(copy.node, ()):
@@ -181,7 +209,14 @@ def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
     engine = st.RunState.restored(graph, len(plan), pipeline.memory,
                                   retries=retries(pipeline, graph), kept=kept,
                                   finished=finished)
-    return Restored(engine, counts, finished, notes)
+    on_disk = [Copy(n, b, o.tier, o.path, o.nbytes, o.rows, o.checksum)
+               for (n, b), o in kept.items() if o.tier != "ram"]
+    return Restored(engine, counts, finished, notes, on_disk)
+
+
+def _spec_digest(run_path: Path) -> str:
+    recorded = json.loads((run_path / "run.json").read_text())
+    return durable.digest((run_path / "spec.yaml").read_bytes(), recorded["overrides"])
 
 
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
@@ -202,6 +237,11 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
 
         plan = source.plan(pipeline.source)
         restored = restore(graph, plan) if restore else None
+        checkpoints = pipeline.checkpoints
+        tier = None if not checkpoints.durable else durable.DurableTier(
+            checkpoints.durable, pipeline.name, _spec_digest(run_path),
+            every_batches=checkpoints.every_batches, interval=checkpoints.interval,
+            keep=checkpoints.keep, source_batches=len(plan))
     except BaseException:
         if launcher is not None:
             launcher.close()
@@ -212,7 +252,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         raise
     conductor = Conductor(pipeline=pipeline, graph=graph, plan=plan, scratch=scratch,
                           run_dir=run_path, launcher=launcher, run_id=run_id, pod=pod,
-                          observer=observer, restored=restored)
+                          observer=observer, restored=restored, durable=tier)
     return conductor.run()
 
 

@@ -37,3 +37,14 @@ class Writer:
                 self.fs.rm(tmp)
             raise
         return final
+
+
+def written(sink: Sink) -> set[int]:
+    """The batches whose files are in the sink now."""
+    try:
+        fs, root = fsspec.core.url_to_fs(sink.uri)
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except (OSError, ValueError):
+        return set()
+    return {int(n[5:11]) for n in names
+            if n.startswith("part-") and n.endswith(".parquet") and n[5:11].isdigit()}
