@@ -291,3 +291,31 @@ def test_validate_accepts_a_good_spec(workdir):
     done = podpipe("validate", "p.yaml", cwd=workdir)
     assert done.returncode == 0
     assert "valid pipeline 't'" in done.stdout
+
+
+COPY_INPUT = ("import os, pyarrow as pa, pyarrow.ipc as ipc; "
+              "t = ipc.open_file(os.environ['PODPIPE_INPUT']).read_all(); "
+              "w = ipc.new_file(os.environ['PODPIPE_OUTPUT'], t.schema); "
+              "w.write_table(t); w.close()")
+
+
+@pytest.mark.parametrize("kind", ["function", "command"])
+def test_reduce_inputs_beyond_the_budget_spill_to_the_node_tier(workdir, kind):
+    """Ten batches' outputs must all stay until the reduce reads them, and only about
+    three fit in the budget: the rest are written to the node tier and read from there."""
+    make_numbers(workdir / "data", files=2, rows=10_000, row_group=2000)
+    producer = ({"run": "pystages:double"} if kind == "function"
+                else {"command": [sys.executable, "-c", COPY_INPUT]})
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "keep", **producer, "inputs": ["source"]},
+         {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["keep"]}],
+        [{"input": "total", "uri": "out/"}], batch_rows=2000, memory=str(100 * 1024)))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir, timeout=120)
+    assert done.returncode == 0, done.stderr
+    factor = 2 if kind == "function" else 1
+    assert read_sink(workdir / "out").to_pylist() == [
+        {"rows": 20_000, "sum": factor * sum(range(20_000))}]
+    status = json.loads(podpipe("status", "run", "--json", cwd=workdir).stdout)
+    assert status["spilled_outputs"] >= 5
+    assert status["peak_scratch_bytes"] <= 100 * 1024
+    assert "spills to the node tier" in (workdir / "run/logs/conductor.log").read_text()

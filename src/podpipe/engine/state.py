@@ -12,9 +12,11 @@ decisions of a run live here, so they can be tested without processes:
   are admitted only while the batches already on the line, at the largest footprint
   seen so far, still fit (backpressure). When that estimate proves too low (later
   batches are larger) and the line stops for lack of RAM, the newest batch on the
-  line is given up and run again from the source later. A run that still cannot
-  move fails with a BudgetError instead of hanging;
-- lifetime: an output is deleted as soon as every node that reads it has read it.
+  line is given up and run again from the source later. What still cannot move
+  (outputs that must stay, such as a reduce's inputs) spills to the node tier; an
+  output larger than the whole budget fails with a BudgetError;
+- lifetime: an output is deleted as soon as every node that reads it has read it;
+- restarts of dead processes, and the state a resumed run starts from.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class Spill:
+    """Let `node` write its waiting output to the node tier instead of RAM scratch."""
+
+    node: str
+
+
+@dataclass(frozen=True)
 class Restart:
     """Start `node`'s process again after `delay` seconds (its `attempt`-th restart)."""
 
@@ -126,7 +135,7 @@ class Failed:
     error: PodpipeError
 
 
-Action = Dispatch | Grant | Deny | Delete | Restart | Finished | Failed
+Action = Dispatch | Grant | Deny | Delete | Spill | Restart | Finished | Failed
 
 # -------------------------------------------------------------------- state
 
@@ -161,6 +170,7 @@ class RunState:
     footprint: int | None = None  # most bytes one batch has made over the whole line
     redo: list[int] = field(default_factory=list)  # source batches dropped, to load again
     outcome: Action | None = None
+    spills: int = 0          # outputs written to the node tier for lack of RAM
 
     def __post_init__(self) -> None:
         for node in self.graph.order:
@@ -253,7 +263,7 @@ class RunState:
                 self._grant_waiting(actions)
                 self._dispatch(actions)
             if self._stuck():
-                actions.extend(self._fail(self._budget_error()))
+                self._spill(actions)
         return actions
 
     # -- pieces ----------------------------------------------------------------
@@ -311,11 +321,12 @@ class RunState:
         if event.output is not None:
             key = (node, batch)
             self.outputs[key] = event.output
-            self.usage += event.output.nbytes
-            self.peak = max(self.peak, self.usage)
+            if event.output.tier == "ram":
+                self.usage += event.output.nbytes
+                self.peak = max(self.peak, self.usage)
             self.unread[key] = {c for c in self.graph.consumers[node]  # (resumed: some
                                 if self._batch_of(c, batch) not in self.done[c]}  # are done)
-            if self.graph.domain[node] == BATCH:
+            if self.graph.domain[node] == BATCH and event.output.tier == "ram":
                 self.produced[batch] = self.produced.get(batch, 0) + event.output.nbytes
             if not self.unread[key]:
                 self._delete(key, actions)
@@ -458,21 +469,22 @@ class RunState:
         self.footprint = max(self.footprint or 0, self.budget // (len(self.on_line) + 1))
         return True
 
+    def _spill(self, actions: list[Action]) -> None:
+        """Nothing in RAM can move and nothing can be given up (what waits must stay,
+        such as a reduce's inputs): the most downstream waiting output goes to the
+        node tier, memory-mapped from there by its readers. It is not RAM budget."""
+        node = next(n for n in reversed(self.graph.order)
+                    if self.agents[n].status == WAITING)
+        agent = self.agents[node]
+        agent.status, agent.want = RUNNING, 0
+        self.spills += 1
+        actions.append(Spill(node))
+
     def _stuck(self) -> bool:
         """Someone waits for RAM and nothing can free any: no task is running, and no
         agent is still to connect (it would read what it is owed)."""
         statuses = {a.status for a in self.agents.values()}
         return WAITING in statuses and not statuses & {RUNNING, ABSENT}
-
-    def _budget_error(self) -> BudgetError:
-        node, agent = next((n, a) for n, a in self.agents.items() if a.status == WAITING)
-        holders = ", ".join(sorted({name for name, _ in self.outputs}))
-        return BudgetError(
-            f"the RAM budget of {format_size(self.budget)} is full: stage {node!r}, batch "
-            f"{agent.batch} needs {format_size(agent.want)} more while "
-            f"{format_size(self.usage)} is held by outputs still to be read "
-            f"(of {holders or 'nothing'}); raise spec.memory (--memory) or lower "
-            "spec.source.batchRows")
 
     def _fail(self, error: PodpipeError) -> list[Action]:
         self.outcome = Failed(error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -219,17 +220,23 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
     stats: dict[str, Any] = {"rows_in": sum(t.num_rows for group in inputs for t in group)}
     output = None
     if result is not None:
-        path = Path(task["output"])
         written = result if isinstance(result, Path) else None  # a command's own file
         nbytes = written.stat().st_size if written else arrowfile.ipc_size(result)
         asked = time.perf_counter()
-        if not _reserve(sock, batch, nbytes):
+        grant = _reserve(sock, batch, nbytes)
+        if grant is None:
             if written:
                 written.unlink()
             return
         started += time.perf_counter() - asked  # waiting for RAM is not work
-        if written:
+        path, tier = Path(grant.get("path") or task["output"]), grant.get("tier", "ram")
+        if written and tier == "ram":
             os.rename(written, path)
+        elif written:  # spilled to the node tier: another filesystem
+            tmp = path.with_name(f".{path.name}.tmp")
+            shutil.move(written, tmp)
+            os.rename(tmp, path)
+        if written:
             rows, checksum = arrowfile.read_table(path).num_rows, arrowfile.checksum(path)
         elif isinstance(result, pa.Table):
             try:
@@ -240,16 +247,18 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
                                                 f"{exc.strerror or exc}"})
                 return
             rows = result.num_rows
-        output = {"path": str(path), "nbytes": nbytes, "rows": rows, "checksum": checksum}
+        output = {"path": str(path), "nbytes": nbytes, "rows": rows, "checksum": checksum,
+                  "tier": tier}
         stats.update(rows_out=rows, bytes_out=nbytes)
     stats["busy"] = time.perf_counter() - started
     protocol.send(sock, {"type": "done", "batch": batch, "output": output, "stats": stats})
 
 
-def _reserve(sock: socket.socket, batch: int, nbytes: int) -> bool:
-    """Ask for the RAM the output needs; False if the conductor wants it dropped."""
+def _reserve(sock: socket.socket, batch: int, nbytes: int) -> dict | None:
+    """Ask for the RAM the output needs; the grant (which may name a path on the node
+    tier instead: a spill), or None if the conductor wants the output dropped."""
     protocol.send(sock, {"type": "reserve", "batch": batch, "nbytes": nbytes})
-    reply = protocol.recv(sock)["type"]
-    if reply == "stop":
+    reply = protocol.recv(sock)
+    if reply["type"] == "stop":
         raise _Stopped()
-    return reply == "grant"
+    return reply if reply["type"] == "grant" else None

@@ -30,6 +30,7 @@ from podpipe.runtime.journal import Copy, Journal
 from podpipe.runtime.launcher import ForkLauncher, Process, SpawnLauncher
 from podpipe.runtime.scratch import Scratch, process_start
 from podpipe.runtime.durable import DurableTier
+from podpipe.runtime import tiers
 from podpipe.runtime.tiers import NodeTier
 
 FLUSH_SECONDS = 0.25
@@ -290,7 +291,12 @@ class Conductor:
         if output is not None:
             self.journal.stored(Copy(node, batch, "ram", output.path, output.nbytes,
                                      output.rows, output.checksum))
-            if node in self.keep:
+            if output.tier == "node":  # spilled: on the node tier already
+                copy = Copy(node, batch, "node", output.path, output.nbytes, output.rows,
+                            output.checksum)
+                self.journal.stored(copy)
+                self.on_disk.append(copy)
+            elif node in self.keep:
                 self.node_tier.submit(node, batch, output.path, output.nbytes, output.rows,
                                       output.checksum)
 
@@ -317,6 +323,13 @@ class Conductor:
                     os.unlink(action.path)
                 except FileNotFoundError:
                     pass
+            elif isinstance(action, st.Spill):
+                batch = self.engine.agents[action.node].batch or 0
+                path = tiers.path_for(self.run_dir, action.node, batch)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._log(f"RAM budget full: stage {action.node!r} batch {batch} spills to "
+                          f"the node tier ({path})")
+                self._send(action.node, {"type": "grant", "path": str(path), "tier": "node"})
             elif isinstance(action, st.Restart):
                 self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
                           f"in {action.delay:.1f} s")
@@ -406,6 +419,7 @@ class Conductor:
             "elapsed_seconds": round((self.ended or time.time()) - self.started, 3),
             "budget_bytes": self.pipeline.memory, "scratch_bytes": engine.usage,
             "peak_scratch_bytes": engine.peak, "source_batches": len(self.plan),
+            "spilled_outputs": engine.spills,
             "processes": processes, "stages": stages,
             "restore_notes": self.notes,
             "durable": self.durable.status() if self.durable else None,
