@@ -66,10 +66,10 @@ def _status(workdir: Path) -> dict:
         return {}
 
 
-def _kill_conductor_after(run: subprocess.Popen, workdir: Path, batches: int) -> dict:
-    """SIGKILL the conductor once `batches` per-batch sink files are written."""
+def _kill_conductor_when(run: subprocess.Popen, workdir: Path, until) -> dict:
+    """SIGKILL the conductor once `until()`; returns the status it last wrote."""
     deadline = time.monotonic() + 60
-    while _status(workdir).get("stages", {}).get("doubled", {}).get("batches_done", 0) < batches:
+    while not until():
         assert run.poll() is None, run.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.02)
@@ -78,6 +78,12 @@ def _kill_conductor_after(run: subprocess.Popen, workdir: Path, batches: int) ->
     run.communicate()
     _wait_gone([p["pid"] for p in before["processes"]])
     return before
+
+
+def _kill_conductor_after(run: subprocess.Popen, workdir: Path, batches: int) -> dict:
+    """SIGKILL the conductor once `batches` per-batch sink files are written."""
+    return _kill_conductor_when(run, workdir, lambda: _status(workdir).get(
+        "stages", {}).get("doubled", {}).get("batches_done", 0) >= batches)
 
 
 def _wait_gone(pids: list[int]) -> None:
@@ -212,15 +218,7 @@ def _manifests(store: Path) -> list[Path]:
 
 def _lose_the_node(run: subprocess.Popen, workdir: Path, until) -> None:
     """Run until `until()`, then lose the node: processes, RAM scratch, run directory."""
-    deadline = time.monotonic() + 60
-    while not until():
-        assert run.poll() is None, run.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    before = _status(workdir)
-    run.kill()
-    run.communicate()
-    _wait_gone([p["pid"] for p in before["processes"]])
+    before = _kill_conductor_when(run, workdir, until)
     shutil.rmtree(before["scratch"], ignore_errors=True)
     shutil.rmtree(workdir / "run")
 
