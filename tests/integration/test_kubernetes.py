@@ -162,7 +162,8 @@ def wait_for(run_dir: Path, pod: LocalPod, timeout: float = 120,
             assert process.poll() is None or process.returncode == 0, \
                 f"container {name} exited {process.returncode}:\n{pod.log(name)}"
         time.sleep(0.2)
-    raise AssertionError(f"the pod did not finish in {timeout} s")
+    raise AssertionError(f"the pod did not finish in {timeout} s; its conductor's log:\n"
+                         + pod.log("podpipe-conductor")[-3000:])
 
 
 @pytest.fixture
@@ -254,7 +255,7 @@ def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_p
     from examples.tpch import data
 
     done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet",
-                   "--set", "source.batchRows=2000", cwd=ROOT)
+                   "--set", "source.batchRows=500", cwd=ROOT)  # 120 batches
     pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
     run_dir = pod.volumes["node"] / "runs" / pod.name
     try:
@@ -270,9 +271,12 @@ def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_p
             assert time.monotonic() < deadline and progress.get("state") != "succeeded"
             time.sleep(0.02)
         pod.processes["podpipe-conductor"].kill()  # the kubelet will restart it
+        pod.processes["podpipe-conductor"].wait()
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
         status = wait_for(run_dir, pod, restart=True)
         assert status["state"] == "succeeded", status.get("error")
-        assert status["stages"]["partial"]["restored"]["ram"] >= 5
+        restored = status["stages"]["partial"]["restored"]
+        assert restored["ram"] + restored["node"] >= 5, (status, pod.log("podpipe-conductor"))
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
     finally:
         pod.terminate()

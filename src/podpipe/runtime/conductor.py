@@ -128,7 +128,9 @@ class Conductor:
             listener.listen(64)
             self.sel.register(listener, selectors.EVENT_READ, ("listen", listener))
             self.sel.register(wake_r, selectors.EVENT_READ, ("signal", None))
-            if self.launcher is not None:
+            if self.engine.finished:  # resumed after everything was done: nothing to ask
+                self._end("succeeded", None)
+            elif self.launcher is not None:
                 for node in self.graph.order:
                     self._start(node)
             self._loop(wake_r)
@@ -365,9 +367,14 @@ class Conductor:
             self.state, self.error = state, error
 
     def _stop_all(self) -> None:
-        """Stop every agent: politely when idle, by signal when not, never waiting long."""
-        for node in self.conns:
-            self._send(node, {"type": "stop"})
+        """Stop every agent: politely when idle, by signal when not, never waiting long.
+
+        Containers are told to stop (and hold) only when the run succeeded: after a
+        failure their connection just closes, they exit, and the kubelet restarts
+        them to serve the restarted conductor's resume."""
+        if self.launcher is not None or self.state == "succeeded":
+            for node in self.conns:
+                self._send(node, {"type": "stop"})
         if self.state != "succeeded":
             for process in self.processes.values():
                 process.signal(signal.SIGTERM)

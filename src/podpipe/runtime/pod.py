@@ -204,13 +204,14 @@ def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list,
                          "(checksum); not used")
             continue
         kept[key] = st.Output(copy.path, copy.nbytes, copy.rows, copy.checksum, copy.tier)
-        tally = counts.setdefault(copy.node, {})
-        tally[copy.tier] = tally.get(copy.tier, 0) + 1
     engine = st.RunState.restored(graph, len(plan), pipeline.memory,
                                   retries=retries(pipeline, graph), kept=kept,
                                   finished=finished)
+    for (node, _), output in engine.outputs.items():  # the kept outputs it uses
+        tally = counts.setdefault(node, {})
+        tally[output.tier] = tally.get(output.tier, 0) + 1
     on_disk = [Copy(n, b, o.tier, o.path, o.nbytes, o.rows, o.checksum)
-               for (n, b), o in kept.items() if o.tier != "ram"]
+               for (n, b), o in engine.outputs.items() if o.tier != "ram"]
     return Restored(engine, counts, finished, notes, on_disk)
 
 
