@@ -81,9 +81,13 @@ def _kill_conductor_when(run: subprocess.Popen, workdir: Path, until) -> dict:
 
 
 def _kill_conductor_after(run: subprocess.Popen, workdir: Path, batches: int) -> dict:
-    """SIGKILL the conductor once `batches` per-batch sink files are written."""
-    return _kill_conductor_when(run, workdir, lambda: _status(workdir).get(
-        "stages", {}).get("doubled", {}).get("batches_done", 0) >= batches)
+    """SIGKILL the conductor once `batches` per-batch sink files are written and as
+    many node-tier copies journaled."""
+    def enough() -> bool:
+        status = _status(workdir)
+        return (status.get("stages", {}).get("doubled", {}).get("batches_done", 0) >= batches
+                and status.get("node_tier", {}).get("copies", 0) >= batches)
+    return _kill_conductor_when(run, workdir, enough)
 
 
 def _wait_gone(pids: list[int]) -> None:

@@ -92,6 +92,7 @@ class Conductor:
         self.recomputed = {node: 0 for node in graph.order}
         self.journal = Journal(run_dir)
         self.node_tier = NodeTier(run_dir)
+        self.copies = 0  # node-tier copies made and journaled by this conductor
         self.keep = {n for n in graph.order if n not in graph.sinks and (
             graph.domain[n] != BATCH or
             any(graph.domain[c] != BATCH for c in graph.consumers[n]))}
@@ -430,7 +431,7 @@ class Conductor:
             "processes": processes, "stages": stages,
             "restore_notes": self.notes,
             "durable": self.durable.status() if self.durable else None,
-            "node_tier": {"copies": self.node_tier.copied,
+            "node_tier": {"copies": self.copies,  # journaled
                           "errors": self.node_tier.errors[-5:]},
         }
 
@@ -450,6 +451,7 @@ class Conductor:
         for copy in self.node_tier.finished():
             self.journal.stored(copy)
             self.on_disk.append(copy)
+            self.copies += 1
         self.journal.commit()
         if self.durable is not None and self.state == "running" and \
                 self.durable.due(len(self.on_disk)):

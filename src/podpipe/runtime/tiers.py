@@ -33,7 +33,6 @@ class NodeTier:
         self.run_dir = run_dir
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         self.made: queue.SimpleQueue = queue.SimpleQueue()  # copies done, to journal
-        self.copied = 0
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._work, name="node-tier", daemon=True)
         self.thread.start()
@@ -64,7 +63,6 @@ class NodeTier:
             fd, copy = item
             try:
                 if _copy(fd, Path(copy.path)) == copy.checksum:
-                    self.copied += 1
                     self.made.put(copy)
                 else:
                     Path(copy.path).unlink(missing_ok=True)
