@@ -166,6 +166,18 @@ def wait_for(run_dir: Path, pod: LocalPod, timeout: float = 120,
                          + pod.log("podpipe-conductor")[-3000:])
 
 
+def rendered_pod(tmp_path: Path, image_root: Path, *flags: str,
+                 ordinal: int = 0) -> tuple[LocalPod, Path]:
+    """Replica `ordinal` of the example rendered with `flags` (its source: the image's
+    data), and the run directory it will have on the node tier."""
+    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet", *flags,
+                   cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root,
+                   ordinal)
+    return pod, pod.volumes["node"] / "runs" / pod.name
+
+
 @pytest.fixture
 def image_root(tmp_path: Path, lineitem: Path) -> Path:
     """The image's WORKDIR: the user's code (the example) and, here, its data."""
@@ -181,11 +193,8 @@ def image_root(tmp_path: Path, lineitem: Path) -> Path:
 def test_the_rendered_pod_runs_the_example_to_the_right_answer(tmp_path, image_root, flags):
     from examples.tpch import data
 
-    done = podpipe("render", str(EXAMPLE), *flags, "--set", "source.uri=data/*.parquet",
-                   "--set", "source.batchRows=15000", cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
-    run_dir = pod.volumes["node"] / "runs" / pod.name
+    pod, run_dir = rendered_pod(tmp_path, image_root, *flags,
+                                "--set", "source.batchRows=15000")
     try:
         pod.run()
         status = wait_for(run_dir, pod)
@@ -204,9 +213,7 @@ def test_the_rendered_pod_runs_the_example_to_the_right_answer(tmp_path, image_r
 
 def test_a_restarted_conductor_of_a_finished_pod_holds_instead_of_rerunning(tmp_path,
                                                                              image_root):
-    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet", cwd=ROOT)
-    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
-    run_dir = pod.volumes["node"] / "runs" / pod.name
+    pod, run_dir = rendered_pod(tmp_path, image_root)
     try:
         pod.run()
         assert wait_for(run_dir, pod)["state"] == "succeeded"
@@ -230,15 +237,11 @@ def test_a_stage_container_that_dies_is_restarted_and_the_run_still_gets_it_righ
     connection, requeues the batch it had in flight, and takes the new one's hello."""
     from examples.tpch import data
 
-    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet",
-                   "--set", "source.batchRows=5000",
-                   "--set", 'stages.prices.env.DIE_ON_CALL="3"',
-                   "--set", "stages.prices.env.DIE_MARKER=died-once",
-                   "--set", "stages.prices.run=pystages:q1_prices_dying_once", cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
+    pod, run_dir = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=5000",
+                                "--set", 'stages.prices.env.DIE_ON_CALL="3"',
+                                "--set", "stages.prices.env.DIE_MARKER=died-once",
+                                "--set", "stages.prices.run=pystages:q1_prices_dying_once")
     (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
-    run_dir = pod.volumes["node"] / "runs" / pod.name
     try:
         pod.run()
         status = wait_for(run_dir, pod, restart=True)
@@ -254,10 +257,8 @@ def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_p
                                                                           image_root):
     from examples.tpch import data
 
-    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet",
-                   "--set", "source.batchRows=500", cwd=ROOT)  # 120 batches
-    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root)
-    run_dir = pod.volumes["node"] / "runs" / pod.name
+    pod, run_dir = rendered_pod(tmp_path, image_root,
+                                "--set", "source.batchRows=500")  # 120 batches
     try:
         pod.run()
         deadline = time.monotonic() + 60
@@ -284,10 +285,7 @@ def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_p
 
 def test_a_second_replica_owns_no_shard_of_a_one_shard_pipeline_and_idles(tmp_path,
                                                                          image_root):
-    done = podpipe("render", str(EXAMPLE), "--replicas", "2",
-                   "--set", "source.uri=data/*.parquet", cwd=ROOT)
-    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root,
-                   ordinal=1)
+    pod, _ = rendered_pod(tmp_path, image_root, "--replicas", "2", ordinal=1)
     try:
         pod.run()  # the startup probe passes: the pod is up
         deadline = time.monotonic() + 60

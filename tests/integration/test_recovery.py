@@ -53,9 +53,10 @@ def expected(tmp_path: Path) -> dict[str, bytes]:
     return result
 
 
-def _start(workdir: Path, slow: str = "0.15") -> subprocess.Popen:
+def _start(workdir: Path, slow: str = "0.15", **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                             "--run-dir", "run"], cwd=workdir, env=cli_env(SLOW_SECONDS=slow),
+                             "--run-dir", "run"], cwd=workdir,
+                            env=cli_env(SLOW_SECONDS=slow, **env),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -272,10 +273,7 @@ def s3():
 def test_over_s3_a_lost_node_resumes_from_the_object_store(tmp_path, expected, s3):
     workdir = tmp_path / "w"
     _durable_spec(workdir, "s3://checkpoints/runs")
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=workdir,
-                           env=cli_env(SLOW_SECONDS="0.15", **s3.env),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = _start(workdir, **s3.env)
     _lose_the_node(run, workdir, lambda: (_status(workdir).get("durable") or {}).get(
         "checkpoints", 0) >= 2)
     done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir,
@@ -289,10 +287,7 @@ def test_when_the_store_goes_down_the_run_goes_on_and_says_checkpoints_are_behin
         tmp_path, expected, s3):
     workdir = tmp_path / "w"
     _durable_spec(workdir, "s3://checkpoints/down")
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=workdir,
-                           env=cli_env(SLOW_SECONDS="0.15", **s3.env),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = _start(workdir, **s3.env)
     deadline = time.monotonic() + 60
     while (_status(workdir).get("durable") or {}).get("checkpoints", 0) < 1:
         assert run.poll() is None and time.monotonic() < deadline

@@ -194,8 +194,7 @@ class RunState:
         """
         run = cls(graph, source_batches, budget, retries=retries)
         per_batch = [n for n in graph.order if graph.domain[n] == BATCH]
-        for_reduce = [n for n in per_batch
-                      if any(graph.domain[c] != BATCH for c in graph.consumers[n])]
+        for_reduce = graph.reduce_inputs()
         batch_sinks = [n for n in per_batch if n in graph.sinks]
         for batch in range(source_batches):
             if not (all((n, batch) in kept for n in for_reduce) and

@@ -75,6 +75,12 @@ class Graph:
     def stages(self) -> tuple[str, ...]:
         return tuple(n for n in self.order if n != SOURCE and n not in self.sinks)
 
+    def reduce_inputs(self) -> list[str]:
+        """The per-batch nodes that something running once (a reduce) reads: what a
+        resumed run needs kept, batch by batch."""
+        return [n for n in self.order if self.domain[n] == BATCH and
+                any(self.domain[c] != BATCH for c in self.consumers[n])]
+
     def batches(self, node: str, source_batches: int) -> int:
         """How many batches `node` processes."""
         return source_batches if self.domain[node] == BATCH else 1

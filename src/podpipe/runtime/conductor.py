@@ -93,9 +93,8 @@ class Conductor:
         self.journal = Journal(run_dir)
         self.node_tier = NodeTier(run_dir)
         self.copies = 0  # node-tier copies made and journaled by this conductor
-        self.keep = {n for n in graph.order if n not in graph.sinks and (
-            graph.domain[n] != BATCH or
-            any(graph.domain[c] != BATCH for c in graph.consumers[n]))}
+        self.keep = set(graph.reduce_inputs()) | {  # and what runs once
+            n for n in graph.order if graph.domain[n] != BATCH and n not in graph.sinks}
         self.timers: list[tuple[float, str]] = []  # (when, node): processes to start
         self.processes: dict[str, Process] = {}  # empty when agents are containers
         self.pids: dict[str, int] = {}             # as each agent said in its hello

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from podpipe.errors import RunError, UsageError
 from podpipe.model import spec as specs
-from podpipe.model.graph import BATCH, Graph
+from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
 from podpipe.runtime import protocol, status
 from podpipe.runtime import scratch as scratches
@@ -193,8 +193,7 @@ def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list,
             finished[target.name] &= sink.written(target)
     kept: dict[tuple[str, int], st.Output] = {}
     counts: dict[str, dict[str, int]] = {}
-    for_reduce = {n for n in graph.order if graph.domain[n] == BATCH and
-                  any(graph.domain[c] != BATCH for c in graph.consumers[n])}
+    for_reduce = set(graph.reduce_inputs())
     for copy in sorted(copies, key=lambda c: TIERS.index(c.tier)):
         key = (copy.node, copy.batch)
         if copy.node not in for_reduce:
