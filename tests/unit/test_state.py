@@ -34,14 +34,22 @@ DIAMOND = _pipeline([
 ], [{"input": "after", "uri": "out/"}, {"name": "per-batch", "input": "d", "uri": "o2/"}])
 
 
+SHARDED = _pipeline([
+    {"name": "a", "run": "m:f", "inputs": ["source"]},
+    {"name": "r", "run": "m:f", "reduce": True, "inputs": ["a"]},
+    {"name": "g", "run": "m:f", "reduce": True, "scope": "global", "inputs": ["r"]},
+], [{"input": "g", "uri": "out/"}, {"name": "per-shard", "input": "r", "uri": "o2/"},
+    {"name": "per-batch", "input": "a", "uri": "o3/"}])
+
+
 class Pod:
     """A fake pod: agents that take their tasks in an order chosen by `rng`."""
 
     def __init__(self, pipeline, batches: int, budget: int, size, rng: random.Random,
-                 crashes: int = 0):
+                 crashes: int = 0, **shards):
         self.graph = Graph.of(pipeline)
         self.state = S.RunState(self.graph, batches, budget,
-                                retries={n: crashes for n in self.graph.order})
+                                retries={n: crashes for n in self.graph.order}, **shards)
         self.crashes = crashes                    # processes still to kill mid-task
         self.restarting: set[str] = set()
         self.size, self.rng = size, rng
@@ -77,7 +85,10 @@ class Pod:
             else:
                 self.outcome = action
 
-    def run(self) -> S.Action:
+    def run(self, imports: list[S.Imported] = ()) -> S.Action:
+        for event in imports:  # other pods' shard outputs, on the node tier here
+            self.on_disk.add(event.output.path)
+            self.apply(self.state.handle(event))
         for node in self.graph.order:
             self.apply(self.state.handle(S.AgentReady(node)))
         while self.outcome is None:
@@ -126,7 +137,7 @@ class Pod:
 
 
 @settings(max_examples=150, deadline=None)
-@given(pipeline=st.sampled_from([CHAIN, DIAMOND]), batches=st.integers(1, 12),
+@given(pipeline=st.sampled_from([CHAIN, DIAMOND, SHARDED]), batches=st.integers(1, 12),
        seed=st.integers(0, 2**32), sizes=st.lists(st.integers(1, 100), min_size=1),
        tight=st.booleans(), crashes=st.integers(0, 3))
 def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed, sizes, tight,
@@ -137,7 +148,7 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
         return sizes[hash((node, batch)) % len(sizes)]
 
     graph = Graph.of(pipeline)
-    everything = sum(size(n, b) for n in graph.order for b in range(graph.batches(n, batches)))
+    everything = sum(size(n, b) for n in graph.order for b in S.RunState(graph, batches, 1).keys(n))
     budget = max(sizes) * 6 if tight else everything
     pod = Pod(pipeline, batches, budget, size, random.Random(seed), crashes)
     outcome = pod.run()
@@ -147,7 +158,7 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
     if isinstance(outcome, S.Failed):
         assert isinstance(outcome.error, BudgetError)
         return
-    expected = sorted((n, b) for n in graph.order for b in range(graph.batches(n, batches)))
+    expected = sorted((n, b) for n in graph.order for b in pod.state.keys(n))
     if tight or crashes:  # a batch given up for lack of RAM runs again
         assert sorted(set(pod.processed)) == expected
     else:
@@ -292,3 +303,33 @@ def test_reduce_inputs_beyond_the_budget_spill_to_the_node_tier_and_the_run_fini
     assert isinstance(pod.run(), S.Finished)
     assert pod.state.spills >= 6
     assert pod.max_live <= 100
+
+
+@settings(max_examples=100, deadline=None)
+@given(batches=st.integers(1, 12), shards=st.integers(1, 9), replicas=st.integers(1, 5),
+       seed=st.integers(0, 2**32))
+def test_pods_that_share_the_shards_do_every_task_once_and_the_lowest_runs_the_global_reduce(
+        batches, shards, replicas, seed):
+    """N pods, each running the shards it owns, the lowest ordinal importing the
+    others' shard outputs for the global reduce: together they process exactly what
+    one pod of one shard would, every batch once."""
+    from podpipe.model import shards as sharding
+
+    rng = random.Random(seed)
+    graph = Graph.of(SHARDED)
+    one = S.RunState(graph, batches, 10**9, shards=shards)
+    expected = sorted((n, k) for n in graph.order for k in one.keys(n))
+    processed: list[tuple[str, int]] = []
+    handed_over: list[S.Imported] = []
+    for index in reversed(range(replicas)):  # the others first: pod 0 waits for them
+        pod = Pod(SHARDED, batches, 10**9, lambda n, b: 1, rng, shards=shards,
+                  owned=sharding.owned(shards, replicas, index), global_here=index == 0)
+        if index == 0:
+            assert pod.state.waiting_for() == sorted({e.shard for e in handed_over})
+        assert isinstance(pod.run(handed_over if index == 0 else []), S.Finished)
+        processed += pod.processed
+        handed_over += [S.Imported("r", k, S.Output(f"r/{k}", 1, 1, tier="node"))
+                        for n, k in pod.processed if n == "r"]
+        assert pod.live == {}
+    assert sorted(processed) == expected
+    assert ("g", 0) in expected

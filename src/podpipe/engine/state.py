@@ -6,7 +6,11 @@ returns (hand a task to an agent, grant RAM, delete a file, finish, fail). All t
 decisions of a run live here, so they can be tested without processes:
 
 - readiness: a per-batch task is ready once every input has that batch; a reduce
-  task once every input has all its batches;
+  task once every input has all the batches of its shard (a global reduce: every
+  shard's output, some made by other pods and imported);
+- shards: a pod runs the batches of the shards it owns (`model.shards`); keys are
+  source batch numbers for per-batch nodes, shard numbers for per-shard ones, 0 for
+  global ones, which only the pod of the lowest ordinal runs;
 - the RAM budget: an agent asks for the exact bytes of its output before writing
   it and waits for a grant, so scratch never exceeds the budget. New source batches
   are admitted only while the batches already on the line, at the largest footprint
@@ -24,13 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
-from podpipe.model.graph import BATCH, Graph
+from podpipe.model import shards as sharding
+from podpipe.model.graph import BATCH, GLOBAL, SINGLE, Graph
 from podpipe.model.sizes import format_size
 from podpipe.model.spec import SOURCE
 
 # --------------------------------------------------------------------- data
 
-Key = tuple[str, int]  # (node, batch)
+Key = tuple[str, int]  # (node, batch): a source batch, a shard, or 0 (global)
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,17 @@ class AgentExited:
     returncode: int | None
 
 
-Event = AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited
+@dataclass(frozen=True)
+class Imported:
+    """Another pod's output for a shard this pod does not own, which a global reduce
+    here reads (handed over through the durable tier)."""
+
+    node: str
+    shard: int
+    output: Output
+
+
+Event = AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | Imported
 
 # ------------------------------------------------------------------ actions
 
@@ -171,6 +186,9 @@ class RunState:
     redo: list[int] = field(default_factory=list)  # source batches dropped, to load again
     outcome: Action | None = None
     spills: int = 0          # outputs written to the node tier for lack of RAM
+    shards: int = 1
+    owned: tuple[int, ...] | None = None  # the shards this pod runs; None: all
+    global_here: bool = True  # this pod runs the global nodes (the lowest ordinal)
 
     def __post_init__(self) -> None:
         for node in self.graph.order:
@@ -179,55 +197,80 @@ class RunState:
             self.agents.setdefault(node, _Agent())
             self.restarts.setdefault(node, 0)
         self._per_batch_nodes = sum(1 for n in self.graph.order if self.graph.domain[n] == BATCH)
+        shards = sharding.nonempty(self.source_batches, self.shards)
+        mine = set(shards if self.owned is None else self.owned) & set(shards)
+        self.mine = [b for b in range(self.source_batches)
+                     if sharding.shard_of(b, self.shards) in mine]
+        self._keys = {BATCH: set(self.mine), SINGLE: mine,
+                      GLOBAL: {0} if self.global_here else set()}
+        self._all_shards = list(shards)
 
     @classmethod
     def restored(cls, graph: Graph, source_batches: int, budget: int, *,
                  retries: dict[str, int], kept: dict[Key, Output],
-                 finished: dict[str, set[int]]) -> "RunState":
+                 finished: dict[str, set[int]], shards: int = 1,
+                 owned: tuple[int, ...] | None = None,
+                 global_here: bool = True) -> "RunState":
         """A run that resumes. `kept`: outputs found intact in some tier; `finished`:
         what each node had finished (the journal).
 
         A source batch is not run again when everything it gave the rest of the run
         is kept: its outputs that a reduce reads, and its per-batch sinks' files.
-        Other batches run again from the source. What runs once (a reduce, and what
-        follows it) runs again unless every sink of it had finished.
+        Other batches run again from the source. What runs once per shard (a reduce,
+        and what follows it) runs again unless every sink of it had finished for that
+        shard and its outputs a global reduce reads are kept; the same for what runs
+        once globally.
         """
-        run = cls(graph, source_batches, budget, retries=retries)
-        per_batch = [n for n in graph.order if graph.domain[n] == BATCH]
-        for_reduce = graph.reduce_inputs()
-        batch_sinks = [n for n in per_batch if n in graph.sinks]
-        for batch in range(source_batches):
-            if not (all((n, batch) in kept for n in for_reduce) and
-                    all(batch in finished.get(n, ()) for n in batch_sinks)):
-                run.redo.append(batch)
-                continue
-            for node in per_batch:
-                run.done[node].add(batch)
-            for node in for_reduce:
-                output = kept[(node, batch)]
-                run.outputs[(node, batch)] = output
-                run.unread[(node, batch)] = {c for c in graph.consumers[node]
-                                             if graph.domain[c] != BATCH}
+        run = cls(graph, source_batches, budget, retries=retries, shards=shards,
+                  owned=owned, global_here=global_here)
+        uses: list[Key] = []
+        for domain in (BATCH, SINGLE, GLOBAL):
+            nodes = [n for n in graph.order if graph.domain[n] == domain]
+            needed = [n for n in graph.reduce_inputs() if graph.domain[n] == domain]
+            for key in sorted(run._keys[domain]):
+                if not (all((n, key) in kept for n in needed) and
+                        all(key in finished.get(n, ()) for n in nodes if n in graph.sinks)):
+                    if domain == BATCH:
+                        run.redo.append(key)
+                    continue
+                for node in nodes:
+                    run.done[node].add(key)
+                uses.extend((node, key) for node in needed)
+        for node, key in uses:  # once all is marked done: who still reads them
+            readers = run._readers(node, key)
+            if readers:
+                output = run.outputs[(node, key)] = kept[(node, key)]
+                run.unread[(node, key)] = readers
                 if output.tier == "ram":
                     run.usage += output.nbytes
-        run.next_source = source_batches  # what is left comes through `redo`
-        once = [n for n in graph.order if graph.domain[n] != BATCH]
-        if once and all(0 in finished.get(n, ()) for n in once if n in graph.sinks):
-            for node in once:
-                run.done[node].add(0)
-        for node in once:
-            run._maybe_ready(node, 0)
+        run.next_source = len(run.mine)  # what is left comes through `redo`
+        for node in graph.order:
+            if graph.domain[node] != BATCH:
+                for key in run._keys[graph.domain[node]]:
+                    run._maybe_ready(node, key)
         run.peak = run.usage
         return run
 
     # -- queries --------------------------------------------------------------
 
+    def keys(self, node: str) -> set[int]:
+        """What `node` runs in this pod: source batches, shards, or {0} (global)."""
+        return self._keys[self.graph.domain[node]]
+
     def total(self, node: str) -> int:
-        return self.graph.batches(node, self.source_batches)
+        return len(self.keys(node))
 
     @property
     def finished(self) -> bool:
-        return all(len(self.done[n]) == self.total(n) for n in self.graph.order)
+        return all(self.keys(n) <= self.done[n] for n in self.graph.order)
+
+    def waiting_for(self) -> list[int]:
+        """The shards of other pods a global reduce here still needs."""
+        needed = {n for n in self.graph.reduce_inputs() if self.graph.domain[n] == SINGLE}
+        if not self.global_here or not needed:
+            return []
+        return [s for s in self._all_shards
+                if any(s not in self.done[n] for n in needed) and s not in self._keys[SINGLE]]
 
     # -- the transition -------------------------------------------------------
 
@@ -250,6 +293,8 @@ class RunState:
         elif isinstance(event, AgentExited):
             if not self.finished and not self._restart(event, agent, actions):
                 return actions
+        elif isinstance(event, Imported):
+            self._import(event, actions)
         if self.outcome is not None:
             return actions
         self._grant_waiting(actions)
@@ -311,6 +356,25 @@ class RunState:
             agent.status, agent.reserved, agent.want = RUNNING, agent.want, 0
             actions.append(Grant(node))
 
+    def _import(self, event: Imported, actions: list[Action]) -> None:
+        key = (event.node, event.shard)
+        if event.shard in self._keys[SINGLE] or key in self.outputs:
+            return  # ours, or had already
+        self.done[event.node].add(event.shard)
+        self.outputs[key] = event.output
+        self.unread[key] = self._readers(event.node, event.shard)
+        for consumer in self.graph.consumers[event.node]:
+            self._maybe_ready(consumer, self._key_of(consumer, event.node, event.shard))
+
+    def _readers(self, node: str, key: int) -> set[str]:
+        """The nodes of this pod that still have to read `node`'s output for `key`."""
+        readers = set()
+        for consumer in self.graph.consumers[node]:
+            mine = self._key_of(consumer, node, key)
+            if mine in self.keys(consumer) and mine not in self.done[consumer]:
+                readers.add(consumer)
+        return readers
+
     def _done(self, agent: _Agent, event: TaskDone, actions: list[Action]) -> None:
         node, batch = event.node, event.batch
         agent.status, agent.batch = IDLE, None
@@ -323,8 +387,7 @@ class RunState:
             if event.output.tier == "ram":
                 self.usage += event.output.nbytes
                 self.peak = max(self.peak, self.usage)
-            self.unread[key] = {c for c in self.graph.consumers[node]  # (resumed: some
-                                if self._batch_of(c, batch) not in self.done[c]}  # are done)
+            self.unread[key] = self._readers(node, batch)  # (resumed: some are done)
             if self.graph.domain[node] == BATCH and event.output.tier == "ram":
                 self.produced[batch] = self.produced.get(batch, 0) + event.output.nbytes
             if not self.unread[key]:
@@ -336,10 +399,14 @@ class RunState:
                 del self.on_line[batch]
                 self.footprint = max(self.footprint or 0, self.produced.pop(batch, 0))
         for consumer in self.graph.consumers[node]:
-            self._maybe_ready(consumer, batch if self.graph.domain[consumer] == BATCH else 0)
+            self._maybe_ready(consumer, self._key_of(consumer, node, batch))
 
-    def _batch_of(self, node: str, batch: int) -> int:
-        return batch if self.graph.domain[node] == BATCH else 0
+    def _key_of(self, consumer: str, node: str, key: int) -> int:
+        """The key of `consumer` that `node`'s output for `key` feeds."""
+        domains = (self.graph.domain[consumer], self.graph.domain[node])
+        if domains == (SINGLE, BATCH):
+            return sharding.shard_of(key, self.shards)
+        return 0 if domains[0] == GLOBAL else key
 
     def _release_inputs(self, node: str, batch: int, actions: list[Action]) -> None:
         for key in self._input_keys(node, batch):
@@ -357,27 +424,26 @@ class RunState:
             self.usage -= output.nbytes
             actions.append(Delete(output.path))
 
-    def _input_keys(self, node: str, batch: int) -> list[Key]:
-        keys: list[Key] = []
-        for name in self.graph.inputs[node]:
-            if self._reads_all(node, name):
-                keys.extend((name, b) for b in range(self.source_batches))
-            else:
-                keys.append((name, batch))
-        return keys
+    def _input_keys(self, node: str, key: int) -> list[Key]:
+        return [(name, k) for name in self.graph.inputs[node]
+                for k in self._reads(node, name, key)]
 
-    def _reads_all(self, node: str, name: str) -> bool:
-        """Does `node` read every batch of `name` at once (a reduce over batches)?"""
-        return self.graph.domain[node] != BATCH and self.graph.domain[name] == BATCH
+    def _reads(self, node: str, name: str, key: int) -> list[int] | range:
+        """The keys of input `name` that `node`'s task `key` reads."""
+        if not self.graph.reads_all(node, name):
+            return [key]
+        if self.graph.domain[name] == BATCH:  # a per-shard reduce: the shard's batches
+            return sharding.batches(key, self.source_batches, self.shards)
+        return self._all_shards  # a global reduce: every shard's output
 
-    def _maybe_ready(self, node: str, batch: int) -> None:
-        if batch in self.done[node] or batch in self.ready[node]:
+    def _maybe_ready(self, node: str, key: int) -> None:
+        if key in self.done[node] or key in self.ready[node] or key not in self.keys(node):
             return
-        if self.agents[node].batch == batch:
+        if self.agents[node].batch == key:
             return
-        if all(len(self.done[name]) == self.source_batches if self._reads_all(node, name)
-               else batch in self.done[name] for name in self.graph.inputs[node]):
-            self.ready[node].append(batch)
+        if all(k in self.done[name] for name in self.graph.inputs[node]
+               for k in self._reads(node, name, key)):
+            self.ready[node].append(key)
             self.ready[node].sort()
 
     def _dispatch(self, actions: list[Action]) -> None:
@@ -394,16 +460,13 @@ class RunState:
             else:
                 continue
             agent.status, agent.batch = RUNNING, batch
-            inputs = tuple(
-                tuple(self.outputs[(name, b)] for b in
-                      (range(self.source_batches) if self._reads_all(node, name)
-                       else (batch,)))
-                for name in self.graph.inputs[node])
+            inputs = tuple(tuple(self.outputs[(name, k)] for k in self._reads(node, name, batch))
+                           for name in self.graph.inputs[node])
             actions.append(Dispatch(node, batch, inputs))
 
     def _admit(self) -> int | None:
         """The next source batch, if the line has room for it (backpressure)."""
-        if self.next_source >= self.source_batches and not self.redo:
+        if self.next_source >= len(self.mine) and not self.redo:
             return None
         if self.on_line:
             footprint = self._footprint()
@@ -415,7 +478,7 @@ class RunState:
         if self.redo:
             batch = self.redo.pop(0)
         else:
-            batch = self.next_source
+            batch = self.mine[self.next_source]
             self.next_source += 1
         self.on_line[batch] = self._per_batch_nodes
         self.produced[batch] = 0

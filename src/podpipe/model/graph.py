@@ -1,8 +1,10 @@
 """The pipeline as a DAG: who feeds whom, in which order, over which batches.
 
 Nodes are the source, the stages and the sinks. A node's *domain* is `batch` when
-it runs once per source batch and `single` when it runs once (a reduce stage, and
-everything downstream of one). Fan-in must not mix the two domains.
+it runs once per source batch, `single` when it runs once per shard (a reduce stage
+over the shard's batches, and everything downstream of one; with one shard, once)
+and `global` when it runs once for the whole pipeline (a `scope: global` reduce over
+every shard's reduce output, and what follows it). Fan-in must not mix domains.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 from podpipe.errors import SpecError
 from podpipe.model.spec import SOURCE, Pipeline
 
-BATCH, SINGLE = "batch", "single"
+BATCH, SINGLE, GLOBAL = "batch", "single", "global"
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Graph:
     inputs: dict[str, tuple[str, ...]]          # node -> its inputs, in spec order
     consumers: dict[str, tuple[str, ...]]       # node -> the nodes that read it
     domain: dict[str, str]                      # node -> BATCH | SINGLE
-    reduce: frozenset[str]                      # stages that run once over all batches
+    reduce: frozenset[str]                      # stages that run once per shard or globally
     sinks: frozenset[str]
 
     @classmethod
@@ -53,20 +55,34 @@ class Graph:
                 raise fail(f"spec.stages[{i}].name", f"the output of stage {stage.name!r} is "
                            "read by no stage and no sink")
         reduce = frozenset(s.name for s in pipeline.stages if s.reduce)
+        scope = {s.name: s.scope for s in pipeline.stages if s.reduce}
         domain: dict[str, str] = {}
         for node in order:
             ins = inputs[node]
             if node == SOURCE:
                 domain[node] = BATCH
             elif node in reduce:
-                domain[node] = SINGLE
+                kinds = {domain[i] for i in ins}
+                if scope[node] == "shard" and GLOBAL in kinds:
+                    raise fail(_field_of(pipeline, node), f"reduce {node!r} runs per shard "
+                               "but reads a global output; make it 'scope: global'")
+                if scope[node] == "global" and BATCH in kinds:
+                    per_batch = [i for i in ins if domain[i] == BATCH]
+                    raise fail(_field_of(pipeline, node), f"global reduce {node!r} "
+                               f"combines the shards' reduce outputs, but {per_batch} run per "
+                               "batch; reduce each shard first (a stage with 'reduce: true')")
+                if len(kinds) > 1:
+                    raise fail(_field_of(pipeline, node), f"{node!r} mixes per-shard and "
+                               f"global inputs ({', '.join(f'{i}: {domain[i]}' for i in ins)})")
+                domain[node] = SINGLE if scope[node] == "shard" else GLOBAL
             else:
                 kinds = {domain[i] for i in ins}
                 if len(kinds) > 1:
                     field = _field_of(pipeline, node)
                     raise fail(field, f"{node!r} mixes per-batch and reduced inputs "
                                f"({', '.join(f'{i}: {domain[i]}' for i in ins)}); "
-                               "inputs of one stage must all be per-batch or all reduced")
+                               "inputs of one stage must all be per-batch, all reduced "
+                               "per shard, or all global")
                 domain[node] = kinds.pop()
         return cls(order=order, inputs=inputs, consumers=consumers, domain=domain,
                    reduce=reduce, sinks=frozenset(s.name for s in pipeline.sinks))
@@ -76,14 +92,19 @@ class Graph:
         return tuple(n for n in self.order if n != SOURCE and n not in self.sinks)
 
     def reduce_inputs(self) -> list[str]:
-        """The per-batch nodes that something running once (a reduce) reads: what a
-        resumed run needs kept, batch by batch."""
-        return [n for n in self.order if self.domain[n] == BATCH and
-                any(self.domain[c] != BATCH for c in self.consumers[n])]
+        """The nodes a reduce reads whole: per-batch nodes under a per-shard reduce, and
+        per-shard nodes under a global one. What a resumed run needs kept, and what
+        the shards hand over to the pod that runs the global reduce."""
+        return [n for n in self.order if any(self.reads_all(c, n) for c in self.consumers[n])]
 
-    def batches(self, node: str, source_batches: int) -> int:
-        """How many batches `node` processes."""
-        return source_batches if self.domain[node] == BATCH else 1
+    def reads_all(self, node: str, name: str) -> bool:
+        """Does `node` read every key of its input `name` at once: all batches of a shard
+        (a per-shard reduce), or every shard's output (a global reduce)?"""
+        return (self.domain[node], self.domain[name]) in ((SINGLE, BATCH), (GLOBAL, SINGLE))
+
+    @property
+    def has_global(self) -> bool:
+        return GLOBAL in self.domain.values()
 
 
 def _topological(inputs: dict[str, tuple[str, ...]], fail, pipeline: Pipeline) -> tuple[str, ...]:

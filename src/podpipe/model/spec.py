@@ -56,6 +56,7 @@ class Stage:
     run: str | None = None
     command: tuple[str, ...] | None = None
     reduce: bool = False
+    scope: str = "shard"         # of a reduce: "shard" (each shard's batches) | "global"
     version: str | None = None
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -227,7 +228,7 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
         sinks=sinks,
         memory=memory_bytes,
         checkpoints=_checkpoints(r, spec.get("checkpoints", {})),
-        shards=r.integer("spec.shards", spec.get("shards", 1)),
+        shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1),
         file=r.file,
     )
     from podpipe.model.graph import Graph  # the graph checks inputs and cycles
@@ -256,8 +257,9 @@ def _guess_format(uri: str) -> str | None:
             "feather": "arrow", "ipc": "arrow"}.get(suffix, "parquet" if not suffix else suffix)
 
 
-_STAGE_FIELDS = {"name", "run", "command", "inputs", "reduce", "version", "image", "env",
-                 "resources", "retries"}
+_STAGE_FIELDS = {"name", "run", "command", "inputs", "reduce", "scope", "version", "image",
+                 "env", "resources", "retries"}
+SCOPES = ("shard", "global")
 
 
 def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
@@ -288,6 +290,12 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
         reduce = st.get("reduce", False)
         if not isinstance(reduce, bool):
             raise r.fail(f"{path}.reduce", f"expected true or false, got {reduce!r}")
+        scope = st.get("scope", "shard")
+        if scope not in SCOPES:
+            raise r.fail(f"{path}.scope", f"expected one of {list(SCOPES)}, got {scope!r}")
+        if scope == "global" and not reduce:
+            raise r.fail(f"{path}.scope", "'scope: global' is for a reduce stage "
+                                          "(add 'reduce: true')")
         env = st.get("env", {})
         if not isinstance(env, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -297,7 +305,7 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
                    if "retries" in st else DEFAULT_RETRIES)
         stages.append(Stage(
             name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
-            command=command, reduce=reduce,
+            command=command, reduce=reduce, scope=scope,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
             env=dict(env), resources=resources, retries=retries,
