@@ -48,9 +48,20 @@ def partial_aggregate(priced: pa.Table) -> pa.Table:
     })
 
 
+SUMS = ["sum_qty", "sum_base_price", "sum_disc_price", "sum_charge", "sum_disc", "count_order"]
+
+
+def merge(partials: pa.Table) -> pa.Table:
+    """A shard's partial sums combined into one partial per group: what `total`
+    combines across shards (same columns as `partial_aggregate`)."""
+    merged = partials.group_by(KEYS, use_threads=False).aggregate(
+        [(c, "sum") for c in SUMS]).sort_by([(k, "ascending") for k in KEYS])
+    return merged.rename_columns({f"{c}_sum": c for c in SUMS})
+
+
 def total(partials: pa.Table) -> pa.Table:
     """Combine every batch's partial sums into Q1's answer."""
-    sums = partials.group_by(KEYS).aggregate([
+    sums = partials.group_by(KEYS, use_threads=False).aggregate([
         ("sum_qty", "sum"), ("sum_base_price", "sum"), ("sum_disc_price", "sum"),
         ("sum_charge", "sum"), ("sum_disc", "sum"), ("count_order", "sum"),
     ]).sort_by([(k, "ascending") for k in KEYS])

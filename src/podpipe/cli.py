@@ -34,7 +34,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", metavar="DIR",
                      help="run directory (default: CHECKPOINTS_NODE/runs/RUN_ID)")
     run.add_argument("--replicas", type=int, default=1, metavar="N",
-                     help="pods to start (only 1 so far)")
+                     help="replicas of the pod; replica I owns the shards S with "
+                          "S %% N == I. Without an ordinal, all N start on this machine")
+    run.add_argument("--pod-index", type=int, metavar="I",
+                     help="run only replica I (default: $POD_INDEX, else the suffix of a "
+                          "StatefulSet hostname NAME-I)")
     run.add_argument("--memory", metavar="SIZE", help="RAM scratch budget, e.g. 2GiB "
                      "(overrides spec.memory)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -50,7 +54,20 @@ def _parser() -> argparse.ArgumentParser:
                     "RAM scratch, else on the node tier (checked by checksum), else "
                     "computed again. Batches whose results were kept are not run again.")
     resume.add_argument("run_dir", metavar="RUN_DIR")
+    resume.add_argument("--replicas", type=int, metavar="M",
+                        help="a run of several replicas: resume with M of them (rescale); "
+                             "shards that move resume from their durable checkpoints")
     resume.add_argument("--quiet", action="store_true", help="no progress, no summary")
+
+    plan = sub.add_parser(
+        "plan", help="show which pod runs which shards and how many bytes it pulls",
+        description="Plan the source (file footers only; no stage runs) and show, per "
+                    "replica, the shards it owns, its batches and the source bytes it "
+                    "reads (compressed, of the columns the spec reads).")
+    plan.add_argument("spec", metavar="SPEC")
+    plan.add_argument("--replicas", type=int, default=1, metavar="N")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--json", action="store_true", help="one JSON object")
 
     status = sub.add_parser("status", help="show a run's state, processes and progress")
     status.add_argument("run_dir", metavar="RUN_DIR")
@@ -123,6 +140,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="containers: the kubelet starts one agent container per "
                                 "stage; processes: this process starts them")
     conductor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    conductor.add_argument("--replicas", type=int, default=1, metavar="N",
+                           help="the StatefulSet's replicas; the ordinal is $POD_INDEX")
     conductor.add_argument("--no-hold", dest="hold", action="store_false",
                            help="exit when the run is over instead of staying up")
 
@@ -170,14 +189,33 @@ def _run(args: argparse.Namespace, console) -> int:
 
     return _with_progress(console, args.quiet, lambda observer: pod.run(
         args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
-        memory=args.memory, fresh=args.fresh, observer=observer))
+        pod_index=args.pod_index, memory=args.memory, fresh=args.fresh, observer=observer))
 
 
 def _resume(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import pod
+    from podpipe.runtime import pod, replicas
 
+    if replicas.is_replicas(args.run_dir):
+        return _with_progress(console, args.quiet, lambda observer: replicas.resume(
+            args.run_dir, replicas=args.replicas, observer=observer))
+    if args.replicas is not None:
+        raise UsageError(f"--replicas: {args.run_dir} is the run of one pod; start the "
+                         "pipeline again with 'podpipe run SPEC --replicas M' (with "
+                         "spec.checkpoints.durable set, its shards resume from there)")
     return _with_progress(console, args.quiet,
                           lambda observer: pod.resume(args.run_dir, observer=observer))
+
+
+def _plan(args: argparse.Namespace, console) -> int:
+    from podpipe import report
+    from podpipe.runtime import pod
+
+    planned = pod.plan(args.spec, overrides=args.set, replicas=args.replicas)
+    if args.json:
+        print(json.dumps(planned, indent=2))
+    else:
+        console.print(report.plan_table(planned))
+    return 0
 
 
 def _with_progress(console, quiet: bool, start) -> int:
@@ -259,7 +297,8 @@ def _conductor(args: argparse.Namespace, console) -> int:
     from podpipe.runtime import pod
 
     return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
-                     run_dir=args.run_dir, layout=args.layout, hold=args.hold)
+                     run_dir=args.run_dir, layout=args.layout, hold=args.hold,
+                     replicas=args.replicas)
 
 
 def _not_yet(args: argparse.Namespace, console) -> int:
@@ -267,7 +306,7 @@ def _not_yet(args: argparse.Namespace, console) -> int:
 
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
-             "render": _render, "resume": _resume, "swap": _not_yet}
+             "render": _render, "resume": _resume, "plan": _plan, "swap": _not_yet}
 
 if __name__ == "__main__":
     entry()

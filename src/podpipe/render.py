@@ -168,8 +168,15 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
         raise UsageError(f"a stage named {CONDUCTOR!r} would clash with the conductor's "
                          "container; rename it")
     flags = [arg for item in options.overrides for arg in ("--set", item)]
+    if options.replicas > 1 and Graph.of(pipeline).has_global and \
+            not pipeline.checkpoints.durable:
+        raise UsageError(f"--replicas {options.replicas}: the global reduce needs every "
+                         "shard's output, which the pods hand over through the durable "
+                         "tier; set spec.checkpoints.durable (an object-store URL every "
+                         "pod can reach)")
     conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH, "--run-dir", RUN_DIR,
-                      "--layout", options.layout, *flags]
+                      "--layout", options.layout, "--replicas", str(options.replicas),
+                      *flags]
     budget = pipeline.memory
     if options.layout == "processes":
         total = [_resources(pipeline, node) for node in nodes]

@@ -90,3 +90,26 @@ def status_table(status: dict[str, Any]) -> Table:
     grid.add_row(table)
     grid.add_row(pids)
     return grid
+
+
+def plan_table(planned: dict[str, Any]) -> Table:
+    """`podpipe plan`: a row per replica."""
+    pods = planned["pods"]
+    table = Table(title=f"{planned['pipeline']}: {planned['source_batches']} batches "
+                        f"({format_size(planned['source_bytes'])} from "
+                        f"{planned['files']} files) in {planned['shards']} shards over "
+                        f"{planned['replicas']} replicas")
+    for column in ("pod", "shards", "batches", "bytes pulled"):
+        table.add_column(column, justify="left" if column == "shards" else "right")
+    for p in pods:
+        shards = p["shards"]
+        shown = ", ".join(map(str, shards[:6])) + (f", ... ({len(shards)})"
+                                                   if len(shards) > 6 else "")
+        table.add_row(str(p["ordinal"]), shown or "(none: idles)", str(p["batches"]),
+                      format_size(p["bytes"]))
+    loads = [p["bytes"] for p in pods]
+    if loads and max(loads):
+        table.caption = (f"per pod: min {format_size(min(loads))}, max "
+                         f"{format_size(max(loads))}; the slowest pod reads "
+                         f"{max(loads) / (sum(loads) / len(loads)):.2f}x the mean")
+    return table

@@ -256,7 +256,7 @@ def test_a_batch_larger_than_the_budget_is_a_clear_error(workdir):
 @pytest.mark.parametrize("args,message", [
     (["run", "missing.yaml"], "missing.yaml: no such file"),
     (["run", "p.yaml", "--memory", "lots"], "--memory: expected a size"),
-    (["run", "p.yaml", "--replicas", "2"], "only 1 replica"),
+    (["run", "p.yaml", "--replicas", "2", "--pod-index", "5"], "pod index 5 is not below"),
     (["run", "p.yaml", "--memory", "900TiB"], "is more than the"),
     (["run", "p.yaml", "--set", "source.uri=nowhere/*.parquet"], "matches no files"),
     (["run", "p.yaml", "--set", "stages.s.run=no_such_module:f"],

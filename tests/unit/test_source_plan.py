@@ -16,7 +16,8 @@ from podpipe.runtime import source
 @settings(max_examples=200, deadline=None)
 @given(sizes=st.lists(st.integers(0, 50), max_size=12), batch_rows=st.integers(1, 40))
 def test_packing_covers_every_row_once_and_respects_batch_rows(sizes, batch_rows):
-    batches = source._pack("f", sizes, batch_rows)
+    part_bytes = [7 * size + 1 for size in sizes]
+    batches = source._pack("f", sizes, batch_rows, part_bytes)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     covered = []
     for b in batches:
@@ -24,6 +25,7 @@ def test_packing_covers_every_row_once_and_respects_batch_rows(sizes, batch_rows
         if b.length is not None:
             rows = rows[b.offset:b.offset + b.length]
         assert 0 < len(rows) <= batch_rows
+        assert b.nbytes == sum(part_bytes[p] for p in b.parts)  # a slice reads its group
         covered.extend(rows)
     assert covered == list(range(sum(sizes)))
 

@@ -26,6 +26,7 @@ decisions of a run live here, so they can be tested without processes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
 from podpipe.model import shards as sharding
@@ -263,6 +264,25 @@ class RunState:
     @property
     def finished(self) -> bool:
         return all(self.keys(n) <= self.done[n] for n in self.graph.order)
+
+    def shards_here(self) -> list[int]:
+        """The shards this pod runs (those with at least one batch)."""
+        return sorted(self._keys[SINGLE])
+
+    def complete(self, shard: int | None) -> bool:
+        """Has this pod finished everything of `shard` (None: the global nodes)?"""
+        for node in self.graph.order:
+            domain = self.graph.domain[node]
+            keys: Iterable[int]
+            if shard is None:
+                keys = self._keys[GLOBAL] if domain == GLOBAL else ()
+            elif domain == BATCH:
+                keys = sharding.batches(shard, self.source_batches, self.shards)
+            else:
+                keys = (shard,) if domain == SINGLE else ()
+            if any(k not in self.done[node] for k in keys):
+                return False
+        return True
 
     def waiting_for(self) -> list[int]:
         """The shards of other pods a global reduce here still needs."""

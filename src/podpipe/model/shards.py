@@ -68,3 +68,25 @@ def ordinal(explicit: int | None, environ: dict[str, str], hostname: str,
         return int(value)
     match = re.fullmatch(re.escape(statefulset) + r"-(\d+)", hostname)
     return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a pod stands among the replicas: its ordinal, and so its shards."""
+
+    ordinal: int = 0
+    replicas: int = 1
+    shards: int = 1
+
+    @property
+    def owned(self) -> tuple[int, ...]:
+        return owned(self.shards, self.replicas, self.ordinal)
+
+    @property
+    def runs_global(self) -> bool:
+        """The lowest ordinal runs what is global (a `scope: global` reduce)."""
+        return self.ordinal == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.replicas > 1 or self.shards > 1

@@ -23,12 +23,14 @@ from typing import Any, Callable
 from podpipe.engine import state as st
 from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
                             StageError)
-from podpipe.model.graph import BATCH, Graph
+from podpipe.model import shards as sharding
+from podpipe.model.graph import BATCH, SINGLE, Graph
 from podpipe.model.spec import DEFAULT_RETRIES, SOURCE, Pipeline
 from podpipe.runtime import protocol, status
 from podpipe.runtime.journal import Copy, Journal
 from podpipe.runtime.launcher import ForkLauncher, Process, SpawnLauncher
 from podpipe.runtime.scratch import Scratch, process_start
+from podpipe.runtime import durable as durables
 from podpipe.runtime.durable import DurableTier
 from podpipe.runtime import tiers
 from podpipe.runtime.tiers import NodeTier
@@ -36,6 +38,8 @@ from podpipe.runtime.tiers import NodeTier
 FLUSH_SECONDS = 0.25
 STOP_GRACE_SECONDS = 5.0
 DURABLE_WAIT = 10.0  # at the end of a failed run, for its last checkpoint
+HANDOVER_WAIT = 120.0  # at the end of a sharded run, for its shards' last checkpoints
+IMPORT_SECONDS = 0.5  # how often a global reduce's pod looks for the others' shards
 
 
 @dataclass
@@ -78,12 +82,16 @@ class Conductor:
                  launcher: ForkLauncher | SpawnLauncher | None, run_id: str, pod: str,
                  observer: Callable[[dict[str, Any]], None] | None = None,
                  restored: Restored | None = None,
-                 durable: DurableTier | None = None) -> None:
+                 durable: DurableTier | None = None,
+                 placement: sharding.Placement = sharding.Placement()) -> None:
         self.pipeline, self.graph, self.plan = pipeline, graph, plan
         self.scratch, self.run_dir, self.launcher = scratch, run_dir, launcher
         self.run_id, self.pod, self.observer = run_id, pod, observer
+        self.placement = placement
         self.engine = restored.engine if restored else st.RunState(
-            graph, len(plan), pipeline.memory, retries=retries(pipeline, graph))
+            graph, len(plan), pipeline.memory, retries=retries(pipeline, graph),
+            shards=placement.shards, owned=placement.owned,
+            global_here=placement.runs_global)
         self.restored = restored.counts if restored else {}
         self.previously = restored.finished if restored else {}
         self.notes = restored.notes if restored else []
@@ -95,6 +103,7 @@ class Conductor:
         self.copies = 0  # node-tier copies made and journaled by this conductor
         self.keep = set(graph.reduce_inputs()) | {  # and what runs once
             n for n in graph.order if graph.domain[n] != BATCH and n not in graph.sinks}
+        self.looked_for_shards = 0.0  # when the durable tier was last read for them
         self.timers: list[tuple[float, str]] = []  # (when, node): processes to start
         self.processes: dict[str, Process] = {}  # empty when agents are containers
         self.pids: dict[str, int] = {}             # as each agent said in its hello
@@ -150,9 +159,7 @@ class Conductor:
             self.ended = time.time()
             self._flush()
             if self.durable is not None:
-                if self.state != "succeeded":  # what a rescheduled pod would start from
-                    self._checkpoint()
-                self.durable.close(wait=0 if self.state == "succeeded" else DURABLE_WAIT)
+                self._last_checkpoint()
                 self._flush()
             self.journal.close()
         if self.error is not None:
@@ -408,7 +415,7 @@ class Conductor:
             stages[node] = {
                 "kind": _kind(node, self.graph),
                 "version": self.versions.get(node),
-                "batches_done": len(engine.done[node]),
+                "batches_done": len(engine.done[node] & engine.keys(node)),
                 "batches_total": engine.total(node),
                 "rows_in": s.rows_in, "rows_out": s.rows_out,
                 "busy_seconds": round(s.busy, 4),
@@ -427,6 +434,9 @@ class Conductor:
             "budget_bytes": self.pipeline.memory, "scratch_bytes": engine.usage,
             "peak_scratch_bytes": engine.peak, "source_batches": len(self.plan),
             "spilled_outputs": engine.spills,
+            "pod": {"ordinal": self.placement.ordinal, "replicas": self.placement.replicas,
+                    "shards": engine.shards_here(), "waiting_for": engine.waiting_for()},
+            "shards": self.placement.shards,
             "processes": processes, "stages": stages,
             "restore_notes": self.notes,
             "durable": self.durable.status() if self.durable else None,
@@ -436,7 +446,55 @@ class Conductor:
 
     def _checkpoint(self) -> None:
         assert self.durable is not None
-        self.durable.take(self.on_disk, {n: sorted(b) for n, b in self.engine.done.items()})
+        groups = {durables.group_name(s): self.engine.complete(s)
+                  for s in self.engine.shards_here()}
+        if self.graph.has_global and self.placement.runs_global:
+            groups[durables.group_name(None)] = self.engine.complete(None)
+        self.durable.take(self.on_disk, {n: sorted(b) for n, b in self.engine.done.items()},
+                          groups)
+
+    def _last_checkpoint(self) -> None:
+        """What a rescheduled pod would start from (a failed run), or what the other
+        pods and a later rescaled run take over (a sharded run's finished shards). A
+        pod whose shards a global reduce elsewhere reads must hand them over."""
+        assert self.durable is not None
+        if self.state != "succeeded":
+            self._checkpoint()
+            self.durable.close(wait=DURABLE_WAIT)
+        elif self.placement.sharded:
+            self._checkpoint()
+            handover = self.graph.has_global and not self.placement.runs_global
+            if not self.durable.close(wait=HANDOVER_WAIT if handover else DURABLE_WAIT) \
+                    and handover:
+                self.state = "failed"
+                self.error = RunError(
+                    f"pod {self.placement.ordinal}: its shards are done but could not be "
+                    f"handed over to the pod of the global reduce through the durable tier "
+                    f"{self.durable.url}: {self.durable.error or 'timed out'}; resume the run")
+        else:
+            self.durable.close(wait=0)
+
+    def _import_shards(self) -> None:
+        """A global reduce runs here: take the other pods' shard outputs it reads from
+        their complete checkpoints on the durable tier."""
+        waiting = self.engine.waiting_for()
+        if not waiting or self.durable is None or \
+                time.monotonic() - self.looked_for_shards < IMPORT_SECONDS:
+            return
+        self.looked_for_shards = time.monotonic()
+        needed = [n for n in self.graph.reduce_inputs() if self.graph.domain[n] == SINGLE]
+        for shard in waiting:
+            found = durables.latest(self.durable.url, self.pipeline.name,
+                                    self.durable.spec_digest, durables.group_name(shard))
+            if found is None or not found.complete or found.shards != self.placement.shards \
+                    or found.source_batches != len(self.plan):
+                continue
+            copies, notes = durables.fetch(found, self.run_dir, tiers.verified, needed)
+            self.notes.extend(notes)
+            for copy in copies:
+                self._log(f"shard {shard}: {copy.node} imported from the durable tier")
+                self._feed(st.Imported(copy.node, shard, st.Output(
+                    copy.path, copy.nbytes, copy.rows, copy.checksum, "node")))
 
     def _log(self, message: str) -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""
@@ -452,9 +510,10 @@ class Conductor:
             self.on_disk.append(copy)
             self.copies += 1
         self.journal.commit()
-        if self.durable is not None and self.state == "running" and \
-                self.durable.due(len(self.on_disk)):
-            self._checkpoint()
+        if self.durable is not None and self.state == "running":
+            if self.durable.due(len(self.on_disk)):
+                self._checkpoint()
+            self._import_shards()
         snapshot = self.snapshot()
         try:
             status.write(self.run_dir, snapshot)

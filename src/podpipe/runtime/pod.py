@@ -5,7 +5,9 @@ conductor container of a pod on Kubernetes runs (`podpipe conductor`). Both
 validate everything that can be checked before a process starts (spec, source
 files, the budget against the tmpfs), create the run directory and the RAM
 scratch (`run` also sweeps scratch left by crashed runs), and hand over to the
-conductor.
+conductor. A pod knows its ordinal among the replicas (`model.shards.ordinal`) and
+runs the shards it owns; `run` with several replicas and no ordinal starts them
+all on this machine (`runtime.replicas`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from podpipe.errors import RunError, UsageError
+from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
@@ -41,18 +44,22 @@ def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> spe
 
 
 def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
-        run_dir: str | None = None,
-        replicas: int = 1, memory: str | None = None, fresh: bool = False,
+        run_dir: str | None = None, replicas: int = 1, pod_index: int | None = None,
+        memory: str | None = None, fresh: bool = False,
         observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Run the pipeline to the end in one pod on this machine; returns the final status.
+    """Run the pipeline to the end on this machine; returns the final status.
 
-    With a durable tier (`checkpoints.durable`), a run of the same spec starts from its
-    latest major checkpoint there, as a pod rescheduled on another node would;
-    `fresh` ignores it."""
+    One pod, the replica `pod_index` (else POD_INDEX, else the StatefulSet hostname
+    suffix) of `replicas`, running the shards it owns; with several replicas and no
+    ordinal, every replica as a pod of its own (`runtime.replicas`). With a durable
+    tier (`checkpoints.durable`), a run of the same spec starts each shard from its
+    latest major checkpoint there, as a pod rescheduled on another node would, or a
+    pod that took the shard over after a rescale; `fresh` ignores them."""
     overrides = list(overrides)
-    if replicas != 1:
-        raise UsageError(f"--replicas {replicas}: only 1 replica is supported so far; "
-                         "sharding across replicas is not implemented yet")
+    if replicas < 1:
+        raise UsageError(f"--replicas {replicas}: expected at least 1")
+    if pod_index is not None and pod_index < 0:
+        raise UsageError(f"--pod-index {pod_index}: expected the pod's ordinal, 0 or more")
     if memory is not None:
         try:
             parse_size(memory)
@@ -60,33 +67,107 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
             raise UsageError(f"--memory: {exc}") from None
         overrides.append(f"memory={memory}")
     pipeline = validate(spec_path, overrides)
+    ordinal = _ordinal(pipeline, replicas, pod_index)
+    if ordinal is None:
+        from podpipe.runtime import replicas as pods
+
+        return pods.run(spec_path, pipeline, overrides=overrides, run_dir=run_dir,
+                        replicas=replicas, fresh=fresh, observer=observer)
+    placement = sharding.Placement(ordinal, replicas, pipeline.shards)
+    _check_handover(pipeline, placement)
     root = scratches.default_root()
     scratches.sweep(root)
     _check_budget(pipeline, root)
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
-    _make_run_dir(run_path, spec_path, overrides)
+    _make_run_dir(run_path, spec_path, overrides, placement)
     restore = None
     if pipeline.checkpoints.durable and not fresh:
-        found = durable.latest(pipeline.checkpoints.durable, pipeline.name,
-                               _spec_digest(run_path))
-        if found is not None:
-            def restore(graph: Graph, plan: list) -> Restored:
-                from podpipe.runtime import tiers
-
-                if found.source_batches != len(plan):
-                    return _restore(pipeline, graph, plan, {}, [], [
-                        f"the durable checkpoint has {found.source_batches} source batches, "
-                        f"the source {len(plan)} now: not used"])
-                copies, notes = durable.fetch(found, run_path, tiers.verified)
-                return _restore(pipeline, graph, plan, found.finished, copies, notes)
-    return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-0",
+        def restore(graph: Graph, plan: list) -> Restored:
+            return _from_durable(pipeline, graph, plan, run_path, placement)
+    return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-{ordinal}",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
-                    observer=observer, restore=restore)
+                    observer=observer, restore=restore, placement=placement)
+
+
+def plan(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
+         replicas: int = 1) -> dict[str, Any]:
+    """Which replica runs which shards, and the source bytes each pulls, from the
+    source's footers alone (`podpipe plan`)."""
+    if replicas < 1:
+        raise UsageError(f"--replicas {replicas}: expected at least 1")
+    pipeline = validate(spec_path, overrides)
+    from podpipe.runtime import source
+
+    batches = source.plan(pipeline.source)
+    pods = sharding.plan([b.nbytes for b in batches], pipeline.shards, replicas)
+    return {"pipeline": pipeline.name, "shards": pipeline.shards, "replicas": replicas,
+            "source_batches": len(batches), "source_bytes": sum(b.nbytes for b in batches),
+            "files": len({b.file for b in batches}),
+            "pods": [{"ordinal": p.index, "shards": list(p.shards), "batches": p.batches,
+                      "bytes": p.bytes} for p in pods]}
+
+
+def _ordinal(pipeline: specs.Pipeline, replicas: int, pod_index: int | None) -> int | None:
+    """This pod's ordinal; None: start every replica here. One replica is pod 0."""
+    if replicas == 1 and pod_index is None:
+        return 0
+    try:
+        ordinal = sharding.ordinal(pod_index, dict(os.environ), socket.gethostname(),
+                                   pipeline.name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if ordinal is not None and ordinal >= replicas:
+        raise UsageError(f"pod index {ordinal} is not below --replicas {replicas}: "
+                         f"ordinals run from 0 to {replicas - 1}")
+    return ordinal
+
+
+def _check_handover(pipeline: specs.Pipeline, placement: sharding.Placement) -> None:
+    if placement.replicas > 1 and Graph.of(pipeline).has_global and \
+            not pipeline.checkpoints.durable:
+        raise UsageError(f"--replicas {placement.replicas}: the global reduce needs every "
+                         "shard's output, which the pods hand over through the durable "
+                         "tier; set spec.checkpoints.durable (an object-store URL every "
+                         "pod can reach)")
+
+
+def _from_durable(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
+                  placement: sharding.Placement) -> Restored:
+    """Each group of this pod (its shards, the global part if it runs it) from its
+    latest checkpoint on the durable tier, wherever it was made."""
+    from podpipe.runtime import tiers
+
+    url = pipeline.checkpoints.durable
+    assert url is not None
+    groups: list[int | None] = [s for s in placement.owned
+                                if s in sharding.nonempty(len(plan), placement.shards)]
+    if graph.has_global and placement.runs_global:
+        groups.append(None)
+    finished: dict[str, set[int]] = {}
+    copies: list[Copy] = []
+    notes: list[str] = []
+    for group in groups:
+        name = durable.group_name(group)
+        found = durable.latest(url, pipeline.name, _spec_digest(run_path), name)
+        if found is None:
+            continue
+        if (found.source_batches, found.shards) != (len(plan), placement.shards):
+            notes.append(f"{name}: the durable checkpoint has {found.source_batches} source "
+                         f"batches in {found.shards} shards, the source {len(plan)} in "
+                         f"{placement.shards} now: not used")
+            continue
+        fetched, more = durable.fetch(found, run_path, tiers.verified)
+        copies += fetched
+        notes += more
+        for node, keys in found.finished.items():
+            finished.setdefault(node, set()).update(keys)
+    return _restore(pipeline, graph, plan, finished, copies, notes, placement)
 
 
 def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
-          scratch: str, run_dir: str, layout: str = "containers", hold: bool = True) -> int:
+          scratch: str, run_dir: str, layout: str = "containers", hold: bool = True,
+          replicas: int = 1) -> int:
     """The conductor of a pod on Kubernetes (`podpipe conductor`); returns the exit code.
 
     The scratch is the pod's memory-backed volume at `scratch`, the run directory is
@@ -99,18 +180,23 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     pipeline = validate(spec_path, overrides)
     scratch_path = Path(scratch)
     conductor_socket = scratches.Scratch(scratch_path, volume=True).socket
-    index = os.environ.get("POD_INDEX", "0")
-    if not index.isdigit():
-        raise UsageError(f"POD_INDEX={index!r}: expected the pod's ordinal, 0 or more")
-    if int(index) > 0:
-        # Replica i owns the shards s with s % replicas == i; until sharding lands
-        # (spec.shards), the pipeline is one shard and replica 0 owns it.
-        print(f"pod index {index} owns no shard: the pipeline has one, run by pod 0 "
-              "(sharding across replicas is not implemented yet)", file=sys.stderr)
+    try:
+        ordinal = sharding.ordinal(None, dict(os.environ), socket.gethostname(),
+                                   pipeline.name) or 0
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    placement = sharding.Placement(ordinal, replicas, pipeline.shards)
+    if ordinal >= replicas or not placement.owned:
+        # Replica i owns the shards s with s % replicas == i: a pod beyond the replicas
+        # the manifests were rendered for, or more replicas than shards, owns none.
+        print(f"pod index {ordinal} owns no shard: the pipeline has {pipeline.shards} "
+              f"shard(s) over {replicas} replica(s) (rendered with --replicas {replicas})",
+              file=sys.stderr)
         if hold:
             scratches.Scratch.at(scratch_path)  # nothing of an earlier conductor's left
             _hold(conductor_socket)
         return 0
+    _check_handover(pipeline, placement)
     _check_budget(pipeline, scratch_path)
     run_path = Path(run_dir)
     pod = os.environ.get("POD_NAME") or socket.gethostname()
@@ -122,11 +208,16 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                                                                          volume=True),
                    launch=layout == "processes", pod=pod)
     else:
-        _make_run_dir(run_path, spec_path, overrides)
+        _make_run_dir(run_path, spec_path, overrides, placement)
         run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
+        restore = None
+        if pipeline.checkpoints.durable:  # a shard that moved here, a pod rescheduled
+            def restore(graph: Graph, plan: list) -> Restored:
+                return _from_durable(pipeline, graph, plan, run_path, placement)
         _conduct(pipeline, run_path, overrides, run_id, pod,
                  lambda: scratches.Scratch.at(scratch_path),
-                 launch=layout == "processes", observer=None)
+                 launch=layout == "processes", observer=None, restore=restore,
+                 placement=placement)
     if hold:
         _hold(conductor_socket)
     return 0
@@ -152,6 +243,7 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
         raise UsageError(f"{run_path}: not a podpipe run directory ({exc})") from None
     os.chdir(recorded["cwd"])  # relative paths in the spec resolve as they did
     overrides = recorded["overrides"]
+    placement = sharding.Placement(**recorded.get("placement", {}))
     pipeline = validate(str(run_path / "spec.yaml"), overrides)
     run_id = before["run_id"]
     if scratch is None:
@@ -162,14 +254,15 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
         _check_budget(pipeline, root)
         scratch = ((lambda: scratches.Scratch.adopt(old)) if adopt
                    else (lambda: scratches.Scratch.create(run_id, root)))
-    return _conduct(pipeline, run_path, overrides, run_id, pod or f"{pipeline.name}-0",
-                    scratch, launch=launch, observer=observer,
+    return _conduct(pipeline, run_path, overrides, run_id,
+                    pod or f"{pipeline.name}-{placement.ordinal}",
+                    scratch, launch=launch, observer=observer, placement=placement,
                     restore=lambda graph, plan: _from_journal(pipeline, graph, plan,
-                                                              run_path, before))
+                                                              run_path, before, placement))
 
 
 def _from_journal(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
-                  before: dict[str, Any]) -> Restored:
+                  before: dict[str, Any], placement: sharding.Placement) -> Restored:
     if len(plan) != before["source_batches"]:
         raise RunError(f"the source has {len(plan)} batches now, {before['source_batches']} "
                        "when the run started: it changed; start a new run")
@@ -178,11 +271,12 @@ def _from_journal(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: 
         finished, copies = journal.done(), journal.copies()
     finally:
         journal.close()
-    return _restore(pipeline, graph, plan, finished, copies, [])
+    return _restore(pipeline, graph, plan, finished, copies, [], placement)
 
 
 def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list,
-             finished: dict[str, set[int]], copies: list[Copy], notes: list[str]) -> Restored:
+             finished: dict[str, set[int]], copies: list[Copy], notes: list[str],
+             placement: sharding.Placement) -> Restored:
     """The engine of a resumed run: what each node had finished, and the copies of its
     outputs that check out, nearest tier first. A sink's batch counts as finished only
     if its file is there."""
@@ -209,7 +303,8 @@ def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list,
         kept[key] = st.Output(copy.path, copy.nbytes, copy.rows, copy.checksum, copy.tier)
     engine = st.RunState.restored(graph, len(plan), pipeline.memory,
                                   retries=retries(pipeline, graph), kept=kept,
-                                  finished=finished)
+                                  finished=finished, shards=placement.shards,
+                                  owned=placement.owned, global_here=placement.runs_global)
     for (node, _), output in engine.outputs.items():  # the kept outputs it uses
         tally = counts.setdefault(node, {})
         tally[output.tier] = tally.get(output.tier, 0) + 1
@@ -226,7 +321,8 @@ def _spec_digest(run_path: Path) -> str:
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
              pod: str, make_scratch: Callable[[], scratches.Scratch], *, launch: bool,
              observer: Callable[[dict[str, Any]], None] | None,
-             restore: Callable[[Graph, list], Restored] | None = None) -> dict[str, Any]:
+             restore: Callable[[Graph, list], Restored] | None = None,
+             placement: sharding.Placement = sharding.Placement()) -> dict[str, Any]:
     graph = Graph.of(pipeline)
     scratch = launcher = None
     try:
@@ -245,7 +341,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         tier = None if not checkpoints.durable else durable.DurableTier(
             checkpoints.durable, pipeline.name, _spec_digest(run_path),
             every_batches=checkpoints.every_batches, interval=checkpoints.interval,
-            keep=checkpoints.keep, source_batches=len(plan))
+            keep=checkpoints.keep, source_batches=len(plan), shards=pipeline.shards,
+            group_of=durable.grouping(graph, pipeline.shards))
     except BaseException:
         if launcher is not None:
             launcher.close()
@@ -256,7 +353,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         raise
     conductor = Conductor(pipeline=pipeline, graph=graph, plan=plan, scratch=scratch,
                           run_dir=run_path, launcher=launcher, run_id=run_id, pod=pod,
-                          observer=observer, restored=restored, durable=tier)
+                          observer=observer, restored=restored, durable=tier,
+                          placement=placement)
     return conductor.run()
 
 
@@ -303,7 +401,8 @@ def _check_budget(pipeline: specs.Pipeline, root: Path) -> None:
                          f"{format_size(free)} free in {root}; lower it (--memory)")
 
 
-def _make_run_dir(path: Path, spec_path: str, overrides: list[str]) -> None:
+def _make_run_dir(path: Path, spec_path: str, overrides: list[str],
+                  placement: sharding.Placement, **more: Any) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):
@@ -312,8 +411,10 @@ def _make_run_dir(path: Path, spec_path: str, overrides: list[str]) -> None:
         (path / "logs").mkdir()
         shutil.copyfile(spec_path, path / "spec.yaml")
         tmp = path / ".run.json.tmp"
-        tmp.write_text(json.dumps({"spec": os.path.abspath(spec_path), "overrides": overrides,
-                                   "cwd": os.getcwd()}))
+        tmp.write_text(json.dumps({
+            "spec": os.path.abspath(spec_path), "overrides": overrides, "cwd": os.getcwd(),
+            "placement": {"ordinal": placement.ordinal, "replicas": placement.replicas,
+                          "shards": placement.shards}, **more}))
         tmp.rename(path / "run.json")
     except OSError as exc:
         raise UsageError(f"--run-dir {path}: {exc.strerror}") from None

@@ -32,6 +32,7 @@ class SourceBatch:
     parts: tuple[int, ...] = ()   # row groups / record batches; () = the whole file
     offset: int = 0               # rows to skip within the parts
     length: int | None = None     # rows to keep; None = all
+    nbytes: int = 0               # bytes read from the file, as its footer tells
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,36 +69,51 @@ def plan(source: Source) -> list[SourceBatch]:
     batches: list[SourceBatch] = []
     for path in paths:
         if source.format == "csv":
-            batches.append(SourceBatch(file=path))
+            batches.append(SourceBatch(file=path, nbytes=int(fs.size(path) or 0)))
             continue
         try:
-            sizes, names = _footer(fs, path, source.format)
+            sizes, names, part_bytes = _footer(fs, path, source.format, source.columns)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{path}: cannot read as {source.format}: {exc}") from exc
         missing = [c for c in source.columns or () if c not in names]
         if missing:  # pyarrow would silently leave them out
             raise DataError(f"{path}: spec.source.columns names {missing}, which the file "
                             f"does not have; it has {names}")
-        batches.extend(_pack(path, sizes, source.batch_rows))
+        batches.extend(_pack(path, sizes, source.batch_rows, part_bytes))
     if not batches:
         raise DataError(f"spec.source.uri {source.uri!r}: the files hold no rows")
     return batches
 
 
-def _footer(fs, path: str, fmt: str) -> tuple[list[int], list[str]]:
-    """Rows per row group (or record batch), and the column names."""
+def _footer(fs, path: str, fmt: str, columns: tuple[str, ...] | None,
+            ) -> tuple[list[int], list[str], list[int]]:
+    """Rows per row group (or record batch), the column names, and the bytes a load
+    reads per row group (compressed, of the columns read; for Arrow files, the
+    file's size shared out by rows)."""
     with fs.open(path, "rb") as f:
         if fmt == "parquet":
             parquet = pq.ParquetFile(f)
             meta = parquet.metadata
-            return ([meta.row_group(i).num_rows for i in range(meta.num_row_groups)],
-                    parquet.schema_arrow.names)
+            rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+            wanted = set(columns) if columns else None
+            part_bytes = []
+            for i in range(meta.num_row_groups):
+                group = meta.row_group(i)
+                part_bytes.append(sum(
+                    group.column(j).total_compressed_size for j in range(group.num_columns)
+                    if wanted is None or group.column(j).path_in_schema in wanted))
+            return rows, parquet.schema_arrow.names, part_bytes
         reader = pa.ipc.open_file(f)
-        return ([reader.get_batch(i).num_rows for i in range(reader.num_record_batches)],
-                reader.schema.names)
+        rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+    size = int(fs.size(path) or 0)
+    return rows, reader.schema.names, [size * r // max(1, sum(rows)) for r in rows]
 
 
-def _pack(path: str, sizes: list[int], batch_rows: int) -> list[SourceBatch]:
+def _pack(path: str, sizes: list[int], batch_rows: int,
+          part_bytes: list[int]) -> list[SourceBatch]:
+    def nbytes(parts: list[int]) -> int:
+        return sum(part_bytes[p] for p in parts)
+
     batches: list[SourceBatch] = []
     group: list[int] = []
     rows = 0
@@ -106,20 +122,22 @@ def _pack(path: str, sizes: list[int], batch_rows: int) -> list[SourceBatch]:
             continue
         if size > batch_rows:
             if group:
-                batches.append(SourceBatch(path, tuple(group)))
+                batches.append(SourceBatch(path, tuple(group), nbytes=nbytes(group)))
                 group, rows = [], 0
             slices = math.ceil(size / batch_rows)
             step = math.ceil(size / slices)
-            batches.extend(SourceBatch(path, (part,), off, min(step, size - off))
+            # Each slice decodes the whole row group again: it reads all of it.
+            batches.extend(SourceBatch(path, (part,), off, min(step, size - off),
+                                       part_bytes[part])
                            for off in range(0, size, step))
             continue
         if rows + size > batch_rows and group:
-            batches.append(SourceBatch(path, tuple(group)))
+            batches.append(SourceBatch(path, tuple(group), nbytes=nbytes(group)))
             group, rows = [], 0
         group.append(part)
         rows += size
     if group:
-        batches.append(SourceBatch(path, tuple(group)))
+        batches.append(SourceBatch(path, tuple(group), nbytes=nbytes(group)))
     return batches
 
 

@@ -34,8 +34,10 @@ def read(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise UsageError(f"{run_dir / FILE}: unreadable status: {exc}") from None
     if status.get("state") == "running":
-        conductor = next((p for p in status.get("processes", [])
-                          if p.get("role") == "conductor"), None)
-        if conductor is None or not alive(conductor["pid"], conductor.get("start")):
+        # The process that writes the file: a pod's conductor, or the process that
+        # started every replica (runtime.replicas).
+        owner = status.get("controller") or next(
+            (p for p in status.get("processes", []) if p.get("role") == "conductor"), None)
+        if owner is None or not alive(owner["pid"], owner.get("start")):
             status["state"] = "interrupted"
     return status

@@ -1,0 +1,256 @@
+"""Every replica of a pipeline on this machine, as a StatefulSet would run them.
+
+`podpipe run SPEC --replicas N` without an ordinal starts N pods, each the command
+a replica would run (`podpipe run SPEC --replicas N --pod-index I`): a conductor,
+its stage processes and its own RAM scratch, in `RUN_DIR/pods/I`. Unless the spec
+names a durable tier, they share one at `RUN_DIR/durable`: the shards' checkpoints,
+and the handover of shard outputs to the pod of a global reduce.
+
+`RUN_DIR/status.json` adds up the pods' own status files and lists the pods. One
+pod failing does not stop the others; only the pod of the global reduce, when it
+waits for shards of a pod that failed, is stopped (it could not finish). `resume`
+starts the pods again, as many as asked: every shard resumes from its durable
+checkpoints, whichever pod made them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from podpipe.errors import InterruptedRun, RunError, UsageError
+from podpipe.model import shards as sharding
+from podpipe.model import spec as specs
+from podpipe.model.sizes import format_size
+from podpipe.runtime import scratch as scratches
+from podpipe.runtime import status
+from podpipe.runtime.scratch import process_start
+
+POLL_SECONDS = 0.25
+STOP_GRACE_SECONDS = 10.0
+
+
+def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
+        run_dir: str | None, replicas: int, fresh: bool,
+        observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-x{replicas}"
+    run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
+    try:
+        run_path.mkdir(parents=True, exist_ok=True)
+        if any(run_path.iterdir()):
+            raise UsageError(f"--run-dir {run_path}: already holds a run; resume it with "
+                             f"'podpipe resume {run_path}', or choose an empty directory")
+        (run_path / "logs").mkdir()
+        shutil.copyfile(spec_path, run_path / "spec.yaml")
+    except OSError as exc:
+        raise UsageError(f"--run-dir {run_path}: {exc.strerror}") from None
+    durable = pipeline.checkpoints.durable or (run_path / "durable").resolve().as_uri()
+    _record(run_path, {"run_id": run_id, "spec": os.path.abspath(spec_path),
+                       "overrides": overrides, "cwd": os.getcwd(), "replicas": replicas,
+                       "durable": durable, "attempt": 1})
+    return _run_pods(run_path, pipeline, fresh=fresh, observer=observer)
+
+
+def is_replicas(run_dir: str | Path) -> bool:
+    """Is this the run directory of several replicas (not of one pod)?"""
+    try:
+        return "attempt" in json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def resume(run_dir: str, *, replicas: int | None,
+           observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Start the pods of a stopped run again, `replicas` of them (default: as before).
+    The previous pods' directories move to `pods.previous`."""
+    run_path = Path(run_dir)
+    before = status.read(run_path)
+    if before["state"] in ("running", "succeeded"):
+        raise UsageError(f"{run_path}: the run " + ("is still running" if before["state"] ==
+                         "running" else "already succeeded") + "; nothing to resume")
+    if replicas is not None and replicas < 1:
+        raise UsageError(f"--replicas {replicas}: expected at least 1")
+    recorded = json.loads((run_path / "run.json").read_text())
+    os.chdir(recorded["cwd"])  # relative paths in the spec resolve as they did
+    recorded["replicas"] = replicas or recorded["replicas"]
+    recorded["attempt"] += 1
+    pipeline = specs.load(run_path / "spec.yaml", recorded["overrides"])
+    shutil.rmtree(run_path / "pods.previous", ignore_errors=True)
+    if (run_path / "pods").exists():
+        (run_path / "pods").rename(run_path / "pods.previous")
+    _record(run_path, recorded)
+    return _run_pods(run_path, pipeline, fresh=False, observer=observer)
+
+
+def _record(run_path: Path, recorded: dict[str, Any]) -> None:
+    tmp = run_path / ".run.json.tmp"
+    tmp.write_text(json.dumps(recorded))
+    tmp.rename(run_path / "run.json")
+
+
+def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
+              observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    recorded = json.loads((run_path / "run.json").read_text())
+    replicas = recorded["replicas"]
+    root = scratches.default_root()
+    free = shutil.disk_usage(root).free
+    if pipeline.memory * replicas > free:
+        raise UsageError(f"{replicas} pods of spec.memory {format_size(pipeline.memory)} each "
+                         f"need more than the {format_size(free)} free in {root}; lower "
+                         "--memory or --replicas")
+    overrides = recorded["overrides"] + [f"checkpoints.durable={recorded['durable']}"]
+    (run_path / "pods").mkdir()
+    pods: list[subprocess.Popen] = []
+    for index in range(replicas):
+        command = [sys.executable, "-m", "podpipe", "run", str(run_path / "spec.yaml"),
+                   "--replicas", str(replicas), "--pod-index", str(index), "--quiet",
+                   "--run-dir", str(run_path / "pods" / str(index))]
+        command += [arg for o in overrides for arg in ("--set", o)]
+        command += ["--fresh"] if fresh else []
+        log = open(run_path / "logs" / f"pod-{index}.log", "ab")
+        pods.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL))
+        log.close()
+    started = time.time()
+    interrupted = False
+    old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    old_fd = signal.set_wakeup_fd(wake_w)
+    try:
+        while True:
+            current = _aggregate(run_path, pipeline, recorded, pods, started)
+            _write(run_path, current, observer)
+            if all(p.poll() is not None for p in pods):
+                break
+            _stop_hopeless_waits(current, pods)
+            try:
+                if select.select([wake_r], [], [], POLL_SECONDS)[0]:
+                    os.read(wake_r, 64)
+                    interrupted = True
+                    for p in pods:
+                        if p.poll() is None:
+                            p.send_signal(signal.SIGTERM)
+            except InterruptedError:
+                continue
+    finally:
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for p in pods:
+            if p.poll() is None:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        signal.set_wakeup_fd(old_fd)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+    final = _aggregate(run_path, pipeline, recorded, pods, started, ended=time.time())
+    _write(run_path, final, None)
+    if interrupted:
+        raise InterruptedRun(f"interrupted; the pods were stopped (resume: podpipe resume "
+                             f"{run_path})")
+    if final["state"] != "succeeded":
+        raise RunError(final["error"])
+    return final
+
+
+def _stop_hopeless_waits(current: dict[str, Any], pods: list[subprocess.Popen]) -> None:
+    """Stop the pod of the global reduce when a shard it waits for is a failed pod's."""
+    failed = {s for pod in current["pods"] if pod["state"] in ("failed", "interrupted")
+              and pods[pod["ordinal"]].poll() is not None for s in pod["shards"]}
+    first = current["pods"][0]
+    if pods[0].poll() is None and failed & set(first.get("waiting_for", [])):
+        pods[0].send_signal(signal.SIGTERM)
+
+
+def _write(run_path: Path, current: dict[str, Any],
+           observer: Callable[[dict[str, Any]], None] | None) -> None:
+    try:
+        status.write(run_path, current)
+    except OSError:
+        pass
+    if observer is not None:
+        observer(current)
+
+
+def _aggregate(run_path: Path, pipeline: specs.Pipeline, recorded: dict[str, Any],
+               pods: list[subprocess.Popen], started: float,
+               ended: float | None = None) -> dict[str, Any]:
+    """The run's status: the pods' own, added up, and a line per pod."""
+    replicas = recorded["replicas"]
+    states: list[str] = []
+    rows: list[dict[str, Any]] = []
+    stages: dict[str, dict[str, Any]] = {}
+    processes: list[dict[str, Any]] = []
+    totals = {"scratch_bytes": 0, "peak_scratch_bytes": 0, "spilled_outputs": 0}
+    notes: list[str] = []
+    source_batches = None
+    for index, process in enumerate(pods):
+        owns = list(sharding.owned(pipeline.shards, replicas, index))
+        try:
+            own = status.read(run_path / "pods" / str(index))
+        except UsageError:
+            own = None
+        code = process.poll()
+        if own is None:
+            state = "starting" if code is None else "failed"
+            error = None if code is None else \
+                f"exited with code {code} before it ran (log: {run_path}/logs/pod-{index}.log)"
+        else:
+            state, error = own["state"], own.get("error")
+            if code is not None and state == "running":
+                state = "failed"
+        states.append(state)
+        row = {"ordinal": index, "shards": owns, "state": state, "error": error,
+               "pid": process.pid, "run_dir": str(run_path / "pods" / str(index))}
+        if own is not None:
+            row.update(waiting_for=own["pod"]["waiting_for"],
+                       pids=[p["pid"] for p in own["processes"]])
+            processes += own["processes"]
+            for key in totals:
+                totals[key] += own[key]
+            notes += [f"pod {index}: {n}" for n in own["restore_notes"]]
+            source_batches = own["source_batches"]
+            for node, s in own["stages"].items():
+                _add(stages.setdefault(node, {}), s)
+        rows.append(row)
+    failed = [r for r in rows if r["state"] in ("failed", "interrupted")]
+    if all(s == "succeeded" for s in states):
+        state = "succeeded"
+    elif any(p.poll() is None for p in pods):
+        state = "running"
+    else:
+        state = "failed"
+    return {
+        "run_id": recorded["run_id"], "pipeline": pipeline.name, "state": state,
+        "error": "; ".join(f"pod {r['ordinal']}: {r['error'] or r['state']}" for r in failed)
+        if state == "failed" else None,
+        "run_dir": str(run_path), "scratch": None, "started": started, "ended": ended,
+        "elapsed_seconds": round((ended or time.time()) - started, 3),
+        "budget_bytes": pipeline.memory * replicas, **totals,
+        "source_batches": source_batches, "shards": pipeline.shards, "replicas": replicas,
+        "controller": {"pid": os.getpid(), "start": process_start(os.getpid())},
+        "durable": {"url": recorded["durable"]},
+        "pods": rows, "processes": processes, "stages": stages, "restore_notes": notes,
+    }
+
+
+def _add(total: dict[str, Any], one: dict[str, Any]) -> None:
+    for key, value in one.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+            total.setdefault(key, value)
+        elif isinstance(value, dict):
+            _add(total.setdefault(key, {}), value)
+        else:
+            total[key] = round(total.get(key, 0) + value, 4)
