@@ -11,8 +11,9 @@
    Parquet in row groups of about 128 MiB (sizes drawn with a fixed seed, +-25%),
    through the same planner `podpipe plan` uses. Per pod: shards, batches, bytes
    pulled from the source store, and the durable-tier traffic: the checkpoint
-   uploads of its reduce inputs, sized from what the SF run above measured per
-   source byte, plus its shards' outputs handed over to pod 0.
+   upload of each batch's reduce input and each shard's reduce output (handed over
+   to pod 0), sized as the SF run above measured them (Q1's are a few rows each,
+   whatever the batch size).
 
     python benchmarks/shards.py [--sf 1] [--repeat 3]
 
@@ -66,7 +67,7 @@ def measure(sf: float, repeat: int, batch_rows: int) -> dict:
     times: dict[str, list[float]] = {name: [] for name in variants}
     answers: dict[str, set[str]] = {name: set() for name in variants}
     rows = 0
-    reduce_input_per_source_byte = []
+    per_batch, per_shard = [], []
     scratch = Path(tempfile.mkdtemp(prefix="shards-bench-"))
     try:
         for round_ in range(repeat):
@@ -87,9 +88,11 @@ def measure(sf: float, repeat: int, batch_rows: int) -> dict:
                     next((work / "q1").glob("part-*.parquet")).read_bytes()).hexdigest())
                 rows = status["stages"]["source"]["rows_out"]
                 if spec == SHARDED:
-                    source_bytes = _planned_bytes(spec, settings)
-                    reduce_input_per_source_byte.append(
-                        status["stages"]["partial"]["bytes_written"] / source_bytes)
+                    stages = status["stages"]
+                    per_batch.append(stages["partial"]["bytes_written"] /
+                                     stages["partial"]["batches_done"])
+                    per_shard.append(stages["merge"]["bytes_written"] /
+                                     stages["merge"]["batches_done"])
                 times[name].append(seconds)
                 print(f"  {name:>20}: {seconds:.2f} s", flush=True)
                 shutil.rmtree(work)
@@ -104,18 +107,13 @@ def measure(sf: float, repeat: int, batch_rows: int) -> dict:
         "rows_per_s": {k: rows / v for k, v in median.items()},
         "ratio_n2_to_n1": median["S=8, N=2"] / median["S=8, N=1"],
         "ratio_sharded_to_plain": median["S=8, N=1"] / median["one shard (q1.yaml)"],
-        "reduce_input_bytes_per_source_byte": statistics.median(reduce_input_per_source_byte),
+        "reduce_input_bytes_per_batch": statistics.median(per_batch),
+        "shard_output_bytes_per_shard": statistics.median(per_shard),
     }
 
 
-def _planned_bytes(spec: Path, settings: list[str]) -> int:
-    done = subprocess.run([sys.executable, "-m", "podpipe", "plan", str(spec), "--json",
-                           *[s for s in settings if not s.startswith("sinks")]],
-                          cwd=ROOT, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)["source_bytes"]
-
-
-def simulate(pods: int, shards: int, total: int, reduce_ratio: float, seed: int = 1) -> dict:
+def simulate(pods: int, shards: int, total: int, per_batch: float, per_shard: float,
+             seed: int = 1) -> dict:
     """The plan of a cluster, from batch sizes alone (no file is read)."""
     sys.path.insert(0, str(ROOT / "src"))
     from podpipe.model import shards as sharding
@@ -128,7 +126,7 @@ def simulate(pods: int, shards: int, total: int, reduce_ratio: float, seed: int 
     plan = sharding.plan(sizes, shards, pods)
     planning = time.perf_counter() - started
     pulled = [p.bytes for p in plan]
-    checkpoints = [int(p.bytes * reduce_ratio) for p in plan]
+    checkpoints = [int(p.batches * per_batch + len(p.shards) * per_shard) for p in plan]
     mean = statistics.mean(pulled)
     return {
         "pods": pods, "shards": shards, "source_bytes": sum(sizes), "batches": len(sizes),
@@ -140,9 +138,9 @@ def simulate(pods: int, shards: int, total: int, reduce_ratio: float, seed: int 
                            "max": max(pulled), "max_over_mean": max(pulled) / mean},
         "durable_upload_per_pod": {"median": statistics.median(checkpoints),
                                    "max": max(checkpoints)},
-        "note": "durable upload = the reduce inputs checkpointed per batch (scaled from the "
-                "measured run) + each shard's reduce output handed to pod 0 (about the same "
-                "size as one batch's reduce input: a few KiB for Q1)",
+        "note": f"durable upload = each batch's reduce input ({per_batch / 1024:.1f} KiB "
+                f"measured) + each shard's reduce output, handed to pod 0 "
+                f"({per_shard / 1024:.1f} KiB), plus manifests",
         "per_pod": [{"ordinal": p.index, "shards": len(p.shards), "batches": p.batches,
                      "bytes": p.bytes} for p in plan],
     }
@@ -182,8 +180,9 @@ def report(result: dict) -> str:
         "| --- | ---: | ---: | ---: |",
         f"| pulled from the source store | {_gib(s['pulled_per_pod']['min'])} | "
         f"{_gib(s['pulled_per_pod']['median'])} | {_gib(s['pulled_per_pod']['max'])} |",
-        f"| uploaded to the durable tier | | {s['durable_upload_per_pod']['median'] / MiB:,.2f} MiB"
-        f" | {s['durable_upload_per_pod']['max'] / MiB:,.2f} MiB |",
+        f"| uploaded to the durable tier | | "
+        f"{s['durable_upload_per_pod']['median'] / 1024:,.0f} KiB"
+        f" | {s['durable_upload_per_pod']['max'] / 1024:,.0f} KiB |",
         "",
         f"The busiest pod pulls {s['pulled_per_pod']['max_over_mean']:.3f}x the mean. "
         + s["note"] + ".",
@@ -198,23 +197,28 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch-rows", type=int, default=200_000)
     parser.add_argument("--quick", action="store_true",
-                        help="SF 0.01, one round, no files written: a smoke test")
+                        help="SF 0.01, one round: a smoke test")
+    parser.add_argument("--out", type=Path,
+                        help="write shards.json and shards.md here instead of "
+                             "benchmarks/results and docs/benchmarks")
     args = parser.parse_args()
     if args.quick:
         args.sf, args.repeat, args.batch_rows = 0.01, 1, 5_000
     measured = measure(args.sf, args.repeat, args.batch_rows)
-    simulated = simulate(100, 1000, TB, measured["reduce_input_bytes_per_source_byte"])
+    simulated = simulate(100, 1000, TB, measured["reduce_input_bytes_per_batch"],
+                         measured["shard_output_bytes_per_shard"])
     result = {"benchmark": "shards and replicas, tpch-q1", "cores": os.cpu_count(),
               "measured": measured, "simulated": simulated}
     text = report(result)
     print(text)
-    if args.quick:
+    if args.quick and args.out is None:
         return 0
-    RESULTS.mkdir(exist_ok=True)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    for path, content in ((RESULTS / f"shards-sf{args.sf:g}.json",
-                           json.dumps(result, indent=2) + "\n"),
-                          (DOCS / "shards.md", text)):
+    results, docs = (args.out, args.out) if args.out else (RESULTS, DOCS)
+    results.mkdir(parents=True, exist_ok=True)
+    docs.mkdir(parents=True, exist_ok=True)
+    name = "shards.json" if args.out else f"shards-sf{args.sf:g}.json"
+    for path, content in ((results / name, json.dumps(result, indent=2) + "\n"),
+                          (docs / "shards.md", text)):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(content)
         tmp.rename(path)

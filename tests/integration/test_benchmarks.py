@@ -34,3 +34,18 @@ def test_the_quick_paradigm_benchmark_runs_every_contestant_to_the_same_output(t
     assert set(results["targets"]) >= {"q1_ray_over_podpipe", "q1_store_s3_over_podpipe"}
     assert (tmp_path / "paradigms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| podpipe (paradigm 3) |" in (tmp_path / "paradigms.md").read_text()
+
+
+def test_the_quick_shards_benchmark_measures_both_replica_counts_and_plans_a_cluster(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/shards.py", "--quick",
+                           "--out", str(tmp_path)], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]  # non-zero on a wrong or differing answer
+    results = json.loads((tmp_path / "shards.json").read_text())
+    assert set(results["measured"]["median_s"]) == {"one shard (q1.yaml)", "S=8, N=1",
+                                                    "S=8, N=2"}
+    simulated = results["simulated"]
+    assert len(simulated["per_pod"]) == 100 and simulated["shards_per_pod"] == [10]
+    assert sum(p["bytes"] for p in simulated["per_pod"]) == simulated["source_bytes"] >= 10**12
+    assert sum(p["batches"] for p in simulated["per_pod"]) == simulated["batches"]
+    assert "Simulated cluster: 100 pods" in (tmp_path / "shards.md").read_text()

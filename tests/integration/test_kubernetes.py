@@ -166,15 +166,15 @@ def wait_for(run_dir: Path, pod: LocalPod, timeout: float = 120,
                          + pod.log("podpipe-conductor")[-3000:])
 
 
-def rendered_pod(tmp_path: Path, image_root: Path, *flags: str,
-                 ordinal: int = 0) -> tuple[LocalPod, Path]:
+def rendered_pod(tmp_path: Path, image_root: Path, *flags: str, ordinal: int = 0,
+                 example: Path = EXAMPLE) -> tuple[LocalPod, Path]:
     """Replica `ordinal` of the example rendered with `flags` (its source: the image's
     data), and the run directory it will have on the node tier."""
-    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet", *flags,
+    done = podpipe("render", str(example), "--set", "source.uri=data/*.parquet", *flags,
                    cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod", image_root,
-                   ordinal)
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / f"pod{ordinal}",
+                   image_root, ordinal)
     return pod, pod.volumes["node"] / "runs" / pod.name
 
 
@@ -300,3 +300,28 @@ def test_a_second_replica_owns_no_shard_of_a_one_shard_pipeline_and_idles(tmp_pa
     finally:
         codes = pod.terminate()
     assert set(codes.values()) == {0}, codes
+
+
+def test_two_rendered_replicas_share_the_shards_and_pod_0_combines_them(tmp_path, image_root):
+    """Both replicas of the sharded example, each as the kubelet would run it: each
+    takes its ordinal from POD_INDEX, runs its shards, and pod 0's global reduce
+    reads pod 1's shards from the durable tier."""
+    from examples.tpch import data
+
+    flags = ("--replicas", "2", "--layout", "processes", "--set", "source.batchRows=5000",
+             "--set", f"checkpoints.durable=file://{tmp_path / 'store'}")
+    pods = [rendered_pod(tmp_path, image_root, *flags, ordinal=i,
+                         example=ROOT / "examples" / "tpch" / "q1-sharded.yaml")
+            for i in (0, 1)]
+    try:
+        for pod, _ in pods:
+            pod.run()
+        statuses = [wait_for(run_dir, pod) for pod, run_dir in pods]
+        assert [s["state"] for s in statuses] == ["succeeded", "succeeded"], \
+            [s.get("error") for s in statuses]
+        assert [s["pod"]["shards"] for s in statuses] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+        assert [s["stages"]["total"]["batches_done"] for s in statuses] == [1, 0]
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1-sharded"), SF) == []
+    finally:
+        codes = [pod.terminate() for pod, _ in pods]
+    assert all(set(c.values()) == {0} for c in codes), codes

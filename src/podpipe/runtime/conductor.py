@@ -39,7 +39,7 @@ FLUSH_SECONDS = 0.25
 STOP_GRACE_SECONDS = 5.0
 DURABLE_WAIT = 10.0  # at the end of a failed run, for its last checkpoint
 HANDOVER_WAIT = 120.0  # at the end of a sharded run, for its shards' last checkpoints
-IMPORT_SECONDS = 0.5  # how often a global reduce's pod looks for the others' shards
+IMPORT_SECONDS = 0.25  # how often a global reduce's pod looks for the others' shards
 
 
 @dataclass
