@@ -40,6 +40,26 @@ def write_spec(path: Path, document: dict) -> Path:
     return path
 
 
+def wait_until(condition, what: str, timeout: float = 60) -> None:
+    """Poll `condition` until it holds; fail the test naming `what` after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def run_status(run_dir: Path) -> dict:
+    """A run directory's status.json as it is now ({} before the first write)."""
+    import json
+
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def make_numbers(folder: Path, files: int = 2, rows: int = 5000, row_group: int = 1000) -> Path:
     """Parquet files with column x = 0, 1, 2, ... across files."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,6 @@ import os
 from podpipe import __version__
 from podpipe.errors import PodpipeError, UsageError, exit_code
 
-NOT_YET = {
-    "swap": "swapping a stage mid-run is not implemented yet",
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,10 +75,33 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("spec", metavar="SPEC")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
-    swap = sub.add_parser("swap", help="swap a stage's version mid-run (not implemented yet)")
+    swap = sub.add_parser(
+        "swap", help="swap a stage's version in a running run",
+        description="Replace STAGE's process in the running run at RUN_DIR by a new "
+                    "version: it finishes its batch (--now: abandons it, to be redone), "
+                    "the new version takes the later batches. The conductor, the other "
+                    "stages and the data in RAM stay. A new version that fails holds the "
+                    "stage (the run waits): swap back to go on.")
     swap.add_argument("run_dir", metavar="RUN_DIR")
     swap.add_argument("stage", metavar="STAGE")
-    swap.add_argument("rest", nargs=argparse.REMAINDER)
+    what = swap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", metavar="MODULE:FUNCTION", help="a Python callable")
+    what.add_argument("--command", dest="new_command", metavar="COMMAND",
+                      help="an executable and its arguments, one string (split as a shell "
+                           "would)")
+    what.add_argument("--image", metavar="IMAGE", help="the stage's container image")
+    swap.add_argument("--version", metavar="V",
+                      help="the new version's name (default: a digest of what defines it)")
+    swap.add_argument("--now", action="store_true",
+                      help="do not wait for the in-flight batch: abandon it, to be redone")
+    swap.add_argument("--recompute", action="store_true",
+                      help="also redo the batches the old version did (not implemented yet)")
+    swap.add_argument("--k8s", action="store_true",
+                      help="print the JSON patch that swaps the image on Kubernetes "
+                           "(kubectl patch --type json; OpenKruise applies it in place); "
+                           "needs --image")
+    swap.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                      help="how long to wait for the in-flight batch (default 300)")
 
     render = sub.add_parser(
         "render", help="print Kubernetes manifests that run the pipeline as a StatefulSet",
@@ -301,12 +321,50 @@ def _conductor(args: argparse.Namespace, console) -> int:
                      replicas=args.replicas)
 
 
-def _not_yet(args: argparse.Namespace, console) -> int:
-    raise UsageError(f"podpipe {args.command}: {NOT_YET[args.command]}")
+def _swap(args: argparse.Namespace, console) -> int:
+    import shlex
+
+    from podpipe.runtime import control
+
+    command = shlex.split(args.new_command) if args.new_command is not None else None
+    overrides = control.swap_overrides(args.stage, run=args.run, command=command,
+                                       image=args.image, version=args.version)
+    if args.k8s:
+        return _swap_patch(args)
+    if args.recompute:
+        raise UsageError("--recompute: redoing the batches of the old version is not "
+                         "implemented yet; run the changed spec again for that")
+    for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
+                               timeout=args.timeout):
+        if answer["type"] == "swapped":
+            console.print(f"{answer['run_dir']}: stage {args.stage!r} now runs version "
+                          f"{answer['version']} (pid {answer['pid']})", highlight=False)
+        else:
+            console.print(f"{answer['run_dir']}: not swapped, the pod is "
+                          f"{answer['type']}", highlight=False)
+    return 0
+
+
+def _swap_patch(args: argparse.Namespace) -> int:
+    from podpipe import render
+    from podpipe.runtime import pod
+
+    if args.image is None:
+        raise UsageError("--k8s: a swap on Kubernetes is an image change; give --image")
+    run_dir = args.run_dir
+    try:
+        recorded = json.loads(open(os.path.join(run_dir, "run.json")).read())
+        spec_text = open(os.path.join(run_dir, "spec.yaml")).read()
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{run_dir}: not a podpipe run directory ({exc})") from None
+    pipeline = pod.validate(os.path.join(run_dir, "spec.yaml"), recorded["overrides"])
+    manifests = render.render(pipeline, spec_text, render.Options())
+    sys.stdout.write(json.dumps(render.image_patch(manifests, args.stage, args.image)) + "\n")
+    return 0
 
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
-             "render": _render, "resume": _resume, "plan": _plan, "swap": _not_yet}
+             "render": _render, "resume": _resume, "plan": _plan, "swap": _swap}
 
 if __name__ == "__main__":
     entry()

@@ -30,6 +30,7 @@ import yaml
 
 from podpipe import __version__
 from podpipe.errors import UsageError
+from podpipe.model import shards
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import parse_size
 from podpipe.model.spec import Pipeline, Resources
@@ -168,12 +169,7 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
         raise UsageError(f"a stage named {CONDUCTOR!r} would clash with the conductor's "
                          "container; rename it")
     flags = [arg for item in options.overrides for arg in ("--set", item)]
-    if options.replicas > 1 and Graph.of(pipeline).has_global and \
-            not pipeline.checkpoints.durable:
-        raise UsageError(f"--replicas {options.replicas}: the global reduce needs every "
-                         "shard's output, which the pods hand over through the durable "
-                         "tier; set spec.checkpoints.durable (an object-store URL every "
-                         "pod can reach)")
+    shards.check_handover(pipeline, options.replicas)
     conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH, "--run-dir", RUN_DIR,
                       "--layout", options.layout, "--replicas", str(options.replicas),
                       *flags]

@@ -75,9 +75,11 @@ def summary(status: dict[str, Any]) -> Table:
 def status_table(status: dict[str, Any]) -> Table:
     """`podpipe status` without --json."""
     table = summary(status)
+    held = [f"\nheld: stage {n!r} (version {s['version']}): {s['held']}; swap it to go on"
+            for n, s in status["stages"].items() if s.get("held")]
     table.caption = (f"run {status['run_id']}  state {status['state']}  scratch "
                      f"{status['scratch']}" + (f"\nerror: {status['error']}"
-                                                if status.get("error") else ""))
+                                                if status.get("error") else "") + "".join(held))
     pids = Table(title="processes")
     for column in ("role", "stage", "pod", "pid", "alive"):
         pids.add_column(column)

@@ -15,13 +15,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SF, cli_env, make_numbers, podpipe, spec, write_spec
+from conftest import (ROOT, SF, cli_env, make_numbers, podpipe, run_status, spec,
+                      wait_until, write_spec)
 
 SHARDS, BATCHES, ROWS = 6, 12, 1000
 
@@ -119,18 +119,8 @@ def _loaded(pods: Path) -> list[int]:
     return loaded
 
 
-def _wait_for(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _pod_status(run: Path, index: int) -> dict:
-    try:
-        return json.loads((run / "pods" / str(index) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return run_status(run / "pods" / str(index))
 
 
 def test_rescale_three_to_two_after_a_kill_redoes_no_checkpointed_batch(tmp_path, expected):
@@ -141,7 +131,7 @@ def test_rescale_three_to_two_after_a_kill_redoes_no_checkpointed_batch(tmp_path
                            env=cli_env(SLOW_SECONDS="0.3"), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     store = workdir / "run" / "durable"
-    _wait_for(lambda: len(_checkpointed(store)) >= 3 and
+    wait_until(lambda: len(_checkpointed(store)) >= 3 and
               _pod_status(workdir / "run", 1).get("processes"), "three checkpointed batches")
     victim = _pod_status(workdir / "run", 1)["processes"][0]["pid"]  # pod 1's conductor
     os.kill(victim, signal.SIGKILL)
@@ -174,12 +164,12 @@ def test_rescale_one_to_three_resumes_every_shard_from_the_durable_tier(tmp_path
     run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
                             "--run-dir", "one"], cwd=workdir, env=cli_env(SLOW_SECONDS="0.3"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: len(_checkpointed(store)) >= 4, "four checkpointed batches")
+    wait_until(lambda: len(_checkpointed(store)) >= 4, "four checkpointed batches")
     pids = [p["pid"] for p in json.loads((workdir / "one" / "status.json").read_text())
             ["processes"]]
     run.kill()  # the node is lost: the pod, its RAM and its disk
     run.communicate()
-    _wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), "the pod to go")
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids), "the pod to go")
     checkpointed = _checkpointed(store)
     done = podpipe("run", "p.yaml", "--quiet", "--replicas", "3", "--run-dir", "three",
                    cwd=workdir, SLOW_SECONDS="0.01", timeout=180)

@@ -107,3 +107,20 @@ def sum_all_sums(t: pa.Table) -> pa.Table:
     """A global reduce over `sum_all`'s outputs, one row per shard."""
     return pa.table({"rows": [pc.sum(t["rows"]).as_py()], "sum": [pc.sum(t["sum"]).as_py()],
                      "shards": [t.num_rows]})
+
+
+def _tag(t: pa.Table, version: str) -> pa.Table:
+    return t.append_column("version", pa.array([version] * t.num_rows, pa.string()))
+
+
+def tag_v1(t: pa.Table) -> pa.Table:
+    """A stage that marks its output with its version (swap tests)."""
+    return _tag(t, "v1")
+
+
+def tag_v2(t: pa.Table) -> pa.Table:
+    return _tag(t, "v2")
+
+
+def tag_broken(t: pa.Table) -> pa.Table:
+    raise RuntimeError("version 3 is broken on purpose")

@@ -333,3 +333,53 @@ def test_pods_that_share_the_shards_do_every_task_once_and_the_lowest_runs_the_g
         assert pod.live == {}
     assert sorted(processed) == expected
     assert ("g", 0) in expected
+
+
+def test_a_swap_requeues_the_in_flight_batch_without_counting_a_restart():
+    run = S.RunState(Graph.of(CHAIN), 2, 10_000, retries={})
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    run.handle(S.SpaceRequested("source", 0, 10))
+    run.handle(S.TaskDone("source", 0, S.Output("s0", 10, 1)))
+    assert run.agents["a"].status == S.RUNNING and run.agents["a"].batch == 0
+    assert run.handle(S.AgentReplaced("a")) == []  # no restart, no failure
+    assert run.agents["a"].status == S.ABSENT and run.ready["a"] == [0]
+    assert run.restarts["a"] == 0
+    actions = run.handle(S.AgentReady("a"))  # the new version says hello
+    assert S.Dispatch("a", 0, ((S.Output("s0", 10, 1),),)) in actions
+
+
+def test_a_broken_version_holds_its_stage_and_the_run_waits_instead_of_failing():
+    pod = Pod(CHAIN, 3, 10_000, lambda n, b: 10, random.Random(0))
+    state = pod.state
+    for node in pod.graph.order:
+        state.handle(S.AgentReady(node))
+    state.handle(S.SpaceRequested("source", 0, 10))
+    state.handle(S.TaskDone("source", 0, S.Output("s0", 10, 1)))
+    actions = state.handle(S.StageBroken("a", "batch 0: boom"))
+    assert not any(isinstance(a, (S.Failed, S.Spill)) for a in actions)
+    assert state.agents["a"].status == S.HELD and state.agents["a"].broken == "batch 0: boom"
+    assert state.ready["a"] == [0] and state.outcome is None
+    assert not state._stuck()  # someone may come back: nothing is given up or spilled
+    state.handle(S.AgentReplaced("a"))  # swapped back
+    assert state.agents["a"].broken is None
+    actions = state.handle(S.AgentReady("a"))
+    assert any(isinstance(a, S.Dispatch) and a.node == "a" and a.batch == 0 for a in actions)
+
+
+def test_a_stage_with_a_swap_coming_gets_no_new_task_so_it_can_be_replaced():
+    run = S.RunState(Graph.of(CHAIN), 3, 10_000)
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    for batch in (0, 1):
+        run.handle(S.SpaceRequested("source", batch, 10))
+        run.handle(S.TaskDone("source", batch, S.Output(f"s{batch}", 10, 1)))
+    assert run.agents["a"].status == S.RUNNING and run.ready["a"] == [1]
+    run.handle(S.SwapRequested("a"))
+    run.handle(S.SpaceRequested("a", 0, 10))
+    actions = run.handle(S.TaskDone("a", 0, S.Output("a0", 10, 1)))
+    assert not any(isinstance(x, S.Dispatch) and x.node == "a" for x in actions)
+    assert run.agents["a"].status == S.IDLE  # between batches: the swap can happen
+    run.handle(S.AgentReplaced("a"))
+    actions = run.handle(S.AgentReady("a"))
+    assert any(isinstance(x, S.Dispatch) and x.node == "a" and x.batch == 1 for x in actions)

@@ -20,7 +20,10 @@ decisions of a run live here, so they can be tested without processes:
   (outputs that must stay, such as a reduce's inputs) spills to the node tier; an
   output larger than the whole budget fails with a BudgetError;
 - lifetime: an output is deleted as soon as every node that reads it has read it;
-- restarts of dead processes, and the state a resumed run starts from.
+- restarts of dead processes, and the state a resumed run starts from;
+- swaps: a stage's process replaced by another version (its in-flight batch, if
+  any, goes back to its queue), and a broken version *held*: the stage takes no
+  task until it is swapped again, and the run waits instead of failing.
 """
 
 from __future__ import annotations
@@ -96,7 +99,32 @@ class Imported:
     output: Output
 
 
-Event = AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | Imported
+@dataclass(frozen=True)
+class SwapRequested:
+    """A new version of the stage is coming: give it no new task (it is replaced as soon
+    as its current one is done)."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class AgentReplaced:
+    """The stage's process is being replaced by another version (a swap): it takes no
+    more tasks; its in-flight batch, if any, is done again by the new one."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class StageBroken:
+    """A swapped-in version failed (raised, died, or could not start): hold the stage."""
+
+    node: str
+    message: str
+
+
+Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | Imported |
+         SwapRequested | AgentReplaced | StageBroken)
 
 # ------------------------------------------------------------------ actions
 
@@ -155,12 +183,14 @@ Action = Dispatch | Grant | Deny | Delete | Spill | Restart | Finished | Failed
 
 # -------------------------------------------------------------------- state
 
-IDLE, RUNNING, WAITING, ABSENT = "idle", "running", "waiting", "absent"
+IDLE, RUNNING, WAITING, ABSENT, HELD = "idle", "running", "waiting", "absent", "held"
 
 
 @dataclass
 class _Agent:
     status: str = ABSENT
+    broken: str | None = None  # why a held stage is held
+    draining: bool = False     # a swap is coming: no new task
     batch: int | None = None
     want: int = 0        # bytes asked for while WAITING
     reserved: int = 0    # bytes granted, not yet an output
@@ -315,6 +345,14 @@ class RunState:
                 return actions
         elif isinstance(event, Imported):
             self._import(event, actions)
+        elif isinstance(event, SwapRequested):
+            agent.draining = True
+        elif isinstance(event, AgentReplaced):
+            self._take_back(event.node, agent)
+            agent.status, agent.broken, agent.draining = ABSENT, None, False
+        elif isinstance(event, StageBroken):
+            self._take_back(event.node, agent)
+            agent.status, agent.broken = HELD, event.message
         if self.outcome is not None:
             return actions
         self._grant_waiting(actions)
@@ -348,12 +386,17 @@ class RunState:
                 f"{gone} {where}" + (f", after {tries} restarts" if tries else ""))))
             return False
         self.restarts[node] = attempt
-        self.usage -= agent.reserved
-        agent.status, agent.batch, agent.want, agent.reserved = ABSENT, None, 0, 0
-        if busy and batch is not None:
-            self.ready[node] = sorted(self.ready[node] + [batch])
+        self._take_back(node, agent)
+        agent.status = ABSENT
         actions.append(Restart(node, attempt, min(0.1 * 4 ** (attempt - 1), 5.0)))
         return True
+
+    def _take_back(self, node: str, agent: _Agent) -> None:
+        """Put the agent's in-flight batch back in its queue and release its RAM."""
+        if agent.status in (RUNNING, WAITING) and agent.batch is not None:
+            self.ready[node] = sorted(self.ready[node] + [agent.batch])
+        self.usage -= agent.reserved
+        agent.batch, agent.want, agent.reserved = None, 0, 0
 
     def _request(self, agent: _Agent, event: SpaceRequested, actions: list[Action]) -> None:
         agent.status, agent.want = WAITING, event.nbytes
@@ -429,7 +472,7 @@ class RunState:
         return 0 if domains[0] == GLOBAL else key
 
     def _release_inputs(self, node: str, batch: int, actions: list[Action]) -> None:
-        for key in self._input_keys(node, batch):
+        for key in self.input_keys(node, batch):
             readers = self.unread.get(key)
             if readers is None:
                 continue
@@ -444,7 +487,8 @@ class RunState:
             self.usage -= output.nbytes
             actions.append(Delete(output.path))
 
-    def _input_keys(self, node: str, key: int) -> list[Key]:
+    def input_keys(self, node: str, key: int) -> list[Key]:
+        """The (node, key) outputs that `node`'s task `key` reads."""
         return [(name, k) for name in self.graph.inputs[node]
                 for k in self._reads(node, name, key)]
 
@@ -469,7 +513,7 @@ class RunState:
     def _dispatch(self, actions: list[Action]) -> None:
         for node in self.graph.order:
             agent = self.agents[node]
-            if agent.status != IDLE:
+            if agent.status != IDLE or agent.draining:
                 continue
             if node == SOURCE and not self.ready[node]:
                 batch = self._admit()
@@ -566,7 +610,7 @@ class RunState:
         """Someone waits for RAM and nothing can free any: no task is running, and no
         agent is still to connect (it would read what it is owed)."""
         statuses = {a.status for a in self.agents.values()}
-        return WAITING in statuses and not statuses & {RUNNING, ABSENT}
+        return WAITING in statuses and not statuses & {RUNNING, ABSENT, HELD}
 
     def _fail(self, error: PodpipeError) -> list[Action]:
         self.outcome = Failed(error)

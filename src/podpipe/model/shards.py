@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from podpipe.errors import UsageError
+
 
 def shard_of(batch: int, shards: int) -> int:
     return batch % shards
@@ -90,3 +92,14 @@ class Placement:
     @property
     def sharded(self) -> bool:
         return self.replicas > 1 or self.shards > 1
+
+
+def check_handover(pipeline, replicas: int) -> None:
+    """A global reduce over several replicas needs a durable tier: the pods hand their
+    shards' outputs to pod 0 through it."""
+    from podpipe.model.graph import Graph
+
+    if replicas > 1 and not pipeline.checkpoints.durable and Graph.of(pipeline).has_global:
+        raise UsageError(f"--replicas {replicas}: the global reduce needs every shard's "
+                         "output, which the pods hand over through the durable tier; set "
+                         "spec.checkpoints.durable (an object-store URL every pod can reach)")

@@ -9,7 +9,9 @@ bytes and checksum. Data never crosses the socket.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -58,12 +60,14 @@ class CallFunction(Work):
     def __init__(self, target: str, file: str, field: str) -> None:
         module, _, name = target.partition(":")
         try:
-            self.function: Callable[..., Any] = getattr(importlib.import_module(module), name)
+            imported = importlib.import_module(module)
+            self.function: Callable[..., Any] = getattr(imported, name)
         except Exception as exc:  # any import-time failure of user code
             raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
                             file=file, field=field) from exc
         if not callable(self.function):
             raise SpecError(f"{target!r} is not callable", file=file, field=field)
+        self.source = getattr(imported, "__file__", None)  # what defines its version
 
     def run(self, batch, inputs, task):
         result = self.function(*[_concat(tables) for tables in inputs])
@@ -117,7 +121,7 @@ class WriteSink(Work):
         self.writer = sink.Writer(target)
 
     def run(self, batch, inputs, task):
-        self.writer.write(_concat(inputs[0]), batch)
+        self.writer.write(_concat(inputs[0]), batch, task.get("versions", {}))
         return None
 
 
@@ -140,10 +144,25 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
     return RunCommand(stage.command or (), node)
 
 
-def version_of(pipeline: Pipeline, node: str) -> str:
+def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
+    """The stage's `version:`, else a digest of what defines it: the source of the
+    function's module (`src-…`), or the command, image and env (`cmd-…`)."""
     if node == SOURCE or node not in {s.name for s in pipeline.stages}:
         return "builtin"
-    return pipeline.stage(node).version or "unversioned"
+    stage = pipeline.stage(node)
+    if stage.version:
+        return stage.version
+    digest = hashlib.sha256()
+    if isinstance(work, CallFunction):
+        digest.update(stage.run.encode() if stage.run else b"")
+        try:
+            digest.update(Path(work.source).read_bytes() if work.source else b"")
+        except OSError:
+            pass  # no readable source (a builtin or a zip): the callable's name only
+        return f"src-{digest.hexdigest()[:12]}"
+    digest.update(json.dumps([stage.command, stage.image, stage.env],
+                             sort_keys=True).encode())
+    return f"cmd-{digest.hexdigest()[:12]}"
 
 
 def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
@@ -182,13 +201,14 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
         pipeline = specs.load(spec_path, overrides)
         work = work_for(pipeline, node)
     except SpecError as exc:  # the conductor names the user's file, not our copy
-        protocol.send(sock, {"type": "broken", "field": exc.field, "message": exc.detail})
+        protocol.send(sock, {"type": "broken", "node": node, "field": exc.field,
+                             "message": exc.detail})
         return 2
     except InputError as exc:
-        protocol.send(sock, {"type": "broken", "message": str(exc)})
+        protocol.send(sock, {"type": "broken", "node": node, "message": str(exc)})
         return 2
     protocol.send(sock, {"type": "hello", "node": node, "pid": os.getpid(),
-                         "version": version_of(pipeline, node)})
+                         "version": version_of(pipeline, node, work)})
     try:
         while True:
             message = protocol.recv(sock)

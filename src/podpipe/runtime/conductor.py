@@ -50,6 +50,16 @@ class _Conn:
 
 
 @dataclass
+class _Swap:
+    """A `podpipe swap` in progress: the new version's overrides, and who asked."""
+
+    overrides: list[str]
+    now: bool
+    conn: "_Conn"
+    started: bool = False  # the new version's process is started
+
+
+@dataclass
 class _Stats:
     rows_in: int = 0
     rows_out: int = 0
@@ -111,6 +121,12 @@ class Conductor:
         self.accepted: list[_Conn] = []       # every connection, to close at the end
         self.pidfds: set[int] = set()         # process exit events still watched
         self.versions: dict[str, str] = {}
+        self.version_counts: dict[str, dict[str, int]] = {n: {} for n in graph.order}
+        self.lineage: dict[st.Key, dict[str, set[str]]] = {}  # stage -> versions behind it
+        self.stage_overrides: dict[str, list[str]] = {}  # swapped stages: their --set
+        self.swaps: dict[str, _Swap] = {}     # requested, not yet carried out
+        self.swapped: set[str] = set()        # stages running a swapped-in version
+        self.retired: set[int] = set()        # pids of replaced processes
         self.reading: dict[str, int] = {}     # node -> bytes its current task maps
         self.stats = {node: _Stats() for node in graph.order}
         self.state: str = "running"
@@ -177,7 +193,8 @@ class Conductor:
                 elif kind == "exit":
                     self._drain()  # what it said before dying counts first
                     if self.state == "running":
-                        self._exited(data, key.fd)
+                        node, process = data
+                        self._exited(node, process, key.fd)
                 elif kind == "signal":
                     wake.recv(64)
                     self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
@@ -196,13 +213,13 @@ class Conductor:
     def _start(self, node: str) -> None:
         assert self.launcher is not None
         try:
-            process = self.launcher.start(node)
+            process = self.launcher.start(node, self.stage_overrides.get(node, []))
         except OSError as exc:
             raise RunError(f"cannot start the process of stage {node!r}: {exc}") from exc
         self.processes[node] = process
         pidfd = os.pidfd_open(process.pid)
         self.pidfds.add(pidfd)
-        self.sel.register(pidfd, selectors.EVENT_READ, ("exit", node))
+        self.sel.register(pidfd, selectors.EVENT_READ, ("exit", (node, process)))
 
     def _socket_event(self, key: selectors.SelectorKey) -> None:
         kind, data = key.data
@@ -243,6 +260,12 @@ class Conductor:
 
     def _message(self, conn: _Conn, message: dict[str, Any]) -> None:
         kind = message.get("type")
+        if kind == "swap":  # `podpipe swap`
+            self._swap_request(conn, message)
+            return
+        if kind == "broken" and conn.node is None and message.get("node") in self.swapped:
+            self._broken(message["node"], message["message"])  # the new version
+            return
         if kind == "broken":  # an agent could not start, for the user's input
             field = message.get("field")
             self._end("failed", SpecError(message["message"], file=self.pipeline.file,
@@ -263,10 +286,14 @@ class Conductor:
             self.pids[node] = int(message.get("pid") or 0)
             self.versions[node] = message.get("version", "")
             self._feed(st.AgentReady(node))
+            if node in self.swapped:
+                self._answer_swap(node, {"type": "swapped", "stage": node,
+                                         "version": self.versions[node],
+                                         "pid": self.pids[node]})
             return
         node = conn.node
-        if node is None:
-            return
+        if node is None or self.conns.get(node) is not conn:
+            return  # not an agent, or one replaced by a swap
         batch = int(message.get("batch") or 0)
         if kind == "reserve":
             self._feed(st.SpaceRequested(node, batch, int(message["nbytes"])))
@@ -276,25 +303,42 @@ class Conductor:
             output = st.Output(**out) if out else None
             self._record(node, batch, output)
             self._feed(st.TaskDone(node, batch, output))
+        elif kind == "failed" and node in self.swapped:
+            self._broken(node, f"batch {batch}: {message['message']}")
         elif kind == "failed":
             self._feed(st.TaskFailed(node, batch, message["message"],
                                      bool(message.get("input_error"))))
 
-    def _exited(self, node: str, pidfd: int) -> None:
+    def _exited(self, node: str, process: Process, pidfd: int) -> None:
         self.sel.unregister(pidfd)
         self.pidfds.discard(pidfd)
         os.close(pidfd)
-        returncode = self.processes[node].wait()
+        returncode = process.wait()
+        if process.pid in self.retired:  # replaced by a swap: expected to go
+            return
         conn = self.conns.pop(node, None)  # a restarted process says hello anew
         if conn is not None and conn.sock.fileno() >= 0:
             self.sel.unregister(conn.sock)
             conn.sock.close()
+        if node in self.swapped:  # a swapped-in version died: hold it, do not fail
+            self._broken(node, f"its process exited (code {returncode})")
+            return
         self._feed(st.AgentExited(node, returncode))
 
     def _record(self, node: str, batch: int, output: st.Output | None) -> None:
         """Journal what finished; copy to the node tier what a resume would need (what
         a reduce reads, and what runs once): the rest is cheaper to recompute."""
-        self.journal.finished(node, batch, self.versions.get(node, ""))
+        version = self.versions.get(node, "")
+        self.journal.finished(node, batch, version)
+        counts = self.version_counts[node]
+        counts[version] = counts.get(version, 0) + 1
+        lineage: dict[str, set[str]] = {}
+        for key in self.engine.input_keys(node, batch):
+            for stage, made in self.lineage.get(key, {}).items():
+                lineage.setdefault(stage, set()).update(made)
+        if node in self.stats and _kind(node, self.graph) in ("stage", "reduce"):
+            lineage.setdefault(node, set()).add(version)
+        self.lineage[(node, batch)] = lineage
         if batch in self.previously.get(node, ()):
             self.recomputed[node] += 1
         if output is not None:
@@ -320,7 +364,13 @@ class Conductor:
     # -- actions out --------------------------------------------------------------
 
     def _feed(self, event: st.Event) -> None:
-        for action in self.engine.handle(event):
+        self._carry_out(self.engine.handle(event))
+        for node in list(self.swaps):
+            if not isinstance(event, (st.AgentReplaced, st.StageBroken)):
+                self._maybe_replace(node)  # (SwapRequested too: it may be idle now)
+
+    def _carry_out(self, actions: list[st.Action]) -> None:
+        for action in actions:
             if isinstance(action, st.Dispatch):
                 self._dispatch(action)
             elif isinstance(action, st.Grant):
@@ -352,6 +402,84 @@ class Conductor:
                     error.args = (f"{error.args[0]} (log: {self.processes[error.stage].log})",)
                 self._end("failed", error)
 
+    # -- swaps ---------------------------------------------------------------------
+
+    def _swap_request(self, conn: _Conn, message: dict[str, Any]) -> None:
+        """`podpipe swap`: check the new version, then replace the stage's process as
+        soon as it is idle (at once with `now`); the answer goes back on `conn` once
+        the new process says hello, or its version proves broken."""
+        node = str(message.get("stage"))
+        stages = [s.name for s in self.pipeline.stages]
+        refuse = None
+        if node not in stages:
+            refuse = f"no stage {node!r} in this run; its stages are {stages}"
+        elif self.launcher is None:
+            refuse = ("this pod's stages are containers: swap them by patching the image "
+                      "(podpipe swap RUN_DIR STAGE --image IMAGE --k8s prints the patch)")
+        elif node in self.swaps:
+            refuse = f"stage {node!r} is being swapped already"
+        if refuse is None:
+            overrides = [*self.stage_overrides.get(node, []), *message.get("overrides", [])]
+            try:
+                from podpipe.model import spec as specs
+
+                specs.load(self.run_dir / "spec.yaml", [*self._base_overrides(), *overrides])
+            except PodpipeError as exc:
+                refuse = f"the new version is not valid: {exc}"
+        if refuse is not None:
+            protocol.send(conn.sock, {"type": "refused", "message": refuse})
+            return
+        self._log(f"swap of stage {node!r} requested: {' '.join(overrides)}")
+        self.swaps[node] = _Swap(overrides, bool(message.get("now")), conn)
+        self._feed(st.SwapRequested(node))  # no new task for it: replaced once idle
+
+    def _base_overrides(self) -> list[str]:
+        return list(self.launcher.where.overrides) if self.launcher is not None else []
+
+    def _maybe_replace(self, node: str) -> None:
+        """Carry out a requested swap once the stage is between batches (or at once
+        with `now`: its batch is requeued and done again by the new version)."""
+        swap = self.swaps.get(node)
+        busy = self.engine.agents[node].status in (st.RUNNING, st.WAITING)
+        if swap is None or swap.started or (busy and not swap.now):
+            return
+        swap.started = True
+        old = self.processes.get(node)
+        conn = self.conns.pop(node, None)
+        self._feed(st.AgentReplaced(node))
+        if old is not None and old.poll() is None:
+            self.retired.add(old.pid)
+            if conn is not None and not busy:
+                self._send_to(conn, {"type": "stop"})
+            else:
+                old.signal(signal.SIGKILL)  # mid-batch: its output is never trusted
+        self.stage_overrides[node] = swap.overrides
+        self.swapped.add(node)
+        self._start(node)
+
+    def _broken(self, node: str, message: str) -> None:
+        """A swapped-in version failed: hold the stage until it is swapped again."""
+        self._log(f"stage {node!r} held: the new version failed: {message}")
+        conn = self.conns.pop(node, None)
+        process = self.processes.get(node)
+        if process is not None and process.poll() is None:
+            self.retired.add(process.pid)
+            if conn is not None:
+                self._send_to(conn, {"type": "stop"})
+        self._feed(st.StageBroken(node, message))
+        self._answer_swap(node, {"type": "held", "stage": node, "message": message})
+
+    def _answer_swap(self, node: str, message: dict[str, Any]) -> None:
+        swap = self.swaps.pop(node, None)
+        if swap is not None:
+            self._send_to(swap.conn, message)
+
+    def _send_to(self, conn: _Conn, message: dict[str, Any]) -> None:
+        try:
+            protocol.send(conn.sock, message)
+        except OSError:
+            pass  # it went away
+
     def _dispatch(self, action: st.Dispatch) -> None:
         task: dict[str, Any] = {
             "type": "task", "batch": action.batch,
@@ -360,6 +488,12 @@ class Conductor:
         }
         if action.node == SOURCE:
             task["source"] = self.plan[action.batch].to_json()
+        if action.node in self.graph.sinks:
+            versions: dict[str, set[str]] = {}
+            for key in self.engine.input_keys(action.node, action.batch):
+                for stage, made in self.lineage.get(key, {}).items():
+                    versions.setdefault(stage, set()).update(made)
+            task["versions"] = {stage: sorted(v) for stage, v in versions.items()}
         self.reading[action.node] = sum(o.nbytes for group in action.inputs for o in group)
         self._send(action.node, task)
 
@@ -415,6 +549,8 @@ class Conductor:
             stages[node] = {
                 "kind": _kind(node, self.graph),
                 "version": self.versions.get(node),
+                "versions": self.version_counts[node],
+                "held": engine.agents[node].broken,
                 "batches_done": len(engine.done[node] & engine.keys(node)),
                 "batches_total": engine.total(node),
                 "rows_in": s.rows_in, "rows_out": s.rows_out,

@@ -71,12 +71,13 @@ class SpawnLauncher:
         self.where = where
         self.popens: dict[int, subprocess.Popen] = {}
 
-    def start(self, node: str) -> Process:
+    def start(self, node: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
+        """`overrides`: this node's own, after the pod's (a swapped-in version)."""
         w = self.where
         log = w.log_dir / f"{node}.log"
         argv = [sys.executable, "-m", "podpipe", "agent", "--stage", node,
                 "--spec", str(w.spec_path), "--socket", str(w.socket_path)]
-        for item in w.overrides:
+        for item in [*w.overrides, *overrides]:
             argv += ["--set", item]
         with open(log, "ab") as out:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -112,11 +113,13 @@ class ForkLauncher:
         self.pending: list[dict] = []
         self.exits: dict[int, int] = {}
 
-    def start(self, node: str) -> Process:
+    def start(self, node: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
+        """`overrides`: this node's own, after the pod's (a swapped-in version)."""
         w = self.where
         log = w.log_dir / f"{node}.log"
         protocol.send(self.sock, {"type": "spawn", "node": node, "spec": str(w.spec_path),
-                                  "overrides": w.overrides, "socket": str(w.socket_path),
+                                  "overrides": [*w.overrides, *overrides],
+                                  "socket": str(w.socket_path),
                                   "env": w.env(), "log": str(log)})
         while True:
             message = self._next(None)

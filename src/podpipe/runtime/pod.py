@@ -74,13 +74,13 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         return pods.run(spec_path, pipeline, overrides=overrides, run_dir=run_dir,
                         replicas=replicas, fresh=fresh, observer=observer)
     placement = sharding.Placement(ordinal, replicas, pipeline.shards)
-    _check_handover(pipeline, placement)
+    sharding.check_handover(pipeline, placement.replicas)
     root = scratches.default_root()
     scratches.sweep(root)
     _check_budget(pipeline, root)
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
-    _make_run_dir(run_path, spec_path, overrides, placement)
+    make_run_dir(run_path, spec_path, overrides, placement=_placed(placement))
     restore = None
     if pipeline.checkpoints.durable and not fresh:
         def restore(graph: Graph, plan: list) -> Restored:
@@ -121,15 +121,6 @@ def _ordinal(pipeline: specs.Pipeline, replicas: int, pod_index: int | None) -> 
         raise UsageError(f"pod index {ordinal} is not below --replicas {replicas}: "
                          f"ordinals run from 0 to {replicas - 1}")
     return ordinal
-
-
-def _check_handover(pipeline: specs.Pipeline, placement: sharding.Placement) -> None:
-    if placement.replicas > 1 and Graph.of(pipeline).has_global and \
-            not pipeline.checkpoints.durable:
-        raise UsageError(f"--replicas {placement.replicas}: the global reduce needs every "
-                         "shard's output, which the pods hand over through the durable "
-                         "tier; set spec.checkpoints.durable (an object-store URL every "
-                         "pod can reach)")
 
 
 def _from_durable(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
@@ -196,7 +187,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
             scratches.Scratch.at(scratch_path)  # nothing of an earlier conductor's left
             _hold(conductor_socket)
         return 0
-    _check_handover(pipeline, placement)
+    sharding.check_handover(pipeline, placement.replicas)
     _check_budget(pipeline, scratch_path)
     run_path = Path(run_dir)
     pod = os.environ.get("POD_NAME") or socket.gethostname()
@@ -208,7 +199,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                                                                          volume=True),
                    launch=layout == "processes", pod=pod)
     else:
-        _make_run_dir(run_path, spec_path, overrides, placement)
+        make_run_dir(run_path, spec_path, overrides, placement=_placed(placement))
         run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
         restore = None
         if pipeline.checkpoints.durable:  # a shard that moved here, a pod rescheduled
@@ -401,8 +392,9 @@ def _check_budget(pipeline: specs.Pipeline, root: Path) -> None:
                          f"{format_size(free)} free in {root}; lower it (--memory)")
 
 
-def _make_run_dir(path: Path, spec_path: str, overrides: list[str],
-                  placement: sharding.Placement, **more: Any) -> None:
+def make_run_dir(path: Path, spec_path: str, overrides: list[str], **record: Any) -> None:
+    """An empty run directory with its logs folder, the spec as run, and `run.json`:
+    the spec's path, the overrides, the working directory and `record`."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):
@@ -410,12 +402,20 @@ def _make_run_dir(path: Path, spec_path: str, overrides: list[str],
                              f"'podpipe resume {path}', or choose an empty directory")
         (path / "logs").mkdir()
         shutil.copyfile(spec_path, path / "spec.yaml")
-        tmp = path / ".run.json.tmp"
-        tmp.write_text(json.dumps({
-            "spec": os.path.abspath(spec_path), "overrides": overrides, "cwd": os.getcwd(),
-            "placement": {"ordinal": placement.ordinal, "replicas": placement.replicas,
-                          "shards": placement.shards}, **more}))
-        tmp.rename(path / "run.json")
+        record_run(path, {"spec": os.path.abspath(spec_path), "overrides": overrides,
+                          "cwd": os.getcwd(), **record})
     except OSError as exc:
         raise UsageError(f"--run-dir {path}: {exc.strerror}") from None
+
+
+def record_run(path: Path, record: dict[str, Any]) -> None:
+    """Write `run.json` (temporary name, then rename)."""
+    tmp = path / ".run.json.tmp"
+    tmp.write_text(json.dumps(record))
+    tmp.rename(path / "run.json")
+
+
+def _placed(placement: sharding.Placement) -> dict[str, int]:
+    return {"ordinal": placement.ordinal, "replicas": placement.replicas,
+            "shards": placement.shards}
 

@@ -30,6 +30,7 @@ from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.sizes import format_size
+from podpipe.runtime import pod
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime import status
 from podpipe.runtime.scratch import process_start
@@ -43,19 +44,9 @@ def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
         observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-x{replicas}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
-    try:
-        run_path.mkdir(parents=True, exist_ok=True)
-        if any(run_path.iterdir()):
-            raise UsageError(f"--run-dir {run_path}: already holds a run; resume it with "
-                             f"'podpipe resume {run_path}', or choose an empty directory")
-        (run_path / "logs").mkdir()
-        shutil.copyfile(spec_path, run_path / "spec.yaml")
-    except OSError as exc:
-        raise UsageError(f"--run-dir {run_path}: {exc.strerror}") from None
     durable = pipeline.checkpoints.durable or (run_path / "durable").resolve().as_uri()
-    _record(run_path, {"run_id": run_id, "spec": os.path.abspath(spec_path),
-                       "overrides": overrides, "cwd": os.getcwd(), "replicas": replicas,
-                       "durable": durable, "attempt": 1})
+    pod.make_run_dir(run_path, spec_path, overrides, run_id=run_id, replicas=replicas,
+                     durable=durable, attempt=1)
     return _run_pods(run_path, pipeline, fresh=fresh, observer=observer)
 
 
@@ -86,14 +77,8 @@ def resume(run_dir: str, *, replicas: int | None,
     shutil.rmtree(run_path / "pods.previous", ignore_errors=True)
     if (run_path / "pods").exists():
         (run_path / "pods").rename(run_path / "pods.previous")
-    _record(run_path, recorded)
+    pod.record_run(run_path, recorded)
     return _run_pods(run_path, pipeline, fresh=False, observer=observer)
-
-
-def _record(run_path: Path, recorded: dict[str, Any]) -> None:
-    tmp = run_path / ".run.json.tmp"
-    tmp.write_text(json.dumps(recorded))
-    tmp.rename(run_path / "run.json")
 
 
 def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,

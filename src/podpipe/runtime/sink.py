@@ -2,11 +2,13 @@
 
 A batch's file is `part-<batch>.parquet`; it is written under a temporary name and
 renamed, so a repeated batch replaces its file and never duplicates output, and a
-reader never trusts a half-written one.
+reader never trusts a half-written one. Its key-value metadata `podpipe.versions`
+records which versions of which stages made it (JSON: stage -> versions).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import fsspec
@@ -14,6 +16,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from podpipe.model.spec import Sink
+
+
+VERSIONS = b"podpipe.versions"
+
+
+def versions(path: str) -> dict[str, list[str]]:
+    """The stage versions a sink file records (empty if none)."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata[VERSIONS]) if VERSIONS in metadata else {}
 
 
 def file_name(batch: int) -> str:
@@ -25,7 +36,11 @@ class Writer:
         self.fs, self.root = fsspec.core.url_to_fs(sink.uri)
         self.fs.makedirs(self.root, exist_ok=True)
 
-    def write(self, table: pa.Table, batch: int) -> str:
+    def write(self, table: pa.Table, batch: int,
+              versions: dict[str, list[str]] | None = None) -> str:
+        if versions:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   VERSIONS: json.dumps(versions)})
         final = f"{self.root.rstrip('/')}/{file_name(batch)}"
         tmp = f"{self.root.rstrip('/')}/.{file_name(batch)}.{os.getpid()}.tmp"
         try:

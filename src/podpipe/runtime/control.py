@@ -1,0 +1,82 @@
+"""Talking to a running conductor: `podpipe swap`.
+
+The command connects to the conductor's socket in the run's RAM scratch (named in
+`status.json`), sends one request and waits for the answer: the stage's new
+process said hello (`swapped`), its version failed (`held`: the run waits for a
+swap back), or the request was refused (why).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from podpipe.errors import RunError, UsageError
+from podpipe.runtime import protocol, status
+from podpipe.runtime.scratch import Scratch
+
+
+def swap_overrides(stage: str, *, run: str | None, command: list[str] | None,
+                   image: str | None, version: str | None) -> list[str]:
+    """The spec overrides that make a stage's new version."""
+    if sum(x is not None for x in (run, command, image)) != 1:
+        raise UsageError("swap: give exactly one of --run MODULE:FUNCTION, --command "
+                         "COMMAND or --image IMAGE")
+    overrides = []
+    if run is not None:
+        overrides.append(f"stages.{stage}.run={json.dumps(run)}")
+    if command is not None:
+        if not command:
+            raise UsageError("--command: expected an executable and its arguments")
+        overrides.append(f"stages.{stage}.command={json.dumps(command)}")
+    if image is not None:
+        overrides.append(f"stages.{stage}.image={json.dumps(image)}")
+    if version is not None:
+        overrides.append(f"stages.{stage}.version={json.dumps(version)}")
+    return overrides
+
+
+def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool,
+         timeout: float) -> list[dict[str, Any]]:
+    """Swap `stage` in the run at `run_dir` (in every pod of a multi-replica run);
+    returns each pod's answer."""
+    current = status.read(run_dir)
+    if current["state"] != "running":
+        raise UsageError(f"{run_dir}: the run is {current['state']}, not running; nothing "
+                         "to swap (change the spec and run it again)")
+    pods = [Path(p["run_dir"]) for p in current["pods"]] if "controller" in current \
+        else [Path(run_dir)]
+    return [_ask(pod, stage, overrides, now, timeout) for pod in pods]
+
+
+def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
+         timeout: float) -> dict[str, Any]:
+    current = status.read(run_dir)
+    if current["state"] != "running":
+        return {"type": current["state"], "stage": stage, "run_dir": str(run_dir)}
+    path = Scratch(Path(current["scratch"])).socket
+    try:
+        sock = protocol.connect(str(path), wait=0)
+    except OSError as exc:
+        raise UsageError(f"{run_dir}: cannot reach the conductor at {path}: {exc}") from None
+    with sock:
+        sock.settimeout(timeout)
+        protocol.send(sock, {"type": "swap", "stage": stage, "overrides": overrides,
+                             "now": now})
+        try:
+            answer = protocol.recv(sock)
+        except socket.timeout:
+            raise RunError(f"stage {stage!r}: no answer in {timeout:.0f} s (its batch is "
+                           "still running?); the swap goes ahead when the batch ends") from None
+        except (protocol.Closed, OSError) as exc:
+            raise RunError(f"stage {stage!r}: the conductor went away ({exc})") from None
+    answer["run_dir"] = str(run_dir)
+    if answer["type"] == "refused":
+        raise UsageError(f"swap {stage!r}: {answer['message']}")
+    if answer["type"] == "held":
+        raise RunError(f"stage {stage!r}: the new version failed: {answer['message']}; the "
+                       "stage is held and the run waits: swap it back (or to a fixed "
+                       "version) to go on")
+    return answer

@@ -1,0 +1,162 @@
+"""Swapping a stage's version while the run goes: `podpipe swap`, real processes.
+
+The pipeline: source -> slow -> tag (marks each row with its version) -> sink, ten
+batches. The swap replaces only `tag`'s process; the conductor and the other
+stages keep running, and every batch is written once, by one version.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import (cli_env, make_numbers, podpipe, run_status, spec, wait_until,
+                      write_spec)
+
+BATCHES = 10
+
+
+def _start(workdir: Path, slow: str = "0.3") -> subprocess.Popen:
+    make_numbers(workdir / "data")
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+         {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow"]}],
+        [{"input": "tag", "uri": "out/"}]))
+    return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                             "--run-dir", "run"], cwd=workdir, env=cli_env(SLOW_SECONDS=slow),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _status(workdir: Path) -> dict:
+    return run_status(workdir / "run")
+
+
+def _pids(status: dict) -> dict[str, int]:
+    return {p["stage"] or "conductor": p["pid"] for p in status["processes"]}
+
+
+def _versions_written(workdir: Path) -> list[str]:
+    """Per sink file, in batch order: the one version its rows carry."""
+    versions = []
+    for path in sorted((workdir / "out").glob("part-*.parquet")):
+        tags = set(pq.read_table(path)["version"].to_pylist())
+        assert len(tags) == 1, (path, tags)
+        versions.append(tags.pop())
+    return versions
+
+
+def test_a_swap_mid_run_changes_later_batches_and_nothing_else(tmp_path):
+    run = _start(tmp_path)
+    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
+              .get("batches_done", 0) >= 3, "three batches through tag")
+    before = _pids(_status(tmp_path))
+    done = podpipe("swap", "run", "tag", "--run", "pystages:tag_v2", "--version", "v2",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "now runs version v2" in done.stdout
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    after = _status(tmp_path)
+    pids = _pids(after)
+    assert {k: v for k, v in pids.items() if k != "tag"} == \
+        {k: v for k, v in before.items() if k != "tag"}  # conductor and others unchanged
+    assert pids["tag"] != before["tag"]
+    written = _versions_written(tmp_path)
+    assert len(written) == BATCHES  # none lost, none twice (one file per batch)
+    switch = written.index("v2")
+    assert switch >= 3 and written == ["v1"] * switch + ["v2"] * (BATCHES - switch)
+    assert pq.read_table(tmp_path / "out").num_rows == 10_000
+    tag = after["stages"]["tag"]
+    assert tag["version"] == "v2"
+    old = next(v for v in tag["versions"] if v != "v2")
+    assert old.startswith("src-") and tag["versions"] == {old: switch, "v2": BATCHES - switch}
+    # Each sink file, and the journal, record the versions that made it.
+    first = pq.read_schema(tmp_path / "out" / "part-000000.parquet").metadata
+    last = pq.read_schema(tmp_path / "out" / f"part-{BATCHES - 1:06d}.parquet").metadata
+    assert json.loads(first[b"podpipe.versions"])["tag"] == [old]
+    assert json.loads(last[b"podpipe.versions"])["tag"] == ["v2"]
+    with sqlite3.connect(tmp_path / "run" / "journal.sqlite") as db:
+        journaled = dict(db.execute("SELECT batch, version FROM done WHERE node='tag'"))
+    assert [journaled[b] for b in range(BATCHES)] == \
+        [old] * switch + ["v2"] * (BATCHES - switch)
+
+
+def test_a_broken_version_holds_the_stage_and_a_swap_back_finishes_the_run(tmp_path):
+    run = _start(tmp_path)
+    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
+              .get("batches_done", 0) >= 2, "two batches through tag")
+    done = podpipe("swap", "run", "tag", "--run", "pystages:tag_broken", "--version", "v3",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr  # it started; it fails on its first batch
+    wait_until(lambda: _status(tmp_path)["stages"]["tag"]["held"], "the stage to be held")
+    held = _status(tmp_path)
+    assert held["state"] == "running" and run.poll() is None  # held, not failed
+    assert "version 3 is broken on purpose" in held["stages"]["tag"]["held"]
+    time.sleep(1)  # the run waits: nothing more gets through the held stage
+    assert _status(tmp_path)["stages"]["tag"]["batches_done"] == \
+        held["stages"]["tag"]["batches_done"]
+    back = podpipe("swap", "run", "tag", "--run", "pystages:tag_v1", "--version", "v1",
+                   "--now", cwd=tmp_path)
+    assert back.returncode == 0, back.stderr
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    written = _versions_written(tmp_path)
+    assert len(written) == BATCHES and set(written) == {"v1"}  # nothing lost
+    assert pq.read_table(tmp_path / "out").num_rows == 10_000
+    assert "v3" not in _status(tmp_path)["stages"]["tag"]["versions"]  # it did no batch
+
+
+def test_a_version_that_cannot_start_is_reported_and_held(tmp_path):
+    run = _start(tmp_path)
+    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
+              .get("batches_done", 0) >= 1, "a batch through tag")
+    done = podpipe("swap", "run", "tag", "--run", "pystages:no_such_function",
+                   cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "the new version failed" in done.stderr and "swap it back" in done.stderr
+    assert _status(tmp_path)["state"] == "running"
+    back = podpipe("swap", "run", "tag", "--run", "pystages:tag_v1", cwd=tmp_path)
+    assert back.returncode == 0, back.stderr
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert _versions_written(tmp_path) == ["v1"] * BATCHES
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope", "--run", "pystages:tag_v2"], "no stage 'nope'"),
+    (["tag", "--run", "not a callable"], "expected a Python callable"),
+    (["tag", "--run", "pystages:tag_v2", "--recompute"], "not implemented yet"),
+])
+def test_bad_swaps_are_refused_with_exit_2_and_the_run_goes_on(tmp_path, args, message):
+    run = _start(tmp_path, slow="0.1")
+    wait_until(lambda: _status(tmp_path).get("state") == "running", "the run to start")
+    done = podpipe("swap", "run", *args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert _versions_written(tmp_path) == ["v1"] * BATCHES
+    after = podpipe("swap", "run", "tag", "--run", "pystages:tag_v2", cwd=tmp_path)
+    assert after.returncode == 2 and "not running" in after.stderr
+
+
+def test_swap_k8s_prints_the_image_patch(tmp_path):
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "tag", "run": "pystages:tag_v1", "inputs": ["source"]}],
+        [{"input": "tag", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", "--run-dir", "run",
+                   cwd=tmp_path).returncode == 0
+    done = podpipe("swap", "run", "tag", "--image", "registry/tag:2", "--k8s", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    patch = json.loads(done.stdout)
+    assert patch[0]["op"] == "test" and patch[0]["value"] == "tag"
+    assert patch[1]["op"] == "replace" and patch[1]["value"] == "registry/tag:2"
+    assert patch[1]["path"].endswith("/image")
