@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     swap.add_argument("--now", action="store_true",
                       help="do not wait for the in-flight batch: abandon it, to be redone")
     swap.add_argument("--recompute", action="store_true",
-                      help="also redo the batches the old version did (not implemented yet)")
+                      help="also redo the batches the old version did, and everything "
+                           "downstream of them, from the source: the outputs end as if the "
+                           "new version had run from the start")
     swap.add_argument("--k8s", action="store_true",
                       help="print the JSON patch that swaps the image on Kubernetes "
                            "(kubectl patch --type json; OpenKruise applies it in place); "
@@ -331,11 +333,8 @@ def _swap(args: argparse.Namespace, console) -> int:
                                        image=args.image, version=args.version)
     if args.k8s:
         return _swap_patch(args)
-    if args.recompute:
-        raise UsageError("--recompute: redoing the batches of the old version is not "
-                         "implemented yet; run the changed spec again for that")
     for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
-                               timeout=args.timeout):
+                               timeout=args.timeout, recompute=args.recompute):
         if answer["type"] == "swapped":
             console.print(f"{answer['run_dir']}: stage {args.stage!r} now runs version "
                           f"{answer['version']} (pid {answer['pid']})", highlight=False)

@@ -23,12 +23,17 @@ from conftest import (cli_env, make_numbers, podpipe, run_status, spec, wait_unt
 BATCHES = 10
 
 
-def _start(workdir: Path, slow: str = "0.3") -> subprocess.Popen:
+def _start(workdir: Path, slow: str = "0.3", tag: str = "pystages:tag_v1",
+           reduce: bool = False) -> subprocess.Popen:
     make_numbers(workdir / "data")
-    write_spec(workdir / "p.yaml", spec(
-        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
-         {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow"]}],
-        [{"input": "tag", "uri": "out/"}]))
+    stages = [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+              {"name": "tag", "run": tag, "inputs": ["slow"]}]
+    sinks = [{"input": "tag", "uri": "out/"}]
+    if reduce:
+        stages.append({"name": "versions", "run": "pystages:count_versions", "reduce": True,
+                       "inputs": ["tag"]})
+        sinks.append({"input": "versions", "uri": "counts/"})
+    write_spec(workdir / "p.yaml", spec(stages, sinks))
     return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
                              "--run-dir", "run"], cwd=workdir, env=cli_env(SLOW_SECONDS=slow),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -132,7 +137,6 @@ def test_a_version_that_cannot_start_is_reported_and_held(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["nope", "--run", "pystages:tag_v2"], "no stage 'nope'"),
     (["tag", "--run", "not a callable"], "expected a Python callable"),
-    (["tag", "--run", "pystages:tag_v2", "--recompute"], "not implemented yet"),
 ])
 def test_bad_swaps_are_refused_with_exit_2_and_the_run_goes_on(tmp_path, args, message):
     run = _start(tmp_path, slow="0.1")
@@ -160,3 +164,34 @@ def test_swap_k8s_prints_the_image_patch(tmp_path):
     assert patch[0]["op"] == "test" and patch[0]["value"] == "tag"
     assert patch[1]["op"] == "replace" and patch[1]["value"] == "registry/tag:2"
     assert patch[1]["path"].endswith("/image")
+
+
+def _files(workdir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(workdir)): p.read_bytes()
+            for folder in ("out", "counts") for p in sorted((workdir / folder).glob("*.parquet"))}
+
+
+def test_recompute_ends_exactly_as_a_clean_run_of_the_new_version(tmp_path):
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    first = _start(clean, slow="0", tag="pystages:tag_v2", reduce=True)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    expected = _files(clean)
+    assert len(expected) == BATCHES + 1
+    work = tmp_path / "w"
+    work.mkdir()
+    run = _start(work, reduce=True)
+    wait_until(lambda: _status(work).get("stages", {}).get("tag", {})
+               .get("batches_done", 0) >= 4, "four batches through tag")
+    done = podpipe("swap", "run", "tag", "--run", "pystages:tag_v2", "--recompute",
+                   cwd=work)
+    assert done.returncode == 0, done.stderr
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert _files(work) == expected  # the per-batch files and the reduce's, byte for byte
+    tag = _status(work)["stages"]["tag"]
+    assert sum(tag["versions"].values()) > BATCHES  # the old version's batches, redone
+    with sqlite3.connect(work / "run" / "journal.sqlite") as db:
+        versions = {v for (v,) in db.execute("SELECT version FROM done WHERE node='tag'")}
+    assert versions == {tag["version"]}  # what the old version made is forgotten

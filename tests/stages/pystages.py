@@ -124,3 +124,9 @@ def tag_v2(t: pa.Table) -> pa.Table:
 
 def tag_broken(t: pa.Table) -> pa.Table:
     raise RuntimeError("version 3 is broken on purpose")
+
+
+def count_versions(t: pa.Table) -> pa.Table:
+    """A reduce over `tag_*` outputs: rows per version."""
+    counts = t.group_by("version", use_threads=False).aggregate([("x", "count")])
+    return counts.sort_by("version")

@@ -61,6 +61,9 @@ class Pod:
         self.processed: list[tuple[str, int]] = []
         self.outcome = None
         self.max_live = 0
+        self.forgotten: list[tuple[str, int]] = []
+        self.inject: tuple[int, S.Event] | None = None  # (after how many steps, event)
+        self.steps = 0
 
     def apply(self, actions):
         for action in actions:
@@ -82,6 +85,8 @@ class Pod:
                 del self.live[action.path]
             elif isinstance(action, S.Restart):
                 self.restarting.add(action.node)
+            elif isinstance(action, S.Forget):
+                self.forgotten.append((action.node, action.key))
             else:
                 self.outcome = action
 
@@ -92,6 +97,11 @@ class Pod:
         for node in self.graph.order:
             self.apply(self.state.handle(S.AgentReady(node)))
         while self.outcome is None:
+            self.steps += 1
+            if self.inject is not None and self.steps == self.inject[0]:
+                self.apply(self.state.handle(self.inject[1]))
+                if self.outcome is not None:
+                    break
             waiting_for_grant = {n for n in self.tasks
                                  if n not in self.graph.sinks and n not in self.granted
                                  and self.state.agents[n].status == S.WAITING}
@@ -383,3 +393,48 @@ def test_a_stage_with_a_swap_coming_gets_no_new_task_so_it_can_be_replaced():
     run.handle(S.AgentReplaced("a"))
     actions = run.handle(S.AgentReady("a"))
     assert any(isinstance(x, S.Dispatch) and x.node == "a" and x.batch == 1 for x in actions)
+
+
+@settings(max_examples=100, deadline=None)
+@given(batches=st.integers(1, 8), seed=st.integers(0, 2**32), at=st.integers(1, 80),
+       node=st.sampled_from(["a", "c", "d", "r"]))
+def test_a_recompute_redoes_what_the_stage_had_done_and_everything_after_it(
+        batches, seed, at, node):
+    """Whenever it comes, a recompute of `node` ends with every batch `node` had done
+    done again by it and by everything downstream, the run finished and nothing left
+    in scratch; what no longer stands is forgotten."""
+    graph = Graph.of(DIAMOND)
+    pod = Pod(DIAMOND, batches, 10**6, lambda n, b: 1 + b % 3, random.Random(seed))
+    marker: dict = {}
+    original = pod.state.handle
+
+    def handle(event):
+        if isinstance(event, S.Recompute):
+            marker["before"] = {n: set(pod.state.done[n]) for n in graph.order}
+            marker["processed"] = len(pod.processed)
+        return original(event)
+
+    pod.state.handle = handle
+    pod.inject = (at, S.Recompute(node))
+    assert isinstance(pod.run(), S.Finished)
+    assert pod.live == {} and pod.state.usage == 0
+    if "before" not in marker:
+        return  # the run ended before the recompute came
+    after = pod.processed[marker["processed"]:]
+    below = {node} | {n for n in graph.order if node in _upstream(graph, n)}
+    for n in below:
+        redone = marker["before"][node] if graph.domain[n] == graph.domain[node] else \
+            (marker["before"][n] if graph.domain[n] != "batch" else set())
+        for key in redone:
+            assert (n, key) in after, (n, key, "not done again")
+    assert all(k in pod.state.done[n] for n in graph.order for k in pod.state.keys(n))
+
+
+def _upstream(graph, node):
+    seen, todo = set(), list(graph.inputs[node])
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(graph.inputs[n])
+    return seen

@@ -116,6 +116,16 @@ class AgentReplaced:
 
 
 @dataclass(frozen=True)
+class Recompute:
+    """The batches `node` has done were made by a version now replaced: do them again
+    (from the source, the one tier that holds every batch's inputs), and everything
+    downstream of them, so the outputs are as if the new version had run from the
+    start."""
+
+    node: str
+
+
+@dataclass(frozen=True)
 class StageBroken:
     """A swapped-in version failed (raised, died, or could not start): hold the stage."""
 
@@ -124,7 +134,7 @@ class StageBroken:
 
 
 Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | Imported |
-         SwapRequested | AgentReplaced | StageBroken)
+         SwapRequested | AgentReplaced | Recompute | StageBroken)
 
 # ------------------------------------------------------------------ actions
 
@@ -170,6 +180,14 @@ class Restart:
 
 
 @dataclass(frozen=True)
+class Forget:
+    """What `node` made for `key` no longer stands (a recompute): drop its records."""
+
+    node: str
+    key: int
+
+
+@dataclass(frozen=True)
 class Finished:
     pass
 
@@ -179,7 +197,7 @@ class Failed:
     error: PodpipeError
 
 
-Action = Dispatch | Grant | Deny | Delete | Spill | Restart | Finished | Failed
+Action = Dispatch | Grant | Deny | Delete | Spill | Restart | Forget | Finished | Failed
 
 # -------------------------------------------------------------------- state
 
@@ -217,6 +235,8 @@ class RunState:
     redo: list[int] = field(default_factory=list)  # source batches dropped, to load again
     outcome: Action | None = None
     spills: int = 0          # outputs written to the node tier for lack of RAM
+    stale: set[int] = field(default_factory=set)  # on the line, to redo once off it
+    obsolete: set[Key] = field(default_factory=set)  # in-flight tasks whose result is void
     shards: int = 1
     owned: tuple[int, ...] | None = None  # the shards this pod runs; None: all
     global_here: bool = True  # this pod runs the global nodes (the lowest ordinal)
@@ -350,6 +370,8 @@ class RunState:
         elif isinstance(event, AgentReplaced):
             self._take_back(event.node, agent)
             agent.status, agent.broken, agent.draining = ABSENT, None, False
+        elif isinstance(event, Recompute):
+            self._recompute(event.node, actions)
         elif isinstance(event, StageBroken):
             self._take_back(event.node, agent)
             agent.status, agent.broken = HELD, event.message
@@ -390,6 +412,47 @@ class RunState:
         agent.status = ABSENT
         actions.append(Restart(node, attempt, min(0.1 * 4 ** (attempt - 1), 5.0)))
         return True
+
+    def _recompute(self, node: str, actions: list[Action]) -> None:
+        if self.graph.domain[node] != BATCH:  # a reduce: it and what follows run again
+            self._undo_downstream(node, actions, include=True)
+            return
+        self._undo_downstream(node, actions, include=False)
+        for batch in sorted(self.done[node]):
+            if batch in self.on_line:
+                self.stale.add(batch)  # its later stages are at it: redo once they are done
+            else:
+                self._invalidate(batch, actions)
+
+    def _invalidate(self, batch: int, actions: list[Action]) -> None:
+        """Run source batch `batch` down the whole line again."""
+        for node in self.graph.order:
+            if self.graph.domain[node] == BATCH:
+                if (node, batch) in self.outputs:
+                    self._delete((node, batch), actions)
+                if batch in self.done[node]:
+                    self.done[node].discard(batch)
+                    actions.append(Forget(node, batch))
+        self.redo = sorted(set(self.redo) | {batch})
+
+    def _undo_downstream(self, node: str, actions: list[Action], include: bool) -> None:
+        """What runs once per shard or globally, downstream of `node` (and `node` itself
+        with `include`), is not done any more: it runs again when its inputs are."""
+        below = {node} if include else set()
+        for other in self.graph.order:
+            if any(i in below or i == node for i in self.graph.inputs[other]):
+                below.add(other)
+        for other in self.graph.order:
+            if other not in below or self.graph.domain[other] == BATCH:
+                continue
+            for key in sorted(self.done[other] & self.keys(other)):
+                if (other, key) in self.outputs:
+                    self._delete((other, key), actions)
+                self.done[other].discard(key)
+                actions.append(Forget(other, key))
+            agent = self.agents[other]
+            if agent.status in (RUNNING, WAITING) and agent.batch is not None:
+                self.obsolete.add((other, agent.batch))
 
     def _take_back(self, node: str, agent: _Agent) -> None:
         """Put the agent's in-flight batch back in its queue and release its RAM."""
@@ -440,6 +503,15 @@ class RunState:
 
     def _done(self, agent: _Agent, event: TaskDone, actions: list[Action]) -> None:
         node, batch = event.node, event.batch
+        if (node, batch) in self.obsolete:  # undone while it ran (a recompute)
+            self.obsolete.discard((node, batch))
+            agent.status, agent.batch = IDLE, None
+            self.usage -= agent.reserved
+            agent.reserved = 0
+            if event.output is not None and event.output.tier == "ram":
+                actions.append(Delete(event.output.path))
+            self._maybe_ready(node, batch)
+            return
         agent.status, agent.batch = IDLE, None
         self.usage -= agent.reserved
         agent.reserved = 0
@@ -460,6 +532,9 @@ class RunState:
             self.on_line[batch] -= 1
             if self.on_line[batch] == 0:
                 del self.on_line[batch]
+                if batch in self.stale:  # made partly by a replaced version
+                    self.stale.discard(batch)
+                    self._invalidate(batch, actions)
                 self.footprint = max(self.footprint or 0, self.produced.pop(batch, 0))
         for consumer in self.graph.consumers[node]:
             self._maybe_ready(consumer, self._key_of(consumer, node, batch))
@@ -505,10 +580,18 @@ class RunState:
             return
         if self.agents[node].batch == key:
             return
-        if all(k in self.done[name] for name in self.graph.inputs[node]
+        if all(self._has(node, name, k) for name in self.graph.inputs[node]
                for k in self._reads(node, name, key)):
             self.ready[node].append(key)
             self.ready[node].sort()
+
+    def _has(self, node: str, name: str, key: int) -> bool:
+        """Is input `name`'s output for `key` there for `node`? A reduce does not take a
+        batch made partly by a replaced version (stale), which is to be done again."""
+        if key not in self.done[name]:
+            return False
+        return not (key in self.stale and self.graph.domain[name] == BATCH and
+                    self.graph.reads_all(node, name))
 
     def _dispatch(self, actions: list[Action]) -> None:
         for node in self.graph.order:

@@ -56,6 +56,7 @@ class _Swap:
     overrides: list[str]
     now: bool
     conn: "_Conn"
+    recompute: bool = False
     started: bool = False  # the new version's process is started
 
 
@@ -394,6 +395,11 @@ class Conductor:
                           f"in {action.delay:.1f} s")
                 if self.launcher is not None:  # containers: the kubelet restarts them
                     self.timers.append((time.monotonic() + action.delay, action.node))
+            elif isinstance(action, st.Forget):
+                self.journal.forget(action.node, action.key)
+                self.on_disk = [c for c in self.on_disk
+                                if (c.node, c.batch) != (action.node, action.key)]
+                self.lineage.pop((action.node, action.key), None)
             elif isinstance(action, st.Finished):
                 self._end("succeeded", None)
             elif isinstance(action, st.Failed):
@@ -418,6 +424,10 @@ class Conductor:
                       "(podpipe swap RUN_DIR STAGE --image IMAGE --k8s prints the patch)")
         elif node in self.swaps:
             refuse = f"stage {node!r} is being swapped already"
+        elif message.get("recompute") and self.graph.has_global and \
+                self.placement.replicas > 1:
+            refuse = ("--recompute in a run of several replicas with a global reduce is not "
+                      "supported yet (the other pods' shards would need handing over again)")
         if refuse is None:
             overrides = [*self.stage_overrides.get(node, []), *message.get("overrides", [])]
             try:
@@ -430,7 +440,8 @@ class Conductor:
             protocol.send(conn.sock, {"type": "refused", "message": refuse})
             return
         self._log(f"swap of stage {node!r} requested: {' '.join(overrides)}")
-        self.swaps[node] = _Swap(overrides, bool(message.get("now")), conn)
+        self.swaps[node] = _Swap(overrides, bool(message.get("now")), conn,
+                                 bool(message.get("recompute")))
         self._feed(st.SwapRequested(node))  # no new task for it: replaced once idle
 
     def _base_overrides(self) -> list[str]:
@@ -455,6 +466,10 @@ class Conductor:
                 old.signal(signal.SIGKILL)  # mid-batch: its output is never trusted
         self.stage_overrides[node] = swap.overrides
         self.swapped.add(node)
+        if swap.recompute:  # what the old versions made is done again, and what follows
+            self._log(f"recomputing what stage {node!r} had done: "
+                      f"{len(self.engine.done[node])} batches")
+            self._feed(st.Recompute(node))
         self._start(node)
 
     def _broken(self, node: str, message: str) -> None:

@@ -38,8 +38,8 @@ def swap_overrides(stage: str, *, run: str | None, command: list[str] | None,
     return overrides
 
 
-def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool,
-         timeout: float) -> list[dict[str, Any]]:
+def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool, timeout: float,
+         recompute: bool = False) -> list[dict[str, Any]]:
     """Swap `stage` in the run at `run_dir` (in every pod of a multi-replica run);
     returns each pod's answer."""
     current = status.read(run_dir)
@@ -48,11 +48,11 @@ def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool,
                          "to swap (change the spec and run it again)")
     pods = [Path(p["run_dir"]) for p in current["pods"]] if "controller" in current \
         else [Path(run_dir)]
-    return [_ask(pod, stage, overrides, now, timeout) for pod in pods]
+    return [_ask(pod, stage, overrides, now, timeout, recompute) for pod in pods]
 
 
 def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
-         timeout: float) -> dict[str, Any]:
+         timeout: float, recompute: bool) -> dict[str, Any]:
     current = status.read(run_dir)
     if current["state"] != "running":
         return {"type": current["state"], "stage": stage, "run_dir": str(run_dir)}
@@ -64,7 +64,7 @@ def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
     with sock:
         sock.settimeout(timeout)
         protocol.send(sock, {"type": "swap", "stage": stage, "overrides": overrides,
-                             "now": now})
+                             "now": now, "recompute": recompute})
         try:
             answer = protocol.recv(sock)
         except socket.timeout:

@@ -47,6 +47,11 @@ class Journal:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
 
+    def forget(self, node: str, batch: int) -> None:
+        """What `node` made for `batch` no longer stands (recomputed): no resume uses it."""
+        self.db.execute("DELETE FROM done WHERE node = ? AND batch = ?", (node, batch))
+        self.db.execute("DELETE FROM outputs WHERE node = ? AND batch = ?", (node, batch))
+
     def finished(self, node: str, batch: int, version: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?)", (node, batch, version))
 
