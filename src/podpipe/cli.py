@@ -105,6 +105,18 @@ def _parser() -> argparse.ArgumentParser:
     swap.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                       help="how long to wait for the in-flight batch (default 300)")
 
+    apply = sub.add_parser(
+        "apply", help="have a running run go on with a changed spec",
+        description="Compare the running pipeline with NEW_SPEC (stages and sinks, by "
+                    "name): start the added ones (they get every batch; where their "
+                    "inputs are gone from RAM, the batch runs again from the source), "
+                    "stop the removed ones, swap the changed ones, leave the rest "
+                    "running. Refuses what a running run cannot take (a changed source, "
+                    "a rewired stage), saying why.")
+    apply.add_argument("run_dir", metavar="RUN_DIR")
+    apply.add_argument("new_spec", metavar="NEW_SPEC")
+    apply.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+
     render = sub.add_parser(
         "render", help="print Kubernetes manifests that run the pipeline as a StatefulSet",
         description="Print a ConfigMap (the spec), a headless Service and a StatefulSet "
@@ -344,6 +356,22 @@ def _swap(args: argparse.Namespace, console) -> int:
     return 0
 
 
+def _apply(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import control
+
+    for answer in control.apply(args.run_dir, args.new_spec, timeout=args.timeout):
+        if answer["type"] != "applied":
+            console.print(f"{answer['run_dir']}: not applied, the pod is {answer['type']}",
+                          highlight=False)
+            continue
+        parts = [f"{what} {', '.join(answer[what])}" for what in ("added", "removed",
+                                                                   "changed") if answer[what]]
+        console.print(f"{answer['run_dir']}: " + ("; ".join(parts) or "no change") +
+                      (f"; {answer['redo']} batches run again from the source for the added "
+                       "stages" if answer["redo"] else ""), highlight=False)
+    return 0
+
+
 def _swap_patch(args: argparse.Namespace) -> int:
     from podpipe import render
     from podpipe.runtime import pod
@@ -363,7 +391,8 @@ def _swap_patch(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
-             "render": _render, "resume": _resume, "plan": _plan, "swap": _swap}
+             "render": _render, "resume": _resume, "plan": _plan, "swap": _swap,
+             "apply": _apply}
 
 if __name__ == "__main__":
     entry()

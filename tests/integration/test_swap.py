@@ -195,3 +195,90 @@ def test_recompute_ends_exactly_as_a_clean_run_of_the_new_version(tmp_path):
     with sqlite3.connect(work / "run" / "journal.sqlite") as db:
         versions = {v for (v,) in db.execute("SELECT version FROM done WHERE node='tag'")}
     assert versions == {tag["version"]}  # what the old version made is forgotten
+
+
+# -- apply ---------------------------------------------------------------------------
+
+
+def _spec_with(workdir: Path, name: str, stages: list[dict], sinks: list[dict]) -> Path:
+    return write_spec(workdir / name, spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+         {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow"]}, *stages],
+        [{"input": "tag", "uri": "out/"}, *sinks]))
+
+
+def test_apply_adds_a_stage_and_removes_one_mid_run(tmp_path):
+    make_numbers(tmp_path / "data")
+    _spec_with(tmp_path, "p.yaml", [{"name": "plus", "run": "pystages:plus_one",
+                                     "inputs": ["slow"]}],
+               [{"name": "plus-out", "input": "plus", "uri": "plus/"}])
+    new = _spec_with(tmp_path, "new.yaml", [{"name": "twice", "run": "pystages:double",
+                                             "inputs": ["slow"]}],
+                     [{"name": "twice-out", "input": "twice", "uri": "twice/"}])
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=tmp_path, env=cli_env(SLOW_SECONDS="0.3"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
+               .get("batches_done", 0) >= 2, "two batches through tag")
+    before = _pids(_status(tmp_path))
+    done = podpipe("apply", "run", str(new), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "added twice, twice-out; removed plus, plus-out" in done.stdout
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    after = _status(tmp_path)
+    assert set(after["stages"]) == {"source", "slow", "tag", "twice", "sink-0", "twice-out"}
+    assert all(s["batches_done"] == s["batches_total"] == BATCHES
+               for s in after["stages"].values())
+    pids = _pids(after)
+    assert all(pids[n] == before[n] for n in ("conductor", "source", "slow", "tag", "sink-0"))
+    # The added stage got every batch, some of them from the source again.
+    twice = pq.read_table(tmp_path / "twice")
+    assert sorted(twice["x"].to_pylist()) == [2 * x for x in range(10_000)]
+    assert len(list((tmp_path / "twice").glob("part-*.parquet"))) == BATCHES
+    assert len(list((tmp_path / "plus").glob("part-*.parquet"))) < BATCHES  # stopped
+    assert _versions_written(tmp_path) == ["v1"] * BATCHES  # the rest went on untouched
+    assert (tmp_path / "run" / "spec.yaml").read_text() == new.read_text()
+
+
+def test_apply_swaps_a_changed_stage(tmp_path):
+    run = _start(tmp_path)
+    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
+               .get("batches_done", 0) >= 2, "two batches through tag")
+    new = write_spec(tmp_path / "new.yaml", spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+         {"name": "tag", "run": "pystages:tag_v2", "inputs": ["slow"]}],
+        [{"input": "tag", "uri": "out/"}]))
+    done = podpipe("apply", "run", str(new), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "changed tag" in done.stdout
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    written = _versions_written(tmp_path)
+    switch = written.index("v2")
+    assert switch >= 2 and written == ["v1"] * switch + ["v2"] * (BATCHES - switch)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"source": {"uri": "data/part-0.parquet", "batchRows": 1000}}, "spec.source changed"),
+    ({"stages": [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+                 {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow", "source"]}]},
+     "'tag': its inputs changed"),
+    ({"stages": [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+                 {"name": "tag", "run": "pystages:tag_v1", "inputs": ["nope"]}]},
+     "new.yaml:"),  # the user's file, not the run's copy
+])
+def test_apply_refuses_what_a_running_run_cannot_take(tmp_path, change, message):
+    run = _start(tmp_path, slow="0.1")
+    wait_until(lambda: _status(tmp_path).get("state") == "running", "the run to start")
+    document = spec([{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+                     {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow"]}],
+                    [{"input": "tag", "uri": "out/"}])
+    document["spec"].update(change)
+    new = write_spec(tmp_path / "new.yaml", document)
+    done = podpipe("apply", "run", str(new), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert _versions_written(tmp_path) == ["v1"] * BATCHES

@@ -99,7 +99,17 @@ class Pod:
         while self.outcome is None:
             self.steps += 1
             if self.inject is not None and self.steps == self.inject[0]:
-                self.apply(self.state.handle(self.inject[1]))
+                event = self.inject[1]
+                self.apply(self.state.handle(event))
+                if isinstance(event, S.Reshaped):  # as the conductor does: stop the
+                    gone = set(self.graph.order) - set(event.graph.order)  # removed,
+                    for node in gone:                                       # start the
+                        self.tasks.pop(node, None)                          # added
+                        self.granted.discard(node)
+                    added = [n for n in event.graph.order if n not in self.graph.order]
+                    self.graph = event.graph
+                    for node in added:
+                        self.apply(self.state.handle(S.AgentReady(node)))
                 if self.outcome is not None:
                     break
             waiting_for_grant = {n for n in self.tasks
@@ -438,3 +448,66 @@ def _upstream(graph, node):
             seen.add(n)
             todo.extend(graph.inputs[n])
     return seen
+
+
+@pytest.mark.parametrize("node", ["r", "after", "d"])
+def test_a_recompute_after_the_reduce_ran_makes_its_inputs_again_from_the_source(node):
+    """The reduce's inputs were deleted once it read them: recomputing it (or what
+    feeds it) runs the batches down the line again, then the reduce and what follows
+    (recomputing what follows it reuses its output while that is still there)."""
+    pod = Pod(DIAMOND, 4, 10**6, lambda n, b: 1, random.Random(3))
+    state = pod.state
+    original = state.handle
+    fired = {}
+
+    def handle(event):
+        actions = original(event)
+        if not fired and 0 in state.done["r"] and not state.finished:
+            fired["at"] = len(pod.processed)
+            actions = actions + original(S.Recompute(node))
+        return actions
+
+    state.handle = handle
+    assert isinstance(pod.run(), S.Finished)
+    assert fired, "the reduce never ran before the end"
+    after = pod.processed[fired["at"]:]
+    assert ("after", 0) in after and (node == "after" or ("r", 0) in after)
+    if node == "d":
+        assert sorted(b for n, b in after if n == "source") == [0, 1, 2, 3]
+    assert pod.live == {} and state.usage == 0
+
+
+GROWN = _pipeline([
+    {"name": "a", "run": "m:f", "inputs": ["source"]},
+    {"name": "b", "run": "m:f", "inputs": ["a"]},
+    {"name": "c", "run": "m:f", "inputs": ["a"]},
+    {"name": "r", "run": "m:f", "reduce": True, "inputs": ["c"]},
+], [{"input": "b", "uri": "out/"}, {"name": "c-out", "input": "c", "uri": "c/"},
+    {"name": "r-out", "input": "r", "uri": "r/"}])
+SHRUNK = _pipeline([
+    {"name": "a", "run": "m:f", "inputs": ["source"]},
+    {"name": "c", "run": "m:f", "inputs": ["a"]},
+], [{"name": "c-out", "input": "c", "uri": "c/"}])
+
+
+@settings(max_examples=150, deadline=None)
+@given(batches=st.integers(1, 8), seed=st.integers(0, 2**32), at=st.integers(1, 60),
+       new=st.sampled_from([GROWN, SHRUNK]), tight=st.booleans())
+def test_a_reshaped_line_runs_every_key_of_its_added_nodes_and_drops_the_removed(
+        batches, seed, at, new, tight):
+    """Whenever the pipeline changes (`podpipe apply`), the added stages and sinks
+    still get every batch (from the source again where their inputs are gone), the
+    removed ones get nothing more, and the run ends with nothing left in scratch."""
+    sizes = lambda n, b: 1 + (b + len(n)) % 4  # noqa: E731
+    pod = Pod(CHAIN, batches, 40 if tight else 10**6, sizes, random.Random(seed))
+    pod.inject = (at, S.Reshaped(Graph.of(new)))
+    outcome = pod.run()
+    assert isinstance(outcome, S.Finished), outcome
+    assert pod.live == {} and pod.state.usage == 0
+    graph = Graph.of(new)
+    if pod.steps < at:
+        return  # the run ended before the change came
+    for node in graph.order:
+        assert pod.state.keys(node) <= pod.state.done[node], node
+        if node not in Graph.of(CHAIN).order:
+            assert {b for n, b in pod.processed if n == node} == pod.state.keys(node)

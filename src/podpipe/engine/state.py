@@ -126,6 +126,16 @@ class Recompute:
 
 
 @dataclass(frozen=True)
+class Reshaped:
+    """The pipeline changed while it runs (`podpipe apply`): `graph` is the new one.
+    Nodes gone are dropped with their outputs; nodes added run every key of theirs,
+    their inputs made again from the source where they are gone."""
+
+    graph: Graph
+    node: str = SOURCE  # (every event names a node; this one is about the whole line)
+
+
+@dataclass(frozen=True)
 class StageBroken:
     """A swapped-in version failed (raised, died, or could not start): hold the stage."""
 
@@ -134,7 +144,7 @@ class StageBroken:
 
 
 Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | Imported |
-         SwapRequested | AgentReplaced | Recompute | StageBroken)
+         SwapRequested | AgentReplaced | Recompute | Reshaped | StageBroken)
 
 # ------------------------------------------------------------------ actions
 
@@ -372,6 +382,8 @@ class RunState:
             agent.status, agent.broken, agent.draining = ABSENT, None, False
         elif isinstance(event, Recompute):
             self._recompute(event.node, actions)
+        elif isinstance(event, Reshaped):
+            self._reshape(event.graph, actions)
         elif isinstance(event, StageBroken):
             self._take_back(event.node, agent)
             agent.status, agent.broken = HELD, event.message
@@ -414,15 +426,86 @@ class RunState:
         return True
 
     def _recompute(self, node: str, actions: list[Action]) -> None:
-        if self.graph.domain[node] != BATCH:  # a reduce: it and what follows run again
-            self._undo_downstream(node, actions, include=True)
+        per_batch = self.graph.domain[node] == BATCH
+        undone = self._undo_downstream(node, actions, include=not per_batch)
+        if per_batch:
+            for batch in sorted(self.done[node]):
+                self._redo_batch(batch, actions)
+        for other, key in undone:  # a reduce, and what follows it, runs again
+            self._supply(other, key, actions)
+
+    def _reshape(self, graph: Graph, actions: list[Action]) -> None:
+        old = self.graph
+        removed = [n for n in old.order if n not in graph.inputs]
+        added = [n for n in graph.order if n not in old.inputs]
+        for node in removed:
+            agent = self.agents.pop(node)
+            self.usage -= agent.reserved
+            if old.domain[node] == BATCH:
+                for batch in list(self.on_line):
+                    if batch not in self.done[node]:
+                        self._one_less(batch, actions)
+        for output in [k for k in self.outputs if k[0] in removed]:
+            self._delete(output, actions)
+        for output in list(self.unread):
+            self.unread[output] -= set(removed)
+            if not self.unread[output]:
+                self._delete(output, actions)
+        for node in removed:
+            del self.done[node], self.ready[node], self.restarts[node]
+        self.graph = graph
+        self._per_batch_nodes = sum(1 for n in graph.order if graph.domain[n] == BATCH)
+        for node in added:
+            self.done[node], self.ready[node] = set(), []
+            self.agents[node], self.restarts[node] = _Agent(), 0
+        admitted = set(self.mine[:self.next_source]) - set(self.redo)
+        for node in added:
+            for key in sorted(self.keys(node)):
+                if graph.domain[node] != BATCH:
+                    self._supply(node, key, actions)
+                elif key in admitted:  # the batch came in before the node did
+                    self._catch_up(node, key, actions)
+
+    def _catch_up(self, node: str, batch: int, actions: list[Action]) -> None:
+        """A per-batch node added after `batch` entered the line: it runs the batch
+        from its inputs if they are there or still coming, else the batch runs down
+        the whole line again (from the source)."""
+        if batch in self.stale or batch in self.redo:
+            return  # it runs down the whole line again: this node with it
+        gone = [(name, batch) for name in self.graph.inputs[node]
+                if batch in self.done[name] and (name, batch) not in self.outputs]
+        if gone:
+            self._redo_batch(batch, actions)
             return
-        self._undo_downstream(node, actions, include=False)
-        for batch in sorted(self.done[node]):
-            if batch in self.on_line:
-                self.stale.add(batch)  # its later stages are at it: redo once they are done
-            else:
-                self._invalidate(batch, actions)
+        if batch in self.on_line:
+            self.on_line[batch] += 1
+        else:
+            self.on_line[batch], self.produced[batch] = 1, 0
+        self._supply(node, batch, actions)
+
+    def _redo_batch(self, batch: int, actions: list[Action]) -> None:
+        if batch in self.on_line:
+            self.stale.add(batch)  # its later stages are at it: redo once they are done
+        else:
+            self._invalidate(batch, actions)
+
+    def _supply(self, node: str, key: int, actions: list[Action]) -> None:
+        """Make sure what `node`'s task `key` reads will be there: an output already
+        read and deleted is made again — a batch from the source, a reduce's output by
+        running the reduce again (and so on up)."""
+        for name in self.graph.inputs[node]:
+            for k in self._reads(node, name, key):
+                if k not in self.done[name]:
+                    continue  # still to come
+                if (name, k) in self.outputs:
+                    self.unread[(name, k)].add(node)
+                elif self.graph.domain[name] == BATCH:
+                    self._redo_batch(k, actions)
+                else:
+                    self.done[name].discard(k)
+                    actions.append(Forget(name, k))
+                    self._supply(name, k, actions)
+        self._maybe_ready(node, key)
 
     def _invalidate(self, batch: int, actions: list[Action]) -> None:
         """Run source batch `batch` down the whole line again."""
@@ -435,9 +518,12 @@ class RunState:
                     actions.append(Forget(node, batch))
         self.redo = sorted(set(self.redo) | {batch})
 
-    def _undo_downstream(self, node: str, actions: list[Action], include: bool) -> None:
+    def _undo_downstream(self, node: str, actions: list[Action],
+                         include: bool) -> list[Key]:
         """What runs once per shard or globally, downstream of `node` (and `node` itself
-        with `include`), is not done any more: it runs again when its inputs are."""
+        with `include`), is not done any more: it runs again when its inputs are.
+        Returns what was undone."""
+        undone: list[Key] = []
         below = {node} if include else set()
         for other in self.graph.order:
             if any(i in below or i == node for i in self.graph.inputs[other]):
@@ -450,9 +536,11 @@ class RunState:
                     self._delete((other, key), actions)
                 self.done[other].discard(key)
                 actions.append(Forget(other, key))
+                undone.append((other, key))
             agent = self.agents[other]
             if agent.status in (RUNNING, WAITING) and agent.batch is not None:
                 self.obsolete.add((other, agent.batch))
+        return undone
 
     def _take_back(self, node: str, agent: _Agent) -> None:
         """Put the agent's in-flight batch back in its queue and release its RAM."""
@@ -529,15 +617,19 @@ class RunState:
                 self._delete(key, actions)
         self._release_inputs(node, batch, actions)
         if self.graph.domain[node] == BATCH:
-            self.on_line[batch] -= 1
-            if self.on_line[batch] == 0:
-                del self.on_line[batch]
-                if batch in self.stale:  # made partly by a replaced version
-                    self.stale.discard(batch)
-                    self._invalidate(batch, actions)
-                self.footprint = max(self.footprint or 0, self.produced.pop(batch, 0))
+            self._one_less(batch, actions)
         for consumer in self.graph.consumers[node]:
             self._maybe_ready(consumer, self._key_of(consumer, node, batch))
+
+    def _one_less(self, batch: int, actions: list[Action]) -> None:
+        """One task fewer left for `batch` on the line; off the line after the last."""
+        self.on_line[batch] -= 1
+        if self.on_line[batch] == 0:
+            del self.on_line[batch]
+            self.footprint = max(self.footprint or 0, self.produced.pop(batch, 0))
+            if batch in self.stale:  # made partly by a replaced version
+                self.stale.discard(batch)
+                self._invalidate(batch, actions)
 
     def _key_of(self, consumer: str, node: str, key: int) -> int:
         """The key of `consumer` that `node`'s output for `key` feeds."""
@@ -672,6 +764,7 @@ class RunState:
 
     def _redo(self, batch: int) -> bool:
         del self.on_line[batch]
+        self.stale.discard(batch)
         self.produced.pop(batch, None)
         self.redo = sorted(self.redo + [batch])
         # The footprint was under-estimated: the line holds no more batches than now.

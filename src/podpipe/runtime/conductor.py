@@ -55,7 +55,7 @@ class _Swap:
 
     overrides: list[str]
     now: bool
-    conn: "_Conn"
+    conn: "_Conn | None"  # None: part of an `apply`, which answers for itself
     recompute: bool = False
     started: bool = False  # the new version's process is started
 
@@ -152,6 +152,7 @@ class Conductor:
             self.scratch.socket.unlink(missing_ok=True)  # a dead conductor's, on resume
             listener.bind(str(self.scratch.socket))
             listener.listen(64)
+            listener.setblocking(False)  # accept only when there is one (see _socket_event)
             self.sel.register(listener, selectors.EVENT_READ, ("listen", listener))
             self.sel.register(wake_r, selectors.EVENT_READ, ("signal", None))
             if self.engine.finished:  # resumed after everything was done: nothing to ask
@@ -225,7 +226,10 @@ class Conductor:
     def _socket_event(self, key: selectors.SelectorKey) -> None:
         kind, data = key.data
         if kind == "listen":
-            sock, _ = data.accept()
+            try:
+                sock, _ = data.accept()
+            except BlockingIOError:  # taken already (by `_drain`, in the same round)
+                return
             conn = _Conn(sock)
             self.accepted.append(conn)
             self.sel.register(sock, selectors.EVENT_READ, ("conn", conn))
@@ -242,9 +246,14 @@ class Conductor:
                 self._socket_event(key)
 
     def _read(self, conn: _Conn) -> None:
+        if conn.sock.fileno() < 0:
+            return  # closed earlier in this round of events (its process exited)
         try:
-            data = conn.sock.recv(1 << 16)
+            # Not blocking: `_drain` may have read what made it ready, in the same round.
+            data = conn.sock.recv(1 << 16, socket.MSG_DONTWAIT)
             messages = conn.reader.feed(data) if data else []
+        except BlockingIOError:
+            return
         except (OSError, protocol.Closed):
             data, messages = b"", []
         for message in messages:
@@ -263,6 +272,9 @@ class Conductor:
         kind = message.get("type")
         if kind == "swap":  # `podpipe swap`
             self._swap_request(conn, message)
+            return
+        if kind == "apply":  # `podpipe apply`
+            self._apply_request(conn, message)
             return
         if kind == "broken" and conn.node is None and message.get("node") in self.swapped:
             self._broken(message["node"], message["message"])  # the new version
@@ -486,8 +498,76 @@ class Conductor:
 
     def _answer_swap(self, node: str, message: dict[str, Any]) -> None:
         swap = self.swaps.pop(node, None)
-        if swap is not None:
+        if swap is not None and swap.conn is not None:
             self._send_to(swap.conn, message)
+
+    def _apply_request(self, conn: _Conn, message: dict[str, Any]) -> None:
+        """`podpipe apply`: run the new spec from here on. Removed nodes stop, added
+        ones start and run every key of theirs, changed ones are swapped; the rest
+        goes on untouched."""
+        from podpipe.model import change
+        from podpipe.model import spec as specs
+
+        refuse = None
+        if self.launcher is None:
+            refuse = ("this pod's stages are containers: render the new spec and apply the "
+                      "manifests instead")
+        elif self.graph.has_global and self.placement.replicas > 1:
+            refuse = ("apply in a run of several replicas with a global reduce is not "
+                      "supported yet")
+        elif self.swaps:
+            refuse = f"a swap of {sorted(self.swaps)} is in progress; apply once it is done"
+        new_path = self.run_dir / ".spec.apply.yaml"
+        if refuse is None:
+            try:
+                new_path.write_text(str(message.get("spec", "")))
+                pipeline = specs.load(new_path, self._base_overrides())
+                diff = change.diff(self.pipeline, pipeline)
+            except PodpipeError as exc:  # named after the user's file, not our copy
+                refuse = str(exc).replace(str(new_path), str(message.get("path", "")))
+            except OSError as exc:
+                refuse = f"cannot write {new_path}: {exc.strerror}"
+        if refuse is not None:
+            new_path.unlink(missing_ok=True)
+            self._send_to(conn, {"type": "refused", "message": refuse})
+            return
+        self._log(f"apply: added {list(diff.added)}, removed {list(diff.removed)}, "
+                  f"changed {list(diff.changed)}")
+        for node in diff.removed:
+            self._retire(node)
+        os.replace(new_path, self.run_dir / "spec.yaml")  # what the run runs from now on
+        graph = Graph.of(pipeline)
+        self.pipeline, self.graph = pipeline, graph
+        self.keep = set(graph.reduce_inputs()) | {
+            n for n in graph.order if graph.domain[n] != BATCH and n not in graph.sinks}
+        for node in diff.added:
+            self.stats[node], self.version_counts[node] = _Stats(), {}
+            self.recomputed[node] = 0
+            self.scratch.output_dir(node).mkdir(exist_ok=True)
+        self.engine.retries.update(retries(pipeline, graph))
+        self._feed(st.Reshaped(graph))
+        for node in diff.added:
+            self._start(node)
+        for node in diff.changed:  # the new definition: a swap with no overrides
+            self.stage_overrides.pop(node, None)
+            self.swaps[node] = _Swap([], False, None)
+            self._feed(st.SwapRequested(node))
+        self._send_to(conn, {"type": "applied", "added": list(diff.added),
+                             "removed": list(diff.removed), "changed": list(diff.changed),
+                             "redo": len(set(self.engine.redo) | self.engine.stale)})
+
+    def _retire(self, node: str) -> None:
+        """Stop a node's process for good (removed by an apply)."""
+        process = self.processes.pop(node, None)
+        conn = self.conns.pop(node, None)
+        self.timers = [(when, n) for when, n in self.timers if n != node]
+        if process is None or process.poll() is not None:
+            return
+        self.retired.add(process.pid)
+        if conn is not None and self.engine.agents[node].status == st.IDLE:
+            self._send_to(conn, {"type": "stop"})
+        else:
+            process.signal(signal.SIGKILL)
 
     def _send_to(self, conn: _Conn, message: dict[str, Any]) -> None:
         try:

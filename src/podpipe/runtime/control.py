@@ -1,4 +1,4 @@
-"""Talking to a running conductor: `podpipe swap`.
+"""Talking to a running conductor: `podpipe swap` and `podpipe apply`.
 
 The command connects to the conductor's socket in the run's RAM scratch (named in
 `status.json`), sends one request and waits for the answer: the stage's new
@@ -53,9 +53,38 @@ def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool, timeout: 
 
 def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
          timeout: float, recompute: bool) -> dict[str, Any]:
+    answer = _request(run_dir, {"type": "swap", "stage": stage, "overrides": overrides,
+                                "now": now, "recompute": recompute}, timeout,
+                      f"swap {stage!r}")
+    if answer["type"] == "held":
+        raise RunError(f"stage {stage!r}: the new version failed: {answer['message']}; the "
+                       "stage is held and the run waits: swap it back (or to a fixed "
+                       "version) to go on")
+    return answer
+
+
+def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[dict[str, Any]]:
+    """Have the running run at `run_dir` (every pod of a multi-replica run) go on with
+    the spec at `spec_path`; returns each pod's answer."""
+    try:
+        text = Path(spec_path).read_text()
+    except OSError as exc:
+        raise UsageError(f"{spec_path}: {exc.strerror}") from None
     current = status.read(run_dir)
     if current["state"] != "running":
-        return {"type": current["state"], "stage": stage, "run_dir": str(run_dir)}
+        raise UsageError(f"{run_dir}: the run is {current['state']}, not running; nothing "
+                         "to apply to (run the new spec instead)")
+    pods = [Path(p["run_dir"]) for p in current["pods"]] if "controller" in current \
+        else [Path(run_dir)]
+    return [_request(pod, {"type": "apply", "spec": text, "path": spec_path}, timeout, "apply")
+            for pod in pods]
+
+
+def _request(run_dir: Path, message: dict[str, Any], timeout: float,
+             what: str) -> dict[str, Any]:
+    current = status.read(run_dir)
+    if current["state"] != "running":
+        return {"type": current["state"], "run_dir": str(run_dir)}
     path = Scratch(Path(current["scratch"])).socket
     try:
         sock = protocol.connect(str(path), wait=0)
@@ -63,20 +92,14 @@ def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
         raise UsageError(f"{run_dir}: cannot reach the conductor at {path}: {exc}") from None
     with sock:
         sock.settimeout(timeout)
-        protocol.send(sock, {"type": "swap", "stage": stage, "overrides": overrides,
-                             "now": now, "recompute": recompute})
+        protocol.send(sock, message)
         try:
             answer = protocol.recv(sock)
         except socket.timeout:
-            raise RunError(f"stage {stage!r}: no answer in {timeout:.0f} s (its batch is "
-                           "still running?); the swap goes ahead when the batch ends") from None
+            raise RunError(f"{what}: no answer in {timeout:.0f} s") from None
         except (protocol.Closed, OSError) as exc:
-            raise RunError(f"stage {stage!r}: the conductor went away ({exc})") from None
+            raise RunError(f"{what}: the conductor went away ({exc})") from None
     answer["run_dir"] = str(run_dir)
     if answer["type"] == "refused":
-        raise UsageError(f"swap {stage!r}: {answer['message']}")
-    if answer["type"] == "held":
-        raise RunError(f"stage {stage!r}: the new version failed: {answer['message']}; the "
-                       "stage is held and the run waits: swap it back (or to a fixed "
-                       "version) to go on")
+        raise UsageError(f"{what}: {answer['message']}")
     return answer

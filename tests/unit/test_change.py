@@ -1,0 +1,47 @@
+"""What `podpipe apply` may change: model.change.diff."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from podpipe.errors import UsageError
+from podpipe.model import change
+from podpipe.model import spec as specs
+
+BASE = [{"name": "a", "run": "m:f", "inputs": ["source"]},
+        {"name": "b", "run": "m:g", "inputs": ["a"]}]
+
+
+def _p(stages, sinks=None, **spec_fields):
+    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+           "spec": {"source": {"uri": "x.parquet"}, "stages": stages,
+                    "sinks": sinks or [{"input": "b", "uri": "out/"}], **spec_fields}}
+    return specs.parse(yaml.safe_dump(doc))
+
+
+def test_added_removed_and_changed_nodes_are_told_apart():
+    old = _p(BASE + [{"name": "c", "run": "m:h", "inputs": ["a"]}],
+             [{"input": "b", "uri": "out/"}, {"name": "c-out", "input": "c", "uri": "c/"}])
+    new = _p([BASE[0], {**BASE[1], "run": "m:g2"}, {"name": "d", "run": "m:h", "inputs": ["a"]}],
+             [{"input": "b", "uri": "out/"}, {"name": "d-out", "input": "d", "uri": "d/"}])
+    assert change.diff(old, new) == change.Change(added=("d", "d-out"),
+                                                  removed=("c", "c-out"), changed=("b",))
+    assert change.diff(old, old).empty
+
+
+def test_a_sink_with_a_new_uri_is_changed():
+    new = _p(BASE, [{"input": "b", "uri": "elsewhere/"}])
+    assert change.diff(_p(BASE), new).changed == ("sink-0",)
+
+
+@pytest.mark.parametrize("new, message", [
+    (_p(BASE, shards=2), "spec.shards changed"),
+    (_p([BASE[0], {**BASE[1], "inputs": ["source"]}],
+        [{"input": "b", "uri": "out/"}, {"name": "x", "input": "a", "uri": "x/"}]),
+     "'b': its inputs changed"),
+    (_p([BASE[0], {**BASE[1], "reduce": True}]), "'b': it changed from batch to single"),
+])
+def test_what_a_running_run_cannot_take_is_refused_saying_why(new, message):
+    with pytest.raises(UsageError, match=message):
+        change.diff(_p(BASE), new)
