@@ -282,3 +282,50 @@ def test_apply_refuses_what_a_running_run_cannot_take(tmp_path, change, message)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 0, stderr
     assert _versions_written(tmp_path) == ["v1"] * BATCHES
+
+
+# -- reuse across runs ---------------------------------------------------------------
+
+
+def _reuse_spec(workdir: Path, name: str, tag: str) -> Path:
+    document = spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+         {"name": "tag", "run": tag, "inputs": ["slow"]},
+         {"name": "twice", "run": "pystages:double", "inputs": ["slow"]},
+         {"name": "versions", "run": "pystages:count_versions", "reduce": True,
+          "inputs": ["tag"]}],
+        [{"input": "tag", "uri": "out/"}, {"name": "twice-out", "input": "twice",
+                                           "uri": "twice/"},
+         {"name": "counts", "input": "versions", "uri": "counts/"}])
+    document["spec"]["checkpoints"] = {"durable": f"file://{workdir / 'store'}",
+                                       "reuse": True}
+    return write_spec(workdir / name, document)
+
+
+def _computed(workdir: Path, run: str) -> dict[str, int]:
+    """Per stage: batches it computed (done, not reused)."""
+    stages = json.loads((workdir / run / "status.json").read_text())["stages"]
+    return {n: s["batches_done"] - s["reused"] for n, s in stages.items()
+            if s["kind"] in ("stage", "reduce")}
+
+
+def test_a_changed_spec_run_again_computes_only_the_changed_stage_and_what_follows(tmp_path):
+    make_numbers(tmp_path / "data")
+    _reuse_spec(tmp_path, "v1.yaml", "pystages:tag_v1")
+    _reuse_spec(tmp_path, "v2.yaml", "pystages:tag_v2")
+    for name, spec_file in (("one", "v1.yaml"), ("two", "v2.yaml"), ("three", "v2.yaml")):
+        done = podpipe("run", spec_file, "--quiet", "--fresh", "--run-dir", name,
+                       cwd=tmp_path, SLOW_SECONDS="0")
+        assert done.returncode == 0, done.stderr
+    assert _computed(tmp_path, "one") == {"slow": BATCHES, "tag": BATCHES,
+                                          "twice": BATCHES, "versions": 1}
+    # tag changed: it and the reduce after it run again; slow and twice are reused
+    assert _computed(tmp_path, "two") == {"slow": 0, "tag": BATCHES, "twice": 0,
+                                          "versions": 1}
+    assert _computed(tmp_path, "three") == {"slow": 0, "tag": 0, "twice": 0,
+                                            "versions": 0}
+    assert _versions_written(tmp_path) == ["v2"] * BATCHES
+    assert sorted(pq.read_table(tmp_path / "twice")["x"].to_pylist()) == \
+        [2 * x for x in range(10_000)]
+    counts = pq.read_table(tmp_path / "counts").to_pylist()
+    assert counts == [{"version": "v2", "x_count": 10_000}]

@@ -163,3 +163,17 @@ def test_set_creates_missing_parent_mappings():
 def test_a_bad_override_is_an_input_error(override, message):
     with pytest.raises(SpecError, match=message):
         specs.parse(GOOD, overrides=[override])
+
+
+@pytest.mark.parametrize("checkpoints, message", [
+    ({"reuse": True}, "needs spec.checkpoints.durable"),
+    ({"durable": "file:///tmp/s", "reuse": "yes"}, "expected true or false"),
+])
+def test_reuse_across_runs_needs_a_durable_tier_and_a_boolean(checkpoints, message):
+    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+           "spec": {"source": {"uri": "x.parquet"},
+                    "stages": [{"name": "a", "run": "m:f", "inputs": ["source"]}],
+                    "sinks": [{"input": "a", "uri": "out/"}], "checkpoints": checkpoints}}
+    with pytest.raises(SpecError) as caught:
+        specs.parse(yaml.safe_dump(doc))
+    assert caught.value.field == "spec.checkpoints.reuse" and message in str(caught.value)

@@ -80,6 +80,7 @@ class Checkpoints:
     every_batches: int | None = None
     interval: float = 30.0
     keep: int = 3
+    reuse: bool = False  # keep every stage output on the durable tier, by what made it
 
 
 @dataclass(frozen=True)
@@ -350,10 +351,16 @@ def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...
 
 def _checkpoints(r: _Reader, value: Any) -> Checkpoints:
     ck = r.mapping("spec.checkpoints", value,
-                   {"node", "durable", "everyBatches", "interval", "keep"}, set())
+                   {"node", "durable", "everyBatches", "interval", "keep", "reuse"}, set())
     interval = ck.get("interval", 30.0)
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
         raise r.fail("spec.checkpoints.interval", f"expected seconds > 0, got {interval!r}")
+    reuse = ck.get("reuse", False)
+    if not isinstance(reuse, bool):
+        raise r.fail("spec.checkpoints.reuse", f"expected true or false, got {reuse!r}")
+    if reuse and "durable" not in ck:
+        raise r.fail("spec.checkpoints.reuse", "needs spec.checkpoints.durable: the outputs "
+                                               "to reuse are kept there")
     return Checkpoints(
         node=r.string("spec.checkpoints.node", ck.get("node", ".podpipe")),
         durable=r.string("spec.checkpoints.durable", ck["durable"]) if "durable" in ck else None,
@@ -361,6 +368,7 @@ def _checkpoints(r: _Reader, value: Any) -> Checkpoints:
                        if "everyBatches" in ck else None),
         interval=float(interval),
         keep=r.integer("spec.checkpoints.keep", ck.get("keep", 3)),
+        reuse=reuse,
     )
 
 

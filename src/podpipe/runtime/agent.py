@@ -228,9 +228,14 @@ class _Stopped(Exception):
 
 def _task(sock: socket.socket, work: Work, task: dict) -> None:
     batch, started = task["batch"], time.perf_counter()
+    memo = task.get("memo")
+    reused = False
     try:
         inputs = [[arrowfile.read_table(p) for p in group] for group in task["inputs"]]
-        result = work.run(batch, inputs, task)
+        result = _reuse(memo, Path(task["output"])) if memo else None
+        reused = result is not None
+        if not reused:
+            result = work.run(batch, inputs, task)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         protocol.send(sock, {"type": "failed", "batch": batch,
@@ -270,8 +275,43 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
         output = {"path": str(path), "nbytes": nbytes, "rows": rows, "checksum": checksum,
                   "tier": tier}
         stats.update(rows_out=rows, bytes_out=nbytes)
+        if memo and not reused:
+            _keep(memo, path)
+    if reused:
+        stats["reused"] = 1
     stats["busy"] = time.perf_counter() - started
     protocol.send(sock, {"type": "done", "batch": batch, "output": output, "stats": stats})
+
+
+def _reuse(memo: str, output: Path) -> Path | None:
+    """The output an earlier run kept at `memo` (same stage version, same inputs),
+    fetched next to where ours goes; None if there is none."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(memo)
+    local = output.with_suffix(".memo")
+    try:
+        fs.get_file(path, str(local))
+        arrowfile.read_table(local)  # whole and readable, or not used
+    except (OSError, pa.ArrowException, ValueError):
+        local.unlink(missing_ok=True)
+        return None
+    return local
+
+
+def _keep(memo: str, output: Path) -> None:
+    """Keep this output at `memo` for later runs (temporary name, then rename); a
+    store that fails only costs the reuse."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(memo)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(output), tmp)
+        fs.mv(tmp, path)
+    except OSError as exc:
+        print(f"cannot keep the output for reuse at {memo}: {exc}", file=sys.stderr)
 
 
 def _reserve(sock: socket.socket, batch: int, nbytes: int) -> dict | None:

@@ -11,6 +11,7 @@ data.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import selectors
 import signal
@@ -67,6 +68,7 @@ class _Stats:
     busy: float = 0.0
     bytes_written: int = 0
     bytes_read: int = 0
+    reused: int = 0
 
 
 def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
@@ -373,6 +375,7 @@ class Conductor:
         s.busy += stats.get("busy", 0.0)
         s.bytes_read += self.reading.pop(node, 0)
         s.bytes_written += stats.get("bytes_out", 0)
+        s.reused += stats.get("reused", 0)
 
     # -- actions out --------------------------------------------------------------
 
@@ -583,6 +586,9 @@ class Conductor:
         }
         if action.node == SOURCE:
             task["source"] = self.plan[action.batch].to_json()
+        if self.pipeline.checkpoints.reuse and _kind(action.node, self.graph) != "sink" \
+                and action.node != SOURCE:
+            task["memo"] = self._memo(action)
         if action.node in self.graph.sinks:
             versions: dict[str, set[str]] = {}
             for key in self.engine.input_keys(action.node, action.batch):
@@ -591,6 +597,15 @@ class Conductor:
             task["versions"] = {stage: sorted(v) for stage, v in versions.items()}
         self.reading[action.node] = sum(o.nbytes for group in action.inputs for o in group)
         self._send(action.node, task)
+
+    def _memo(self, action: st.Dispatch) -> str:
+        """Where the output of this task is kept for reuse across runs: named by the
+        stage, its version and the checksums of its inputs (what made it)."""
+        made_by = [action.node, self.versions.get(action.node, "")]
+        made_by += [o.checksum for group in action.inputs for o in group]
+        key = hashlib.sha256("\0".join(made_by).encode()).hexdigest()[:32]
+        url = (self.pipeline.checkpoints.durable or "").rstrip("/")
+        return f"{url}/{self.pipeline.name}/memo/{action.node}/{key}.arrow"
 
     def _send(self, node: str, message: dict[str, Any]) -> None:
         try:
@@ -655,6 +670,7 @@ class Conductor:
                 "restored": {tier: self.restored.get(node, {}).get(tier, 0)
                              for tier in ("ram", "node", "durable")},
                 "recomputed": self.recomputed[node],
+                "reused": s.reused,
             }
         return {
             "run_id": self.run_id, "pipeline": self.pipeline.name, "state": self.state,

@@ -42,13 +42,8 @@ def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool, timeout: 
          recompute: bool = False) -> list[dict[str, Any]]:
     """Swap `stage` in the run at `run_dir` (in every pod of a multi-replica run);
     returns each pod's answer."""
-    current = status.read(run_dir)
-    if current["state"] != "running":
-        raise UsageError(f"{run_dir}: the run is {current['state']}, not running; nothing "
-                         "to swap (change the spec and run it again)")
-    pods = [Path(p["run_dir"]) for p in current["pods"]] if "controller" in current \
-        else [Path(run_dir)]
-    return [_ask(pod, stage, overrides, now, timeout, recompute) for pod in pods]
+    return [_ask(pod, stage, overrides, now, timeout, recompute)
+            for pod in _pods(run_dir, "nothing to swap (change the spec and run it again)")]
 
 
 def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
@@ -70,14 +65,18 @@ def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[dict[str, Any
         text = Path(spec_path).read_text()
     except OSError as exc:
         raise UsageError(f"{spec_path}: {exc.strerror}") from None
+    return [_request(pod, {"type": "apply", "spec": text, "path": spec_path}, timeout, "apply")
+            for pod in _pods(run_dir, "nothing to apply to (run the new spec instead)")]
+
+
+def _pods(run_dir: str, otherwise: str) -> list[Path]:
+    """The run directories of a running run's pods (one, unless it has replicas)."""
     current = status.read(run_dir)
     if current["state"] != "running":
-        raise UsageError(f"{run_dir}: the run is {current['state']}, not running; nothing "
-                         "to apply to (run the new spec instead)")
-    pods = [Path(p["run_dir"]) for p in current["pods"]] if "controller" in current \
-        else [Path(run_dir)]
-    return [_request(pod, {"type": "apply", "spec": text, "path": spec_path}, timeout, "apply")
-            for pod in pods]
+        raise UsageError(f"{run_dir}: the run is {current['state']}, not running; "
+                         + otherwise)
+    return ([Path(p["run_dir"]) for p in current["pods"]] if "controller" in current
+            else [Path(run_dir)])
 
 
 def _request(run_dir: Path, message: dict[str, Any], timeout: float,
