@@ -329,3 +329,20 @@ def test_a_changed_spec_run_again_computes_only_the_changed_stage_and_what_follo
         [2 * x for x in range(10_000)]
     counts = pq.read_table(tmp_path / "counts").to_pylist()
     assert counts == [{"version": "v2", "x_count": 10_000}]
+
+
+def test_apply_brings_a_swapped_stage_back_to_what_the_spec_says(tmp_path):
+    run = _start(tmp_path)
+    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
+               .get("batches_done", 0) >= 1, "a batch through tag")
+    swapped = podpipe("swap", "run", "tag", "--run", "pystages:tag_v2", cwd=tmp_path)
+    assert swapped.returncode == 0, swapped.stderr
+    wait_until(lambda: _status(tmp_path)["stages"]["tag"]["batches_done"] >= 3, "v2 batches")
+    done = podpipe("apply", "run", "p.yaml", cwd=tmp_path)  # the spec it started with
+    assert done.returncode == 0, done.stderr
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    written = _versions_written(tmp_path)
+    assert "v2" in written and written[-1] == "v1"  # back to the spec's version
+    last_v2 = max(i for i, v in enumerate(written) if v == "v2")
+    assert set(written[last_v2 + 1:]) == {"v1"}

@@ -551,7 +551,9 @@ class Conductor:
         self._feed(st.Reshaped(graph))
         for node in diff.added:
             self._start(node)
-        for node in diff.changed:  # the new definition: a swap with no overrides
+        # Changed nodes, and swapped ones the spec now defines: a swap to the spec.
+        swapped = [n for n in self.stage_overrides if n in graph.inputs and n not in diff.added]
+        for node in sorted(set(diff.changed) | set(swapped)):
             self.stage_overrides.pop(node, None)
             self.swaps[node] = _Swap([], False, None)
             self._feed(st.SwapRequested(node))
