@@ -21,12 +21,6 @@ from podpipe.model.spec import Sink
 VERSIONS = b"podpipe.versions"
 
 
-def versions(path: str) -> dict[str, list[str]]:
-    """The stage versions a sink file records (empty if none)."""
-    metadata = pq.read_schema(path).metadata or {}
-    return json.loads(metadata[VERSIONS]) if VERSIONS in metadata else {}
-
-
 def file_name(batch: int) -> str:
     return f"part-{batch:06d}.parquet"
 
