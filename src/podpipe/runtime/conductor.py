@@ -125,7 +125,7 @@ class Conductor:
         self.pidfds: set[int] = set()         # process exit events still watched
         self.versions: dict[str, str] = {}
         self.version_counts: dict[str, dict[str, int]] = {n: {} for n in graph.order}
-        self.lineage: dict[st.Key, dict[str, set[str]]] = {}  # stage -> versions behind it
+        self.made_by: dict[st.Key, str] = {}  # the version of the stage that made it
         self.stage_overrides: dict[str, list[str]] = {}  # swapped stages: their --set
         self.swaps: dict[str, _Swap] = {}     # requested, not yet carried out
         self.swapped: set[str] = set()        # stages running a swapped-in version
@@ -347,13 +347,7 @@ class Conductor:
         self.journal.finished(node, batch, version)
         counts = self.version_counts[node]
         counts[version] = counts.get(version, 0) + 1
-        lineage: dict[str, set[str]] = {}
-        for key in self.engine.input_keys(node, batch):
-            for stage, made in self.lineage.get(key, {}).items():
-                lineage.setdefault(stage, set()).update(made)
-        if node in self.stats and _kind(node, self.graph) in ("stage", "reduce"):
-            lineage.setdefault(node, set()).add(version)
-        self.lineage[(node, batch)] = lineage
+        self.made_by[(node, batch)] = version
         if batch in self.previously.get(node, ()):
             self.recomputed[node] += 1
         if output is not None:
@@ -414,7 +408,7 @@ class Conductor:
                 self.journal.forget(action.node, action.key)
                 self.on_disk = [c for c in self.on_disk
                                 if (c.node, c.batch) != (action.node, action.key)]
-                self.lineage.pop((action.node, action.key), None)
+                self.made_by.pop((action.node, action.key), None)
             elif isinstance(action, st.Finished):
                 self._end("succeeded", None)
             elif isinstance(action, st.Failed):
@@ -592,13 +586,24 @@ class Conductor:
                 and action.node != SOURCE:
             task["memo"] = self._memo(action)
         if action.node in self.graph.sinks:
-            versions: dict[str, set[str]] = {}
-            for key in self.engine.input_keys(action.node, action.batch):
-                for stage, made in self.lineage.get(key, {}).items():
-                    versions.setdefault(stage, set()).update(made)
-            task["versions"] = {stage: sorted(v) for stage, v in versions.items()}
+            task["versions"] = self._versions_behind(action.node, action.batch)
         self.reading[action.node] = sum(o.nbytes for group in action.inputs for o in group)
         self._send(action.node, task)
+
+    def _versions_behind(self, sink: str, key: int) -> dict[str, list[str]]:
+        """The versions of the stages that made what `sink` writes for `key` (walked up
+        the graph once per sink task, from the version recorded per output)."""
+        versions: dict[str, set[str]] = {}
+        todo, seen = list(self.engine.input_keys(sink, key)), set()
+        while todo:
+            node, k = todo.pop()
+            if (node, k) in seen:
+                continue
+            seen.add((node, k))
+            if _kind(node, self.graph) in ("stage", "reduce") and (node, k) in self.made_by:
+                versions.setdefault(node, set()).add(self.made_by[(node, k)])
+            todo.extend(self.engine.input_keys(node, k))
+        return {stage: sorted(v) for stage, v in versions.items()}
 
     def _memo(self, action: st.Dispatch) -> str:
         """Where the output of this task is kept for reuse across runs: named by the
