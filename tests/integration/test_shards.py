@@ -102,11 +102,14 @@ def expected(tmp_path: Path) -> dict[str, bytes]:
 
 
 def _checkpointed(store: Path) -> set[int]:
-    """The source batches whose reduce input is in a checkpoint on the durable tier."""
+    """The source batches checkpointed whole on the durable tier: their reduce input
+    kept, and their per-batch sink file recorded as written."""
     batches = set()
     for manifest in store.rglob("manifest-*.json"):
-        outputs = json.loads(manifest.read_text())["outputs"]
-        batches |= {o["batch"] for o in outputs if o["node"] == "double"}
+        content = json.loads(manifest.read_text())
+        written = set(content["finished"].get("doubled", []))
+        batches |= {o["batch"] for o in content["outputs"]
+                    if o["node"] == "double" and o["batch"] in written}
     return batches
 
 
