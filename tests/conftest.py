@@ -75,6 +75,13 @@ def read_sink(folder: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """Every integration test runs real pods: `-m "not slow"` is the fast loop."""
+    for item in items:
+        if "integration" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     make_numbers(tmp_path / "data")

@@ -316,13 +316,12 @@ def _render(args: argparse.Namespace, console) -> int:
     if args.output is None:
         sys.stdout.write(text)
         return 0
+    from podpipe.runtime import files
+
     out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        tmp.write_text(text)
-        tmp.rename(out)
+        files.publish(out, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"-o {out}: {exc.strerror}") from None
     return 0
 
@@ -338,7 +337,7 @@ def _conductor(args: argparse.Namespace, console) -> int:
 def _swap(args: argparse.Namespace, console) -> int:
     import shlex
 
-    from podpipe.runtime import control
+    from podpipe.runtime import control, protocol
 
     command = shlex.split(args.new_command) if args.new_command is not None else None
     overrides = control.swap_overrides(args.stage, run=args.run, command=command,
@@ -347,44 +346,49 @@ def _swap(args: argparse.Namespace, console) -> int:
         return _swap_patch(args)
     for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
                                timeout=args.timeout, recompute=args.recompute):
-        if answer["type"] == "swapped":
-            console.print(f"{answer['run_dir']}: stage {args.stage!r} now runs version "
-                          f"{answer['version']} (pid {answer['pid']})", highlight=False)
+        said = answer.message
+        if isinstance(said, protocol.Swapped):
+            console.print(f"{answer.run_dir}: stage {args.stage!r} now runs version "
+                          f"{said.version} (pid {said.pid})", highlight=False)
         else:
-            console.print(f"{answer['run_dir']}: not swapped, the pod is "
-                          f"{answer['type']}", highlight=False)
+            console.print(f"{answer.run_dir}: not swapped, the pod is {answer.state}",
+                          highlight=False)
     return 0
 
 
 def _apply(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import control
+    from podpipe.runtime import control, protocol
 
     for answer in control.apply(args.run_dir, args.new_spec, timeout=args.timeout):
-        if answer["type"] != "applied":
-            console.print(f"{answer['run_dir']}: not applied, the pod is {answer['type']}",
+        said = answer.message
+        if not isinstance(said, protocol.Applied):
+            console.print(f"{answer.run_dir}: not applied, the pod is {answer.state}",
                           highlight=False)
             continue
-        parts = [f"{what} {', '.join(answer[what])}" for what in ("added", "removed",
-                                                                   "changed") if answer[what]]
-        console.print(f"{answer['run_dir']}: " + ("; ".join(parts) or "no change") +
-                      (f"; {answer['redo']} batches run again from the source for the added "
-                       "stages" if answer["redo"] else ""), highlight=False)
+        parts = [f"{what} {', '.join(names)}" for what, names in
+                 (("added", said.added), ("removed", said.removed), ("changed", said.changed))
+                 if names]
+        console.print(f"{answer.run_dir}: " + ("; ".join(parts) or "no change") +
+                      (f"; {said.redo} batches run again from the source for the added "
+                       "stages" if said.redo else ""), highlight=False)
     return 0
 
 
 def _swap_patch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from podpipe import render
-    from podpipe.runtime import pod
+    from podpipe.runtime import pod, rundir
 
     if args.image is None:
         raise UsageError("--k8s: a swap on Kubernetes is an image change; give --image")
-    run_dir = args.run_dir
+    run_dir = Path(args.run_dir)
+    recorded = rundir.read(run_dir)
     try:
-        recorded = json.loads(open(os.path.join(run_dir, "run.json")).read())
-        spec_text = open(os.path.join(run_dir, "spec.yaml")).read()
-    except (OSError, ValueError) as exc:
+        spec_text = (run_dir / "spec.yaml").read_text()
+    except OSError as exc:
         raise UsageError(f"{run_dir}: not a podpipe run directory ({exc})") from None
-    pipeline = pod.validate(os.path.join(run_dir, "spec.yaml"), recorded["overrides"])
+    pipeline = pod.validate(str(run_dir / "spec.yaml"), recorded.overrides)
     manifests = render.render(pipeline, spec_text, render.Options())
     sys.stdout.write(json.dumps(render.image_patch(manifests, args.stage, args.image)) + "\n")
     return 0

@@ -8,6 +8,7 @@
     +-- RunError                 the run failed: exit 1
         +-- StageError           a stage failed on a batch (names stage and batch)
         +-- BudgetError          the RAM budget cannot hold what the run needs
+        +-- StoreError           the durable store cannot be reached or read
         +-- InterruptedRun       stopped by a signal (Ctrl-C, SIGTERM): exit 130
 
 Foreign exceptions (OSError, pyarrow, yaml) are translated where they enter, with
@@ -69,6 +70,16 @@ class StageError(RunError):
 
 class BudgetError(RunError):
     """The RAM scratch budget cannot hold what the run needs."""
+
+
+class StoreError(RunError):
+    """The object store of the durable tier failed: unreachable, forbidden, malformed.
+    Distinct from "nothing there", which is not an error."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        self.url, self.cause = url, cause
+        super().__init__(f"the durable store {url} cannot be used: "
+                         f"{type(cause).__name__}: {cause}")
 
 
 INTERRUPTED_EXIT_CODE = 130

@@ -8,8 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from podpipe.engine import state as S
-from podpipe.errors import BudgetError, StageError
+import zlib
+
+from podpipe.engine import events as S
+from podpipe.engine import state
+from podpipe.engine.state import RunState
+from podpipe.errors import BudgetError, InputError, StageError
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 
@@ -42,13 +46,19 @@ SHARDED = _pipeline([
     {"name": "per-batch", "input": "a", "uri": "o3/"}])
 
 
+def out(path: str, nbytes: int, tier: str = "ram") -> S.Output:
+    """An output at `path` (named `node/key` in these tests)."""
+    node, _, key = path.rpartition("/")
+    return S.Output(node or path, int(key) if key.isdigit() else 0, path, nbytes, 1, tier=tier)
+
+
 class Pod:
     """A fake pod: agents that take their tasks in an order chosen by `rng`."""
 
     def __init__(self, pipeline, batches: int, budget: int, size, rng: random.Random,
                  crashes: int = 0, **shards):
         self.graph = Graph.of(pipeline)
-        self.state = S.RunState(self.graph, batches, budget,
+        self.state = RunState(self.graph, batches, budget,
                                 retries={n: crashes for n in self.graph.order}, **shards)
         self.crashes = crashes                    # processes still to kill mid-task
         self.restarting: set[str] = set()
@@ -62,6 +72,7 @@ class Pod:
         self.outcome = None
         self.max_live = 0
         self.forgotten: list[tuple[str, int]] = []
+        self.kept: list[S.Output] = []            # what the node tier was asked to keep
         self.inject: tuple[int, S.Event] | None = None  # (after how many steps, event)
         self.steps = 0
 
@@ -87,6 +98,13 @@ class Pod:
                 self.restarting.add(action.node)
             elif isinstance(action, S.Forget):
                 self.forgotten.append((action.node, action.key))
+            elif isinstance(action, S.Keep):
+                self.kept.append(action.output)
+            elif isinstance(action, (S.Replace, S.Stop)):  # the process goes (and with
+                self.tasks.pop(action.node, None)           # a swap, comes back)
+                self.granted.discard(action.node)
+                if isinstance(action, S.Replace):
+                    self.restarting.add(action.node)
             else:
                 self.outcome = action
 
@@ -114,7 +132,7 @@ class Pod:
                     break
             waiting_for_grant = {n for n in self.tasks
                                  if n not in self.graph.sinks and n not in self.granted
-                                 and self.state.agents[n].status == S.WAITING}
+                                 and self.state.agents[n].status == state.WAITING}
             movable = [n for n in self.tasks if n not in waiting_for_grant]
             movable += sorted(self.restarting)
             assert movable, "hung: no agent can move and the run neither ended nor failed"
@@ -151,8 +169,8 @@ class Pod:
                 self.max_live = max(self.max_live, sum(self.live.values()))
                 self.processed.append((node, task.batch))
                 self.apply(self.state.handle(S.TaskDone(
-                    node, task.batch, S.Output(path, nbytes, rows=1, tier=tier))))
-            assert self.state.usage <= self.state.budget
+                    node, task.batch, out(path, nbytes, tier=tier))))
+            assert self.state.budget.usage <= self.state.budget.limit
         return self.outcome
 
 
@@ -165,10 +183,10 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
     """...and when up to `crashes` processes are killed mid-task and restarted, every
     task still finishes, with nothing left in scratch and the budget never exceeded."""
     def size(node, batch):
-        return sizes[hash((node, batch)) % len(sizes)]
+        return sizes[zlib.crc32(f"{node}/{batch}".encode()) % len(sizes)]
 
     graph = Graph.of(pipeline)
-    everything = sum(size(n, b) for n in graph.order for b in S.RunState(graph, batches, 1).keys(n))
+    everything = sum(size(n, b) for n in graph.order for b in RunState(graph, batches, 1).keys(n))
     budget = max(sizes) * 6 if tight else everything
     pod = Pod(pipeline, batches, budget, size, random.Random(seed), crashes)
     outcome = pod.run()
@@ -184,23 +202,23 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
     else:
         assert sorted(pod.processed) == expected
     assert pod.live == {}, "outputs left in scratch after the run"
-    assert pod.state.usage == 0
+    assert pod.state.budget.usage == 0
 
 
 def test_the_line_overlaps_batches_once_their_footprint_is_known():
     pod = Pod(CHAIN, 10, budget=10_000, size=lambda n, b: 10, rng=random.Random(1))
     assert isinstance(pod.run(), S.Finished)
-    assert pod.state.footprint == 30  # source + a + b, per batch
-    assert pod.state.peak > 30        # more than one batch was on the line at once
+    assert pod.state.budget.footprint == 30  # source + a + b, per batch
+    assert pod.state.budget.peak > 30        # more than one batch was on the line at once
 
 
 def test_the_second_batch_enters_as_soon_as_the_first_is_loaded():
-    run = S.RunState(Graph.of(CHAIN), 3, 10_000)
+    run = RunState(Graph.of(CHAIN), 3, 10_000)
     for node in ("a", "b", "sink-0"):
         run.handle(S.AgentReady(node))
     assert run.handle(S.AgentReady("source")) == [S.Dispatch("source", 0, ())]
     assert run.handle(S.SpaceRequested("source", 0, 100)) == [S.Grant("source")]
-    actions = run.handle(S.TaskDone("source", 0, S.Output("s0", 100, 1)))
+    actions = run.handle(S.TaskDone("source", 0, out("s0", 100)))
     assert S.Dispatch("source", 1, ()) in actions  # batch 0 has not crossed the line yet
     assert any(isinstance(a, S.Dispatch) and a.node == "a" and a.batch == 0 for a in actions)
 
@@ -222,7 +240,7 @@ def test_an_output_larger_than_the_budget_fails_with_a_clear_message():
 
 
 def test_a_failed_task_fails_the_run_naming_stage_and_batch():
-    run = S.RunState(Graph.of(CHAIN), 2, 1000)
+    run = RunState(Graph.of(CHAIN), 2, 1000)
     for node in ("source", "a", "b", "sink-0"):
         run.handle(S.AgentReady(node))
     actions = run.handle(S.TaskFailed("a", 1, "ValueError: boom"))
@@ -233,7 +251,7 @@ def test_a_failed_task_fails_the_run_naming_stage_and_batch():
 
 
 def test_a_stage_process_that_dies_mid_batch_fails_the_run():
-    run = S.RunState(Graph.of(CHAIN), 2, 1000)
+    run = RunState(Graph.of(CHAIN), 2, 1000)
     actions = run.handle(S.AgentReady("source"))
     assert actions == [S.Dispatch("source", 0, ())]
     actions = run.handle(S.AgentExited("source", -9))
@@ -271,7 +289,7 @@ def test_batches_larger_than_those_seen_so_far_do_not_fail_the_run():
 def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
     """Outputs held for a slow-starting stage are not a jam: it will read them."""
     sizes = {"source": 10, "a": 100, "b": 10}
-    run = S.RunState(Graph.of(CHAIN), 4, budget=150)
+    run = RunState(Graph.of(CHAIN), 4, budget=150)
     files: dict[str, S.Dispatch] = {}
 
     def step(event):
@@ -286,27 +304,27 @@ def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
             task = files.pop(node, None)
             if task is not None:
                 step(S.SpaceRequested(node, task.batch, sizes[node]))
-                if run.agents[node].status == S.RUNNING:
+                if run.agents[node].status == state.RUNNING:
                     step(S.TaskDone(node, task.batch,
-                                    S.Output(f"{node}/{task.batch}", sizes[node], 1)))
-    assert run.agents["a"].status == S.WAITING
+                                    out(f"{node}/{task.batch}", sizes[node])))
+    assert run.agents["a"].status == state.WAITING
     assert run.outcome is None
     step(S.AgentReady("b"))
     assert files["b"].batch == 0
 
 
 def test_a_process_killed_mid_batch_is_restarted_and_only_its_batch_is_redone():
-    run = S.RunState(Graph.of(CHAIN), 2, 10_000, retries={"a": 1})
+    run = RunState(Graph.of(CHAIN), 2, 10_000, retries={"a": 1})
     for node in ("source", "a", "b", "sink-0"):
         run.handle(S.AgentReady(node))
     run.handle(S.SpaceRequested("source", 0, 10))
-    assert S.Dispatch("a", 0, ((S.Output("source/0", 10, 1),),)) in \
-        run.handle(S.TaskDone("source", 0, S.Output("source/0", 10, 1)))
+    assert S.Dispatch("a", 0, ((out("source/0", 10),),)) in \
+        run.handle(S.TaskDone("source", 0, out("source/0", 10)))
     run.handle(S.SpaceRequested("a", 0, 10))  # granted, then killed before done
     assert run.handle(S.AgentExited("a", -9)) == [S.Restart("a", 1, 0.1)]
-    assert run.usage == 10  # the source output stays; a's reservation is released
+    assert run.budget.usage == 10  # the source output stays; a's reservation is released
     actions = run.handle(S.AgentReady("a"))
-    assert actions == [S.Dispatch("a", 0, ((S.Output("source/0", 10, 1),),))]
+    assert actions == [S.Dispatch("a", 0, ((out("source/0", 10),),))]
     run.handle(S.SpaceRequested("a", 0, 10))
     assert run.handle(S.AgentExited("a", -9)) == [S.Failed(run.outcome.error)]
     assert str(run.outcome.error) == ("stage 'a', batch 0: its process exited (code -9) "
@@ -321,7 +339,7 @@ def test_reduce_inputs_beyond_the_budget_spill_to_the_node_tier_and_the_run_fini
                          [{"input": "r", "uri": "out/"}])
     pod = Pod(pipeline, 10, budget=100, size=lambda n, b: 30, rng=random.Random(3))
     assert isinstance(pod.run(), S.Finished)
-    assert pod.state.spills >= 6
+    assert pod.state.budget.spills >= 6
     assert pod.max_live <= 100
 
 
@@ -337,7 +355,7 @@ def test_pods_that_share_the_shards_do_every_task_once_and_the_lowest_runs_the_g
 
     rng = random.Random(seed)
     graph = Graph.of(SHARDED)
-    one = S.RunState(graph, batches, 10**9, shards=shards)
+    one = RunState(graph, batches, 10**9, shards=shards)
     expected = sorted((n, k) for n in graph.order for k in one.keys(n))
     processed: list[tuple[str, int]] = []
     handed_over: list[S.Imported] = []
@@ -348,59 +366,72 @@ def test_pods_that_share_the_shards_do_every_task_once_and_the_lowest_runs_the_g
             assert pod.state.waiting_for() == sorted({e.shard for e in handed_over})
         assert isinstance(pod.run(handed_over if index == 0 else []), S.Finished)
         processed += pod.processed
-        handed_over += [S.Imported("r", k, S.Output(f"r/{k}", 1, 1, tier="node"))
+        handed_over += [S.Imported("r", k, out(f"r/{k}", 1, tier="node"))
                         for n, k in pod.processed if n == "r"]
         assert pod.live == {}
     assert sorted(processed) == expected
     assert ("g", 0) in expected
 
 
-def test_a_swap_requeues_the_in_flight_batch_without_counting_a_restart():
-    run = S.RunState(Graph.of(CHAIN), 2, 10_000, retries={})
+def test_a_swap_now_requeues_the_in_flight_batch_without_counting_a_restart():
+    run = RunState(Graph.of(CHAIN), 2, 10_000, retries={})
     for node in ("source", "a", "b", "sink-0"):
         run.handle(S.AgentReady(node))
     run.handle(S.SpaceRequested("source", 0, 10))
-    run.handle(S.TaskDone("source", 0, S.Output("s0", 10, 1)))
-    assert run.agents["a"].status == S.RUNNING and run.agents["a"].batch == 0
-    assert run.handle(S.AgentReplaced("a")) == []  # no restart, no failure
-    assert run.agents["a"].status == S.ABSENT and run.ready["a"] == [0]
+    run.handle(S.TaskDone("source", 0, out("s0", 10)))
+    assert run.agents["a"].status == state.RUNNING and run.agents["a"].batch == 0
+    # no restart, no failure: the busy process is killed and its batch requeued
+    assert run.handle(S.SwapRequested("a", now=True)) == [S.Replace("a", kill=True)]
+    assert run.agents["a"].status == state.ABSENT and run.ready["a"] == [0]
     assert run.restarts["a"] == 0
     actions = run.handle(S.AgentReady("a"))  # the new version says hello
-    assert S.Dispatch("a", 0, ((S.Output("s0", 10, 1),),)) in actions
+    assert S.Dispatch("a", 0, ((out("s0", 10),),)) in actions
 
 
-def test_a_broken_version_holds_its_stage_and_the_run_waits_instead_of_failing():
-    pod = Pod(CHAIN, 3, 10_000, lambda n, b: 10, random.Random(0))
-    state = pod.state
-    for node in pod.graph.order:
-        state.handle(S.AgentReady(node))
-    state.handle(S.SpaceRequested("source", 0, 10))
-    state.handle(S.TaskDone("source", 0, S.Output("s0", 10, 1)))
-    actions = state.handle(S.StageBroken("a", "batch 0: boom"))
-    assert not any(isinstance(a, (S.Failed, S.Spill)) for a in actions)
-    assert state.agents["a"].status == S.HELD and state.agents["a"].broken == "batch 0: boom"
-    assert state.ready["a"] == [0] and state.outcome is None
-    assert not state._stuck()  # someone may come back: nothing is given up or spilled
-    state.handle(S.AgentReplaced("a"))  # swapped back
-    assert state.agents["a"].broken is None
-    actions = state.handle(S.AgentReady("a"))
+@pytest.mark.parametrize("failure", [
+    S.TaskFailed("a", 0, "boom"),
+    S.AgentExited("a", 1),
+    S.AgentBroken("a", "cannot import", InputError("cannot import")),
+], ids=["raises", "dies", "cannot-start"])
+def test_a_broken_version_holds_its_stage_and_the_run_waits_instead_of_failing(failure):
+    run = RunState(Graph.of(CHAIN), 3, 10_000)
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    assert run.handle(S.SwapRequested("a")) == [S.Replace("a", kill=False)]  # idle: now
+    run.handle(S.AgentReady("a"))
+    run.handle(S.SpaceRequested("source", 0, 10))
+    run.handle(S.TaskDone("source", 0, out("s0", 10)))
+    actions = run.handle(failure)
+    assert not any(isinstance(a, (S.Failed, S.Spill, S.Restart)) for a in actions)
+    assert [a for a in actions if isinstance(a, S.Hold)][0].node == "a"
+    assert run.held("a") and run.ready["a"] == [0] and run.outcome is None
+    assert not run._stuck()  # someone may come back: nothing is given up or spilled
+    assert run.handle(S.SwapRequested("a")) == [S.Replace("a", kill=False)]  # swapped back
+    assert run.held("a") is None
+    actions = run.handle(S.AgentReady("a"))
     assert any(isinstance(a, S.Dispatch) and a.node == "a" and a.batch == 0 for a in actions)
 
 
-def test_a_stage_with_a_swap_coming_gets_no_new_task_so_it_can_be_replaced():
-    run = S.RunState(Graph.of(CHAIN), 3, 10_000)
+def test_a_stage_that_cannot_start_fails_the_run_unless_it_was_swapped_in():
+    run = RunState(Graph.of(CHAIN), 3, 10_000)
+    error = InputError("cannot import 'm:f'")
+    actions = run.handle(S.AgentBroken("a", "cannot import", error))
+    assert actions == [S.Failed(error)]
+
+
+def test_a_stage_with_a_swap_coming_gets_no_new_task_and_is_replaced_between_batches():
+    run = RunState(Graph.of(CHAIN), 3, 10_000)
     for node in ("source", "a", "b", "sink-0"):
         run.handle(S.AgentReady(node))
     for batch in (0, 1):
         run.handle(S.SpaceRequested("source", batch, 10))
-        run.handle(S.TaskDone("source", batch, S.Output(f"s{batch}", 10, 1)))
-    assert run.agents["a"].status == S.RUNNING and run.ready["a"] == [1]
-    run.handle(S.SwapRequested("a"))
+        run.handle(S.TaskDone("source", batch, out(f"s{batch}", 10)))
+    assert run.agents["a"].status == state.RUNNING and run.ready["a"] == [1]
+    assert run.handle(S.SwapRequested("a")) == []  # busy: not yet
     run.handle(S.SpaceRequested("a", 0, 10))
-    actions = run.handle(S.TaskDone("a", 0, S.Output("a0", 10, 1)))
+    actions = run.handle(S.TaskDone("a", 0, out("a0", 10)))
     assert not any(isinstance(x, S.Dispatch) and x.node == "a" for x in actions)
-    assert run.agents["a"].status == S.IDLE  # between batches: the swap can happen
-    run.handle(S.AgentReplaced("a"))
+    assert S.Replace("a", kill=False) in actions  # between batches: the swap happens
     actions = run.handle(S.AgentReady("a"))
     assert any(isinstance(x, S.Dispatch) and x.node == "a" and x.batch == 1 for x in actions)
 
@@ -427,7 +458,7 @@ def test_a_recompute_redoes_what_the_stage_had_done_and_everything_after_it(
     pod.state.handle = handle
     pod.inject = (at, S.Recompute(node))
     assert isinstance(pod.run(), S.Finished)
-    assert pod.live == {} and pod.state.usage == 0
+    assert pod.live == {} and pod.state.budget.usage == 0
     if "before" not in marker:
         return  # the run ended before the recompute came
     after = pod.processed[marker["processed"]:]
@@ -474,7 +505,7 @@ def test_a_recompute_after_the_reduce_ran_makes_its_inputs_again_from_the_source
     assert ("after", 0) in after and (node == "after" or ("r", 0) in after)
     if node == "d":
         assert sorted(b for n, b in after if n == "source") == [0, 1, 2, 3]
-    assert pod.live == {} and state.usage == 0
+    assert pod.live == {} and state.budget.usage == 0
 
 
 GROWN = _pipeline([
@@ -500,10 +531,10 @@ def test_a_reshaped_line_runs_every_key_of_its_added_nodes_and_drops_the_removed
     removed ones get nothing more, and the run ends with nothing left in scratch."""
     sizes = lambda n, b: 1 + (b + len(n)) % 4  # noqa: E731
     pod = Pod(CHAIN, batches, 40 if tight else 10**6, sizes, random.Random(seed))
-    pod.inject = (at, S.Reshaped(Graph.of(new)))
+    pod.inject = (at, S.Reshaped(Graph.of(new), {}))
     outcome = pod.run()
     assert isinstance(outcome, S.Finished), outcome
-    assert pod.live == {} and pod.state.usage == 0
+    assert pod.live == {} and pod.state.budget.usage == 0
     graph = Graph.of(new)
     if pod.steps < at:
         return  # the run ended before the change came

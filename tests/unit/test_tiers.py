@@ -10,6 +10,7 @@ from pathlib import Path
 
 import xxhash
 
+from podpipe.model.output import Output
 from podpipe.runtime.tiers import NodeTier, path_for, verified
 
 
@@ -23,7 +24,8 @@ def _output(tmp_path: Path, size: int) -> tuple[Path, str]:
 def test_a_copy_is_whole_fsynced_and_reported_even_if_the_output_is_deleted_meanwhile(tmp_path):
     source, checksum = _output(tmp_path, 1 << 20)
     tier = NodeTier(tmp_path / "run")
-    tier.submit("double", 3, str(source), 1 << 20, 10, checksum)
+    tier.submit(Output("double", 3, str(source), 1 << 20, 10, checksum),
+                str(path_for(tmp_path / "run", "double", 3)))
     source.unlink()  # the engine deleted it from RAM: the copy still completes
     tier.close()
     (copy,) = tier.finished()
@@ -35,7 +37,8 @@ def test_a_copy_is_whole_fsynced_and_reported_even_if_the_output_is_deleted_mean
 def test_a_copy_whose_checksum_differs_is_not_kept(tmp_path):
     source, _ = _output(tmp_path, 4096)
     tier = NodeTier(tmp_path / "run")
-    tier.submit("double", 0, str(source), 4096, 1, "0" * 16)
+    tier.submit(Output("double", 0, str(source), 4096, 1, "0" * 16),
+                str(path_for(tmp_path / "run", "double", 0)))
     tier.close()
     assert tier.finished() == []
     assert "checksum differs" in tier.errors[0]
@@ -49,14 +52,17 @@ def test_a_full_disk_is_reported_and_leaves_no_partial_file(tmp_path):
         import json, resource, signal, sys
         from pathlib import Path
         import xxhash
-        from podpipe.runtime.tiers import NodeTier
+        from podpipe.model.output import Output
+        from podpipe.runtime.tiers import NodeTier, path_for
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         data = bytes(4 << 20)
         source = Path({str(tmp_path)!r}) / "big.arrow"
         source.write_bytes(data)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
         tier = NodeTier(Path({str(tmp_path)!r}) / "run")
-        tier.submit("double", 0, str(source), len(data), 1, xxhash.xxh3_64(data).hexdigest())
+        run = Path({str(tmp_path)!r}) / "run"
+        tier.submit(Output("double", 0, str(source), len(data), 1,
+                           xxhash.xxh3_64(data).hexdigest()), str(path_for(run, "double", 0)))
         tier.close()
         print(json.dumps({{"errors": tier.errors, "made": len(tier.finished())}}))
     """)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from podpipe.errors import SpecError
-from podpipe.model.spec import SOURCE, Pipeline
+from podpipe.model.pipeline import SOURCE, Pipeline
 
 BATCH, SINGLE, GLOBAL = "batch", "single", "global"
 

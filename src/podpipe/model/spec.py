@@ -9,21 +9,21 @@ expected. Everything past this module sees typed objects only.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from podpipe.errors import SpecError
+from podpipe.model.graph import Graph
+from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
+                                     Resources, Sink, Source, Stage)
 from podpipe.model.sizes import parse_size
 
 API_VERSION = "podpipe/v1alpha1"
 KIND = "Pipeline"
-SOURCE = "source"
 DEFAULT_MEMORY = "1GiB"
 DEFAULT_BATCH_ROWS = 500_000
-DEFAULT_RETRIES = 3  # restarts of a stage process that dies, before the run fails
 SOURCE_FORMATS = ("parquet", "csv", "arrow")
 
 # A stage's name becomes a process name, a directory in scratch and, on
@@ -31,74 +31,6 @@ SOURCE_FORMATS = ("parquet", "csv", "arrow")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or millicores
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one stage process needs besides the RAM scratch (Kubernetes requests)."""
-
-    cpu: str | None = None       # a Kubernetes CPU quantity: "2", "0.5", "500m"
-    memory: int | None = None    # bytes of the process's own memory
-
-
-@dataclass(frozen=True)
-class Source:
-    uri: str
-    format: str
-    batch_rows: int
-    columns: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    inputs: tuple[str, ...]
-    run: str | None = None
-    command: tuple[str, ...] | None = None
-    reduce: bool = False
-    scope: str = "shard"         # of a reduce: "shard" (each shard's batches) | "global"
-    version: str | None = None
-    image: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    resources: Resources = field(default_factory=Resources)
-    retries: int = DEFAULT_RETRIES
-
-
-@dataclass(frozen=True)
-class Sink:
-    name: str
-    input: str
-    uri: str
-
-
-@dataclass(frozen=True)
-class Checkpoints:
-    """Accepted now; the tiers that use it arrive with the checkpoints issue."""
-
-    node: str = ".podpipe"
-    durable: str | None = None
-    every_batches: int | None = None
-    interval: float = 30.0
-    keep: int = 3
-    reuse: bool = False  # keep every stage output on the durable tier, by what made it
-
-
-@dataclass(frozen=True)
-class Pipeline:
-    name: str
-    source: Source
-    stages: tuple[Stage, ...]
-    sinks: tuple[Sink, ...]
-    memory: int
-    checkpoints: Checkpoints
-    shards: int = 1
-    file: str = "spec"
-
-    def stage(self, name: str) -> Stage:
-        for stage in self.stages:
-            if stage.name == name:
-                return stage
-        raise KeyError(name)
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
@@ -232,7 +164,6 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
         shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1),
         file=r.file,
     )
-    from podpipe.model.graph import Graph  # the graph checks inputs and cycles
     Graph.of(pipeline, fail=r.fail)
     return pipeline
 

@@ -25,10 +25,12 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from podpipe.errors import DataError, InputError, SpecError
+from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
+from podpipe.model.output import Output
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import arrowfile, protocol
+from podpipe.runtime.store import Store, open_store
 
 # Environment of a `command:` stage, documented in the README.
 ENV_INPUT = "PODPIPE_INPUT"          # the first input's Arrow IPC file
@@ -41,7 +43,8 @@ ENV_STAGE = "PODPIPE_STAGE"
 class Work:
     """What one node does with a task; `run` returns a table, a written file or None."""
 
-    def run(self, batch: int, inputs: list[list[pa.Table]], task: dict) -> pa.Table | Path | None:
+    def run(self, batch: int, inputs: list[list[pa.Table]],
+            task: protocol.Task) -> pa.Table | Path | None:
         raise NotImplementedError
 
 
@@ -53,7 +56,8 @@ class LoadSource(Work):
         self.loader = source.Loader(pipeline.source)
 
     def run(self, batch, inputs, task):
-        return self.loader.load(self.source.SourceBatch.from_json(task["source"]))
+        assert task.source is not None
+        return self.loader.load(task.source)
 
 
 class CallFunction(Work):
@@ -81,8 +85,8 @@ class RunCommand(Work):
         self.command, self.node = list(command), node
 
     def run(self, batch, inputs, task):
-        paths = [p for group in task["inputs"] for p in group]
-        output = Path(task["output"]).with_suffix(".cmd")
+        paths = [p for group in task.inputs for p in group]
+        output = Path(task.output).with_suffix(".cmd")
         env = {**os.environ, ENV_INPUT: paths[0], ENV_INPUTS: ":".join(paths),
                ENV_OUTPUT: str(output), ENV_BATCH: str(batch), ENV_STAGE: self.node}
         try:
@@ -121,7 +125,7 @@ class WriteSink(Work):
         self.writer = sink.Writer(target)
 
     def run(self, batch, inputs, task):
-        self.writer.write(_concat(inputs[0]), batch, task.get("versions", {}))
+        self.writer.write(_concat(inputs[0]), batch, task.versions or {})
         return None
 
 
@@ -201,20 +205,20 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
         pipeline = specs.load(spec_path, overrides)
         work = work_for(pipeline, node)
     except SpecError as exc:  # the conductor names the user's file, not our copy
-        protocol.send(sock, {"type": "broken", "node": node, "field": exc.field,
-                             "message": exc.detail})
+        protocol.send(sock, protocol.Broken(node=node, field=exc.field, message=exc.detail))
         return 2
     except InputError as exc:
-        protocol.send(sock, {"type": "broken", "node": node, "message": str(exc)})
+        protocol.send(sock, protocol.Broken(node=node, message=str(exc)))
         return 2
-    protocol.send(sock, {"type": "hello", "node": node, "pid": os.getpid(),
-                         "version": version_of(pipeline, node, work)})
+    protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(),
+                                       version=version_of(pipeline, node, work)))
     try:
         while True:
             message = protocol.recv(sock)
-            if message["type"] == "stop":
+            if isinstance(message, protocol.Stop):
                 return 0
-            _task(sock, work, message)
+            if isinstance(message, protocol.Task):
+                _task(sock, work, message, node)
     except _Stopped:
         return 0
     except (protocol.Closed, ConnectionError):
@@ -226,23 +230,22 @@ class _Stopped(Exception):
     """Told to stop in the middle of a task."""
 
 
-def _task(sock: socket.socket, work: Work, task: dict) -> None:
-    batch, started = task["batch"], time.perf_counter()
-    memo = task.get("memo")
+def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str) -> None:
+    batch, started, memo = task.batch, time.perf_counter(), task.memo
     reused = False
     try:
-        inputs = [[arrowfile.read_table(p) for p in group] for group in task["inputs"]]
-        result = _reuse(memo, Path(task["output"])) if memo else None
+        inputs = [[arrowfile.read_table(p) for p in group] for group in task.inputs]
+        result = _reuse(memo, Path(task.output)) if memo else None
         reused = result is not None
         if not reused:
             result = work.run(batch, inputs, task)
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
-        protocol.send(sock, {"type": "failed", "batch": batch,
-                             "input_error": isinstance(exc, (DataError, InputError)),
-                             "message": f"{type(exc).__name__}: {exc}"})
+        protocol.send(sock, protocol.Failed(
+            batch=batch, input_error=isinstance(exc, (DataError, InputError)),
+            message=f"{type(exc).__name__}: {exc}"))
         return
-    stats: dict[str, Any] = {"rows_in": sum(t.num_rows for group in inputs for t in group)}
+    stats = protocol.Stats(rows_in=sum(t.num_rows for group in inputs for t in group))
     output = None
     if result is not None:
         written = result if isinstance(result, Path) else None  # a command's own file
@@ -254,7 +257,7 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
                 written.unlink()
             return
         started += time.perf_counter() - asked  # waiting for RAM is not work
-        path, tier = Path(grant.get("path") or task["output"]), grant.get("tier", "ram")
+        path, tier = Path(grant.path or task.output), grant.tier
         if written and tier == "ram":
             os.rename(written, path)
         elif written:  # spilled to the node tier: another filesystem
@@ -267,58 +270,57 @@ def _task(sock: socket.socket, work: Work, task: dict) -> None:
             try:
                 nbytes, checksum = arrowfile.write_table(result, path)
             except OSError as exc:
-                protocol.send(sock, {"type": "failed", "batch": batch,
-                                     "message": f"cannot write {path}: "
-                                                f"{exc.strerror or exc}"})
+                protocol.send(sock, protocol.Failed(
+                    batch=batch, message=f"cannot write {path}: {exc.strerror or exc}"))
                 return
             rows = result.num_rows
-        output = {"path": str(path), "nbytes": nbytes, "rows": rows, "checksum": checksum,
-                  "tier": tier}
-        stats.update(rows_out=rows, bytes_out=nbytes)
+        output = Output(node, batch, str(path), nbytes, rows, checksum, tier)
+        stats.rows_out, stats.bytes_out = rows, nbytes
         if memo and not reused:
             _keep(memo, path)
-    if reused:
-        stats["reused"] = 1
-    stats["busy"] = time.perf_counter() - started
-    protocol.send(sock, {"type": "done", "batch": batch, "output": output, "stats": stats})
+    stats.reused = int(reused)
+    stats.busy = time.perf_counter() - started
+    protocol.send(sock, protocol.Done(batch=batch, output=output, stats=stats))
+
+
+def _memo_store(memo: str) -> tuple[Store, str]:
+    """The store of a memo's folder, and the memo's key in it."""
+    folder, _, name = memo.rpartition("/")
+    return open_store(folder), name
 
 
 def _reuse(memo: str, output: Path) -> Path | None:
     """The output an earlier run kept at `memo` (same stage version, same inputs),
-    fetched next to where ours goes; None if there is none."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(memo)
+    fetched next to where ours goes; None if there is none, or the store fails
+    (reuse only saves work: the stage computes instead)."""
     local = output.with_suffix(".memo")
     try:
-        fs.get_file(path, str(local))
+        store, key = _memo_store(memo)
+        if not store.download(key, local):
+            return None
         arrowfile.read_table(local)  # whole and readable, or not used
-    except (OSError, pa.ArrowException, ValueError):
+    except (StoreError, OSError, pa.ArrowException, ValueError) as exc:
+        print(f"cannot reuse the output kept at {memo}: {exc}", file=sys.stderr)
         local.unlink(missing_ok=True)
         return None
     return local
 
 
 def _keep(memo: str, output: Path) -> None:
-    """Keep this output at `memo` for later runs (temporary name, then rename); a
-    store that fails only costs the reuse."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(memo)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Keep this output at `memo` for later runs (one PUT: it appears whole or not at
+    all); a store that fails only costs the reuse."""
     try:
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(output), tmp)
-        fs.mv(tmp, path)
-    except OSError as exc:
+        store, key = _memo_store(memo)
+        store.upload(key, output)
+    except StoreError as exc:
         print(f"cannot keep the output for reuse at {memo}: {exc}", file=sys.stderr)
 
 
-def _reserve(sock: socket.socket, batch: int, nbytes: int) -> dict | None:
+def _reserve(sock: socket.socket, batch: int, nbytes: int) -> protocol.Grant | None:
     """Ask for the RAM the output needs; the grant (which may name a path on the node
     tier instead: a spill), or None if the conductor wants the output dropped."""
-    protocol.send(sock, {"type": "reserve", "batch": batch, "nbytes": nbytes})
+    protocol.send(sock, protocol.Reserve(batch=batch, nbytes=nbytes))
     reply = protocol.recv(sock)
-    if reply["type"] == "stop":
+    if isinstance(reply, protocol.Stop):
         raise _Stopped()
-    return reply if reply["type"] == "grant" else None
+    return reply if isinstance(reply, protocol.Grant) else None

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from podpipe.errors import RunError, UsageError
 from podpipe.runtime import protocol, status
@@ -39,7 +39,7 @@ def swap_overrides(stage: str, *, run: str | None, command: list[str] | None,
 
 
 def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool, timeout: float,
-         recompute: bool = False) -> list[dict[str, Any]]:
+         recompute: bool = False) -> list[Answer]:
     """Swap `stage` in the run at `run_dir` (in every pod of a multi-replica run);
     returns each pod's answer."""
     return [_ask(pod, stage, overrides, now, timeout, recompute)
@@ -47,25 +47,25 @@ def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool, timeout: 
 
 
 def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
-         timeout: float, recompute: bool) -> dict[str, Any]:
-    answer = _request(run_dir, {"type": "swap", "stage": stage, "overrides": overrides,
-                                "now": now, "recompute": recompute}, timeout,
-                      f"swap {stage!r}")
-    if answer["type"] == "held":
-        raise RunError(f"stage {stage!r}: the new version failed: {answer['message']}; the "
+         timeout: float, recompute: bool) -> Answer:
+    answer = _request(run_dir, protocol.SwapRequest(stage=stage, overrides=overrides, now=now,
+                                                    recompute=recompute),
+                      timeout, f"swap {stage!r}")
+    if isinstance(answer.message, protocol.Held):
+        raise RunError(f"stage {stage!r}: the new version failed: {answer.message.message}; the "
                        "stage is held and the run waits: swap it back (or to a fixed "
                        "version) to go on")
     return answer
 
 
-def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[dict[str, Any]]:
+def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[Answer]:
     """Have the running run at `run_dir` (every pod of a multi-replica run) go on with
     the spec at `spec_path`; returns each pod's answer."""
     try:
         text = Path(spec_path).read_text()
     except OSError as exc:
         raise UsageError(f"{spec_path}: {exc.strerror}") from None
-    return [_request(pod, {"type": "apply", "spec": text, "path": spec_path}, timeout, "apply")
+    return [_request(pod, protocol.ApplyRequest(spec=text, path=spec_path), timeout, "apply")
             for pod in _pods(run_dir, "nothing to apply to (run the new spec instead)")]
 
 
@@ -79,11 +79,20 @@ def _pods(run_dir: str, otherwise: str) -> list[Path]:
             else [Path(run_dir)])
 
 
-def _request(run_dir: Path, message: dict[str, Any], timeout: float,
-             what: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Answer:
+    """A pod's answer: its run directory, and what its conductor said (None: the pod
+    was not running any more, `state` says how it ended)."""
+
+    run_dir: str
+    message: protocol.Message | None
+    state: str = "running"
+
+
+def _request(run_dir: Path, message: protocol.Message, timeout: float, what: str) -> Answer:
     current = status.read(run_dir)
     if current["state"] != "running":
-        return {"type": current["state"], "run_dir": str(run_dir)}
+        return Answer(str(run_dir), None, current["state"])
     path = Scratch(Path(current["scratch"])).socket
     try:
         sock = protocol.connect(str(path), wait=0)
@@ -98,7 +107,6 @@ def _request(run_dir: Path, message: dict[str, Any], timeout: float,
             raise RunError(f"{what}: no answer in {timeout:.0f} s") from None
         except (protocol.Closed, OSError) as exc:
             raise RunError(f"{what}: the conductor went away ({exc})") from None
-    answer["run_dir"] = str(run_dir)
-    if answer["type"] == "refused":
-        raise UsageError(f"{what}: {answer['message']}")
-    return answer
+    if isinstance(answer, protocol.Refused):
+        raise UsageError(f"{what}: {answer.message}")
+    return Answer(str(run_dir), answer)

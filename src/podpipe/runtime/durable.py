@@ -14,7 +14,8 @@ manifests. Layout under `checkpoints.durable`:
     <pipeline>/<spec digest>/<group>/outputs/<node>/<key>-<checksum>.arrow
     <pipeline>/<spec digest>/<group>/manifest-<seq>.json
 
-Uploads run in a background thread; when the store is down or slow the run goes on
+Everything goes through a `store.Store`, so a store that cannot be read is an
+error (`StoreError`), never "no checkpoint". Uploads run in a background thread; when the store is down or slow the run goes on
 from the faster tiers, the thread retries with backoff and the status says the
 checkpoints are behind. The last `keep` manifests of a group are kept, and the
 outputs they name; older ones are deleted.
@@ -23,16 +24,45 @@ outputs they name; older ones are deleted.
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from podpipe.runtime.journal import Copy
+import msgspec
+
+from podpipe.model.graph import BATCH, SINGLE, Graph
+from podpipe.model.output import Output
+from podpipe.model.shards import shard_of
+from podpipe.runtime import tiers
+from podpipe.runtime.store import Store, open_store
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
+SCHEMA_VERSION = 1
+
+
+class Stored(msgspec.Struct, frozen=True):
+    """One output in a checkpoint: the record, and its object's key in the group."""
+
+    output: Output
+    key: str
+
+
+class Manifest(msgspec.Struct):
+    """A major checkpoint of one group, written last (it makes the checkpoint exist)."""
+
+    seq: int
+    source_batches: int
+    shards: int
+    complete: bool
+    finished: dict[str, list[int]]   # node -> keys done
+    outputs: list[Stored]
+    created: float = 0.0
+    schemaVersion: int = SCHEMA_VERSION
+
+
+_manifests = msgspec.json.Decoder(Manifest)
 
 
 def digest(spec_text: bytes, overrides: list[str]) -> str:
@@ -48,18 +78,8 @@ def group_name(shard: int | None) -> str:
     return "global" if shard is None else f"shard-{shard:05d}"
 
 
-def _store(url: str, name: str, spec_digest: str):
-    import fsspec  # here, not at import: spawned stage processes never need it
-
-    fs, root = fsspec.core.url_to_fs(f"{url.rstrip('/')}/{name}/{spec_digest}")
-    return fs, root.rstrip("/")
-
-
-def grouping(graph, shards: int) -> Callable[[str, int], str]:
+def grouping(graph: Graph, shards: int) -> Callable[[str, int], str]:
     """The group of an output (node, key): its shard's, or the global one."""
-    from podpipe.model.graph import BATCH, SINGLE
-    from podpipe.model.shards import shard_of
-
     def group_of(node: str, key: int) -> str:
         domain = graph.domain[node]
         if domain == BATCH:
@@ -70,69 +90,72 @@ def grouping(graph, shards: int) -> Callable[[str, int], str]:
 
 @dataclass
 class Checkpoint:
-    """A major checkpoint found on the store."""
+    """A major checkpoint found on the store, with the store of its group."""
 
-    seq: int
-    source_batches: int
-    shards: int
-    complete: bool
-    finished: dict[str, set[int]]
-    outputs: list[dict[str, Any]]
-    fs: Any = field(repr=False)
-    root: str = ""
+    manifest: Manifest
+    store: Store
 
+    @property
+    def complete(self) -> bool:
+        return self.manifest.complete
 
-def latest(url: str, name: str, spec_digest: str, group: str) -> Checkpoint | None:
-    """The newest checkpoint of one group of this pipeline, or None (none, or
-    unreadable)."""
-    try:
-        fs, root = _store(url, name, spec_digest)
-        root = f"{root}/{group}"
-        if not fs.exists(root):
-            return None
-        manifests = sorted(p for p in fs.ls(root, detail=False)
-                           if p.rsplit("/", 1)[-1].startswith("manifest-"))
-        if not manifests:
-            return None
-        manifest = json.loads(fs.cat_file(manifests[-1]))
-    except (OSError, ValueError):
-        return None
-    return Checkpoint(manifest["seq"], manifest["source_batches"], manifest["shards"],
-                      manifest["complete"],
-                      {n: set(b) for n, b in manifest["finished"].items()},
-                      manifest["outputs"], fs, root)
+    @property
+    def shards(self) -> int:
+        return self.manifest.shards
+
+    @property
+    def source_batches(self) -> int:
+        return self.manifest.source_batches
+
+    @property
+    def finished(self) -> dict[str, set[int]]:
+        return {n: set(b) for n, b in self.manifest.finished.items()}
 
 
-def fetch(checkpoint: Checkpoint, run_dir: Path, verified,
-          nodes: Iterable[str] | None = None) -> tuple[list[Copy], list[str]]:
+def checkpoints(url: str, name: str, spec_digest: str) -> Store:
+    """The store of a pipeline's checkpoints (a spec as run) under `url`."""
+    return open_store(url).child(f"{name}/{spec_digest}")
+
+
+def latest(store: Store, group: str) -> Checkpoint | None:
+    """The newest checkpoint of one group, or None if it has none. A store that
+    cannot be read raises StoreError; a manifest that cannot be parsed is skipped
+    (it counts as not written)."""
+    group_store = store.child(group)
+    manifests = [k for k in group_store.list("") if k.startswith("manifest-")]
+    for key in reversed(manifests):
+        data = group_store.read(key)
+        try:
+            return Checkpoint(_manifests.decode(data), group_store) if data else None
+        except msgspec.DecodeError:
+            continue
+    return None
+
+
+def fetch(checkpoint: Checkpoint, run_dir: Path,
+          nodes: Iterable[str] | None = None) -> tuple[list[Output], list[str]]:
     """Download a checkpoint's outputs (of `nodes`, or all) to the node tier of
-    `run_dir`; returns the copies that arrived whole (checked with
-    `verified(path, checksum)`) and notes on the rest."""
-    from podpipe.runtime.tiers import path_for
-
+    `run_dir`; returns the copies that arrived whole (checked by checksum) and notes
+    on the rest."""
     copies, notes = [], []
     wanted = None if nodes is None else set(nodes)
-    for out in checkpoint.outputs:
-        if wanted is not None and out["node"] not in wanted:
+    for stored in checkpoint.manifest.outputs:
+        out = stored.output
+        if wanted is not None and out.node not in wanted:
             continue
-        dest = path_for(run_dir, out["node"], out["batch"])
+        dest = tiers.path_for(run_dir, out.node, out.key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.durable.tmp")
-        try:
-            checkpoint.fs.get_file(f"{checkpoint.root}/{out['key']}", str(tmp))
-        except OSError as exc:
-            notes.append(f"{out['node']} batch {out['batch']}: cannot fetch the durable "
-                         f"copy: {exc}")
-            tmp.unlink(missing_ok=True)
+        if not checkpoint.store.download(stored.key, tmp):
+            notes.append(f"{out.node} batch {out.key}: the durable copy is missing")
             continue
-        if not verified(tmp, out["checksum"]):
-            notes.append(f"{out['node']} batch {out['batch']}: the durable copy is corrupt "
+        if not tiers.verified(tmp, out.checksum):
+            notes.append(f"{out.node} batch {out.key}: the durable copy is corrupt "
                          "(checksum); not used")
             tmp.unlink()
             continue
         tmp.rename(dest)
-        copies.append(Copy(out["node"], out["batch"], "durable", str(dest), out["nbytes"],
-                           out["rows"], out["checksum"]))
+        copies.append(out.on("durable", str(dest)))
     return copies, notes
 
 
@@ -142,27 +165,28 @@ Finished = dict[str, list[int]]  # node -> keys done
 class DurableTier:
     """Takes major checkpoints of this pod's groups in a background thread."""
 
-    def __init__(self, url: str, name: str, spec_digest: str, *, every_batches: int | None,
-                 interval: float, keep: int, source_batches: int, shards: int,
+    def __init__(self, store: Store, *, every_batches: int | None, interval: float,
+                 keep: int, source_batches: int, shards: int,
                  group_of: Callable[[str, int], str]) -> None:
-        self.url, self.keep, self.source_batches = url, keep, source_batches
+        self.store, self.url = store, store.url
+        self.keep, self.source_batches = keep, source_batches
         self.shards, self.group_of = shards, group_of
-        self.name, self.spec_digest = name, spec_digest
         self.every_batches, self.interval = every_batches, interval
-        self.fs, self.root = _store(url, name, spec_digest)
         self.seq: dict[str, int] = {}       # group -> its last manifest's number
         self.earlier: dict[str, Checkpoint | None] = {}  # group -> its manifest before us
-        self.written: dict[str, str] = {}   # group -> its last manifest's content
+        self.written: dict[str, bytes] = {}  # group -> its last manifest's content
         self.uploaded: dict[tuple[str, int], str] = {}  # (node, key) -> key in the store
-        self.folders: set[str] = set()
         self.taken_at_copies, self.taken_at = 0, time.monotonic()
-        self.pending: tuple[list[Copy], Finished, dict[str, bool]] | None = None
+        self.pending: tuple[list[Output], Finished, dict[str, bool]] | None = None
         self.checkpoints, self.behind = 0, False
         self.error: str | None = None
         self.lock = threading.Condition()
         self.closing = False
         self.thread = threading.Thread(target=self._work, name="durable-tier", daemon=True)
         self.thread.start()
+
+    def latest(self, group: str) -> Checkpoint | None:
+        return latest(self.store, group)
 
     def due(self, copies: int) -> bool:
         """Time for a checkpoint: `every_batches` new copies, or `interval` seconds with
@@ -174,7 +198,7 @@ class DurableTier:
             return True
         return time.monotonic() - self.taken_at >= self.interval
 
-    def take(self, copies: list[Copy], finished: Finished, groups: dict[str, bool]) -> None:
+    def take(self, copies: list[Output], finished: Finished, groups: dict[str, bool]) -> None:
         """Checkpoint these node-tier copies, for `groups` (name -> complete); a newer
         request replaces one not started."""
         with self.lock:
@@ -226,65 +250,61 @@ class DurableTier:
                 if self.closing and self.pending is None:
                     return
 
-    def _checkpoint(self, copies: list[Copy], finished: Finished,
+    def _checkpoint(self, copies: list[Output], finished: Finished,
                     groups: dict[str, bool]) -> None:
-        outputs: dict[str, list[dict[str, Any]]] = {g: [] for g in groups}
+        outputs: dict[str, list[Stored]] = {g: [] for g in groups}
         for copy in copies:
-            group = self.group_of(copy.node, copy.batch)
+            group = self.group_of(copy.node, copy.key)
             if group not in outputs:
                 continue
-            key = f"outputs/{copy.node}/{copy.batch:06d}-{copy.checksum}.arrow"
-            if self.uploaded.get((copy.node, copy.batch)) != key:
-                folder = f"{self.root}/{group}/outputs/{copy.node}"
-                if folder not in self.folders:  # a directory store needs them
-                    self.fs.makedirs(folder, exist_ok=True)
-                    self.folders.add(folder)
-                self.fs.put_file(copy.path, f"{self.root}/{group}/{key}")
-                self.uploaded[(copy.node, copy.batch)] = key
-            outputs[group].append({"node": copy.node, "batch": copy.batch, "key": key,
-                                   "nbytes": copy.nbytes, "rows": copy.rows,
-                                   "checksum": copy.checksum})
+            key = f"outputs/{copy.node}/{copy.key:06d}-{copy.checksum}.arrow"
+            if self.uploaded.get((copy.node, copy.key)) != key:
+                self.store.upload(f"{group}/{key}", Path(copy.path))
+                self.uploaded[(copy.node, copy.key)] = key
+            outputs[group].append(Stored(copy, key))
         for group, complete in groups.items():
             if group not in self.earlier:
-                self.earlier[group] = latest(self.url, self.name, self.spec_digest, group)
+                self.earlier[group] = latest(self.store, group)
             done = {n: [k for k in keys if self.group_of(n, k) == group]
                     for n, keys in finished.items()}
             earlier = self.earlier[group]
             if earlier is not None:
                 # What a pod before us checkpointed stays checkpointed (the same spec,
                 # so the same bytes), unless we made it again.
-                ours = {(o["node"], o["batch"]) for o in outputs[group]}
-                outputs[group] += [o for o in earlier.outputs
-                                   if (o["node"], o["batch"]) not in ours]
+                ours = {(o.output.node, o.output.key) for o in outputs[group]}
+                outputs[group] += [o for o in earlier.manifest.outputs
+                                   if (o.output.node, o.output.key) not in ours]
                 for node, keys in earlier.finished.items():
                     done[node] = sorted(set(done.get(node, [])) | keys)
                 complete = complete or earlier.complete
-            content = json.dumps({"source_batches": self.source_batches,
-                                  "shards": self.shards, "complete": complete,
-                                  "finished": done, "outputs": outputs[group]})
+            manifest = Manifest(0, self.source_batches, self.shards, complete, done,
+                                outputs[group])
+            content = msgspec.json.encode(manifest)
             if self.written.get(group) == content:
                 continue  # nothing new in this group
-            seq = self.seq.get(group, earlier.seq if earlier else 0) + 1
-            manifest = {"seq": seq, **json.loads(content), "created": time.time()}
+            manifest.seq = self.seq.get(group, earlier.manifest.seq if earlier else 0) + 1
+            manifest.created = time.time()
             # The manifest goes last, in one PUT: a checkpoint without it does not exist.
-            self.fs.makedirs(f"{self.root}/{group}", exist_ok=True)
-            self.fs.pipe_file(f"{self.root}/{group}/manifest-{seq:06d}.json",
-                              json.dumps(manifest).encode())
-            self.seq[group], self.written[group] = seq, content
+            self.store.write(f"{group}/manifest-{manifest.seq:06d}.json",
+                             msgspec.json.encode(manifest))
+            self.seq[group], self.written[group] = manifest.seq, content
             self.checkpoints += 1
-            self._collect(f"{self.root}/{group}")
+            self._collect(group)
 
-    def _collect(self, root: str) -> None:
+    def _collect(self, group: str) -> None:
         """Keep a group's last `keep` manifests and the outputs they name."""
-        manifests = sorted(p for p in self.fs.ls(root, detail=False)
-                           if p.rsplit("/", 1)[-1].startswith("manifest-"))
+        keys = self.store.list(group)
+        manifests = [k for k in keys if k.rsplit("/", 1)[-1].startswith("manifest-")]
         old, kept = manifests[:-self.keep], manifests[-self.keep:]
         if not old:
             return
-        named = {f"{root}/{o['key']}" for m in kept
-                 for o in json.loads(self.fs.cat_file(m))["outputs"]}
-        for path in old:
-            self.fs.rm_file(path)
-        for path in self.fs.find(f"{root}/outputs"):
-            if path not in named:
-                self.fs.rm_file(path)
+        named = set()
+        for key in kept:
+            data = self.store.read(key)
+            if data:
+                named |= {f"{group}/{o.key}" for o in _manifests.decode(data).outputs}
+        for key in old:
+            self.store.delete(key)
+        for key in keys:
+            if key.startswith(f"{group}/outputs/") and key not in named:
+                self.store.delete(key)

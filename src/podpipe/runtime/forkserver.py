@@ -7,40 +7,27 @@ imports everything once, then forks each stage process, which runs exactly what
 codes. Each child dies with the server, and the server with the conductor
 (PR_SET_PDEATHSIG), so no process outlives the pod.
 
-Wire (protocol.py framing over a socketpair):
-    conductor -> server  {"type": "spawn", "node", "spec", "overrides", "socket", "env", "log"}
-    server -> conductor  {"type": "spawned", "pid"} | {"type": "exited", "pid", "code"}
+Wire (`protocol` over a socketpair): the conductor sends `Spawn`, the server answers
+`Spawned` and, when a child ends, `Exited`.
 """
 
 from __future__ import annotations
 
 import os
-import selectors
 import signal
 import socket
 import sys
 import traceback
 
 from podpipe.runtime import protocol
+from podpipe.runtime.lifetime import die_with_parent
+from podpipe.runtime.loop import EventLoop, Ready
 
 PRELOAD = ("pyarrow", "pyarrow.compute", "pyarrow.parquet", "fsspec", "yaml", "xxhash",
            "podpipe.runtime.agent", "podpipe.runtime.source", "podpipe.runtime.sink")
 # pyarrow imports pandas, when installed, the first time it converts Python objects:
 # nearly every stage module does that, so it is worth importing once here.
 OPTIONAL = ("pandas",)
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when our parent dies; leave if it already has."""
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def serve(fd: int) -> int:
@@ -56,28 +43,21 @@ def serve(fd: int) -> int:
         except ImportError:
             pass
     conductor = socket.socket(fileno=fd)
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    sel = selectors.DefaultSelector()
-    sel.register(conductor, selectors.EVENT_READ, "conductor")
-    sel.register(wake_r, selectors.EVENT_READ, "child")
     reader = protocol.Reader()
-    while True:
-        for key, _ in sel.select():
-            if key.data == "child":
-                wake_r.recv(4096)
-                _reap(conductor)
-                continue
-            data = conductor.recv(1 << 16)
-            if not data:
-                return 0  # the conductor is gone; our children follow us
-            for message in reader.feed(data):
-                pid = _spawn(message, [conductor.fileno(), wake_r.fileno(), wake_w.fileno(),
-                                       sel.fileno()])
-                protocol.send(conductor, {"type": "spawned", "pid": pid})
-        _reap(conductor)
+    with EventLoop(signals=(signal.SIGCHLD,)) as loop:
+        loop.watch(conductor, "conductor")
+        while True:
+            for happening in loop.wait(None):
+                if not isinstance(happening, Ready):
+                    continue  # a child ended: reaped below
+                data = conductor.recv(1 << 16)
+                if not data:
+                    return 0  # the conductor is gone; our children follow us
+                for message in reader.feed(data):
+                    if isinstance(message, protocol.Spawn):
+                        pid = _spawn(message, conductor.fileno(), loop)
+                        protocol.send(conductor, protocol.Spawned(pid=pid))
+            _reap(conductor)
 
 
 def _reap(conductor: socket.socket) -> None:
@@ -88,12 +68,12 @@ def _reap(conductor: socket.socket) -> None:
             return
         if pid == 0:
             return
-        protocol.send(conductor, {"type": "exited", "pid": pid,
-                                  "code": os.waitstatus_to_exitcode(status)})
+        protocol.send(conductor, protocol.Exited(pid=pid,
+                                                 code=os.waitstatus_to_exitcode(status)))
 
 
-def _spawn(message: dict, close: list[int]) -> int:
-    log = os.open(message["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
+    log = os.open(message.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     pid = os.fork()
     if pid:
         os.close(log)
@@ -102,22 +82,20 @@ def _spawn(message: dict, close: list[int]) -> int:
     try:
         os.setsid()
         die_with_parent()
-        signal.set_wakeup_fd(-1)
+        loop.close()  # the child's own signals are its own
+        os.close(conductor)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
-        for fd in close:
-            os.close(fd)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(null)
         os.close(log)
-        os.environ.update(message["env"])
+        os.environ.update(message.env)
         from podpipe.runtime import agent
 
-        code = agent.serve(message["spec"], message["overrides"], message["node"],
-                           message["socket"])
+        code = agent.serve(message.spec, message.overrides, message.node, message.socket)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

@@ -12,8 +12,9 @@ trusted on resume without checking the file's checksum.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
+
+from podpipe.model.output import Output
 
 FILE = "journal.sqlite"
 _SCHEMA = """
@@ -25,19 +26,6 @@ CREATE TABLE IF NOT EXISTS outputs (
     nbytes INTEGER NOT NULL, rows INTEGER NOT NULL, checksum TEXT NOT NULL,
     PRIMARY KEY (node, batch, tier));
 """
-
-
-@dataclass(frozen=True)
-class Copy:
-    """One tier's copy of one output, as the journal has it."""
-
-    node: str
-    batch: int
-    tier: str
-    path: str
-    nbytes: int
-    rows: int
-    checksum: str
 
 
 class Journal:
@@ -59,9 +47,10 @@ class Journal:
         """A batch given up (to be computed again): it is not finished any more."""
         self.db.execute("DELETE FROM done WHERE node = ? AND batch = ?", (node, batch))
 
-    def stored(self, copy: Copy) -> None:
+    def stored(self, copy: Output) -> None:
+        """A copy of an output on `copy.tier` (one row per tier that holds one)."""
         self.db.execute("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (copy.node, copy.batch, copy.tier, copy.path, copy.nbytes,
+                        (copy.node, copy.key, copy.tier, copy.path, copy.nbytes,
                          copy.rows, copy.checksum))
 
     def dropped(self, node: str, batch: int, tier: str) -> None:
@@ -77,9 +66,9 @@ class Journal:
             finished.setdefault(node, set()).add(batch)
         return finished
 
-    def copies(self) -> list[Copy]:
-        return [Copy(*row) for row in self.db.execute(
-            "SELECT node, batch, tier, path, nbytes, rows, checksum FROM outputs "
+    def copies(self) -> list[Output]:
+        return [Output(*row) for row in self.db.execute(
+            "SELECT node, batch, path, nbytes, rows, checksum, tier FROM outputs "
             "ORDER BY node, batch, tier")]
 
     def close(self) -> None:

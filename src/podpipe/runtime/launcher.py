@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from podpipe.runtime import protocol
-from podpipe.runtime.forkserver import die_with_parent
+from podpipe.runtime.lifetime import die_with_parent
 
 
 @dataclass
@@ -110,24 +110,23 @@ class ForkLauncher:
                 stderr=out, start_new_session=True, preexec_fn=die_with_parent)
         theirs.close()
         self.reader = protocol.Reader()
-        self.pending: list[dict] = []
+        self.pending: list[protocol.Message] = []
         self.exits: dict[int, int] = {}
 
     def start(self, node: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
         """`overrides`: this node's own, after the pod's (a swapped-in version)."""
         w = self.where
         log = w.log_dir / f"{node}.log"
-        protocol.send(self.sock, {"type": "spawn", "node": node, "spec": str(w.spec_path),
-                                  "overrides": [*w.overrides, *overrides],
-                                  "socket": str(w.socket_path),
-                                  "env": w.env(), "log": str(log)})
+        protocol.send(self.sock, protocol.Spawn(
+            node=node, spec=str(w.spec_path), overrides=[*w.overrides, *overrides],
+            socket=str(w.socket_path), env=w.env(), log=str(log)))
         while True:
             message = self._next(None)
             if message is None:
                 raise OSError("the fork server exited; see its log in "
                               f"{w.log_dir / 'forkserver.log'}")
-            if message["type"] == "spawned":
-                return Process(node, message["pid"], log, self)
+            if isinstance(message, protocol.Spawned):
+                return Process(node, message.pid, log, self)
 
     def poll(self, process: Process) -> int | None:
         while process.pid not in self.exits and self._next(0.0) is not None:
@@ -142,7 +141,7 @@ class ForkLauncher:
                 break
         return self.exits.get(process.pid)
 
-    def _next(self, timeout: float | None) -> dict | None:
+    def _next(self, timeout: float | None) -> protocol.Message | None:
         """The next message from the server (recording exits); None on timeout or EOF."""
         while not self.pending:
             ready, _, _ = select.select([self.sock], [], [], timeout)
@@ -153,8 +152,8 @@ class ForkLauncher:
                 return None
             self.pending.extend(self.reader.feed(data))
         message = self.pending.pop(0)
-        if message["type"] == "exited":
-            self.exits[message["pid"]] = message["code"]
+        if isinstance(message, protocol.Exited):
+            self.exits[message.pid] = message.code
         return message
 
     def close(self) -> None:
@@ -166,8 +165,11 @@ class ForkLauncher:
             self.server.wait()
 
 
+Launcher = ForkLauncher | SpawnLauncher
+
+
 def launcher(spec_path: Path, overrides: list[str], socket_path: Path, log_dir: Path,
-             pod: str) -> ForkLauncher | SpawnLauncher:
+             pod: str) -> Launcher:
     where = _Where(spec_path, overrides, socket_path, log_dir, pod)
     kind = os.environ.get("PODPIPE_LAUNCHER", "fork")
     return SpawnLauncher(where) if kind == "spawn" else ForkLauncher(where)

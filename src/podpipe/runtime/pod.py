@@ -12,15 +12,13 @@ all on this machine (`runtime.replicas`).
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import selectors
 import shutil
-import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,13 +27,13 @@ from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
-from podpipe.runtime import protocol, status
+from podpipe.runtime import durable, protocol, rundir, status
+from podpipe.runtime import replicas as pods
 from podpipe.runtime import scratch as scratches
-from podpipe.engine import state as st
-from podpipe.runtime.conductor import Conductor, Restored, retries
-from podpipe.runtime import durable
-from podpipe.runtime.journal import Copy, Journal
+from podpipe.runtime.conductor import Conductor, Run
 from podpipe.runtime.launcher import launcher as make_launcher
+from podpipe.runtime.loop import EventLoop, Signalled
+from podpipe.runtime.origin import Origin, start_from
 
 
 def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> specs.Pipeline:
@@ -69,8 +67,6 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     pipeline = validate(spec_path, overrides)
     ordinal = _ordinal(pipeline, replicas, pod_index)
     if ordinal is None:
-        from podpipe.runtime import replicas as pods
-
         return pods.run(spec_path, pipeline, overrides=overrides, run_dir=run_dir,
                         replicas=replicas, fresh=fresh, observer=observer)
     placement = sharding.Placement(ordinal, replicas, pipeline.shards)
@@ -80,14 +76,11 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     _check_budget(pipeline, root)
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
-    make_run_dir(run_path, spec_path, overrides, placement=_placed(placement))
-    restore = None
-    if pipeline.checkpoints.durable and not fresh:
-        def restore(graph: Graph, plan: list) -> Restored:
-            return _from_durable(pipeline, graph, plan, run_path, placement)
+    rundir.make(run_path, spec_path, overrides, placement=placement)
     return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-{ordinal}",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
-                    observer=observer, restore=restore, placement=placement)
+                    observer=observer, origin=Origin(durable=not fresh),
+                    placement=placement, fresh=True)
 
 
 def plan(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
@@ -121,39 +114,6 @@ def _ordinal(pipeline: specs.Pipeline, replicas: int, pod_index: int | None) -> 
         raise UsageError(f"pod index {ordinal} is not below --replicas {replicas}: "
                          f"ordinals run from 0 to {replicas - 1}")
     return ordinal
-
-
-def _from_durable(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
-                  placement: sharding.Placement) -> Restored:
-    """Each group of this pod (its shards, the global part if it runs it) from its
-    latest checkpoint on the durable tier, wherever it was made."""
-    from podpipe.runtime import tiers
-
-    url = pipeline.checkpoints.durable
-    assert url is not None
-    groups: list[int | None] = [s for s in placement.owned
-                                if s in sharding.nonempty(len(plan), placement.shards)]
-    if graph.has_global and placement.runs_global:
-        groups.append(None)
-    finished: dict[str, set[int]] = {}
-    copies: list[Copy] = []
-    notes: list[str] = []
-    for group in groups:
-        name = durable.group_name(group)
-        found = durable.latest(url, pipeline.name, _spec_digest(run_path), name)
-        if found is None:
-            continue
-        if (found.source_batches, found.shards) != (len(plan), placement.shards):
-            notes.append(f"{name}: the durable checkpoint has {found.source_batches} source "
-                         f"batches in {found.shards} shards, the source {len(plan)} in "
-                         f"{placement.shards} now: not used")
-            continue
-        fetched, more = durable.fetch(found, run_path, tiers.verified)
-        copies += fetched
-        notes += more
-        for node, keys in found.finished.items():
-            finished.setdefault(node, set()).update(keys)
-    return _restore(pipeline, graph, plan, finished, copies, notes, placement)
 
 
 def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
@@ -199,16 +159,13 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                                                                          volume=True),
                    launch=layout == "processes", pod=pod)
     else:
-        make_run_dir(run_path, spec_path, overrides, placement=_placed(placement))
+        rundir.make(run_path, spec_path, overrides, placement=placement)
         run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
-        restore = None
-        if pipeline.checkpoints.durable:  # a shard that moved here, a pod rescheduled
-            def restore(graph: Graph, plan: list) -> Restored:
-                return _from_durable(pipeline, graph, plan, run_path, placement)
+        # A shard that moved here, a pod rescheduled: from the durable tier.
         _conduct(pipeline, run_path, overrides, run_id, pod,
                  lambda: scratches.Scratch.at(scratch_path),
-                 launch=layout == "processes", observer=None, restore=restore,
-                 placement=placement)
+                 launch=layout == "processes", observer=None, origin=Origin(durable=True),
+                 placement=placement, fresh=True)
     if hold:
         _hold(conductor_socket)
     return 0
@@ -228,13 +185,10 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
         raise UsageError(f"{run_path}: the run " + ("is still running (its conductor is "
                          "alive)" if before["state"] == "running" else "already succeeded")
                          + "; nothing to resume")
-    try:
-        recorded = json.loads((run_path / "run.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{run_path}: not a podpipe run directory ({exc})") from None
-    os.chdir(recorded["cwd"])  # relative paths in the spec resolve as they did
-    overrides = recorded["overrides"]
-    placement = sharding.Placement(**recorded.get("placement", {}))
+    recorded = rundir.read(run_path)
+    os.chdir(recorded.cwd)  # relative paths in the spec resolve as they did
+    overrides = recorded.overrides
+    placement = recorded.placement or sharding.Placement()
     pipeline = validate(str(run_path / "spec.yaml"), overrides)
     run_id = before["run_id"]
     if scratch is None:
@@ -248,74 +202,19 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
     return _conduct(pipeline, run_path, overrides, run_id,
                     pod or f"{pipeline.name}-{placement.ordinal}",
                     scratch, launch=launch, observer=observer, placement=placement,
-                    restore=lambda graph, plan: _from_journal(pipeline, graph, plan,
-                                                              run_path, before, placement))
-
-
-def _from_journal(pipeline: specs.Pipeline, graph: Graph, plan: list, run_path: Path,
-                  before: dict[str, Any], placement: sharding.Placement) -> Restored:
-    if len(plan) != before["source_batches"]:
-        raise RunError(f"the source has {len(plan)} batches now, {before['source_batches']} "
-                       "when the run started: it changed; start a new run")
-    journal = Journal(run_path)
-    try:
-        finished, copies = journal.done(), journal.copies()
-    finally:
-        journal.close()
-    return _restore(pipeline, graph, plan, finished, copies, [], placement)
-
-
-def _restore(pipeline: specs.Pipeline, graph: Graph, plan: list,
-             finished: dict[str, set[int]], copies: list[Copy], notes: list[str],
-             placement: sharding.Placement) -> Restored:
-    """The engine of a resumed run: what each node had finished, and the copies of its
-    outputs that check out, nearest tier first. A sink's batch counts as finished only
-    if its file is there."""
-    from podpipe.runtime import sink, tiers
-
-    for target in pipeline.sinks:
-        if target.name in finished:
-            finished[target.name] &= sink.written(target)
-    kept: dict[tuple[str, int], st.Output] = {}
-    counts: dict[str, dict[str, int]] = {}
-    for_reduce = set(graph.reduce_inputs())
-    for copy in sorted(copies, key=lambda c: TIERS.index(c.tier)):
-        key = (copy.node, copy.batch)
-        if copy.node not in for_reduce:
-            continue  # a resume uses only what a reduce reads: check nothing else
-        if key in kept or copy.batch not in finished.get(copy.node, ()):
-            continue
-        if not Path(copy.path).exists():
-            continue  # a RAM copy of a lost pod, or one deleted once read
-        if not tiers.verified(copy.path, copy.checksum):
-            notes.append(f"{copy.node} batch {copy.batch}: the {copy.tier} copy is corrupt "
-                         "(checksum); not used")
-            continue
-        kept[key] = st.Output(copy.path, copy.nbytes, copy.rows, copy.checksum, copy.tier)
-    engine = st.RunState.restored(graph, len(plan), pipeline.memory,
-                                  retries=retries(pipeline, graph), kept=kept,
-                                  finished=finished, shards=placement.shards,
-                                  owned=placement.owned, global_here=placement.runs_global)
-    for (node, _), output in engine.outputs.items():  # the kept outputs it uses
-        tally = counts.setdefault(node, {})
-        tally[output.tier] = tally.get(output.tier, 0) + 1
-    on_disk = [Copy(n, b, o.tier, o.path, o.nbytes, o.rows, o.checksum)
-               for (n, b), o in engine.outputs.items() if o.tier != "ram"]
-    return Restored(engine, counts, finished, notes, on_disk)
-
-
-def _spec_digest(run_path: Path) -> str:
-    recorded = json.loads((run_path / "run.json").read_text())
-    return durable.digest((run_path / "spec.yaml").read_bytes(), recorded["overrides"])
+                    origin=Origin(journal=True, source_batches=before["source_batches"]))
 
 
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
              pod: str, make_scratch: Callable[[], scratches.Scratch], *, launch: bool,
-             observer: Callable[[dict[str, Any]], None] | None,
-             restore: Callable[[Graph, list], Restored] | None = None,
-             placement: sharding.Placement = sharding.Placement()) -> dict[str, Any]:
+             observer: Callable[[dict[str, Any]], None] | None, origin: Origin,
+             placement: sharding.Placement = sharding.Placement(),
+             fresh: bool = False) -> dict[str, Any]:
+    """Make the scratch, plan the source, find where the run starts from, and hand
+    over to the conductor. `fresh`: the run directory is new (removed if nothing ran)."""
     graph = Graph.of(pipeline)
     scratch = launcher = None
+    digest = rundir.spec_digest(run_path)
     try:
         try:
             scratch = make_scratch()
@@ -327,59 +226,46 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         from podpipe.runtime import source  # pyarrow: imported while the fork server starts
 
         plan = source.plan(pipeline.source)
-        restored = restore(graph, plan) if restore else None
+        restored = start_from(replace(origin, spec_digest=digest), pipeline, graph, plan,
+                              run_path, placement)
         checkpoints = pipeline.checkpoints
         tier = None if not checkpoints.durable else durable.DurableTier(
-            checkpoints.durable, pipeline.name, _spec_digest(run_path),
+            durable.checkpoints(checkpoints.durable, pipeline.name, digest),
             every_batches=checkpoints.every_batches, interval=checkpoints.interval,
             keep=checkpoints.keep, source_batches=len(plan), shards=pipeline.shards,
             group_of=durable.grouping(graph, pipeline.shards))
     except BaseException:
         if launcher is not None:
             launcher.close()
-        if restore is None:  # nothing ran: leave no half a run (a resumed one stays)
+        if fresh:  # nothing ran: leave no half a run (a resumed one stays)
             if scratch is not None:
                 scratch.remove()
             shutil.rmtree(run_path, ignore_errors=True)
         raise
-    conductor = Conductor(pipeline=pipeline, graph=graph, plan=plan, scratch=scratch,
-                          run_dir=run_path, launcher=launcher, run_id=run_id, pod=pod,
-                          observer=observer, restored=restored, durable=tier,
-                          placement=placement)
-    return conductor.run()
+    run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
+    return Conductor(run, launcher=launcher, observer=observer, restored=restored,
+                     durable=tier).start()
 
 
 def _hold(socket_path: Path) -> None:
     """Stay up until SIGTERM or SIGINT, telling every agent that connects to stop."""
-    wake_r, wake_w = socket.socketpair()
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
     socket_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))
     listener.listen(16)
-    with selectors.DefaultSelector() as sel:
-        sel.register(listener, selectors.EVENT_READ)
-        sel.register(wake_r, selectors.EVENT_READ)
-        while True:
-            for key, _ in sel.select():
-                if key.fileobj is wake_r:
-                    listener.close()
-                    socket_path.unlink(missing_ok=True)
-                    return
-                conn, _ = listener.accept()
-                with conn:
-                    conn.settimeout(5)
-                    try:
-                        protocol.recv(conn)  # its hello, or a probe
-                        protocol.send(conn, {"type": "stop"})
-                    except (OSError, protocol.Closed, ValueError):
-                        pass
-
-
-TIERS = ("ram", "node", "durable")  # nearest first: where a resume looks for an output
+    with EventLoop() as loop:
+        loop.watch(listener, "listen")
+        while not any(isinstance(h, Signalled) for h in loop.wait(None)):
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(5)
+                try:
+                    protocol.recv(conn)  # its hello, or a probe
+                    protocol.send(conn, protocol.Stop())
+                except (OSError, protocol.Closed):
+                    pass
+    listener.close()
+    socket_path.unlink(missing_ok=True)
 
 
 def _check_budget(pipeline: specs.Pipeline, root: Path) -> None:
@@ -390,32 +276,3 @@ def _check_budget(pipeline: specs.Pipeline, root: Path) -> None:
     if pipeline.memory > free:
         raise UsageError(f"spec.memory {format_size(pipeline.memory)} is more than the "
                          f"{format_size(free)} free in {root}; lower it (--memory)")
-
-
-def make_run_dir(path: Path, spec_path: str, overrides: list[str], **record: Any) -> None:
-    """An empty run directory with its logs folder, the spec as run, and `run.json`:
-    the spec's path, the overrides, the working directory and `record`."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if any(path.iterdir()):
-            raise UsageError(f"--run-dir {path}: already holds a run; resume it with "
-                             f"'podpipe resume {path}', or choose an empty directory")
-        (path / "logs").mkdir()
-        shutil.copyfile(spec_path, path / "spec.yaml")
-        record_run(path, {"spec": os.path.abspath(spec_path), "overrides": overrides,
-                          "cwd": os.getcwd(), **record})
-    except OSError as exc:
-        raise UsageError(f"--run-dir {path}: {exc.strerror}") from None
-
-
-def record_run(path: Path, record: dict[str, Any]) -> None:
-    """Write `run.json` (temporary name, then rename)."""
-    tmp = path / ".run.json.tmp"
-    tmp.write_text(json.dumps(record))
-    tmp.rename(path / "run.json")
-
-
-def _placed(placement: sharding.Placement) -> dict[str, int]:
-    return {"ordinal": placement.ordinal, "replicas": placement.replicas,
-            "shards": placement.shards}
-

@@ -1,26 +1,40 @@
-"""The conductor <-> agent wire: length-prefixed JSON over a Unix stream socket.
+"""The wire between a pod's processes: typed messages, length-prefixed, over Unix sockets.
 
-Only metadata crosses it (stage, batch, paths, sizes, checksums), never data.
+Only metadata crosses it (stage, batch, paths, sizes, checksums), never data. Every
+message is a record of one tagged union, encoded as JSON by msgspec and validated
+as it is decoded: a peer that sends a field of the wrong type, or an unknown
+message, is refused at the socket (`ProtocolError`), not deep in the conductor.
+msgspec because it does exactly this (typed structs, tagged unions, validation
+while decoding) in one well-kept dependency, several times faster than json plus
+hand-written checks, and its structs are also the records of the journal, the
+manifests and the engine (`model.output.Output`).
 
-    agent -> conductor   {"type": "hello", "node", "version", "pid"}
-    conductor -> agent   {"type": "task", "batch", "inputs": [[path, ...], ...], "output", ...}
-    agent -> conductor   {"type": "reserve", "batch", "nbytes"}   before writing its output
-    conductor -> agent   {"type": "grant"} | {"type": "deny"}    deny: drop the result
-    agent -> conductor   {"type": "done", "batch", "output": {...} | null,
-                          "stats": {"rows_in", "rows_out", "bytes_out", "busy"}}
-    agent -> conductor   {"type": "failed", "batch", "message"}
-    conductor -> agent   {"type": "stop"}
-    probe -> conductor   {"type": "probe"}   answered {"type": "ready"} (or "stop" once done)
+    agent -> conductor   Hello(node, version, pid, protocol) | Broken(node, message, field)
+    conductor -> agent   Task(batch, inputs, output, source?, memo?, versions?)
+    agent -> conductor   Reserve(batch, nbytes)          before writing its output
+    conductor -> agent   Grant(path?, tier) | Deny       Deny: drop the result
+    agent -> conductor   Done(batch, output?, stats) | Failed(batch, message, input_error)
+    conductor -> agent   Stop
+    probe -> conductor   Probe, answered Ready (or Stop once the run is over)
+    podpipe swap/apply   SwapRequest | ApplyRequest, answered Swapped | Held | Applied | Refused
+    conductor <-> fork server   Spawn -> Spawned, and Exited when a child ends
+
+`Hello.protocol` is the version of this wire: a conductor refuses an agent of
+another one (a container image of another podpipe release).
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import time
-from typing import Any
 
+import msgspec
+
+from podpipe.model.batch import SourceBatch
+from podpipe.model.output import Output
+
+PROTOCOL = 2  # 1: the untyped JSON dicts of podpipe 0.1
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
@@ -29,16 +43,174 @@ class Closed(Exception):
     """The peer closed the connection."""
 
 
-def send(sock: socket.socket, message: dict[str, Any]) -> None:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    sock.sendall(_HEADER.pack(len(body)) + body)
+class ProtocolError(Closed):
+    """The peer sent something that is not a message of this protocol."""
 
 
-def recv(sock: socket.socket) -> dict[str, Any]:
+class _Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+# -- agent <-> conductor ------------------------------------------------------------
+
+
+class Hello(_Message, tag="hello"):
+    node: str
+    version: str
+    pid: int
+    protocol: int = PROTOCOL
+
+
+class Broken(_Message, tag="broken"):
+    """The agent could not start its work: the user's input (spec field, import)."""
+
+    node: str
+    message: str
+    field: str | None = None
+
+
+class Task(_Message, tag="task"):
+    batch: int
+    inputs: list[list[str]]          # per input, its files (all batches for a reduce)
+    output: str                      # where the output goes in RAM scratch
+    source: SourceBatch | None = None  # for the source: which rows of which file
+    memo: str | None = None          # reuse across runs: where this output is kept
+    versions: dict[str, list[str]] | None = None  # for sinks: the versions behind it
+
+
+class Reserve(_Message, tag="reserve"):
+    batch: int
+    nbytes: int
+
+
+class Grant(_Message, tag="grant"):
+    path: str | None = None  # elsewhere than the task's output: a spill
+    tier: str = "ram"
+
+
+class Deny(_Message, tag="deny"):
+    pass
+
+
+class Stats(msgspec.Struct, forbid_unknown_fields=True):
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_out: int = 0
+    busy: float = 0.0
+    reused: int = 0
+
+
+class Done(_Message, tag="done"):
+    batch: int
+    output: Output | None
+    stats: Stats
+
+
+class Failed(_Message, tag="failed"):
+    batch: int
+    message: str
+    input_error: bool = False
+
+
+class Stop(_Message, tag="stop"):
+    pass
+
+
+class Probe(_Message, tag="probe"):
+    pass
+
+
+class Ready(_Message, tag="ready"):
+    pass
+
+
+# -- podpipe swap / apply <-> conductor -------------------------------------------
+
+
+class SwapRequest(_Message, tag="swap"):
+    stage: str
+    overrides: list[str]
+    now: bool = False
+    recompute: bool = False
+
+
+class ApplyRequest(_Message, tag="apply"):
+    spec: str   # the new spec's text
+    path: str   # the user's file, to name in messages
+
+
+class Swapped(_Message, tag="swapped"):
+    stage: str
+    version: str
+    pid: int
+
+
+class Held(_Message, tag="held"):
+    stage: str
+    message: str
+
+
+class Applied(_Message, tag="applied"):
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    redo: int  # source batches that run down the line again
+
+
+class Refused(_Message, tag="refused"):
+    message: str
+
+
+# -- conductor <-> fork server ------------------------------------------------------
+
+
+class Spawn(_Message, tag="spawn"):
+    node: str
+    spec: str
+    overrides: list[str]
+    socket: str
+    env: dict[str, str]
+    log: str
+
+
+class Spawned(_Message, tag="spawned"):
+    pid: int
+
+
+class Exited(_Message, tag="exited"):
+    pid: int
+    code: int
+
+
+Message = (Hello | Broken | Task | Reserve | Grant | Deny | Done | Failed | Stop | Probe |
+           Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
+           Spawn | Spawned | Exited)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+
+
+def encode(message: Message) -> bytes:
+    body = _encoder.encode(message)
+    return _HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes | bytearray | memoryview) -> Message:
+    try:
+        return _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"not a podpipe message: {exc}") from None
+
+
+def send(sock: socket.socket, message: Message) -> None:
+    sock.sendall(encode(message))
+
+
+def recv(sock: socket.socket) -> Message:
     (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
     if size > MAX_MESSAGE:
-        raise Closed(f"message of {size} bytes is larger than {MAX_MESSAGE}")
-    return json.loads(_recv_exactly(sock, size))
+        raise ProtocolError(f"message of {size} bytes is larger than {MAX_MESSAGE}")
+    return decode(_recv_exactly(sock, size))
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
@@ -53,22 +225,22 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 class Reader:
-    """Incremental decoder for a non-blocking socket in the conductor's event loop."""
+    """Incremental decoder for a non-blocking socket in an event loop."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[Message]:
         self._buffer += data
         messages = []
         while len(self._buffer) >= _HEADER.size:
             (size,) = _HEADER.unpack_from(self._buffer)
             if size > MAX_MESSAGE:
-                raise Closed(f"message of {size} bytes is larger than {MAX_MESSAGE}")
+                raise ProtocolError(f"message of {size} bytes is larger than {MAX_MESSAGE}")
             end = _HEADER.size + size
             if len(self._buffer) < end:
                 break
-            messages.append(json.loads(self._buffer[_HEADER.size:end]))
+            messages.append(decode(memoryview(self._buffer)[_HEADER.size:end]))
             del self._buffer[:end]
         return messages
 
@@ -98,7 +270,7 @@ def probe(path: str, timeout: float = 2.0) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            send(sock, {"type": "probe"})
-            return recv(sock)["type"] in ("ready", "stop")
-    except (OSError, Closed, ValueError):
+            send(sock, Probe())
+            return isinstance(recv(sock), (Ready, Stop))
+    except (OSError, Closed):
         return False

@@ -15,9 +15,7 @@ checkpoints, whichever pod made them.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -30,9 +28,9 @@ from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.sizes import format_size
-from podpipe.runtime import pod
+from podpipe.runtime import rundir, status
 from podpipe.runtime import scratch as scratches
-from podpipe.runtime import status
+from podpipe.runtime.loop import EventLoop, Signalled
 from podpipe.runtime.scratch import process_start
 
 POLL_SECONDS = 0.25
@@ -45,16 +43,16 @@ def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-x{replicas}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     durable = pipeline.checkpoints.durable or (run_path / "durable").resolve().as_uri()
-    pod.make_run_dir(run_path, spec_path, overrides, run_id=run_id, replicas=replicas,
-                     durable=durable, attempt=1)
+    rundir.make(run_path, spec_path, overrides, run_id=run_id, replicas=replicas,
+                durable=durable, attempt=1)
     return _run_pods(run_path, pipeline, fresh=fresh, observer=observer)
 
 
 def is_replicas(run_dir: str | Path) -> bool:
     """Is this the run directory of several replicas (not of one pod)?"""
     try:
-        return "attempt" in json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, ValueError):
+        return rundir.read(Path(run_dir)).of_replicas
+    except UsageError:
         return False
 
 
@@ -69,29 +67,29 @@ def resume(run_dir: str, *, replicas: int | None,
                          "running" else "already succeeded") + "; nothing to resume")
     if replicas is not None and replicas < 1:
         raise UsageError(f"--replicas {replicas}: expected at least 1")
-    recorded = json.loads((run_path / "run.json").read_text())
-    os.chdir(recorded["cwd"])  # relative paths in the spec resolve as they did
-    recorded["replicas"] = replicas or recorded["replicas"]
-    recorded["attempt"] += 1
-    pipeline = specs.load(run_path / "spec.yaml", recorded["overrides"])
+    recorded = rundir.read(run_path)
+    os.chdir(recorded.cwd)  # relative paths in the spec resolve as they did
+    recorded.replicas = replicas or recorded.replicas
+    recorded.attempt = (recorded.attempt or 1) + 1
+    pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
     shutil.rmtree(run_path / "pods.previous", ignore_errors=True)
     if (run_path / "pods").exists():
         (run_path / "pods").rename(run_path / "pods.previous")
-    pod.record_run(run_path, recorded)
+    rundir.write(run_path, recorded)
     return _run_pods(run_path, pipeline, fresh=False, observer=observer)
 
 
 def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
               observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    recorded = json.loads((run_path / "run.json").read_text())
-    replicas = recorded["replicas"]
+    recorded = rundir.read(run_path)
+    replicas = recorded.replicas or 1
     root = scratches.default_root()
     free = shutil.disk_usage(root).free
     if pipeline.memory * replicas > free:
         raise UsageError(f"{replicas} pods of spec.memory {format_size(pipeline.memory)} each "
                          f"need more than the {format_size(free)} free in {root}; lower "
                          "--memory or --replicas")
-    overrides = recorded["overrides"] + [f"checkpoints.durable={recorded['durable']}"]
+    overrides = recorded.overrides + [f"checkpoints.durable={recorded.durable}"]
     (run_path / "pods").mkdir()
     pods: list[subprocess.Popen] = []
     for index in range(replicas):
@@ -106,40 +104,31 @@ def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
         log.close()
     started = time.time()
     interrupted = False
-    old = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    old_fd = signal.set_wakeup_fd(wake_w)
-    try:
-        while True:
-            current = _aggregate(run_path, pipeline, recorded, pods, started)
-            _write(run_path, current, observer)
-            if all(p.poll() is not None for p in pods):
-                break
-            _stop_hopeless_waits(current, pods)
-            try:
-                if select.select([wake_r], [], [], POLL_SECONDS)[0]:
-                    os.read(wake_r, 64)
+    # Pod exits wake the loop; their status files are read every POLL_SECONDS.
+    with EventLoop() as loop:
+        for index, process in enumerate(pods):
+            loop.watch_exit(process.pid, index)
+        try:
+            while True:
+                current = _aggregate(run_path, pipeline, recorded, pods, started)
+                _write(run_path, current, observer)
+                if all(p.poll() is not None for p in pods):
+                    break
+                _stop_hopeless_waits(current, pods)
+                if any(isinstance(h, Signalled) for h in loop.wait(POLL_SECONDS)):
                     interrupted = True
                     for p in pods:
                         if p.poll() is None:
                             p.send_signal(signal.SIGTERM)
-            except InterruptedError:
-                continue
-    finally:
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for p in pods:
-            if p.poll() is None:
-                try:
-                    p.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-        signal.set_wakeup_fd(old_fd)
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        os.close(wake_r)
-        os.close(wake_w)
+        finally:
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            for p in pods:
+                if p.poll() is None:
+                    try:
+                        p.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
     final = _aggregate(run_path, pipeline, recorded, pods, started, ended=time.time())
     _write(run_path, final, None)
     if interrupted:
@@ -169,11 +158,11 @@ def _write(run_path: Path, current: dict[str, Any],
         observer(current)
 
 
-def _aggregate(run_path: Path, pipeline: specs.Pipeline, recorded: dict[str, Any],
+def _aggregate(run_path: Path, pipeline: specs.Pipeline, recorded: rundir.RunRecord,
                pods: list[subprocess.Popen], started: float,
                ended: float | None = None) -> dict[str, Any]:
     """The run's status: the pods' own, added up, and a line per pod."""
-    replicas = recorded["replicas"]
+    replicas = recorded.replicas or 1
     states: list[str] = []
     rows: list[dict[str, Any]] = []
     stages: dict[str, dict[str, Any]] = {}
@@ -218,7 +207,7 @@ def _aggregate(run_path: Path, pipeline: specs.Pipeline, recorded: dict[str, Any
     else:
         state = "failed"
     return {
-        "run_id": recorded["run_id"], "pipeline": pipeline.name, "state": state,
+        "run_id": recorded.run_id, "pipeline": pipeline.name, "state": state,
         "error": "; ".join(f"pod {r['ordinal']}: {r['error'] or r['state']}" for r in failed)
         if state == "failed" else None,
         "run_dir": str(run_path), "scratch": None, "started": started, "ended": ended,
@@ -226,7 +215,7 @@ def _aggregate(run_path: Path, pipeline: specs.Pipeline, recorded: dict[str, Any
         "budget_bytes": pipeline.memory * replicas, **totals,
         "source_batches": source_batches, "shards": pipeline.shards, "replicas": replicas,
         "controller": {"pid": os.getpid(), "start": process_start(os.getpid())},
-        "durable": {"url": recorded["durable"]},
+        "durable": {"url": recorded.durable},
         "pods": rows, "processes": processes, "stages": stages, "restore_notes": notes,
     }
 

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from podpipe.runtime import files
+
 PREFIX = "podpipe-"
 
 
@@ -69,9 +71,7 @@ class Scratch:
         path = self.path
         (path / "data").mkdir(exist_ok=True)
         owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
-        tmp = path / ".owner.json.tmp"
-        tmp.write_text(json.dumps(owner))
-        tmp.rename(path / "owner.json")
+        files.publish(path / "owner.json", json.dumps(owner))
         return self
 
     @property

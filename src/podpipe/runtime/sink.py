@@ -15,7 +15,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from podpipe.model.spec import Sink
+from podpipe.errors import RunError
+from podpipe.model.pipeline import Sink
 
 
 VERSIONS = b"podpipe.versions"
@@ -49,11 +50,14 @@ class Writer:
 
 
 def written(sink: Sink) -> set[int]:
-    """The batches whose files are in the sink now."""
+    """The batches whose files are in the sink now (none if it does not exist yet).
+    A sink that cannot be listed is an error: its files must not count as missing."""
     try:
         fs, root = fsspec.core.url_to_fs(sink.uri)
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return set()
+    except (OSError, ValueError) as exc:
+        raise RunError(f"sink {sink.name!r}: cannot list {sink.uri}: {exc}") from exc
     return {int(n[5:11]) for n in names
             if n.startswith("part-") and n.endswith(".parquet") and n[5:11].isdigit()}

@@ -12,8 +12,6 @@ Planning reads only footers; loading reads the columns the spec asks for.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -21,26 +19,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from podpipe.errors import DataError
-from podpipe.model.spec import Source
+from podpipe.model.batch import SourceBatch
+from podpipe.model.pipeline import Source
 
 _GLOB = set("*?[")
-
-
-@dataclass(frozen=True)
-class SourceBatch:
-    file: str
-    parts: tuple[int, ...] = ()   # row groups / record batches; () = the whole file
-    offset: int = 0               # rows to skip within the parts
-    length: int | None = None     # rows to keep; None = all
-    nbytes: int = 0               # bytes read from the file, as its footer tells
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SourceBatch":
-        return cls(file=data["file"], parts=tuple(data["parts"]), offset=data["offset"],
-                   length=data["length"])
 
 
 def files(source: Source) -> tuple[fsspec.AbstractFileSystem, list[str]]:

@@ -8,20 +8,21 @@ process is gone is reported as `interrupted`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from podpipe.errors import UsageError
+from podpipe.runtime import files
 from podpipe.runtime.scratch import alive
 
 FILE = "status.json"
 
 
+SCHEMA_VERSION = 1  # of the status record (`schemaVersion`)
+
+
 def write(run_dir: Path, status: dict[str, Any]) -> None:
-    tmp = run_dir / f".{FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(status, indent=2))
-    os.replace(tmp, run_dir / FILE)
+    files.publish(run_dir / FILE, json.dumps(status, indent=2))
 
 
 def read(run_dir: str | Path) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import xxhash
 
-from podpipe.runtime.journal import Copy
+from podpipe.model.output import Output
+from podpipe.runtime import files
 
 CHUNK = 4 << 20
 DIR = "node"
@@ -37,16 +38,16 @@ class NodeTier:
         self.thread = threading.Thread(target=self._work, name="node-tier", daemon=True)
         self.thread.start()
 
-    def submit(self, node: str, batch: int, path: str, nbytes: int, rows: int,
-               checksum: str) -> None:
+    def submit(self, output: Output, dest: str) -> None:
+        """Copy `output` to `dest` on the node tier; its file is opened now, so that it
+        being deleted from RAM scratch right after cannot race the copy."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(output.path, os.O_RDONLY)
         except OSError:
             return  # already gone: nothing to keep
-        self.queue.put((fd, Copy(node, batch, "node", str(path_for(self.run_dir, node, batch)),
-                                 nbytes, rows, checksum)))
+        self.queue.put((fd, output.on("node", dest)))
 
-    def finished(self) -> list[Copy]:
+    def finished(self) -> list[Output]:
         """The copies made since the last call."""
         made = []
         while not self.made.empty():
@@ -66,10 +67,10 @@ class NodeTier:
                     self.made.put(copy)
                 else:
                     Path(copy.path).unlink(missing_ok=True)
-                    self.errors.append(f"{copy.node} batch {copy.batch}: checksum differs "
+                    self.errors.append(f"{copy.node} batch {copy.key}: checksum differs "
                                        "while copying; not kept")
             except OSError as exc:
-                self.errors.append(f"{copy.node} batch {copy.batch}: cannot copy to the "
+                self.errors.append(f"{copy.node} batch {copy.key}: cannot copy to the "
                                    f"node tier: {exc.strerror or exc}")
             finally:
                 os.close(fd)
@@ -78,26 +79,13 @@ class NodeTier:
 def _copy(fd: int, dest: Path) -> str:
     """Copy an open file to `dest` atomically and durably; returns its xxh3."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
     digest = xxhash.xxh3_64()
-    try:
-        with open(tmp, "wb") as out:
-            offset = 0
-            while chunk := os.pread(fd, CHUNK, offset):
-                digest.update(chunk)
-                out.write(chunk)
-                offset += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dirfd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
+    with files.publishing(dest, durable=True) as tmp, open(tmp, "wb") as out:
+        offset = 0
+        while chunk := os.pread(fd, CHUNK, offset):
+            digest.update(chunk)
+            out.write(chunk)
+            offset += len(chunk)
     return digest.hexdigest()
 
 

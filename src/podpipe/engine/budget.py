@@ -1,0 +1,98 @@
+"""The RAM budget, and the line of batches it paces.
+
+An agent asks for the exact bytes of its output before writing it and waits for a
+grant, so scratch never exceeds the budget (`take`, `give`, `fits`). New source
+batches are admitted only while the batches already on the line, at the largest
+footprint seen so far, still fit (`has_room`: backpressure). When that estimate
+proves too low (later batches are larger) and the line stops for lack of RAM, the
+newest batch on the line is given up (`victim`, `give_up`) and run again from the
+source later; the footprint is raised so that the line holds no more batches than
+it did. What still cannot move spills to the node tier (the state machine decides
+which output).
+"""
+
+from __future__ import annotations
+
+
+class Budget:
+    def __init__(self, limit: int, per_batch_nodes: int) -> None:
+        self.limit = limit
+        self.per_batch_nodes = per_batch_nodes  # tasks a batch has on the line
+        self.usage = 0           # bytes in scratch plus bytes granted
+        self.peak = 0
+        self.spills = 0          # outputs written to the node tier for lack of RAM
+        self.on_line: dict[int, int] = {}   # batch -> tasks left on the line
+        self.produced: dict[int, int] = {}  # batch -> bytes made so far
+        self.footprint: int | None = None   # most bytes one batch made over the whole line
+
+    # -- bytes ------------------------------------------------------------------
+
+    def take(self, nbytes: int) -> None:
+        self.usage += nbytes
+        self.peak = max(self.peak, self.usage)
+
+    def give(self, nbytes: int) -> None:
+        self.usage -= nbytes
+
+    def fits(self, nbytes: int) -> bool:
+        return self.usage + nbytes <= self.limit
+
+    # -- the line ---------------------------------------------------------------
+
+    def enter(self, batch: int, tasks: int | None = None) -> None:
+        """`batch` comes onto the line with `tasks` tasks (default: every per-batch node)."""
+        self.on_line[batch] = self.per_batch_nodes if tasks is None else tasks
+        self.produced[batch] = 0
+
+    def one_more(self, batch: int) -> None:
+        """A node added to the line (an apply) owes `batch` a task too."""
+        if batch in self.on_line:
+            self.on_line[batch] += 1
+        else:
+            self.enter(batch, 1)
+
+    def made(self, batch: int, nbytes: int) -> None:
+        self.produced[batch] = self.produced.get(batch, 0) + nbytes
+
+    def one_less(self, batch: int) -> bool:
+        """One task fewer left for `batch`; True when that was its last (off the line)."""
+        self.on_line[batch] -= 1
+        if self.on_line[batch]:
+            return False
+        del self.on_line[batch]
+        self.footprint = max(self.footprint or 0, self.produced.pop(batch, 0))
+        return True
+
+    def has_room(self, first_sizes: list[int]) -> bool:
+        """Can one more batch come onto the line? `first_sizes`: the source outputs of
+        the batches on it, for a first guess of the footprint before one is known."""
+        if not self.on_line:
+            return True
+        footprint = self.footprint
+        if footprint is None:
+            if not first_sizes:
+                return False
+            # A guess too low only costs time: a jammed line gives up its newest batch.
+            footprint = max(first_sizes) * self.per_batch_nodes
+        coming = sum(max(0, footprint - self.produced.get(b, 0)) for b in self.on_line)
+        return self.usage + coming + footprint <= self.limit
+
+    def victim(self, waiting: list[int], running: set[int]) -> int | None:
+        """The batch to give up so that an older one waiting for RAM can move: the
+        newest on the line, newer than every waiting one, none of whose tasks is
+        computing. None if there is no such batch."""
+        if not waiting:
+            return None
+        for batch in sorted(self.on_line, reverse=True):
+            if batch <= min(waiting):
+                return None
+            if batch not in running:
+                return batch
+        return None
+
+    def give_up(self, batch: int) -> None:
+        """`batch` leaves the line, to be loaded again later."""
+        del self.on_line[batch]
+        self.produced.pop(batch, None)
+        # The footprint was under-estimated: the line holds no more batches than now.
+        self.footprint = max(self.footprint or 0, self.limit // (len(self.on_line) + 1))

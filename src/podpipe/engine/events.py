@@ -1,0 +1,210 @@
+"""What the engine is told (events) and what it answers (actions).
+
+The conductor turns what happens in a pod into events and carries out the actions;
+each action carries everything needed to carry it out, so the conductor never
+looks inside the engine to decide anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from podpipe.errors import InputError, PodpipeError
+from podpipe.model.graph import Graph
+from podpipe.model.output import Output
+from podpipe.model.pipeline import SOURCE
+
+Key = tuple[str, int]  # (node, key): a source batch, a shard, or 0 (global)
+
+# ------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class AgentReady:
+    """The node's process connected and said hello."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class SpaceRequested:
+    node: str
+    batch: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class TaskDone:
+    node: str
+    batch: int
+    output: Output | None  # None for sinks
+
+
+@dataclass(frozen=True)
+class TaskFailed:
+    node: str
+    batch: int
+    message: str
+    input_error: bool = False  # the data, not the code, is at fault
+
+
+@dataclass(frozen=True)
+class AgentExited:
+    """The node's process exited (`returncode`), or its container disconnected (None)."""
+
+    node: str
+    returncode: int | None
+
+
+@dataclass(frozen=True)
+class AgentBroken:
+    """The node's process could not even start its work (the spec, an import)."""
+
+    node: str
+    message: str       # what went wrong, for a held stage's status
+    error: InputError  # what fails the run, for a stage not swapped
+
+
+@dataclass(frozen=True)
+class Imported:
+    """Another pod's output for a shard this pod does not own, which a global reduce
+    here reads (handed over through the durable tier)."""
+
+    node: str
+    shard: int
+    output: Output
+
+
+@dataclass(frozen=True)
+class SwapRequested:
+    """A new version of the stage is coming: it gets no new task, and is replaced as
+    soon as it is between batches (at once with `now`: its batch is done again).
+    With `recompute`, what the old versions made is done again too."""
+
+    node: str
+    now: bool = False
+    recompute: bool = False
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """The batches `node` has done were made by a version now replaced: do them again
+    (from the source, the one tier that holds every batch's inputs), and everything
+    downstream of them, so the outputs are as if the new version had run from the
+    start."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    """The pipeline changed while it runs (`podpipe apply`): `graph` is the new one,
+    `retries` the restarts its nodes may have. Nodes gone are stopped and dropped
+    with their outputs; nodes added run every key of theirs, their inputs made again
+    from the source where they are gone."""
+
+    graph: Graph
+    retries: dict[str, int]
+    node: str = SOURCE  # (every event names a node; this one is about the whole line)
+
+
+Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | AgentBroken |
+         Imported | SwapRequested | Recompute | Reshaped)
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    node: str
+    batch: int
+    inputs: tuple[tuple[Output, ...], ...]  # per input in spec order; all batches for a reduce
+
+
+@dataclass(frozen=True)
+class Grant:
+    node: str
+
+
+@dataclass(frozen=True)
+class Deny:
+    """Refuse a waiting request for RAM: the agent drops its result, the batch is redone."""
+
+    node: str
+
+
+@dataclass(frozen=True)
+class Delete:
+    path: str
+
+
+@dataclass(frozen=True)
+class Spill:
+    """Let `node` write its waiting output for `batch` to the node tier instead of RAM."""
+
+    node: str
+    batch: int
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A resume would need this output (a reduce reads it, or it runs once): keep a copy
+    on the node tier (one that is there already, spilled, is only recorded)."""
+
+    output: Output
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Start `node`'s process again after `delay` seconds (its `attempt`-th restart)."""
+
+    node: str
+    attempt: int
+    delay: float
+
+
+@dataclass(frozen=True)
+class Replace:
+    """A swap happens now: stop `node`'s process (`kill`: it is mid-batch, its result is
+    never used) and start the new version's."""
+
+    node: str
+    kill: bool
+
+
+@dataclass(frozen=True)
+class Stop:
+    """`node` left the pipeline (an apply): stop its process for good."""
+
+    node: str
+    kill: bool
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A swapped-in version failed: stop its process; the stage waits for another swap."""
+
+    node: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Forget:
+    """What `node` made for `key` no longer stands (a recompute): drop its records."""
+
+    node: str
+    key: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: PodpipeError
+
+
+Action = (Dispatch | Grant | Deny | Delete | Spill | Keep | Restart | Replace | Stop | Hold |
+          Forget | Finished | Failed)

@@ -1,0 +1,79 @@
+"""A pipeline as data: the frozen records a parsed spec becomes (`model.spec` parses).
+
+Every layer above the model sees these types only, never YAML or dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOURCE = "source"
+DEFAULT_RETRIES = 3  # restarts of a stage process that dies, before the run fails
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one stage process needs besides the RAM scratch (Kubernetes requests)."""
+
+    cpu: str | None = None       # a Kubernetes CPU quantity: "2", "0.5", "500m"
+    memory: int | None = None    # bytes of the process's own memory
+
+
+@dataclass(frozen=True)
+class Source:
+    uri: str
+    format: str
+    batch_rows: int
+    columns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    run: str | None = None
+    command: tuple[str, ...] | None = None
+    reduce: bool = False
+    scope: str = "shard"         # of a reduce: "shard" (each shard's batches) | "global"
+    version: str | None = None
+    image: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    retries: int = DEFAULT_RETRIES
+
+
+@dataclass(frozen=True)
+class Sink:
+    name: str
+    input: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Accepted now; the tiers that use it arrive with the checkpoints issue."""
+
+    node: str = ".podpipe"
+    durable: str | None = None
+    every_batches: int | None = None
+    interval: float = 30.0
+    keep: int = 3
+    reuse: bool = False  # keep every stage output on the durable tier, by what made it
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    source: Source
+    stages: tuple[Stage, ...]
+    sinks: tuple[Sink, ...]
+    memory: int
+    checkpoints: Checkpoints
+    shards: int = 1
+    file: str = "spec"
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)

@@ -1,0 +1,383 @@
+"""The conductor: the per-pod process that owns the run.
+
+It starts one agent per node (or, in a Kubernetes pod, waits for the agents the
+kubelet starts as containers), accepts their connections on a Unix socket in RAM
+scratch, and blocks on events only (`runtime.loop`). How one event flows:
+
+    socket bytes -> protocol.Reader (typed message) -> agents.to_event -> queue
+    queue -> engine.handle (one event at a time) -> actions -> _carry_out
+    _carry_out -> a message to an agent, a file deleted, a process replaced, ...
+
+Events are queued and handled one at a time, never fed to the engine while its
+previous actions are being carried out. The pieces, each owning its state:
+`agents` (connections), `processes` (what this conductor starts), `swaps`
+(swap and apply requests), `checkpoints` (journal, node and durable tiers,
+imports), `snapshot` (counters, status). It never touches batch data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from podpipe.engine import events as ev
+from podpipe.engine.state import RunState
+from podpipe.errors import InterruptedRun, PodpipeError, StageError
+from podpipe.model.batch import SourceBatch
+from podpipe.model.graph import Graph
+from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline
+from podpipe.model.shards import Placement
+from podpipe.runtime import loop as loops
+from podpipe.runtime import protocol, status, tiers
+from podpipe.runtime.conductor.agents import Agents, Conn, to_event
+from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
+from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
+from podpipe.runtime.conductor.swaps import Change, Swaps
+from podpipe.runtime.durable import DurableTier
+from podpipe.runtime.launcher import Launcher
+from podpipe.runtime.scratch import Scratch
+
+__all__ = ["Conductor", "Restored", "Run", "retries"]
+
+FLUSH_SECONDS = 0.25
+
+
+def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
+    """Restarts each node's process may have (the spec's, else the default)."""
+    allowed = {node: DEFAULT_RETRIES for node in graph.order}
+    allowed.update({stage.name: stage.retries for stage in pipeline.stages})
+    return allowed
+
+
+@dataclass
+class Run:
+    """What the conductor runs: the spec (an apply changes it) and where."""
+
+    pipeline: Pipeline
+    graph: Graph
+    plan: list[SourceBatch]
+    scratch: Scratch
+    run_dir: Path
+    run_id: str
+    pod: str
+    placement: Placement
+    overrides: list[str]  # the pod's, passed to every process
+
+
+class Conductor:
+    def __init__(self, run: Run, *, launcher: Launcher | None,
+                 observer: Callable[[dict[str, Any]], None] | None = None,
+                 restored: Restored | None = None,
+                 durable: DurableTier | None = None) -> None:
+        self.run = run
+        self.engine = restored.engine if restored else RunState(
+            run.graph, len(run.plan), run.pipeline.memory,
+            retries=retries(run.pipeline, run.graph), shards=run.placement.shards,
+            owned=run.placement.owned, global_here=run.placement.runs_global)
+        self.loop = loops.EventLoop()
+        self.agents = Agents(self.loop, run.scratch.socket)
+        self.processes = Processes(launcher, self.loop)
+        self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
+        self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log)
+        self.counters = Counters(run.graph)
+        self.observer = observer
+        self.events: deque[ev.Event] = deque()
+        self.outcome: tuple[str, PodpipeError | None] = ("running", None)
+
+    @property
+    def running(self) -> bool:
+        return self.outcome[0] == "running"
+
+    # -- the loop --------------------------------------------------------------
+
+    def start(self) -> dict[str, Any]:
+        """Run to the end; returns the final status, raises the run's error."""
+        try:
+            for node in self.run.graph.order:
+                self.run.scratch.output_dir(node).mkdir(exist_ok=True)
+            self.agents.listen()
+            if self.engine.finished:  # resumed after everything was done: nothing to ask
+                self._end("succeeded", None)
+            elif self.processes.local:
+                for node in self.run.graph.order:
+                    self.processes.start(node, [])
+            self._loop()
+        finally:
+            self._stop_all()
+            self.loop.close()
+            self.run.scratch.remove()
+            self.counters.ended = time.time()
+            error = self.checkpoints.close(self.engine, self.run.graph, self.run.placement,
+                                           self.outcome[0] == "succeeded")
+            if error is not None:
+                self.outcome = ("failed", error)
+            self._flush(final=True)
+        if self.outcome[1] is not None:
+            raise self.outcome[1]
+        return self._snapshot()
+
+    def _loop(self) -> None:
+        next_flush = time.monotonic()
+        while self.running:
+            for happening in self.loop.wait(max(0.0, next_flush - time.monotonic())):
+                self._happened(happening)
+                self._pump()
+                if not self.running:
+                    break
+            if time.monotonic() >= next_flush and self.running:
+                self._flush()
+                self._pump()
+                next_flush = time.monotonic() + FLUSH_SECONDS
+
+    def _happened(self, happening: loops.Happening) -> None:
+        if isinstance(happening, loops.Ready):
+            self._read(happening.tag)
+        elif isinstance(happening, loops.ProcessExited):
+            self._drain()  # what it said before dying counts first
+            returncode = self.processes.exited(happening.pid, happening.tag)
+            if returncode is not None and self.running:
+                self.agents.drop(happening.tag)  # a restarted process says hello anew
+                self.events.append(ev.AgentExited(happening.tag, returncode))
+        elif isinstance(happening, loops.Signalled):
+            self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
+        elif isinstance(happening, loops.TimerDue) and self.running:
+            self.processes.start(happening.tag, self.swaps.overrides.get(happening.tag, []))
+
+    def _drain(self) -> None:
+        """Accept and read everything already waiting on the sockets."""
+        while self.running and (ready := self.loop.drain_ready()):
+            for happening in ready:
+                self._read(happening.tag)
+                self._pump()
+
+    def _pump(self) -> None:
+        """Hand the queued events to the engine, one at a time, carrying out each one's
+        actions before the next."""
+        while self.events and self.running:
+            for action in self.engine.handle(self.events.popleft()):
+                self._carry_out(action)
+
+    # -- what agents say -------------------------------------------------------
+
+    def _read(self, tag: object) -> None:
+        for conn, message in self.agents.read(tag):
+            if not self.running:
+                return
+            if message is None:  # closed: our own processes' exits come as exits
+                node = self.agents.forget(conn)
+                if node is not None and not self.processes.local:  # a container's
+                    self.events.append(ev.AgentExited(node, None))
+            else:
+                self._message(conn, message)
+
+    def _message(self, conn: Conn, message: protocol.Message) -> None:
+        if isinstance(message, protocol.SwapRequest):
+            self._swap(conn, message)
+        elif isinstance(message, protocol.ApplyRequest):
+            self._apply(conn, message)
+        elif isinstance(message, protocol.Probe):  # a startup probe: the conductor is up
+            self.agents.answer(conn, protocol.Ready())
+        elif isinstance(message, protocol.Hello):
+            self._hello(conn, message)
+        else:
+            # A process that could not start never said hello: it names its node.
+            node = message.node if isinstance(message, protocol.Broken) and \
+                message.node in self.run.graph.inputs else self.agents.node_of(conn)
+            event = to_event(node, message, self.run.pipeline.file) if node else None
+            if node is None or event is None:
+                return  # not an agent, or one replaced by a swap
+            if isinstance(message, protocol.Done):
+                version = self.counters.done(node, message.stats)
+                self.checkpoints.record(node, message.batch, version, message.output)
+            self.events.append(event)
+
+    def _hello(self, conn: Conn, hello: protocol.Hello) -> None:
+        node = hello.node
+        expected = (self.processes.expects(node) if self.processes.local
+                    else node in self.run.graph.inputs)
+        if not expected or not self.agents.hello(conn, hello):
+            conn.sock.close()
+            return
+        self.counters.hello(node, hello.version)
+        self.swaps.hello(node, hello.version, hello.pid)
+        self.events.append(ev.AgentReady(node))
+
+    # -- what the engine decides -----------------------------------------------
+
+    def _carry_out(self, action: ev.Action) -> None:
+        if isinstance(action, ev.Dispatch):
+            self._dispatch(action)
+        elif isinstance(action, ev.Grant):
+            self.agents.send(action.node, protocol.Grant())
+        elif isinstance(action, ev.Deny):
+            self.agents.send(action.node, protocol.Deny())
+        elif isinstance(action, ev.Delete):
+            Path(action.path).unlink(missing_ok=True)
+        elif isinstance(action, ev.Spill):
+            path = tiers.path_for(self.run.run_dir, action.node, action.batch)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._log(f"RAM budget full: stage {action.node!r} batch {action.batch} spills "
+                      f"to the node tier ({path})")
+            self.agents.send(action.node, protocol.Grant(path=str(path), tier="node"))
+        elif isinstance(action, ev.Keep):
+            self.checkpoints.keep(action.output)
+        elif isinstance(action, ev.Restart):
+            self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
+                      f"in {action.delay:.1f} s")
+            if self.processes.local:  # containers: the kubelet restarts them
+                self.loop.call_later(action.delay, action.node)
+        elif isinstance(action, ev.Replace):
+            self._retire(action.node, kill=action.kill)
+            self.processes.start(action.node, self.swaps.replacing(action.node))
+        elif isinstance(action, ev.Stop):
+            self._retire(action.node, kill=action.kill)
+        elif isinstance(action, ev.Hold):
+            self._log(f"stage {action.node!r} held: the new version failed: {action.message}")
+            self._retire(action.node, kill=False)
+            self.swaps.held(action.node, action.message)
+        elif isinstance(action, ev.Forget):
+            self.checkpoints.forget(action.node, action.key)
+        elif isinstance(action, ev.Finished):
+            self._end("succeeded", None)
+        elif isinstance(action, ev.Failed):
+            error = action.error
+            if isinstance(error, StageError) and self.processes.log(error.stage):
+                error.args = (f"{error.args[0]} (log: {self.processes.log(error.stage)})",)
+            self._end("failed", error)
+
+    def _retire(self, node: str, *, kill: bool) -> None:
+        """Stop `node`'s process for good: told to stop when it can hear it, else
+        killed. Its exit is expected, not an event."""
+        self.loop.cancel(node)  # a restart it had coming
+        told = not kill and self.agents.send(node, protocol.Stop())
+        self.agents.drop(node)
+        self.processes.retire(node, kill=not told)
+
+    def _dispatch(self, action: ev.Dispatch) -> None:
+        node, run = action.node, self.run
+        task = protocol.Task(
+            batch=action.batch, inputs=[[o.path for o in group] for group in action.inputs],
+            output=str(run.scratch.output_path(node, action.batch)))
+        if node == SOURCE:
+            task.source = run.plan[action.batch]
+        elif node in run.graph.sinks:
+            task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,
+                                                             action.batch)
+        elif run.pipeline.checkpoints.reuse:
+            task.memo = self._memo(action)
+        self.counters.dispatched(node, sum(o.nbytes for g in action.inputs for o in g))
+        self.agents.send(node, task)
+
+    def _memo(self, action: ev.Dispatch) -> str:
+        """Where the output of this task is kept for reuse across runs: named by the
+        stage, its version and the checksums of its inputs (what made it)."""
+        made_by = [action.node, self.counters.stages[action.node].version or ""]
+        made_by += [o.checksum for group in action.inputs for o in group]
+        key = hashlib.sha256("\0".join(made_by).encode()).hexdigest()[:32]
+        url = (self.run.pipeline.checkpoints.durable or "").rstrip("/")
+        return f"{url}/{self.run.pipeline.name}/memo/{action.node}/{key}.arrow"
+
+    # -- swaps and apply -----------------------------------------------------------
+
+    def _shared_global(self) -> bool:
+        return self.run.graph.has_global and self.run.placement.replicas > 1
+
+    def _swap(self, conn: Conn, request: protocol.SwapRequest) -> None:
+        refused = self.swaps.check(request, self.run.pipeline, local=self.processes.local,
+                                   shared_global=self._shared_global())
+        if refused is not None:
+            self.agents.answer(conn, protocol.Refused(message=refused))
+            return
+        self.swaps.asked_by(request.stage, conn)
+        self._log(f"swap of stage {request.stage!r} requested: {' '.join(request.overrides)}")
+        self.events.append(ev.SwapRequested(request.stage, request.now, request.recompute))
+
+    def _apply(self, conn: Conn, request: protocol.ApplyRequest) -> None:
+        """`podpipe apply`: run the new spec from here on. Removed nodes stop, added
+        ones start and run every key of theirs, changed ones are swapped; the rest
+        goes on untouched."""
+        accepted = self.swaps.check_apply(request, self.run.pipeline,
+                                          local=self.processes.local,
+                                          shared_global=self._shared_global())
+        if not isinstance(accepted, Change):
+            self.agents.answer(conn, protocol.Refused(message=accepted))
+            return
+        diff, graph = accepted.diff, Graph.of(accepted.pipeline)
+        self._log(f"apply: added {list(diff.added)}, removed {list(diff.removed)}, "
+                  f"changed {list(diff.changed)}")
+        self.run = replace(self.run, pipeline=accepted.pipeline, graph=graph)
+        for node in diff.added:
+            self.counters.add(node)
+            self.run.scratch.output_dir(node).mkdir(exist_ok=True)
+        self.events.append(ev.Reshaped(graph, retries(accepted.pipeline, graph)))
+        self._pump()  # the engine knows the new graph before the new processes say hello
+        for node in diff.added:
+            self.processes.start(node, [])
+        # Changed nodes, and swapped ones the spec now defines: a swap to the spec.
+        swapped = [n for n in self.swaps.overrides if n in graph.inputs and n not in diff.added]
+        for node in sorted(set(diff.changed) | set(swapped)):
+            self.swaps.to_spec(node)
+            self.events.append(ev.SwapRequested(node))
+        self._pump()
+        self.agents.answer(conn, protocol.Applied(
+            added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
+            redo=len(set(self.engine.redo) | self.engine.stale)))
+
+    # -- the end, and what it looks like --------------------------------------------
+
+    def _end(self, state: str, error: PodpipeError | None) -> None:
+        if self.running:
+            self.outcome = (state, error)
+
+    def _stop_all(self) -> None:
+        """Stop every agent: politely when idle, by signal when not, never waiting long.
+
+        Containers are told to stop (and hold) only when the run succeeded: after a
+        failure their connection just closes, they exit, and the kubelet restarts
+        them to serve the restarted conductor's resume."""
+        succeeded = self.outcome[0] == "succeeded"
+        if self.processes.local or succeeded:
+            for node in self.agents.nodes():
+                self.agents.send(node, protocol.Stop())
+        self.processes.stop_all(terminate=not succeeded)
+        self.agents.close()
+
+    def _snapshot(self) -> dict[str, Any]:
+        run, (state, error) = self.run, self.outcome
+        who = Identity(run.run_id, run.pipeline.name, str(run.run_dir), str(run.scratch.path),
+                       run.pod, run.placement.ordinal, run.placement.replicas,
+                       run.placement.shards, run.pipeline.memory, len(run.plan))
+        if self.processes.local:
+            processes = [{"role": "stage", "stage": node, "pid": pid, "pod": run.pod,
+                          "alive": alive} for node, pid, alive in self.processes.listing()]
+        else:  # containers: pids in their own namespaces, alive while connected
+            processes = [{"role": "stage", "stage": node, "pid": pid, "pod": run.pod,
+                          "container": node, "alive": self.agents.connected(node)}
+                         for node, pid in self.agents.pids.items()]
+        return snapshot(who, run.graph, self.engine, self.counters, self.checkpoints,
+                        processes, state, str(error) if error else None)
+
+    def _flush(self, final: bool = False) -> None:
+        if not final:
+            self.events.extend(self.checkpoints.flush(self.engine, self.run.graph,
+                                                      self.run.placement, len(self.run.plan)))
+        current = self._snapshot()
+        try:
+            status.write(self.run.run_dir, current)
+        except OSError:
+            pass  # the status file is a view; the run does not depend on it
+        if self.observer is not None:
+            self.observer(current)
+
+    def _log(self, message: str) -> None:
+        """A line in the run's own log (RUN_DIR/logs/conductor.log)."""
+        try:
+            with open(self.run.run_dir / "logs" / "conductor.log", "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        except OSError:
+            pass

@@ -1,0 +1,147 @@
+"""The agents' connections: who is connected as which node, what they say, what we tell them.
+
+The conductor listens on a Unix socket in RAM scratch. A connection becomes an
+agent's once it says `Hello` for a node the run has (and that is not connected
+already); others (`podpipe swap`, a startup probe) stay anonymous. Sockets are
+never read blocking: `_drain` may have read what made one ready earlier in the
+same round of events. `to_event` turns what an agent said into the engine's
+event, a pure function.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from podpipe.engine import events as ev
+from podpipe.errors import InputError, SpecError
+from podpipe.runtime import protocol
+from podpipe.runtime.loop import EventLoop
+
+LISTEN = "listen"
+
+
+@dataclass(eq=False)
+class Conn:
+    sock: socket.socket
+    reader: protocol.Reader = field(default_factory=protocol.Reader)
+    node: str | None = None
+
+
+def to_event(node: str, message: protocol.Message, spec_file: str) -> ev.Event | None:
+    """The engine's event for what the agent of `node` said; None if it is not one."""
+    if isinstance(message, protocol.Reserve):
+        return ev.SpaceRequested(node, message.batch, message.nbytes)
+    if isinstance(message, protocol.Done):
+        return ev.TaskDone(node, message.batch, message.output)
+    if isinstance(message, protocol.Failed):
+        return ev.TaskFailed(node, message.batch, message.message, message.input_error)
+    if isinstance(message, protocol.Broken):
+        error = (SpecError(message.message, file=spec_file, field=message.field)
+                 if message.field else InputError(message.message))
+        return ev.AgentBroken(node, message.message, error)
+    return None
+
+
+class Agents:
+    def __init__(self, loop: EventLoop, path: Path) -> None:
+        self._loop, self.path = loop, path
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._by_node: dict[str, Conn] = {}
+        self._all: list[Conn] = []     # every connection, to close at the end
+        self.pids: dict[str, int] = {}  # as each agent said in its hello
+
+    def listen(self) -> None:
+        self.path.unlink(missing_ok=True)  # a dead conductor's, on resume
+        self._listener.bind(str(self.path))
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self._loop.watch(self._listener, LISTEN)
+
+    def read(self, tag: object) -> list[tuple[Conn, protocol.Message | None]]:
+        """Accept a connection (`tag` is LISTEN) or read one (`tag` is its Conn):
+        the messages read, and (conn, None) for a connection that closed."""
+        if tag == LISTEN:
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:  # taken already (by a drain, in the same round)
+                return []
+            conn = Conn(sock)
+            self._all.append(conn)
+            self._loop.watch(sock, conn)
+            return []
+        assert isinstance(tag, Conn)
+        conn = tag
+        if conn.sock.fileno() < 0:
+            return []  # closed earlier in this round of events (its process exited)
+        try:
+            data = conn.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            messages = conn.reader.feed(data) if data else []
+        except BlockingIOError:
+            return []
+        except (OSError, protocol.Closed):
+            data, messages = b"", []
+        said: list[tuple[Conn, protocol.Message | None]] = [(conn, m) for m in messages]
+        if not data:
+            self._close(conn)
+            said.append((conn, None))
+        return said
+
+    def hello(self, conn: Conn, message: protocol.Hello) -> bool:
+        """Take `conn` as the agent of `message.node`; False if it cannot be (already
+        connected, or of another protocol): the connection is closed."""
+        node = message.node
+        if node in self._by_node or message.protocol != protocol.PROTOCOL:
+            self._close(conn)
+            return False
+        conn.node = node
+        self._by_node[node] = conn
+        self.pids[node] = message.pid
+        return True
+
+    def node_of(self, conn: Conn) -> str | None:
+        """The node `conn` is the current agent of, else None (not an agent, or one
+        replaced by a swap)."""
+        node = conn.node
+        return node if node is not None and self._by_node.get(node) is conn else None
+
+    def connected(self, node: str) -> bool:
+        return node in self._by_node
+
+    def nodes(self) -> list[str]:
+        return list(self._by_node)
+
+    def forget(self, conn: Conn) -> str | None:
+        """A closed connection: the node it was the agent of, if it still was."""
+        node = self.node_of(conn)
+        if node is not None:
+            del self._by_node[node]
+        return node
+
+    def drop(self, node: str) -> None:
+        """`node`'s agent is no longer its agent (its process went or is going)."""
+        conn = self._by_node.pop(node, None)
+        if conn is not None:
+            self._close(conn)
+
+    def send(self, node: str, message: protocol.Message) -> bool:
+        conn = self._by_node.get(node)
+        return conn is not None and self.answer(conn, message)
+
+    def answer(self, conn: Conn, message: protocol.Message) -> bool:
+        try:
+            protocol.send(conn.sock, message)
+            return True
+        except OSError:
+            return False  # it went away; its exit event, still queued, decides
+
+    def _close(self, conn: Conn) -> None:
+        if conn.sock.fileno() >= 0:
+            self._loop.unwatch(conn.sock)
+            conn.sock.close()
+
+    def close(self) -> None:
+        for conn in self._all:
+            conn.sock.close()
+        self._listener.close()

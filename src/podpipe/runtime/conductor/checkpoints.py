@@ -1,0 +1,176 @@
+"""What a run keeps beyond RAM: the journal, node-tier copies, durable checkpoints, imports.
+
+The journal records every finished (node, key) with the version that made it, and
+every copy; the node tier copies what the engine says to keep (`Keep`), off the
+critical path; the durable tier takes major checkpoints of this pod's groups; and
+the pod of a global reduce imports the other pods' shard outputs from their
+complete checkpoints. The conductor's only writer of the journal is this object,
+which commits at every status flush.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from podpipe.engine import events as ev
+from podpipe.engine.state import RunState
+from podpipe.errors import RunError
+from podpipe.model.graph import SINGLE, Graph
+from podpipe.model.output import Output
+from podpipe.model.shards import Placement
+from podpipe.runtime import durable as durables
+from podpipe.runtime import tiers
+from podpipe.runtime.durable import DurableTier
+from podpipe.runtime.journal import Journal
+from podpipe.runtime.tiers import NodeTier
+
+DURABLE_WAIT = 10.0     # at the end of a failed run, for its last checkpoint
+HANDOVER_WAIT = 120.0   # at the end of a sharded run, for its shards' last checkpoints
+IMPORT_SECONDS = 0.25   # how often a global reduce's pod looks for the others' shards
+
+
+@dataclass
+class Restored:
+    """What a resumed run starts from: the engine, and what it found where."""
+
+    engine: RunState
+    counts: dict[str, dict[str, int]]   # node -> tier -> batches restored from it
+    finished: dict[str, set[int]]       # node -> batches the journal had finished
+    notes: list[str]                    # what was found wrong (corrupt copies)
+    on_disk: list[Output]               # kept copies on the node tier, for checkpoints
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path, durable: DurableTier | None,
+                 restored: Restored | None, log: Callable[[str], None]) -> None:
+        self.run_dir, self.durable, self._log = run_dir, durable, log
+        self.journal = Journal(run_dir)
+        self.node_tier = NodeTier(run_dir)
+        self.on_disk: list[Output] = list(restored.on_disk) if restored else []
+        self.restored = restored.counts if restored else {}
+        self.notes = list(restored.notes) if restored else []
+        self._previously = restored.finished if restored else {}
+        self.recomputed: dict[str, int] = {}
+        self.copies = 0  # node-tier copies made and journaled by this conductor
+        self._made_by: dict[ev.Key, str] = {}  # the version of the stage that made it
+        self._looked = 0.0  # when the durable tier was last read for other shards
+
+    def record(self, node: str, batch: int, version: str, output: Output | None) -> None:
+        """Journal what finished, by which version, and where its output is."""
+        self.journal.finished(node, batch, version)
+        self._made_by[(node, batch)] = version
+        if batch in self._previously.get(node, ()):
+            self.recomputed[node] = self.recomputed.get(node, 0) + 1
+        if output is not None:
+            self.journal.stored(output)
+
+    def keep(self, output: Output) -> None:
+        """Copy to the node tier (off the critical path); a spilled output is there."""
+        if output.tier == "node":
+            self.journal.stored(output)
+            self.on_disk.append(output)
+        else:
+            self.node_tier.submit(output, str(tiers.path_for(self.run_dir, output.node,
+                                                              output.key)))
+
+    def forget(self, node: str, key: int) -> None:
+        self.journal.forget(node, key)
+        self.on_disk = [c for c in self.on_disk if (c.node, c.key) != (node, key)]
+        self._made_by.pop((node, key), None)
+
+    def versions_behind(self, graph: Graph, engine: RunState, sink: str,
+                        key: int) -> dict[str, list[str]]:
+        """The versions of the stages that made what `sink` writes for `key` (walked up
+        the graph once per sink task, from the version recorded per output)."""
+        versions: dict[str, set[str]] = {}
+        todo, seen = list(engine.input_keys(sink, key)), set()
+        while todo:
+            node, k = todo.pop()
+            if (node, k) in seen:
+                continue
+            seen.add((node, k))
+            if node in graph.stages and (node, k) in self._made_by:
+                versions.setdefault(node, set()).add(self._made_by[(node, k)])
+            todo.extend(engine.input_keys(node, k))
+        return {stage: sorted(v) for stage, v in versions.items()}
+
+    def flush(self, engine: RunState, graph: Graph, placement: Placement,
+              source_batches: int) -> list[ev.Imported]:
+        """Journal the copies made since the last flush, take a major checkpoint when
+        one is due; returns the other pods' shard outputs found for a global reduce."""
+        for copy in self.node_tier.finished():
+            self.journal.stored(copy)
+            self.on_disk.append(copy)
+            self.copies += 1
+        self.journal.commit()
+        if self.durable is None:
+            return []
+        if self.durable.due(len(self.on_disk)):
+            self._checkpoint(engine, graph, placement)
+        return self._imports(engine, graph, placement, source_batches)
+
+    def _checkpoint(self, engine: RunState, graph: Graph, placement: Placement) -> None:
+        assert self.durable is not None
+        groups = {durables.group_name(s): engine.complete(s)
+                  for s in engine.plan.shards_here()}
+        if graph.has_global and placement.runs_global:
+            groups[durables.group_name(None)] = engine.complete(None)
+        self.durable.take(self.on_disk, {n: sorted(b) for n, b in engine.done.items()},
+                          groups)
+
+    def _imports(self, engine: RunState, graph: Graph, placement: Placement,
+                 source_batches: int) -> list[ev.Imported]:
+        """A global reduce runs here: the other pods' shard outputs it reads, from
+        their complete checkpoints on the durable tier."""
+        waiting = engine.waiting_for()
+        if not waiting or self.durable is None or \
+                time.monotonic() - self._looked < IMPORT_SECONDS:
+            return []
+        self._looked = time.monotonic()
+        needed = [n for n in graph.reduce_inputs() if graph.domain[n] == SINGLE]
+        imported = []
+        for shard in waiting:
+            found = self.durable.latest(durables.group_name(shard))
+            if found is None or not found.complete or found.shards != placement.shards \
+                    or found.source_batches != source_batches:
+                continue
+            copies, notes = durables.fetch(found, self.run_dir, needed)
+            self.notes.extend(notes)
+            for copy in copies:
+                self._log(f"shard {shard}: {copy.node} imported from the durable tier")
+                imported.append(ev.Imported(copy.node, shard, copy.on("node", copy.path)))
+        return imported
+
+    def close(self, engine: RunState, graph: Graph, placement: Placement,
+              succeeded: bool) -> RunError | None:
+        """Finish the copies handed over, and the last checkpoint: what a rescheduled
+        pod would start from (a failed run), or what the other pods and a later
+        rescaled run take over (a sharded run's finished shards). A pod whose shards
+        a global reduce elsewhere reads must hand them over: the error if it could not."""
+        self.node_tier.close()  # copies handed over are finished: a resume uses them
+        for copy in self.node_tier.finished():
+            self.journal.stored(copy)
+            self.on_disk.append(copy)
+            self.copies += 1
+        error = None
+        if self.durable is not None:
+            if not succeeded:
+                self._checkpoint(engine, graph, placement)
+                self.durable.close(wait=DURABLE_WAIT)
+            elif placement.sharded:
+                self._checkpoint(engine, graph, placement)
+                handover = graph.has_global and not placement.runs_global
+                if not self.durable.close(wait=HANDOVER_WAIT if handover else DURABLE_WAIT) \
+                        and handover:
+                    error = RunError(
+                        f"pod {placement.ordinal}: its shards are done but could not be "
+                        f"handed over to the pod of the global reduce through the durable "
+                        f"tier {self.durable.url}: {self.durable.error or 'timed out'}; "
+                        "resume the run")
+            else:
+                self.durable.close(wait=0)
+        self.journal.close()
+        return error

@@ -1,0 +1,82 @@
+"""The stage processes a conductor starts itself (locally, or `--layout processes`).
+
+On Kubernetes with one container per node the kubelet starts them, and there is
+no launcher: then this keeps nothing and starts nothing. A process replaced by a
+swap, or stopped by an apply, is *retired*: its exit is expected, not an event.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from podpipe.errors import RunError
+from podpipe.runtime.launcher import Launcher, Process
+from podpipe.runtime.loop import EventLoop
+
+STOP_GRACE_SECONDS = 5.0
+
+
+class Processes:
+    def __init__(self, launcher: Launcher | None, loop: EventLoop) -> None:
+        self._launcher, self._loop = launcher, loop
+        self._by_node: dict[str, Process] = {}
+        self._retired: set[int] = set()
+
+    @property
+    def local(self) -> bool:
+        """Does this conductor start the stage processes (else the kubelet does)?"""
+        return self._launcher is not None
+
+    def expects(self, node: str) -> bool:
+        return node in self._by_node
+
+    def start(self, node: str, overrides: list[str]) -> None:
+        """Start `node`'s process with the pod's overrides and `overrides` after them."""
+        assert self._launcher is not None
+        try:
+            process = self._launcher.start(node, overrides)
+        except OSError as exc:
+            raise RunError(f"cannot start the process of stage {node!r}: {exc}") from exc
+        self._by_node[node] = process
+        self._loop.watch_exit(process.pid, node)
+
+    def exited(self, pid: int, node: str) -> int | None:
+        """The exit code of `node`'s process `pid`; None if it was retired (expected)."""
+        process = self._by_node.get(node)
+        if pid in self._retired or process is None or process.pid != pid:
+            return None
+        return process.wait()
+
+    def retire(self, node: str, *, kill: bool) -> None:
+        """`node`'s process goes for good: told to stop by the caller, or killed now
+        (mid-batch: its output is never trusted)."""
+        process = self._by_node.pop(node, None)
+        if process is None or process.poll() is not None:
+            return
+        self._retired.add(process.pid)
+        if kill:
+            process.signal(signal.SIGKILL)
+
+    def log(self, node: str) -> str | None:
+        process = self._by_node.get(node)
+        return str(process.log) if process is not None else None
+
+    def listing(self) -> list[tuple[str, int, bool]]:
+        """(node, pid, alive) of each current process."""
+        return [(n, p.pid, p.returncode is None) for n, p in self._by_node.items()]
+
+    def stop_all(self, terminate: bool) -> None:
+        """Wait for every process to end (SIGTERM first with `terminate`), killing
+        those that will not within the grace period."""
+        processes = list(self._by_node.values())
+        if terminate:
+            for process in processes:
+                process.signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in processes:
+            if process.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
+                process.signal(signal.SIGKILL)  # it would not stop
+                process.wait()
+        if self._launcher is not None:
+            self._launcher.close()

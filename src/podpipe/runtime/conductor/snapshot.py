@@ -1,0 +1,131 @@
+"""The run as `status.json` shows it: per-stage counters, and the snapshot of everything.
+
+`Counters` adds up what agents report per task (rows, busy time, bytes) and the
+versions they ran; `snapshot` puts it together with the engine's progress, the
+processes and the tiers into the status record (`runtime.status`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from podpipe.engine.state import RunState
+from podpipe.model.graph import Graph
+from podpipe.model.output import TIERS
+from podpipe.model.pipeline import SOURCE
+from podpipe.runtime import protocol, status
+from podpipe.runtime.conductor.checkpoints import Checkpoints
+from podpipe.runtime.scratch import process_start
+
+
+@dataclass
+class _Stage:
+    rows_in: int = 0
+    rows_out: int = 0
+    busy: float = 0.0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    reused: int = 0
+    reading: int = 0  # bytes the task in hand maps
+    version: str | None = None
+    versions: dict[str, int] = field(default_factory=dict)  # version -> batches
+
+
+class Counters:
+    def __init__(self, graph: Graph) -> None:
+        self.stages = {node: _Stage() for node in graph.order}
+        self.started = time.time()
+        self.ended: float | None = None
+
+    def add(self, node: str) -> None:
+        self.stages.setdefault(node, _Stage())
+
+    def hello(self, node: str, version: str) -> None:
+        self.stages[node].version = version
+
+    def dispatched(self, node: str, nbytes: int) -> None:
+        self.stages[node].reading = nbytes
+
+    def done(self, node: str, stats: protocol.Stats) -> str:
+        """Count a finished task; returns the version that did it."""
+        s = self.stages[node]
+        s.rows_in += stats.rows_in
+        s.rows_out += stats.rows_out
+        s.busy += stats.busy
+        s.bytes_read += s.reading
+        s.reading = 0
+        s.bytes_written += stats.bytes_out
+        s.reused += stats.reused
+        version = s.version or ""
+        s.versions[version] = s.versions.get(version, 0) + 1
+        return version
+
+
+def kind(node: str, graph: Graph) -> str:
+    if node == SOURCE:
+        return "source"
+    if node in graph.sinks:
+        return "sink"
+    return "reduce" if node in graph.reduce else "stage"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What names the run and the pod in its status."""
+
+    run_id: str
+    pipeline: str
+    run_dir: str
+    scratch: str
+    pod: str
+    ordinal: int
+    replicas: int
+    shards: int
+    budget: int
+    source_batches: int
+
+
+def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
+             checkpoints: Checkpoints, processes: list[dict[str, Any]], state: str,
+             error: str | None) -> dict[str, Any]:
+    """The status record of this pod's run, as it is now."""
+    me = os.getpid()
+    listed = [{"role": "conductor", "stage": None, "pid": me, "pod": who.pod,
+               "start": process_start(me)}] + processes
+    stages = {}
+    for node in graph.order:
+        s = counters.stages[node]
+        stages[node] = {
+            "kind": kind(node, graph), "version": s.version, "versions": s.versions,
+            "held": engine.held(node),
+            "batches_done": engine.done_count(node), "batches_total": engine.total(node),
+            "rows_in": s.rows_in, "rows_out": s.rows_out, "busy_seconds": round(s.busy, 4),
+            "bytes_written": s.bytes_written, "bytes_read": s.bytes_read,
+            "restarts": engine.restarts[node],
+            "restored": {tier: checkpoints.restored.get(node, {}).get(tier, 0)
+                         for tier in TIERS},
+            "recomputed": checkpoints.recomputed.get(node, 0),
+            "reused": s.reused,
+        }
+    ended = counters.ended
+    return {
+        "schemaVersion": status.SCHEMA_VERSION,
+        "run_id": who.run_id, "pipeline": who.pipeline, "state": state, "error": error,
+        "run_dir": who.run_dir, "scratch": who.scratch,
+        "started": counters.started, "ended": ended,
+        "elapsed_seconds": round((ended or time.time()) - counters.started, 3),
+        "budget_bytes": who.budget, "scratch_bytes": engine.budget.usage,
+        "peak_scratch_bytes": engine.budget.peak, "source_batches": who.source_batches,
+        "spilled_outputs": engine.budget.spills,
+        "pod": {"ordinal": who.ordinal, "replicas": who.replicas,
+                "shards": engine.plan.shards_here(), "waiting_for": engine.waiting_for()},
+        "shards": who.shards,
+        "processes": listed, "stages": stages,
+        "restore_notes": checkpoints.notes,
+        "durable": checkpoints.durable.status() if checkpoints.durable else None,
+        "node_tier": {"copies": checkpoints.copies,  # journaled
+                      "errors": checkpoints.node_tier.errors[-5:]},
+    }

@@ -1,0 +1,123 @@
+"""Changing the line while it runs: `podpipe swap` and `podpipe apply` requests.
+
+A swap is a per-stage override (`--set stages.NAME.run=…`): checked against the
+spec, then asked of the engine (`SwapRequested`), which says when to replace the
+process (`Replace`). The request is answered once the new process says hello
+(`Swapped`), or its version fails (`Held`). An apply is checked here too (what may
+change, `model.change`); the conductor carries it out.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from podpipe.errors import PodpipeError
+from podpipe.model import change
+from podpipe.model import spec as specs
+from podpipe.model.pipeline import Pipeline
+from podpipe.runtime import protocol
+from podpipe.runtime.conductor.agents import Agents, Conn
+
+
+@dataclass
+class _Swap:
+    overrides: list[str]
+    conn: Conn | None  # who asked; None: part of an apply, which answers for itself
+
+
+@dataclass(frozen=True)
+class Change:
+    """An apply that was accepted: the new spec, and what changes."""
+
+    pipeline: Pipeline
+    diff: change.Change
+
+
+class Swaps:
+    def __init__(self, run_dir: Path, base_overrides: list[str], agents: Agents) -> None:
+        self._run_dir, self._base, self._agents = run_dir, base_overrides, agents
+        self._asked: dict[str, _Swap] = {}      # requested, not yet replaced
+        self._coming: dict[str, _Swap] = {}     # replaced, new process not yet up
+        self.overrides: dict[str, list[str]] = {}  # swapped stages: their own --set
+
+    @property
+    def busy(self) -> list[str]:
+        return sorted({*self._asked, *self._coming})
+
+    def check(self, request: protocol.SwapRequest, pipeline: Pipeline, *, local: bool,
+              shared_global: bool) -> str | None:
+        """Why this swap cannot be done, else None (and it is recorded)."""
+        node = request.stage
+        stages = [s.name for s in pipeline.stages]
+        if node not in stages:
+            return f"no stage {node!r} in this run; its stages are {stages}"
+        if not local:
+            return ("this pod's stages are containers: swap them by patching the image "
+                    "(podpipe swap RUN_DIR STAGE --image IMAGE --k8s prints the patch)")
+        if node in self._asked or node in self._coming:
+            return f"stage {node!r} is being swapped already"
+        if request.recompute and shared_global:
+            return ("--recompute in a run of several replicas with a global reduce is not "
+                    "supported yet (the other pods' shards would need handing over again)")
+        overrides = [*self.overrides.get(node, []), *request.overrides]
+        try:
+            specs.load(self._run_dir / "spec.yaml", [*self._base, *overrides])
+        except PodpipeError as exc:
+            return f"the new version is not valid: {exc}"
+        self._asked[node] = _Swap(overrides, None)
+        return None
+
+    def asked_by(self, node: str, conn: Conn) -> None:
+        self._asked[node].conn = conn
+
+    def to_spec(self, node: str) -> None:
+        """Swap `node` to what the (applied) spec says: no overrides of its own."""
+        self.overrides.pop(node, None)
+        self._asked[node] = _Swap([], None)
+
+    def replacing(self, node: str) -> list[str]:
+        """The engine replaces `node` now: the overrides its new process runs with."""
+        swap = self._asked.pop(node, None)
+        if swap is not None:
+            self._coming[node] = swap
+            self.overrides[node] = swap.overrides
+        return self.overrides.get(node, [])
+
+    def hello(self, node: str, version: str, pid: int) -> None:
+        """The new version of `node` is up: answer whoever asked."""
+        self._answer(node, protocol.Swapped(stage=node, version=version, pid=pid))
+
+    def held(self, node: str, message: str) -> None:
+        self._answer(node, protocol.Held(stage=node, message=message))
+
+    def _answer(self, node: str, message: protocol.Message) -> None:
+        swap = self._coming.pop(node, None)
+        if swap is not None and swap.conn is not None:
+            self._agents.answer(swap.conn, message)
+
+    def check_apply(self, request: protocol.ApplyRequest, pipeline: Pipeline, *,
+                    local: bool, shared_global: bool) -> Change | str:
+        """The change an apply makes, or why it cannot be made."""
+        if not local:
+            return ("this pod's stages are containers: render the new spec and apply the "
+                    "manifests instead")
+        if shared_global:
+            return "apply in a run of several replicas with a global reduce is not " \
+                   "supported yet"
+        if self.busy:
+            return f"a swap of {self.busy} is in progress; apply once it is done"
+        new_path = self._run_dir / ".spec.apply.yaml"
+        try:
+            new_path.write_text(request.spec)
+            new = specs.load(new_path, self._base)
+            diff = change.diff(pipeline, new)
+        except PodpipeError as exc:  # named after the user's file, not our copy
+            new_path.unlink(missing_ok=True)
+            return str(exc).replace(str(new_path), request.path)
+        except OSError as exc:
+            new_path.unlink(missing_ok=True)
+            return f"cannot write {new_path}: {exc.strerror}"
+        os.replace(new_path, self._run_dir / "spec.yaml")  # what the run runs from now on
+        return Change(new, diff)

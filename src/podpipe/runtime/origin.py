@@ -1,0 +1,126 @@
+"""Where a run starts from: fresh, its RAM scratch and node tier, or the durable tier.
+
+One decision for a single-pod run, a replica and a resume alike (`start_from`):
+
+- `fresh`: nothing kept; every batch from the source;
+- a **resume** (`journal=True`): what the run's journal says finished, with the
+  copies that check out, nearest tier first (RAM scratch if the pod stayed, else
+  the node tier);
+- a **new run with a durable tier**: each group of this pod (its shards, the
+  global part if it runs it) from its latest major checkpoint there, wherever it
+  was made (a rescheduled pod, a rescaled StatefulSet).
+
+A store that cannot be read is a `StoreError` (the run fails naming the URL),
+never "no checkpoint": starting over is only ever asked for (`--fresh`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from podpipe.engine.events import Key
+from podpipe.engine.resume import restored
+from podpipe.errors import RunError
+from podpipe.model import shards as sharding
+from podpipe.model.batch import SourceBatch
+from podpipe.model.graph import Graph
+from podpipe.model.output import TIERS, Output
+from podpipe.model.pipeline import Pipeline
+from podpipe.runtime import durable, sink, tiers
+from podpipe.runtime.conductor import Restored, retries
+from podpipe.runtime.journal import Journal
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What a run may start from."""
+
+    journal: bool = False          # a resume: the run's own journal and copies
+    durable: bool = False          # the spec's latest checkpoints on the durable tier
+    source_batches: int | None = None  # a resume: the plan's size when it started
+    spec_digest: str = ""          # what names the checkpoints of the spec as run
+
+
+def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
+               run_path: Path, placement: sharding.Placement) -> Restored | None:
+    """The state the run starts from; None: from nothing."""
+    if origin.journal:
+        if origin.source_batches is not None and len(plan) != origin.source_batches:
+            raise RunError(f"the source has {len(plan)} batches now, {origin.source_batches} "
+                           "when the run started: it changed; start a new run")
+        journal = Journal(run_path)
+        try:
+            finished, copies = journal.done(), journal.copies()
+        finally:
+            journal.close()
+        return _restore(pipeline, graph, plan, finished, copies, [], placement)
+    if origin.durable and pipeline.checkpoints.durable:
+        return _from_durable(pipeline, graph, plan, run_path, placement, origin.spec_digest)
+    return None
+
+
+def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run_path: Path,
+                  placement: sharding.Placement, spec_digest: str) -> Restored:
+    """Each group of this pod (its shards, the global part if it runs it) from its
+    latest checkpoint on the durable tier, wherever it was made."""
+    assert pipeline.checkpoints.durable is not None
+    store = durable.checkpoints(pipeline.checkpoints.durable, pipeline.name, spec_digest)
+    groups: list[int | None] = [s for s in placement.owned
+                                if s in sharding.nonempty(len(plan), placement.shards)]
+    if graph.has_global and placement.runs_global:
+        groups.append(None)
+    finished: dict[str, set[int]] = {}
+    copies: list[Output] = []
+    notes: list[str] = []
+    for group in groups:
+        name = durable.group_name(group)
+        found = durable.latest(store, name)
+        if found is None:
+            continue
+        if (found.source_batches, found.shards) != (len(plan), placement.shards):
+            notes.append(f"{name}: the durable checkpoint has {found.source_batches} source "
+                         f"batches in {found.shards} shards, the source {len(plan)} in "
+                         f"{placement.shards} now: not used")
+            continue
+        fetched, more = durable.fetch(found, run_path)
+        copies += fetched
+        notes += more
+        for node, keys in found.finished.items():
+            finished.setdefault(node, set()).update(keys)
+    return _restore(pipeline, graph, plan, finished, copies, notes, placement)
+
+
+def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
+             finished: dict[str, set[int]], copies: list[Output], notes: list[str],
+             placement: sharding.Placement) -> Restored:
+    """The engine of a resumed run: what each node had finished, and the copies of its
+    outputs that check out, nearest tier first. A sink's batch counts as finished only
+    if its file is there."""
+    for target in pipeline.sinks:
+        if target.name in finished:
+            finished[target.name] &= sink.written(target)
+    kept: dict[Key, Output] = {}
+    for_reduce = set(graph.reduce_inputs())
+    for copy in sorted(copies, key=lambda c: TIERS.index(c.tier)):
+        key = (copy.node, copy.key)
+        if copy.node not in for_reduce:
+            continue  # a resume uses only what a reduce reads: check nothing else
+        if key in kept or copy.key not in finished.get(copy.node, ()):
+            continue
+        if not Path(copy.path).exists():
+            continue  # a RAM copy of a lost pod, or one deleted once read
+        if not tiers.verified(copy.path, copy.checksum):
+            notes.append(f"{copy.node} batch {copy.key}: the {copy.tier} copy is corrupt "
+                         "(checksum); not used")
+            continue
+        kept[key] = copy
+    engine = restored(graph, len(plan), pipeline.memory, retries=retries(pipeline, graph),
+                      kept=kept, finished=finished, shards=placement.shards,
+                      owned=placement.owned, global_here=placement.runs_global)
+    counts: dict[str, dict[str, int]] = {}
+    for (node, _), output in engine.outputs.items():  # the kept outputs it uses
+        tally = counts.setdefault(node, {})
+        tally[output.tier] = tally.get(output.tier, 0) + 1
+    on_disk = [o for o in engine.outputs.values() if o.tier != "ram"]
+    return Restored(engine, counts, finished, notes, on_disk)

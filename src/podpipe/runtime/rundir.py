@@ -1,0 +1,74 @@
+"""The run directory: its layout, and `run.json`, the record of how the run was started.
+
+    RUN_DIR/spec.yaml      the spec as run (an apply replaces it)
+    RUN_DIR/run.json       `RunRecord`: the spec's path, overrides, working directory,
+                           where the pod stands among the replicas
+    RUN_DIR/status.json    the status (`runtime.status`)
+    RUN_DIR/journal.sqlite the journal (`runtime.journal`)
+    RUN_DIR/node/          the node tier (`runtime.tiers`)
+    RUN_DIR/logs/          one log per process
+    RUN_DIR/pods/<i>/      a multi-replica run: each pod's own run directory
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import msgspec
+
+from podpipe.errors import UsageError
+from podpipe.model.shards import Placement
+from podpipe.runtime import durable, files
+
+RECORD = "run.json"
+SCHEMA_VERSION = 1
+
+
+class RunRecord(msgspec.Struct, kw_only=True):
+    spec: str                      # the user's spec file, absolute
+    overrides: list[str]           # --set, as given
+    cwd: str                       # relative paths in the spec resolve from here
+    placement: Placement | None = None   # one pod: where it stands among the replicas
+    run_id: str | None = None      # several replicas on this machine (runtime.replicas):
+    replicas: int | None = None    # how many,
+    durable: str | None = None     # the store they share,
+    attempt: int | None = None     # and how many times they were started
+    schemaVersion: int = SCHEMA_VERSION
+
+    @property
+    def of_replicas(self) -> bool:
+        """Is this the record of several replicas (not of one pod)?"""
+        return self.attempt is not None
+
+
+def make(path: Path, spec_path: str, overrides: list[str], **record: object) -> None:
+    """An empty run directory with its logs folder, the spec as run, and `run.json`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if any(path.iterdir()):
+            raise UsageError(f"--run-dir {path}: already holds a run; resume it with "
+                             f"'podpipe resume {path}', or choose an empty directory")
+        (path / "logs").mkdir()
+        shutil.copyfile(spec_path, path / "spec.yaml")
+        write(path, RunRecord(spec=os.path.abspath(spec_path), overrides=overrides,
+                              cwd=os.getcwd(), **record))  # type: ignore[arg-type]
+    except OSError as exc:
+        raise UsageError(f"--run-dir {path}: {exc.strerror}") from None
+
+
+def write(path: Path, record: RunRecord) -> None:
+    files.publish(path / RECORD, msgspec.json.encode(record))
+
+
+def read(path: Path) -> RunRecord:
+    try:
+        return msgspec.json.decode((path / RECORD).read_bytes(), type=RunRecord)
+    except (OSError, msgspec.DecodeError) as exc:
+        raise UsageError(f"{path}: not a podpipe run directory ({exc})") from None
+
+
+def spec_digest(path: Path) -> str:
+    """What names the checkpoints of the run's spec (as run, with its overrides)."""
+    return durable.digest((path / "spec.yaml").read_bytes(), read(path).overrides)

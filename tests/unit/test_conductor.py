@@ -1,0 +1,143 @@
+"""The conductor's pieces on their own: the wire decoded into engine events, swap
+requests checked, processes retired, with a fake launcher and no stage process."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from podpipe.engine import events as ev
+from podpipe.errors import InputError, SpecError
+from podpipe.model import spec as specs
+from podpipe.model.output import Output
+from podpipe.runtime import protocol
+from podpipe.runtime.conductor.agents import Agents, to_event
+from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.swaps import Swaps
+from podpipe.runtime.loop import EventLoop
+
+SPEC = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+        "spec": {"source": {"uri": "x.parquet"},
+                 "stages": [{"name": "a", "run": "m:f", "inputs": ["source"]}],
+                 "sinks": [{"input": "a", "uri": "out/"}]}}
+
+
+@pytest.mark.parametrize("message, event", [
+    (protocol.Reserve(batch=3, nbytes=10), ev.SpaceRequested("a", 3, 10)),
+    (protocol.Done(batch=3, output=Output("a", 3, "/p", 10, 2), stats=protocol.Stats()),
+     ev.TaskDone("a", 3, Output("a", 3, "/p", 10, 2))),
+    (protocol.Failed(batch=3, message="boom", input_error=True),
+     ev.TaskFailed("a", 3, "boom", True)),
+    (protocol.Hello(node="a", version="v", pid=1), None),
+], ids=["reserve", "done", "failed", "hello-is-not-an-engine-event"])
+def test_what_an_agent_says_becomes_the_engines_event(message, event):
+    assert to_event("a", message, "spec.yaml") == event
+
+
+def test_an_agent_that_cannot_start_names_the_spec_field_it_failed_on():
+    event = to_event("a", protocol.Broken(node="a", message="cannot import 'm:f'",
+                                          field="spec.stages[0].run"), "my.yaml")
+    assert isinstance(event, ev.AgentBroken) and isinstance(event.error, SpecError)
+    assert str(event.error) == "my.yaml: spec.stages[0].run: cannot import 'm:f'"
+    plain = to_event("a", protocol.Broken(node="a", message="no such file"), "my.yaml")
+    assert type(plain.error) is InputError
+
+
+def test_a_message_of_the_wrong_shape_is_refused_at_the_socket():
+    reader = protocol.Reader()
+    body = b'{"type":"reserve","batch":"three","nbytes":1}'
+    with pytest.raises(protocol.ProtocolError, match="batch"):
+        reader.feed(len(body).to_bytes(4, "big") + body)
+
+
+def test_an_agent_of_another_protocol_version_is_not_taken(tmp_path):
+    import socket
+
+    from podpipe.runtime.conductor.agents import Conn
+
+    pairs = [socket.socketpair(), socket.socketpair()]
+    with EventLoop(signals=()) as loop:
+        agents = Agents(loop, tmp_path / "c.sock")
+        old, fresh = Conn(pairs[0][0]), Conn(pairs[1][0])
+        assert not agents.hello(old, protocol.Hello(node="a", version="v", pid=1, protocol=1))
+        assert not agents.connected("a") and old.sock.fileno() < 0
+        assert agents.hello(fresh, protocol.Hello(node="a", version="v", pid=7))
+        assert agents.node_of(fresh) == "a" and agents.pids["a"] == 7
+        agents.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def test_a_swap_to_an_invalid_version_or_an_unknown_stage_is_refused(tmp_path):
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    pipeline = specs.load(tmp_path / "spec.yaml")
+    with EventLoop(signals=()) as loop:
+        agents = Agents(loop, tmp_path / "c.sock")
+        swaps = Swaps(tmp_path, [], agents)
+        ask = lambda stage, *o, **kw: swaps.check(  # noqa: E731
+            protocol.SwapRequest(stage=stage, overrides=list(o)), pipeline,
+            local=kw.get("local", True), shared_global=False)
+        assert "no stage 'b'" in ask("b")
+        assert "patching the image" in ask("a", local=False)
+        assert "not valid" in ask("a", "stages.a.run=not a callable")
+        assert ask("a", 'stages.a.run="m:g"') is None
+        assert "being swapped already" in ask("a", 'stages.a.run="m:h"')
+        assert swaps.replacing("a") == ['stages.a.run="m:g"']  # what the new one runs
+        agents.close()
+
+
+@dataclass
+class _FakeProcess:
+    node: str
+    pid: int
+    log: Path = Path("/dev/null")
+    signals: list[int] = field(default_factory=list)
+    returncode: int | None = None
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    def signal(self, sig):
+        self.signals.append(sig)
+        self.returncode = -sig
+
+
+class _FakeLauncher:
+    def __init__(self):
+        self.started: list[tuple[str, list[str]]] = []
+        self.processes: list[_FakeProcess] = []
+
+    def start(self, node, overrides=()):
+        import os
+        process = _FakeProcess(node, os.getpid())  # a pid that exists, for the pidfd
+        self.started.append((node, list(overrides)))
+        self.processes.append(process)
+        return process
+
+    def close(self):
+        pass
+
+
+def test_a_retired_process_exits_without_an_event_and_a_busy_one_is_killed():
+    launcher = _FakeLauncher()
+    with EventLoop(signals=()) as loop:
+        processes = Processes(launcher, loop)  # type: ignore[arg-type]
+        processes.start("a", ["stages.a.run=x:y"])
+        assert launcher.started == [("a", ["stages.a.run=x:y"])]
+        first = launcher.processes[0]
+        processes.retire("a", kill=True)
+        assert first.signals == [signal.SIGKILL]
+        assert processes.exited(first.pid, "a") is None  # expected: not an event
+        processes.start("b", [])
+        second = launcher.processes[1]
+        processes.retire("b", kill=False)  # told to stop over its socket: no signal
+        assert second.signals == []
+        loop.unwatch_exit(first.pid)
