@@ -202,7 +202,12 @@ def test_the_rendered_pod_runs_the_example_to_the_right_answer(tmp_path, image_r
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
         assert status["pipeline"] == "tpch-q1" and status["run_dir"] == str(run_dir)
         assert all(s["batches_done"] == s["batches_total"] for s in status["stages"].values())
-        time.sleep(0.5)  # a finished pod stays up: no container exits (and restarts)
+        # A finished pod stays up: every container holds, none exits (and restarts).
+        deadline = time.monotonic() + 60
+        while not all("holding until SIGTERM" in pod.log(c["name"])
+                      for c in pod.pod["containers"] + pod.pod["initContainers"]):
+            assert time.monotonic() < deadline, "the containers never held"
+            time.sleep(0.05)
         assert {n: p.poll() for n, p in pod.processes.items()} == \
             {n: None for n in pod.processes}
     finally:
@@ -257,8 +262,11 @@ def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_p
                                                                           image_root):
     from examples.tpch import data
 
-    pod, run_dir = rendered_pod(tmp_path, image_root,
-                                "--set", "source.batchRows=500")  # 120 batches
+    gate = tmp_path / "gate"  # the reduce waits for it: the run cannot end before the kill
+    pod, run_dir = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=500",
+                                "--set", "stages.total.run=pystages:q1_total_gated",
+                                "--set", f"stages.total.env.GATE={gate}")  # 120 batches
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
     try:
         pod.run()
         deadline = time.monotonic() + 60
@@ -269,11 +277,12 @@ def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_p
                 progress = {}
             if progress.get("stages", {}).get("partial", {}).get("batches_done", 0) >= 5:
                 break
-            assert time.monotonic() < deadline and progress.get("state") != "succeeded"
+            assert time.monotonic() < deadline, "five batches never got through partial"
             time.sleep(0.02)
         pod.processes["podpipe-conductor"].kill()  # the kubelet will restart it
         pod.processes["podpipe-conductor"].wait()
         assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
+        gate.touch()
         status = wait_for(run_dir, pod, restart=True)
         assert status["state"] == "succeeded", status.get("error")
         restored = status["stages"]["partial"]["restored"]

@@ -108,8 +108,8 @@ def _checkpointed(store: Path) -> set[int]:
     for manifest in store.rglob("manifest-*.json"):
         content = json.loads(manifest.read_text())
         written = set(content["finished"].get("doubled", []))
-        batches |= {o["batch"] for o in content["outputs"]
-                    if o["node"] == "double" and o["batch"] in written}
+        batches |= {o["output"]["key"] for o in content["outputs"]
+                    if o["output"]["node"] == "double" and o["output"]["key"] in written}
     return batches
 
 

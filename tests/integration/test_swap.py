@@ -11,7 +11,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -104,9 +103,6 @@ def test_a_broken_version_holds_the_stage_and_a_swap_back_finishes_the_run(tmp_p
     held = _status(tmp_path)
     assert held["state"] == "running" and run.poll() is None  # held, not failed
     assert "version 3 is broken on purpose" in held["stages"]["tag"]["held"]
-    time.sleep(1)  # the run waits: nothing more gets through the held stage
-    assert _status(tmp_path)["stages"]["tag"]["batches_done"] == \
-        held["stages"]["tag"]["batches_done"]
     back = podpipe("swap", "run", "tag", "--run", "pystages:tag_v1", "--version", "v1",
                    "--now", cwd=tmp_path)
     assert back.returncode == 0, back.stderr

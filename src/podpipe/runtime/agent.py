@@ -141,7 +141,6 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
         if target.name == node:
             return WriteSink(target)
     stage = pipeline.stage(node)
-    os.environ.update(stage.env)  # before the stage's module is imported
     if stage.run:
         return CallFunction(stage.run, pipeline.file,
                             f"spec.stages[{pipeline.stages.index(stage)}].run")
@@ -203,6 +202,8 @@ def _exit_now(*_: Any) -> None:
 def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str) -> int:
     try:
         pipeline = specs.load(spec_path, overrides)
+        if node in {s.name for s in pipeline.stages}:  # this process is the stage's own:
+            os.environ.update(pipeline.stage(node).env)  # before its module is imported
         work = work_for(pipeline, node)
     except SpecError as exc:  # the conductor names the user's file, not our copy
         protocol.send(sock, protocol.Broken(node=node, field=exc.field, message=exc.detail))

@@ -75,7 +75,7 @@ def _pods(run_dir: str, otherwise: str) -> list[Path]:
     if current["state"] != "running":
         raise UsageError(f"{run_dir}: the run is {current['state']}, not running; "
                          + otherwise)
-    return ([Path(p["run_dir"]) for p in current["pods"]] if "controller" in current
+    return ([Path(p["run_dir"]) for p in current["pods"]] if current.get("controller")
             else [Path(run_dir)])
 
 

@@ -249,6 +249,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
 
 def _hold(socket_path: Path) -> None:
     """Stay up until SIGTERM or SIGINT, telling every agent that connects to stop."""
+    print("the run is over; holding until SIGTERM", file=sys.stderr, flush=True)
     socket_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))

@@ -151,7 +151,7 @@ def _stop_hopeless_waits(current: dict[str, Any], pods: list[subprocess.Popen]) 
 def _write(run_path: Path, current: dict[str, Any],
            observer: Callable[[dict[str, Any]], None] | None) -> None:
     try:
-        status.write(run_path, current)
+        status.write(run_path, status.record(current))
     except OSError:
         pass
     if observer is not None:

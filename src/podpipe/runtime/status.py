@@ -7,38 +7,148 @@ process is gone is reported as `interrupted`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from podpipe.errors import UsageError
 from podpipe.runtime import files
 from podpipe.runtime.scratch import alive
 
 FILE = "status.json"
-
-
 SCHEMA_VERSION = 1  # of the status record (`schemaVersion`)
 
 
-def write(run_dir: Path, status: dict[str, Any]) -> None:
-    files.publish(run_dir / FILE, json.dumps(status, indent=2))
+class _Record(msgspec.Struct, forbid_unknown_fields=True):
+    pass
+
+
+class ProcessInfo(_Record):
+    role: str                   # conductor | stage
+    stage: str | None
+    pid: int
+    pod: str
+    start: str | None = None    # the conductor's kernel start time (liveness check)
+    alive: bool | None = None
+    container: str | None = None
+
+
+class StageStatus(_Record):
+    kind: str                   # source | stage | reduce | sink
+    batches_done: int
+    batches_total: int
+    rows_in: int
+    rows_out: int
+    busy_seconds: float
+    bytes_written: int
+    bytes_read: int
+    restarts: int
+    restored: dict[str, int]    # tier -> batches restored from it
+    recomputed: int
+    reused: int
+    version: str | None = None
+    versions: dict[str, int] = {}
+    held: str | None = None
+
+
+class PodInfo(_Record):
+    ordinal: int
+    replicas: int
+    shards: list[int]
+    waiting_for: list[int]
+
+
+class DurableInfo(_Record):
+    url: str
+    checkpoints: int | None = None
+    last: int | None = None
+    behind: bool | None = None
+    error: str | None = None
+
+
+class NodeTierInfo(_Record):
+    copies: int
+    errors: list[str]
+
+
+class PodRow(_Record):
+    """One replica, in the status of a multi-replica run directory."""
+
+    ordinal: int
+    shards: list[int]
+    state: str
+    error: str | None
+    pid: int
+    run_dir: str
+    waiting_for: list[int] = []
+    pids: list[int] = []
+
+
+class Controller(_Record):
+    pid: int
+    start: str | None
+
+
+class Status(_Record, kw_only=True):
+    """`status.json`: one pod's run, or (with `pods`) several replicas added up."""
+
+    run_id: str
+    pipeline: str
+    state: str                  # running | succeeded | failed | interrupted
+    error: str | None
+    run_dir: str
+    scratch: str | None
+    started: float
+    ended: float | None
+    elapsed_seconds: float
+    budget_bytes: int
+    scratch_bytes: int
+    peak_scratch_bytes: int
+    source_batches: int | None
+    spilled_outputs: int
+    shards: int
+    processes: list[ProcessInfo]
+    stages: dict[str, StageStatus]
+    restore_notes: list[str]
+    durable: DurableInfo | None = None
+    pod: PodInfo | None = None                 # one pod's
+    node_tier: NodeTierInfo | None = None
+    replicas: int | None = None                # several replicas'
+    controller: Controller | None = None
+    pods: list[PodRow] | None = None
+    schemaVersion: int = SCHEMA_VERSION
+
+
+def record(data: dict[str, Any]) -> Status:
+    """The typed record of a status built as plain data (an aggregate)."""
+    return msgspec.convert(data, Status)
+
+
+def plain(status: Status) -> dict[str, Any]:
+    """The status as plain data, as `podpipe status --json` prints it."""
+    return msgspec.to_builtins(status)
+
+
+def write(run_dir: Path, status: Status) -> None:
+    files.publish(run_dir / FILE, msgspec.json.format(msgspec.json.encode(status), indent=2))
 
 
 def read(run_dir: str | Path) -> dict[str, Any]:
+    """The status of the run in `run_dir` as plain data (checked against `Status`)."""
     run_dir = Path(run_dir)
     try:
-        status = json.loads((run_dir / FILE).read_text())
+        status = plain(msgspec.json.decode((run_dir / FILE).read_bytes(), type=Status))
     except FileNotFoundError:
         kind = "no such directory" if not run_dir.is_dir() else f"has no {FILE}"
         raise UsageError(f"{run_dir}: not a podpipe run directory ({kind})") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, msgspec.DecodeError) as exc:
         raise UsageError(f"{run_dir / FILE}: unreadable status: {exc}") from None
-    if status.get("state") == "running":
+    if status["state"] == "running":
         # The process that writes the file: a pod's conductor, or the process that
         # started every replica (runtime.replicas).
         owner = status.get("controller") or next(
-            (p for p in status.get("processes", []) if p.get("role") == "conductor"), None)
+            (p for p in status["processes"] if p["role"] == "conductor"), None)
         if owner is None or not alive(owner["pid"], owner.get("start")):
             status["state"] = "interrupted"
     return status

@@ -119,7 +119,7 @@ class Conductor:
             self._flush(final=True)
         if self.outcome[1] is not None:
             raise self.outcome[1]
-        return self._snapshot()
+        return status.plain(self._snapshot())
 
     def _loop(self) -> None:
         next_flush = time.monotonic()
@@ -347,17 +347,17 @@ class Conductor:
         self.processes.stop_all(terminate=not succeeded)
         self.agents.close()
 
-    def _snapshot(self) -> dict[str, Any]:
+    def _snapshot(self) -> status.Status:
         run, (state, error) = self.run, self.outcome
         who = Identity(run.run_id, run.pipeline.name, str(run.run_dir), str(run.scratch.path),
                        run.pod, run.placement.ordinal, run.placement.replicas,
                        run.placement.shards, run.pipeline.memory, len(run.plan))
         if self.processes.local:
-            processes = [{"role": "stage", "stage": node, "pid": pid, "pod": run.pod,
-                          "alive": alive} for node, pid, alive in self.processes.listing()]
+            processes = [status.ProcessInfo("stage", node, pid, run.pod, alive=alive)
+                         for node, pid, alive in self.processes.listing()]
         else:  # containers: pids in their own namespaces, alive while connected
-            processes = [{"role": "stage", "stage": node, "pid": pid, "pod": run.pod,
-                          "container": node, "alive": self.agents.connected(node)}
+            processes = [status.ProcessInfo("stage", node, pid, run.pod, container=node,
+                                            alive=self.agents.connected(node))
                          for node, pid in self.agents.pids.items()]
         return snapshot(who, run.graph, self.engine, self.counters, self.checkpoints,
                         processes, state, str(error) if error else None)
@@ -372,7 +372,7 @@ class Conductor:
         except OSError:
             pass  # the status file is a view; the run does not depend on it
         if self.observer is not None:
-            self.observer(current)
+            self.observer(status.plain(current))
 
     def _log(self, message: str) -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from podpipe.engine.state import RunState
 from podpipe.model.graph import Graph
@@ -89,43 +88,38 @@ class Identity:
 
 
 def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
-             checkpoints: Checkpoints, processes: list[dict[str, Any]], state: str,
-             error: str | None) -> dict[str, Any]:
+             checkpoints: Checkpoints, processes: list[status.ProcessInfo], state: str,
+             error: str | None) -> status.Status:
     """The status record of this pod's run, as it is now."""
     me = os.getpid()
-    listed = [{"role": "conductor", "stage": None, "pid": me, "pod": who.pod,
-               "start": process_start(me)}] + processes
+    listed = [status.ProcessInfo("conductor", None, me, who.pod, start=process_start(me)),
+              *processes]
     stages = {}
     for node in graph.order:
         s = counters.stages[node]
-        stages[node] = {
-            "kind": kind(node, graph), "version": s.version, "versions": s.versions,
-            "held": engine.held(node),
-            "batches_done": engine.done_count(node), "batches_total": engine.total(node),
-            "rows_in": s.rows_in, "rows_out": s.rows_out, "busy_seconds": round(s.busy, 4),
-            "bytes_written": s.bytes_written, "bytes_read": s.bytes_read,
-            "restarts": engine.restarts[node],
-            "restored": {tier: checkpoints.restored.get(node, {}).get(tier, 0)
-                         for tier in TIERS},
-            "recomputed": checkpoints.recomputed.get(node, 0),
-            "reused": s.reused,
-        }
+        stages[node] = status.StageStatus(
+            kind=kind(node, graph), version=s.version, versions=s.versions,
+            held=engine.held(node),
+            batches_done=engine.done_count(node), batches_total=engine.total(node),
+            rows_in=s.rows_in, rows_out=s.rows_out, busy_seconds=round(s.busy, 4),
+            bytes_written=s.bytes_written, bytes_read=s.bytes_read,
+            restarts=engine.restarts[node],
+            restored={tier: checkpoints.restored.get(node, {}).get(tier, 0) for tier in TIERS},
+            recomputed=checkpoints.recomputed.get(node, 0), reused=s.reused)
     ended = counters.ended
-    return {
-        "schemaVersion": status.SCHEMA_VERSION,
-        "run_id": who.run_id, "pipeline": who.pipeline, "state": state, "error": error,
-        "run_dir": who.run_dir, "scratch": who.scratch,
-        "started": counters.started, "ended": ended,
-        "elapsed_seconds": round((ended or time.time()) - counters.started, 3),
-        "budget_bytes": who.budget, "scratch_bytes": engine.budget.usage,
-        "peak_scratch_bytes": engine.budget.peak, "source_batches": who.source_batches,
-        "spilled_outputs": engine.budget.spills,
-        "pod": {"ordinal": who.ordinal, "replicas": who.replicas,
-                "shards": engine.plan.shards_here(), "waiting_for": engine.waiting_for()},
-        "shards": who.shards,
-        "processes": listed, "stages": stages,
-        "restore_notes": checkpoints.notes,
-        "durable": checkpoints.durable.status() if checkpoints.durable else None,
-        "node_tier": {"copies": checkpoints.copies,  # journaled
-                      "errors": checkpoints.node_tier.errors[-5:]},
-    }
+    durable = checkpoints.durable
+    return status.Status(
+        run_id=who.run_id, pipeline=who.pipeline, state=state, error=error,
+        run_dir=who.run_dir, scratch=who.scratch,
+        started=counters.started, ended=ended,
+        elapsed_seconds=round((ended or time.time()) - counters.started, 3),
+        budget_bytes=who.budget, scratch_bytes=engine.budget.usage,
+        peak_scratch_bytes=engine.budget.peak, source_batches=who.source_batches,
+        spilled_outputs=engine.budget.spills,
+        pod=status.PodInfo(who.ordinal, who.replicas, engine.plan.shards_here(),
+                           engine.waiting_for()),
+        shards=who.shards, processes=listed, stages=stages,
+        restore_notes=list(checkpoints.notes),
+        durable=status.DurableInfo(**durable.status()) if durable else None,
+        node_tier=status.NodeTierInfo(checkpoints.copies,  # journaled
+                                      checkpoints.node_tier.errors[-5:]))
