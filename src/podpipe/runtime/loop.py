@@ -53,16 +53,26 @@ class EventLoop:
     signals, then timers that are due."""
 
     def __init__(self, signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self._signals = tuple(signals)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
-        self._old_fd = signal.set_wakeup_fd(self._wake_w.fileno())
-        self._old_handlers = {s: signal.signal(s, lambda *_: None) for s in signals}
         self._sel.register(self._wake_r, selectors.EVENT_READ, ("signal", None))
+        self._old_fd: int | None = None
+        self._old_handlers: dict[int, Any] = {}
         self._pidfds: dict[int, int] = {}  # pid -> pidfd
         self._timers: list[tuple[float, int, Any]] = []
         self._seq = itertools.count()
+
+    def __enter__(self) -> "EventLoop":
+        """Catch the signals (as events) until the loop is closed."""
+        self._old_fd = signal.set_wakeup_fd(self._wake_w.fileno())
+        self._old_handlers = {s: signal.signal(s, lambda *_: None) for s in self._signals}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- what to wait for -------------------------------------------------------
 
@@ -134,14 +144,11 @@ class EventLoop:
         for pid in list(self._pidfds):
             self.unwatch_exit(pid)
         self._sel.close()
-        signal.set_wakeup_fd(self._old_fd)
+        if self._old_fd is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            self._old_fd = None
         for signum, handler in self._old_handlers.items():
             signal.signal(signum, handler)
+        self._old_handlers = {}
         self._wake_r.close()
         self._wake_w.close()
-
-    def __enter__(self) -> "EventLoop":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -98,18 +98,20 @@ class Conductor:
     def start(self) -> dict[str, Any]:
         """Run to the end; returns the final status, raises the run's error."""
         try:
-            for node in self.run.graph.order:
-                self.run.scratch.output_dir(node).mkdir(exist_ok=True)
-            self.agents.listen()
-            if self.engine.finished:  # resumed after everything was done: nothing to ask
-                self._end("succeeded", None)
-            elif self.processes.local:
-                for node in self.run.graph.order:
-                    self.processes.start(node, [])
-            self._loop()
+            with self.loop:  # signals are events from here on
+                try:
+                    for node in self.run.graph.order:
+                        self.run.scratch.output_dir(node).mkdir(exist_ok=True)
+                    self.agents.listen()
+                    if self.engine.finished:  # resumed when all was done: nothing to do
+                        self._end("succeeded", None)
+                    elif self.processes.local:
+                        for node in self.run.graph.order:
+                            self.processes.start(node, [])
+                    self._loop()
+                finally:
+                    self._stop_all()
         finally:
-            self._stop_all()
-            self.loop.close()
             self.run.scratch.remove()
             self.counters.ended = time.time()
             error = self.checkpoints.close(self.engine, self.run.graph, self.run.placement,
@@ -200,8 +202,7 @@ class Conductor:
         node = hello.node
         expected = (self.processes.expects(node) if self.processes.local
                     else node in self.run.graph.inputs)
-        if not expected or not self.agents.hello(conn, hello):
-            conn.sock.close()
+        if not self.agents.hello(conn, hello, expected=expected):
             return
         self.counters.hello(node, hello.version)
         self.swaps.hello(node, hello.version, hello.pid)

@@ -88,11 +88,11 @@ class Agents:
             said.append((conn, None))
         return said
 
-    def hello(self, conn: Conn, message: protocol.Hello) -> bool:
-        """Take `conn` as the agent of `message.node`; False if it cannot be (already
-        connected, or of another protocol): the connection is closed."""
+    def hello(self, conn: Conn, message: protocol.Hello, *, expected: bool = True) -> bool:
+        """Take `conn` as the agent of `message.node`; False if it cannot be (not
+        `expected`, already connected, of another protocol): the connection is closed."""
         node = message.node
-        if node in self._by_node or message.protocol != protocol.PROTOCOL:
+        if not expected or node in self._by_node or message.protocol != protocol.PROTOCOL:
             self._close(conn)
             return False
         conn.node = node
