@@ -103,6 +103,24 @@ class RunState:
     def done_count(self, node: str) -> int:
         return len(self.done[node] & self.keys(node))
 
+    def restart_count(self, node: str) -> int:
+        return self.restarts[node]
+
+    def done_keys(self) -> dict[str, list[int]]:
+        """What each node has finished (for a checkpoint's manifest)."""
+        return {node: sorted(keys) for node, keys in self.done.items()}
+
+    def kept(self) -> list[Output]:
+        """The outputs the run holds now (a resumed run: those it restored)."""
+        return list(self.outputs.values())
+
+    def shards_here(self) -> list[int]:
+        return self.plan.shards_here()
+
+    def to_redo(self) -> int:
+        """Source batches still to run down the line again (given up or stale)."""
+        return len(set(self.redo) | self.stale)
+
     def held(self, node: str) -> str | None:
         """Why `node` is held (a swapped-in version failed), or None."""
         return self.agents[node].broken

@@ -29,7 +29,7 @@ from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
 from podpipe.model.spec import SOURCE, Pipeline
-from podpipe.runtime import arrowfile, protocol
+from podpipe.runtime import arrowfile, files, protocol
 from podpipe.runtime.store import Store, open_store
 
 # Environment of a `command:` stage, documented in the README.
@@ -262,9 +262,8 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str) -> No
         if written and tier == "ram":
             os.rename(written, path)
         elif written:  # spilled to the node tier: another filesystem
-            tmp = path.with_name(f".{path.name}.tmp")
-            shutil.move(written, tmp)
-            os.rename(tmp, path)
+            with files.publishing(path) as tmp:
+                shutil.move(written, tmp)
         if written:
             rows, checksum = arrowfile.read_table(path).num_rows, arrowfile.checksum(path)
         elif isinstance(result, pa.Table):

@@ -17,6 +17,8 @@ from typing import Any
 import pyarrow as pa
 import xxhash
 
+from podpipe.runtime import files
+
 
 def ipc_size(table: pa.Table) -> int:
     """Bytes the IPC file of `table` will take, without writing it."""
@@ -49,20 +51,15 @@ class _HashingFile:
 
 def write_table(table: pa.Table, path: str | Path) -> tuple[int, str]:
     """Write `table` to `path` atomically; returns (bytes, xxh3 checksum)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        raw = _HashingFile(fd)
-        with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:
-            writer.write_table(table)
-        nbytes = os.lseek(fd, 0, os.SEEK_CUR)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.rename(tmp, path)
+    with files.publishing(Path(path)) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            raw = _HashingFile(fd)
+            with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:
+                writer.write_table(table)
+            nbytes = os.lseek(fd, 0, os.SEEK_CUR)
+        finally:
+            os.close(fd)
     return nbytes, raw.hash.hexdigest()
 
 

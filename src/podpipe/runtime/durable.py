@@ -35,7 +35,7 @@ import msgspec
 from podpipe.model.graph import BATCH, SINGLE, Graph
 from podpipe.model.output import Output
 from podpipe.model.shards import shard_of
-from podpipe.runtime import tiers
+from podpipe.runtime import files, tiers
 from podpipe.runtime.store import Store, open_store
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -132,6 +132,10 @@ def latest(store: Store, group: str) -> Checkpoint | None:
     return None
 
 
+class _Unusable(Exception):
+    """A durable copy that cannot be used (missing, corrupt)."""
+
+
 def fetch(checkpoint: Checkpoint, run_dir: Path,
           nodes: Iterable[str] | None = None) -> tuple[list[Output], list[str]]:
     """Download a checkpoint's outputs (of `nodes`, or all) to the node tier of
@@ -145,16 +149,15 @@ def fetch(checkpoint: Checkpoint, run_dir: Path,
             continue
         dest = tiers.path_for(run_dir, out.node, out.key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.durable.tmp")
-        if not checkpoint.store.download(stored.key, tmp):
-            notes.append(f"{out.node} batch {out.key}: the durable copy is missing")
+        try:
+            with files.publishing(dest) as tmp:  # checked before it is trusted
+                if not checkpoint.store.download(stored.key, tmp):
+                    raise _Unusable("the durable copy is missing")
+                if not tiers.verified(tmp, out.checksum):
+                    raise _Unusable("the durable copy is corrupt (checksum); not used")
+        except _Unusable as exc:
+            notes.append(f"{out.node} batch {out.key}: {exc}")
             continue
-        if not tiers.verified(tmp, out.checksum):
-            notes.append(f"{out.node} batch {out.key}: the durable copy is corrupt "
-                         "(checksum); not used")
-            tmp.unlink()
-            continue
-        tmp.rename(dest)
         copies.append(out.on("durable", str(dest)))
     return copies, notes
 

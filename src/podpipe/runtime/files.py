@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+def temporary_name(name: str) -> str:
+    """The temporary name a file `name` is written under: hidden, unique to this
+    process (on an object store too, where the same scheme is used)."""
+    return f".{name}.{os.getpid()}.tmp"
+
+
 def temporary(path: Path) -> Path:
-    """The temporary name `path` is written under: hidden, unique to this process."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(temporary_name(path.name))
 
 
 @contextmanager

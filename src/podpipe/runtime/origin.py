@@ -119,8 +119,8 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
                       kept=kept, finished=finished, shards=placement.shards,
                       owned=placement.owned, global_here=placement.runs_global)
     counts: dict[str, dict[str, int]] = {}
-    for (node, _), output in engine.outputs.items():  # the kept outputs it uses
-        tally = counts.setdefault(node, {})
+    for output in engine.kept():  # the kept outputs it uses
+        tally = counts.setdefault(output.node, {})
         tally[output.tier] = tally.get(output.tier, 0) + 1
-    on_disk = [o for o in engine.outputs.values() if o.tier != "ram"]
+    on_disk = [o for o in engine.kept() if o.tier != "ram"]
     return Restored(engine, counts, finished, notes, on_disk)

@@ -9,7 +9,6 @@ records which versions of which stages made it (JSON: stage -> versions).
 from __future__ import annotations
 
 import json
-import os
 
 import fsspec
 import pyarrow as pa
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 
 from podpipe.errors import RunError
 from podpipe.model.pipeline import Sink
+from podpipe.runtime import files
 
 
 VERSIONS = b"podpipe.versions"
@@ -37,7 +37,7 @@ class Writer:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                    VERSIONS: json.dumps(versions)})
         final = f"{self.root.rstrip('/')}/{file_name(batch)}"
-        tmp = f"{self.root.rstrip('/')}/.{file_name(batch)}.{os.getpid()}.tmp"
+        tmp = f"{self.root.rstrip('/')}/{files.temporary_name(file_name(batch))}"
         try:
             with self.fs.open(tmp, "wb") as f:
                 pq.write_table(table, f)

@@ -11,11 +11,11 @@ fake the unit tests use.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from podpipe.errors import StoreError
+from podpipe.runtime import files
 
 
 class Store(Protocol):
@@ -88,7 +88,8 @@ class FsspecStore:
     def upload(self, key: str, local: Path) -> None:
         self._parent(key)
         if self._local:  # a PUT is atomic; a file copy is not: temporary name first
-            tmp = f"{self._path(key)}.{os.getpid()}.tmp"
+            folder, _, name = self._path(key).rpartition("/")
+            tmp = f"{folder}/{files.temporary_name(name)}"
             self._call(self._fs.put_file, str(local), tmp)
             self._call(self._fs.mv, tmp, self._path(key))
         else:

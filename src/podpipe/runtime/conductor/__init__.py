@@ -327,7 +327,7 @@ class Conductor:
         self._pump()
         self.agents.answer(conn, protocol.Applied(
             added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
-            redo=len(set(self.engine.redo) | self.engine.stale)))
+            redo=self.engine.to_redo()))
 
     # -- the end, and what it looks like --------------------------------------------
 

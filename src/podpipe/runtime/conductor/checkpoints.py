@@ -115,10 +115,10 @@ class Checkpoints:
     def _checkpoint(self, engine: RunState, graph: Graph, placement: Placement) -> None:
         assert self.durable is not None
         groups = {durables.group_name(s): engine.complete(s)
-                  for s in engine.plan.shards_here()}
+                  for s in engine.shards_here()}
         if graph.has_global and placement.runs_global:
             groups[durables.group_name(None)] = engine.complete(None)
-        self.durable.take(self.on_disk, {n: sorted(b) for n, b in engine.done.items()},
+        self.durable.take(self.on_disk, engine.done_keys(),
                           groups)
 
     def _imports(self, engine: RunState, graph: Graph, placement: Placement,

@@ -9,7 +9,6 @@ change, `model.change`); the conductor carries it out.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from podpipe.errors import PodpipeError
 from podpipe.model import change
 from podpipe.model import spec as specs
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime import protocol
+from podpipe.runtime import files, protocol
 from podpipe.runtime.conductor.agents import Agents, Conn
 
 
@@ -108,16 +107,14 @@ class Swaps:
                    "supported yet"
         if self.busy:
             return f"a swap of {self.busy} is in progress; apply once it is done"
-        new_path = self._run_dir / ".spec.apply.yaml"
+        spec = self._run_dir / "spec.yaml"  # what the run runs from now on, if valid
         try:
-            new_path.write_text(request.spec)
-            new = specs.load(new_path, self._base)
-            diff = change.diff(pipeline, new)
+            with files.publishing(spec) as new_path:  # an error leaves the old spec
+                new_path.write_text(request.spec)
+                new = specs.load(new_path, self._base)
+                diff = change.diff(pipeline, new)
         except PodpipeError as exc:  # named after the user's file, not our copy
-            new_path.unlink(missing_ok=True)
-            return str(exc).replace(str(new_path), request.path)
+            return str(exc).replace(str(files.temporary(spec)), request.path)
         except OSError as exc:
-            new_path.unlink(missing_ok=True)
-            return f"cannot write {new_path}: {exc.strerror}"
-        os.replace(new_path, self._run_dir / "spec.yaml")  # what the run runs from now on
+            return f"cannot write {spec}: {exc.strerror}"
         return Change(new, diff)
