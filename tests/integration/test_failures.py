@@ -188,7 +188,7 @@ def test_a_killed_conductor_takes_its_stages_along_and_its_scratch_is_swept(work
 def test_scratch_of_a_live_run_is_never_swept(tmp_path):
     mine = scratch.Scratch.create("sweep-test-live", tmp_path)
     dead = tmp_path / "podpipe-sweep-test-dead"
-    dead.mkdir()
+    dead.mkdir(mode=0o700)
     (dead / "owner.json").write_text(json.dumps({"pid": 2**22 + 7, "start": "1"}))
     assert scratch.sweep(tmp_path) == [dead]
     assert mine.path.exists() and not dead.exists()
@@ -205,7 +205,7 @@ def test_a_run_whose_data_is_many_times_the_budget_completes_within_it(tmp_path)
 
     def sample() -> None:  # watch the real tmpfs, not the conductor's bookkeeping
         while not stop.is_set():
-            for path in Path("/dev/shm").glob("podpipe-t-*"):
+            for path in Path("/dev/shm").glob("podpipe-*"):
                 peak[0] = max(peak[0], scratch.Scratch(path).usage())
             time.sleep(0.002)
 

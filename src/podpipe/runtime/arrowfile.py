@@ -52,7 +52,7 @@ class _HashingFile:
 def write_table(table: pa.Table, path: str | Path) -> tuple[int, str]:
     """Write `table` to `path` atomically; returns (bytes, xxh3 checksum)."""
     with files.publishing(Path(path)) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
         try:
             raw = _HashingFile(fd)
             with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:

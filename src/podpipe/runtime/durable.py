@@ -148,7 +148,7 @@ def fetch(checkpoint: Checkpoint, run_dir: Path,
         if wanted is not None and out.node not in wanted:
             continue
         dest = tiers.path_for(run_dir, out.node, out.key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        files.private_dirs(dest.parent)
         try:
             with files.publishing(dest) as tmp:  # checked before it is trusted
                 if not checkpoint.store.download(stored.key, tmp):

@@ -3,7 +3,8 @@
 A file is written under a temporary name in its own directory (so the rename stays
 on one filesystem), fsynced where durability matters, then renamed over its final
 name: a reader sees the old file or the new one, never half of one. Never rewrite
-a file in place.
+a file in place. The temporary file is created exclusively, mode 0600, without
+following links: what a run writes is its user's alone.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def publishing(path: Path, *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write; on success it becomes `path` (fsynced first,
     and its directory after, with `durable`); on failure it is removed."""
     tmp = temporary(path)
+    _create_private(tmp)
     try:
         yield tmp
         if durable:
@@ -43,6 +45,18 @@ def publishing(path: Path, *, durable: bool = False) -> Iterator[Path]:
         raise
     if durable:
         sync_dir(path.parent)
+
+
+def _create_private(tmp: Path) -> None:
+    """Create the temporary file exclusively, readable by this user only, never
+    through a link someone planted under its name (a stale one of ours goes)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:
+        tmp.unlink()
+        fd = os.open(tmp, flags, 0o600)
+    os.close(fd)
 
 
 def publish(path: Path, data: bytes | str, *, durable: bool = False) -> None:
@@ -61,3 +75,21 @@ def sync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dirs(path: Path) -> None:
+    """`path` and any missing parents, each mode 0700 (`mkdir -p -m 0700`)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass  # made meanwhile
+
+
+def append_private(path: Path) -> int:
+    """A file descriptor appending to `path` (a log), created 0600, never through a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)

@@ -73,7 +73,7 @@ def _reap(conductor: socket.socket) -> None:
 
 
 def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
-    log = os.open(message.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log = os.open(message.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     pid = os.fork()
     if pid:
         os.close(log)

@@ -11,6 +11,7 @@ trusted on resume without checking the file's checksum.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -30,7 +31,9 @@ CREATE TABLE IF NOT EXISTS outputs (
 
 class Journal:
     def __init__(self, run_dir: Path) -> None:
-        self.db = sqlite3.connect(run_dir / FILE, timeout=10)
+        path = run_dir / FILE
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # private;
+        self.db = sqlite3.connect(path, timeout=10)  # its -wal and -shm files follow it
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)

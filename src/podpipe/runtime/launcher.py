@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from podpipe.runtime import protocol
+from podpipe.runtime import files, protocol
 from podpipe.runtime.lifetime import die_with_parent
 
 
@@ -79,7 +79,7 @@ class SpawnLauncher:
                 "--spec", str(w.spec_path), "--socket", str(w.socket_path)]
         for item in [*w.overrides, *overrides]:
             argv += ["--set", item]
-        with open(log, "ab") as out:
+        with open(files.append_private(log), "ab") as out:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                      env={**os.environ, **w.env()}, start_new_session=True,
                                      preexec_fn=die_with_parent)
@@ -103,7 +103,7 @@ class ForkLauncher:
     def __init__(self, where: _Where) -> None:
         self.where = where
         self.sock, theirs = socket.socketpair()
-        with open(where.log_dir / "forkserver.log", "ab") as out:
+        with open(files.append_private(where.log_dir / "forkserver.log"), "ab") as out:
             self.server = subprocess.Popen(
                 [sys.executable, "-m", "podpipe.runtime.forkserver", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,

@@ -155,8 +155,8 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         # A restarted conductor container: the memory volume outlived it, and the run
         # directory is on the node tier. Finish the run from them, unless it is done.
         if status.read(run_path)["state"] != "succeeded":
-            resume(str(run_path), scratch=lambda: scratches.Scratch.adopt(scratch_path,
-                                                                         volume=True),
+            resume(str(run_path), scratch=lambda: scratches.Scratch.adopt(
+                       scratch_path, None, volume=True),
                    launch=layout == "processes", pod=pod)
     else:
         rundir.make(run_path, spec_path, overrides, placement=placement)
@@ -191,27 +191,37 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
     placement = recorded.placement or sharding.Placement()
     pipeline = validate(str(run_path / "spec.yaml"), overrides)
     run_id = before["run_id"]
+    notes: list[str] = []
     if scratch is None:
         old = Path(before["scratch"])
         root = scratches.default_root()
-        adopt = old.is_dir() and old.parent == root
+        adopt = old.parent == root and old.name.startswith(scratches.PREFIX)
         scratches.sweep(root, keep=old if adopt else None)
         _check_budget(pipeline, root)
-        scratch = ((lambda: scratches.Scratch.adopt(old)) if adopt
-                   else (lambda: scratches.Scratch.create(run_id, root)))
+
+        def scratch() -> scratches.Scratch:
+            if adopt and os.path.lexists(old):
+                try:
+                    return scratches.Scratch.adopt(old, run_id)
+                except scratches.UnsafeScratch as exc:
+                    notes.append(f"the RAM scratch was not taken over ({exc}): resumed "
+                                 "from the node tier")
+            return scratches.Scratch.create(run_id, root)
     return _conduct(pipeline, run_path, overrides, run_id,
                     pod or f"{pipeline.name}-{placement.ordinal}",
                     scratch, launch=launch, observer=observer, placement=placement,
-                    origin=Origin(journal=True, source_batches=before["source_batches"]))
+                    origin=Origin(journal=True, source_batches=before["source_batches"]),
+                    notes=notes)
 
 
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
              pod: str, make_scratch: Callable[[], scratches.Scratch], *, launch: bool,
              observer: Callable[[dict[str, Any]], None] | None, origin: Origin,
              placement: sharding.Placement = sharding.Placement(),
-             fresh: bool = False) -> dict[str, Any]:
+             fresh: bool = False, notes: list[str] | None = None) -> dict[str, Any]:
     """Make the scratch, plan the source, find where the run starts from, and hand
-    over to the conductor. `fresh`: the run directory is new (removed if nothing ran)."""
+    over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
+    `notes`: what making the scratch found wrong, for the status."""
     graph = Graph.of(pipeline)
     scratch = launcher = None
     digest = rundir.spec_digest(run_path)
@@ -228,6 +238,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         plan = source.plan(pipeline.source)
         restored = start_from(replace(origin, spec_digest=digest), pipeline, graph, plan,
                               run_path, placement)
+        if restored is not None:
+            restored.notes.extend(notes or [])
         checkpoints = pipeline.checkpoints
         tier = None if not checkpoints.durable else durable.DurableTier(
             durable.checkpoints(checkpoints.durable, pipeline.name, digest),

@@ -28,7 +28,7 @@ from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.sizes import format_size
-from podpipe.runtime import rundir, status
+from podpipe.runtime import files, rundir, status
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime.loop import EventLoop, Signalled
 from podpipe.runtime.scratch import process_start
@@ -90,7 +90,7 @@ def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
                          f"need more than the {format_size(free)} free in {root}; lower "
                          "--memory or --replicas")
     overrides = recorded.overrides + [f"checkpoints.durable={recorded.durable}"]
-    (run_path / "pods").mkdir()
+    (run_path / "pods").mkdir(mode=0o700)
     pods: list[subprocess.Popen] = []
     for index in range(replicas):
         command = [sys.executable, "-m", "podpipe", "run", str(run_path / "spec.yaml"),
@@ -98,7 +98,7 @@ def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
                    "--run-dir", str(run_path / "pods" / str(index))]
         command += [arg for o in overrides for arg in ("--set", o)]
         command += ["--fresh"] if fresh else []
-        log = open(run_path / "logs" / f"pod-{index}.log", "ab")
+        log = open(files.append_private(run_path / "logs" / f"pod-{index}.log"), "ab")
         pods.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL))
         log.close()

@@ -46,12 +46,13 @@ class RunRecord(msgspec.Struct, kw_only=True):
 def make(path: Path, spec_path: str, overrides: list[str], **record: object) -> None:
     """An empty run directory with its logs folder, the spec as run, and `run.json`."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        files.private_dirs(path)
         if any(path.iterdir()):
             raise UsageError(f"--run-dir {path}: already holds a run; resume it with "
                              f"'podpipe resume {path}', or choose an empty directory")
-        (path / "logs").mkdir()
-        shutil.copyfile(spec_path, path / "spec.yaml")
+        path.chmod(0o700)  # the run's data, logs and journal are its user's alone
+        (path / "logs").mkdir(mode=0o700)
+        files.publish(path / "spec.yaml", Path(spec_path).read_bytes())
         write(path, RunRecord(spec=os.path.abspath(spec_path), overrides=overrides,
                               cwd=os.getcwd(), **record))  # type: ignore[arg-type]
     except OSError as exc:

@@ -1,9 +1,15 @@
-"""The pod's RAM scratch: one directory on a tmpfs per run, shared by every process.
+"""The pod's RAM scratch: one private directory on a tmpfs per run, shared by its processes.
 
-Layout: `owner.json` (who owns it), `conductor.sock`, `data/<node>/<batch>.arrow`.
-A finished or failed run removes its scratch; a crashed one is swept by the next
-run on this machine once its owner process is gone (pid and start time checked,
-so a reused pid does not keep garbage alive).
+Layout: `owner.json` (who owns it: pid, start time, run id), `conductor.sock`,
+`data/<node>/<batch>.arrow`. The directory is made exclusively with a random,
+fixed-length name and mode 0700 (`tempfile.mkdtemp`), so nobody else can read its
+data or reach its socket, and the socket's path stays short whatever the
+pipeline's name. A finished or failed run removes its scratch; a crashed one is
+swept by the next run of the same user once its owner process is gone (pid and
+start time checked, so a reused pid does not keep garbage alive). Only directories
+provably podpipe's and the user's own are swept: a real directory (not a link)
+under the scratch root, owned by this user, with an owner file naming a dead
+process.
 """
 
 from __future__ import annotations
@@ -11,31 +17,66 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from podpipe.errors import UsageError
 from podpipe.runtime import files
 
 PREFIX = "podpipe-"
+OWNER = "owner.json"
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the last a NUL
+
+
+class UnsafeScratch(Exception):
+    """A scratch directory this run cannot trust (someone else's, a link, too open)."""
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("PODPIPE_SCRATCH_ROOT", "/dev/shm"))
+    """`PODPIPE_SCRATCH_ROOT`, else /dev/shm; UsageError for an empty or relative one."""
+    value = os.environ.get("PODPIPE_SCRATCH_ROOT")
+    if value is None:
+        return Path("/dev/shm")
+    if not value or not os.path.isabs(value):
+        raise UsageError(f"PODPIPE_SCRATCH_ROOT={value!r}: expected an absolute path to a "
+                         "directory on a tmpfs (unset it for /dev/shm)")
+    return Path(value)
 
 
 def process_start(pid: int) -> str | None:
     """The kernel's start time of `pid` (clock ticks since boot), None if it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat_line.rsplit(")", 1)[1].split()[19]
 
 
 def alive(pid: int, start: str | None) -> bool:
     now = process_start(pid)
     return now is not None and (start is None or now == start)
+
+
+def private_dir(path: Path) -> bool:
+    """Is `path` a real directory (not a link) of this user's that only they can use?"""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            and not st.st_mode & 0o077)
+
+
+def _owner(path: Path) -> dict:
+    """The owner file of a scratch, read without following a link."""
+    fd = os.open(path / OWNER, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd) as f:
+        owner = json.loads(f.read(4096))
+    if not isinstance(owner, dict):
+        raise ValueError("not an owner record")
+    return owner
 
 
 @dataclass(frozen=True)
@@ -46,9 +87,13 @@ class Scratch:
     @classmethod
     def create(cls, run_id: str, root: Path | None = None) -> "Scratch":
         root = root or default_root()
-        path = root / f"{PREFIX}{run_id}"
-        path.mkdir(parents=True)
-        return cls(path)._claim()
+        path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=root))  # 0700, exclusive
+        if len(str(path / "conductor.sock")) > SOCKET_PATH_MAX:
+            shutil.rmtree(path)
+            raise UsageError(f"scratch root {root}: its path is too long for a Unix socket "
+                             f"({SOCKET_PATH_MAX} bytes at most); choose a shorter "
+                             "PODPIPE_SCRATCH_ROOT")
+        return cls(path)._claim(run_id)
 
     @classmethod
     def at(cls, path: Path) -> "Scratch":
@@ -60,18 +105,33 @@ class Scratch:
         path.mkdir(parents=True, exist_ok=True)
         scratch = cls(path, volume=True)
         scratch.remove()
-        return scratch._claim()
+        try:
+            path.chmod(0o700)  # the pod's containers run as one user
+        except OSError:
+            pass  # a volume we do not own: its mount decides
+        return scratch._claim(None)
 
     @classmethod
-    def adopt(cls, path: Path, volume: bool = False) -> "Scratch":
-        """The scratch of a run whose conductor died, taken over with what it holds."""
-        return cls(path, volume)._claim()
+    def adopt(cls, path: Path, run_id: str | None, volume: bool = False) -> "Scratch":
+        """The scratch of a run whose conductor died, taken over with what it holds.
+        UnsafeScratch if it is not provably this user's own scratch of that run."""
+        if not volume:
+            if not private_dir(path):
+                raise UnsafeScratch(f"{path} is not a private directory of this user's")
+            try:
+                owner = _owner(path)
+            except (OSError, ValueError) as exc:
+                raise UnsafeScratch(f"{path}: no readable owner record ({exc})") from None
+            if owner.get("run_id") != run_id:
+                raise UnsafeScratch(f"{path} belongs to run {owner.get('run_id')!r}, "
+                                    f"not {run_id!r}")
+        return cls(path, volume)._claim(run_id)
 
-    def _claim(self) -> "Scratch":
+    def _claim(self, run_id: str | None) -> "Scratch":
         path = self.path
-        (path / "data").mkdir(exist_ok=True)
-        owner = {"pid": os.getpid(), "start": process_start(os.getpid())}
-        files.publish(path / "owner.json", json.dumps(owner))
+        (path / "data").mkdir(mode=0o700, exist_ok=True)
+        owner = {"pid": os.getpid(), "start": process_start(os.getpid()), "run_id": run_id}
+        files.publish(path / OWNER, json.dumps(owner))
         return self
 
     @property
@@ -81,14 +141,17 @@ class Scratch:
     def output_dir(self, node: str) -> Path:
         return self.path / "data" / node
 
+    def make_output_dir(self, node: str) -> None:
+        self.output_dir(node).mkdir(mode=0o700, exist_ok=True)
+
     def output_path(self, node: str, batch: int) -> Path:
         return self.output_dir(node) / f"{batch:06d}.arrow"
 
     def usage(self) -> int:
         """Bytes of files under the scratch directory, as the filesystem counts them."""
         total = 0
-        for folder, _, files in os.walk(self.path):
-            for name in files:
+        for folder, _, names in os.walk(self.path):
+            for name in names:
                 try:
                     total += os.stat(os.path.join(folder, name)).st_blocks * 512
                 except FileNotFoundError:
@@ -107,28 +170,24 @@ class Scratch:
 
 
 def sweep(root: Path | None = None, keep: Path | None = None) -> list[Path]:
-    """Remove scratch directories whose owner process is gone, but `keep`; returns them."""
+    """Remove this user's scratch directories under `root` whose owner process is
+    gone, but `keep`; returns them. What cannot be proven podpipe's and this user's
+    own (no owner record, a link, another owner, open modes) is left alone."""
     root = root or default_root()
     removed: list[Path] = []
     try:
-        candidates = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.is_dir()]
+        candidates = [p for p in root.iterdir() if p.name.startswith(PREFIX)]
     except OSError:
         return removed
     for path in candidates:
-        if path == keep:
+        if path == keep or not private_dir(path):
             continue
         try:
-            owner = json.loads((path / "owner.json").read_text())
+            owner = _owner(path)
             if alive(int(owner["pid"]), owner.get("start")):
                 continue
         except (OSError, ValueError, KeyError, TypeError):
-            # No readable owner: a run that crashed while creating it, unless it is
-            # being created right now; give a fresh directory a minute.
-            try:
-                if time.time() - path.stat().st_mtime < 60:
-                    continue
-            except OSError:
-                continue
+            continue  # not provably a podpipe scratch (or being created right now)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed

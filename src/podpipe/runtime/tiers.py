@@ -78,7 +78,7 @@ class NodeTier:
 
 def _copy(fd: int, dest: Path) -> str:
     """Copy an open file to `dest` atomically and durably; returns its xxh3."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    files.private_dirs(dest.parent)
     digest = xxhash.xxh3_64()
     with files.publishing(dest, durable=True) as tmp, open(tmp, "wb") as out:
         offset = 0

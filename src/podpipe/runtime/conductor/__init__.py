@@ -32,7 +32,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline
 from podpipe.model.shards import Placement
 from podpipe.runtime import loop as loops
-from podpipe.runtime import protocol, status, tiers
+from podpipe.runtime import files, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.processes import Processes
@@ -80,7 +80,7 @@ class Conductor:
             retries=retries(run.pipeline, run.graph), shards=run.placement.shards,
             owned=run.placement.owned, global_here=run.placement.runs_global)
         self.loop = loops.EventLoop()
-        self.agents = Agents(self.loop, run.scratch.socket)
+        self.agents = Agents(self.loop, run.scratch.socket, self._log)
         self.processes = Processes(launcher, self.loop)
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log)
@@ -101,7 +101,7 @@ class Conductor:
             with self.loop:  # signals are events from here on
                 try:
                     for node in self.run.graph.order:
-                        self.run.scratch.output_dir(node).mkdir(exist_ok=True)
+                        self.run.scratch.make_output_dir(node)
                     self.agents.listen()
                     if self.engine.finished:  # resumed when all was done: nothing to do
                         self._end("succeeded", None)
@@ -221,7 +221,7 @@ class Conductor:
             Path(action.path).unlink(missing_ok=True)
         elif isinstance(action, ev.Spill):
             path = tiers.path_for(self.run.run_dir, action.node, action.batch)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            files.private_dirs(path.parent)
             self._log(f"RAM budget full: stage {action.node!r} batch {action.batch} spills "
                       f"to the node tier ({path})")
             self.agents.send(action.node, protocol.Grant(path=str(path), tier="node"))
@@ -314,7 +314,7 @@ class Conductor:
         self.run = replace(self.run, pipeline=accepted.pipeline, graph=graph)
         for node in diff.added:
             self.counters.add(node)
-            self.run.scratch.output_dir(node).mkdir(exist_ok=True)
+            self.run.scratch.make_output_dir(node)
         self.events.append(ev.Reshaped(graph, retries(accepted.pipeline, graph)))
         self._pump()  # the engine knows the new graph before the new processes say hello
         for node in diff.added:
@@ -378,7 +378,8 @@ class Conductor:
     def _log(self, message: str) -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""
         try:
-            with open(self.run.run_dir / "logs" / "conductor.log", "a") as log:
+            with open(files.append_private(self.run.run_dir / "logs" / "conductor.log"),
+                      "a") as log:
                 log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
         except OSError:
             pass

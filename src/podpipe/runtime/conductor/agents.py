@@ -2,7 +2,9 @@
 
 The conductor listens on a Unix socket in RAM scratch. A connection becomes an
 agent's once it says `Hello` for a node the run has (and that is not connected
-already); others (`podpipe swap`, a startup probe) stay anonymous. Sockets are
+already); others (`podpipe swap`, a startup probe) stay anonymous. Only the run's
+own user can connect: the socket is 0600 in a 0700 directory, and each peer's uid
+is checked (SO_PEERCRED) before anything it says is read. Sockets are
 never read blocking: `_drain` may have read what made one ready earlier in the
 same round of events. `to_event` turns what an agent said into the engine's
 event, a pure function.
@@ -10,9 +12,12 @@ event, a pure function.
 
 from __future__ import annotations
 
+import os
 import socket
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from podpipe.engine import events as ev
 from podpipe.errors import InputError, SpecError
@@ -27,6 +32,12 @@ class Conn:
     sock: socket.socket
     reader: protocol.Reader = field(default_factory=protocol.Reader)
     node: str | None = None
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
 
 
 def to_event(node: str, message: protocol.Message, spec_file: str) -> ev.Event | None:
@@ -45,8 +56,9 @@ def to_event(node: str, message: protocol.Message, spec_file: str) -> ev.Event |
 
 
 class Agents:
-    def __init__(self, loop: EventLoop, path: Path) -> None:
-        self._loop, self.path = loop, path
+    def __init__(self, loop: EventLoop, path: Path,
+                 log: Callable[[str], None] = lambda _: None) -> None:
+        self._loop, self.path, self._log = loop, path, log
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._by_node: dict[str, Conn] = {}
         self._all: list[Conn] = []     # every connection, to close at the end
@@ -55,6 +67,7 @@ class Agents:
     def listen(self) -> None:
         self.path.unlink(missing_ok=True)  # a dead conductor's, on resume
         self._listener.bind(str(self.path))
+        os.chmod(self.path, 0o600)  # in a 0700 directory; peers are checked too
         self._listener.listen(64)
         self._listener.setblocking(False)
         self._loop.watch(self._listener, LISTEN)
@@ -66,6 +79,11 @@ class Agents:
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:  # taken already (by a drain, in the same round)
+                return []
+            uid = peer_uid(sock)
+            if uid != os.geteuid():  # only the run's own user may drive it
+                self._log(f"refused a connection from uid {uid}: not the run's user")
+                sock.close()
                 return []
             conn = Conn(sock)
             self._all.append(conn)

@@ -1,0 +1,242 @@
+"""Only the run's owner can touch a run, and bad input is a clear refusal.
+
+The second user is simulated with `os.setuid` in a forked child (uid 65534,
+nobody), which needs root; where the tests do not run as root those cases are
+skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_numbers, podpipe, read_sink, run_status, spec, wait_until, write_spec
+
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="simulating a second user needs root")
+
+
+def _as_nobody_here(function) -> int:
+    """In a forked child: become uid 65534, run `function`; the exit code to leave
+    with (0: it returned True). Never returns into the test runner."""
+    import warnings
+
+    code = 1
+    try:
+        warnings.simplefilter("ignore")  # the test runner's objects, copied by fork
+        os.setgid(NOBODY)
+        os.setuid(NOBODY)
+        code = 0 if function() else 3
+    except BaseException:
+        code = 4
+    finally:
+        os._exit(code)
+
+
+def _as_nobody(function) -> int:
+    """Run `function` in a forked child as uid 65534; its exit code (0: it returned
+    True)."""
+    pid = os.fork()
+    if pid == 0:
+        _as_nobody_here(function)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _slow_spec(workdir: Path, **extra) -> None:
+    make_numbers(workdir / "data", files=4, rows=1000, row_group=1000)
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
+         {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["slow"]}],
+        [{"input": "total", "uri": "out/"}], **extra))
+
+
+def _start(workdir: Path, *args: str, **env: str) -> subprocess.Popen:
+    from conftest import cli_env
+
+    return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                             "--run-dir", "run", *args], cwd=workdir,
+                            env=cli_env(SLOW_SECONDS="0.3", **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _running(workdir: Path) -> dict:
+    wait_until(lambda: run_status(workdir / "run").get("stages", {}).get("slow", {})
+               .get("batches_done", 0) >= 1, "a batch through the slow stage")
+    return run_status(workdir / "run")
+
+
+def test_a_runs_scratch_run_directory_and_data_are_readable_by_its_user_only(tmp_path):
+    _slow_spec(tmp_path)
+    run = _start(tmp_path)
+    try:
+        status = _running(tmp_path)
+        scratch = Path(status["scratch"])
+        modes = {p: stat.S_IMODE(os.lstat(p).st_mode) for p in
+                 [scratch, *scratch.rglob("*"), tmp_path / "run", *(tmp_path / "run").rglob("*")]}
+        assert modes[scratch] == 0o700 and modes[tmp_path / "run"] == 0o700
+        opened = {p: m for p, m in modes.items() if m & 0o077}
+        assert opened == {}, opened
+        data = [p for p in scratch.rglob("*.arrow")] + list((tmp_path / "run").rglob("*.arrow"))
+        assert data, "no batch file to look at"
+        assert stat.S_IMODE(os.lstat(scratch / "conductor.sock").st_mode) == 0o600
+    finally:
+        run.kill()
+        run.communicate()
+        wait_until(lambda: not Path(status["scratch"]).exists() or
+                   _sweep_now(tmp_path), "the scratch swept")
+
+
+def _sweep_now(workdir: Path) -> bool:
+    from podpipe.runtime import scratch
+
+    scratch.sweep()
+    return True
+
+
+def test_the_scratch_name_is_random_and_fixed_length_so_a_long_pipeline_name_runs(tmp_path):
+    name = "a" * 63  # a DNS label at its longest
+    make_numbers(tmp_path / "data", files=1, rows=100)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}], name=name))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    scratch = Path(run_status(tmp_path / "run")["scratch"])
+    assert name not in scratch.name and len(scratch.name) == len("podpipe-") + 8
+
+
+@as_root
+def test_another_user_cannot_reach_the_conductor(tmp_path):
+    _slow_spec(tmp_path)
+    run = _start(tmp_path)
+    try:
+        sock = str(Path(_running(tmp_path)["scratch"]) / "conductor.sock")
+
+        def connect() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(sock)
+                except PermissionError:
+                    return True  # refused: the directory is 0700
+                return False
+        assert _as_nobody(connect) == 0
+        done = podpipe("swap", "run", "slow", "--run", "pystages:double", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr  # the owner still can
+    finally:
+        run.kill()
+        run.communicate()
+        _sweep_now(tmp_path)
+
+
+@as_root
+def test_a_peer_of_another_uid_is_refused_before_anything_it_says_is_read(tmp_path):
+    """Even where the socket is reachable (modes changed by hand), the conductor checks
+    the peer's uid (SO_PEERCRED) and refuses another user's connection."""
+    from podpipe.runtime import protocol
+    from podpipe.runtime.conductor.agents import Agents
+    from podpipe.runtime.loop import EventLoop, Ready
+
+    import shutil
+    import tempfile
+    import time
+
+    logged: list[str] = []
+    shared = Path(tempfile.mkdtemp(prefix="podpipe-test-"))  # reachable by nobody too
+    shared.chmod(0o777)
+    path = shared / "c.sock"
+    try:
+        with EventLoop(signals=()) as loop:
+            agents = Agents(loop, path, logged.append)
+            agents.listen()
+            os.chmod(path, 0o666)
+
+            def swap() -> bool:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(str(path))
+                    s.settimeout(10)
+                    try:
+                        protocol.send(s, protocol.SwapRequest(stage="a", overrides=["x=1"]))
+                        return s.recv(1) == b""  # closed without an answer
+                    except (BrokenPipeError, ConnectionResetError):
+                        return True  # closed already
+            pid = os.fork()
+            if pid == 0:
+                _as_nobody_here(swap)
+            said = []
+            deadline = time.monotonic() + 30
+            while not logged and time.monotonic() < deadline:
+                for happening in loop.wait(1):
+                    if isinstance(happening, Ready):
+                        said += agents.read(happening.tag)
+            agents.close()
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+            assert said == [] and logged and f"uid {NOBODY}" in logged[0]
+    finally:
+        shutil.rmtree(shared)
+
+
+@as_root
+def test_resume_does_not_take_over_a_scratch_someone_else_planted(tmp_path):
+    _slow_spec(tmp_path, memory="256MiB")
+    run = _start(tmp_path)
+    status = _running(tmp_path)
+    run.kill()
+    run.communicate()
+    scratch = Path(status["scratch"])
+    wait_until(lambda: all(not Path(f"/proc/{p['pid']}").exists()
+                           for p in status["processes"]), "the stage processes gone")
+    import shutil
+    shutil.rmtree(scratch)
+    target = tmp_path / "victim"
+    target.mkdir()
+    (target / "precious.txt").write_text("mine")
+    scratch.mkdir(mode=0o777)  # planted by another user, predictable or not
+    os.chown(scratch, NOBODY, NOBODY)
+    os.symlink(target / "precious.txt", scratch / "owner.json")
+    done = podpipe("resume", "run", cwd=tmp_path, SLOW_SECONDS="0.01")
+    try:
+        assert done.returncode == 0, done.stderr
+        assert (target / "precious.txt").read_text() == "mine"
+        assert sorted(p.name for p in scratch.iterdir()) == ["owner.json"]
+        after = run_status(tmp_path / "run")
+        assert Path(after["scratch"]) != scratch
+        assert any("not taken over" in n for n in after["restore_notes"]), after
+        assert read_sink(tmp_path / "out").num_rows == 1
+    finally:
+        shutil.rmtree(scratch)
+
+
+def test_the_sweep_leaves_what_it_cannot_prove_is_its_own(tmp_path):
+    from podpipe.runtime import scratch
+
+    root = tmp_path / "shm"
+    root.mkdir()
+    project = root / "podpipe-myproject"  # a user's own directory, not a scratch
+    project.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    os.utime(project, (0, 0))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "podpipe-link").symlink_to(elsewhere)
+    assert scratch.sweep(root) == []
+    assert (project / "notes.txt").exists() and elsewhere.exists()
+
+
+@pytest.mark.parametrize("value", ["", "relative/dir"], ids=["empty", "relative"])
+def test_a_scratch_root_that_is_not_an_absolute_path_is_refused(tmp_path, value):
+    make_numbers(tmp_path / "data", files=1, rows=10)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    (tmp_path / "podpipe-keep").mkdir()
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path, PODPIPE_SCRATCH_ROOT=value)
+    assert done.returncode == 2, done.stderr
+    assert "PODPIPE_SCRATCH_ROOT" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "podpipe-keep").exists()
