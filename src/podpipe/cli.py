@@ -267,6 +267,9 @@ def _with_progress(console, quiet: bool, start) -> int:
     for note in final.get("restore_notes", []):
         console.print(f"[yellow]restored:[/] {note}", highlight=False)
     console.print(report.summary(final))
+    warning = report.durable_warning(final)
+    if warning:
+        console.print(f"[yellow]durable:[/] {warning}", highlight=False)
     console.print(f"run directory: {final['run_dir']}")
     return 0
 

@@ -72,6 +72,16 @@ def summary(status: dict[str, Any]) -> Table:
     return table
 
 
+def durable_warning(status: dict[str, Any]) -> str | None:
+    """A sentence when the durable tier did not keep up (said at the end of a run)."""
+    durable = status.get("durable") or {}
+    if not durable.get("behind") and not durable.get("error"):
+        return None
+    return (f"the last checkpoint to {durable['url']} was not written" +
+            (f" ({durable['error']})" if durable.get("error") else "") +
+            ": a node lost now would start over from an earlier one")
+
+
 def status_table(status: dict[str, Any]) -> Table:
     """`podpipe status` without --json."""
     table = summary(status)
@@ -79,13 +89,15 @@ def status_table(status: dict[str, Any]) -> Table:
             for n, s in status["stages"].items() if s.get("held")]
     table.caption = (f"run {status['run_id']}  state {status['state']}  scratch "
                      f"{status['scratch']}" + (f"\nerror: {status['error']}"
-                                                if status.get("error") else "") + "".join(held))
+                                                if status.get("error") else "") + "".join(held)
+                     + (f"\ndurable: {durable_warning(status)}"
+                        if status["state"] != "running" and durable_warning(status) else ""))
     pids = Table(title="processes")
     for column in ("role", "stage", "pod", "pid", "alive"):
         pids.add_column(column)
     live = status["state"] == "running"
     for p in status["processes"]:
-        alive = p.get("alive", live) if live else False
+        alive = (live if p.get("alive") is None else p["alive"]) if live else False
         pids.add_row(p["role"], p["stage"] or "", p["pod"], str(p["pid"]),
                      "yes" if alive else "no")
     grid = Table.grid()

@@ -240,3 +240,89 @@ def test_a_scratch_root_that_is_not_an_absolute_path_is_refused(tmp_path, value)
     assert done.returncode == 2, done.stderr
     assert "PODPIPE_SCRATCH_ROOT" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "podpipe-keep").exists()
+
+
+def test_a_second_resume_of_the_same_run_refuses_at_once_naming_the_holder(tmp_path):
+    _slow_spec(tmp_path)
+    run = _start(tmp_path)
+    _running(tmp_path)
+    run.kill()
+    run.communicate()
+    first = subprocess.Popen([sys.executable, "-m", "podpipe", "resume", "run", "--quiet"],
+                             cwd=tmp_path, env=__import__("conftest").cli_env(SLOW_SECONDS="1"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: run_status(tmp_path / "run").get("state") == "running" and
+                   run_status(tmp_path / "run")["processes"][0]["pid"] == first.pid,
+                   "the first resume to run")
+        second = podpipe("resume", "run", cwd=tmp_path)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by process {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+        _sweep_now(tmp_path)
+
+
+@pytest.mark.parametrize("sinks, uri, message", [
+    ([{"input": "s", "uri": "out/"}, {"name": "again", "input": "s", "uri": "./out"}],
+     "data/*.parquet", "overlaps sink 'sink-0'"),
+    ([{"input": "s", "uri": "out/"}, {"name": "inner", "input": "s", "uri": "out/inner"}],
+     "data/*.parquet", "overlaps sink 'sink-0'"),
+    ([{"input": "s", "uri": "data/out/"}], "data", "inside the source"),
+    ([{"input": "s", "uri": "data/"}], "data/*.parquet", "inside the source"),
+], ids=["same-uri", "nested", "inside-a-folder-source", "matched-by-the-source-glob"])
+def test_sinks_that_would_lose_or_read_back_data_are_refused(tmp_path, sinks, uri, message):
+    make_numbers(tmp_path / "data", files=1, rows=10)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}], sinks, uri=uri))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "spec.sinks[" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("shards=1000000000000", "spec.shards: expected at most 100,000"),
+    ("source.batchRows=99999999999", "spec.source.batchRows: expected at most"),
+], ids=["shards", "batch-rows"])
+def test_sizes_beyond_sane_limits_are_refused_with_the_limit(tmp_path, setting, message):
+    make_numbers(tmp_path / "data", files=1, rows=10)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    done = podpipe("validate", "p.yaml", "--set", setting, cwd=tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_spec_that_never_ends_is_refused_after_a_mebibyte(tmp_path):
+    done = podpipe("validate", "/dev/zero", cwd=tmp_path, timeout=30)
+    assert done.returncode == 2 and "larger than 1 MiB" in done.stderr, done.stderr
+
+
+def test_more_local_replicas_than_the_machine_can_hold_are_refused(tmp_path):
+    make_numbers(tmp_path / "data", files=1, rows=10)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--replicas", str(4 * os.cpu_count() + 1), cwd=tmp_path)
+    assert done.returncode == 2 and "pods on this machine" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("durable, cause", [
+    ("bogus://x", "bogus"),
+    ("file:///proc/podpipe-cannot-write-here", "/proc"),
+], ids=["unknown-scheme", "not-writable"])
+def test_a_durable_tier_that_cannot_be_written_is_refused_before_anything_runs(
+        tmp_path, durable, cause):
+    make_numbers(tmp_path / "data", files=1, rows=10)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}],
+                                         checkpoints={"durable": durable}))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "spec.checkpoints.durable" in done.stderr and cause in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()

@@ -40,6 +40,8 @@ class Stage:
     env: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
     retries: int = DEFAULT_RETRIES
+    timeout: float | None = None  # seconds a batch may take; over it, the process dies
+    schema: str = "fixed"         # "any": its output schema may change between batches
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class Sink:
 
 @dataclass(frozen=True)
 class Checkpoints:
-    """Accepted now; the tiers that use it arrive with the checkpoints issue."""
+    """Where run directories go, the durable tier and how often it is written."""
 
     node: str = ".podpipe"
     durable: str | None = None
@@ -59,6 +61,7 @@ class Checkpoints:
     interval: float = 30.0
     keep: int = 3
     reuse: bool = False  # keep every stage output on the durable tier, by what made it
+    required: bool = False  # a run whose last checkpoint failed fails
 
 
 @dataclass(frozen=True)

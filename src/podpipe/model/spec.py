@@ -8,6 +8,7 @@ expected. Everything past this module sees typed objects only.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from podpipe.errors import SpecError
+from podpipe.model import locations
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
                                      Resources, Sink, Source, Stage)
@@ -25,6 +27,10 @@ KIND = "Pipeline"
 DEFAULT_MEMORY = "1GiB"
 DEFAULT_BATCH_ROWS = 500_000
 SOURCE_FORMATS = ("parquet", "csv", "arrow")
+# Bounds on what a spec may ask for: beyond them it is a mistake, not a workload.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SHARDS = 100_000
+MAX_BATCH_ROWS = 1 << 31
 
 # A stage's name becomes a process name, a directory in scratch and, on
 # Kubernetes, a container name: so it must be a DNS-1123 label.
@@ -37,7 +43,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
     """Read, override (`--set KEY=VALUE`) and validate the spec at `path`."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)  # never more: /dev/zero is a file too
     except FileNotFoundError:
         raise SpecError("no such file", file=str(path)) from None
     except IsADirectoryError:
@@ -49,6 +56,9 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
 
 def parse(raw: bytes | str, *, file: str = "spec", overrides=()) -> Pipeline:
     """Validate spec text; see `load`."""
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"is larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec is a short "
+                        "YAML document", file=file)
     if isinstance(raw, bytes):
         if b"\0" in raw:
             raise SpecError("is a binary file, expected YAML text", file=file)
@@ -117,9 +127,22 @@ class _Reader:
             raise self.fail(path, f"expected a non-empty string, got {_kind(value)}")
         return value
 
-    def integer(self, path: str, value: Any, minimum: int = 1) -> int:
+    def integer(self, path: str, value: Any, minimum: int = 1,
+                maximum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.fail(path, f"expected an integer >= {minimum}, got {value!r}")
+        if maximum is not None and value > maximum:
+            raise self.fail(path, f"expected at most {maximum:,}, got {value:,}")
+        return value
+
+    def seconds(self, path: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise self.fail(path, f"expected seconds > 0, got {value!r}")
+        return float(value)
+
+    def boolean(self, path: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"expected true or false, got {value!r}")
         return value
 
     def strings(self, path: str, value: Any) -> tuple[str, ...]:
@@ -154,14 +177,21 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
         memory_bytes = parse_size(memory)
     except ValueError as exc:
         raise r.fail("spec.memory", str(exc)) from None
+    source = _source(r, spec["source"])
+    sinks = _sinks(r, spec["sinks"], stages)
+    for i, target in enumerate(sinks):
+        if locations.reads_back(source.uri, target.uri):
+            raise r.fail(f"spec.sinks[{i}].uri", f"{target.uri!r} is inside the source "
+                         f"{source.uri!r}: the next run would read its output as input")
     pipeline = Pipeline(
         name=r.name("metadata.name", meta["name"]),
-        source=_source(r, spec["source"]),
+        source=source,
         stages=stages,
         sinks=sinks,
         memory=memory_bytes,
         checkpoints=_checkpoints(r, spec.get("checkpoints", {})),
-        shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1),
+        shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1,
+                         maximum=MAX_SHARDS),
         file=r.file,
     )
     Graph.of(pipeline, fail=r.fail)
@@ -178,7 +208,8 @@ def _source(r: _Reader, value: Any) -> Source:
     columns = src.get("columns")
     return Source(
         uri=uri, format=fmt,
-        batch_rows=r.integer("spec.source.batchRows", src.get("batchRows", DEFAULT_BATCH_ROWS)),
+        batch_rows=r.integer("spec.source.batchRows", src.get("batchRows", DEFAULT_BATCH_ROWS),
+                             maximum=MAX_BATCH_ROWS),
         columns=r.strings("spec.source.columns", columns) if columns is not None else None,
     )
 
@@ -190,7 +221,8 @@ def _guess_format(uri: str) -> str | None:
 
 
 _STAGE_FIELDS = {"name", "run", "command", "inputs", "reduce", "scope", "version", "image",
-                 "env", "resources", "retries"}
+                 "env", "resources", "retries", "timeout", "schema"}
+SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to batch?
 SCOPES = ("shard", "global")
 
 
@@ -233,14 +265,19 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise r.fail(f"{path}.env", "expected a mapping of strings to strings")
         resources = _resources(r, f"{path}.resources", st.get("resources", {}))
-        retries = (r.integer(f"{path}.retries", st["retries"], minimum=0)
+        retries = (r.integer(f"{path}.retries", st["retries"], minimum=0, maximum=100)
                    if "retries" in st else DEFAULT_RETRIES)
+        schema = st.get("schema", "fixed")
+        if schema not in SCHEMAS:
+            raise r.fail(f"{path}.schema", f"expected one of {list(SCHEMAS)}, got {schema!r}")
         stages.append(Stage(
             name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
             command=command, reduce=reduce, scope=scope,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
             env=dict(env), resources=resources, retries=retries,
+            timeout=r.seconds(f"{path}.timeout", st["timeout"]) if "timeout" in st else None,
+            schema=schema,
         ))
     return tuple(stages)
 
@@ -277,18 +314,23 @@ def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...
         names.add(name)
         sinks.append(Sink(name=name, input=r.string(f"{path}.input", sk["input"]),
                           uri=r.string(f"{path}.uri", sk["uri"])))
+    for (i, one), (j, other) in itertools.combinations(enumerate(sinks), 2):
+        if locations.overlap(one.uri, other.uri):
+            raise r.fail(f"spec.sinks[{j}].uri", f"{other.uri!r} overlaps sink "
+                         f"{one.name!r} ({one.uri!r}, spec.sinks[{i}]): one sink's files "
+                         "would replace or mix with the other's; give each its own folder")
     return tuple(sinks)
 
 
 def _checkpoints(r: _Reader, value: Any) -> Checkpoints:
-    ck = r.mapping("spec.checkpoints", value,
-                   {"node", "durable", "everyBatches", "interval", "keep", "reuse"}, set())
-    interval = ck.get("interval", 30.0)
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
-        raise r.fail("spec.checkpoints.interval", f"expected seconds > 0, got {interval!r}")
-    reuse = ck.get("reuse", False)
-    if not isinstance(reuse, bool):
-        raise r.fail("spec.checkpoints.reuse", f"expected true or false, got {reuse!r}")
+    ck = r.mapping("spec.checkpoints", value, {"node", "durable", "everyBatches", "interval",
+                                               "keep", "reuse", "required"}, set())
+    interval = r.seconds("spec.checkpoints.interval", ck.get("interval", 30.0))
+    reuse = r.boolean("spec.checkpoints.reuse", ck.get("reuse", False))
+    required = r.boolean("spec.checkpoints.required", ck.get("required", False))
+    if required and "durable" not in ck:
+        raise r.fail("spec.checkpoints.required", "needs spec.checkpoints.durable: the "
+                                                  "checkpoints required go there")
     if reuse and "durable" not in ck:
         raise r.fail("spec.checkpoints.reuse", "needs spec.checkpoints.durable: the outputs "
                                                "to reuse are kept there")
@@ -297,9 +339,9 @@ def _checkpoints(r: _Reader, value: Any) -> Checkpoints:
         durable=r.string("spec.checkpoints.durable", ck["durable"]) if "durable" in ck else None,
         every_batches=(r.integer("spec.checkpoints.everyBatches", ck["everyBatches"])
                        if "everyBatches" in ck else None),
-        interval=float(interval),
-        keep=r.integer("spec.checkpoints.keep", ck.get("keep", 3)),
-        reuse=reuse,
+        interval=interval,
+        keep=r.integer("spec.checkpoints.keep", ck.get("keep", 3), maximum=1000),
+        reuse=reuse, required=required,
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -37,6 +38,9 @@ from podpipe.model.output import Output
 from podpipe.model.shards import shard_of
 from podpipe.runtime import files, tiers
 from podpipe.runtime.store import Store, open_store
+
+__all__ = ["Store", "DurableTier", "Checkpoint", "Manifest", "checkpoints", "latest", "fetch",
+           "probe", "digest", "group_name", "grouping"]
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
 SCHEMA_VERSION = 1
@@ -115,6 +119,14 @@ class Checkpoint:
 def checkpoints(url: str, name: str, spec_digest: str) -> Store:
     """The store of a pipeline's checkpoints (a spec as run) under `url`."""
     return open_store(url).child(f"{name}/{spec_digest}")
+
+
+def probe(store: Store) -> None:
+    """Write and delete one small object: the store is reachable and writable (with
+    the credentials this process has). StoreError otherwise."""
+    key = f".podpipe-probe-{uuid.uuid4().hex}"
+    store.write(key, b"probe")
+    store.delete(key)
 
 
 def latest(store: Store, group: str) -> Checkpoint | None:

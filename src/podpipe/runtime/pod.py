@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from podpipe.errors import RunError, UsageError
+from podpipe.errors import RunError, StoreError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
@@ -67,6 +67,10 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     pipeline = validate(spec_path, overrides)
     ordinal = _ordinal(pipeline, replicas, pod_index)
     if ordinal is None:
+        most = 4 * (os.cpu_count() or 1)  # each a whole pod: more only thrashes
+        if replicas > most:
+            raise UsageError(f"--replicas {replicas}: at most {most} pods on this machine "
+                             f"({os.cpu_count()} CPUs); on Kubernetes, render them instead")
         return pods.run(spec_path, pipeline, overrides=overrides, run_dir=run_dir,
                         replicas=replicas, fresh=fresh, observer=observer)
     placement = sharding.Placement(ordinal, replicas, pipeline.shards)
@@ -77,6 +81,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     rundir.make(run_path, spec_path, overrides, placement=placement)
+    rundir.lock(run_path)
     return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-{ordinal}",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
                     observer=observer, origin=Origin(durable=not fresh),
@@ -160,6 +165,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                    launch=layout == "processes", pod=pod)
     else:
         rundir.make(run_path, spec_path, overrides, placement=placement)
+        rundir.lock(run_path)
         run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
         # A shard that moved here, a pod rescheduled: from the durable tier.
         _conduct(pipeline, run_path, overrides, run_id, pod,
@@ -180,7 +186,9 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
     as a pod on Kubernetes has them (see `serve`); by default the run's own scratch
     on this machine is taken over if it is still there."""
     run_path = Path(run_dir)
-    before = status.read(run_path)
+    before = status.read(run_path)  # (a clear error if it is no run directory)
+    rundir.lock(run_path)
+    before = status.read(run_path)  # as it is now that nobody else can change it
     if before["state"] in ("running", "succeeded"):
         raise UsageError(f"{run_path}: the run " + ("is still running (its conductor is "
                          "alive)" if before["state"] == "running" else "already succeeded")
@@ -226,6 +234,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
     scratch = launcher = None
     digest = rundir.spec_digest(run_path)
     try:
+        store = _durable_store(pipeline, digest)
         try:
             scratch = make_scratch()
         except OSError as exc:
@@ -241,8 +250,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         if restored is not None:
             restored.notes.extend(notes or [])
         checkpoints = pipeline.checkpoints
-        tier = None if not checkpoints.durable else durable.DurableTier(
-            durable.checkpoints(checkpoints.durable, pipeline.name, digest),
+        tier = None if store is None else durable.DurableTier(
+            store,
             every_batches=checkpoints.every_batches, interval=checkpoints.interval,
             keep=checkpoints.keep, source_batches=len(plan), shards=pipeline.shards,
             group_of=durable.grouping(graph, pipeline.shards))
@@ -257,6 +266,21 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
                      durable=tier).start()
+
+
+def _durable_store(pipeline: specs.Pipeline, digest: str) -> durable.Store | None:
+    """The durable tier's store, checked before any process starts: a scheme fsspec
+    knows, credentials and a write that works; else the user's input is wrong."""
+    url = pipeline.checkpoints.durable
+    if url is None:
+        return None
+    try:
+        store = durable.checkpoints(url, pipeline.name, digest)
+        durable.probe(store)
+    except StoreError as exc:
+        raise UsageError(f"spec.checkpoints.durable {url!r}: cannot write there: "
+                         f"{type(exc.cause).__name__}: {exc.cause}") from None
+    return store
 
 
 def _hold(socket_path: Path) -> None:

@@ -45,6 +45,7 @@ def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
     durable = pipeline.checkpoints.durable or (run_path / "durable").resolve().as_uri()
     rundir.make(run_path, spec_path, overrides, run_id=run_id, replicas=replicas,
                 durable=durable, attempt=1)
+    rundir.lock(run_path)
     return _run_pods(run_path, pipeline, fresh=fresh, observer=observer)
 
 
@@ -61,6 +62,8 @@ def resume(run_dir: str, *, replicas: int | None,
     """Start the pods of a stopped run again, `replicas` of them (default: as before).
     The previous pods' directories move to `pods.previous`."""
     run_path = Path(run_dir)
+    status.read(run_path)  # (a clear error if it is no run directory)
+    rundir.lock(run_path)
     before = status.read(run_path)
     if before["state"] in ("running", "succeeded"):
         raise UsageError(f"{run_path}: the run " + ("is still running" if before["state"] ==

@@ -1,5 +1,6 @@
 """The run directory: its layout, and `run.json`, the record of how the run was started.
 
+    RUN_DIR/lock           held (flock) by the process running the run
     RUN_DIR/spec.yaml      the spec as run (an apply replaces it)
     RUN_DIR/run.json       `RunRecord`: the spec's path, overrides, working directory,
                            where the pod stands among the replicas
@@ -12,8 +13,8 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
-import shutil
 from pathlib import Path
 
 import msgspec
@@ -23,6 +24,8 @@ from podpipe.model.shards import Placement
 from podpipe.runtime import durable, files
 
 RECORD = "run.json"
+LOCK = "lock"
+_held: list[int] = []  # the locks this process holds, for its life
 SCHEMA_VERSION = 1
 
 
@@ -73,3 +76,22 @@ def read(path: Path) -> RunRecord:
 def spec_digest(path: Path) -> str:
     """What names the checkpoints of the run's spec (as run, with its overrides)."""
     return durable.digest((path / "spec.yaml").read_bytes(), read(path).overrides)
+
+
+def lock(path: Path) -> None:
+    """Hold the run directory for as long as this process lives: a second `run` or
+    `resume` of it refuses at once (UsageError naming the process that holds it)."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot lock the run directory: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(f"{path}: the run is in use by process {holder} (a run or resume "
+                         "of it is going on); wait for it to end") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _held.append(fd)

@@ -61,11 +61,15 @@ class FsspecStore:
     def _path(self, key: str) -> str:
         return f"{self._root}/{key}" if key else self._root
 
-    def _call(self, what: Any, *args: Any) -> Any:
+    def _call(self, what: Any, *args: Any, reading: bool = False) -> Any:
+        """Call the backend; FileNotFoundError passes through when `reading` (nothing
+        there), every other failure is a StoreError."""
         try:
             return what(*args)
-        except FileNotFoundError:
-            raise
+        except FileNotFoundError as exc:
+            if reading:
+                raise
+            raise StoreError(self.url, exc) from exc
         except Exception as exc:  # noqa: BLE001 - every backend fails its own way
             raise StoreError(self.url, exc) from exc
 
@@ -77,7 +81,7 @@ class FsspecStore:
 
     def read(self, key: str) -> bytes | None:
         try:
-            return self._call(self._fs.cat_file, self._path(key))
+            return self._call(self._fs.cat_file, self._path(key), reading=True)
         except FileNotFoundError:
             return None
 
@@ -97,7 +101,7 @@ class FsspecStore:
 
     def download(self, key: str, local: Path) -> bool:
         try:
-            self._call(self._fs.get_file, self._path(key), str(local))
+            self._call(self._fs.get_file, self._path(key), str(local), reading=True)
             return True
         except FileNotFoundError:
             return False
@@ -105,7 +109,7 @@ class FsspecStore:
     def list(self, prefix: str) -> list[str]:
         base = self._path(prefix)
         try:
-            found = self._call(self._fs.find, base)
+            found = self._call(self._fs.find, base, reading=True)
         except FileNotFoundError:
             return []
         cut = len(self._root) + 1
@@ -113,7 +117,7 @@ class FsspecStore:
 
     def delete(self, key: str) -> None:
         try:
-            self._call(self._fs.rm_file, self._path(key))
+            self._call(self._fs.rm_file, self._path(key), reading=True)
         except FileNotFoundError:
             pass
 

@@ -83,7 +83,8 @@ class Conductor:
         self.agents = Agents(self.loop, run.scratch.socket, self._log)
         self.processes = Processes(launcher, self.loop)
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
-        self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log)
+        self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log,
+                                       required=run.pipeline.checkpoints.required)
         self.counters = Counters(run.graph)
         self.observer = observer
         self.events: deque[ev.Event] = deque()

@@ -45,8 +45,10 @@ class Restored:
 
 class Checkpoints:
     def __init__(self, run_dir: Path, durable: DurableTier | None,
-                 restored: Restored | None, log: Callable[[str], None]) -> None:
+                 restored: Restored | None, log: Callable[[str], None],
+                 required: bool = False) -> None:
         self.run_dir, self.durable, self._log = run_dir, durable, log
+        self.required = required  # a run whose last checkpoint failed fails
         self.journal = Journal(run_dir)
         self.node_tier = NodeTier(run_dir)
         self.on_disk: list[Output] = list(restored.on_disk) if restored else []
@@ -170,6 +172,12 @@ class Checkpoints:
                         f"handed over to the pod of the global reduce through the durable "
                         f"tier {self.durable.url}: {self.durable.error or 'timed out'}; "
                         "resume the run")
+            elif self.required:  # a run that ends without its checkpoint fails
+                if not self.durable.close(wait=DURABLE_WAIT):
+                    error = RunError(f"the last checkpoint could not be written to "
+                                     f"{self.durable.url}: "
+                                     f"{self.durable.error or 'timed out'} "
+                                     "(spec.checkpoints.required)")
             else:
                 self.durable.close(wait=0)
         self.journal.close()
