@@ -4,7 +4,7 @@ requests checked, processes retired, with a fake launcher and no stage process."
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass, field
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,39 +91,35 @@ def test_a_swap_to_an_invalid_version_or_an_unknown_stage_is_refused(tmp_path):
         agents.close()
 
 
-@dataclass
-class _FakeProcess:
-    node: str
-    pid: int
-    log: Path = Path("/dev/null")
-    signals: list[int] = field(default_factory=list)
-    returncode: int | None = None
-
-    def poll(self):
-        return self.returncode
-
-    def wait(self, timeout=None):
-        return self.returncode
-
-    def signal(self, sig):
-        self.signals.append(sig)
-        self.returncode = -sig
-
-
 class _FakeLauncher:
+    """Starts `sleep` in a session of its own for each node, as a launcher starts a
+    stage process (the test does not need an agent, only a process to end)."""
+
     def __init__(self):
         self.started: list[tuple[str, list[str]]] = []
-        self.processes: list[_FakeProcess] = []
+        self.popens: list[subprocess.Popen] = []
 
     def start(self, node, overrides=()):
-        import os
-        process = _FakeProcess(node, os.getpid())  # a pid that exists, for the pidfd
+        from podpipe.runtime.launcher import Process
+
+        popen = subprocess.Popen(["sleep", "60"], start_new_session=True)
         self.started.append((node, list(overrides)))
-        self.processes.append(process)
-        return process
+        self.popens.append(popen)
+        return Process(node, popen.pid, Path("/dev/null"), self)  # type: ignore[arg-type]
+
+    def poll(self, process):
+        return next(p for p in self.popens if p.pid == process.pid).poll()
+
+    def wait(self, process, timeout):
+        try:
+            return next(p for p in self.popens if p.pid == process.pid).wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def close(self):
-        pass
+        for popen in self.popens:
+            popen.kill()
+            popen.wait()
 
 
 def test_a_retired_process_exits_without_an_event_and_a_busy_one_is_killed():
@@ -132,12 +128,12 @@ def test_a_retired_process_exits_without_an_event_and_a_busy_one_is_killed():
         processes = Processes(launcher, loop)  # type: ignore[arg-type]
         processes.start("a", ["stages.a.run=x:y"])
         assert launcher.started == [("a", ["stages.a.run=x:y"])]
-        first = launcher.processes[0]
-        processes.retire("a", kill=True)
-        assert first.signals == [signal.SIGKILL]
+        first = launcher.popens[0]
+        processes.retire("a", kill=True)  # mid-batch: its whole process group ends
+        assert first.wait(10) == -signal.SIGKILL
         assert processes.exited(first.pid, "a") is None  # expected: not an event
         processes.start("b", [])
-        second = launcher.processes[1]
+        second = launcher.popens[1]
         processes.retire("b", kill=False)  # told to stop over its socket: no signal
-        assert second.signals == []
-        loop.unwatch_exit(first.pid)
+        assert second.poll() is None
+        launcher.close()

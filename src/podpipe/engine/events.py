@@ -57,6 +57,15 @@ class AgentExited:
 
 
 @dataclass(frozen=True)
+class TaskTimedOut:
+    """`node` has had `batch` for longer than its `timeout` (`seconds`)."""
+
+    node: str
+    batch: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class AgentBroken:
     """The node's process could not even start its work (the spec, an import)."""
 
@@ -108,8 +117,8 @@ class Reshaped:
     node: str = SOURCE  # (every event names a node; this one is about the whole line)
 
 
-Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | AgentBroken |
-         Imported | SwapRequested | Recompute | Reshaped)
+Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | TaskTimedOut |
+         AgentBroken | Imported | SwapRequested | Recompute | Reshaped)
 
 # ------------------------------------------------------------------ actions
 
@@ -164,6 +173,14 @@ class Restart:
 
 
 @dataclass(frozen=True)
+class Kill:
+    """End `node`'s process now (a task over its timeout); what follows says whether
+    it is started again."""
+
+    node: str
+
+
+@dataclass(frozen=True)
 class Replace:
     """A swap happens now: stop `node`'s process (`kill`: it is mid-batch, its result is
     never used) and start the new version's."""
@@ -206,5 +223,5 @@ class Failed:
     error: PodpipeError
 
 
-Action = (Dispatch | Grant | Deny | Delete | Spill | Keep | Restart | Replace | Stop | Hold |
-          Forget | Finished | Failed)
+Action = (Dispatch | Grant | Deny | Delete | Spill | Keep | Restart | Kill | Replace | Stop |
+          Hold | Forget | Finished | Failed)

@@ -30,9 +30,9 @@ from podpipe.engine import rework
 from podpipe.engine.budget import Budget
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Deny,
                                    Delete, Dispatch, Event, Failed, Finished, Grant, Hold,
-                                   Imported, Keep, Key, Recompute, Replace, Reshaped,
+                                   Imported, Keep, Key, Kill, Recompute, Replace, Reshaped,
                                    Restart, SpaceRequested, Spill, SwapRequested, TaskDone,
-                                   TaskFailed)
+                                   TaskFailed, TaskTimedOut)
 from podpipe.engine.keys import Keys
 from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
 from podpipe.model.graph import BATCH, GLOBAL, SINGLE, Graph
@@ -198,7 +198,17 @@ class RunState:
             self._hold(node, f"its process exited (code {event.returncode})", actions)
         elif isinstance(event, AgentExited):
             if not self.finished:
-                self._restart(event, agent, actions)
+                self._restart(node, agent, actions, "its container disconnected"
+                              if event.returncode is None
+                              else f"its process exited (code {event.returncode})")
+        elif isinstance(event, TaskTimedOut):
+            if agent.busy and agent.batch == event.batch:  # (else: done meanwhile)
+                actions.append(Kill(node))
+                message = f"the batch took longer than its timeout of {event.seconds:g} s"
+                if node in self.swapped:
+                    self._hold(node, message, actions)
+                else:
+                    self._restart(node, agent, actions, message)
         elif isinstance(event, Imported):
             self._import(event)
         elif isinstance(event, SwapRequested):
@@ -206,17 +216,18 @@ class RunState:
 
     # -- pieces ----------------------------------------------------------------
 
-    def _restart(self, event: AgentExited, agent: _Agent, actions: list[Action]) -> None:
-        """A process the run needs died: put its in-flight batch back and have it started
-        again, with backoff, while it has restarts left; else fail the run."""
-        node, batch, busy = event.node, agent.batch, agent.busy
+    def _restart(self, node: str, agent: _Agent, actions: list[Action], gone: str) -> None:
+        """A process the run needs died (`gone` says how): put its in-flight batch back
+        and have it started again, with backoff, while it has restarts left; else fail
+        the run."""
+        batch, busy = agent.batch, agent.busy
         attempt = self.restarts[node] + 1
         tries = self.retries.get(node, 0)
         if attempt > tries:
-            gone = ("its container disconnected" if event.returncode is None
-                    else f"its process exited (code {event.returncode})")
-            where = "before finishing the batch" if busy else "while the run needed it"
-            self._fail(StageError(node, batch if busy else None, f"{gone} {where}" +
+            where = " before finishing the batch" if busy else " while the run needed it"
+            if gone.startswith("the batch"):
+                where = ""
+            self._fail(StageError(node, batch if busy else None, gone + where +
                                   (f", after {tries} restarts" if tries else "")), actions)
             return
         self.restarts[node] = attempt

@@ -5,9 +5,13 @@ Every layer above the model sees these types only, never YAML or dicts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 SOURCE = "source"
+# A node's name becomes a process name, a directory in scratch and on the node tier
+# and, on Kubernetes, a container name: so it must be a DNS-1123 label.
+NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DEFAULT_RETRIES = 3  # restarts of a stage process that dies, before the run fails
 
 

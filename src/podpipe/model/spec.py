@@ -18,7 +18,7 @@ import yaml
 from podpipe.errors import SpecError
 from podpipe.model import locations
 from podpipe.model.graph import Graph
-from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
+from podpipe.model.pipeline import (DEFAULT_RETRIES, NAME, SOURCE, Checkpoints, Pipeline,
                                      Resources, Sink, Source, Stage)
 from podpipe.model.sizes import parse_size
 
@@ -34,7 +34,7 @@ MAX_BATCH_ROWS = 1 << 31
 
 # A stage's name becomes a process name, a directory in scratch and, on
 # Kubernetes, a container name: so it must be a DNS-1123 label.
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NAME = NAME
 _CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or millicores
 

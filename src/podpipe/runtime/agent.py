@@ -30,6 +30,7 @@ from podpipe.model import spec as specs
 from podpipe.model.output import Output
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import arrowfile, files, protocol
+from podpipe.runtime.lifetime import die_with_parent
 from podpipe.runtime.store import Store, open_store
 
 # Environment of a `command:` stage, documented in the README.
@@ -91,7 +92,8 @@ class RunCommand(Work):
                ENV_OUTPUT: str(output), ENV_BATCH: str(batch), ENV_STAGE: self.node}
         try:
             done = subprocess.run(self.command, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=sys.stderr, stderr=sys.stderr)
+                                  stdout=sys.stderr, stderr=sys.stderr,
+                                  preexec_fn=die_with_parent)  # it ends with the stage
         except OSError as exc:
             raise RuntimeError(f"cannot start {self.command[0]!r}: {exc.strerror}") from exc
         keep = False
@@ -127,6 +129,31 @@ class WriteSink(Work):
     def run(self, batch, inputs, task):
         self.writer.write(_concat(inputs[0]), batch, task.versions or {})
         return None
+
+
+class SchemaCheck:
+    """A stage's output keeps the schema of its first batch, unless the spec says
+    `schema: any`: a dataset of batches with other schemas cannot be read as one
+    table. Remembered per process: a restarted stage starts again from its next batch."""
+
+    def __init__(self, fixed: bool) -> None:
+        self.fixed = fixed
+        self.first: tuple[int, pa.Schema] | None = None
+
+    def check(self, batch: int, result: pa.Table | Path | None) -> str | None:
+        """Why this output does not do, or None."""
+        if not self.fixed or result is None:
+            return None
+        schema = result.schema if isinstance(result, pa.Table) else \
+            arrowfile.read_table(result).schema
+        if self.first is None or self.first[0] == batch:
+            self.first = (batch, schema)
+            return None
+        if schema.equals(self.first[1]):
+            return None
+        return (f"its output schema differs from batch {self.first[0]}'s: "
+                f"{arrowfile.schema_difference(self.first[1], schema)} (say 'schema: any' "
+                "on the stage if that is intended)")
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
@@ -213,13 +240,15 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
         return 2
     protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(),
                                        version=version_of(pipeline, node, work)))
+    stages = {s.name: s for s in pipeline.stages}
+    schemas = SchemaCheck(node in stages and stages[node].schema == "fixed")
     try:
         while True:
             message = protocol.recv(sock)
             if isinstance(message, protocol.Stop):
                 return 0
             if isinstance(message, protocol.Task):
-                _task(sock, work, message, node)
+                _task(sock, work, message, node, schemas)
     except _Stopped:
         return 0
     except (protocol.Closed, ConnectionError):
@@ -231,7 +260,8 @@ class _Stopped(Exception):
     """Told to stop in the middle of a task."""
 
 
-def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str) -> None:
+def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
+          schemas: SchemaCheck) -> None:
     batch, started, memo = task.batch, time.perf_counter(), task.memo
     reused = False
     try:
@@ -240,6 +270,12 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str) -> No
         reused = result is not None
         if not reused:
             result = work.run(batch, inputs, task)
+        wrong = schemas.check(batch, result)
+        if wrong is not None:
+            if isinstance(result, Path):
+                result.unlink(missing_ok=True)
+            protocol.send(sock, protocol.Failed(batch=batch, message=wrong))
+            return
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
         protocol.send(sock, protocol.Failed(

@@ -105,3 +105,16 @@ def to_arrow(result: Any) -> pa.Table:
         return pa.Table.from_pandas(result, preserve_index=False)
     raise TypeError(f"returned {type(result).__name__}; expected a pyarrow Table or "
                     "RecordBatch, a polars DataFrame or a pandas DataFrame")
+
+
+def schema_difference(one: pa.Schema, other: pa.Schema) -> str:
+    """The first difference between two schemas, in words."""
+    for a, b in zip(one, other):
+        if a.name != b.name:
+            return f"column {a.name!r} where the other has {b.name!r}"
+        if not a.type.equals(b.type):
+            return f"column {a.name!r} is {a.type} in one and {b.type} in the other"
+    if len(one) != len(other):
+        longer, shorter = (one, other) if len(one) > len(other) else (other, one)
+        return f"column {longer.names[len(shorter)]!r} is in one only"
+    return "their metadata or nullability differ"

@@ -24,6 +24,7 @@ outputs they name; older ones are deleted.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ __all__ = ["Store", "DurableTier", "Checkpoint", "Manifest", "checkpoints", "lat
            "probe", "digest", "group_name", "grouping"]
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)
+_OBJECT = re.compile(r"^outputs/[a-z0-9-]{1,63}/\d{6,}-[0-9a-f]+\.arrow$")  # in a group
 SCHEMA_VERSION = 1
 
 
@@ -159,7 +161,13 @@ def fetch(checkpoint: Checkpoint, run_dir: Path,
         out = stored.output
         if wanted is not None and out.node not in wanted:
             continue
-        dest = tiers.path_for(run_dir, out.node, out.key)
+        try:  # a manifest is input: its names must be a node's, its keys in the group
+            dest = tiers.path_for(run_dir, out.node, out.key)
+            if not _OBJECT.match(stored.key):
+                raise ValueError(f"object {stored.key!r} is not an output's")
+        except ValueError as exc:
+            notes.append(f"the durable manifest names something else: {exc}; not used")
+            continue
         files.private_dirs(dest.parent)
         try:
             with files.publishing(dest) as tmp:  # checked before it is trusted

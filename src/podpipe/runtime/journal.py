@@ -29,14 +29,22 @@ CREATE TABLE IF NOT EXISTS outputs (
 """
 
 
+class CorruptJournal(Exception):
+    """The journal cannot be read as one (a damaged file, not a SQLite database)."""
+
+
 class Journal:
     def __init__(self, run_dir: Path) -> None:
         path = run_dir / FILE
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # private;
         self.db = sqlite3.connect(path, timeout=10)  # its -wal and -shm files follow it
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise CorruptJournal(f"{path}: {exc}") from exc
 
     def forget(self, node: str, batch: int) -> None:
         """What `node` made for `batch` no longer stands (recomputed): no resume uses it."""
@@ -65,14 +73,30 @@ class Journal:
 
     def done(self) -> dict[str, set[int]]:
         finished: dict[str, set[int]] = {}
-        for node, batch in self.db.execute("SELECT node, batch FROM done"):
-            finished.setdefault(node, set()).add(batch)
+        try:
+            for node, batch in self.db.execute("SELECT node, batch FROM done"):
+                finished.setdefault(node, set()).add(batch)
+        except sqlite3.DatabaseError as exc:
+            raise CorruptJournal(str(exc)) from exc
         return finished
 
     def copies(self) -> list[Output]:
-        return [Output(*row) for row in self.db.execute(
-            "SELECT node, batch, path, nbytes, rows, checksum, tier FROM outputs "
-            "ORDER BY node, batch, tier")]
+        try:
+            return [Output(*row) for row in self.db.execute(
+                "SELECT node, batch, path, nbytes, rows, checksum, tier FROM outputs "
+                "ORDER BY node, batch, tier")]
+        except sqlite3.DatabaseError as exc:
+            raise CorruptJournal(str(exc)) from exc
+
+    @staticmethod
+    def set_aside(run_dir: Path) -> Path:
+        """Move a corrupt journal out of the way (kept for a look); returns where."""
+        aside = run_dir / f"{FILE}.corrupt"
+        for suffix in ("", "-wal", "-shm"):
+            source = run_dir / f"{FILE}{suffix}"
+            if source.exists():
+                os.replace(source, run_dir / f"{FILE}.corrupt{suffix}")
+        return aside
 
     def close(self) -> None:
         self.db.commit()

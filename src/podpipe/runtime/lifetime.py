@@ -1,4 +1,10 @@
-"""No process outlives the run: each process podpipe starts dies with its parent."""
+"""No process outlives the run.
+
+Each process podpipe starts dies with its parent (PR_SET_PDEATHSIG); each stage
+process leads its own process group, ended whole when the stage is killed or the
+run ends; and the conductor is a child subreaper, so that what a stage's children
+leave behind becomes its own child, ended with the run.
+"""
 
 from __future__ import annotations
 
@@ -17,3 +23,46 @@ def die_with_parent() -> None:
         return
     if os.getppid() != parent:
         os._exit(1)
+
+
+def become_subreaper() -> None:
+    """Orphans of this process's descendants (a stage's child that outlived it, a
+    daemon a command left behind) become its children, so that it can end them."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group `pid` leads (a stage process and what it started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # gone already
+
+
+def end_children(keep: frozenset[int] = frozenset()) -> list[int]:
+    """SIGKILL and reap every child of this process but `keep`; returns their pids."""
+    me = str(os.getpid())
+    ended = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in keep:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # the parent's pid
+            if fields[2] == entry:  # it leads a process group: end the group too
+                kill_group(int(entry))
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                os.waitpid(int(entry), 0)
+            except (ProcessLookupError, ChildProcessError):
+                continue
+            ended.append(int(entry))
+    return ended

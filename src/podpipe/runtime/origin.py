@@ -29,7 +29,7 @@ from podpipe.model.output import TIERS, Output
 from podpipe.model.pipeline import Pipeline
 from podpipe.runtime import durable, sink, tiers
 from podpipe.runtime.conductor import Restored, retries
-from podpipe.runtime.journal import Journal
+from podpipe.runtime.journal import CorruptJournal, Journal
 
 
 @dataclass(frozen=True)
@@ -43,25 +43,41 @@ class Origin:
 
 
 def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
-               run_path: Path, placement: sharding.Placement) -> Restored | None:
-    """The state the run starts from; None: from nothing."""
+               run_path: Path, placement: sharding.Placement,
+               scratch: Path | None = None) -> Restored | None:
+    """The state the run starts from; None: from nothing. Copies are trusted only
+    inside the node tier and the run's RAM `scratch`."""
+    roots = [run_path / tiers.DIR] + ([scratch] if scratch is not None else [])
     if origin.journal:
         if origin.source_batches is not None and len(plan) != origin.source_batches:
             raise RunError(f"the source has {len(plan)} batches now, {origin.source_batches} "
                            "when the run started: it changed; start a new run")
-        journal = Journal(run_path)
         try:
-            finished, copies = journal.done(), journal.copies()
-        finally:
-            journal.close()
-        return _restore(pipeline, graph, plan, finished, copies, [], placement)
+            journal = Journal(run_path)
+            try:
+                finished, copies = journal.done(), journal.copies()
+            finally:
+                journal.close()
+        except CorruptJournal as exc:  # a damaged file: input, not a reason to crash
+            aside = Journal.set_aside(run_path)
+            note = (f"the journal is corrupt ({exc}; kept as {aside.name}): resumed from "
+                    "the other tiers")
+            if origin.durable and pipeline.checkpoints.durable:
+                restored = _from_durable(pipeline, graph, plan, run_path, placement,
+                                         origin.spec_digest, roots)
+                restored.notes.insert(0, note)
+                return restored
+            return _restore(pipeline, graph, plan, {}, [], [note], placement, roots)
+        return _restore(pipeline, graph, plan, finished, copies, [], placement, roots)
     if origin.durable and pipeline.checkpoints.durable:
-        return _from_durable(pipeline, graph, plan, run_path, placement, origin.spec_digest)
+        return _from_durable(pipeline, graph, plan, run_path, placement, origin.spec_digest,
+                             roots)
     return None
 
 
 def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run_path: Path,
-                  placement: sharding.Placement, spec_digest: str) -> Restored:
+                  placement: sharding.Placement, spec_digest: str,
+                  roots: list[Path]) -> Restored:
     """Each group of this pod (its shards, the global part if it runs it) from its
     latest checkpoint on the durable tier, wherever it was made."""
     assert pipeline.checkpoints.durable is not None
@@ -88,12 +104,12 @@ def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run
         notes += more
         for node, keys in found.finished.items():
             finished.setdefault(node, set()).update(keys)
-    return _restore(pipeline, graph, plan, finished, copies, notes, placement)
+    return _restore(pipeline, graph, plan, finished, copies, notes, placement, roots)
 
 
 def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
              finished: dict[str, set[int]], copies: list[Output], notes: list[str],
-             placement: sharding.Placement) -> Restored:
+             placement: sharding.Placement, roots: list[Path]) -> Restored:
     """The engine of a resumed run: what each node had finished, and the copies of its
     outputs that check out, nearest tier first. A sink's batch counts as finished only
     if its file is there."""
@@ -107,6 +123,10 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
         if copy.node not in for_reduce:
             continue  # a resume uses only what a reduce reads: check nothing else
         if key in kept or copy.key not in finished.get(copy.node, ()):
+            continue
+        if not any(_inside(copy.path, root) for root in roots):
+            notes.append(f"{copy.node} batch {copy.key}: the journal names {copy.path}, "
+                         "outside the run's tiers; not used")
             continue
         if not Path(copy.path).exists():
             continue  # a RAM copy of a lost pod, or one deleted once read
@@ -124,3 +144,11 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
         tally[output.tier] = tally.get(output.tier, 0) + 1
     on_disk = [o for o in engine.kept() if o.tier != "ram"]
     return Restored(engine, counts, finished, notes, on_disk)
+
+
+def _inside(path: str, root: Path) -> bool:
+    """Is `path` inside `root`, links and `..` resolved?"""
+    try:
+        return Path(path).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return False

@@ -246,7 +246,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
 
         plan = source.plan(pipeline.source)
         restored = start_from(replace(origin, spec_digest=digest), pipeline, graph, plan,
-                              run_path, placement)
+                              run_path, placement, scratch.path)
         if restored is not None:
             restored.notes.extend(notes or [])
         checkpoints = pipeline.checkpoints

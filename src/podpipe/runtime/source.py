@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from podpipe.errors import DataError
 from podpipe.model.batch import SourceBatch
 from podpipe.model.pipeline import Source
+from podpipe.runtime import arrowfile
 
 _GLOB = set("*?[")
 
@@ -49,18 +50,26 @@ def plan(source: Source) -> list[SourceBatch]:
     """Every batch of the source, in order."""
     fs, paths = files(source)
     batches: list[SourceBatch] = []
+    first: tuple[str, pa.Schema] | None = None
     for path in paths:
         if source.format == "csv":
             batches.append(SourceBatch(file=path, nbytes=int(fs.size(path) or 0)))
             continue
         try:
-            sizes, names, part_bytes = _footer(fs, path, source.format, source.columns)
+            sizes, schema, part_bytes = _footer(fs, path, source.format, source.columns)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{path}: cannot read as {source.format}: {exc}") from exc
-        missing = [c for c in source.columns or () if c not in names]
+        missing = [c for c in source.columns or () if c not in schema.names]
         if missing:  # pyarrow would silently leave them out
             raise DataError(f"{path}: spec.source.columns names {missing}, which the file "
-                            f"does not have; it has {names}")
+                            f"does not have; it has {schema.names}")
+        read = pa.schema([schema.field(c) for c in source.columns]) if source.columns \
+            else schema
+        if first is None:
+            first = (path, read)
+        elif not read.equals(first[1]):  # one dataset, one schema: the sinks' too
+            raise DataError(f"{path} and {first[0]} have different schemas: "
+                            f"{arrowfile.schema_difference(first[1], read)}")
         batches.extend(_pack(path, sizes, source.batch_rows, part_bytes))
     if not batches:
         raise DataError(f"spec.source.uri {source.uri!r}: the files hold no rows")
@@ -68,8 +77,8 @@ def plan(source: Source) -> list[SourceBatch]:
 
 
 def _footer(fs, path: str, fmt: str, columns: tuple[str, ...] | None,
-            ) -> tuple[list[int], list[str], list[int]]:
-    """Rows per row group (or record batch), the column names, and the bytes a load
+            ) -> tuple[list[int], pa.Schema, list[int]]:
+    """Rows per row group (or record batch), the schema, and the bytes a load
     reads per row group (compressed, of the columns read; for Arrow files, the
     file's size shared out by rows)."""
     with fs.open(path, "rb") as f:
@@ -84,11 +93,11 @@ def _footer(fs, path: str, fmt: str, columns: tuple[str, ...] | None,
                 part_bytes.append(sum(
                     group.column(j).total_compressed_size for j in range(group.num_columns)
                     if wanted is None or group.column(j).path_in_schema in wanted))
-            return rows, parquet.schema_arrow.names, part_bytes
+            return rows, parquet.schema_arrow, part_bytes
         reader = pa.ipc.open_file(f)
         rows = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
     size = int(fs.size(path) or 0)
-    return rows, reader.schema.names, [size * r // max(1, sum(rows)) for r in rows]
+    return rows, reader.schema, [size * r // max(1, sum(rows)) for r in rows]
 
 
 def _pack(path: str, sizes: list[int], batch_rows: int,

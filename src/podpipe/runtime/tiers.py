@@ -19,6 +19,7 @@ from pathlib import Path
 import xxhash
 
 from podpipe.model.output import Output
+from podpipe.model.pipeline import NAME
 from podpipe.runtime import files
 
 CHUNK = 4 << 20
@@ -26,6 +27,11 @@ DIR = "node"
 
 
 def path_for(run_dir: Path, node: str, batch: int) -> Path:
+    """Where the node tier keeps `node`'s output for `batch`. ValueError for a name
+    that is not a node's (it comes from a manifest or a journal: input too), so that
+    no path built here leaves the run directory."""
+    if not NAME.match(node) or batch < 0:
+        raise ValueError(f"{node!r} batch {batch} names no output of a pipeline")
     return run_dir / DIR / node / f"{batch:06d}.arrow"
 
 

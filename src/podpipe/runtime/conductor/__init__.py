@@ -32,7 +32,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline
 from podpipe.model.shards import Placement
 from podpipe.runtime import loop as loops
-from podpipe.runtime import files, protocol, status, tiers
+from podpipe.runtime import files, lifetime, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.processes import Processes
@@ -52,6 +52,16 @@ def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
     allowed = {node: DEFAULT_RETRIES for node in graph.order}
     allowed.update({stage.name: stage.retries for stage in pipeline.stages})
     return allowed
+
+
+@dataclass(frozen=True)
+class _Timeout:
+    """A timer: task number `task` of `node` (batch `batch`) is over its time."""
+
+    node: str
+    batch: int
+    task: int
+    seconds: float
 
 
 @dataclass
@@ -107,6 +117,7 @@ class Conductor:
                     if self.engine.finished:  # resumed when all was done: nothing to do
                         self._end("succeeded", None)
                     elif self.processes.local:
+                        lifetime.become_subreaper()  # what stages leave behind is ours
                         for node in self.run.graph.order:
                             self.processes.start(node, [])
                     self._loop()
@@ -149,7 +160,13 @@ class Conductor:
         elif isinstance(happening, loops.Signalled):
             self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
         elif isinstance(happening, loops.TimerDue) and self.running:
-            self.processes.start(happening.tag, self.swaps.overrides.get(happening.tag, []))
+            if isinstance(happening.tag, _Timeout):
+                timeout = happening.tag
+                if self.counters.stages[timeout.node].dispatches == timeout.task:
+                    self.events.append(ev.TaskTimedOut(timeout.node, timeout.batch,
+                                                       timeout.seconds))
+            else:  # a restart's backoff is over
+                self.processes.start(happening.tag, self.swaps.overrides.get(happening.tag, []))
 
     def _drain(self) -> None:
         """Accept and read everything already waiting on the sockets."""
@@ -233,6 +250,12 @@ class Conductor:
                       f"in {action.delay:.1f} s")
             if self.processes.local:  # containers: the kubelet restarts them
                 self.loop.call_later(action.delay, action.node)
+        elif isinstance(action, ev.Kill):
+            self._log(f"stage {action.node!r} took longer than its timeout: killed")
+            if self.processes.local:
+                self._retire(action.node, kill=True)
+            else:  # a container: its connection closes, it exits, the kubelet restarts it
+                self.agents.drop(action.node)
         elif isinstance(action, ev.Replace):
             self._retire(action.node, kill=action.kill)
             self.processes.start(action.node, self.swaps.replacing(action.node))
@@ -272,7 +295,10 @@ class Conductor:
                                                              action.batch)
         elif run.pipeline.checkpoints.reuse:
             task.memo = self._memo(action)
-        self.counters.dispatched(node, sum(o.nbytes for g in action.inputs for o in g))
+        seq = self.counters.dispatched(node, sum(o.nbytes for g in action.inputs for o in g))
+        seconds = next((s.timeout for s in run.pipeline.stages if s.name == node), None)
+        if seconds is not None:
+            self.loop.call_later(seconds, _Timeout(node, action.batch, seq, seconds))
         self.agents.send(node, task)
 
     def _memo(self, action: ev.Dispatch) -> str:

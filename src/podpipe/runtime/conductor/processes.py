@@ -11,6 +11,7 @@ import signal
 import time
 
 from podpipe.errors import RunError
+from podpipe.runtime import lifetime
 from podpipe.runtime.launcher import Launcher, Process
 from podpipe.runtime.loop import EventLoop
 
@@ -42,7 +43,9 @@ class Processes:
         self._loop.watch_exit(process.pid, node)
 
     def exited(self, pid: int, node: str) -> int | None:
-        """The exit code of `node`'s process `pid`; None if it was retired (expected)."""
+        """The exit code of `node`'s process `pid`; None if it was retired (expected).
+        What it started and left behind is ended with it."""
+        lifetime.kill_group(pid)
         process = self._by_node.get(node)
         if pid in self._retired or process is None or process.pid != pid:
             return None
@@ -56,7 +59,7 @@ class Processes:
             return
         self._retired.add(process.pid)
         if kill:
-            process.signal(signal.SIGKILL)
+            lifetime.kill_group(process.pid)
 
     def log(self, node: str) -> str | None:
         process = self._by_node.get(node)
@@ -78,5 +81,7 @@ class Processes:
             if process.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
                 process.signal(signal.SIGKILL)  # it would not stop
                 process.wait()
+            lifetime.kill_group(process.pid)  # and what it started
         if self._launcher is not None:
             self._launcher.close()
+            lifetime.end_children()  # orphans of the stages' children (a subreaper's)

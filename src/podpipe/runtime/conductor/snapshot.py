@@ -29,6 +29,7 @@ class _Stage:
     bytes_read: int = 0
     reused: int = 0
     reading: int = 0  # bytes the task in hand maps
+    dispatches: int = 0  # tasks handed out, to tell one from the next (timeouts)
     version: str | None = None
     versions: dict[str, int] = field(default_factory=dict)  # version -> batches
 
@@ -45,8 +46,12 @@ class Counters:
     def hello(self, node: str, version: str) -> None:
         self.stages[node].version = version
 
-    def dispatched(self, node: str, nbytes: int) -> None:
-        self.stages[node].reading = nbytes
+    def dispatched(self, node: str, nbytes: int) -> int:
+        """Count a task handed out; returns its number (per node)."""
+        stage = self.stages[node]
+        stage.reading = nbytes
+        stage.dispatches += 1
+        return stage.dispatches
 
     def done(self, node: str, stats: protocol.Stats) -> str:
         """Count a finished task; returns the version that did it."""
