@@ -313,9 +313,12 @@ def test_more_local_replicas_than_the_machine_can_hold_are_refused(tmp_path):
 @pytest.mark.parametrize("durable, cause", [
     ("bogus://x", "bogus"),
     ("file:///proc/podpipe-cannot-write-here", "/proc"),
-], ids=["unknown-scheme", "not-writable"])
+    ("file://{tmp}/a-file", "a-file"),
+], ids=["unknown-scheme", "not-writable", "file-shaped"])
 def test_a_durable_tier_that_cannot_be_written_is_refused_before_anything_runs(
         tmp_path, durable, cause):
+    (tmp_path / "a-file").write_text("not a directory")
+    durable = durable.format(tmp=tmp_path)
     make_numbers(tmp_path / "data", files=1, rows=10)
     write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
                                            "inputs": ["source"]}],
@@ -326,3 +329,177 @@ def test_a_durable_tier_that_cannot_be_written_is_refused_before_anything_runs(
     assert "spec.checkpoints.durable" in done.stderr and cause in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# A command stage that leaves a process behind: one in its own process group (as a
+# careless script's `setsid`), and one in the stage's; then passes its input on.
+LEAVER = """
+import os, shutil, subprocess, sys
+pids = os.environ["PIDS"]
+a = subprocess.Popen(["sleep", "300"], start_new_session=True)
+b = subprocess.Popen(["sleep", "300"])
+with open(pids, "a") as f:
+    f.write(f"{a.pid} {b.pid}\\n")
+shutil.copy(os.environ["PODPIPE_INPUT"], os.environ["PODPIPE_OUTPUT"])
+"""
+
+
+def test_what_a_stage_starts_ends_with_the_run(tmp_path):
+    make_numbers(tmp_path / "data", files=1, rows=100)
+    pids = tmp_path / "pids"
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "leave", "command": [sys.executable, "-c", LEAVER], "inputs": ["source"],
+          "env": {"PIDS": str(pids)}}],
+        [{"input": "leave", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    left = [int(p) for p in pids.read_text().split()]
+    assert len(left) == 2
+    wait_until(lambda: not any(_alive(p) for p in left), "the stage's children to end",
+               timeout=10)
+
+
+def test_interrupting_a_run_ends_a_command_stage_in_the_middle_of_a_batch(tmp_path):
+    make_numbers(tmp_path / "data", files=1, rows=100)
+    pids = tmp_path / "pids"
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "sleepy", "command": ["sh", "-c", f"echo $$ >> {pids}; exec sleep 300"],
+          "inputs": ["source"]}], [{"input": "sleepy", "uri": "out/"}]))
+    from conftest import cli_env
+
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet"],
+                           cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: pids.exists() and pids.read_text().strip(), "the command to start")
+    run.send_signal(2)  # Ctrl-C
+    run.communicate(timeout=60)
+    assert run.returncode == 130
+    (pid,) = [int(p) for p in pids.read_text().split()]
+    wait_until(lambda: not _alive(pid), "the command to end", timeout=10)
+
+
+def test_a_stage_over_its_timeout_is_restarted_and_the_batch_done_again(tmp_path):
+    make_numbers(tmp_path / "data", files=2, rows=1000, row_group=1000)
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "once", "run": "pystages:hang_once", "inputs": ["source"], "timeout": 1,
+          "env": {"HANG_MARKER": str(tmp_path / "hung")}}],
+        [{"input": "once", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert run_status(tmp_path / "run")["stages"]["once"]["restarts"] == 1
+    assert read_sink(tmp_path / "out").num_rows == 2000
+
+
+def test_a_stage_that_always_times_out_fails_the_run_naming_stage_and_batch(tmp_path):
+    make_numbers(tmp_path / "data", files=2, rows=1000, row_group=1000)
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "stuck", "run": "pystages:hang_on_batch_one", "inputs": ["source"],
+          "timeout": 0.5, "retries": 1}], [{"input": "stuck", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "stage 'stuck', batch 1: the batch took longer than its timeout of 0.5 s" \
+        in done.stderr and "after 1 restarts" in done.stderr
+
+
+def test_source_files_of_different_schemas_are_refused_naming_both(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"x": pa.array([1, 2], pa.int64())}), tmp_path / "data" / "a.parquet")
+    pq.write_table(pa.table({"x": pa.array(["1"], pa.string())}), tmp_path / "data" / "b.parquet")
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "b.parquet and" in done.stderr and "a.parquet have different schemas" in done.stderr
+    assert "column 'x' is int64 in one and string in the other" in done.stderr
+
+
+@pytest.mark.parametrize("schema", [None, "any"])
+def test_a_stage_whose_output_schema_drifts_fails_unless_it_says_any(tmp_path, schema):
+    make_numbers(tmp_path / "data", files=2, rows=1000, row_group=1000)
+    stage = {"name": "drift", "run": "pystages:drift", "inputs": ["source"]}
+    if schema:
+        stage["schema"] = schema
+    write_spec(tmp_path / "p.yaml", spec([stage], [{"input": "drift", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    if schema == "any":
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode == 1, done.stderr
+    assert "stage 'drift', batch 1: its output schema differs from batch 0's" in done.stderr
+    assert "column 'extra' is in one only" in done.stderr
+
+
+def test_a_tampered_manifest_cannot_write_outside_the_run(tmp_path):
+    import msgspec
+
+    from podpipe.runtime import durable
+    from podpipe.runtime.store import MemoryStore
+
+    store = MemoryStore()
+    evil = durable.Manifest(1, 1, 1, True, {"a": [0]}, [durable.Stored(
+        durable.Output("../../../escape", 0, "/x", 1, 1, "00"), "outputs/a/000000-00.arrow"),
+        durable.Stored(durable.Output("a", 0, "/x", 1, 1, "00"), "../../secret")])
+    store.write("shard-00000/manifest-000001.json", msgspec.json.encode(evil))
+    found = durable.latest(store, "shard-00000")
+    copies, notes = durable.fetch(found, tmp_path / "run")
+    assert copies == [] and len(notes) == 2 and all("not used" in n for n in notes)
+    assert not (tmp_path / "escape").exists() and not list(tmp_path.rglob("*.arrow"))
+
+
+def test_a_corrupt_journal_is_said_and_the_run_resumes_from_the_other_tiers(tmp_path):
+    _slow_spec(tmp_path)
+    run = _start(tmp_path)
+    _running(tmp_path)
+    run.kill()
+    run.communicate()
+    (tmp_path / "run" / "journal.sqlite").write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "run" / f"journal.sqlite{suffix}").unlink(missing_ok=True)
+    done = podpipe("resume", "run", cwd=tmp_path, SLOW_SECONDS="0.01")
+    _sweep_now(tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    notes = run_status(tmp_path / "run")["restore_notes"]
+    assert any("journal is corrupt" in n for n in notes), notes
+    assert (tmp_path / "run" / "journal.sqlite.corrupt").exists()
+    assert read_sink(tmp_path / "out")["rows"].to_pylist() == [4000]
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_a_run_whose_checkpoints_stopped_working_says_so_and_fails_if_they_are_required(
+        tmp_path, required):
+    store = tmp_path / "store"
+    _slow_spec(tmp_path, checkpoints={"durable": f"file://{store}", "everyBatches": 1,
+                                      "required": required})
+    from conftest import cli_env
+
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml",
+                            "--run-dir", "run"], cwd=tmp_path,
+                           env={**cli_env(SLOW_SECONDS="0.3"), "COLUMNS": "200"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _running(tmp_path)
+    import shutil
+    shutil.rmtree(store)
+    store.write_text("the store's directory is now a file: every write fails")
+    out, err = run.communicate(timeout=120)
+    final = run_status(tmp_path / "run")
+    assert final["durable"]["error"], final["durable"]
+    if required:
+        assert run.returncode == 1, err
+        assert "the last checkpoint could not be written" in err
+        assert final["state"] == "failed"
+    else:
+        assert run.returncode == 0, err
+        assert "the last checkpoint to" in out and "was not written" in out

@@ -141,3 +141,26 @@ def q1_total_gated(t: pa.Table) -> pa.Table:
     while not os.path.exists(gate):
         time.sleep(0.02)
     return stages.total(t)
+
+
+def hang_on_batch_one(t: pa.Table) -> pa.Table:
+    """Hangs (far beyond any test's timeout) on the batch holding x == 1000."""
+    if pc.any(pc.equal(t["x"], 1000)).as_py():
+        time.sleep(3600)
+    return t
+
+
+def hang_once(t: pa.Table) -> pa.Table:
+    """Hangs on its first call in the run (a marker file says it did), then works."""
+    marker = os.environ["HANG_MARKER"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(3600)
+    return t
+
+
+def drift(t: pa.Table) -> pa.Table:
+    """Its output gains a column from the batch holding x == 1000 on."""
+    if pc.min(t["x"]).as_py() >= 1000:
+        return t.append_column("extra", pc.cast(t["x"], pa.float64()))
+    return t

@@ -40,7 +40,7 @@ from podpipe.model.shards import shard_of
 from podpipe.runtime import files, tiers
 from podpipe.runtime.store import Store, open_store
 
-__all__ = ["Store", "DurableTier", "Checkpoint", "Manifest", "checkpoints", "latest", "fetch",
+__all__ = ["Output", "Stored", "Store", "DurableTier", "Checkpoint", "Manifest", "checkpoints", "latest", "fetch",
            "probe", "digest", "group_name", "grouping"]
 
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)

@@ -173,6 +173,7 @@ class Checkpoints:
                         f"tier {self.durable.url}: {self.durable.error or 'timed out'}; "
                         "resume the run")
             elif self.required:  # a run that ends without its checkpoint fails
+                self._checkpoint(engine, graph, placement)
                 if not self.durable.close(wait=DURABLE_WAIT):
                     error = RunError(f"the last checkpoint could not be written to "
                                      f"{self.durable.url}: "
