@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import zlib
 
 from podpipe.engine import events as S
-from podpipe.engine import state
+from podpipe.engine import jam, state
 from podpipe.engine.state import RunState
 from podpipe.errors import BudgetError, InputError, StageError
 from podpipe.model import spec as specs
@@ -405,7 +405,7 @@ def test_a_broken_version_holds_its_stage_and_the_run_waits_instead_of_failing(f
     assert not any(isinstance(a, (S.Failed, S.Spill, S.Restart)) for a in actions)
     assert [a for a in actions if isinstance(a, S.Hold)][0].node == "a"
     assert run.held("a") and run.ready["a"] == [0] and run.outcome is None
-    assert not run._stuck()  # someone may come back: nothing is given up or spilled
+    assert not jam.stuck(run)  # someone may come back: nothing is given up or spilled
     assert run.handle(S.SwapRequested("a")) == [S.Replace("a", kill=False)]  # swapped back
     assert run.held("a") is None
     actions = run.handle(S.AgentReady("a"))

@@ -10,8 +10,8 @@ run live in this package, so they can be tested without processes:
   reduce task once every input has all the batches of its shard (a global reduce:
   every shard's output, some made by other pods and imported);
 - keys (`keys.py`): which batches, shards and global keys this pod runs;
-- the RAM budget (`budget.py`): grants, backpressure, giving up a batch; what
-  cannot move spills to the node tier (here: the most downstream waiting output);
+- the RAM budget (`budget.py`): grants, backpressure; when the line jams
+  (`jam.py`), giving up its newest batch, else spilling to the node tier;
 - lifetime (here): an output is deleted as soon as every node that reads it has
   read it; what a resume would need is kept on the node tier (`Keep`);
 - restarts of dead processes with backoff, and the state a resumed run starts from
@@ -24,43 +24,27 @@ run live in this package, so they can be tested without processes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from podpipe.engine import rework
+from podpipe.engine import jam, rework
+from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, WAITING, Agent
 from podpipe.engine.budget import Budget
-from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Deny,
+from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady,
                                    Delete, Dispatch, Event, Failed, Finished, Grant, Hold,
                                    Imported, Keep, Key, Kill, Recompute, Replace, Reshaped,
-                                   Restart, SpaceRequested, Spill, SwapRequested, TaskDone,
+                                   Restart, SpaceRequested, SwapRequested, TaskDone,
                                    TaskFailed, TaskTimedOut)
 from podpipe.engine.keys import Keys
 from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
-from podpipe.model.graph import BATCH, GLOBAL, SINGLE, Graph
+from podpipe.model.graph import BATCH, SINGLE, Graph
 from podpipe.model.output import Output
 from podpipe.model.pipeline import SOURCE
 from podpipe.model.sizes import format_size
 
-IDLE, RUNNING, WAITING, ABSENT, HELD = "idle", "running", "waiting", "absent", "held"
 MAX_BACKOFF = 5.0
 
 
 def backoff(attempt: int) -> float:
     """Seconds before the `attempt`-th restart: 0.1, 0.4, 1.6, ... up to 5."""
     return min(0.1 * 4 ** (attempt - 1), MAX_BACKOFF)
-
-
-@dataclass
-class _Agent:
-    status: str = ABSENT
-    broken: str | None = None  # why a held stage is held
-    swap: SwapRequested | None = None  # coming: no new task, replaced once idle
-    batch: int | None = None
-    want: int = 0        # bytes asked for while WAITING
-    reserved: int = 0    # bytes granted, not yet an output
-
-    @property
-    def busy(self) -> bool:
-        return self.status in (RUNNING, WAITING)
 
 
 class RunState:
@@ -77,7 +61,7 @@ class RunState:
         self.unread: dict[Key, set[str]] = {}
         self.done: dict[str, set[int]] = {node: set() for node in graph.order}
         self.ready: dict[str, list[int]] = {node: [] for node in graph.order}
-        self.agents = {node: _Agent() for node in graph.order}
+        self.agents = {node: Agent() for node in graph.order}
         self.keep = self.plan.kept()
         self.next_source = 0
         self.redo: list[int] = []     # source batches dropped, to load again
@@ -89,7 +73,7 @@ class RunState:
     def add_node(self, node: str) -> None:
         """A node new to the graph (an apply): nothing done, its process to come."""
         self.done[node], self.ready[node] = set(), []
-        self.agents[node], self.restarts[node] = _Agent(), 0
+        self.agents[node], self.restarts[node] = Agent(), 0
 
     # -- queries --------------------------------------------------------------
 
@@ -162,20 +146,16 @@ class RunState:
         if self.outcome is not None:
             return actions
         self._replace_idle(actions)
-        self._grant_waiting(actions)
-        self._dispatch(actions)
+        self.grant_waiting(actions)
+        self.dispatch(actions)
         if self.finished:
             self.outcome = Finished()
             actions.append(self.outcome)
-        elif self._stuck():
-            while self._stuck() and self._evict(actions):  # each gives up one batch
-                self._grant_waiting(actions)
-                self._dispatch(actions)
-            if self._stuck():
-                self._spill(actions)
+        elif jam.stuck(self):
+            jam.relieve(self, actions)
         return actions
 
-    def _agent_event(self, event: Event, agent: _Agent, actions: list[Action]) -> None:
+    def _agent_event(self, event: Event, agent: Agent, actions: list[Action]) -> None:
         node = event.node
         if isinstance(event, AgentReady):
             agent.status, agent.batch = IDLE, None
@@ -216,7 +196,7 @@ class RunState:
 
     # -- pieces ----------------------------------------------------------------
 
-    def _restart(self, node: str, agent: _Agent, actions: list[Action], gone: str) -> None:
+    def _restart(self, node: str, agent: Agent, actions: list[Action], gone: str) -> None:
         """A process the run needs died (`gone` says how): put its in-flight batch back
         and have it started again, with backoff, while it has restarts left; else fail
         the run."""
@@ -255,14 +235,14 @@ class RunState:
         agent.status, agent.broken = HELD, message
         actions.append(Hold(node, message))
 
-    def _take_back(self, node: str, agent: _Agent) -> None:
+    def _take_back(self, node: str, agent: Agent) -> None:
         """Put the agent's in-flight batch back in its queue and release its RAM."""
         if agent.busy and agent.batch is not None:
             self.ready[node] = sorted(self.ready[node] + [agent.batch])
         self.budget.give(agent.reserved)
         agent.batch, agent.want, agent.reserved = None, 0, 0
 
-    def _request(self, agent: _Agent, event: SpaceRequested, actions: list[Action]) -> None:
+    def _request(self, agent: Agent, event: SpaceRequested, actions: list[Action]) -> None:
         agent.status, agent.want = WAITING, event.nbytes
         if event.nbytes > self.budget.limit:
             self._fail(BudgetError(
@@ -271,7 +251,7 @@ class RunState:
                 f"{format_size(self.budget.limit)}; lower spec.source.batchRows or raise "
                 "spec.memory (--memory)"), actions)
 
-    def _grant_waiting(self, actions: list[Action]) -> None:
+    def grant_waiting(self, actions: list[Action]) -> None:
         # Downstream first: granting them frees their inputs soonest.
         for node in reversed(self.graph.order):
             agent = self.agents[node]
@@ -300,7 +280,7 @@ class RunState:
                 readers.add(consumer)
         return readers
 
-    def _done(self, agent: _Agent, event: TaskDone, actions: list[Action]) -> None:
+    def _done(self, agent: Agent, event: TaskDone, actions: list[Action]) -> None:
         node, batch, output = event.node, event.batch, event.output
         agent.status, agent.batch = IDLE, None
         self.budget.give(agent.reserved)
@@ -367,7 +347,7 @@ class RunState:
         return not (key in self.stale and self.graph.domain[name] == BATCH and
                     self.graph.reads_all(node, name))
 
-    def _dispatch(self, actions: list[Action]) -> None:
+    def dispatch(self, actions: list[Action]) -> None:
         for node in self.graph.order:
             agent = self.agents[node]
             if agent.status != IDLE or agent.swap is not None:
@@ -402,51 +382,6 @@ class RunState:
             self.next_source += 1
         self.budget.enter(batch)
         return batch
-
-    def _evict(self, actions: list[Action]) -> bool:
-        """Give up the newest batch on the line so that an older one waiting for RAM can
-        move: refuse its waiting requests, delete its outputs, and run it again from
-        the source later (stages are deterministic, sink files idempotent). A batch
-        with a task still computing is left alone."""
-        line = [(n, a) for n, a in self.agents.items() if self.graph.domain[n] == BATCH]
-        batch = self.budget.victim(
-            [a.batch for _, a in line if a.status == WAITING and a.batch is not None],
-            {a.batch for _, a in line if a.status == RUNNING and a.batch is not None})
-        if batch is None:
-            return False
-        for node, agent in line:
-            if agent.status == WAITING and agent.batch == batch:
-                agent.status, agent.batch, agent.want = IDLE, None, 0
-                actions.append(Deny(node))
-        for node in self.graph.order:
-            if self.graph.domain[node] != BATCH:
-                continue
-            if (node, batch) in self.outputs:
-                self.delete((node, batch), actions)
-            self.done[node].discard(batch)
-            if batch in self.ready[node]:
-                self.ready[node].remove(batch)
-        self.budget.give_up(batch)
-        self.stale.discard(batch)
-        self.redo = sorted(self.redo + [batch])
-        return True
-
-    def _spill(self, actions: list[Action]) -> None:
-        """Nothing in RAM can move and nothing can be given up (what waits must stay,
-        such as a reduce's inputs): the most downstream waiting output goes to the
-        node tier, memory-mapped from there by its readers. It is not RAM budget."""
-        node = next(n for n in reversed(self.graph.order)
-                    if self.agents[n].status == WAITING)
-        agent = self.agents[node]
-        agent.status, agent.want = RUNNING, 0
-        self.budget.spills += 1
-        actions.append(Spill(node, agent.batch or 0))
-
-    def _stuck(self) -> bool:
-        """Someone waits for RAM and nothing can free any: no task is running, and no
-        agent is still to connect (it would read what it is owed)."""
-        statuses = {a.status for a in self.agents.values()}
-        return WAITING in statuses and not statuses & {RUNNING, ABSENT, HELD}
 
     def _fail(self, error: PodpipeError, actions: list[Action]) -> None:
         self.outcome = Failed(error)

@@ -1,0 +1,78 @@
+"""When the line jams for lack of RAM: give up its newest batch, else spill.
+
+The line is *stuck* when someone waits for RAM and nothing can free any: no task is
+running and no agent is still to connect. The footprint that admitted the batches
+on the line was then too low (later batches are larger). First the newest batch on
+the line is given up — its waiting writes refused (`Deny`), its outputs deleted,
+its batch loaded again later (stages are deterministic, sink files idempotent) —
+as often as that lets an older batch move. What still cannot move (outputs that
+must stay, such as a reduce's inputs) goes to the node tier: the most downstream
+waiting output is granted there (`Spill`), and is not RAM budget.
+
+Functions of the run state (`state.RunState`), which calls `relieve` when `stuck`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, WAITING
+from podpipe.engine.events import Action, Deny, Spill
+from podpipe.model.graph import BATCH
+
+if TYPE_CHECKING:  # the state machine calls in here; no import at run time
+    from podpipe.engine.state import RunState
+
+
+def relieve(run: "RunState", actions: list[Action]) -> None:
+    while stuck(run) and _evict(run, actions):  # each gives up one batch
+        run.grant_waiting(actions)
+        run.dispatch(actions)
+    if stuck(run):
+        _spill(run, actions)
+
+
+def _evict(run: "RunState", actions: list[Action]) -> bool:
+    """Give up the newest batch on the line so that an older one waiting for RAM can
+    move: refuse its waiting requests, delete its outputs, and run it again from
+    the source later (stages are deterministic, sink files idempotent). A batch
+    with a task still computing is left alone."""
+    line = [(n, a) for n, a in run.agents.items() if run.graph.domain[n] == BATCH]
+    batch = run.budget.victim(
+        [a.batch for _, a in line if a.status == WAITING and a.batch is not None],
+        {a.batch for _, a in line if a.status == RUNNING and a.batch is not None})
+    if batch is None:
+        return False
+    for node, agent in line:
+        if agent.status == WAITING and agent.batch == batch:
+            agent.status, agent.batch, agent.want = IDLE, None, 0
+            actions.append(Deny(node))
+    for node in run.graph.order:
+        if run.graph.domain[node] != BATCH:
+            continue
+        if (node, batch) in run.outputs:
+            run.delete((node, batch), actions)
+        run.done[node].discard(batch)
+        if batch in run.ready[node]:
+            run.ready[node].remove(batch)
+    run.budget.give_up(batch)
+    run.stale.discard(batch)
+    run.redo = sorted(run.redo + [batch])
+    return True
+
+def _spill(run: "RunState", actions: list[Action]) -> None:
+    """Nothing in RAM can move and nothing can be given up (what waits must stay,
+    such as a reduce's inputs): the most downstream waiting output goes to the
+    node tier, memory-mapped from there by its readers. It is not RAM budget."""
+    node = next(n for n in reversed(run.graph.order)
+                if run.agents[n].status == WAITING)
+    agent = run.agents[node]
+    agent.status, agent.want = RUNNING, 0
+    run.budget.spills += 1
+    actions.append(Spill(node, agent.batch or 0))
+
+def stuck(run: "RunState") -> bool:
+    """Someone waits for RAM and nothing can free any: no task is running, and no
+    agent is still to connect (it would read what it is owed)."""
+    statuses = {a.status for a in run.agents.values()}
+    return WAITING in statuses and not statuses & {RUNNING, ABSENT, HELD}
