@@ -12,7 +12,7 @@ import sys
 import os
 
 from podpipe import __version__
-from podpipe.errors import PodpipeError, UsageError, exit_code
+from podpipe.errors import PodpipeError, StageError, UsageError, exit_code
 
 
 
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                           "stages.filter.run=mod:fn (repeatable)")
     run.add_argument("--fresh", action="store_true",
                      help="ignore the durable tier's checkpoints of this spec; start over")
-    run.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress, no summary: one line with the outcome")
 
     resume = sub.add_parser(
         "resume", help="finish a run whose conductor died or whose pod was lost",
@@ -70,6 +71,25 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", metavar="RUN_DIR")
     status.add_argument("--json", action="store_true",
                         help="one JSON object: state, scratch, processes, stages")
+
+    wait = sub.add_parser("wait", help="wait for a run to end; exit with its exit code",
+                          description="Block until the run in RUN_DIR (or 'latest') ends, "
+                                      "then exit as it did: 0 succeeded, 1 failed, 130 "
+                                      "interrupted; 124 if --timeout passed first.")
+    wait.add_argument("run_dir", metavar="RUN_DIR")
+    wait.add_argument("--timeout", type=float, metavar="SECONDS")
+
+    runs = sub.add_parser("runs", help="list the runs in .podpipe/runs, newest first")
+    runs.add_argument("--dir", metavar="DIR", help="another runs directory "
+                      "(CHECKPOINTS_NODE/runs)")
+    runs.add_argument("--json", action="store_true", help="one JSON list")
+
+    logs = sub.add_parser("logs", help="print a run's logs, each line prefixed by its "
+                                       "process",
+                          description="Print the logs of the run in RUN_DIR (or 'latest'), "
+                                      "every process's, or STAGE's only.")
+    logs.add_argument("run_dir", metavar="RUN_DIR")
+    logs.add_argument("stage", metavar="STAGE", nargs="?")
 
     validate = sub.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec", metavar="SPEC")
@@ -203,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except PodpipeError as exc:
         errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True,
                      soft_wrap=True)
+        if isinstance(exc, StageError) and exc.traceback:  # where in the user's code
+            errors.print("the stage's code, last frames:\n" + exc.traceback, markup=False,
+                         highlight=False, soft_wrap=True)
         return exit_code(exc)
     except KeyboardInterrupt:
         errors.print("interrupted")
@@ -227,8 +250,9 @@ def _run(args: argparse.Namespace, console) -> int:
 
 
 def _resume(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import pod, replicas
+    from podpipe.runtime import pod, replicas, runs
 
+    args.run_dir = str(runs.resolve(args.run_dir))
     if replicas.is_replicas(args.run_dir):
         return _with_progress(console, args.quiet, lambda observer: replicas.resume(
             args.run_dir, replicas=args.replicas, observer=observer))
@@ -256,7 +280,10 @@ def _with_progress(console, quiet: bool, start) -> int:
     from podpipe import report
 
     if quiet:
-        start(None)
+        final = start(None)
+        console.print(f"{final['pipeline']}: {final['state']} in "
+                      f"{final['elapsed_seconds']:.1f} s; run directory {final['run_dir']}",
+                      highlight=False)
         return 0
     with report.LiveProgress(console) as live:
         try:
@@ -276,9 +303,9 @@ def _with_progress(console, quiet: bool, start) -> int:
 
 def _status(args: argparse.Namespace, console) -> int:
     from podpipe import report
-    from podpipe.runtime import status
+    from podpipe.runtime import runs, status
 
-    current = status.read(args.run_dir)
+    current = status.read(runs.resolve(args.run_dir))
     if args.json:
         print(json.dumps(current, indent=2))
     else:
@@ -397,9 +424,38 @@ def _swap_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import runs
+
+    code, final = runs.wait(args.run_dir, args.timeout)
+    console.print(f"{final['run_dir']}: {final['state']}" +
+                  (f": {final['error']}" if final.get("error") else ""), highlight=False)
+    return code
+
+
+def _runs(args: argparse.Namespace, console) -> int:
+    from podpipe import report
+    from podpipe.runtime import runs
+
+    found = runs.listing(args.dir)
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        console.print(report.runs_table(found, args.dir or str(runs.DEFAULT_RUNS)))
+    return 0
+
+
+def _logs(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import runs
+
+    for line in runs.logs(args.run_dir, args.stage):
+        sys.stdout.write(line + "\n")
+    return 0
+
+
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
              "render": _render, "resume": _resume, "plan": _plan, "swap": _swap,
-             "apply": _apply}
+             "apply": _apply, "wait": _wait, "runs": _runs, "logs": _logs}
 
 if __name__ == "__main__":
     entry()

@@ -62,8 +62,10 @@ class RunError(PodpipeError):
 class StageError(RunError):
     """A stage failed on a batch."""
 
-    def __init__(self, stage: str, batch: int | None, message: str) -> None:
+    def __init__(self, stage: str, batch: int | None, message: str,
+                 traceback: str = "") -> None:
         self.stage, self.batch = stage, batch
+        self.traceback = traceback  # the last frames of the stage's own code, if any
         where = f"stage {stage!r}" + (f", batch {batch}" if batch is not None else "")
         super().__init__(f"{where}: {message}")
 

@@ -7,6 +7,7 @@ processes.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -104,6 +105,19 @@ def status_table(status: dict[str, Any]) -> Table:
     grid.add_row(table)
     grid.add_row(pids)
     return grid
+
+
+def runs_table(found: list[dict[str, Any]], where: str) -> Table:
+    """`podpipe runs`: a row per run in the runs directory `where`, newest first."""
+    table = Table(box=None, title=f"runs in {where}, newest first", title_justify="left")
+    for column in ("run", "pipeline", "state", "started", "elapsed s"):
+        table.add_column(column, justify="right" if column == "elapsed s" else "left",
+                         no_wrap=column in ("run", "started"))
+    for run in found:
+        started = time.strftime("%m-%d %H:%M:%S", time.localtime(run["started"]))
+        table.add_row(Path(run["run_dir"]).name, run["pipeline"], run["state"], started,
+                      f"{run['elapsed_seconds']:.1f}")
+    return table
 
 
 def plan_table(planned: dict[str, Any]) -> Table:

@@ -46,6 +46,7 @@ class TaskFailed:
     batch: int
     message: str
     input_error: bool = False  # the data, not the code, is at fault
+    traceback: str = ""        # the last frames of the stage's code
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,8 @@ class RunState:
         elif isinstance(event, TaskFailed):
             error: PodpipeError = (
                 DataError(f"stage {node!r}, batch {event.batch}: {event.message}")
-                if event.input_error else StageError(node, event.batch, event.message))
+                if event.input_error else StageError(node, event.batch, event.message,
+                                                     event.traceback))
             self._fail(error, actions)
         elif isinstance(event, AgentBroken) and node in self.swapped:
             self._hold(node, event.message, actions)

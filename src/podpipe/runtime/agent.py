@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 from pathlib import Path
@@ -156,6 +157,25 @@ class SchemaCheck:
                 "on the stage if that is intended)")
 
 
+_NOT_THE_USERS = (str(Path(__file__).resolve().parent.parent),  # podpipe's own package
+                  sysconfig.get_paths()["stdlib"])
+
+
+def user_frames(exc: BaseException, most: int = 5) -> str:
+    """The last frames of the traceback that are the user's own code (not podpipe's,
+    the standard library's or an installed library's: where a stage author looks),
+    as Python prints them; else the last that are not podpipe's; "" if none."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_NOT_THE_USERS[0])]
+    own = [f for f in frames if os.path.isabs(f.filename)
+           and not f.filename.startswith(_NOT_THE_USERS)
+           and "-packages/" not in f.filename]
+    frames = own or frames
+    if not frames:
+        return ""
+    return "".join(traceback.format_list(frames[-most:])).rstrip()
+
+
 def _concat(tables: list[pa.Table]) -> pa.Table:
     """One table whose chunks are the batches: no copy."""
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
@@ -280,7 +300,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
         traceback.print_exc(file=sys.stderr)
         protocol.send(sock, protocol.Failed(
             batch=batch, input_error=isinstance(exc, (DataError, InputError)),
-            message=f"{type(exc).__name__}: {exc}"))
+            message=f"{type(exc).__name__}: {exc}", traceback=user_frames(exc)))
         return
     stats = protocol.Stats(rows_in=sum(t.num_rows for group in inputs for t in group))
     output = None

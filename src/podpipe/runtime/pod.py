@@ -27,7 +27,7 @@ from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
-from podpipe.runtime import durable, protocol, rundir, status
+from podpipe.runtime import durable, protocol, rundir, runs, status
 from podpipe.runtime import replicas as pods
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime.conductor import Conductor, Run
@@ -82,6 +82,8 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     rundir.make(run_path, spec_path, overrides, placement=placement)
     rundir.lock(run_path)
+    if not run_dir:
+        runs.mark_latest(run_path)
     return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-{ordinal}",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
                     observer=observer, origin=Origin(durable=not fresh),

@@ -110,6 +110,7 @@ class Failed(_Message, tag="failed"):
     batch: int
     message: str
     input_error: bool = False
+    traceback: str = ""  # the last frames of the stage's own code, for the user
 
 
 class Stop(_Message, tag="stop"):

@@ -28,7 +28,7 @@ from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.sizes import format_size
-from podpipe.runtime import files, rundir, status
+from podpipe.runtime import files, rundir, runs, status
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime.loop import EventLoop, Signalled
 from podpipe.runtime.scratch import process_start
@@ -46,6 +46,8 @@ def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
     rundir.make(run_path, spec_path, overrides, run_id=run_id, replicas=replicas,
                 durable=durable, attempt=1)
     rundir.lock(run_path)
+    if not run_dir:
+        runs.mark_latest(run_path)
     return _run_pods(run_path, pipeline, fresh=fresh, observer=observer)
 
 

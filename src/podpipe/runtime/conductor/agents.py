@@ -47,7 +47,8 @@ def to_event(node: str, message: protocol.Message, spec_file: str) -> ev.Event |
     if isinstance(message, protocol.Done):
         return ev.TaskDone(node, message.batch, message.output)
     if isinstance(message, protocol.Failed):
-        return ev.TaskFailed(node, message.batch, message.message, message.input_error)
+        return ev.TaskFailed(node, message.batch, message.message, message.input_error,
+                             message.traceback)
     if isinstance(message, protocol.Broken):
         error = (SpecError(message.message, file=spec_file, field=message.field)
                  if message.field else InputError(message.message))

@@ -1,0 +1,123 @@
+"""The loop a user lives in: see why a stage failed, find runs, wait for one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import STAGES, cli_env, make_numbers, podpipe, spec, wait_until, write_spec
+
+MISTAKE = f'File "{STAGES / "mystage.py"}", line 7, in helper'
+
+
+def _failing(workdir: Path) -> None:
+    make_numbers(workdir / "data", files=1, rows=100)
+    write_spec(workdir / "p.yaml", spec([{"name": "enrich", "run": "mystage:enrich",
+                                          "inputs": ["source"]}],
+                                        [{"input": "enrich", "uri": "out/"}]))
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_a_failing_stage_shows_the_users_file_and_line_in_the_terminal(tmp_path):
+    _failing(tmp_path)
+    session = f"podpipe-test-{tmp_path.name}"[:40]
+    env = cli_env()
+    command = (f"cd {tmp_path} && PYTHONPATH={env['PYTHONPATH']} {sys.executable} -m "
+               "podpipe run p.yaml; echo EXIT=$?; sleep 600")  # the pane stays to be read
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
+                    command], check=True)
+    try:
+        screen = ""
+
+        def finished() -> bool:
+            nonlocal screen
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-t", session],
+                                    capture_output=True, text=True).stdout
+            return "EXIT=" in screen
+        wait_until(finished, "the run to end in the terminal")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert "EXIT=1" in screen
+    assert "stage 'enrich', batch 0: KeyError" in screen
+    assert MISTAKE in screen, screen
+    assert 'return t["missing_column"]' in screen
+    assert "logs/enrich.log" in screen
+
+
+def test_logs_of_the_latest_run_show_the_same_traceback(tmp_path):
+    _failing(tmp_path)
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 1 and MISTAKE in done.stderr
+    shown = podpipe("logs", "latest", "enrich", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"[enrich]   {MISTAKE}" in shown.stdout
+    everything = podpipe("logs", "latest", cwd=tmp_path).stdout
+    assert f"[enrich]   {MISTAKE}" in everything
+    unknown = podpipe("logs", "latest", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "no log of 'nope'" in unknown.stderr
+
+
+def test_quiet_still_says_how_the_run_ended_and_where_it_is(workdir):
+    write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                          "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.strip().splitlines()
+    assert line.startswith("t: succeeded in ") and "run directory .podpipe/runs/t-" in line
+
+
+def test_runs_are_listed_newest_first_and_latest_is_the_newest(workdir):
+    write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                          "inputs": ["source"]}],
+                                        [{"input": "s", "uri": "out/"}]))
+    assert podpipe("runs", cwd=workdir).returncode == 0  # none yet: an empty list
+    for _ in range(2):
+        assert podpipe("run", "p.yaml", "--quiet", cwd=workdir).returncode == 0
+    found = json.loads(podpipe("runs", "--json", cwd=workdir).stdout)
+    assert [r["state"] for r in found] == ["succeeded", "succeeded"]
+    assert found[0]["started"] > found[1]["started"]
+    latest = json.loads(podpipe("status", "latest", "--json", cwd=workdir).stdout)
+    assert latest["run_id"] == found[0]["run_id"]
+
+
+@pytest.mark.parametrize("stage, code", [("pystages:slow", 0), ("pystages:fail_on_third", 1)],
+                         ids=["succeeds", "fails"])
+def test_wait_returns_the_runs_own_exit_code(tmp_path, stage, code):
+    make_numbers(tmp_path / "data", files=3, rows=1000, row_group=1000)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": stage, "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=tmp_path,
+                           env=cli_env(SLOW_SECONDS="0.5", BOOM_AT="2500"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (tmp_path / "run" / "status.json").exists(), "the run to start")
+    waited = podpipe("wait", "run", cwd=tmp_path)
+    run.communicate(timeout=60)
+    assert waited.returncode == code == run.returncode, waited.stdout + waited.stderr
+    assert ("succeeded" if code == 0 else "failed") in waited.stdout
+
+
+def test_wait_gives_up_after_its_timeout_on_a_run_still_going(tmp_path):
+    make_numbers(tmp_path / "data", files=3, rows=1000, row_group=1000)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:slow",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=tmp_path, env=cli_env(SLOW_SECONDS="5"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: (tmp_path / "run" / "status.json").exists(), "the run to start")
+        started = time.monotonic()
+        waited = podpipe("wait", "run", "--timeout", "0.5", cwd=tmp_path)
+        assert waited.returncode == 124 and "running" in waited.stdout
+        assert time.monotonic() - started < 30
+    finally:
+        run.send_signal(2)
+        run.communicate(timeout=60)
