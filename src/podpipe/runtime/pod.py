@@ -82,12 +82,10 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     rundir.make(run_path, spec_path, overrides, placement=placement)
     rundir.lock(run_path)
-    if not run_dir:
-        runs.mark_latest(run_path)
     return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-{ordinal}",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
                     observer=observer, origin=Origin(durable=not fresh),
-                    placement=placement, fresh=True)
+                    placement=placement, fresh=True, latest=not run_dir)
 
 
 def plan(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
@@ -228,10 +226,12 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
              pod: str, make_scratch: Callable[[], scratches.Scratch], *, launch: bool,
              observer: Callable[[dict[str, Any]], None] | None, origin: Origin,
              placement: sharding.Placement = sharding.Placement(),
-             fresh: bool = False, notes: list[str] | None = None) -> dict[str, Any]:
+             fresh: bool = False, notes: list[str] | None = None,
+             latest: bool = False) -> dict[str, Any]:
     """Make the scratch, plan the source, find where the run starts from, and hand
     over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
-    `notes`: what making the scratch found wrong, for the status."""
+    `notes`: what making the scratch found wrong, for the status; `latest`: once it
+    starts, the run is the runs directory's `latest`."""
     graph = Graph.of(pipeline)
     scratch = launcher = None
     digest = rundir.spec_digest(run_path)
@@ -265,6 +265,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
                 scratch.remove()
             shutil.rmtree(run_path, ignore_errors=True)
         raise
+    if latest:
+        runs.mark_latest(run_path)
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
                      durable=tier).start()
