@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Finish the run in RUN_DIR from what survived it: outputs still in its "
                     "RAM scratch, else on the node tier (checked by checksum), else "
                     "computed again. Batches whose results were kept are not run again.")
-    resume.add_argument("run_dir", metavar="RUN_DIR")
+    resume.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
     resume.add_argument("--replicas", type=int, metavar="M",
                         help="a run of several replicas: resume with M of them (rescale); "
                              "shards that move resume from their durable checkpoints")
@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object")
 
     status = sub.add_parser("status", help="show a run's state, processes and progress")
-    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
     status.add_argument("--json", action="store_true",
                         help="one JSON object: state, scratch, processes, stages")
 
