@@ -54,19 +54,11 @@ class Journal:
     def finished(self, node: str, batch: int, version: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?)", (node, batch, version))
 
-    def undone(self, node: str, batch: int) -> None:
-        """A batch given up (to be computed again): it is not finished any more."""
-        self.db.execute("DELETE FROM done WHERE node = ? AND batch = ?", (node, batch))
-
     def stored(self, copy: Output) -> None:
         """A copy of an output on `copy.tier` (one row per tier that holds one)."""
         self.db.execute("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
                         (copy.node, copy.key, copy.tier, copy.path, copy.nbytes,
                          copy.rows, copy.checksum))
-
-    def dropped(self, node: str, batch: int, tier: str) -> None:
-        self.db.execute("DELETE FROM outputs WHERE node = ? AND batch = ? AND tier = ?",
-                        (node, batch, tier))
 
     def commit(self) -> None:
         self.db.commit()

@@ -39,14 +39,14 @@ class Origin:
     journal: bool = False          # a resume: the run's own journal and copies
     durable: bool = False          # the spec's latest checkpoints on the durable tier
     source_batches: int | None = None  # a resume: the plan's size when it started
-    spec_digest: str = ""          # what names the checkpoints of the spec as run
 
 
 def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
-               run_path: Path, placement: sharding.Placement,
+               run_path: Path, placement: sharding.Placement, spec_digest: str,
                scratch: Path | None = None) -> Restored | None:
-    """The state the run starts from; None: from nothing. Copies are trusted only
-    inside the node tier and the run's RAM `scratch`."""
+    """The state the run starts from; None: from nothing. `spec_digest` names the
+    checkpoints of the spec as run. Copies are trusted only inside the node tier and
+    the run's RAM `scratch`."""
     roots = [run_path / tiers.DIR] + ([scratch] if scratch is not None else [])
     if origin.journal:
         if origin.source_batches is not None and len(plan) != origin.source_batches:
@@ -64,13 +64,13 @@ def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[Sour
                     "the other tiers")
             if origin.durable and pipeline.checkpoints.durable:
                 restored = _from_durable(pipeline, graph, plan, run_path, placement,
-                                         origin.spec_digest, roots)
+                                         spec_digest, roots)
                 restored.notes.insert(0, note)
                 return restored
             return _restore(pipeline, graph, plan, {}, [], [note], placement, roots)
         return _restore(pipeline, graph, plan, finished, copies, [], placement, roots)
     if origin.durable and pipeline.checkpoints.durable:
-        return _from_durable(pipeline, graph, plan, run_path, placement, origin.spec_digest,
+        return _from_durable(pipeline, graph, plan, run_path, placement, spec_digest,
                              roots)
     return None
 

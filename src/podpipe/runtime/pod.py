@@ -18,7 +18,6 @@ import shutil
 import socket
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -247,8 +246,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         from podpipe.runtime import source  # pyarrow: imported while the fork server starts
 
         plan = source.plan(pipeline.source)
-        restored = start_from(replace(origin, spec_digest=digest), pipeline, graph, plan,
-                              run_path, placement, scratch.path)
+        restored = start_from(origin, pipeline, graph, plan, run_path, placement, digest,
+                              scratch.path)
         if restored is not None:
             restored.notes.extend(notes or [])
         checkpoints = pipeline.checkpoints

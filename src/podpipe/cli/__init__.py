@@ -1,0 +1,270 @@
+"""The `podpipe` command: each command calls one library function and shows its result.
+
+What may be typed (commands, flags, their help) is `cli.arguments`. Exit codes
+(errors.py): 0 success, 1 the run failed, 2 invalid input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from podpipe.cli.arguments import parser
+from podpipe.errors import PodpipeError, StageError, UsageError, exit_code
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "agent":  # a stage process: keep its start light, no rich
+        from podpipe.runtime import agent
+
+        return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
+                           wait=args.wait)
+    if args.command == "probe":
+        from podpipe.runtime import protocol
+
+        return 0 if protocol.probe(args.socket) else 1
+    from rich.console import Console
+
+    console, errors = Console(), Console(stderr=True)
+    try:
+        return _COMMANDS[args.command](args, console)
+    except PodpipeError as exc:
+        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True,
+                     soft_wrap=True)
+        if isinstance(exc, StageError) and exc.traceback:  # where in the user's code
+            errors.print("the stage's code, last frames:\n" + exc.traceback, markup=False,
+                         highlight=False, soft_wrap=True)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        return exit_code(KeyboardInterrupt())
+
+
+def entry() -> None:
+    """The console script: exit without tearing the interpreter down once output is
+    flushed (pyarrow's teardown costs a fifth of a second and does nothing useful)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _run(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import pod
+
+    return _with_progress(console, args.quiet, lambda observer: pod.run(
+        args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
+        pod_index=args.pod_index, memory=args.memory, fresh=args.fresh, observer=observer))
+
+
+def _resume(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import pod, replicas, runs
+
+    args.run_dir = str(runs.resolve(args.run_dir))
+    if replicas.is_replicas(args.run_dir):
+        return _with_progress(console, args.quiet, lambda observer: replicas.resume(
+            args.run_dir, replicas=args.replicas, observer=observer))
+    if args.replicas is not None:
+        raise UsageError(f"--replicas: {args.run_dir} is the run of one pod; start the "
+                         "pipeline again with 'podpipe run SPEC --replicas M' (with "
+                         "spec.checkpoints.durable set, its shards resume from there)")
+    return _with_progress(console, args.quiet,
+                          lambda observer: pod.resume(args.run_dir, observer=observer))
+
+
+def _plan(args: argparse.Namespace, console) -> int:
+    from podpipe import report
+    from podpipe.runtime import pod
+
+    planned = pod.plan(args.spec, overrides=args.set, replicas=args.replicas)
+    if args.json:
+        print(json.dumps(planned, indent=2))
+    else:
+        console.print(report.plan_table(planned))
+    return 0
+
+
+def _with_progress(console, quiet: bool, start) -> int:
+    from podpipe import report
+
+    if quiet:
+        final = start(None)
+        console.print(f"{final['pipeline']}: {final['state']} in "
+                      f"{final['elapsed_seconds']:.1f} s; run directory {final['run_dir']}",
+                      highlight=False)
+        return 0
+    with report.LiveProgress(console) as live:
+        try:
+            final = start(live)
+        except PodpipeError:
+            live.progress.stop()
+            raise
+    for note in final.get("restore_notes", []):
+        console.print(f"[yellow]restored:[/] {note}", highlight=False)
+    console.print(report.summary(final))
+    warning = report.durable_warning(final)
+    if warning:
+        console.print(f"[yellow]durable:[/] {warning}", highlight=False)
+    console.print(f"run directory: {final['run_dir']}")
+    return 0
+
+
+def _status(args: argparse.Namespace, console) -> int:
+    from podpipe import report
+    from podpipe.runtime import runs, status
+
+    current = status.read(runs.resolve(args.run_dir))
+    if args.json:
+        print(json.dumps(current, indent=2))
+    else:
+        console.print(report.status_table(current))
+    return 0
+
+
+def _validate(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import pod
+
+    pipeline = pod.validate(args.spec, args.set)
+    console.print(f"{args.spec}: valid pipeline {pipeline.name!r} with "
+                  f"{len(pipeline.stages)} stages and {len(pipeline.sinks)} sinks",
+                  highlight=False)
+    return 0
+
+
+def _render(args: argparse.Namespace, console) -> int:
+    from pathlib import Path
+
+    from podpipe import render
+    from podpipe.runtime import pod
+
+    pipeline = pod.validate(args.spec, args.set)
+    options = render.Options(
+        flavor=args.flavor, replicas=args.replicas, layout=args.layout,
+        image=args.image or render.Options.image, storage_class=args.storage_class,
+        node_size=args.node_size, host_path=args.host_path, secret=args.secret,
+        namespace=args.namespace, overrides=tuple(args.set))
+    manifests = render.render(pipeline, Path(args.spec).read_text(), options)
+    if args.patch:
+        stage, sep, image = args.patch.partition("=")
+        if not sep or not stage or not image:
+            raise UsageError(f"--patch {args.patch!r}: expected STAGE=IMAGE")
+        text = json.dumps(render.image_patch(manifests, stage, image)) + "\n"
+    else:
+        text = render.dump(manifests)
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    from podpipe.runtime import files
+
+    out = Path(args.output)
+    try:
+        files.publish(out, text)
+    except OSError as exc:
+        raise UsageError(f"-o {out}: {exc.strerror}") from None
+    return 0
+
+
+def _conductor(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import pod
+
+    return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
+                     run_dir=args.run_dir, layout=args.layout, hold=args.hold,
+                     replicas=args.replicas)
+
+
+def _swap(args: argparse.Namespace, console) -> int:
+    import shlex
+
+    from podpipe.runtime import control, protocol
+
+    command = shlex.split(args.new_command) if args.new_command is not None else None
+    overrides = control.swap_overrides(args.stage, run=args.run, command=command,
+                                       image=args.image, version=args.version)
+    if args.k8s:
+        return _swap_patch(args)
+    for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
+                               timeout=args.timeout, recompute=args.recompute):
+        said = answer.message
+        if isinstance(said, protocol.Swapped):
+            console.print(f"{answer.run_dir}: stage {args.stage!r} now runs version "
+                          f"{said.version} (pid {said.pid})", highlight=False)
+        else:
+            console.print(f"{answer.run_dir}: not swapped, the pod is {answer.state}",
+                          highlight=False)
+    return 0
+
+
+def _apply(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import control, protocol
+
+    for answer in control.apply(args.run_dir, args.new_spec, timeout=args.timeout):
+        said = answer.message
+        if not isinstance(said, protocol.Applied):
+            console.print(f"{answer.run_dir}: not applied, the pod is {answer.state}",
+                          highlight=False)
+            continue
+        parts = [f"{what} {', '.join(names)}" for what, names in
+                 (("added", said.added), ("removed", said.removed), ("changed", said.changed))
+                 if names]
+        console.print(f"{answer.run_dir}: " + ("; ".join(parts) or "no change") +
+                      (f"; {said.redo} batches run again from the source for the added "
+                       "stages" if said.redo else ""), highlight=False)
+    return 0
+
+
+def _swap_patch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from podpipe import render
+    from podpipe.runtime import pod, rundir
+
+    if args.image is None:
+        raise UsageError("--k8s: a swap on Kubernetes is an image change; give --image")
+    run_dir = Path(args.run_dir)
+    recorded = rundir.read(run_dir)
+    try:
+        spec_text = (run_dir / "spec.yaml").read_text()
+    except OSError as exc:
+        raise UsageError(f"{run_dir}: not a podpipe run directory ({exc})") from None
+    pipeline = pod.validate(str(run_dir / "spec.yaml"), recorded.overrides)
+    manifests = render.render(pipeline, spec_text, render.Options())
+    sys.stdout.write(json.dumps(render.image_patch(manifests, args.stage, args.image)) + "\n")
+    return 0
+
+
+def _wait(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import runs
+
+    code, final = runs.wait(args.run_dir, args.timeout)
+    console.print(f"{final['run_dir']}: {final['state']}" +
+                  (f": {final['error']}" if final.get("error") else ""), highlight=False)
+    return code
+
+
+def _runs(args: argparse.Namespace, console) -> int:
+    from podpipe import report
+    from podpipe.runtime import runs
+
+    found = runs.listing(args.dir)
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        console.print(report.runs_table(found, args.dir or str(runs.DEFAULT_RUNS)))
+    return 0
+
+
+def _logs(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import runs
+
+    for line in runs.logs(args.run_dir, args.stage):
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+_COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
+             "render": _render, "resume": _resume, "plan": _plan, "swap": _swap,
+             "apply": _apply, "wait": _wait, "runs": _runs, "logs": _logs}
