@@ -57,6 +57,11 @@ class LiveProgress:
                              rate=rate)
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 file`, `2 files`, `1,000 rows`."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
 def summary(status: dict[str, Any]) -> Table:
     """Per stage: batches, rows in and out, busy time, RAM written, read zero-copy."""
     table = Table(title=f"{status['pipeline']}: {status['state']} in "

@@ -53,6 +53,7 @@ class Sink:
     name: str
     input: str
     uri: str
+    mode: str = "error"  # error: refuse stale part files; overwrite: replace at success
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,7 @@ def _guess_format(uri: str) -> str | None:
 
 _STAGE_FIELDS = {"name", "run", "command", "inputs", "reduce", "scope", "version", "image",
                  "env", "resources", "retries", "timeout", "schema"}
+SINK_MODES = ("error", "overwrite")  # what a sink already holding other files does
 SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to batch?
 SCOPES = ("shard", "global")
 
@@ -306,14 +307,17 @@ def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...
     sinks = []
     for i, item in enumerate(value):
         path = f"spec.sinks[{i}]"
-        sk = r.mapping(path, item, {"name", "input", "uri"}, {"input", "uri"})
+        sk = r.mapping(path, item, {"name", "input", "uri", "mode"}, {"input", "uri"})
         name = r.name(f"{path}.name", sk.get("name", f"sink-{i}"))
         if name in names or name == SOURCE:
             raise r.fail(f"{path}.name", f"duplicate name {name!r}: sinks and stages share "
                                          "one namespace")
         names.add(name)
+        mode = sk.get("mode", "error")
+        if mode not in SINK_MODES:
+            raise r.fail(f"{path}.mode", f"expected one of {list(SINK_MODES)}, got {mode!r}")
         sinks.append(Sink(name=name, input=r.string(f"{path}.input", sk["input"]),
-                          uri=r.string(f"{path}.uri", sk["uri"])))
+                          uri=r.string(f"{path}.uri", sk["uri"]), mode=mode))
     for (i, one), (j, other) in itertools.combinations(enumerate(sinks), 2):
         if locations.overlap(one.uri, other.uri):
             raise r.fail(f"spec.sinks[{j}].uri", f"{other.uri!r} overlaps sink "

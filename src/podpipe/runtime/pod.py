@@ -26,7 +26,7 @@ from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
-from podpipe.runtime import durable, protocol, rundir, runs, status
+from podpipe.runtime import durable, protocol, rundir, runs, sink, status
 from podpipe.runtime import replicas as pods
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime.conductor import Conductor, Run
@@ -246,6 +246,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         from podpipe.runtime import source  # pyarrow: imported while the fork server starts
 
         plan = source.plan(pipeline.source)
+        if fresh:
+            sink.check_run(pipeline, graph, len(plan))
         restored = start_from(origin, pipeline, graph, plan, run_path, placement, digest,
                               scratch.path)
         if restored is not None:

@@ -28,7 +28,7 @@ from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.sizes import format_size
-from podpipe.runtime import files, rundir, runs, status
+from podpipe.runtime import files, rundir, runs, sink, status
 from podpipe.runtime import scratch as scratches
 from podpipe.runtime.loop import EventLoop, Signalled
 from podpipe.runtime.scratch import process_start
@@ -43,6 +43,7 @@ def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-x{replicas}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     durable = pipeline.checkpoints.durable or (run_path / "durable").resolve().as_uri()
+    _check_sinks(pipeline)
     rundir.make(run_path, spec_path, overrides, run_id=run_id, replicas=replicas,
                 durable=durable, attempt=1)
     rundir.lock(run_path)
@@ -135,6 +136,11 @@ def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
                         p.kill()
                         p.wait()
     final = _aggregate(run_path, pipeline, recorded, pods, started, ended=time.time())
+    if final["state"] == "succeeded":  # every pod's output is in place: mark the sinks
+        try:
+            final["sinks"] = _mark_sinks(pipeline, final["source_batches"])
+        except RunError as exc:
+            final.update(state="failed", error=str(exc))
     _write(run_path, final, None)
     if interrupted:
         raise InterruptedRun(f"interrupted; the pods were stopped (resume: podpipe resume "
@@ -161,6 +167,25 @@ def _write(run_path: Path, current: dict[str, Any],
         pass
     if observer is not None:
         observer(current)
+
+
+def _check_sinks(pipeline: specs.Pipeline) -> None:
+    from podpipe.model.graph import Graph
+    from podpipe.runtime import source
+
+    sink.check_run(pipeline, Graph.of(pipeline), len(source.plan(pipeline.source)))
+
+
+def _mark_sinks(pipeline: specs.Pipeline, source_batches: int) -> dict[str, Any]:
+    from podpipe.model.graph import Graph
+
+    every = sink.every_batch(pipeline, Graph.of(pipeline), source_batches)
+    marked = {}
+    for target in pipeline.sinks:
+        w = sink.mark(target, every[target.name])
+        marked[target.name] = {"uri": w.uri, "files": w.files, "rows": w.rows,
+                               "bytes": w.nbytes}
+    return marked
 
 
 def _aggregate(run_path: Path, pipeline: specs.Pipeline, recorded: rundir.RunRecord,

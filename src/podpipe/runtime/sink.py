@@ -4,31 +4,99 @@ A batch's file is `part-<batch>.parquet`; it is written under a temporary name a
 renamed, so a repeated batch replaces its file and never duplicates output, and a
 reader never trusts a half-written one. Its key-value metadata `podpipe.versions`
 records which versions of which stages made it (JSON: stage -> versions).
+
+A sink's `mode` says what happens to a folder that already holds output:
+- `error` (the default): a part file this run would not write (another `batchRows`,
+  another source) is refused before anything runs (`check`); files of the names this
+  run writes are replaced as it goes.
+- `overwrite`: the run writes into `_staging/` inside the sink, and only once it
+  succeeded moves its files up and removes the part files it did not write
+  (`commit`): a failed run leaves the previous output as it was.
+
+Once every batch is in, `_SUCCESS` is written last (`mark`): a JSON manifest of the
+files, their rows and xxh3 checksums, and the versions behind them. It is removed
+when a run starts writing into the sink, so it is there only over a complete output.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Iterable
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 
-from podpipe.errors import RunError
-from podpipe.model.pipeline import Sink
+from podpipe.engine.keys import Keys
+from podpipe.errors import RunError, UsageError
+from podpipe.model.graph import Graph
+from podpipe.model.pipeline import Pipeline, Sink
 from podpipe.runtime import files
 
 
 VERSIONS = b"podpipe.versions"
+STAGING = "_staging"
+MARKER = "_SUCCESS"
 
 
 def file_name(batch: int) -> str:
     return f"part-{batch:06d}.parquet"
 
 
+def _batch_of(name: str) -> int | None:
+    if name.startswith("part-") and name.endswith(".parquet") and name[5:11].isdigit() \
+            and len(name) == len("part-000000.parquet"):
+        return int(name[5:11])
+    return None
+
+
+class _Folder:
+    """A sink's folder on its filesystem: where its part files are and go."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.fs, root = fsspec.core.url_to_fs(sink.uri)
+        self.root = root.rstrip("/")
+        self.staging = f"{self.root}/{STAGING}"
+
+    @property
+    def writes_to(self) -> str:
+        return self.staging if self.sink.mode == "overwrite" else self.root
+
+    def parts(self, folder: str) -> dict[int, str]:
+        """batch -> path of the part files in `folder` (none if it does not exist).
+        A folder that cannot be listed is an error: its files must not count as missing."""
+        try:
+            paths = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise RunError(f"sink {self.sink.name!r}: cannot list {folder}: {exc}") from exc
+        found = {}
+        for path in paths:
+            batch = _batch_of(path.rstrip("/").rsplit("/", 1)[-1])
+            if batch is not None:
+                found[batch] = path
+        return found
+
+    def remove_marker(self) -> None:
+        try:
+            self.fs.rm(f"{self.root}/{MARKER}")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self.fail(f"cannot remove {MARKER}", exc) from exc
+
+    def fail(self, what: str, exc: Exception) -> RunError:
+        return RunError(f"sink {self.sink.name!r} ({self.sink.uri}): {what}: {exc}")
+
+
 class Writer:
     def __init__(self, sink: Sink) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(sink.uri)
+        folder = _Folder(sink)
+        self.fs, self.root = folder.fs, folder.writes_to
         self.fs.makedirs(self.root, exist_ok=True)
 
     def write(self, table: pa.Table, batch: int,
@@ -36,8 +104,8 @@ class Writer:
         if versions:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                    VERSIONS: json.dumps(versions)})
-        final = f"{self.root.rstrip('/')}/{file_name(batch)}"
-        tmp = f"{self.root.rstrip('/')}/{files.temporary_name(file_name(batch))}"
+        final = f"{self.root}/{file_name(batch)}"
+        tmp = f"{self.root}/{files.temporary_name(file_name(batch))}"
         try:
             with self.fs.open(tmp, "wb") as f:
                 pq.write_table(table, f)
@@ -50,14 +118,106 @@ class Writer:
 
 
 def written(sink: Sink) -> set[int]:
-    """The batches whose files are in the sink now (none if it does not exist yet).
-    A sink that cannot be listed is an error: its files must not count as missing."""
+    """The batches whose files this run has written into the sink so far (a resume
+    does not write them again)."""
+    folder = _Folder(sink)
+    return set(folder.parts(folder.writes_to))
+
+
+def check(sink: Sink, batches: Iterable[int]) -> None:
+    """Before a run writes into `sink` (its `batches`, over every replica): in mode
+    `error`, a sink holding part files of other batches is refused, naming them, and
+    the marker of an earlier run is removed (the folder is about to change). In mode
+    `overwrite` the folder is left as it is until `commit`."""
+    if sink.mode != "error":
+        return
+    folder = _Folder(sink)
+    stale = sorted(set(folder.parts(folder.root)) - set(batches))
+    if stale:
+        names = ", ".join(file_name(b) for b in stale[:4]) + \
+            (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+        raise UsageError(f"sink {sink.name!r}: {sink.uri} holds part files this run would "
+                         f"not write ({names}): they would mix with its output. Remove "
+                         "them, write elsewhere, or set 'mode: overwrite' on the sink")
+    folder.remove_marker()
+
+
+def every_batch(pipeline: Pipeline, graph: Graph, source_batches: int) -> dict[str, frozenset[int]]:
+    """Per sink, the part files the whole run writes (over all its replicas)."""
+    keys = Keys(graph, source_batches, shards=pipeline.shards)
+    return {target.name: keys.of(target.name) for target in pipeline.sinks}
+
+
+def check_run(pipeline: Pipeline, graph: Graph, source_batches: int) -> None:
+    """`check` every sink of a run before it writes anything."""
+    every = every_batch(pipeline, graph, source_batches)
+    for target in pipeline.sinks:
+        check(target, every[target.name])
+
+
+def commit(sink: Sink, mine: Iterable[int], every: Iterable[int]) -> None:
+    """A pod's run succeeded: in mode `overwrite`, move its staged files (`mine`) up
+    and remove the part files no replica of the run writes (`every` are theirs)."""
+    if sink.mode != "overwrite":
+        return
+    folder = _Folder(sink)
+    staged = folder.parts(folder.staging)
+    folder.remove_marker()
     try:
-        fs, root = fsspec.core.url_to_fs(sink.uri)
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        for batch in sorted(set(mine)):
+            if batch in staged:
+                folder.fs.mv(staged[batch], f"{folder.root}/{file_name(batch)}")
+        every = set(every)
+        for batch, path in [*folder.parts(folder.root).items(), *staged.items()]:
+            if batch not in every:  # an earlier run's, or one that failed
+                folder.fs.rm(path)
+        if not folder.fs.ls(folder.staging, detail=False):
+            folder.fs.rmdir(folder.staging)
     except FileNotFoundError:
-        return set()
-    except (OSError, ValueError) as exc:
-        raise RunError(f"sink {sink.name!r}: cannot list {sink.uri}: {exc}") from exc
-    return {int(n[5:11]) for n in names
-            if n.startswith("part-") and n.endswith(".parquet") and n[5:11].isdigit()}
+        pass  # no staging left: another replica's commit removed it
+    except OSError as exc:
+        raise folder.fail("cannot move the staged output in place", exc) from exc
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a sink holds at the end of a run: said to the user, kept in `_SUCCESS`."""
+
+    uri: str
+    files: int
+    rows: int
+    nbytes: int
+
+
+def mark(sink: Sink, batches: Iterable[int]) -> Written:
+    """The run's output in `sink` is complete: write `_SUCCESS` (last), a manifest of
+    its files (`batches`'), their rows, sizes, xxh3 checksums and versions."""
+    folder = _Folder(sink)
+    parts = folder.parts(folder.root)
+    entries = []
+    try:
+        for batch in sorted(set(batches)):
+            path = parts.get(batch)
+            if path is None:
+                raise FileNotFoundError(f"{file_name(batch)} is missing")
+            digest, nbytes = xxhash.xxh3_64(), 0
+            with folder.fs.open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+                    nbytes += len(chunk)
+            with folder.fs.open(path, "rb") as f:
+                meta = pq.read_metadata(f)
+            versions = (meta.metadata or {}).get(VERSIONS)
+            entries.append({"file": file_name(batch), "rows": meta.num_rows, "bytes": nbytes,
+                            "xxh3": digest.hexdigest(),
+                            "versions": json.loads(versions) if versions else {}})
+        manifest = json.dumps({"sink": sink.name, "uri": sink.uri, "files": entries,
+                               "rows": sum(e["rows"] for e in entries)}, indent=1) + "\n"
+        tmp = f"{folder.root}/{files.temporary_name(MARKER)}"
+        with folder.fs.open(tmp, "w") as f:
+            f.write(manifest)
+        folder.fs.mv(tmp, f"{folder.root}/{MARKER}")
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise folder.fail(f"cannot write {MARKER}", exc) from exc
+    return Written(sink.uri, len(entries), sum(e["rows"] for e in entries),
+                   sum(e["bytes"] for e in entries))

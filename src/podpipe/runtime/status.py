@@ -85,6 +85,15 @@ class PodRow(_Record):
     pids: list[int] = []
 
 
+class SinkInfo(_Record):
+    """A sink's output once the run succeeded (as its `_SUCCESS` lists it)."""
+
+    uri: str
+    files: int
+    rows: int
+    bytes: int
+
+
 class Controller(_Record):
     pid: int
     start: str | None
@@ -117,6 +126,7 @@ class Status(_Record, kw_only=True):
     replicas: int | None = None                # several replicas'
     controller: Controller | None = None
     pods: list[PodRow] | None = None
+    sinks: dict[str, SinkInfo] = {}            # once the run succeeded
     schemaVersion: int = SCHEMA_VERSION
 
 

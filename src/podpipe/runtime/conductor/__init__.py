@@ -22,11 +22,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from podpipe.engine import events as ev
 from podpipe.engine.state import RunState
-from podpipe.errors import InterruptedRun, PodpipeError, StageError
+from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline
@@ -41,6 +41,9 @@ from podpipe.runtime.conductor.swaps import Change, Swaps
 from podpipe.runtime.durable import DurableTier
 from podpipe.runtime.launcher import Launcher
 from podpipe.runtime.scratch import Scratch
+
+if TYPE_CHECKING:
+    from podpipe.runtime.sink import Written
 
 __all__ = ["Conductor", "Restored", "Run", "retries"]
 
@@ -99,6 +102,7 @@ class Conductor:
         self.observer = observer
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
+        self.sinks: dict[str, Written] = {}  # once the run succeeded
 
     @property
     def running(self) -> bool:
@@ -123,6 +127,7 @@ class Conductor:
                     self._loop()
                 finally:
                     self._stop_all()
+                self._finish_sinks()
         finally:
             self.run.scratch.remove()
             self.counters.ended = time.time()
@@ -362,6 +367,23 @@ class Conductor:
         if self.running:
             self.outcome = (state, error)
 
+    def _finish_sinks(self) -> None:
+        """The run succeeded: put each sink's output in place (mode overwrite) and,
+        when this pod runs every shard, write its `_SUCCESS`."""
+        if self.running or self.outcome[0] != "succeeded":
+            return
+        from podpipe.runtime import sink  # pyarrow.parquet: not at the conductor's start
+
+        run = self.run
+        every = sink.every_batch(run.pipeline, run.graph, len(run.plan))
+        try:
+            for target in run.pipeline.sinks:
+                sink.commit(target, self.engine.keys(target.name), every[target.name])
+                if run.placement.replicas == 1:
+                    self.sinks[target.name] = sink.mark(target, every[target.name])
+        except RunError as exc:
+            self.outcome = ("failed", exc)
+
     def _stop_all(self) -> None:
         """Stop every agent: politely when idle, by signal when not, never waiting long.
 
@@ -387,8 +409,11 @@ class Conductor:
             processes = [status.ProcessInfo("stage", node, pid, run.pod, container=node,
                                             alive=self.agents.connected(node))
                          for node, pid in self.agents.pids.items()]
-        return snapshot(who, run.graph, self.engine, self.counters, self.checkpoints,
-                        processes, state, str(error) if error else None)
+        current = snapshot(who, run.graph, self.engine, self.counters, self.checkpoints,
+                           processes, state, str(error) if error else None)
+        current.sinks = {name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
+                         for name, w in self.sinks.items()}
+        return current
 
     def _flush(self, final: bool = False) -> None:
         if not final:

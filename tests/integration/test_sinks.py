@@ -1,0 +1,99 @@
+"""Sinks you can trust: a rerun never mixes with an earlier output, `_SUCCESS` last."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+
+from tests.conftest import podpipe, spec, write_spec
+
+
+def _pipeline(tmp: Path, *, mode: str | None = None, stage: str = "pystages:double",
+              name: str = "p.yaml") -> Path:
+    sink = {"name": "out", "input": "double", "uri": "out/"}
+    if mode:
+        sink["mode"] = mode
+    return write_spec(tmp / name, spec([{"name": "double", "run": stage,
+                                            "inputs": ["source"]}], [sink]))
+
+
+def _count(folder: Path) -> int:
+    return duckdb.sql(f"select count(*) from '{folder}/*.parquet'").fetchone()[0]
+
+
+def _parts(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("part-*.parquet"))
+
+
+def test_a_rerun_with_other_batches_is_refused_in_mode_error(workdir):
+    path = _pipeline(workdir)
+    first = podpipe("run", str(path), "--quiet", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    assert _count(workdir / "out") == 10_000
+    before = _parts(workdir / "out")
+    assert len(before) == 10
+
+    again = podpipe("run", str(path), "--quiet", "--set", "source.batchRows=5000",
+                    cwd=workdir)
+    assert again.returncode == 2, again.stderr
+    assert "sink 'out'" in again.stderr and "part-000002.parquet" in again.stderr
+    assert "mode: overwrite" in again.stderr and "Traceback" not in again.stderr
+    assert _parts(workdir / "out") == before  # nothing was written
+    assert (workdir / "out" / "_SUCCESS").exists()  # the earlier output is still whole
+
+    same = podpipe("run", str(path), "--quiet", cwd=workdir)  # the same batches: replaced
+    assert same.returncode == 0, same.stderr
+    assert _parts(workdir / "out") == before
+
+
+def test_overwrite_leaves_exactly_the_new_files_and_a_manifest(workdir):
+    path = _pipeline(workdir, mode="overwrite")
+    assert podpipe("run", str(path), "--quiet", cwd=workdir).returncode == 0
+    assert len(_parts(workdir / "out")) == 10
+
+    done = podpipe("run", str(path), "--set", "source.batchRows=3000", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    out = workdir / "out"
+    assert _parts(out) == [f"part-{b:06d}.parquet" for b in range(4)]
+    assert _count(out) == 10_000  # the source's rows, none twice
+    assert not (out / "_staging").exists()
+    assert "out: wrote 4 files, 10,000 rows → out/" in done.stdout
+
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert [f["file"] for f in manifest["files"]] == _parts(out)
+    assert manifest["rows"] == 10_000
+    assert [f["rows"] for f in manifest["files"]] == [
+        pq.read_metadata(out / f["file"]).num_rows for f in manifest["files"]]
+    assert all(f["versions"]["double"] for f in manifest["files"])
+
+
+def test_a_failed_overwrite_leaves_the_previous_output_in_place(workdir):
+    path = _pipeline(workdir, mode="overwrite")
+    assert podpipe("run", str(path), "--quiet", cwd=workdir).returncode == 0
+    out = workdir / "out"
+    before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
+    marker = (out / "_SUCCESS").read_text()
+
+    failing = _pipeline(workdir, mode="overwrite", stage="pystages:fail_on_third",
+                        name="failing.yaml")
+    failed = podpipe("run", str(failing), "--quiet", "--set", "source.batchRows=3000",
+                     cwd=workdir)
+    assert failed.returncode == 1, failed.stderr
+    assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
+    assert (out / "_SUCCESS").read_text() == marker
+
+    fixed = podpipe("run", str(path), "--quiet", "--set", "source.batchRows=3000",
+                    cwd=workdir)
+    assert fixed.returncode == 0, fixed.stderr
+    assert len(_parts(out)) == 4 and _count(out) == 10_000
+    assert not (out / "_staging").exists()
+
+
+def test_a_bad_sink_mode_is_refused_naming_the_field(workdir):
+    path = _pipeline(workdir, mode="append")
+    result = podpipe("validate", str(path), cwd=workdir)
+    assert result.returncode == 2
+    assert "spec.sinks[0].mode" in result.stderr and "overwrite" in result.stderr
