@@ -54,9 +54,13 @@ class DataError(InputError):
 
 
 class RunError(PodpipeError):
-    """The run failed."""
+    """The run failed. `stage`, `batch` and `traceback` (the last frames of the
+    stage's own code) say where, when a stage failed (`StageError`)."""
 
     exit_code = 1
+    stage: str | None = None
+    batch: int | None = None
+    traceback: str = ""
 
 
 class StageError(RunError):

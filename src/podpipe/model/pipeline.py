@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 SOURCE = "source"
 # A node's name becomes a process name, a directory in scratch and on the node tier
@@ -79,6 +80,7 @@ class Pipeline:
     checkpoints: Checkpoints
     shards: int = 1
     file: str = "spec"
+    document: Any = field(default=None, repr=False, compare=False)  # as parsed, overridden
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

@@ -171,7 +171,6 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
                      {"source", "stages", "sinks", "memory", "checkpoints", "shards"},
                      {"source", "stages", "sinks"})
     stages = _stages(r, spec["stages"])
-    sinks = _sinks(r, spec["sinks"], stages)
     memory = spec.get("memory", DEFAULT_MEMORY)
     try:
         memory_bytes = parse_size(memory)
@@ -193,6 +192,7 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
         shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1,
                          maximum=MAX_SHARDS),
         file=r.file,
+        document=doc,
     )
     Graph.of(pipeline, fail=r.fail)
     return pipeline
