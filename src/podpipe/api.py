@@ -87,13 +87,9 @@ class Run:
 
     def sink_files(self, name: str) -> list[str]:
         """The part files of sink `name`, in batch order (URLs for a remote sink)."""
-        import fsspec
+        from podpipe.runtime import sink
 
-        target = self._sink(name)
-        fs, root = fsspec.core.url_to_fs(target.uri)
-        names = sorted(p for p in fs.ls(root, detail=False)
-                       if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet"))
-        return [fs.unstrip_protocol(p) if "://" in target.uri else p for p in names]
+        return sink.part_files(self._sink(name))
 
     def to_arrow(self, sink: str) -> "pa.Table":
         """Sink `sink`'s output as one table, its part files in batch order."""

@@ -124,6 +124,13 @@ def written(sink: Sink) -> set[int]:
     return set(folder.parts(folder.writes_to))
 
 
+def part_files(sink: Sink) -> list[str]:
+    """The sink's part files now, in batch order (URLs for a remote sink)."""
+    folder = _Folder(sink)
+    paths = [path for _, path in sorted(folder.parts(folder.root).items())]
+    return [folder.fs.unstrip_protocol(p) for p in paths] if "://" in sink.uri else paths
+
+
 def check(sink: Sink, batches: Iterable[int]) -> None:
     """Before a run writes into `sink` (its `batches`, over every replica): in mode
     `error`, a sink holding part files of other batches is refused, naming them, and
