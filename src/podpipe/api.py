@@ -130,7 +130,7 @@ def validate(spec: Spec, *, overrides: Sequence[str] = ()) -> Pipeline:
     if isinstance(spec, str) and "\n" in spec:
         return specs.parse(spec, file="<string>", overrides=list(overrides))
     if isinstance(spec, (str, os.PathLike)):
-        return specs.load(spec, list(overrides))
+        return specs.load(os.fspath(spec), list(overrides))
     raise UsageError(f"spec: expected a path, YAML text, a dict or a Pipeline, got "
                      f"{type(spec).__name__}")
 

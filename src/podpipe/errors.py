@@ -66,6 +66,8 @@ class RunError(PodpipeError):
 class StageError(RunError):
     """A stage failed on a batch."""
 
+    stage: str
+
     def __init__(self, stage: str, batch: int | None, message: str,
                  traceback: str = "") -> None:
         self.stage, self.batch = stage, batch
