@@ -17,6 +17,9 @@ from rich.table import Table
 from podpipe.model.sizes import format_size
 
 
+WATCH_SECONDS = 0.5  # how often `status --watch` reads the status again
+
+
 class LiveProgress:
     """A rich progress bar per node (batches done/total, rows/s), and one for the RAM
     scratch in use against the budget."""

@@ -121,3 +121,100 @@ def test_wait_gives_up_after_its_timeout_on_a_run_still_going(tmp_path):
     finally:
         run.send_signal(2)
         run.communicate(timeout=60)
+
+
+def _tmux_screen(session: str) -> str:
+    return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-t", session],
+                          capture_output=True, text=True).stdout
+
+
+def _hung_run(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """A run whose stage hangs on its first call (until stopped); resumed, it works."""
+    make_numbers(tmp_path / "data", files=2, rows=1000, row_group=500)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:hang_once",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}], batch_rows=500))
+    marker = tmp_path / "hung"
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=tmp_path,
+                           env=cli_env(HANG_MARKER=str(marker)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(marker.exists, "the stage to hang")
+    return run, marker
+
+
+def test_stop_ends_a_run_as_ctrl_c_does_and_resume_finishes_it(tmp_path):
+    run, marker = _hung_run(tmp_path)
+    try:
+        stopped = podpipe("stop", "run", cwd=tmp_path)
+    finally:
+        out, err = run.communicate(timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "interrupted; finish it with 'podpipe resume" in stopped.stdout
+    assert run.returncode == 130, err
+    assert "podpipe resume" in err  # what the interrupted run itself said
+    again = podpipe("stop", "run", cwd=tmp_path)
+    assert again.returncode == 2 and "not running" in again.stderr
+    resumed = podpipe("resume", "run", "--quiet", cwd=tmp_path, HANG_MARKER=str(marker))
+    assert resumed.returncode == 0, resumed.stderr
+    assert podpipe("status", "run", cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_status_watch_follows_a_run_started_elsewhere_until_it_ends(tmp_path):
+    run, _ = _hung_run(tmp_path)
+    session = f"podpipe-watch-{tmp_path.name}"[:40]
+    env = cli_env()
+    command = (f"cd {tmp_path} && PYTHONPATH={env['PYTHONPATH']} {sys.executable} -m "
+               "podpipe status run --watch; echo EXIT=$?; sleep 600")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "40",
+                    command], check=True)
+    try:
+        wait_until(lambda: "state running" in _tmux_screen(session), "the live view")
+        assert "EXIT=" not in _tmux_screen(session)
+        assert podpipe("stop", "run", cwd=tmp_path).returncode == 0
+        wait_until(lambda: "EXIT=" in _tmux_screen(session), "the view to end with the run")
+        screen = _tmux_screen(session)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        run.communicate(timeout=60)
+    assert "state interrupted" in screen and "EXIT=130" in screen, screen
+
+
+def test_logs_are_merged_in_time_order_and_one_batch_can_be_picked(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "chatty", "run": "pystages:chatty", "inputs": ["source"]},
+         {"name": "double", "run": "pystages:double", "inputs": ["chatty"]}],
+        [{"input": "double", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", cwd=workdir).returncode == 0
+    lines = podpipe("logs", "latest", cwd=workdir).stdout.splitlines()
+    stamps = [line.split(" ", 1)[1][:23] for line in lines if " batch " in line]
+    assert len(stamps) == 2 * 4 * 10 and stamps == sorted(stamps)  # started, done; 4 nodes
+    one = podpipe("logs", "latest", "--batch", "3", cwd=workdir).stdout.splitlines()
+    tasks = [line for line in one if " batch " in line]
+    assert {line.split("]")[0] + "]" for line in tasks} == {
+        "[source]", "[chatty]", "[double]", "[sink-0]"}
+    assert all(" batch 3: " in line for line in tasks), one
+    assert "[chatty] chatty sees x from 3000" in one  # the stage's own print, in its task
+    assert not any("sees x from 4000" in line for line in one)
+
+
+def test_logs_follow_prints_until_the_run_ends(tmp_path):
+    run, _ = _hung_run(tmp_path)
+    with subprocess.Popen([sys.executable, "-m", "podpipe", "logs", "run", "--follow"],
+                          cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as follow:
+        try:
+            first = follow.stdout.readline()  # it is following: the lines so far came out
+            assert first.startswith("["), first
+            assert follow.poll() is None
+            assert podpipe("stop", "run", cwd=tmp_path).returncode == 0
+            out = follow.stdout.read()  # to its end: it ends by itself with the run
+            err = follow.stderr.read()
+            follow.wait(timeout=60)
+        finally:
+            run.communicate(timeout=60)
+            if follow.poll() is None:
+                follow.kill()
+    assert follow.returncode == 0, err
+    assert "[conductor]" in out and "the run interrupted" in out, out

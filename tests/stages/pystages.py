@@ -164,3 +164,9 @@ def drift(t: pa.Table) -> pa.Table:
     if pc.min(t["x"]).as_py() >= 1000:
         return t.append_column("extra", pc.cast(t["x"], pa.float64()))
     return t
+
+
+def chatty(t: pa.Table) -> pa.Table:
+    """Prints what it sees: a stage's own output, for the logs."""
+    print(f"chatty sees x from {pc.min(t['x']).as_py()}")
+    return t

@@ -120,11 +120,36 @@ def _status(args: argparse.Namespace, console) -> int:
     from podpipe import report
     from podpipe.runtime import runs, status
 
-    current = status.read(runs.resolve(args.run_dir))
+    path = runs.resolve(args.run_dir)
+    current = status.read(path)
     if args.json:
         print(json.dumps(current, indent=2))
+    elif args.watch:
+        import time
+
+        from rich.live import Live
+
+        with Live(report.status_table(current), console=console, auto_refresh=False) as live:
+            while current["state"] == "running":
+                time.sleep(report.WATCH_SECONDS)
+                current = status.read(path)
+                live.update(report.status_table(current), refresh=True)
     else:
         console.print(report.status_table(current))
+    return runs.EXIT_CODES.get(current["state"], 0)
+
+
+def _stop(args: argparse.Namespace, console) -> int:
+    from podpipe.runtime import runs
+
+    code, final = runs.stop(args.run_dir, args.timeout)
+    if code == runs.TIMED_OUT:
+        console.print(f"{final['run_dir']}: asked to stop; still running after "
+                      f"{args.timeout:g} s", highlight=False)
+        return code
+    console.print(f"{final['run_dir']}: {final['state']}; finish it with 'podpipe resume "
+                  f"{final['run_dir']}'" if final["state"] == "interrupted" else
+                  f"{final['run_dir']}: {final['state']}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -263,11 +288,13 @@ def _runs(args: argparse.Namespace, console) -> int:
 def _logs(args: argparse.Namespace, console) -> int:
     from podpipe.runtime import runs
 
-    for line in runs.logs(args.run_dir, args.stage):
+    for line in runs.logs(args.run_dir, args.stage, batch=args.batch, follow=args.follow):
         sys.stdout.write(line + "\n")
+        if args.follow:
+            sys.stdout.flush()
     return 0
 
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
              "render": _render, "resume": _resume, "plan": _plan, "swap": _swap,
-             "apply": _apply, "wait": _wait, "runs": _runs, "logs": _logs}
+             "apply": _apply, "wait": _wait, "stop": _stop, "runs": _runs, "logs": _logs}

@@ -61,10 +61,24 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--json", action="store_true", help="one JSON object")
 
-    status = sub.add_parser("status", help="show a run's state, processes and progress")
+    status = sub.add_parser("status", help="show a run's state, processes and progress",
+                            description="Show the run in RUN_DIR as its status file says "
+                                        "it is now. Exits as the run did (0 succeeded or "
+                                        "still running, 1 failed, 130 interrupted).")
     status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
     status.add_argument("--json", action="store_true",
                         help="one JSON object: state, scratch, processes, stages")
+    status.add_argument("-w", "--watch", action="store_true",
+                        help="keep showing it, updated, until the run ends")
+
+    stop = sub.add_parser("stop", help="stop a running run, resumable (as Ctrl-C does)",
+                          description="Stop the run in RUN_DIR (or 'latest') as Ctrl-C "
+                                      "would: in-flight batches are abandoned, finished "
+                                      "ones stay, and 'podpipe resume RUN_DIR' finishes "
+                                      "it. Waits until it has stopped.")
+    stop.add_argument("run_dir", metavar="RUN_DIR")
+    stop.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="how long to wait for it to stop (default 60)")
 
     wait = sub.add_parser("wait", help="wait for a run to end; exit with its exit code",
                           description="Block until the run in RUN_DIR (or 'latest') ends, "
@@ -78,12 +92,18 @@ def parser() -> argparse.ArgumentParser:
                       "(CHECKPOINTS_NODE/runs)")
     runs.add_argument("--json", action="store_true", help="one JSON list")
 
-    logs = sub.add_parser("logs", help="print a run's logs, each line prefixed by its "
-                                       "process",
-                          description="Print the logs of the run in RUN_DIR (or 'latest'), "
-                                      "every process's, or STAGE's only.")
+    logs = sub.add_parser("logs", help="print a run's logs in time order, each line "
+                                       "prefixed by its process",
+                          description="Print the logs of the run in RUN_DIR (or 'latest'): "
+                                      "every process's merged in time order, or STAGE's "
+                                      "only.")
     logs.add_argument("run_dir", metavar="RUN_DIR")
     logs.add_argument("stage", metavar="STAGE", nargs="?")
+    logs.add_argument("--batch", type=int, metavar="N",
+                      help="only what concerns source batch N: each stage's lines for its "
+                           "task, the conductor's lines naming it")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="keep printing new lines until the run ends")
 
     validate = sub.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec", metavar="SPEC")

@@ -30,7 +30,7 @@ from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
 from podpipe.model.spec import SOURCE, Pipeline
-from podpipe.runtime import arrowfile, files, protocol
+from podpipe.runtime import arrowfile, files, logline, protocol
 from podpipe.runtime.lifetime import die_with_parent
 from podpipe.runtime.store import Store, open_store
 
@@ -284,6 +284,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
           schemas: SchemaCheck) -> None:
     batch, started, memo = task.batch, time.perf_counter(), task.memo
     reused = False
+    sys.stderr.write(logline.task_line(batch, "started"))
     try:
         inputs = [[arrowfile.read_table(p) for p in group] for group in task.inputs]
         result = _reuse(memo, Path(task.output)) if memo else None
@@ -294,10 +295,12 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
         if wrong is not None:
             if isinstance(result, Path):
                 result.unlink(missing_ok=True)
+            _logged(batch, "failed", wrong)
             protocol.send(sock, protocol.Failed(batch=batch, message=wrong))
             return
     except Exception as exc:
         traceback.print_exc(file=sys.stderr)
+        _logged(batch, "failed", f"{type(exc).__name__}: {exc}")
         protocol.send(sock, protocol.Failed(
             batch=batch, input_error=isinstance(exc, (DataError, InputError)),
             message=f"{type(exc).__name__}: {exc}", traceback=user_frames(exc)))
@@ -334,9 +337,19 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
         stats.rows_out, stats.bytes_out = rows, nbytes
         if memo and not reused:
             _keep(memo, path)
+    elif isinstance(work, WriteSink):
+        stats.rows_out = stats.rows_in  # a sink's rows out are the rows it wrote
     stats.reused = int(reused)
     stats.busy = time.perf_counter() - started
+    _logged(batch, "done", f"{stats.rows_out:,} rows, {stats.busy:.3f} s")
     protocol.send(sock, protocol.Done(batch=batch, output=output, stats=stats))
+
+
+def _logged(batch: int, what: str, detail: str) -> None:
+    """The task's last line in the log, after anything the stage printed."""
+    sys.stdout.flush()
+    sys.stderr.write(logline.task_line(batch, what, detail))
+    sys.stderr.flush()
 
 
 def _memo_store(memo: str) -> tuple[Store, str]:

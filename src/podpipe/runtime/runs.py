@@ -8,13 +8,17 @@ directory.
 
 from __future__ import annotations
 
+import heapq
 import os
+import re
 import select
+import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from podpipe.errors import INTERRUPTED_EXIT_CODE, UsageError
-from podpipe.runtime import status
+from podpipe.runtime import logline, status
 
 LATEST = "latest"
 DEFAULT_RUNS = Path(".podpipe") / "runs"
@@ -67,14 +71,42 @@ def listing(runs_dir: str | None = None) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: r["started"], reverse=True)
 
 
+def stop(run_dir: str, timeout: float | None = 60.0) -> tuple[int, dict[str, Any]]:
+    """Stop a running run as Ctrl-C does (SIGINT to its conductor, or to the process
+    that started its replicas): in-flight batches are abandoned, what is done stays,
+    and `podpipe resume` finishes it. Waits for it to end; returns as `wait` does."""
+    path = resolve(run_dir)
+    current = status.read(path)
+    if current["state"] != "running":
+        raise UsageError(f"{path}: the run is not running (it {current['state']})"
+                         if current["state"] != "interrupted" else
+                         f"{path}: the run is not running (it was interrupted); resume it "
+                         f"with 'podpipe resume {path}'")
+    owner = _owner(current)
+    try:
+        os.kill(owner["pid"], signal.SIGINT)
+    except ProcessLookupError:
+        pass  # it ended meanwhile
+    except PermissionError:
+        raise UsageError(f"{path}: the run belongs to another user; it cannot be stopped "
+                         "from here") from None
+    return wait(str(path), timeout)
+
+
+def _owner(current: dict[str, Any]) -> dict[str, Any]:
+    """The process that writes a running run's status: its conductor, or the process
+    that started its replicas."""
+    return current.get("controller") or next(
+        p for p in current["processes"] if p["role"] == "conductor")
+
+
 def wait(run_dir: str, timeout: float | None = None) -> tuple[int, dict[str, Any]]:
     """Block until the run ends (on its process's exit, not by polling); returns its
     own exit code and its final status. TIMED_OUT if it is still running then."""
     path = resolve(run_dir)
     current = status.read(path)
     if current["state"] == "running":
-        owner = current.get("controller") or next(
-            p for p in current["processes"] if p["role"] == "conductor")
+        owner = _owner(current)
         try:
             pidfd = os.pidfd_open(owner["pid"])
         except ProcessLookupError:
@@ -90,23 +122,88 @@ def wait(run_dir: str, timeout: float | None = None) -> tuple[int, dict[str, Any
     return EXIT_CODES.get(current["state"], 1), current
 
 
-def logs(run_dir: str, stage: str | None = None) -> Iterator[str]:
-    """The run's logs, line by line, each prefixed by its process (and pod, for a run
-    of several replicas); one stage's only with `stage`."""
+def logs(run_dir: str, stage: str | None = None, *, batch: int | None = None,
+         follow: bool = False) -> Iterator[str]:
+    """The run's logs merged in time order, each line prefixed by its process (and
+    pod, for a run of several replicas); one stage's only with `stage`; only what
+    concerns one source batch with `batch` (each task's lines, the conductor's lines
+    naming it). With `follow`, go on printing what is written until the run ends."""
     path = resolve(run_dir)
     status.read(path)  # a clear error if it is no run directory
+    readers = {log: _LogReader(prefix, log, batch) for prefix, log in _log_files(path)}
+    if stage is not None and not any(log.stem == stage for log in readers):
+        known = sorted({log.stem for log in readers})
+        raise UsageError(f"{path}: no log of {stage!r}; the run has logs of {known}")
+    if not readers and not follow:
+        raise UsageError(f"{path}: the run has no logs yet")
+
+    def chosen() -> list[_LogReader]:
+        for prefix, log in _log_files(path):  # a process started since
+            readers.setdefault(log, _LogReader(prefix, log, batch))
+        return [r for log, r in sorted(readers.items())
+                if stage is None or log.stem == stage]
+
+    for _, _, text in heapq.merge(*[r.read(i) for i, r in enumerate(chosen())]):
+        yield text
+    while follow:
+        running = status.read(path)["state"] == "running"
+        new = [line for i, r in enumerate(chosen()) for line in r.read(i)]
+        for _, _, text in sorted(new):
+            yield text
+        if not running and not new:
+            return
+        time.sleep(FOLLOW_SECONDS)
+
+
+FOLLOW_SECONDS = 0.2  # how often `logs --follow` looks for new lines
+
+
+def _log_files(path: Path) -> list[tuple[str, Path]]:
     folders = [("", path / "logs")] + [(f"pod {p.name} ", p / "logs")
                                        for p in sorted((path / "pods").glob("*"))]
-    found = False
-    for prefix, folder in folders:
-        for log in sorted(folder.glob("*.log")):
-            if stage is not None and log.stem != stage:
-                continue
-            found = True
-            with open(log, errors="replace") as f:
-                for line in f:
-                    yield f"[{prefix}{log.stem}] {line.rstrip()}"
-    if not found:
-        known = sorted({log.stem for _, folder in folders for log in folder.glob("*.log")})
-        raise UsageError(f"{path}: no log of {stage!r}; the run has logs of {known}"
-                         if stage else f"{path}: the run has no logs yet")
+    return [(prefix, log) for prefix, folder in folders for log in sorted(folder.glob("*.log"))]
+
+
+class _LogReader:
+    """One log file read as it grows: its complete lines, each with the time of the
+    latest stamped line (`runtime.logline`), kept to one batch's if asked."""
+
+    def __init__(self, prefix: str, log: Path, batch: int | None) -> None:
+        self.label, self.log, self.batch = f"[{prefix}{log.stem}]", log, batch
+        self.offset, self.time, self.number = 0, "", 0
+        self.inside = False  # within the task of `batch`
+        self.conductor = log.stem == "conductor"
+
+    def read(self, order: int) -> list[tuple[tuple[str, int, int], int, str]]:
+        """The lines written since the last read, as ((time, order, n), 0, text)."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1  # a line still being written waits for its end
+        self.offset += end
+        lines = []
+        for raw in data[:end].decode(errors="replace").splitlines():
+            self.time = logline.time_of(raw) or self.time
+            self.number += 1
+            if self._wanted(raw):
+                lines.append(((self.time, order, self.number), 0, f"{self.label} {raw}"))
+        return lines
+
+    def _wanted(self, raw: str) -> bool:
+        if self.batch is None:
+            return True
+        if self.conductor:
+            return re.search(rf"\bbatch {self.batch}\b", raw) is not None
+        task = logline.task_of(raw)
+        if task is not None:
+            batch, what = task
+            if what == "started":
+                self.inside = batch == self.batch
+                return self.inside
+            wanted = self.inside and batch == self.batch
+            self.inside = False
+            return wanted
+        return self.inside

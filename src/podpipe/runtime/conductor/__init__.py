@@ -32,7 +32,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline
 from podpipe.model.shards import Placement
 from podpipe.runtime import loop as loops
-from podpipe.runtime import files, lifetime, protocol, status, tiers
+from podpipe.runtime import files, lifetime, logline, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.processes import Processes
@@ -163,7 +163,8 @@ class Conductor:
                 self.agents.drop(happening.tag)  # a restarted process says hello anew
                 self.events.append(ev.AgentExited(happening.tag, returncode))
         elif isinstance(happening, loops.Signalled):
-            self._end("interrupted", InterruptedRun("interrupted; the run was stopped"))
+            self._end("interrupted", InterruptedRun(
+                f"interrupted; finish the run with 'podpipe resume {self.run.run_dir}'"))
         elif isinstance(happening, loops.TimerDue) and self.running:
             if isinstance(happening.tag, _Timeout):
                 timeout = happening.tag
@@ -366,6 +367,7 @@ class Conductor:
     def _end(self, state: str, error: PodpipeError | None) -> None:
         if self.running:
             self.outcome = (state, error)
+            self._log(f"the run {state}" + (f": {error}" if error else ""))
 
     def _finish_sinks(self) -> None:
         """The run succeeded: put each sink's output in place (mode overwrite) and,
@@ -432,6 +434,6 @@ class Conductor:
         try:
             with open(files.append_private(self.run.run_dir / "logs" / "conductor.log"),
                       "a") as log:
-                log.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+                log.write(logline.line(message))
         except OSError:
             pass
