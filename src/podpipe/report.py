@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -22,31 +23,45 @@ WATCH_SECONDS = 0.5  # how often `status --watch` reads the status again
 
 class LiveProgress:
     """A rich progress bar per node (batches done/total, rows/s), and one for the RAM
-    scratch in use against the budget."""
+    scratch in use against the budget. Shown from the first status on (a run refused
+    before it starts leaves the terminal as it was)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, clock=time.monotonic) -> None:
         self.console = console
         self.progress = Progress(
             TextColumn("{task.fields[name]:<12}"), BarColumn(),
             TextColumn("{task.fields[count]:>19}"), TextColumn("{task.fields[rate]:>17}"),
             TimeElapsedColumn(), console=console, transient=False)
         self.tasks: dict[str, Any] = {}
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
+        self.finished: dict[str, str] = {}  # node -> its rate when it finished
+        self.shown = False
 
     def __enter__(self) -> "LiveProgress":
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        self.stop()
+
+    def stop(self) -> None:
+        if self.shown:
+            self.progress.stop()
+            self.shown = False
 
     def __call__(self, status: dict[str, Any]) -> None:
-        elapsed = max(1e-9, time.monotonic() - self.started)
+        if not self.shown:
+            self.progress.start()
+            self.shown = True
+        elapsed = max(1e-9, self.clock() - self.started)
         for node, s in status["stages"].items():
             rows = s["rows_out"] if s["kind"] == "source" else s["rows_in"]
+            done = s["batches_done"] >= s["batches_total"] > 0
+            rate = self.finished.get(node) or (f"{rows / elapsed:,.0f} rows/s" if rows else "")
+            if done:  # a finished stage's rate stays what it was when it finished
+                self.finished.setdefault(node, rate)
             self._show(node, s["batches_done"], s["batches_total"],
-                       f"{s['batches_done']}/{s['batches_total']}",
-                       f"{rows / elapsed:,.0f} rows/s" if rows else "")
+                       f"{s['batches_done']}/{s['batches_total']}", rate)
         used, budget = status["scratch_bytes"], status["budget_bytes"]
         self._show("RAM scratch", used, budget,
                    f"{format_size(used)} / {format_size(budget)}",
@@ -61,24 +76,53 @@ class LiveProgress:
 
 
 def plural(count: int, noun: str) -> str:
-    """`1 file`, `2 files`, `1,000 rows`."""
-    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+    """`1 file`, `2 files`, `1 batch`, `2 batches`."""
+    if count == 1:
+        return f"1 {noun}"
+    return f"{count:,} {noun}" + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 
 
 def summary(status: dict[str, Any]) -> Table:
-    """Per stage: batches, rows in and out, busy time, RAM written, read zero-copy."""
+    """Per node: batches, rows in and out, busy time, RAM written, read zero-copy.
+    Fits 80 columns (short units, no vertical rules); a cell never wraps."""
     table = Table(title=f"{status['pipeline']}: {status['state']} in "
-                        f"{status['elapsed_seconds']:.2f} s  (peak RAM scratch "
+                        f"{status['elapsed_seconds']:.2f} s (peak RAM scratch "
                         f"{format_size(status['peak_scratch_bytes'])} of "
-                        f"{format_size(status['budget_bytes'])})")
-    for column in ("stage", "kind", "batches", "rows in", "rows out", "busy s",
-                   "RAM written", "read zero-copy"):
-        table.add_column(column, justify="left" if column in ("stage", "kind") else "right")
+                        f"{format_size(status['budget_bytes'])})",
+                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0),
+                  caption="written: to RAM scratch; read: from it, zero-copy")
+    table.add_column("stage", overflow="ellipsis", max_width=16, no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    for column in ("batches", "rows in", "rows out", "busy s", "written", "read"):
+        table.add_column(column, justify="right", no_wrap=True)
     for node, s in status["stages"].items():
         table.add_row(node, s["kind"], f"{s['batches_done']}/{s['batches_total']}",
-                      f"{s['rows_in']:,}", f"{s['rows_out']:,}", f"{s['busy_seconds']:.2f}",
-                      format_size(s["bytes_written"]), format_size(s["bytes_read"]))
+                      short_count(s["rows_in"]), short_count(s["rows_out"]),
+                      f"{s['busy_seconds']:.2f}", short_size(s["bytes_written"]),
+                      short_size(s["bytes_read"]))
     return table
+
+
+def short_count(count: int) -> str:
+    """`59,986` exactly; from a million on, `59.99M` (fits a narrow column)."""
+    if count < 1_000_000:
+        return f"{count:,}"
+    for unit, scale in (("G", 10**9), ("M", 10**6)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
+def short_size(size: int) -> str:
+    """Bytes as a Kubernetes quantity, three digits at most: `12B`, `2.2Ki`, `900Mi`."""
+    value, unit = float(size), "B"
+    for unit in ("B", "Ki", "Mi", "Gi", "Ti"):
+        if value < 1000 or unit == "Ti":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{size}B"
+    return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
 
 
 def durable_warning(status: dict[str, Any]) -> str | None:
@@ -131,10 +175,12 @@ def runs_table(found: list[dict[str, Any]], where: str) -> Table:
 def plan_table(planned: dict[str, Any]) -> Table:
     """`podpipe plan`: a row per replica."""
     pods = planned["pods"]
-    table = Table(title=f"{planned['pipeline']}: {planned['source_batches']} batches "
+    table = Table(title=f"{planned['pipeline']}: "
+                        f"{plural(planned['source_batches'], 'batch')} "
                         f"({format_size(planned['source_bytes'])} from "
-                        f"{planned['files']} files) in {planned['shards']} shards over "
-                        f"{planned['replicas']} replicas")
+                        f"{plural(planned['files'], 'file')}) in "
+                        f"{plural(planned['shards'], 'shard')} over "
+                        f"{plural(planned['replicas'], 'replica')}")
     for column in ("pod", "shards", "batches", "bytes pulled"):
         table.add_column(column, justify="left" if column == "shards" else "right")
     for p in pods:

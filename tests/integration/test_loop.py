@@ -218,3 +218,26 @@ def test_logs_follow_prints_until_the_run_ends(tmp_path):
                 follow.kill()
     assert follow.returncode == 0, err
     assert "[conductor]" in out and "the run interrupted" in out, out
+
+
+def test_cli_polish_plurals_no_blank_lines_no_broken_pipe(tmp_path):
+    make_numbers(tmp_path / "data", files=1, rows=100)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    valid = podpipe("validate", "p.yaml", cwd=tmp_path)
+    assert "with 1 stage and 1 sink" in valid.stdout, valid.stdout
+
+    refused = podpipe("run", "p.yaml", "--set", "source.uri=nowhere/*.parquet", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and refused.stdout == "", refused
+
+    # `plan --json | head -1` with more output than a pipe holds: the reader stops early
+    with subprocess.Popen([sys.executable, "-m", "podpipe", "plan", "p.yaml", "--json",
+                           "--replicas", "5000"], cwd=tmp_path, env=cli_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as plan:
+        assert plan.stdout.readline() == b"{\n"
+        plan.stdout.close()
+        err = plan.stderr.read().decode()
+        plan.wait(timeout=60)
+    assert plan.returncode == 0 and "Traceback" not in err, err

@@ -166,6 +166,6 @@ def test_progress_and_summary_are_shown_without_quiet(workdir):
                                         [{"input": "s", "uri": "out/"}]))
     done = podpipe("run", "p.yaml", cwd=workdir, COLUMNS="160")
     assert done.returncode == 0, done.stderr
-    for text in ("succeeded", "RAM scratch", "read zero-copy", "10/10"):
+    for text in ("succeeded", "RAM scratch", "read: from it, zero-copy", "10/10"):
         assert text in done.stdout
     assert pc.sum(read_sink(workdir / "out")["x"]).as_py() == 2 * sum(range(10_000))

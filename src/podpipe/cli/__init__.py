@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     console, errors = Console(), Console(stderr=True)
     try:
         return _COMMANDS[args.command](args, console)
+    except BrokenPipeError:  # `podpipe plan --json | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except PodpipeError as exc:
         errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True,
                      soft_wrap=True)
@@ -95,13 +98,13 @@ def _with_progress(console, quiet: bool, start) -> int:
         final = start(None)
         console.print(f"{final['pipeline']}: {final['state']} in "
                       f"{final['elapsed_seconds']:.1f} s; run directory {final['run_dir']}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
         return 0
     with report.LiveProgress(console) as live:
         try:
             final = start(live)
         except PodpipeError:
-            live.progress.stop()
+            live.stop()
             raise
     for note in final.get("restore_notes", []):
         console.print(f"[yellow]restored:[/] {note}", highlight=False)
@@ -157,9 +160,11 @@ def _validate(args: argparse.Namespace, console) -> int:
     from podpipe.runtime import pod
 
     pipeline = pod.validate(args.spec, args.set)
+    from podpipe.report import plural
+
     console.print(f"{args.spec}: valid pipeline {pipeline.name!r} with "
-                  f"{len(pipeline.stages)} stages and {len(pipeline.sinks)} sinks",
-                  highlight=False)
+                  f"{plural(len(pipeline.stages), 'stage')} and "
+                  f"{plural(len(pipeline.sinks), 'sink')}", highlight=False, soft_wrap=True)
     return 0
 
 

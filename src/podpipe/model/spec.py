@@ -153,9 +153,12 @@ class _Reader:
     def name(self, path: str, value: Any) -> str:
         text = self.string(path, value)
         if not _NAME.match(text):
-            raise self.fail(path, f"invalid name {text!r}: expected lower-case letters, digits "
-                                  "and '-', starting and ending with a letter or digit, "
-                                  "at most 63 characters")
+            hint = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63]
+            raise self.fail(path, f"invalid name {text!r}: a name is also a process's, a "
+                                  "folder's and, on Kubernetes, a container's (a DNS label): "
+                                  "lower-case letters, digits and '-', starting and ending "
+                                  "with a letter or digit, at most 63 characters"
+                                  + (f"; e.g. {hint!r}" if _NAME.match(hint) else ""))
         return text
 
 

@@ -1,0 +1,74 @@
+"""What a person reads: the summary at 80 columns, the live rates, plurals."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from podpipe import report
+
+
+def _status(done: int = 10) -> dict:
+    def node(kind, rows_in, rows_out, written, read):
+        return {"kind": kind, "batches_done": done, "batches_total": 10, "rows_in": rows_in,
+                "rows_out": rows_out, "busy_seconds": 12.3456, "bytes_written": written,
+                "bytes_read": read, "restarts": 0, "restored": {}, "recomputed": 0,
+                "reused": 0, "version": None, "versions": {}, "held": None}
+    return {"pipeline": "tpch-q1", "state": "succeeded", "elapsed_seconds": 12.5,
+            "peak_scratch_bytes": 900 * 2**20, "budget_bytes": 2**30,
+            "scratch_bytes": 10 * 2**20,
+            "stages": {"source": node("source", 0, 59_986_052, 1023 * 2**20, 0),
+                       "filter-the-shipdates": node("stage", 59_986_052, 59_142_609,
+                                                    1000 * 2**20, 1023 * 2**20),
+                       "total": node("reduce", 40, 4, 2300, 2100),
+                       "sink-0": node("sink", 4, 4, 0, 2300)}}
+
+
+def test_the_summary_fits_80_columns_without_wrapping_a_cell():
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(report.summary(_status()))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for name, rows, size in (("source", "59.99M", "1.0Gi"),
+                             ("filter-the-ship…", "59.14M", "1.0Gi"),
+                             ("total", "4", "2.2Ki"), ("sink-0", "4", "2.2Ki")):
+        row = next(line for line in lines if line.startswith(name))
+        assert rows in row and size in row and "…" not in row[16:], row  # nothing cut
+    assert len(lines) == 8  # title, header, rule, 4 nodes, caption: nothing wrapped
+
+
+def test_short_units():
+    assert [report.short_count(n) for n in (999_999, 1_000_000, 6_001_215_000)] == [
+        "999,999", "1.00M", "6.00G"]
+    assert [report.short_size(n) for n in (999, 1000, 2300, 900 * 2**20, 2**30)] == [
+        "999B", "1.0Ki", "2.2Ki", "900Mi", "1.0Gi"]
+
+
+def test_a_finished_stages_rate_stays_what_it_was_when_it_finished():
+    now = [0.0]
+    live = report.LiveProgress(Console(file=io.StringIO()), clock=lambda: now[0])
+    status = _status(done=5)
+    now[0] = 10.0
+    live(status)
+    status = _status(done=10)
+    now[0] = 20.0
+    live(status)  # finished now: 59,986,052 rows in 20 s
+    now[0] = 100.0
+    live(status)
+    rates = {t.fields["name"]: t.fields["rate"] for t in live.progress.tasks}
+    live.stop()
+    assert rates["source"] == f"{59_986_052 / 20:,.0f} rows/s"
+
+
+def test_nothing_is_drawn_before_the_first_status():
+    out = io.StringIO()
+    with report.LiveProgress(Console(file=out, force_terminal=True, width=80)):
+        pass
+    assert out.getvalue() == ""
+
+
+def test_plurals():
+    assert [report.plural(n, w) for n, w in ((1, "sink"), (2, "sink"), (1, "batch"),
+                                            (3, "batch"), (1000, "row"))] == [
+        "1 sink", "2 sinks", "1 batch", "3 batches", "1,000 rows"]
