@@ -137,9 +137,10 @@ def _status(args: argparse.Namespace, console) -> int:
                 time.sleep(report.WATCH_SECONDS)
                 current = status.read(path)
                 live.update(report.status_table(current), refresh=True)
+        return runs.EXIT_CODES.get(current["state"], 1)  # as `wait`: the run has ended
     else:
         console.print(report.status_table(current))
-    return runs.EXIT_CODES.get(current["state"], 0)
+    return 0
 
 
 def _stop(args: argparse.Namespace, console) -> int:

@@ -1,6 +1,6 @@
 """The command line as a user types it: every command, its flags and their help.
 
-Kept true to the README's CLI section; `cli` dispatches what is parsed here.
+Kept true to docs/cli.md and the README's CLI at a glance; `cli` dispatches what is parsed here.
 """
 
 from __future__ import annotations
@@ -62,14 +62,16 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object")
 
     status = sub.add_parser("status", help="show a run's state, processes and progress",
-                            description="Show the run in RUN_DIR as its status file says "
-                                        "it is now. Exits as the run did (0 succeeded or "
-                                        "still running, 1 failed, 130 interrupted).")
+                            description="Show the run in RUN_DIR (or 'latest') as its "
+                                        "status file says it is now; exit 0 if it could "
+                                        "be read. With --watch, keep showing it until the "
+                                        "run ends, then exit as the run did (as 'wait').")
     status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
     status.add_argument("--json", action="store_true",
                         help="one JSON object: state, scratch, processes, stages")
     status.add_argument("-w", "--watch", action="store_true",
-                        help="keep showing it, updated, until the run ends")
+                        help="keep showing it, updated, until the run ends; then exit as "
+                             "the run did: 0, 1, 130")
 
     stop = sub.add_parser("stop", help="stop a running run, resumable (as Ctrl-C does)",
                           description="Stop the run in RUN_DIR (or 'latest') as Ctrl-C "

@@ -34,7 +34,7 @@ from podpipe.runtime import arrowfile, files, logline, protocol
 from podpipe.runtime.lifetime import die_with_parent
 from podpipe.runtime.store import Store, open_store
 
-# Environment of a `command:` stage, documented in the README.
+# Environment of a `command:` stage, documented in docs/spec.md.
 ENV_INPUT = "PODPIPE_INPUT"          # the first input's Arrow IPC file
 ENV_INPUTS = "PODPIPE_INPUTS"        # every input, joined with ':'; reduce: all batches
 ENV_OUTPUT = "PODPIPE_OUTPUT"        # where to write the output (Arrow IPC file or stream)
