@@ -61,6 +61,11 @@ def test_overwrite_leaves_exactly_the_new_files_and_a_manifest(workdir):
     assert _count(out) == 10_000  # the source's rows, none twice
     assert not (out / "_staging").exists()
     assert "out: wrote 4 files, 10,000 rows → out/" in done.stdout
+    final = json.loads(podpipe("status", "latest", "--json", cwd=workdir).stdout)
+    assert final["stages"]["out"]["rows_out"] == 10_000  # a sink's rows out: what it wrote
+    assert final["sinks"]["out"] == {"uri": "out/", "files": 4, "rows": 10_000,
+                                     "bytes": sum(f["bytes"] for f in json.loads(
+                                         (workdir / "out" / "_SUCCESS").read_text())["files"])}
 
     manifest = json.loads((out / "_SUCCESS").read_text())
     assert [f["file"] for f in manifest["files"]] == _parts(out)
