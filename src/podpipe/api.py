@@ -146,7 +146,7 @@ def run(spec: Spec, *, overrides: Sequence[str] = (), run_dir: str | None = None
         with _shown(progress) as observer:
             final = pod.run(path, overrides=list(overrides), run_dir=run_dir,
                             replicas=replicas, memory=memory, fresh=fresh,
-                            observer=observer)
+                            observer=observer, reaper=False)  # the caller's process
     return Run(final["run_dir"], final)
 
 
@@ -161,7 +161,7 @@ def resume(run_dir: str | os.PathLike[str], *, progress: bool = False) -> Run:
             if replicas.is_replicas(path):
                 final = replicas.resume(path, replicas=None, observer=observer)
             else:
-                final = pod.resume(path, observer=observer)
+                final = pod.resume(path, observer=observer, reaper=False)
     finally:
         os.chdir(cwd)
     return Run(final["run_dir"], final)

@@ -55,7 +55,11 @@ def test_a_dict_spec_runs_and_reads_back(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests" / "stages"))
     document = spec([{"name": "double", "run": "pystages:double", "inputs": ["source"]}],
                     [{"name": "out", "input": "double", "uri": "out/"}])
-    run = podpipe.run(document, overrides=["source.batchRows=5000"])
+    with subprocess.Popen(["sleep", "60"]) as mine:  # the caller's own child
+        run = podpipe.run(document, overrides=["source.batchRows=5000"])
+        assert mine.poll() is None, "podpipe ended a process of its caller"
+        mine.kill()
+    assert _is_subreaper() == 0  # the caller's process is left as it was
     assert run.state == "succeeded"
     assert run.stages["double"].batches_done == 2  # one per file
     assert [Path(f).name for f in run.sink_files("out")] == [
@@ -63,6 +67,14 @@ def test_a_dict_spec_runs_and_reads_back(tmp_path, monkeypatch):
     assert run.to_arrow("out")["x"].to_pylist() == [2 * x for x in range(10_000)]
     assert podpipe.status(run.run_dir).state == "succeeded"
     assert os.getcwd() == str(tmp_path)
+
+
+def _is_subreaper() -> int:
+    import ctypes
+
+    value = ctypes.c_int(-1)
+    ctypes.CDLL(None).prctl(37, ctypes.byref(value))  # PR_GET_CHILD_SUBREAPER
+    return value.value
 
 
 def test_an_invalid_spec_raises_spec_error_naming_the_field(tmp_path):

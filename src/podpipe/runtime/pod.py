@@ -43,7 +43,8 @@ def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> spe
 def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         run_dir: str | None = None, replicas: int = 1, pod_index: int | None = None,
         memory: str | None = None, fresh: bool = False,
-        observer: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        observer: Callable[[dict[str, Any]], None] | None = None,
+        reaper: bool = True) -> dict[str, Any]:
     """Run the pipeline to the end on this machine; returns the final status.
 
     One pod, the replica `pod_index` (else POD_INDEX, else the StatefulSet hostname
@@ -84,7 +85,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-{ordinal}",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
                     observer=observer, origin=Origin(durable=not fresh),
-                    placement=placement, fresh=True, latest=not run_dir)
+                    placement=placement, fresh=True, latest=not run_dir, reaper=reaper)
 
 
 def plan(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
@@ -178,7 +179,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
 
 def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = None,
            scratch: Callable[[], scratches.Scratch] | None = None, launch: bool = True,
-           pod: str | None = None) -> dict[str, Any]:
+           pod: str | None = None, reaper: bool = True) -> dict[str, Any]:
     """Finish a run whose conductor died, or whose pod was lost, from what survived:
     outputs still in its RAM scratch, else on the node tier (checked by checksum),
     else computed again. Returns the final status. `scratch`, `launch` and `pod`:
@@ -218,7 +219,7 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
                     pod or f"{pipeline.name}-{placement.ordinal}",
                     scratch, launch=launch, observer=observer, placement=placement,
                     origin=Origin(journal=True, source_batches=before["source_batches"]),
-                    notes=notes)
+                    notes=notes, reaper=reaper)
 
 
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
@@ -226,11 +227,12 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
              observer: Callable[[dict[str, Any]], None] | None, origin: Origin,
              placement: sharding.Placement = sharding.Placement(),
              fresh: bool = False, notes: list[str] | None = None,
-             latest: bool = False) -> dict[str, Any]:
+             latest: bool = False, reaper: bool = True) -> dict[str, Any]:
     """Make the scratch, plan the source, find where the run starts from, and hand
     over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
     `notes`: what making the scratch found wrong, for the status; `latest`: once it
-    starts, the run is the runs directory's `latest`."""
+    starts, the run is the runs directory's `latest`; `reaper`: this process is the
+    run's alone (see `conductor.processes`)."""
     graph = Graph.of(pipeline)
     scratch = launcher = None
     digest = rundir.spec_digest(run_path)
@@ -270,7 +272,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         runs.mark_latest(run_path)
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
-                     durable=tier).start()
+                     durable=tier, reaper=reaper).start()
 
 
 def _durable_store(pipeline: specs.Pipeline, digest: str) -> durable.Store | None:

@@ -86,7 +86,7 @@ class Conductor:
     def __init__(self, run: Run, *, launcher: Launcher | None,
                  observer: Callable[[dict[str, Any]], None] | None = None,
                  restored: Restored | None = None,
-                 durable: DurableTier | None = None) -> None:
+                 durable: DurableTier | None = None, reaper: bool = True) -> None:
         self.run = run
         self.engine = restored.engine if restored else RunState(
             run.graph, len(run.plan), run.pipeline.memory,
@@ -94,7 +94,7 @@ class Conductor:
             owned=run.placement.owned, global_here=run.placement.runs_global)
         self.loop = loops.EventLoop()
         self.agents = Agents(self.loop, run.scratch.socket, self._log)
-        self.processes = Processes(launcher, self.loop)
+        self.processes = Processes(launcher, self.loop, reaper=reaper)
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log,
                                        required=run.pipeline.checkpoints.required)
@@ -121,7 +121,8 @@ class Conductor:
                     if self.engine.finished:  # resumed when all was done: nothing to do
                         self._end("succeeded", None)
                     elif self.processes.local:
-                        lifetime.become_subreaper()  # what stages leave behind is ours
+                        if self.processes.reaper:
+                            lifetime.become_subreaper()  # what stages leave is ours
                         for node in self.run.graph.order:
                             self.processes.start(node, [])
                     self._loop()

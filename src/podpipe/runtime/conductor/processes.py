@@ -19,8 +19,12 @@ STOP_GRACE_SECONDS = 5.0
 
 
 class Processes:
-    def __init__(self, launcher: Launcher | None, loop: EventLoop) -> None:
-        self._launcher, self._loop = launcher, loop
+    def __init__(self, launcher: Launcher | None, loop: EventLoop, *,
+                 reaper: bool = True) -> None:
+        """`reaper`: this process is the run's alone (the CLI's), so it may adopt the
+        orphans its stages leave (a subreaper) and end every child it has at the end;
+        not when called from someone else's program (the Python API)."""
+        self._launcher, self._loop, self.reaper = launcher, loop, reaper
         self._by_node: dict[str, Process] = {}
         self._retired: set[int] = set()
 
@@ -84,4 +88,5 @@ class Processes:
             lifetime.kill_group(process.pid)  # and what it started
         if self._launcher is not None:
             self._launcher.close()
-            lifetime.end_children()  # orphans of the stages' children (a subreaper's)
+            if self.reaper:
+                lifetime.end_children()  # orphans of the stages' children (a subreaper's)
