@@ -25,8 +25,10 @@ BATCHES = 10
 def _start(workdir: Path, slow: str = "0.3", tag: str = "pystages:tag_v1",
            reduce: bool = False) -> subprocess.Popen:
     make_numbers(workdir / "data")
-    stages = [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
-              {"name": "tag", "run": tag, "inputs": ["slow"]}]
+    # One worker each: the run must still be going, batch after batch, when the test
+    # swaps (`workers: auto` would give the sleeping stage a worker per batch).
+    stages = [{"name": "slow", "run": "pystages:slow", "inputs": ["source"], "workers": 1},
+              {"name": "tag", "run": tag, "inputs": ["slow"], "workers": 1}]
     sinks = [{"input": "tag", "uri": "out/"}]
     if reduce:
         stages.append({"name": "versions", "run": "pystages:count_versions", "reduce": True,
@@ -198,8 +200,9 @@ def test_recompute_ends_exactly_as_a_clean_run_of_the_new_version(tmp_path):
 
 def _spec_with(workdir: Path, name: str, stages: list[dict], sinks: list[dict]) -> Path:
     return write_spec(workdir / name, spec(
-        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
-         {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow"]}, *stages],
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"], "workers": 1},
+         {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow"], "workers": 1},
+         *stages],
         [{"input": "tag", "uri": "out/"}, *sinks]))
 
 

@@ -53,20 +53,24 @@ def out(path: str, nbytes: int, tier: str = "ram") -> S.Output:
 
 
 class Pod:
-    """A fake pod: agents that take their tasks in an order chosen by `rng`."""
+    """A fake pod: agents (one per worker of each node) that take their tasks in an
+    order chosen by `rng`. An agent is (node, worker)."""
 
     def __init__(self, pipeline, batches: int, budget: int, size, rng: random.Random,
-                 crashes: int = 0, **shards):
+                 crashes: int = 0, workers: int = 1, **shards):
         self.graph = Graph.of(pipeline)
+        fixed = {n: (workers if self.graph.domain[n] == "batch" else 1)
+                 for n in self.graph.order}
         self.state = RunState(self.graph, batches, budget,
-                                retries={n: crashes for n in self.graph.order}, **shards)
+                              retries={n: crashes for n in self.graph.order},
+                              workers=fixed, **shards)
         self.crashes = crashes                    # processes still to kill mid-task
-        self.restarting: set[str] = set()
+        self.restarting: set[tuple[str, int]] = set()
         self.size, self.rng = size, rng
         self.live: dict[str, int] = {}            # path -> bytes, as files in scratch
-        self.tasks: dict[str, S.Dispatch] = {}    # node -> its current task
-        self.granted: set[str] = set()
-        self.spilled: set[str] = set()            # granted on the node tier
+        self.tasks: dict[tuple[str, int], S.Dispatch] = {}  # agent -> its current task
+        self.granted: set[tuple[str, int]] = set()
+        self.spilled: set[tuple[str, int]] = set()  # granted on the node tier
         self.on_disk: set[str] = set()            # paths written there
         self.processed: list[tuple[str, int]] = []
         self.outcome = None
@@ -78,90 +82,99 @@ class Pod:
 
     def apply(self, actions):
         for action in actions:
+            agent = (getattr(action, "node", None), getattr(action, "worker", 0))
             if isinstance(action, S.Dispatch):
-                assert action.node not in self.tasks, "two tasks at once for one agent"
+                assert agent not in self.tasks, "two tasks at once for one agent"
+                assert not any(t.node == action.node and t.batch == action.batch
+                               for t in self.tasks.values()), "one task given twice"
                 for group in action.inputs:
                     for output in group:
                         assert output.path in self.live or output.path in self.on_disk, \
                             f"input {output.path} is gone"
-                self.tasks[action.node] = action
+                self.tasks[agent] = action
             elif isinstance(action, S.Grant):
-                self.granted.add(action.node)
+                self.granted.add(agent)
             elif isinstance(action, S.Spill):
-                self.granted.add(action.node)
-                self.spilled.add(action.node)
+                self.granted.add(agent)
+                self.spilled.add(agent)
             elif isinstance(action, S.Deny):
-                del self.tasks[action.node]  # the agent drops its result
+                del self.tasks[agent]  # the agent drops its result
             elif isinstance(action, S.Delete):
                 del self.live[action.path]
             elif isinstance(action, S.Restart):
-                self.restarting.add(action.node)
+                self.restarting.add(agent)
             elif isinstance(action, S.Forget):
                 self.forgotten.append((action.node, action.key))
             elif isinstance(action, S.Keep):
                 self.kept.append(action.output)
-            elif isinstance(action, (S.Replace, S.Stop)):  # the process goes (and with
-                self.tasks.pop(action.node, None)           # a swap, comes back)
-                self.granted.discard(action.node)
-                if isinstance(action, S.Replace):
-                    self.restarting.add(action.node)
+            elif isinstance(action, S.Replace):  # the worker's process goes, and comes back
+                self.tasks.pop(agent, None)
+                self.granted.discard(agent)
+                self.restarting.add(agent)
+            elif isinstance(action, (S.Stop, S.Hold)):  # every worker of the node goes
+                for gone in [a for a in self.tasks if a[0] == action.node]:
+                    del self.tasks[gone]
+                    self.granted.discard(gone)
+                if isinstance(action, S.Hold):
+                    self.outcome = action
             else:
                 self.outcome = action
+
+    def hello(self, node: str) -> None:
+        for worker in sorted(self.state.agents[node]):
+            self.apply(self.state.handle(S.AgentReady(node, worker)))
 
     def run(self, imports: list[S.Imported] = ()) -> S.Action:
         for event in imports:  # other pods' shard outputs, on the node tier here
             self.on_disk.add(event.output.path)
             self.apply(self.state.handle(event))
         for node in self.graph.order:
-            self.apply(self.state.handle(S.AgentReady(node)))
+            self.hello(node)
         while self.outcome is None:
             self.steps += 1
             if self.inject is not None and self.steps == self.inject[0]:
                 event = self.inject[1]
                 self.apply(self.state.handle(event))
-                if isinstance(event, S.Reshaped):  # as the conductor does: stop the
-                    gone = set(self.graph.order) - set(event.graph.order)  # removed,
-                    for node in gone:                                       # start the
-                        self.tasks.pop(node, None)                          # added
-                        self.granted.discard(node)
+                if isinstance(event, S.Reshaped):  # as the conductor does: start the added
                     added = [n for n in event.graph.order if n not in self.graph.order]
                     self.graph = event.graph
                     for node in added:
-                        self.apply(self.state.handle(S.AgentReady(node)))
+                        self.hello(node)
                 if self.outcome is not None:
                     break
-            waiting_for_grant = {n for n in self.tasks
-                                 if n not in self.graph.sinks and n not in self.granted
-                                 and self.state.agents[n].status == state.WAITING}
-            movable = [n for n in self.tasks if n not in waiting_for_grant]
+            waiting_for_grant = {a for a in self.tasks
+                                 if a[0] not in self.graph.sinks and a not in self.granted
+                                 and self.state.agents[a[0]][a[1]].status == state.WAITING}
+            movable = [a for a in self.tasks if a not in waiting_for_grant]
             movable += sorted(self.restarting)
             assert movable, "hung: no agent can move and the run neither ended nor failed"
-            node = self.rng.choice(sorted(movable))
-            if node in self.restarting:  # its new process says hello
-                self.restarting.discard(node)
-                self.apply(self.state.handle(S.AgentReady(node)))
+            agent = self.rng.choice(sorted(movable))
+            node, worker = agent
+            if agent in self.restarting:  # its new process says hello
+                self.restarting.discard(agent)
+                self.apply(self.state.handle(S.AgentReady(node, worker)))
                 continue
-            task = self.tasks[node]
-            if self.crashes and node in self.tasks and self.rng.random() < 0.1:
+            task = self.tasks[agent]
+            if self.crashes and self.rng.random() < 0.1:
                 self.crashes -= 1  # killed mid-task: its result, if any, is lost
-                del self.tasks[node]
-                self.granted.discard(node)
-                self.apply(self.state.handle(S.AgentExited(node, -9)))
+                del self.tasks[agent]
+                self.granted.discard(agent)
+                self.apply(self.state.handle(S.AgentExited(node, -9, worker)))
                 continue
             if node in self.graph.sinks:
-                del self.tasks[node]
+                del self.tasks[agent]
                 self.processed.append((node, task.batch))
-                self.apply(self.state.handle(S.TaskDone(node, task.batch, None)))
-            elif node not in self.granted:
-                self.apply(self.state.handle(S.SpaceRequested(node, task.batch,
-                                                              self.size(node, task.batch))))
+                self.apply(self.state.handle(S.TaskDone(node, task.batch, None, worker)))
+            elif agent not in self.granted:
+                self.apply(self.state.handle(S.SpaceRequested(
+                    node, task.batch, self.size(node, task.batch), worker)))
             else:
-                self.granted.discard(node)
-                del self.tasks[node]
+                self.granted.discard(agent)
+                del self.tasks[agent]
                 nbytes = self.size(node, task.batch)
                 path = f"{node}/{task.batch}"
-                tier = "node" if node in self.spilled else "ram"
-                self.spilled.discard(node)
+                tier = "node" if agent in self.spilled else "ram"
+                self.spilled.discard(agent)
                 if tier == "ram":
                     self.live[path] = nbytes
                 else:
@@ -169,7 +182,7 @@ class Pod:
                 self.max_live = max(self.max_live, sum(self.live.values()))
                 self.processed.append((node, task.batch))
                 self.apply(self.state.handle(S.TaskDone(
-                    node, task.batch, out(path, nbytes, tier=tier))))
+                    node, task.batch, out(path, nbytes, tier=tier), worker)))
             assert self.state.budget.usage <= self.state.budget.limit
         return self.outcome
 
@@ -177,9 +190,9 @@ class Pod:
 @settings(max_examples=150, deadline=None)
 @given(pipeline=st.sampled_from([CHAIN, DIAMOND, SHARDED]), batches=st.integers(1, 12),
        seed=st.integers(0, 2**32), sizes=st.lists(st.integers(1, 100), min_size=1),
-       tight=st.booleans(), crashes=st.integers(0, 3))
+       tight=st.booleans(), crashes=st.integers(0, 3), workers=st.integers(1, 3))
 def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed, sizes, tight,
-                                                         crashes):
+                                                         crashes, workers):
     """...and when up to `crashes` processes are killed mid-task and restarted, every
     task still finishes, with nothing left in scratch and the budget never exceeded."""
     def size(node, batch):
@@ -188,7 +201,7 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
     graph = Graph.of(pipeline)
     everything = sum(size(n, b) for n in graph.order for b in RunState(graph, batches, 1).keys(n))
     budget = max(sizes) * 6 if tight else everything
-    pod = Pod(pipeline, batches, budget, size, random.Random(seed), crashes)
+    pod = Pod(pipeline, batches, budget, size, random.Random(seed), crashes, workers)
     outcome = pod.run()
     assert pod.max_live <= budget
     if not tight:
@@ -304,10 +317,10 @@ def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
             task = files.pop(node, None)
             if task is not None:
                 step(S.SpaceRequested(node, task.batch, sizes[node]))
-                if run.agents[node].status == state.RUNNING:
+                if run.agents[node][0].status == state.RUNNING:
                     step(S.TaskDone(node, task.batch,
                                     out(f"{node}/{task.batch}", sizes[node])))
-    assert run.agents["a"].status == state.WAITING
+    assert run.agents["a"][0].status == state.WAITING
     assert run.outcome is None
     step(S.AgentReady("b"))
     assert files["b"].batch == 0
@@ -379,10 +392,10 @@ def test_a_swap_now_requeues_the_in_flight_batch_without_counting_a_restart():
         run.handle(S.AgentReady(node))
     run.handle(S.SpaceRequested("source", 0, 10))
     run.handle(S.TaskDone("source", 0, out("s0", 10)))
-    assert run.agents["a"].status == state.RUNNING and run.agents["a"].batch == 0
+    assert run.agents["a"][0].status == state.RUNNING and run.agents["a"][0].batch == 0
     # no restart, no failure: the busy process is killed and its batch requeued
     assert run.handle(S.SwapRequested("a", now=True)) == [S.Replace("a", kill=True)]
-    assert run.agents["a"].status == state.ABSENT and run.ready["a"] == [0]
+    assert run.agents["a"][0].status == state.ABSENT and run.ready["a"] == [0]
     assert run.restarts["a"] == 0
     actions = run.handle(S.AgentReady("a"))  # the new version says hello
     assert S.Dispatch("a", 0, ((out("s0", 10),),)) in actions
@@ -426,7 +439,7 @@ def test_a_stage_with_a_swap_coming_gets_no_new_task_and_is_replaced_between_bat
     for batch in (0, 1):
         run.handle(S.SpaceRequested("source", batch, 10))
         run.handle(S.TaskDone("source", batch, out(f"s{batch}", 10)))
-    assert run.agents["a"].status == state.RUNNING and run.ready["a"] == [1]
+    assert run.agents["a"][0].status == state.RUNNING and run.ready["a"] == [1]
     assert run.handle(S.SwapRequested("a")) == []  # busy: not yet
     run.handle(S.SpaceRequested("a", 0, 10))
     actions = run.handle(S.TaskDone("a", 0, out("a0", 10)))
@@ -542,3 +555,86 @@ def test_a_reshaped_line_runs_every_key_of_its_added_nodes_and_drops_the_removed
         assert pod.state.keys(node) <= pod.state.done[node], node
         if node not in Graph.of(CHAIN).order:
             assert {b for n, b in pod.processed if n == node} == pod.state.keys(node)
+
+
+# -- workers ---------------------------------------------------------------------
+
+
+def _ready_run(workers: dict, batches: int = 6, cpus: float = 2.0) -> RunState:
+    run = RunState(Graph.of(CHAIN), batches, 10**6, workers=workers, cpus=cpus)
+    for node in run.graph.order:
+        for worker in sorted(run.agents[node]):
+            run.handle(S.AgentReady(node, worker))
+    return run
+
+
+def test_each_worker_of_a_node_takes_its_own_batch():
+    run = _ready_run({"source": 1, "a": 3, "b": 1, "sink-0": 1})
+    for batch in range(3):  # the source loads three batches
+        assert run.agents["source"][0].batch == batch
+        run.handle(S.SpaceRequested("source", batch, 10))
+        run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10)))
+    assert sorted(run.agents["a"]) == [0, 1, 2]
+    assert sorted(a.batch for a in run.agents["a"].values()) == [0, 1, 2]  # at once
+
+
+def test_a_swap_replaces_every_worker_and_recomputes_once_the_last_is_gone():
+    pod = Pod(CHAIN, 6, 10**6, lambda n, b: 1, random.Random(5), workers=3)
+    pod.inject = (12, S.SwapRequested("a", recompute=True))
+    assert isinstance(pod.run(), S.Finished)
+    assert pod.state.swapped == {"a"}
+    # every batch of `a` was (re)done by the new version after its last old worker went
+    assert sorted({b for n, b in pod.processed if n == "a"}) == list(range(6))
+
+
+def test_a_held_stage_holds_every_worker():
+    run = _ready_run({"source": 1, "a": 3, "b": 1, "sink-0": 1})
+    run.handle(S.SwapRequested("a"))
+    for worker in range(3):
+        run.handle(S.AgentReady("a", worker))  # the new version's processes
+    actions = run.handle(S.AgentBroken("a", "cannot import", InputError("x"), 1))
+    assert [a for a in actions if isinstance(a, S.Hold)] == [S.Hold("a", "cannot import")]
+    assert {a.status for a in run.agents["a"].values()} == {state.HELD}
+
+
+def test_auto_gives_the_bottleneck_a_worker_when_a_core_is_free():
+    run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
+    run.ready["a"] = [5, 6, 7, 8]  # batches wait for `a`, whose one worker is busy
+    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    actions = []
+    for _ in range(4):  # a second of ticks: `a` uses a whole core, the rest little
+        actions += run.handle(S.Tick({"source": 0.1, "a": 1.0, "b": 0.1}))
+    assert S.AddWorker("a", 1) in actions
+    assert run.worker_count("a") == 2
+
+
+def test_auto_gives_a_waiting_node_as_many_workers_as_it_has_batches_waiting():
+    run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
+    run.ready["a"] = [5, 6, 7, 8, 9]
+    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    actions = []
+    for _ in range(4):  # `a` mostly waits (I/O): little CPU per worker
+        actions += run.handle(S.Tick({"a": 0.02}))
+    assert [a for a in actions if isinstance(a, S.AddWorker)] == [
+        S.AddWorker("a", w) for w in range(1, 6)]
+
+
+def test_auto_takes_an_idle_worker_back_when_the_cores_are_taken():
+    run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
+    run.handle(S.Tick({}))
+    run.agents["b"][1] = state.Agent(status=state.IDLE)  # b had a second worker
+    run.ready["a"] = [5, 6, 7]
+    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    actions = []
+    for _ in range(4):  # both cores busy: `a` and the source
+        actions += run.handle(S.Tick({"source": 1.0, "a": 1.0, "b": 0.01}))
+    assert S.RemoveWorker("b", 1) in actions and 1 not in run.agents["b"]
+    assert not any(isinstance(a, S.AddWorker) for a in actions)
+
+
+def test_fixed_workers_are_left_as_they_are():
+    run = _ready_run({"source": 1, "a": 1, "b": 1, "sink-0": 1}, batches=20)
+    run.ready["a"] = [5, 6, 7]
+    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    actions = [a for _ in range(8) for a in run.handle(S.Tick({"a": 1.0}))]
+    assert not any(isinstance(a, (S.AddWorker, S.RemoveWorker)) for a in actions)

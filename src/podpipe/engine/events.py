@@ -7,7 +7,7 @@ looks inside the engine to decide anything.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from podpipe.errors import InputError, PodpipeError
 from podpipe.model.graph import Graph
@@ -21,9 +21,10 @@ Key = tuple[str, int]  # (node, key): a source batch, a shard, or 0 (global)
 
 @dataclass(frozen=True)
 class AgentReady:
-    """The node's process connected and said hello."""
+    """A process of the node (its `worker`) connected and said hello."""
 
     node: str
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SpaceRequested:
     node: str
     batch: int
     nbytes: int
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class TaskDone:
     node: str
     batch: int
     output: Output | None  # None for sinks
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class TaskFailed:
     message: str
     input_error: bool = False  # the data, not the code, is at fault
     traceback: str = ""        # the last frames of the stage's code
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class AgentExited:
 
     node: str
     returncode: int | None
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class TaskTimedOut:
     node: str
     batch: int
     seconds: float
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,7 @@ class AgentBroken:
     node: str
     message: str       # what went wrong, for a held stage's status
     error: InputError  # what fails the run, for a stage not swapped
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,11 +122,21 @@ class Reshaped:
 
     graph: Graph
     retries: dict[str, int]
+    workers: dict[str, int | None] = field(default_factory=dict)  # of the nodes added
     node: str = SOURCE  # (every event names a node; this one is about the whole line)
 
 
+@dataclass(frozen=True)
+class Tick:
+    """Four times a second, for `workers: auto`: the CPU each node's processes used
+    since the last tick, in cores (a process busy on one core all along: 1.0)."""
+
+    cpu: dict[str, float]
+    node: str = SOURCE
+
+
 Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | TaskTimedOut |
-         AgentBroken | Imported | SwapRequested | Recompute | Reshaped)
+         AgentBroken | Imported | SwapRequested | Recompute | Reshaped | Tick)
 
 # ------------------------------------------------------------------ actions
 
@@ -129,11 +146,13 @@ class Dispatch:
     node: str
     batch: int
     inputs: tuple[tuple[Output, ...], ...]  # per input in spec order; all batches for a reduce
+    worker: int = 0
 
 
 @dataclass(frozen=True)
 class Grant:
     node: str
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +160,7 @@ class Deny:
     """Refuse a waiting request for RAM: the agent drops its result, the batch is redone."""
 
     node: str
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +174,7 @@ class Spill:
 
     node: str
     batch: int
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,7 @@ class Restart:
     node: str
     attempt: int
     delay: float
+    worker: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,20 +201,23 @@ class Kill:
     it is started again."""
 
     node: str
+    worker: int = 0
 
 
 @dataclass(frozen=True)
 class Replace:
     """A swap happens now: stop `node`'s process (`kill`: it is mid-batch, its result is
-    never used) and start the new version's."""
+    never used) and start the new version's. Each worker of the stage is replaced
+    on its own, as it comes between batches."""
 
     node: str
     kill: bool
+    worker: int = 0
 
 
 @dataclass(frozen=True)
 class Stop:
-    """`node` left the pipeline (an apply): stop its process for good."""
+    """`node` left the pipeline (an apply): stop its processes for good."""
 
     node: str
     kill: bool
@@ -200,7 +225,8 @@ class Stop:
 
 @dataclass(frozen=True)
 class Hold:
-    """A swapped-in version failed: stop its process; the stage waits for another swap."""
+    """A swapped-in version failed: stop its processes (every worker's); the stage
+    waits for another swap."""
 
     node: str
     message: str
@@ -224,5 +250,22 @@ class Failed:
     error: PodpipeError
 
 
+@dataclass(frozen=True)
+class AddWorker:
+    """`workers: auto` gives `node` another process, `worker`."""
+
+    node: str
+    worker: int
+
+
+@dataclass(frozen=True)
+class RemoveWorker:
+    """`workers: auto` takes `node`'s idle process `worker` back (another node needs
+    the core): stop it for good."""
+
+    node: str
+    worker: int
+
+
 Action = (Dispatch | Grant | Deny | Delete | Spill | Keep | Restart | Kill | Replace | Stop |
-          Hold | Forget | Finished | Failed)
+          Hold | Forget | Finished | Failed | AddWorker | RemoveWorker)

@@ -37,16 +37,16 @@ def _evict(run: "RunState", actions: list[Action]) -> bool:
     move: refuse its waiting requests, delete its outputs, and run it again from
     the source later (stages are deterministic, sink files idempotent). A batch
     with a task still computing is left alone."""
-    line = [(n, a) for n, a in run.agents.items() if run.graph.domain[n] == BATCH]
+    line = [(n, w, a) for n, w, a in run.all_agents() if run.graph.domain[n] == BATCH]
     batch = run.budget.victim(
-        [a.batch for _, a in line if a.status == WAITING and a.batch is not None],
-        {a.batch for _, a in line if a.status == RUNNING and a.batch is not None})
+        [a.batch for _, _, a in line if a.status == WAITING and a.batch is not None],
+        {a.batch for _, _, a in line if a.status == RUNNING and a.batch is not None})
     if batch is None:
         return False
-    for node, agent in line:
+    for node, worker, agent in line:
         if agent.status == WAITING and agent.batch == batch:
             agent.status, agent.batch, agent.want = IDLE, None, 0
-            actions.append(Deny(node))
+            actions.append(Deny(node, worker))
     for node in run.graph.order:
         if run.graph.domain[node] != BATCH:
             continue
@@ -64,15 +64,14 @@ def _spill(run: "RunState", actions: list[Action]) -> None:
     """Nothing in RAM can move and nothing can be given up (what waits must stay,
     such as a reduce's inputs): the most downstream waiting output goes to the
     node tier, memory-mapped from there by its readers. It is not RAM budget."""
-    node = next(n for n in reversed(run.graph.order)
-                if run.agents[n].status == WAITING)
-    agent = run.agents[node]
+    node, worker, agent = next(found for found in reversed(run.all_agents())
+                               if found[2].status == WAITING)
     agent.status, agent.want = RUNNING, 0
     run.budget.spills += 1
-    actions.append(Spill(node, agent.batch or 0))
+    actions.append(Spill(node, agent.batch or 0, worker))
 
 def stuck(run: "RunState") -> bool:
     """Someone waits for RAM and nothing can free any: no task is running, and no
     agent is still to connect (it would read what it is owed)."""
-    statuses = {a.status for a in run.agents.values()}
+    statuses = {a.status for _, _, a in run.all_agents()}
     return WAITING in statuses and not statuses & {RUNNING, ABSENT, HELD}

@@ -12,7 +12,8 @@ def restored(graph: Graph, source_batches: int, budget: int, *,
              retries: dict[str, int], kept: dict[Key, Output],
              finished: dict[str, set[int]], shards: int = 1,
              owned: tuple[int, ...] | None = None,
-             global_here: bool = True) -> RunState:
+             global_here: bool = True, workers: dict[str, int | None] | None = None,
+             cpus: float = 1.0) -> RunState:
     """A run that resumes. `kept`: outputs found intact in some tier; `finished`:
     what each node had finished (the journal).
 
@@ -24,7 +25,7 @@ def restored(graph: Graph, source_batches: int, budget: int, *,
     once globally.
     """
     run = RunState(graph, source_batches, budget, retries=retries, shards=shards,
-                   owned=owned, global_here=global_here)
+                   owned=owned, global_here=global_here, workers=workers, cpus=cpus)
     uses: list[Key] = []
     for domain in (BATCH, SINGLE, GLOBAL):
         nodes = [n for n in graph.order if graph.domain[n] == domain]

@@ -37,14 +37,15 @@ def recompute(run: "RunState", node: str, actions: list[Action]) -> None:
         supply(run, other, key, actions)
 
 
-def reshape(run: "RunState", graph: Graph, actions: list[Action]) -> None:
+def reshape(run: "RunState", graph: Graph, actions: list[Action],
+            workers: dict[str, int | None] | None = None) -> None:
     old = run.graph
     removed = [n for n in old.order if n not in graph.inputs]
     added = [n for n in graph.order if n not in old.inputs]
     for node in removed:
-        agent = run.agents.pop(node)
-        run.budget.give(agent.reserved)
-        actions.append(Stop(node, kill=agent.busy))
+        agents = run.agents.pop(node).values()
+        run.budget.give(sum(agent.reserved for agent in agents))
+        actions.append(Stop(node, kill=any(agent.busy for agent in agents)))
         if old.domain[node] == BATCH:
             for batch in list(run.budget.on_line):
                 if batch not in run.done[node]:
@@ -56,14 +57,14 @@ def reshape(run: "RunState", graph: Graph, actions: list[Action]) -> None:
         if not run.unread[output]:
             run.delete(output, actions)
     for node in removed:
-        del run.done[node], run.ready[node], run.restarts[node]
+        del run.done[node], run.ready[node], run.restarts[node], run.fixed[node]
         run.swapped.discard(node)
     run.graph = graph
     run.plan = run.plan.regraphed(graph)
     run.keep = run.plan.kept()
     run.budget.per_batch_nodes = run.plan.per_batch_nodes
     for node in added:
-        run.add_node(node)
+        run.add_node(node, (workers or {}).get(node, 1))
     admitted = set(run.plan.mine[:run.next_source]) - set(run.redo)
     for node in added:
         for key in sorted(run.keys(node)):
@@ -145,7 +146,7 @@ def _undo_downstream(run: "RunState", node: str, actions: list[Action],
             run.done[other].discard(key)
             actions.append(Forget(other, key))
             undone.append((other, key))
-        agent = run.agents[other]
-        if agent.busy and agent.batch is not None:
-            run.obsolete.add((other, agent.batch))
+        for agent in run.agents[other].values():
+            if agent.busy and agent.batch is not None:
+                run.obsolete.add((other, agent.batch))
     return undone

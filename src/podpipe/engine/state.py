@@ -24,20 +24,24 @@ run live in this package, so they can be tested without processes:
 
 from __future__ import annotations
 
-from podpipe.engine import jam, rework
+from podpipe.engine import jam, rework, workers
 from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, WAITING, Agent
 from podpipe.engine.budget import Budget
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady,
                                    Delete, Dispatch, Event, Failed, Finished, Grant, Hold,
                                    Imported, Keep, Key, Kill, Recompute, Replace, Reshaped,
                                    Restart, SpaceRequested, SwapRequested, TaskDone,
-                                   TaskFailed, TaskTimedOut)
+                                   TaskFailed, TaskTimedOut, Tick)
+from podpipe.engine.workers import Pool
 from podpipe.engine.keys import Keys
 from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
 from podpipe.model.graph import BATCH, SINGLE, Graph
 from podpipe.model.output import Output
 from podpipe.model.pipeline import SOURCE
 from podpipe.model.sizes import format_size
+
+AgentEvent = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited |
+              TaskTimedOut | AgentBroken)
 
 MAX_BACKOFF = 5.0
 
@@ -50,7 +54,9 @@ def backoff(attempt: int) -> float:
 class RunState:
     def __init__(self, graph: Graph, source_batches: int, budget: int, *,
                  retries: dict[str, int] | None = None, shards: int = 1,
-                 owned: tuple[int, ...] | None = None, global_here: bool = True) -> None:
+                 owned: tuple[int, ...] | None = None, global_here: bool = True,
+                 workers: dict[str, int | None] | None = None,
+                 cpus: float = 1.0) -> None:
         self.graph = graph
         self.plan = Keys(graph, source_batches, shards=shards, owned=owned,
                          global_here=global_here)
@@ -61,7 +67,12 @@ class RunState:
         self.unread: dict[Key, set[str]] = {}
         self.done: dict[str, set[int]] = {node: set() for node in graph.order}
         self.ready: dict[str, list[int]] = {node: [] for node in graph.order}
-        self.agents = {node: Agent() for node in graph.order}
+        # Each node's processes, by worker number: a fixed count, or (`workers: auto`,
+        # None) one to start with, more while it holds the line back (`workers.py`).
+        self.fixed: dict[str, int | None] = {n: (workers or {}).get(n, 1) for n in graph.order}
+        self.agents: dict[str, dict[int, Agent]] = {
+            node: {w: Agent() for w in range(self.fixed[node] or 1)} for node in graph.order}
+        self.pool = Pool(cpus)
         self.keep = self.plan.kept()
         self.next_source = 0
         self.redo: list[int] = []     # source batches dropped, to load again
@@ -70,10 +81,26 @@ class RunState:
         self.swapped: set[str] = set()   # stages running a swapped-in version
         self.outcome: Action | None = None
 
-    def add_node(self, node: str) -> None:
-        """A node new to the graph (an apply): nothing done, its process to come."""
+    def add_node(self, node: str, workers: int | None = 1) -> None:
+        """A node new to the graph (an apply): nothing done, its processes to come."""
         self.done[node], self.ready[node] = set(), []
-        self.agents[node], self.restarts[node] = Agent(), 0
+        self.fixed[node] = workers
+        self.agents[node] = {w: Agent() for w in range(workers or 1)}
+        self.restarts[node] = 0
+
+    def one_worker_each(self) -> None:
+        """Before the run starts: every node runs as one process (containers the
+        kubelet starts, one per node, which the conductor cannot add to)."""
+        self.fixed = {node: 1 for node in self.graph.order}
+        self.agents = {node: {0: Agent()} for node in self.graph.order}
+
+    def all_agents(self) -> list[tuple[str, int, Agent]]:
+        """(node, worker, agent) of every process the run has, in graph order."""
+        return [(node, w, agent) for node in self.graph.order
+                for w, agent in sorted(self.agents[node].items())]
+
+    def worker_count(self, node: str) -> int:
+        return len(self.agents[node])
 
     # -- queries --------------------------------------------------------------
 
@@ -107,7 +134,7 @@ class RunState:
 
     def held(self, node: str) -> str | None:
         """Why `node` is held (a swapped-in version failed), or None."""
-        return self.agents[node].broken
+        return next((a.broken for a in self.agents[node].values() if a.broken), None)
 
     @property
     def finished(self) -> bool:
@@ -137,12 +164,22 @@ class RunState:
             return []
         actions: list[Action] = []
         if isinstance(event, Reshaped):
-            rework.reshape(self, event.graph, actions)
+            rework.reshape(self, event.graph, actions, event.workers)
             self.retries.update(event.retries)
         elif isinstance(event, Recompute):
             rework.recompute(self, event.node, actions)
+        elif isinstance(event, SwapRequested):
+            for each in self.agents[event.node].values():  # every worker is replaced
+                each.swap = event
+        elif isinstance(event, Tick):
+            workers.rebalance(self, event.cpu, actions)
+        elif isinstance(event, Imported):
+            self._import(event)
         else:
-            self._agent_event(event, self.agents[event.node], actions)
+            found = self.agents.get(event.node, {}).get(event.worker)
+            if found is None:
+                return actions  # a process taken back meanwhile (workers: auto)
+            self._agent_event(event, found, actions)
         if self.outcome is not None:
             return actions
         self._replace_idle(actions)
@@ -155,8 +192,8 @@ class RunState:
             jam.relieve(self, actions)
         return actions
 
-    def _agent_event(self, event: Event, agent: Agent, actions: list[Action]) -> None:
-        node = event.node
+    def _agent_event(self, event: AgentEvent, agent: Agent, actions: list[Action]) -> None:
+        node, worker = event.node, event.worker
         if isinstance(event, AgentReady):
             agent.status, agent.batch = IDLE, None
         elif isinstance(event, SpaceRequested):
@@ -179,25 +216,22 @@ class RunState:
             self._hold(node, f"its process exited (code {event.returncode})", actions)
         elif isinstance(event, AgentExited):
             if not self.finished:
-                self._restart(node, agent, actions, "its container disconnected"
+                self._restart(node, worker, agent, actions, "its container disconnected"
                               if event.returncode is None
                               else f"its process exited (code {event.returncode})")
         elif isinstance(event, TaskTimedOut):
             if agent.busy and agent.batch == event.batch:  # (else: done meanwhile)
-                actions.append(Kill(node))
+                actions.append(Kill(node, worker))
                 message = f"the batch took longer than its timeout of {event.seconds:g} s"
                 if node in self.swapped:
                     self._hold(node, message, actions)
                 else:
-                    self._restart(node, agent, actions, message)
-        elif isinstance(event, Imported):
-            self._import(event)
-        elif isinstance(event, SwapRequested):
-            agent.swap = event
+                    self._restart(node, worker, agent, actions, message)
 
     # -- pieces ----------------------------------------------------------------
 
-    def _restart(self, node: str, agent: Agent, actions: list[Action], gone: str) -> None:
+    def _restart(self, node: str, worker: int, agent: Agent, actions: list[Action],
+                 gone: str) -> None:
         """A process the run needs died (`gone` says how): put its in-flight batch back
         and have it started again, with backoff, while it has restarts left; else fail
         the run."""
@@ -214,26 +248,28 @@ class RunState:
         self.restarts[node] = attempt
         self._take_back(node, agent)
         agent.status = ABSENT
-        actions.append(Restart(node, attempt, backoff(attempt)))
+        actions.append(Restart(node, attempt, backoff(attempt), worker))
 
     def _replace_idle(self, actions: list[Action]) -> None:
         """Carry out the swaps asked for, for each stage between batches (or at once
         when asked `now`: its batch goes back to its queue, for the new version)."""
-        for node, agent in self.agents.items():
+        for node, worker, agent in self.all_agents():
             swap = agent.swap
             if swap is None or (agent.busy and not swap.now):
                 continue
-            actions.append(Replace(node, kill=agent.busy))
+            actions.append(Replace(node, kill=agent.busy, worker=worker))
             self._take_back(node, agent)
             agent.status, agent.broken, agent.swap = ABSENT, None, None
             self.swapped.add(node)
-            if swap.recompute:  # what the old versions made is done again, and after
+            if swap.recompute and all(a.swap is None for a in self.agents[node].values()):
+                # the last worker of the old version is gone: what the old versions
+                # made is done again, and what follows it
                 rework.recompute(self, node, actions)
 
     def _hold(self, node: str, message: str, actions: list[Action]) -> None:
-        agent = self.agents[node]
-        self._take_back(node, agent)
-        agent.status, agent.broken = HELD, message
+        for agent in self.agents[node].values():  # every worker: the version is at fault
+            self._take_back(node, agent)
+            agent.status, agent.broken = HELD, message
         actions.append(Hold(node, message))
 
     def _take_back(self, node: str, agent: Agent) -> None:
@@ -255,12 +291,12 @@ class RunState:
     def grant_waiting(self, actions: list[Action]) -> None:
         # Downstream first: granting them frees their inputs soonest.
         for node in reversed(self.graph.order):
-            agent = self.agents[node]
-            if agent.status != WAITING or not self.budget.fits(agent.want):
-                continue
-            self.budget.take(agent.want)
-            agent.status, agent.reserved, agent.want = RUNNING, agent.want, 0
-            actions.append(Grant(node))
+            for worker, agent in sorted(self.agents[node].items()):
+                if agent.status != WAITING or not self.budget.fits(agent.want):
+                    continue
+                self.budget.take(agent.want)
+                agent.status, agent.reserved, agent.want = RUNNING, agent.want, 0
+                actions.append(Grant(node, worker))
 
     def _import(self, event: Imported) -> None:
         key = (event.node, event.shard)
@@ -333,8 +369,8 @@ class RunState:
     def maybe_ready(self, node: str, key: int) -> None:
         if key in self.done[node] or key in self.ready[node] or key not in self.keys(node):
             return
-        if self.agents[node].batch == key:
-            return
+        if any(a.batch == key for a in self.agents[node].values()):
+            return  # in flight
         if all(self._has(node, name, k) for name in self.graph.inputs[node]
                for k in self.plan.reads(node, name, key)):
             self.ready[node].append(key)
@@ -349,8 +385,7 @@ class RunState:
                     self.graph.reads_all(node, name))
 
     def dispatch(self, actions: list[Action]) -> None:
-        for node in self.graph.order:
-            agent = self.agents[node]
+        for node, worker, agent in self.all_agents():
             if agent.status != IDLE or agent.swap is not None:
                 continue
             if node == SOURCE and not self.ready[node]:
@@ -365,17 +400,21 @@ class RunState:
             inputs = tuple(tuple(self.outputs[(name, k)]
                                  for k in self.plan.reads(node, name, batch))
                            for name in self.graph.inputs[node])
-            actions.append(Dispatch(node, batch, inputs))
+            actions.append(Dispatch(node, batch, inputs, worker))
+
+    def can_admit(self) -> bool:
+        """Is there a source batch to load, and room on the line for it (backpressure)?"""
+        if self.next_source >= len(self.plan.mine) and not self.redo:
+            return False
+        first = [self.outputs[(SOURCE, b)].nbytes for b in self.budget.on_line
+                 if (SOURCE, b) in self.outputs]
+        return self.budget.has_room(first)
 
     def _admit(self) -> int | None:
         """The next source batch, if the line has room for it (backpressure)."""
+        if not self.can_admit():
+            return None
         mine = self.plan.mine
-        if self.next_source >= len(mine) and not self.redo:
-            return None
-        first = [self.outputs[(SOURCE, b)].nbytes for b in self.budget.on_line
-                 if (SOURCE, b) in self.outputs]
-        if not self.budget.has_room(first):
-            return None
         if self.redo:
             batch = self.redo.pop(0)
         else:

@@ -63,5 +63,7 @@ def diff(old: Pipeline, new: Pipeline) -> Change:
 
 
 def _definition(node: Stage | Sink) -> Stage | Sink:
-    """What defines a node's work (its inputs were compared already)."""
-    return replace(node, inputs=()) if isinstance(node, Stage) else replace(node, input="")
+    """What defines a node's work (its inputs were compared already; how many
+    processes do it is not part of it)."""
+    return replace(node, inputs=(), workers=None) if isinstance(node, Stage) else \
+        replace(node, input="", workers=None)

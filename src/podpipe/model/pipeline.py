@@ -30,6 +30,7 @@ class Source:
     format: str
     batch_rows: int
     columns: tuple[str, ...] | None = None
+    workers: int | None = None    # processes loading batches; None: auto
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Stage:
     retries: int = DEFAULT_RETRIES
     timeout: float | None = None  # seconds a batch may take; over it, the process dies
     schema: str = "fixed"         # "any": its output schema may change between batches
+    workers: int | None = None    # processes taking its batches; None: auto (1 for a reduce)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class Sink:
     input: str
     uri: str
     mode: str = "error"  # error: refuse stale part files; overwrite: replace at success
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,19 @@ class Pipeline:
     memory: int
     checkpoints: Checkpoints
     shards: int = 1
+    cpus: float | None = None  # what `workers: auto` may use; None: what this process may
     file: str = "spec"
     document: Any = field(default=None, repr=False, compare=False)  # as parsed, overridden
+
+    def workers(self, node: str) -> int | None:
+        """`node`'s fixed number of workers, None for auto (a reduce: always 1)."""
+        if node == SOURCE:
+            return self.source.workers
+        for target in self.sinks:
+            if target.name == node:
+                return target.workers
+        stage = self.stage(node)
+        return 1 if stage.reduce else stage.workers
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

@@ -31,6 +31,7 @@ SOURCE_FORMATS = ("parquet", "csv", "arrow")
 MAX_SPEC_BYTES = 1 << 20
 MAX_SHARDS = 100_000
 MAX_BATCH_ROWS = 1 << 31
+MAX_WORKERS = 256  # processes of one node
 
 # A stage's name becomes a process name, a directory in scratch and, on
 # Kubernetes, a container name: so it must be a DNS-1123 label.
@@ -150,6 +151,16 @@ class _Reader:
             raise self.fail(path, f"expected a non-empty list of strings, got {_kind(value)}")
         return tuple(self.string(f"{path}[{i}]", item) for i, item in enumerate(value))
 
+    def workers(self, path: str, value: Any) -> int | None:
+        """A node's `workers`: a whole number from 1, or `auto` (None)."""
+        if value == "auto":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not \
+                1 <= value <= MAX_WORKERS:
+            raise self.fail(path, f"expected 'auto' or a whole number of worker processes "
+                                  f"from 1 to {MAX_WORKERS}, got {value!r}")
+        return value
+
     def name(self, path: str, value: Any) -> str:
         text = self.string(path, value)
         if not _NAME.match(text):
@@ -171,7 +182,7 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
         raise r.fail("kind", f"expected {KIND!r}, got {doc['kind']!r}")
     meta = r.mapping("metadata", doc["metadata"], {"name", "labels", "annotations"}, {"name"})
     spec = r.mapping("spec", doc["spec"],
-                     {"source", "stages", "sinks", "memory", "checkpoints", "shards"},
+                     {"source", "stages", "sinks", "memory", "checkpoints", "shards", "cpus"},
                      {"source", "stages", "sinks"})
     stages = _stages(r, spec["stages"])
     memory = spec.get("memory", DEFAULT_MEMORY)
@@ -194,6 +205,7 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
         checkpoints=_checkpoints(r, spec.get("checkpoints", {})),
         shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1,
                          maximum=MAX_SHARDS),
+        cpus=_cpus(r, spec.get("cpus")),
         file=r.file,
         document=doc,
     )
@@ -202,7 +214,8 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
 
 
 def _source(r: _Reader, value: Any) -> Source:
-    src = r.mapping("spec.source", value, {"uri", "format", "batchRows", "columns"}, {"uri"})
+    src = r.mapping("spec.source", value, {"uri", "format", "batchRows", "columns", "workers"},
+                    {"uri"})
     uri = r.string("spec.source.uri", src["uri"])
     fmt = src.get("format") or _guess_format(uri)
     if fmt not in SOURCE_FORMATS:
@@ -214,6 +227,7 @@ def _source(r: _Reader, value: Any) -> Source:
         batch_rows=r.integer("spec.source.batchRows", src.get("batchRows", DEFAULT_BATCH_ROWS),
                              maximum=MAX_BATCH_ROWS),
         columns=r.strings("spec.source.columns", columns) if columns is not None else None,
+        workers=r.workers("spec.source.workers", src.get("workers", "auto")),
     )
 
 
@@ -224,7 +238,7 @@ def _guess_format(uri: str) -> str | None:
 
 
 _STAGE_FIELDS = {"name", "run", "command", "inputs", "reduce", "scope", "version", "image",
-                 "env", "resources", "retries", "timeout", "schema"}
+                 "env", "resources", "retries", "timeout", "schema", "workers"}
 SINK_MODES = ("error", "overwrite")  # what a sink already holding other files does
 SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to batch?
 SCOPES = ("shard", "global")
@@ -274,6 +288,9 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
         schema = st.get("schema", "fixed")
         if schema not in SCHEMAS:
             raise r.fail(f"{path}.schema", f"expected one of {list(SCHEMAS)}, got {schema!r}")
+        if reduce and "workers" in st:
+            raise r.fail(f"{path}.workers", "a reduce runs as one worker (it reads every "
+                                            "batch at once); remove 'workers'")
         stages.append(Stage(
             name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
             command=command, reduce=reduce, scope=scope,
@@ -281,9 +298,18 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
             env=dict(env), resources=resources, retries=retries,
             timeout=r.seconds(f"{path}.timeout", st["timeout"]) if "timeout" in st else None,
-            schema=schema,
+            schema=schema, workers=r.workers(f"{path}.workers", st.get("workers", "auto")),
         ))
     return tuple(stages)
+
+
+def _cpus(r: _Reader, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise r.fail("spec.cpus", f"expected the cores 'workers: auto' may use, a number "
+                                  f"above 0 such as 4 or 1.5, got {value!r}")
+    return float(value)
 
 
 def _resources(r: _Reader, path: str, value: Any) -> Resources:
@@ -310,7 +336,8 @@ def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...
     sinks = []
     for i, item in enumerate(value):
         path = f"spec.sinks[{i}]"
-        sk = r.mapping(path, item, {"name", "input", "uri", "mode"}, {"input", "uri"})
+        sk = r.mapping(path, item, {"name", "input", "uri", "mode", "workers"},
+                       {"input", "uri"})
         name = r.name(f"{path}.name", sk.get("name", f"sink-{i}"))
         if name in names or name == SOURCE:
             raise r.fail(f"{path}.name", f"duplicate name {name!r}: sinks and stages share "
@@ -320,7 +347,8 @@ def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...
         if mode not in SINK_MODES:
             raise r.fail(f"{path}.mode", f"expected one of {list(SINK_MODES)}, got {mode!r}")
         sinks.append(Sink(name=name, input=r.string(f"{path}.input", sk["input"]),
-                          uri=r.string(f"{path}.uri", sk["uri"]), mode=mode))
+                          uri=r.string(f"{path}.uri", sk["uri"]), mode=mode,
+                          workers=r.workers(f"{path}.workers", sk.get("workers", "auto"))))
     for (i, one), (j, other) in itertools.combinations(enumerate(sinks), 2):
         if locations.overlap(one.uri, other.uri):
             raise r.fail(f"spec.sinks[{j}].uri", f"{other.uri!r} overlaps sink "

@@ -253,13 +253,16 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
             os.environ.update(pipeline.stage(node).env)  # before its module is imported
         work = work_for(pipeline, node)
     except SpecError as exc:  # the conductor names the user's file, not our copy
-        protocol.send(sock, protocol.Broken(node=node, field=exc.field, message=exc.detail))
+        protocol.send(sock, protocol.Broken(node=node, field=exc.field, message=exc.detail,
+                                            worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
         return 2
     except InputError as exc:
-        protocol.send(sock, protocol.Broken(node=node, message=str(exc)))
+        protocol.send(sock, protocol.Broken(node=node, message=str(exc),
+                                            worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
         return 2
     protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(),
-                                       version=version_of(pipeline, node, work)))
+                                       version=version_of(pipeline, node, work),
+                                       worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
     stages = {s.name: s for s in pipeline.stages}
     schemas = SchemaCheck(node in stages and stages[node].schema == "fixed")
     try:

@@ -64,6 +64,7 @@ class Manifest(msgspec.Struct):
     complete: bool
     finished: dict[str, list[int]]   # node -> keys done
     outputs: list[Stored]
+    made_by: dict[str, dict[int, str]] = {}  # node -> key -> the stage version that made it
     created: float = 0.0
     schemaVersion: int = SCHEMA_VERSION
 
@@ -116,6 +117,10 @@ class Checkpoint:
     @property
     def finished(self) -> dict[str, set[int]]:
         return {n: set(b) for n, b in self.manifest.finished.items()}
+
+    @property
+    def made_by(self) -> dict[tuple[str, int], str]:
+        return {(n, k): v for n, keys in self.manifest.made_by.items() for k, v in keys.items()}
 
 
 def checkpoints(url: str, name: str, spec_digest: str) -> Store:
@@ -200,7 +205,8 @@ class DurableTier:
         self.written: dict[str, bytes] = {}  # group -> its last manifest's content
         self.uploaded: dict[tuple[str, int], str] = {}  # (node, key) -> key in the store
         self.taken_at_copies, self.taken_at = 0, time.monotonic()
-        self.pending: tuple[list[Output], Finished, dict[str, bool]] | None = None
+        self.pending: tuple[list[Output], Finished, dict[str, bool],
+                            dict[tuple[str, int], str]] | None = None
         self.checkpoints, self.behind = 0, False
         self.error: str | None = None
         self.lock = threading.Condition()
@@ -221,11 +227,13 @@ class DurableTier:
             return True
         return time.monotonic() - self.taken_at >= self.interval
 
-    def take(self, copies: list[Output], finished: Finished, groups: dict[str, bool]) -> None:
-        """Checkpoint these node-tier copies, for `groups` (name -> complete); a newer
-        request replaces one not started."""
+    def take(self, copies: list[Output], finished: Finished, groups: dict[str, bool],
+             made_by: dict[tuple[str, int], str] | None = None) -> None:
+        """Checkpoint these node-tier copies, for `groups` (name -> complete), with the
+        versions that made what finished (`made_by`); a newer request replaces one not
+        started."""
         with self.lock:
-            self.pending = (list(copies), finished, groups)
+            self.pending = (list(copies), finished, groups, dict(made_by or {}))
             self.behind = True
             self.taken_at_copies, self.taken_at = len(copies), time.monotonic()
             self.lock.notify()
@@ -253,9 +261,9 @@ class DurableTier:
                     self.lock.wait()
                 if self.pending is None:
                     return
-                copies, finished, groups = self.pending
+                copies, finished, groups, made_by = self.pending
             try:
-                self._checkpoint(copies, finished, groups)
+                self._checkpoint(copies, finished, groups, made_by)
             except Exception as exc:  # noqa: BLE001 - any store failure: retry later
                 self.error = f"{type(exc).__name__}: {exc}"
                 with self.lock:
@@ -274,7 +282,7 @@ class DurableTier:
                     return
 
     def _checkpoint(self, copies: list[Output], finished: Finished,
-                    groups: dict[str, bool]) -> None:
+                    groups: dict[str, bool], made_by: dict[tuple[str, int], str]) -> None:
         outputs: dict[str, list[Stored]] = {g: [] for g in groups}
         for copy in copies:
             group = self.group_of(copy.node, copy.key)
@@ -290,6 +298,10 @@ class DurableTier:
                 self.earlier[group] = latest(self.store, group)
             done = {n: [k for k in keys if self.group_of(n, k) == group]
                     for n, keys in finished.items()}
+            versions: dict[str, dict[int, str]] = {}
+            for (made, k), version in sorted(made_by.items()):
+                if self.group_of(made, k) == group:
+                    versions.setdefault(made, {})[k] = version
             earlier = self.earlier[group]
             if earlier is not None:
                 # What a pod before us checkpointed stays checkpointed (the same spec,
@@ -299,9 +311,12 @@ class DurableTier:
                                    if (o.output.node, o.output.key) not in ours]
                 for node, keys in earlier.finished.items():
                     done[node] = sorted(set(done.get(node, [])) | keys)
+                for (made, k), version in earlier.made_by.items():
+                    versions.setdefault(made, {}).setdefault(k, version)
                 complete = complete or earlier.complete
             manifest = Manifest(0, self.source_batches, self.shards, complete, done,
-                                outputs[group])
+                                outputs[group],
+                                {n: dict(sorted(v.items())) for n, v in sorted(versions.items())})
             content = msgspec.json.encode(manifest)
             if self.written.get(group) == content:
                 continue  # nothing new in this group

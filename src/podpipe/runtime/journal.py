@@ -72,6 +72,14 @@ class Journal:
             raise CorruptJournal(str(exc)) from exc
         return finished
 
+    def made_by(self) -> dict[tuple[str, int], str]:
+        """The version of the stage that made each (node, batch) it recorded."""
+        try:
+            return {(node, batch): version for node, batch, version in
+                    self.db.execute("SELECT node, batch, version FROM done") if version}
+        except sqlite3.DatabaseError as exc:
+            raise CorruptJournal(str(exc)) from exc
+
     def copies(self) -> list[Output]:
         try:
             return [Output(*row) for row in self.db.execute(

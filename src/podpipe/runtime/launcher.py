@@ -62,8 +62,8 @@ class _Where:
     log_dir: Path
     pod: str
 
-    def env(self) -> dict[str, str]:
-        return {"PODPIPE_POD": self.pod}
+    def env(self, worker: int = 0) -> dict[str, str]:
+        return {"PODPIPE_POD": self.pod, protocol.WORKER_ENV: str(worker)}
 
 
 class SpawnLauncher:
@@ -71,20 +71,22 @@ class SpawnLauncher:
         self.where = where
         self.popens: dict[int, subprocess.Popen] = {}
 
-    def start(self, node: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
-        """`overrides`: this node's own, after the pod's (a swapped-in version)."""
+    def start(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
+        """Start the agent `name` (a node's worker, `protocol.agent_name`); `overrides`:
+        its node's own, after the pod's (a swapped-in version)."""
         w = self.where
-        log = w.log_dir / f"{node}.log"
+        node, worker = protocol.split_name(name)
+        log = w.log_dir / f"{name}.log"
         argv = [sys.executable, "-m", "podpipe", "agent", "--stage", node,
                 "--spec", str(w.spec_path), "--socket", str(w.socket_path)]
         for item in [*w.overrides, *overrides]:
             argv += ["--set", item]
         with open(files.append_private(log), "ab") as out:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                     env={**os.environ, **w.env()}, start_new_session=True,
-                                     preexec_fn=die_with_parent)
+                                     env={**os.environ, **w.env(worker)},
+                                     start_new_session=True, preexec_fn=die_with_parent)
         self.popens[popen.pid] = popen
-        return Process(node, popen.pid, log, self)
+        return Process(name, popen.pid, log, self)
 
     def poll(self, process: Process) -> int | None:
         return self.popens[process.pid].poll()
@@ -113,20 +115,21 @@ class ForkLauncher:
         self.pending: list[protocol.Message] = []
         self.exits: dict[int, int] = {}
 
-    def start(self, node: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
-        """`overrides`: this node's own, after the pod's (a swapped-in version)."""
+    def start(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
+        """As `SpawnLauncher.start`, forked from the warm server."""
         w = self.where
-        log = w.log_dir / f"{node}.log"
+        node, worker = protocol.split_name(name)
+        log = w.log_dir / f"{name}.log"
         protocol.send(self.sock, protocol.Spawn(
             node=node, spec=str(w.spec_path), overrides=[*w.overrides, *overrides],
-            socket=str(w.socket_path), env=w.env(), log=str(log)))
+            socket=str(w.socket_path), env=w.env(worker), log=str(log)))
         while True:
             message = self._next(None)
             if message is None:
                 raise OSError("the fork server exited; see its log in "
                               f"{w.log_dir / 'forkserver.log'}")
             if isinstance(message, protocol.Spawned):
-                return Process(node, message.pid, log, self)
+                return Process(name, message.pid, log, self)
 
     def poll(self, process: Process) -> int | None:
         while process.pid not in self.exits and self._next(0.0) is not None:

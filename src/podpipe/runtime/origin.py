@@ -28,7 +28,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS, Output
 from podpipe.model.pipeline import Pipeline
 from podpipe.runtime import durable, sink, tiers
-from podpipe.runtime.conductor import Restored, retries
+from podpipe.runtime.conductor import Restored, cpus, retries, workers
 from podpipe.runtime.journal import CorruptJournal, Journal
 
 
@@ -56,6 +56,7 @@ def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[Sour
             journal = Journal(run_path)
             try:
                 finished, copies = journal.done(), journal.copies()
+                made_by = journal.made_by()
             finally:
                 journal.close()
         except CorruptJournal as exc:  # a damaged file: input, not a reason to crash
@@ -68,7 +69,8 @@ def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[Sour
                 restored.notes.insert(0, note)
                 return restored
             return _restore(pipeline, graph, plan, {}, [], [note], placement, roots)
-        return _restore(pipeline, graph, plan, finished, copies, [], placement, roots)
+        return _restore(pipeline, graph, plan, finished, copies, [], placement, roots,
+                        made_by)
     if origin.durable and pipeline.checkpoints.durable:
         return _from_durable(pipeline, graph, plan, run_path, placement, spec_digest,
                              roots)
@@ -89,6 +91,7 @@ def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run
     finished: dict[str, set[int]] = {}
     copies: list[Output] = []
     notes: list[str] = []
+    made_by: dict[Key, str] = {}
     for group in groups:
         name = durable.group_name(group)
         found = durable.latest(store, name)
@@ -104,12 +107,14 @@ def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run
         notes += more
         for node, keys in found.finished.items():
             finished.setdefault(node, set()).update(keys)
-    return _restore(pipeline, graph, plan, finished, copies, notes, placement, roots)
+        made_by.update(found.made_by)
+    return _restore(pipeline, graph, plan, finished, copies, notes, placement, roots, made_by)
 
 
 def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
              finished: dict[str, set[int]], copies: list[Output], notes: list[str],
-             placement: sharding.Placement, roots: list[Path]) -> Restored:
+             placement: sharding.Placement, roots: list[Path],
+             made_by: dict[Key, str] | None = None) -> Restored:
     """The engine of a resumed run: what each node had finished, and the copies of its
     outputs that check out, nearest tier first. A sink's batch counts as finished only
     if its file is there."""
@@ -137,13 +142,14 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
         kept[key] = copy
     engine = restored(graph, len(plan), pipeline.memory, retries=retries(pipeline, graph),
                       kept=kept, finished=finished, shards=placement.shards,
-                      owned=placement.owned, global_here=placement.runs_global)
+                      owned=placement.owned, global_here=placement.runs_global,
+                      workers=workers(pipeline, graph), cpus=cpus(pipeline))
     counts: dict[str, dict[str, int]] = {}
     for output in engine.kept():  # the kept outputs it uses
         tally = counts.setdefault(output.node, {})
         tally[output.tier] = tally.get(output.tier, 0) + 1
     on_disk = [o for o in engine.kept() if o.tier != "ram"]
-    return Restored(engine, counts, finished, notes, on_disk)
+    return Restored(engine, counts, finished, notes, on_disk, made_by or {})
 
 
 def _inside(path: str, root: Path) -> bool:

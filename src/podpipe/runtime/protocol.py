@@ -39,6 +39,20 @@ _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
 
+WORKER_ENV = "PODPIPE_WORKER"  # which of its node's processes an agent is (0 if unset)
+
+
+def agent_name(node: str, worker: int) -> str:
+    """The name of a node's process `worker`: `prices` (worker 0), `prices.1`, ...
+    (a node's name has no dot). Its log is `<name>.log`."""
+    return node if worker == 0 else f"{node}.{worker}"
+
+
+def split_name(name: str) -> tuple[str, int]:
+    node, _, worker = name.partition(".")
+    return node, int(worker or 0)
+
+
 class Closed(Exception):
     """The peer closed the connection."""
 
@@ -59,6 +73,7 @@ class Hello(_Message, tag="hello"):
     version: str
     pid: int
     protocol: int = PROTOCOL
+    worker: int = 0  # which of the node's processes (`workers`)
 
 
 class Broken(_Message, tag="broken"):
@@ -67,6 +82,7 @@ class Broken(_Message, tag="broken"):
     node: str
     message: str
     field: str | None = None
+    worker: int = 0
 
 
 class Task(_Message, tag="task"):

@@ -124,15 +124,16 @@ def wait(run_dir: str, timeout: float | None = None) -> tuple[int, dict[str, Any
 
 def logs(run_dir: str, stage: str | None = None, *, batch: int | None = None,
          follow: bool = False) -> Iterator[str]:
-    """The run's logs merged in time order, each line prefixed by its process (and
-    pod, for a run of several replicas); one stage's only with `stage`; only what
+    """The run's logs merged in time order, each line prefixed by its process (a
+    node's worker, and its pod in a run of several replicas); one stage's (all its
+    workers') only with `stage`; only what
     concerns one source batch with `batch` (each task's lines, the conductor's lines
     naming it). With `follow`, go on printing what is written until the run ends."""
     path = resolve(run_dir)
     status.read(path)  # a clear error if it is no run directory
     readers = {log: _LogReader(prefix, log, batch) for prefix, log in _log_files(path)}
-    if stage is not None and not any(log.stem == stage for log in readers):
-        known = sorted({log.stem for log in readers})
+    if stage is not None and not any(_node(log) == stage for log in readers):
+        known = sorted({_node(log) for log in readers})
         raise UsageError(f"{path}: no log of {stage!r}; the run has logs of {known}")
     if not readers and not follow:
         raise UsageError(f"{path}: the run has no logs yet")
@@ -141,7 +142,7 @@ def logs(run_dir: str, stage: str | None = None, *, batch: int | None = None,
         for prefix, log in _log_files(path):  # a process started since
             readers.setdefault(log, _LogReader(prefix, log, batch))
         return [r for log, r in sorted(readers.items())
-                if stage is None or log.stem == stage]
+                if stage is None or _node(log) == stage]
 
     for _, _, text in heapq.merge(*[r.read(i) for i, r in enumerate(chosen())]):
         yield text
@@ -156,6 +157,11 @@ def logs(run_dir: str, stage: str | None = None, *, batch: int | None = None,
 
 
 FOLLOW_SECONDS = 0.2  # how often `logs --follow` looks for new lines
+
+
+def _node(log: Path) -> str:
+    """The node whose process wrote `log` (`prices.1.log`: worker 1 of `prices`)."""
+    return log.stem.partition(".")[0]
 
 
 def _log_files(path: Path) -> list[tuple[str, Path]]:

@@ -32,6 +32,7 @@ class ProcessInfo(_Record):
     start: str | None = None    # the conductor's kernel start time (liveness check)
     alive: bool | None = None
     container: str | None = None
+    worker: int = 0             # which of its stage's processes
 
 
 class StageStatus(_Record):
@@ -50,6 +51,8 @@ class StageStatus(_Record):
     version: str | None = None
     versions: dict[str, int] = {}
     held: str | None = None
+    workers: int = 1            # processes now
+    workers_max: int = 1        # the most it had
 
 
 class PodInfo(_Record):

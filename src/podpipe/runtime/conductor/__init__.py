@@ -18,6 +18,7 @@ imports), `snapshot` (counters, status). It never touches batch data.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from podpipe.model.shards import Placement
 from podpipe.runtime import loop as loops
 from podpipe.runtime import files, lifetime, logline, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
+from podpipe.runtime.protocol import agent_name, split_name
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
@@ -45,7 +47,7 @@ from podpipe.runtime.scratch import Scratch
 if TYPE_CHECKING:
     from podpipe.runtime.sink import Written
 
-__all__ = ["Conductor", "Restored", "Run", "retries"]
+__all__ = ["Conductor", "Restored", "Run", "cpus", "retries", "workers"]
 
 FLUSH_SECONDS = 0.25
 
@@ -57,11 +59,32 @@ def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
     return allowed
 
 
+def workers(pipeline: Pipeline, graph: Graph) -> dict[str, int | None]:
+    """Each node's fixed number of processes; None: `workers: auto`."""
+    return {node: pipeline.workers(node) for node in graph.order}
+
+
+def cpus(pipeline: Pipeline) -> float:
+    """The cores `workers: auto` may use: `spec.cpus`, else what this process may use
+    (its CPU affinity, and its cgroup's CPU quota, as a Kubernetes pod has)."""
+    if pipeline.cpus is not None:
+        return pipeline.cpus
+    count = float(len(os.sched_getaffinity(0)))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            count = min(count, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1.0, count)
+
+
 @dataclass(frozen=True)
 class _Timeout:
-    """A timer: task number `task` of `node` (batch `batch`) is over its time."""
+    """A timer: task number `task` of the agent `agent` (batch `batch`) is over its
+    time."""
 
-    node: str
+    agent: str
     batch: int
     task: int
     seconds: float
@@ -91,7 +114,10 @@ class Conductor:
         self.engine = restored.engine if restored else RunState(
             run.graph, len(run.plan), run.pipeline.memory,
             retries=retries(run.pipeline, run.graph), shards=run.placement.shards,
-            owned=run.placement.owned, global_here=run.placement.runs_global)
+            owned=run.placement.owned, global_here=run.placement.runs_global,
+            workers=workers(run.pipeline, run.graph), cpus=cpus(run.pipeline))
+        if launcher is None:  # containers: one per node, started by the kubelet
+            self.engine.one_worker_each()
         self.loop = loops.EventLoop()
         self.agents = Agents(self.loop, run.scratch.socket, self._log)
         self.processes = Processes(launcher, self.loop, reaper=reaper)
@@ -123,8 +149,8 @@ class Conductor:
                     elif self.processes.local:
                         if self.processes.reaper:
                             lifetime.become_subreaper()  # what stages leave is ours
-                        for node in self.run.graph.order:
-                            self.processes.start(node, [])
+                        for node, worker, _ in self.engine.all_agents():
+                            self.processes.start(agent_name(node, worker), [])
                     self._loop()
                 finally:
                     self._stop_all()
@@ -162,18 +188,21 @@ class Conductor:
             returncode = self.processes.exited(happening.pid, happening.tag)
             if returncode is not None and self.running:
                 self.agents.drop(happening.tag)  # a restarted process says hello anew
-                self.events.append(ev.AgentExited(happening.tag, returncode))
+                node, worker = split_name(happening.tag)
+                self.events.append(ev.AgentExited(node, returncode, worker))
         elif isinstance(happening, loops.Signalled):
             self._end("interrupted", InterruptedRun(
                 f"interrupted; finish the run with 'podpipe resume {self.run.run_dir}'"))
         elif isinstance(happening, loops.TimerDue) and self.running:
             if isinstance(happening.tag, _Timeout):
                 timeout = happening.tag
-                if self.counters.stages[timeout.node].dispatches == timeout.task:
-                    self.events.append(ev.TaskTimedOut(timeout.node, timeout.batch,
-                                                       timeout.seconds))
+                if self.counters.tasks.get(timeout.agent) == timeout.task:
+                    node, worker = split_name(timeout.agent)
+                    self.events.append(ev.TaskTimedOut(node, timeout.batch, timeout.seconds,
+                                                       worker))
             else:  # a restart's backoff is over
-                self.processes.start(happening.tag, self.swaps.overrides.get(happening.tag, []))
+                node, _ = split_name(happening.tag)
+                self.processes.start(happening.tag, self.swaps.overrides.get(node, []))
 
     def _drain(self) -> None:
         """Accept and read everything already waiting on the sockets."""
@@ -196,9 +225,10 @@ class Conductor:
             if not self.running:
                 return
             if message is None:  # closed: our own processes' exits come as exits
-                node = self.agents.forget(conn)
-                if node is not None and not self.processes.local:  # a container's
-                    self.events.append(ev.AgentExited(node, None))
+                name = self.agents.forget(conn)
+                if name is not None and not self.processes.local:  # a container's
+                    node, worker = split_name(name)
+                    self.events.append(ev.AgentExited(node, None, worker))
             else:
                 self._message(conn, message)
 
@@ -213,25 +243,27 @@ class Conductor:
             self._hello(conn, message)
         else:
             # A process that could not start never said hello: it names its node.
-            node = message.node if isinstance(message, protocol.Broken) and \
-                message.node in self.run.graph.inputs else self.agents.node_of(conn)
-            event = to_event(node, message, self.run.pipeline.file) if node else None
-            if node is None or event is None:
+            name = agent_name(message.node, message.worker) if isinstance(
+                message, protocol.Broken) and message.node in self.run.graph.inputs \
+                else self.agents.node_of(conn)
+            event = to_event(name, message, self.run.pipeline.file) if name else None
+            if name is None or event is None:
                 return  # not an agent, or one replaced by a swap
             if isinstance(message, protocol.Done):
-                version = self.counters.done(node, message.stats)
+                node, _ = split_name(name)
+                version = self.counters.done(node, message.batch, message.stats)
                 self.checkpoints.record(node, message.batch, version, message.output)
             self.events.append(event)
 
     def _hello(self, conn: Conn, hello: protocol.Hello) -> None:
         node = hello.node
-        expected = (self.processes.expects(node) if self.processes.local
-                    else node in self.run.graph.inputs)
+        expected = (self.processes.expects(agent_name(node, hello.worker))
+                    if self.processes.local else node in self.run.graph.inputs)
         if not self.agents.hello(conn, hello, expected=expected):
             return
         self.counters.hello(node, hello.version)
         self.swaps.hello(node, hello.version, hello.pid)
-        self.events.append(ev.AgentReady(node))
+        self.events.append(ev.AgentReady(node, hello.worker))
 
     # -- what the engine decides -----------------------------------------------
 
@@ -239,9 +271,9 @@ class Conductor:
         if isinstance(action, ev.Dispatch):
             self._dispatch(action)
         elif isinstance(action, ev.Grant):
-            self.agents.send(action.node, protocol.Grant())
+            self.agents.send(agent_name(action.node, action.worker), protocol.Grant())
         elif isinstance(action, ev.Deny):
-            self.agents.send(action.node, protocol.Deny())
+            self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
         elif isinstance(action, ev.Delete):
             Path(action.path).unlink(missing_ok=True)
         elif isinstance(action, ev.Spill):
@@ -249,29 +281,42 @@ class Conductor:
             files.private_dirs(path.parent)
             self._log(f"RAM budget full: stage {action.node!r} batch {action.batch} spills "
                       f"to the node tier ({path})")
-            self.agents.send(action.node, protocol.Grant(path=str(path), tier="node"))
+            self.agents.send(agent_name(action.node, action.worker),
+                             protocol.Grant(path=str(path), tier="node"))
         elif isinstance(action, ev.Keep):
             self.checkpoints.keep(action.output)
         elif isinstance(action, ev.Restart):
             self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
                       f"in {action.delay:.1f} s")
             if self.processes.local:  # containers: the kubelet restarts them
-                self.loop.call_later(action.delay, action.node)
+                self.loop.call_later(action.delay, agent_name(action.node, action.worker))
         elif isinstance(action, ev.Kill):
-            self._log(f"stage {action.node!r} took longer than its timeout: killed")
+            name = agent_name(action.node, action.worker)
+            self._log(f"stage {name!r} took longer than its timeout: killed")
             if self.processes.local:
-                self._retire(action.node, kill=True)
+                self._retire(name, kill=True)
             else:  # a container: its connection closes, it exits, the kubelet restarts it
-                self.agents.drop(action.node)
+                self.agents.drop(name)
         elif isinstance(action, ev.Replace):
-            self._retire(action.node, kill=action.kill)
-            self.processes.start(action.node, self.swaps.replacing(action.node))
+            name = agent_name(action.node, action.worker)
+            self._retire(name, kill=action.kill)
+            self.processes.start(name, self.swaps.replacing(action.node))
         elif isinstance(action, ev.Stop):
-            self._retire(action.node, kill=action.kill)
+            for name in self.processes.of(action.node) or [action.node]:
+                self._retire(name, kill=action.kill)
         elif isinstance(action, ev.Hold):
             self._log(f"stage {action.node!r} held: the new version failed: {action.message}")
-            self._retire(action.node, kill=False)
+            for name in self.processes.of(action.node) or [action.node]:
+                self._retire(name, kill=False)
             self.swaps.held(action.node, action.message)
+        elif isinstance(action, ev.AddWorker):
+            self._log(f"workers: auto: stage {action.node!r} gets worker {action.worker}")
+            self.processes.start(agent_name(action.node, action.worker),
+                                 self.swaps.overrides.get(action.node, []))
+        elif isinstance(action, ev.RemoveWorker):
+            self._log(f"workers: auto: stage {action.node!r} gives back worker "
+                      f"{action.worker}")
+            self._retire(agent_name(action.node, action.worker), kill=False)
         elif isinstance(action, ev.Forget):
             self.checkpoints.forget(action.node, action.key)
         elif isinstance(action, ev.Finished):
@@ -282,13 +327,13 @@ class Conductor:
                 error.args = (f"{error.args[0]} (log: {self.processes.log(error.stage)})",)
             self._end("failed", error)
 
-    def _retire(self, node: str, *, kill: bool) -> None:
-        """Stop `node`'s process for good: told to stop when it can hear it, else
-        killed. Its exit is expected, not an event."""
-        self.loop.cancel(node)  # a restart it had coming
-        told = not kill and self.agents.send(node, protocol.Stop())
-        self.agents.drop(node)
-        self.processes.retire(node, kill=not told)
+    def _retire(self, name: str, *, kill: bool) -> None:
+        """Stop the agent `name`'s process for good: told to stop when it can hear it,
+        else killed. Its exit is expected, not an event."""
+        self.loop.cancel(name)  # a restart it had coming
+        told = not kill and self.agents.send(name, protocol.Stop())
+        self.agents.drop(name)
+        self.processes.retire(name, kill=not told)
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run
@@ -302,11 +347,13 @@ class Conductor:
                                                              action.batch)
         elif run.pipeline.checkpoints.reuse:
             task.memo = self._memo(action)
-        seq = self.counters.dispatched(node, sum(o.nbytes for g in action.inputs for o in g))
+        name = agent_name(node, action.worker)
+        seq = self.counters.dispatched(node, name, action.batch,
+                                       sum(o.nbytes for g in action.inputs for o in g))
         seconds = next((s.timeout for s in run.pipeline.stages if s.name == node), None)
         if seconds is not None:
-            self.loop.call_later(seconds, _Timeout(node, action.batch, seq, seconds))
-        self.agents.send(node, task)
+            self.loop.call_later(seconds, _Timeout(name, action.batch, seq, seconds))
+        self.agents.send(name, task)
 
     def _memo(self, action: ev.Dispatch) -> str:
         """Where the output of this task is kept for reuse across runs: named by the
@@ -349,10 +396,12 @@ class Conductor:
         for node in diff.added:
             self.counters.add(node)
             self.run.scratch.make_output_dir(node)
-        self.events.append(ev.Reshaped(graph, retries(accepted.pipeline, graph)))
+        self.events.append(ev.Reshaped(graph, retries(accepted.pipeline, graph),
+                                       workers(accepted.pipeline, graph)))
         self._pump()  # the engine knows the new graph before the new processes say hello
         for node in diff.added:
-            self.processes.start(node, [])
+            for worker in range(self.engine.worker_count(node)):
+                self.processes.start(agent_name(node, worker), [])
         # Changed nodes, and swapped ones the spec now defines: a swap to the spec.
         swapped = [n for n in self.swaps.overrides if n in graph.inputs and n not in diff.added]
         for node in sorted(set(diff.changed) | set(swapped)):
@@ -406,12 +455,15 @@ class Conductor:
                        run.pod, run.placement.ordinal, run.placement.replicas,
                        run.placement.shards, run.pipeline.memory, len(run.plan))
         if self.processes.local:
-            processes = [status.ProcessInfo("stage", node, pid, run.pod, alive=alive)
-                         for node, pid, alive in self.processes.listing()]
+            processes = [status.ProcessInfo("stage", split_name(name)[0], pid, run.pod,
+                                            alive=alive, worker=split_name(name)[1])
+                         for name, pid, alive in self.processes.listing()]
         else:  # containers: pids in their own namespaces, alive while connected
-            processes = [status.ProcessInfo("stage", node, pid, run.pod, container=node,
-                                            alive=self.agents.connected(node))
-                         for node, pid in self.agents.pids.items()]
+            processes = [status.ProcessInfo("stage", split_name(name)[0], pid, run.pod,
+                                            container=split_name(name)[0],
+                                            alive=self.agents.connected(name),
+                                            worker=split_name(name)[1])
+                         for name, pid in self.agents.pids.items()]
         current = snapshot(who, run.graph, self.engine, self.counters, self.checkpoints,
                            processes, state, str(error) if error else None)
         current.sinks = {name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
@@ -422,6 +474,8 @@ class Conductor:
         if not final:
             self.events.extend(self.checkpoints.flush(self.engine, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
+            if self.processes.local and None in self.engine.fixed.values():
+                self.events.append(ev.Tick(self.processes.cpu_use()))  # workers: auto
         current = self._snapshot()
         try:
             status.write(self.run.run_dir, current)

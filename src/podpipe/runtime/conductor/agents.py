@@ -1,8 +1,8 @@
 """The agents' connections: who is connected as which node, what they say, what we tell them.
 
 The conductor listens on a Unix socket in RAM scratch. A connection becomes an
-agent's once it says `Hello` for a node the run has (and that is not connected
-already); others (`podpipe swap`, a startup probe) stay anonymous. Only the run's
+agent's once it says `Hello` for a node's worker the run has (and that is not
+connected already; an agent is named by `protocol.agent_name`); others (`podpipe swap`, a startup probe) stay anonymous. Only the run's
 own user can connect: the socket is 0600 in a 0700 directory, and each peer's uid
 is checked (SO_PEERCRED) before anything it says is read. Sockets are
 never read blocking: `_drain` may have read what made one ready earlier in the
@@ -40,19 +40,21 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def to_event(node: str, message: protocol.Message, spec_file: str) -> ev.Event | None:
-    """The engine's event for what the agent of `node` said; None if it is not one."""
+def to_event(name: str, message: protocol.Message, spec_file: str) -> ev.Event | None:
+    """The engine's event for what the agent `name` (a node's worker) said; None if it
+    is not one."""
+    node, worker = protocol.split_name(name)
     if isinstance(message, protocol.Reserve):
-        return ev.SpaceRequested(node, message.batch, message.nbytes)
+        return ev.SpaceRequested(node, message.batch, message.nbytes, worker)
     if isinstance(message, protocol.Done):
-        return ev.TaskDone(node, message.batch, message.output)
+        return ev.TaskDone(node, message.batch, message.output, worker)
     if isinstance(message, protocol.Failed):
         return ev.TaskFailed(node, message.batch, message.message, message.input_error,
-                             message.traceback)
+                             message.traceback, worker)
     if isinstance(message, protocol.Broken):
         error = (SpecError(message.message, file=spec_file, field=message.field)
                  if message.field else InputError(message.message))
-        return ev.AgentBroken(node, message.message, error)
+        return ev.AgentBroken(node, message.message, error, worker)
     return None
 
 
@@ -108,15 +110,15 @@ class Agents:
         return said
 
     def hello(self, conn: Conn, message: protocol.Hello, *, expected: bool = True) -> bool:
-        """Take `conn` as the agent of `message.node`; False if it cannot be (not
-        `expected`, already connected, of another protocol): the connection is closed."""
-        node = message.node
-        if not expected or node in self._by_node or message.protocol != protocol.PROTOCOL:
+        """Take `conn` as the agent of `message.node`'s worker; False if it cannot be
+        (not `expected`, already connected, of another protocol): it is closed."""
+        name = protocol.agent_name(message.node, message.worker)
+        if not expected or name in self._by_node or message.protocol != protocol.PROTOCOL:
             self._close(conn)
             return False
-        conn.node = node
-        self._by_node[node] = conn
-        self.pids[node] = message.pid
+        conn.node = name
+        self._by_node[name] = conn
+        self.pids[name] = message.pid
         return True
 
     def node_of(self, conn: Conn) -> str | None:

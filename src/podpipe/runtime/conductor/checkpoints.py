@@ -11,7 +11,7 @@ which commits at every status flush.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +41,7 @@ class Restored:
     finished: dict[str, set[int]]       # node -> batches the journal had finished
     notes: list[str]                    # what was found wrong (corrupt copies)
     on_disk: list[Output]               # kept copies on the node tier, for checkpoints
+    made_by: dict[ev.Key, str] = field(default_factory=dict)  # the versions that made them
 
 
 class Checkpoints:
@@ -57,7 +58,8 @@ class Checkpoints:
         self._previously = restored.finished if restored else {}
         self.recomputed: dict[str, int] = {}
         self.copies = 0  # node-tier copies made and journaled by this conductor
-        self._made_by: dict[ev.Key, str] = {}  # the version of the stage that made it
+        # the version of the stage that made each output (what a sink file records)
+        self._made_by: dict[ev.Key, str] = dict(restored.made_by) if restored else {}
         self._looked = 0.0  # when the durable tier was last read for other shards
 
     def record(self, node: str, batch: int, version: str, output: Output | None) -> None:
@@ -120,8 +122,7 @@ class Checkpoints:
                   for s in engine.shards_here()}
         if graph.has_global and placement.runs_global:
             groups[durables.group_name(None)] = engine.complete(None)
-        self.durable.take(self.on_disk, engine.done_keys(),
-                          groups)
+        self.durable.take(self.on_disk, engine.done_keys(), groups, self._made_by)
 
     def _imports(self, engine: RunState, graph: Graph, placement: Placement,
                  source_batches: int) -> list[ev.Imported]:
@@ -141,6 +142,8 @@ class Checkpoints:
                 continue
             copies, notes = durables.fetch(found, self.run_dir, needed)
             self.notes.extend(notes)
+            for key, version in found.made_by.items():
+                self._made_by.setdefault(key, version)
             for copy in copies:
                 self._log(f"shard {shard}: {copy.node} imported from the durable tier")
                 imported.append(ev.Imported(copy.node, shard, copy.on("node", copy.path)))

@@ -7,6 +7,7 @@ swap, or stopped by an apply, is *retired*: its exit is expected, not an event.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -14,6 +15,7 @@ from podpipe.errors import RunError
 from podpipe.runtime import lifetime
 from podpipe.runtime.launcher import Launcher, Process
 from podpipe.runtime.loop import EventLoop
+from podpipe.runtime.protocol import split_name
 
 STOP_GRACE_SECONDS = 5.0
 
@@ -25,8 +27,10 @@ class Processes:
         orphans its stages leave (a subreaper) and end every child it has at the end;
         not when called from someone else's program (the Python API)."""
         self._launcher, self._loop, self.reaper = launcher, loop, reaper
-        self._by_node: dict[str, Process] = {}
+        self._by_node: dict[str, Process] = {}  # by agent name (a node's worker)
         self._retired: set[int] = set()
+        self._cpu: dict[int, float] = {}  # pid -> CPU seconds at the last sample
+        self._sampled = time.monotonic()
 
     @property
     def local(self) -> bool:
@@ -64,6 +68,31 @@ class Processes:
         self._retired.add(process.pid)
         if kill:
             lifetime.kill_group(process.pid)
+
+    def of(self, node: str) -> list[str]:
+        """The names of `node`'s current processes (its workers')."""
+        return [name for name in self._by_node if split_name(name)[0] == node]
+
+    def cpu_use(self) -> dict[str, float]:
+        """The CPU each node's processes used since the last call, in cores (one
+        process busy on one core all along: 1.0)."""
+        tick, now = os.sysconf("SC_CLK_TCK"), time.monotonic()
+        elapsed = max(1e-3, now - self._sampled)
+        used: dict[str, float] = {}
+        seen: dict[int, float] = {}
+        for name, process in self._by_node.items():
+            try:
+                with open(f"/proc/{process.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            seen[process.pid] = seconds
+            node = split_name(name)[0]
+            used[node] = used.get(node, 0.0) + \
+                max(0.0, seconds - self._cpu.get(process.pid, seconds)) / elapsed
+        self._cpu, self._sampled = seen, now
+        return used
 
     def log(self, node: str) -> str | None:
         process = self._by_node.get(node)

@@ -28,8 +28,7 @@ class _Stage:
     bytes_written: int = 0
     bytes_read: int = 0
     reused: int = 0
-    reading: int = 0  # bytes the task in hand maps
-    dispatches: int = 0  # tasks handed out, to tell one from the next (timeouts)
+    reading: dict[int, int] = field(default_factory=dict)  # batch -> bytes its task maps
     version: str | None = None
     versions: dict[str, int] = field(default_factory=dict)  # version -> batches
 
@@ -37,6 +36,7 @@ class _Stage:
 class Counters:
     def __init__(self, graph: Graph) -> None:
         self.stages = {node: _Stage() for node in graph.order}
+        self.tasks: dict[str, int] = {}  # agent -> tasks handed out, to tell them apart
         self.started = time.time()
         self.ended: float | None = None
 
@@ -46,21 +46,19 @@ class Counters:
     def hello(self, node: str, version: str) -> None:
         self.stages[node].version = version
 
-    def dispatched(self, node: str, nbytes: int) -> int:
-        """Count a task handed out; returns its number (per node)."""
-        stage = self.stages[node]
-        stage.reading = nbytes
-        stage.dispatches += 1
-        return stage.dispatches
+    def dispatched(self, node: str, agent: str, batch: int, nbytes: int) -> int:
+        """Count a task handed out to `agent`; returns its number (per agent)."""
+        self.stages[node].reading[batch] = nbytes
+        self.tasks[agent] = self.tasks.get(agent, 0) + 1
+        return self.tasks[agent]
 
-    def done(self, node: str, stats: protocol.Stats) -> str:
+    def done(self, node: str, batch: int, stats: protocol.Stats) -> str:
         """Count a finished task; returns the version that did it."""
         s = self.stages[node]
         s.rows_in += stats.rows_in
         s.rows_out += stats.rows_out
         s.busy += stats.busy
-        s.bytes_read += s.reading
-        s.reading = 0
+        s.bytes_read += s.reading.pop(batch, 0)
         s.bytes_written += stats.bytes_out
         s.reused += stats.reused
         version = s.version or ""
@@ -110,7 +108,9 @@ def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
             bytes_written=s.bytes_written, bytes_read=s.bytes_read,
             restarts=engine.restart_count(node),
             restored={tier: checkpoints.restored.get(node, {}).get(tier, 0) for tier in TIERS},
-            recomputed=checkpoints.recomputed.get(node, 0), reused=s.reused)
+            recomputed=checkpoints.recomputed.get(node, 0), reused=s.reused,
+            workers=engine.worker_count(node),
+            workers_max=max(engine.worker_count(node), engine.pool.most.get(node, 0)))
     ended = counters.ended
     durable = checkpoints.durable
     return status.Status(

@@ -1,0 +1,114 @@
+"""`workers: auto`: more processes for the node that holds the line back.
+
+Every tick (four times a second) the conductor says how much CPU each node's
+processes used; the engine knows what each node has to do: tasks running, and
+batches ready that no worker of it has taken (for the source: workers of the
+nodes it feeds sitting idle, when the line has room for another batch). A node whose *pressure* — that work per worker, averaged over the
+last `WINDOW` ticks — stays above 1 holds the line back. It gets a worker if the
+pod has a core for it (the CPU in use now, plus what one of its workers uses,
+fits in `cpus`), or at once as many as it has batches waiting, up to
+`MOST_PER_CPU` per core, when its workers mostly wait (little CPU each: I/O
+bound, as the seed says, more workers than cores). When the cores are taken, an
+idle worker of another auto node is taken back, so that a later tick can give
+its core to the bottleneck. Reduces and nodes with a fixed `workers` are left as
+they are.
+
+Which process runs a batch never changes what it makes: batch numbers, sink
+files and a reduce's input order do not depend on the workers.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, Agent
+from podpipe.engine.events import Action, AddWorker, RemoveWorker
+from podpipe.model.graph import BATCH
+from podpipe.model.pipeline import SOURCE
+
+if TYPE_CHECKING:  # the state machine calls in here; no import at run time
+    from podpipe.engine.state import RunState
+
+WINDOW = 4           # ticks (a second) a node's pressure is averaged over
+IO_BOUND = 0.35      # a worker using less CPU than this (cores) mostly waits
+MOST_PER_CPU = 4     # workers of one node per core, at most
+
+
+class Pool:
+    """The cores `auto` may use, and each node's recent pressure and CPU."""
+
+    def __init__(self, cpus: float) -> None:
+        self.cpus = cpus
+        self.pressure: dict[str, deque[float]] = {}
+        self.cpu: dict[str, deque[float]] = {}
+        self.most: dict[str, int] = {}  # the most workers each node had
+
+    def observe(self, node: str, pressure: float, cpu: float) -> None:
+        self.pressure.setdefault(node, deque(maxlen=WINDOW)).append(pressure)
+        self.cpu.setdefault(node, deque(maxlen=WINDOW)).append(cpu)
+
+    def average(self, node: str) -> float:
+        seen = self.pressure.get(node) or [0.0]
+        return sum(seen) / len(seen)
+
+    def full(self, node: str) -> bool:
+        return len(self.pressure.get(node, ())) == WINDOW
+
+    def cpu_now(self, node: str) -> float:
+        seen = self.cpu.get(node) or [0.0]
+        return seen[-1]
+
+
+def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> None:
+    pool = run.pool
+    line = [n for n in run.graph.order if run.graph.domain[n] == BATCH]
+    for node in line:
+        agents = run.agents[node].values()
+        running = sum(1 for a in agents if a.status == RUNNING)
+        waiting = len(run.ready[node]) if node != SOURCE else _starving(run)
+        pool.observe(node, (running + waiting) / max(1, len(agents)), cpu.get(node, 0.0))
+        pool.most[node] = max(pool.most.get(node, 0), len(agents))
+    auto = [n for n in line if run.fixed.get(n) is None and pool.full(n)
+            and all(a.status not in (ABSENT, HELD) and a.swap is None
+                    for a in run.agents[n].values())]
+    pressing = sorted((n for n in auto if pool.average(n) > 1.0),
+                      key=lambda n: (-pool.average(n), run.graph.order.index(n)))
+    if not pressing:
+        return
+    node = pressing[0]
+    count = len(run.agents[node])
+    per_worker = pool.cpu_now(node) / count
+    most = max(1, int(MOST_PER_CPU * pool.cpus))
+    used = sum(pool.cpu_now(n) for n in line)
+    if per_worker < IO_BOUND:  # it mostly waits: as many as it has batches waiting
+        waiting = len(run.ready[node]) if node != SOURCE else 1
+        _add(run, node, min(max(1, waiting), most - count), actions)
+    elif used + per_worker <= pool.cpus + 0.25 and count < most:
+        _add(run, node, 1, actions)
+    else:  # no core free: take back an idle worker of a node that does not need it
+        for other in auto:
+            idle = [w for w, a in run.agents[other].items() if a.status == IDLE and w > 0]
+            if other != node and idle and pool.average(other) < 0.5:
+                del run.agents[other][max(idle)]
+                pool.pressure[other].clear()  # judge it anew with fewer workers
+                actions.append(RemoveWorker(other, max(idle)))
+                return
+
+
+def _starving(run: "RunState") -> int:
+    """The source's backlog: workers of the nodes it feeds that sit idle with nothing
+    to do, while the line has room for another batch (loading ahead of a slow stage
+    helps nobody)."""
+    if not run.can_admit():
+        return 0
+    return sum(1 for consumer in run.graph.consumers[SOURCE] if not run.ready[consumer]
+               for a in run.agents[consumer].values() if a.status == IDLE)
+
+
+def _add(run: "RunState", node: str, how_many: int, actions: list[Action]) -> None:
+    for _ in range(how_many):
+        worker = max(run.agents[node]) + 1
+        run.agents[node][worker] = Agent()
+        actions.append(AddWorker(node, worker))
+    run.pool.pressure[node].clear()  # judge it anew with the new workers
