@@ -136,7 +136,7 @@ def test_csv_arrow_ipc_and_url_sources_run_end_to_end(tmp_path, kind):
     assert done.returncode == 0, done.stderr
     assert read_sink(tmp_path / "out")["x"].to_pylist() == [2 * x for x in range(3000)]
     batches = json.loads((tmp_path / "run/status.json").read_text())["source_batches"]
-    assert batches == {"csv": 3, "arrow": 6, "file-url": 6}[kind]
+    assert batches == {"csv": 6, "arrow": 6, "file-url": 6}[kind]  # 500 rows each
 
 
 def test_a_stage_sees_its_env(workdir):

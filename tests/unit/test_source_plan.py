@@ -25,9 +25,13 @@ def test_packing_covers_every_row_once_and_respects_batch_rows(sizes, batch_rows
         if b.length is not None:
             rows = rows[b.offset:b.offset + b.length]
         assert 0 < len(rows) <= batch_rows
-        assert b.nbytes == sum(part_bytes[p] for p in b.parts)  # a slice reads its group
+        if b.length is None:
+            assert b.nbytes == sum(part_bytes[p] for p in b.parts)
+        else:  # a slice: its row group is read once, for its first slice
+            assert b.nbytes == (part_bytes[b.parts[0]] if b.offset == 0 else 0)
         covered.extend(rows)
     assert covered == list(range(sum(sizes)))
+    assert sum(b.nbytes for b in batches) == sum(p for p, n in zip(part_bytes, sizes) if n)
 
 
 def test_loading_the_plan_gives_back_the_files_rows_in_order(tmp_path):
@@ -54,8 +58,27 @@ def test_csv_and_arrow_ipc_sources_load(tmp_path, fmt, write):
     write(table, str(tmp_path / f"data.{fmt}"))
     src = Source(uri=str(tmp_path / f"data.{fmt}"), format=fmt, batch_rows=300)
     plan = source.plan(src)
+    assert len(plan) == 4  # csv: 4 slices of 250 rows; arrow: 3 + 3 + 3 + 1 batches of 100
+    if fmt == "csv":
+        assert [b.length for b in plan] == [250] * 4
     loaded = pa.concat_tables([source.Loader(src).load(b) for b in plan])
     assert loaded["x"].to_pylist() == list(range(1000))
+
+
+def test_a_row_group_cut_into_slices_is_decoded_once(tmp_path, monkeypatch):
+    pq.write_table(pa.table({"x": list(range(1000))}), tmp_path / "f.parquet",
+                   row_group_size=1000)
+    src = Source(uri=str(tmp_path / "f.parquet"), format="parquet", batch_rows=100)
+    plan = source.plan(src)
+    assert len(plan) == 10
+    loader = source.Loader(src)
+    decoded = []
+    real = loader._decode
+    monkeypatch.setattr(loader, "_decode", lambda b: decoded.append(b) or real(b))
+    tables = [loader.load(b) for b in plan]
+    assert len(decoded) == 1  # one decode for the ten slices
+    assert pa.concat_tables(tables)["x"].to_pylist() == list(range(1000))
+    assert loader.kept is None  # let go after its last slice
 
 
 @pytest.mark.parametrize("setup,message", [

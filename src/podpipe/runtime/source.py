@@ -2,11 +2,14 @@
 
 Numbering is deterministic: files in sorted order, batches in file order.
 - Parquet: whole row groups are packed into batches of at most `batchRows` rows; a
-  row group larger than `batchRows` is cut into slices (each slice decodes the row
-  group again, so write row groups no larger than a batch).
+  row group larger than `batchRows` is cut into equal slices, consecutive batches.
 - Arrow IPC files: the same, over record batches.
-- CSV: one batch per file.
-Planning reads only footers; loading reads the columns the spec asks for.
+- CSV: each file cut into equal slices of at most `batchRows` rows.
+Planning reads only footers (a CSV file, which has none, is read once to count
+its rows); loading reads the columns the spec asks for. A row group (a CSV file)
+cut into slices is decoded once by the process that loads its first slice, which
+keeps it for the next (a source with several workers may decode it once per
+worker that gets a slice of it).
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ def plan(source: Source) -> list[SourceBatch]:
     first: tuple[str, pa.Schema] | None = None
     for path in paths:
         if source.format == "csv":
-            batches.append(SourceBatch(file=path, nbytes=int(fs.size(path) or 0)))
+            rows = _csv_rows(fs, path)
+            batches.extend(_pack(path, [rows], source.batch_rows,
+                                 [int(fs.size(path) or 0)], whole=True))
             continue
         try:
             sizes, schema, part_bytes = _footer(fs, path, source.format, source.columns)
@@ -100,8 +105,19 @@ def _footer(fs, path: str, fmt: str, columns: tuple[str, ...] | None,
     return rows, reader.schema, [size * r // max(1, sum(rows)) for r in rows]
 
 
+def _csv_rows(fs, path: str) -> int:
+    """The rows of a CSV file (it has no footer: read it once, streaming)."""
+    try:
+        with fs.open(path, "rb") as f:
+            return sum(b.num_rows for b in pacsv.open_csv(f))
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot read as csv: {exc}") from exc
+
+
 def _pack(path: str, sizes: list[int], batch_rows: int,
-          part_bytes: list[int]) -> list[SourceBatch]:
+          part_bytes: list[int], whole: bool = False) -> list[SourceBatch]:
+    """Batches of whole parts (row groups, record batches) up to `batch_rows`; a part
+    larger than that cut into slices. `whole`: the one part is the whole file (CSV)."""
     def nbytes(parts: list[int]) -> int:
         return sum(part_bytes[p] for p in parts)
 
@@ -117,9 +133,10 @@ def _pack(path: str, sizes: list[int], batch_rows: int,
                 group, rows = [], 0
             slices = math.ceil(size / batch_rows)
             step = math.ceil(size / slices)
-            # Each slice decodes the whole row group again: it reads all of it.
-            batches.extend(SourceBatch(path, (part,), off, min(step, size - off),
-                                       part_bytes[part])
+            # The part is read once, for its first slice: the others read nothing.
+            parts = () if whole else (part,)
+            batches.extend(SourceBatch(path, parts, off, min(step, size - off),
+                                       part_bytes[part] if off == 0 else 0)
                            for off in range(0, size, step))
             continue
         if rows + size > batch_rows and group:
@@ -128,7 +145,7 @@ def _pack(path: str, sizes: list[int], batch_rows: int,
         group.append(part)
         rows += size
     if group:
-        batches.append(SourceBatch(path, tuple(group), nbytes=nbytes(group)))
+        batches.append(SourceBatch(path, () if whole else tuple(group), nbytes=nbytes(group)))
     return batches
 
 
@@ -138,8 +155,20 @@ class Loader:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.fs, _ = fsspec.core.url_to_fs(source.uri)
+        self.kept: tuple[tuple[str, tuple[int, ...]], pa.Table] | None = None  # a sliced part
 
     def load(self, batch: SourceBatch) -> pa.Table:
+        if batch.length is None:
+            return self._decode(batch)
+        what = (batch.file, batch.parts)
+        if self.kept is None or self.kept[0] != what:  # a slice of a part: decode it once
+            self.kept = (what, self._decode(batch))
+        table = self.kept[1]
+        if batch.offset + batch.length >= table.num_rows:
+            self.kept = None  # its last slice: let it go
+        return table.slice(batch.offset, batch.length)
+
+    def _decode(self, batch: SourceBatch) -> pa.Table:
         columns = list(self.source.columns) if self.source.columns else None
         try:
             with self.fs.open(batch.file, "rb") as f:
@@ -155,6 +184,4 @@ class Loader:
                     table = pacsv.read_csv(f, convert_options=options)
         except (KeyError, pa.ArrowException, OSError) as exc:
             raise DataError(f"{batch.file}: {exc}") from exc
-        if batch.length is not None:
-            table = table.slice(batch.offset, batch.length)
         return table
