@@ -5,8 +5,10 @@ data:
 - `cpu`: the bottleneck sorts each batch several times (CPU-bound), 24 batches;
 - `io`: the bottleneck waits 50 ms per batch (I/O-bound), 64 batches.
 Each is run with the bottleneck at `workers: 1`, `2`, `8` and `auto` (every other
-node `auto`), whole process, alternating, `--repeat` times; prints medians and the
-speedups over one worker, and writes results/workers.json.
+node `auto`), whole process, alternating, `--repeat` times. Prints the medians of
+the whole run and of the bottleneck's span (its first task's start to its last
+task's end, from the run's logs: its throughput), their ratios to one worker, and
+writes results/workers.json.
 
     python benchmarks/workers.py [--repeat 5]
 """
@@ -61,7 +63,19 @@ def _data(folder: Path, batches: int, rows: int) -> None:
                        folder / "data" / f"part-{i:04d}.parquet", row_group_size=rows)
 
 
-def _run(spec: Path, folder: Path) -> tuple[float, int]:
+def _span(folder: Path) -> float:
+    """Seconds from the bottleneck's first task start to its last task end (its logs)."""
+    import datetime
+
+    stamps = []
+    for log in (folder / "run" / "logs").glob("bottleneck*.log"):
+        for line in log.read_text().splitlines():
+            if " batch " in line and (": started" in line or ": done" in line):
+                stamps.append(datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f"))
+    return (max(stamps) - min(stamps)).total_seconds()
+
+
+def _run(spec: Path, folder: Path) -> tuple[float, float, int]:
     shutil.rmtree(folder / "run", ignore_errors=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "podpipe", "run", str(spec), "--quiet",
@@ -71,7 +85,7 @@ def _run(spec: Path, folder: Path) -> tuple[float, int]:
     if done.returncode != 0:
         raise SystemExit(f"podpipe failed:\n{done.stderr}")
     status = json.loads((folder / "run" / "status.json").read_text())
-    return elapsed, status["stages"]["bottleneck"]["workers_max"]
+    return elapsed, _span(folder), status["stages"]["bottleneck"]["workers_max"]
 
 
 def main() -> int:
@@ -85,23 +99,28 @@ def main() -> int:
             _data(folder, batches, rows)
             specs = {w: _spec(folder, bottleneck, rows, w) for w in SETTINGS}
             times: dict[str, list[float]] = {str(w): [] for w in SETTINGS}
+            spans: dict[str, list[float]] = {str(w): [] for w in SETTINGS}
             most: dict[str, int] = {}
             for _ in range(args.repeat):
                 for w in SETTINGS:
-                    elapsed, most[str(w)] = _run(specs[w], folder)
+                    elapsed, span, most[str(w)] = _run(specs[w], folder)
                     times[str(w)].append(elapsed)
+                    spans[str(w)].append(span)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         medians = {w: statistics.median(t) for w, t in times.items()}
+        span = {w: statistics.median(t) for w, t in spans.items()}
         results[name] = {"batches": batches, "rows_per_batch": rows, "runs": times,
-                         "median_s": medians,
-                         "speedup_over_1": {w: medians["1"] / m for w, m in medians.items()},
+                         "median_s": medians, "bottleneck_span_s": span,
+                         "throughput_over_1": {w: span["1"] / m for w, m in span.items()},
+                         "whole_run_over_1": {w: medians["1"] / m for w, m in medians.items()},
                          "auto_workers_max": most["auto"]}
         best = min(m for w, m in medians.items() if w != "auto")
-        print(f"{name}: " + ", ".join(f"workers {w}: {m:.2f} s ({medians['1'] / m:.2f}x)"
-                                      for w, m in medians.items())
-              + f"; auto reached {most['auto']} workers, {medians['auto'] / best:.2f}x "
-                "the best fixed setting's time")
+        print(f"{name}: " + ", ".join(
+            f"workers {w}: run {m:.2f} s, bottleneck {span[w]:.2f} s "
+            f"({span['1'] / span[w]:.2f}x throughput)" for w, m in medians.items())
+            + f"; auto reached {most['auto']} workers, its run {medians['auto'] / best:.2f}x "
+              "the best fixed setting's")
     RESULTS.mkdir(exist_ok=True)
     out = {"benchmark": "workers per node", "cores": len(os.sched_getaffinity(0)),
            "repeat": args.repeat, "results": results}

@@ -3,9 +3,10 @@
 Every tick (four times a second) the conductor says how much CPU each node's
 processes used; the engine knows what each node has to do: tasks running, and
 batches ready that no worker of it has taken (for the source: workers of the
-nodes it feeds sitting idle, when the line has room for another batch). A node whose *pressure* — that work per worker, averaged over the
-last `WINDOW` ticks — stays above 1 holds the line back. It gets a worker if the
-pod has a core for it (the CPU in use now, plus what one of its workers uses,
+nodes it feeds sitting idle, while the line has room for another batch). A node
+whose *pressure* — that work per worker, averaged over the last `WINDOW` ticks,
+judged once `SEEN` are in — stays above 1 holds the line back. It gets a worker
+if the pod has a core for it (the CPU in use now, plus what one of its workers uses,
 fits in `cpus`), or at once as many as it has batches waiting, up to
 `MOST_PER_CPU` per core, when its workers mostly wait (little CPU each: I/O
 bound, as the seed says, more workers than cores). When the cores are taken, an
@@ -30,7 +31,8 @@ from podpipe.model.pipeline import SOURCE
 if TYPE_CHECKING:  # the state machine calls in here; no import at run time
     from podpipe.engine.state import RunState
 
-WINDOW = 4           # ticks (a second) a node's pressure is averaged over
+WINDOW = 4           # ticks (a second) a node's pressure is averaged over, at most
+SEEN = 2             # ticks seen before a node is judged (half a second)
 IO_BOUND = 0.35      # a worker using less CPU than this (cores) mostly waits
 MOST_PER_CPU = 4     # workers of one node per core, at most
 
@@ -53,7 +55,7 @@ class Pool:
         return sum(seen) / len(seen)
 
     def full(self, node: str) -> bool:
-        return len(self.pressure.get(node, ())) == WINDOW
+        return len(self.pressure.get(node, ())) >= SEEN
 
     def cpu_now(self, node: str) -> float:
         seen = self.cpu.get(node) or [0.0]
