@@ -172,6 +172,22 @@ def runs_table(found: list[dict[str, Any]], where: str) -> Table:
     return table
 
 
+def cores_table(cores: dict[str, Any]) -> Table:
+    """`podpipe plan --cpus C --from RUN_DIR`: workers per node, the predicted pace."""
+    table = Table(title=f"{cores['pipeline']} on {cores['cpus']:g} cores: "
+                        f"{cores['batches_per_second']:g} batches/s, "
+                        f"{cores['rows_per_second']:,} rows/s predicted",
+                  caption=f"{plural(cores['batches'], 'batch')} in "
+                          f"{cores['predicted_seconds']:.1f} s (the measured run: "
+                          f"{cores['measured_seconds']:.1f} s); from {cores['from']}",
+                  box=box.SIMPLE_HEAD)
+    for column in ("node", "s per batch", "workers"):
+        table.add_column(column, justify="left" if column == "node" else "right")
+    for n in cores["nodes"]:
+        table.add_row(n["node"], f"{n['seconds_per_batch']:.4f}", str(n["workers"]))
+    return table
+
+
 def plan_table(planned: dict[str, Any]) -> Table:
     """`podpipe plan`: a row per replica."""
     pods = planned["pods"]

@@ -108,3 +108,17 @@ def test_a_swap_replaces_every_worker_of_the_stage(tmp_path):
     versions = {p["worker"]: p for p in final["processes"] if p["stage"] == "tag"}
     assert sorted(versions) == [0, 1, 2]
     assert set(tag["versions"]) == {tag["version"]}  # every batch by the new version
+
+
+def test_plan_splits_cores_from_a_finished_runs_figures(tmp_path):
+    _line(tmp_path, 1)
+    assert podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path).returncode == 0
+    planned = podpipe("plan", "p.yaml", "--cpus", "8", "--from", "run", "--json",
+                      cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    cores = json.loads(planned.stdout)["cores"]
+    assert [n["node"] for n in cores["nodes"]] == ["source", "double", "plus-one", "out"]
+    assert all(n["workers"] >= 1 for n in cores["nodes"])
+    assert cores["batches"] == 24 and cores["predicted_seconds"] > 0
+    refused = podpipe("plan", "p.yaml", "--cpus", "8", cwd=tmp_path)
+    assert refused.returncode == 2 and "needs --from RUN_DIR" in refused.stderr

@@ -638,3 +638,14 @@ def test_fixed_workers_are_left_as_they_are():
     run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
     actions = [a for _ in range(8) for a in run.handle(S.Tick({"a": 1.0}))]
     assert not any(isinstance(a, (S.AddWorker, S.RemoveWorker)) for a in actions)
+
+
+def test_split_shares_cores_by_cost_and_predicts_the_pace():
+    from podpipe.engine.workers import split
+
+    workers, pace = split({"source": 0.3, "a": 0.1, "b": 0.2}, cpus=12)
+    assert workers == {"source": 6, "a": 2, "b": 4}
+    assert pace == pytest.approx(12 / 0.6)  # every core busy: 20 batches a second
+    workers, pace = split({"source": 0.3, "a": 0.01}, cpus=2)
+    assert workers == {"source": 2, "a": 1}  # at least one each
+    assert pace == pytest.approx(2 / 0.31)

@@ -83,11 +83,18 @@ def _plan(args: argparse.Namespace, console) -> int:
     from podpipe import report
     from podpipe.runtime import pod
 
+    if args.cpus is not None and args.measured is None:
+        raise UsageError("--cpus: needs --from RUN_DIR, a finished run whose busy time per "
+                         "node the split is computed from")
     planned = pod.plan(args.spec, overrides=args.set, replicas=args.replicas)
+    if args.cpus is not None:
+        planned["cores"] = pod.cores(args.spec, args.cpus, args.measured, overrides=args.set)
     if args.json:
         print(json.dumps(planned, indent=2))
-    else:
-        console.print(report.plan_table(planned))
+        return 0
+    console.print(report.plan_table(planned))
+    if "cores" in planned:
+        console.print(report.cores_table(planned["cores"]))
     return 0
 
 

@@ -60,6 +60,12 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--replicas", type=int, default=1, metavar="N")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--json", action="store_true", help="one JSON object")
+    plan.add_argument("--cpus", type=float, metavar="C",
+                      help="also say how C cores would be split among the nodes (workers "
+                           "each) and the throughput that predicts; needs --from")
+    plan.add_argument("--from", dest="measured", metavar="RUN_DIR",
+                      help="a finished run of the pipeline whose busy time per node "
+                           "(per batch) the split is computed from")
 
     status = sub.add_parser("status", help="show a run's state, processes and progress",
                             description="Show the run in RUN_DIR (or 'latest') as its "

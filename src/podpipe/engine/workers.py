@@ -114,3 +114,20 @@ def _add(run: "RunState", node: str, how_many: int, actions: list[Action]) -> No
         run.agents[node][worker] = Agent()
         actions.append(AddWorker(node, worker))
     run.pool.pressure[node].clear()  # judge it anew with the new workers
+
+
+def split(costs: dict[str, float], cpus: float) -> tuple[dict[str, int], float]:
+    """How `cpus` cores would be shared among per-batch nodes that each take
+    `costs[node]` seconds of work per batch (measured: busy seconds / batches):
+    the workers each gets, and the batches per second that predicts.
+
+    A line moving X batches a second keeps X * cost workers of each node busy, and as
+    many cores if its work is CPU: at most `cpus / sum(costs)` batches a second. Each
+    node gets its share of the cores, rounded, at least one worker; the slowest node
+    for its workers sets the pace."""
+    total = sum(costs.values())
+    if total <= 0:
+        return {node: 1 for node in costs}, float("inf")
+    workers = {node: max(1, round(cpus * cost / total)) for node, cost in costs.items()}
+    pace = min(cpus / total, *(workers[n] / c for n, c in costs.items() if c > 0))
+    return workers, pace
