@@ -15,6 +15,7 @@ worker that gets a slice of it).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -156,6 +157,7 @@ class Loader:
         self.source = source
         self.fs, _ = fsspec.core.url_to_fs(source.uri)
         self.kept: tuple[tuple[str, tuple[int, ...]], pa.Table] | None = None  # a sliced part
+        self.opened: tuple[str, Any, pq.ParquetFile] | None = None  # the file it reads now
 
     def load(self, batch: SourceBatch) -> pa.Table:
         if batch.length is None:
@@ -168,13 +170,24 @@ class Loader:
             self.kept = None  # its last slice: let it go
         return table.slice(batch.offset, batch.length)
 
+    def _parquet(self, path: str) -> pq.ParquetFile:
+        """`path` opened, its footer parsed: kept while its batches come (consecutive,
+        for one worker), closed for the next file."""
+        if self.opened is None or self.opened[0] != path:
+            if self.opened is not None:
+                self.opened[1].close()
+            f = self.fs.open(path, "rb")
+            self.opened = (path, f, pq.ParquetFile(f))
+        return self.opened[2]
+
     def _decode(self, batch: SourceBatch) -> pa.Table:
         columns = list(self.source.columns) if self.source.columns else None
         try:
+            if self.source.format == "parquet":  # the footer parsed once per file
+                return self._parquet(batch.file).read_row_groups(list(batch.parts),
+                                                                 columns=columns)
             with self.fs.open(batch.file, "rb") as f:
-                if self.source.format == "parquet":
-                    table = pq.ParquetFile(f).read_row_groups(list(batch.parts), columns=columns)
-                elif self.source.format == "arrow":
+                if self.source.format == "arrow":
                     reader = pa.ipc.open_file(f)
                     table = pa.Table.from_batches([reader.get_batch(i) for i in batch.parts],
                                                   schema=reader.schema)
