@@ -28,8 +28,18 @@ def podpipe(*args: str, cwd: Path, timeout: float = 120, **env: str) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
+# Stages that sleep or hang to keep a run going while a test acts on it: one worker
+# each, so that `workers: auto` (which gives a waiting stage a worker per batch) does
+# not end the run before the test gets to it. Tests of workers set them explicitly.
+TIME_BUYING = {"pystages:slow", "pystages:hang_once", "pystages:hang_on_batch_one",
+               "pystages:q1_total_gated", "pystages:tag_v1_gated"}
+
+
 def spec(stages: list[dict], sinks: list[dict], *, uri: str = "data/*.parquet",
          batch_rows: int = 1000, memory: str = "256MiB", name: str = "t", **extra) -> dict:
+    stages = [{**stage, "workers": 1} if stage.get("run") in TIME_BUYING and
+              "workers" not in stage and not stage.get("reduce") else stage
+              for stage in stages]
     return {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": name},
             "spec": {"source": {"uri": uri, "batchRows": batch_rows}, "stages": stages,
                      "sinks": sinks, "memory": memory, **extra}}

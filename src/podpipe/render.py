@@ -71,6 +71,7 @@ class Options:
     namespace: str | None = None
     grace_seconds: int = 10                   # OpenKruise in-place update grace period
     overrides: tuple[str, ...] = ()           # `--set`, passed on to every process
+    metrics_port: int | None = None           # the conductor serves Prometheus metrics
 
     def check(self) -> None:
         if self.flavor not in FLAVORS:
@@ -85,6 +86,8 @@ class Options:
             raise UsageError(f"--node-size: {exc}") from None
         if self.host_path is not None and not self.host_path.startswith("/"):
             raise UsageError(f"--host-path {self.host_path!r}: expected an absolute path")
+        if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
+            raise UsageError(f"--metrics-port {self.metrics_port}: expected a port, 1 to 65535")
 
 
 def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[str, Any]]:
@@ -163,6 +166,12 @@ def image_patch(manifests: list[dict[str, Any]], stage: str, image: str) -> list
 # -- the pod ----------------------------------------------------------------------
 
 
+def _metrics_port(container: dict[str, Any], options: Options) -> None:
+    if options.metrics_port is not None:
+        container["ports"] = [{"name": "metrics", "containerPort": options.metrics_port,
+                               "protocol": "TCP"}]
+
+
 def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
     nodes = Graph.of(pipeline).order
     if CONDUCTOR in nodes:
@@ -173,6 +182,8 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
     conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH, "--run-dir", RUN_DIR,
                       "--layout", options.layout, "--replicas", str(options.replicas),
                       *flags]
+    if options.metrics_port is not None:
+        conductor_args += ["--metrics-port", f"0.0.0.0:{options.metrics_port}"]
     budget = pipeline.memory
     if options.layout == "processes":
         total = [_resources(pipeline, node) for node in nodes]
@@ -181,10 +192,12 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
         init: list[dict[str, Any]] = []
         containers = [_container("pod", options.image, ["podpipe", "conductor"],
                                  conductor_args, Resources(f"{cpu}m", memory), budget, options)]
+        _metrics_port(containers[0], options)
     else:
         sidecar = _container(CONDUCTOR, options.image, ["podpipe", "conductor"],
                              conductor_args, Resources("50m", CONDUCTOR_MEMORY), 0, options)
         sidecar["restartPolicy"] = "Always"  # a native sidecar: up before, down after
+        _metrics_port(sidecar, options)
         sidecar["startupProbe"] = {"exec": {"command": ["podpipe", "probe", SOCKET]},
                                    "periodSeconds": 1, "timeoutSeconds": 3,
                                    "failureThreshold": 300}

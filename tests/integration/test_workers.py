@@ -20,7 +20,8 @@ def _line(tmp_path, workers, stage="pystages:double", **extra):
              {"name": "plus-one", "run": "pystages:plus_one", "inputs": ["double"]}]
     sink = {"name": "out", "input": "plus-one", "uri": "out/"}
     document = spec(nodes, [sink], batch_rows=500, **extra)
-    for node in [document["spec"]["source"], *nodes, sink]:
+    for node in [document["spec"]["source"], *document["spec"]["stages"],
+                 *document["spec"]["sinks"]]:
         node["workers"] = workers
     return write_spec(tmp_path / "p.yaml", document)
 

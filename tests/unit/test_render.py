@@ -86,6 +86,9 @@ FLAVORS = {
     "hostpath-secret": ("--host-path", "/mnt/podpipe", "--secret", "s3-credentials",
                         "--replicas", "3", "--storage-class", "local-path"),
     "openkruise-processes": ("--flavor", "openkruise", "--layout", "processes"),
+    "metrics": ("--metrics-port", "9400"),
+    "openkruise-processes-metrics": ("--flavor", "openkruise", "--layout", "processes",
+                                     "--metrics-port", "9400"),
 }
 
 
@@ -234,3 +237,14 @@ def test_render_writes_the_output_file_whole(tmp_path):
     assert [m["kind"] for m in yaml.safe_load_all(out.read_text())] == \
         ["ConfigMap", "Service", "StatefulSet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pod.yaml"]
+
+
+@pytest.mark.parametrize("flags,where", [((), "initContainers"),
+                                         (("--layout", "processes"), "containers")],
+                         ids=["containers", "processes"])
+def test_metrics_port_goes_to_the_conductor(flags, where):
+    conductor = pod_spec(render(str(EXAMPLE), *flags, "--metrics-port", "9400"))[where][0]
+    assert conductor["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    assert conductor["args"][-2:] == ["--metrics-port", "0.0.0.0:9400"]
+    bad = podpipe("render", str(EXAMPLE.relative_to(ROOT)), "--metrics-port", "70000", cwd=ROOT)
+    assert bad.returncode == 2 and "expected a port" in bad.stderr

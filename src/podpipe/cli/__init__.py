@@ -61,7 +61,8 @@ def _run(args: argparse.Namespace, console) -> int:
 
     return _with_progress(console, args.quiet, lambda observer: pod.run(
         args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
-        pod_index=args.pod_index, memory=args.memory, fresh=args.fresh, observer=observer))
+        pod_index=args.pod_index, memory=args.memory, fresh=args.fresh, observer=observer,
+        metrics=args.metrics_port))
 
 
 def _resume(args: argparse.Namespace, console) -> int:
@@ -187,7 +188,7 @@ def _render(args: argparse.Namespace, console) -> int:
         flavor=args.flavor, replicas=args.replicas, layout=args.layout,
         image=args.image or render.Options.image, storage_class=args.storage_class,
         node_size=args.node_size, host_path=args.host_path, secret=args.secret,
-        namespace=args.namespace, overrides=tuple(args.set))
+        namespace=args.namespace, overrides=tuple(args.set), metrics_port=args.metrics_port)
     manifests = render.render(pipeline, Path(args.spec).read_text(), options)
     if args.patch:
         stage, sep, image = args.patch.partition("=")
@@ -214,7 +215,7 @@ def _conductor(args: argparse.Namespace, console) -> int:
 
     return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
                      run_dir=args.run_dir, layout=args.layout, hold=args.hold,
-                     replicas=args.replicas)
+                     replicas=args.replicas, metrics=args.metrics_port)
 
 
 def _swap(args: argparse.Namespace, console) -> int:
@@ -308,6 +309,28 @@ def _logs(args: argparse.Namespace, console) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, console) -> int:
+    from pathlib import Path
+
+    from podpipe import runreport
+    from podpipe.runtime import files, runs
+
+    run_dir = runs.resolve(args.run_dir)
+    if args.format == "html":
+        text = runreport.page(run_dir)
+    else:
+        text = json.dumps(runreport.chrome_trace(run_dir)) + "\n"
+    out = Path(args.output) if args.output else \
+        run_dir / ("report.html" if args.format == "html" else "trace.json")
+    try:
+        files.publish(out, text)
+    except OSError as exc:
+        raise UsageError(f"-o {out}: {exc.strerror}") from None
+    console.print(f"wrote {out}", highlight=False, soft_wrap=True)
+    return 0
+
+
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
              "render": _render, "resume": _resume, "plan": _plan, "swap": _swap,
-             "apply": _apply, "wait": _wait, "stop": _stop, "runs": _runs, "logs": _logs}
+             "apply": _apply, "wait": _wait, "stop": _stop, "report": _report, "runs": _runs,
+             "logs": _logs}

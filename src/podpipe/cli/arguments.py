@@ -6,6 +6,7 @@ Kept true to docs/cli.md and the README's CLI at a glance; `cli` dispatches what
 from __future__ import annotations
 
 import argparse
+import os
 
 from podpipe import __version__
 
@@ -39,6 +40,10 @@ def parser() -> argparse.ArgumentParser:
                      help="ignore the durable tier's checkpoints of this spec; start over")
     run.add_argument("--quiet", action="store_true",
                      help="no progress, no summary: one line with the outcome")
+    run.add_argument("--metrics-port", metavar="[ADDR:]PORT",
+                     default=os.environ.get("PODPIPE_METRICS_PORT"),
+                     help="serve Prometheus metrics there while the run goes (default "
+                          "$PODPIPE_METRICS_PORT; a bare PORT listens on loopback)")
 
     resume = sub.add_parser(
         "resume", help="finish a run whose conductor died or whose pod was lost",
@@ -113,6 +118,19 @@ def parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true",
                       help="keep printing new lines until the run ends")
 
+    report = sub.add_parser(
+        "report", help="write where a run's time went as one HTML page (or a Chrome trace)",
+        description="Write the report of the run in RUN_DIR (or 'latest'), finished or "
+                    "running: the graph coloured by how busy each node was, a timeline "
+                    "of every task, RAM scratch over time, a table per node and the "
+                    "bottleneck. One self-contained HTML file (no network), or the "
+                    "timeline as a Chrome trace (opens in Perfetto).")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("-o", "--output", metavar="FILE",
+                        help="where to write it (default RUN_DIR/report.html, or "
+                             "RUN_DIR/trace.json)")
+    report.add_argument("--format", choices=("html", "chrome-trace"), default="html")
+
     validate = sub.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec", metavar="SPEC")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -185,6 +203,9 @@ def parser() -> argparse.ArgumentParser:
                         help="a Secret whose keys become every container's env "
                              "(object-store credentials)")
     render.add_argument("--namespace", metavar="NS")
+    render.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="the conductor serves Prometheus metrics on this port of the "
+                             "pod (a containerPort named 'metrics')")
     render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field in every process of the pod")
     render.add_argument("--patch", metavar="STAGE=IMAGE",
@@ -218,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
     conductor.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     conductor.add_argument("--replicas", type=int, default=1, metavar="N",
                            help="the StatefulSet's replicas; the ordinal is $POD_INDEX")
+    conductor.add_argument("--metrics-port", metavar="[ADDR:]PORT",
+                           help="serve Prometheus metrics there")
     conductor.add_argument("--no-hold", dest="hold", action="store_false",
                            help="exit when the run is over instead of staying up")
 

@@ -20,6 +20,7 @@ class Budget:
         self.per_batch_nodes = per_batch_nodes  # tasks a batch has on the line
         self.usage = 0           # bytes in scratch plus bytes granted
         self.peak = 0
+        self.recent = 0          # the most since the last sample (the run's timeline)
         self.spills = 0          # outputs written to the node tier for lack of RAM
         self.on_line: dict[int, int] = {}   # batch -> tasks left on the line
         self.produced: dict[int, int] = {}  # batch -> bytes made so far
@@ -30,6 +31,7 @@ class Budget:
     def take(self, nbytes: int) -> None:
         self.usage += nbytes
         self.peak = max(self.peak, self.usage)
+        self.recent = max(self.recent, self.usage)
 
     def give(self, nbytes: int) -> None:
         self.usage -= nbytes

@@ -44,7 +44,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         run_dir: str | None = None, replicas: int = 1, pod_index: int | None = None,
         memory: str | None = None, fresh: bool = False,
         observer: Callable[[dict[str, Any]], None] | None = None,
-        reaper: bool = True) -> dict[str, Any]:
+        reaper: bool = True, metrics: str | None = None) -> dict[str, Any]:
     """Run the pipeline to the end on this machine; returns the final status.
 
     One pod, the replica `pod_index` (else POD_INDEX, else the StatefulSet hostname
@@ -58,6 +58,10 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         raise UsageError(f"--replicas {replicas}: expected at least 1")
     if pod_index is not None and pod_index < 0:
         raise UsageError(f"--pod-index {pod_index}: expected the pod's ordinal, 0 or more")
+    if metrics:
+        from podpipe.runtime.conductor.metrics import address
+
+        address(metrics)  # a clear error before anything starts
     if memory is not None:
         try:
             parse_size(memory)
@@ -71,6 +75,9 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         if replicas > most:
             raise UsageError(f"--replicas {replicas}: at most {most} pods on this machine "
                              f"({os.cpu_count()} CPUs); on Kubernetes, render them instead")
+        if metrics:
+            raise UsageError("--metrics-port: each pod serves its own; with several replicas "
+                             "here, run each with --pod-index I and a port of its own")
         return pods.run(spec_path, pipeline, overrides=overrides, run_dir=run_dir,
                         replicas=replicas, fresh=fresh, observer=observer)
     placement = sharding.Placement(ordinal, replicas, pipeline.shards)
@@ -85,7 +92,8 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     return _conduct(pipeline, run_path, overrides, run_id, f"{pipeline.name}-{ordinal}",
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
                     observer=observer, origin=Origin(durable=not fresh),
-                    placement=placement, fresh=True, latest=not run_dir, reaper=reaper)
+                    placement=placement, fresh=True, latest=not run_dir, reaper=reaper,
+                    metrics=metrics)
 
 
 def plan(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
@@ -158,7 +166,7 @@ def _ordinal(pipeline: specs.Pipeline, replicas: int, pod_index: int | None) -> 
 
 def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
           scratch: str, run_dir: str, layout: str = "containers", hold: bool = True,
-          replicas: int = 1) -> int:
+          replicas: int = 1, metrics: str | None = None) -> int:
     """The conductor of a pod on Kubernetes (`podpipe conductor`); returns the exit code.
 
     The scratch is the pod's memory-backed volume at `scratch`, the run directory is
@@ -206,7 +214,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         _conduct(pipeline, run_path, overrides, run_id, pod,
                  lambda: scratches.Scratch.at(scratch_path),
                  launch=layout == "processes", observer=None, origin=Origin(durable=True),
-                 placement=placement, fresh=True)
+                 placement=placement, fresh=True, metrics=metrics)
     if hold:
         _hold(conductor_socket)
     return 0
@@ -262,12 +270,14 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
              observer: Callable[[dict[str, Any]], None] | None, origin: Origin,
              placement: sharding.Placement = sharding.Placement(),
              fresh: bool = False, notes: list[str] | None = None,
-             latest: bool = False, reaper: bool = True) -> dict[str, Any]:
+             latest: bool = False, reaper: bool = True,
+             metrics: str | None = None) -> dict[str, Any]:
     """Make the scratch, plan the source, find where the run starts from, and hand
     over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
     `notes`: what making the scratch found wrong, for the status; `latest`: once it
     starts, the run is the runs directory's `latest`; `reaper`: this process is the
-    run's alone (see `conductor.processes`)."""
+    run's alone (see `conductor.processes`); `metrics`: serve Prometheus metrics
+    there (`[ADDR:]PORT`)."""
     graph = Graph.of(pipeline)
     scratch = launcher = None
     digest = rundir.spec_digest(run_path)
@@ -307,7 +317,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         runs.mark_latest(run_path)
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
-                     durable=tier, reaper=reaper).start()
+                     durable=tier, reaper=reaper, metrics=metrics).start()
 
 
 def _durable_store(pipeline: specs.Pipeline, digest: str) -> durable.Store | None:

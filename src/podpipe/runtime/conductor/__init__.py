@@ -40,6 +40,8 @@ from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
+from podpipe.runtime.conductor.metrics import Metrics
+from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.durable import DurableTier
 from podpipe.runtime.launcher import Launcher
 from podpipe.runtime.scratch import Scratch
@@ -109,7 +111,8 @@ class Conductor:
     def __init__(self, run: Run, *, launcher: Launcher | None,
                  observer: Callable[[dict[str, Any]], None] | None = None,
                  restored: Restored | None = None,
-                 durable: DurableTier | None = None, reaper: bool = True) -> None:
+                 durable: DurableTier | None = None, reaper: bool = True,
+                 metrics: str | None = None) -> None:
         self.run = run
         self.engine = restored.engine if restored else RunState(
             run.graph, len(run.plan), run.pipeline.memory,
@@ -125,6 +128,9 @@ class Conductor:
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log,
                                        required=run.pipeline.checkpoints.required)
         self.counters = Counters(run.graph)
+        self.timeline = Timeline(run.run_dir, self.counters.started)
+        self.metrics: Metrics | None = None  # Prometheus, if asked: served from the start
+        self._metrics_at = metrics
         self.observer = observer
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
@@ -141,6 +147,8 @@ class Conductor:
         try:
             with self.loop:  # signals are events from here on
                 try:
+                    if self._metrics_at:
+                        self.metrics = Metrics(self._metrics_at)
                     for node in self.run.graph.order:
                         self.run.scratch.make_output_dir(node)
                     self.agents.listen()
@@ -158,6 +166,10 @@ class Conductor:
         finally:
             self.run.scratch.remove()
             self.counters.ended = time.time()
+            self.timeline.sample(self.engine)
+            self.timeline.close()
+            if self.metrics is not None:
+                self.metrics.close()
             error = self.checkpoints.close(self.engine, self.run.graph, self.run.placement,
                                            self.outcome[0] == "succeeded")
             if error is not None:
@@ -188,6 +200,7 @@ class Conductor:
             returncode = self.processes.exited(happening.pid, happening.tag)
             if returncode is not None and self.running:
                 self.agents.drop(happening.tag)  # a restarted process says hello anew
+                self.timeline.ended(happening.tag, "lost")
                 node, worker = split_name(happening.tag)
                 self.events.append(ev.AgentExited(node, returncode, worker))
         elif isinstance(happening, loops.Signalled):
@@ -253,6 +266,11 @@ class Conductor:
                 node, _ = split_name(name)
                 version = self.counters.done(node, message.batch, message.stats)
                 self.checkpoints.record(node, message.batch, version, message.output)
+                self.timeline.ended(name, "done", message.stats)
+            elif isinstance(message, protocol.Reserve):
+                self.timeline.asked(name)
+            elif isinstance(message, protocol.Failed):
+                self.timeline.ended(name, "failed")
             self.events.append(event)
 
     def _hello(self, conn: Conn, hello: protocol.Hello) -> None:
@@ -272,8 +290,10 @@ class Conductor:
             self._dispatch(action)
         elif isinstance(action, ev.Grant):
             self.agents.send(agent_name(action.node, action.worker), protocol.Grant())
+            self.timeline.granted(agent_name(action.node, action.worker))
         elif isinstance(action, ev.Deny):
             self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
+            self.timeline.ended(agent_name(action.node, action.worker), "denied")
         elif isinstance(action, ev.Delete):
             Path(action.path).unlink(missing_ok=True)
         elif isinstance(action, ev.Spill):
@@ -283,6 +303,7 @@ class Conductor:
                       f"to the node tier ({path})")
             self.agents.send(agent_name(action.node, action.worker),
                              protocol.Grant(path=str(path), tier="node"))
+            self.timeline.granted(agent_name(action.node, action.worker))
         elif isinstance(action, ev.Keep):
             self.checkpoints.keep(action.output)
         elif isinstance(action, ev.Restart):
@@ -348,8 +369,9 @@ class Conductor:
         elif run.pipeline.checkpoints.reuse:
             task.memo = self._memo(action)
         name = agent_name(node, action.worker)
-        seq = self.counters.dispatched(node, name, action.batch,
-                                       sum(o.nbytes for g in action.inputs for o in g))
+        nbytes = sum(o.nbytes for g in action.inputs for o in g)
+        seq = self.counters.dispatched(node, name, action.batch, nbytes)
+        self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
         seconds = next((s.timeout for s in run.pipeline.stages if s.name == node), None)
         if seconds is not None:
             self.loop.call_later(seconds, _Timeout(name, action.batch, seq, seconds))
@@ -476,11 +498,18 @@ class Conductor:
                                                       self.run.placement, len(self.run.plan)))
             if self.processes.local and None in self.engine.fixed.values():
                 self.events.append(ev.Tick(self.processes.cpu_use()))  # workers: auto
+            self.timeline.sample(self.engine)
+            self.timeline.flush()
         current = self._snapshot()
         try:
             status.write(self.run.run_dir, current)
         except OSError:
             pass  # the status file is a view; the run does not depend on it
+        if self.metrics is not None:
+            self.metrics.update(status.plain(current),
+                                {n: len(q) for n, q in self.engine.ready.items()},
+                                {n: sum(a.busy for a in self.engine.agents[n].values())
+                                 for n in self.run.graph.order})
         if self.observer is not None:
             self.observer(status.plain(current))
 
