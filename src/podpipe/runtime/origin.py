@@ -28,7 +28,8 @@ from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS, Output
 from podpipe.model.pipeline import Pipeline
 from podpipe.runtime import durable, sink, tiers
-from podpipe.runtime.conductor import Restored, cpus, retries, workers
+from podpipe.runtime.conductor import Restored
+from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.journal import CorruptJournal, Journal
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -160,6 +160,19 @@ def check_run(pipeline: Pipeline, graph: Graph, source_batches: int) -> None:
     every = every_batch(pipeline, graph, source_batches)
     for target in pipeline.sinks:
         check(target, every[target.name])
+
+
+def finish(pipeline: Pipeline, graph: Graph, source_batches: int,
+           keys_here: Callable[[str], Iterable[int]], *, whole: bool) -> dict[str, Written]:
+    """A pod's run succeeded: `commit` each sink's output (the keys this pod ran,
+    `keys_here(sink)`) and, when the pod ran every shard (`whole`), `mark` it."""
+    every = every_batch(pipeline, graph, source_batches)
+    written = {}
+    for target in pipeline.sinks:
+        commit(target, keys_here(target.name), every[target.name])
+        if whole:
+            written[target.name] = mark(target, every[target.name])
+    return written
 
 
 def commit(sink: Sink, mine: Iterable[int], every: Iterable[int]) -> None:

@@ -17,8 +17,6 @@ imports), `snapshot` (counters, status). It never touches batch data.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -30,7 +28,7 @@ from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
-from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline
+from podpipe.model.pipeline import SOURCE, Pipeline
 from podpipe.model.shards import Placement
 from podpipe.runtime import loop as loops
 from podpipe.runtime import files, lifetime, logline, protocol, status, tiers
@@ -41,6 +39,7 @@ from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
 from podpipe.runtime.conductor.metrics import Metrics
+from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.durable import DurableTier
 from podpipe.runtime.launcher import Launcher
@@ -49,36 +48,9 @@ from podpipe.runtime.scratch import Scratch
 if TYPE_CHECKING:
     from podpipe.runtime.sink import Written
 
-__all__ = ["Conductor", "Restored", "Run", "cpus", "retries", "workers"]
+__all__ = ["Conductor", "Restored", "Run"]
 
 FLUSH_SECONDS = 0.25
-
-
-def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
-    """Restarts each node's process may have (the spec's, else the default)."""
-    allowed = {node: DEFAULT_RETRIES for node in graph.order}
-    allowed.update({stage.name: stage.retries for stage in pipeline.stages})
-    return allowed
-
-
-def workers(pipeline: Pipeline, graph: Graph) -> dict[str, int | None]:
-    """Each node's fixed number of processes; None: `workers: auto`."""
-    return {node: pipeline.workers(node) for node in graph.order}
-
-
-def cpus(pipeline: Pipeline) -> float:
-    """The cores `workers: auto` may use: `spec.cpus`, else what this process may use
-    (its CPU affinity, and its cgroup's CPU quota, as a Kubernetes pod has)."""
-    if pipeline.cpus is not None:
-        return pipeline.cpus
-    count = float(len(os.sched_getaffinity(0)))
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            count = min(count, int(quota) / int(period))
-    except (OSError, ValueError):
-        pass
-    return max(1.0, count)
 
 
 @dataclass(frozen=True)
@@ -367,7 +339,8 @@ class Conductor:
             task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,
                                                              action.batch)
         elif run.pipeline.checkpoints.reuse:
-            task.memo = self._memo(action)
+            task.memo = self.checkpoints.memo(run.pipeline, node,
+                                              self.counters.stages[node].version, action.inputs)
         name = agent_name(node, action.worker)
         nbytes = sum(o.nbytes for g in action.inputs for o in g)
         seq = self.counters.dispatched(node, name, action.batch, nbytes)
@@ -376,15 +349,6 @@ class Conductor:
         if seconds is not None:
             self.loop.call_later(seconds, _Timeout(name, action.batch, seq, seconds))
         self.agents.send(name, task)
-
-    def _memo(self, action: ev.Dispatch) -> str:
-        """Where the output of this task is kept for reuse across runs: named by the
-        stage, its version and the checksums of its inputs (what made it)."""
-        made_by = [action.node, self.counters.stages[action.node].version or ""]
-        made_by += [o.checksum for group in action.inputs for o in group]
-        key = hashlib.sha256("\0".join(made_by).encode()).hexdigest()[:32]
-        url = (self.run.pipeline.checkpoints.durable or "").rstrip("/")
-        return f"{url}/{self.run.pipeline.name}/memo/{action.node}/{key}.arrow"
 
     # -- swaps and apply -----------------------------------------------------------
 
@@ -449,12 +413,9 @@ class Conductor:
         from podpipe.runtime import sink  # pyarrow.parquet: not at the conductor's start
 
         run = self.run
-        every = sink.every_batch(run.pipeline, run.graph, len(run.plan))
         try:
-            for target in run.pipeline.sinks:
-                sink.commit(target, self.engine.keys(target.name), every[target.name])
-                if run.placement.replicas == 1:
-                    self.sinks[target.name] = sink.mark(target, every[target.name])
+            self.sinks = sink.finish(run.pipeline, run.graph, len(run.plan), self.engine.keys,
+                                     whole=run.placement.replicas == 1)
         except RunError as exc:
             self.outcome = ("failed", exc)
 
@@ -476,16 +437,9 @@ class Conductor:
         who = Identity(run.run_id, run.pipeline.name, str(run.run_dir), str(run.scratch.path),
                        run.pod, run.placement.ordinal, run.placement.replicas,
                        run.placement.shards, run.pipeline.memory, len(run.plan))
-        if self.processes.local:
-            processes = [status.ProcessInfo("stage", split_name(name)[0], pid, run.pod,
-                                            alive=alive, worker=split_name(name)[1])
-                         for name, pid, alive in self.processes.listing()]
-        else:  # containers: pids in their own namespaces, alive while connected
-            processes = [status.ProcessInfo("stage", split_name(name)[0], pid, run.pod,
-                                            container=split_name(name)[0],
-                                            alive=self.agents.connected(name),
-                                            worker=split_name(name)[1])
-                         for name, pid in self.agents.pids.items()]
+        # containers: their pids are in their own namespaces, alive while connected
+        processes = self.processes.infos(run.pod) if self.processes.local else \
+            self.agents.infos(run.pod)
         current = snapshot(who, run.graph, self.engine, self.counters, self.checkpoints,
                            processes, state, str(error) if error else None)
         current.sinks = {name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)

@@ -21,7 +21,7 @@ from typing import Callable
 
 from podpipe.engine import events as ev
 from podpipe.errors import InputError, SpecError
-from podpipe.runtime import protocol
+from podpipe.runtime import protocol, status
 from podpipe.runtime.loop import EventLoop
 
 LISTEN = "listen"
@@ -126,6 +126,15 @@ class Agents:
         replaced by a swap)."""
         node = conn.node
         return node if node is not None and self._by_node.get(node) is conn else None
+
+    def infos(self, pod: str) -> list[status.ProcessInfo]:
+        """Each agent that said hello, as the status lists it (containers: their pids
+        are in their own namespaces; alive while connected)."""
+        return [status.ProcessInfo("stage", protocol.split_name(name)[0], pid, pod,
+                                   container=protocol.split_name(name)[0],
+                                   alive=self.connected(name),
+                                   worker=protocol.split_name(name)[1])
+                for name, pid in self.pids.items()]
 
     def connected(self, node: str) -> bool:
         return node in self._by_node

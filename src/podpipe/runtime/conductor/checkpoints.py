@@ -10,6 +10,7 @@ which commits at every status flush.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from podpipe.engine.state import RunState
 from podpipe.errors import RunError
 from podpipe.model.graph import SINGLE, Graph
 from podpipe.model.output import Output
+from podpipe.model.pipeline import Pipeline
 from podpipe.model.shards import Placement
 from podpipe.runtime import durable as durables
 from podpipe.runtime import tiers
@@ -84,6 +86,15 @@ class Checkpoints:
         self.journal.forget(node, key)
         self.on_disk = [c for c in self.on_disk if (c.node, c.key) != (node, key)]
         self._made_by.pop((node, key), None)
+
+    def memo(self, pipeline: Pipeline, node: str, version: str | None,
+             inputs: tuple[tuple[Output, ...], ...]) -> str:
+        """Where the output of `node`'s task is kept for reuse across runs: named by the
+        stage, its version and the checksums of its inputs (what made it)."""
+        made_by = [node, version or ""] + [o.checksum for group in inputs for o in group]
+        key = hashlib.sha256("\0".join(made_by).encode()).hexdigest()[:32]
+        url = (pipeline.checkpoints.durable or "").rstrip("/")
+        return f"{url}/{pipeline.name}/memo/{node}/{key}.arrow"
 
     def versions_behind(self, graph: Graph, engine: RunState, sink: str,
                         key: int) -> dict[str, list[str]]:

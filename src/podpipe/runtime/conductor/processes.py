@@ -12,7 +12,7 @@ import signal
 import time
 
 from podpipe.errors import RunError
-from podpipe.runtime import lifetime
+from podpipe.runtime import lifetime, status
 from podpipe.runtime.launcher import Launcher, Process
 from podpipe.runtime.loop import EventLoop
 from podpipe.runtime.protocol import split_name
@@ -98,9 +98,11 @@ class Processes:
         process = self._by_node.get(node)
         return str(process.log) if process is not None else None
 
-    def listing(self) -> list[tuple[str, int, bool]]:
-        """(node, pid, alive) of each current process."""
-        return [(n, p.pid, p.returncode is None) for n, p in self._by_node.items()]
+    def infos(self, pod: str) -> list[status.ProcessInfo]:
+        """Each current process, as the status lists it."""
+        return [status.ProcessInfo("stage", split_name(name)[0], p.pid, pod,
+                                   alive=p.returncode is None, worker=split_name(name)[1])
+                for name, p in self._by_node.items()]
 
     def stop_all(self, terminate: bool) -> None:
         """Wait for every process to end (SIGTERM first with `terminate`), killing
