@@ -19,15 +19,16 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
+import msgspec
 import yaml
 
 from podpipe.errors import UsageError
 from podpipe.model import spec as specs
 from podpipe.model.pipeline import Pipeline
+from podpipe.runtime.status import StageStatus
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -35,22 +36,9 @@ if TYPE_CHECKING:
 Spec = Union[str, "os.PathLike[str]", dict, Pipeline]
 
 
-@dataclass(frozen=True)
-class StageFigures:
-    """One node's figures in a run (a stage, the source, a reduce or a sink)."""
-
-    kind: str
-    batches_done: int
-    batches_total: int
-    rows_in: int
-    rows_out: int
-    busy_seconds: float
-    bytes_written: int
-    restarts: int
-
-    @classmethod
-    def of(cls, figures: dict[str, Any]) -> "StageFigures":
-        return cls(**{f.name: figures[f.name] for f in fields(cls)})
+# One node's figures in a run (a stage, the source, a reduce or a sink): batches
+# done and in all, rows in and out, busy seconds, bytes, restarts, workers, ...
+StageFigures = StageStatus
 
 
 class Run:
@@ -83,7 +71,8 @@ class Run:
 
     @property
     def stages(self) -> dict[str, StageFigures]:
-        return {name: StageFigures.of(s) for name, s in self.status["stages"].items()}
+        return {name: msgspec.convert(s, StageFigures)
+                for name, s in self.status["stages"].items()}
 
     def sink_files(self, name: str) -> list[str]:
         """The part files of sink `name`, in batch order (URLs for a remote sink)."""
