@@ -63,6 +63,9 @@ class LiveProgress:
             self._show(node, s["batches_done"], s["batches_total"],
                        f"{s['batches_done']}/{s['batches_total']}", rate)
         used, budget = status["scratch_bytes"], status["budget_bytes"]
+        waited = holding_back(status)
+        self._show("waiting on", 0, 0, waited[0] if waited else "-",
+                   f"{waited[1]} queued" if waited else "")
         self._show("RAM scratch", used, budget,
                    f"{format_size(used)} / {format_size(budget)}",
                    f"peak {format_size(status['peak_scratch_bytes'])}")
@@ -73,6 +76,17 @@ class LiveProgress:
                                                       rate="")
         self.progress.update(self.tasks[name], completed=done, total=total, count=count,
                              rate=rate)
+
+
+def holding_back(status: dict[str, Any]) -> tuple[str, int] | None:
+    """The node the line waits on now, and its batches queued: the one with the most
+    batches ready per worker while all its workers are busy; None if none has any."""
+    queued = [(s["queued"] / max(1, s["workers"]), node) for node, s in status["stages"].items()
+              if s.get("queued") and s.get("in_flight", 0) >= s["workers"]]
+    if not queued:
+        return None
+    node = max(queued)[1]
+    return node, status["stages"][node]["queued"]
 
 
 def plural(count: int, noun: str) -> str:

@@ -123,3 +123,18 @@ def test_the_conductor_serves_prometheus_metrics_while_the_run_goes(tmp_path):
     assert "podpipe_rows_out_total" in text
     bad = podpipe("run", "p.yaml", "--metrics-port", "http", cwd=tmp_path)
     assert bad.returncode == 2 and "expected PORT or ADDR:PORT" in bad.stderr
+
+
+def test_a_run_of_several_replicas_has_a_section_per_pod(tmp_path):
+    make_numbers(tmp_path / "data", files=2, rows=2000)
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "double", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "double", "uri": "out/"}], shards=2))
+    done = podpipe("run", "p.yaml", "--quiet", "--replicas", "2", "--run-dir", "run",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert podpipe("report", "run", cwd=tmp_path).returncode == 0
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert re.findall(r'<section class="pod" data-pod="([^"]+)"', page) == ["pod 0", "pod 1"]
+    tasks = re.findall(r'<rect class="task" data-node="source" data-batch="(\d+)"', page)
+    assert sorted(map(int, tasks)) == list(range(4))  # each pod its own shard's batches

@@ -72,3 +72,16 @@ def test_plurals():
     assert [report.plural(n, w) for n, w in ((1, "sink"), (2, "sink"), (1, "batch"),
                                             (3, "batch"), (1000, "row"))] == [
         "1 sink", "2 sinks", "1 batch", "3 batches", "1,000 rows"]
+
+
+def test_the_live_view_names_the_node_the_line_waits_on():
+    status = _status(done=5)
+    for node, queued, in_flight, workers in (("filter-the-shipdates", 6, 2, 2),
+                                             ("source", 1, 1, 1), ("total", 9, 0, 1)):
+        status["stages"][node].update(queued=queued, in_flight=in_flight, workers=workers)
+    assert report.holding_back(status) == ("filter-the-shipdates", 6)  # total is idle
+    out = io.StringIO()
+    live = report.LiveProgress(Console(file=out, width=100, force_terminal=False))
+    live(status)
+    live.stop()
+    assert "waiting on" in out.getvalue() and "6 queued" in out.getvalue()

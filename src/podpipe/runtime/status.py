@@ -53,6 +53,8 @@ class StageStatus(_Record):
     held: str | None = None
     workers: int = 1            # processes now
     workers_max: int = 1        # the most it had
+    queued: int = 0             # batches ready that no worker has taken
+    in_flight: int = 0          # tasks its processes are on
 
 
 class PodInfo(_Record):

@@ -460,10 +460,7 @@ class Conductor:
         except OSError:
             pass  # the status file is a view; the run does not depend on it
         if self.metrics is not None:
-            self.metrics.update(status.plain(current),
-                                {n: len(q) for n, q in self.engine.ready.items()},
-                                {n: sum(a.busy for a in self.engine.agents[n].values())
-                                 for n in self.run.graph.order})
+            self.metrics.latest = status.plain(current)
         if self.observer is not None:
             self.observer(status.plain(current))
 

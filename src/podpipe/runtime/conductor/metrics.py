@@ -26,6 +26,9 @@ _PER_NODE = (
      True),
     ("podpipe_restarts", "Restarts of the node's processes", "restarts", True),
     ("podpipe_workers", "Processes the node runs now", "workers", False),
+    ("podpipe_queue_length", "Batches ready that no worker of the node has taken", "queued",
+     False),
+    ("podpipe_tasks_in_flight", "Tasks the node's processes are on", "in_flight", False),
 )
 
 
@@ -45,7 +48,7 @@ def address(text: str) -> tuple[str, int]:
 class Metrics:
     def __init__(self, where: str) -> None:
         host, port = address(where)
-        self.latest: dict[str, Any] | None = None
+        self.latest: dict[str, Any] | None = None  # the run's status, as last flushed
         self.registry = CollectorRegistry()
         self.registry.register(self)
         try:
@@ -53,10 +56,6 @@ class Metrics:
         except OSError as exc:
             raise UsageError(f"--metrics-port {where}: cannot listen there: "
                              f"{exc.strerror}") from None
-
-    def update(self, status: dict[str, Any], queues: dict[str, int], in_flight: dict[str, int]
-               ) -> None:
-        self.latest = {**status, "queues": queues, "in_flight": in_flight}
 
     def close(self) -> None:
         self.server.shutdown()
@@ -74,14 +73,6 @@ class Metrics:
             for node, st in s["stages"].items():
                 family.add_metric([s["pipeline"], pod, node], st[field])
             yield family
-        for name, text, values in (
-                ("podpipe_queue_length", "Batches ready that no worker of the node has taken",
-                 s["queues"]),
-                ("podpipe_tasks_in_flight", "Tasks the node's processes are on", s["in_flight"])):
-            gauge = GaugeMetricFamily(name, text, labels=labels)
-            for node, value in values.items():
-                gauge.add_metric([s["pipeline"], pod, node], value)
-            yield gauge
         single = [("podpipe_scratch_bytes", "RAM scratch in use", s["scratch_bytes"], False),
                   ("podpipe_scratch_budget_bytes", "The RAM scratch budget", s["budget_bytes"],
                    False),

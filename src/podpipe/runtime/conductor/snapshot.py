@@ -110,7 +110,9 @@ def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
             restored={tier: checkpoints.restored.get(node, {}).get(tier, 0) for tier in TIERS},
             recomputed=checkpoints.recomputed.get(node, 0), reused=s.reused,
             workers=engine.worker_count(node),
-            workers_max=max(engine.worker_count(node), engine.pool.most.get(node, 0)))
+            workers_max=max(engine.worker_count(node), engine.pool.most.get(node, 0)),
+            queued=len(engine.ready[node]),
+            in_flight=sum(a.busy for a in engine.agents[node].values()))
     ended = counters.ended
     durable = checkpoints.durable
     return status.Status(
