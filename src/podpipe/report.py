@@ -159,14 +159,17 @@ def status_table(status: dict[str, Any]) -> Table:
                                                 if status.get("error") else "") + "".join(held)
                      + (f"\ndurable: {durable_warning(status)}"
                         if status["state"] != "running" and durable_warning(status) else ""))
+    waited = holding_back(status) if status["state"] == "running" else None
+    if waited:
+        table.caption += f"\nwaiting on: {waited[0]} ({waited[1]} queued)"
     pids = Table(title="processes")
-    for column in ("role", "stage", "pod", "pid", "alive"):
+    for column in ("role", "stage", "worker", "pod", "pid", "alive"):
         pids.add_column(column)
     live = status["state"] == "running"
     for p in status["processes"]:
         alive = (live if p.get("alive") is None else p["alive"]) if live else False
-        pids.add_row(p["role"], p["stage"] or "", p["pod"], str(p["pid"]),
-                     "yes" if alive else "no")
+        pids.add_row(p["role"], p["stage"] or "", str(p.get("worker", 0)) if p["stage"] else "",
+                     p["pod"], str(p["pid"]), "yes" if alive else "no")
     grid = Table.grid()
     grid.add_row(table)
     grid.add_row(pids)

@@ -85,3 +85,14 @@ def test_the_live_view_names_the_node_the_line_waits_on():
     live(status)
     live.stop()
     assert "waiting on" in out.getvalue() and "6 queued" in out.getvalue()
+
+
+def test_status_says_what_the_line_waits_on_and_each_processs_worker():
+    status = {**_status(done=5), "state": "running", "run_id": "r", "scratch": "/s",
+              "processes": [{"role": "stage", "stage": "source", "pod": "p", "pid": 7,
+                             "worker": 1, "alive": True}]}
+    status["stages"]["source"].update(queued=3, in_flight=1, workers=1)
+    out = io.StringIO()
+    Console(file=out, width=120, color_system=None).print(report.status_table(status))
+    assert "waiting on: source (3 queued)" in out.getvalue()
+    assert "│ stage │ source │ 1      │ p   │ 7   │ yes   │" in out.getvalue()
