@@ -1,7 +1,7 @@
 """The conductor: the per-pod process that owns the run.
 
-It starts one agent per node (or, in a Kubernetes pod, waits for the agents the
-kubelet starts as containers), accepts their connections on a Unix socket in RAM
+It starts each node's agents, one per worker (or, in a Kubernetes pod, waits for
+the agents the kubelet starts as containers), accepts their connections on a Unix socket in RAM
 scratch, and blocks on events only (`runtime.loop`). How one event flows:
 
     socket bytes -> protocol.Reader (typed message) -> agents.to_event -> queue
@@ -12,7 +12,9 @@ Events are queued and handled one at a time, never fed to the engine while its
 previous actions are being carried out. The pieces, each owning its state:
 `agents` (connections), `processes` (what this conductor starts), `swaps`
 (swap and apply requests), `checkpoints` (journal, node and durable tiers,
-imports), `snapshot` (counters, status). It never touches batch data.
+imports), `snapshot` (counters, status), `timeline` (the task record behind
+`podpipe report`), `metrics` (Prometheus, if asked); `nodes` says what each node
+runs with (restarts, workers, cores). It never touches batch data.
 """
 
 from __future__ import annotations
@@ -33,16 +35,16 @@ from podpipe.model.shards import Placement
 from podpipe.runtime import loop as loops
 from podpipe.runtime import files, lifetime, logline, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
-from podpipe.runtime.protocol import agent_name, split_name
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
+from podpipe.runtime.conductor.metrics import Metrics
+from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
-from podpipe.runtime.conductor.metrics import Metrics
-from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.durable import DurableTier
 from podpipe.runtime.launcher import Launcher
+from podpipe.runtime.protocol import agent_name, split_name
 from podpipe.runtime.scratch import Scratch
 
 if TYPE_CHECKING:
