@@ -187,7 +187,11 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
     budget = pipeline.memory
     if options.layout == "processes":
         total = [_resources(pipeline, node) for node in nodes]
-        cpu = sum(_millicores(r.cpu or DEFAULT_CPU) for r in total)
+        # The conductor starts each node's workers in this one container: a node with
+        # `workers: N` asks for N times its CPU (`auto` asks for one's; it grows into
+        # what the container has).
+        cpu = sum(_millicores(r.cpu or DEFAULT_CPU) * (pipeline.workers(node) or 1)
+                  for node, r in zip(nodes, total))
         memory = sum(r.memory or DEFAULT_MEMORY for r in total) + CONDUCTOR_MEMORY
         init: list[dict[str, Any]] = []
         containers = [_container("pod", options.image, ["podpipe", "conductor"],

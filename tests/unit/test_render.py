@@ -248,3 +248,14 @@ def test_metrics_port_goes_to_the_conductor(flags, where):
     assert conductor["args"][-2:] == ["--metrics-port", "0.0.0.0:9400"]
     bad = podpipe("render", str(EXAMPLE.relative_to(ROOT)), "--metrics-port", "70000", cwd=ROOT)
     assert bad.returncode == 2 and "expected a port" in bad.stderr
+
+
+def test_in_one_container_a_nodes_fixed_workers_multiply_its_cpu_request():
+    plain = pod_spec(render(str(EXAMPLE), "--layout", "processes"))["containers"][0]
+    sized = podpipe("render", str(EXAMPLE.relative_to(ROOT)), "--layout", "processes",
+                    "--set", "stages.prices.workers=3", cwd=ROOT)
+    assert sized.returncode == 0, sized.stderr
+    pod = list(yaml.safe_load_all(sized.stdout))[2]["spec"]["template"]["spec"]
+    before = int(plain["resources"]["requests"]["cpu"].rstrip("m"))
+    after = int(pod["containers"][0]["resources"]["requests"]["cpu"].rstrip("m"))
+    assert after - before == 2 * 250  # prices: two more workers of the default 250m
