@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -134,6 +135,12 @@ def test_after_the_pod_is_lost_resume_finishes_from_the_node_tier(tmp_path, expe
     double = after["stages"]["double"]
     assert double["restored"]["ram"] == 0 and double["restored"]["node"] >= 4
     assert double["rows_in"] == ROWS * (BATCHES - double["restored"]["node"])
+    # the report says what came from which tier, and shows both conductors' tasks
+    assert podpipe("report", "run", cwd=workdir).returncode == 0
+    page = (workdir / "run" / "report.html").read_text()
+    restored = re.search(r"<tr><td>double</td><td>(\d+)</td><td>(\d+)</td>", page)
+    assert restored and int(restored.group(2)) == double["restored"]["node"]
+    assert "<h2>Resumed</h2>" in page
 
 
 def test_a_corrupt_copy_is_detected_by_checksum_and_its_batch_computed_again(tmp_path,
