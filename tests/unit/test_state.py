@@ -68,6 +68,7 @@ class Pod:
         self.restarting: set[tuple[str, int]] = set()
         self.size, self.rng = size, rng
         self.live: dict[str, int] = {}            # path -> bytes, as files in scratch
+        self.pool: dict[int, int] = {}            # pooled (warm) files: id -> bytes
         self.tasks: dict[tuple[str, int], S.Dispatch] = {}  # agent -> its current task
         self.granted: set[tuple[str, int]] = set()
         self.spilled: set[tuple[str, int]] = set()  # granted on the node tier
@@ -94,6 +95,8 @@ class Pod:
                 self.tasks[agent] = action
             elif isinstance(action, S.Grant):
                 self.granted.add(agent)
+                if action.reuse is not None:  # written over: the file becomes its output
+                    del self.pool[action.reuse]
             elif isinstance(action, S.Spill):
                 self.granted.add(agent)
                 self.spilled.add(agent)
@@ -101,6 +104,10 @@ class Pod:
                 del self.tasks[agent]  # the agent drops its result
             elif isinstance(action, S.Delete):
                 del self.live[action.path]
+            elif isinstance(action, S.Recycle):
+                self.pool[action.pooled] = self.live.pop(action.path)
+            elif isinstance(action, S.Unpool):
+                del self.pool[action.pooled]
             elif isinstance(action, S.Restart):
                 self.restarting.add(agent)
             elif isinstance(action, S.Forget):
@@ -179,7 +186,8 @@ class Pod:
                     self.live[path] = nbytes
                 else:
                     self.on_disk.add(path)
-                self.max_live = max(self.max_live, sum(self.live.values()))
+                self.max_live = max(self.max_live,
+                                    sum(self.live.values()) + sum(self.pool.values()))
                 self.processed.append((node, task.batch))
                 self.apply(self.state.handle(S.TaskDone(
                     node, task.batch, out(path, nbytes, tier=tier), worker)))
@@ -214,7 +222,7 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
         assert sorted(set(pod.processed)) == expected
     else:
         assert sorted(pod.processed) == expected
-    assert pod.live == {}, "outputs left in scratch after the run"
+    assert pod.live == {} and pod.pool == {}, "outputs left in scratch after the run"
     assert pod.state.budget.usage == 0
 
 
@@ -649,3 +657,34 @@ def test_split_shares_cores_by_cost_and_predicts_the_pace():
     workers, pace = split({"source": 0.3, "a": 0.01}, cpus=2)
     assert workers == {"source": 2, "a": 1}  # at least one each
     assert pace == pytest.approx(2 / 0.31)
+
+
+def test_the_pool_hands_out_the_smallest_warm_file_that_holds_an_output():
+    from podpipe.engine.budget import Budget
+
+    budget = Budget(1000, 1)
+    budget.take(600)
+    small, large = budget.recycle(100), budget.recycle(500)
+    assert budget.pool == {small: 100, large: 500} and budget.usage == 600
+    assert budget.reuse(80) == small and budget.reuse(300) == large
+    assert budget.reuse(900) == large  # none holds it: the largest, all its pages reused
+    actions: list = []
+    budget.trim(600, keep=large, actions=actions)  # 600 more must fit: the small one goes
+    assert actions == [S.Unpool(small)] and budget.usage == 500
+    budget.drain(actions)
+    assert budget.pool == {} and budget.usage == 0 and actions[-1] == S.Unpool(large)
+    assert budget.has_room([]) is True
+
+
+def test_a_pooled_file_is_written_over_by_the_next_output():
+    pod = Pod(CHAIN, 6, 10**6, lambda n, b: 10, random.Random(2))
+    reused = []
+    apply = pod.apply
+
+    def watching(actions):
+        reused.extend(a.reuse for a in actions if isinstance(a, S.Grant) and a.reuse)
+        apply(actions)
+    pod.apply = watching
+    assert isinstance(pod.run(), S.Finished)
+    assert reused, "no output was written over a warm file"
+    assert pod.pool == {} and pod.state.budget.usage == 0

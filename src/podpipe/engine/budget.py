@@ -13,6 +13,10 @@ which output).
 
 from __future__ import annotations
 
+from podpipe.engine.events import Unpool
+
+POOL_FILES = 16  # warm files kept at most
+
 
 class Budget:
     def __init__(self, limit: int, per_batch_nodes: int) -> None:
@@ -25,6 +29,10 @@ class Budget:
         self.on_line: dict[int, int] = {}   # batch -> tasks left on the line
         self.produced: dict[int, int] = {}  # batch -> bytes made so far
         self.footprint: int | None = None   # most bytes one batch made over the whole line
+        # Files of outputs no one reads any more, kept to be written over (their pages
+        # are warm): id -> bytes, oldest first. Counted in `usage`, given up first.
+        self.pool: dict[int, int] = {}
+        self.pooled = 0  # ids handed out
 
     # -- bytes ------------------------------------------------------------------
 
@@ -77,7 +85,44 @@ class Budget:
             # A guess too low only costs time: a jammed line gives up its newest batch.
             footprint = max(first_sizes) * self.per_batch_nodes
         coming = sum(max(0, footprint - self.produced.get(b, 0)) for b in self.on_line)
-        return self.usage + coming + footprint <= self.limit
+        free = self.usage - sum(self.pool.values())  # the pool gives way to any batch
+        return free + coming + footprint <= self.limit
+
+    # -- the pool of warm files ---------------------------------------------------
+
+    def recycle(self, nbytes: int) -> int | None:
+        """Keep a freed output's `nbytes` as a pooled file; its id, or None if the pool
+        is full (then the file is deleted and its bytes given back)."""
+        if len(self.pool) >= POOL_FILES:
+            self.give(nbytes)
+            return None
+        self.pooled += 1
+        self.pool[self.pooled] = nbytes
+        return self.pooled
+
+    def reuse(self, want: int) -> int | None:
+        """The pooled file to write an output of `want` bytes over: the smallest that
+        holds it, else the largest (its pages are all reused); None if the pool is
+        empty. Taken from the pool: its bytes now count toward the output's."""
+        if not self.pool:
+            return None
+        holding = [(n, i) for i, n in self.pool.items() if n >= want]
+        _, chosen = min(holding) if holding else max((n, i) for i, n in self.pool.items())
+        return chosen
+
+    def trim(self, need: int, keep: int | None, actions: list) -> None:
+        """Give up pooled files (oldest first, not `keep`) until `need` more bytes fit."""
+        for pooled in [i for i in self.pool if i != keep]:
+            if self.fits(need):
+                return
+            self.give(self.pool.pop(pooled))
+            actions.append(Unpool(pooled))
+
+    def drain(self, actions: list) -> None:
+        """The run is over: every pooled file goes."""
+        for pooled in list(self.pool):
+            self.give(self.pool.pop(pooled))
+            actions.append(Unpool(pooled))
 
     def victim(self, waiting: list[int], running: set[int]) -> int | None:
         """The batch to give up so that an older one waiting for RAM can move: the

@@ -153,6 +153,7 @@ class Dispatch:
 class Grant:
     node: str
     worker: int = 0
+    reuse: int | None = None  # a pooled file to write the output over (warm pages)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,22 @@ class Deny:
 @dataclass(frozen=True)
 class Delete:
     path: str
+
+
+@dataclass(frozen=True)
+class Recycle:
+    """An output no one reads any more: keep its file as `pooled` (its pages stay
+    in RAM, counted in the budget) for a later output to be written over."""
+
+    path: str
+    pooled: int
+
+
+@dataclass(frozen=True)
+class Unpool:
+    """Free the pooled file `pooled` (the budget needs its room, or the run ends)."""
+
+    pooled: int
 
 
 @dataclass(frozen=True)
@@ -267,5 +284,5 @@ class RemoveWorker:
     worker: int
 
 
-Action = (Dispatch | Grant | Deny | Delete | Spill | Keep | Restart | Kill | Replace | Stop |
-          Hold | Forget | Finished | Failed | AddWorker | RemoveWorker)
+Action = (Dispatch | Grant | Deny | Delete | Recycle | Unpool | Spill | Keep | Restart | Kill |
+          Replace | Stop | Hold | Forget | Finished | Failed | AddWorker | RemoveWorker)

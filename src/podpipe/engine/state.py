@@ -30,7 +30,7 @@ from podpipe.engine.budget import Budget
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady,
                                    Delete, Dispatch, Event, Failed, Finished, Grant, Hold,
                                    Imported, Keep, Key, Kill, Recompute, Replace, Reshaped,
-                                   Restart, SpaceRequested, SwapRequested, TaskDone,
+                                   Recycle, Restart, SpaceRequested, SwapRequested, TaskDone,
                                    TaskFailed, TaskTimedOut, Tick)
 from podpipe.engine.workers import Pool
 from podpipe.engine.keys import Keys
@@ -186,6 +186,7 @@ class RunState:
         self.grant_waiting(actions)
         self.dispatch(actions)
         if self.finished:
+            self.budget.drain(actions)
             self.outcome = Finished()
             actions.append(self.outcome)
         elif jam.stuck(self):
@@ -292,11 +293,19 @@ class RunState:
         # Downstream first: granting them frees their inputs soonest.
         for node in reversed(self.graph.order):
             for worker, agent in sorted(self.agents[node].items()):
-                if agent.status != WAITING or not self.budget.fits(agent.want):
+                if agent.status != WAITING:
                     continue
-                self.budget.take(agent.want)
+                budget = self.budget
+                reuse = budget.reuse(agent.want)
+                need = agent.want - (budget.pool[reuse] if reuse is not None else 0)
+                budget.trim(need, reuse, actions)
+                if not budget.fits(need):
+                    continue
+                if reuse is not None:  # its bytes become the output's
+                    budget.give(budget.pool.pop(reuse))
+                budget.take(agent.want)
                 agent.status, agent.reserved, agent.want = RUNNING, agent.want, 0
-                actions.append(Grant(node, worker))
+                actions.append(Grant(node, worker, reuse))
 
     def _import(self, event: Imported) -> None:
         key = (event.node, event.shard)
@@ -363,8 +372,9 @@ class RunState:
         output = self.outputs.pop(key)
         del self.unread[key]
         if output.tier == "ram":  # the node tier keeps its copies for the run
-            self.budget.give(output.nbytes)
-            actions.append(Delete(output.path))
+            pooled = self.budget.recycle(output.nbytes)  # its pages, for a later output
+            actions.append(Delete(output.path) if pooled is None
+                           else Recycle(output.path, pooled))
 
     def maybe_ready(self, node: str, key: int) -> None:
         if key in self.done[node] or key in self.ready[node] or key not in self.keys(node):

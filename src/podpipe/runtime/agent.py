@@ -321,6 +321,8 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
             return
         started += time.perf_counter() - asked  # waiting for RAM is not work
         path, tier = Path(grant.path or task.output), grant.tier
+        if grant.reuse is not None and (written or tier != "ram"):
+            Path(grant.reuse).unlink(missing_ok=True)  # a file of its own: not used
         if written and tier == "ram":
             os.rename(written, path)
         elif written:  # spilled to the node tier: another filesystem
@@ -330,7 +332,8 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
             rows, checksum = arrowfile.read_table(path).num_rows, arrowfile.checksum(path)
         elif isinstance(result, pa.Table):
             try:
-                nbytes, checksum = arrowfile.write_table(result, path)
+                nbytes, checksum = arrowfile.write_table(
+                    result, path, grant.reuse if tier == "ram" else None)
             except OSError as exc:
                 protocol.send(sock, protocol.Failed(
                     batch=batch, message=f"cannot write {path}: {exc.strerror or exc}"))

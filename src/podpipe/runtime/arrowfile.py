@@ -49,15 +49,27 @@ class _HashingFile:
         self.closed = True
 
 
-def write_table(table: pa.Table, path: str | Path) -> tuple[int, str]:
-    """Write `table` to `path` atomically; returns (bytes, xxh3 checksum)."""
+def write_table(table: pa.Table, path: str | Path,
+                reuse: str | Path | None = None) -> tuple[int, str]:
+    """Write `table` to `path` atomically; returns (bytes, xxh3 checksum). `reuse`: a
+    file of ours to write over instead of a new one (tmpfs pages already allocated
+    are about twice as fast to write as fresh ones); it is gone afterwards either way."""
     with files.publishing(Path(path)) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW)
+        flags = os.O_WRONLY | os.O_NOFOLLOW
+        if reuse is not None:
+            try:
+                os.replace(reuse, tmp)  # the warm file takes the temporary name
+            except FileNotFoundError:
+                flags |= os.O_TRUNC
+        else:
+            flags |= os.O_TRUNC
+        fd = os.open(tmp, flags)
         try:
             raw = _HashingFile(fd)
             with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:
                 writer.write_table(table)
             nbytes = os.lseek(fd, 0, os.SEEK_CUR)
+            os.ftruncate(fd, nbytes)  # a longer warm file gives back what it had over
         finally:
             os.close(fd)
     return nbytes, raw.hash.hexdigest()

@@ -102,6 +102,7 @@ class Reserve(_Message, tag="reserve"):
 class Grant(_Message, tag="grant"):
     path: str | None = None  # elsewhere than the task's output: a spill
     tier: str = "ram"
+    reuse: str | None = None  # a freed output's file to write over (its pages are warm)
 
 
 class Deny(_Message, tag="deny"):

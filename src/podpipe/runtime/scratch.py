@@ -130,6 +130,7 @@ class Scratch:
     def _claim(self, run_id: str | None) -> "Scratch":
         path = self.path
         (path / "data").mkdir(mode=0o700, exist_ok=True)
+        (path / "pool").mkdir(mode=0o700, exist_ok=True)
         owner = {"pid": os.getpid(), "start": process_start(os.getpid()), "run_id": run_id}
         files.publish(path / OWNER, json.dumps(owner))
         return self
@@ -146,6 +147,10 @@ class Scratch:
 
     def output_path(self, node: str, batch: int) -> Path:
         return self.output_dir(node) / f"{batch:06d}.arrow"
+
+    def pool_path(self, pooled: int) -> Path:
+        """Where a freed output's file waits to be written over (warm pages)."""
+        return self.path / "pool" / f"{pooled:08d}.arrow"
 
     def usage(self) -> int:
         """Bytes of files under the scratch directory, as the filesystem counts them."""

@@ -19,6 +19,7 @@ runs with (restarts, workers, cores). It never touches batch data.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -263,13 +264,22 @@ class Conductor:
         if isinstance(action, ev.Dispatch):
             self._dispatch(action)
         elif isinstance(action, ev.Grant):
-            self.agents.send(agent_name(action.node, action.worker), protocol.Grant())
+            reuse = None if action.reuse is None else \
+                str(self.run.scratch.pool_path(action.reuse))
+            self.agents.send(agent_name(action.node, action.worker), protocol.Grant(reuse=reuse))
             self.timeline.granted(agent_name(action.node, action.worker))
         elif isinstance(action, ev.Deny):
             self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
             self.timeline.ended(agent_name(action.node, action.worker), "denied")
         elif isinstance(action, ev.Delete):
             Path(action.path).unlink(missing_ok=True)
+        elif isinstance(action, ev.Recycle):
+            try:
+                os.rename(action.path, self.run.scratch.pool_path(action.pooled))
+            except FileNotFoundError:
+                pass  # (a grant of it then finds no file: the output is written anew)
+        elif isinstance(action, ev.Unpool):
+            self.run.scratch.pool_path(action.pooled).unlink(missing_ok=True)
         elif isinstance(action, ev.Spill):
             path = tiers.path_for(self.run.run_dir, action.node, action.batch)
             files.private_dirs(path.parent)
