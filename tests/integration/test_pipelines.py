@@ -169,3 +169,17 @@ def test_progress_and_summary_are_shown_without_quiet(workdir):
     for text in ("succeeded", "RAM scratch", "read: from it, zero-copy", "10/10"):
         assert text in done.stdout
     assert pc.sum(read_sink(workdir / "out")["x"]).as_py() == 2 * sum(range(10_000))
+
+
+def test_inputs_a_stage_keeps_stay_as_they_were(workdir):
+    """Outputs are written over warm files once read: never over one a stage's code
+    still holds (the agent reports it pinned)."""
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "double", "run": "pystages:double", "inputs": ["source"], "workers": 1},
+         {"name": "keep", "run": "pystages:keeps_inputs", "inputs": ["source"],
+          "workers": 1}],
+        [{"input": "double", "uri": "out/"}, {"name": "kept", "input": "keep",
+                                                "uri": "kept/"}], batch_rows=500))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    assert read_sink(workdir / "kept")["x"].to_pylist() == list(range(10_000))

@@ -178,3 +178,18 @@ def tag_v1_gated(t: pa.Table) -> pa.Table:
     while not os.path.exists(os.environ["GATE"]):
         time.sleep(0.02)
     return _tag(t, "v1")
+
+
+_SEEN: list[pa.Table] = []
+
+
+def keeps_inputs(t: pa.Table) -> pa.Table:
+    """Keeps every input it was given (a cache, as stage code may have) and checks
+    that the earlier ones still hold what they held: zero-copy inputs must not
+    change under a stage that keeps them."""
+    for earlier in _SEEN:
+        first = earlier["x"][0].as_py()
+        if earlier["x"].to_pylist() != list(range(first, first + earlier.num_rows)):
+            raise AssertionError(f"a kept input from x={first} changed under the stage")
+    _SEEN.append(t)
+    return t

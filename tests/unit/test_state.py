@@ -105,6 +105,8 @@ class Pod:
             elif isinstance(action, S.Delete):
                 del self.live[action.path]
             elif isinstance(action, S.Recycle):
+                # never a file the node tier is copying (it reads the same pages)
+                assert action.path.rpartition("/")[0] not in self.state.keep, action
                 self.pool[action.pooled] = self.live.pop(action.path)
             elif isinstance(action, S.Unpool):
                 del self.pool[action.pooled]

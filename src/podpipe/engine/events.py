@@ -41,6 +41,7 @@ class TaskDone:
     batch: int
     output: Output | None  # None for sinks
     worker: int = 0
+    pinned: tuple[str, ...] = ()  # inputs the stage's code still maps: never overwritten
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ class RunState:
         self.stale: set[int] = set()  # on the line, to redo once off it (rework)
         self.obsolete: set[Key] = set()  # in-flight tasks whose result is void (rework)
         self.swapped: set[str] = set()   # stages running a swapped-in version
+        self.pinned: set[Key] = set()    # outputs a stage's code still maps: not recycled
         self.outcome: Action | None = None
 
     def add_node(self, node: str, workers: int | None = 1) -> None:
@@ -352,6 +353,8 @@ class RunState:
             if not self.unread[key]:
                 self.delete(key, actions)
         for key in self.input_keys(node, batch):
+            if key in self.outputs and self.outputs[key].path in event.pinned:
+                self.pinned.add(key)
             readers = self.unread.get(key)
             if readers is not None:
                 readers.discard(node)
@@ -371,7 +374,12 @@ class RunState:
     def delete(self, key: Key, actions: list[Action]) -> None:
         output = self.outputs.pop(key)
         del self.unread[key]
-        if output.tier == "ram":  # the node tier keeps its copies for the run
+        pinned = key in self.pinned or output.node in self.keep  # someone else maps it:
+        self.pinned.discard(key)                                  # a copy to the node
+        if output.tier == "ram" and pinned:                       # tier, a stage's cache
+            self.budget.give(output.nbytes)
+            actions.append(Delete(output.path))
+        elif output.tier == "ram":  # the node tier keeps its copies for the run
             pooled = self.budget.recycle(output.nbytes)  # its pages, for a later output
             actions.append(Delete(output.path) if pooled is None
                            else Recycle(output.path, pooled))

@@ -10,6 +10,7 @@ no bytes are copied however large the batch.
 from __future__ import annotations
 
 import mmap
+import weakref
 import os
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,15 @@ def checksum(path: str | Path) -> str:
 def read_table(path: str | Path) -> pa.Table:
     """The table in an IPC file, memory-mapped: zero-copy, O(1) in the batch size."""
     return pa.ipc.open_file(pa.BufferReader(_mapped(path))).read_all()
+
+
+def read_watched(path: str | Path) -> tuple[pa.Table, weakref.ref]:
+    """`read_table`, and a weak reference to its mapping: alive as long as anything
+    (a table, a slice, a stage's own cache) still uses the file's pages."""
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    watch = weakref.ref(mapping)
+    return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapping))).read_all(), watch
 
 
 def read_any_ipc(path: str | Path) -> pa.Table:

@@ -121,6 +121,7 @@ class Done(_Message, tag="done"):
     batch: int
     output: Output | None
     stats: Stats
+    pinned: list[str] = []  # inputs the stage's code still holds: not to be written over
 
 
 class Failed(_Message, tag="failed"):

@@ -47,7 +47,8 @@ def to_event(name: str, message: protocol.Message, spec_file: str) -> ev.Event |
     if isinstance(message, protocol.Reserve):
         return ev.SpaceRequested(node, message.batch, message.nbytes, worker)
     if isinstance(message, protocol.Done):
-        return ev.TaskDone(node, message.batch, message.output, worker)
+        return ev.TaskDone(node, message.batch, message.output, worker,
+                           tuple(message.pinned))
     if isinstance(message, protocol.Failed):
         return ev.TaskFailed(node, message.batch, message.message, message.input_error,
                              message.traceback, worker)
