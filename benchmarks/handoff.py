@@ -29,10 +29,29 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from podpipe.runtime import arrowfile, protocol
+from podpipe.runtime import arrowfile
 
 RESULTS = Path(__file__).parent / "results"
 PAUSE_S = 0.25
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    """A length-prefixed JSON message (the benchmark's own wire: podpipe's typed one
+    carries no timestamps; the framing costs the same)."""
+    data = json.dumps(message).encode()
+    sock.sendall(len(data).to_bytes(4, "big") + data)
+
+
+def _recv(sock: socket.socket) -> dict:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+    return json.loads(exactly(int.from_bytes(exactly(4), "big")))
 
 
 def _table(nbytes: int) -> pa.Table:
@@ -54,10 +73,10 @@ def producer(sock_path: str, sizes: list[int], repeat: int, folder: str) -> None
             # wake slower (deeper CPU idle states, colder caches), which is not a
             # cost of the handoff.
             time.sleep(PAUSE_S)
-            protocol.send(sock, {"type": "done", "path": path, "nbytes": nbytes,
+            _send(sock, {"type": "done", "path": path, "nbytes": nbytes,
                                  "t": time.monotonic_ns()})
-            protocol.recv(sock)  # wait until the consumer is done with it
-    protocol.send(sock, {"type": "stop"})
+            _recv(sock)  # wait until the consumer is done with it
+    _send(sock, {"type": "stop"})
 
 
 def relay(listener: socket.socket) -> None:
@@ -65,11 +84,11 @@ def relay(listener: socket.socket) -> None:
     prod, _ = listener.accept()
     cons, _ = listener.accept()
     while True:
-        message = protocol.recv(prod)
-        protocol.send(cons, message)
+        message = _recv(prod)
+        _send(cons, message)
         if message["type"] == "stop":
             return
-        protocol.send(prod, protocol.recv(cons))
+        _send(prod, _recv(cons))
 
 
 def consumer(sock_path: str, out: str) -> None:
@@ -77,7 +96,7 @@ def consumer(sock_path: str, out: str) -> None:
     sock.connect(sock_path)
     rows = []
     while True:
-        message = protocol.recv(sock)
+        message = _recv(sock)
         received = time.monotonic_ns()
         if message["type"] == "stop":
             break
@@ -94,7 +113,7 @@ def consumer(sock_path: str, out: str) -> None:
                      "copy_read_ns": copy_ns})
         del table, copied
         os.unlink(message["path"])
-        protocol.send(sock, {"type": "ack"})
+        _send(sock, {"type": "ack"})
     Path(out).write_text(json.dumps(rows))
 
 
