@@ -298,14 +298,16 @@ class RunState:
                     continue
                 budget = self.budget
                 reuse = budget.reuse(agent.want)
-                need = agent.want - (budget.pool[reuse] if reuse is not None else 0)
+                warm = budget.pool[reuse] if reuse is not None else 0
+                need = max(0, agent.want - warm)  # a warm file's bytes are counted already
                 budget.trim(need, reuse, actions)
                 if not budget.fits(need):
                     continue
-                if reuse is not None:  # its bytes become the output's
-                    budget.give(budget.pool.pop(reuse))
-                budget.take(agent.want)
-                agent.status, agent.reserved, agent.want = RUNNING, agent.want, 0
+                if reuse is not None:  # the warm file is the output's until it is done
+                    del budget.pool[reuse]  # (a larger one is truncated only then)
+                budget.take(need)
+                agent.status, agent.reserved = RUNNING, max(agent.want, warm)
+                agent.want = 0
                 actions.append(Grant(node, worker, reuse))
 
     def _import(self, event: Imported) -> None:

@@ -153,15 +153,18 @@ class Scratch:
         return self.path / "pool" / f"{pooled:08d}.arrow"
 
     def usage(self) -> int:
-        """Bytes of files under the scratch directory, as the filesystem counts them."""
-        total = 0
+        """Bytes of files under the scratch directory, as the filesystem counts them;
+        each file once, by inode (one moved between folders while this walks them —
+        an output to the pool of warm files and back — is still one file)."""
+        blocks: dict[int, int] = {}
         for folder, _, names in os.walk(self.path):
             for name in names:
                 try:
-                    total += os.stat(os.path.join(folder, name)).st_blocks * 512
+                    found = os.stat(os.path.join(folder, name))
                 except FileNotFoundError:
-                    pass
-        return total
+                    continue
+                blocks[found.st_ino] = found.st_blocks * 512
+        return sum(blocks.values())
 
     def remove(self) -> None:
         if not self.volume:
