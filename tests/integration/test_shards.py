@@ -57,9 +57,13 @@ def test_the_global_result_is_byte_identical_for_one_two_and_three_replicas(line
     pods = statuses[3]["pods"]
     assert [(p["ordinal"], p["shards"], p["state"]) for p in pods] == [
         (0, [0, 3, 6], "succeeded"), (1, [1, 4, 7], "succeeded"), (2, [2, 5], "succeeded")]
-    assert len({pid for p in pods for pid in p["pids"]}) == 3 * 8  # own conductor, 7 nodes
+    every = {pid for p in pods for pid in p["pids"]}
     for pod in pods:  # each pod ran the batches of its shards, and only those
         own = json.loads((Path(pod["run_dir"]) / "status.json").read_text())
+        # its own conductor and each node's workers (`auto`: at least one each)
+        assert len(pod["pids"]) == 1 + sum(s["workers"] for s in own["stages"].values()) >= 8
+        assert {pid for p in pods if p is not pod for pid in p["pids"]}.isdisjoint(
+            pod["pids"]) and set(pod["pids"]) <= every
         assert own["stages"]["source"]["batches_total"] == \
             sum(len(range(s, n, 8)) for s in pod["shards"])
         assert own["stages"]["total"]["batches_total"] == (1 if pod["ordinal"] == 0 else 0)
