@@ -110,6 +110,23 @@ class Budget:
         _, chosen = min(holding) if holding else max((n, i) for i, n in self.pool.items())
         return chosen
 
+    def grant(self, want: int, actions: list) -> tuple[int | None, int] | None:
+        """Room for an output of `want` bytes, over a warm file if there is one (its
+        bytes are counted already; a larger one is truncated only once the output is
+        written, so the reservation is the larger of the two), pooled files given up
+        if that makes it fit: (the warm file or None, bytes reserved); None if it
+        does not fit."""
+        reuse = self.reuse(want)
+        warm = self.pool[reuse] if reuse is not None else 0
+        need = max(0, want - warm)
+        self.trim(need, reuse, actions)
+        if not self.fits(need):
+            return None
+        if reuse is not None:
+            del self.pool[reuse]
+        self.take(need)
+        return reuse, max(want, warm)
+
     def trim(self, need: int, keep: int | None, actions: list) -> None:
         """Give up pooled files (oldest first, not `keep`) until `need` more bytes fit."""
         for pooled in [i for i in self.pool if i != keep]:

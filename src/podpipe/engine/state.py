@@ -296,18 +296,11 @@ class RunState:
             for worker, agent in sorted(self.agents[node].items()):
                 if agent.status != WAITING:
                     continue
-                budget = self.budget
-                reuse = budget.reuse(agent.want)
-                warm = budget.pool[reuse] if reuse is not None else 0
-                need = max(0, agent.want - warm)  # a warm file's bytes are counted already
-                budget.trim(need, reuse, actions)
-                if not budget.fits(need):
+                granted = self.budget.grant(agent.want, actions)
+                if granted is None:
                     continue
-                if reuse is not None:  # the warm file is the output's until it is done
-                    del budget.pool[reuse]  # (a larger one is truncated only then)
-                budget.take(need)
-                agent.status, agent.reserved = RUNNING, max(agent.want, warm)
-                agent.want = 0
+                reuse, agent.reserved = granted
+                agent.status, agent.want = RUNNING, 0
                 actions.append(Grant(node, worker, reuse))
 
     def _import(self, event: Imported) -> None:

@@ -18,8 +18,9 @@ import yaml
 from podpipe.errors import SpecError
 from podpipe.model import locations
 from podpipe.model.graph import Graph
-from podpipe.model.pipeline import (DEFAULT_RETRIES, NAME, SOURCE, Checkpoints, Pipeline,
+from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
                                      Resources, Sink, Source, Stage)
+from podpipe.model.fields import Reader, kind
 from podpipe.model.sizes import parse_size
 
 API_VERSION = "podpipe/v1alpha1"
@@ -31,11 +32,9 @@ SOURCE_FORMATS = ("parquet", "csv", "arrow")
 MAX_SPEC_BYTES = 1 << 20
 MAX_SHARDS = 100_000
 MAX_BATCH_ROWS = 1 << 31
-MAX_WORKERS = 256  # processes of one node
 
 # A stage's name becomes a process name, a directory in scratch and, on
 # Kubernetes, a container name: so it must be a DNS-1123 label.
-_NAME = NAME
 _CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or millicores
 
@@ -81,99 +80,13 @@ def parse(raw: bytes | str, *, file: str = "spec", overrides=()) -> Pipeline:
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(f"invalid YAML: {problem}", file=file,
                         line=mark.line + 1 if mark else None) from None
-    reader = _Reader(file, root)
+    reader = Reader(file, root)
     for item in overrides:
         document = _apply_override(document, item, reader)
     return _pipeline(reader, document)
 
 
-class _Reader:
-    """Checks values and raises SpecError with the field's path and YAML line."""
-
-    def __init__(self, file: str, root: yaml.Node | None) -> None:
-        self.file, self.root = file, root
-
-    def fail(self, path: str, message: str) -> SpecError:
-        return SpecError(message, file=self.file, field=path or None, line=self._line(path))
-
-    def _line(self, path: str) -> int | None:
-        node = self.root
-        for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-            if isinstance(node, yaml.MappingNode):
-                node = next((v for k, v in node.value if k.value == part), None)
-            elif isinstance(node, yaml.SequenceNode) and part.startswith("["):
-                index = int(part[1:-1])
-                node = node.value[index] if index < len(node.value) else None
-            else:
-                node = None
-            if node is None:
-                return None
-        return node.start_mark.line + 1 if node is not None else None
-
-    def mapping(self, path: str, value: Any, allowed: set[str], required: set[str]) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping with fields {sorted(allowed)}, "
-                                  f"got {_kind(value)}")
-        for key in value:
-            if key not in allowed:
-                raise self.fail(_join(path, str(key)),
-                                f"unknown field {key!r}; expected one of {sorted(allowed)}")
-        for key in sorted(required):
-            if key not in value:
-                raise self.fail(path, f"missing required field {key!r}")
-        return value
-
-    def string(self, path: str, value: Any) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.fail(path, f"expected a non-empty string, got {_kind(value)}")
-        return value
-
-    def integer(self, path: str, value: Any, minimum: int = 1,
-                maximum: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(path, f"expected an integer >= {minimum}, got {value!r}")
-        if maximum is not None and value > maximum:
-            raise self.fail(path, f"expected at most {maximum:,}, got {value:,}")
-        return value
-
-    def seconds(self, path: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise self.fail(path, f"expected seconds > 0, got {value!r}")
-        return float(value)
-
-    def boolean(self, path: str, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(path, f"expected true or false, got {value!r}")
-        return value
-
-    def strings(self, path: str, value: Any) -> tuple[str, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.fail(path, f"expected a non-empty list of strings, got {_kind(value)}")
-        return tuple(self.string(f"{path}[{i}]", item) for i, item in enumerate(value))
-
-    def workers(self, path: str, value: Any) -> int | None:
-        """A node's `workers`: a whole number from 1, or `auto` (None)."""
-        if value == "auto":
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not \
-                1 <= value <= MAX_WORKERS:
-            raise self.fail(path, f"expected 'auto' or a whole number of worker processes "
-                                  f"from 1 to {MAX_WORKERS}, got {value!r}")
-        return value
-
-    def name(self, path: str, value: Any) -> str:
-        text = self.string(path, value)
-        if not _NAME.match(text):
-            hint = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63]
-            raise self.fail(path, f"invalid name {text!r}: a name is also a process's, a "
-                                  "folder's and, on Kubernetes, a container's (a DNS label): "
-                                  "lower-case letters, digits and '-', starting and ending "
-                                  "with a letter or digit, at most 63 characters"
-                                  + (f"; e.g. {hint!r}" if _NAME.match(hint) else ""))
-        return text
-
-
-def _pipeline(r: _Reader, doc: Any) -> Pipeline:
+def _pipeline(r: Reader, doc: Any) -> Pipeline:
     doc = r.mapping("", doc, {"apiVersion", "kind", "metadata", "spec"},
                     {"apiVersion", "kind", "metadata", "spec"})
     if doc["apiVersion"] != API_VERSION:
@@ -213,7 +126,7 @@ def _pipeline(r: _Reader, doc: Any) -> Pipeline:
     return pipeline
 
 
-def _source(r: _Reader, value: Any) -> Source:
+def _source(r: Reader, value: Any) -> Source:
     src = r.mapping("spec.source", value, {"uri", "format", "batchRows", "columns", "workers"},
                     {"uri"})
     uri = r.string("spec.source.uri", src["uri"])
@@ -244,9 +157,9 @@ SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to b
 SCOPES = ("shard", "global")
 
 
-def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
+def _stages(r: Reader, value: Any) -> tuple[Stage, ...]:
     if not isinstance(value, list) or not value:
-        raise r.fail("spec.stages", f"expected a non-empty list of stages, got {_kind(value)}")
+        raise r.fail("spec.stages", f"expected a non-empty list of stages, got {kind(value)}")
     stages, seen = [], set()
     for i, item in enumerate(value):
         path = f"spec.stages[{i}]"
@@ -303,7 +216,7 @@ def _stages(r: _Reader, value: Any) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def _cpus(r: _Reader, value: Any) -> float | None:
+def _cpus(r: Reader, value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -312,7 +225,7 @@ def _cpus(r: _Reader, value: Any) -> float | None:
     return float(value)
 
 
-def _resources(r: _Reader, path: str, value: Any) -> Resources:
+def _resources(r: Reader, path: str, value: Any) -> Resources:
     res = r.mapping(path, value, {"cpu", "memory"}, set())
     cpu = res.get("cpu")
     if cpu is not None:
@@ -329,9 +242,9 @@ def _resources(r: _Reader, path: str, value: Any) -> Resources:
     return Resources(cpu=cpu, memory=memory)
 
 
-def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...]:
+def _sinks(r: Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...]:
     if not isinstance(value, list) or not value:
-        raise r.fail("spec.sinks", f"expected a non-empty list of sinks, got {_kind(value)}")
+        raise r.fail("spec.sinks", f"expected a non-empty list of sinks, got {kind(value)}")
     names = {s.name for s in stages}
     sinks = []
     for i, item in enumerate(value):
@@ -357,7 +270,7 @@ def _sinks(r: _Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...
     return tuple(sinks)
 
 
-def _checkpoints(r: _Reader, value: Any) -> Checkpoints:
+def _checkpoints(r: Reader, value: Any) -> Checkpoints:
     ck = r.mapping("spec.checkpoints", value, {"node", "durable", "everyBatches", "interval",
                                                "keep", "reuse", "required"}, set())
     interval = r.seconds("spec.checkpoints.interval", ck.get("interval", 30.0))
@@ -380,7 +293,7 @@ def _checkpoints(r: _Reader, value: Any) -> Checkpoints:
     )
 
 
-def _apply_override(doc: Any, item: str, r: _Reader) -> Any:
+def _apply_override(doc: Any, item: str, r: Reader) -> Any:
     """`--set stages.filter.run=m:f`: a dotted path under `spec` (or from the top
     when it starts with apiVersion/kind/metadata/spec); list items by `name`."""
     key, sep, text = item.partition("=")
@@ -428,14 +341,3 @@ def _index(items: list, part: str) -> int | None:
         return int(part) if int(part) < len(items) else None
     return next((i for i, item in enumerate(items)
                  if isinstance(item, dict) and item.get("name") == part), None)
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", str: f"the string {value!r}",
-            bool: f"{str(value).lower()}"}.get(type(value), f"{value!r}")

@@ -283,30 +283,11 @@ class _Stopped(Exception):
     """Told to stop in the middle of a task."""
 
 
-class _Watched:
-    """The inputs of a task, mapped, with a weak reference to each mapping: after the
-    task, those still alive are *pinned* — kept by the stage's own code (a cache of
-    an earlier batch) — and their files must not be written over (warm pages)."""
-
-    def __init__(self) -> None:
-        self.watches: list[tuple[str, Any]] = []
-
-    def __call__(self, path: str) -> pa.Table:
-        table, watch = arrowfile.read_watched(path)
-        self.watches.append((path, watch))
-        return table
-
-    def pinned(self) -> list[str]:
-        pinned = [path for path, watch in self.watches if watch() is not None]
-        self.watches = []
-        return pinned
-
-
 def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
           schemas: SchemaCheck) -> None:
     batch, started, memo = task.batch, time.perf_counter(), task.memo
     reused = False
-    watched = _Watched()
+    watched = arrowfile.Watched()
     sys.stderr.write(logline.task_line(batch, "started"))
     try:
         inputs = [[watched(p) for p in group] for group in task.inputs]
@@ -368,7 +349,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
     stats.reused = int(reused)
     stats.busy = time.perf_counter() - started
     _logged(batch, "done", f"{stats.rows_out:,} rows, {stats.busy:.3f} s")
-    del inputs, result  # what the task mapped is let go here (see `_Watched`)
+    del inputs, result  # what the task mapped is let go here (`Watched`)
     protocol.send(sock, protocol.Done(batch=batch, output=output, stats=stats,
                                       pinned=watched.pinned()))
 

@@ -97,13 +97,25 @@ def read_table(path: str | Path) -> pa.Table:
     return pa.ipc.open_file(pa.BufferReader(_mapped(path))).read_all()
 
 
-def read_watched(path: str | Path) -> tuple[pa.Table, weakref.ref]:
-    """`read_table`, and a weak reference to its mapping: alive as long as anything
-    (a table, a slice, a stage's own cache) still uses the file's pages."""
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-    watch = weakref.ref(mapping)
-    return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapping))).read_all(), watch
+class Watched:
+    """`read_table` for a task's inputs, keeping a weak reference to each mapping:
+    after the task, those still alive are *pinned* — held by the stage's own code
+    (a cache of an earlier batch) — and their files must not be written over."""
+
+    def __init__(self) -> None:
+        self.watches: list[tuple[str, weakref.ref]] = []
+
+    def __call__(self, path: str) -> pa.Table:
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        self.watches.append((path, weakref.ref(mapping)))
+        return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapping))).read_all()
+
+    def pinned(self) -> list[str]:
+        """The inputs still mapped (call once the task let go of its own references)."""
+        pinned = [path for path, watch in self.watches if watch() is not None]
+        self.watches = []
+        return pinned
 
 
 def read_any_ipc(path: str | Path) -> pa.Table:
