@@ -45,3 +45,27 @@ def test_a_sink_with_a_new_uri_is_changed():
 def test_what_a_running_run_cannot_take_is_refused_saying_why(new, message):
     with pytest.raises(UsageError, match=message):
         change.diff(_p(BASE), new)
+
+
+def test_a_table_may_be_added_but_not_changed_under_a_running_run():
+    def pipeline(b_inputs: list[str], tables: list[dict], more: list[dict] = ()):
+        sinks = [{"input": "b", "uri": "out/"}] + [
+            {"name": f"{m['name']}-out", "input": m["name"], "uri": f"{m['name']}/"}
+            for m in more]
+        return specs.parse(yaml.safe_dump({
+            "apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+            "spec": {"source": {"uri": "x.parquet"}, "tables": tables,
+                     "stages": [{"name": "a", "run": "m:f", "inputs": ["source"]},
+                                {"name": "b", "run": "m:f", "inputs": b_inputs}, *more],
+                     "sinks": sinks}}))
+
+    before = pipeline(["a"], [])
+    dim = {"name": "dim", "uri": "dim.parquet"}
+    reader = {"name": "c", "run": "m:f", "inputs": ["a", "dim"]}
+    with pytest.raises(UsageError, match="inputs changed"):  # b may not be rewired...
+        change.diff(before, pipeline(["a", "dim"], [dim]))
+    grown = pipeline(["a"], [dim], [reader])
+    added = change.diff(before, grown)  # ...but a new stage may read a new table
+    assert set(added.added) == {"dim", "c", "c-out"} and not added.changed
+    with pytest.raises(UsageError, match="table 'dim' changed"):
+        change.diff(grown, pipeline(["a"], [{**dim, "uri": "other.parquet"}], [reader]))

@@ -7,6 +7,7 @@ import yaml
 
 from podpipe.errors import SpecError
 from podpipe.model import spec as specs
+from podpipe.model.graph import Graph
 
 GOOD = """\
 apiVersion: podpipe/v1alpha1
@@ -197,3 +198,55 @@ def test_reuse_across_runs_needs_a_durable_tier_and_a_boolean(checkpoints, messa
     with pytest.raises(SpecError) as caught:
         specs.parse(yaml.safe_dump(doc))
     assert caught.value.field == "spec.checkpoints.reuse" and message in str(caught.value)
+
+
+TABLES = """\
+apiVersion: podpipe/v1alpha1
+kind: Pipeline
+metadata: {name: q12}
+spec:
+  source: {uri: "lineitem/*.parquet"}
+  tables:
+    - {name: orders, uri: orders/, columns: [o_orderkey, o_orderpriority]}
+  stages:
+    - {name: late, run: "m:late", inputs: [source]}
+    - {name: join, run: "m:join", inputs: [late, orders]}
+    - {name: count, run: "m:count", reduce: true, inputs: [join]}
+  sinks:
+    - {input: count, uri: out/}
+"""
+
+
+def test_a_table_is_a_node_every_task_of_its_readers_reads_whole():
+    pipeline = specs.parse(TABLES)
+    assert pipeline.table("orders").columns == ("o_orderkey", "o_orderpriority")
+    assert pipeline.table("orders").format == "parquet"
+    graph = Graph.of(pipeline)
+    assert graph.domain["orders"] == "table" and graph.domain["join"] == "batch"
+    assert graph.stages == ("late", "join", "count") and graph.tables == {"orders"}
+    assert graph.reduce_inputs() == ["join"]  # the reduce reads batches, not the table
+
+
+@pytest.mark.parametrize("edit,field,message", [
+    (("spec.tables.0.name", "join"), "spec.stages[1].name", "names a table already"),
+    (("spec.tables.0.name", "source"), "spec.tables[0].name", "reserved"),
+    (("spec.stages.1.inputs", ["late", "order"]), "spec.stages[1].inputs[1]",
+     "unknown input 'order'"),
+    (("spec.stages.1.inputs", ["orders"]), "spec.stages[1].inputs", "reads only tables"),
+    (("spec.sinks.0.input", "orders"), "spec.sinks[0].input", "a table is an input of stages"),
+    (("spec.stages.1.inputs", ["late"]), "spec.tables[0].name", "read by no stage"),
+    (("spec.tables.0.format", "xlsx"), "spec.tables[0].format", "expected one of"),
+    (("spec.tables.0.columns", []), "spec.tables[0].columns", "non-empty list"),
+    (("spec.sinks.0.uri", "orders/out/"), "spec.sinks[0].uri", "inside table 'orders'"),
+])
+def test_a_bad_table_is_refused_naming_it(edit, field, message):
+    doc = yaml.safe_load(TABLES)
+    node = doc
+    parts = edit[0].split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    node[parts[-1]] = edit[1]
+    with pytest.raises(SpecError) as caught:
+        specs.parse(yaml.safe_dump(doc), file="q12.yaml")
+    assert caught.value.field == field and message in str(caught.value), str(caught.value)
+    assert caught.value.exit_code == 2

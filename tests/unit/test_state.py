@@ -46,6 +46,22 @@ SHARDED = _pipeline([
     {"name": "per-batch", "input": "a", "uri": "o3/"}])
 
 
+def _with_tables(stages: list[dict], sinks: list[dict], tables: list[str]):
+    import yaml
+    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+           "spec": {"source": {"uri": "x.parquet"}, "stages": stages, "sinks": sinks,
+                    "tables": [{"name": t, "uri": f"{t}.parquet"} for t in tables]}}
+    return specs.parse(yaml.safe_dump(doc))
+
+
+JOINED = _with_tables([
+    {"name": "a", "run": "m:f", "inputs": ["source", "dim"]},
+    {"name": "b", "run": "m:f", "inputs": ["a", "dim", "codes"]},
+    {"name": "r", "run": "m:f", "reduce": True, "inputs": ["b", "codes"]},
+], [{"input": "r", "uri": "out/"}, {"name": "per-batch", "input": "a", "uri": "o2/"}],
+    ["dim", "codes"])
+
+
 def out(path: str, nbytes: int, tier: str = "ram") -> S.Output:
     """An output at `path` (named `node/key` in these tests)."""
     node, _, key = path.rpartition("/")
@@ -198,7 +214,7 @@ class Pod:
 
 
 @settings(max_examples=150, deadline=None)
-@given(pipeline=st.sampled_from([CHAIN, DIAMOND, SHARDED]), batches=st.integers(1, 12),
+@given(pipeline=st.sampled_from([CHAIN, DIAMOND, SHARDED, JOINED]), batches=st.integers(1, 12),
        seed=st.integers(0, 2**32), sizes=st.lists(st.integers(1, 100), min_size=1),
        tight=st.booleans(), crashes=st.integers(0, 3), workers=st.integers(1, 3))
 def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed, sizes, tight,
@@ -224,8 +240,9 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
         assert sorted(set(pod.processed)) == expected
     else:
         assert sorted(pod.processed) == expected
-    assert pod.live == {} and pod.pool == {}, "outputs left in scratch after the run"
-    assert pod.state.budget.usage == 0
+    tables = {path: n for path, n in pod.live.items() if path.split("/")[0] in graph.tables}
+    assert pod.live == tables and pod.pool == {}, "outputs left in scratch after the run"
+    assert pod.state.budget.usage == sum(tables.values())  # tables stay for the whole run
 
 
 def test_the_line_overlaps_batches_once_their_footprint_is_known():
@@ -690,3 +707,41 @@ def test_a_pooled_file_is_written_over_by_the_next_output():
     assert isinstance(pod.run(), S.Finished)
     assert reused, "no output was written over a warm file"
     assert pod.pool == {} and pod.state.budget.usage == 0
+
+
+def test_tables_load_before_any_batch_and_stay_for_the_run_once_each():
+    run = RunState(Graph.of(JOINED), 3, 10_000)
+    dispatched = [a.node for node in run.graph.order
+                  for a in run.handle(S.AgentReady(node)) if isinstance(a, S.Dispatch)]
+    assert dispatched == ["dim", "codes"]  # no source batch before the tables are in
+    pod = Pod(JOINED, 3, 10_000, lambda node, batch: 10, random.Random(1))
+    assert isinstance(pod.run(), S.Finished)
+    assert sorted(o.path for o in pod.state.outputs.values()) == ["codes/0", "dim/0"]
+    assert pod.state.budget.usage == 20
+
+
+def test_every_task_of_a_reader_is_handed_the_table():
+    graph = Graph.of(JOINED)
+    run = RunState(graph, 2, 10_000)
+    for node in graph.order:
+        run.handle(S.AgentReady(node))
+    for table in ("dim", "codes"):
+        run.handle(S.SpaceRequested(table, 0, 10))
+        run.handle(S.TaskDone(table, 0, out(f"{table}/0", 10)))
+    run.handle(S.SpaceRequested("source", 0, 10))
+    actions = run.handle(S.TaskDone("source", 0, out("source/0", 10)))
+    task = next(a for a in actions if isinstance(a, S.Dispatch) and a.node == "a")
+    assert [[o.path for o in group] for group in task.inputs] == [["source/0"], ["dim/0"]]
+
+
+def test_a_table_larger_than_half_the_budget_is_loaded_on_the_node_tier():
+    graph = Graph.of(JOINED)
+    run = RunState(graph, 2, 1000)
+    for node in graph.order:
+        run.handle(S.AgentReady(node))
+    assert S.Spill("dim", 0) in run.handle(S.SpaceRequested("dim", 0, 501))
+    assert any(isinstance(a, S.Grant) and a.node == "codes"
+               for a in run.handle(S.SpaceRequested("codes", 0, 400)))
+    run.handle(S.TaskDone("dim", 0, out("dim/0", 501, tier="node")))
+    run.handle(S.TaskDone("codes", 0, out("codes/0", 400)))
+    assert run.budget.usage == 400  # the node tier's is not RAM budget

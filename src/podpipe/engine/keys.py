@@ -1,7 +1,8 @@
 """The key planner: which keys each node runs in this pod, and what each task reads.
 
 A key is a source batch number for a per-batch node, a shard number for a per-shard
-node, 0 for a global one (which only the pod of the lowest ordinal runs). A pod
+node, 0 for a global one (which only the pod of the lowest ordinal runs) and 0 for a
+table (which every pod loads, and every task of its readers reads). A pod
 runs the batches of the shards it owns (`model.shards`). Built once from the graph,
 the number of source batches and the pod's placement; immutable (an apply makes a
 new one for the new graph).
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from podpipe.model import shards as sharding
-from podpipe.model.graph import BATCH, GLOBAL, SINGLE, Graph
+from podpipe.model.graph import BATCH, GLOBAL, SINGLE, TABLE, Graph
 
 Key = tuple[str, int]
 
@@ -28,7 +29,8 @@ class Keys:
                                            if sharding.shard_of(b, shards) in here)
         self.all_shards: tuple[int, ...] = tuple(every)
         self._domain = {BATCH: frozenset(self.mine), SINGLE: here,
-                        GLOBAL: frozenset({0}) if global_here else frozenset()}
+                        GLOBAL: frozenset({0}) if global_here else frozenset(),
+                        TABLE: frozenset({0})}
         self.per_batch_nodes = sum(1 for n in graph.order if graph.domain[n] == BATCH)
 
     def regraphed(self, graph: Graph) -> "Keys":
@@ -58,6 +60,8 @@ class Keys:
 
     def reads(self, node: str, name: str, key: int) -> Sequence[int]:
         """The keys of input `name` that `node`'s task `key` reads."""
+        if self.graph.domain[name] == TABLE:
+            return (0,)
         if not self.graph.reads_all(node, name):
             return (key,)
         if self.graph.domain[name] == BATCH:  # a per-shard reduce: the shard's batches
@@ -78,7 +82,9 @@ class Keys:
 
     def kept(self) -> frozenset[str]:
         """The nodes whose outputs a resume needs, copied to the node tier: what a
-        reduce reads, and what runs once (but sinks, which write no output)."""
+        reduce reads, and what runs once (but sinks, which write no output, and
+        tables, which a resumed run loads again)."""
         graph = self.graph
         return frozenset(graph.reduce_inputs()) | {
-            n for n in graph.order if graph.domain[n] != BATCH and n not in graph.sinks}
+            n for n in graph.order if graph.domain[n] in (SINGLE, GLOBAL)
+            and n not in graph.sinks}

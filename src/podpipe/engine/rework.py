@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from podpipe.engine.events import Action, Forget, Key, Stop
-from podpipe.model.graph import BATCH, Graph
+from podpipe.model.graph import BATCH, TABLE, Graph
 
 if TYPE_CHECKING:  # the state machine calls in here; no import at run time
     from podpipe.engine.state import RunState
@@ -102,8 +102,8 @@ def supply(run: "RunState", node: str, key: int, actions: list[Action]) -> None:
     the reduce again (and so on up)."""
     for name in run.graph.inputs[node]:
         for k in run.plan.reads(node, name, key):
-            if k not in run.done[name]:
-                continue  # still to come
+            if k not in run.done[name] or run.graph.domain[name] == TABLE:
+                continue  # still to come, or a table (there for the whole run)
             if (name, k) in run.outputs:
                 run.unread[(name, k)].add(node)
             elif run.graph.domain[name] == BATCH:

@@ -8,7 +8,8 @@ run live in this package, so they can be tested without processes:
 
 - readiness (here): a per-batch task is ready once every input has that batch; a
   reduce task once every input has all the batches of its shard (a global reduce:
-  every shard's output, some made by other pods and imported);
+  every shard's output, some made by other pods and imported); a table is loaded
+  first, before any source batch comes onto the line, and stays for the run;
 - keys (`keys.py`): which batches, shards and global keys this pod runs;
 - the RAM budget (`budget.py`): grants, backpressure; when the line jams
   (`jam.py`), giving up its newest batch, else spilling to the node tier;
@@ -30,12 +31,13 @@ from podpipe.engine.budget import Budget
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady,
                                    Delete, Dispatch, Event, Failed, Finished, Grant, Hold,
                                    Imported, Keep, Key, Kill, Recompute, Replace, Reshaped,
-                                   Recycle, Restart, SpaceRequested, SwapRequested, TaskDone,
+                                   Recycle, Restart, SpaceRequested, Spill, SwapRequested,
+                                   TaskDone,
                                    TaskFailed, TaskTimedOut, Tick)
 from podpipe.engine.workers import Pool
 from podpipe.engine.keys import Keys
 from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
-from podpipe.model.graph import BATCH, SINGLE, Graph
+from podpipe.model.graph import BATCH, SINGLE, TABLE, Graph
 from podpipe.model.output import Output
 from podpipe.model.pipeline import SOURCE
 from podpipe.model.sizes import format_size
@@ -44,6 +46,7 @@ AgentEvent = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited 
               TaskTimedOut | AgentBroken)
 
 MAX_BACKOFF = 5.0
+TABLE_SHARE = 2  # tables may hold at most 1/TABLE_SHARE of the budget; beyond: node tier
 
 
 def backoff(attempt: int) -> float:
@@ -81,6 +84,9 @@ class RunState:
         self.swapped: set[str] = set()   # stages running a swapped-in version
         self.pinned: set[Key] = set()    # outputs a stage's code still maps: not recycled
         self.outcome: Action | None = None
+        self.tables_held = 0  # bytes of RAM the tables hold
+        for table in graph.tables:
+            self.ready[table] = [0]
 
     def add_node(self, node: str, workers: int | None = 1) -> None:
         """A node new to the graph (an apply): nothing done, its processes to come."""
@@ -283,7 +289,12 @@ class RunState:
 
     def _request(self, agent: Agent, event: SpaceRequested, actions: list[Action]) -> None:
         agent.status, agent.want = WAITING, event.nbytes
-        if event.nbytes > self.budget.limit:
+        if self.graph.domain[event.node] == TABLE:
+            if self.tables_held + event.nbytes > self.budget.limit // TABLE_SHARE:
+                agent.status, agent.want = RUNNING, 0  # too large to hold in RAM: mapped
+                self.budget.spills += 1                 # from the node tier instead
+                actions.append(Spill(event.node, event.batch, event.worker))
+        elif event.nbytes > self.budget.limit:
             self._fail(BudgetError(
                 f"stage {event.node!r}, batch {event.batch}: its output needs "
                 f"{format_size(event.nbytes)}, more than the whole RAM budget of "
@@ -335,6 +346,16 @@ class RunState:
             return
         self.done[node].add(batch)
         per_batch = self.graph.domain[node] == BATCH
+        if self.graph.domain[node] == TABLE:  # held for the run, read by every task
+            if output is not None:
+                self.outputs[(node, batch)] = output
+                if output.tier == "ram":
+                    self.budget.take(output.nbytes)
+                    self.tables_held += output.nbytes
+            for consumer in self.graph.consumers[node]:
+                for mine in sorted(self.keys(consumer)):
+                    self.maybe_ready(consumer, mine)
+            return
         if output is not None:
             key = (node, batch)
             self.outputs[key] = output
@@ -368,7 +389,9 @@ class RunState:
 
     def delete(self, key: Key, actions: list[Action]) -> None:
         output = self.outputs.pop(key)
-        del self.unread[key]
+        self.unread.pop(key, None)  # (a table has no readers to count)
+        if self.graph.domain[key[0]] == TABLE and output.tier == "ram":
+            self.tables_held -= output.nbytes  # a table an apply removed
         pinned = key in self.pinned or output.node in self.keep  # someone else maps it:
         self.pinned.discard(key)                                  # a copy to the node
         if output.tier == "ram" and pinned:                       # tier, a stage's cache
@@ -416,8 +439,11 @@ class RunState:
             actions.append(Dispatch(node, batch, inputs, worker))
 
     def can_admit(self) -> bool:
-        """Is there a source batch to load, and room on the line for it (backpressure)?"""
+        """Is there a source batch to load, and room on the line for it (backpressure)?
+        Not before every table is in: the tables' RAM comes first."""
         if self.next_source >= len(self.plan.mine) and not self.redo:
+            return False
+        if any(0 not in self.done[t] for t in self.graph.tables):
             return False
         first = [self.outputs[(SOURCE, b)].nbytes for b in self.budget.on_line
                  if (SOURCE, b) in self.outputs]

@@ -5,7 +5,8 @@ name): nodes only in the new spec are *added*, nodes only in the old are
 *removed*, nodes in both whose definition differs are *changed* (swapped to the
 new definition). A node kept must keep its inputs and its kind (per batch, reduce,
 global reduce): rewiring a running stage is a remove and an add under a new name.
-The source, the shards and the checkpoints cannot change under a running run.
+The source, the shards, the checkpoints and a table kept cannot change under a
+running run (a table may be added or removed).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def diff(old: Pipeline, new: Pipeline) -> Change:
         if was != now:
             raise UsageError(f"{what} changed: a running run cannot take that; start a new "
                              "run with the new spec")
+    for table in old.tables:
+        if any(t.name == table.name and t != table for t in new.tables):
+            raise UsageError(f"table {table.name!r} changed: a running run keeps the table it "
+                             "loaded; add the new one under another name")
     before, after = Graph.of(old), Graph.of(new)
     defined: dict[str, Stage | Sink] = {s.name: s for s in old.stages}
     defined.update({s.name: s for s in old.sinks})

@@ -1,10 +1,12 @@
 """The pipeline as a DAG: who feeds whom, in which order, over which batches.
 
-Nodes are the source, the stages and the sinks. A node's *domain* is `batch` when
-it runs once per source batch, `single` when it runs once per shard (a reduce stage
-over the shard's batches, and everything downstream of one; with one shard, once)
-and `global` when it runs once for the whole pipeline (a `scope: global` reduce over
-every shard's reduce output, and what follows it). Fan-in must not mix domains.
+Nodes are the source, the tables, the stages and the sinks. A node's *domain* is
+`batch` when it runs once per source batch, `single` when it runs once per shard (a
+reduce stage over the shard's batches, and everything downstream of one; with one
+shard, once), `global` when it runs once for the whole pipeline (a `scope: global`
+reduce over every shard's reduce output, and what follows it) and `table` for a
+table, loaded once per pod and read whole by every task of the stages that list it.
+Fan-in must not mix domains (tables aside: they go with any).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Callable
 from podpipe.errors import SpecError
 from podpipe.model.pipeline import SOURCE, Pipeline
 
-BATCH, SINGLE, GLOBAL = "batch", "single", "global"
+BATCH, SINGLE, GLOBAL, TABLE = "batch", "single", "global", "table"
 
 
 @dataclass(frozen=True)
@@ -23,16 +25,19 @@ class Graph:
     order: tuple[str, ...]                      # source, stages in topological order, sinks
     inputs: dict[str, tuple[str, ...]]          # node -> its inputs, in spec order
     consumers: dict[str, tuple[str, ...]]       # node -> the nodes that read it
-    domain: dict[str, str]                      # node -> BATCH | SINGLE
+    domain: dict[str, str]                      # node -> BATCH | SINGLE | GLOBAL | TABLE
     reduce: frozenset[str]                      # stages that run once per shard or globally
     sinks: frozenset[str]
+    tables: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, pipeline: Pipeline,
            fail: Callable[[str, str], Exception] | None = None) -> "Graph":
         fail = fail or (lambda field, msg: SpecError(msg, file=pipeline.file, field=field))
         inputs: dict[str, tuple[str, ...]] = {SOURCE: ()}
-        known = {SOURCE} | {s.name for s in pipeline.stages}
+        tables = frozenset(t.name for t in pipeline.tables)
+        inputs.update({t.name: () for t in pipeline.tables})
+        known = {SOURCE} | tables | {s.name for s in pipeline.stages}
         for i, stage in enumerate(pipeline.stages):
             for j, name in enumerate(stage.inputs):
                 if name not in known:
@@ -43,24 +48,28 @@ class Graph:
                                f"stage {name!r} cannot read its own output")
             inputs[stage.name] = stage.inputs
         for i, sink in enumerate(pipeline.sinks):
-            if sink.input not in known:
+            if sink.input not in known - tables:
                 raise fail(f"spec.sinks[{i}].input", f"unknown input {sink.input!r}; "
-                           f"expected one of {sorted(known)}")
+                           f"expected one of {sorted(known - tables)}"
+                           + (" (a table is an input of stages, not something to write)"
+                              if sink.input in tables else ""))
             inputs[sink.name] = (sink.input,)
 
         order = _topological(inputs, fail, pipeline)
         consumers = {n: tuple(m for m in order if n in inputs[m]) for n in order}
-        for i, stage in enumerate(pipeline.stages):
-            if not consumers[stage.name]:
-                raise fail(f"spec.stages[{i}].name", f"the output of stage {stage.name!r} is "
-                           "read by no stage and no sink")
         reduce = frozenset(s.name for s in pipeline.stages if s.reduce)
         scope = {s.name: s.scope for s in pipeline.stages if s.reduce}
         domain: dict[str, str] = {}
         for node in order:
-            ins = inputs[node]
+            ins = tuple(i for i in inputs[node] if i not in tables)
             if node == SOURCE:
                 domain[node] = BATCH
+            elif node in tables:
+                domain[node] = TABLE
+            elif not ins:
+                raise fail(_field_of(pipeline, node), f"{node!r} reads only tables "
+                           f"({', '.join(inputs[node])}); a table is read whole with each "
+                           "batch of another input: add the source or a stage to its inputs")
             elif node in reduce:
                 kinds = {domain[i] for i in ins}
                 if scope[node] == "shard" and GLOBAL in kinds:
@@ -84,12 +93,22 @@ class Graph:
                                "inputs of one stage must all be per-batch, all reduced "
                                "per shard, or all global")
                 domain[node] = kinds.pop()
+        for i, stage in enumerate(pipeline.stages):
+            if not consumers[stage.name]:
+                raise fail(f"spec.stages[{i}].name", f"the output of stage {stage.name!r} is "
+                           "read by no stage and no sink")
+        for i, table in enumerate(pipeline.tables):
+            if not consumers[table.name]:
+                raise fail(f"spec.tables[{i}].name", f"table {table.name!r} is read by no "
+                           "stage (list it among a stage's inputs)")
         return cls(order=order, inputs=inputs, consumers=consumers, domain=domain,
-                   reduce=reduce, sinks=frozenset(s.name for s in pipeline.sinks))
+                   reduce=reduce, sinks=frozenset(s.name for s in pipeline.sinks),
+                   tables=tables)
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return tuple(n for n in self.order if n != SOURCE and n not in self.sinks)
+        return tuple(n for n in self.order
+                     if n != SOURCE and n not in self.sinks and n not in self.tables)
 
     def reduce_inputs(self) -> list[str]:
         """The nodes a reduce reads whole: per-batch nodes under a per-shard reduce, and

@@ -34,6 +34,17 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Table:
+    """A side input: loaded into the pod's RAM once, read whole by every task of the
+    stages that list it among their inputs."""
+
+    name: str
+    uri: str
+    format: str
+    columns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     inputs: tuple[str, ...]
@@ -83,13 +94,16 @@ class Pipeline:
     checkpoints: Checkpoints
     shards: int = 1
     cpus: float | None = None  # what `workers: auto` may use; None: what this process may
+    tables: tuple[Table, ...] = ()
     file: str = "spec"
     document: Any = field(default=None, repr=False, compare=False)  # as parsed, overridden
 
     def workers(self, node: str) -> int | None:
-        """`node`'s fixed number of workers, None for auto (a reduce: always 1)."""
+        """`node`'s fixed number of workers, None for auto (a reduce, a table: 1)."""
         if node == SOURCE:
             return self.source.workers
+        if any(t.name == node for t in self.tables):
+            return 1
         for target in self.sinks:
             if target.name == node:
                 return target.workers
@@ -100,4 +114,10 @@ class Pipeline:
         for stage in self.stages:
             if stage.name == name:
                 return stage
+        raise KeyError(name)
+
+    def table(self, name: str) -> Table:
+        for table in self.tables:
+            if table.name == name:
+                return table
         raise KeyError(name)

@@ -19,7 +19,7 @@ from podpipe.errors import SpecError
 from podpipe.model import locations
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
-                                     Resources, Sink, Source, Stage)
+                                     Resources, Sink, Source, Stage, Table)
 from podpipe.model.fields import Reader, kind
 from podpipe.model.sizes import parse_size
 
@@ -95,20 +95,24 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
         raise r.fail("kind", f"expected {KIND!r}, got {doc['kind']!r}")
     meta = r.mapping("metadata", doc["metadata"], {"name", "labels", "annotations"}, {"name"})
     spec = r.mapping("spec", doc["spec"],
-                     {"source", "stages", "sinks", "memory", "checkpoints", "shards", "cpus"},
+                     {"source", "stages", "sinks", "memory", "checkpoints", "shards", "cpus",
+                      "tables"},
                      {"source", "stages", "sinks"})
-    stages = _stages(r, spec["stages"])
+    tables = _tables(r, spec.get("tables", []))
+    stages = _stages(r, spec["stages"], {t.name for t in tables})
     memory = spec.get("memory", DEFAULT_MEMORY)
     try:
         memory_bytes = parse_size(memory)
     except ValueError as exc:
         raise r.fail("spec.memory", str(exc)) from None
     source = _source(r, spec["source"])
-    sinks = _sinks(r, spec["sinks"], stages)
+    sinks = _sinks(r, spec["sinks"], stages, tables)
     for i, target in enumerate(sinks):
-        if locations.reads_back(source.uri, target.uri):
-            raise r.fail(f"spec.sinks[{i}].uri", f"{target.uri!r} is inside the source "
-                         f"{source.uri!r}: the next run would read its output as input")
+        for what, uri in [("the source", source.uri)] + [
+                (f"table {t.name!r}", t.uri) for t in tables]:
+            if locations.reads_back(uri, target.uri):
+                raise r.fail(f"spec.sinks[{i}].uri", f"{target.uri!r} is inside {what} "
+                             f"{uri!r}: the next run would read its output as input")
     pipeline = Pipeline(
         name=r.name("metadata.name", meta["name"]),
         source=source,
@@ -119,6 +123,7 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
         shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1,
                          maximum=MAX_SHARDS),
         cpus=_cpus(r, spec.get("cpus")),
+        tables=tables,
         file=r.file,
         document=doc,
     )
@@ -144,6 +149,29 @@ def _source(r: Reader, value: Any) -> Source:
     )
 
 
+def _tables(r: Reader, value: Any) -> tuple[Table, ...]:
+    if not isinstance(value, list):
+        raise r.fail("spec.tables", f"expected a list of tables, got {kind(value)}")
+    tables: list[Table] = []
+    for i, item in enumerate(value):
+        path = f"spec.tables[{i}]"
+        tb = r.mapping(path, item, {"name", "uri", "format", "columns"}, {"name", "uri"})
+        name = r.name(f"{path}.name", tb["name"])
+        if name == SOURCE:
+            raise r.fail(f"{path}.name", f"{SOURCE!r} is reserved for the pipeline's source")
+        if any(t.name == name for t in tables):
+            raise r.fail(f"{path}.name", f"duplicate table name {name!r}")
+        uri = r.string(f"{path}.uri", tb["uri"])
+        fmt = tb.get("format") or _guess_format(uri)
+        if fmt not in SOURCE_FORMATS:
+            raise r.fail(f"{path}.format", f"expected one of {list(SOURCE_FORMATS)}, got "
+                         f"{fmt!r}" + ("" if "format" in tb else " (from the uri's extension)"))
+        columns = tb.get("columns")
+        tables.append(Table(name=name, uri=uri, format=fmt, columns=r.strings(
+            f"{path}.columns", columns) if columns is not None else None))
+    return tuple(tables)
+
+
 def _guess_format(uri: str) -> str | None:
     suffix = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else ""
     return {"parquet": "parquet", "pq": "parquet", "csv": "csv", "arrow": "arrow",
@@ -157,7 +185,7 @@ SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to b
 SCOPES = ("shard", "global")
 
 
-def _stages(r: Reader, value: Any) -> tuple[Stage, ...]:
+def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
     if not isinstance(value, list) or not value:
         raise r.fail("spec.stages", f"expected a non-empty list of stages, got {kind(value)}")
     stages, seen = [], set()
@@ -169,6 +197,9 @@ def _stages(r: Reader, value: Any) -> tuple[Stage, ...]:
             raise r.fail(f"{path}.name", f"{SOURCE!r} is reserved for the pipeline's source")
         if name in seen:
             raise r.fail(f"{path}.name", f"duplicate stage name {name!r}")
+        if name in tables:
+            raise r.fail(f"{path}.name", f"{name!r} names a table already (spec.tables): "
+                                         "stages, tables and sinks share one namespace")
         seen.add(name)
         if ("run" in st) == ("command" in st):
             raise r.fail(path, "expected exactly one of 'run' (a Python callable "
@@ -242,10 +273,11 @@ def _resources(r: Reader, path: str, value: Any) -> Resources:
     return Resources(cpu=cpu, memory=memory)
 
 
-def _sinks(r: Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...]:
+def _sinks(r: Reader, value: Any, stages: tuple[Stage, ...],
+           tables: tuple[Table, ...]) -> tuple[Sink, ...]:
     if not isinstance(value, list) or not value:
         raise r.fail("spec.sinks", f"expected a non-empty list of sinks, got {kind(value)}")
-    names = {s.name for s in stages}
+    names = {s.name for s in stages} | {t.name for t in tables}
     sinks = []
     for i, item in enumerate(value):
         path = f"spec.sinks[{i}]"
@@ -253,8 +285,8 @@ def _sinks(r: Reader, value: Any, stages: tuple[Stage, ...]) -> tuple[Sink, ...]
                        {"input", "uri"})
         name = r.name(f"{path}.name", sk.get("name", f"sink-{i}"))
         if name in names or name == SOURCE:
-            raise r.fail(f"{path}.name", f"duplicate name {name!r}: sinks and stages share "
-                                         "one namespace")
+            raise r.fail(f"{path}.name", f"duplicate name {name!r}: sinks, stages and "
+                                         "tables share one namespace")
         names.add(name)
         mode = sk.get("mode", "error")
         if mode not in SINK_MODES:

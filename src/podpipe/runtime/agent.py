@@ -62,6 +62,17 @@ class LoadSource(Work):
         return self.loader.load(task.source)
 
 
+class LoadTable(Work):
+    def __init__(self, pipeline: Pipeline, node: str) -> None:
+        from podpipe.runtime import tables  # spawned stage processes skip Parquet, fsspec
+
+        self.tables, self.table = tables, pipeline.table(node)
+        self.where = tables.field(pipeline, self.table)
+
+    def run(self, batch, inputs, task):
+        return self.tables.load(self.table, self.where)
+
+
 class CallFunction(Work):
     def __init__(self, target: str, file: str, field: str) -> None:
         module, _, name = target.partition(":")
@@ -184,6 +195,8 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
 def work_for(pipeline: Pipeline, node: str) -> Work:
     if node == SOURCE:
         return LoadSource(pipeline)
+    if any(t.name == node for t in pipeline.tables):
+        return LoadTable(pipeline, node)
     for target in pipeline.sinks:
         if target.name == node:
             return WriteSink(target)
@@ -196,7 +209,10 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
 
 def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
     """The stage's `version:`, else a digest of what defines it: the source of the
-    function's module (`src-…`), or the command, image and env (`cmd-…`)."""
+    function's module (`src-…`), or the command, image and env (`cmd-…`); a table's
+    is a digest of its files (`tbl-…`)."""
+    if isinstance(work, LoadTable):
+        return work.tables.version(work.table, work.where)
     if node == SOURCE or node not in {s.name for s in pipeline.stages}:
         return "builtin"
     stage = pipeline.stage(node)

@@ -290,14 +290,16 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         if launch:  # start the fork server first: it imports while we plan
             launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                                      run_path / "logs", pod)
-        from podpipe.runtime import source  # pyarrow: imported while the fork server starts
-
+        from podpipe.runtime import source, tables  # pyarrow: imported while the fork
+                                                    # server starts
         plan = source.plan(pipeline.source)
+        loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
         if fresh:
             sink.check_run(pipeline, graph, len(plan))
         restored = start_from(origin, pipeline, graph, plan, run_path, placement, digest,
                               scratch.path)
         if restored is not None:
+            tables.changed(pipeline, restored.made_by, loaded)
             restored.notes.extend(notes or [])
         checkpoints = pipeline.checkpoints
         tier = None if store is None else durable.DurableTier(

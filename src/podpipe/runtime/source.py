@@ -30,10 +30,11 @@ from podpipe.runtime import arrowfile
 _GLOB = set("*?[")
 
 
-def files(source: Source) -> tuple[fsspec.AbstractFileSystem, list[str]]:
-    """The files the source URI names, sorted."""
+def files(uri: str, field: str = "spec.source.uri",
+          ) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """The files `uri` names, sorted (`field`: where the spec says it, for errors)."""
     try:
-        fs, path = fsspec.core.url_to_fs(source.uri)
+        fs, path = fsspec.core.url_to_fs(uri)
         if _GLOB & set(path):
             found = fs.glob(path)
         elif fs.isdir(path):
@@ -43,16 +44,16 @@ def files(source: Source) -> tuple[fsspec.AbstractFileSystem, list[str]]:
         else:
             found = []
     except (OSError, ValueError, ImportError) as exc:
-        raise DataError(f"spec.source.uri {source.uri!r}: {exc}") from exc
+        raise DataError(f"{field} {uri!r}: {exc}") from exc
     found = sorted(p for p in found if not fs.isdir(p))
     if not found:
-        raise DataError(f"spec.source.uri {source.uri!r} matches no files")
+        raise DataError(f"{field} {uri!r} matches no files")
     return fs, found
 
 
-def plan(source: Source) -> list[SourceBatch]:
-    """Every batch of the source, in order."""
-    fs, paths = files(source)
+def plan(source: Source, field: str = "spec.source") -> list[SourceBatch]:
+    """Every batch of the source (or of a table read as one), in order."""
+    fs, paths = files(source.uri, f"{field}.uri")
     batches: list[SourceBatch] = []
     first: tuple[str, pa.Schema] | None = None
     for path in paths:
@@ -67,7 +68,7 @@ def plan(source: Source) -> list[SourceBatch]:
             raise DataError(f"{path}: cannot read as {source.format}: {exc}") from exc
         missing = [c for c in source.columns or () if c not in schema.names]
         if missing:  # pyarrow would silently leave them out
-            raise DataError(f"{path}: spec.source.columns names {missing}, which the file "
+            raise DataError(f"{path}: {field}.columns names {missing}, which the file "
                             f"does not have; it has {schema.names}")
         read = pa.schema([schema.field(c) for c in source.columns]) if source.columns \
             else schema
@@ -78,7 +79,7 @@ def plan(source: Source) -> list[SourceBatch]:
                             f"{arrowfile.schema_difference(first[1], read)}")
         batches.extend(_pack(path, sizes, source.batch_rows, part_bytes))
     if not batches:
-        raise DataError(f"spec.source.uri {source.uri!r}: the files hold no rows")
+        raise DataError(f"{field}.uri {source.uri!r}: the files hold no rows")
     return batches
 
 

@@ -36,7 +36,7 @@ class ProcessInfo(_Record):
 
 
 class StageStatus(_Record):
-    kind: str                   # source | stage | reduce | sink
+    kind: str                   # source | table | stage | reduce | sink
     batches_done: int
     batches_total: int
     rows_in: int
@@ -55,6 +55,7 @@ class StageStatus(_Record):
     workers_max: int = 1        # the most it had
     queued: int = 0             # batches ready that no worker has taken
     in_flight: int = 0          # tasks its processes are on
+    tier: str | None = None     # a table, once loaded: ram, or node (too large for RAM)
 
 
 class PodInfo(_Record):

@@ -350,7 +350,7 @@ class Conductor:
         elif node in run.graph.sinks:
             task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,
                                                              action.batch)
-        elif run.pipeline.checkpoints.reuse:
+        elif run.pipeline.checkpoints.reuse and node not in run.graph.tables:
             task.memo = self.checkpoints.memo(run.pipeline, node,
                                               self.counters.stages[node].version, action.inputs)
         name = agent_name(node, action.worker)

@@ -107,7 +107,7 @@ class Checkpoints:
             if (node, k) in seen:
                 continue
             seen.add((node, k))
-            if node in graph.stages and (node, k) in self._made_by:
+            if (node in graph.stages or node in graph.tables) and (node, k) in self._made_by:
                 versions.setdefault(node, set()).add(self._made_by[(node, k)])
             todo.extend(engine.input_keys(node, k))
         return {stage: sorted(v) for stage, v in versions.items()}

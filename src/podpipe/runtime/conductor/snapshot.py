@@ -71,6 +71,8 @@ def kind(node: str, graph: Graph) -> str:
         return "source"
     if node in graph.sinks:
         return "sink"
+    if node in graph.tables:
+        return "table"
     return "reduce" if node in graph.reduce else "stage"
 
 
@@ -112,7 +114,9 @@ def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
             workers=engine.worker_count(node),
             workers_max=max(engine.worker_count(node), engine.pool.most.get(node, 0)),
             queued=len(engine.ready[node]),
-            in_flight=sum(a.busy for a in engine.agents[node].values()))
+            in_flight=sum(a.busy for a in engine.agents[node].values()),
+            tier=loaded.tier if node in graph.tables and (loaded := engine.outputs.get(
+                (node, 0))) is not None else None)
     ended = counters.ended
     durable = checkpoints.durable
     return status.Status(
