@@ -2,7 +2,8 @@
 are tables loaded into the pod once (`spec.tables`) and joined with every batch.
 
 Each query is a filter per batch, a join with the tables and a partial aggregate
-per batch, then a reduce that combines the partials. Joins and aggregates run
+per batch, then a reduce per shard that combines the partials and a global one that
+combines the shards'. Joins and aggregates run
 single-threaded (`use_threads=False`): a stage is one worker's core, and the
 order of its output rows stays the same from run to run.
 """
@@ -77,6 +78,11 @@ def with_orders(lines: pa.Table, orders: pa.Table, customer: pa.Table) -> pa.Tab
     joined = lines.join(open_orders.select(["o_orderkey", "o_orderdate", "o_shippriority"]),
                         "l_orderkey", "o_orderkey", join_type="inner", use_threads=False)
     return _sums(joined, Q3_KEYS, ["revenue"])
+
+
+def q3_merge(partials: pa.Table) -> pa.Table:
+    """A shard's revenue per order (its batches' partials combined)."""
+    return _sums(partials, Q3_KEYS, ["revenue"])
 
 
 def q3_top(partials: pa.Table) -> pa.Table:

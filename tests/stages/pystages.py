@@ -193,3 +193,38 @@ def keeps_inputs(t: pa.Table) -> pa.Table:
             raise AssertionError(f"a kept input from x={first} changed under the stage")
     _SEEN.append(t)
     return t
+
+
+def q12_join_dying_once(lines: pa.Table, orders: pa.Table) -> pa.Table:
+    """TPC-H Q12's join, except that the first process to reach call number
+    $DIE_ON_CALL kills itself (once per run: it leaves the file $DIE_MARKER behind)."""
+    from examples.tpch.joins import with_priority
+
+    global _calls
+    _calls += 1
+    marker = os.environ["DIE_MARKER"]
+    if _calls == int(os.environ.get("DIE_ON_CALL", "1")) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return with_priority(lines, orders)
+
+
+def _gated(function, t: pa.Table) -> pa.Table:
+    gate = os.environ["GATE"]
+    while not os.path.exists(gate):
+        time.sleep(0.02)
+    return function(t)
+
+
+def q12_total_gated(t: pa.Table) -> pa.Table:
+    """TPC-H Q12's reduce, once the file named by GATE exists."""
+    from examples.tpch.joins import q12_total
+
+    return _gated(q12_total, t)
+
+
+def q3_top_gated(t: pa.Table) -> pa.Table:
+    """TPC-H Q3's reduce, once the file named by GATE exists."""
+    from examples.tpch.joins import q3_top
+
+    return _gated(q3_top, t)

@@ -283,8 +283,10 @@ class Conductor:
         elif isinstance(action, ev.Spill):
             path = tiers.path_for(self.run.run_dir, action.node, action.batch)
             files.private_dirs(path.parent)
-            self._log(f"RAM budget full: stage {action.node!r} batch {action.batch} spills "
-                      f"to the node tier ({path})")
+            self._log(f"table {action.node!r} takes more than half the RAM budget: it is "
+                      f"mapped from the node tier ({path})" if action.node in self.run.graph.tables
+                      else f"RAM budget full: stage {action.node!r} batch {action.batch} "
+                      f"spills to the node tier ({path})")
             self.agents.send(agent_name(action.node, action.worker),
                              protocol.Grant(path=str(path), tier="node"))
             self.timeline.granted(agent_name(action.node, action.worker))
