@@ -60,17 +60,28 @@ class Workload:
         self.plan = source.plan(self.pipeline.source)
         self.per_batch = [n for n in self.graph.order
                           if self.graph.domain[n] == BATCH and n != SOURCE]
-        self.once = [n for n in self.graph.order if self.graph.domain[n] != BATCH]
+        self.once = [n for n in self.graph.order
+                     if self.graph.domain[n] != BATCH and n not in self.graph.tables]
+        self.tables = list(t.name for t in self.pipeline.tables)
         self.sinks = {s.name: s for s in self.pipeline.sinks}
         self._functions: dict = {}
         self._loader = None
         self._writers: dict = {}
+        self._tables: dict = {}
 
     def function(self, node: str):
         if node not in self._functions:
             module, _, name = self.pipeline.stage(node).run.partition(":")
             self._functions[node] = getattr(importlib.import_module(module), name)
         return self._functions[node]
+
+    def table(self, name: str) -> pa.Table:
+        """A table of the spec, loaded once per process (as podpipe loads it)."""
+        if name not in self._tables:
+            from podpipe.runtime import tables
+
+            self._tables[name] = tables.load(self.pipeline.table(name))
+        return self._tables[name]
 
     def load(self, batch: int) -> pa.Table:
         if self._loader is None:
@@ -100,14 +111,16 @@ def workload(spec_path: str, overrides: tuple[str, ...]) -> Workload:
 
 def run_floor(w: Workload) -> dict:
     kept: dict[str, list[pa.Table]] = {}
+    tables = {name: w.table(name) for name in w.tables}
     for batch in range(len(w.plan)):
-        outputs = {SOURCE: w.load(batch)}
+        outputs = {SOURCE: w.load(batch), **tables}
         for node in w.per_batch:
             outputs[node] = w.apply(node, [outputs[i] for i in w.graph.inputs[node]], batch)
         for node, table in outputs.items():
             if w.is_reduce_input(node):
                 kept.setdefault(node, []).append(table)
-    outputs = {node: pa.concat_tables(tables) for node, tables in kept.items()}
+    outputs = {node: pa.concat_tables(parts) for node, parts in kept.items()}
+    outputs.update(tables)
     for node in w.once:
         outputs[node] = w.apply(node, [outputs[i] for i in w.graph.inputs[node]], 0)
     return {"shared_memory_bytes": 0, "network_storage_bytes": 0}
@@ -144,8 +157,10 @@ def run_ray(w: Workload) -> dict:
     step = ray.remote(num_returns=2)(contestants._ray_step)
     args = (w.spec_path, tuple(w.overrides))
     sizes, kept, done = [], {}, []
+    tables = {name: ray.put(w.table(name)) for name in w.tables}  # once, in its store
+    put = sum(w.table(name).nbytes for name in w.tables)
     for batch in range(len(w.plan)):
-        refs = {}
+        refs = dict(tables)
         refs[SOURCE], size = load.remote(*args, batch)
         sizes.append(size)
         for node in w.per_batch:
@@ -157,7 +172,7 @@ def run_ray(w: Workload) -> dict:
         for node, ref in refs.items():
             if w.is_reduce_input(node):
                 kept.setdefault(node, []).append(ref)
-    refs = dict(kept)
+    refs = {**kept, **tables}
     for node in w.once:
         groups = [refs[i] if isinstance(refs[i], list) else [refs[i]]
                   for i in w.graph.inputs[node]]
@@ -167,7 +182,7 @@ def run_ray(w: Workload) -> dict:
         if node in w.sinks:
             done.append(refs[node])
     ray.get(done)
-    moved = sum(ray.get(sizes))
+    moved = sum(ray.get(sizes)) + put
     work_seconds = time.perf_counter() - started - init_seconds
     ray.shutdown()
     return {"shared_memory_bytes": moved, "network_storage_bytes": 0,
@@ -214,6 +229,8 @@ def serve(w: Workload, node: str) -> None:
         batch = int(request.query.get("batch", "0"))
         if node == SOURCE:
             table = w.load(batch)
+        elif node in w.tables:
+            table = w.table(node)
         else:
             table = w.apply(node, [from_stream(s) for s in decode(body)], batch)
         return web.Response(body=to_stream(table) if table is not None else b"")
@@ -254,9 +271,9 @@ def run_services(w: Workload, spec_path: str, overrides: list[str], inflight: in
             moved[0] += len(body) + len(out)
             return out
 
-        async def one(session, gate, batch: int) -> dict[str, bytes]:
-            async with gate:
-                out = {SOURCE: await post(session, SOURCE, b"", batch)}
+        async def one(session, gate, tables, batch: int) -> dict[str, bytes]:
+            async with gate:  # (a table goes with every call that reads it)
+                out = {SOURCE: await post(session, SOURCE, b"", batch), **tables}
                 for node in w.per_batch:
                     body = encode([out[i] for i in w.graph.inputs[node]])
                     out[node] = await post(session, node, body, batch)
@@ -266,9 +283,10 @@ def run_services(w: Workload, spec_path: str, overrides: list[str], inflight: in
             gate = asyncio.Semaphore(inflight)
             timeout = aiohttp.ClientTimeout(total=None)
             async with aiohttp.ClientSession(timeout=timeout) as session:
-                kept = await asyncio.gather(*[one(session, gate, b)
+                tables = {t: await post(session, t, b"", 0) for t in w.tables}
+                kept = await asyncio.gather(*[one(session, gate, tables, b)
                                               for b in range(len(w.plan))])
-                outs: dict[str, bytes] = {}
+                outs: dict[str, bytes] = dict(tables)
                 for node in {n for k in kept for n in k}:
                     table = pa.concat_tables([from_stream(k[node]) for k in kept])
                     outs[node] = to_stream(table)
@@ -317,10 +335,14 @@ def step(w: Workload, node: str, store: str) -> dict:
         if node == SOURCE:
             inputs = []
             table = w.load(batch)
+        elif node in w.tables:
+            table = w.table(node)
         else:
             inputs = []
             for name in w.graph.inputs[node]:
-                if single and w.graph.domain[name] == BATCH:
+                if name in w.tables:  # read from the store by every function that needs it
+                    inputs.append(get(_key(store, name, 0)))
+                elif single and w.graph.domain[name] == BATCH:
                     inputs.append(pa.concat_tables(
                         [get(_key(store, name, b)) for b in range(len(w.plan))]))
                 else:

@@ -259,3 +259,14 @@ def test_in_one_container_a_nodes_fixed_workers_multiply_its_cpu_request():
     before = int(plain["resources"]["requests"]["cpu"].rstrip("m"))
     after = int(pod["containers"][0]["resources"]["requests"]["cpu"].rstrip("m"))
     assert after - before == 2 * 250  # prices: two more workers of the default 250m
+
+
+def test_a_table_is_a_container_of_its_own_and_counts_in_the_memory_volume():
+    manifests = render(str(EXAMPLE.parent / "q12.yaml"))
+    for manifest in manifests:
+        validate(manifest)
+    pod = manifests[2]["spec"]["template"]["spec"]
+    table = next(c for c in pod["containers"] if c["name"] == "orders")
+    assert table["args"][table["args"].index("--stage") + 1] == "orders"
+    scratch = next(v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory")
+    assert scratch["emptyDir"]["sizeLimit"] == "1024Mi"  # spec.memory: the tables are inside
