@@ -709,11 +709,17 @@ def test_a_pooled_file_is_written_over_by_the_next_output():
     assert pod.pool == {} and pod.state.budget.usage == 0
 
 
-def test_tables_load_before_any_batch_and_stay_for_the_run_once_each():
+def test_tables_load_beside_the_first_batch_and_stay_for_the_run_once_each():
     run = RunState(Graph.of(JOINED), 3, 10_000)
-    dispatched = [a.node for node in run.graph.order
+    dispatched = [(a.node, a.batch) for node in run.graph.order
                   for a in run.handle(S.AgentReady(node)) if isinstance(a, S.Dispatch)]
-    assert dispatched == ["dim", "codes"]  # no source batch before the tables are in
+    assert dispatched == [("source", 0), ("dim", 0), ("codes", 0)]
+    run.handle(S.SpaceRequested("source", 0, 10))
+    actions = run.handle(S.TaskDone("source", 0, out("source/0", 10)))
+    assert not [a for a in actions if isinstance(a, S.Dispatch)]  # no batch more, and
+    run.handle(S.SpaceRequested("dim", 0, 10))                     # `a` waits for dim
+    actions = run.handle(S.TaskDone("dim", 0, out("dim/0", 10)))
+    assert [(a.node, a.batch) for a in actions if isinstance(a, S.Dispatch)] == [("a", 0)]
     pod = Pod(JOINED, 3, 10_000, lambda node, batch: 10, random.Random(1))
     assert isinstance(pod.run(), S.Finished)
     assert sorted(o.path for o in pod.state.outputs.values()) == ["codes/0", "dim/0"]

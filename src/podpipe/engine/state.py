@@ -9,7 +9,8 @@ run live in this package, so they can be tested without processes:
 - readiness (here): a per-batch task is ready once every input has that batch; a
   reduce task once every input has all the batches of its shard (a global reduce:
   every shard's output, some made by other pods and imported); a table is loaded
-  first, before any source batch comes onto the line, and stays for the run;
+  first, beside the first source batch (no other comes onto the line before the
+  tables are in), and stays for the run;
 - keys (`keys.py`): which batches, shards and global keys this pod runs;
 - the RAM budget (`budget.py`): grants, backpressure; when the line jams
   (`jam.py`), giving up its newest batch, else spilling to the node tier;
@@ -440,10 +441,10 @@ class RunState:
 
     def can_admit(self) -> bool:
         """Is there a source batch to load, and room on the line for it (backpressure)?
-        Not before every table is in: the tables' RAM comes first."""
+        While the tables load, one batch only: the tables' RAM comes first."""
         if self.next_source >= len(self.plan.mine) and not self.redo:
             return False
-        if any(0 not in self.done[t] for t in self.graph.tables):
+        if self.budget.on_line and any(0 not in self.done[t] for t in self.graph.tables):
             return False
         first = [self.outputs[(SOURCE, b)].nbytes for b in self.budget.on_line
                  if (SOURCE, b) in self.outputs]

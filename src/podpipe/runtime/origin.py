@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from podpipe.engine.events import Key
 from podpipe.engine.resume import restored
@@ -27,10 +28,12 @@ from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS, Output
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime import durable, sink, tiers
-from podpipe.runtime.conductor import Restored
-from podpipe.runtime.conductor.nodes import cpus, retries, workers
+from podpipe.runtime import durable, tiers
 from podpipe.runtime.journal import CorruptJournal, Journal
+
+if TYPE_CHECKING:  # imported where used: a run imports this module before its fork
+    from podpipe.runtime.conductor import Restored  # server starts, and these (pyarrow,
+                                                     # the conductor) while it does
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,10 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
     """The engine of a resumed run: what each node had finished, and the copies of its
     outputs that check out, nearest tier first. A sink's batch counts as finished only
     if its file is there."""
+    from podpipe.runtime import sink
+    from podpipe.runtime.conductor import Restored
+    from podpipe.runtime.conductor.nodes import cpus, retries, workers
+
     for target in pipeline.sinks:
         if target.name in finished:
             finished[target.name] &= sink.written(target)

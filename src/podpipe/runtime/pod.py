@@ -26,13 +26,14 @@ from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
-from podpipe.runtime import durable, protocol, rundir, runs, sink, status
-from podpipe.runtime import replicas as pods
+from podpipe.runtime import durable, protocol, rundir, runs, status
 from podpipe.runtime import scratch as scratches
-from podpipe.runtime.conductor import Conductor, Run
 from podpipe.runtime.launcher import launcher as make_launcher
 from podpipe.runtime.loop import EventLoop, Signalled
 from podpipe.runtime.origin import Origin, start_from
+
+# The conductor, the sinks and the replicas (pyarrow, fsspec) are imported where they
+# are used: a run imports them while its fork server starts, not before.
 
 
 def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> specs.Pipeline:
@@ -78,6 +79,8 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         if metrics:
             raise UsageError("--metrics-port: each pod serves its own; with several replicas "
                              "here, run each with --pod-index I and a port of its own")
+        from podpipe.runtime import replicas as pods
+
         return pods.run(spec_path, pipeline, overrides=overrides, run_dir=run_dir,
                         replicas=replicas, fresh=fresh, observer=observer)
     placement = sharding.Placement(ordinal, replicas, pipeline.shards)
@@ -290,8 +293,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         if launch:  # start the fork server first: it imports while we plan
             launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                                      run_path / "logs", pod)
-        from podpipe.runtime import source, tables  # pyarrow: imported while the fork
-                                                    # server starts
+        from podpipe.runtime import sink, source, tables  # while the fork server starts
+
         plan = source.plan(pipeline.source)
         loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
         if fresh:
@@ -317,6 +320,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         raise
     if latest:
         runs.mark_latest(run_path)
+    from podpipe.runtime.conductor import Conductor, Run
+
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
                      durable=tier, reaper=reaper, metrics=metrics).start()
