@@ -184,7 +184,8 @@ def run_workload(name: str, spec: Path, lineitem: Path, args, moto: MotoServer |
             if not r.pop("result").equals(reference):
                 raise SystemExit(f"{name}: {contestant}'s output differs from the floor's")
     query = {"q1": 1, "q12": 12, "q3": 3}.get(name)
-    if query and (problems := data.compare(reference, args.sf, query)):
+    official = any(abs(args.sf - s) < 1e-9 for s in data.ANSWER_SCALES)  # else: the floor's
+    if query and official and (problems := data.compare(reference, args.sf, query)):
         raise SystemExit(f"{name}: the answer differs from the official one: {problems}")
     summary = {}
     for contestant, results in runs.items():

@@ -240,6 +240,41 @@ def test_apply_adds_a_stage_and_removes_one_mid_run(tmp_path):
     assert (tmp_path / "run" / "spec.yaml").read_text() == new.read_text()
 
 
+def test_apply_adds_a_table_and_a_stage_that_reads_it_mid_run(tmp_path):
+    import pyarrow as pa
+
+    make_numbers(tmp_path / "data")
+    pq.write_table(pa.table({"k": range(10), "label": [f"L{k}" for k in range(10)]}),
+                   tmp_path / "codes.parquet")
+    _spec_with(tmp_path, "p.yaml", [], [])
+    new = write_spec(tmp_path / "new.yaml", {**spec(
+        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"], "workers": 1},
+         {"name": "tag", "run": "pystages:tag_v1", "inputs": ["slow"], "workers": 1},
+         {"name": "labelled", "run": "pystages:with_label", "inputs": ["slow", "codes"]}],
+        [{"input": "tag", "uri": "out/"},
+         {"name": "labelled-out", "input": "labelled", "uri": "labelled/"}])})
+    document = json.loads(json.dumps(__import__("yaml").safe_load(new.read_text())))
+    document["spec"]["tables"] = [{"name": "codes", "uri": "codes.parquet"}]
+    write_spec(new, document)
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=tmp_path, env=cli_env(SLOW_SECONDS="0.3"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
+               .get("batches_done", 0) >= 2, "two batches through tag")
+    done = podpipe("apply", "run", str(new), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "added codes, labelled, labelled-out" in done.stdout
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    after = _status(tmp_path)
+    assert after["stages"]["codes"]["kind"] == "table"
+    assert after["stages"]["codes"]["batches_done"] == 1
+    labelled = pq.read_table(tmp_path / "labelled")
+    assert sorted(labelled.to_pylist(), key=lambda r: r["x"]) == [
+        {"x": x, "label": f"L{x % 10}"} for x in range(10_000)]
+    assert _versions_written(tmp_path) == ["v1"] * BATCHES  # the rest went on untouched
+
+
 def test_apply_swaps_a_changed_stage(tmp_path):
     run = _start(tmp_path)
     wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})

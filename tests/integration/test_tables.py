@@ -60,11 +60,14 @@ def clean(lineitem, tmp_path_factory) -> dict[int, bytes]:
         assert done.returncode == 0, done.stderr
         assert data.compare(pq.read_table(workdir / "out"), SF, query) == []
         answers[query] = _answer(workdir)
+        versions = json.loads(pq.read_metadata(next((workdir / "out").glob("*.parquet")))
+                              .metadata[b"podpipe.versions"])
+        assert versions["orders"][0].startswith("tbl-")  # the table's identity, recorded
     return answers
 
 
 @pytest.mark.parametrize("query", [12, 3])
-@pytest.mark.parametrize("replicas", [2, 3])
+@pytest.mark.parametrize("replicas", [1, 2, 3])
 def test_the_answer_is_the_same_bytes_for_any_number_of_replicas(lineitem, clean, tmp_path,
                                                                   query, replicas):
     done = podpipe("run", *_args(lineitem, query), "--set", "shards=6",

@@ -228,3 +228,22 @@ def q3_top_gated(t: pa.Table) -> pa.Table:
     from examples.tpch.joins import q3_top
 
     return _gated(q3_top, t)
+
+
+def with_label(t: pa.Table, codes: pa.Table) -> pa.Table:
+    """Each row with the label of x % 10, from the table `codes` (k, label)."""
+    keyed = t.append_column("k", pc.remainder(t["x"], 10))
+    return codes.join(keyed, "k", join_type="inner", use_threads=False).select(
+        ["x", "label"]).sort_by("x")
+
+
+_TAGGED = [0]
+
+
+def tag_v1_then_gated(t: pa.Table) -> pa.Table:
+    """`tag_v1` for its first three batches, then once the file named by GATE exists:
+    the run cannot end before the test has acted on it."""
+    _TAGGED[0] += 1
+    while _TAGGED[0] > 3 and not os.path.exists(os.environ["GATE"]):
+        time.sleep(0.02)
+    return _tag(t, "v1")

@@ -92,7 +92,7 @@ BAD = [
     ("run-not-callable", _edit("spec.stages.0.run", "m.stages.f"), "spec.stages[0].run",
      "module.path:function"),
     ("both-run-and-command", _edit("spec.stages.0.command", ["./x"]), "spec.stages[0]",
-     "got both"),
+     "got run and command"),
     ("neither-run-nor-command", _edit("spec.stages.0.run", _DELETE), "spec.stages[0]",
      "got neither"),
     ("wrong-api-version", _edit("apiVersion", "v1"), "apiVersion", "podpipe/v1alpha1"),

@@ -34,6 +34,22 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Call:
+    """A call stage's service: each batch is POSTed in slices, every answer kept."""
+
+    url: str                       # $(ENV) expanded by the stage's process
+    format: str = "arrow"          # arrow: Arrow IPC streams; json: arrays of row objects
+    rows_per_request: int = 1000
+    concurrency: int = 8           # requests in flight, over all the stage's workers
+    rate_limit: float | None = None  # requests per second, at most
+    timeout: float = 10.0          # seconds per request
+    retries: int = 5               # on connection errors, timeouts, 429 and 5xx
+    headers: dict[str, str] = field(default_factory=dict)
+    memo_key: tuple[str, ...] = ()  # headers that tell requests apart (with the body)
+    memo: bool = True              # keep every answer; never send a request twice
+
+
+@dataclass(frozen=True)
 class Table:
     """A side input: loaded into the pod's RAM once, read whole by every task of the
     stages that list it among their inputs."""
@@ -50,6 +66,7 @@ class Stage:
     inputs: tuple[str, ...]
     run: str | None = None
     command: tuple[str, ...] | None = None
+    call: Call | None = None
     reduce: bool = False
     scope: str = "shard"         # of a reduce: "shard" (each shard's batches) | "global"
     version: str | None = None
@@ -108,6 +125,8 @@ class Pipeline:
             if target.name == node:
                 return target.workers
         stage = self.stage(node)
+        if stage.call is not None:  # its requests overlap in one process
+            return stage.workers or 1
         return 1 if stage.reduce else stage.workers
 
     def stage(self, name: str) -> Stage:

@@ -19,7 +19,7 @@ from podpipe.errors import SpecError
 from podpipe.model import locations
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
-                                     Resources, Sink, Source, Stage, Table)
+                                     Call, Resources, Sink, Source, Stage, Table)
 from podpipe.model.fields import Reader, kind
 from podpipe.model.sizes import parse_size
 
@@ -178,7 +178,7 @@ def _guess_format(uri: str) -> str | None:
             "feather": "arrow", "ipc": "arrow"}.get(suffix, "parquet" if not suffix else suffix)
 
 
-_STAGE_FIELDS = {"name", "run", "command", "inputs", "reduce", "scope", "version", "image",
+_STAGE_FIELDS = {"name", "run", "command", "call", "inputs", "reduce", "scope", "version", "image",
                  "env", "resources", "retries", "timeout", "schema", "workers"}
 SINK_MODES = ("error", "overwrite")  # what a sink already holding other files does
 SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to batch?
@@ -201,18 +201,29 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
             raise r.fail(f"{path}.name", f"{name!r} names a table already (spec.tables): "
                                          "stages, tables and sinks share one namespace")
         seen.add(name)
-        if ("run" in st) == ("command" in st):
+        given = [k for k in ("run", "command", "call") if k in st]
+        if len(given) != 1:
             raise r.fail(path, "expected exactly one of 'run' (a Python callable "
-                               "module:function) or 'command' (an executable), "
-                               + ("got both" if "run" in st else "got neither"))
-        run = command = None
+                               "module:function), 'command' (an executable) or 'call' (a "
+                               "service), " + (f"got {' and '.join(given)}" if given
+                                               else "got neither"))
+        run = command = call = None
         if "run" in st:
             run = r.string(f"{path}.run", st["run"])
             if not _CALLABLE.match(run):
                 raise r.fail(f"{path}.run", f"expected a Python callable as "
                                             f"'module.path:function', got {run!r}")
-        else:
+        elif "command" in st:
             command = r.strings(f"{path}.command", st["command"])
+        else:
+            call = _call(r, f"{path}.call", st["call"])
+            if len(st.get("inputs") or []) != 1:
+                raise r.fail(f"{path}.inputs", "a call stage sends one input to its service: "
+                                               "list exactly one")
+            if isinstance(st.get("workers"), int) and st["workers"] > call.concurrency:
+                raise r.fail(f"{path}.workers", f"{st['workers']} workers share "
+                             f"call.concurrency {call.concurrency}: each needs at least one "
+                             "request in flight")
         reduce = st.get("reduce", False)
         if not isinstance(reduce, bool):
             raise r.fail(f"{path}.reduce", f"expected true or false, got {reduce!r}")
@@ -237,7 +248,7 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
                                             "batch at once); remove 'workers'")
         stages.append(Stage(
             name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
-            command=command, reduce=reduce, scope=scope,
+            command=command, call=call, reduce=reduce, scope=scope,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
             env=dict(env), resources=resources, retries=retries,
@@ -245,6 +256,45 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
             schema=schema, workers=r.workers(f"{path}.workers", st.get("workers", "auto")),
         ))
     return tuple(stages)
+
+
+CALL_FORMATS = ("arrow", "json")
+_URL = re.compile(r"^https?://[^/?#\s]+(/\S*)?$")
+
+
+def _call(r: Reader, path: str, value: Any) -> Call:
+    c = r.mapping(path, value, {"url", "format", "rowsPerRequest", "concurrency", "rateLimit",
+                                "timeout", "retries", "headers", "memoKey", "memo"}, {"url"})
+    url = r.string(f"{path}.url", c["url"])
+    if not _URL.match(url):
+        raise r.fail(f"{path}.url", f"expected an http:// or https:// URL with a host, such "
+                                    f"as http://geo.default.svc:8080/v1/lookup, got {url!r}")
+    fmt = c.get("format", "arrow")
+    if fmt not in CALL_FORMATS:
+        raise r.fail(f"{path}.format", f"expected one of {list(CALL_FORMATS)}, got {fmt!r}")
+    headers = c.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise r.fail(f"{path}.headers", "expected a mapping of header names to strings")
+    memo_key = r.strings(f"{path}.memoKey", c["memoKey"]) if "memoKey" in c else ()
+    for i, name in enumerate(memo_key):
+        if name not in headers:
+            raise r.fail(f"{path}.memoKey[{i}]", f"{name!r} is not one of call.headers "
+                                                 f"{sorted(headers)}")
+    rate = c.get("rateLimit")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                             or rate <= 0):
+        raise r.fail(f"{path}.rateLimit", f"expected requests per second above 0, got {rate!r}")
+    return Call(
+        url=url, format=fmt,
+        rows_per_request=r.integer(f"{path}.rowsPerRequest", c.get("rowsPerRequest", 1000),
+                                   maximum=MAX_BATCH_ROWS),
+        concurrency=r.integer(f"{path}.concurrency", c.get("concurrency", 8), maximum=4096),
+        rate_limit=float(rate) if rate is not None else None,
+        timeout=r.seconds(f"{path}.timeout", c.get("timeout", 10.0)),
+        retries=r.integer(f"{path}.retries", c.get("retries", 5), minimum=0, maximum=100),
+        headers=dict(headers), memo_key=memo_key,
+        memo=r.boolean(f"{path}.memo", c.get("memo", True)))
 
 
 def _cpus(r: Reader, value: Any) -> float | None:

@@ -9,6 +9,7 @@ bytes and checksum. Data never crosses the socket.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -71,6 +72,38 @@ class LoadTable(Work):
 
     def run(self, batch, inputs, task):
         return self.tables.load(self.table, self.where)
+
+
+class CallService(Work):
+    """A `call:` stage: the batch sent to a service, the answers its output."""
+
+    def __init__(self, pipeline: Pipeline, node: str) -> None:
+        from podpipe.runtime import call
+
+        stage = pipeline.stage(node)
+        assert stage.call is not None
+        where = f"spec.stages[{pipeline.stages.index(stage)}].call"
+        try:
+            self.client = call.Client(stage.call, pipeline.workers(node) or 1,
+                                      dict(os.environ), where)
+        except KeyError as exc:  # a $(VAR) the stage's environment does not have
+            raise SpecError(exc.args[0].partition(": ")[2], file=pipeline.file,
+                            field=exc.args[0].partition(": ")[0]) from None
+        self.call, self.durable = call, call.answers_store(pipeline, node)
+        self.kept: Any = None
+
+    def run(self, batch, inputs, task):
+        if task.answers and (self.kept is None or str(self.kept.folder) != task.answers):
+            self.kept = self.call.Answers(Path(task.answers), self.durable)
+        return self.client.send(_concat(inputs[0]), self.kept if task.answers else None)
+
+    def stats(self) -> protocol.CallStats:
+        """What the last task's requests did (failed or not)."""
+        figures = self.client.last
+        return protocol.CallStats(
+            requests=figures.requests, memo_hits=figures.memo_hits, retries=figures.retries,
+            failures=figures.failures, in_flight_max=figures.in_flight_max,
+            latencies=[round(x, 5) for x in figures.latencies])
 
 
 class CallFunction(Work):
@@ -201,6 +234,8 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
         if target.name == node:
             return WriteSink(target)
     stage = pipeline.stage(node)
+    if stage.call is not None:
+        return CallService(pipeline, node)
     if stage.run:
         return CallFunction(stage.run, pipeline.file,
                             f"spec.stages[{pipeline.stages.index(stage)}].run")
@@ -219,6 +254,9 @@ def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
     if stage.version:
         return stage.version
     digest = hashlib.sha256()
+    if stage.call is not None:  # what is sent, where, and how
+        digest.update(json.dumps(dataclasses.asdict(stage.call), sort_keys=True).encode())
+        return f"call-{digest.hexdigest()[:12]}"
     if isinstance(work, CallFunction):
         digest.update(stage.run.encode() if stage.run else b"")
         try:
@@ -319,13 +357,17 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
             protocol.send(sock, protocol.Failed(batch=batch, message=wrong))
             return
     except Exception as exc:
-        traceback.print_exc(file=sys.stderr)
+        calls = work.stats() if isinstance(work, CallService) else None
+        if calls is None:
+            traceback.print_exc(file=sys.stderr)
         _logged(batch, "failed", f"{type(exc).__name__}: {exc}")
         protocol.send(sock, protocol.Failed(
             batch=batch, input_error=isinstance(exc, (DataError, InputError)),
-            message=f"{type(exc).__name__}: {exc}", traceback=user_frames(exc)))
+            message=f"{type(exc).__name__}: {exc}", traceback=user_frames(exc), calls=calls))
         return
     stats = protocol.Stats(rows_in=sum(t.num_rows for group in inputs for t in group))
+    if isinstance(work, CallService) and not reused:
+        stats.calls = work.stats()
     output = None
     if result is not None:
         written = result if isinstance(result, Path) else None  # a command's own file

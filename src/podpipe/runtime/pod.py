@@ -293,7 +293,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         if launch:  # start the fork server first: it imports while we plan
             launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                                      run_path / "logs", pod)
-        from podpipe.runtime import sink, source, tables  # while the fork server starts
+        from podpipe.runtime import call, sink, source, tables  # while the fork server
+                                                                # starts
 
         plan = source.plan(pipeline.source)
         loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
@@ -301,6 +302,10 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
             sink.check_run(pipeline, graph, len(plan))
         restored = start_from(origin, pipeline, graph, plan, run_path, placement, digest,
                               scratch.path)
+        if origin.durable or origin.journal:  # answers a lost node had kept, say
+            for stage in pipeline.stages:
+                if stage.call is not None and stage.call.memo:
+                    call.fetch(pipeline, stage.name, call.folder(run_path, stage.name))
         if restored is not None:
             tables.changed(pipeline, restored.made_by, loaded)
             restored.notes.extend(notes or [])

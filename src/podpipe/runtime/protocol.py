@@ -92,6 +92,7 @@ class Task(_Message, tag="task"):
     source: SourceBatch | None = None  # for the source: which rows of which file
     memo: str | None = None          # reuse across runs: where this output is kept
     versions: dict[str, list[str]] | None = None  # for sinks: the versions behind it
+    answers: str | None = None       # a call stage: the folder of answers kept
 
 
 class Reserve(_Message, tag="reserve"):
@@ -109,12 +110,24 @@ class Deny(_Message, tag="deny"):
     pass
 
 
+class CallStats(msgspec.Struct, forbid_unknown_fields=True):
+    """What a call stage's requests did in one task."""
+
+    requests: int = 0
+    memo_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    in_flight_max: int = 0
+    latencies: list[float] = []
+
+
 class Stats(msgspec.Struct, forbid_unknown_fields=True):
     rows_in: int = 0
     rows_out: int = 0
     bytes_out: int = 0
     busy: float = 0.0
     reused: int = 0
+    calls: CallStats | None = None
 
 
 class Done(_Message, tag="done"):
@@ -129,6 +142,7 @@ class Failed(_Message, tag="failed"):
     message: str
     input_error: bool = False
     traceback: str = ""  # the last frames of the stage's own code, for the user
+    calls: CallStats | None = None  # a call stage: what its requests did before failing
 
 
 class Stop(_Message, tag="stop"):

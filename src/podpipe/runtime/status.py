@@ -35,6 +35,18 @@ class ProcessInfo(_Record):
     worker: int = 0             # which of its stage's processes
 
 
+class CallStatus(_Record):
+    """A call stage's requests, over the run."""
+
+    requests: int = 0             # sent (each retry is one)
+    memo_hits: int = 0            # answered from what was kept: not sent
+    retries: int = 0
+    failures: int = 0             # failed for good (a failure fails the run)
+    in_flight_max: int = 0        # the most in flight at once, in one process
+    latency_p50: float | None = None  # seconds, over the last 10,000 requests
+    latency_p99: float | None = None
+
+
 class StageStatus(_Record):
     kind: str                   # source | table | stage | reduce | sink
     batches_done: int
@@ -56,6 +68,7 @@ class StageStatus(_Record):
     queued: int = 0             # batches ready that no worker has taken
     in_flight: int = 0          # tasks its processes are on
     tier: str | None = None     # a table, once loaded: ram, or node (too large for RAM)
+    calls: CallStatus | None = None  # a call stage: its requests
 
 
 class PodInfo(_Record):

@@ -34,7 +34,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import SOURCE, Pipeline
 from podpipe.model.shards import Placement
 from podpipe.runtime import loop as loops
-from podpipe.runtime import files, lifetime, logline, protocol, status, tiers
+from podpipe.runtime import call, files, lifetime, logline, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.metrics import Metrics
@@ -245,6 +245,7 @@ class Conductor:
             elif isinstance(message, protocol.Reserve):
                 self.timeline.asked(name)
             elif isinstance(message, protocol.Failed):
+                self.counters.called(split_name(name)[0], message.calls)
                 self.timeline.ended(name, "failed")
             self.events.append(event)
 
@@ -352,14 +353,18 @@ class Conductor:
         elif node in run.graph.sinks:
             task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,
                                                              action.batch)
-        elif run.pipeline.checkpoints.reuse and node not in run.graph.tables:
+        stage = next((s for s in run.pipeline.stages if s.name == node), None)
+        if stage is not None and stage.call is not None and stage.call.memo:
+            task.answers = str(call.folder(run.run_dir, node))
+        if run.pipeline.checkpoints.reuse and node not in run.graph.tables and \
+                node != SOURCE and node not in run.graph.sinks:
             task.memo = self.checkpoints.memo(run.pipeline, node,
                                               self.counters.stages[node].version, action.inputs)
         name = agent_name(node, action.worker)
         nbytes = sum(o.nbytes for g in action.inputs for o in g)
         seq = self.counters.dispatched(node, name, action.batch, nbytes)
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
-        seconds = next((s.timeout for s in run.pipeline.stages if s.name == node), None)
+        seconds = stage.timeout if stage is not None else None
         if seconds is not None:
             self.loop.call_later(seconds, _Timeout(name, action.batch, seq, seconds))
         self.agents.send(name, task)

@@ -8,7 +8,9 @@ processes and the tiers into the status record (`runtime.status`).
 from __future__ import annotations
 
 import os
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from podpipe.engine.state import RunState
@@ -31,6 +33,34 @@ class _Stage:
     reading: dict[int, int] = field(default_factory=dict)  # batch -> bytes its task maps
     version: str | None = None
     versions: dict[str, int] = field(default_factory=dict)  # version -> batches
+    calls: "_Calls | None" = None  # a call stage's requests
+
+
+@dataclass
+class _Calls:
+    requests: int = 0
+    memo_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    in_flight_max: int = 0
+    latencies: deque = field(default_factory=lambda: deque(maxlen=10_000))
+
+    def add(self, calls: protocol.CallStats) -> None:
+        self.requests += calls.requests
+        self.memo_hits += calls.memo_hits
+        self.retries += calls.retries
+        self.failures += calls.failures
+        self.in_flight_max = max(self.in_flight_max, calls.in_flight_max)
+        self.latencies.extend(calls.latencies)
+
+    def status(self) -> status.CallStatus:
+        cuts = statistics.quantiles(self.latencies, n=100) if len(self.latencies) > 1 else \
+            list(self.latencies) * 99
+        return status.CallStatus(
+            requests=self.requests, memo_hits=self.memo_hits, retries=self.retries,
+            failures=self.failures, in_flight_max=self.in_flight_max,
+            latency_p50=round(cuts[49], 5) if cuts else None,
+            latency_p99=round(cuts[98], 5) if cuts else None)
 
 
 class Counters:
@@ -52,9 +82,17 @@ class Counters:
         self.tasks[agent] = self.tasks.get(agent, 0) + 1
         return self.tasks[agent]
 
+    def called(self, node: str, calls: protocol.CallStats | None) -> None:
+        """Count what a call stage's task sent (done or failed)."""
+        if calls is not None:
+            s = self.stages[node]
+            s.calls = s.calls or _Calls()
+            s.calls.add(calls)
+
     def done(self, node: str, batch: int, stats: protocol.Stats) -> str:
         """Count a finished task; returns the version that did it."""
         s = self.stages[node]
+        self.called(node, stats.calls)
         s.rows_in += stats.rows_in
         s.rows_out += stats.rows_out
         s.busy += stats.busy
@@ -116,7 +154,8 @@ def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
             queued=len(engine.ready[node]),
             in_flight=sum(a.busy for a in engine.agents[node].values()),
             tier=loaded.tier if node in graph.tables and (loaded := engine.outputs.get(
-                (node, 0))) is not None else None)
+                (node, 0))) is not None else None,
+            calls=s.calls.status() if s.calls is not None else None)
     ended = counters.ended
     durable = checkpoints.durable
     return status.Status(

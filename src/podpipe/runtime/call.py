@@ -1,0 +1,285 @@
+"""A call stage's client: each batch POSTed to a service in slices, every answer kept.
+
+A batch is cut into consecutive slices of `rowsPerRequest` rows; each slice is one
+POST (an Arrow IPC stream, or a JSON array of row objects) and its answer must
+have as many rows. The stage's output is the answers, concatenated in request
+order. Requests overlap (asyncio, one aiohttp session per process: connections
+pooled and kept alive), at most `concurrency` at once over all the stage's workers
+(each has its share) and `rateLimit` a second; a request that meets a connection
+error, a timeout, a 429 or a 5xx is sent again after a backoff (exponential, with
+jitter, at least what `Retry-After` says), `retries` times at most.
+
+**At most once per request.** Every answer is kept on the node tier, under a
+digest of the request (method, URL, the headers named in `memoKey`, body), as it
+arrives; a request whose answer is kept is never sent again — not after a
+restart, a given-up batch, a resume or a recompute. Only requests in flight when
+a process dies may be sent twice. The conductor uploads the answers to the
+durable tier with its checkpoints, so that a run on another node finds them too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from podpipe.errors import StoreError
+from podpipe.model.pipeline import Call, Pipeline
+from podpipe.runtime import files
+from podpipe.runtime.store import Store, open_store
+
+_ENV = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+BACKOFF, MAX_BACKOFF = 0.1, 10.0  # seconds: 0.1, 0.2, 0.4, ... (x 0.5-1.5), at most 10
+LATENCIES = 10_000  # the latencies a process keeps for its figures (the last ones)
+
+
+class CallFailed(Exception):
+    """A request failed for good (after its retries, or with an answer that does not do)."""
+
+
+def expand(text: str, env: dict[str, str], where: str) -> str:
+    """`$(NAME)` replaced by the environment's NAME (KeyError naming `where` if unset)."""
+    def value(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in env:
+            raise KeyError(f"{where}: $({name}) is not set in the stage's environment")
+        return env[name]
+    return _ENV.sub(value, text)
+
+
+ANSWER = re.compile(r"^[0-9a-f]{40}\.(arrow|json)$")  # a kept answer's file name
+
+
+def folder(run_dir: Path, node: str) -> Path:
+    """Where the node tier keeps a call stage's answers, for the run."""
+    return run_dir / "answers" / node
+
+
+def answers_store(pipeline: Pipeline, node: str) -> Store | None:
+    """Where the durable tier keeps a call stage's answers (None: no durable tier). Not
+    under a checkpoint: an answer stands for its request whatever the spec around it."""
+    url = pipeline.checkpoints.durable
+    return None if url is None else open_store(url).child(f"{pipeline.name}/answers/{node}")
+
+
+class Answers:
+    """The answers kept for one call stage: files on the node tier, named by the
+    request's digest, and copies on the durable tier (when the spec has one)."""
+
+    def __init__(self, folder: Path, durable: Store | None) -> None:
+        self.folder, self.durable = folder, durable
+        files.private_dirs(folder)
+
+    def get(self, name: str) -> bytes | None:
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def drop(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
+
+    def put(self, name: str, data: bytes) -> None:
+        """Keep an answer: durable first (a lost node finds it), then the node tier.
+        A durable tier that fails only costs what a lost node would send again."""
+        if self.durable is not None:
+            try:
+                self.durable.write(name, data)
+            except StoreError as exc:
+                print(f"cannot keep an answer on the durable tier: {exc}", flush=True)
+        files.publish(self.folder / name, data)
+
+
+def fetch(pipeline: Pipeline, node: str, folder: Path) -> int:
+    """Before a run: the answers the durable tier keeps for `node` and the node tier
+    does not, downloaded (a run on a new node sends none of them again). Returns how
+    many."""
+    store = answers_store(pipeline, node)
+    if store is None:
+        return 0
+    files.private_dirs(folder)
+    have = set(os.listdir(folder))
+    fetched = 0
+    for key in store.list(""):
+        name = key.rsplit("/", 1)[-1]
+        if ANSWER.match(name) and name not in have:  # names from the store are input
+            with files.publishing(folder / name) as tmp:
+                if store.download(key, tmp):
+                    fetched += 1
+    return fetched
+
+
+@dataclass
+class Figures:
+    """What a process's requests did (per task, reported with its stats)."""
+
+    requests: int = 0     # sent (each retry is one)
+    memo_hits: int = 0    # answers kept from before: not sent
+    retries: int = 0
+    failures: int = 0
+    in_flight: int = 0
+    in_flight_max: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+
+class Client:
+    def __init__(self, call: Call, workers: int, env: dict[str, str], where: str) -> None:
+        self.call = call
+        self.url = expand(call.url, env, f"{where}.url")
+        self.headers = {k: expand(v, env, f"{where}.headers.{k}")
+                        for k, v in call.headers.items()}
+        self.share = max(1, call.concurrency // max(1, workers))
+        self.interval = workers / call.rate_limit if call.rate_limit else 0.0
+        self.ext = "arrow" if call.format == "arrow" else "json"
+        keyed = "".join(f"{k}: {self.headers[k]}\n" for k in sorted(call.memo_key))
+        self._prefix = f"POST\0{self.url}\0{keyed}\0".encode()
+        self.loop = asyncio.new_event_loop()
+        self.session: Any = None
+        self._next = 0.0  # when the rate limit lets the next request go
+        self.last = Figures()  # what the last batch's requests did (failed or not)
+
+    def send(self, table: pa.Table, kept: Answers | None) -> pa.Table:
+        """The answers to `table`'s requests, in order; `kept`: the answers kept
+        (None: `memo: false`). CallFailed naming the request that failed."""
+        self.last = Figures()
+        answers = self.loop.run_until_complete(self._batch(table, kept, self.last))
+        if self.call.format == "arrow":
+            return pa.concat_tables(answers)
+        return pa.Table.from_pylist([row for answer in answers for row in answer])
+
+    async def _batch(self, table: pa.Table, kept: Answers | None, figures: Figures) -> list:
+        import aiohttp
+
+        if self.session is None:  # one per process: its connections are kept alive
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.share),
+                timeout=aiohttp.ClientTimeout(total=self.call.timeout))
+        step = self.call.rows_per_request
+        starts = range(0, max(1, table.num_rows), step)  # an empty batch: one empty request
+        gate = asyncio.Semaphore(self.share)
+        tasks = [asyncio.ensure_future(self._one(i, table.slice(at, step), gate, kept, figures))
+                 for i, at in enumerate(starts)]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _one(self, index: int, rows: pa.Table, gate: asyncio.Semaphore,
+                   kept: Answers | None, figures: Figures) -> Any:
+        body = self._encode(rows)
+        name = f"{hashlib.sha256(self._prefix + body).hexdigest()[:40]}.{self.ext}"
+        data = kept.get(name) if kept is not None else None
+        if data is not None and kept is not None:
+            try:
+                answer = self._decode(data, rows.num_rows, index)
+                figures.memo_hits += 1
+                return answer
+            except CallFailed:  # a kept answer that does not do: asked again
+                kept.drop(name)
+        async with gate:
+            data = await self._post(index, rows.num_rows, body, figures)
+        answer = self._decode(data, rows.num_rows, index)
+        if kept is not None:  # kept as it comes, not once the batch is done: a restart
+            await asyncio.get_running_loop().run_in_executor(None, kept.put, name, data)
+        return answer                                             # (or a lost node) finds it
+
+    async def _post(self, index: int, rows: int, body: bytes, figures: Figures) -> bytes:
+        import aiohttp
+
+        for attempt in range(self.call.retries + 1):
+            await self._pace()
+            figures.in_flight += 1
+            figures.in_flight_max = max(figures.in_flight_max, figures.in_flight)
+            started = time.monotonic()
+            status, data, wait = None, b"", None
+            try:
+                async with self.session.post(self.url, data=body, headers=self.headers) as reply:
+                    status, data = reply.status, await reply.read()
+                    wait = _retry_after(reply.headers.get("Retry-After"))
+                problem = f"HTTP {status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if isinstance(exc, asyncio.TimeoutError):
+                    problem = f"no answer within {self.call.timeout:g} s"
+            finally:
+                figures.in_flight -= 1
+                figures.requests += 1
+                figures.latencies.append(time.monotonic() - started)
+            if status is not None and 200 <= status < 300:
+                return data
+            if (status is not None and status != 429 and status < 500) or \
+                    attempt == self.call.retries:
+                figures.failures += 1
+                tried = f" after {attempt} retries" if attempt else ""
+                raise CallFailed(f"request {index} (rows {index * self.call.rows_per_request}"
+                                 f"+{rows}) to {self.url} failed{tried}: {problem}; the answer "
+                                 f"begins {data[:120]!r}")
+            figures.retries += 1
+            delay = min(MAX_BACKOFF, BACKOFF * 2 ** attempt) * random.uniform(0.5, 1.5)
+            await asyncio.sleep(max(delay, wait or 0.0))
+        raise AssertionError("unreachable")
+
+    async def _pace(self) -> None:
+        """Wait for the rate limit's next slot (requests evenly spaced, no burst)."""
+        if not self.interval:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next)
+        self._next = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+    def _encode(self, rows: pa.Table) -> bytes:
+        if self.call.format == "json":
+            return json.dumps(rows.to_pylist(), default=str, separators=(",", ":")).encode()
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, rows.schema) as writer:
+            writer.write_table(rows)
+        return sink.getvalue().to_pybytes()
+
+    def _decode(self, data: bytes, rows: int, index: int) -> Any:
+        """The answer to request `index`, checked: as many rows as it was sent."""
+        try:
+            if self.call.format == "json":
+                answer = json.loads(data)
+                if not isinstance(answer, list) or not all(isinstance(r, dict) for r in answer):
+                    raise ValueError("expected a JSON array of row objects")
+                count = len(answer)
+            else:
+                answer = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+                count = answer.num_rows
+        except (ValueError, pa.ArrowException) as exc:
+            raise CallFailed(f"request {index}: the answer of {self.url} is not "
+                             f"{self.call.format}: {exc}; it begins {data[:120]!r}") from None
+        if count != rows:
+            raise CallFailed(f"request {index}: the answer of {self.url} has {count} rows, "
+                             f"the request {rows}; each answer must have a row per row sent")
+        return answer
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a `Retry-After` header asks to wait (a number or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

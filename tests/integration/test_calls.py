@@ -1,0 +1,243 @@
+"""Call stages against a real service process on loopback (tests/stages/stub_service.py).
+
+The pipeline: 10 batches of 1,000 rows; `ask` sends each batch in 10 requests of
+100 rows (100 distinct requests in all) and its answers (y = 2x) go to a sink. A
+request is sent at most once: after each kind of failure, the requests the stub
+answered exceed the distinct requests by at most those in flight at the kill.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import (ROOT, cli_env, make_numbers, podpipe, read_sink, run_status, spec,
+                      wait_until, write_spec)
+
+REQUESTS, CONCURRENCY = 100, 4
+
+
+class Stub:
+    def __init__(self, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "stages" / "stub_service.py"), *flags],
+            stdout=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{int(self.process.stdout.readline())}/"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(self.url + "stats", timeout=10) as reply:
+            return json.loads(reply.read())
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def stub(request):
+    made = []
+
+    def start(*flags: str) -> Stub:
+        made.append(Stub(*flags))
+        return made[-1]
+    yield start
+    for one in made:
+        one.close()
+
+
+def _spec(workdir: Path, url: str, *, call: dict | None = None, after: str | None = None,
+          **extra) -> Path:
+    make_numbers(workdir / "data")
+    stages = [{"name": "ask", "inputs": ["source"],
+               "call": {"url": url, "rowsPerRequest": 100, "concurrency": CONCURRENCY,
+                        "retries": 8, "timeout": 30, **(call or {})}}]
+    sinks = [{"input": "ask", "uri": "out/"}]
+    if after:
+        stages.append({"name": "after", "run": after, "inputs": ["ask"], "workers": 1})
+        sinks.append({"name": "tagged", "input": "after", "uri": "tagged/"})
+    return write_spec(workdir / "p.yaml", spec(stages, sinks, **extra))
+
+
+def _start(workdir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                             "--run-dir", "run", *args], cwd=workdir, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _answered_at_least(stub: Stub, run: subprocess.Popen, count: int) -> None:
+    def enough() -> bool:
+        assert run.poll() is None, run.communicate()
+        return stub.stats()["answered"] >= count
+    wait_until(enough, f"{count} answers")
+
+
+def _expected(workdir: Path) -> list[int]:
+    assert sorted(read_sink(workdir / "out")["y"].to_pylist()) == [2 * x for x in range(10_000)]
+    return read_sink(workdir / "out")["y"].to_pylist()
+
+
+def _kill(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _pid(workdir: Path, node: str) -> int:
+    return next(p["pid"] for p in run_status(workdir / "run")["processes"]
+                if p["stage"] == node)
+
+
+def test_requests_overlap_within_concurrency_ride_out_503_and_429_and_match_a_clean_run(
+        tmp_path, stub):
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    quiet = stub()
+    _spec(clean, quiet.url)
+    done = podpipe("run", "p.yaml", "--quiet", cwd=clean)
+    assert done.returncode == 0, done.stderr
+    assert quiet.stats()["answered"] == REQUESTS
+    noisy = stub("--latency", "0.02", "--errors", "0.05", "--throttle", "9")
+    _spec(faulty, noisy.url)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=faulty)
+    assert done.returncode == 0, done.stderr
+    seen = noisy.stats()
+    assert 1 < seen["max_in_flight"] <= CONCURRENCY  # they overlap, never beyond the limit
+    assert seen["answered"] == seen["distinct"] == REQUESTS
+    assert seen["received"] > REQUESTS  # the 503s and 429s were sent again
+    calls = run_status(faulty / "run")["stages"]["ask"]["calls"]
+    assert calls["requests"] == seen["received"] and calls["memo_hits"] == 0
+    assert calls["retries"] == seen["received"] - REQUESTS and calls["failures"] == 0
+    assert 0.02 <= calls["latency_p50"] <= calls["latency_p99"]
+    for a, b in zip(sorted((clean / "out").glob("*.parquet")),
+                    sorted((faulty / "out").glob("*.parquet")), strict=True):
+        assert a.name == b.name  # the same rows in the same order (the files' metadata
+        assert pq.read_table(a).equals(pq.read_table(b))  # name the stage's version, of
+                                                           # which the URL is a part)
+
+
+def test_json_requests_answer_the_same_rows(tmp_path, stub):
+    service = stub()
+    _spec(tmp_path, service.url, call={"format": "json"})
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    _expected(tmp_path)
+
+
+def test_a_killed_stage_process_sends_again_at_most_what_was_in_flight(tmp_path, stub):
+    service = stub("--latency", "0.2")
+    _spec(tmp_path, service.url)
+    run = _start(tmp_path)
+    _answered_at_least(service, run, 35)  # the middle of a batch (10 requests each)
+    _kill(_pid(tmp_path, "ask"))
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    seen = service.stats()
+    assert seen["distinct"] == REQUESTS
+    assert seen["answered"] <= REQUESTS + CONCURRENCY
+    status = run_status(tmp_path / "run")
+    assert status["stages"]["ask"]["restarts"] == 1
+    assert status["stages"]["ask"]["calls"]["memo_hits"] >= 1  # its batch's kept answers
+    _expected(tmp_path)
+
+
+def test_a_killed_conductor_resumes_without_sending_again(tmp_path, stub):
+    service = stub("--latency", "0.05")
+    _spec(tmp_path, service.url)
+    run = _start(tmp_path)
+    _answered_at_least(service, run, 30)
+    pids = [p["pid"] for p in run_status(tmp_path / "run")["processes"]]
+    run.kill()
+    run.communicate()
+    for pid in pids:
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), f"process {pid} to end")
+    done = podpipe("resume", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    seen = service.stats()
+    assert seen["distinct"] == REQUESTS and seen["answered"] <= REQUESTS + CONCURRENCY
+    _expected(tmp_path)
+
+
+def test_a_lost_node_finds_the_answers_on_the_durable_tier(tmp_path, stub):
+    service = stub("--latency", "0.05")
+    durable = tmp_path / "durable"
+    _spec(tmp_path, service.url, checkpoints={"durable": f"file://{durable}"})
+    run = _start(tmp_path)
+    _answered_at_least(service, run, 30)
+    status = run_status(tmp_path / "run")
+    run.kill()
+    run.communicate()
+    for process in status["processes"]:
+        wait_until(lambda: not Path(f"/proc/{process['pid']}").exists(), "the pod to end")
+    shutil.rmtree(tmp_path / "run")  # the node is lost: its disk and its RAM
+    shutil.rmtree(status["scratch"], ignore_errors=True)
+    shutil.rmtree(tmp_path / "out")
+    before = service.stats()["answered"]
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    seen = service.stats()
+    assert seen["distinct"] == REQUESTS and seen["answered"] <= REQUESTS + CONCURRENCY
+    assert run_status(tmp_path / "run")["stages"]["ask"]["calls"]["memo_hits"] >= before - \
+        CONCURRENCY
+    _expected(tmp_path)
+
+
+def test_a_recompute_downstream_sends_nothing_again(tmp_path, stub):
+    service = stub("--latency", "0.01")
+    _spec(tmp_path, service.url, after="pystages:tag_v1_then_gated")
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=tmp_path,
+                           env=cli_env(GATE=str(tmp_path / "gate")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: run_status(tmp_path / "run").get("stages", {}).get("after", {})
+                   .get("batches_done", 0) >= 3, "three batches through after")
+        done = podpipe("swap", "run", "after", "--run", "pystages:tag_v2", "--recompute",
+                       "--now", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    finally:
+        (tmp_path / "gate").touch()
+        _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    seen = service.stats()
+    assert seen["answered"] == seen["distinct"] == REQUESTS  # none at all sent twice
+    calls = run_status(tmp_path / "run")["stages"]["ask"]["calls"]
+    assert calls["memo_hits"] >= 30  # the batches redone, answered from what was kept
+    assert set(read_sink(tmp_path / "tagged")["version"].to_pylist()) == {"v2"}
+
+
+def test_a_request_that_keeps_failing_fails_the_run_naming_stage_batch_url_and_answer(
+        tmp_path, stub):
+    service = stub("--down")
+    _spec(tmp_path, service.url, call={"retries": 1})
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "stage 'ask', batch " in done.stderr
+    assert f"to {service.url} failed after 1 retries: HTTP 503" in done.stderr
+    assert "overloaded, try later" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("call,field,message", [
+    ({"url": "geo.default.svc/lookup"}, "spec.stages[0].call.url", "http:// or https://"),
+    ({"format": "xml"}, "spec.stages[0].call.format", "expected one of ['arrow', 'json']"),
+    ({"concurrency": 0}, "spec.stages[0].call.concurrency", "expected an integer >= 1"),
+    ({"headers": {"Authorization": "Bearer $(NO_SUCH_TOKEN)"}},
+     "spec.stages[0].call.headers.Authorization", "$(NO_SUCH_TOKEN) is not set"),
+])
+def test_a_bad_call_is_refused_naming_the_field(tmp_path, call, field, message):
+    _spec(tmp_path, "http://127.0.0.1:9/", call=call)
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert field in done.stderr and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

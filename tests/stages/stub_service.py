@@ -1,0 +1,84 @@
+"""A stub service for call stages, run as a real process on loopback (aiohttp).
+
+    python tests/stages/stub_service.py [--latency S] [--errors P] [--throttle N] [--down]
+
+POST / with an Arrow IPC stream (or a JSON array of row objects) of column `x`;
+the answer has `y = 2 * x` (same format, a row per row). It answers after
+`latency` seconds; a share `errors` of requests gets a 503 (seeded: the same
+requests every run), every `throttle`-th a 429 with `Retry-After`; `--down` makes
+every request a 503 with a short body. GET /stats: requests received and
+answered, distinct bodies answered, the most in flight at once. Prints its port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from aiohttp import web
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--errors", type=float, default=0.0)
+    parser.add_argument("--throttle", type=int, default=0)
+    parser.add_argument("--down", action="store_true")
+    args = parser.parse_args()
+    rng = random.Random(7)
+    seen = {"received": 0, "answered": 0, "in_flight": 0, "max_in_flight": 0}
+    distinct: set[str] = set()
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen["received"] += 1
+        seen["in_flight"] += 1
+        seen["max_in_flight"] = max(seen["max_in_flight"], seen["in_flight"])
+        try:
+            await asyncio.sleep(args.latency)
+            if args.down:
+                return web.Response(status=503, text="overloaded, try later")
+            if args.throttle and seen["received"] % args.throttle == 0:
+                return web.Response(status=429, headers={"Retry-After": "0.05"})
+            if rng.random() < args.errors:
+                return web.Response(status=503, text="busy")
+            if request.content_type == "application/json" or body[:1] == b"[":
+                rows = json.loads(body)
+                out = json.dumps([{"y": 2 * r["x"]} for r in rows]).encode()
+            else:
+                table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+                doubled = pa.table({"y": pc.multiply(table["x"], 2)})
+                sink = pa.BufferOutputStream()
+                with pa.ipc.new_stream(sink, doubled.schema) as writer:
+                    writer.write_table(doubled)
+                out = sink.getvalue().to_pybytes()
+            seen["answered"] += 1
+            distinct.add(hashlib.sha256(body).hexdigest())
+            return web.Response(body=out)
+        finally:
+            seen["in_flight"] -= 1
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({**seen, "distinct": len(distinct)})
+
+    async def serve() -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_post("/", answer)
+        app.router.add_get("/stats", stats)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        print(site._server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
