@@ -217,6 +217,28 @@ def test_a_recompute_downstream_sends_nothing_again(tmp_path, stub):
     assert set(read_sink(tmp_path / "tagged")["version"].to_pylist()) == {"v2"}
 
 
+def test_a_batch_given_up_for_ram_is_answered_again_from_what_was_kept(tmp_path, stub):
+    service = stub("--latency", "0.005")
+    make_numbers(tmp_path / "data", files=4, rows=10_000, row_group=2000)
+    write_spec(tmp_path / "p.yaml", spec(  # a slow stage after one that grows midway
+        [{"name": "ask", "inputs": ["source"],
+          "call": {"url": service.url, "rowsPerRequest": 200, "concurrency": CONCURRENCY}},
+         {"name": "wide", "run": "pystages:widen_later", "inputs": ["ask"]},
+         {"name": "slow", "run": "pystages:slow", "inputs": ["wide"]}],
+        [{"input": "slow", "uri": "out/"}], batch_rows=2000, memory=str(2 * 2**20)))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
+                   SLOW_SECONDS="0.05", GROW_AT="40000")
+    assert done.returncode == 0, done.stderr
+    tasks = [json.loads(line) for line in
+             (tmp_path / "run" / "tasks.jsonl").read_text().splitlines()]
+    assert any(t["state"] == "denied" for t in tasks)  # a batch was given up...
+    seen = service.stats()
+    assert seen["answered"] == seen["distinct"] == 200  # ...and none of its requests resent
+    assert run_status(tmp_path / "run")["stages"]["ask"]["calls"]["memo_hits"] > 0
+    assert sorted(read_sink(tmp_path / "out")["y"].to_pylist()) == [
+        2 * x for x in range(40_000)]
+
+
 def test_a_request_that_keeps_failing_fails_the_run_naming_stage_batch_url_and_answer(
         tmp_path, stub):
     service = stub("--down")

@@ -71,8 +71,9 @@ def widen(t: pa.Table) -> pa.Table:
 
 
 def widen_later(t: pa.Table) -> pa.Table:
-    """Outputs that grow tenfold partway through: the footprint learned early is wrong."""
-    big = pc.greater_equal(t["x"], int(os.environ.get("GROW_AT", "20000")))
+    """Outputs that grow tenfold partway through (once the first column reaches
+    $GROW_AT): the footprint learned early is wrong."""
+    big = pc.greater_equal(t.column(0), int(os.environ.get("GROW_AT", "20000")))
     size = 400 if pc.any(big).as_py() else 40
     return t.append_column("pad", pa.array([b"p" * size] * t.num_rows, pa.binary()))
 
