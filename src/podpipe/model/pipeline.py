@@ -125,8 +125,10 @@ class Pipeline:
             if target.name == node:
                 return target.workers
         stage = self.stage(node)
-        if stage.call is not None:  # its requests overlap in one process
-            return stage.workers or 1
+        if stage.call is not None:  # two by default, each half the concurrency: the
+            return stage.workers or min(2, stage.call.concurrency)  # end of one batch's
+                                                                    # requests overlaps
+                                                                    # the next batch's
         return 1 if stage.reduce else stage.workers
 
     def stage(self, name: str) -> Stage:
