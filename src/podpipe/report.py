@@ -93,6 +93,8 @@ def plural(count: int, noun: str) -> str:
     """`1 file`, `2 files`, `1 batch`, `2 batches`."""
     if count == 1:
         return f"1 {noun}"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return f"{count:,} {noun[:-1]}ies"
     return f"{count:,} {noun}" + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 
 
@@ -115,6 +117,22 @@ def summary(status: dict[str, Any]) -> Table:
                       f"{s['busy_seconds']:.2f}", short_size(s["bytes_written"]),
                       short_size(s["bytes_read"]))
     return table
+
+
+def calls(status: dict[str, Any]) -> list[str]:
+    """A line per call stage: what its requests did."""
+    lines = []
+    for node, s in status["stages"].items():
+        c = s.get("calls")
+        if not c:
+            continue
+        latency = (f"; latency p50 {c['latency_p50'] * 1000:.0f} ms, p99 "
+                   f"{c['latency_p99'] * 1000:.0f} ms" if c.get("latency_p50") is not None
+                   else "")
+        lines.append(f"{node}: {plural(c['requests'], 'request')} sent, "
+                     f"{c['memo_hits']:,} answered from those kept, "
+                     f"{plural(c['retries'], 'retry')}{latency}")
+    return lines
 
 
 def short_count(count: int) -> str:
@@ -159,6 +177,8 @@ def status_table(status: dict[str, Any]) -> Table:
                                                 if status.get("error") else "") + "".join(held)
                      + (f"\ndurable: {durable_warning(status)}"
                         if status["state"] != "running" and durable_warning(status) else ""))
+    for line in calls(status):
+        table.caption += f"\ncalls: {line}"
     waited = holding_back(status) if status["state"] == "running" else None
     if waited:
         table.caption += f"\nwaiting on: {waited[0]} ({waited[1]} queued)"

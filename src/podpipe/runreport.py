@@ -177,7 +177,8 @@ def _union(spans: list[tuple[float, float]]) -> float:
 
 
 def _bottleneck(busy: dict[str, dict[str, float]], s: dict[str, Any]) -> str:
-    per_batch = {n: b for n, b in busy.items() if s["stages"].get(n, {}).get("kind") != "reduce"}
+    per_batch = {n: b for n, b in busy.items()  # the line's stations (not what runs once)
+                 if s["stages"].get(n, {}).get("kind") not in ("reduce", "table")}
     if not per_batch:
         return "No task ran."
     node = max(per_batch, key=lambda n: per_batch[n]["busy"])

@@ -263,3 +263,26 @@ def test_a_bad_call_is_refused_naming_the_field(tmp_path, call, field, message):
     assert done.returncode == 2, done.stderr
     assert field in done.stderr and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_bundled_example_quotes_every_june_line_through_its_service(lineitem, tmp_path):
+    import pyarrow.compute as pc
+
+    from examples.calls import service, stages
+
+    quotes = subprocess.Popen([sys.executable, "-m", "examples.calls.service"], cwd=ROOT,
+                              env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        port = quotes.stdout.readline().strip()
+        done = podpipe("run", str(ROOT / "examples" / "calls" / "shipping.yaml"), "--quiet",
+                       "--set", f"source.uri={lineitem}/*.parquet",
+                       "--set", "sinks.0.uri=out/", cwd=tmp_path, QUOTES_PORT=port)
+    finally:
+        quotes.kill()
+        quotes.wait()
+        quotes.stdout.close()
+    assert done.returncode == 0, done.stderr
+    june = stages.june_lines(pq.read_table(lineitem))
+    expected = pc.sum(service.quote(june)["quote"]).as_py()
+    assert read_sink(tmp_path / "out").to_pylist() == [{"quotes": june.num_rows,
+                                                          "total": expected}]

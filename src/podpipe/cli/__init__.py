@@ -117,6 +117,8 @@ def _with_progress(console, quiet: bool, start) -> int:
     for note in final.get("restore_notes", []):
         console.print(f"[yellow]restored:[/] {note}", highlight=False)
     console.print(report.summary(final))
+    for line in report.calls(final):
+        console.print(f"calls: {line}", highlight=False)
     for name, out in final.get("sinks", {}).items():
         console.print(f"{name}: wrote {report.plural(out['files'], 'file')}, "
                       f"{report.plural(out['rows'], 'row')} → {out['uri']}", highlight=False)

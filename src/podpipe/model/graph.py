@@ -29,6 +29,7 @@ class Graph:
     reduce: frozenset[str]                      # stages that run once per shard or globally
     sinks: frozenset[str]
     tables: frozenset[str] = frozenset()
+    calls: frozenset[str] = frozenset()         # stages that call a service (`call:`)
 
     @classmethod
     def of(cls, pipeline: Pipeline,
@@ -103,7 +104,8 @@ class Graph:
                            "stage (list it among a stage's inputs)")
         return cls(order=order, inputs=inputs, consumers=consumers, domain=domain,
                    reduce=reduce, sinks=frozenset(s.name for s in pipeline.sinks),
-                   tables=tables)
+                   tables=tables,
+                   calls=frozenset(s.name for s in pipeline.stages if s.call is not None))
 
     @property
     def stages(self) -> tuple[str, ...]:

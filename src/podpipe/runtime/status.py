@@ -48,7 +48,7 @@ class CallStatus(_Record):
 
 
 class StageStatus(_Record):
-    kind: str                   # source | table | stage | reduce | sink
+    kind: str                   # source | table | stage | call | reduce | sink
     batches_done: int
     batches_total: int
     rows_in: int

@@ -111,6 +111,8 @@ def kind(node: str, graph: Graph) -> str:
         return "sink"
     if node in graph.tables:
         return "table"
+    if node in graph.calls:
+        return "call"
     return "reduce" if node in graph.reduce else "stage"
 
 
