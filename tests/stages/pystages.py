@@ -90,17 +90,22 @@ def die_on_call(t: pa.Table) -> pa.Table:
     return t
 
 
-def q1_prices_dying_once(t: pa.Table) -> pa.Table:
-    """TPC-H Q1's prices stage, except that the first process to reach call number
-    $DIE_ON_CALL kills itself (once per run: it leaves the file $DIE_MARKER behind)."""
-    from examples.tpch.stages import prices
-
+def _die_once() -> None:
+    """The first process to reach call number $DIE_ON_CALL kills itself, as an OOM
+    kill would (once per run: it leaves the file $DIE_MARKER behind)."""
     global _calls
     _calls += 1
     marker = os.environ["DIE_MARKER"]
     if _calls == int(os.environ.get("DIE_ON_CALL", "1")) and not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def q1_prices_dying_once(t: pa.Table) -> pa.Table:
+    """TPC-H Q1's prices stage, dying once (`_die_once`)."""
+    from examples.tpch.stages import prices
+
+    _die_once()
     return prices(t)
 
 
@@ -197,16 +202,10 @@ def keeps_inputs(t: pa.Table) -> pa.Table:
 
 
 def q12_join_dying_once(lines: pa.Table, orders: pa.Table) -> pa.Table:
-    """TPC-H Q12's join, except that the first process to reach call number
-    $DIE_ON_CALL kills itself (once per run: it leaves the file $DIE_MARKER behind)."""
+    """TPC-H Q12's join, dying once (`_die_once`)."""
     from examples.tpch.joins import with_priority
 
-    global _calls
-    _calls += 1
-    marker = os.environ["DIE_MARKER"]
-    if _calls == int(os.environ.get("DIE_ON_CALL", "1")) and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
+    _die_once()
     return with_priority(lines, orders)
 
 

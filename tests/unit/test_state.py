@@ -12,6 +12,7 @@ import zlib
 
 from podpipe.engine import events as S
 from podpipe.engine import jam, state
+from podpipe.engine.agent import ABSENT, HELD
 from podpipe.engine.state import RunState
 from podpipe.errors import BudgetError, InputError, StageError
 from podpipe.model import spec as specs
@@ -422,7 +423,7 @@ def test_a_swap_now_requeues_the_in_flight_batch_without_counting_a_restart():
     assert run.agents["a"][0].status == state.RUNNING and run.agents["a"][0].batch == 0
     # no restart, no failure: the busy process is killed and its batch requeued
     assert run.handle(S.SwapRequested("a", now=True)) == [S.Replace("a", kill=True)]
-    assert run.agents["a"][0].status == state.ABSENT and run.ready["a"] == [0]
+    assert run.agents["a"][0].status == ABSENT and run.ready["a"] == [0]
     assert run.restarts["a"] == 0
     actions = run.handle(S.AgentReady("a"))  # the new version says hello
     assert S.Dispatch("a", 0, ((out("s0", 10),),)) in actions
@@ -621,7 +622,7 @@ def test_a_held_stage_holds_every_worker():
         run.handle(S.AgentReady("a", worker))  # the new version's processes
     actions = run.handle(S.AgentBroken("a", "cannot import", InputError("x"), 1))
     assert [a for a in actions if isinstance(a, S.Hold)] == [S.Hold("a", "cannot import")]
-    assert {a.status for a in run.agents["a"].values()} == {state.HELD}
+    assert {a.status for a in run.agents["a"].values()} == {HELD}
 
 
 def test_auto_gives_the_bottleneck_a_worker_when_a_core_is_free():

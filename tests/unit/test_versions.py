@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from podpipe.model import spec as specs
-from podpipe.runtime import agent
+from podpipe.runtime import work
 
 
 def _pipeline(stage: dict):
@@ -22,7 +22,7 @@ def _version(tmp_path, source: str, module: str, **extra) -> str:
     sys.path.insert(0, str(tmp_path))
     try:
         pipeline = _pipeline({"name": "s", "run": f"{module}:f", "inputs": ["source"], **extra})
-        return agent.version_of(pipeline, "s", agent.work_for(pipeline, "s"))
+        return work.version_of(pipeline, "s", work.work_for(pipeline, "s"))
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop(module, None)
@@ -43,7 +43,7 @@ def test_a_command_stage_is_versioned_by_its_command_image_and_env():
     def version(**extra):
         pipeline = _pipeline({"name": "s", "command": ["tool", "--x"], "inputs": ["source"],
                               **extra})
-        return agent.version_of(pipeline, "s", agent.work_for(pipeline, "s"))
+        return work.version_of(pipeline, "s", work.work_for(pipeline, "s"))
 
     base = version()
     assert base.startswith("cmd-") and base == version()

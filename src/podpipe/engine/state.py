@@ -16,7 +16,8 @@ run live in this package, so they can be tested without processes:
   (`jam.py`), giving up its newest batch, else spilling to the node tier;
 - lifetime (here): an output is deleted as soon as every node that reads it has
   read it; what a resume would need is kept on the node tier (`Keep`);
-- restarts of dead processes with backoff, and the state a resumed run starts from
+- restarts of dead processes with backoff, swaps, holds (`lifecycle.py`), and the
+  state a resumed run starts from
   (`restored`);
 - swaps (here): a stage with a swap coming gets no new task and is replaced
   (`Replace`) once between batches; a swapped-in version that fails is *held*
@@ -26,15 +27,14 @@ run live in this package, so they can be tested without processes:
 
 from __future__ import annotations
 
-from podpipe.engine import jam, rework, workers
-from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, WAITING, Agent
+from podpipe.engine import jam, lifecycle, rework, workers
+from podpipe.engine.agent import IDLE, RUNNING, WAITING, Agent
 from podpipe.engine.budget import Budget
-from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady,
-                                   Delete, Dispatch, Event, Failed, Finished, Grant, Hold,
-                                   Imported, Keep, Key, Kill, Recompute, Replace, Reshaped,
-                                   Recycle, Restart, SpaceRequested, Spill, SwapRequested,
-                                   TaskDone,
-                                   TaskFailed, TaskTimedOut, Tick)
+from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Delete,
+                                   Dispatch, Event, Failed, Finished, Grant, Imported, Keep,
+                                   Key, Kill, Recompute, Recycle, Reshaped, SpaceRequested,
+                                   Spill, SwapRequested, TaskDone, TaskFailed, TaskTimedOut,
+                                   Tick)
 from podpipe.engine.workers import Pool
 from podpipe.engine.keys import Keys
 from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
@@ -46,13 +46,7 @@ from podpipe.model.sizes import format_size
 AgentEvent = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited |
               TaskTimedOut | AgentBroken)
 
-MAX_BACKOFF = 5.0
 TABLE_SHARE = 2  # tables may hold at most 1/TABLE_SHARE of the budget; beyond: node tier
-
-
-def backoff(attempt: int) -> float:
-    """Seconds before the `attempt`-th restart: 0.1, 0.4, 1.6, ... up to 5."""
-    return min(0.1 * 4 ** (attempt - 1), MAX_BACKOFF)
 
 
 class RunState:
@@ -190,7 +184,7 @@ class RunState:
             self._agent_event(event, found, actions)
         if self.outcome is not None:
             return actions
-        self._replace_idle(actions)
+        lifecycle.replace_idle(self, actions)
         self.grant_waiting(actions)
         self.dispatch(actions)
         if self.finished:
@@ -210,22 +204,22 @@ class RunState:
         elif isinstance(event, TaskDone):
             self._done(agent, event, actions)
         elif isinstance(event, TaskFailed) and node in self.swapped:
-            self._hold(node, f"batch {event.batch}: {event.message}", actions)
+            lifecycle.hold(self, node, f"batch {event.batch}: {event.message}", actions)
         elif isinstance(event, TaskFailed):
             error: PodpipeError = (
                 DataError(f"stage {node!r}, batch {event.batch}: {event.message}")
                 if event.input_error else StageError(node, event.batch, event.message,
                                                      event.traceback))
-            self._fail(error, actions)
+            self.fail(error, actions)
         elif isinstance(event, AgentBroken) and node in self.swapped:
-            self._hold(node, event.message, actions)
+            lifecycle.hold(self, node, event.message, actions)
         elif isinstance(event, AgentBroken):
-            self._fail(event.error, actions)
+            self.fail(event.error, actions)
         elif isinstance(event, AgentExited) and node in self.swapped:
-            self._hold(node, f"its process exited (code {event.returncode})", actions)
+            lifecycle.hold(self, node, f"its process exited (code {event.returncode})", actions)
         elif isinstance(event, AgentExited):
             if not self.finished:
-                self._restart(node, worker, agent, actions, "its container disconnected"
+                lifecycle.restart(self, node, worker, agent, actions, "its container disconnected"
                               if event.returncode is None
                               else f"its process exited (code {event.returncode})")
         elif isinstance(event, TaskTimedOut):
@@ -233,60 +227,11 @@ class RunState:
                 actions.append(Kill(node, worker))
                 message = f"the batch took longer than its timeout of {event.seconds:g} s"
                 if node in self.swapped:
-                    self._hold(node, message, actions)
+                    lifecycle.hold(self, node, message, actions)
                 else:
-                    self._restart(node, worker, agent, actions, message)
+                    lifecycle.restart(self, node, worker, agent, actions, message)
 
     # -- pieces ----------------------------------------------------------------
-
-    def _restart(self, node: str, worker: int, agent: Agent, actions: list[Action],
-                 gone: str) -> None:
-        """A process the run needs died (`gone` says how): put its in-flight batch back
-        and have it started again, with backoff, while it has restarts left; else fail
-        the run."""
-        batch, busy = agent.batch, agent.busy
-        attempt = self.restarts[node] + 1
-        tries = self.retries.get(node, 0)
-        if attempt > tries:
-            where = " before finishing the batch" if busy else " while the run needed it"
-            if gone.startswith("the batch"):
-                where = ""
-            self._fail(StageError(node, batch if busy else None, gone + where +
-                                  (f", after {tries} restarts" if tries else "")), actions)
-            return
-        self.restarts[node] = attempt
-        self._take_back(node, agent)
-        agent.status = ABSENT
-        actions.append(Restart(node, attempt, backoff(attempt), worker))
-
-    def _replace_idle(self, actions: list[Action]) -> None:
-        """Carry out the swaps asked for, for each stage between batches (or at once
-        when asked `now`: its batch goes back to its queue, for the new version)."""
-        for node, worker, agent in self.all_agents():
-            swap = agent.swap
-            if swap is None or (agent.busy and not swap.now):
-                continue
-            actions.append(Replace(node, kill=agent.busy, worker=worker))
-            self._take_back(node, agent)
-            agent.status, agent.broken, agent.swap = ABSENT, None, None
-            self.swapped.add(node)
-            if swap.recompute and all(a.swap is None for a in self.agents[node].values()):
-                # the last worker of the old version is gone: what the old versions
-                # made is done again, and what follows it
-                rework.recompute(self, node, actions)
-
-    def _hold(self, node: str, message: str, actions: list[Action]) -> None:
-        for agent in self.agents[node].values():  # every worker: the version is at fault
-            self._take_back(node, agent)
-            agent.status, agent.broken = HELD, message
-        actions.append(Hold(node, message))
-
-    def _take_back(self, node: str, agent: Agent) -> None:
-        """Put the agent's in-flight batch back in its queue and release its RAM."""
-        if agent.busy and agent.batch is not None:
-            self.ready[node] = sorted(self.ready[node] + [agent.batch])
-        self.budget.give(agent.reserved)
-        agent.batch, agent.want, agent.reserved = None, 0, 0
 
     def _request(self, agent: Agent, event: SpaceRequested, actions: list[Action]) -> None:
         agent.status, agent.want = WAITING, event.nbytes
@@ -296,7 +241,7 @@ class RunState:
                 self.budget.spills += 1                 # from the node tier instead
                 actions.append(Spill(event.node, event.batch, event.worker))
         elif event.nbytes > self.budget.limit:
-            self._fail(BudgetError(
+            self.fail(BudgetError(
                 f"stage {event.node!r}, batch {event.batch}: its output needs "
                 f"{format_size(event.nbytes)}, more than the whole RAM budget of "
                 f"{format_size(self.budget.limit)}; lower spec.source.batchRows or raise "
@@ -463,6 +408,6 @@ class RunState:
         self.budget.enter(batch)
         return batch
 
-    def _fail(self, error: PodpipeError, actions: list[Action]) -> None:
+    def fail(self, error: PodpipeError, actions: list[Action]) -> None:
         self.outcome = Failed(error)
         actions.append(self.outcome)

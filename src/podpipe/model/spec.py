@@ -17,6 +17,7 @@ import yaml
 
 from podpipe.errors import SpecError
 from podpipe.model import locations
+from podpipe.model import overrides as overrides_
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
                                      Call, Resources, Sink, Source, Stage, Table)
@@ -82,7 +83,7 @@ def parse(raw: bytes | str, *, file: str = "spec", overrides=()) -> Pipeline:
                         line=mark.line + 1 if mark else None) from None
     reader = Reader(file, root)
     for item in overrides:
-        document = _apply_override(document, item, reader)
+        document = overrides_.apply(document, item, reader.file)
     return _pipeline(reader, document)
 
 
@@ -373,53 +374,3 @@ def _checkpoints(r: Reader, value: Any) -> Checkpoints:
         keep=r.integer("spec.checkpoints.keep", ck.get("keep", 3), maximum=1000),
         reuse=reuse, required=required,
     )
-
-
-def _apply_override(doc: Any, item: str, r: Reader) -> Any:
-    """`--set stages.filter.run=m:f`: a dotted path under `spec` (or from the top
-    when it starts with apiVersion/kind/metadata/spec); list items by `name`."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise SpecError(f"--set {item!r}: expected KEY=VALUE", file=r.file)
-    parts = key.split(".")
-    if parts[0] not in ("apiVersion", "kind", "metadata", "spec"):
-        parts = ["spec", *parts]
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
-    node = doc
-    for depth, part in enumerate(parts[:-1]):
-        nxt = _child(node, part)
-        if nxt is None and isinstance(node, dict):
-            nxt = node[part] = {}
-        if nxt is None:
-            raise SpecError(f"--set {key}: no field {'.'.join(parts[:depth + 1])!r} "
-                            "to set a value under", file=r.file)
-        node = nxt
-    if isinstance(node, list):
-        index = _index(node, parts[-1])
-        if index is None:
-            raise SpecError(f"--set {key}: no list item {parts[-1]!r}", file=r.file)
-        node[index] = value
-    elif isinstance(node, dict):
-        node[parts[-1]] = value
-    else:
-        raise SpecError(f"--set {key}: {'.'.join(parts[:-1])!r} is not a mapping", file=r.file)
-    return doc
-
-
-def _child(node: Any, part: str) -> Any:
-    if isinstance(node, dict):
-        return node.get(part)
-    if isinstance(node, list):
-        index = _index(node, part)
-        return node[index] if index is not None else None
-    return None
-
-
-def _index(items: list, part: str) -> int | None:
-    if part.isdigit():
-        return int(part) if int(part) < len(items) else None
-    return next((i for i, item in enumerate(items)
-                 if isinstance(item, dict) and item.get("name") == part), None)

@@ -9,197 +9,25 @@ bytes and checksum. Data never crosses the socket.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import importlib
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
 from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
-from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import arrowfile, files, logline, protocol
-from podpipe.runtime.lifetime import die_with_parent
 from podpipe.runtime.store import Store, open_store
-
-# Environment of a `command:` stage, documented in docs/spec.md.
-ENV_INPUT = "PODPIPE_INPUT"          # the first input's Arrow IPC file
-ENV_INPUTS = "PODPIPE_INPUTS"        # every input, joined with ':'; reduce: all batches
-ENV_OUTPUT = "PODPIPE_OUTPUT"        # where to write the output (Arrow IPC file or stream)
-ENV_BATCH = "PODPIPE_BATCH"
-ENV_STAGE = "PODPIPE_STAGE"
-
-
-class Work:
-    """What one node does with a task; `run` returns a table, a written file or None."""
-
-    def run(self, batch: int, inputs: list[list[pa.Table]],
-            task: protocol.Task) -> pa.Table | Path | None:
-        raise NotImplementedError
-
-
-class LoadSource(Work):
-    def __init__(self, pipeline: Pipeline) -> None:
-        from podpipe.runtime import source  # spawned stage processes skip Parquet, fsspec
-
-        self.source = source
-        self.loader = source.Loader(pipeline.source)
-
-    def run(self, batch, inputs, task):
-        assert task.source is not None
-        return self.loader.load(task.source)
-
-
-class LoadTable(Work):
-    def __init__(self, pipeline: Pipeline, node: str) -> None:
-        from podpipe.runtime import tables  # spawned stage processes skip Parquet, fsspec
-
-        self.tables, self.table = tables, pipeline.table(node)
-        self.where = tables.field(pipeline, self.table)
-
-    def run(self, batch, inputs, task):
-        return self.tables.load(self.table, self.where)
-
-
-class CallService(Work):
-    """A `call:` stage: the batch sent to a service, the answers its output."""
-
-    def __init__(self, pipeline: Pipeline, node: str) -> None:
-        from podpipe.runtime import call
-
-        stage = pipeline.stage(node)
-        assert stage.call is not None
-        where = f"spec.stages[{pipeline.stages.index(stage)}].call"
-        try:
-            self.client = call.Client(stage.call, pipeline.workers(node) or 1,
-                                      dict(os.environ), where)
-        except KeyError as exc:  # a $(VAR) the stage's environment does not have
-            raise SpecError(exc.args[0].partition(": ")[2], file=pipeline.file,
-                            field=exc.args[0].partition(": ")[0]) from None
-        self.call, self.durable = call, call.answers_store(pipeline, node)
-        self.kept: Any = None
-
-    def run(self, batch, inputs, task):
-        if task.answers and (self.kept is None or str(self.kept.folder) != task.answers):
-            self.kept = self.call.Answers(Path(task.answers), self.durable)
-        return self.client.send(_concat(inputs[0]), self.kept if task.answers else None)
-
-    def stats(self) -> protocol.CallStats:
-        """What the last task's requests did (failed or not)."""
-        figures = self.client.last
-        return protocol.CallStats(
-            requests=figures.requests, memo_hits=figures.memo_hits, retries=figures.retries,
-            failures=figures.failures, in_flight_max=figures.in_flight_max,
-            latencies=[round(x, 5) for x in figures.latencies])
-
-
-class CallFunction(Work):
-    def __init__(self, target: str, file: str, field: str) -> None:
-        module, _, name = target.partition(":")
-        try:
-            imported = importlib.import_module(module)
-            self.function: Callable[..., Any] = getattr(imported, name)
-        except Exception as exc:  # any import-time failure of user code
-            raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
-                            file=file, field=field) from exc
-        if not callable(self.function):
-            raise SpecError(f"{target!r} is not callable", file=file, field=field)
-        self.source = getattr(imported, "__file__", None)  # what defines its version
-
-    def run(self, batch, inputs, task):
-        result = self.function(*[_concat(tables) for tables in inputs])
-        if result is None:
-            raise TypeError("returned None; expected a table")
-        return arrowfile.to_arrow(result)
-
-
-class RunCommand(Work):
-    def __init__(self, command: tuple[str, ...], node: str) -> None:
-        self.command, self.node = list(command), node
-
-    def run(self, batch, inputs, task):
-        paths = [p for group in task.inputs for p in group]
-        output = Path(task.output).with_suffix(".cmd")
-        env = {**os.environ, ENV_INPUT: paths[0], ENV_INPUTS: ":".join(paths),
-               ENV_OUTPUT: str(output), ENV_BATCH: str(batch), ENV_STAGE: self.node}
-        try:
-            done = subprocess.run(self.command, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=sys.stderr, stderr=sys.stderr,
-                                  preexec_fn=die_with_parent)  # it ends with the stage
-        except OSError as exc:
-            raise RuntimeError(f"cannot start {self.command[0]!r}: {exc.strerror}") from exc
-        keep = False
-        try:
-            if done.returncode != 0:
-                raise RuntimeError(f"command {self.command[0]!r} exited with code "
-                                   f"{done.returncode}")
-            if not output.exists():
-                raise RuntimeError(f"command {self.command[0]!r} wrote no output to "
-                                   f"${ENV_OUTPUT}")
-            with open(output, "rb") as f:
-                is_file_format = f.read(6) == b"ARROW1"
-            try:
-                if is_file_format:
-                    arrowfile.read_table(output)  # validate before trusting it
-                    keep = True
-                    return output
-                return arrowfile.read_any_ipc(output)
-            except (pa.ArrowException, ValueError) as exc:  # ValueError: an empty file
-                raise RuntimeError(f"command {self.command[0]!r} wrote an invalid Arrow "
-                                   f"IPC output: {exc}") from exc
-        finally:
-            if not keep:
-                output.unlink(missing_ok=True)
-
-
-class WriteSink(Work):
-    def __init__(self, target: specs.Sink) -> None:
-        from podpipe.runtime import sink
-
-        self.writer = sink.Writer(target)
-
-    def run(self, batch, inputs, task):
-        self.writer.write(_concat(inputs[0]), batch, task.versions or {})
-        return None
-
-
-class SchemaCheck:
-    """A stage's output keeps the schema of its first batch, unless the spec says
-    `schema: any`: a dataset of batches with other schemas cannot be read as one
-    table. Remembered per process: a restarted stage starts again from its next batch."""
-
-    def __init__(self, fixed: bool) -> None:
-        self.fixed = fixed
-        self.first: tuple[int, pa.Schema] | None = None
-
-    def check(self, batch: int, result: pa.Table | Path | None) -> str | None:
-        """Why this output does not do, or None."""
-        if not self.fixed or result is None:
-            return None
-        schema = result.schema if isinstance(result, pa.Table) else \
-            arrowfile.read_table(result).schema
-        if self.first is None or self.first[0] == batch:
-            self.first = (batch, schema)
-            return None
-        if schema.equals(self.first[1]):
-            return None
-        return (f"its output schema differs from batch {self.first[0]}'s: "
-                f"{arrowfile.schema_difference(self.first[1], schema)} (say 'schema: any' "
-                "on the stage if that is intended)")
-
+from podpipe.runtime.work import CallService, SchemaCheck, Work, WriteSink, version_of, work_for
 
 _NOT_THE_USERS = (str(Path(__file__).resolve().parent.parent),  # podpipe's own package
                   sysconfig.get_paths()["stdlib"])
@@ -218,55 +46,6 @@ def user_frames(exc: BaseException, most: int = 5) -> str:
     if not frames:
         return ""
     return "".join(traceback.format_list(frames[-most:])).rstrip()
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table:
-    """One table whose chunks are the batches: no copy."""
-    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-
-
-def work_for(pipeline: Pipeline, node: str) -> Work:
-    if node == SOURCE:
-        return LoadSource(pipeline)
-    if any(t.name == node for t in pipeline.tables):
-        return LoadTable(pipeline, node)
-    for target in pipeline.sinks:
-        if target.name == node:
-            return WriteSink(target)
-    stage = pipeline.stage(node)
-    if stage.call is not None:
-        return CallService(pipeline, node)
-    if stage.run:
-        return CallFunction(stage.run, pipeline.file,
-                            f"spec.stages[{pipeline.stages.index(stage)}].run")
-    return RunCommand(stage.command or (), node)
-
-
-def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
-    """The stage's `version:`, else a digest of what defines it: the source of the
-    function's module (`src-…`), or the command, image and env (`cmd-…`); a table's
-    is a digest of its files (`tbl-…`)."""
-    if isinstance(work, LoadTable):
-        return work.tables.version(work.table, work.where)
-    if node == SOURCE or node not in {s.name for s in pipeline.stages}:
-        return "builtin"
-    stage = pipeline.stage(node)
-    if stage.version:
-        return stage.version
-    digest = hashlib.sha256()
-    if stage.call is not None:  # what is sent, where, and how
-        digest.update(json.dumps(dataclasses.asdict(stage.call), sort_keys=True).encode())
-        return f"call-{digest.hexdigest()[:12]}"
-    if isinstance(work, CallFunction):
-        digest.update(stage.run.encode() if stage.run else b"")
-        try:
-            digest.update(Path(work.source).read_bytes() if work.source else b"")
-        except OSError:
-            pass  # no readable source (a builtin or a zip): the callable's name only
-        return f"src-{digest.hexdigest()[:12]}"
-    digest.update(json.dumps([stage.command, stage.image, stage.env],
-                             sort_keys=True).encode())
-    return f"cmd-{digest.hexdigest()[:12]}"
 
 
 def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
