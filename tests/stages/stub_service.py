@@ -7,7 +7,9 @@ the answer has `y = 2 * x` (same format, a row per row). It answers after
 `latency` seconds; a share `errors` of requests gets a 503 (seeded: the same
 requests every run), every `throttle`-th a 429 with `Retry-After`; `--down` makes
 every request a 503 with a short body. GET /stats: requests received and
-answered, distinct bodies answered, the most in flight at once. Prints its port.
+answered, distinct bodies answered, the most in flight at once; POST /mode with
+JSON `{latency, errors, throttle, down}` changes them and starts the counts afresh
+(one URL for a clean run and a faulty one). Prints its port.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ def main() -> None:
     rng = random.Random(7)
     seen = {"received": 0, "answered": 0, "in_flight": 0, "max_in_flight": 0}
     distinct: set[str] = set()
+
+    async def mode(request: web.Request) -> web.Response:
+        for name, value in (await request.json()).items():
+            setattr(args, name, value)
+        seen.update(received=0, answered=0, max_in_flight=0)
+        distinct.clear()
+        rng.seed(7)
+        return web.json_response(vars(args))
 
     async def answer(request: web.Request) -> web.Response:
         body = await request.read()
@@ -70,6 +80,7 @@ def main() -> None:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_post("/", answer)
         app.router.add_get("/stats", stats)
+        app.router.add_post("/mode", mode)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)

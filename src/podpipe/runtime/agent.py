@@ -96,6 +96,8 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
     protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(),
                                        version=version_of(pipeline, node, work),
                                        worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
+    if isinstance(work, CallService):  # the conductor hears of its requests in flight
+        work.client.notify = lambda n: protocol.send(sock, protocol.Calling(in_flight=n))
     stages = {s.name: s for s in pipeline.stages}
     schemas = SchemaCheck(node in stages and stages[node].schema == "fixed")
     try:

@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -40,7 +40,7 @@ from podpipe.runtime.store import Store, open_store
 
 _ENV = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 BACKOFF, MAX_BACKOFF = 0.1, 10.0  # seconds: 0.1, 0.2, 0.4, ... (x 0.5-1.5), at most 10
-LATENCIES = 10_000  # the latencies a process keeps for its figures (the last ones)
+NOTIFY_SECONDS = 0.25  # how often, at most, the requests in flight are told
 
 
 class CallFailed(Exception):
@@ -147,6 +147,8 @@ class Client:
         self.session: Any = None
         self._next = 0.0  # when the rate limit lets the next request go
         self.last = Figures()  # what the last batch's requests did (failed or not)
+        self.notify: Callable[[int], None] | None = None  # told the requests in flight
+        self._told = 0.0
 
     def send(self, table: pa.Table, kept: Answers | None) -> pa.Table:
         """The answers to `table`'s requests, in order; `kept`: the answers kept
@@ -204,6 +206,9 @@ class Client:
             figures.in_flight += 1
             figures.in_flight_max = max(figures.in_flight_max, figures.in_flight)
             started = time.monotonic()
+            if self.notify is not None and started - self._told >= NOTIFY_SECONDS:
+                self._told = started
+                self.notify(figures.in_flight)
             status, data, wait = None, b"", None
             try:
                 async with self.session.post(self.url, data=body, headers=self.headers) as reply:

@@ -130,6 +130,13 @@ class Stats(msgspec.Struct, forbid_unknown_fields=True):
     calls: CallStats | None = None
 
 
+class Calling(_Message, tag="calling"):
+    """A call stage's requests in flight now (sent while its task runs, 4 times a
+    second at most)."""
+
+    in_flight: int
+
+
 class Done(_Message, tag="done"):
     batch: int
     output: Output | None
@@ -215,7 +222,7 @@ class Exited(_Message, tag="exited"):
     code: int
 
 
-Message = (Hello | Broken | Task | Reserve | Grant | Deny | Done | Failed | Stop | Probe |
+Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Probe |
            Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
            Spawn | Spawned | Exited)
 

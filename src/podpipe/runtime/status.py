@@ -42,6 +42,7 @@ class CallStatus(_Record):
     memo_hits: int = 0            # answered from what was kept: not sent
     retries: int = 0
     failures: int = 0             # failed for good (a failure fails the run)
+    in_flight: int = 0            # now (as its processes last said)
     in_flight_max: int = 0        # the most in flight at once, in one process
     latency_p50: float | None = None  # seconds, over the last 10,000 requests
     latency_p99: float | None = None

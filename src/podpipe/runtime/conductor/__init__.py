@@ -234,18 +234,23 @@ class Conductor:
             name = agent_name(message.node, message.worker) if isinstance(
                 message, protocol.Broken) and message.node in self.run.graph.inputs \
                 else self.agents.node_of(conn)
+            if isinstance(message, protocol.Calling) and name is not None:
+                self.counters.calling(name, message.in_flight)
+                return
             event = to_event(name, message, self.run.pipeline.file) if name else None
             if name is None or event is None:
                 return  # not an agent, or one replaced by a swap
             if isinstance(message, protocol.Done):
                 node, _ = split_name(name)
                 version = self.counters.done(node, message.batch, message.stats)
+                self.counters.calling(name, 0)  # (a call stage's task: none in flight now)
                 self.checkpoints.record(node, message.batch, version, message.output)
                 self.timeline.ended(name, "done", message.stats)
             elif isinstance(message, protocol.Reserve):
                 self.timeline.asked(name)
             elif isinstance(message, protocol.Failed):
                 self.counters.called(split_name(name)[0], message.calls)
+                self.counters.calling(name, 0)
                 self.timeline.ended(name, "failed")
             self.events.append(event)
 

@@ -44,6 +44,7 @@ class _Calls:
     failures: int = 0
     in_flight_max: int = 0
     latencies: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    now: dict[str, int] = field(default_factory=dict)  # agent -> requests in flight
 
     def add(self, calls: protocol.CallStats) -> None:
         self.requests += calls.requests
@@ -58,7 +59,8 @@ class _Calls:
             list(self.latencies) * 99
         return status.CallStatus(
             requests=self.requests, memo_hits=self.memo_hits, retries=self.retries,
-            failures=self.failures, in_flight_max=self.in_flight_max,
+            failures=self.failures, in_flight=sum(self.now.values()),
+            in_flight_max=self.in_flight_max,
             latency_p50=round(cuts[49], 5) if cuts else None,
             latency_p99=round(cuts[98], 5) if cuts else None)
 
@@ -81,6 +83,13 @@ class Counters:
         self.stages[node].reading[batch] = nbytes
         self.tasks[agent] = self.tasks.get(agent, 0) + 1
         return self.tasks[agent]
+
+    def calling(self, agent: str, in_flight: int) -> None:
+        """A call stage's worker says how many requests it has in flight now."""
+        s = self.stages[protocol.split_name(agent)[0]]
+        if s.calls is not None or in_flight:
+            s.calls = s.calls or _Calls()
+            s.calls.now[agent] = in_flight
 
     def called(self, node: str, calls: protocol.CallStats | None) -> None:
         """Count what a call stage's task sent (done or failed)."""
