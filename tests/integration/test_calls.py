@@ -142,6 +142,22 @@ def test_json_requests_answer_the_same_rows(tmp_path, stub):
     _expected(tmp_path)
 
 
+def test_the_rate_limit_holds_over_every_second_and_memo_false_keeps_nothing(tmp_path, stub):
+    service = stub()
+    _spec(tmp_path, service.url, call={"rateLimit": 40, "memo": False})
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    seen = service.stats()
+    assert seen["answered"] == REQUESTS
+    # 40 a second over its two workers, 20 each, evenly spaced: the first of each at
+    # once, the other 98 over at least 98 / 40 s; a second holds a few more at most
+    # when the network bunches arrivals
+    assert seen["span"] >= (REQUESTS - 2) / 40 - 0.05
+    assert seen["max_per_second"] <= 40 + 4
+    assert not (tmp_path / "run" / "answers").exists()
+    _expected(tmp_path)
+
+
 def test_a_killed_stage_process_sends_again_at_most_what_was_in_flight(tmp_path, stub):
     service = stub("--latency", "0.2")
     _spec(tmp_path, service.url)

@@ -33,20 +33,27 @@ def main() -> None:
     parser.add_argument("--down", action="store_true")
     args = parser.parse_args()
     rng = random.Random(7)
-    seen = {"received": 0, "answered": 0, "in_flight": 0, "max_in_flight": 0}
+    seen = {"received": 0, "answered": 0, "in_flight": 0, "max_in_flight": 0,
+            "max_per_second": 0}
     distinct: set[str] = set()
+    arrivals: list[float] = []  # when each request came, for the busiest second
 
     async def mode(request: web.Request) -> web.Response:
         for name, value in (await request.json()).items():
             setattr(args, name, value)
-        seen.update(received=0, answered=0, max_in_flight=0)
+        seen.update(received=0, answered=0, max_in_flight=0, max_per_second=0)
         distinct.clear()
+        arrivals.clear()
         rng.seed(7)
         return web.json_response(vars(args))
 
     async def answer(request: web.Request) -> web.Response:
         body = await request.read()
         seen["received"] += 1
+        now = asyncio.get_running_loop().time()
+        arrivals.append(now)
+        seen["max_per_second"] = max(seen["max_per_second"],
+                                     sum(1 for t in arrivals if t > now - 1.0))
         seen["in_flight"] += 1
         seen["max_in_flight"] = max(seen["max_in_flight"], seen["in_flight"])
         try:
@@ -74,7 +81,8 @@ def main() -> None:
             seen["in_flight"] -= 1
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({**seen, "distinct": len(distinct)})
+        span = arrivals[-1] - arrivals[0] if arrivals else 0.0
+        return web.json_response({**seen, "distinct": len(distinct), "span": span})
 
     async def serve() -> None:
         app = web.Application(client_max_size=1 << 30)
