@@ -72,6 +72,7 @@ class Options:
     grace_seconds: int = 10                   # OpenKruise in-place update grace period
     overrides: tuple[str, ...] = ()           # `--set`, passed on to every process
     metrics_port: int | None = None           # the conductor serves Prometheus metrics
+    pod_monitor: bool = False                 # and a PodMonitor tells Prometheus to scrape
 
     def check(self) -> None:
         if self.flavor not in FLAVORS:
@@ -88,10 +89,14 @@ class Options:
             raise UsageError(f"--host-path {self.host_path!r}: expected an absolute path")
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise UsageError(f"--metrics-port {self.metrics_port}: expected a port, 1 to 65535")
+        if self.pod_monitor and self.metrics_port is None:
+            raise UsageError("--pod-monitor: the pods serve no metrics to scrape; add "
+                             "--metrics-port PORT")
 
 
 def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[str, Any]]:
-    """The manifests, in apply order: ConfigMap, Service, StatefulSet."""
+    """The manifests, in apply order: ConfigMap, Service, StatefulSet (and a PodMonitor,
+    the Prometheus Operator's, with `pod_monitor`)."""
     options.check()
     name = pipeline.name
     labels = {"app.kubernetes.io/name": "podpipe", "app.kubernetes.io/instance": name}
@@ -127,7 +132,13 @@ def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[st
                               "inPlaceUpdateStrategy": {
                                   "gracePeriodSeconds": options.grace_seconds}}}
         template["spec"]["readinessGates"] = [{"conditionType": "InPlaceUpdateReady"}]
-    return [config, service, statefulset]
+    if not options.pod_monitor:
+        return [config, service, statefulset]
+    monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": meta,
+               "spec": {"selector": {"matchLabels": labels},
+                        "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics",
+                                                 "interval": "15s"}]}}
+    return [config, service, statefulset, monitor]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -270,3 +272,38 @@ def test_a_table_is_a_container_of_its_own_and_counts_in_the_memory_volume():
     assert table["args"][table["args"].index("--stage") + 1] == "orders"
     scratch = next(v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory")
     assert scratch["emptyDir"]["sizeLimit"] == "1024Mi"  # spec.memory: the tables are inside
+
+
+PROMETHEUS = Path(__file__).resolve().parent.parent / "schemas" / "prometheus"
+
+
+def _validate_pod_monitor(manifest: dict) -> subprocess.CompletedProcess:
+    """The Prometheus Operator's CRD schema, as @kubernetes-models generates it."""
+    return subprocess.run(["node", str(PROMETHEUS / "validate.mjs")], input=json.dumps(manifest),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_pod_monitor_scrapes_the_conductors_port_and_validates_against_its_crd():
+    manifests = render(str(EXAMPLE), "--metrics-port", "9400", "--pod-monitor")
+    assert [m["kind"] for m in manifests] == ["ConfigMap", "Service", "StatefulSet",
+                                             "PodMonitor"]
+    monitor, statefulset = manifests[3], manifests[2]
+    checked = _validate_pod_monitor(monitor)
+    assert checked.returncode == 0, checked.stderr
+    template = statefulset["spec"]["template"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        template["metadata"]["labels"].items()  # it selects the pipeline's pods
+    ports = [p for c in template["spec"]["initContainers"] + template["spec"]["containers"]
+             for p in c.get("ports", [])]
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in ports
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    broken = copy.deepcopy(monitor)  # the check can fail
+    broken["spec"]["podMetricsEndpoints"][0]["port"] = 9400
+    assert _validate_pod_monitor(broken).returncode == 1
+
+
+def test_a_pod_monitor_without_metrics_is_refused():
+    done = subprocess.run([sys.executable, "-m", "podpipe", "render", str(EXAMPLE),
+                           "--pod-monitor"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--pod-monitor" in done.stderr and "--metrics-port" in \
+        done.stderr

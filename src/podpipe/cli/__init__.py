@@ -190,7 +190,8 @@ def _render(args: argparse.Namespace, console) -> int:
         flavor=args.flavor, replicas=args.replicas, layout=args.layout,
         image=args.image or render.Options.image, storage_class=args.storage_class,
         node_size=args.node_size, host_path=args.host_path, secret=args.secret,
-        namespace=args.namespace, overrides=tuple(args.set), metrics_port=args.metrics_port)
+        namespace=args.namespace, overrides=tuple(args.set), metrics_port=args.metrics_port,
+        pod_monitor=args.pod_monitor)
     manifests = render.render(pipeline, Path(args.spec).read_text(), options)
     if args.patch:
         stage, sep, image = args.patch.partition("=")

@@ -206,6 +206,9 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--metrics-port", type=int, metavar="PORT",
                         help="the conductor serves Prometheus metrics on this port of the "
                              "pod (a containerPort named 'metrics')")
+    render.add_argument("--pod-monitor", action="store_true",
+                        help="with --metrics-port: add a PodMonitor (Prometheus Operator) "
+                             "that scrapes every pod of the pipeline")
     render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field in every process of the pod")
     render.add_argument("--patch", metavar="STAGE=IMAGE",
