@@ -143,7 +143,7 @@ class Client:
         self.ext = "arrow" if call.format == "arrow" else "json"
         keyed = "".join(f"{k}: {self.headers[k]}\n" for k in sorted(call.memo_key))
         self._prefix = f"POST\0{self.url}\0{keyed}\0".encode()
-        self.loop = asyncio.new_event_loop()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the process's, from its first batch
         self.session: Any = None
         self._next = 0.0  # when the rate limit lets the next request go
         self.last = Figures()  # what the last batch's requests did (failed or not)
@@ -154,6 +154,8 @@ class Client:
         """The answers to `table`'s requests, in order; `kept`: the answers kept
         (None: `memo: false`). CallFailed naming the request that failed."""
         self.last = Figures()
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
         answers = self.loop.run_until_complete(self._batch(table, kept, self.last))
         if self.call.format == "arrow":
             return pa.concat_tables(answers)

@@ -1,0 +1,55 @@
+"""A call stage's client without a service: what names a request, what it sends."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from podpipe.model.pipeline import Call
+from podpipe.runtime import call
+
+
+def _name(client: call.Client, rows: pa.Table) -> str:
+    import hashlib
+
+    return hashlib.sha256(client._prefix + client._encode(rows)).hexdigest()
+
+
+def test_a_request_is_named_by_its_url_body_and_the_headers_of_memo_key_only():
+    rows = pa.table({"x": [1, 2, 3]})
+    env = {"TOKEN": "a", "HOST": "geo"}
+    keyed = Call(url="http://$(HOST)/v1", headers={"Authorization": "Bearer $(TOKEN)",
+                                                    "X-Model": "m1"}, memo_key=("X-Model",))
+    one = call.Client(keyed, 1, env, "call")
+    assert one.url == "http://geo/v1" and one.headers["Authorization"] == "Bearer a"
+    same = call.Client(keyed, 1, {**env, "TOKEN": "b"}, "call")  # a new token: same request
+    assert _name(one, rows) == _name(same, rows)
+    other = Call(url=keyed.url, headers={**keyed.headers, "X-Model": "m2"},
+                 memo_key=("X-Model",))  # another model: another request
+    assert _name(one, rows) != _name(call.Client(other, 1, env, "call"), rows)
+    assert _name(one, rows) != _name(one, rows.slice(1))  # another body
+
+
+def test_json_requests_are_row_objects_and_answers_must_match_them_row_for_row():
+    client = call.Client(Call(url="http://svc/", format="json"), 1, {}, "call")
+    rows = pa.table({"x": [1, 2]})
+    assert json.loads(client._encode(rows)) == [{"x": 1}, {"x": 2}]
+    assert client._decode(b'[{"y": 2}, {"y": 4}]', 2, 0) == [{"y": 2}, {"y": 4}]
+    with pytest.raises(call.CallFailed, match="has 1 rows, the request 2"):
+        client._decode(b'[{"y": 2}]', 2, 3)
+    with pytest.raises(call.CallFailed, match="is not json"):
+        client._decode(b"<html>busy</html>", 2, 3)
+
+
+def test_an_unset_variable_is_named_with_the_field():
+    with pytest.raises(KeyError, match=r"call.headers.Authorization: \$\(TOKEN\) is not set"):
+        call.Client(Call(url="http://svc/", headers={"Authorization": "$(TOKEN)"}), 1, {},
+                    "call")
+
+
+def test_a_retry_after_header_is_seconds_or_a_date():
+    assert call._retry_after("2") == 2.0
+    assert call._retry_after(None) is None and call._retry_after("soon") is None
+    assert call._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
