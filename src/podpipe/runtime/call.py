@@ -193,12 +193,14 @@ class Client:
                 return answer
             except CallFailed:  # a kept answer that does not do: asked again
                 kept.drop(name)
-        async with gate:
-            data = await self._post(index, rows.num_rows, body, figures)
-        answer = self._decode(data, rows.num_rows, index)
-        if kept is not None:  # kept as it comes, not once the batch is done: a restart
-            await asyncio.get_running_loop().run_in_executor(None, kept.put, name, data)
-        return answer                                             # (or a lost node) finds it
+        async with gate:  # a slot is held until its answer is kept: what a kill can make
+            data = await self._post(index, rows.num_rows, body, figures)  # us send again
+            answer = self._decode(data, rows.num_rows, index)           # is at most the
+            if kept is not None:                                        # `concurrency`
+                # kept as it comes, not once the batch is done: a restart (or a lost
+                # node) finds it
+                await asyncio.get_running_loop().run_in_executor(None, kept.put, name, data)
+        return answer
 
     async def _post(self, index: int, rows: int, body: bytes, figures: Figures) -> bytes:
         import aiohttp
