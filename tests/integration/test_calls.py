@@ -168,10 +168,10 @@ def test_a_killed_stage_process_sends_again_at_most_what_was_in_flight(tmp_path,
     assert run.returncode == 0, stderr
     seen = service.stats()
     assert seen["distinct"] == REQUESTS
-    assert seen["answered"] <= REQUESTS + CONCURRENCY
-    status = run_status(tmp_path / "run")
-    assert status["stages"]["ask"]["restarts"] == 1
-    assert status["stages"]["ask"]["calls"]["memo_hits"] >= 1  # its batch's kept answers
+    # only what the killed worker had in flight, its share of the concurrency (its
+    # batch's answers kept before the kill are not asked again)
+    assert seen["answered"] <= REQUESTS + CONCURRENCY // 2
+    assert run_status(tmp_path / "run")["stages"]["ask"]["restarts"] == 1
     _expected(tmp_path)
 
 
