@@ -126,12 +126,11 @@ def calls(status: dict[str, Any]) -> list[str]:
         c = s.get("calls")
         if not c:
             continue
-        latency = (f"; latency p50 {c['latency_p50'] * 1000:.0f} ms, p99 "
+        latency = (f", p50 {c['latency_p50'] * 1000:.0f} ms, p99 "
                    f"{c['latency_p99'] * 1000:.0f} ms" if c.get("latency_p50") is not None
                    else "")
-        lines.append(f"{node}: {plural(c['requests'], 'request')} sent, "
-                     f"{c['memo_hits']:,} answered from those kept, "
-                     f"{plural(c['retries'], 'retry')}{latency}")
+        lines.append(f"{node}: {plural(c['requests'], 'request')} sent, {c['memo_hits']:,} "
+                     f"kept answers used, {plural(c['retries'], 'retry')}{latency}")
     return lines
 
 

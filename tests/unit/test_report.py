@@ -96,3 +96,16 @@ def test_status_says_what_the_line_waits_on_and_each_processs_worker():
     Console(file=out, width=120, color_system=None).print(report.status_table(status))
     assert "waiting on: source (3 queued)" in out.getvalue()
     assert "│ stage │ source │ 1      │ p   │ 7   │ yes   │" in out.getvalue()
+
+
+def test_a_call_stage_gets_a_line_of_its_requests():
+    status = {"stages": {
+        "source": {"kind": "source"},
+        "geocode-addresses": {"kind": "call", "calls": {
+            "requests": 12_345, "memo_hits": 1_200, "retries": 1, "failures": 0,
+            "in_flight": 0, "in_flight_max": 16, "latency_p50": 0.1034,
+            "latency_p99": 0.2511}}}}
+    [line] = report.calls(status)
+    assert line == ("geocode-addresses: 12,345 requests sent, 1,200 kept answers used, "
+                    "1 retry, p50 103 ms, p99 251 ms")
+    assert report.plural(2, "retry") == "2 retries"
