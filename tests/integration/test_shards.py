@@ -161,7 +161,9 @@ def test_rescale_three_to_two_after_a_kill_redoes_no_checkpointed_batch(tmp_path
     assert [(p["ordinal"], p["shards"], p["state"]) for p in after["pods"]] == [
         (0, [0, 2, 4], "succeeded"), (1, [1, 3, 5], "succeeded")]
     assert after["stages"]["source"]["rows_out"] == ROWS * len(again)
-    assert sum(s["restored"]["durable"] for s in after["stages"].values()) >= 3
+    # (How many outputs come back from the durable tier depends on how far each pod
+    # had got: a shard finished whole needs none of its batches' outputs again. That
+    # no checkpointed batch is computed again, above, is what says they were used.)
 
 
 def test_rescale_one_to_three_resumes_every_shard_from_the_durable_tier(tmp_path, expected):
