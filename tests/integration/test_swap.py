@@ -275,6 +275,41 @@ def test_apply_adds_a_table_and_a_stage_that_reads_it_mid_run(tmp_path):
     assert _versions_written(tmp_path) == ["v1"] * BATCHES  # the rest went on untouched
 
 
+def test_apply_gives_a_stage_more_workers_and_takes_them_back_mid_run(tmp_path):
+    make_numbers(tmp_path / "data")
+
+    def spec_with(name: str, workers: int) -> Path:  # tag waits for the gate after 3
+        return write_spec(tmp_path / name, spec(
+            [{"name": "slow", "run": "pystages:slow", "inputs": ["source"], "workers": workers},
+             {"name": "tag", "run": "pystages:tag_v1_then_gated", "inputs": ["slow"],
+              "workers": 1}],
+            [{"input": "tag", "uri": "out/"}]))
+    spec_with("p.yaml", 1)
+    more = spec_with("more.yaml", 3)
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=tmp_path,
+                           env=cli_env(SLOW_SECONDS="0.1", GATE=str(tmp_path / "gate")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: _status(tmp_path).get("stages", {}).get("slow", {})
+                   .get("batches_done", 0) >= 1, "a batch through slow")
+        done = podpipe("apply", "run", str(more), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert "resized slow" in done.stdout and "changed" not in done.stdout
+        wait_until(lambda: _status(tmp_path)["stages"]["slow"]["workers"] == 3, "three workers")
+        done = podpipe("apply", "run", "p.yaml", cwd=tmp_path)  # and back to one
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: _status(tmp_path)["stages"]["slow"]["workers"] == 1, "one worker")
+    finally:
+        (tmp_path / "gate").touch()
+        _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    slow = _status(tmp_path)["stages"]["slow"]
+    assert slow["workers_max"] == 3 and slow["workers"] == 1
+    assert slow["batches_done"] == BATCHES and slow["restarts"] == 0
+    assert sorted(pq.read_table(tmp_path / "out")["x"].to_pylist()) == list(range(10_000))
+
+
 def test_apply_swaps_a_changed_stage(tmp_path):
     run = _start(tmp_path)
     wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})

@@ -69,3 +69,17 @@ def test_a_table_may_be_added_but_not_changed_under_a_running_run():
     assert set(added.added) == {"dim", "c", "c-out"} and not added.changed
     with pytest.raises(UsageError, match="table 'dim' changed"):
         change.diff(grown, pipeline(["a"], [{**dim, "uri": "other.parquet"}], [reader]))
+
+
+def test_a_changed_worker_count_is_a_resize_not_a_change():
+    def pipeline(workers):
+        return specs.parse(yaml.safe_dump({
+            "apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+            "spec": {"source": {"uri": "x.parquet"},
+                     "stages": [{"name": "a", "run": "m:f", "inputs": ["source"],
+                                 "workers": workers}],
+                     "sinks": [{"input": "a", "uri": "out/"}]}}))
+
+    diff = change.diff(pipeline(1), pipeline(3))
+    assert diff.resized == ("a",) and not diff.changed and not diff.empty
+    assert change.diff(pipeline("auto"), pipeline("auto")).empty

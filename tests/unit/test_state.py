@@ -752,3 +752,26 @@ def test_a_table_larger_than_half_the_budget_is_loaded_on_the_node_tier():
     run.handle(S.TaskDone("dim", 0, out("dim/0", 501, tier="node")))
     run.handle(S.TaskDone("codes", 0, out("codes/0", 400)))
     assert run.budget.usage == 400  # the node tier's is not RAM budget
+
+
+def test_an_apply_resizes_a_node_up_at_once_and_down_as_its_workers_come_free():
+    graph = Graph.of(CHAIN)
+    run = RunState(graph, 6, 10_000, workers={"source": 1, "a": 1, "b": 1, "sink-0": 1})
+    for node in graph.order:
+        run.handle(S.AgentReady(node))
+    actions = run.handle(S.Reshaped(graph, {}, {"source": 1, "a": 3, "b": 1, "sink-0": 1}))
+    assert [a.worker for a in actions if isinstance(a, S.AddWorker) and a.node == "a"] == [1, 2]
+    for worker in (1, 2):
+        run.handle(S.AgentReady("a", worker))
+    run.handle(S.SpaceRequested("source", 0, 10))
+    run.handle(S.TaskDone("source", 0, out("source/0", 10)))
+    busy = [w for w, agent in run.agents["a"].items() if agent.busy]
+    assert len(busy) == 1
+    actions = run.handle(S.Reshaped(graph, {}, {"source": 1, "a": 1, "b": 1, "sink-0": 1}))
+    gone = sorted(a.worker for a in actions if isinstance(a, S.RemoveWorker))
+    assert gone == sorted(w for w in (1, 2) if w not in busy)  # the idle ones, at once
+    if busy != [0]:  # the busy one goes once its task is done, and gets no other
+        run.handle(S.SpaceRequested("a", 0, 10, busy[0]))
+        actions = run.handle(S.TaskDone("a", 0, out("a/0", 10), busy[0]))
+        assert S.RemoveWorker("a", busy[0]) in actions
+    assert sorted(run.agents["a"]) == [0] and run.fixed["a"] == 1

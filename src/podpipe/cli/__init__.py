@@ -253,8 +253,8 @@ def _apply(args: argparse.Namespace, console) -> int:
                           highlight=False)
             continue
         parts = [f"{what} {', '.join(names)}" for what, names in
-                 (("added", said.added), ("removed", said.removed), ("changed", said.changed))
-                 if names]
+                 (("added", said.added), ("removed", said.removed), ("changed", said.changed),
+                  ("resized", said.resized)) if names]
         console.print(f"{answer.run_dir}: " + ("; ".join(parts) or "no change") +
                       (f"; {said.redo} batches run again from the source for the added "
                        "stages" if said.redo else ""), highlight=False)

@@ -119,11 +119,11 @@ class Reshaped:
     """The pipeline changed while it runs (`podpipe apply`): `graph` is the new one,
     `retries` the restarts its nodes may have. Nodes gone are stopped and dropped
     with their outputs; nodes added run every key of theirs, their inputs made again
-    from the source where they are gone."""
+    from the source where they are gone; kept nodes whose `workers` differ get them."""
 
     graph: Graph
     retries: dict[str, int]
-    workers: dict[str, int | None] = field(default_factory=dict)  # of the nodes added
+    workers: dict[str, int | None] = field(default_factory=dict)  # every node's, from the spec
     node: str = SOURCE  # (every event names a node; this one is about the whole line)
 
 

@@ -1,5 +1,6 @@
 """What happens to a node's processes: a dead one restarted with backoff (its batch
-put back), a swap carried out between batches (or at once), a version held.
+put back), a swap carried out between batches (or at once), a version held, the
+workers an apply asks for (started, or taken back once idle).
 
 Functions of the run state (`state.RunState`), which calls them on the events that
 ask for them.
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from podpipe.engine import rework
-from podpipe.engine.agent import ABSENT, HELD, Agent
-from podpipe.engine.events import Action, Hold, Replace, Restart
+from podpipe.engine import rework, workers
+from podpipe.engine.agent import ABSENT, HELD, IDLE, Agent
+from podpipe.engine.events import Action, Hold, RemoveWorker, Replace, Restart
 from podpipe.errors import StageError
 
 if TYPE_CHECKING:  # the state machine calls in here; no import at run time
@@ -73,3 +74,27 @@ def take_back(run: "RunState", node: str, agent: Agent) -> None:
         run.ready[node] = sorted(run.ready[node] + [agent.batch])
     run.budget.give(agent.reserved)
     agent.batch, agent.want, agent.reserved = None, 0, 0
+
+
+def resize(run: "RunState", node: str, count: int | None, actions: list[Action]) -> None:
+    """`node` is to run as `count` workers from now on (None: `auto`, from the ones it
+    has): more are started; those beyond it go once idle (the highest first)."""
+    run.fixed[node] = count
+    have = sorted(run.agents[node])
+    if count is None or count == len(have):
+        return
+    if count > len(have):
+        workers.add(run, node, count - len(have), actions)
+        return
+    for worker in have[count:]:
+        run.agents[node][worker].retire = True
+    retire_idle(run, actions)
+
+
+def retire_idle(run: "RunState", actions: list[Action]) -> None:
+    """Take back the workers to retire that are not on a task now."""
+    for node, worker, agent in run.all_agents():
+        if agent.retire and agent.status in (IDLE, ABSENT):
+            del run.agents[node][worker]
+            actions.append(RemoveWorker(node, worker))
+

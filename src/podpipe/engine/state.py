@@ -185,6 +185,7 @@ class RunState:
         if self.outcome is not None:
             return actions
         lifecycle.replace_idle(self, actions)
+        lifecycle.retire_idle(self, actions)
         self.grant_waiting(actions)
         self.dispatch(actions)
         if self.finished:
@@ -368,7 +369,7 @@ class RunState:
 
     def dispatch(self, actions: list[Action]) -> None:
         for node, worker, agent in self.all_agents():
-            if agent.status != IDLE or agent.swap is not None:
+            if agent.status != IDLE or agent.swap is not None or agent.retire:
                 continue
             if node == SOURCE and not self.ready[node]:
                 batch = self._admit()

@@ -85,9 +85,9 @@ def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> 
     used = sum(pool.cpu_now(n) for n in line)
     if per_worker < IO_BOUND:  # it mostly waits: as many as it has batches waiting
         waiting = len(run.ready[node]) if node != SOURCE else 1
-        _add(run, node, min(max(1, waiting), most - count), actions)
+        add(run, node, min(max(1, waiting), most - count), actions)
     elif used + per_worker <= pool.cpus + 0.25 and count < most:
-        _add(run, node, 1, actions)
+        add(run, node, 1, actions)
     else:  # no core free: take back an idle worker of a node that does not need it
         for other in auto:
             idle = [w for w, a in run.agents[other].items() if a.status == IDLE and w > 0]
@@ -108,12 +108,12 @@ def _starving(run: "RunState") -> int:
                for a in run.agents[consumer].values() if a.status == IDLE)
 
 
-def _add(run: "RunState", node: str, how_many: int, actions: list[Action]) -> None:
+def add(run: "RunState", node: str, how_many: int, actions: list[Action]) -> None:
     for _ in range(how_many):
         worker = max(run.agents[node]) + 1
         run.agents[node][worker] = Agent()
         actions.append(AddWorker(node, worker))
-    run.pool.pressure[node].clear()  # judge it anew with the new workers
+    run.pool.pressure.pop(node, None)  # judge it anew with the new workers
 
 
 def split(costs: dict[str, float], cpus: float) -> tuple[dict[str, int], float]:

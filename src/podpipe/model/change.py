@@ -3,7 +3,8 @@
 A new spec is compared with the one running, node by node (stages and sinks, by
 name): nodes only in the new spec are *added*, nodes only in the old are
 *removed*, nodes in both whose definition differs are *changed* (swapped to the
-new definition). A node kept must keep its inputs and its kind (per batch, reduce,
+new definition), nodes whose `workers` differ are *resized* (workers started, or
+taken back once idle). A node kept must keep its inputs and its kind (per batch, reduce,
 global reduce): rewiring a running stage is a remove and an add under a new name.
 The source, the shards, the checkpoints and a table kept cannot change under a
 running run (a table may be added or removed).
@@ -23,10 +24,11 @@ class Change:
     added: tuple[str, ...]
     removed: tuple[str, ...]
     changed: tuple[str, ...]
+    resized: tuple[str, ...] = ()  # kept nodes whose `workers` changed
 
     @property
     def empty(self) -> bool:
-        return not (self.added or self.removed or self.changed)
+        return not (self.added or self.removed or self.changed or self.resized)
 
 
 def diff(old: Pipeline, new: Pipeline) -> Change:
@@ -64,7 +66,9 @@ def diff(old: Pipeline, new: Pipeline) -> Change:
             changed.append(node)
     return Change(added=tuple(n for n in after.order if n not in before.inputs),
                   removed=tuple(n for n in before.order if n not in after.inputs),
-                  changed=tuple(changed))
+                  changed=tuple(changed),
+                  resized=tuple(n for n in after.order if n in before.inputs
+                                and old.workers(n) != new.workers(n)))
 
 
 def _definition(node: Stage | Sink) -> Stage | Sink:

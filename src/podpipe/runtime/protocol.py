@@ -195,6 +195,7 @@ class Applied(_Message, tag="applied"):
     removed: list[str]
     changed: list[str]
     redo: int  # source batches that run down the line again
+    resized: list[str] = []  # nodes whose workers changed
 
 
 class Refused(_Message, tag="refused"):

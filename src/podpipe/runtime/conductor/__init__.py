@@ -323,12 +323,11 @@ class Conductor:
                 self._retire(name, kill=False)
             self.swaps.held(action.node, action.message)
         elif isinstance(action, ev.AddWorker):
-            self._log(f"workers: auto: stage {action.node!r} gets worker {action.worker}")
+            self._log(f"stage {action.node!r} gets worker {action.worker}")
             self.processes.start(agent_name(action.node, action.worker),
                                  self.swaps.overrides.get(action.node, []))
         elif isinstance(action, ev.RemoveWorker):
-            self._log(f"workers: auto: stage {action.node!r} gives back worker "
-                      f"{action.worker}")
+            self._log(f"stage {action.node!r} gives back worker {action.worker}")
             self._retire(agent_name(action.node, action.worker), kill=False)
         elif isinstance(action, ev.Forget):
             self.checkpoints.forget(action.node, action.key)
@@ -401,7 +400,7 @@ class Conductor:
             return
         diff, graph = accepted.diff, Graph.of(accepted.pipeline)
         self._log(f"apply: added {list(diff.added)}, removed {list(diff.removed)}, "
-                  f"changed {list(diff.changed)}")
+                  f"changed {list(diff.changed)}, resized {list(diff.resized)}")
         self.run = replace(self.run, pipeline=accepted.pipeline, graph=graph)
         for node in diff.added:
             self.counters.add(node)
@@ -420,7 +419,7 @@ class Conductor:
         self._pump()
         self.agents.answer(conn, protocol.Applied(
             added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
-            redo=self.engine.to_redo()))
+            redo=self.engine.to_redo(), resized=list(diff.resized)))
 
     # -- the end, and what it looks like --------------------------------------------
 
