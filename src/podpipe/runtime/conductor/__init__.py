@@ -10,7 +10,8 @@ scratch, and blocks on events only (`runtime.loop`). How one event flows:
 
 Events are queued and handled one at a time, never fed to the engine while its
 previous actions are being carried out. The pieces, each owning its state:
-`agents` (connections), `processes` (what this conductor starts), `swaps`
+`agents` (connections), `processes` (what this conductor starts; `crew` carries
+out the engine's decisions about them), `swaps`
 (swap and apply requests), `checkpoints` (journal, node and durable tiers,
 imports), `snapshot` (counters, status), `timeline` (the task record behind
 `podpipe report`), `metrics` (Prometheus, if asked); `nodes` says what each node
@@ -22,31 +23,30 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from podpipe.engine import events as ev
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
-from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
-from podpipe.model.pipeline import SOURCE, Pipeline
-from podpipe.model.shards import Placement
+from podpipe.model.pipeline import SOURCE
 from podpipe.runtime import loop as loops
 from podpipe.runtime import call, files, lifetime, logline, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
+from podpipe.runtime.conductor.crew import Crew
 from podpipe.runtime.conductor.metrics import Metrics
 from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.run import Run, Timeout
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.durable import DurableTier
 from podpipe.runtime.launcher import Launcher
 from podpipe.runtime.protocol import agent_name, split_name
-from podpipe.runtime.scratch import Scratch
 
 if TYPE_CHECKING:
     from podpipe.runtime.sink import Written
@@ -54,32 +54,6 @@ if TYPE_CHECKING:
 __all__ = ["Conductor", "Restored", "Run"]
 
 FLUSH_SECONDS = 0.25
-
-
-@dataclass(frozen=True)
-class _Timeout:
-    """A timer: task number `task` of the agent `agent` (batch `batch`) is over its
-    time."""
-
-    agent: str
-    batch: int
-    task: int
-    seconds: float
-
-
-@dataclass
-class Run:
-    """What the conductor runs: the spec (an apply changes it) and where."""
-
-    pipeline: Pipeline
-    graph: Graph
-    plan: list[SourceBatch]
-    scratch: Scratch
-    run_dir: Path
-    run_id: str
-    pod: str
-    placement: Placement
-    overrides: list[str]  # the pod's, passed to every process
 
 
 class Conductor:
@@ -100,6 +74,7 @@ class Conductor:
         self.agents = Agents(self.loop, run.scratch.socket, self._log)
         self.processes = Processes(launcher, self.loop, reaper=reaper)
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
+        self.crew = Crew(self.processes, self.agents, self.loop, self.swaps, self._log)
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log,
                                        required=run.pipeline.checkpoints.required)
         self.counters = Counters(run.graph)
@@ -182,7 +157,7 @@ class Conductor:
             self._end("interrupted", InterruptedRun(
                 f"interrupted; finish the run with 'podpipe resume {self.run.run_dir}'"))
         elif isinstance(happening, loops.TimerDue) and self.running:
-            if isinstance(happening.tag, _Timeout):
+            if isinstance(happening.tag, Timeout):
                 timeout = happening.tag
                 if self.counters.tasks.get(timeout.agent) == timeout.task:
                     node, worker = split_name(timeout.agent)
@@ -298,37 +273,8 @@ class Conductor:
             self.timeline.granted(agent_name(action.node, action.worker))
         elif isinstance(action, ev.Keep):
             self.checkpoints.keep(action.output)
-        elif isinstance(action, ev.Restart):
-            self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
-                      f"in {action.delay:.1f} s")
-            if self.processes.local:  # containers: the kubelet restarts them
-                self.loop.call_later(action.delay, agent_name(action.node, action.worker))
-        elif isinstance(action, ev.Kill):
-            name = agent_name(action.node, action.worker)
-            self._log(f"stage {name!r} took longer than its timeout: killed")
-            if self.processes.local:
-                self._retire(name, kill=True)
-            else:  # a container: its connection closes, it exits, the kubelet restarts it
-                self.agents.drop(name)
-        elif isinstance(action, ev.Replace):
-            name = agent_name(action.node, action.worker)
-            self._retire(name, kill=action.kill)
-            self.processes.start(name, self.swaps.replacing(action.node))
-        elif isinstance(action, ev.Stop):
-            for name in self.processes.of(action.node) or [action.node]:
-                self._retire(name, kill=action.kill)
-        elif isinstance(action, ev.Hold):
-            self._log(f"stage {action.node!r} held: the new version failed: {action.message}")
-            for name in self.processes.of(action.node) or [action.node]:
-                self._retire(name, kill=False)
-            self.swaps.held(action.node, action.message)
-        elif isinstance(action, ev.AddWorker):
-            self._log(f"stage {action.node!r} gets worker {action.worker}")
-            self.processes.start(agent_name(action.node, action.worker),
-                                 self.swaps.overrides.get(action.node, []))
-        elif isinstance(action, ev.RemoveWorker):
-            self._log(f"stage {action.node!r} gives back worker {action.worker}")
-            self._retire(agent_name(action.node, action.worker), kill=False)
+        elif self.crew.carry_out(action):
+            pass  # a process restarted, killed, replaced, stopped, held, added, taken back
         elif isinstance(action, ev.Forget):
             self.checkpoints.forget(action.node, action.key)
         elif isinstance(action, ev.Finished):
@@ -338,14 +284,6 @@ class Conductor:
             if isinstance(error, StageError) and self.processes.log(error.stage):
                 error.args = (f"{error.args[0]} (log: {self.processes.log(error.stage)})",)
             self._end("failed", error)
-
-    def _retire(self, name: str, *, kill: bool) -> None:
-        """Stop the agent `name`'s process for good: told to stop when it can hear it,
-        else killed. Its exit is expected, not an event."""
-        self.loop.cancel(name)  # a restart it had coming
-        told = not kill and self.agents.send(name, protocol.Stop())
-        self.agents.drop(name)
-        self.processes.retire(name, kill=not told)
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run
@@ -370,7 +308,7 @@ class Conductor:
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
         seconds = stage.timeout if stage is not None else None
         if seconds is not None:
-            self.loop.call_later(seconds, _Timeout(name, action.batch, seq, seconds))
+            self.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))
         self.agents.send(name, task)
 
     # -- swaps and apply -----------------------------------------------------------

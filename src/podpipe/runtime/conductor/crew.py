@@ -1,0 +1,72 @@
+"""Carrying out what the engine decides about processes: a restart after its delay, a
+kill, a replacement (a swap), a stop, a hold, a worker added or taken back.
+
+It owns no state of its own: it works the conductor's pieces that do — the
+processes it starts (`processes`), the agents' connections (`agents`), the timers
+(`loop`) and the swaps in progress (`swaps`) — so that the conductor's own
+`_carry_out` keeps to the rest (space, data, the end).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from podpipe.engine import events as ev
+from podpipe.runtime import protocol
+from podpipe.runtime.conductor.agents import Agents
+from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.swaps import Swaps
+from podpipe.runtime.loop import EventLoop
+from podpipe.runtime.protocol import agent_name
+
+
+class Crew:
+    def __init__(self, processes: Processes, agents: Agents, loop: EventLoop, swaps: Swaps,
+                 log: Callable[[str], None]) -> None:
+        self.processes, self.agents, self.loop, self.swaps = processes, agents, loop, swaps
+        self._log = log
+
+    def carry_out(self, action: ev.Action) -> bool:
+        """Carry out `action` if it is about a process; whether it was."""
+        if isinstance(action, ev.Restart):
+            self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
+                      f"in {action.delay:.1f} s")
+            if self.processes.local:  # containers: the kubelet restarts them
+                self.loop.call_later(action.delay, agent_name(action.node, action.worker))
+        elif isinstance(action, ev.Kill):
+            name = agent_name(action.node, action.worker)
+            self._log(f"stage {name!r} took longer than its timeout: killed")
+            if self.processes.local:
+                self.retire(name, kill=True)
+            else:  # a container: its connection closes, it exits, the kubelet restarts it
+                self.agents.drop(name)
+        elif isinstance(action, ev.Replace):
+            name = agent_name(action.node, action.worker)
+            self.retire(name, kill=action.kill)
+            self.processes.start(name, self.swaps.replacing(action.node))
+        elif isinstance(action, ev.Stop):
+            for name in self.processes.of(action.node) or [action.node]:
+                self.retire(name, kill=action.kill)
+        elif isinstance(action, ev.Hold):
+            self._log(f"stage {action.node!r} held: the new version failed: {action.message}")
+            for name in self.processes.of(action.node) or [action.node]:
+                self.retire(name, kill=False)
+            self.swaps.held(action.node, action.message)
+        elif isinstance(action, ev.AddWorker):
+            self._log(f"stage {action.node!r} gets worker {action.worker}")
+            self.processes.start(agent_name(action.node, action.worker),
+                                 self.swaps.overrides.get(action.node, []))
+        elif isinstance(action, ev.RemoveWorker):
+            self._log(f"stage {action.node!r} gives back worker {action.worker}")
+            self.retire(agent_name(action.node, action.worker), kill=False)
+        else:
+            return False
+        return True
+
+    def retire(self, name: str, *, kill: bool) -> None:
+        """Stop the agent `name`'s process for good: told to stop when it can hear it,
+        else killed. Its exit is expected, not an event."""
+        self.loop.cancel(name)  # a restart it had coming
+        told = not kill and self.agents.send(name, protocol.Stop())
+        self.agents.drop(name)
+        self.processes.retire(name, kill=not told)
