@@ -31,9 +31,8 @@ from podpipe.engine import events as ev
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
-from podpipe.model.pipeline import SOURCE
 from podpipe.runtime import loop as loops
-from podpipe.runtime import call, files, lifetime, logline, protocol, status, tiers
+from podpipe.runtime import files, lifetime, logline, protocol, status, tiers
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
@@ -287,19 +286,11 @@ class Conductor:
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run
-        task = protocol.Task(
-            batch=action.batch, inputs=[[o.path for o in group] for group in action.inputs],
-            output=str(run.scratch.output_path(node, action.batch)))
-        if node == SOURCE:
-            task.source = run.plan[action.batch]
-        elif node in run.graph.sinks:
+        task, stage = run.task(node, action.batch, action.inputs), run.stage(node)
+        if node in run.graph.sinks:
             task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,
                                                              action.batch)
-        stage = next((s for s in run.pipeline.stages if s.name == node), None)
-        if stage is not None and stage.call is not None and stage.call.memo:
-            task.answers = str(call.folder(run.run_dir, node))
-        if run.pipeline.checkpoints.reuse and node not in run.graph.tables and \
-                node != SOURCE and node not in run.graph.sinks:
+        elif stage is not None and run.pipeline.checkpoints.reuse:
             task.memo = self.checkpoints.memo(run.pipeline, node,
                                               self.counters.stages[node].version, action.inputs)
         name = agent_name(node, action.worker)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
-from podpipe.model.pipeline import Pipeline
+from podpipe.model.output import Output
+from podpipe.model.pipeline import SOURCE, Pipeline, Stage
 from podpipe.model.shards import Placement
+from podpipe.runtime import call, protocol
 from podpipe.runtime.scratch import Scratch
 
 
@@ -36,3 +38,20 @@ class Run:
     pod: str
     placement: Placement
     overrides: list[str]  # the pod's, passed to every process
+
+    def stage(self, node: str) -> Stage | None:
+        """`node`'s definition if it is a stage (not the source, a table or a sink)."""
+        return next((s for s in self.pipeline.stages if s.name == node), None)
+
+    def task(self, node: str, batch: int,
+             inputs: tuple[tuple[Output, ...], ...]) -> protocol.Task:
+        """`node`'s task for `batch`, as the run has it: its inputs, where its output
+        goes, which rows a source batch is, where a call stage keeps its answers."""
+        task = protocol.Task(batch=batch, inputs=[[o.path for o in group] for group in inputs],
+                             output=str(self.scratch.output_path(node, batch)))
+        if node == SOURCE:
+            task.source = self.plan[batch]
+        stage = self.stage(node)
+        if stage is not None and stage.call is not None and stage.call.memo:
+            task.answers = str(call.folder(self.run_dir, node))
+        return task
