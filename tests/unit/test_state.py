@@ -756,22 +756,22 @@ def test_a_table_larger_than_half_the_budget_is_loaded_on_the_node_tier():
 
 def test_an_apply_resizes_a_node_up_at_once_and_down_as_its_workers_come_free():
     graph = Graph.of(CHAIN)
-    run = RunState(graph, 6, 10_000, workers={"source": 1, "a": 1, "b": 1, "sink-0": 1})
+    counts = {"source": 1, "a": 1, "b": 1, "sink-0": 1}
+    run = RunState(graph, 6, 10_000, workers=counts)
     for node in graph.order:
         run.handle(S.AgentReady(node))
-    actions = run.handle(S.Reshaped(graph, {}, {"source": 1, "a": 3, "b": 1, "sink-0": 1}))
+    actions = run.handle(S.Reshaped(graph, {}, {**counts, "a": 3}))
     assert [a.worker for a in actions if isinstance(a, S.AddWorker) and a.node == "a"] == [1, 2]
     for worker in (1, 2):
         run.handle(S.AgentReady("a", worker))
-    run.handle(S.SpaceRequested("source", 0, 10))
-    run.handle(S.TaskDone("source", 0, out("source/0", 10)))
-    busy = [w for w, agent in run.agents["a"].items() if agent.busy]
-    assert len(busy) == 1
-    actions = run.handle(S.Reshaped(graph, {}, {"source": 1, "a": 1, "b": 1, "sink-0": 1}))
-    gone = sorted(a.worker for a in actions if isinstance(a, S.RemoveWorker))
-    assert gone == sorted(w for w in (1, 2) if w not in busy)  # the idle ones, at once
-    if busy != [0]:  # the busy one goes once its task is done, and gets no other
-        run.handle(S.SpaceRequested("a", 0, 10, busy[0]))
-        actions = run.handle(S.TaskDone("a", 0, out("a/0", 10), busy[0]))
-        assert S.RemoveWorker("a", busy[0]) in actions
+    for batch in (0, 1):  # two batches: workers 0 and 1 of `a` on them, 2 idle
+        run.handle(S.SpaceRequested("source", batch, 10))
+        run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10)))
+    assert {w: agent.batch for w, agent in run.agents["a"].items()} == {0: 0, 1: 1, 2: None}
+    actions = run.handle(S.Reshaped(graph, {}, counts))
+    assert [a for a in actions if isinstance(a, S.RemoveWorker)] == [S.RemoveWorker("a", 2)]
+    run.handle(S.SpaceRequested("a", 1, 10, 1))  # the busy one goes once its task is done
+    actions = run.handle(S.TaskDone("a", 1, out("a/1", 10), 1))
+    assert S.RemoveWorker("a", 1) in actions
+    assert not [a for a in actions if isinstance(a, S.Dispatch) and a.worker == 1]
     assert sorted(run.agents["a"]) == [0] and run.fixed["a"] == 1

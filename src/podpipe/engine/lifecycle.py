@@ -46,10 +46,15 @@ def restart(run: "RunState", node: str, worker: int, agent: Agent, actions: list
     agent.status = ABSENT
     actions.append(Restart(node, attempt, backoff(attempt), worker))
 
-def replace_idle(run: "RunState", actions: list[Action]) -> None:
-    """Carry out the swaps asked for, for each stage between batches (or at once
-    when asked `now`: its batch goes back to its queue, for the new version)."""
+def between_batches(run: "RunState", actions: list[Action]) -> None:
+    """What waits for a worker to be between batches: a swap asked for (at once when
+    asked `now`: its batch goes back to its queue, for the new version), and a worker
+    to retire (fewer asked for by an apply)."""
     for node, worker, agent in run.all_agents():
+        if agent.retire and agent.status in (IDLE, ABSENT):
+            del run.agents[node][worker]
+            actions.append(RemoveWorker(node, worker))
+            continue
         swap = agent.swap
         if swap is None or (agent.busy and not swap.now):
             continue
@@ -61,6 +66,7 @@ def replace_idle(run: "RunState", actions: list[Action]) -> None:
             # the last worker of the old version is gone: what the old versions
             # made is done again, and what follows it
             rework.recompute(run, node, actions)
+
 
 def hold(run: "RunState", node: str, message: str, actions: list[Action]) -> None:
     for agent in run.agents[node].values():  # every worker: the version is at fault
@@ -86,15 +92,5 @@ def resize(run: "RunState", node: str, count: int | None, actions: list[Action])
     if count > len(have):
         workers.add(run, node, count - len(have), actions)
         return
-    for worker in have[count:]:
+    for worker in have[count:]:  # taken back between batches (`between_batches`)
         run.agents[node][worker].retire = True
-    retire_idle(run, actions)
-
-
-def retire_idle(run: "RunState", actions: list[Action]) -> None:
-    """Take back the workers to retire that are not on a task now."""
-    for node, worker, agent in run.all_agents():
-        if agent.retire and agent.status in (IDLE, ABSENT):
-            del run.agents[node][worker]
-            actions.append(RemoveWorker(node, worker))
-

@@ -66,10 +66,9 @@ def reshape(run: "RunState", graph: Graph, actions: list[Action],
     run.budget.per_batch_nodes = run.plan.per_batch_nodes
     for node in added:
         run.add_node(node, (workers or {}).get(node, 1))
-    for node in graph.order:  # kept nodes whose workers the new spec changes
-        if node not in added and workers is not None and node in workers and \
-                workers[node] != run.fixed.get(node):
-            lifecycle.resize(run, node, workers[node], actions)
+    for node, count in (workers or {}).items():  # kept nodes given another count
+        if node not in added and node in graph.inputs and count != run.fixed.get(node):
+            lifecycle.resize(run, node, count, actions)
     admitted = set(run.plan.mine[:run.next_source]) - set(run.redo)
     for node in added:
         for key in sorted(run.keys(node)):

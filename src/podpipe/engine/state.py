@@ -184,8 +184,7 @@ class RunState:
             self._agent_event(event, found, actions)
         if self.outcome is not None:
             return actions
-        lifecycle.replace_idle(self, actions)
-        lifecycle.retire_idle(self, actions)
+        lifecycle.between_batches(self, actions)
         self.grant_waiting(actions)
         self.dispatch(actions)
         if self.finished:

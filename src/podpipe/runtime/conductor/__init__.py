@@ -1,21 +1,30 @@
-"""The conductor: the per-pod process that owns the run.
+"""The conductor: the per-pod process that owns the run. It never touches batch data.
 
-It starts each node's agents, one per worker (or, in a Kubernetes pod, waits for
-the agents the kubelet starts as containers), accepts their connections on a Unix socket in RAM
-scratch, and blocks on events only (`runtime.loop`). How one event flows:
+It starts each node's agents, one per worker (in a Kubernetes pod the kubelet starts
+them as containers), accepts their connections on a Unix socket in RAM scratch, and
+blocks on events only (`runtime.loop`). One event, start to end:
 
-    socket bytes -> protocol.Reader (typed message) -> agents.to_event -> queue
-    queue -> engine.handle (one event at a time) -> actions -> _carry_out
-    _carry_out -> a message to an agent, a file deleted, a process replaced, ...
+    socket bytes -> protocol.Reader (typed message) -> _from_agent -> events queue
+    events queue -> engine.handle (one at a time) -> actions -> _carry_out
+    _carry_out -> a grant, a task handed out, a file freed, a process replaced, ...
 
-Events are queued and handled one at a time, never fed to the engine while its
-previous actions are being carried out. The pieces, each owning its state:
-`agents` (connections), `processes` (what this conductor starts; `crew` carries
-out the engine's decisions about them), `swaps`
-(swap and apply requests), `checkpoints` (journal, node and durable tiers,
-imports), `snapshot` (counters, status), `timeline` (the task record behind
-`podpipe report`), `metrics` (Prometheus, if asked); `nodes` says what each node
-runs with (restarts, workers, cores). It never touches batch data.
+An event is never fed to the engine while the previous one's actions are being
+carried out.
+
+Reading this module, top to bottom: **the loop** (`start`, `_loop`, `_happened`:
+sockets, process exits, signals, timers; `_pump` feeds the engine); **what agents
+say** (`_read`, `_message` for requests such as swap and apply, `_from_agent` for
+what a task did); **what the engine decides** (`_carry_out`: RAM and files here,
+processes in `crew`; `_dispatch` hands out a task); **swaps and apply**; **the end**
+(`_end`, the sinks' last step, stopping everyone, the status written).
+
+The pieces it wires, each owning its state (one module each): `agents`
+(connections), `processes` (what this conductor starts), `crew` (the engine's
+decisions about processes, carried out), `swaps` (swap and apply requests),
+`checkpoints` (journal, node and durable tiers, imports), `snapshot` (counters,
+status), `timeline` (the task record behind `podpipe report`), `metrics`
+(Prometheus, if asked), `run` (what it runs, and a task as the run has it); `nodes`
+says what each node runs with (restarts, workers, cores).
 """
 
 from __future__ import annotations
@@ -208,25 +217,28 @@ class Conductor:
             name = agent_name(message.node, message.worker) if isinstance(
                 message, protocol.Broken) and message.node in self.run.graph.inputs \
                 else self.agents.node_of(conn)
-            if isinstance(message, protocol.Calling) and name is not None:
-                self.counters.calling(name, message.in_flight)
-                return
-            event = to_event(name, message, self.run.pipeline.file) if name else None
-            if name is None or event is None:
-                return  # not an agent, or one replaced by a swap
-            if isinstance(message, protocol.Done):
-                node, _ = split_name(name)
-                version = self.counters.done(node, message.batch, message.stats)
-                self.counters.calling(name, 0)  # (a call stage's task: none in flight now)
-                self.checkpoints.record(node, message.batch, version, message.output)
-                self.timeline.ended(name, "done", message.stats)
-            elif isinstance(message, protocol.Reserve):
-                self.timeline.asked(name)
-            elif isinstance(message, protocol.Failed):
-                self.counters.called(split_name(name)[0], message.calls)
-                self.counters.calling(name, 0)
-                self.timeline.ended(name, "failed")
-            self.events.append(event)
+            if name is not None:  # (else not an agent, or one replaced by a swap)
+                self._from_agent(name, message)
+
+    def _from_agent(self, name: str, message: protocol.Message) -> None:
+        """What agent `name` says of its task: counted and recorded, then an event."""
+        if isinstance(message, protocol.Calling):
+            self.counters.calling(name, message.in_flight)
+            return
+        event = to_event(name, message, self.run.pipeline.file)
+        if event is None:
+            return
+        if isinstance(message, protocol.Done):
+            version = self.counters.done(name, message.batch, message.stats)
+            self.checkpoints.record(split_name(name)[0], message.batch, version,
+                                    message.output)
+            self.timeline.ended(name, "done", message.stats)
+        elif isinstance(message, protocol.Reserve):
+            self.timeline.asked(name)
+        elif isinstance(message, protocol.Failed):
+            self.counters.failed(name, message.calls)
+            self.timeline.ended(name, "failed")
+        self.events.append(event)
 
     def _hello(self, conn: Conn, hello: protocol.Hello) -> None:
         node = hello.node
@@ -263,10 +275,12 @@ class Conductor:
         elif isinstance(action, ev.Spill):
             path = tiers.path_for(self.run.run_dir, action.node, action.batch)
             files.private_dirs(path.parent)
-            self._log(f"table {action.node!r} takes more than half the RAM budget: it is "
-                      f"mapped from the node tier ({path})" if action.node in self.run.graph.tables
-                      else f"RAM budget full: stage {action.node!r} batch {action.batch} "
-                      f"spills to the node tier ({path})")
+            if action.node in self.run.graph.tables:
+                self._log(f"table {action.node!r} takes more than half the RAM budget: it "
+                          f"is mapped from the node tier ({path})")
+            else:
+                self._log(f"RAM budget full: stage {action.node!r} batch {action.batch} "
+                          f"spills to the node tier ({path})")
             self.agents.send(agent_name(action.node, action.worker),
                              protocol.Grant(path=str(path), tier="node"))
             self.timeline.granted(agent_name(action.node, action.worker))

@@ -21,7 +21,7 @@ from podpipe.engine.state import RunState
 from podpipe.errors import RunError
 from podpipe.model.graph import SINGLE, Graph
 from podpipe.model.output import Output
-from podpipe.model.pipeline import Pipeline
+from podpipe.model.pipeline import SOURCE, Pipeline
 from podpipe.model.shards import Placement
 from podpipe.runtime import durable as durables
 from podpipe.runtime import tiers
@@ -107,7 +107,7 @@ class Checkpoints:
             if (node, k) in seen:
                 continue
             seen.add((node, k))
-            if (node in graph.stages or node in graph.tables) and (node, k) in self._made_by:
+            if node != SOURCE and node not in graph.sinks and (node, k) in self._made_by:
                 versions.setdefault(node, set()).add(self._made_by[(node, k)])
             todo.extend(engine.input_keys(node, k))
         return {stage: sorted(v) for stage, v in versions.items()}

@@ -55,14 +55,18 @@ class _Calls:
         self.latencies.extend(calls.latencies)
 
     def status(self) -> status.CallStatus:
-        cuts = statistics.quantiles(self.latencies, n=100) if len(self.latencies) > 1 else \
-            list(self.latencies) * 99
+        p50 = p99 = None
+        if len(self.latencies) == 1:
+            p50 = p99 = self.latencies[0]
+        elif self.latencies:
+            cuts = statistics.quantiles(self.latencies, n=100)
+            p50, p99 = cuts[49], cuts[98]
         return status.CallStatus(
             requests=self.requests, memo_hits=self.memo_hits, retries=self.retries,
             failures=self.failures, in_flight=sum(self.now.values()),
             in_flight_max=self.in_flight_max,
-            latency_p50=round(cuts[49], 5) if cuts else None,
-            latency_p99=round(cuts[98], 5) if cuts else None)
+            latency_p50=None if p50 is None else round(p50, 5),
+            latency_p99=None if p99 is None else round(p99, 5))
 
 
 class Counters:
@@ -91,17 +95,22 @@ class Counters:
             s.calls = s.calls or _Calls()
             s.calls.now[agent] = in_flight
 
-    def called(self, node: str, calls: protocol.CallStats | None) -> None:
-        """Count what a call stage's task sent (done or failed)."""
+    def failed(self, agent: str, calls: protocol.CallStats | None) -> None:
+        """Count what a failed task's requests did (a call stage's)."""
+        self._task_over(agent, calls)
+
+    def _task_over(self, agent: str, calls: protocol.CallStats | None) -> None:
+        s = self.stages[protocol.split_name(agent)[0]]
         if calls is not None:
-            s = self.stages[node]
             s.calls = s.calls or _Calls()
             s.calls.add(calls)
+        if s.calls is not None:
+            s.calls.now[agent] = 0  # its task is over: nothing of it in flight
 
-    def done(self, node: str, batch: int, stats: protocol.Stats) -> str:
-        """Count a finished task; returns the version that did it."""
-        s = self.stages[node]
-        self.called(node, stats.calls)
+    def done(self, agent: str, batch: int, stats: protocol.Stats) -> str:
+        """Count a task `agent` finished; returns the version that did it."""
+        s = self.stages[protocol.split_name(agent)[0]]
+        self._task_over(agent, stats.calls)
         s.rows_in += stats.rows_in
         s.rows_out += stats.rows_out
         s.busy += stats.busy
