@@ -12,9 +12,7 @@ from podpipe.runtime import call
 
 
 def _name(client: call.Client, rows: pa.Table) -> str:
-    import hashlib
-
-    return hashlib.sha256(client._prefix + client._encode(rows)).hexdigest()
+    return client.name(client.encode(rows))
 
 
 def test_a_request_is_named_by_its_url_body_and_the_headers_of_memo_key_only():
@@ -35,12 +33,12 @@ def test_a_request_is_named_by_its_url_body_and_the_headers_of_memo_key_only():
 def test_json_requests_are_row_objects_and_answers_must_match_them_row_for_row():
     client = call.Client(Call(url="http://svc/", format="json"), 1, {}, "call")
     rows = pa.table({"x": [1, 2]})
-    assert json.loads(client._encode(rows)) == [{"x": 1}, {"x": 2}]
-    assert client._decode(b'[{"y": 2}, {"y": 4}]', 2, 0) == [{"y": 2}, {"y": 4}]
+    assert json.loads(client.encode(rows)) == [{"x": 1}, {"x": 2}]
+    assert client.decode(b'[{"y": 2}, {"y": 4}]', 2, 0) == [{"y": 2}, {"y": 4}]
     with pytest.raises(call.CallFailed, match="has 1 rows, the request 2"):
-        client._decode(b'[{"y": 2}]', 2, 3)
+        client.decode(b'[{"y": 2}]', 2, 3)
     with pytest.raises(call.CallFailed, match="is not json"):
-        client._decode(b"<html>busy</html>", 2, 3)
+        client.decode(b"<html>busy</html>", 2, 3)
 
 
 def test_an_unset_variable_is_named_with_the_field():

@@ -183,19 +183,19 @@ class Client:
 
     async def _one(self, index: int, rows: pa.Table, gate: asyncio.Semaphore,
                    kept: Answers | None, figures: Figures) -> Any:
-        body = self._encode(rows)
-        name = f"{hashlib.sha256(self._prefix + body).hexdigest()[:40]}.{self.ext}"
+        body = self.encode(rows)
+        name = self.name(body)
         data = kept.get(name) if kept is not None else None
         if data is not None and kept is not None:
             try:
-                answer = self._decode(data, rows.num_rows, index)
+                answer = self.decode(data, rows.num_rows, index)
                 figures.memo_hits += 1
                 return answer
             except CallFailed:  # a kept answer that does not do: asked again
                 kept.drop(name)
         async with gate:  # a slot is held until its answer is kept: what a kill can make
             data = await self._post(index, rows.num_rows, body, figures)  # us send again
-            answer = self._decode(data, rows.num_rows, index)           # is at most the
+            answer = self.decode(data, rows.num_rows, index)           # is at most the
             if kept is not None:                                        # `concurrency`
                 # kept as it comes, not once the batch is done: a restart (or a lost
                 # node) finds it
@@ -251,7 +251,12 @@ class Client:
         if slot > now:
             await asyncio.sleep(slot - now)
 
-    def _encode(self, rows: pa.Table) -> bytes:
+    def name(self, body: bytes) -> str:
+        """The name a request's answer is kept under: a digest of the method, the URL,
+        the headers named in `memoKey` and the body."""
+        return f"{hashlib.sha256(self._prefix + body).hexdigest()[:40]}.{self.ext}"
+
+    def encode(self, rows: pa.Table) -> bytes:
         if self.call.format == "json":
             return json.dumps(rows.to_pylist(), default=str, separators=(",", ":")).encode()
         sink = pa.BufferOutputStream()
@@ -259,7 +264,7 @@ class Client:
             writer.write_table(rows)
         return sink.getvalue().to_pybytes()
 
-    def _decode(self, data: bytes, rows: int, index: int) -> Any:
+    def decode(self, data: bytes, rows: int, index: int) -> Any:
         """The answer to request `index`, checked: as many rows as it was sent."""
         try:
             if self.call.format == "json":

@@ -32,9 +32,15 @@ def field(pipeline: Pipeline, table: Table) -> str:
     return f"spec.tables[{pipeline.tables.index(table)}]"
 
 
-def identity(table: Table, where: str = "spec.tables[]") -> dict[str, Any]:
+def _named(table: Table) -> str:
+    """The table in messages about its files, as `--set tables.NAME...` names it."""
+    return f"spec.tables[{table.name}]"
+
+
+def identity(table: Table) -> dict[str, Any]:
     """What the table is loaded from: its URI, columns and files (path, bytes,
     modification time), as the file system reports them."""
+    where = _named(table)
     fs, paths = source.files(table.uri, f"{where}.uri")
     found = []
     for path in paths:
@@ -49,25 +55,25 @@ def identity(table: Table, where: str = "spec.tables[]") -> dict[str, Any]:
             "columns": list(table.columns) if table.columns else None, "files": found}
 
 
-def version(table: Table, where: str = "spec.tables[]") -> str:
+def version(table: Table) -> str:
     """The table's version: a digest of its identity."""
-    text = json.dumps(identity(table, where), sort_keys=True)
+    text = json.dumps(identity(table), sort_keys=True)
     return f"tbl-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def load(table: Table, where: str = "spec.tables[]") -> pa.Table:
+def load(table: Table) -> pa.Table:
     """The whole table, read as a source of one batch per file."""
     read = Source(uri=table.uri, format=table.format, batch_rows=MAX_BATCH_ROWS,
                   columns=table.columns)
     loader = source.Loader(read)
-    parts = [loader.load(batch) for batch in source.plan(read, where)]
+    parts = [loader.load(batch) for batch in source.plan(read, _named(table))]
     return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
 
-def estimate(table: Table, where: str = "spec.tables[]") -> int:
+def estimate(table: Table) -> int:
     """The bytes the table will take in scratch, from what can be read without
     loading it: Parquet's uncompressed column sizes, else the files' sizes."""
-    fs, paths = source.files(table.uri, f"{where}.uri")
+    fs, paths = source.files(table.uri, f"{_named(table)}.uri")
     total = 0
     for path in paths:
         if table.format != "parquet":
@@ -93,9 +99,8 @@ def check(pipeline: Pipeline, node_tier: Path) -> dict[str, str]:
     Returns each table's version."""
     versions, sizes = {}, {}
     for table in pipeline.tables:
-        where = field(pipeline, table)
-        versions[table.name] = version(table, where)
-        sizes[table.name] = estimate(table, where)
+        versions[table.name] = version(table)
+        sizes[table.name] = estimate(table)
     total = sum(sizes.values())
     if total <= pipeline.memory // 2:
         return versions

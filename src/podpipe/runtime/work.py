@@ -56,10 +56,9 @@ class LoadTable(Work):
         from podpipe.runtime import tables  # spawned stage processes skip Parquet, fsspec
 
         self.tables, self.table = tables, pipeline.table(node)
-        self.where = tables.field(pipeline, self.table)
 
     def run(self, batch, inputs, task):
-        return self.tables.load(self.table, self.where)
+        return self.tables.load(self.table)
 
 
 class CallService(Work):
@@ -216,7 +215,7 @@ def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
     function's module (`src-…`), or the command, image and env (`cmd-…`); a table's
     is a digest of its files (`tbl-…`)."""
     if isinstance(work, LoadTable):
-        return work.tables.version(work.table, work.where)
+        return work.tables.version(work.table)
     if node == SOURCE or node not in {s.name for s in pipeline.stages}:
         return "builtin"
     stage = pipeline.stage(node)
