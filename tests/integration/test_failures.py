@@ -35,6 +35,19 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def _started_in(folder: Path) -> list[int]:
+    """Processes working in `folder` (what a CLI run there started, and is left)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and not _zombie(int(proc.name)) and \
+                    Path(os.readlink(proc / "cwd")) == folder.resolve():
+                found.append(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
 def _wait_for(predicate, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -282,6 +295,7 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(workdir, args, messag
     runs = workdir / ".podpipe" / "runs"
     left = [p for p in runs.glob("*") if not (p / "status.json").exists()] if runs.exists() else []
     assert left == [], "a run directory without a status was left behind"
+    _wait_for(lambda: not _started_in(workdir), timeout=10)  # its fork server too
 
 
 def test_validate_accepts_a_good_spec(workdir):

@@ -647,6 +647,26 @@ def test_auto_gives_a_waiting_node_as_many_workers_as_it_has_batches_waiting():
         S.AddWorker("a", w) for w in range(1, 6)]
 
 
+def test_auto_takes_no_node_that_sat_waiting_for_its_input_for_io_bound():
+    run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
+    for _ in range(3):  # `a` waits for its input: idle, no CPU
+        run.handle(S.Tick({"b": 1.0}))
+    run.ready["a"] = [5, 6, 7, 8, 9]  # then a backlog: it has just started on batch 4
+    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    actions = run.handle(S.Tick({"a": 0.0, "b": 1.0}))
+    assert not any(isinstance(a, S.AddWorker) for a in actions)
+
+
+def test_auto_counts_the_cores_every_process_of_the_pod_uses():
+    run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
+    run.ready["a"] = [5, 6, 7, 8]
+    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    actions = []
+    for _ in range(4):  # `a` uses a core, and a process off the line (a table's load,
+        actions += run.handle(S.Tick({"a": 1.0, "dim": 1.0}))  # say) the other
+    assert not any(isinstance(a, S.AddWorker) for a in actions)
+
+
 def test_auto_takes_an_idle_worker_back_when_the_cores_are_taken():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.handle(S.Tick({}))
@@ -710,21 +730,39 @@ def test_a_pooled_file_is_written_over_by_the_next_output():
     assert pod.pool == {} and pod.state.budget.usage == 0
 
 
-def test_tables_load_beside_the_first_batch_and_stay_for_the_run_once_each():
+def _dispatched(actions) -> list[tuple[str, int]]:
+    return [(a.node, a.batch) for a in actions if isinstance(a, S.Dispatch)]
+
+
+def test_tables_load_beside_the_first_batches_and_stay_for_the_run_once_each():
     run = RunState(Graph.of(JOINED), 3, 10_000)
-    dispatched = [(a.node, a.batch) for node in run.graph.order
-                  for a in run.handle(S.AgentReady(node)) if isinstance(a, S.Dispatch)]
+    dispatched = [d for node in run.graph.order for d in _dispatched(
+        run.handle(S.AgentReady(node)))]
     assert dispatched == [("source", 0), ("dim", 0), ("codes", 0)]
     run.handle(S.SpaceRequested("source", 0, 10))
     actions = run.handle(S.TaskDone("source", 0, out("source/0", 10)))
-    assert not [a for a in actions if isinstance(a, S.Dispatch)]  # no batch more, and
-    run.handle(S.SpaceRequested("dim", 0, 10))                     # `a` waits for dim
+    assert _dispatched(actions) == [("source", 1)]  # room beside the tables' share;
+    run.handle(S.SpaceRequested("dim", 0, 10))       # `a` waits for dim
     actions = run.handle(S.TaskDone("dim", 0, out("dim/0", 10)))
-    assert [(a.node, a.batch) for a in actions if isinstance(a, S.Dispatch)] == [("a", 0)]
+    assert _dispatched(actions) == [("a", 0)]
     pod = Pod(JOINED, 3, 10_000, lambda node, batch: 10, random.Random(1))
     assert isinstance(pod.run(), S.Finished)
     assert sorted(o.path for o in pod.state.outputs.values()) == ["codes/0", "dim/0"]
     assert pod.state.budget.usage == 20
+
+
+def test_while_the_tables_load_the_line_leaves_their_share_of_the_budget_free():
+    run = RunState(Graph.of(JOINED), 3, 1000)
+    for node in run.graph.order:
+        run.handle(S.AgentReady(node))
+    run.handle(S.SpaceRequested("source", 0, 100))
+    # The next batch would take the line's guess to 2 x 100 x 4 nodes, beside the
+    # tables' 500: it waits for them.
+    assert _dispatched(run.handle(S.TaskDone("source", 0, out("source/0", 100)))) == []
+    for table in ("dim", "codes"):
+        run.handle(S.SpaceRequested(table, 0, 100))
+        actions = run.handle(S.TaskDone(table, 0, out(f"{table}/0", 100)))
+    assert ("source", 1) in _dispatched(actions)  # the tables are in: the rest is the line's
 
 
 def test_every_task_of_a_reader_is_handed_the_table():

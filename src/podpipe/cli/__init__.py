@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         from podpipe.runtime import protocol
 
         return 0 if protocol.probe(args.socket) else 1
+    args.server = None
+    if args.command == "run":  # its fork server imports pyarrow while the spec is read
+        from podpipe.runtime.launcher import warm
+
+        args.server = warm()
     from rich.console import Console
 
     console, errors = Console(), Console(stderr=True)
@@ -45,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted")
         return exit_code(KeyboardInterrupt())
+    finally:
+        if args.server is not None:  # unless the run took it
+            args.server.close()
 
 
 def entry() -> None:
@@ -62,7 +70,7 @@ def _run(args: argparse.Namespace, console) -> int:
     return _with_progress(console, args.quiet, lambda observer: pod.run(
         args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
         pod_index=args.pod_index, memory=args.memory, fresh=args.fresh, observer=observer,
-        metrics=args.metrics_port))
+        metrics=args.metrics_port, server=args.server))
 
 
 def _resume(args: argparse.Namespace, console) -> int:

@@ -73,9 +73,10 @@ class Budget:
         self.footprint = max(self.footprint or 0, self.produced.pop(batch, 0))
         return True
 
-    def has_room(self, first_sizes: list[int]) -> bool:
-        """Can one more batch come onto the line? `first_sizes`: the source outputs of
-        the batches on it, for a first guess of the footprint before one is known."""
+    def has_room(self, first_sizes: list[int], reserve: int = 0) -> bool:
+        """Can one more batch come onto the line, leaving `reserve` bytes free?
+        `first_sizes`: the source outputs of the batches on it, for a first guess of
+        the footprint before one is known."""
         if not self.on_line:
             return True
         footprint = self.footprint
@@ -86,7 +87,7 @@ class Budget:
             footprint = max(first_sizes) * self.per_batch_nodes
         coming = sum(max(0, footprint - self.produced.get(b, 0)) for b in self.on_line)
         free = self.usage - sum(self.pool.values())  # the pool gives way to any batch
-        return free + coming + footprint <= self.limit
+        return free + coming + footprint + reserve <= self.limit
 
     # -- the pool of warm files ---------------------------------------------------
 

@@ -9,8 +9,8 @@ run live in this package, so they can be tested without processes:
 - readiness (here): a per-batch task is ready once every input has that batch; a
   reduce task once every input has all the batches of its shard (a global reduce:
   every shard's output, some made by other pods and imported); a table is loaded
-  first, beside the first source batch (no other comes onto the line before the
-  tables are in), and stays for the run;
+  first, beside the first source batches (while the tables load, the line keeps
+  their share of the budget free), and stays for the run;
 - keys (`keys.py`): which batches, shards and global keys this pod runs;
 - the RAM budget (`budget.py`): grants, backpressure; when the line jams
   (`jam.py`), giving up its newest batch, else spilling to the node tier;
@@ -386,14 +386,16 @@ class RunState:
 
     def can_admit(self) -> bool:
         """Is there a source batch to load, and room on the line for it (backpressure)?
-        While the tables load, one batch only: the tables' RAM comes first."""
+        While the tables load, their share of the budget (all they may hold in RAM)
+        is kept free: their RAM comes first."""
         if self.next_source >= len(self.plan.mine) and not self.redo:
             return False
-        if self.budget.on_line and any(0 not in self.done[t] for t in self.graph.tables):
-            return False
+        reserve = 0
+        if any(0 not in self.done[t] for t in self.graph.tables):
+            reserve = max(0, self.budget.limit // TABLE_SHARE - self.tables_held)
         first = [self.outputs[(SOURCE, b)].nbytes for b in self.budget.on_line
                  if (SOURCE, b) in self.outputs]
-        return self.budget.has_room(first)
+        return self.budget.has_room(first, reserve)
 
     def _admit(self) -> int | None:
         """The next source batch, if the line has room for it (backpressure)."""

@@ -6,10 +6,12 @@ batches ready that no worker of it has taken (for the source: workers of the
 nodes it feeds sitting idle, while the line has room for another batch). A node
 whose *pressure* — that work per worker, averaged over the last `WINDOW` ticks,
 judged once `SEEN` are in — stays above 1 holds the line back. It gets a worker
-if the pod has a core for it (the CPU in use now, plus what one of its workers uses,
-fits in `cpus`), or at once as many as it has batches waiting, up to
-`MOST_PER_CPU` per core, when its workers mostly wait (little CPU each: I/O
-bound, as the seed says, more workers than cores). When the cores are taken, an
+if the pod has a core for it (the CPU every process of the pod uses now, plus what
+one busy worker of the node uses, fits in `cpus`), or at once as many as it has
+batches waiting, up to `MOST_PER_CPU` per core, when its busy workers mostly wait
+(little CPU each: I/O bound, as the seed says, more workers than cores). What a
+busy worker uses is measured over the window while its workers ran: a node that
+sat waiting for its input and now has a backlog is not taken for I/O bound. When the cores are taken, an
 idle worker of another auto node is taken back, so that a later tick can give
 its core to the bottleneck. Reduces and nodes with a fixed `workers` are left as
 they are.
@@ -43,12 +45,16 @@ class Pool:
     def __init__(self, cpus: float) -> None:
         self.cpus = cpus
         self.pressure: dict[str, deque[float]] = {}
-        self.cpu: dict[str, deque[float]] = {}
+        # Per tick: the cores a node used since the last, and its workers busy at the
+        # last (a worker that has just started has used no CPU yet).
+        self.cpu: dict[str, deque[tuple[float, int]]] = {}
+        self.busy: dict[str, int] = {}  # workers busy at the last tick
         self.most: dict[str, int] = {}  # the most workers each node had
 
-    def observe(self, node: str, pressure: float, cpu: float) -> None:
+    def observe(self, node: str, pressure: float, cpu: float, busy: int) -> None:
         self.pressure.setdefault(node, deque(maxlen=WINDOW)).append(pressure)
-        self.cpu.setdefault(node, deque(maxlen=WINDOW)).append(cpu)
+        self.cpu.setdefault(node, deque(maxlen=WINDOW)).append((cpu, self.busy.get(node, 0)))
+        self.busy[node] = busy
 
     def average(self, node: str) -> float:
         seen = self.pressure.get(node) or [0.0]
@@ -57,9 +63,12 @@ class Pool:
     def full(self, node: str) -> bool:
         return len(self.pressure.get(node, ())) >= SEEN
 
-    def cpu_now(self, node: str) -> float:
-        seen = self.cpu.get(node) or [0.0]
-        return seen[-1]
+    def per_worker(self, node: str) -> float | None:
+        """The cores one busy worker of `node` used over the window; None if none of
+        its workers was seen busy."""
+        seen = [(c, b) for c, b in self.cpu.get(node, ()) if b]
+        busy = sum(b for _, b in seen)
+        return sum(c for c, _ in seen) / busy if busy else None
 
 
 def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> None:
@@ -69,20 +78,22 @@ def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> 
         agents = run.agents[node].values()
         running = sum(1 for a in agents if a.status == RUNNING)
         waiting = len(run.ready[node]) if node != SOURCE else _starving(run)
-        pool.observe(node, (running + waiting) / max(1, len(agents)), cpu.get(node, 0.0))
+        pool.observe(node, (running + waiting) / max(1, len(agents)), cpu.get(node, 0.0),
+                     running)
         pool.most[node] = max(pool.most.get(node, 0), len(agents))
     auto = [n for n in line if run.fixed.get(n) is None and pool.full(n)
             and all(a.status not in (ABSENT, HELD) and a.swap is None
                     for a in run.agents[n].values())]
-    pressing = sorted((n for n in auto if pool.average(n) > 1.0),
+    pressing = sorted((n for n in auto if pool.average(n) > 1.0
+                       and pool.per_worker(n) is not None),
                       key=lambda n: (-pool.average(n), run.graph.order.index(n)))
     if not pressing:
         return
     node = pressing[0]
     count = len(run.agents[node])
-    per_worker = pool.cpu_now(node) / count
+    per_worker = pool.per_worker(node) or 0.0
     most = max(1, int(MOST_PER_CPU * pool.cpus))
-    used = sum(pool.cpu_now(n) for n in line)
+    used = sum(cpu.values())  # every process of the pod: tables and reduces too
     if per_worker < IO_BOUND:  # it mostly waits: as many as it has batches waiting
         waiting = len(run.ready[node]) if node != SOURCE else 1
         add(run, node, min(max(1, waiting), most - count), actions)

@@ -7,8 +7,13 @@ imports everything once, then forks each stage process, which runs exactly what
 codes. Each child dies with the server, and the server with the conductor
 (PR_SET_PDEATHSIG), so no process outlives the pod.
 
-Wire (`protocol` over a socketpair): the conductor sends `Spawn`, the server answers
-`Spawned` and, when a child ends, `Exited`.
+It knows nothing of a run until told: `podpipe run` starts it before reading the
+spec, so its imports overlap the conductor's own start, and it writes to the
+caller's stderr until `LogTo` names its log in the run directory.
+
+Wire (`protocol` over a socketpair): the conductor sends `LogTo` once, then `Spawn`
+(each child starts in the `cwd` it names); the server answers `Spawned` and, when a
+child ends, `Exited`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import signal
 import socket
 import sys
 import traceback
+from pathlib import Path
 
-from podpipe.runtime import protocol
+from podpipe.runtime import files, protocol
 from podpipe.runtime.lifetime import die_with_parent
 from podpipe.runtime.loop import EventLoop, Ready
 
@@ -54,7 +60,9 @@ def serve(fd: int) -> int:
                 if not data:
                     return 0  # the conductor is gone; our children follow us
                 for message in reader.feed(data):
-                    if isinstance(message, protocol.Spawn):
+                    if isinstance(message, protocol.LogTo):
+                        _log_to(message.path)
+                    elif isinstance(message, protocol.Spawn):
                         pid = _spawn(message, conductor.fileno(), loop)
                         protocol.send(conductor, protocol.Spawned(pid=pid))
             _reap(conductor)
@@ -72,8 +80,15 @@ def _reap(conductor: socket.socket) -> None:
                                                  code=os.waitstatus_to_exitcode(status)))
 
 
+def _log_to(path: str) -> None:
+    log = files.append_private(Path(path))
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+
 def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
-    log = os.open(message.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log = files.append_private(Path(message.log))
     pid = os.fork()
     if pid:
         os.close(log)
@@ -93,6 +108,7 @@ def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
         os.close(null)
         os.close(log)
         os.environ.update(message.env)
+        os.chdir(message.cwd)
         from podpipe.runtime import agent
 
         code = agent.serve(message.spec, message.overrides, message.node, message.socket)

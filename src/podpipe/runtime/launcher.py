@@ -4,7 +4,8 @@ The conductor asks a launcher for one process per node and gets a `Process` it c
 watch (pidfd), wait for, terminate and kill. Two launchers, one interface:
 
 - `ForkLauncher` (the default): a fork server imports pyarrow once and forks every
-  stage process from it, so a pod of N stages does not pay N interpreter starts.
+  stage process from it, so a pod of N stages does not pay N interpreter starts;
+  `warm` starts the server before the run is known.
 - `SpawnLauncher`: runs `python -m podpipe agent ...`, the very command a
   container runs on Kubernetes (`PODPIPE_LAUNCHER=spawn`).
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,16 +104,102 @@ class SpawnLauncher:
         pass
 
 
-class ForkLauncher:
-    def __init__(self, where: _Where) -> None:
-        self.where = where
+class ForkServer:
+    """A fork server process (`runtime.forkserver`), which knows nothing of a run until
+    a `ForkLauncher` takes it. `podpipe run` starts one first thing (`warm`), so that
+    it imports pyarrow while the spec is read and the run planned."""
+
+    def __init__(self, *, fork: bool = False) -> None:
+        """`fork`: fork this process rather than start an interpreter (0.05-0.1 s
+        sooner); only while it is one thread that has imported next to nothing."""
         self.sock, theirs = socket.socketpair()
-        with open(files.append_private(where.log_dir / "forkserver.log"), "ab") as out:
-            self.server = subprocess.Popen(
+        if fork:
+            self.pid = _forked(theirs.detach(), self.sock)
+            self._popen = None
+        else:
+            self._popen = subprocess.Popen(
                 [sys.executable, "-m", "podpipe.runtime.forkserver", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,
-                stderr=out, start_new_session=True, preexec_fn=die_with_parent)
-        theirs.close()
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent)
+            self.pid = self._popen.pid
+            theirs.close()
+        self.taken = False
+        self.closed = False
+
+    def close(self) -> None:
+        """End it (its children end with it); at once if no run took it."""
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()
+        if not self.taken:
+            os.kill(self.pid, signal.SIGKILL)
+        if self._popen is not None:
+            try:
+                self._popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._popen.kill()
+                self._popen.wait()
+            return
+        try:
+            exited = os.pidfd_open(self.pid)
+        except ProcessLookupError:  # already reaped (by the conductor, a subreaper)
+            return
+        with os.fdopen(exited) as pidfd:
+            if not select.select([pidfd], [], [], 5)[0]:
+                os.kill(self.pid, signal.SIGKILL)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _forked(theirs: int, ours: socket.socket) -> int:
+    """Fork the fork server from this process; its pid."""
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(theirs)
+        return pid
+    code = 1
+    try:
+        ours.close()
+        os.setsid()  # as a started process: Ctrl-C at the terminal is the conductor's
+        die_with_parent()
+        if os.getppid() != parent:
+            os._exit(1)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.close(null)
+        from podpipe.runtime import forkserver
+
+        code = forkserver.serve(theirs)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def warm() -> ForkServer | None:
+    """A fork server for the run this process (the CLI, just started) is about to
+    make; None if its processes are spawned (`PODPIPE_LAUNCHER=spawn`)."""
+    if os.environ.get("PODPIPE_LAUNCHER", "fork") == "spawn":
+        return None
+    return ForkServer(fork=True)
+
+
+class ForkLauncher:
+    def __init__(self, where: _Where, server: ForkServer | None = None) -> None:
+        self.where = where
+        self.server = server or ForkServer()
+        self.server.taken = True
+        self.sock = self.server.sock
+        protocol.send(self.sock, protocol.LogTo(path=str(where.log_dir / "forkserver.log")))
         self.reader = protocol.Reader()
         self.pending: list[protocol.Message] = []
         self.exits: dict[int, int] = {}
@@ -122,7 +211,7 @@ class ForkLauncher:
         log = w.log_dir / f"{name}.log"
         protocol.send(self.sock, protocol.Spawn(
             node=node, spec=str(w.spec_path), overrides=[*w.overrides, *overrides],
-            socket=str(w.socket_path), env=w.env(worker), log=str(log)))
+            socket=str(w.socket_path), env=w.env(worker), log=str(log), cwd=os.getcwd()))
         while True:
             message = self._next(None)
             if message is None:
@@ -160,20 +249,17 @@ class ForkLauncher:
         return message
 
     def close(self) -> None:
-        self.sock.close()
-        try:
-            self.server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.server.kill()
-            self.server.wait()
+        self.server.close()
 
 
 Launcher = ForkLauncher | SpawnLauncher
 
 
 def launcher(spec_path: Path, overrides: list[str], socket_path: Path, log_dir: Path,
-             pod: str) -> Launcher:
+             pod: str, server: ForkServer | None = None) -> Launcher:
+    """The launcher of a pod's processes; `server`: a fork server already started
+    (`warm`), else the fork launcher starts one."""
     where = _Where(spec_path, overrides, socket_path, log_dir, pod)
     kind = os.environ.get("PODPIPE_LAUNCHER", "fork")
-    return SpawnLauncher(where) if kind == "spawn" else ForkLauncher(where)
+    return SpawnLauncher(where) if kind == "spawn" else ForkLauncher(where, server)
 

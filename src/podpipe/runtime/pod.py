@@ -28,6 +28,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size, parse_size
 from podpipe.runtime import durable, protocol, rundir, runs, status
 from podpipe.runtime import scratch as scratches
+from podpipe.runtime.launcher import ForkServer
 from podpipe.runtime.launcher import launcher as make_launcher
 from podpipe.runtime.loop import EventLoop, Signalled
 from podpipe.runtime.origin import Origin, start_from
@@ -45,7 +46,8 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         run_dir: str | None = None, replicas: int = 1, pod_index: int | None = None,
         memory: str | None = None, fresh: bool = False,
         observer: Callable[[dict[str, Any]], None] | None = None,
-        reaper: bool = True, metrics: str | None = None) -> dict[str, Any]:
+        reaper: bool = True, metrics: str | None = None,
+        server: ForkServer | None = None) -> dict[str, Any]:
     """Run the pipeline to the end on this machine; returns the final status.
 
     One pod, the replica `pod_index` (else POD_INDEX, else the StatefulSet hostname
@@ -53,7 +55,8 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     ordinal, every replica as a pod of its own (`runtime.replicas`). With a durable
     tier (`checkpoints.durable`), a run of the same spec starts each shard from its
     latest major checkpoint there, as a pod rescheduled on another node would, or a
-    pod that took the shard over after a rescale; `fresh` ignores them."""
+    pod that took the shard over after a rescale; `fresh` ignores them. `server`: a
+    fork server started early (`launcher.warm`), taken by the pod's launcher."""
     overrides = list(overrides)
     if replicas < 1:
         raise UsageError(f"--replicas {replicas}: expected at least 1")
@@ -81,6 +84,8 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                              "here, run each with --pod-index I and a port of its own")
         from podpipe.runtime import replicas as pods
 
+        if server is not None:
+            server.close()  # each pod is a process of its own, with its own
         return pods.run(spec_path, pipeline, overrides=overrides, run_dir=run_dir,
                         replicas=replicas, fresh=fresh, observer=observer)
     placement = sharding.Placement(ordinal, replicas, pipeline.shards)
@@ -96,7 +101,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
                     observer=observer, origin=Origin(durable=not fresh),
                     placement=placement, fresh=True, latest=not run_dir, reaper=reaper,
-                    metrics=metrics)
+                    metrics=metrics, server=server)
 
 
 def plan(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
@@ -274,7 +279,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
              placement: sharding.Placement = sharding.Placement(),
              fresh: bool = False, notes: list[str] | None = None,
              latest: bool = False, reaper: bool = True,
-             metrics: str | None = None) -> dict[str, Any]:
+             metrics: str | None = None, server: ForkServer | None = None) -> dict[str, Any]:
     """Make the scratch, plan the source, find where the run starts from, and hand
     over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
     `notes`: what making the scratch found wrong, for the status; `latest`: once it
@@ -292,7 +297,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
             raise RunError(f"cannot create the RAM scratch: {exc}") from exc
         if launch:  # start the fork server first: it imports while we plan
             launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
-                                     run_path / "logs", pod)
+                                     run_path / "logs", pod, server)
         from podpipe.runtime import call, sink, source, tables  # while the fork server
                                                                 # starts
 

@@ -17,7 +17,7 @@ manifests and the engine (`model.output.Output`).
     conductor -> agent   Stop
     probe -> conductor   Probe, answered Ready (or Stop once the run is over)
     podpipe swap/apply   SwapRequest | ApplyRequest, answered Swapped | Held | Applied | Refused
-    conductor <-> fork server   Spawn -> Spawned, and Exited when a child ends
+    conductor <-> fork server   LogTo once; Spawn -> Spawned, and Exited when a child ends
 
 `Hello.protocol` is the version of this wire: a conductor refuses an agent of
 another one (a container image of another podpipe release).
@@ -205,6 +205,10 @@ class Refused(_Message, tag="refused"):
 # -- conductor <-> fork server ------------------------------------------------------
 
 
+class LogTo(_Message, tag="log_to"):
+    path: str  # the fork server's own log, once the run directory exists
+
+
 class Spawn(_Message, tag="spawn"):
     node: str
     spec: str
@@ -212,6 +216,7 @@ class Spawn(_Message, tag="spawn"):
     socket: str
     env: dict[str, str]
     log: str
+    cwd: str
 
 
 class Spawned(_Message, tag="spawned"):
@@ -225,7 +230,7 @@ class Exited(_Message, tag="exited"):
 
 Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Probe |
            Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
-           Spawn | Spawned | Exited)
+           LogTo | Spawn | Spawned | Exited)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
