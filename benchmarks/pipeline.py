@@ -7,9 +7,13 @@ the ratio of medians; checks the podpipe result against the official answer.
 
     python benchmarks/pipeline.py [--sf 1] [--repeat 3] [--batch-rows 500000]
                                   [--baseline SRC_DIR]
+    python benchmarks/pipeline.py --sweep [--repeat 5]
 
 `--baseline` also times another podpipe source tree (its `src` directory, e.g. a
 `git worktree` of an earlier commit) side by side, for before/after figures.
+`--sweep` runs the batch sizes of the workers issue one after another: 500,000 and
+100,000 rows at SF 1, 5,000 rows at SF 0.1 (120 batches; at SF 1 it would be 1,200),
+and writes `results/pipeline-sweep.json` beside each size's own file.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return elapsed
 
 
+SWEEP = ((1.0, 500_000), (1.0, 100_000), (0.1, 5_000))  # (scale factor, batch rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sf", type=float, default=1.0)
@@ -48,15 +55,39 @@ def main() -> int:
     parser.add_argument("--batch-rows", type=int, default=500_000)
     parser.add_argument("--memory", default="2GiB")
     parser.add_argument("--baseline", type=Path, help="another podpipe's src directory")
+    parser.add_argument("--sweep", action="store_true",
+                        help="500,000 and 100,000 rows at SF 1, 5,000 at SF 0.1")
     args = parser.parse_args()
 
     sys.path.insert(0, str(ROOT))
+    RESULTS.mkdir(exist_ok=True)
+    runs = SWEEP if args.sweep else ((args.sf, args.batch_rows),)
+    results = [measure(sf, rows, args) for sf, rows in runs]
+    if args.sweep:
+        (RESULTS / "pipeline-sweep.json").write_text(json.dumps(
+            [{k: r[k] for k in ("scale_factor", "batch_rows", "source_batches",
+                                "ratio_podpipe_to_floor")} | {
+                "podpipe_median_s": r["results"]["podpipe"]["median_s"],
+                "floor_median_s": r["results"]["floor"]["median_s"]} for r in results],
+            indent=2) + "\n")
+        print("| batch rows | SF | batches | podpipe | floor | ratio |\n|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            print(f"| {r['batch_rows']:,} | {r['scale_factor']:g} | {r['source_batches']} | "
+                  f"{r['results']['podpipe']['median_s']:.2f} s | "
+                  f"{r['results']['floor']['median_s']:.2f} s | "
+                  f"{r['ratio_podpipe_to_floor']:.2f} |")
+    return 0
+
+
+def measure(sf: float, batch_rows: int, args: argparse.Namespace) -> dict:
+    """podpipe and the floor (and a baseline) on Q1 at `sf` in batches of `batch_rows`,
+    `args.repeat` times each, alternating; the result, also written to a file."""
     from examples.tpch import data
 
-    lineitem = data.generate(args.sf, ROOT / data.default_dir(args.sf))
+    lineitem = data.generate(sf, ROOT / data.default_dir(sf))
     out = Path(tempfile.mkdtemp(prefix="q1-bench-"))
     settings = ["--set", f"source.uri={lineitem}/*.parquet",
-                "--set", f"source.batchRows={args.batch_rows}",
+                "--set", f"source.batchRows={batch_rows}",
                 "--set", f"sinks.0.uri={out}/q1", "--set", f"memory={args.memory}"]
     floor_cmd = [sys.executable, str(ROOT / "benchmarks" / "floor.py"), str(SPEC), *settings]
     podpipe_cmd = [sys.executable, "-m", "podpipe", "run", str(SPEC), "--quiet",
@@ -75,7 +106,7 @@ def main() -> int:
                 shutil.rmtree(out / "q1", ignore_errors=True)
             shutil.rmtree(out / "run", ignore_errors=True)
             times["podpipe"].append(_timed(podpipe_cmd))
-        problems = data.compare(pq.read_table(out / "q1"), args.sf)
+        problems = data.compare(pq.read_table(out / "q1"), sf)
         status = json.loads((out / "run" / "status.json").read_text())
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -90,17 +121,18 @@ def main() -> int:
         summary["baseline"]["ratio_to_floor"] = (summary["baseline"]["median_s"] /
                                                  summary["floor"]["median_s"])
     result = {
-        "benchmark": "tpch-q1 pipeline vs floor", "scale_factor": args.sf,
-        "batch_rows": args.batch_rows, "source_batches": status["source_batches"],
+        "benchmark": "tpch-q1 pipeline vs floor", "scale_factor": sf,
+        "batch_rows": batch_rows, "source_batches": status["source_batches"],
         "cores": os.cpu_count(), "results": summary, "ratio_podpipe_to_floor": ratio,
         "podpipe_stage_busy_seconds": {n: s["busy_seconds"]
                                        for n, s in status["stages"].items()},
+        "podpipe_workers_max": {n: s["workers_max"] for n, s in status["stages"].items()},
         "podpipe_peak_scratch_bytes": status["peak_scratch_bytes"],
         "answer": "matches the official TPC-H answer",
     }
-    RESULTS.mkdir(exist_ok=True)
-    name = f"pipeline-sf{args.sf:g}.json"
+    name = f"pipeline-sf{sf:g}-{batch_rows}.json"
     (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"SF {sf:g}, {batch_rows:,}-row batches ({status['source_batches']}):")
     for key, s in summary.items():
         print(f"{key:>8}: median {s['median_s']:.2f} s  (min {s['min_s']:.2f}, "
               f"max {s['max_s']:.2f}, {args.repeat} runs)")
@@ -108,8 +140,8 @@ def main() -> int:
         print(f"baseline / floor: {summary['baseline']['ratio_to_floor']:.2f}")
     print(f"podpipe / floor: {ratio:.2f}   stage busy seconds: "
           f"{result['podpipe_stage_busy_seconds']}")
-    print(f"written to {RESULTS / name}")
-    return 0
+    print(f"written to {RESULTS / name}", flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -78,8 +78,13 @@ def test_a_runs_scratch_run_directory_and_data_are_readable_by_its_user_only(tmp
     try:
         status = _running(tmp_path)
         scratch = Path(status["scratch"])
-        modes = {p: stat.S_IMODE(os.lstat(p).st_mode) for p in
-                 [scratch, *scratch.rglob("*"), tmp_path / "run", *(tmp_path / "run").rglob("*")]}
+        modes = {}
+        for p in [scratch, *scratch.rglob("*"), tmp_path / "run",
+                  *(tmp_path / "run").rglob("*")]:
+            try:
+                modes[p] = stat.S_IMODE(os.lstat(p).st_mode)
+            except FileNotFoundError:
+                continue  # the run is live: a file may go between listing and looking
         assert modes[scratch] == 0o700 and modes[tmp_path / "run"] == 0o700
         opened = {p: m for p, m in modes.items() if m & 0o077}
         assert opened == {}, opened
