@@ -667,6 +667,33 @@ def test_auto_counts_the_cores_every_process_of_the_pod_uses():
     assert not any(isinstance(a, S.AddWorker) for a in actions)
 
 
+def _io_tasks(fixed: int | None, cores: float) -> list[S.Action]:
+    """Five batches wait for `a`, which does two of them wanting `cores` each."""
+    run = _ready_run({"source": None, "a": fixed, "b": None, "sink-0": None}, batches=20)
+    for batch in range(5):
+        run.handle(S.SpaceRequested("source", batch, 10))
+        run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10), cores=0.9))
+    actions = []
+    for batch in (0, 1):
+        run.handle(S.SpaceRequested("a", batch, 10))
+        actions.append(run.handle(S.TaskDone("a", batch, out(f"a/{batch}", 10), cores=cores)))
+    return actions
+
+
+def test_auto_gives_a_node_whose_tasks_wait_on_io_a_worker_per_batch_waiting_at_once():
+    first, second = _io_tasks(None, cores=0.05)
+    assert not any(isinstance(a, S.AddWorker) for a in first)  # one task says little
+    # batch 2 was handed to the worker that did 1; batches 3 and 4 wait: two workers
+    assert [a for a in second if isinstance(a, S.AddWorker)] == [
+        S.AddWorker("a", 1), S.AddWorker("a", 2)]
+
+
+@pytest.mark.parametrize("fixed,cores", [(None, 0.9), (1, 0.05)], ids=["cpu-bound", "fixed"])
+def test_no_worker_is_added_after_tasks_that_used_their_core_or_to_a_fixed_node(fixed, cores):
+    assert not any(isinstance(a, S.AddWorker) for actions in _io_tasks(fixed, cores)
+                   for a in actions)
+
+
 def test_auto_takes_an_idle_worker_back_when_the_cores_are_taken():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.handle(S.Tick({}))

@@ -42,6 +42,7 @@ class TaskDone:
     output: Output | None  # None for sinks
     worker: int = 0
     pinned: tuple[str, ...] = ()  # inputs the stage's code still maps: never overwritten
+    cores: float | None = None  # of a core the task wanted (ran or waited for one), 0-1
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,9 @@ class Reshaped:
 
 @dataclass(frozen=True)
 class Tick:
-    """Four times a second, for `workers: auto`: the CPU each node's processes used
-    since the last tick, in cores (a process busy on one core all along: 1.0)."""
+    """Four times a second, for `workers: auto`: the cores each node's processes
+    wanted since the last tick — ran, or were ready to run and waited for a core
+    (a process busy all along: 1.0)."""
 
     cpu: dict[str, float]
     node: str = SOURCE

@@ -187,6 +187,8 @@ class RunState:
         lifecycle.between_batches(self, actions)
         self.grant_waiting(actions)
         self.dispatch(actions)
+        if isinstance(event, TaskDone) and event.cores is not None:
+            workers.after_task(self, event.node, event.cores, actions)
         if self.finished:
             self.budget.drain(actions)
             self.outcome = Finished()

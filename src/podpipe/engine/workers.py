@@ -14,7 +14,9 @@ busy worker uses is measured over the window while its workers ran: a node that
 sat waiting for its input and now has a backlog is not taken for I/O bound. When the cores are taken, an
 idle worker of another auto node is taken back, so that a later tick can give
 its core to the bottleneck. Reduces and nodes with a fixed `workers` are left as
-they are.
+they are. An I/O-bound node need not wait for the ticks: each agent says what of a
+core its task wanted, and two such tasks in a row with batches waiting give the
+node its workers at once (`after_task`).
 
 Which process runs a batch never changes what it makes: batch numbers, sink
 files and a reduce's input order do not depend on the workers.
@@ -49,6 +51,7 @@ class Pool:
         # last (a worker that has just started has used no CPU yet).
         self.cpu: dict[str, deque[tuple[float, int]]] = {}
         self.busy: dict[str, int] = {}  # workers busy at the last tick
+        self.tasks: dict[str, deque[float]] = {}  # the cores its last tasks wanted
         self.most: dict[str, int] = {}  # the most workers each node had
 
     def observe(self, node: str, pressure: float, cpu: float, busy: int) -> None:
@@ -81,9 +84,7 @@ def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> 
         pool.observe(node, (running + waiting) / max(1, len(agents)), cpu.get(node, 0.0),
                      running)
         pool.most[node] = max(pool.most.get(node, 0), len(agents))
-    auto = [n for n in line if run.fixed.get(n) is None and pool.full(n)
-            and all(a.status not in (ABSENT, HELD) and a.swap is None
-                    for a in run.agents[n].values())]
+    auto = [n for n in line if _resizable(run, n) and pool.full(n)]
     pressing = sorted((n for n in auto if pool.average(n) > 1.0
                        and pool.per_worker(n) is not None),
                       key=lambda n: (-pool.average(n), run.graph.order.index(n)))
@@ -107,6 +108,29 @@ def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> 
                 pool.pressure[other].clear()  # judge it anew with fewer workers
                 actions.append(RemoveWorker(other, max(idle)))
                 return
+
+
+def after_task(run: "RunState", node: str, cores: float, actions: list[Action]) -> None:
+    """A task of `node` ended having wanted `cores` of a core: if it and the one
+    before mostly waited (I/O bound) and batches wait for the node, as many workers
+    as there are batches waiting, at once, rather than once the ticks have judged it
+    (half a second: most of a short run of 50 ms waits)."""
+    seen = run.pool.tasks.setdefault(node, deque(maxlen=2))
+    seen.append(cores)
+    if len(seen) < 2 or max(seen) >= IO_BOUND or not _resizable(run, node):
+        return
+    waiting = len(run.ready[node]) if node != SOURCE else _starving(run)
+    most = max(1, int(MOST_PER_CPU * run.pool.cpus))
+    if (more := min(waiting, most - len(run.agents[node]))) > 0:
+        add(run, node, more, actions)
+
+
+def _resizable(run: "RunState", node: str) -> bool:
+    """May `auto` resize `node` now: its workers are `auto`, it runs per batch, and
+    every worker is up (none starting, held or being swapped)?"""
+    return (run.fixed.get(node) is None and run.graph.domain[node] == BATCH
+            and all(a.status not in (ABSENT, HELD) and a.swap is None
+                    for a in run.agents[node].values()))
 
 
 def _starving(run: "RunState") -> int:

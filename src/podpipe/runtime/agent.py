@@ -25,7 +25,7 @@ import pyarrow as pa
 from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
-from podpipe.runtime import arrowfile, files, logline, protocol
+from podpipe.runtime import arrowfile, cputime, files, logline, protocol
 from podpipe.runtime.store import Store, open_store
 from podpipe.runtime.work import CallService, SchemaCheck, Work, WriteSink, version_of, work_for
 
@@ -121,6 +121,7 @@ class _Stopped(Exception):
 def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
           schemas: SchemaCheck) -> None:
     batch, started, memo = task.batch, time.perf_counter(), task.memo
+    cpu = cputime.wanted()
     reused = False
     watched = arrowfile.Watched()
     sys.stderr.write(logline.task_line(batch, "started"))
@@ -187,6 +188,8 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
         stats.rows_out = stats.rows_in  # a sink's rows out are the rows it wrote
     stats.reused = int(reused)
     stats.busy = time.perf_counter() - started
+    if cpu is not None and (now := cputime.wanted()) is not None:
+        stats.wanted = now - cpu
     _logged(batch, "done", f"{stats.rows_out:,} rows, {stats.busy:.3f} s")
     del inputs, result  # what the task mapped is let go here (`Watched`)
     protocol.send(sock, protocol.Done(batch=batch, output=output, stats=stats,

@@ -126,6 +126,7 @@ class Stats(msgspec.Struct, forbid_unknown_fields=True):
     rows_out: int = 0
     bytes_out: int = 0
     busy: float = 0.0
+    wanted: float | None = None  # of `busy`, the seconds it ran or waited for a core
     reused: int = 0
     calls: CallStats | None = None
 

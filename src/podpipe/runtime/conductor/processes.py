@@ -12,7 +12,7 @@ import signal
 import time
 
 from podpipe.errors import RunError
-from podpipe.runtime import lifetime, status
+from podpipe.runtime import cputime, lifetime, status
 from podpipe.runtime.launcher import Launcher, Process
 from podpipe.runtime.loop import EventLoop
 from podpipe.runtime.protocol import split_name
@@ -29,7 +29,7 @@ class Processes:
         self._launcher, self._loop, self.reaper = launcher, loop, reaper
         self._by_node: dict[str, Process] = {}  # by agent name (a node's worker)
         self._retired: set[int] = set()
-        self._cpu: dict[int, float] = {}  # pid -> CPU seconds at the last sample
+        self._cpu: dict[int, float] = {}  # pid -> seconds wanted at the last sample
         self._sampled = time.monotonic()
 
     @property
@@ -74,19 +74,19 @@ class Processes:
         return [name for name in self._by_node if split_name(name)[0] == node]
 
     def cpu_use(self) -> dict[str, float]:
-        """The CPU each node's processes used since the last call, in cores (one
-        process busy on one core all along: 1.0)."""
-        tick, now = os.sysconf("SC_CLK_TCK"), time.monotonic()
+        """The cores each node's processes wanted since the last call: the time they
+        ran plus the time they were ready to run but waited for a core (one process
+        busy all along: 1.0, whether it had a core to itself or shared one). A
+        process that waits on I/O wants none; one that waits for a core is not
+        taken for it."""
+        now = time.monotonic()
         elapsed = max(1e-3, now - self._sampled)
         used: dict[str, float] = {}
         seen: dict[int, float] = {}
         for name, process in self._by_node.items():
-            try:
-                with open(f"/proc/{process.pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
+            seconds = cputime.wanted(process.pid)
+            if seconds is None:
                 continue  # gone meanwhile
-            seconds = (int(fields[11]) + int(fields[12])) / tick
             seen[process.pid] = seconds
             node = split_name(name)[0]
             used[node] = used.get(node, 0.0) + \
@@ -121,3 +121,4 @@ class Processes:
             self._launcher.close()
             if self.reaper:
                 lifetime.end_children()  # orphans of the stages' children (a subreaper's)
+
