@@ -217,11 +217,13 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
                                    "periodSeconds": 1, "timeoutSeconds": 3,
                                    "failureThreshold": 300}
         init = [sidecar]
+        # A node with `workers: N` runs its N processes in its container, and asks for
+        # N times its CPU; `auto` runs one there.
         containers = [
             _container(node, _image(pipeline, node, options), ["podpipe", "agent"],
                        ["--stage", node, "--spec", SPEC_FILE, "--socket", SOCKET,
-                        "--wait", "60", "--hold", *flags],
-                       _resources(pipeline, node), budget, options)
+                        "--wait", "60", "--hold", *_workers_flag(pipeline, node), *flags],
+                       _per_container(pipeline, node), budget, options)
             for node in nodes]
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
@@ -300,6 +302,21 @@ def _image(pipeline: Pipeline, node: str, options: Options) -> str:
 def _resources(pipeline: Pipeline, node: str) -> Resources:
     stage = next((s for s in pipeline.stages if s.name == node), None)
     return stage.resources if stage is not None else Resources()
+
+
+def _workers_flag(pipeline: Pipeline, node: str) -> list[str]:
+    count = pipeline.workers(node) or 1
+    return ["--workers", str(count)] if count > 1 else []
+
+
+def _per_container(pipeline: Pipeline, node: str) -> Resources:
+    """A node's container's resources: a process's (`resources`) times its workers."""
+    own = _resources(pipeline, node)
+    count = pipeline.workers(node) or 1
+    if count == 1:
+        return own
+    return Resources(f"{_millicores(own.cpu or DEFAULT_CPU) * count}m",
+                     (own.memory or DEFAULT_MEMORY) * count)
 
 
 def _mebibytes(nbytes: int) -> str:

@@ -142,6 +142,18 @@ class LocalPod:
         return codes
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and \
+                    int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def wait_for(run_dir: Path, pod: LocalPod, timeout: float = 120,
              restart: bool = False) -> dict:
     """The run's final status; with `restart`, containers that exit are started again
@@ -256,6 +268,36 @@ def test_a_stage_container_that_dies_is_restarted_and_the_run_still_gets_it_righ
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
     finally:
         pod.terminate()
+
+
+def test_a_container_runs_its_stages_workers_and_restarts_one_that_dies(tmp_path, image_root):
+    """`workers: 2` in a container: two agent processes in it, each its own worker to
+    the conductor; the one that dies is started again by the container's process
+    (not the kubelet) and only its batch is done again."""
+    from examples.tpch import data
+
+    pod, run_dir = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=5000",
+                                "--set", "stages.prices.workers=2",
+                                "--set", 'stages.prices.env.DIE_ON_CALL="3"',
+                                "--set", "stages.prices.env.DIE_MARKER=died-once",
+                                "--set", "stages.prices.run=pystages:q1_prices_dying_once")
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    try:
+        pod.run()
+        status = wait_for(run_dir, pod)  # no container exits: nothing for a kubelet to do
+        assert status["state"] == "succeeded", status.get("error")
+        assert (image_root / "died-once").exists()
+        prices = status["stages"]["prices"]
+        assert prices["workers"] == 2 and prices["restarts"] == 1
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+        container = pod.processes["prices"].pid  # its two workers, the restarted one too
+        deadline = time.monotonic() + 30         # (started again after its backoff)
+        while len(_children(container)) != 2:
+            assert time.monotonic() < deadline, _children(container)
+            time.sleep(0.05)
+    finally:
+        codes = pod.terminate()
+    assert codes["prices"] == 0, pod.log("prices")
 
 
 def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_path,

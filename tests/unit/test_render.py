@@ -91,6 +91,7 @@ FLAVORS = {
     "metrics": ("--metrics-port", "9400"),
     "openkruise-processes-metrics": ("--flavor", "openkruise", "--layout", "processes",
                                      "--metrics-port", "9400"),
+    "containers-workers": ("--flavor", "openkruise", "--set", "stages.prices.workers=3"),
 }
 
 
@@ -261,6 +262,18 @@ def test_in_one_container_a_nodes_fixed_workers_multiply_its_cpu_request():
     before = int(plain["resources"]["requests"]["cpu"].rstrip("m"))
     after = int(pod["containers"][0]["resources"]["requests"]["cpu"].rstrip("m"))
     assert after - before == 2 * 250  # prices: two more workers of the default 250m
+
+
+def test_a_container_runs_its_nodes_fixed_workers_and_asks_for_their_cpu_and_memory():
+    plain = {c["name"]: c for c in pod_spec(render(str(EXAMPLE)))["containers"]}
+    sized = {c["name"]: c for c in pod_spec(render(
+        str(EXAMPLE), "--set", "stages.prices.workers=3"))["containers"]}
+    assert sized["prices"]["args"][sized["prices"]["args"].index("--workers") + 1] == "3"
+    assert "--workers" not in sized["filter"]["args"]  # auto: one process
+    assert sized["prices"]["resources"]["requests"]["cpu"] == "750m"  # 3 x 250m
+    one, three = (int(c["prices"]["resources"]["requests"]["memory"].rstrip("Mi"))
+                  for c in (plain, sized))
+    assert three == 3 * one
 
 
 def test_a_table_is_a_container_of_its_own_and_counts_in_the_memory_volume():

@@ -21,8 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "agent":  # a stage process: keep its start light, no rich
         from podpipe.runtime import agent
 
-        return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
-                           wait=args.wait)
+        def serve() -> int:
+            return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
+                               wait=args.wait)
+        if args.workers == 1:
+            return serve()
+        if args.workers < 1:
+            print(f"error: --workers {args.workers}: expected 1 or more", file=sys.stderr)
+            return 2
+        from podpipe.runtime import container
+
+        return container.supervise(args.workers, serve)
     if args.command == "probe":
         from podpipe.runtime import protocol
 

@@ -227,6 +227,9 @@ def parser() -> argparse.ArgumentParser:
                        help="wait this long for the conductor's socket to come up")
     agent.add_argument("--hold", action="store_true",
                        help="once the run is over, stay up until SIGTERM")
+    agent.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="run the node's N workers in this container (its "
+                            "`workers: N`), each restarted if it fails")
 
     conductor = sub.add_parser("conductor", help="(internal) the conductor of a pod on "
                                                  "Kubernetes: a native sidecar's command")

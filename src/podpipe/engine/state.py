@@ -90,11 +90,13 @@ class RunState:
         self.agents[node] = {w: Agent() for w in range(workers or 1)}
         self.restarts[node] = 0
 
-    def one_worker_each(self) -> None:
-        """Before the run starts: every node runs as one process (containers the
-        kubelet starts, one per node, which the conductor cannot add to)."""
-        self.fixed = {node: 1 for node in self.graph.order}
-        self.agents = {node: {0: Agent()} for node in self.graph.order}
+    def in_containers(self) -> None:
+        """Before the run starts: every node is a container the kubelet starts, which
+        the conductor cannot add to: a fixed `workers: N` is N processes inside it
+        (`podpipe agent --workers N`), `auto` one."""
+        counts = {node: self.fixed[node] or 1 for node in self.graph.order}
+        self.fixed = dict(counts)
+        self.agents = {node: {w: Agent() for w in range(counts[node])} for node in counts}
 
     def all_agents(self) -> list[tuple[str, int, Agent]]:
         """(node, worker, agent) of every process the run has, in graph order."""

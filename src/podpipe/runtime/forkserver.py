@@ -36,11 +36,10 @@ PRELOAD = ("pyarrow", "pyarrow.compute", "pyarrow.parquet", "fsspec", "yaml", "x
 OPTIONAL = ("pandas",)
 
 
-def serve(fd: int) -> int:
+def preload() -> None:
+    """Import what every stage process imports, before forking them."""
     import importlib
 
-    die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in PRELOAD:
         importlib.import_module(name)
     for name in OPTIONAL:
@@ -48,6 +47,12 @@ def serve(fd: int) -> int:
             importlib.import_module(name)
         except ImportError:
             pass
+
+
+def serve(fd: int) -> int:
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    preload()
     conductor = socket.socket(fileno=fd)
     reader = protocol.Reader()
     with EventLoop(signals=(signal.SIGCHLD,)) as loop:

@@ -77,7 +77,7 @@ class Conductor:
             owned=run.placement.owned, global_here=run.placement.runs_global,
             workers=workers(run.pipeline, run.graph), cpus=cpus(run.pipeline))
         if launcher is None:  # containers: one per node, started by the kubelet
-            self.engine.one_worker_each()
+            self.engine.in_containers()
         self.loop = loops.EventLoop()
         self.agents = Agents(self.loop, run.scratch.socket, self._log)
         self.processes = Processes(launcher, self.loop, reaper=reaper)

@@ -1,0 +1,84 @@
+"""A node's workers inside its one container: `podpipe agent --workers N`.
+
+On Kubernetes each node is a container the kubelet starts, and the container stays
+the unit of a swap (a new image); a node with `workers: N` runs its N agent
+processes inside it. This process imports what they import, forks them (each its
+worker number in `PODPIPE_WORKER`), starts again one that ends with an error, after
+a backoff, as the kubelet restarts a container (the conductor redoes only that
+worker's batch), and ends them all when the pod goes (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+from podpipe.runtime import protocol
+from podpipe.runtime.forkserver import preload
+from podpipe.runtime.lifetime import die_with_parent
+
+BACKOFF_SECONDS = (0.1, 5.0)  # the first restart's delay, the longest
+
+
+def supervise(workers: int, serve: Callable[[], int]) -> int:
+    """Run `serve` in `workers` processes until each has ended well or SIGTERM came."""
+    preload()
+    children: dict[int, int] = {}  # pid -> worker
+    failures = [0] * workers
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            _signal(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the conductor decides when we stop
+    for worker in range(workers):
+        children[_start(worker, serve)] = worker
+    while children:
+        pid, status = os.wait()
+        worker = children.pop(pid)
+        if os.waitstatus_to_exitcode(status) == 0 or stopping:
+            continue
+        first, most = BACKOFF_SECONDS
+        time.sleep(min(most, first * 2 ** failures[worker]))
+        failures[worker] += 1
+        if not stopping:
+            children[_start(worker, serve)] = worker
+    return 0
+
+
+def _start(worker: int, serve: Callable[[], int]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        die_with_parent()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        os.environ[protocol.WORKER_ENV] = str(worker)
+        code = serve()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
