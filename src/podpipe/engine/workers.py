@@ -6,13 +6,15 @@ batches ready that no worker of it has taken (for the source: workers of the
 nodes it feeds sitting idle, while the line has room for another batch). A node
 whose *pressure* — that work per worker, averaged over the last `WINDOW` ticks,
 judged once `SEEN` are in — stays above 1 holds the line back. It gets a worker
-if the pod has a core for it (the CPU every process of the pod uses now, plus what
-one busy worker of the node uses, fits in `cpus`), or at once as many as it has
-batches waiting, up to `MOST_PER_CPU` per core, when its busy workers mostly wait
-(little CPU each: I/O bound, as the seed says, more workers than cores). What a
-busy worker uses is measured over the window while its workers ran: a node that
-sat waiting for its input and now has a backlog is not taken for I/O bound. When the cores are taken, an
-idle worker of another auto node is taken back, so that a later tick can give
+if the pod has a core for it (the cores every process of the pod wants now, plus
+what one busy worker of the node wants, fit in `cpus`), or at once as many as it
+has batches waiting, up to `MOST_PER_CPU` per core, when its busy workers want
+little of a core (I/O bound, as the seed says: more workers than cores). What a
+process *wants* is the time it ran plus the time it waited for a core
+(`runtime.cputime`), so a stage starved of CPU is not taken for one waiting on I/O;
+what a busy worker wants is measured over the window while its workers ran, so a
+node that sat waiting for its input and now has a backlog is not either. When the
+cores are taken, an idle worker of another auto node is taken back, so that a later tick can give
 its core to the bottleneck. Reduces and nodes with a fixed `workers` are left as
 they are. An I/O-bound node need not wait for the ticks: each agent says what of a
 core its task wanted, and two such tasks in a row with batches waiting give the

@@ -146,9 +146,11 @@ class ForkServer:
             exited = os.pidfd_open(self.pid)
         except ProcessLookupError:  # already reaped (by the conductor, a subreaper)
             return
-        with os.fdopen(exited) as pidfd:
-            if not select.select([pidfd], [], [], 5)[0]:
+        try:
+            if not select.select([exited], [], [], 5)[0]:
                 os.kill(self.pid, signal.SIGKILL)
+        finally:
+            os.close(exited)
         try:
             os.waitpid(self.pid, 0)
         except ChildProcessError:

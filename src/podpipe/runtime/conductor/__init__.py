@@ -14,14 +14,15 @@ carried out.
 Reading this module, top to bottom: **the loop** (`start`, `_loop`, `_happened`:
 sockets, process exits, signals, timers; `_pump` feeds the engine); **what agents
 say** (`_read`, `_message` for requests such as swap and apply, `_from_agent` for
-what a task did); **what the engine decides** (`_carry_out`: RAM and files here,
-processes in `crew`; `_dispatch` hands out a task); **swaps and apply**; **the end**
-(`_end`, the sinks' last step, stopping everyone, the status written).
+what a task did); **what the engine decides** (`_carry_out`: RAM scratch in
+`scratchwork`, processes in `crew`, tasks and checkpoints here; `_dispatch` hands
+out a task); **swaps and apply**; **the end** (`_end`, the sinks' last step,
+stopping everyone, the status written).
 
 The pieces it wires, each owning its state (one module each): `agents`
-(connections), `processes` (what this conductor starts), `crew` (the engine's
-decisions about processes, carried out), `swaps` (swap and apply requests),
-`checkpoints` (journal, node and durable tiers, imports), `snapshot` (counters,
+(connections), `processes` (what this conductor starts), `crew` and `scratchwork`
+(the engine's decisions about processes and about RAM scratch, carried out),
+`swaps` (swap and apply requests), `checkpoints` (journal, node and durable tiers, imports), `snapshot` (counters,
 status), `timeline` (the task record behind `podpipe report`), `metrics`
 (Prometheus, if asked), `run` (what it runs, and a task as the run has it); `nodes`
 says what each node runs with (restarts, workers, cores).
@@ -29,11 +30,9 @@ says what each node runs with (restarts, workers, cores).
 
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from podpipe.engine import events as ev
@@ -41,7 +40,7 @@ from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
 from podpipe.runtime import loop as loops
-from podpipe.runtime import files, lifetime, logline, protocol, status, tiers
+from podpipe.runtime import files, lifetime, logline, protocol, status
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
@@ -49,6 +48,7 @@ from podpipe.runtime.conductor.metrics import Metrics
 from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.run import Run, Timeout
+from podpipe.runtime.conductor.scratchwork import ScratchWork
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
 from podpipe.runtime.conductor.timeline import Timeline
@@ -87,6 +87,8 @@ class Conductor:
                                        required=run.pipeline.checkpoints.required)
         self.counters = Counters(run.graph)
         self.timeline = Timeline(run.run_dir, self.counters.started)
+        self.scratch_work = ScratchWork(run.scratch, run.run_dir, self.agents, self.timeline,
+                                        lambda node: node in self.run.graph.tables, self._log)
         self.metrics: Metrics | None = None  # Prometheus, if asked: served from the start
         self._metrics_at = metrics
         self.observer = observer
@@ -255,35 +257,8 @@ class Conductor:
     def _carry_out(self, action: ev.Action) -> None:
         if isinstance(action, ev.Dispatch):
             self._dispatch(action)
-        elif isinstance(action, ev.Grant):
-            reuse = None if action.reuse is None else \
-                str(self.run.scratch.pool_path(action.reuse))
-            self.agents.send(agent_name(action.node, action.worker), protocol.Grant(reuse=reuse))
-            self.timeline.granted(agent_name(action.node, action.worker))
-        elif isinstance(action, ev.Deny):
-            self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
-            self.timeline.ended(agent_name(action.node, action.worker), "denied")
-        elif isinstance(action, ev.Delete):
-            Path(action.path).unlink(missing_ok=True)
-        elif isinstance(action, ev.Recycle):
-            try:
-                os.rename(action.path, self.run.scratch.pool_path(action.pooled))
-            except FileNotFoundError:
-                pass  # (a grant of it then finds no file: the output is written anew)
-        elif isinstance(action, ev.Unpool):
-            self.run.scratch.pool_path(action.pooled).unlink(missing_ok=True)
-        elif isinstance(action, ev.Spill):
-            path = tiers.path_for(self.run.run_dir, action.node, action.batch)
-            files.private_dirs(path.parent)
-            if action.node in self.run.graph.tables:
-                self._log(f"table {action.node!r} takes more than half the RAM budget: it "
-                          f"is mapped from the node tier ({path})")
-            else:
-                self._log(f"RAM budget full: stage {action.node!r} batch {action.batch} "
-                          f"spills to the node tier ({path})")
-            self.agents.send(agent_name(action.node, action.worker),
-                             protocol.Grant(path=str(path), tier="node"))
-            self.timeline.granted(agent_name(action.node, action.worker))
+        elif self.scratch_work.carry_out(action):
+            pass  # a grant or denial, a file deleted, pooled or given up, a spill
         elif isinstance(action, ev.Keep):
             self.checkpoints.keep(action.output)
         elif self.crew.carry_out(action):

@@ -7,7 +7,6 @@ swap, or stopped by an apply, is *retired*: its exit is expected, not an event.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
