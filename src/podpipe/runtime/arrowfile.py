@@ -30,23 +30,40 @@ def ipc_size(table: pa.Table) -> int:
 
 
 class _HashingFile:
-    """A raw file that hashes what passes through it; pyarrow hands it its buffers."""
+    """A raw file that hashes what passes through it; pyarrow hands it its buffers.
+    Small pieces (an IPC message's metadata, padding) are gathered and written with
+    the next large one, so that a batch costs a few system calls, not one per piece."""
+
+    SMALL = 64 << 10
 
     def __init__(self, fd: int) -> None:
         self.fd, self.hash, self.closed = fd, xxhash.xxh3_64(), False
+        self.pending = bytearray()
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         self.hash.update(view)
+        if len(view) < self.SMALL:
+            self.pending += view
+            if len(self.pending) >= self.SMALL:
+                self.flush()
+        else:
+            self.flush()
+            self._write(view)
+        return len(view)
+
+    def _write(self, view: memoryview) -> None:
         written = 0
         while written < len(view):
             written += os.write(self.fd, view[written:])
-        return written
 
     def flush(self) -> None:
-        pass
+        if self.pending:
+            self._write(memoryview(self.pending))
+            self.pending.clear()
 
     def close(self) -> None:
+        self.flush()
         self.closed = True
 
 
@@ -69,6 +86,7 @@ def write_table(table: pa.Table, path: str | Path,
             raw = _HashingFile(fd)
             with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:
                 writer.write_table(table)
+            raw.flush()
             nbytes = os.lseek(fd, 0, os.SEEK_CUR)
             os.ftruncate(fd, nbytes)  # a longer warm file gives back what it had over
         finally:
