@@ -248,17 +248,23 @@ def test_a_restarted_conductor_of_a_finished_pod_holds_instead_of_rerunning(tmp_
     assert set(codes.values()) == {0}, codes
 
 
+def _prices_dying_once(tmp_path: Path, image_root: Path, *flags: str) -> tuple[LocalPod, Path]:
+    """The example rendered with `flags`, its `prices` process dying once on its third
+    batch (`pystages._die_once`)."""
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    return rendered_pod(tmp_path, image_root, "--set", "source.batchRows=5000",
+                        "--set", 'stages.prices.env.DIE_ON_CALL="3"',
+                        "--set", "stages.prices.env.DIE_MARKER=died-once",
+                        "--set", "stages.prices.run=pystages:q1_prices_dying_once", *flags)
+
+
 def test_a_stage_container_that_dies_is_restarted_and_the_run_still_gets_it_right(tmp_path,
                                                                                  image_root):
     """The kubelet restarts a container that dies; the conductor notices the closed
     connection, requeues the batch it had in flight, and takes the new one's hello."""
     from examples.tpch import data
 
-    pod, run_dir = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=5000",
-                                "--set", 'stages.prices.env.DIE_ON_CALL="3"',
-                                "--set", "stages.prices.env.DIE_MARKER=died-once",
-                                "--set", "stages.prices.run=pystages:q1_prices_dying_once")
-    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    pod, run_dir = _prices_dying_once(tmp_path, image_root)
     try:
         pod.run()
         status = wait_for(run_dir, pod, restart=True)
@@ -276,12 +282,7 @@ def test_a_container_runs_its_stages_workers_and_restarts_one_that_dies(tmp_path
     (not the kubelet) and only its batch is done again."""
     from examples.tpch import data
 
-    pod, run_dir = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=5000",
-                                "--set", "stages.prices.workers=2",
-                                "--set", 'stages.prices.env.DIE_ON_CALL="3"',
-                                "--set", "stages.prices.env.DIE_MARKER=died-once",
-                                "--set", "stages.prices.run=pystages:q1_prices_dying_once")
-    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    pod, run_dir = _prices_dying_once(tmp_path, image_root, "--set", "stages.prices.workers=2")
     try:
         pod.run()
         status = wait_for(run_dir, pod)  # no container exits: nothing for a kubelet to do

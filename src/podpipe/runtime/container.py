@@ -14,10 +14,9 @@ import os
 import signal
 import sys
 import time
-import traceback
 from typing import Any, Callable
 
-from podpipe.runtime import protocol
+from podpipe.runtime import lifetime, protocol
 from podpipe.runtime.forkserver import preload
 from podpipe.runtime.lifetime import die_with_parent
 
@@ -60,21 +59,14 @@ def _start(worker: int, serve: Callable[[], int]) -> int:
     pid = os.fork()
     if pid:
         return pid
-    code = 1
-    try:
+
+    def worker_serves() -> int:
         die_with_parent()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
         os.environ[protocol.WORKER_ENV] = str(worker)
-        code = serve()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return serve()
+    lifetime.child(worker_serves)
 
 
 def _signal(pid: int, sig: int) -> None:

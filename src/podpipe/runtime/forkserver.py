@@ -22,10 +22,9 @@ import os
 import signal
 import socket
 import sys
-import traceback
 from pathlib import Path
 
-from podpipe.runtime import files, protocol
+from podpipe.runtime import files, lifetime, protocol
 from podpipe.runtime.lifetime import die_with_parent
 from podpipe.runtime.loop import EventLoop, Ready
 
@@ -98,8 +97,8 @@ def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
     if pid:
         os.close(log)
         return pid
-    code = 1
-    try:
+
+    def agent_serves() -> int:
         os.setsid()
         die_with_parent()
         loop.close()  # the child's own signals are its own
@@ -116,15 +115,8 @@ def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
         os.chdir(message.cwd)
         from podpipe.runtime import agent
 
-        code = agent.serve(message.spec, message.overrides, message.node, message.socket)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return agent.serve(message.spec, message.overrides, message.node, message.socket)
+    lifetime.child(agent_serves)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from podpipe.runtime import files, protocol
+from podpipe.runtime import files, lifetime, protocol
 from podpipe.runtime.lifetime import die_with_parent
 
 
@@ -166,25 +165,21 @@ def _forked(theirs: int, ours: socket.socket) -> int:
     if pid:
         os.close(theirs)
         return pid
-    code = 1
-    try:
+
+    def server_serves() -> int:
         ours.close()
         os.setsid()  # as a started process: Ctrl-C at the terminal is the conductor's
         die_with_parent()
         if os.getppid() != parent:
-            os._exit(1)
+            return 1
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.close(null)
         from podpipe.runtime import forkserver
 
-        code = forkserver.serve(theirs)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stderr.flush()
-        os._exit(code)
+        return forkserver.serve(theirs)
+    lifetime.child(server_serves)
 
 
 def warm() -> ForkServer | None:

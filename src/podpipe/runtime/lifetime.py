@@ -10,6 +10,26 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+
+def child(body: Callable[[], int]) -> NoReturn:
+    """In a forked child: run `body` and leave with its exit code, without the
+    parent's teardown (`os._exit`, output flushed first); a traceback in the log for
+    anything unexpected."""
+    code = 1
+    try:
+        code = body()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def die_with_parent() -> None:
