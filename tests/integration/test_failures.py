@@ -298,6 +298,28 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(workdir, args, messag
     _wait_for(lambda: not _started_in(workdir), timeout=10)  # its fork server too
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_early_fork_server_is_forked_only_from_one_thread_and_ends_when_unused(threads):
+    """`launcher.warm` forks the CLI's process only while it is one thread (forking a
+    threaded process can copy a lock another thread holds); either way a server no
+    run took is gone once closed."""
+    script = (
+        "import threading, json, sys\n"
+        "from podpipe.runtime.launcher import warm\n"
+        "stop = threading.Event()\n"
+        f"if {threads} == 2: threading.Thread(target=stop.wait).start()\n"
+        "server = warm()\n"
+        "server.close()\n"
+        "stop.set()\n"
+        "print(json.dumps([server.forked, server.pid]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env=cli_env())
+    assert done.returncode == 0, done.stderr
+    forked, pid = json.loads(done.stdout)
+    assert forked == (threads == 1)
+    assert _gone(pid)
+
+
 def test_validate_accepts_a_good_spec(workdir):
     write_spec(workdir / "p.yaml", spec([{"name": "s", "run": "pystages:double",
                                           "inputs": ["source"]}],

@@ -112,6 +112,7 @@ class ForkServer:
         """`fork`: fork this process rather than start an interpreter (0.05-0.1 s
         sooner); only while it is one thread that has imported next to nothing."""
         self.sock, theirs = socket.socketpair()
+        self.forked = fork
         if fork:
             self.pid = _forked(theirs.detach(), self.sock)
             self._popen = None
@@ -184,10 +185,13 @@ def _forked(theirs: int, ours: socket.socket) -> int:
 
 def warm() -> ForkServer | None:
     """A fork server for the run this process (the CLI, just started) is about to
-    make; None if its processes are spawned (`PODPIPE_LAUNCHER=spawn`)."""
+    make: forked if this process is one thread (else started); None if its
+    processes are spawned (`PODPIPE_LAUNCHER=spawn`)."""
+    import threading
+
     if os.environ.get("PODPIPE_LAUNCHER", "fork") == "spawn":
         return None
-    return ForkServer(fork=True)
+    return ForkServer(fork=threading.active_count() == 1)
 
 
 class ForkLauncher:
