@@ -242,7 +242,7 @@ def serve(w: Workload, node: str) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]
+        port = runner.addresses[0][1]
         print(port, flush=True)
         await asyncio.Event().wait()
 

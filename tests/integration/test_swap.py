@@ -35,9 +35,21 @@ def _start(workdir: Path, slow: str = "0.3", tag: str = "pystages:tag_v1",
                        "inputs": ["tag"]})
         sinks.append({"input": "versions", "uri": "counts/"})
     write_spec(workdir / "p.yaml", spec(stages, sinks))
+    return _launch(workdir, SLOW_SECONDS=slow)
+
+
+def _launch(workdir: Path, **env: str) -> subprocess.Popen:
+    """`podpipe run p.yaml` in `workdir`; its `slow` stage sleeps 0.3 s a batch unless
+    `SLOW_SECONDS` says otherwise."""
     return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                             "--run-dir", "run"], cwd=workdir, env=cli_env(SLOW_SECONDS=slow),
+                             "--run-dir", "run"], cwd=workdir,
+                            env=cli_env(**{"SLOW_SECONDS": "0.3", **env}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _two_batches_through_tag(workdir: Path) -> None:
+    wait_until(lambda: _status(workdir).get("stages", {}).get("tag", {})
+               .get("batches_done", 0) >= 2, "two batches through tag")
 
 
 def _status(workdir: Path) -> dict:
@@ -96,8 +108,7 @@ def test_a_swap_mid_run_changes_later_batches_and_nothing_else(tmp_path):
 
 def test_a_broken_version_holds_the_stage_and_a_swap_back_finishes_the_run(tmp_path):
     run = _start(tmp_path)
-    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
-              .get("batches_done", 0) >= 2, "two batches through tag")
+    _two_batches_through_tag(tmp_path)
     done = podpipe("swap", "run", "tag", "--run", "pystages:tag_broken", "--version", "v3",
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr  # it started; it fails on its first batch
@@ -214,11 +225,8 @@ def test_apply_adds_a_stage_and_removes_one_mid_run(tmp_path):
     new = _spec_with(tmp_path, "new.yaml", [{"name": "twice", "run": "pystages:double",
                                              "inputs": ["slow"]}],
                      [{"name": "twice-out", "input": "twice", "uri": "twice/"}])
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=tmp_path, env=cli_env(SLOW_SECONDS="0.3"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
-               .get("batches_done", 0) >= 2, "two batches through tag")
+    run = _launch(tmp_path)
+    _two_batches_through_tag(tmp_path)
     before = _pids(_status(tmp_path))
     done = podpipe("apply", "run", str(new), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -256,11 +264,8 @@ def test_apply_adds_a_table_and_a_stage_that_reads_it_mid_run(tmp_path):
     document = json.loads(json.dumps(__import__("yaml").safe_load(new.read_text())))
     document["spec"]["tables"] = [{"name": "codes", "uri": "codes.parquet"}]
     write_spec(new, document)
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=tmp_path, env=cli_env(SLOW_SECONDS="0.3"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
-               .get("batches_done", 0) >= 2, "two batches through tag")
+    run = _launch(tmp_path)
+    _two_batches_through_tag(tmp_path)
     done = podpipe("apply", "run", str(new), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "added codes, labelled, labelled-out" in done.stdout
@@ -286,10 +291,7 @@ def test_apply_gives_a_stage_more_workers_and_takes_them_back_mid_run(tmp_path):
             [{"input": "tag", "uri": "out/"}]))
     spec_with("p.yaml", 1)
     more = spec_with("more.yaml", 3)
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=tmp_path,
-                           env=cli_env(SLOW_SECONDS="0.1", GATE=str(tmp_path / "gate")),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = _launch(tmp_path, SLOW_SECONDS="0.1", GATE=str(tmp_path / "gate"))
     try:
         wait_until(lambda: _status(tmp_path).get("stages", {}).get("slow", {})
                    .get("batches_done", 0) >= 1, "a batch through slow")
@@ -312,8 +314,7 @@ def test_apply_gives_a_stage_more_workers_and_takes_them_back_mid_run(tmp_path):
 
 def test_apply_swaps_a_changed_stage(tmp_path):
     run = _start(tmp_path)
-    wait_until(lambda: _status(tmp_path).get("stages", {}).get("tag", {})
-               .get("batches_done", 0) >= 2, "two batches through tag")
+    _two_batches_through_tag(tmp_path)
     new = write_spec(tmp_path / "new.yaml", spec(
         [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]},
          {"name": "tag", "run": "pystages:tag_v2", "inputs": ["slow"]}],

@@ -79,7 +79,6 @@ class RunState:
         self.swapped: set[str] = set()   # stages running a swapped-in version
         self.pinned: set[Key] = set()    # outputs a stage's code still maps: not recycled
         self.outcome: Action | None = None
-        self.tables_held = 0  # bytes of RAM the tables hold
         for table in graph.tables:
             self.ready[table] = [0]
 
@@ -97,6 +96,11 @@ class RunState:
         counts = {node: self.fixed[node] or 1 for node in self.graph.order}
         self.fixed = dict(counts)
         self.agents = {node: {w: Agent() for w in range(counts[node])} for node in counts}
+
+    @property
+    def tables_held(self) -> int:  # bytes of RAM the tables hold (the node tier's: none)
+        held = (self.outputs.get((table, 0)) for table in self.graph.tables)
+        return sum(o.nbytes for o in held if o is not None and o.tier == "ram")
 
     def all_agents(self) -> list[tuple[str, int, Agent]]:
         """(node, worker, agent) of every process the run has, in graph order."""
@@ -301,7 +305,6 @@ class RunState:
                 self.outputs[(node, batch)] = output
                 if output.tier == "ram":
                     self.budget.take(output.nbytes)
-                    self.tables_held += output.nbytes
             for consumer in self.graph.consumers[node]:
                 for mine in sorted(self.keys(consumer)):
                     self.maybe_ready(consumer, mine)
@@ -340,8 +343,6 @@ class RunState:
     def delete(self, key: Key, actions: list[Action]) -> None:
         output = self.outputs.pop(key)
         self.unread.pop(key, None)  # (a table has no readers to count)
-        if self.graph.domain[key[0]] == TABLE and output.tier == "ram":
-            self.tables_held -= output.nbytes  # a table an apply removed
         pinned = key in self.pinned or output.node in self.keep  # someone else maps it:
         self.pinned.discard(key)                                  # a copy to the node
         if output.tier == "ram" and pinned:                       # tier, a stage's cache
