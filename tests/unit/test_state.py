@@ -11,12 +11,22 @@ from hypothesis import strategies as st
 import zlib
 
 from podpipe.engine import events as S
+from podpipe.engine import budget as budgets
 from podpipe.engine import jam, state
 from podpipe.engine.agent import ABSENT, HELD
 from podpipe.engine.state import RunState
 from podpipe.errors import BudgetError, InputError, StageError
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bytes_not_pages():
+    """These tests count scratch in bytes (sizes of 10 or 100); tmpfs's pages are
+    tested on their own below."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(budgets, "PAGE", 1)
+        yield
 
 
 def _pipeline(stages: list[dict], sinks: list[dict]):
@@ -724,6 +734,26 @@ def test_split_shares_cores_by_cost_and_predicts_the_pace():
     workers, pace = split({"source": 0.3, "a": 0.01}, cpus=2)
     assert workers == {"source": 2, "a": 1}  # at least one each
     assert pace == pytest.approx(2 / 0.31)
+
+
+def test_the_budget_counts_whole_pages_as_tmpfs_holds_them(monkeypatch):
+    monkeypatch.setattr(budgets, "PAGE", 4096)
+    budget = budgets.Budget(5 * 4096, 1)
+    for _ in range(3):
+        budget.take(100)  # three small files: three pages of tmpfs
+    budget.take(5000)  # and two
+    assert budget.usage == 5 * 4096 and not budget.fits(1) and budget.fits(0)
+    budget.give(100)
+    assert budget.fits(4096) and not budget.fits(4097)
+    budget.take(100)
+    warm = budget.recycle(5000)  # no one reads it: pooled, its two pages kept
+    assert budget.pool == {warm: 8192} and budget.usage == 5 * 4096
+    actions: list = []
+    assert budget.grant(4097, actions) == (warm, 8192)  # two pages, both warm already
+    assert budget.usage == 5 * 4096 and actions == []
+    budget.give(8192)
+    budget.take(4097)  # written: the output's own two pages
+    assert budget.usage == 5 * 4096
 
 
 def test_the_pool_hands_out_the_smallest_warm_file_that_holds_an_output():

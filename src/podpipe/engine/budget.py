@@ -1,7 +1,9 @@
 """The RAM budget, and the line of batches it paces.
 
 An agent asks for the exact bytes of its output before writing it and waits for a
-grant, so scratch never exceeds the budget (`take`, `give`, `fits`). New source
+grant, so scratch never exceeds the budget (`take`, `give`, `fits`). Bytes are
+counted in whole pages, as tmpfs holds them: a run of many small outputs would
+otherwise overrun the budget by up to a page a file. New source
 batches are admitted only while the batches already on the line, at the largest
 footprint seen so far, still fit (`has_room`: backpressure). When that estimate
 proves too low (later batches are larger) and the line stops for lack of RAM, the
@@ -13,9 +15,17 @@ which output).
 
 from __future__ import annotations
 
+import mmap
+
 from podpipe.engine.events import Unpool
 
 POOL_FILES = 16  # warm files kept at most
+PAGE = mmap.PAGESIZE  # what a file takes of tmpfs, at the least
+
+
+def pages(nbytes: int) -> int:
+    """`nbytes` rounded up to whole pages: what a file of that size takes of tmpfs."""
+    return -(-nbytes // PAGE) * PAGE
 
 
 class Budget:
@@ -37,15 +47,15 @@ class Budget:
     # -- bytes ------------------------------------------------------------------
 
     def take(self, nbytes: int) -> None:
-        self.usage += nbytes
+        self.usage += pages(nbytes)
         self.peak = max(self.peak, self.usage)
         self.recent = max(self.recent, self.usage)
 
     def give(self, nbytes: int) -> None:
-        self.usage -= nbytes
+        self.usage -= pages(nbytes)
 
     def fits(self, nbytes: int) -> bool:
-        return self.usage + nbytes <= self.limit
+        return self.usage + pages(nbytes) <= self.limit
 
     # -- the line ---------------------------------------------------------------
 
@@ -98,7 +108,7 @@ class Budget:
             self.give(nbytes)
             return None
         self.pooled += 1
-        self.pool[self.pooled] = nbytes
+        self.pool[self.pooled] = pages(nbytes)
         return self.pooled
 
     def reuse(self, want: int) -> int | None:
@@ -117,6 +127,7 @@ class Budget:
         written, so the reservation is the larger of the two), pooled files given up
         if that makes it fit: (the warm file or None, bytes reserved); None if it
         does not fit."""
+        want = pages(want)
         reuse = self.reuse(want)
         warm = self.pool[reuse] if reuse is not None else 0
         need = max(0, want - warm)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from podpipe.engine import jam, lifecycle, rework, workers
 from podpipe.engine.agent import IDLE, RUNNING, WAITING, Agent
-from podpipe.engine.budget import Budget
+from podpipe.engine.budget import Budget, pages
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Delete,
                                    Dispatch, Event, Failed, Finished, Grant, Imported, Keep,
                                    Key, Kill, Recompute, Recycle, Reshaped, SpaceRequested,
@@ -248,7 +248,7 @@ class RunState:
                 agent.status, agent.want = RUNNING, 0  # too large to hold in RAM: mapped
                 self.budget.spills += 1                 # from the node tier instead
                 actions.append(Spill(event.node, event.batch, event.worker))
-        elif event.nbytes > self.budget.limit:
+        elif pages(event.nbytes) > self.budget.limit:
             self.fail(BudgetError(
                 f"stage {event.node!r}, batch {event.batch}: its output needs "
                 f"{format_size(event.nbytes)}, more than the whole RAM budget of "
