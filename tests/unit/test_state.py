@@ -13,7 +13,7 @@ import zlib
 from podpipe.engine import events as S
 from podpipe.engine import budget as budgets
 from podpipe.engine import jam, state
-from podpipe.engine.agent import ABSENT, HELD
+from podpipe.engine.agent import ABSENT, HELD, WAITING
 from podpipe.engine.state import RunState
 from podpipe.errors import BudgetError, InputError, StageError
 from podpipe.model import spec as specs
@@ -96,6 +96,8 @@ class Pod:
         self.size, self.rng = size, rng
         self.live: dict[str, int] = {}            # path -> bytes, as files in scratch
         self.pool: dict[int, int] = {}            # pooled (warm) files: id -> bytes
+        self.held: dict[tuple[str, int], tuple[int, int]] = {}  # agent -> warm file granted
+        self.prepaid: dict[tuple[str, int], int] = {}  # agent -> RAM granted with its task
         self.tasks: dict[tuple[str, int], S.Dispatch] = {}  # agent -> its current task
         self.granted: set[tuple[str, int]] = set()
         self.spilled: set[tuple[str, int]] = set()  # granted on the node tier
@@ -120,10 +122,14 @@ class Pod:
                         assert output.path in self.live or output.path in self.on_disk, \
                             f"input {output.path} is gone"
                 self.tasks[agent] = action
+                if action.reserved:  # granted with the task
+                    self.prepaid[agent] = action.reserved
+                if action.reuse is not None:  # the task's, until written over or deleted
+                    self.held[agent] = (action.reuse, self.pool.pop(action.reuse))
             elif isinstance(action, S.Grant):
                 self.granted.add(agent)
-                if action.reuse is not None:  # written over: the file becomes its output
-                    del self.pool[action.reuse]
+                if action.reuse is not None:  # to be written over: the task's
+                    self.held[agent] = (action.reuse, self.pool.pop(action.reuse))
             elif isinstance(action, S.Spill):
                 self.granted.add(agent)
                 self.spilled.add(agent)
@@ -135,8 +141,13 @@ class Pod:
                 # never a file the node tier is copying (it reads the same pages)
                 assert action.path.rpartition("/")[0] not in self.state.keep, action
                 self.pool[action.pooled] = self.live.pop(action.path)
-            elif isinstance(action, S.Unpool):
-                del self.pool[action.pooled]
+            elif isinstance(action, S.Unpool):  # pooled, or held by a task taken away
+                held = [a for a, (i, _) in self.held.items() if i == action.pooled]
+                assert held or action.pooled in self.pool, action
+                if held:
+                    del self.held[held[0]]
+                else:
+                    del self.pool[action.pooled]
             elif isinstance(action, S.Restart):
                 self.restarting.add(agent)
             elif isinstance(action, S.Forget):
@@ -146,11 +157,13 @@ class Pod:
             elif isinstance(action, S.Replace):  # the worker's process goes, and comes back
                 self.tasks.pop(agent, None)
                 self.granted.discard(agent)
+                self.prepaid.pop(agent, None)
                 self.restarting.add(agent)
             elif isinstance(action, (S.Stop, S.Hold)):  # every worker of the node goes
                 for gone in [a for a in self.tasks if a[0] == action.node]:
                     del self.tasks[gone]
                     self.granted.discard(gone)
+                    self.prepaid.pop(gone, None)
                 if isinstance(action, S.Hold):
                     self.outcome = action
             else:
@@ -180,7 +193,7 @@ class Pod:
                     break
             waiting_for_grant = {a for a in self.tasks
                                  if a[0] not in self.graph.sinks and a not in self.granted
-                                 and self.state.agents[a[0]][a[1]].status == state.WAITING}
+                                 and self.state.agents[a[0]][a[1]].status == WAITING}
             movable = [a for a in self.tasks if a not in waiting_for_grant]
             movable += sorted(self.restarting)
             assert movable, "hung: no agent can move and the run neither ended nor failed"
@@ -195,17 +208,23 @@ class Pod:
                 self.crashes -= 1  # killed mid-task: its result, if any, is lost
                 del self.tasks[agent]
                 self.granted.discard(agent)
+                self.prepaid.pop(agent, None)  # (its warm file stays until unpooled)
                 self.apply(self.state.handle(S.AgentExited(node, -9, worker)))
                 continue
             if node in self.graph.sinks:
                 del self.tasks[agent]
                 self.processed.append((node, task.batch))
                 self.apply(self.state.handle(S.TaskDone(node, task.batch, None, worker)))
-            elif agent not in self.granted:
+            elif agent not in self.granted and self.prepaid.get(agent, 0) < self.size(
+                    node, task.batch):  # (what came with the task is too little, if any)
+                if self.prepaid.pop(agent, 0):
+                    self.held.pop(agent, None)  # the agent deletes its warm file first
                 self.apply(self.state.handle(S.SpaceRequested(
                     node, task.batch, self.size(node, task.batch), worker)))
             else:
                 self.granted.discard(agent)
+                self.prepaid.pop(agent, None)
+                self.held.pop(agent, None)  # written over, or deleted (spilled)
                 del self.tasks[agent]
                 nbytes = self.size(node, task.batch)
                 path = f"{node}/{task.batch}"
@@ -215,8 +234,8 @@ class Pod:
                     self.live[path] = nbytes
                 else:
                     self.on_disk.add(path)
-                self.max_live = max(self.max_live,
-                                    sum(self.live.values()) + sum(self.pool.values()))
+                self.max_live = max(self.max_live, sum(self.live.values()) + sum(
+                    self.pool.values()) + sum(n for _, n in self.held.values()))
                 self.processed.append((node, task.batch))
                 self.apply(self.state.handle(S.TaskDone(
                     node, task.batch, out(path, nbytes, tier=tier), worker)))
@@ -252,7 +271,8 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
     else:
         assert sorted(pod.processed) == expected
     tables = {path: n for path, n in pod.live.items() if path.split("/")[0] in graph.tables}
-    assert pod.live == tables and pod.pool == {}, "outputs left in scratch after the run"
+    assert pod.live == tables and pod.pool == {} and pod.held == {}, \
+        "outputs left in scratch after the run"
     assert pod.state.budget.usage == sum(tables.values())  # tables stay for the whole run
 
 
@@ -270,7 +290,8 @@ def test_the_second_batch_enters_as_soon_as_the_first_is_loaded():
     assert run.handle(S.AgentReady("source")) == [S.Dispatch("source", 0, ())]
     assert run.handle(S.SpaceRequested("source", 0, 100)) == [S.Grant("source")]
     actions = run.handle(S.TaskDone("source", 0, out("s0", 100)))
-    assert S.Dispatch("source", 1, ()) in actions  # batch 0 has not crossed the line yet
+    # batch 0 has not crossed the line yet; the RAM its output took comes with the task
+    assert S.Dispatch("source", 1, (), reserved=100) in actions
     assert any(isinstance(a, S.Dispatch) and a.node == "a" and a.batch == 0 for a in actions)
 
 
@@ -358,7 +379,7 @@ def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
                 if run.agents[node][0].status == state.RUNNING:
                     step(S.TaskDone(node, task.batch,
                                     out(f"{node}/{task.batch}", sizes[node])))
-    assert run.agents["a"][0].status == state.WAITING
+    assert run.agents["a"][0].status == WAITING
     assert run.outcome is None
     step(S.AgentReady("b"))
     assert files["b"].batch == 0
@@ -373,7 +394,9 @@ def test_a_process_killed_mid_batch_is_restarted_and_only_its_batch_is_redone():
         run.handle(S.TaskDone("source", 0, out("source/0", 10)))
     run.handle(S.SpaceRequested("a", 0, 10))  # granted, then killed before done
     assert run.handle(S.AgentExited("a", -9)) == [S.Restart("a", 1, 0.1)]
-    assert run.budget.usage == 10  # the source output stays; a's reservation is released
+    # the source output stays; a's reservation is released (the source's next task came
+    # with RAM for an output like its first)
+    assert run.agents["source"][0].reserved == 10 and run.budget.usage == 10 + 10
     actions = run.handle(S.AgentReady("a"))
     assert actions == [S.Dispatch("a", 0, ((out("source/0", 10),),))]
     run.handle(S.SpaceRequested("a", 0, 10))
@@ -779,7 +802,8 @@ def test_a_pooled_file_is_written_over_by_the_next_output():
     apply = pod.apply
 
     def watching(actions):
-        reused.extend(a.reuse for a in actions if isinstance(a, S.Grant) and a.reuse)
+        reused.extend(a.reuse for a in actions
+                      if isinstance(a, (S.Grant, S.Dispatch)) and a.reuse)
         apply(actions)
     pod.apply = watching
     assert isinstance(pod.run(), S.Finished)
@@ -870,3 +894,52 @@ def test_an_apply_resizes_a_node_up_at_once_and_down_as_its_workers_come_free():
     assert S.RemoveWorker("a", 1) in actions
     assert not [a for a in actions if isinstance(a, S.Dispatch) and a.worker == 1]
     assert sorted(run.agents["a"]) == [0] and run.fixed["a"] == 1
+
+
+def test_a_task_comes_with_the_ram_its_node_last_needed_and_asks_only_for_more():
+    run = RunState(Graph.of(CHAIN), 4, 10_000, retries={"a": 1})
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    run.handle(S.SpaceRequested("source", 0, 100))  # its first output: asked for
+    actions = run.handle(S.TaskDone("source", 0, out("source/0", 100)))
+    assert S.Dispatch("source", 1, (), reserved=100) in actions
+    assert S.Dispatch("a", 0, ((out("source/0", 100),),)) in actions  # `a`: none seen yet
+    assert run.budget.usage == 100 + 100
+    run.handle(S.SpaceRequested("a", 0, 50))
+    run.handle(S.TaskDone("a", 0, out("a/0", 50)))  # source/0 read: pooled, warm
+    assert run.budget.pool == {1: 100}
+    # source's batch 1 is larger than what came with it: that goes back, the rest is
+    # granted as asked (over the warm file, the largest there is)
+    assert run.handle(S.SpaceRequested("source", 1, 120)) == [S.Grant("source", reuse=1)]
+    assert run.budget.usage == 50 + 120 and run.budget.pool == {}
+    actions = run.handle(S.TaskDone("source", 1, out("source/1", 120)))
+    assert S.Dispatch("source", 2, (), reserved=120) in actions  # the most of its last
+    assert S.Dispatch("a", 1, ((out("source/1", 120),),), reserved=50) in actions
+    run.handle(S.SpaceRequested("b", 0, 10))
+    actions = run.handle(S.TaskDone("b", 0, out("b/0", 10)))  # a/0 read: pooled
+    assert run.budget.pool == {2: 50}
+    # `a` dies holding what came with its task: the RAM goes back, and nothing is
+    # granted with a task while someone waits for RAM
+    before = run.budget.usage
+    assert run.handle(S.AgentExited("a", -9)) == [S.Restart("a", 1, 0.1)]
+    assert run.budget.usage == before - 50
+    run.handle(S.SpaceRequested("source", 2, 10_000))  # all of it: it waits
+    assert run.agents["source"][0].status == WAITING
+    actions = run.handle(S.AgentReady("a"))
+    assert S.Dispatch("a", 1, ((out("source/1", 120),),)) in actions  # no RAM with it
+
+
+def test_a_warm_file_granted_with_a_task_is_deleted_if_its_process_dies():
+    run = RunState(Graph.of(CHAIN), 4, 10_000, retries={"source": 1})
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    run.handle(S.SpaceRequested("source", 0, 100))
+    run.handle(S.TaskDone("source", 0, out("source/0", 100)))
+    run.handle(S.SpaceRequested("a", 0, 50))
+    run.handle(S.TaskDone("a", 0, out("a/0", 50)))  # source/0 pooled
+    actions = run.handle(S.TaskDone("source", 1, out("source/1", 100)))  # it fitted
+    assert S.Dispatch("source", 2, (), reserved=100, reuse=1) in actions
+    assert run.budget.pool == {} and run.agents["source"][0].reuse == 1
+    before = run.budget.usage
+    actions = run.handle(S.AgentExited("source", -9))
+    assert S.Unpool(1) in actions and run.budget.usage == before - 100

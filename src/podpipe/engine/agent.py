@@ -17,6 +17,7 @@ class Agent:
     batch: int | None = None
     want: int = 0        # bytes asked for while WAITING
     reserved: int = 0    # bytes granted, not yet an output
+    reuse: int | None = None  # the warm file granted with them (`grants`)
     retire: bool = False  # taken back once its task is done (fewer workers asked for)
 
     @property

@@ -16,11 +16,13 @@ which output).
 from __future__ import annotations
 
 import mmap
+from collections import deque
 
 from podpipe.engine.events import Unpool
 
 POOL_FILES = 16  # warm files kept at most
 PAGE = mmap.PAGESIZE  # what a file takes of tmpfs, at the least
+EXPECT = 4  # a node's next output is expected to be no larger than its last EXPECT
 
 
 def pages(nbytes: int) -> int:
@@ -43,6 +45,7 @@ class Budget:
         # are warm): id -> bytes, oldest first. Counted in `usage`, given up first.
         self.pool: dict[int, int] = {}
         self.pooled = 0  # ids handed out
+        self.last: dict[str, deque[int]] = {}  # node -> its last outputs' bytes
 
     # -- bytes ------------------------------------------------------------------
 
@@ -71,8 +74,15 @@ class Budget:
         else:
             self.enter(batch, 1)
 
-    def made(self, batch: int, nbytes: int) -> None:
+    def made(self, node: str, batch: int, nbytes: int) -> None:
         self.produced[batch] = self.produced.get(batch, 0) + nbytes
+        self.last.setdefault(node, deque(maxlen=EXPECT)).append(nbytes)
+
+    def expect(self, node: str) -> int | None:
+        """The bytes `node`'s next output is expected to take: the most of its last
+        few; None before its first."""
+        seen = self.last.get(node)
+        return max(seen) if seen else None
 
     def one_less(self, batch: int) -> bool:
         """One task fewer left for `batch`; True when that was its last (off the line)."""

@@ -150,6 +150,8 @@ class Dispatch:
     batch: int
     inputs: tuple[tuple[Output, ...], ...]  # per input in spec order; all batches for a reduce
     worker: int = 0
+    reserved: int = 0  # RAM granted with the task: an output no larger needs no request
+    reuse: int | None = None  # a pooled file to write it over (`grants.with_task`)
 
 
 @dataclass(frozen=True)

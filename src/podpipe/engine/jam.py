@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from podpipe.engine import grants
 from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, WAITING
 from podpipe.engine.events import Action, Deny, Spill
 from podpipe.model.graph import BATCH
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # the state machine calls in here; no import at run time
 
 def relieve(run: "RunState", actions: list[Action]) -> None:
     while stuck(run) and _evict(run, actions):  # each gives up one batch
-        run.grant_waiting(actions)
+        grants.grant_waiting(run, actions)
         run.dispatch(actions)
     if stuck(run):
         _spill(run, actions)

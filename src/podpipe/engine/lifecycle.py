@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from podpipe.engine import rework, workers
+from podpipe.engine import grants, rework, workers
 from podpipe.engine.agent import ABSENT, HELD, IDLE, Agent
 from podpipe.engine.events import Action, Hold, RemoveWorker, Replace, Restart
 from podpipe.errors import StageError
@@ -42,7 +42,7 @@ def restart(run: "RunState", node: str, worker: int, agent: Agent, actions: list
                               (f", after {tries} restarts" if tries else "")), actions)
         return
     run.restarts[node] = attempt
-    take_back(run, node, agent)
+    take_back(run, node, agent, actions)
     agent.status = ABSENT
     actions.append(Restart(node, attempt, backoff(attempt), worker))
 
@@ -59,7 +59,7 @@ def between_batches(run: "RunState", actions: list[Action]) -> None:
         if swap is None or (agent.busy and not swap.now):
             continue
         actions.append(Replace(node, kill=agent.busy, worker=worker))
-        take_back(run, node, agent)
+        take_back(run, node, agent, actions)
         agent.status, agent.broken, agent.swap = ABSENT, None, None
         run.swapped.add(node)
         if swap.recompute and all(a.swap is None for a in run.agents[node].values()):
@@ -70,16 +70,16 @@ def between_batches(run: "RunState", actions: list[Action]) -> None:
 
 def hold(run: "RunState", node: str, message: str, actions: list[Action]) -> None:
     for agent in run.agents[node].values():  # every worker: the version is at fault
-        take_back(run, node, agent)
+        take_back(run, node, agent, actions)
         agent.status, agent.broken = HELD, message
     actions.append(Hold(node, message))
 
-def take_back(run: "RunState", node: str, agent: Agent) -> None:
+def take_back(run: "RunState", node: str, agent: Agent, actions: list[Action]) -> None:
     """Put the agent's in-flight batch back in its queue and release its RAM."""
     if agent.busy and agent.batch is not None:
         run.ready[node] = sorted(run.ready[node] + [agent.batch])
-    run.budget.give(agent.reserved)
-    agent.batch, agent.want, agent.reserved = None, 0, 0
+    grants.release(agent, run, actions)
+    agent.batch, agent.want = None, 0
 
 
 def resize(run: "RunState", node: str, count: int | None, actions: list[Action]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from podpipe.engine import lifecycle
+from podpipe.engine import grants, lifecycle
 from podpipe.engine.events import Action, Forget, Key, Stop
 from podpipe.model.graph import BATCH, TABLE, Graph
 
@@ -45,7 +45,8 @@ def reshape(run: "RunState", graph: Graph, actions: list[Action],
     added = [n for n in graph.order if n not in old.inputs]
     for node in removed:
         agents = run.agents.pop(node).values()
-        run.budget.give(sum(agent.reserved for agent in agents))
+        for agent in agents:
+            grants.release(agent, run, actions)
         actions.append(Stop(node, kill=any(agent.busy for agent in agents)))
         if old.domain[node] == BATCH:
             for batch in list(run.budget.on_line):

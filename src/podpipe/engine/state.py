@@ -12,7 +12,8 @@ run live in this package, so they can be tested without processes:
   first, beside the first source batches (while the tables load, the line keeps
   their share of the budget free), and stays for the run;
 - keys (`keys.py`): which batches, shards and global keys this pod runs;
-- the RAM budget (`budget.py`): grants, backpressure; when the line jams
+- the RAM budget (`budget.py`): bytes, backpressure; who gets them when
+  (`grants.py`, RAM granted with a task among them); when the line jams
   (`jam.py`), giving up its newest batch, else spilling to the node tier;
 - lifetime (here): an output is deleted as soon as every node that reads it has
   read it; what a resume would need is kept on the node tier (`Keep`);
@@ -27,26 +28,24 @@ run live in this package, so they can be tested without processes:
 
 from __future__ import annotations
 
-from podpipe.engine import jam, lifecycle, rework, workers
-from podpipe.engine.agent import IDLE, RUNNING, WAITING, Agent
-from podpipe.engine.budget import Budget, pages
+from podpipe.engine import grants, jam, lifecycle, rework, workers
+from podpipe.engine.agent import IDLE, RUNNING, Agent
+from podpipe.engine.budget import Budget
+from podpipe.engine.grants import TABLE_SHARE
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Delete,
-                                   Dispatch, Event, Failed, Finished, Grant, Imported, Keep,
+                                   Dispatch, Event, Failed, Finished, Imported, Keep,
                                    Key, Kill, Recompute, Recycle, Reshaped, SpaceRequested,
-                                   Spill, SwapRequested, TaskDone, TaskFailed, TaskTimedOut,
+                                   SwapRequested, TaskDone, TaskFailed, TaskTimedOut,
                                    Tick)
 from podpipe.engine.workers import Pool
 from podpipe.engine.keys import Keys
-from podpipe.errors import BudgetError, DataError, PodpipeError, StageError
+from podpipe.errors import DataError, PodpipeError, StageError
 from podpipe.model.graph import BATCH, SINGLE, TABLE, Graph
 from podpipe.model.output import Output
 from podpipe.model.pipeline import SOURCE
-from podpipe.model.sizes import format_size
 
 AgentEvent = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited |
               TaskTimedOut | AgentBroken)
-
-TABLE_SHARE = 2  # tables may hold at most 1/TABLE_SHARE of the budget; beyond: node tier
 
 
 class RunState:
@@ -191,7 +190,7 @@ class RunState:
         if self.outcome is not None:
             return actions
         lifecycle.between_batches(self, actions)
-        self.grant_waiting(actions)
+        grants.grant_waiting(self, actions)
         self.dispatch(actions)
         if isinstance(event, TaskDone) and event.cores is not None:
             workers.after_task(self, event.node, event.cores, actions)
@@ -208,7 +207,7 @@ class RunState:
         if isinstance(event, AgentReady):
             agent.status, agent.batch = IDLE, None
         elif isinstance(event, SpaceRequested):
-            self._request(agent, event, actions)
+            grants.request(self, agent, event, actions)
         elif isinstance(event, TaskDone):
             self._done(agent, event, actions)
         elif isinstance(event, TaskFailed) and node in self.swapped:
@@ -241,33 +240,6 @@ class RunState:
 
     # -- pieces ----------------------------------------------------------------
 
-    def _request(self, agent: Agent, event: SpaceRequested, actions: list[Action]) -> None:
-        agent.status, agent.want = WAITING, event.nbytes
-        if self.graph.domain[event.node] == TABLE:
-            if self.tables_held + event.nbytes > self.budget.limit // TABLE_SHARE:
-                agent.status, agent.want = RUNNING, 0  # too large to hold in RAM: mapped
-                self.budget.spills += 1                 # from the node tier instead
-                actions.append(Spill(event.node, event.batch, event.worker))
-        elif pages(event.nbytes) > self.budget.limit:
-            self.fail(BudgetError(
-                f"stage {event.node!r}, batch {event.batch}: its output needs "
-                f"{format_size(event.nbytes)}, more than the whole RAM budget of "
-                f"{format_size(self.budget.limit)}; lower spec.source.batchRows or raise "
-                "spec.memory (--memory)"), actions)
-
-    def grant_waiting(self, actions: list[Action]) -> None:
-        # Downstream first: granting them frees their inputs soonest.
-        for node in reversed(self.graph.order):
-            for worker, agent in sorted(self.agents[node].items()):
-                if agent.status != WAITING:
-                    continue
-                granted = self.budget.grant(agent.want, actions)
-                if granted is None:
-                    continue
-                reuse, agent.reserved = granted
-                agent.status, agent.want = RUNNING, 0
-                actions.append(Grant(node, worker, reuse))
-
     def _import(self, event: Imported) -> None:
         key = (event.node, event.shard)
         if event.shard in self.plan.in_domain(SINGLE) or key in self.outputs:
@@ -291,7 +263,7 @@ class RunState:
         node, batch, output = event.node, event.batch, event.output
         agent.status, agent.batch = IDLE, None
         self.budget.give(agent.reserved)
-        agent.reserved = 0
+        agent.reserved, agent.reuse = 0, None  # (its warm file written over or deleted)
         if (node, batch) in self.obsolete:  # undone while it ran (a recompute)
             self.obsolete.discard((node, batch))
             if output is not None and output.tier == "ram":
@@ -315,7 +287,7 @@ class RunState:
             if output.tier == "ram":
                 self.budget.take(output.nbytes)
                 if per_batch:
-                    self.budget.made(batch, output.nbytes)
+                    self.budget.made(node, batch, output.nbytes)
             if node in self.keep or output.tier != "ram":
                 actions.append(Keep(output))
             self.unread[key] = self.readers(node, batch)  # (resumed: some are done)
@@ -387,7 +359,8 @@ class RunState:
             inputs = tuple(tuple(self.outputs[(name, k)]
                                  for k in self.plan.reads(node, name, batch))
                            for name in self.graph.inputs[node])
-            actions.append(Dispatch(node, batch, inputs, worker))
+            reserved, reuse = grants.with_task(self, node, agent, actions)
+            actions.append(Dispatch(node, batch, inputs, worker, reserved, reuse))
 
     def can_admit(self) -> bool:
         """Is there a source batch to load, and room on the line for it (backpressure)?

@@ -151,16 +151,23 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
     if isinstance(work, CallService) and not reused:
         stats.calls = work.stats()
     output = None
+    if result is None and task.reuse is not None:
+        Path(task.reuse).unlink(missing_ok=True)  # the warm file that came with it: unused
     if result is not None:
         written = result if isinstance(result, Path) else None  # a command's own file
         nbytes = written.stat().st_size if written else arrowfile.ipc_size(result)
-        asked = time.perf_counter()
-        grant = _reserve(sock, batch, nbytes)
-        if grant is None:
-            if written:
-                written.unlink()
-            return
-        started += time.perf_counter() - asked  # waiting for RAM is not work
+        grant = protocol.Grant(reuse=task.reuse)  # what came with the task, if it does
+        if nbytes > task.granted:  # more than came with the task (if any): asked for
+            if task.reuse is not None:  # what came with it is given back, this first
+                Path(task.reuse).unlink(missing_ok=True)
+            asked = time.perf_counter()
+            answer = _reserve(sock, batch, nbytes)
+            if answer is None:
+                if written:
+                    written.unlink()
+                return
+            grant = answer
+            started += time.perf_counter() - asked  # waiting for RAM is not work
         path, tier = Path(grant.path or task.output), grant.tier
         if grant.reuse is not None and (written or tier != "ram"):
             Path(grant.reuse).unlink(missing_ok=True)  # a file of its own: not used

@@ -93,6 +93,8 @@ class Task(_Message, tag="task"):
     memo: str | None = None          # reuse across runs: where this output is kept
     versions: dict[str, list[str]] | None = None  # for sinks: the versions behind it
     answers: str | None = None       # a call stage: the folder of answers kept
+    granted: int = 0                 # RAM granted with the task: an output no larger is
+    reuse: str | None = None         # written at once (over this warm file), unasked
 
 
 class Reserve(_Message, tag="reserve"):

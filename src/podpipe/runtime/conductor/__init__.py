@@ -286,6 +286,11 @@ class Conductor:
         nbytes = sum(o.nbytes for g in action.inputs for o in g)
         seq = self.counters.dispatched(node, name, action.batch, nbytes)
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
+        if action.reserved:  # granted with the task (`engine.grants`)
+            task.granted = action.reserved
+            task.reuse = (None if action.reuse is None
+                          else str(self.run.scratch.pool_path(action.reuse)))
+            self.timeline.granted(name)
         seconds = stage.timeout if stage is not None else None
         if seconds is not None:
             self.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))

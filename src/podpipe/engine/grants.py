@@ -1,0 +1,91 @@
+"""Who gets RAM, and when: an agent's request for its output's bytes, the grants to
+the agents waiting, and the RAM a task is handed out with.
+
+An agent that has computed its output asks for exactly its bytes and waits for the
+grant (`request`, `grant_waiting`: downstream first, as granting them frees their
+inputs soonest). That is a round trip through the conductor per task, which on a
+busy pod of small batches costs more than writing the output. So a task of a node
+whose last outputs are known comes with RAM for the largest of them already
+granted (`with_task`), over a warm file if the pool has one: an output that fits is
+written at once. One that does not makes the agent delete the warm file and ask as
+above, and what came with the task is given back (`request`). A grant with a task
+never goes ahead of a request: it is made only while no one waits for RAM.
+
+A warm file granted is the task's: written over or deleted by its agent. One whose
+agent died or was taken away is deleted here (`release`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from podpipe.engine.agent import RUNNING, WAITING, Agent
+from podpipe.engine.events import Action, Grant, SpaceRequested, Spill, Unpool
+from podpipe.engine.budget import pages
+from podpipe.errors import BudgetError
+from podpipe.model.graph import BATCH, TABLE
+from podpipe.model.sizes import format_size
+
+if TYPE_CHECKING:  # the state machine calls in here; no import at run time
+    from podpipe.engine.state import RunState
+
+TABLE_SHARE = 2  # tables may hold at most 1/TABLE_SHARE of the budget; beyond: node tier
+
+
+def request(run: "RunState", agent: Agent, event: SpaceRequested,
+            actions: list[Action]) -> None:
+    """`event`'s agent asks for its output's bytes: what came with its task, if any,
+    was too little (its warm file it has deleted already) and is given back."""
+    run.budget.give(agent.reserved)
+    agent.reserved, agent.reuse = 0, None
+    agent.status, agent.want = WAITING, event.nbytes
+    if run.graph.domain[event.node] == TABLE:
+        if run.tables_held + event.nbytes > run.budget.limit // TABLE_SHARE:
+            agent.status, agent.want = RUNNING, 0  # too large to hold in RAM: mapped
+            run.budget.spills += 1                 # from the node tier instead
+            actions.append(Spill(event.node, event.batch, event.worker))
+    elif pages(event.nbytes) > run.budget.limit:
+        run.fail(BudgetError(
+            f"stage {event.node!r}, batch {event.batch}: its output needs "
+            f"{format_size(event.nbytes)}, more than the whole RAM budget of "
+            f"{format_size(run.budget.limit)}; lower spec.source.batchRows or raise "
+            "spec.memory (--memory)"), actions)
+
+
+def grant_waiting(run: "RunState", actions: list[Action]) -> None:
+    # Downstream first: granting them frees their inputs soonest.
+    for node in reversed(run.graph.order):
+        for worker, agent in sorted(run.agents[node].items()):
+            if agent.status != WAITING:
+                continue
+            granted = run.budget.grant(agent.want, actions)
+            if granted is None:
+                continue
+            agent.reuse, agent.reserved = granted
+            agent.status, agent.want = RUNNING, 0
+            actions.append(Grant(node, worker, agent.reuse))
+
+
+def with_task(run: "RunState", node: str, agent: Agent,
+              actions: list[Action]) -> tuple[int, int | None]:
+    """RAM granted to `agent` with its next task of `node`: (bytes, warm file or
+    None); (0, None) if none (no output of the node seen yet, someone waiting for
+    RAM, or it does not fit)."""
+    expected = run.budget.expect(node)
+    if expected is None or run.graph.domain[node] != BATCH or any(
+            a.status == WAITING for _, _, a in run.all_agents()):
+        return 0, None
+    granted = run.budget.grant(expected, actions)
+    if granted is None:
+        return 0, None
+    agent.reuse, agent.reserved = granted
+    return agent.reserved, agent.reuse
+
+
+def release(agent: Agent, run: "RunState", actions: list[Action]) -> None:
+    """The RAM granted to `agent` goes back, its warm file (if unused) with it: its
+    process is gone or taken away."""
+    run.budget.give(agent.reserved)
+    if agent.reuse is not None:
+        actions.append(Unpool(agent.reuse))
+    agent.reserved, agent.reuse = 0, None
