@@ -123,3 +123,19 @@ def test_plan_splits_cores_from_a_finished_runs_figures(tmp_path):
     assert cores["batches"] == 24 and cores["predicted_seconds"] > 0
     refused = podpipe("plan", "p.yaml", "--cpus", "8", cwd=tmp_path)
     assert refused.returncode == 2 and "needs --from RUN_DIR" in refused.stderr
+
+
+def test_a_worker_still_starting_when_the_run_ends_is_stopped_not_waited_out(tmp_path):
+    import yaml
+
+    _line(tmp_path, 1, stage="latestart:double")
+    document = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    document["spec"]["stages"][0].update(workers=2, env={"LATE_MARK": str(tmp_path / "mark")})
+    write_spec(tmp_path / "p.yaml", document)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # its second worker never said hello: told to end (SIGTERM) when the run ended,
+    # not killed after the grace period (then it would have noted nothing)
+    mark = (tmp_path / "mark").read_text()
+    assert mark.startswith("terminated ")
+    assert not os.path.exists(f"/proc/{mark.split()[1]}")

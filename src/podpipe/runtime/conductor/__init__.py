@@ -375,7 +375,7 @@ class Conductor:
         if self.processes.local or succeeded:
             for node in self.agents.nodes():
                 self.agents.send(node, protocol.Stop())
-        self.processes.stop_all(terminate=not succeeded)
+        self.processes.stop_all(terminate=not succeeded, told=self.agents.nodes())
         self.agents.close()
 
     def _snapshot(self) -> status.Status:

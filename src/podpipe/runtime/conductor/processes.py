@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterable
 
 from podpipe.errors import RunError
 from podpipe.runtime import cputime, lifetime, status
@@ -103,12 +104,15 @@ class Processes:
                                    alive=p.returncode is None, worker=split_name(name)[1])
                 for name, p in self._by_node.items()]
 
-    def stop_all(self, terminate: bool) -> None:
-        """Wait for every process to end (SIGTERM first with `terminate`), killing
-        those that will not within the grace period."""
+    def stop_all(self, terminate: bool, told: Iterable[str] = ()) -> None:
+        """Wait for every process to end, killing those that will not within the
+        grace period. SIGTERM first to all with `terminate`, else to those not `told`
+        to stop: still starting, they would not hear of the end (a worker added as the
+        run ended waited out the whole grace period)."""
+        told = set(told)
         processes = list(self._by_node.values())
-        if terminate:
-            for process in processes:
+        for name, process in self._by_node.items():
+            if terminate or name not in told:
                 process.signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for process in processes:
