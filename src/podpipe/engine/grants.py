@@ -82,7 +82,7 @@ def with_task(run: "RunState", node: str, agent: Agent,
     return agent.reserved, agent.reuse
 
 
-def release(agent: Agent, run: "RunState", actions: list[Action]) -> None:
+def release(run: "RunState", agent: Agent, actions: list[Action]) -> None:
     """The RAM granted to `agent` goes back, its warm file (if unused) with it: its
     process is gone or taken away."""
     run.budget.give(agent.reserved)

@@ -78,7 +78,7 @@ def take_back(run: "RunState", node: str, agent: Agent, actions: list[Action]) -
     """Put the agent's in-flight batch back in its queue and release its RAM."""
     if agent.busy and agent.batch is not None:
         run.ready[node] = sorted(run.ready[node] + [agent.batch])
-    grants.release(agent, run, actions)
+    grants.release(run, agent, actions)
     agent.batch, agent.want = None, 0
 
 

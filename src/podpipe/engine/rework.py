@@ -46,7 +46,7 @@ def reshape(run: "RunState", graph: Graph, actions: list[Action],
     for node in removed:
         agents = run.agents.pop(node).values()
         for agent in agents:
-            grants.release(agent, run, actions)
+            grants.release(run, agent, actions)
         actions.append(Stop(node, kill=any(agent.busy for agent in agents)))
         if old.domain[node] == BATCH:
             for batch in list(run.budget.on_line):
