@@ -788,6 +788,7 @@ def test_the_pool_hands_out_the_smallest_warm_file_that_holds_an_output():
     assert budget.pool == {small: 100, large: 500} and budget.usage == 600
     assert budget.reuse(80) == small and budget.reuse(300) == large
     assert budget.reuse(900) == large  # none holds it: the largest, all its pages reused
+    assert budget.reuse(40) is None  # under half of the smallest: its pages would go
     actions: list = []
     budget.trim(600, keep=large, actions=actions)  # 600 more must fit: the small one goes
     assert actions == [S.Unpool(small)] and budget.usage == 500

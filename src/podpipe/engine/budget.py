@@ -23,6 +23,7 @@ from podpipe.engine.events import Unpool
 POOL_FILES = 16  # warm files kept at most
 PAGE = mmap.PAGESIZE  # what a file takes of tmpfs, at the least
 EXPECT = 4  # a node's next output is expected to be no larger than its last EXPECT
+WARM_USE = 2  # a warm file is written over by an output of at least 1/WARM_USE of it
 
 
 def pages(nbytes: int) -> int:
@@ -124,12 +125,16 @@ class Budget:
     def reuse(self, want: int) -> int | None:
         """The pooled file to write an output of `want` bytes over: the smallest that
         holds it, else the largest (its pages are all reused); None if the pool is
-        empty. Taken from the pool: its bytes now count toward the output's."""
+        empty, or if the output would use less than 1/`WARM_USE` of the file: the
+        pages beyond it would be freed, and a larger output later would have to
+        fault fresh ones in (Q1's partial sums, a few hundred bytes a batch, took a
+        10 MB file each time). Taken from the pool: its bytes now count toward the
+        output's."""
         if not self.pool:
             return None
         holding = [(n, i) for i, n in self.pool.items() if n >= want]
-        _, chosen = min(holding) if holding else max((n, i) for i, n in self.pool.items())
-        return chosen
+        size, chosen = min(holding) if holding else max((n, i) for i, n in self.pool.items())
+        return chosen if want * WARM_USE >= size else None
 
     def grant(self, want: int, actions: list) -> tuple[int | None, int] | None:
         """Room for an output of `want` bytes, over a warm file if there is one (its
