@@ -12,8 +12,10 @@ spec, so its imports overlap the conductor's own start, and it writes to the
 caller's stderr until `LogTo` names its log in the run directory.
 
 Wire (`protocol` over a socketpair): the conductor sends `LogTo` once, then `Spawn`
-(each child starts in the `cwd` it names); the server answers `Spawned` and, when a
-child ends, `Exited`.
+(each child starts in the `cwd` it names); the server answers `Spawned` (with
+the name the spawn gave) and, when a child ends, `Exited`. A spawn marked `early` that comes
+while the server imports (the source's, sent before the run is planned) is forked
+before pandas is imported, which the source never needs.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ PRELOAD = ("pyarrow", "pyarrow.compute", "pyarrow.parquet", "fsspec", "yaml", "x
 OPTIONAL = ("pandas",)
 
 
-def preload() -> None:
-    """Import what every stage process imports, before forking them."""
+def preload(optional: bool = True) -> None:
+    """Import what every stage process imports, before forking them; with
+    `optional`, what most do too (pandas)."""
     import importlib
 
     for name in PRELOAD:
         importlib.import_module(name)
-    for name in OPTIONAL:
+    for name in OPTIONAL if optional else ():
         try:
             importlib.import_module(name)
         except ImportError:
@@ -51,11 +54,28 @@ def preload() -> None:
 def serve(fd: int) -> int:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    preload()
+    preload(optional=False)
     conductor = socket.socket(fileno=fd)
     reader = protocol.Reader()
     with EventLoop(signals=(signal.SIGCHLD,)) as loop:
         loop.watch(conductor, "conductor")
+        # What came while importing: an early spawn (the source) is forked now, the
+        # rest once pandas is in too (each answer names its spawn).
+        later: list[protocol.Message] = []
+        conductor.setblocking(False)
+        try:
+            while data := conductor.recv(1 << 16):
+                later.extend(reader.feed(data))
+        except BlockingIOError:
+            pass
+        conductor.setblocking(True)
+        for message in later:
+            if not isinstance(message, protocol.Spawn) or message.early:
+                _answer(message, conductor, loop)
+        preload()
+        for message in later:
+            if isinstance(message, protocol.Spawn) and not message.early:
+                _answer(message, conductor, loop)
         while True:
             for happening in loop.wait(None):
                 if not isinstance(happening, Ready):
@@ -64,12 +84,16 @@ def serve(fd: int) -> int:
                 if not data:
                     return 0  # the conductor is gone; our children follow us
                 for message in reader.feed(data):
-                    if isinstance(message, protocol.LogTo):
-                        _log_to(message.path)
-                    elif isinstance(message, protocol.Spawn):
-                        pid = _spawn(message, conductor.fileno(), loop)
-                        protocol.send(conductor, protocol.Spawned(pid=pid))
+                    _answer(message, conductor, loop)
             _reap(conductor)
+
+
+def _answer(message: protocol.Message, conductor: socket.socket, loop: EventLoop) -> None:
+    if isinstance(message, protocol.LogTo):
+        _log_to(message.path)
+    elif isinstance(message, protocol.Spawn):
+        pid = _spawn(message, conductor.fileno(), loop)
+        protocol.send(conductor, protocol.Spawned(pid=pid, name=message.name))
 
 
 def _reap(conductor: socket.socket) -> None:

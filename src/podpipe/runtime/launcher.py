@@ -72,6 +72,20 @@ class SpawnLauncher:
     def __init__(self, where: _Where) -> None:
         self.where = where
         self.popens: dict[int, subprocess.Popen] = {}
+        self.spawned: list[Process] = []  # asked for, not yet taken
+
+    def early(self, name: str) -> None:
+        """Nothing to gain: each process imports for itself (`ForkLauncher.early`)."""
+
+    def ask(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> None:
+        """Start it now (a process of its own needs no answer): `answered` has it."""
+        self.spawned.append(self.start(name, overrides))
+
+    answers = None  # nothing to watch: `ask` starts at once
+
+    def answered(self) -> list[Process]:
+        spawned, self.spawned = self.spawned, []
+        return spawned
 
     def start(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
         """Start the agent `name` (a node's worker, `protocol.agent_name`); `overrides`:
@@ -204,22 +218,53 @@ class ForkLauncher:
         self.reader = protocol.Reader()
         self.pending: list[protocol.Message] = []
         self.exits: dict[int, int] = {}
+        self.asked: set[str] = set()  # spawns not yet answered
+        self.spawned: dict[str, Process] = {}  # answered, not yet taken
+        self.gone = False  # the server closed its end
 
-    def start(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
-        """As `SpawnLauncher.start`, forked from the warm server."""
+    def early(self, name: str) -> None:
+        """Ask for the agent `name` now, before the run is planned: the fork server
+        forks it as soon as it has imported what every stage needs, before pandas
+        (the source's agent needs no more)."""
+        self.ask(name, (), early=True)
+
+    def ask(self, name: str, overrides: tuple[str, ...] | list[str] = (),
+            early: bool = False) -> None:
+        """Ask for the agent `name` (unless asked already) without waiting for it:
+        `answered` or `start` takes it."""
+        if name in self.asked or name in self.spawned:
+            return
         w = self.where
         node, worker = protocol.split_name(name)
-        log = w.log_dir / f"{name}.log"
         protocol.send(self.sock, protocol.Spawn(
             node=node, spec=str(w.spec_path), overrides=[*w.overrides, *overrides],
-            socket=str(w.socket_path), env=w.env(worker), log=str(log), cwd=os.getcwd()))
-        while True:
-            message = self._next(None)
-            if message is None:
+            socket=str(w.socket_path), env=w.env(worker), log=str(w.log_dir / f"{name}.log"),
+            cwd=os.getcwd(), name=name, early=early))
+        self.asked.add(name)
+
+    @property
+    def answers(self) -> socket.socket:
+        """What to watch for `answered` to have something."""
+        return self.sock
+
+    def answered(self) -> list[Process]:
+        """The processes asked for that the server has forked since, without waiting."""
+        while self._next(0.0) is not None:
+            pass
+        if self.gone:
+            raise OSError(f"the fork server exited; see {self.where.log_dir / 'forkserver.log'}")
+        spawned, self.spawned = list(self.spawned.values()), {}
+        return spawned
+
+    def start(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
+        """As `SpawnLauncher.start`, forked from the warm server (or the one asked for
+        already)."""
+        self.ask(name, overrides)
+        while name not in self.spawned:
+            if self._next(None) is None:
                 raise OSError("the fork server exited; see its log in "
-                              f"{w.log_dir / 'forkserver.log'}")
-            if isinstance(message, protocol.Spawned):
-                return Process(name, message.pid, log, self)
+                              f"{self.where.log_dir / 'forkserver.log'}")
+        return self.spawned.pop(name)
 
     def poll(self, process: Process) -> int | None:
         while process.pid not in self.exits and self._next(0.0) is not None:
@@ -235,18 +280,24 @@ class ForkLauncher:
         return self.exits.get(process.pid)
 
     def _next(self, timeout: float | None) -> protocol.Message | None:
-        """The next message from the server (recording exits); None on timeout or EOF."""
+        """The next message from the server (recording exits and the processes forked,
+        each answer named); None on timeout or EOF (`gone`)."""
         while not self.pending:
             ready, _, _ = select.select([self.sock], [], [], timeout)
             if not ready:
                 return None
             data = self.sock.recv(1 << 16)
             if not data:
+                self.gone = True
                 return None
             self.pending.extend(self.reader.feed(data))
         message = self.pending.pop(0)
         if isinstance(message, protocol.Exited):
             self.exits[message.pid] = message.code
+        elif isinstance(message, protocol.Spawned):
+            self.asked.discard(message.name)
+            self.spawned[message.name] = Process(
+                message.name, message.pid, self.where.log_dir / f"{message.name}.log", self)
         return message
 
     def close(self) -> None:

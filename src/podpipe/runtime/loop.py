@@ -62,6 +62,7 @@ class EventLoop:
         self._old_fd: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self._pidfds: dict[int, int] = {}  # pid -> pidfd
+        self._gone: list[Happening] = []  # exits of processes gone before being watched
         self._timers: list[tuple[float, int, Any]] = []
         self._seq = itertools.count()
 
@@ -86,7 +87,13 @@ class EventLoop:
             pass  # not watched (any more)
 
     def watch_exit(self, pid: int, tag: Any) -> None:
-        pidfd = os.pidfd_open(pid)
+        """Watch `pid` exit; one already gone (and reaped) is reported by the next
+        `wait`."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._gone.append(ProcessExited(pid, tag))
+            return
         self._pidfds[pid] = pidfd
         self._sel.register(pidfd, selectors.EVENT_READ, ("exit", (pid, tag)))
 
@@ -118,8 +125,10 @@ class EventLoop:
         if self._timers:
             due = max(0.0, self._timers[0][0] - time.monotonic())
             timeout = due if timeout is None else min(timeout, due)
+        exits, self._gone = self._gone, []
+        if exits:
+            timeout = 0.0
         readable: list[Happening] = []
-        exits: list[Happening] = []
         signals: list[Happening] = []
         for key, _ in self._sel.select(timeout):
             kind, tag = key.data

@@ -25,6 +25,7 @@ from podpipe.errors import RunError, StoreError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
+from podpipe.model.pipeline import SOURCE
 from podpipe.model.sizes import format_size, parse_size
 from podpipe.runtime import durable, protocol, rundir, runs, status
 from podpipe.runtime import scratch as scratches
@@ -287,7 +288,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
     run's alone (see `conductor.processes`); `metrics`: serve Prometheus metrics
     there (`[ADDR:]PORT`)."""
     graph = Graph.of(pipeline)
-    scratch = launcher = None
+    scratch = launcher = listener = None
     digest = rundir.spec_digest(run_path)
     try:
         store = _durable_store(pipeline, digest)
@@ -298,6 +299,10 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         if launch:  # start the fork server first: it imports while we plan
             launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                                      run_path / "logs", pod, server)
+            # and the source's agent, forked once pyarrow is in, not pandas too: it
+            # connects, and waits for its first task, while we plan
+            listener = protocol.listen(scratch.socket)
+            launcher.early(protocol.agent_name(SOURCE, 0))
         from podpipe.runtime import call, sink, source, tables  # while the fork server
                                                                 # starts
 
@@ -323,6 +328,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
     except BaseException:
         if launcher is not None:
             launcher.close()
+        if listener is not None:
+            listener.close()
         if fresh:  # nothing ran: leave no half a run (a resumed one stays)
             if scratch is not None:
                 scratch.remove()
@@ -334,7 +341,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
 
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
-                     durable=tier, reaper=reaper, metrics=metrics).start()
+                     durable=tier, reaper=reaper, metrics=metrics, listener=listener).start()
 
 
 def _durable_store(pipeline: specs.Pipeline, digest: str) -> durable.Store | None:

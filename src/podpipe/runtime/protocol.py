@@ -25,9 +25,11 @@ another one (a container image of another podpipe release).
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
+from pathlib import Path
 
 import msgspec
 
@@ -220,10 +222,14 @@ class Spawn(_Message, tag="spawn"):
     env: dict[str, str]
     log: str
     cwd: str
+    name: str = ""       # the agent's (`agent_name`), echoed in the answer
+    early: bool = False  # needs only what every stage imports (not pandas): forked
+                         # as soon as those are in, before the fork server's pandas
 
 
 class Spawned(_Message, tag="spawned"):
     pid: int
+    name: str = ""  # the Spawn's
 
 
 class Exited(_Message, tag="exited"):
@@ -292,6 +298,21 @@ class Reader:
             messages.append(decode(memoryview(self._buffer)[_HEADER.size:end]))
             del self._buffer[:end]
         return messages
+
+
+def listen(path: Path) -> socket.socket:
+    """The conductor's socket listening at `path` (a dead conductor's replaced):
+    0600, in a 0700 directory (and each peer's uid is checked on connecting)."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def connect(path: str, wait: float) -> socket.socket:

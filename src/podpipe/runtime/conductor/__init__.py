@@ -19,17 +19,17 @@ what a task did); **what the engine decides** (`_carry_out`: RAM scratch in
 out a task); **swaps and apply**; **the end** (`_end`, the sinks' last step,
 stopping everyone, the status written).
 
-The pieces it wires, each owning its state (one module each): `agents`
-(connections), `processes` (what this conductor starts), `crew` and `scratchwork`
-(the engine's decisions about processes and about RAM scratch, carried out),
-`swaps` (swap and apply requests), `checkpoints` (journal, node and durable tiers, imports), `snapshot` (counters,
-status), `timeline` (the task record behind `podpipe report`), `metrics`
-(Prometheus, if asked), `run` (what it runs, and a task as the run has it); `nodes`
-says what each node runs with (restarts, workers, cores).
+Pieces it wires, each owning its state: `agents` (connections), `processes` (what
+it starts), `crew` and `scratchwork` (the engine's decisions about processes and
+RAM scratch, carried out), `swaps` (swap, apply), `checkpoints` (journal, node and
+durable tiers, imports), `snapshot` (counters, status), `timeline` (the task record
+behind `podpipe report`), `metrics` (Prometheus, if asked), `run` (what it runs, a
+task as the run has it), `nodes` (restarts, workers, cores each node runs with).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import deque
 from dataclasses import replace
@@ -46,7 +46,7 @@ from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
 from podpipe.runtime.conductor.metrics import Metrics
 from podpipe.runtime.conductor.nodes import cpus, retries, workers
-from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.processes import SPAWNED, Processes
 from podpipe.runtime.conductor.run import Run, Timeout
 from podpipe.runtime.conductor.scratchwork import ScratchWork
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
@@ -69,7 +69,7 @@ class Conductor:
                  observer: Callable[[dict[str, Any]], None] | None = None,
                  restored: Restored | None = None,
                  durable: DurableTier | None = None, reaper: bool = True,
-                 metrics: str | None = None) -> None:
+                 metrics: str | None = None, listener: socket.socket | None = None) -> None:
         self.run = run
         self.engine = restored.engine if restored else RunState(
             run.graph, len(run.plan), run.pipeline.memory,
@@ -79,7 +79,7 @@ class Conductor:
         if launcher is None:  # containers: one per node, started by the kubelet
             self.engine.in_containers()
         self.loop = loops.EventLoop()
-        self.agents = Agents(self.loop, run.scratch.socket, self._log)
+        self.agents = Agents(self.loop, run.scratch.socket, self._log, listener)
         self.processes = Processes(launcher, self.loop, reaper=reaper)
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
         self.crew = Crew(self.processes, self.agents, self.loop, self.swaps, self._log)
@@ -118,7 +118,7 @@ class Conductor:
                         if self.processes.reaper:
                             lifetime.become_subreaper()  # what stages leave is ours
                         for node, worker, _ in self.engine.all_agents():
-                            self.processes.start(agent_name(node, worker), [])
+                            self.processes.begin(agent_name(node, worker))
                     self._loop()
                 finally:
                     self._stop_all()
@@ -194,6 +194,8 @@ class Conductor:
     # -- what agents say -------------------------------------------------------
 
     def _read(self, tag: object) -> None:
+        if tag == SPAWNED:
+            return self.processes.settle()
         for conn, message in self.agents.read(tag):
             if not self.running:
                 return
@@ -275,7 +277,8 @@ class Conductor:
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run
-        task, stage = run.task(node, action.batch, action.inputs), run.stage(node)
+        task = run.task(node, action.batch, action.inputs, action.reserved, action.reuse)
+        stage = run.stage(node)
         if node in run.graph.sinks:
             task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,
                                                              action.batch)
@@ -286,10 +289,7 @@ class Conductor:
         nbytes = sum(o.nbytes for g in action.inputs for o in g)
         seq = self.counters.dispatched(node, name, action.batch, nbytes)
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
-        if action.reserved:  # granted with the task (`engine.grants`)
-            task.granted = action.reserved
-            task.reuse = (None if action.reuse is None
-                          else str(self.run.scratch.pool_path(action.reuse)))
+        if action.reserved:  # granted with the task
             self.timeline.granted(name)
         seconds = stage.timeout if stage is not None else None
         if seconds is not None:

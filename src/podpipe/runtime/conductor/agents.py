@@ -63,25 +63,25 @@ def to_event(name: str, message: protocol.Message, spec_file: str) -> ev.Event |
 
 class Agents:
     def __init__(self, loop: EventLoop, path: Path,
-                 log: Callable[[str], None] = lambda _: None) -> None:
+                 log: Callable[[str], None] = lambda _: None,
+                 listener: socket.socket | None = None) -> None:
+        """`listener`: listening already (`protocol.listen`), else from `listen`."""
         self._loop, self.path, self._log = loop, path, log
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener = listener
         self._by_node: dict[str, Conn] = {}
         self._all: list[Conn] = []     # every connection, to close at the end
         self.pids: dict[str, int] = {}  # as each agent said in its hello
 
     def listen(self) -> None:
-        self.path.unlink(missing_ok=True)  # a dead conductor's, on resume
-        self._listener.bind(str(self.path))
-        os.chmod(self.path, 0o600)  # in a 0700 directory; peers are checked too
-        self._listener.listen(64)
+        if self._listener is None:
+            self._listener = protocol.listen(self.path)
         self._listener.setblocking(False)
         self._loop.watch(self._listener, LISTEN)
 
     def read(self, tag: object) -> list[tuple[Conn, protocol.Message | None]]:
         """Accept a connection (`tag` is LISTEN) or read one (`tag` is its Conn):
         the messages read, and (conn, None) for a connection that closed."""
-        if tag == LISTEN:
+        if tag == LISTEN and self._listener is not None:
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:  # taken already (by a drain, in the same round)
@@ -177,4 +177,5 @@ class Agents:
     def close(self) -> None:
         for conn in self._all:
             conn.sock.close()
-        self._listener.close()
+        if self._listener is not None:
+            self._listener.close()

@@ -18,6 +18,7 @@ from podpipe.runtime.loop import EventLoop
 from podpipe.runtime.protocol import split_name
 
 STOP_GRACE_SECONDS = 5.0
+SPAWNED = "spawned"  # the loop's tag for `answers`
 
 
 class Processes:
@@ -28,6 +29,8 @@ class Processes:
         not when called from someone else's program (the Python API)."""
         self._launcher, self._loop, self.reaper = launcher, loop, reaper
         self._by_node: dict[str, Process] = {}  # by agent name (a node's worker)
+        self._asked: set[str] = set()  # asked for (`begin`), not yet forked
+        self._watching = False  # the launcher's answers, in the loop
         self._retired: set[int] = set()
         self._cpu: dict[int, float] = {}  # pid -> seconds wanted at the last sample
         self._sampled = time.monotonic()
@@ -38,17 +41,49 @@ class Processes:
         return self._launcher is not None
 
     def expects(self, node: str) -> bool:
-        return node in self._by_node
+        return node in self._by_node or node in self._asked
+
+    def begin(self, node: str) -> None:
+        """Ask for `node`'s process (a node's worker) without waiting for it: the run
+        goes on meanwhile, and `settle` takes it in when the loop says the launcher
+        answered (tag `SPAWNED`). The source's may be forked long before the others,
+        which wait for the fork server's pandas."""
+        assert self._launcher is not None
+        if not self._watching and self._launcher.answers is not None:
+            self._loop.watch(self._launcher.answers, SPAWNED)
+            self._watching = True
+        self._launcher.ask(node)
+        self._asked.add(node)
+        self.settle()
+
+    def settle(self) -> None:
+        """Take in the processes asked for that have been forked since."""
+        assert self._launcher is not None
+        try:
+            for process in self._launcher.answered():
+                self._asked.discard(process.node)
+                self._watch(process)
+        except OSError as exc:
+            raise RunError(f"cannot start the stages' processes: {exc}") from exc
 
     def start(self, node: str, overrides: list[str]) -> None:
-        """Start `node`'s process with the pod's overrides and `overrides` after them."""
+        """Start `node`'s process with the pod's overrides and `overrides` after them
+        (or take in the one asked for), and wait for it."""
         assert self._launcher is not None
         try:
             process = self._launcher.start(node, overrides)
         except OSError as exc:
             raise RunError(f"cannot start the process of stage {node!r}: {exc}") from exc
-        self._by_node[node] = process
-        self._loop.watch_exit(process.pid, node)
+        self._asked.discard(node)
+        self._watch(process)
+
+    def _watch(self, process: Process) -> None:
+        self._by_node[process.node] = process
+        self._loop.watch_exit(process.pid, process.node)
+
+    def _wait_asked(self) -> None:
+        for node in sorted(self._asked):
+            self.start(node, [])
 
     def exited(self, pid: int, node: str) -> int | None:
         """The exit code of `node`'s process `pid`; None if it was retired (expected).
@@ -62,6 +97,7 @@ class Processes:
     def retire(self, node: str, *, kill: bool) -> None:
         """`node`'s process goes for good: told to stop by the caller, or killed now
         (mid-batch: its output is never trusted)."""
+        self._wait_asked()
         process = self._by_node.pop(node, None)
         if process is None or process.poll() is not None:
             return
@@ -71,6 +107,7 @@ class Processes:
 
     def of(self, node: str) -> list[str]:
         """The names of `node`'s current processes (its workers')."""
+        self._wait_asked()
         return [name for name in self._by_node if split_name(name)[0] == node]
 
     def cpu_use(self) -> dict[str, float]:
@@ -110,6 +147,10 @@ class Processes:
         to stop: still starting, they would not hear of the end (a worker added as the
         run ended waited out the whole grace period)."""
         told = set(told)
+        try:
+            self._wait_asked()
+        except RunError:
+            pass  # the fork server is gone, and the processes it forked with it
         processes = list(self._by_node.values())
         for name, process in self._by_node.items():
             if terminate or name not in told:
@@ -121,6 +162,8 @@ class Processes:
                 process.wait()
             lifetime.kill_group(process.pid)  # and what it started
         if self._launcher is not None:
+            if self._watching:
+                self._loop.unwatch(self._launcher.answers)
             self._launcher.close()
             if self.reaper:
                 lifetime.end_children()  # orphans of the stages' children (a subreaper's)

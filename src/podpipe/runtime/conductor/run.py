@@ -43,12 +43,15 @@ class Run:
         """`node`'s definition if it is a stage (not the source, a table or a sink)."""
         return next((s for s in self.pipeline.stages if s.name == node), None)
 
-    def task(self, node: str, batch: int,
-             inputs: tuple[tuple[Output, ...], ...]) -> protocol.Task:
+    def task(self, node: str, batch: int, inputs: tuple[tuple[Output, ...], ...],
+             granted: int = 0, reuse: int | None = None) -> protocol.Task:
         """`node`'s task for `batch`, as the run has it: its inputs, where its output
-        goes, which rows a source batch is, where a call stage keeps its answers."""
+        goes, which rows a source batch is, where a call stage keeps its answers; the
+        RAM `granted` with it, over the pooled file `reuse` (`engine.grants`)."""
         task = protocol.Task(batch=batch, inputs=[[o.path for o in group] for group in inputs],
-                             output=str(self.scratch.output_path(node, batch)))
+                             output=str(self.scratch.output_path(node, batch)),
+                             granted=granted, reuse=None if reuse is None
+                             else str(self.scratch.pool_path(reuse)))
         if node == SOURCE:
             task.source = self.plan[batch]
         stage = self.stage(node)
