@@ -54,7 +54,7 @@ class Crew:
             self.swaps.held(action.node, action.message)
         elif isinstance(action, ev.AddWorker):
             self._log(f"stage {action.node!r} gets worker {action.worker}")
-            self.processes.start(agent_name(action.node, action.worker),
+            self.processes.begin(agent_name(action.node, action.worker),  # not waited for
                                  self.swaps.overrides.get(action.node, []))
         elif isinstance(action, ev.RemoveWorker):
             self._log(f"stage {action.node!r} gives back worker {action.worker}")

@@ -43,7 +43,7 @@ class Processes:
     def expects(self, node: str) -> bool:
         return node in self._by_node or node in self._asked
 
-    def begin(self, node: str) -> None:
+    def begin(self, node: str, overrides: list[str] | None = None) -> None:
         """Ask for `node`'s process (a node's worker) without waiting for it: the run
         goes on meanwhile, and `settle` takes it in when the loop says the launcher
         answered (tag `SPAWNED`). The source's may be forked long before the others,
@@ -52,7 +52,7 @@ class Processes:
         if not self._watching and self._launcher.answers is not None:
             self._loop.watch(self._launcher.answers, SPAWNED)
             self._watching = True
-        self._launcher.ask(node)
+        self._launcher.ask(node, overrides or [])
         self._asked.add(node)
         self.settle()
 
