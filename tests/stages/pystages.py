@@ -96,9 +96,13 @@ def _die_once() -> None:
     global _calls
     _calls += 1
     marker = os.environ["DIE_MARKER"]
-    if _calls == int(os.environ.get("DIE_ON_CALL", "1")) and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _calls != int(os.environ.get("DIE_ON_CALL", "1")):
+        return
+    try:  # made at once or not at all: two workers at that call, only one dies
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def q1_prices_dying_once(t: pa.Table) -> pa.Table:
