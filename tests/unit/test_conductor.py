@@ -107,6 +107,17 @@ class _FakeLauncher:
         self.popens.append(popen)
         return Process(node, popen.pid, Path("/dev/null"), self)  # type: ignore[arg-type]
 
+    # asked for now, answered later (as the fork server does), in `answered`
+    answers = None
+    waiting: list[tuple[str, list[str]]]
+
+    def ask(self, node, overrides=()):
+        self.waiting = getattr(self, "waiting", []) + [(node, list(overrides))]
+
+    def answered(self):
+        asked, self.waiting = getattr(self, "waiting", []), []
+        return [self.start(node, overrides) for node, overrides in asked]
+
     def poll(self, process):
         return next(p for p in self.popens if p.pid == process.pid).poll()
 
@@ -137,3 +148,19 @@ def test_a_retired_process_exits_without_an_event_and_a_busy_one_is_killed():
         processes.retire("b", kill=False)  # told to stop over its socket: no signal
         assert second.poll() is None
         launcher.close()
+
+
+def test_processes_asked_for_are_expected_at_once_and_none_is_asked_for_twice():
+    launcher = _FakeLauncher()
+    with EventLoop(signals=()) as loop:
+        processes = Processes(launcher, loop)  # type: ignore[arg-type]
+        launcher.ask("source")  # asked for early, by the pod, before the conductor
+        processes.begin("orders")  # takes in what has been answered: the source too
+        assert processes.expects("orders") and processes.expects("source")
+        processes.begin("source")  # already in: not asked for again
+        processes.begin("a.1", ["stages.a.run=x:y"])
+        assert launcher.started == [("source", []), ("orders", []),
+                                    ("a.1", ["stages.a.run=x:y"])]
+        assert sorted(processes.of("a")) == ["a.1"]
+        processes.stop_all(terminate=True)
+        assert all(p.poll() is not None for p in launcher.popens)

@@ -49,6 +49,8 @@ class Processes:
         answered (tag `SPAWNED`). The source's may be forked long before the others,
         which wait for the fork server's pandas."""
         assert self._launcher is not None
+        if node in self._by_node or node in self._asked:
+            return  # asked for early (`launcher.early`) and taken in already
         if not self._watching and self._launcher.answers is not None:
             self._loop.watch(self._launcher.answers, SPAWNED)
             self._watching = True
