@@ -296,12 +296,11 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
             scratch = make_scratch()
         except OSError as exc:
             raise RunError(f"cannot create the RAM scratch: {exc}") from exc
-        if launch:  # start the fork server first: it imports while we plan
+        listener = protocol.listen(scratch.socket)  # agents may connect while we plan
+        if launch:  # start the fork server first: it imports while we plan; and the
             launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                                      run_path / "logs", pod, server)
-            # and the source's agent, forked once pyarrow is in, not pandas too: it
-            # connects, and waits for its first task, while we plan
-            listener = protocol.listen(scratch.socket)
+            # source's agent, forked once pyarrow is in (not pandas, it needs none)
             launcher.early(protocol.agent_name(SOURCE, 0))
         from podpipe.runtime import call, sink, source, tables  # while the fork server
                                                                 # starts

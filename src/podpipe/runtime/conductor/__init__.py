@@ -69,7 +69,7 @@ class Conductor:
                  observer: Callable[[dict[str, Any]], None] | None = None,
                  restored: Restored | None = None,
                  durable: DurableTier | None = None, reaper: bool = True,
-                 metrics: str | None = None, listener: socket.socket | None = None) -> None:
+                 metrics: str | None = None, listener: socket.socket) -> None:
         self.run = run
         self.engine = restored.engine if restored else RunState(
             run.graph, len(run.plan), run.pipeline.memory,
@@ -79,7 +79,7 @@ class Conductor:
         if launcher is None:  # containers: one per node, started by the kubelet
             self.engine.in_containers()
         self.loop = loops.EventLoop()
-        self.agents = Agents(self.loop, run.scratch.socket, self._log, listener)
+        self.agents = Agents(self.loop, listener, self._log)
         self.processes = Processes(launcher, self.loop, reaper=reaper)
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
         self.crew = Crew(self.processes, self.agents, self.loop, self.swaps, self._log)

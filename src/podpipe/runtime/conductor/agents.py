@@ -16,7 +16,6 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from podpipe.engine import events as ev
@@ -62,26 +61,24 @@ def to_event(name: str, message: protocol.Message, spec_file: str) -> ev.Event |
 
 
 class Agents:
-    def __init__(self, loop: EventLoop, path: Path,
-                 log: Callable[[str], None] = lambda _: None,
-                 listener: socket.socket | None = None) -> None:
-        """`listener`: listening already (`protocol.listen`), else from `listen`."""
-        self._loop, self.path, self._log = loop, path, log
-        self._listener = listener
+    def __init__(self, loop: EventLoop, listener: socket.socket,
+                 log: Callable[[str], None] = lambda _: None) -> None:
+        """`listener`: the conductor's socket, listening (`protocol.listen`) since
+        before the run was planned (an agent may connect early); taken from `listen`."""
+        self._loop, self._listener, self._log = loop, listener, log
         self._by_node: dict[str, Conn] = {}
         self._all: list[Conn] = []     # every connection, to close at the end
         self.pids: dict[str, int] = {}  # as each agent said in its hello
 
     def listen(self) -> None:
-        if self._listener is None:
-            self._listener = protocol.listen(self.path)
+        """Take connections from now on."""
         self._listener.setblocking(False)
         self._loop.watch(self._listener, LISTEN)
 
     def read(self, tag: object) -> list[tuple[Conn, protocol.Message | None]]:
         """Accept a connection (`tag` is LISTEN) or read one (`tag` is its Conn):
         the messages read, and (conn, None) for a connection that closed."""
-        if tag == LISTEN and self._listener is not None:
+        if tag == LISTEN:
             try:
                 sock, _ = self._listener.accept()
             except BlockingIOError:  # taken already (by a drain, in the same round)
@@ -177,5 +174,4 @@ class Agents:
     def close(self) -> None:
         for conn in self._all:
             conn.sock.close()
-        if self._listener is not None:
-            self._listener.close()
+        self._listener.close()
