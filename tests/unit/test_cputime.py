@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -50,3 +51,46 @@ def test_another_process_is_measured_over_all_its_threads_and_none_once_gone():
     finally:
         child.communicate("", timeout=30)
     assert cputime.wanted(child.pid) is None
+
+
+def _hash(data: bytes, done: threading.Barrier, release: threading.Event) -> None:
+    for _ in range(4):
+        hashlib.sha256(data)  # computes without the GIL
+    done.wait()
+    release.wait()
+
+
+def _sleeps_while_helpers_hash(helpers: int) -> tuple[float, float]:
+    """The main thread sleeps while `helpers` threads compute (without the GIL, as
+    pyarrow's pool does, and stay, as its threads do: an ended thread's wait is gone
+    with it): the seconds it took and what the process wanted meanwhile."""
+    data = bytes(32 << 20)
+    done, release = threading.Barrier(helpers + 1), threading.Event()
+    before, started = cputime.wanted(), time.perf_counter()
+    threads = [threading.Thread(target=_hash, args=(data, done, release))
+               for _ in range(helpers)]
+    for t in threads:
+        t.start()
+    done.wait()
+    took, wanted = time.perf_counter() - started, cputime.wanted() - before
+    release.set()
+    for t in threads:
+        t.join()
+    return took, wanted
+
+
+def test_helpers_waiting_for_a_core_count_as_wanting_it():
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})  # the threads started now take turns on one
+    try:
+        took, wanted = _sleeps_while_helpers_hash(3)
+    finally:
+        os.sched_setaffinity(0, cores)
+    # three threads on one core: each waited for it about twice as long as it ran
+    assert wanted >= 2 * took
+
+
+def test_this_processs_thread_files_follow_its_threads():
+    _sleeps_while_helpers_hash(2)
+    cputime.wanted()
+    assert set(cputime._OWN) == set(os.listdir("/proc/self/task"))

@@ -12,7 +12,7 @@ import zlib
 
 from podpipe.engine import events as S
 from podpipe.engine import budget as budgets
-from podpipe.engine import jam, state
+from podpipe.engine import jam, state, workers
 from podpipe.engine.agent import ABSENT, HELD, WAITING
 from podpipe.engine.state import RunState
 from podpipe.errors import BudgetError, InputError, StageError
@@ -700,31 +700,68 @@ def test_auto_counts_the_cores_every_process_of_the_pod_uses():
     assert not any(isinstance(a, S.AddWorker) for a in actions)
 
 
-def _io_tasks(fixed: int | None, cores: float) -> list[S.Action]:
-    """Five batches wait for `a`, which does two of them wanting `cores` each."""
-    run = _ready_run({"source": None, "a": fixed, "b": None, "sink-0": None}, batches=20)
-    for batch in range(5):
+def _tasks(fixed: int | None, cores: float, tick: dict[str, float] | None = None,
+           ticks: int = 2, took: float = 0.05, tasks: int = 2) -> list[list[S.Action]]:
+    """Batches wait for `a`, which does `tasks` of them taking `took` seconds and
+    wanting `cores` of a core each (after `ticks` ticks in which the pod's processes
+    wanted `tick`)."""
+    run = _ready_run({"source": None, "a": fixed, "b": None, "sink-0": None}, batches=40)
+    for _ in range(ticks):
+        run.handle(S.Tick(tick or {}))
+    for batch in range(tasks + 3):
         run.handle(S.SpaceRequested("source", batch, 10))
-        run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10), cores=0.9))
+        run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10)))
     actions = []
-    for batch in (0, 1):
+    for batch in range(tasks):
         run.handle(S.SpaceRequested("a", batch, 10))
-        actions.append(run.handle(S.TaskDone("a", batch, out(f"a/{batch}", 10), cores=cores)))
+        actions.append(run.handle(S.TaskDone("a", batch, out(f"a/{batch}", 10),
+                                             busy=took, wanted=cores * took)))
     return actions
 
 
-def test_auto_gives_a_node_whose_tasks_wait_on_io_a_worker_per_batch_waiting_at_once():
-    first, second = _io_tasks(None, cores=0.05)
-    assert not any(isinstance(a, S.AddWorker) for a in first)  # one task says little
-    # batch 2 was handed to the worker that did 1; batches 3 and 4 wait: two workers
-    assert [a for a in second if isinstance(a, S.AddWorker)] == [
-        S.AddWorker("a", 1), S.AddWorker("a", 2)]
+def _added(actions: list[S.Action]) -> list[S.AddWorker]:
+    return [a for a in actions if isinstance(a, S.AddWorker)]
 
 
-@pytest.mark.parametrize("fixed,cores", [(None, 0.9), (1, 0.05)], ids=["cpu-bound", "fixed"])
-def test_no_worker_is_added_after_tasks_that_used_their_core_or_to_a_fixed_node(fixed, cores):
-    assert not any(isinstance(a, S.AddWorker) for actions in _io_tasks(fixed, cores)
-                   for a in actions)
+def test_auto_gives_a_node_whose_task_waited_on_io_a_worker_per_batch_waiting_at_once():
+    first, second = _tasks(None, cores=0.05)
+    # batch 1 was handed to the worker that did 0; batches 2, 3 and 4 wait
+    assert _added(first) == [S.AddWorker("a", w) for w in (1, 2, 3)]
+    assert _added(second) == []  # each has its batch
+
+
+def test_auto_judges_short_tasks_only_once_enough_of_them_are_seen():
+    # 5 ms tasks: one that stalled says nothing; eight of them in a row are I/O
+    outlier = _tasks(None, cores=0.05, took=0.005, tasks=1)
+    assert not any(_added(actions) for actions in outlier)
+    waits = _tasks(None, cores=0.05, took=0.005, tasks=8)
+    assert not any(_added(actions) for actions in waits[:7]) and _added(waits[7])
+
+
+def test_auto_gives_a_node_whose_tasks_used_their_core_one_worker_if_the_pod_has_a_core():
+    first, second = _tasks(None, cores=0.95, tick={"a": 1.0, "source": 0.3})
+    assert _added(first) == []  # one task says little
+    assert _added(second) == [S.AddWorker("a", 1)]
+
+
+@pytest.mark.parametrize("fixed,cores,tick,ticks", [
+    (None, 0.9, {"a": 1.0, "source": 0.3}, 1), (None, 0.9, {"a": 1.0, "source": 0.9}, 2),
+    (1, 0.05, None, 0)], ids=["cpu-bound-first-tick", "cpu-bound-cores-taken", "fixed"])
+def test_no_worker_is_added_after_tasks_without_a_free_core_or_to_a_fixed_node(
+        fixed, cores, tick, ticks):
+    assert not any(_added(actions) for actions in _tasks(fixed, cores, tick, ticks))
+
+
+def test_after_a_worker_is_added_the_cores_are_judged_again_from_a_whole_tick():
+    run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
+    run.handle(S.Tick({"a": 1.0}))
+    run.handle(S.Tick({"a": 1.0}))
+    assert run.pool.free() == pytest.approx(1.25)
+    workers.add(run, "b", 1, [])
+    run.handle(S.Tick({"a": 1.0}))  # b's new worker ran for part of it
+    assert run.pool.free() == 0.0
+    run.handle(S.Tick({"a": 1.0, "b": 1.0}))
+    assert run.pool.free() == pytest.approx(0.25)
 
 
 def test_auto_takes_an_idle_worker_back_when_the_cores_are_taken():

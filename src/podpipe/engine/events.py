@@ -42,7 +42,8 @@ class TaskDone:
     output: Output | None  # None for sinks
     worker: int = 0
     pinned: tuple[str, ...] = ()  # inputs the stage's code still maps: never overwritten
-    cores: float | None = None  # of a core the task wanted (ran or waited for one), 0-1
+    busy: float = 0.0  # seconds the task took (not counting a wait for RAM)
+    wanted: float | None = None  # of them, seconds it ran or waited for a core
 
 
 @dataclass(frozen=True)

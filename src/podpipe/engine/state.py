@@ -192,8 +192,8 @@ class RunState:
         lifecycle.between_batches(self, actions)
         grants.grant_waiting(self, actions)
         self.dispatch(actions)
-        if isinstance(event, TaskDone) and event.cores is not None:
-            workers.after_task(self, event.node, event.cores, actions)
+        if isinstance(event, TaskDone) and event.wanted is not None:
+            workers.after_task(self, event.node, event.wanted, event.busy, actions)
         if self.finished:
             self.budget.drain(actions)
             self.outcome = Finished()

@@ -16,9 +16,12 @@ what a busy worker wants is measured over the window while its workers ran, so a
 node that sat waiting for its input and now has a backlog is not either. When the
 cores are taken, an idle worker of another auto node is taken back, so that a later tick can give
 its core to the bottleneck. Reduces and nodes with a fixed `workers` are left as
-they are. An I/O-bound node need not wait for the ticks: each agent says what of a
-core its task wanted, and two such tasks in a row with batches waiting give the
-node its workers at once (`after_task`).
+they are. A node with batches waiting need not wait for the ticks either: each
+agent says what of a core its task wanted (`after_task`). Tasks that mostly
+waited (40 ms of them at least: a stall of a few ms in a short task is not I/O)
+give the node a worker per batch waiting at once; two or more that used their
+core give it one more worker if the pod had that core free at the last tick (a
+whole tick since a worker was last added: it says what that one takes).
 
 Which process runs a batch never changes what it makes: batch numbers, sink
 files and a reduce's input order do not depend on the workers.
@@ -40,6 +43,8 @@ if TYPE_CHECKING:  # the state machine calls in here; no import at run time
 WINDOW = 4           # ticks (a second) a node's pressure is averaged over, at most
 SEEN = 2             # ticks seen before a node is judged (half a second)
 IO_BOUND = 0.35      # a worker using less CPU than this (cores) mostly waits
+SLACK = 0.25         # cores a pod may be over by when a worker is added (the ticks' noise)
+JUDGED = 0.04        # seconds of a node's tasks that judge it between ticks, at least
 MOST_PER_CPU = 4     # workers of one node per core, at most
 
 
@@ -53,8 +58,16 @@ class Pool:
         # last (a worker that has just started has used no CPU yet).
         self.cpu: dict[str, deque[tuple[float, int]]] = {}
         self.busy: dict[str, int] = {}  # workers busy at the last tick
-        self.tasks: dict[str, deque[float]] = {}  # the cores its last tasks wanted
+        self.tasks: dict[str, deque[tuple[float, float]]] = {}  # its last tasks:
+        # (seconds wanted of a core, seconds taken), since it last got a worker
         self.most: dict[str, int] = {}  # the most workers each node had
+        self.used = 0.0  # the cores the pod wanted at the last tick
+        self.settled = 0  # ticks since a worker was last added (the first ran part of it)
+
+    def free(self) -> float:
+        """The cores the pod had to spare at the last tick; none unless a whole tick
+        has passed since a worker was last added (or the run began)."""
+        return self.cpus + SLACK - self.used if self.settled >= 2 else 0.0
 
     def observe(self, node: str, pressure: float, cpu: float, busy: int) -> None:
         self.pressure.setdefault(node, deque(maxlen=WINDOW)).append(pressure)
@@ -79,6 +92,8 @@ class Pool:
 def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> None:
     pool = run.pool
     line = [n for n in run.graph.order if run.graph.domain[n] == BATCH]
+    pool.used = sum(cpu.values())  # every process of the pod: tables and reduces too
+    pool.settled += 1
     for node in line:
         agents = run.agents[node].values()
         running = sum(1 for a in agents if a.status == RUNNING)
@@ -96,11 +111,10 @@ def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> 
     count = len(run.agents[node])
     per_worker = pool.per_worker(node) or 0.0
     most = max(1, int(MOST_PER_CPU * pool.cpus))
-    used = sum(cpu.values())  # every process of the pod: tables and reduces too
     if per_worker < IO_BOUND:  # it mostly waits: as many as it has batches waiting
         waiting = len(run.ready[node]) if node != SOURCE else 1
         add(run, node, min(max(1, waiting), most - count), actions)
-    elif used + per_worker <= pool.cpus + 0.25 and count < most:
+    elif per_worker <= pool.free() and count < most:
         add(run, node, 1, actions)
     else:  # no core free: take back an idle worker of a node that does not need it
         for other in auto:
@@ -112,18 +126,36 @@ def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> 
                 return
 
 
-def after_task(run: "RunState", node: str, cores: float, actions: list[Action]) -> None:
-    """A task of `node` ended having wanted `cores` of a core: if it and the one
-    before mostly waited (I/O bound) and batches wait for the node, as many workers
-    as there are batches waiting, at once, rather than once the ticks have judged it
-    (half a second: most of a short run of 50 ms waits)."""
-    seen = run.pool.tasks.setdefault(node, deque(maxlen=2))
-    seen.append(cores)
-    if len(seen) < 2 or max(seen) >= IO_BOUND or not _resizable(run, node):
+def after_task(run: "RunState", node: str, wanted: float, busy: float,
+               actions: list[Action]) -> None:
+    """A task of `node` took `busy` seconds and wanted `wanted` of them, and the
+    worker has its next batch if one was ready. With batches still waiting, rather
+    than once the ticks have judged the node (half a second: most of a short run),
+    its last tasks, `JUDGED` seconds of them at least, judge it: if they mostly
+    waited (I/O bound), as many workers as there are batches waiting; if two or more
+    used their core, one more worker if the pod has that core."""
+    seen = run.pool.tasks.setdefault(node, deque(maxlen=64))
+    seen.append((wanted, busy))
+    if not _resizable(run, node):
         return
+    took = used = 0.0
+    tasks = 0
+    for task_wanted, task_busy in reversed(seen):
+        used, took, tasks = used + task_wanted, took + task_busy, tasks + 1
+        if took >= JUDGED and tasks >= 2:
+            break
+    if took < JUDGED:
+        return  # too little seen yet: a stall of a few ms would decide
+    cores = used / took
     waiting = len(run.ready[node]) if node != SOURCE else _starving(run)
-    most = max(1, int(MOST_PER_CPU * run.pool.cpus))
-    if (more := min(waiting, most - len(run.agents[node]))) > 0:
+    room = max(1, int(MOST_PER_CPU * run.pool.cpus)) - len(run.agents[node])
+    if cores < IO_BOUND:
+        more = min(waiting, room)
+    elif tasks >= 2 and waiting and room and cores <= run.pool.free():
+        more = 1
+    else:
+        return
+    if more > 0:
         add(run, node, more, actions)
 
 
@@ -151,6 +183,8 @@ def add(run: "RunState", node: str, how_many: int, actions: list[Action]) -> Non
         run.agents[node][worker] = Agent()
         actions.append(AddWorker(node, worker))
     run.pool.pressure.pop(node, None)  # judge it anew with the new workers
+    run.pool.tasks.pop(node, None)
+    run.pool.settled = 0  # what they take shows in the next whole tick
 
 
 def split(costs: dict[str, float], cpus: float) -> tuple[dict[str, int], float]:

@@ -47,9 +47,8 @@ def to_event(name: str, message: protocol.Message, spec_file: str) -> ev.Event |
         return ev.SpaceRequested(node, message.batch, message.nbytes, worker)
     if isinstance(message, protocol.Done):
         stats = message.stats
-        cores = stats.wanted / stats.busy if stats.wanted is not None and stats.busy else None
         return ev.TaskDone(node, message.batch, message.output, worker,
-                           tuple(message.pinned), cores)
+                           tuple(message.pinned), stats.busy, stats.wanted)
     if isinstance(message, protocol.Failed):
         return ev.TaskFailed(node, message.batch, message.message, message.input_error,
                              message.traceback, worker)
