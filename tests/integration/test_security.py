@@ -7,7 +7,6 @@ skipped, saying why.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 
 from conftest import cli_env, make_numbers, podpipe, run_status, spec, wait_until, write_spec
 

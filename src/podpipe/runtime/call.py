@@ -23,20 +23,16 @@ import asyncio
 import email.utils
 import hashlib
 import json
-import os
 import random
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import pyarrow as pa
 
-from podpipe.errors import StoreError
-from podpipe.model.pipeline import Call, Pipeline
-from podpipe.runtime import files
-from podpipe.runtime.store import Store, open_store
+from podpipe.model.pipeline import Call
+from podpipe.runtime.answers import Answers
 
 _ENV = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 BACKOFF, MAX_BACKOFF = 0.1, 10.0  # seconds: 0.1, 0.2, 0.4, ... (x 0.5-1.5), at most 10
@@ -55,68 +51,6 @@ def expand(text: str, env: dict[str, str], where: str) -> str:
             raise KeyError(f"{where}: $({name}) is not set in the stage's environment")
         return env[name]
     return _ENV.sub(value, text)
-
-
-ANSWER = re.compile(r"^[0-9a-f]{40}\.(arrow|json)$")  # a kept answer's file name
-
-
-def folder(run_dir: Path, node: str) -> Path:
-    """Where the node tier keeps a call stage's answers, for the run."""
-    return run_dir / "answers" / node
-
-
-def answers_store(pipeline: Pipeline, node: str) -> Store | None:
-    """Where the durable tier keeps a call stage's answers (None: no durable tier). Not
-    under a checkpoint: an answer stands for its request whatever the spec around it."""
-    url = pipeline.checkpoints.durable
-    return None if url is None else open_store(url).child(f"{pipeline.name}/answers/{node}")
-
-
-class Answers:
-    """The answers kept for one call stage: files on the node tier, named by the
-    request's digest, and copies on the durable tier (when the spec has one)."""
-
-    def __init__(self, folder: Path, durable: Store | None) -> None:
-        self.folder, self.durable = folder, durable
-        files.private_dirs(folder)
-
-    def get(self, name: str) -> bytes | None:
-        try:
-            return (self.folder / name).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def drop(self, name: str) -> None:
-        (self.folder / name).unlink(missing_ok=True)
-
-    def put(self, name: str, data: bytes) -> None:
-        """Keep an answer: durable first (a lost node finds it), then the node tier.
-        A durable tier that fails only costs what a lost node would send again."""
-        if self.durable is not None:
-            try:
-                self.durable.write(name, data)
-            except StoreError as exc:
-                print(f"cannot keep an answer on the durable tier: {exc}", flush=True)
-        files.publish(self.folder / name, data)
-
-
-def fetch(pipeline: Pipeline, node: str, folder: Path) -> int:
-    """Before a run: the answers the durable tier keeps for `node` and the node tier
-    does not, downloaded (a run on a new node sends none of them again). Returns how
-    many."""
-    store = answers_store(pipeline, node)
-    if store is None:
-        return 0
-    files.private_dirs(folder)
-    have = set(os.listdir(folder))
-    fetched = 0
-    for key in store.list(""):
-        name = key.rsplit("/", 1)[-1]
-        if ANSWER.match(name) and name not in have:  # names from the store are input
-            with files.publishing(folder / name) as tmp:
-                if store.download(key, tmp):
-                    fetched += 1
-    return fetched
 
 
 @dataclass

@@ -302,7 +302,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
                                      run_path / "logs", pod, server)
             # source's agent, forked once pyarrow is in (not pandas, it needs none)
             launcher.early(protocol.agent_name(SOURCE, 0))
-        from podpipe.runtime import call, sink, source, tables  # while the fork server
+        from podpipe.runtime import answers, sink, source, tables  # while the fork server
                                                                 # starts
 
         plan = source.plan(pipeline.source)
@@ -314,7 +314,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         if origin.durable or origin.journal:  # answers a lost node had kept, say
             for stage in pipeline.stages:
                 if stage.call is not None and stage.call.memo:
-                    call.fetch(pipeline, stage.name, call.folder(run_path, stage.name))
+                    answers.fetch(pipeline, stage.name, answers.folder(run_path, stage.name))
         if restored is not None:
             tables.changed(pipeline, restored.made_by, loaded)
             restored.notes.extend(notes or [])

@@ -21,6 +21,7 @@ from podpipe.errors import SpecError
 from podpipe.model import spec as specs
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime import arrowfile, protocol
+from podpipe.runtime.answers import Answers, answers_store
 from podpipe.runtime.lifetime import die_with_parent
 
 # Environment of a `command:` stage, documented in docs/spec.md.
@@ -76,12 +77,12 @@ class CallService(Work):
         except KeyError as exc:  # a $(VAR) the stage's environment does not have
             raise SpecError(exc.args[0].partition(": ")[2], file=pipeline.file,
                             field=exc.args[0].partition(": ")[0]) from None
-        self.call, self.durable = call, call.answers_store(pipeline, node)
+        self.durable = answers_store(pipeline, node)
         self.kept: Any = None
 
     def run(self, batch, inputs, task):
         if task.answers and (self.kept is None or str(self.kept.folder) != task.answers):
-            self.kept = self.call.Answers(Path(task.answers), self.durable)
+            self.kept = Answers(Path(task.answers), self.durable)
         return self.client.send(_concat(inputs[0]), self.kept if task.answers else None)
 
     def stats(self) -> protocol.CallStats:

@@ -2,17 +2,19 @@
 
 A collector over the run's latest status: each scrape reads the snapshot the
 conductor last made (four times a second), so serving costs the run nothing
-between scrapes. The HTTP server is prometheus-client's, on a thread of its own.
+between scrapes. The HTTP server is prometheus-client's, on a thread of its own;
+prometheus-client is imported only when metrics are asked for (a run without them
+does not pay for its import).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
-
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from typing import TYPE_CHECKING, Any, Iterator
 
 from podpipe.errors import UsageError
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # per node: (metric, help, the status field, counter?)
 _PER_NODE = (
@@ -47,6 +49,8 @@ def address(text: str) -> tuple[str, int]:
 
 class Metrics:
     def __init__(self, where: str) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
         host, port = address(where)
         self.latest: dict[str, Any] | None = None  # the run's status, as last flushed
         self.registry = CollectorRegistry()
@@ -62,6 +66,8 @@ class Metrics:
         self.server.server_close()
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         s = self.latest
         if s is None:
             return

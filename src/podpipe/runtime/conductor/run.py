@@ -10,7 +10,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.output import Output
 from podpipe.model.pipeline import SOURCE, Pipeline, Stage
 from podpipe.model.shards import Placement
-from podpipe.runtime import call, protocol
+from podpipe.runtime import answers, protocol
 from podpipe.runtime.scratch import Scratch
 
 
@@ -56,5 +56,5 @@ class Run:
             task.source = self.plan[batch]
         stage = self.stage(node)
         if stage is not None and stage.call is not None and stage.call.memo:
-            task.answers = str(call.folder(self.run_dir, node))
+            task.answers = str(answers.folder(self.run_dir, node))
         return task
