@@ -92,3 +92,24 @@ def test_a_corrupt_durable_copy_is_not_used(tmp_path):
     store.objects[key] = store.objects[key][:-8] + b"garbage!"
     fetched, notes = durable.fetch(durable.latest(store, "shard-00000"), tmp_path / "run")
     assert fetched == [] and "corrupt" in notes[0]
+
+
+@pytest.mark.parametrize("how", ["write", "upload"])
+def test_a_local_store_never_shows_an_object_half_written(how, tmp_path, monkeypatch):
+    store = FsspecStore((tmp_path / "store").as_uri())
+    final = tmp_path / "store" / "a" / "manifest-1.json"
+    written_to: list[str] = []  # where the bytes go while they go out
+    fs = store._fs
+    for name, target in (("pipe_file", 0), ("put_file", 1)):
+        real = getattr(fs, name)
+        monkeypatch.setattr(fs, name, lambda *args, real=real, target=target: (
+            written_to.append(Path(args[target]).name), real(*args))[1])
+    local = tmp_path / "m.json"
+    local.write_bytes(b'{"whole": true}')
+    if how == "write":
+        store.write("a/manifest-1.json", local.read_bytes())
+    else:
+        store.upload("a/manifest-1.json", local)
+    assert len(written_to) == 1 and written_to[0].startswith(".manifest-1.json.")
+    assert final.read_bytes() == b'{"whole": true}'
+    assert store.list("a") == ["a/manifest-1.json"]  # no temporary name left

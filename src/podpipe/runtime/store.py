@@ -12,7 +12,7 @@ fake the unit tests use.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from podpipe.errors import StoreError
 from podpipe.runtime import files
@@ -86,18 +86,23 @@ class FsspecStore:
             return None
 
     def write(self, key: str, data: bytes) -> None:
-        self._parent(key)
-        self._call(self._fs.pipe_file, self._path(key), data)
+        self._put(key, lambda path: self._fs.pipe_file(path, data))
 
     def upload(self, key: str, local: Path) -> None:
+        self._put(key, lambda path: self._fs.put_file(str(local), path))
+
+    def _put(self, key: str, put: Callable[[str], None]) -> None:
+        """An object appears whole or not at all: a PUT is; a file written on a
+        local filesystem is not (another pod listing the store would read it half
+        written), so there it is written under a temporary name and renamed."""
         self._parent(key)
-        if self._local:  # a PUT is atomic; a file copy is not: temporary name first
-            folder, _, name = self._path(key).rpartition("/")
-            tmp = f"{folder}/{files.temporary_name(name)}"
-            self._call(self._fs.put_file, str(local), tmp)
-            self._call(self._fs.mv, tmp, self._path(key))
-        else:
-            self._call(self._fs.put_file, str(local), self._path(key))
+        if not self._local:
+            self._call(put, self._path(key))
+            return
+        folder, _, name = self._path(key).rpartition("/")
+        tmp = f"{folder}/{files.temporary_name(name)}"
+        self._call(put, tmp)
+        self._call(self._fs.mv, tmp, self._path(key))
 
     def download(self, key: str, local: Path) -> bool:
         try:
