@@ -20,6 +20,7 @@ before pandas is imported, which the source never needs.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -117,6 +118,10 @@ def _log_to(path: str) -> None:
 
 def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
     log = files.append_private(Path(message.log))
+    # What the server imported is never collected in a stage process: a collection
+    # there would walk it, writing to the pages it shares with the server (and
+    # paying their copy) for objects that live as long as the process anyway.
+    gc.freeze()
     pid = os.fork()
     if pid:
         os.close(log)
