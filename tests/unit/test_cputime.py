@@ -90,7 +90,11 @@ def test_helpers_waiting_for_a_core_count_as_wanting_it():
     assert wanted >= 2 * took
 
 
-def test_this_processs_thread_files_follow_its_threads():
-    _sleeps_while_helpers_hash(2)
+def test_threads_that_come_and_go_leave_no_descriptor_open():
     cputime.wanted()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):  # each round's helpers were measured while alive, then ended
+        _sleeps_while_helpers_hash(2)
+    cputime.wanted()
+    assert len(os.listdir("/proc/self/fd")) <= before  # (a thread of before may be gone)
     assert set(cputime._OWN) == set(os.listdir("/proc/self/task"))

@@ -36,8 +36,7 @@ def request(run: "RunState", agent: Agent, event: SpaceRequested,
             actions: list[Action]) -> None:
     """`event`'s agent asks for its output's bytes: what came with its task, if any,
     was too little (its warm file it has deleted already) and is given back."""
-    run.budget.give(agent.reserved)
-    agent.reserved, agent.reuse = 0, None
+    settle(run, agent)
     agent.status, agent.want = WAITING, event.nbytes
     if run.graph.domain[event.node] == TABLE:
         if run.tables_held + event.nbytes > run.budget.limit // TABLE_SHARE:
@@ -82,10 +81,17 @@ def with_task(run: "RunState", node: str, agent: Agent,
     return agent.reserved, agent.reuse
 
 
+def settle(run: "RunState", agent: Agent) -> int | None:
+    """What was granted to `agent` and is not an output goes back to the budget;
+    returns the warm file that came with it (its agent wrote over it or deleted it,
+    unless it is gone: `release`)."""
+    run.budget.give(agent.reserved)
+    warm, agent.reserved, agent.reuse = agent.reuse, 0, None
+    return warm
+
+
 def release(run: "RunState", agent: Agent, actions: list[Action]) -> None:
     """The RAM granted to `agent` goes back, its warm file (if unused) with it: its
     process is gone or taken away."""
-    run.budget.give(agent.reserved)
-    if agent.reuse is not None:
-        actions.append(Unpool(agent.reuse))
-    agent.reserved, agent.reuse = 0, None
+    if (warm := settle(run, agent)) is not None:
+        actions.append(Unpool(warm))

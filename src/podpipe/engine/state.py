@@ -262,8 +262,7 @@ class RunState:
     def _done(self, agent: Agent, event: TaskDone, actions: list[Action]) -> None:
         node, batch, output = event.node, event.batch, event.output
         agent.status, agent.batch = IDLE, None
-        self.budget.give(agent.reserved)
-        agent.reserved, agent.reuse = 0, None  # (its warm file written over or deleted)
+        grants.settle(self, agent)  # its output is counted below, on its own
         if (node, batch) in self.obsolete:  # undone while it ran (a recompute)
             self.obsolete.discard((node, batch))
             if output is not None and output.tier == "ram":

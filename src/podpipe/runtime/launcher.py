@@ -252,7 +252,7 @@ class ForkLauncher:
         while self._next(0.0) is not None:
             pass
         if self.gone:
-            raise OSError(f"the fork server exited; see {self.where.log_dir / 'forkserver.log'}")
+            raise self._gone()
         spawned, self.spawned = list(self.spawned.values()), {}
         return spawned
 
@@ -262,8 +262,7 @@ class ForkLauncher:
         self.ask(name, overrides)
         while name not in self.spawned:
             if self._next(None) is None:
-                raise OSError("the fork server exited; see its log in "
-                              f"{self.where.log_dir / 'forkserver.log'}")
+                raise self._gone()
         return self.spawned.pop(name)
 
     def poll(self, process: Process) -> int | None:
@@ -278,6 +277,10 @@ class ForkLauncher:
             if self._next(left) is None:
                 break
         return self.exits.get(process.pid)
+
+    def _gone(self) -> OSError:
+        return OSError(f"the fork server exited; see its log, "
+                       f"{self.where.log_dir / 'forkserver.log'}")
 
     def _next(self, timeout: float | None) -> protocol.Message | None:
         """The next message from the server (recording exits and the processes forked,
