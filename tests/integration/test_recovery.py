@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -159,6 +160,29 @@ def test_a_corrupt_copy_is_detected_by_checksum_and_its_batch_computed_again(tmp
     assert _output(workdir) == expected
     double = after["stages"]["double"]
     assert double["recomputed"] >= 1
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_only_outputs_a_copy_is_checked_against_are_hashed(tmp_path, reuse):
+    """What the reduce reads is kept on the node tier, checked by its checksum on a
+    resume; an output read once and deleted is never checked: it is not hashed,
+    unless outputs are reused across runs (keyed by their inputs' checksums)."""
+    workdir = tmp_path / "w"
+    _spec(workdir)
+    args = ["--set", f"checkpoints.durable=file://{workdir}/durable",
+            "--set", "checkpoints.reuse=true"] if reuse else []
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", *args, cwd=workdir,
+                   SLOW_SECONDS="0")
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(workdir / "run" / "journal.sqlite") as db:
+        rows = db.execute("SELECT node, checksum FROM outputs WHERE tier = 'ram'").fetchall()
+    checksums = {node: {c for n, c in rows if n == node} for node, _ in rows}
+    assert all(re.fullmatch(r"[0-9a-f]{16}", c) for c in checksums["double"])
+    assert len(checksums["double"]) == BATCHES
+    if reuse:
+        assert all(re.fullmatch(r"[0-9a-f]{16}", c) for c in checksums["slow"])
+    else:
+        assert checksums["slow"] == {""}
 
 
 @pytest.mark.parametrize("setup,message", [

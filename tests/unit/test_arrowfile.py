@@ -3,11 +3,14 @@ place, read back without copying."""
 
 from __future__ import annotations
 
+import gc
+import os
+
 import pyarrow as pa
 import pytest
 import xxhash
 
-from podpipe.runtime import arrowfile
+from podpipe.runtime import arrowfile, scratch
 
 
 def _table(rows: int = 1000) -> pa.Table:
@@ -79,3 +82,76 @@ def test_command_outputs_may_be_ipc_files_or_streams(tmp_path):
     arrowfile.write_table(table, tmp_path / "f.arrow")
     assert arrowfile.read_any_ipc(tmp_path / "s.arrows").equals(table)
     assert arrowfile.read_any_ipc(tmp_path / "f.arrow").equals(table)
+
+
+def test_a_file_read_again_is_not_mapped_again_and_shows_what_it_holds_now(tmp_path):
+    """Outputs are written over warm files: the same file (inode) comes back as an
+    input, its mapping kept from the task before; what a reader sees is the file's
+    content now, and a file grown meanwhile is mapped again whole."""
+    mappings = arrowfile.Mappings()
+    path = tmp_path / "warm.arrow"
+    arrowfile.write_table(_table(100), path)
+    read = arrowfile.Watched(mappings)
+    assert read(str(path)).equals(_table(100))
+    kept = mappings._kept[next(iter(mappings._kept))][1]
+    written_over = tmp_path / "next.arrow"
+    arrowfile.write_table(_table(50), written_over, reuse=path)  # the pool's way: same inode
+    assert read(str(written_over)).equals(_table(50))
+    assert len(mappings) == 1 and mappings._kept[next(iter(mappings._kept))][1] is kept
+    grown = tmp_path / "grown.arrow"
+    arrowfile.write_table(_table(5000), grown, reuse=written_over)
+    assert read(str(grown)).equals(_table(5000))
+    assert len(mappings) == 1 and mappings._kept[next(iter(mappings._kept))][1] is not kept
+
+
+def test_mappings_of_deleted_files_are_let_go_at_the_next_sweep(tmp_path):
+    mappings = arrowfile.Mappings()
+    read = arrowfile.Watched(mappings)
+    paths = [tmp_path / f"{i}.arrow" for i in range(3)]
+    for path in paths:
+        arrowfile.write_table(_table(10), path)
+        read(str(path))
+    fds = [fd for fd, _ in mappings._kept.values()]
+    paths[1].unlink()
+    mappings.sweep()
+    assert len(mappings) == 2
+    with pytest.raises(OSError):
+        os.fstat(fds[1])  # its descriptor closed with it
+    mappings.MOST = 1
+    arrowfile.write_table(_table(10), tmp_path / "3.arrow")
+    read(str(tmp_path / "3.arrow"))
+    newest = os.stat(tmp_path / "3.arrow")
+    assert list(mappings._kept) == [(newest.st_dev, newest.st_ino)]  # the least recently
+                                                                     # read went first
+
+
+def test_an_input_the_stage_keeps_is_pinned_even_over_kept_mappings(tmp_path):
+    mappings = arrowfile.Mappings()
+    for name in ("a", "b"):
+        arrowfile.write_table(_table(10), tmp_path / f"{name}.arrow")
+    read = arrowfile.Watched(mappings)
+    cached = read(str(tmp_path / "a.arrow"))  # the stage's code keeps this one
+    read(str(tmp_path / "b.arrow"))
+    gc.collect()
+    assert read.pinned() == [str(tmp_path / "a.arrow")]
+    (tmp_path / "a.arrow").unlink()
+    mappings.sweep()  # let go of here; the stage's table still reads it
+    assert len(mappings) == 1 and cached.equals(_table(10))
+
+
+def test_a_discarded_file_gives_its_pages_back_though_still_mapped(tmp_path):
+    """An agent keeps what it read mapped: deleting the file alone would leave its
+    pages in RAM, outside the budget, until that agent let go of it."""
+    for how in ("unlink", "discard"):
+        path = tmp_path / f"{how}.arrow"
+        arrowfile.write_table(_table(100_000), path)
+        mappings = arrowfile.Mappings()
+        arrowfile.Watched(mappings)(str(path))
+        fd, _ = mappings._kept[next(iter(mappings._kept))]
+        if how == "unlink":
+            path.unlink()
+            assert os.fstat(fd).st_blocks > 0  # still held
+        else:
+            scratch.discard(path)
+            assert os.fstat(fd).st_blocks == 0 and not path.exists()
+    scratch.discard(tmp_path / "gone.arrow")  # nothing there: nothing to do

@@ -90,11 +90,27 @@ def test_helpers_waiting_for_a_core_count_as_wanting_it():
     assert wanted >= 2 * took
 
 
+def _schedstat_fds() -> dict[str, str]:
+    """This process's open descriptors of a thread's schedstat: fd -> thread id."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith("/schedstat") and "/task/" in target:
+            found[fd] = target.split("/")[-2]
+    return found
+
+
 def test_threads_that_come_and_go_leave_no_descriptor_open():
     cputime.wanted()
-    before = len(os.listdir("/proc/self/fd"))
+    measured = set()
     for _ in range(3):  # each round's helpers were measured while alive, then ended
         _sleeps_while_helpers_hash(2)
+        measured |= set(cputime._OWN)
     cputime.wanted()
-    assert len(os.listdir("/proc/self/fd")) <= before  # (a thread of before may be gone)
-    assert set(cputime._OWN) == set(os.listdir("/proc/self/task"))
+    alive = set(os.listdir("/proc/self/task"))
+    assert measured - alive  # helpers were measured, and are gone
+    assert set(cputime._OWN) == alive
+    assert set(_schedstat_fds().values()) <= alive  # none left open for a gone thread

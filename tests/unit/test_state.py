@@ -136,10 +136,14 @@ class Pod:
             elif isinstance(action, S.Deny):
                 del self.tasks[agent]  # the agent drops its result
             elif isinstance(action, S.Delete):
+                # emptied at once unless held: then nobody may be reading it
+                assert action.held or not self.reading(action.path), action
                 del self.live[action.path]
             elif isinstance(action, S.Recycle):
-                # never a file the node tier is copying (it reads the same pages)
+                # never a file the node tier is copying (it reads the same pages), nor
+                # one a task still reads (the next output is written over it)
                 assert action.path.rpartition("/")[0] not in self.state.keep, action
+                assert not self.reading(action.path), action
                 self.pool[action.pooled] = self.live.pop(action.path)
             elif isinstance(action, S.Unpool):  # pooled, or held by a task taken away
                 held = [a for a, (i, _) in self.held.items() if i == action.pooled]
@@ -168,6 +172,11 @@ class Pod:
                     self.outcome = action
             else:
                 self.outcome = action
+
+    def reading(self, path: str) -> bool:
+        """Does a task in flight read the file at `path`?"""
+        return any(o.path == path for task in self.tasks.values()
+                   for group in task.inputs for o in group)
 
     def hello(self, node: str) -> None:
         for worker in sorted(self.state.agents[node]):
@@ -579,6 +588,29 @@ def test_a_recompute_after_the_reduce_ran_makes_its_inputs_again_from_the_source
     assert ("after", 0) in after and (node == "after" or ("r", 0) in after)
     if node == "d":
         assert sorted(b for n, b in after if n == "source") == [0, 1, 2, 3]
+    assert pod.live == {} and state.budget.usage == 0
+
+
+def test_an_output_a_task_still_reads_is_deleted_but_not_emptied_under_it():
+    """A recompute undoes the reduce's output while `after` reads it: the file is
+    deleted `held` (its pages stay its reader's), not emptied at once."""
+    pod = Pod(DIAMOND, 4, 10**6, lambda n, b: 1, random.Random(3))
+    state = pod.state
+    original = state.handle
+    seen = {}
+
+    def handle(event):
+        actions = original(event)
+        if not seen and any(a.busy for a in state.agents["after"].values()):
+            path = state.outputs[("r", 0)].path
+            extra = original(S.Recompute("r"))
+            seen["deleted"] = [a for a in extra if isinstance(a, S.Delete) and a.path == path]
+            actions = actions + extra
+        return actions
+
+    state.handle = handle
+    assert isinstance(pod.run(), S.Finished)
+    assert seen["deleted"] == [S.Delete(path="r/0", held=True)]
     assert pod.live == {} and state.budget.usage == 0
 
 

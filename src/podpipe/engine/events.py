@@ -153,6 +153,7 @@ class Dispatch:
     worker: int = 0
     reserved: int = 0  # RAM granted with the task: an output no larger needs no request
     reuse: int | None = None  # a pooled file to write it over (`grants.with_task`)
+    kept: bool = False  # its output goes to the node tier (a resume needs it)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,12 @@ class Deny:
 
 @dataclass(frozen=True)
 class Delete:
+    """Delete an output's file. `held`: someone may still map it (a stage's own cache,
+    a task reading it, a node-tier copy being made), so its pages stay theirs until
+    they let go; otherwise they go back at once, whoever kept a mapping of it."""
+
     path: str
+    held: bool = False
 
 
 @dataclass(frozen=True)

@@ -314,12 +314,14 @@ class RunState:
     def delete(self, key: Key, actions: list[Action]) -> None:
         output = self.outputs.pop(key)
         self.unread.pop(key, None)  # (a table has no readers to count)
-        pinned = key in self.pinned or output.node in self.keep  # someone else maps it:
-        self.pinned.discard(key)                                  # a copy to the node
-        if output.tier == "ram" and pinned:                       # tier, a stage's cache
-            self.budget.give(output.nbytes)
-            actions.append(Delete(output.path))
-        elif output.tier == "ram":  # the node tier keeps its copies for the run
+        pinned = key in self.pinned
+        self.pinned.discard(key)
+        if output.tier != "ram":  # the node tier keeps its copies for the run
+            return
+        if pinned or output.node in self.keep:  # someone else maps it: a stage's cache,
+            self.budget.give(output.nbytes)    # a node-tier copy, a reader of what runs
+            actions.append(Delete(output.path, held=True))  # once (undone by a recompute)
+        else:
             pooled = self.budget.recycle(output.nbytes)  # its pages, for a later output
             actions.append(Delete(output.path) if pooled is None
                            else Recycle(output.path, pooled))
@@ -359,7 +361,8 @@ class RunState:
                                  for k in self.plan.reads(node, name, batch))
                            for name in self.graph.inputs[node])
             reserved, reuse = grants.with_task(self, node, agent, actions)
-            actions.append(Dispatch(node, batch, inputs, worker, reserved, reuse))
+            actions.append(Dispatch(node, batch, inputs, worker, reserved, reuse,
+                                    node in self.keep))
 
     def can_admit(self) -> bool:
         """Is there a source batch to load, and room on the line for it (backpressure)?

@@ -26,6 +26,7 @@ from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
 from podpipe.runtime import arrowfile, cputime, files, logline, protocol
+from podpipe.runtime.scratch import discard
 from podpipe.runtime.store import Store, open_store
 from podpipe.runtime.work import CallService, SchemaCheck, Work, WriteSink, version_of, work_for
 
@@ -100,13 +101,14 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
         work.client.notify = lambda n: protocol.send(sock, protocol.Calling(in_flight=n))
     stages = {s.name: s for s in pipeline.stages}
     schemas = SchemaCheck(node in stages and stages[node].schema == "fixed")
+    mappings = arrowfile.Mappings()  # what it read, kept mapped from task to task
     try:
         while True:
             message = protocol.recv(sock)
             if isinstance(message, protocol.Stop):
                 return 0
             if isinstance(message, protocol.Task):
-                _task(sock, work, message, node, schemas)
+                _task(sock, work, message, node, schemas, mappings)
     except _Stopped:
         return 0
     except (protocol.Closed, ConnectionError):
@@ -119,11 +121,12 @@ class _Stopped(Exception):
 
 
 def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
-          schemas: SchemaCheck) -> None:
+          schemas: SchemaCheck, mappings: arrowfile.Mappings) -> None:
     batch, started, memo = task.batch, time.perf_counter(), task.memo
     cpu = cputime.wanted()
     reused = False
-    watched = arrowfile.Watched()
+    mappings.sweep()
+    watched = arrowfile.Watched(mappings)
     sys.stderr.write(logline.task_line(batch, "started"))
     try:
         inputs = [[watched(p) for p in group] for group in task.inputs]
@@ -152,14 +155,14 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
         stats.calls = work.stats()
     output = None
     if result is None and task.reuse is not None:
-        Path(task.reuse).unlink(missing_ok=True)  # the warm file that came with it: unused
+        discard(task.reuse)  # the warm file that came with it: unused
     if result is not None:
         written = result if isinstance(result, Path) else None  # a command's own file
         nbytes = written.stat().st_size if written else arrowfile.ipc_size(result)
         grant = protocol.Grant(reuse=task.reuse)  # what came with the task, if it does
         if nbytes > task.granted:  # more than came with the task (if any): asked for
             if task.reuse is not None:  # what came with it is given back, this first
-                Path(task.reuse).unlink(missing_ok=True)
+                discard(task.reuse)
             asked = time.perf_counter()
             answer = _reserve(sock, batch, nbytes)
             if answer is None:
@@ -170,18 +173,20 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
             started += time.perf_counter() - asked  # waiting for RAM is not work
         path, tier = Path(grant.path or task.output), grant.tier
         if grant.reuse is not None and (written or tier != "ram"):
-            Path(grant.reuse).unlink(missing_ok=True)  # a file of its own: not used
+            discard(grant.reuse)  # a file of its own: not used
         if written and tier == "ram":
             os.rename(written, path)
         elif written:  # spilled to the node tier: another filesystem
             with files.publishing(path) as tmp:
                 shutil.move(written, tmp)
+        hashed = task.checksum or tier != "ram"  # what a copy of it is checked by
         if written:
-            rows, checksum = arrowfile.read_table(path).num_rows, arrowfile.checksum(path)
+            rows = arrowfile.read_table(path).num_rows
+            checksum = arrowfile.checksum(path) if hashed else ""
         elif isinstance(result, pa.Table):
             try:
                 nbytes, checksum = arrowfile.write_table(
-                    result, path, grant.reuse if tier == "ram" else None)
+                    result, path, grant.reuse if tier == "ram" else None, hashed)
             except OSError as exc:
                 protocol.send(sock, protocol.Failed(
                     batch=batch, message=f"cannot write {path}: {exc.strerror or exc}"))

@@ -10,8 +10,9 @@ no bytes are copied however large the batch.
 from __future__ import annotations
 
 import mmap
-import weakref
 import os
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,21 @@ def ipc_size(table: pa.Table) -> int:
 
 
 class _HashingFile:
-    """A raw file that hashes what passes through it; pyarrow hands it its buffers.
+    """A raw file that hashes what passes through it (if `hashed`); pyarrow hands it
+    its buffers.
     Small pieces (an IPC message's metadata, padding) are gathered and written with
     the next large one, so that a batch costs a few system calls, not one per piece."""
 
     SMALL = 64 << 10
 
-    def __init__(self, fd: int) -> None:
-        self.fd, self.hash, self.closed = fd, xxhash.xxh3_64(), False
+    def __init__(self, fd: int, hashed: bool) -> None:
+        self.fd, self.hash, self.closed = fd, xxhash.xxh3_64() if hashed else None, False
         self.pending = bytearray()
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.hash.update(view)
+        if self.hash is not None:
+            self.hash.update(view)
         if len(view) < self.SMALL:
             self.pending += view
             if len(self.pending) >= self.SMALL:
@@ -67,11 +70,12 @@ class _HashingFile:
         self.closed = True
 
 
-def write_table(table: pa.Table, path: str | Path,
-                reuse: str | Path | None = None) -> tuple[int, str]:
-    """Write `table` to `path` atomically; returns (bytes, xxh3 checksum). `reuse`: a
-    file of ours to write over instead of a new one (tmpfs pages already allocated
-    are about twice as fast to write as fresh ones); it is gone afterwards either way."""
+def write_table(table: pa.Table, path: str | Path, reuse: str | Path | None = None,
+                hashed: bool = True) -> tuple[int, str]:
+    """Write `table` to `path` atomically; returns (bytes, xxh3 checksum, or "" unless
+    `hashed`). `reuse`: a file of ours to write over instead of a new one (tmpfs pages
+    already allocated are about twice as fast to write as fresh ones); it is gone
+    afterwards either way."""
     with files.publishing(Path(path)) as tmp:
         flags = os.O_WRONLY | os.O_NOFOLLOW
         if reuse is not None:
@@ -83,7 +87,7 @@ def write_table(table: pa.Table, path: str | Path,
             flags |= os.O_TRUNC
         fd = os.open(tmp, flags)
         try:
-            raw = _HashingFile(fd)
+            raw = _HashingFile(fd, hashed)
             with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:
                 writer.write_table(table)
             raw.flush()
@@ -91,7 +95,7 @@ def write_table(table: pa.Table, path: str | Path,
             os.ftruncate(fd, nbytes)  # a longer warm file gives back what it had over
         finally:
             os.close(fd)
-    return nbytes, raw.hash.hexdigest()
+    return nbytes, "" if raw.hash is None else raw.hash.hexdigest()
 
 
 def _mapped(path: str | Path) -> pa.Buffer:
@@ -115,19 +119,73 @@ def read_table(path: str | Path) -> pa.Table:
     return pa.ipc.open_file(pa.BufferReader(_mapped(path))).read_all()
 
 
-class Watched:
-    """`read_table` for a task's inputs, keeping a weak reference to each mapping:
-    after the task, those still alive are *pinned* — held by the stage's own code
-    (a cache of an earlier batch) — and their files must not be written over."""
+class Mappings:
+    """Read-only mappings of the files this process read, kept from task to task by
+    inode. Outputs are mostly written over warm files (the pool's), so the same files
+    come back as inputs: one already mapped is not faulted in and torn down again
+    (page by page, a third of a stage's kernel time at 100,000-row batches). A
+    mapping of a file deleted since is let go at the next `sweep`; a file deleted
+    while nobody reads it is emptied first (`scratch.discard`), so that its pages go
+    back at once even if a mapping of it is still kept here."""
+
+    MOST = 64  # files kept mapped, the least recently read let go first
 
     def __init__(self) -> None:
+        self._kept: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
+
+    def view(self, path: str | Path) -> memoryview:
+        """The whole file at `path`, mapped; nothing is copied."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            found = os.fstat(fd)
+            key = (found.st_dev, found.st_ino)
+            kept = self._kept.get(key)
+            if kept is not None and len(kept[1]) >= found.st_size:
+                os.close(fd)
+                self._kept.move_to_end(key)
+                return memoryview(kept[1])[:found.st_size]
+            if kept is not None:  # the file grew: mapped again whole
+                self._let_go(key)
+            mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._kept[key] = (fd, mapping)
+        while len(self._kept) > self.MOST:
+            self._let_go(next(iter(self._kept)))
+        return memoryview(mapping)[:found.st_size]
+
+    def sweep(self) -> None:
+        """Let go of the mappings of files deleted since."""
+        for key in [key for key, (fd, _) in self._kept.items() if not os.fstat(fd).st_nlink]:
+            self._let_go(key)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _let_go(self, key: tuple[int, int]) -> None:
+        fd, mapping = self._kept.pop(key)
+        os.close(fd)
+        try:
+            mapping.close()
+        except BufferError:
+            pass  # a table the stage's code keeps still uses it: unmapped with the last
+
+
+class Watched:
+    """`read_table` for a task's inputs, over the agent's `Mappings`, keeping a weak
+    reference to each task's view: after the task, those still alive are *pinned* —
+    held by the stage's own code (a cache of an earlier batch) — and their files
+    must not be written over."""
+
+    def __init__(self, mappings: Mappings) -> None:
+        self.mappings = mappings
         self.watches: list[tuple[str, weakref.ref]] = []
 
     def __call__(self, path: str) -> pa.Table:
-        with open(path, "rb") as f:
-            mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-        self.watches.append((path, weakref.ref(mapping)))
-        return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapping))).read_all()
+        view = self.mappings.view(path)
+        self.watches.append((path, weakref.ref(view)))
+        return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(view))).read_all()
 
     def pinned(self) -> list[str]:
         """The inputs still mapped (call once the task let go of its own references)."""

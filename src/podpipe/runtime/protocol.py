@@ -97,6 +97,7 @@ class Task(_Message, tag="task"):
     answers: str | None = None       # a call stage: the folder of answers kept
     granted: int = 0                 # RAM granted with the task: an output no larger is
     reuse: str | None = None         # written at once (over this warm file), unasked
+    checksum: bool = True            # hash the output: a copy of it is checked by that
 
 
 class Reserve(_Message, tag="reserve"):

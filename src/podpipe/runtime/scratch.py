@@ -177,6 +177,23 @@ class Scratch:
                 child.unlink(missing_ok=True)
 
 
+def discard(path: str | Path) -> None:
+    """Delete a scratch file nobody reads any more, emptying it first: agents keep
+    mappings of what they read (`arrowfile.Mappings`), and a mapping would keep a
+    deleted file's pages in RAM, outside the budget, until its agent let go of it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    try:
+        os.unlink(path)
+        os.ftruncate(fd, 0)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def sweep(root: Path | None = None, keep: Path | None = None) -> list[Path]:
     """Remove this user's scratch directories under `root` whose owner process is
     gone, but `keep`; returns them. What cannot be proven podpipe's and this user's

@@ -277,7 +277,7 @@ class Conductor:
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run
-        task = run.task(node, action.batch, action.inputs, action.reserved, action.reuse)
+        task = run.task(action)
         stage = run.stage(node)
         if node in run.graph.sinks:
             task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from podpipe.engine.events import Dispatch
 from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
-from podpipe.model.output import Output
 from podpipe.model.pipeline import SOURCE, Pipeline, Stage
 from podpipe.model.shards import Placement
 from podpipe.runtime import answers, protocol
@@ -43,15 +43,19 @@ class Run:
         """`node`'s definition if it is a stage (not the source, a table or a sink)."""
         return next((s for s in self.pipeline.stages if s.name == node), None)
 
-    def task(self, node: str, batch: int, inputs: tuple[tuple[Output, ...], ...],
-             granted: int = 0, reuse: int | None = None) -> protocol.Task:
-        """`node`'s task for `batch`, as the run has it: its inputs, where its output
-        goes, which rows a source batch is, where a call stage keeps its answers; the
-        RAM `granted` with it, over the pooled file `reuse` (`engine.grants`)."""
-        task = protocol.Task(batch=batch, inputs=[[o.path for o in group] for group in inputs],
+    def task(self, action: Dispatch) -> protocol.Task:
+        """The task the engine dispatched, as the run has it: its inputs, where its
+        output goes, which rows a source batch is, where a call stage keeps its
+        answers; the RAM granted with it, over a pooled file (`engine.grants`); whether
+        its output is hashed (a copy of it is checked against that: one kept for a
+        resume, one reused across runs)."""
+        node, batch, reuse = action.node, action.batch, action.reuse
+        task = protocol.Task(batch=batch,
+                             inputs=[[o.path for o in group] for group in action.inputs],
                              output=str(self.scratch.output_path(node, batch)),
-                             granted=granted, reuse=None if reuse is None
-                             else str(self.scratch.pool_path(reuse)))
+                             granted=action.reserved, reuse=None if reuse is None
+                             else str(self.scratch.pool_path(reuse)),
+                             checksum=action.kept or self.pipeline.checkpoints.reuse)
         if node == SOURCE:
             task.source = self.plan[batch]
         stage = self.stage(node)

@@ -18,7 +18,7 @@ from podpipe.runtime import files, protocol, tiers
 from podpipe.runtime.conductor.agents import Agents
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.protocol import agent_name
-from podpipe.runtime.scratch import Scratch
+from podpipe.runtime.scratch import Scratch, discard
 
 
 class ScratchWork:
@@ -36,15 +36,17 @@ class ScratchWork:
         elif isinstance(action, ev.Deny):
             self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
             self.timeline.ended(agent_name(action.node, action.worker), "denied")
+        elif isinstance(action, ev.Delete) and action.held:
+            Path(action.path).unlink(missing_ok=True)  # its pages go when the holder lets go
         elif isinstance(action, ev.Delete):
-            Path(action.path).unlink(missing_ok=True)
+            discard(action.path)
         elif isinstance(action, ev.Recycle):
             try:
                 os.rename(action.path, self.scratch.pool_path(action.pooled))
             except FileNotFoundError:
                 pass  # (a grant of it then finds no file: the output is written anew)
         elif isinstance(action, ev.Unpool):
-            self.scratch.pool_path(action.pooled).unlink(missing_ok=True)
+            discard(self.scratch.pool_path(action.pooled))
         elif isinstance(action, ev.Spill):
             self._spill(action)
         else:
