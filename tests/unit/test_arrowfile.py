@@ -50,6 +50,20 @@ def test_a_write_that_fails_midway_leaves_no_file_behind(tmp_path, monkeypatch):
         arrowfile.write_table(_table(), tmp_path / "a.arrow")
     assert len(calls) > 1
     assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    arrowfile.write_table(_table(10), tmp_path / "warm.arrow")
+    monkeypatch.setattr(arrowfile._HashingFile, "write", failing_write)
+    calls.clear()
+    with pytest.raises(OSError, match="No space left"):  # over a warm file: it goes too
+        arrowfile.write_table(_table(), tmp_path / "a.arrow", reuse=tmp_path / "warm.arrow")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_warm_file_gone_meanwhile_is_written_anew(tmp_path):
+    nbytes, checksum = arrowfile.write_table(_table(), tmp_path / "a.arrow",
+                                             reuse=tmp_path / "gone.arrow")
+    assert arrowfile.read_table(tmp_path / "a.arrow").equals(_table())
+    assert [p.name for p in tmp_path.iterdir()] == ["a.arrow"]
 
 
 @pytest.mark.parametrize("make", [

@@ -76,16 +76,8 @@ def write_table(table: pa.Table, path: str | Path, reuse: str | Path | None = No
     `hashed`). `reuse`: a file of ours to write over instead of a new one (tmpfs pages
     already allocated are about twice as fast to write as fresh ones); it is gone
     afterwards either way."""
-    with files.publishing(Path(path)) as tmp:
-        flags = os.O_WRONLY | os.O_NOFOLLOW
-        if reuse is not None:
-            try:
-                os.replace(reuse, tmp)  # the warm file takes the temporary name
-            except FileNotFoundError:
-                flags |= os.O_TRUNC
-        else:
-            flags |= os.O_TRUNC
-        fd = os.open(tmp, flags)
+    with files.publishing(Path(path), over=reuse) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
         try:
             raw = _HashingFile(fd, hashed)
             with pa.ipc.new_file(pa.PythonFile(raw, mode="w"), table.schema) as writer:

@@ -26,11 +26,20 @@ def temporary(path: Path) -> Path:
 
 
 @contextmanager
-def publishing(path: Path, *, durable: bool = False) -> Iterator[Path]:
+def publishing(path: Path, *, durable: bool = False,
+               over: str | Path | None = None) -> Iterator[Path]:
     """Yield a temporary path to write; on success it becomes `path` (fsynced first,
-    and its directory after, with `durable`); on failure it is removed."""
+    and its directory after, with `durable`); on failure it is removed. `over`: a
+    file of ours to write over, moved to the temporary name (an empty one is made
+    if it is gone); it is gone afterwards either way."""
     tmp = temporary(path)
-    _create_private(tmp)
+    try:
+        if over is not None:
+            os.replace(over, tmp)
+    except FileNotFoundError:
+        over = None  # gone: written anew
+    if over is None:
+        _create_private(tmp)
     try:
         yield tmp
         if durable:
