@@ -107,39 +107,33 @@ def test_a_file_read_again_is_not_mapped_again_and_shows_what_it_holds_now(tmp_p
     arrowfile.write_table(_table(100), path)
     read = arrowfile.Watched(mappings)
     assert read(str(path)).equals(_table(100))
-    kept = mappings._kept[next(iter(mappings._kept))][1]
+    kept = next(iter(mappings._kept.values()))
     written_over = tmp_path / "next.arrow"
     arrowfile.write_table(_table(50), written_over, reuse=path)  # the pool's way: same inode
     assert read(str(written_over)).equals(_table(50))
-    assert len(mappings) == 1 and mappings._kept[next(iter(mappings._kept))][1] is kept
+    assert len(mappings) == 1 and next(iter(mappings._kept.values())) is kept
     grown = tmp_path / "grown.arrow"
     arrowfile.write_table(_table(5000), grown, reuse=written_over)
     assert read(str(grown)).equals(_table(5000))
-    assert len(mappings) == 1 and mappings._kept[next(iter(mappings._kept))][1] is not kept
+    assert len(mappings) == 1 and next(iter(mappings._kept.values())) is not kept
 
 
-def test_mappings_of_deleted_files_are_let_go_at_the_next_sweep(tmp_path):
+def test_inputs_not_to_keep_are_mapped_for_their_task_and_the_least_recent_go(tmp_path):
     mappings = arrowfile.Mappings()
-    read = arrowfile.Watched(mappings)
-    paths = [tmp_path / f"{i}.arrow" for i in range(3)]
+    paths = [tmp_path / f"{i}.arrow" for i in range(4)]
     for path in paths:
         arrowfile.write_table(_table(10), path)
+    once = arrowfile.Watched(mappings, keep=False)  # a reduce's inputs, say
+    assert once(str(paths[0])).equals(_table(10)) and len(mappings) == 0
+    mappings.MOST = 2
+    read = arrowfile.Watched(mappings)
+    for path in paths[1:]:
         read(str(path))
-    fds = [fd for fd, _ in mappings._kept.values()]
-    paths[1].unlink()
-    mappings.sweep()
-    assert len(mappings) == 2
-    with pytest.raises(OSError):
-        os.fstat(fds[1])  # its descriptor closed with it
-    mappings.MOST = 1
-    arrowfile.write_table(_table(10), tmp_path / "3.arrow")
-    read(str(tmp_path / "3.arrow"))
-    newest = os.stat(tmp_path / "3.arrow")
-    assert list(mappings._kept) == [(newest.st_dev, newest.st_ino)]  # the least recently
-                                                                     # read went first
+    keys = [(os.stat(p).st_dev, os.stat(p).st_ino) for p in paths[2:]]
+    assert list(mappings._kept) == keys  # the least recently read went first
 
 
-def test_an_input_the_stage_keeps_is_pinned_even_over_kept_mappings(tmp_path):
+def test_an_input_the_stage_keeps_is_pinned_and_its_mapping_is_the_stage_s(tmp_path):
     mappings = arrowfile.Mappings()
     for name in ("a", "b"):
         arrowfile.write_table(_table(10), tmp_path / f"{name}.arrow")
@@ -148,9 +142,10 @@ def test_an_input_the_stage_keeps_is_pinned_even_over_kept_mappings(tmp_path):
     read(str(tmp_path / "b.arrow"))
     gc.collect()
     assert read.pinned() == [str(tmp_path / "a.arrow")]
-    (tmp_path / "a.arrow").unlink()
-    mappings.sweep()  # let go of here; the stage's table still reads it
-    assert len(mappings) == 1 and cached.equals(_table(10))
+    b = os.stat(tmp_path / "b.arrow")
+    assert list(mappings._kept) == [(b.st_dev, b.st_ino)]  # a's is not kept here
+    (tmp_path / "a.arrow").unlink()  # deleted whole (pinned): the stage still reads it
+    assert cached.equals(_table(10))
 
 
 def test_a_discarded_file_gives_its_pages_back_though_still_mapped(tmp_path):
@@ -161,11 +156,12 @@ def test_a_discarded_file_gives_its_pages_back_though_still_mapped(tmp_path):
         arrowfile.write_table(_table(100_000), path)
         mappings = arrowfile.Mappings()
         arrowfile.Watched(mappings)(str(path))
-        fd, _ = mappings._kept[next(iter(mappings._kept))]
-        if how == "unlink":
-            path.unlink()
-            assert os.fstat(fd).st_blocks > 0  # still held
-        else:
-            scratch.discard(path)
-            assert os.fstat(fd).st_blocks == 0 and not path.exists()
+        assert len(mappings) == 1
+        with open(path, "rb") as f:
+            if how == "unlink":
+                path.unlink()
+                assert os.fstat(f.fileno()).st_blocks > 0  # still held
+            else:
+                scratch.discard(path)
+                assert os.fstat(f.fileno()).st_blocks == 0 and not path.exists()
     scratch.discard(tmp_path / "gone.arrow")  # nothing there: nothing to do

@@ -614,6 +614,26 @@ def test_an_output_a_task_still_reads_is_deleted_but_not_emptied_under_it():
     assert pod.live == {} and state.budget.usage == 0
 
 
+def test_a_task_says_whether_its_output_and_its_inputs_are_kept_on_the_node_tier():
+    """What the node tier keeps is hashed when written (its copy is checked against
+    that), and not kept mapped by its readers (it is deleted whole, not emptied)."""
+    pod = Pod(DIAMOND, 3, 10**6, lambda n, b: 1, random.Random(1))
+    original, seen = pod.state.handle, {}
+
+    def handle(event):
+        actions = original(event)
+        for a in actions:
+            if isinstance(a, S.Dispatch):
+                seen.setdefault(a.node, set()).add((a.kept, a.reads_kept))
+        return actions
+
+    pod.state.handle = handle
+    assert isinstance(pod.run(), S.Finished)
+    assert seen["d"] == {(True, False)} and seen["r"] == {(True, True)}  # r reads d
+    assert seen["after"] == {(True, True)} and seen["b"] == {(False, False)}  # once
+    assert seen["source"] == {(False, False)}
+
+
 GROWN = _pipeline([
     {"name": "a", "run": "m:f", "inputs": ["source"]},
     {"name": "b", "run": "m:f", "inputs": ["a"]},

@@ -154,6 +154,7 @@ class Dispatch:
     reserved: int = 0  # RAM granted with the task: an output no larger needs no request
     reuse: int | None = None  # a pooled file to write it over (`grants.with_task`)
     kept: bool = False  # its output goes to the node tier (a resume needs it)
+    reads_kept: bool = False  # an input does (deleted under mappings: not worth keeping)
 
 
 @dataclass(frozen=True)

@@ -362,7 +362,8 @@ class RunState:
                            for name in self.graph.inputs[node])
             reserved, reuse = grants.with_task(self, node, agent, actions)
             actions.append(Dispatch(node, batch, inputs, worker, reserved, reuse,
-                                    node in self.keep))
+                                    node in self.keep,
+                                    any(i in self.keep for i in self.graph.inputs[node])))
 
     def can_admit(self) -> bool:
         """Is there a source batch to load, and room on the line for it (backpressure)?

@@ -125,8 +125,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
     batch, started, memo = task.batch, time.perf_counter(), task.memo
     cpu = cputime.wanted()
     reused = False
-    mappings.sweep()
-    watched = arrowfile.Watched(mappings)
+    watched = arrowfile.Watched(mappings, task.keep_mapped)
     sys.stderr.write(logline.task_line(batch, "started"))
     try:
         inputs = [[watched(p) for p in group] for group in task.inputs]

@@ -115,51 +115,47 @@ class Mappings:
     """Read-only mappings of the files this process read, kept from task to task by
     inode. Outputs are mostly written over warm files (the pool's), so the same files
     come back as inputs: one already mapped is not faulted in and torn down again
-    (page by page, a third of a stage's kernel time at 100,000-row batches). A
-    mapping of a file deleted since is let go at the next `sweep`; a file deleted
-    while nobody reads it is emptied first (`scratch.discard`), so that its pages go
-    back at once even if a mapping of it is still kept here."""
+    (page by page, a third of a stage's kernel time at 100,000-row batches). Only
+    files the pool recycles are kept mapped: one deleted while nobody reads it is
+    emptied first (`scratch.discard`), so a mapping kept here holds none of its
+    pages. Those deleted but not emptied are not kept: inputs the node tier keeps
+    too (mapped for their task only), and inputs the stage's own code holds on to
+    (`forget`: unmapped when it lets go, as before)."""
 
     MOST = 64  # files kept mapped, the least recently read let go first
 
     def __init__(self) -> None:
-        self._kept: OrderedDict[tuple[int, int], tuple[int, mmap.mmap]] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
 
-    def view(self, path: str | Path) -> memoryview:
-        """The whole file at `path`, mapped; nothing is copied."""
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            found = os.fstat(fd)
+    def view(self, path: str | Path, keep: bool = True) -> tuple[tuple[int, int], memoryview]:
+        """The whole file at `path`, mapped (and the mapping kept, with `keep`), and
+        the file's key (device, inode)."""
+        with open(path, "rb") as f:
+            found = os.fstat(f.fileno())
             key = (found.st_dev, found.st_ino)
-            kept = self._kept.get(key)
-            if kept is not None and len(kept[1]) >= found.st_size:
-                os.close(fd)
+            mapping = self._kept.get(key)
+            if mapping is not None and len(mapping) >= found.st_size:
                 self._kept.move_to_end(key)
-                return memoryview(kept[1])[:found.st_size]
-            if kept is not None:  # the file grew: mapped again whole
+                return key, memoryview(mapping)[:found.st_size]
+            if mapping is not None:  # the file grew: mapped again whole
                 self._let_go(key)
-            mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._kept[key] = (fd, mapping)
-        while len(self._kept) > self.MOST:
-            self._let_go(next(iter(self._kept)))
-        return memoryview(mapping)[:found.st_size]
+            mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        if keep:
+            self._kept[key] = mapping
+            while len(self._kept) > self.MOST:
+                self._let_go(next(iter(self._kept)))
+        return key, memoryview(mapping)[:found.st_size]
 
-    def sweep(self) -> None:
-        """Let go of the mappings of files deleted since."""
-        for key in [key for key, (fd, _) in self._kept.items() if not os.fstat(fd).st_nlink]:
-            self._let_go(key)
+    def forget(self, key: tuple[int, int]) -> None:
+        """Keep the file `key` mapped no longer (whoever uses the mapping keeps it)."""
+        self._kept.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def _let_go(self, key: tuple[int, int]) -> None:
-        fd, mapping = self._kept.pop(key)
-        os.close(fd)
         try:
-            mapping.close()
+            self._kept.pop(key).close()
         except BufferError:
             pass  # a table the stage's code keeps still uses it: unmapped with the last
 
@@ -170,18 +166,23 @@ class Watched:
     held by the stage's own code (a cache of an earlier batch) — and their files
     must not be written over."""
 
-    def __init__(self, mappings: Mappings) -> None:
-        self.mappings = mappings
-        self.watches: list[tuple[str, weakref.ref]] = []
+    def __init__(self, mappings: Mappings, keep: bool = True) -> None:
+        self.mappings, self.keep = mappings, keep
+        self.watches: list[tuple[str, tuple[int, int], weakref.ref]] = []
 
     def __call__(self, path: str) -> pa.Table:
-        view = self.mappings.view(path)
-        self.watches.append((path, weakref.ref(view)))
+        key, view = self.mappings.view(path, self.keep)
+        self.watches.append((path, key, weakref.ref(view)))
         return pa.ipc.open_file(pa.BufferReader(pa.py_buffer(view))).read_all()
 
     def pinned(self) -> list[str]:
-        """The inputs still mapped (call once the task let go of its own references)."""
-        pinned = [path for path, watch in self.watches if watch() is not None]
+        """The inputs still mapped (call once the task let go of its own references):
+        their mappings are the stage's now, not kept (their files are deleted whole)."""
+        pinned = []
+        for path, key, watch in self.watches:
+            if watch() is not None:
+                pinned.append(path)
+                self.mappings.forget(key)
         self.watches = []
         return pinned
 

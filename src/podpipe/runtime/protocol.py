@@ -98,6 +98,7 @@ class Task(_Message, tag="task"):
     granted: int = 0                 # RAM granted with the task: an output no larger is
     reuse: str | None = None         # written at once (over this warm file), unasked
     checksum: bool = True            # hash the output: a copy of it is checked by that
+    keep_mapped: bool = False        # keep the inputs mapped: their files are recycled
 
 
 class Reserve(_Message, tag="reserve"):

@@ -48,14 +48,16 @@ class Run:
         output goes, which rows a source batch is, where a call stage keeps its
         answers; the RAM granted with it, over a pooled file (`engine.grants`); whether
         its output is hashed (a copy of it is checked against that: one kept for a
-        resume, one reused across runs)."""
+        resume, one reused across runs); whether its agent keeps the inputs mapped
+        (not those the node tier keeps too: deleted, not emptied, once read)."""
         node, batch, reuse = action.node, action.batch, action.reuse
         task = protocol.Task(batch=batch,
                              inputs=[[o.path for o in group] for group in action.inputs],
                              output=str(self.scratch.output_path(node, batch)),
                              granted=action.reserved, reuse=None if reuse is None
                              else str(self.scratch.pool_path(reuse)),
-                             checksum=action.kept or self.pipeline.checkpoints.reuse)
+                             checksum=action.kept or self.pipeline.checkpoints.reuse,
+                             keep_mapped=not action.reads_kept)
         if node == SOURCE:
             task.source = self.plan[batch]
         stage = self.stage(node)
