@@ -571,17 +571,7 @@ def test_a_recompute_after_the_reduce_ran_makes_its_inputs_again_from_the_source
     (recomputing what follows it reuses its output while that is still there)."""
     pod = Pod(DIAMOND, 4, 10**6, lambda n, b: 1, random.Random(3))
     state = pod.state
-    original = state.handle
-    fired = {}
-
-    def handle(event):
-        actions = original(event)
-        if not fired and 0 in state.done["r"] and not state.finished:
-            fired["at"] = len(pod.processed)
-            actions = actions + original(S.Recompute(node))
-        return actions
-
-    state.handle = handle
+    fired = _recompute_when(pod, node, lambda: 0 in state.done["r"] and not state.finished)
     assert isinstance(pod.run(), S.Finished)
     assert fired, "the reduce never ran before the end"
     after = pod.processed[fired["at"]:]
@@ -596,22 +586,29 @@ def test_an_output_a_task_still_reads_is_deleted_but_not_emptied_under_it():
     deleted `held` (its pages stay its reader's), not emptied at once."""
     pod = Pod(DIAMOND, 4, 10**6, lambda n, b: 1, random.Random(3))
     state = pod.state
-    original = state.handle
-    seen = {}
+    fired = _recompute_when(pod, "r",
+                            lambda: any(a.busy for a in state.agents["after"].values()))
+    assert isinstance(pod.run(), S.Finished)
+    assert [a for a in fired["actions"] if isinstance(a, S.Delete) and a.path == "r/0"] \
+        == [S.Delete(path="r/0", held=True)]
+    assert pod.live == {} and state.budget.usage == 0
+
+
+def _recompute_when(pod: Pod, node: str, condition) -> dict:
+    """Recompute `node` the first time `condition()` holds after an event; what was
+    seen then: the tasks processed so far (`at`), what the recompute answered."""
+    original, fired = pod.state.handle, {}
 
     def handle(event):
         actions = original(event)
-        if not seen and any(a.busy for a in state.agents["after"].values()):
-            path = state.outputs[("r", 0)].path
-            extra = original(S.Recompute("r"))
-            seen["deleted"] = [a for a in extra if isinstance(a, S.Delete) and a.path == path]
-            actions = actions + extra
+        if not fired and condition():
+            fired["at"] = len(pod.processed)
+            fired["actions"] = original(S.Recompute(node))
+            actions = actions + fired["actions"]
         return actions
 
-    state.handle = handle
-    assert isinstance(pod.run(), S.Finished)
-    assert seen["deleted"] == [S.Delete(path="r/0", held=True)]
-    assert pod.live == {} and state.budget.usage == 0
+    pod.state.handle = handle
+    return fired
 
 
 def test_a_task_says_whether_its_output_and_its_inputs_are_kept_on_the_node_tier():
