@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, SF, STAGES, podpipe, read_sink, spec, write_spec
+from conftest import (ROOT, SF, STAGES, cli_env, podpipe, read_sink, run_status, spec,
+                      wait_until, write_spec)
 
 
 
@@ -183,3 +186,29 @@ def test_inputs_a_stage_keeps_stay_as_they_were(workdir):
     done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
     assert done.returncode == 0, done.stderr
     assert read_sink(workdir / "kept")["x"].to_pylist() == list(range(10_000))
+
+
+def test_what_an_agent_keeps_mapped_holds_no_pages_of_deleted_files(workdir):
+    """Agents keep their inputs mapped from task to task; a file deleted meanwhile is
+    emptied first, so those mappings hold none of its pages (RAM outside the budget
+    they would be). The probe starts once the source has made all 40 batches: the
+    outputs it reads and frees fill the pool of warm files (16) with nothing taking
+    from it, and the rest are deleted while the probe still maps them."""
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "probe", "run": "pystages:mapped_deleted_gated", "inputs": ["source"],
+          "workers": 1}], [{"input": "probe", "uri": "out/"}], batch_rows=250))
+    gate = workdir / "gate"
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--run-dir", "run"], cwd=workdir, env=cli_env(GATE=str(gate)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: run_status(workdir / "run").get("stages", {}).get(
+            "source", {}).get("batches_done") == 40, "the source's 40 batches")
+        gate.touch()
+    finally:
+        _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    out = read_sink(workdir / "out")
+    assert out["x"].to_pylist() == list(range(10_000))
+    assert pc.max(out["deleted_maps"]).as_py() > 0  # files it read were deleted since
+    assert pc.max(out["deleted_kib"]).as_py() == 0

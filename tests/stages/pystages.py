@@ -251,3 +251,27 @@ def tag_v1_then_gated(t: pa.Table) -> pa.Table:
     while _TAGGED[0] > 3 and not os.path.exists(os.environ["GATE"]):
         time.sleep(0.02)
     return _tag(t, "v1")
+
+
+def mapped_deleted(t: pa.Table) -> pa.Table:
+    """The input, with what this process maps of scratch files deleted since: how many
+    such mappings (`deleted_maps`), and the KiB of pages they still hold in RAM
+    (`deleted_kib`, from /proc/self/smaps)."""
+    root = os.environ.get("PODPIPE_SCRATCH_ROOT", "/dev/shm")
+    maps = kib = 0
+    deleted = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) > 1 and len(fields[1]) == 4:  # a mapping
+                deleted = line.rstrip().endswith("(deleted)") and f" {root}/" in line
+                maps += deleted
+            elif deleted and fields[0] == "Rss:":
+                kib += int(fields[1])
+    return t.append_column("deleted_maps", pa.array([maps] * t.num_rows, pa.int64())) \
+        .append_column("deleted_kib", pa.array([kib] * t.num_rows, pa.int64()))
+
+
+def mapped_deleted_gated(t: pa.Table) -> pa.Table:
+    """`mapped_deleted` once the file named by GATE exists."""
+    return _gated(mapped_deleted, t)

@@ -175,8 +175,9 @@ class Deny:
 @dataclass(frozen=True)
 class Delete:
     """Delete an output's file. `held`: someone may still map it (a stage's own cache,
-    a task reading it, a node-tier copy being made), so its pages stay theirs until
-    they let go; otherwise they go back at once, whoever kept a mapping of it."""
+    a node-tier copy being made, a reader of what runs once that a recompute undid),
+    so its pages stay theirs until they let go; otherwise the file is emptied first
+    and its pages go back at once, whoever kept a mapping of it."""
 
     path: str
     held: bool = False

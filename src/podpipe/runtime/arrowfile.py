@@ -3,8 +3,9 @@
 The writer learns the exact size before writing (so the conductor can grant that
 much RAM first), hashes while writing (xxh3, no second pass) and renames a
 temporary name into place, so a reader never sees a half-written file. Readers
-`memory_map` the file: the table's buffers point into the page cache of the tmpfs,
-no bytes are copied however large the batch.
+map the file: the table's buffers point into the page cache of the tmpfs, no bytes
+are copied however large the batch, and an agent keeps its mappings of the files
+the pool recycles for the tasks after (`Mappings`).
 """
 
 from __future__ import annotations
