@@ -165,3 +165,8 @@ def test_a_discarded_file_gives_its_pages_back_though_still_mapped(tmp_path):
                 scratch.discard(path)
                 assert os.fstat(f.fileno()).st_blocks == 0 and not path.exists()
     scratch.discard(tmp_path / "gone.arrow")  # nothing there: nothing to do
+    target = tmp_path / "someone's"
+    target.write_bytes(b"theirs")
+    (tmp_path / "link.arrow").symlink_to(target)
+    scratch.discard(tmp_path / "link.arrow")  # the link goes, what it names is untouched
+    assert not (tmp_path / "link.arrow").is_symlink() and target.read_bytes() == b"theirs"

@@ -185,6 +185,9 @@ def discard(path: str | Path) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
         return
+    except OSError:  # not a file of ours to empty (a link, say): deleted, not followed
+        Path(path).unlink(missing_ok=True)
+        return
     try:
         os.unlink(path)
         os.ftruncate(fd, 0)
