@@ -28,6 +28,14 @@ def podpipe(*args: str, cwd: Path, timeout: float = 120, **env: str) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
+def start_run(cwd: Path, **env: str) -> subprocess.Popen:
+    """`podpipe run p.yaml --quiet --run-dir run` in `cwd`, left running (the test
+    acts on it, then `communicate`s)."""
+    return subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                             "--run-dir", "run"], cwd=cwd, env=cli_env(**env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 # Stages that sleep or hang to keep a run going while a test acts on it: one worker
 # each, so that `workers: auto` (which gives a waiting stage a worker per batch) does
 # not end the run before the test gets to it. Tests of workers set them explicitly.

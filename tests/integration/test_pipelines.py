@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (ROOT, SF, STAGES, cli_env, podpipe, read_sink, run_status, spec,
+from conftest import (ROOT, SF, STAGES, podpipe, read_sink, run_status, spec, start_run,
                       wait_until, write_spec)
 
 
@@ -198,9 +196,7 @@ def test_what_an_agent_keeps_mapped_holds_no_pages_of_deleted_files(workdir):
         [{"name": "probe", "run": "pystages:mapped_deleted_gated", "inputs": ["source"],
           "workers": 1}], [{"input": "probe", "uri": "out/"}], batch_rows=250))
     gate = workdir / "gate"
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=workdir, env=cli_env(GATE=str(gate)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = start_run(workdir, GATE=str(gate))
     try:
         wait_until(lambda: run_status(workdir / "run").get("stages", {}).get(
             "source", {}).get("batches_done") == 40, "the source's 40 batches")

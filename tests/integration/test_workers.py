@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 
 
-from conftest import cli_env, make_numbers, podpipe, run_status, spec, wait_until, write_spec
+from conftest import (make_numbers, podpipe, run_status, spec, start_run, wait_until,
+                      write_spec)
 
 
 def _line(tmp_path, workers, stage="pystages:double", **extra):
@@ -49,10 +48,7 @@ def test_sinks_are_byte_identical_for_every_worker_count(tmp_path):
 
 def test_a_killed_worker_is_restarted_and_only_its_batch_is_redone(tmp_path):
     _line(tmp_path, 3, stage="pystages:slow")
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=tmp_path,
-                           env=cli_env(SLOW_SECONDS="0.2"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = start_run(tmp_path, SLOW_SECONDS="0.2")
     try:
         def busy_worker():
             current = run_status(tmp_path / "run")
@@ -89,9 +85,7 @@ def test_a_swap_replaces_every_worker_of_the_stage(tmp_path):
           "workers": 3}], [{"input": "tag", "uri": "out/"}], batch_rows=500))
     # (v1 waits for GATE before each batch: the swap lands before any is done)
     gate = tmp_path / "gate"
-    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
-                            "--run-dir", "run"], cwd=tmp_path, env=cli_env(GATE=str(gate)),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = start_run(tmp_path, GATE=str(gate))
     try:
         wait_until(lambda: sum(1 for p in run_status(tmp_path / "run").get("processes", [])
                                if p["stage"] == "tag") == 3, "three workers")
