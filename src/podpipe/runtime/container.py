@@ -16,11 +16,10 @@ import sys
 import time
 from typing import Any, Callable
 
+from podpipe.engine.lifecycle import backoff
 from podpipe.runtime import lifetime, protocol
 from podpipe.runtime.forkserver import preload
 from podpipe.runtime.lifetime import die_with_parent
-
-BACKOFF_SECONDS = (0.1, 5.0)  # the first restart's delay, the longest
 
 
 def supervise(workers: int, serve: Callable[[], int]) -> int:
@@ -45,9 +44,8 @@ def supervise(workers: int, serve: Callable[[], int]) -> int:
         worker = children.pop(pid)
         if os.waitstatus_to_exitcode(status) == 0 or stopping:
             continue
-        first, most = BACKOFF_SECONDS
-        time.sleep(min(most, first * 2 ** failures[worker]))
         failures[worker] += 1
+        time.sleep(backoff(failures[worker]))  # as the conductor restarts a process
         if not stopping:
             children[_start(worker, serve)] = worker
     return 0
