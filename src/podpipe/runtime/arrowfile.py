@@ -131,8 +131,9 @@ class Mappings:
     def view(self, path: str | Path, keep: bool = True) -> tuple[tuple[int, int], memoryview]:
         """The whole file at `path`, mapped (and the mapping kept, with `keep`), and
         the file's key (device, inode)."""
-        with open(path, "rb") as f:
-            found = os.fstat(f.fileno())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            found = os.fstat(fd)
             key = (found.st_dev, found.st_ino)
             mapping = self._kept.get(key)
             if mapping is not None and len(mapping) >= found.st_size:
@@ -140,7 +141,9 @@ class Mappings:
                 return key, memoryview(mapping)[:found.st_size]
             if mapping is not None:  # the file grew: mapped again whole
                 self._let_go(key)
-            mapping = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+            mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
         if keep:
             self._kept[key] = mapping
             while len(self._kept) > self.MOST:
