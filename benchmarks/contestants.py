@@ -47,7 +47,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 from podpipe.model import spec as specs  # noqa: E402
 from podpipe.model.graph import BATCH, Graph  # noqa: E402
 from podpipe.model.spec import SOURCE  # noqa: E402
-from podpipe.runtime import arrowfile, sink, source  # noqa: E402
+from podpipe.runtime.data import arrowfile, sink, source  # noqa: E402
 
 
 class Workload:
@@ -78,7 +78,7 @@ class Workload:
     def table(self, name: str) -> pa.Table:
         """A table of the spec, loaded once per process (as podpipe loads it)."""
         if name not in self._tables:
-            from podpipe.runtime import tables
+            from podpipe.runtime.data import tables
 
             self._tables[name] = tables.load(self.pipeline.table(name))
         return self._tables[name]

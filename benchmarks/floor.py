@@ -19,7 +19,7 @@ import pyarrow as pa
 from podpipe.model import spec as specs
 from podpipe.model.graph import BATCH, Graph
 from podpipe.model.spec import SOURCE
-from podpipe.runtime import arrowfile, sink, source
+from podpipe.runtime.data import arrowfile, sink, source
 
 
 def run(pipeline: specs.Pipeline) -> None:

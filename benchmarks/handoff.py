@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from podpipe.runtime import arrowfile
+from podpipe.runtime.data import arrowfile
 
 RESULTS = Path(__file__).parent / "results"
 PAUSE_S = 0.25
@@ -187,7 +187,7 @@ def warm_pages(repeat: int) -> dict[str, float]:
     import numpy as np
     import pyarrow as pa
 
-    from podpipe.runtime import arrowfile
+    from podpipe.runtime.data import arrowfile
 
     table = pa.table({f"c{i}": np.random.default_rng(i).random(1 << 20) for i in range(8)})
     fresh, warm = [], []

@@ -28,7 +28,7 @@ import yaml
 from podpipe.errors import UsageError
 from podpipe.model import spec as specs
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime.status import StageStatus
+from podpipe.runtime.rundir.status import StageStatus
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -47,7 +47,7 @@ class Run:
 
     def __init__(self, run_dir: str | os.PathLike[str],
                  status: dict[str, Any] | None = None) -> None:
-        from podpipe.runtime import runs
+        from podpipe.runtime.runs import following as runs
 
         self.run_dir = runs.resolve(str(run_dir))
         self.status = status if status is not None else _read_status(self.run_dir)
@@ -76,7 +76,7 @@ class Run:
 
     def sink_files(self, name: str) -> list[str]:
         """The part files of sink `name`, in batch order (URLs for a remote sink)."""
-        from podpipe.runtime import sink
+        from podpipe.runtime.data import sink
 
         return sink.part_files(self._sink(name))
 
@@ -99,7 +99,7 @@ class Run:
                          f"{[s.name for s in pipeline.sinks]}")
 
     def _overrides(self) -> list[str]:
-        from podpipe.runtime import rundir
+        from podpipe.runtime.rundir import layout as rundir
 
         return rundir.read(self.run_dir).overrides
 
@@ -129,7 +129,7 @@ def run(spec: Spec, *, overrides: Sequence[str] = (), run_dir: str | None = None
         progress: bool = False) -> Run:
     """Run the pipeline to the end on this machine, as `podpipe run` does. Relative
     paths in a spec given as text or a dict resolve against the working directory."""
-    from podpipe.runtime import pod
+    from podpipe.runtime.runs import pod
 
     with _spec_file(spec) as path:
         with _shown(progress) as observer:
@@ -141,7 +141,7 @@ def run(spec: Spec, *, overrides: Sequence[str] = (), run_dir: str | None = None
 
 def resume(run_dir: str | os.PathLike[str], *, progress: bool = False) -> Run:
     """Finish a run whose conductor died or whose pod was lost (`podpipe resume`)."""
-    from podpipe.runtime import pod, replicas, runs
+    from podpipe.runtime.runs import pod, replicas, following as runs
 
     path = str(runs.resolve(str(run_dir)))
     cwd = os.getcwd()  # a resume works from the run's own directory; give it back
@@ -162,7 +162,7 @@ def status(run_dir: str | os.PathLike[str] = "latest") -> Run:
 
 
 def _read_status(run_dir: Path) -> dict[str, Any]:
-    from podpipe.runtime import status as statuses
+    from podpipe.runtime.rundir import status as statuses
 
     return statuses.read(run_dir)
 

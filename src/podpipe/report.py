@@ -1,6 +1,6 @@
 """What a person sees: live progress while a run goes, tables after it and for status.
 
-Everything here renders a status dict (see runtime/status.py); none of it talks to
+Everything here renders a status dict (see runtime/rundir/status.py); none of it talks to
 processes.
 """
 

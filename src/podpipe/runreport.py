@@ -20,7 +20,7 @@ from typing import Any
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size
-from podpipe.runtime import rundir, status
+from podpipe.runtime.rundir import layout as rundir, status
 from podpipe.runtime.conductor.timeline import SAMPLES, TASKS
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, make_numbers, podpipe, read_sink, spec, write_spec
-from podpipe.runtime import scratch
+from podpipe.runtime.data import scratch
 
 
 def _pids(run_dir: Path) -> list[int]:
@@ -305,7 +305,7 @@ def test_an_early_fork_server_is_forked_only_from_one_thread_and_ends_when_unuse
     run took is gone once closed."""
     script = (
         "import threading, json, sys\n"
-        "from podpipe.runtime.launcher import warm\n"
+        "from podpipe.runtime.runs.launcher import warm\n"
         "stop = threading.Event()\n"
         f"if {threads} == 2: threading.Thread(target=stop.wait).start()\n"
         "server = warm()\n"

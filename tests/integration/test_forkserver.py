@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import make_numbers, spec, write_spec
-from podpipe.runtime import protocol
+from podpipe.runtime.plumbing import protocol
 
 
 def _spawn(node: str, tmp_path: Path, listening: Path, early: bool) -> protocol.Spawn:
@@ -30,7 +30,7 @@ def test_an_early_spawn_is_forked_before_pandas_the_others_after(tmp_path):
     # wait for pandas, the other must have it
     protocol.send(ours, _spawn("double", tmp_path, tmp_path / "run.sock", early=False))
     protocol.send(ours, _spawn("source", tmp_path, tmp_path / "run.sock", early=True))
-    server = subprocess.Popen([sys.executable, "-m", "podpipe.runtime.forkserver",
+    server = subprocess.Popen([sys.executable, "-m", "podpipe.runtime.stage.forkserver",
                                str(theirs.fileno())], pass_fds=[theirs.fileno()],
                               cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                   [str(Path(__file__).parents[1] / "stages"),

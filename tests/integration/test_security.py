@@ -98,7 +98,7 @@ def test_a_runs_scratch_run_directory_and_data_are_readable_by_its_user_only(tmp
 
 def _sweep_now(workdir: Path) -> None:
     """Sweep the scratch of runs the test killed (as the next run would)."""
-    from podpipe.runtime import scratch
+    from podpipe.runtime.data import scratch
 
     scratch.sweep()
 
@@ -142,9 +142,9 @@ def test_another_user_cannot_reach_the_conductor(tmp_path):
 def test_a_peer_of_another_uid_is_refused_before_anything_it_says_is_read(tmp_path):
     """Even where the socket is reachable (modes changed by hand), the conductor checks
     the peer's uid (SO_PEERCRED) and refuses another user's connection."""
-    from podpipe.runtime import protocol
+    from podpipe.runtime.plumbing import protocol
     from podpipe.runtime.conductor.agents import Agents
-    from podpipe.runtime.loop import EventLoop, Ready
+    from podpipe.runtime.plumbing.loop import EventLoop, Ready
 
     import shutil
     import tempfile
@@ -217,7 +217,7 @@ def test_resume_does_not_take_over_a_scratch_someone_else_planted(tmp_path):
 
 
 def test_the_sweep_leaves_what_it_cannot_prove_is_its_own(tmp_path):
-    from podpipe.runtime import scratch
+    from podpipe.runtime.data import scratch
 
     root = tmp_path / "shm"
     root.mkdir()
@@ -447,8 +447,8 @@ def test_a_stage_whose_output_schema_drifts_fails_unless_it_says_any(tmp_path, s
 def test_a_tampered_manifest_cannot_write_outside_the_run(tmp_path):
     import msgspec
 
-    from podpipe.runtime import durable
-    from podpipe.runtime.store import MemoryStore
+    from podpipe.runtime.storage import durable
+    from podpipe.runtime.storage.store import MemoryStore
 
     store = MemoryStore()
     evil = durable.Manifest(1, 1, 1, True, {"a": [0]}, [durable.Stored(

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 import xxhash
 
-from podpipe.runtime import arrowfile, scratch
+from podpipe.runtime.data import arrowfile, scratch
 
 
 def _table(rows: int = 1000) -> pa.Table:

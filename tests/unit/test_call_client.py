@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from podpipe.model.pipeline import Call
-from podpipe.runtime import call
+from podpipe.runtime.stage import call
 
 
 def _name(client: call.Client, rows: pa.Table) -> str:

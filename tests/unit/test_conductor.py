@@ -14,11 +14,11 @@ from podpipe.engine import events as ev
 from podpipe.errors import InputError, SpecError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
-from podpipe.runtime import protocol
+from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.conductor.agents import Agents, to_event
-from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.processes import Process, Processes
 from podpipe.runtime.conductor.swaps import Swaps
-from podpipe.runtime.loop import EventLoop
+from podpipe.runtime.plumbing.loop import EventLoop
 
 SPEC = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
         "spec": {"source": {"uri": "x.parquet"},
@@ -92,42 +92,43 @@ def test_a_swap_to_an_invalid_version_or_an_unknown_stage_is_refused(tmp_path):
 
 
 class _FakeLauncher:
-    """Starts `sleep` in a session of its own for each node, as a launcher starts a
-    stage process (the test does not need an agent, only a process to end)."""
+    """A `Launcher` that starts `sleep` in a session of its own for each node, as a
+    launcher starts a stage process (the test does not need an agent, only a process
+    to end)."""
 
-    def __init__(self):
+    answers = None  # asked for now, answered later (as the fork server does): `answered`
+
+    def __init__(self) -> None:
         self.started: list[tuple[str, list[str]]] = []
-        self.popens: list[subprocess.Popen] = []
+        self.popens: list[subprocess.Popen[bytes]] = []
+        self.waiting: list[tuple[str, list[str]]] = []
 
-    def start(self, node, overrides=()):
-        from podpipe.runtime.launcher import Process
-
+    def start(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> Process:
         popen = subprocess.Popen(["sleep", "60"], start_new_session=True)
-        self.started.append((node, list(overrides)))
+        self.started.append((name, list(overrides)))
         self.popens.append(popen)
-        return Process(node, popen.pid, Path("/dev/null"), self)  # type: ignore[arg-type]
+        return Process(name, popen.pid, Path("/dev/null"), self)
 
-    # asked for now, answered later (as the fork server does), in `answered`
-    answers = None
-    waiting: list[tuple[str, list[str]]]
+    def early(self, name: str) -> None:
+        self.ask(name)
 
-    def ask(self, node, overrides=()):
-        self.waiting = getattr(self, "waiting", []) + [(node, list(overrides))]
+    def ask(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> None:
+        self.waiting.append((name, list(overrides)))
 
-    def answered(self):
-        asked, self.waiting = getattr(self, "waiting", []), []
+    def answered(self) -> list[Process]:
+        asked, self.waiting = self.waiting, []
         return [self.start(node, overrides) for node, overrides in asked]
 
-    def poll(self, process):
+    def poll(self, process: Process) -> int | None:
         return next(p for p in self.popens if p.pid == process.pid).poll()
 
-    def wait(self, process, timeout):
+    def wait(self, process: Process, timeout: float | None) -> int | None:
         try:
             return next(p for p in self.popens if p.pid == process.pid).wait(timeout)
         except subprocess.TimeoutExpired:
             return None
 
-    def close(self):
+    def close(self) -> None:
         for popen in self.popens:
             popen.kill()
             popen.wait()
@@ -136,7 +137,7 @@ class _FakeLauncher:
 def test_a_retired_process_exits_without_an_event_and_a_busy_one_is_killed():
     launcher = _FakeLauncher()
     with EventLoop(signals=()) as loop:
-        processes = Processes(launcher, loop)  # type: ignore[arg-type]
+        processes = Processes(launcher, loop)
         processes.start("a", ["stages.a.run=x:y"])
         assert launcher.started == [("a", ["stages.a.run=x:y"])]
         first = launcher.popens[0]
@@ -153,7 +154,7 @@ def test_a_retired_process_exits_without_an_event_and_a_busy_one_is_killed():
 def test_processes_asked_for_are_expected_at_once_and_none_is_asked_for_twice():
     launcher = _FakeLauncher()
     with EventLoop(signals=()) as loop:
-        processes = Processes(launcher, loop)  # type: ignore[arg-type]
+        processes = Processes(launcher, loop)
         launcher.ask("source")  # asked for early, by the pod, before the conductor
         processes.begin("orders")  # takes in what has been answered: the source too
         assert processes.expects("orders") and processes.expects("source")

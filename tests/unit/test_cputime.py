@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from podpipe.runtime import cputime
+from podpipe.runtime.plumbing import cputime
 
 HELPER = """
 import threading, time, sys

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from podpipe.errors import DataError
 from podpipe.model.spec import Source
-from podpipe.runtime import source
+from podpipe.runtime.data import source
 
 
 @settings(max_examples=200, deadline=None)

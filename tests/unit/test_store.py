@@ -10,8 +10,8 @@ import pytest
 
 from podpipe.errors import StoreError
 from podpipe.model.output import Output
-from podpipe.runtime import durable
-from podpipe.runtime.store import FsspecStore, MemoryStore
+from podpipe.runtime.storage import durable
+from podpipe.runtime.storage.store import FsspecStore, MemoryStore
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -55,7 +55,7 @@ def test_an_unknown_store_protocol_is_an_error_naming_the_url():
 
 
 def _copy(tmp_path: Path, node: str, key: int, data: bytes) -> Output:
-    from podpipe.runtime import arrowfile
+    from podpipe.runtime.data import arrowfile
     import pyarrow as pa
 
     path = tmp_path / f"{node}-{key}.arrow"

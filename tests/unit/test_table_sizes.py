@@ -12,7 +12,7 @@ import yaml
 
 from podpipe.errors import UsageError
 from podpipe.model import spec as specs
-from podpipe.runtime import arrowfile, tables
+from podpipe.runtime.data import arrowfile, tables
 
 
 def _pipeline(tmp_path, memory: str = "64MiB", columns=None):

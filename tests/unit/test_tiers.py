@@ -11,7 +11,7 @@ from pathlib import Path
 import xxhash
 
 from podpipe.model.output import Output
-from podpipe.runtime.tiers import NodeTier, path_for, verified
+from podpipe.runtime.storage.tiers import NodeTier, path_for, verified
 
 
 def _output(tmp_path: Path, size: int) -> tuple[Path, str]:
@@ -53,7 +53,7 @@ def test_a_full_disk_is_reported_and_leaves_no_partial_file(tmp_path):
         from pathlib import Path
         import xxhash
         from podpipe.model.output import Output
-        from podpipe.runtime.tiers import NodeTier, path_for
+        from podpipe.runtime.storage.tiers import NodeTier, path_for
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         data = bytes(4 << 20)
         source = Path({str(tmp_path)!r}) / "big.arrow"

@@ -7,7 +7,7 @@ import sys
 import yaml
 
 from podpipe.model import spec as specs
-from podpipe.runtime import work
+from podpipe.runtime.stage import work
 
 
 def _pipeline(stage: dict):

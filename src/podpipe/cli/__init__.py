@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     args = parser().parse_args(argv)
     if args.command == "agent":  # a stage process: keep its start light, no rich
-        from podpipe.runtime import agent
+        from podpipe.runtime.stage import agent
 
         def serve() -> int:
             return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
@@ -34,16 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             print(f"error: --workers {args.workers}: expected 1 or more", file=sys.stderr)
             return 2
-        from podpipe.runtime import container
+        from podpipe.runtime.stage import container
 
         return container.supervise(args.workers, serve)
     if args.command == "probe":
-        from podpipe.runtime import protocol
+        from podpipe.runtime.plumbing import protocol
 
         return 0 if protocol.probe(args.socket) else 1
     args.server = None
     if args.command == "run":  # its fork server imports pyarrow while the spec is read
-        from podpipe.runtime.launcher import warm
+        from podpipe.runtime.runs.launcher import warm
 
         args.server = warm()
     from rich.console import Console
@@ -79,7 +79,7 @@ def entry() -> None:
 
 
 def _run(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import pod
+    from podpipe.runtime.runs import pod
 
     return _with_progress(console, args.quiet, lambda observer: pod.run(
         args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
@@ -88,7 +88,7 @@ def _run(args: argparse.Namespace, console) -> int:
 
 
 def _resume(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import pod, replicas, runs
+    from podpipe.runtime.runs import pod, replicas, following as runs
 
     args.run_dir = str(runs.resolve(args.run_dir))
     if replicas.is_replicas(args.run_dir):
@@ -104,7 +104,7 @@ def _resume(args: argparse.Namespace, console) -> int:
 
 def _plan(args: argparse.Namespace, console) -> int:
     from podpipe import report
-    from podpipe.runtime import pod
+    from podpipe.runtime.runs import pod
 
     if args.cpus is not None and args.measured is None:
         raise UsageError("--cpus: needs --from RUN_DIR, a finished run whose busy time per "
@@ -153,7 +153,8 @@ def _with_progress(console, quiet: bool, start) -> int:
 
 def _status(args: argparse.Namespace, console) -> int:
     from podpipe import report
-    from podpipe.runtime import runs, status
+    from podpipe.runtime.runs import following as runs
+    from podpipe.runtime.rundir import status
 
     path = runs.resolve(args.run_dir)
     current = status.read(path)
@@ -176,7 +177,7 @@ def _status(args: argparse.Namespace, console) -> int:
 
 
 def _stop(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import runs
+    from podpipe.runtime.runs import following as runs
 
     code, final = runs.stop(args.run_dir, args.timeout)
     if code == runs.TIMED_OUT:
@@ -190,7 +191,7 @@ def _stop(args: argparse.Namespace, console) -> int:
 
 
 def _validate(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import pod
+    from podpipe.runtime.runs import pod
 
     pipeline = pod.validate(args.spec, args.set)
     from podpipe.report import plural
@@ -205,7 +206,7 @@ def _render(args: argparse.Namespace, console) -> int:
     from pathlib import Path
 
     from podpipe import render
-    from podpipe.runtime import pod
+    from podpipe.runtime.runs import pod
 
     pipeline = pod.validate(args.spec, args.set)
     options = render.Options(
@@ -225,7 +226,7 @@ def _render(args: argparse.Namespace, console) -> int:
     if args.output is None:
         sys.stdout.write(text)
         return 0
-    from podpipe.runtime import files
+    from podpipe.runtime.plumbing import files
 
     out = Path(args.output)
     try:
@@ -236,7 +237,7 @@ def _render(args: argparse.Namespace, console) -> int:
 
 
 def _conductor(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import pod
+    from podpipe.runtime.runs import pod
 
     return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
                      run_dir=args.run_dir, layout=args.layout, hold=args.hold,
@@ -246,7 +247,9 @@ def _conductor(args: argparse.Namespace, console) -> int:
 def _swap(args: argparse.Namespace, console) -> int:
     import shlex
 
-    from podpipe.runtime import control, protocol
+    from podpipe.runtime.runs import control
+
+    from podpipe.runtime.plumbing import protocol
 
     command = shlex.split(args.new_command) if args.new_command is not None else None
     overrides = control.swap_overrides(args.stage, run=args.run, command=command,
@@ -266,7 +269,8 @@ def _swap(args: argparse.Namespace, console) -> int:
 
 
 def _apply(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import control, protocol
+    from podpipe.runtime.runs import control
+    from podpipe.runtime.plumbing import protocol
 
     for answer in control.apply(args.run_dir, args.new_spec, timeout=args.timeout):
         said = answer.message
@@ -287,7 +291,8 @@ def _swap_patch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from podpipe import render
-    from podpipe.runtime import pod, rundir
+    from podpipe.runtime.runs import pod
+    from podpipe.runtime.rundir import layout as rundir
 
     if args.image is None:
         raise UsageError("--k8s: a swap on Kubernetes is an image change; give --image")
@@ -304,7 +309,7 @@ def _swap_patch(args: argparse.Namespace) -> int:
 
 
 def _wait(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import runs
+    from podpipe.runtime.runs import following as runs
 
     code, final = runs.wait(args.run_dir, args.timeout)
     console.print(f"{final['run_dir']}: {final['state']}" +
@@ -314,7 +319,7 @@ def _wait(args: argparse.Namespace, console) -> int:
 
 def _runs(args: argparse.Namespace, console) -> int:
     from podpipe import report
-    from podpipe.runtime import runs
+    from podpipe.runtime.runs import following as runs
 
     found = runs.listing(args.dir)
     if args.json:
@@ -325,7 +330,7 @@ def _runs(args: argparse.Namespace, console) -> int:
 
 
 def _logs(args: argparse.Namespace, console) -> int:
-    from podpipe.runtime import runs
+    from podpipe.runtime.runs import following as runs
 
     for line in runs.logs(args.run_dir, args.stage, batch=args.batch, follow=args.follow):
         sys.stdout.write(line + "\n")
@@ -338,7 +343,8 @@ def _report(args: argparse.Namespace, console) -> int:
     from pathlib import Path
 
     from podpipe import runreport
-    from podpipe.runtime import files, runs
+    from podpipe.runtime.plumbing import files
+    from podpipe.runtime.runs import following as runs
 
     run_dir = runs.resolve(args.run_dir)
     if args.format == "html":

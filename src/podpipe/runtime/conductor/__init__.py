@@ -39,25 +39,25 @@ from podpipe.engine import events as ev
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
-from podpipe.runtime import loop as loops
-from podpipe.runtime import files, lifetime, logline, protocol, status
+from podpipe.runtime.plumbing import loop as loops
+from podpipe.runtime.plumbing import files, lifetime, logline, protocol
+from podpipe.runtime.rundir import status
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
 from podpipe.runtime.conductor.metrics import Metrics
 from podpipe.runtime.conductor.nodes import cpus, retries, workers
-from podpipe.runtime.conductor.processes import SPAWNED, Processes
+from podpipe.runtime.conductor.processes import SPAWNED, Launcher, Processes
 from podpipe.runtime.conductor.run import Run, Timeout
 from podpipe.runtime.conductor.scratchwork import ScratchWork
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
 from podpipe.runtime.conductor.timeline import Timeline
-from podpipe.runtime.durable import DurableTier
-from podpipe.runtime.launcher import Launcher
-from podpipe.runtime.protocol import agent_name, split_name
+from podpipe.runtime.storage.durable import DurableTier
+from podpipe.runtime.plumbing.protocol import agent_name, split_name
 
 if TYPE_CHECKING:
-    from podpipe.runtime.sink import Written
+    from podpipe.runtime.data.sink import Written
 
 __all__ = ["Conductor", "Restored", "Run"]
 
@@ -356,7 +356,7 @@ class Conductor:
         when this pod runs every shard, write its `_SUCCESS`."""
         if self.running or self.outcome[0] != "succeeded":
             return
-        from podpipe.runtime import sink  # pyarrow.parquet: not at the conductor's start
+        from podpipe.runtime.data import sink  # pyarrow.parquet: not at the conductor's start
 
         run = self.run
         try:

@@ -20,8 +20,9 @@ from typing import Callable
 
 from podpipe.engine import events as ev
 from podpipe.errors import InputError, SpecError
-from podpipe.runtime import protocol, status
-from podpipe.runtime.loop import EventLoop
+from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.rundir import status
+from podpipe.runtime.plumbing.loop import EventLoop
 
 LISTEN = "listen"
 

@@ -23,11 +23,11 @@ from podpipe.model.graph import SINGLE, Graph
 from podpipe.model.output import Output
 from podpipe.model.pipeline import SOURCE, Pipeline
 from podpipe.model.shards import Placement
-from podpipe.runtime import durable as durables
-from podpipe.runtime import tiers
-from podpipe.runtime.durable import DurableTier
-from podpipe.runtime.journal import Journal
-from podpipe.runtime.tiers import NodeTier
+from podpipe.runtime.storage import durable as durables
+from podpipe.runtime.storage import tiers
+from podpipe.runtime.storage.durable import DurableTier
+from podpipe.runtime.storage.journal import Journal
+from podpipe.runtime.storage.tiers import NodeTier
 
 DURABLE_WAIT = 10.0     # at the end of a failed run, for its last checkpoint
 HANDOVER_WAIT = 120.0   # at the end of a sharded run, for its shards' last checkpoints

@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import Callable
 
 from podpipe.engine import events as ev
-from podpipe.runtime import protocol
+from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.conductor.agents import Agents
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.swaps import Swaps
-from podpipe.runtime.loop import EventLoop
-from podpipe.runtime.protocol import agent_name
+from podpipe.runtime.plumbing.loop import EventLoop
+from podpipe.runtime.plumbing.protocol import agent_name
 
 
 class Crew:

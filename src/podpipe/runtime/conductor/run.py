@@ -10,8 +10,9 @@ from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import SOURCE, Pipeline, Stage
 from podpipe.model.shards import Placement
-from podpipe.runtime import answers, protocol
-from podpipe.runtime.scratch import Scratch
+from podpipe.runtime.storage import answers
+from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.data.scratch import Scratch
 
 
 @dataclass(frozen=True)

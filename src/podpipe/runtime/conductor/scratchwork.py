@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 from podpipe.engine import events as ev
-from podpipe.runtime import files, protocol, tiers
+from podpipe.runtime.plumbing import files, protocol
+from podpipe.runtime.storage import tiers
 from podpipe.runtime.conductor.agents import Agents
 from podpipe.runtime.conductor.timeline import Timeline
-from podpipe.runtime.protocol import agent_name
-from podpipe.runtime.scratch import Scratch, discard
+from podpipe.runtime.plumbing.protocol import agent_name
+from podpipe.runtime.data.scratch import Scratch, discard
 
 
 class ScratchWork:

@@ -17,9 +17,10 @@ from podpipe.engine.state import RunState
 from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS
 from podpipe.model.pipeline import SOURCE
-from podpipe.runtime import protocol, status
+from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.rundir import status
 from podpipe.runtime.conductor.checkpoints import Checkpoints
-from podpipe.runtime.scratch import process_start
+from podpipe.runtime.data.scratch import process_start
 
 
 @dataclass

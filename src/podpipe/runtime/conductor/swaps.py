@@ -16,7 +16,7 @@ from podpipe.errors import PodpipeError
 from podpipe.model import change
 from podpipe.model import spec as specs
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime import files, protocol
+from podpipe.runtime.plumbing import files, protocol
 from podpipe.runtime.conductor.agents import Agents, Conn
 
 

@@ -19,7 +19,7 @@ from typing import IO, Any
 import msgspec
 
 from podpipe.engine.state import RunState
-from podpipe.runtime import files, protocol
+from podpipe.runtime.plumbing import files, protocol
 
 TASKS, SAMPLES = "tasks.jsonl", "samples.jsonl"
 

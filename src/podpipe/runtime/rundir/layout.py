@@ -21,7 +21,8 @@ import msgspec
 
 from podpipe.errors import UsageError
 from podpipe.model.shards import Placement
-from podpipe.runtime import durable, files
+from podpipe.runtime.storage import durable
+from podpipe.runtime.plumbing import files
 
 RECORD = "run.json"
 LOCK = "lock"

@@ -37,8 +37,9 @@ import msgspec
 from podpipe.model.graph import BATCH, SINGLE, Graph
 from podpipe.model.output import Output
 from podpipe.model.shards import shard_of
-from podpipe.runtime import files, tiers
-from podpipe.runtime.store import Store, open_store
+from podpipe.runtime.plumbing import files
+from podpipe.runtime.storage import tiers
+from podpipe.runtime.storage.store import Store, open_store
 
 __all__ = ["Output", "Stored", "Store", "DurableTier", "Checkpoint", "Manifest", "checkpoints", "latest", "fetch",
            "probe", "digest", "group_name", "grouping"]

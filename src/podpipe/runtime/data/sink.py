@@ -33,7 +33,7 @@ from podpipe.engine.keys import Keys
 from podpipe.errors import RunError, UsageError
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import Pipeline, Sink
-from podpipe.runtime import files
+from podpipe.runtime.plumbing import files
 
 
 VERSIONS = b"podpipe.versions"

@@ -25,10 +25,11 @@ import pyarrow as pa
 from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
-from podpipe.runtime import arrowfile, cputime, files, logline, protocol
-from podpipe.runtime.scratch import discard
-from podpipe.runtime.store import Store, open_store
-from podpipe.runtime.work import CallService, SchemaCheck, Work, WriteSink, version_of, work_for
+from podpipe.runtime.data import arrowfile
+from podpipe.runtime.plumbing import cputime, files, logline, protocol
+from podpipe.runtime.data.scratch import discard
+from podpipe.runtime.storage.store import Store, open_store
+from podpipe.runtime.stage.work import CallService, SchemaCheck, Work, WriteSink, version_of, work_for
 
 _NOT_THE_USERS = (str(Path(__file__).resolve().parent.parent),  # podpipe's own package
                   sysconfig.get_paths()["stdlib"])

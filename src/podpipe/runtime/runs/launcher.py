@@ -1,7 +1,8 @@
 """Starting stage processes: the local stand-in for a pod's containers.
 
 The conductor asks a launcher for one process per node and gets a `Process` it can
-watch (pidfd), wait for, terminate and kill. Two launchers, one interface:
+watch (pidfd), wait for, terminate and kill. Two launchers of the conductor's
+interface (`conductor.processes.Launcher`):
 
 - `ForkLauncher` (the default): a fork server imports pyarrow once and forks every
   stage process from it, so a pod of N stages does not pay N interpreter starts;
@@ -22,38 +23,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from podpipe.runtime import files, lifetime, protocol
-from podpipe.runtime.lifetime import die_with_parent
-
-
-@dataclass
-class Process:
-    node: str
-    pid: int
-    log: Path
-    launcher: "ForkLauncher | SpawnLauncher" = field(repr=False)
-    returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.launcher.poll(self)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """The exit code, or None if it is still running after `timeout` seconds."""
-        if self.returncode is None:
-            self.returncode = self.launcher.wait(self, timeout)
-        return self.returncode
-
-    def signal(self, sig: int) -> None:
-        if self.poll() is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
+from podpipe.runtime.conductor.processes import Launcher, Process
+from podpipe.runtime.plumbing import files, lifetime, protocol
+from podpipe.runtime.plumbing.lifetime import die_with_parent
 
 
 @dataclass
@@ -132,7 +107,7 @@ class ForkServer:
             self._popen = None
         else:
             self._popen = subprocess.Popen(
-                [sys.executable, "-m", "podpipe.runtime.forkserver", str(theirs.fileno())],
+                [sys.executable, "-m", "podpipe.runtime.stage.forkserver", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, start_new_session=True,
                 preexec_fn=die_with_parent)
@@ -191,7 +166,7 @@ def _forked(theirs: int, ours: socket.socket) -> int:
         os.dup2(null, 0)
         os.dup2(null, 1)
         os.close(null)
-        from podpipe.runtime import forkserver
+        from podpipe.runtime.stage import forkserver
 
         return forkserver.serve(theirs)
     lifetime.child(server_serves)
@@ -306,8 +281,6 @@ class ForkLauncher:
     def close(self) -> None:
         self.server.close()
 
-
-Launcher = ForkLauncher | SpawnLauncher
 
 
 def launcher(spec_path: Path, overrides: list[str], socket_path: Path, log_dir: Path,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from podpipe.errors import StoreError
-from podpipe.runtime import files
+from podpipe.runtime.plumbing import files
 
 
 class Store(Protocol):

@@ -20,9 +20,10 @@ import pyarrow as pa
 from podpipe.errors import SpecError
 from podpipe.model import spec as specs
 from podpipe.model.spec import SOURCE, Pipeline
-from podpipe.runtime import arrowfile, protocol
-from podpipe.runtime.answers import Answers, answers_store
-from podpipe.runtime.lifetime import die_with_parent
+from podpipe.runtime.data import arrowfile
+from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.storage.answers import Answers, answers_store
+from podpipe.runtime.plumbing.lifetime import die_with_parent
 
 # Environment of a `command:` stage, documented in docs/spec.md.
 ENV_INPUT = "PODPIPE_INPUT"          # the first input's Arrow IPC file
@@ -42,7 +43,7 @@ class Work:
 
 class LoadSource(Work):
     def __init__(self, pipeline: Pipeline) -> None:
-        from podpipe.runtime import source  # spawned stage processes skip Parquet, fsspec
+        from podpipe.runtime.data import source  # spawned stage processes skip Parquet, fsspec
 
         self.source = source
         self.loader = source.Loader(pipeline.source)
@@ -54,7 +55,7 @@ class LoadSource(Work):
 
 class LoadTable(Work):
     def __init__(self, pipeline: Pipeline, node: str) -> None:
-        from podpipe.runtime import tables  # spawned stage processes skip Parquet, fsspec
+        from podpipe.runtime.data import tables  # spawned stage processes skip Parquet, fsspec
 
         self.tables, self.table = tables, pipeline.table(node)
 
@@ -66,7 +67,7 @@ class CallService(Work):
     """A `call:` stage: the batch sent to a service, the answers its output."""
 
     def __init__(self, pipeline: Pipeline, node: str) -> None:
-        from podpipe.runtime import call
+        from podpipe.runtime.stage import call
 
         stage = pipeline.stage(node)
         assert stage.call is not None
@@ -155,7 +156,7 @@ class RunCommand(Work):
 
 class WriteSink(Work):
     def __init__(self, target: specs.Sink) -> None:
-        from podpipe.runtime import sink
+        from podpipe.runtime.data import sink
 
         self.writer = sink.Writer(target)
 

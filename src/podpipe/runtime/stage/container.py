@@ -17,9 +17,9 @@ import time
 from typing import Any, Callable
 
 from podpipe.engine.lifecycle import backoff
-from podpipe.runtime import lifetime, protocol
-from podpipe.runtime.forkserver import preload
-from podpipe.runtime.lifetime import die_with_parent
+from podpipe.runtime.plumbing import lifetime, protocol
+from podpipe.runtime.stage.forkserver import preload
+from podpipe.runtime.plumbing.lifetime import die_with_parent
 
 
 def supervise(workers: int, serve: Callable[[], int]) -> int:

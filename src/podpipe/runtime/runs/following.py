@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from podpipe.errors import INTERRUPTED_EXIT_CODE, UsageError
-from podpipe.runtime import logline, status
+from podpipe.runtime.plumbing import logline
+from podpipe.runtime.rundir import status
 
 LATEST = "latest"
 DEFAULT_RUNS = Path(".podpipe") / "runs"

@@ -20,7 +20,7 @@ import xxhash
 
 from podpipe.model.output import Output
 from podpipe.model.pipeline import NAME
-from podpipe.runtime import files
+from podpipe.runtime.plumbing import files
 
 CHUNK = 4 << 20
 DIR = "node"
@@ -97,7 +97,7 @@ def _copy(fd: int, dest: Path) -> str:
 
 def verified(path: str | Path, checksum: str) -> bool:
     """Is the file at `path` there, whole, with this checksum?"""
-    from podpipe.runtime import arrowfile
+    from podpipe.runtime.data import arrowfile
 
     try:
         return arrowfile.checksum(path) == checksum

@@ -28,8 +28,8 @@ from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS, Output
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime import durable, tiers
-from podpipe.runtime.journal import CorruptJournal, Journal
+from podpipe.runtime.storage import durable, tiers
+from podpipe.runtime.storage.journal import CorruptJournal, Journal
 
 if TYPE_CHECKING:  # imported where used: a run imports this module before its fork
     from podpipe.runtime.conductor import Restored  # server starts, and these (pyarrow,
@@ -122,7 +122,7 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
     """The engine of a resumed run: what each node had finished, and the copies of its
     outputs that check out, nearest tier first. A sink's batch counts as finished only
     if its file is there."""
-    from podpipe.runtime import sink
+    from podpipe.runtime.data import sink
     from podpipe.runtime.conductor import Restored
     from podpipe.runtime.conductor.nodes import cpus, retries, workers
 

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import xxhash
 
-from podpipe.runtime import files
+from podpipe.runtime.plumbing import files
 
 
 def ipc_size(table: pa.Table) -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from podpipe.errors import StoreError
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime import files
-from podpipe.runtime.store import Store, open_store
+from podpipe.runtime.plumbing import files
+from podpipe.runtime.storage.store import Store, open_store
 
 ANSWER = re.compile(r"^[0-9a-f]{40}\.(arrow|json)$")  # a kept answer's file name
 

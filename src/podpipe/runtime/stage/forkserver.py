@@ -27,12 +27,12 @@ import socket
 import sys
 from pathlib import Path
 
-from podpipe.runtime import files, lifetime, protocol
-from podpipe.runtime.lifetime import die_with_parent
-from podpipe.runtime.loop import EventLoop, Ready
+from podpipe.runtime.plumbing import files, lifetime, protocol
+from podpipe.runtime.plumbing.lifetime import die_with_parent
+from podpipe.runtime.plumbing.loop import EventLoop, Ready
 
 PRELOAD = ("pyarrow", "pyarrow.compute", "pyarrow.parquet", "fsspec", "yaml", "xxhash",
-           "podpipe.runtime.agent", "podpipe.runtime.source", "podpipe.runtime.sink")
+           "podpipe.runtime.stage.agent", "podpipe.runtime.data.source", "podpipe.runtime.data.sink")
 # pyarrow imports pandas, when installed, the first time it converts Python objects:
 # nearly every stage module does that, so it is worth importing once here.
 OPTIONAL = ("pandas",)
@@ -142,7 +142,7 @@ def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
         os.close(log)
         os.environ.update(message.env)
         os.chdir(message.cwd)
-        from podpipe.runtime import agent
+        from podpipe.runtime.stage import agent
 
         return agent.serve(message.spec, message.overrides, message.node, message.socket)
     lifetime.child(agent_serves)

@@ -24,7 +24,7 @@ from podpipe.errors import DataError, UsageError
 from podpipe.model.pipeline import Pipeline, Source, Table
 from podpipe.model.sizes import format_size
 from podpipe.model.spec import MAX_BATCH_ROWS
-from podpipe.runtime import source
+from podpipe.runtime.data import source
 
 
 def field(pipeline: Pipeline, table: Table) -> str:

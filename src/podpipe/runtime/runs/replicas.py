@@ -28,10 +28,13 @@ from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.sizes import format_size
-from podpipe.runtime import files, rundir, runs, sink, status
-from podpipe.runtime import scratch as scratches
-from podpipe.runtime.loop import EventLoop, Signalled
-from podpipe.runtime.scratch import process_start
+from podpipe.runtime.plumbing import files
+from podpipe.runtime.rundir import layout as rundir, status
+from podpipe.runtime.runs import following as runs
+from podpipe.runtime.data import sink
+from podpipe.runtime.data import scratch as scratches
+from podpipe.runtime.plumbing.loop import EventLoop, Signalled
+from podpipe.runtime.data.scratch import process_start
 
 POLL_SECONDS = 0.25
 STOP_GRACE_SECONDS = 10.0
@@ -171,7 +174,7 @@ def _write(run_path: Path, current: dict[str, Any],
 
 def _check_sinks(pipeline: specs.Pipeline) -> None:
     from podpipe.model.graph import Graph
-    from podpipe.runtime import source
+    from podpipe.runtime.data import source
 
     sink.check_run(pipeline, Graph.of(pipeline), len(source.plan(pipeline.source)))
 

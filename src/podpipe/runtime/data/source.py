@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from podpipe.errors import DataError
 from podpipe.model.batch import SourceBatch
 from podpipe.model.pipeline import Source
-from podpipe.runtime import arrowfile
+from podpipe.runtime.data import arrowfile
 
 _GLOB = set("*?[")
 

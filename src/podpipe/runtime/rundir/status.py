@@ -13,8 +13,8 @@ from typing import Any
 import msgspec
 
 from podpipe.errors import UsageError
-from podpipe.runtime import files
-from podpipe.runtime.scratch import alive
+from podpipe.runtime.plumbing import files
+from podpipe.runtime.data.scratch import alive
 
 FILE = "status.json"
 SCHEMA_VERSION = 1  # of the status record (`schemaVersion`)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from podpipe.model.pipeline import Call
-from podpipe.runtime.answers import Answers
+from podpipe.runtime.storage.answers import Answers
 
 _ENV = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 BACKOFF, MAX_BACKOFF = 0.1, 10.0  # seconds: 0.1, 0.2, 0.4, ... (x 0.5-1.5), at most 10

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from podpipe.errors import RunError, UsageError
-from podpipe.runtime import protocol, status
-from podpipe.runtime.scratch import Scratch
+from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.rundir import status
+from podpipe.runtime.data.scratch import Scratch
 
 
 def swap_overrides(stage: str, *, run: str | None, command: list[str] | None,

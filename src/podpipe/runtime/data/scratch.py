@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from podpipe.errors import UsageError
-from podpipe.runtime import files
+from podpipe.runtime.plumbing import files
 
 PREFIX = "podpipe-"
 OWNER = "owner.json"

@@ -27,12 +27,15 @@ from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import SOURCE
 from podpipe.model.sizes import format_size, parse_size
-from podpipe.runtime import durable, protocol, rundir, runs, status
-from podpipe.runtime import scratch as scratches
-from podpipe.runtime.launcher import ForkServer
-from podpipe.runtime.launcher import launcher as make_launcher
-from podpipe.runtime.loop import EventLoop, Signalled
-from podpipe.runtime.origin import Origin, start_from
+from podpipe.runtime.storage import durable
+from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.rundir import layout as rundir, status
+from podpipe.runtime.runs import following as runs
+from podpipe.runtime.data import scratch as scratches
+from podpipe.runtime.runs.launcher import ForkServer
+from podpipe.runtime.runs.launcher import launcher as make_launcher
+from podpipe.runtime.plumbing.loop import EventLoop, Signalled
+from podpipe.runtime.runs.origin import Origin, start_from
 
 # The conductor, the sinks and the replicas (pyarrow, fsspec) are imported where they
 # are used: a run imports them while its fork server starts, not before.
@@ -83,7 +86,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         if metrics:
             raise UsageError("--metrics-port: each pod serves its own; with several replicas "
                              "here, run each with --pod-index I and a port of its own")
-        from podpipe.runtime import replicas as pods
+        from podpipe.runtime.runs import replicas as pods
 
         if server is not None:
             server.close()  # each pod is a process of its own, with its own
@@ -112,7 +115,7 @@ def plan(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     if replicas < 1:
         raise UsageError(f"--replicas {replicas}: expected at least 1")
     pipeline = validate(spec_path, overrides)
-    from podpipe.runtime import source
+    from podpipe.runtime.data import source
 
     batches = source.plan(pipeline.source)
     pods = sharding.plan([b.nbytes for b in batches], pipeline.shards, replicas)
@@ -302,8 +305,9 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
                                      run_path / "logs", pod, server)
             # source's agent, forked once pyarrow is in (not pandas, it needs none)
             launcher.early(protocol.agent_name(SOURCE, 0))
-        from podpipe.runtime import answers, sink, source, tables  # while the fork server
-                                                                # starts
+        # while the fork server starts
+        from podpipe.runtime.data import sink, source, tables
+        from podpipe.runtime.storage import answers
 
         plan = source.plan(pipeline.source)
         loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
