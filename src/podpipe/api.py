@@ -191,7 +191,7 @@ def _shown(progress: bool) -> Iterator[Any]:
         return
     from rich.console import Console
 
-    from podpipe import report
+    from podpipe import console as terminal
 
-    with report.LiveProgress(Console()) as live:
+    with terminal.LiveProgress(Console()) as live:
         yield live

@@ -1,249 +1,355 @@
-"""What a person sees: live progress while a run goes, tables after it and for status.
+"""`podpipe report`: where a run's time went, as one self-contained HTML page.
 
-Everything here renders a status dict (see runtime/rundir/status.py); none of it talks to
-processes.
+Read from the run directory alone (`status.json`, `tasks.jsonl`, `samples.jsonl`,
+the spec, the logs), so it works for a finished run, a running one (a snapshot)
+and a run of several replicas (a section per pod). The page has no script and
+fetches nothing: inline CSS and SVG, to open from a laptop's disk. Its parts:
+the graph (nodes coloured by how busy they were), a timeline (a bar per task,
+coloured by version, its wait for RAM drawn apart), RAM scratch over time against
+the budget, a table per node, and one sentence naming the bottleneck. The same
+timeline can be written as a Chrome trace (`chrome_trace`), for Perfetto.
 """
 
 from __future__ import annotations
 
-import time
+import html
+import json
 from pathlib import Path
 from typing import Any
 
-from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
+from podpipe.model import spec as specs
+from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size
+from podpipe.runtime.rundir import layout as rundir, status
+from podpipe.runtime.conductor.timeline import SAMPLES, TASKS
+
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1")
+WIDTH = 960
 
 
-WATCH_SECONDS = 0.5  # how often `status --watch` reads the status again
+class Pod:
+    """One pod's run as the report reads it."""
+
+    def __init__(self, run_dir: Path, title: str) -> None:
+        self.run_dir, self.title = run_dir, title
+        self.status = status.read(run_dir)
+        self.tasks = _lines(run_dir / TASKS)
+        self.samples = _lines(run_dir / SAMPLES)
+
+    @property
+    def elapsed(self) -> float:
+        ends = [t["ended"] for t in self.tasks] + [s["t"] for s in self.samples]
+        return max([self.status["elapsed_seconds"], *ends, 1e-3])
 
 
-class LiveProgress:
-    """A rich progress bar per node (batches done/total, rows/s), and one for the RAM
-    scratch in use against the budget. Shown from the first status on (a run refused
-    before it starts leaves the terminal as it was)."""
-
-    def __init__(self, console: Console, clock=time.monotonic) -> None:
-        self.console = console
-        self.progress = Progress(
-            TextColumn("{task.fields[name]:<12}"), BarColumn(),
-            TextColumn("{task.fields[count]:>19}"), TextColumn("{task.fields[rate]:>17}"),
-            TimeElapsedColumn(), console=console, transient=False)
-        self.tasks: dict[str, Any] = {}
-        self.clock = clock
-        self.started = clock()
-        self.finished: dict[str, str] = {}  # node -> its rate when it finished
-        self.shown = False
-
-    def __enter__(self) -> "LiveProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.shown:
-            self.progress.stop()
-            self.shown = False
-
-    def __call__(self, status: dict[str, Any]) -> None:
-        if not self.shown:
-            self.progress.start()
-            self.shown = True
-        elapsed = max(1e-9, self.clock() - self.started)
-        for node, s in status["stages"].items():
-            rows = s["rows_out"] if s["kind"] == "source" else s["rows_in"]
-            done = s["batches_done"] >= s["batches_total"] > 0
-            rate = self.finished.get(node) or (f"{rows / elapsed:,.0f} rows/s" if rows else "")
-            if done:  # a finished stage's rate stays what it was when it finished
-                self.finished.setdefault(node, rate)
-            self._show(node, s["batches_done"], s["batches_total"],
-                       f"{s['batches_done']}/{s['batches_total']}", rate)
-        used, budget = status["scratch_bytes"], status["budget_bytes"]
-        waited = holding_back(status)
-        self._show("waiting on", 0, 0, waited[0] if waited else "-",
-                   f"{waited[1]} queued" if waited else "")
-        self._show("RAM scratch", used, budget,
-                   f"{format_size(used)} / {format_size(budget)}",
-                   f"peak {format_size(status['peak_scratch_bytes'])}")
-
-    def _show(self, name: str, done: int, total: int, count: str, rate: str) -> None:
-        if name not in self.tasks:
-            self.tasks[name] = self.progress.add_task("", total=total, name=name, count="",
-                                                      rate="")
-        self.progress.update(self.tasks[name], completed=done, total=total, count=count,
-                             rate=rate)
+def pods_of(run_dir: Path) -> list[Pod]:
+    """The pods of the run in `run_dir`: itself, or each replica's."""
+    if rundir.read(run_dir).of_replicas:
+        found = sorted((p for p in (run_dir / "pods").glob("*") if (p / "status.json").exists()),
+                       key=lambda p: int(p.name))
+        return [Pod(p, f"pod {p.name}") for p in found]
+    return [Pod(run_dir, "")]
 
 
-def holding_back(status: dict[str, Any]) -> tuple[str, int] | None:
-    """The node the line waits on now, and its batches queued: the one with the most
-    batches ready per worker while all its workers are busy; None if none has any."""
-    queued = [(s["queued"] / max(1, s["workers"]), node) for node, s in status["stages"].items()
-              if s.get("queued") and s.get("in_flight", 0) >= s["workers"]]
-    if not queued:
-        return None
-    node = max(queued)[1]
-    return node, status["stages"][node]["queued"]
+def _lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in text.splitlines():
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue  # a line being written when the run was read
+    return found
 
 
-def plural(count: int, noun: str) -> str:
-    """`1 file`, `2 files`, `1 batch`, `2 batches`."""
-    if count == 1:
-        return f"1 {noun}"
-    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
-        return f"{count:,} {noun[:-1]}ies"
-    return f"{count:,} {noun}" + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+def _graph(run_dir: Path) -> Graph:
+    recorded = rundir.read(run_dir)
+    return Graph.of(specs.load(run_dir / "spec.yaml", recorded.overrides))
 
 
-def summary(status: dict[str, Any]) -> Table:
-    """Per node: batches, rows in and out, busy time, RAM written, read zero-copy.
-    Fits 80 columns (short units, no vertical rules); a cell never wraps."""
-    table = Table(title=f"{status['pipeline']}: {status['state']} in "
-                        f"{status['elapsed_seconds']:.2f} s (peak RAM scratch "
-                        f"{format_size(status['peak_scratch_bytes'])} of "
-                        f"{format_size(status['budget_bytes'])})",
-                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0),
-                  caption="written: to RAM scratch; read: from it, zero-copy")
-    table.add_column("stage", overflow="ellipsis", max_width=16, no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    for column in ("batches", "rows in", "rows out", "busy s", "written", "read"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for node, s in status["stages"].items():
-        table.add_row(node, s["kind"], f"{s['batches_done']}/{s['batches_total']}",
-                      short_count(s["rows_in"]), short_count(s["rows_out"]),
-                      f"{s['busy_seconds']:.2f}", short_size(s["bytes_written"]),
-                      short_size(s["bytes_read"]))
-    return table
+# -- the page --------------------------------------------------------------------
 
 
-def calls(status: dict[str, Any]) -> list[str]:
-    """A line per call stage: what its requests did."""
-    lines = []
-    for node, s in status["stages"].items():
-        c = s.get("calls")
-        if not c:
-            continue
-        latency = (f", p50 {c['latency_p50'] * 1000:.0f} ms, p99 "
-                   f"{c['latency_p99'] * 1000:.0f} ms" if c.get("latency_p50") is not None
-                   else "")
-        lines.append(f"{node}: {plural(c['requests'], 'request')} sent, {c['memo_hits']:,} "
-                     f"kept answers used, {plural(c['retries'], 'retry')}{latency}")
-    return lines
+def page(run_dir: Path) -> str:
+    """The report of the run in `run_dir` as one HTML document."""
+    top = status.read(run_dir)
+    graph = _graph(run_dir)
+    sections = [_pod_section(pod, graph) for pod in pods_of(run_dir)]
+    title = (f"{top['pipeline']}: {top['state']} in {top['elapsed_seconds']:.2f} s "
+             f"(peak RAM scratch {format_size(top['peak_scratch_bytes'])} of "
+             f"{format_size(top['budget_bytes'])})")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: {WIDTH + 40}px }}
+h1 {{ font-size: 20px }} h2 {{ font-size: 16px; margin-top: 28px }}
+table {{ border-collapse: collapse; margin: 8px 0 }}
+td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap }}
+td:first-child, th:first-child {{ text-align: left }}
+.error {{ background: #fde8e8; border: 1px solid #e15759; padding: 8px 12px }}
+.error pre {{ white-space: pre-wrap; margin: 6px 0 0 }}
+.bottleneck {{ font-size: 15px; background: #eef4fb; padding: 8px 12px }}
+svg text {{ font: 11px system-ui, sans-serif }}
+.legend span {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px -2px 12px }}
+</style></head><body>
+<h1>{_e(title)}</h1>
+<p>run <code>{_e(top['run_id'])}</code> in <code>{_e(str(run_dir))}</code></p>
+{''.join(sections)}
+</body></html>
+"""
 
 
-def short_count(count: int) -> str:
-    """`59,986` exactly; from a million on, `59.99M` (fits a narrow column)."""
-    if count < 1_000_000:
-        return f"{count:,}"
-    for unit, scale in (("G", 10**9), ("M", 10**6)):
-        if count >= scale:
-            return f"{count / scale:.2f}{unit}"
-    return str(count)
+def _pod_section(pod: Pod, graph: Graph) -> str:
+    s = pod.status
+    parts = [f"<section class=\"pod\" data-pod=\"{_e(pod.title)}\">"]
+    if pod.title:
+        parts.append(f"<h2>{_e(pod.title)}: {_e(s['state'])}</h2>")
+    if s.get("error"):
+        parts.append(_error(pod))
+    if s.get("restore_notes") or any(sum(n["restored"].values()) for n in s["stages"].values()):
+        parts.append(_restored(s))
+    busy = _shares(pod, graph)
+    parts.append(f"<p class=\"bottleneck\">{_bottleneck(busy, s)}</p>")
+    parts.append("<h2>The graph</h2>" + _graph_svg(graph, s, busy))
+    parts.append("<h2>Timeline</h2>" + _timeline_svg(pod, graph))
+    parts.append("<h2>RAM scratch</h2>" + _memory_svg(pod))
+    parts.append("<h2>Per node</h2>" + _table(pod, graph, busy))
+    parts.append("</section>")
+    return "\n".join(parts)
 
 
-def short_size(size: int) -> str:
-    """Bytes as a Kubernetes quantity, three digits at most: `12B`, `2.2Ki`, `900Mi`."""
-    value, unit = float(size), "B"
-    for unit in ("B", "Ki", "Mi", "Gi", "Ti"):
-        if value < 1000 or unit == "Ti":
+def _error(pod: Pod) -> str:
+    message = pod.status["error"]
+    tail = ""
+    for name in sorted(pod.status["stages"], key=len, reverse=True):
+        if f"stage {name!r}" in message:
+            logs = sorted((pod.run_dir / "logs").glob(f"{name}*.log"))
+            lines = [line for log in logs for line in log.read_text(errors="replace")
+                     .splitlines()][-20:]
+            tail = f"<pre>{_e(chr(10).join(lines))}</pre>"
             break
-        value /= 1024
-    if unit == "B":
-        return f"{size}B"
-    return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"<div class=\"error\"><b>error:</b> {_e(message)}{tail}</div>"
 
 
-def durable_warning(status: dict[str, Any]) -> str | None:
-    """A sentence when the durable tier did not keep up (said at the end of a run)."""
-    durable = status.get("durable") or {}
-    if not durable.get("behind") and not durable.get("error"):
-        return None
-    return (f"the last checkpoint to {durable['url']} was not written" +
-            (f" ({durable['error']})" if durable.get("error") else "") +
-            ": a node lost now would start over from an earlier one")
+def _restored(s: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{_e(n)}</td>" + "".join(f"<td>{v.get(t, 0)}</td>" for t in
+                                                     ("ram", "node", "durable")) + "</tr>"
+                   for n, v in ((n, st["restored"]) for n, st in s["stages"].items())
+                   if sum(v.values()))
+    notes = "".join(f"<li>{_e(n)}</li>" for n in s.get("restore_notes", []))
+    return ("<h2>Resumed</h2><table><tr><th>node</th><th>from RAM</th><th>node tier</th>"
+            f"<th>durable tier</th></tr>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else ""))
 
 
-def status_table(status: dict[str, Any]) -> Table:
-    """`podpipe status` without --json."""
-    table = summary(status)
-    held = [f"\nheld: stage {n!r} (version {s['version']}): {s['held']}; swap it to go on"
-            for n, s in status["stages"].items() if s.get("held")]
-    table.caption = (f"run {status['run_id']}  state {status['state']}  scratch "
-                     f"{status['scratch']}" + (f"\nerror: {status['error']}"
-                                                if status.get("error") else "") + "".join(held)
-                     + (f"\ndurable: {durable_warning(status)}"
-                        if status["state"] != "running" and durable_warning(status) else ""))
-    for line in calls(status):
-        table.caption += f"\ncalls: {line}"
-    waited = holding_back(status) if status["state"] == "running" else None
-    if waited:
-        table.caption += f"\nwaiting on: {waited[0]} ({waited[1]} queued)"
-    pids = Table(title="processes")
-    for column in ("role", "stage", "worker", "pod", "pid", "alive"):
-        pids.add_column(column)
-    live = status["state"] == "running"
-    for p in status["processes"]:
-        alive = (live if p.get("alive") is None else p["alive"]) if live else False
-        pids.add_row(p["role"], p["stage"] or "", str(p.get("worker", 0)) if p["stage"] else "",
-                     p["pod"], str(p["pid"]), "yes" if alive else "no")
-    grid = Table.grid()
-    grid.add_row(table)
-    grid.add_row(pids)
-    return grid
+def _shares(pod: Pod, graph: Graph) -> dict[str, dict[str, float]]:
+    """Per node, over the time the line ran (its first task's start to its last
+    task's end): the share during which at least one of its workers was busy, the
+    share during which one waited for RAM and none was busy, and the rest (waiting
+    for input, or idle)."""
+    if not pod.tasks:
+        return {node: {"busy": 0.0, "ram": 0.0, "other": 1.0} for node in graph.order}
+    start = min(t["handed"] for t in pod.tasks)
+    line = max(1e-6, max(t["ended"] for t in pod.tasks) - start)
+    out = {}
+    for node in graph.order:
+        tasks = [t for t in pod.tasks if t["node"] == node]
+        waits = [(t["asked"], t["granted"]) for t in tasks
+                 if t.get("asked") is not None and t.get("granted") is not None]
+        occupied = _union([(t["handed"], t["ended"]) for t in tasks])
+        waiting = _union(waits)
+        busy = max(0.0, occupied - waiting)
+        out[node] = {"busy": min(1.0, busy / line), "ram": min(1.0, waiting / line),
+                     "other": max(0.0, 1 - occupied / line)}
+    return out
 
 
-def runs_table(found: list[dict[str, Any]], where: str) -> Table:
-    """`podpipe runs`: a row per run in the runs directory `where`, newest first."""
-    table = Table(box=None, title=f"runs in {where}, newest first", title_justify="left")
-    for column in ("run", "pipeline", "state", "started", "elapsed s"):
-        table.add_column(column, justify="right" if column == "elapsed s" else "left",
-                         no_wrap=column in ("run", "started"))
-    for run in found:
-        started = time.strftime("%m-%d %H:%M:%S", time.localtime(run["started"]))
-        table.add_row(Path(run["run_dir"]).name, run["pipeline"], run["state"], started,
-                      f"{run['elapsed_seconds']:.1f}")
-    return table
+def _union(spans: list[tuple[float, float]]) -> float:
+    """The time covered by at least one of `spans`."""
+    total, reach = 0.0, float("-inf")
+    for begin, end in sorted(spans):
+        if end > reach:
+            total += end - max(begin, reach)
+            reach = end
+    return total
 
 
-def cores_table(cores: dict[str, Any]) -> Table:
-    """`podpipe plan --cpus C --from RUN_DIR`: workers per node, the predicted pace."""
-    table = Table(title=f"{cores['pipeline']} on {cores['cpus']:g} cores: "
-                        f"{cores['batches_per_second']:g} batches/s, "
-                        f"{cores['rows_per_second']:,} rows/s predicted",
-                  caption=f"{plural(cores['batches'], 'batch')} in "
-                          f"{cores['predicted_seconds']:.1f} s (the measured run: "
-                          f"{cores['measured_seconds']:.1f} s); from {cores['from']}",
-                  box=box.SIMPLE_HEAD)
-    for column in ("node", "s per batch", "workers"):
-        table.add_column(column, justify="left" if column == "node" else "right")
-    for n in cores["nodes"]:
-        table.add_row(n["node"], f"{n['seconds_per_batch']:.4f}", str(n["workers"]))
-    return table
+def _bottleneck(busy: dict[str, dict[str, float]], s: dict[str, Any]) -> str:
+    per_batch = {n: b for n, b in busy.items()  # the line's stations (not what runs once)
+                 if s["stages"].get(n, {}).get("kind") not in ("reduce", "table")}
+    if not per_batch:
+        return "No task ran."
+    node = max(per_batch, key=lambda n: per_batch[n]["busy"])
+    share = per_batch[node]["busy"]
+    workers = s["stages"].get(node, {}).get("workers_max", 1)
+    who = f"<code>{_e(node)}</code>" + (f" ({workers} workers)" if workers > 1 else "")
+    if share >= 0.5:
+        return (f"{who} was busy {share:.0%} of the time; the others waited for it: "
+                "it holds the line back.")
+    return (f"No node was busy half the time; the busiest, {who}, {share:.0%}: the line "
+            "waited on starting up, on RAM, or on the source's files.")
 
 
-def plan_table(planned: dict[str, Any]) -> Table:
-    """`podpipe plan`: a row per replica."""
-    pods = planned["pods"]
-    table = Table(title=f"{planned['pipeline']}: "
-                        f"{plural(planned['source_batches'], 'batch')} "
-                        f"({format_size(planned['source_bytes'])} from "
-                        f"{plural(planned['files'], 'file')}) in "
-                        f"{plural(planned['shards'], 'shard')} over "
-                        f"{plural(planned['replicas'], 'replica')}")
-    for column in ("pod", "shards", "batches", "bytes pulled"):
-        table.add_column(column, justify="left" if column == "shards" else "right")
-    for p in pods:
-        shards = p["shards"]
-        shown = ", ".join(map(str, shards[:6])) + (f", ... ({len(shards)})"
-                                                   if len(shards) > 6 else "")
-        table.add_row(str(p["ordinal"]), shown or "(none: idles)", str(p["batches"]),
-                      format_size(p["bytes"]))
-    loads = [p["bytes"] for p in pods]
-    if loads and max(loads):
-        table.caption = (f"per pod: min {format_size(min(loads))}, max "
-                         f"{format_size(max(loads))}; the slowest pod reads "
-                         f"{max(loads) / (sum(loads) / len(loads)):.2f}x the mean")
-    return table
+def _graph_svg(graph: Graph, s: dict[str, Any], busy: dict[str, dict[str, float]]) -> str:
+    depth: dict[str, int] = {}
+    for node in graph.order:
+        depth[node] = 1 + max((depth[i] for i in graph.inputs[node]), default=-1)
+    columns: dict[int, list[str]] = {}
+    for node in graph.order:
+        columns.setdefault(depth[node], []).append(node)
+    box_w, box_h, gap_x, gap_y = 120, 44, 40, 16
+    width = len(columns) * (box_w + gap_x)
+    height = max(len(c) for c in columns.values()) * (box_h + gap_y) + gap_y
+    where = {n: (d * (box_w + gap_x) + 10, i * (box_h + gap_y) + gap_y)
+             for d, nodes in columns.items() for i, n in enumerate(nodes)}
+    parts = [f'<svg class="graph" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}">']
+    for node in graph.order:
+        for source in graph.inputs[node]:
+            x1, y1 = where[source]
+            x2, y2 = where[node]
+            parts.append(f'<line class="edge" data-from="{_e(source)}" data-to="{_e(node)}" '
+                         f'x1="{x1 + box_w}" y1="{y1 + box_h / 2}" x2="{x2}" '
+                         f'y2="{y2 + box_h / 2}" stroke="#888" stroke-width="1.5"/>')
+    for node in graph.order:
+        x, y = where[node]
+        share = busy[node]["busy"]
+        shade = int(235 - 150 * min(1.0, share))
+        st = s["stages"].get(node, {})
+        label = f"{st.get('kind', '')}" + (f" ×{st['workers_max']}"
+                                            if st.get("workers_max", 1) > 1 else "")
+        parts.append(f'<g class="node" data-node="{_e(node)}">'
+                     f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="6" '
+                     f'fill="rgb({shade},{shade + 10 if shade < 245 else 255},255)" '
+                     f'stroke="#4e79a7"/>'
+                     f'<text x="{x + 8}" y="{y + 18}" font-weight="bold">{_e(node[:16])}</text>'
+                     f'<text x="{x + 8}" y="{y + 34}">{_e(label)} · {share:.0%} busy</text></g>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _timeline_svg(pod: Pod, graph: Graph) -> str:
+    lanes = sorted({(t["node"], t["worker"]) for t in pod.tasks},
+                   key=lambda lane: (graph.order.index(lane[0]) if lane[0] in graph.order
+                                     else 99, lane[1]))
+    if not lanes:
+        return "<p>No task has ended yet.</p>"
+    color: dict[tuple[str, str], str] = {}  # a node's first version, its next, ...
+    for t in sorted(pod.tasks, key=lambda t: t["handed"]):
+        key = (t["node"], t.get("version") or "")
+        if key not in color:
+            color[key] = PALETTE[sum(1 for n, _ in color if n == t["node"]) % len(PALETTE)]
+    left, lane_h, scale = 110, 18, (WIDTH - 120) / pod.elapsed
+    height = len(lanes) * lane_h + 30
+    parts = [f'<svg class="timeline" width="{WIDTH}" height="{height}">']
+    for i, (node, worker) in enumerate(lanes):
+        y = i * lane_h
+        name = node if worker == 0 else f"{node}.{worker}"
+        parts.append(f'<text x="0" y="{y + 13}">{_e(name[:16])}</text>')
+        for t in (t for t in pod.tasks if (t["node"], t["worker"]) == (node, worker)):
+            x = left + t["handed"] * scale
+            w = max(1.0, (t["ended"] - t["handed"]) * scale)
+            fill = color[(node, t.get("version") or "")] if t["state"] == "done" else "#bbb"
+            parts.append(f'<rect class="task" data-node="{_e(node)}" data-batch="{t["batch"]}" '
+                         f'data-state="{_e(t["state"])}" x="{x:.1f}" y="{y + 2}" '
+                         f'width="{w:.1f}" height="{lane_h - 4}" fill="{fill}">'
+                         f'<title>{_e(name)} batch {t["batch"]}: {t["state"]}, '
+                         f'{t["ended"] - t["handed"]:.3f} s</title></rect>')
+            if t.get("asked") is not None and t.get("granted") is not None:
+                rx = left + t["asked"] * scale
+                rw = max(0.5, (t["granted"] - t["asked"]) * scale)
+                parts.append(f'<rect class="ram-wait" x="{rx:.1f}" y="{y + 2}" '
+                             f'width="{rw:.1f}" height="{lane_h - 4}" fill="#e15759" '
+                             f'opacity="0.6"><title>waiting for RAM</title></rect>')
+    axis_y = len(lanes) * lane_h + 14
+    for k in range(6):
+        at = pod.elapsed * k / 5
+        anchor = "end" if k == 5 else "start"
+        parts.append(f'<text x="{left + at * scale:.0f}" y="{axis_y}" '
+                     f'text-anchor="{anchor}">{at:.1f} s</text>')
+    parts.append("</svg>")
+    versions = max(sum(1 for n, _ in color if n == node) for node, _ in color)
+    names = ["a stage's first version", "its second", "its third"]
+    legend = "".join(f'<span style="background:{PALETTE[i % len(PALETTE)]}"></span>'
+                     + (names[i] if i < len(names) else f"version {i + 1}")
+                     for i in range(versions))
+    return (f'<div class="legend">{legend}<span style="background:#e15759"></span>waiting for '
+            'RAM<span style="background:#bbb"></span>not done (failed, denied, lost)</div>'
+            + "".join(parts))
+
+
+def _memory_svg(pod: Pod) -> str:
+    s = pod.status
+    samples = [x for x in pod.samples if "peak" in x]
+    budget = s["budget_bytes"]
+    top = max([budget, *(x["peak"] for x in samples)]) or 1
+    height, left = 160, 60
+    scale_x, scale_y = (WIDTH - left - 10) / pod.elapsed, (height - 20) / top
+    points = " ".join(f"{left + x['t'] * scale_x:.1f},{height - 10 - x['peak'] * scale_y:.1f}"
+                      for x in samples)
+    highest = max((x["peak"] for x in samples), default=0)
+    budget_y = height - 10 - budget * scale_y
+    return (f'<svg class="memory" data-max="{highest}" data-budget="{budget}" width="{WIDTH}" '
+            f'height="{height}">'
+            f'<line x1="{left}" x2="{WIDTH - 10}" y1="{budget_y:.1f}" y2="{budget_y:.1f}" '
+            f'stroke="#e15759" stroke-dasharray="4 3"/>'
+            f'<text x="0" y="{budget_y + 4:.1f}">budget</text>'
+            f'<text x="0" y="{height - 10}">0</text>'
+            f'<polyline points="{points}" fill="none" stroke="#4e79a7" stroke-width="1.5"/>'
+            f'</svg><p>peak {format_size(highest)} of {format_size(budget)}; '
+            f'{s.get("spilled_outputs", 0)} outputs spilled to the node tier.</p>')
+
+
+def _table(pod: Pod, graph: Graph, busy: dict[str, dict[str, float]]) -> str:
+    s = pod.status
+    head = ("<tr><th>node</th><th>kind</th><th>workers</th><th>busy</th><th>waiting for "
+            "RAM</th><th>waiting for input or idle</th><th>rows/s busy</th><th>written</th>"
+            "<th>restarts</th><th>restored</th></tr>")
+    rows = []
+    for node in graph.order:
+        st = s["stages"].get(node)
+        if st is None:
+            continue
+        b = busy[node]
+        rate = st["rows_out"] / st["busy_seconds"] if st["busy_seconds"] else 0
+        rows.append(f"<tr><td>{_e(node)}</td><td>{st['kind']}</td><td>{st['workers_max']}</td>"
+                    f"<td>{b['busy']:.0%}</td><td>{b['ram']:.0%}</td><td>{b['other']:.0%}</td>"
+                    f"<td>{rate:,.0f}</td><td>{format_size(st['bytes_written'])}</td>"
+                    f"<td>{st['restarts']}</td><td>{sum(st['restored'].values())}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+# -- a Chrome trace ------------------------------------------------------------------
+
+
+def chrome_trace(run_dir: Path) -> dict[str, Any]:
+    """The timeline in the Trace Event Format (Perfetto, chrome://tracing): a process
+    per pod, a thread per node's worker, a complete event per task and per wait for
+    RAM."""
+    events: list[dict[str, Any]] = []
+    for pid, pod in enumerate(pods_of(run_dir)):
+        events.append({"ph": "M", "name": "process_name", "pid": pid,
+                       "args": {"name": pod.title or pod.status["pipeline"]}})
+        lanes = sorted({(t["node"], t["worker"]) for t in pod.tasks})
+        tid = {lane: i for i, lane in enumerate(lanes)}
+        for (node, worker), i in tid.items():
+            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": i,
+                           "args": {"name": node if worker == 0 else f"{node}.{worker}"}})
+        for t in pod.tasks:
+            lane = tid[(t["node"], t["worker"])]
+            events.append({"ph": "X", "name": f"batch {t['batch']}", "cat": t["node"],
+                           "pid": pid, "tid": lane, "ts": round(t["handed"] * 1e6),
+                           "dur": round((t["ended"] - t["handed"]) * 1e6),
+                           "args": {"state": t["state"], "version": t.get("version"),
+                                    "rows_out": t.get("rows_out", 0)}})
+            if t.get("asked") is not None and t.get("granted") is not None:
+                events.append({"ph": "X", "name": "waiting for RAM", "cat": "ram",
+                               "pid": pid, "tid": lane, "ts": round(t["asked"] * 1e6),
+                               "dur": round((t["granted"] - t["asked"]) * 1e6)})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}

@@ -103,7 +103,7 @@ def _resume(args: argparse.Namespace, console) -> int:
 
 
 def _plan(args: argparse.Namespace, console) -> int:
-    from podpipe import report
+    from podpipe import console as terminal
     from podpipe.runtime.runs import pod
 
     if args.cpus is not None and args.measured is None:
@@ -115,14 +115,14 @@ def _plan(args: argparse.Namespace, console) -> int:
     if args.json:
         print(json.dumps(planned, indent=2))
         return 0
-    console.print(report.plan_table(planned))
+    console.print(terminal.plan_table(planned))
     if "cores" in planned:
-        console.print(report.cores_table(planned["cores"]))
+        console.print(terminal.cores_table(planned["cores"]))
     return 0
 
 
 def _with_progress(console, quiet: bool, start) -> int:
-    from podpipe import report
+    from podpipe import console as terminal
 
     if quiet:
         final = start(None)
@@ -130,7 +130,7 @@ def _with_progress(console, quiet: bool, start) -> int:
                       f"{final['elapsed_seconds']:.1f} s; run directory {final['run_dir']}",
                       highlight=False, soft_wrap=True)
         return 0
-    with report.LiveProgress(console) as live:
+    with terminal.LiveProgress(console) as live:
         try:
             final = start(live)
         except PodpipeError:
@@ -138,13 +138,13 @@ def _with_progress(console, quiet: bool, start) -> int:
             raise
     for note in final.get("restore_notes", []):
         console.print(f"[yellow]restored:[/] {note}", highlight=False)
-    console.print(report.summary(final))
-    for line in report.calls(final):
+    console.print(terminal.summary(final))
+    for line in terminal.calls(final):
         console.print(f"calls: {line}", highlight=False)
     for name, out in final.get("sinks", {}).items():
-        console.print(f"{name}: wrote {report.plural(out['files'], 'file')}, "
-                      f"{report.plural(out['rows'], 'row')} → {out['uri']}", highlight=False)
-    warning = report.durable_warning(final)
+        console.print(f"{name}: wrote {terminal.plural(out['files'], 'file')}, "
+                      f"{terminal.plural(out['rows'], 'row')} → {out['uri']}", highlight=False)
+    warning = terminal.durable_warning(final)
     if warning:
         console.print(f"[yellow]durable:[/] {warning}", highlight=False)
     console.print(f"run directory: {final['run_dir']}")
@@ -152,7 +152,7 @@ def _with_progress(console, quiet: bool, start) -> int:
 
 
 def _status(args: argparse.Namespace, console) -> int:
-    from podpipe import report
+    from podpipe import console as terminal
     from podpipe.runtime.runs import following as runs
     from podpipe.runtime.rundir import status
 
@@ -165,14 +165,14 @@ def _status(args: argparse.Namespace, console) -> int:
 
         from rich.live import Live
 
-        with Live(report.status_table(current), console=console, auto_refresh=False) as live:
+        with Live(terminal.status_table(current), console=console, auto_refresh=False) as live:
             while current["state"] == "running":
-                time.sleep(report.WATCH_SECONDS)
+                time.sleep(terminal.WATCH_SECONDS)
                 current = status.read(path)
-                live.update(report.status_table(current), refresh=True)
+                live.update(terminal.status_table(current), refresh=True)
         return runs.EXIT_CODES.get(current["state"], 1)  # as `wait`: the run has ended
     else:
-        console.print(report.status_table(current))
+        console.print(terminal.status_table(current))
     return 0
 
 
@@ -194,7 +194,7 @@ def _validate(args: argparse.Namespace, console) -> int:
     from podpipe.runtime.runs import pod
 
     pipeline = pod.validate(args.spec, args.set)
-    from podpipe.report import plural
+    from podpipe.console import plural
 
     console.print(f"{args.spec}: valid pipeline {pipeline.name!r} with "
                   f"{plural(len(pipeline.stages), 'stage')} and "
@@ -318,14 +318,14 @@ def _wait(args: argparse.Namespace, console) -> int:
 
 
 def _runs(args: argparse.Namespace, console) -> int:
-    from podpipe import report
+    from podpipe import console as terminal
     from podpipe.runtime.runs import following as runs
 
     found = runs.listing(args.dir)
     if args.json:
         print(json.dumps(found, indent=2))
     else:
-        console.print(report.runs_table(found, args.dir or str(runs.DEFAULT_RUNS)))
+        console.print(terminal.runs_table(found, args.dir or str(runs.DEFAULT_RUNS)))
     return 0
 
 
@@ -342,15 +342,15 @@ def _logs(args: argparse.Namespace, console) -> int:
 def _report(args: argparse.Namespace, console) -> int:
     from pathlib import Path
 
-    from podpipe import runreport
+    from podpipe import report
     from podpipe.runtime.plumbing import files
     from podpipe.runtime.runs import following as runs
 
     run_dir = runs.resolve(args.run_dir)
     if args.format == "html":
-        text = runreport.page(run_dir)
+        text = report.page(run_dir)
     else:
-        text = json.dumps(runreport.chrome_trace(run_dir)) + "\n"
+        text = json.dumps(report.chrome_trace(run_dir)) + "\n"
     out = Path(args.output) if args.output else \
         run_dir / ("report.html" if args.format == "html" else "trace.json")
     try:

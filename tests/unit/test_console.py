@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from podpipe import report
+from podpipe import console as console
 
 
 def _status(done: int = 10) -> dict:
@@ -27,7 +27,7 @@ def _status(done: int = 10) -> dict:
 
 def test_the_summary_fits_80_columns_without_wrapping_a_cell():
     out = io.StringIO()
-    Console(file=out, width=80, color_system=None).print(report.summary(_status()))
+    Console(file=out, width=80, color_system=None).print(console.summary(_status()))
     lines = out.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80
     for name, rows, size in (("source", "59.99M", "1.0Gi"),
@@ -39,15 +39,15 @@ def test_the_summary_fits_80_columns_without_wrapping_a_cell():
 
 
 def test_short_units():
-    assert [report.short_count(n) for n in (999_999, 1_000_000, 6_001_215_000)] == [
+    assert [console.short_count(n) for n in (999_999, 1_000_000, 6_001_215_000)] == [
         "999,999", "1.00M", "6.00G"]
-    assert [report.short_size(n) for n in (999, 1000, 2300, 900 * 2**20, 2**30)] == [
+    assert [console.short_size(n) for n in (999, 1000, 2300, 900 * 2**20, 2**30)] == [
         "999B", "1.0Ki", "2.2Ki", "900Mi", "1.0Gi"]
 
 
 def test_a_finished_stages_rate_stays_what_it_was_when_it_finished():
     now = [0.0]
-    live = report.LiveProgress(Console(file=io.StringIO()), clock=lambda: now[0])
+    live = console.LiveProgress(Console(file=io.StringIO()), clock=lambda: now[0])
     status = _status(done=5)
     now[0] = 10.0
     live(status)
@@ -63,13 +63,13 @@ def test_a_finished_stages_rate_stays_what_it_was_when_it_finished():
 
 def test_nothing_is_drawn_before_the_first_status():
     out = io.StringIO()
-    with report.LiveProgress(Console(file=out, force_terminal=True, width=80)):
+    with console.LiveProgress(Console(file=out, force_terminal=True, width=80)):
         pass
     assert out.getvalue() == ""
 
 
 def test_plurals():
-    assert [report.plural(n, w) for n, w in ((1, "sink"), (2, "sink"), (1, "batch"),
+    assert [console.plural(n, w) for n, w in ((1, "sink"), (2, "sink"), (1, "batch"),
                                             (3, "batch"), (1000, "row"))] == [
         "1 sink", "2 sinks", "1 batch", "3 batches", "1,000 rows"]
 
@@ -79,9 +79,9 @@ def test_the_live_view_names_the_node_the_line_waits_on():
     for node, queued, in_flight, workers in (("filter-the-shipdates", 6, 2, 2),
                                              ("source", 1, 1, 1), ("total", 9, 0, 1)):
         status["stages"][node].update(queued=queued, in_flight=in_flight, workers=workers)
-    assert report.holding_back(status) == ("filter-the-shipdates", 6)  # total is idle
+    assert console.holding_back(status) == ("filter-the-shipdates", 6)  # total is idle
     out = io.StringIO()
-    live = report.LiveProgress(Console(file=out, width=100, force_terminal=False))
+    live = console.LiveProgress(Console(file=out, width=100, force_terminal=False))
     live(status)
     live.stop()
     assert "waiting on" in out.getvalue() and "6 queued" in out.getvalue()
@@ -93,7 +93,7 @@ def test_status_says_what_the_line_waits_on_and_each_processs_worker():
                              "worker": 1, "alive": True}]}
     status["stages"]["source"].update(queued=3, in_flight=1, workers=1)
     out = io.StringIO()
-    Console(file=out, width=120, color_system=None).print(report.status_table(status))
+    Console(file=out, width=120, color_system=None).print(console.status_table(status))
     assert "waiting on: source (3 queued)" in out.getvalue()
     assert "│ stage │ source │ 1      │ p   │ 7   │ yes   │" in out.getvalue()
 
@@ -105,7 +105,7 @@ def test_a_call_stage_gets_a_line_of_its_requests():
             "requests": 12_345, "memo_hits": 1_200, "retries": 1, "failures": 0,
             "in_flight": 0, "in_flight_max": 16, "latency_p50": 0.1034,
             "latency_p99": 0.2511}}}}
-    [line] = report.calls(status)
+    [line] = console.calls(status)
     assert line == ("geocode-addresses: 12,345 requests sent, 1,200 kept answers used, "
                     "1 retry, p50 103 ms, p99 251 ms")
-    assert report.plural(2, "retry") == "2 retries"
+    assert console.plural(2, "retry") == "2 retries"

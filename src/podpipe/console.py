@@ -1,0 +1,249 @@
+"""What a person sees: live progress while a run goes, tables after it and for status.
+
+Everything here renders a status dict (see runtime/rundir/status.py); none of it talks to
+processes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from podpipe.model.sizes import format_size
+
+
+WATCH_SECONDS = 0.5  # how often `status --watch` reads the status again
+
+
+class LiveProgress:
+    """A rich progress bar per node (batches done/total, rows/s), and one for the RAM
+    scratch in use against the budget. Shown from the first status on (a run refused
+    before it starts leaves the terminal as it was)."""
+
+    def __init__(self, console: Console, clock=time.monotonic) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.fields[name]:<12}"), BarColumn(),
+            TextColumn("{task.fields[count]:>19}"), TextColumn("{task.fields[rate]:>17}"),
+            TimeElapsedColumn(), console=console, transient=False)
+        self.tasks: dict[str, Any] = {}
+        self.clock = clock
+        self.started = clock()
+        self.finished: dict[str, str] = {}  # node -> its rate when it finished
+        self.shown = False
+
+    def __enter__(self) -> "LiveProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.shown:
+            self.progress.stop()
+            self.shown = False
+
+    def __call__(self, status: dict[str, Any]) -> None:
+        if not self.shown:
+            self.progress.start()
+            self.shown = True
+        elapsed = max(1e-9, self.clock() - self.started)
+        for node, s in status["stages"].items():
+            rows = s["rows_out"] if s["kind"] == "source" else s["rows_in"]
+            done = s["batches_done"] >= s["batches_total"] > 0
+            rate = self.finished.get(node) or (f"{rows / elapsed:,.0f} rows/s" if rows else "")
+            if done:  # a finished stage's rate stays what it was when it finished
+                self.finished.setdefault(node, rate)
+            self._show(node, s["batches_done"], s["batches_total"],
+                       f"{s['batches_done']}/{s['batches_total']}", rate)
+        used, budget = status["scratch_bytes"], status["budget_bytes"]
+        waited = holding_back(status)
+        self._show("waiting on", 0, 0, waited[0] if waited else "-",
+                   f"{waited[1]} queued" if waited else "")
+        self._show("RAM scratch", used, budget,
+                   f"{format_size(used)} / {format_size(budget)}",
+                   f"peak {format_size(status['peak_scratch_bytes'])}")
+
+    def _show(self, name: str, done: int, total: int, count: str, rate: str) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task("", total=total, name=name, count="",
+                                                      rate="")
+        self.progress.update(self.tasks[name], completed=done, total=total, count=count,
+                             rate=rate)
+
+
+def holding_back(status: dict[str, Any]) -> tuple[str, int] | None:
+    """The node the line waits on now, and its batches queued: the one with the most
+    batches ready per worker while all its workers are busy; None if none has any."""
+    queued = [(s["queued"] / max(1, s["workers"]), node) for node, s in status["stages"].items()
+              if s.get("queued") and s.get("in_flight", 0) >= s["workers"]]
+    if not queued:
+        return None
+    node = max(queued)[1]
+    return node, status["stages"][node]["queued"]
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 file`, `2 files`, `1 batch`, `2 batches`."""
+    if count == 1:
+        return f"1 {noun}"
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou":
+        return f"{count:,} {noun[:-1]}ies"
+    return f"{count:,} {noun}" + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
+
+
+def summary(status: dict[str, Any]) -> Table:
+    """Per node: batches, rows in and out, busy time, RAM written, read zero-copy.
+    Fits 80 columns (short units, no vertical rules); a cell never wraps."""
+    table = Table(title=f"{status['pipeline']}: {status['state']} in "
+                        f"{status['elapsed_seconds']:.2f} s (peak RAM scratch "
+                        f"{format_size(status['peak_scratch_bytes'])} of "
+                        f"{format_size(status['budget_bytes'])})",
+                  box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0),
+                  caption="written: to RAM scratch; read: from it, zero-copy")
+    table.add_column("stage", overflow="ellipsis", max_width=16, no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    for column in ("batches", "rows in", "rows out", "busy s", "written", "read"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for node, s in status["stages"].items():
+        table.add_row(node, s["kind"], f"{s['batches_done']}/{s['batches_total']}",
+                      short_count(s["rows_in"]), short_count(s["rows_out"]),
+                      f"{s['busy_seconds']:.2f}", short_size(s["bytes_written"]),
+                      short_size(s["bytes_read"]))
+    return table
+
+
+def calls(status: dict[str, Any]) -> list[str]:
+    """A line per call stage: what its requests did."""
+    lines = []
+    for node, s in status["stages"].items():
+        c = s.get("calls")
+        if not c:
+            continue
+        latency = (f", p50 {c['latency_p50'] * 1000:.0f} ms, p99 "
+                   f"{c['latency_p99'] * 1000:.0f} ms" if c.get("latency_p50") is not None
+                   else "")
+        lines.append(f"{node}: {plural(c['requests'], 'request')} sent, {c['memo_hits']:,} "
+                     f"kept answers used, {plural(c['retries'], 'retry')}{latency}")
+    return lines
+
+
+def short_count(count: int) -> str:
+    """`59,986` exactly; from a million on, `59.99M` (fits a narrow column)."""
+    if count < 1_000_000:
+        return f"{count:,}"
+    for unit, scale in (("G", 10**9), ("M", 10**6)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
+def short_size(size: int) -> str:
+    """Bytes as a Kubernetes quantity, three digits at most: `12B`, `2.2Ki`, `900Mi`."""
+    value, unit = float(size), "B"
+    for unit in ("B", "Ki", "Mi", "Gi", "Ti"):
+        if value < 1000 or unit == "Ti":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{size}B"
+    return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+
+
+def durable_warning(status: dict[str, Any]) -> str | None:
+    """A sentence when the durable tier did not keep up (said at the end of a run)."""
+    durable = status.get("durable") or {}
+    if not durable.get("behind") and not durable.get("error"):
+        return None
+    return (f"the last checkpoint to {durable['url']} was not written" +
+            (f" ({durable['error']})" if durable.get("error") else "") +
+            ": a node lost now would start over from an earlier one")
+
+
+def status_table(status: dict[str, Any]) -> Table:
+    """`podpipe status` without --json."""
+    table = summary(status)
+    held = [f"\nheld: stage {n!r} (version {s['version']}): {s['held']}; swap it to go on"
+            for n, s in status["stages"].items() if s.get("held")]
+    table.caption = (f"run {status['run_id']}  state {status['state']}  scratch "
+                     f"{status['scratch']}" + (f"\nerror: {status['error']}"
+                                                if status.get("error") else "") + "".join(held)
+                     + (f"\ndurable: {durable_warning(status)}"
+                        if status["state"] != "running" and durable_warning(status) else ""))
+    for line in calls(status):
+        table.caption += f"\ncalls: {line}"
+    waited = holding_back(status) if status["state"] == "running" else None
+    if waited:
+        table.caption += f"\nwaiting on: {waited[0]} ({waited[1]} queued)"
+    pids = Table(title="processes")
+    for column in ("role", "stage", "worker", "pod", "pid", "alive"):
+        pids.add_column(column)
+    live = status["state"] == "running"
+    for p in status["processes"]:
+        alive = (live if p.get("alive") is None else p["alive"]) if live else False
+        pids.add_row(p["role"], p["stage"] or "", str(p.get("worker", 0)) if p["stage"] else "",
+                     p["pod"], str(p["pid"]), "yes" if alive else "no")
+    grid = Table.grid()
+    grid.add_row(table)
+    grid.add_row(pids)
+    return grid
+
+
+def runs_table(found: list[dict[str, Any]], where: str) -> Table:
+    """`podpipe runs`: a row per run in the runs directory `where`, newest first."""
+    table = Table(box=None, title=f"runs in {where}, newest first", title_justify="left")
+    for column in ("run", "pipeline", "state", "started", "elapsed s"):
+        table.add_column(column, justify="right" if column == "elapsed s" else "left",
+                         no_wrap=column in ("run", "started"))
+    for run in found:
+        started = time.strftime("%m-%d %H:%M:%S", time.localtime(run["started"]))
+        table.add_row(Path(run["run_dir"]).name, run["pipeline"], run["state"], started,
+                      f"{run['elapsed_seconds']:.1f}")
+    return table
+
+
+def cores_table(cores: dict[str, Any]) -> Table:
+    """`podpipe plan --cpus C --from RUN_DIR`: workers per node, the predicted pace."""
+    table = Table(title=f"{cores['pipeline']} on {cores['cpus']:g} cores: "
+                        f"{cores['batches_per_second']:g} batches/s, "
+                        f"{cores['rows_per_second']:,} rows/s predicted",
+                  caption=f"{plural(cores['batches'], 'batch')} in "
+                          f"{cores['predicted_seconds']:.1f} s (the measured run: "
+                          f"{cores['measured_seconds']:.1f} s); from {cores['from']}",
+                  box=box.SIMPLE_HEAD)
+    for column in ("node", "s per batch", "workers"):
+        table.add_column(column, justify="left" if column == "node" else "right")
+    for n in cores["nodes"]:
+        table.add_row(n["node"], f"{n['seconds_per_batch']:.4f}", str(n["workers"]))
+    return table
+
+
+def plan_table(planned: dict[str, Any]) -> Table:
+    """`podpipe plan`: a row per replica."""
+    pods = planned["pods"]
+    table = Table(title=f"{planned['pipeline']}: "
+                        f"{plural(planned['source_batches'], 'batch')} "
+                        f"({format_size(planned['source_bytes'])} from "
+                        f"{plural(planned['files'], 'file')}) in "
+                        f"{plural(planned['shards'], 'shard')} over "
+                        f"{plural(planned['replicas'], 'replica')}")
+    for column in ("pod", "shards", "batches", "bytes pulled"):
+        table.add_column(column, justify="left" if column == "shards" else "right")
+    for p in pods:
+        shards = p["shards"]
+        shown = ", ".join(map(str, shards[:6])) + (f", ... ({len(shards)})"
+                                                   if len(shards) > 6 else "")
+        table.add_row(str(p["ordinal"]), shown or "(none: idles)", str(p["batches"]),
+                      format_size(p["bytes"]))
+    loads = [p["bytes"] for p in pods]
+    if loads and max(loads):
+        table.caption = (f"per pod: min {format_size(min(loads))}, max "
+                         f"{format_size(max(loads))}; the slowest pod reads "
+                         f"{max(loads) / (sum(loads) / len(loads)):.2f}x the mean")
+    return table
