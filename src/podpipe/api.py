@@ -22,13 +22,12 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
-import msgspec
 import yaml
 
 from podpipe.errors import UsageError
 from podpipe.model import spec as specs
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime.rundir.status import StageStatus
+from podpipe.runtime.rundir.status import StageStatus, Status
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -46,7 +45,7 @@ class Run:
     `refresh()` reads it again)."""
 
     def __init__(self, run_dir: str | os.PathLike[str],
-                 status: dict[str, Any] | None = None) -> None:
+                 status: Status | None = None) -> None:
         from podpipe.runtime.runs import following as runs
 
         self.run_dir = runs.resolve(str(run_dir))
@@ -59,20 +58,19 @@ class Run:
     @property
     def state(self) -> str:
         """running, succeeded, failed or interrupted."""
-        return self.status["state"]
+        return self.status.state
 
     @property
     def error(self) -> str | None:
-        return self.status.get("error")
+        return self.status.error
 
     @property
     def elapsed_seconds(self) -> float:
-        return self.status["elapsed_seconds"]
+        return self.status.elapsed_seconds
 
     @property
     def stages(self) -> dict[str, StageFigures]:
-        return {name: msgspec.convert(s, StageFigures)
-                for name, s in self.status["stages"].items()}
+        return dict(self.status.stages)
 
     def sink_files(self, name: str) -> list[str]:
         """The part files of sink `name`, in batch order (URLs for a remote sink)."""
@@ -104,7 +102,7 @@ class Run:
         return rundir.read(self.run_dir).overrides
 
     def __repr__(self) -> str:
-        return f"<podpipe.Run {self.status['pipeline']} {self.state} at {self.run_dir}>"
+        return f"<podpipe.Run {self.status.pipeline} {self.state} at {self.run_dir}>"
 
 
 def validate(spec: Spec, *, overrides: Sequence[str] = ()) -> Pipeline:
@@ -136,7 +134,7 @@ def run(spec: Spec, *, overrides: Sequence[str] = (), run_dir: str | None = None
             final = pod.run(path, overrides=list(overrides), run_dir=run_dir,
                             replicas=replicas, memory=memory, fresh=fresh,
                             observer=observer, reaper=False)  # the caller's process
-    return Run(final["run_dir"], final)
+    return Run(final.run_dir, final)
 
 
 def resume(run_dir: str | os.PathLike[str], *, progress: bool = False) -> Run:
@@ -153,7 +151,7 @@ def resume(run_dir: str | os.PathLike[str], *, progress: bool = False) -> Run:
                 final = pod.resume(path, observer=observer, reaper=False)
     finally:
         os.chdir(cwd)
-    return Run(final["run_dir"], final)
+    return Run(final.run_dir, final)
 
 
 def status(run_dir: str | os.PathLike[str] = "latest") -> Run:
@@ -161,7 +159,7 @@ def status(run_dir: str | os.PathLike[str] = "latest") -> Run:
     return Run(run_dir)
 
 
-def _read_status(run_dir: Path) -> dict[str, Any]:
+def _read_status(run_dir: Path) -> Status:
     from podpipe.runtime.rundir import status as statuses
 
     return statuses.read(run_dir)

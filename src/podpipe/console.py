@@ -1,7 +1,7 @@
 """What a person sees: live progress while a run goes, tables after it and for status.
 
-Everything here renders a status dict (see runtime/rundir/status.py); none of it talks to
-processes.
+Everything here renders a typed status (`runtime.rundir.status.Status`); none of it
+talks to processes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from podpipe.model.sizes import format_size
+from podpipe.runtime.rundir.status import RunRow, Status
 
 
 WATCH_SECONDS = 0.5  # how often `status --watch` reads the status again
@@ -49,26 +50,26 @@ class LiveProgress:
             self.progress.stop()
             self.shown = False
 
-    def __call__(self, status: dict[str, Any]) -> None:
+    def __call__(self, status: Status) -> None:
         if not self.shown:
             self.progress.start()
             self.shown = True
         elapsed = max(1e-9, self.clock() - self.started)
-        for node, s in status["stages"].items():
-            rows = s["rows_out"] if s["kind"] == "source" else s["rows_in"]
-            done = s["batches_done"] >= s["batches_total"] > 0
+        for node, s in status.stages.items():
+            rows = s.rows_out if s.kind == "source" else s.rows_in
+            done = s.batches_done >= s.batches_total > 0
             rate = self.finished.get(node) or (f"{rows / elapsed:,.0f} rows/s" if rows else "")
             if done:  # a finished stage's rate stays what it was when it finished
                 self.finished.setdefault(node, rate)
-            self._show(node, s["batches_done"], s["batches_total"],
-                       f"{s['batches_done']}/{s['batches_total']}", rate)
-        used, budget = status["scratch_bytes"], status["budget_bytes"]
+            self._show(node, s.batches_done, s.batches_total,
+                       f"{s.batches_done}/{s.batches_total}", rate)
+        used, budget = status.scratch_bytes, status.budget_bytes
         waited = holding_back(status)
         self._show("waiting on", 0, 0, waited[0] if waited else "-",
                    f"{waited[1]} queued" if waited else "")
         self._show("RAM scratch", used, budget,
                    f"{format_size(used)} / {format_size(budget)}",
-                   f"peak {format_size(status['peak_scratch_bytes'])}")
+                   f"peak {format_size(status.peak_scratch_bytes)}")
 
     def _show(self, name: str, done: int, total: int, count: str, rate: str) -> None:
         if name not in self.tasks:
@@ -78,15 +79,15 @@ class LiveProgress:
                              rate=rate)
 
 
-def holding_back(status: dict[str, Any]) -> tuple[str, int] | None:
+def holding_back(status: Status) -> tuple[str, int] | None:
     """The node the line waits on now, and its batches queued: the one with the most
     batches ready per worker while all its workers are busy; None if none has any."""
-    queued = [(s["queued"] / max(1, s["workers"]), node) for node, s in status["stages"].items()
-              if s.get("queued") and s.get("in_flight", 0) >= s["workers"]]
+    queued = [(s.queued / max(1, s.workers), node) for node, s in status.stages.items()
+              if s.queued and s.in_flight >= s.workers]
     if not queued:
         return None
     node = max(queued)[1]
-    return node, status["stages"][node]["queued"]
+    return node, status.stages[node].queued
 
 
 def plural(count: int, noun: str) -> str:
@@ -98,39 +99,40 @@ def plural(count: int, noun: str) -> str:
     return f"{count:,} {noun}" + ("es" if noun.endswith(("ch", "sh", "s", "x")) else "s")
 
 
-def summary(status: dict[str, Any]) -> Table:
+def summary(status: Status) -> Table:
     """Per node: batches, rows in and out, busy time, RAM written, read zero-copy.
     Fits 80 columns (short units, no vertical rules); a cell never wraps."""
-    table = Table(title=f"{status['pipeline']}: {status['state']} in "
-                        f"{status['elapsed_seconds']:.2f} s (peak RAM scratch "
-                        f"{format_size(status['peak_scratch_bytes'])} of "
-                        f"{format_size(status['budget_bytes'])})",
+    table = Table(title=f"{status.pipeline}: {status.state} in "
+                        f"{status.elapsed_seconds:.2f} s (peak RAM scratch "
+                        f"{format_size(status.peak_scratch_bytes)} of "
+                        f"{format_size(status.budget_bytes)})",
                   box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1, 0, 0),
                   caption="written: to RAM scratch; read: from it, zero-copy")
     table.add_column("stage", overflow="ellipsis", max_width=16, no_wrap=True)
     table.add_column("kind", no_wrap=True)
     for column in ("batches", "rows in", "rows out", "busy s", "written", "read"):
         table.add_column(column, justify="right", no_wrap=True)
-    for node, s in status["stages"].items():
-        table.add_row(node, s["kind"], f"{s['batches_done']}/{s['batches_total']}",
-                      short_count(s["rows_in"]), short_count(s["rows_out"]),
-                      f"{s['busy_seconds']:.2f}", short_size(s["bytes_written"]),
-                      short_size(s["bytes_read"]))
+    for node, s in status.stages.items():
+        table.add_row(node, s.kind, f"{s.batches_done}/{s.batches_total}",
+                      short_count(s.rows_in), short_count(s.rows_out),
+                      f"{s.busy_seconds:.2f}", short_size(s.bytes_written),
+                      short_size(s.bytes_read))
     return table
 
 
-def calls(status: dict[str, Any]) -> list[str]:
+def calls(status: Status) -> list[str]:
     """A line per call stage: what its requests did."""
     lines = []
-    for node, s in status["stages"].items():
-        c = s.get("calls")
+    for node, s in status.stages.items():
+        c = s.calls
         if not c:
             continue
-        latency = (f", p50 {c['latency_p50'] * 1000:.0f} ms, p99 "
-                   f"{c['latency_p99'] * 1000:.0f} ms" if c.get("latency_p50") is not None
+        latency = (f", p50 {c.latency_p50 * 1000:.0f} ms, p99 "
+                   f"{c.latency_p99 * 1000:.0f} ms"
+                   if c.latency_p50 is not None and c.latency_p99 is not None
                    else "")
-        lines.append(f"{node}: {plural(c['requests'], 'request')} sent, {c['memo_hits']:,} "
-                     f"kept answers used, {plural(c['retries'], 'retry')}{latency}")
+        lines.append(f"{node}: {plural(c.requests, 'request')} sent, {c.memo_hits:,} "
+                     f"kept answers used, {plural(c.retries, 'retry')}{latency}")
     return lines
 
 
@@ -156,55 +158,55 @@ def short_size(size: int) -> str:
     return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
 
 
-def durable_warning(status: dict[str, Any]) -> str | None:
+def durable_warning(status: Status) -> str | None:
     """A sentence when the durable tier did not keep up (said at the end of a run)."""
-    durable = status.get("durable") or {}
-    if not durable.get("behind") and not durable.get("error"):
+    durable = status.durable
+    if durable is None or not durable.behind and not durable.error:
         return None
-    return (f"the last checkpoint to {durable['url']} was not written" +
-            (f" ({durable['error']})" if durable.get("error") else "") +
+    return (f"the last checkpoint to {durable.url} was not written" +
+            (f" ({durable.error})" if durable.error else "") +
             ": a node lost now would start over from an earlier one")
 
 
-def status_table(status: dict[str, Any]) -> Table:
+def status_table(status: Status) -> Table:
     """`podpipe status` without --json."""
     table = summary(status)
-    held = [f"\nheld: stage {n!r} (version {s['version']}): {s['held']}; swap it to go on"
-            for n, s in status["stages"].items() if s.get("held")]
-    table.caption = (f"run {status['run_id']}  state {status['state']}  scratch "
-                     f"{status['scratch']}" + (f"\nerror: {status['error']}"
-                                                if status.get("error") else "") + "".join(held)
+    held = [f"\nheld: stage {n!r} (version {s.version}): {s.held}; swap it to go on"
+            for n, s in status.stages.items() if s.held]
+    table.caption = (f"run {status.run_id}  state {status.state}  scratch "
+                     f"{status.scratch}" + (f"\nerror: {status.error}"
+                                                if status.error else "") + "".join(held)
                      + (f"\ndurable: {durable_warning(status)}"
-                        if status["state"] != "running" and durable_warning(status) else ""))
+                        if status.state != "running" and durable_warning(status) else ""))
     for line in calls(status):
         table.caption += f"\ncalls: {line}"
-    waited = holding_back(status) if status["state"] == "running" else None
+    waited = holding_back(status) if status.state == "running" else None
     if waited:
         table.caption += f"\nwaiting on: {waited[0]} ({waited[1]} queued)"
     pids = Table(title="processes")
     for column in ("role", "stage", "worker", "pod", "pid", "alive"):
         pids.add_column(column)
-    live = status["state"] == "running"
-    for p in status["processes"]:
-        alive = (live if p.get("alive") is None else p["alive"]) if live else False
-        pids.add_row(p["role"], p["stage"] or "", str(p.get("worker", 0)) if p["stage"] else "",
-                     p["pod"], str(p["pid"]), "yes" if alive else "no")
+    live = status.state == "running"
+    for p in status.processes:
+        alive = (live if p.alive is None else p.alive) if live else False
+        pids.add_row(p.role, p.stage or "", str(p.worker) if p.stage else "",
+                     p.pod, str(p.pid), "yes" if alive else "no")
     grid = Table.grid()
     grid.add_row(table)
     grid.add_row(pids)
     return grid
 
 
-def runs_table(found: list[dict[str, Any]], where: str) -> Table:
+def runs_table(found: list[RunRow], where: str) -> Table:
     """`podpipe runs`: a row per run in the runs directory `where`, newest first."""
     table = Table(box=None, title=f"runs in {where}, newest first", title_justify="left")
     for column in ("run", "pipeline", "state", "started", "elapsed s"):
         table.add_column(column, justify="right" if column == "elapsed s" else "left",
                          no_wrap=column in ("run", "started"))
     for run in found:
-        started = time.strftime("%m-%d %H:%M:%S", time.localtime(run["started"]))
-        table.add_row(Path(run["run_dir"]).name, run["pipeline"], run["state"], started,
-                      f"{run['elapsed_seconds']:.1f}")
+        started = time.strftime("%m-%d %H:%M:%S", time.localtime(run.started))
+        table.add_row(Path(run.run_dir).name, run.pipeline, run.state, started,
+                      f"{run.elapsed_seconds:.1f}")
     return table
 
 

@@ -21,7 +21,9 @@ from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size
 from podpipe.runtime.rundir import layout as rundir, status
-from podpipe.runtime.conductor.timeline import SAMPLES, TASKS
+from podpipe.runtime.rundir.status import Status
+from podpipe.runtime.rundir import records
+from podpipe.runtime.rundir.records import SAMPLES, TASKS
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1")
 WIDTH = 960
@@ -33,13 +35,13 @@ class Pod:
     def __init__(self, run_dir: Path, title: str) -> None:
         self.run_dir, self.title = run_dir, title
         self.status = status.read(run_dir)
-        self.tasks = _lines(run_dir / TASKS)
-        self.samples = _lines(run_dir / SAMPLES)
+        self.tasks = records.read(run_dir / TASKS, records.TaskRecord)
+        self.samples = records.read(run_dir / SAMPLES, records.SampleRecord)
 
     @property
     def elapsed(self) -> float:
-        ends = [t["ended"] for t in self.tasks] + [s["t"] for s in self.samples]
-        return max([self.status["elapsed_seconds"], *ends, 1e-3])
+        ends = [t.ended for t in self.tasks] + [s.t for s in self.samples]
+        return max([self.status.elapsed_seconds, *ends, 1e-3])
 
 
 def pods_of(run_dir: Path) -> list[Pod]:
@@ -49,20 +51,6 @@ def pods_of(run_dir: Path) -> list[Pod]:
                        key=lambda p: int(p.name))
         return [Pod(p, f"pod {p.name}") for p in found]
     return [Pod(run_dir, "")]
-
-
-def _lines(path: Path) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    found = []
-    for line in text.splitlines():
-        try:
-            found.append(json.loads(line))
-        except ValueError:
-            continue  # a line being written when the run was read
-    return found
 
 
 def _graph(run_dir: Path) -> Graph:
@@ -78,9 +66,9 @@ def page(run_dir: Path) -> str:
     top = status.read(run_dir)
     graph = _graph(run_dir)
     sections = [_pod_section(pod, graph) for pod in pods_of(run_dir)]
-    title = (f"{top['pipeline']}: {top['state']} in {top['elapsed_seconds']:.2f} s "
-             f"(peak RAM scratch {format_size(top['peak_scratch_bytes'])} of "
-             f"{format_size(top['budget_bytes'])})")
+    title = (f"{top.pipeline}: {top.state} in {top.elapsed_seconds:.2f} s "
+             f"(peak RAM scratch {format_size(top.peak_scratch_bytes)} of "
+             f"{format_size(top.budget_bytes)})")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>
@@ -96,7 +84,7 @@ svg text {{ font: 11px system-ui, sans-serif }}
 .legend span {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px -2px 12px }}
 </style></head><body>
 <h1>{_e(title)}</h1>
-<p>run <code>{_e(top['run_id'])}</code> in <code>{_e(str(run_dir))}</code></p>
+<p>run <code>{_e(top.run_id)}</code> in <code>{_e(str(run_dir))}</code></p>
 {''.join(sections)}
 </body></html>
 """
@@ -106,10 +94,10 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
     s = pod.status
     parts = [f"<section class=\"pod\" data-pod=\"{_e(pod.title)}\">"]
     if pod.title:
-        parts.append(f"<h2>{_e(pod.title)}: {_e(s['state'])}</h2>")
-    if s.get("error"):
+        parts.append(f"<h2>{_e(pod.title)}: {_e(s.state)}</h2>")
+    if s.error:
         parts.append(_error(pod))
-    if s.get("restore_notes") or any(sum(n["restored"].values()) for n in s["stages"].values()):
+    if s.restore_notes or any(sum(n.restored.values()) for n in s.stages.values()):
         parts.append(_restored(s))
     busy = _shares(pod, graph)
     parts.append(f"<p class=\"bottleneck\">{_bottleneck(busy, s)}</p>")
@@ -122,9 +110,9 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
 
 
 def _error(pod: Pod) -> str:
-    message = pod.status["error"]
+    message = pod.status.error or ""
     tail = ""
-    for name in sorted(pod.status["stages"], key=len, reverse=True):
+    for name in sorted(pod.status.stages, key=len, reverse=True):
         if f"stage {name!r}" in message:
             logs = sorted((pod.run_dir / "logs").glob(f"{name}*.log"))
             lines = [line for log in logs for line in log.read_text(errors="replace")
@@ -134,12 +122,12 @@ def _error(pod: Pod) -> str:
     return f"<div class=\"error\"><b>error:</b> {_e(message)}{tail}</div>"
 
 
-def _restored(s: dict[str, Any]) -> str:
+def _restored(s: Status) -> str:
     rows = "".join(f"<tr><td>{_e(n)}</td>" + "".join(f"<td>{v.get(t, 0)}</td>" for t in
                                                      ("ram", "node", "durable")) + "</tr>"
-                   for n, v in ((n, st["restored"]) for n, st in s["stages"].items())
+                   for n, v in ((n, st.restored) for n, st in s.stages.items())
                    if sum(v.values()))
-    notes = "".join(f"<li>{_e(n)}</li>" for n in s.get("restore_notes", []))
+    notes = "".join(f"<li>{_e(n)}</li>" for n in s.restore_notes)
     return ("<h2>Resumed</h2><table><tr><th>node</th><th>from RAM</th><th>node tier</th>"
             f"<th>durable tier</th></tr>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else ""))
 
@@ -151,14 +139,14 @@ def _shares(pod: Pod, graph: Graph) -> dict[str, dict[str, float]]:
     for input, or idle)."""
     if not pod.tasks:
         return {node: {"busy": 0.0, "ram": 0.0, "other": 1.0} for node in graph.order}
-    start = min(t["handed"] for t in pod.tasks)
-    line = max(1e-6, max(t["ended"] for t in pod.tasks) - start)
+    start = min(t.handed for t in pod.tasks)
+    line = max(1e-6, max(t.ended for t in pod.tasks) - start)
     out = {}
     for node in graph.order:
-        tasks = [t for t in pod.tasks if t["node"] == node]
-        waits = [(t["asked"], t["granted"]) for t in tasks
-                 if t.get("asked") is not None and t.get("granted") is not None]
-        occupied = _union([(t["handed"], t["ended"]) for t in tasks])
+        tasks = [t for t in pod.tasks if t.node == node]
+        waits = [(t.asked, t.granted) for t in tasks
+                 if t.asked is not None and t.granted is not None]
+        occupied = _union([(t.handed, t.ended) for t in tasks])
         waiting = _union(waits)
         busy = max(0.0, occupied - waiting)
         out[node] = {"busy": min(1.0, busy / line), "ram": min(1.0, waiting / line),
@@ -176,14 +164,14 @@ def _union(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def _bottleneck(busy: dict[str, dict[str, float]], s: dict[str, Any]) -> str:
+def _bottleneck(busy: dict[str, dict[str, float]], s: Status) -> str:
     per_batch = {n: b for n, b in busy.items()  # the line's stations (not what runs once)
-                 if s["stages"].get(n, {}).get("kind") not in ("reduce", "table")}
+                 if (st := s.stages.get(n)) is None or st.kind not in ("reduce", "table")}
     if not per_batch:
         return "No task ran."
     node = max(per_batch, key=lambda n: per_batch[n]["busy"])
     share = per_batch[node]["busy"]
-    workers = s["stages"].get(node, {}).get("workers_max", 1)
+    workers = st.workers_max if (st := s.stages.get(node)) else 1
     who = f"<code>{_e(node)}</code>" + (f" ({workers} workers)" if workers > 1 else "")
     if share >= 0.5:
         return (f"{who} was busy {share:.0%} of the time; the others waited for it: "
@@ -192,7 +180,7 @@ def _bottleneck(busy: dict[str, dict[str, float]], s: dict[str, Any]) -> str:
             "waited on starting up, on RAM, or on the source's files.")
 
 
-def _graph_svg(graph: Graph, s: dict[str, Any], busy: dict[str, dict[str, float]]) -> str:
+def _graph_svg(graph: Graph, s: Status, busy: dict[str, dict[str, float]]) -> str:
     depth: dict[str, int] = {}
     for node in graph.order:
         depth[node] = 1 + max((depth[i] for i in graph.inputs[node]), default=-1)
@@ -217,9 +205,9 @@ def _graph_svg(graph: Graph, s: dict[str, Any], busy: dict[str, dict[str, float]
         x, y = where[node]
         share = busy[node]["busy"]
         shade = int(235 - 150 * min(1.0, share))
-        st = s["stages"].get(node, {})
-        label = f"{st.get('kind', '')}" + (f" ×{st['workers_max']}"
-                                            if st.get("workers_max", 1) > 1 else "")
+        st = s.stages.get(node)
+        label = (st.kind if st else "") + (f" ×{st.workers_max}"
+                                           if st and st.workers_max > 1 else "")
         parts.append(f'<g class="node" data-node="{_e(node)}">'
                      f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="6" '
                      f'fill="rgb({shade},{shade + 10 if shade < 245 else 255},255)" '
@@ -231,16 +219,16 @@ def _graph_svg(graph: Graph, s: dict[str, Any], busy: dict[str, dict[str, float]
 
 
 def _timeline_svg(pod: Pod, graph: Graph) -> str:
-    lanes = sorted({(t["node"], t["worker"]) for t in pod.tasks},
+    lanes = sorted({(t.node, t.worker) for t in pod.tasks},
                    key=lambda lane: (graph.order.index(lane[0]) if lane[0] in graph.order
                                      else 99, lane[1]))
     if not lanes:
         return "<p>No task has ended yet.</p>"
     color: dict[tuple[str, str], str] = {}  # a node's first version, its next, ...
-    for t in sorted(pod.tasks, key=lambda t: t["handed"]):
-        key = (t["node"], t.get("version") or "")
+    for t in sorted(pod.tasks, key=lambda t: t.handed):
+        key = (t.node, t.version or "")
         if key not in color:
-            color[key] = PALETTE[sum(1 for n, _ in color if n == t["node"]) % len(PALETTE)]
+            color[key] = PALETTE[sum(1 for n, _ in color if n == t.node) % len(PALETTE)]
     left, lane_h, scale = 110, 18, (WIDTH - 120) / pod.elapsed
     height = len(lanes) * lane_h + 30
     parts = [f'<svg class="timeline" width="{WIDTH}" height="{height}">']
@@ -248,18 +236,18 @@ def _timeline_svg(pod: Pod, graph: Graph) -> str:
         y = i * lane_h
         name = node if worker == 0 else f"{node}.{worker}"
         parts.append(f'<text x="0" y="{y + 13}">{_e(name[:16])}</text>')
-        for t in (t for t in pod.tasks if (t["node"], t["worker"]) == (node, worker)):
-            x = left + t["handed"] * scale
-            w = max(1.0, (t["ended"] - t["handed"]) * scale)
-            fill = color[(node, t.get("version") or "")] if t["state"] == "done" else "#bbb"
-            parts.append(f'<rect class="task" data-node="{_e(node)}" data-batch="{t["batch"]}" '
-                         f'data-state="{_e(t["state"])}" x="{x:.1f}" y="{y + 2}" '
+        for t in (t for t in pod.tasks if (t.node, t.worker) == (node, worker)):
+            x = left + t.handed * scale
+            w = max(1.0, (t.ended - t.handed) * scale)
+            fill = color[(node, t.version or "")] if t.state == "done" else "#bbb"
+            parts.append(f'<rect class="task" data-node="{_e(node)}" data-batch="{t.batch}" '
+                         f'data-state="{_e(t.state)}" x="{x:.1f}" y="{y + 2}" '
                          f'width="{w:.1f}" height="{lane_h - 4}" fill="{fill}">'
-                         f'<title>{_e(name)} batch {t["batch"]}: {t["state"]}, '
-                         f'{t["ended"] - t["handed"]:.3f} s</title></rect>')
-            if t.get("asked") is not None and t.get("granted") is not None:
-                rx = left + t["asked"] * scale
-                rw = max(0.5, (t["granted"] - t["asked"]) * scale)
+                         f'<title>{_e(name)} batch {t.batch}: {t.state}, '
+                         f'{t.ended - t.handed:.3f} s</title></rect>')
+            if t.asked is not None and t.granted is not None:
+                rx = left + t.asked * scale
+                rw = max(0.5, (t.granted - t.asked) * scale)
                 parts.append(f'<rect class="ram-wait" x="{rx:.1f}" y="{y + 2}" '
                              f'width="{rw:.1f}" height="{lane_h - 4}" fill="#e15759" '
                              f'opacity="0.6"><title>waiting for RAM</title></rect>')
@@ -282,14 +270,14 @@ def _timeline_svg(pod: Pod, graph: Graph) -> str:
 
 def _memory_svg(pod: Pod) -> str:
     s = pod.status
-    samples = [x for x in pod.samples if "peak" in x]
-    budget = s["budget_bytes"]
-    top = max([budget, *(x["peak"] for x in samples)]) or 1
+    samples = pod.samples
+    budget = s.budget_bytes
+    top = max([budget, *(x.peak for x in samples)]) or 1
     height, left = 160, 60
     scale_x, scale_y = (WIDTH - left - 10) / pod.elapsed, (height - 20) / top
-    points = " ".join(f"{left + x['t'] * scale_x:.1f},{height - 10 - x['peak'] * scale_y:.1f}"
+    points = " ".join(f"{left + x.t * scale_x:.1f},{height - 10 - x.peak * scale_y:.1f}"
                       for x in samples)
-    highest = max((x["peak"] for x in samples), default=0)
+    highest = max((x.peak for x in samples), default=0)
     budget_y = height - 10 - budget * scale_y
     return (f'<svg class="memory" data-max="{highest}" data-budget="{budget}" width="{WIDTH}" '
             f'height="{height}">'
@@ -299,7 +287,7 @@ def _memory_svg(pod: Pod) -> str:
             f'<text x="0" y="{height - 10}">0</text>'
             f'<polyline points="{points}" fill="none" stroke="#4e79a7" stroke-width="1.5"/>'
             f'</svg><p>peak {format_size(highest)} of {format_size(budget)}; '
-            f'{s.get("spilled_outputs", 0)} outputs spilled to the node tier.</p>')
+            f'{s.spilled_outputs} outputs spilled to the node tier.</p>')
 
 
 def _table(pod: Pod, graph: Graph, busy: dict[str, dict[str, float]]) -> str:
@@ -309,15 +297,15 @@ def _table(pod: Pod, graph: Graph, busy: dict[str, dict[str, float]]) -> str:
             "<th>restarts</th><th>restored</th></tr>")
     rows = []
     for node in graph.order:
-        st = s["stages"].get(node)
+        st = s.stages.get(node)
         if st is None:
             continue
         b = busy[node]
-        rate = st["rows_out"] / st["busy_seconds"] if st["busy_seconds"] else 0
-        rows.append(f"<tr><td>{_e(node)}</td><td>{st['kind']}</td><td>{st['workers_max']}</td>"
+        rate = st.rows_out / st.busy_seconds if st.busy_seconds else 0
+        rows.append(f"<tr><td>{_e(node)}</td><td>{st.kind}</td><td>{st.workers_max}</td>"
                     f"<td>{b['busy']:.0%}</td><td>{b['ram']:.0%}</td><td>{b['other']:.0%}</td>"
-                    f"<td>{rate:,.0f}</td><td>{format_size(st['bytes_written'])}</td>"
-                    f"<td>{st['restarts']}</td><td>{sum(st['restored'].values())}</td></tr>")
+                    f"<td>{rate:,.0f}</td><td>{format_size(st.bytes_written)}</td>"
+                    f"<td>{st.restarts}</td><td>{sum(st.restored.values())}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
@@ -335,21 +323,21 @@ def chrome_trace(run_dir: Path) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     for pid, pod in enumerate(pods_of(run_dir)):
         events.append({"ph": "M", "name": "process_name", "pid": pid,
-                       "args": {"name": pod.title or pod.status["pipeline"]}})
-        lanes = sorted({(t["node"], t["worker"]) for t in pod.tasks})
+                       "args": {"name": pod.title or pod.status.pipeline}})
+        lanes = sorted({(t.node, t.worker) for t in pod.tasks})
         tid = {lane: i for i, lane in enumerate(lanes)}
         for (node, worker), i in tid.items():
             events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": i,
                            "args": {"name": node if worker == 0 else f"{node}.{worker}"}})
         for t in pod.tasks:
-            lane = tid[(t["node"], t["worker"])]
-            events.append({"ph": "X", "name": f"batch {t['batch']}", "cat": t["node"],
-                           "pid": pid, "tid": lane, "ts": round(t["handed"] * 1e6),
-                           "dur": round((t["ended"] - t["handed"]) * 1e6),
-                           "args": {"state": t["state"], "version": t.get("version"),
-                                    "rows_out": t.get("rows_out", 0)}})
-            if t.get("asked") is not None and t.get("granted") is not None:
+            lane = tid[(t.node, t.worker)]
+            events.append({"ph": "X", "name": f"batch {t.batch}", "cat": t.node,
+                           "pid": pid, "tid": lane, "ts": round(t.handed * 1e6),
+                           "dur": round((t.ended - t.handed) * 1e6),
+                           "args": {"state": t.state, "version": t.version,
+                                    "rows_out": t.rows_out}})
+            if t.asked is not None and t.granted is not None:
                 events.append({"ph": "X", "name": "waiting for RAM", "cat": "ram",
-                               "pid": pid, "tid": lane, "ts": round(t["asked"] * 1e6),
-                               "dur": round((t["granted"] - t["asked"]) * 1e6)})
+                               "pid": pid, "tid": lane, "ts": round(t.asked * 1e6),
+                               "dur": round((t.granted - t.asked) * 1e6)})
     return {"traceEvents": events, "displayTimeUnit": "ms"}

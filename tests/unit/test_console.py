@@ -4,17 +4,31 @@ from __future__ import annotations
 
 import io
 
+import msgspec
 from rich.console import Console
 
 from podpipe import console as console
+from podpipe.runtime.rundir.status import Status
+
+
+def _typed(status: dict) -> Status:
+    """The record the views are given, from a status written as plain data."""
+    return msgspec.convert({"run_id": "r", "error": None, "run_dir": "/r", "scratch": None,
+                            "started": 0.0, "ended": None, "source_batches": 10,
+                            "spilled_outputs": 0, "shards": 1, "processes": [],
+                            "restore_notes": [], **status}, Status)
+
+
+def _node(kind, rows_in=0, rows_out=0, written=0, read=0, done=10):
+    return {"kind": kind, "batches_done": done, "batches_total": 10, "rows_in": rows_in,
+            "rows_out": rows_out, "busy_seconds": 12.3456, "bytes_written": written,
+            "bytes_read": read, "restarts": 0, "restored": {}, "recomputed": 0,
+            "reused": 0, "version": None, "versions": {}, "held": None}
 
 
 def _status(done: int = 10) -> dict:
     def node(kind, rows_in, rows_out, written, read):
-        return {"kind": kind, "batches_done": done, "batches_total": 10, "rows_in": rows_in,
-                "rows_out": rows_out, "busy_seconds": 12.3456, "bytes_written": written,
-                "bytes_read": read, "restarts": 0, "restored": {}, "recomputed": 0,
-                "reused": 0, "version": None, "versions": {}, "held": None}
+        return _node(kind, rows_in, rows_out, written, read, done)
     return {"pipeline": "tpch-q1", "state": "succeeded", "elapsed_seconds": 12.5,
             "peak_scratch_bytes": 900 * 2**20, "budget_bytes": 2**30,
             "scratch_bytes": 10 * 2**20,
@@ -27,7 +41,7 @@ def _status(done: int = 10) -> dict:
 
 def test_the_summary_fits_80_columns_without_wrapping_a_cell():
     out = io.StringIO()
-    Console(file=out, width=80, color_system=None).print(console.summary(_status()))
+    Console(file=out, width=80, color_system=None).print(console.summary(_typed(_status())))
     lines = out.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80
     for name, rows, size in (("source", "59.99M", "1.0Gi"),
@@ -48,10 +62,10 @@ def test_short_units():
 def test_a_finished_stages_rate_stays_what_it_was_when_it_finished():
     now = [0.0]
     live = console.LiveProgress(Console(file=io.StringIO()), clock=lambda: now[0])
-    status = _status(done=5)
+    status = _typed(_status(done=5))
     now[0] = 10.0
     live(status)
-    status = _status(done=10)
+    status = _typed(_status(done=10))
     now[0] = 20.0
     live(status)  # finished now: 59,986,052 rows in 20 s
     now[0] = 100.0
@@ -79,10 +93,10 @@ def test_the_live_view_names_the_node_the_line_waits_on():
     for node, queued, in_flight, workers in (("filter-the-shipdates", 6, 2, 2),
                                              ("source", 1, 1, 1), ("total", 9, 0, 1)):
         status["stages"][node].update(queued=queued, in_flight=in_flight, workers=workers)
-    assert console.holding_back(status) == ("filter-the-shipdates", 6)  # total is idle
+    assert console.holding_back(_typed(status)) == ("filter-the-shipdates", 6)  # total is idle
     out = io.StringIO()
     live = console.LiveProgress(Console(file=out, width=100, force_terminal=False))
-    live(status)
+    live(_typed(status))
     live.stop()
     assert "waiting on" in out.getvalue() and "6 queued" in out.getvalue()
 
@@ -93,19 +107,19 @@ def test_status_says_what_the_line_waits_on_and_each_processs_worker():
                              "worker": 1, "alive": True}]}
     status["stages"]["source"].update(queued=3, in_flight=1, workers=1)
     out = io.StringIO()
-    Console(file=out, width=120, color_system=None).print(console.status_table(status))
+    Console(file=out, width=120, color_system=None).print(console.status_table(_typed(status)))
     assert "waiting on: source (3 queued)" in out.getvalue()
     assert "│ stage │ source │ 1      │ p   │ 7   │ yes   │" in out.getvalue()
 
 
 def test_a_call_stage_gets_a_line_of_its_requests():
-    status = {"stages": {
-        "source": {"kind": "source"},
-        "geocode-addresses": {"kind": "call", "calls": {
+    status = {**_status(), "stages": {
+        "source": _node("source"),
+        "geocode-addresses": {**_node("call"), "calls": {
             "requests": 12_345, "memo_hits": 1_200, "retries": 1, "failures": 0,
             "in_flight": 0, "in_flight_max": 16, "latency_p50": 0.1034,
             "latency_p99": 0.2511}}}}
-    [line] = console.calls(status)
+    [line] = console.calls(_typed(status))
     assert line == ("geocode-addresses: 12,345 requests sent, 1,200 kept answers used, "
                     "1 retry, p50 103 ms, p99 251 ms")
     assert console.plural(2, "retry") == "2 retries"

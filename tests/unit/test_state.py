@@ -13,6 +13,7 @@ import zlib
 from podpipe.engine import events as S
 from podpipe.engine import budget as budgets
 from podpipe.engine import jam, state, workers
+from podpipe.engine import agent as agents
 from podpipe.engine.agent import ABSENT, HELD, WAITING
 from podpipe.engine.state import RunState
 from podpipe.errors import BudgetError, InputError, StageError
@@ -385,7 +386,7 @@ def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
             task = files.pop(node, None)
             if task is not None:
                 step(S.SpaceRequested(node, task.batch, sizes[node]))
-                if run.agents[node][0].status == state.RUNNING:
+                if run.agents[node][0].status == agents.RUNNING:
                     step(S.TaskDone(node, task.batch,
                                     out(f"{node}/{task.batch}", sizes[node])))
     assert run.agents["a"][0].status == WAITING
@@ -462,7 +463,7 @@ def test_a_swap_now_requeues_the_in_flight_batch_without_counting_a_restart():
         run.handle(S.AgentReady(node))
     run.handle(S.SpaceRequested("source", 0, 10))
     run.handle(S.TaskDone("source", 0, out("s0", 10)))
-    assert run.agents["a"][0].status == state.RUNNING and run.agents["a"][0].batch == 0
+    assert run.agents["a"][0].status == agents.RUNNING and run.agents["a"][0].batch == 0
     # no restart, no failure: the busy process is killed and its batch requeued
     assert run.handle(S.SwapRequested("a", now=True)) == [S.Replace("a", kill=True)]
     assert run.agents["a"][0].status == ABSENT and run.ready["a"] == [0]
@@ -509,7 +510,7 @@ def test_a_stage_with_a_swap_coming_gets_no_new_task_and_is_replaced_between_bat
     for batch in (0, 1):
         run.handle(S.SpaceRequested("source", batch, 10))
         run.handle(S.TaskDone("source", batch, out(f"s{batch}", 10)))
-    assert run.agents["a"][0].status == state.RUNNING and run.ready["a"] == [1]
+    assert run.agents["a"][0].status == agents.RUNNING and run.ready["a"] == [1]
     assert run.handle(S.SwapRequested("a")) == []  # busy: not yet
     run.handle(S.SpaceRequested("a", 0, 10))
     actions = run.handle(S.TaskDone("a", 0, out("a0", 10)))
@@ -710,7 +711,7 @@ def test_a_held_stage_holds_every_worker():
 def test_auto_gives_the_bottleneck_a_worker_when_a_core_is_free():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.ready["a"] = [5, 6, 7, 8]  # batches wait for `a`, whose one worker is busy
-    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # a second of ticks: `a` uses a whole core, the rest little
         actions += run.handle(S.Tick({"source": 0.1, "a": 1.0, "b": 0.1}))
@@ -721,7 +722,7 @@ def test_auto_gives_the_bottleneck_a_worker_when_a_core_is_free():
 def test_auto_gives_a_waiting_node_as_many_workers_as_it_has_batches_waiting():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.ready["a"] = [5, 6, 7, 8, 9]
-    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # `a` mostly waits (I/O): little CPU per worker
         actions += run.handle(S.Tick({"a": 0.02}))
@@ -734,7 +735,7 @@ def test_auto_takes_no_node_that_sat_waiting_for_its_input_for_io_bound():
     for _ in range(3):  # `a` waits for its input: idle, no CPU
         run.handle(S.Tick({"b": 1.0}))
     run.ready["a"] = [5, 6, 7, 8, 9]  # then a backlog: it has just started on batch 4
-    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
     actions = run.handle(S.Tick({"a": 0.0, "b": 1.0}))
     assert not any(isinstance(a, S.AddWorker) for a in actions)
 
@@ -742,7 +743,7 @@ def test_auto_takes_no_node_that_sat_waiting_for_its_input_for_io_bound():
 def test_auto_counts_the_cores_every_process_of_the_pod_uses():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.ready["a"] = [5, 6, 7, 8]
-    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # `a` uses a core, and a process off the line (a table's load,
         actions += run.handle(S.Tick({"a": 1.0, "dim": 1.0}))  # say) the other
@@ -816,9 +817,9 @@ def test_after_a_worker_is_added_the_cores_are_judged_again_from_a_whole_tick():
 def test_auto_takes_an_idle_worker_back_when_the_cores_are_taken():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.handle(S.Tick({}))
-    run.agents["b"][1] = state.Agent(status=state.IDLE)  # b had a second worker
+    run.agents["b"][1] = agents.Agent(status=agents.IDLE)  # b had a second worker
     run.ready["a"] = [5, 6, 7]
-    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # both cores busy: `a` and the source
         actions += run.handle(S.Tick({"source": 1.0, "a": 1.0, "b": 0.01}))
@@ -829,7 +830,7 @@ def test_auto_takes_an_idle_worker_back_when_the_cores_are_taken():
 def test_fixed_workers_are_left_as_they_are():
     run = _ready_run({"source": 1, "a": 1, "b": 1, "sink-0": 1}, batches=20)
     run.ready["a"] = [5, 6, 7]
-    run.agents["a"][0].status, run.agents["a"][0].batch = state.RUNNING, 4
+    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
     actions = [a for _ in range(8) for a in run.handle(S.Tick({"a": 1.0}))]
     assert not any(isinstance(a, (S.AddWorker, S.RemoveWorker)) for a in actions)
 
@@ -980,7 +981,7 @@ def test_an_apply_resizes_a_node_up_at_once_and_down_as_its_workers_come_free():
     actions = run.handle(S.TaskDone("a", 1, out("a/1", 10), 1))
     assert S.RemoveWorker("a", 1) in actions
     assert not [a for a in actions if isinstance(a, S.Dispatch) and a.worker == 1]
-    assert sorted(run.agents["a"]) == [0] and run.fixed["a"] == 1
+    assert sorted(run.agents["a"]) == [0] and run.pool.fixed["a"] == 1
 
 
 def test_a_task_comes_with_the_ram_its_node_last_needed_and_asks_only_for_more():

@@ -126,8 +126,8 @@ def _with_progress(console, quiet: bool, start) -> int:
 
     if quiet:
         final = start(None)
-        console.print(f"{final['pipeline']}: {final['state']} in "
-                      f"{final['elapsed_seconds']:.1f} s; run directory {final['run_dir']}",
+        console.print(f"{final.pipeline}: {final.state} in "
+                      f"{final.elapsed_seconds:.1f} s; run directory {final.run_dir}",
                       highlight=False, soft_wrap=True)
         return 0
     with terminal.LiveProgress(console) as live:
@@ -136,18 +136,18 @@ def _with_progress(console, quiet: bool, start) -> int:
         except PodpipeError:
             live.stop()
             raise
-    for note in final.get("restore_notes", []):
+    for note in final.restore_notes:
         console.print(f"[yellow]restored:[/] {note}", highlight=False)
     console.print(terminal.summary(final))
     for line in terminal.calls(final):
         console.print(f"calls: {line}", highlight=False)
-    for name, out in final.get("sinks", {}).items():
-        console.print(f"{name}: wrote {terminal.plural(out['files'], 'file')}, "
-                      f"{terminal.plural(out['rows'], 'row')} → {out['uri']}", highlight=False)
+    for name, out in final.sinks.items():
+        console.print(f"{name}: wrote {terminal.plural(out.files, 'file')}, "
+                      f"{terminal.plural(out.rows, 'row')} → {out.uri}", highlight=False)
     warning = terminal.durable_warning(final)
     if warning:
         console.print(f"[yellow]durable:[/] {warning}", highlight=False)
-    console.print(f"run directory: {final['run_dir']}")
+    console.print(f"run directory: {final.run_dir}")
     return 0
 
 
@@ -159,18 +159,18 @@ def _status(args: argparse.Namespace, console) -> int:
     path = runs.resolve(args.run_dir)
     current = status.read(path)
     if args.json:
-        print(json.dumps(current, indent=2))
+        print(json.dumps(status.plain(current), indent=2))
     elif args.watch:
         import time
 
         from rich.live import Live
 
         with Live(terminal.status_table(current), console=console, auto_refresh=False) as live:
-            while current["state"] == "running":
+            while current.state == "running":
                 time.sleep(terminal.WATCH_SECONDS)
                 current = status.read(path)
                 live.update(terminal.status_table(current), refresh=True)
-        return runs.EXIT_CODES.get(current["state"], 1)  # as `wait`: the run has ended
+        return runs.EXIT_CODES.get(current.state, 1)  # as `wait`: the run has ended
     else:
         console.print(terminal.status_table(current))
     return 0
@@ -181,12 +181,12 @@ def _stop(args: argparse.Namespace, console) -> int:
 
     code, final = runs.stop(args.run_dir, args.timeout)
     if code == runs.TIMED_OUT:
-        console.print(f"{final['run_dir']}: asked to stop; still running after "
+        console.print(f"{final.run_dir}: asked to stop; still running after "
                       f"{args.timeout:g} s", highlight=False)
         return code
-    console.print(f"{final['run_dir']}: {final['state']}; finish it with 'podpipe resume "
-                  f"{final['run_dir']}'" if final["state"] == "interrupted" else
-                  f"{final['run_dir']}: {final['state']}", highlight=False, soft_wrap=True)
+    console.print(f"{final.run_dir}: {final.state}; finish it with 'podpipe resume "
+                  f"{final.run_dir}'" if final.state == "interrupted" else
+                  f"{final.run_dir}: {final.state}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -312,8 +312,8 @@ def _wait(args: argparse.Namespace, console) -> int:
     from podpipe.runtime.runs import following as runs
 
     code, final = runs.wait(args.run_dir, args.timeout)
-    console.print(f"{final['run_dir']}: {final['state']}" +
-                  (f": {final['error']}" if final.get("error") else ""), highlight=False)
+    console.print(f"{final.run_dir}: {final.state}" +
+                  (f": {final.error}" if final.error else ""), highlight=False)
     return code
 
 
@@ -323,7 +323,9 @@ def _runs(args: argparse.Namespace, console) -> int:
 
     found = runs.listing(args.dir)
     if args.json:
-        print(json.dumps(found, indent=2))
+        import msgspec
+
+        print(json.dumps(msgspec.to_builtins(found), indent=2))
     else:
         console.print(terminal.runs_table(found, args.dir or str(runs.DEFAULT_RUNS)))
     return 0

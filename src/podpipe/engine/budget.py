@@ -37,7 +37,7 @@ class Budget:
         self.per_batch_nodes = per_batch_nodes  # tasks a batch has on the line
         self.usage = 0           # bytes in scratch plus bytes granted
         self.peak = 0
-        self.recent = 0          # the most since the last sample (the run's timeline)
+        self.recent = 0          # the most since `since_last` was last asked
         self.spills = 0          # outputs written to the node tier for lack of RAM
         self.on_line: dict[int, int] = {}   # batch -> tasks left on the line
         self.produced: dict[int, int] = {}  # batch -> bytes made so far
@@ -49,6 +49,12 @@ class Budget:
         self.last: dict[str, deque[int]] = {}  # node -> its last outputs' bytes
 
     # -- bytes ------------------------------------------------------------------
+
+    def since_last(self) -> int:
+        """The most RAM in use since the previous call (a timeline's sample: its highest
+        is the run's peak); starts the next window at the use now."""
+        most, self.recent = self.recent, self.usage
+        return most
 
     def take(self, nbytes: int) -> None:
         self.usage += pages(nbytes)

@@ -14,26 +14,23 @@ Functions of the run state (`state.RunState`), which calls `relieve` when `stuck
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from podpipe.engine import grants
 from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, WAITING
 from podpipe.engine.events import Action, Deny, Spill
+from podpipe.engine.ledger import Ledger
 from podpipe.model.graph import BATCH
 
-if TYPE_CHECKING:  # the state machine calls in here; no import at run time
-    from podpipe.engine.state import RunState
 
 
-def relieve(run: "RunState", actions: list[Action]) -> None:
+def relieve(run: Ledger, actions: list[Action]) -> None:
     while stuck(run) and _evict(run, actions):  # each gives up one batch
         grants.grant_waiting(run, actions)
-        run.dispatch(actions)
+        grants.dispatch(run, actions)
     if stuck(run):
         _spill(run, actions)
 
 
-def _evict(run: "RunState", actions: list[Action]) -> bool:
+def _evict(run: Ledger, actions: list[Action]) -> bool:
     """Give up the newest batch on the line so that an older one waiting for RAM can
     move: refuse its waiting requests, delete its outputs, and run it again from
     the source later (stages are deterministic, sink files idempotent). A batch
@@ -57,11 +54,11 @@ def _evict(run: "RunState", actions: list[Action]) -> bool:
         if batch in run.ready[node]:
             run.ready[node].remove(batch)
     run.budget.give_up(batch)
-    run.stale.discard(batch)
-    run.redo = sorted(run.redo + [batch])
+    run.line.stale.discard(batch)
+    run.line.redo = sorted(run.line.redo + [batch])
     return True
 
-def _spill(run: "RunState", actions: list[Action]) -> None:
+def _spill(run: Ledger, actions: list[Action]) -> None:
     """Nothing in RAM can move and nothing can be given up (what waits must stay,
     such as a reduce's inputs): the most downstream waiting output goes to the
     node tier, memory-mapped from there by its readers. It is not RAM budget."""
@@ -71,7 +68,7 @@ def _spill(run: "RunState", actions: list[Action]) -> None:
     run.budget.spills += 1
     actions.append(Spill(node, agent.batch or 0, worker))
 
-def stuck(run: "RunState") -> bool:
+def stuck(run: Ledger) -> bool:
     """Someone waits for RAM and nothing can free any: no task is running, and no
     agent is still to connect (it would read what it is owed)."""
     statuses = {a.status for _, _, a in run.all_agents()}

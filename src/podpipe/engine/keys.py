@@ -32,6 +32,12 @@ class Keys:
                         GLOBAL: frozenset({0}) if global_here else frozenset(),
                         TABLE: frozenset({0})}
         self.per_batch_nodes = sum(1 for n in graph.order if graph.domain[n] == BATCH)
+        # The nodes whose outputs a resume needs, copied to the node tier: what a
+        # reduce reads, and what runs once (but sinks, which write no output, and
+        # tables, which a resumed run loads again).
+        self.kept: frozenset[str] = frozenset(graph.reduce_inputs()) | {
+            n for n in graph.order if graph.domain[n] in (SINGLE, GLOBAL)
+            and n not in graph.sinks}
 
     def regraphed(self, graph: Graph) -> "Keys":
         """The same pod's keys over a changed graph."""
@@ -80,11 +86,3 @@ class Keys:
             return sharding.shard_of(key, self.shards)
         return 0 if domains[0] == GLOBAL else key
 
-    def kept(self) -> frozenset[str]:
-        """The nodes whose outputs a resume needs, copied to the node tier: what a
-        reduce reads, and what runs once (but sinks, which write no output, and
-        tables, which a resumed run loads again)."""
-        graph = self.graph
-        return frozenset(graph.reduce_inputs()) | {
-            n for n in graph.order if graph.domain[n] in (SINGLE, GLOBAL)
-            and n not in graph.sinks}

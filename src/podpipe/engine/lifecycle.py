@@ -8,15 +8,12 @@ ask for them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from podpipe.engine import grants, rework, workers
+from podpipe.engine import grants, rework
 from podpipe.engine.agent import ABSENT, HELD, IDLE, Agent
 from podpipe.engine.events import Action, Hold, RemoveWorker, Replace, Restart
+from podpipe.engine.ledger import Ledger
 from podpipe.errors import StageError
 
-if TYPE_CHECKING:  # the state machine calls in here; no import at run time
-    from podpipe.engine.state import RunState
 
 MAX_BACKOFF = 5.0
 
@@ -26,7 +23,7 @@ def backoff(attempt: int) -> float:
     return min(0.1 * 4 ** (attempt - 1), MAX_BACKOFF)
 
 
-def restart(run: "RunState", node: str, worker: int, agent: Agent, actions: list[Action],
+def restart(run: Ledger, node: str, worker: int, agent: Agent, actions: list[Action],
             gone: str) -> None:
     """A process the run needs died (`gone` says how): put its in-flight batch back
     and have it started again, with backoff, while it has restarts left; else fail
@@ -46,7 +43,7 @@ def restart(run: "RunState", node: str, worker: int, agent: Agent, actions: list
     agent.status = ABSENT
     actions.append(Restart(node, attempt, backoff(attempt), worker))
 
-def between_batches(run: "RunState", actions: list[Action]) -> None:
+def between_batches(run: Ledger, actions: list[Action]) -> None:
     """What waits for a worker to be between batches: a swap asked for (at once when
     asked `now`: its batch goes back to its queue, for the new version), and a worker
     to retire (fewer asked for by an apply)."""
@@ -68,29 +65,15 @@ def between_batches(run: "RunState", actions: list[Action]) -> None:
             rework.recompute(run, node, actions)
 
 
-def hold(run: "RunState", node: str, message: str, actions: list[Action]) -> None:
+def hold(run: Ledger, node: str, message: str, actions: list[Action]) -> None:
     for agent in run.agents[node].values():  # every worker: the version is at fault
         take_back(run, node, agent, actions)
         agent.status, agent.broken = HELD, message
     actions.append(Hold(node, message))
 
-def take_back(run: "RunState", node: str, agent: Agent, actions: list[Action]) -> None:
+def take_back(run: Ledger, node: str, agent: Agent, actions: list[Action]) -> None:
     """Put the agent's in-flight batch back in its queue and release its RAM."""
     if agent.busy and agent.batch is not None:
         run.ready[node] = sorted(run.ready[node] + [agent.batch])
     grants.release(run, agent, actions)
     agent.batch, agent.want = None, 0
-
-
-def resize(run: "RunState", node: str, count: int | None, actions: list[Action]) -> None:
-    """`node` is to run as `count` workers from now on (None: `auto`, from the ones it
-    has): more are started; those beyond it go once idle (the highest first)."""
-    run.fixed[node] = count
-    have = sorted(run.agents[node])
-    if count is None or count == len(have):
-        return
-    if count > len(have):
-        workers.add(run, node, count - len(have), actions)
-        return
-    for worker in have[count:]:  # taken back between batches (`between_batches`)
-        run.agents[node][worker].retire = True

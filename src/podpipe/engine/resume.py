@@ -34,7 +34,7 @@ def restored(graph: Graph, source_batches: int, budget: int, *,
             if not (all((n, key) in kept for n in needed) and
                     all(key in finished.get(n, ()) for n in nodes if n in graph.sinks)):
                 if domain == BATCH:
-                    run.redo.append(key)
+                    run.line.redo.append(key)
                 continue
             for node in nodes:
                 run.done[node].add(key)
@@ -46,7 +46,7 @@ def restored(graph: Graph, source_batches: int, budget: int, *,
             run.unread[(node, key)] = readers
             if output.tier == "ram":
                 run.budget.take(output.nbytes)
-    run.next_source = len(run.plan.mine)  # what is left comes through `redo`
+    run.line.next_source = len(run.plan.mine)  # what is left comes through `redo`
     for node in graph.order:
         if graph.domain[node] != BATCH:
             for key in run.keys(node):

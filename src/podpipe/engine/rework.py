@@ -18,17 +18,14 @@ and use its primitives to do it (`delete`, `maybe_ready`, `one_less`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from podpipe.engine import grants, lifecycle
+from podpipe.engine import grants, workers as worker_counts
 from podpipe.engine.events import Action, Forget, Key, Stop
+from podpipe.engine.ledger import Ledger
 from podpipe.model.graph import BATCH, TABLE, Graph
 
-if TYPE_CHECKING:  # the state machine calls in here; no import at run time
-    from podpipe.engine.state import RunState
 
 
-def recompute(run: "RunState", node: str, actions: list[Action]) -> None:
+def recompute(run: Ledger, node: str, actions: list[Action]) -> None:
     per_batch = run.graph.domain[node] == BATCH
     undone = _undo_downstream(run, node, actions, include=not per_batch)
     if per_batch:
@@ -38,7 +35,7 @@ def recompute(run: "RunState", node: str, actions: list[Action]) -> None:
         supply(run, other, key, actions)
 
 
-def reshape(run: "RunState", graph: Graph, actions: list[Action],
+def reshape(run: Ledger, graph: Graph, actions: list[Action],
             workers: dict[str, int | None] | None = None) -> None:
     old = run.graph
     removed = [n for n in old.order if n not in graph.inputs]
@@ -51,7 +48,8 @@ def reshape(run: "RunState", graph: Graph, actions: list[Action],
         if old.domain[node] == BATCH:
             for batch in list(run.budget.on_line):
                 if batch not in run.done[node]:
-                    run.one_less(batch, actions)
+                    if run.one_less(batch):
+                        invalidate(run, batch, actions)
     for output in [k for k in run.outputs if k[0] in removed]:
         run.delete(output, actions)
     for output in list(run.unread):
@@ -59,18 +57,16 @@ def reshape(run: "RunState", graph: Graph, actions: list[Action],
         if not run.unread[output]:
             run.delete(output, actions)
     for node in removed:
-        del run.done[node], run.ready[node], run.restarts[node], run.fixed[node]
+        del run.done[node], run.ready[node], run.restarts[node], run.pool.fixed[node]
         run.swapped.discard(node)
-    run.graph = graph
     run.plan = run.plan.regraphed(graph)
-    run.keep = run.plan.kept()
     run.budget.per_batch_nodes = run.plan.per_batch_nodes
     for node in added:
         run.add_node(node, (workers or {}).get(node, 1))
     for node, count in (workers or {}).items():  # kept nodes given another count
-        if node not in added and node in graph.inputs and count != run.fixed.get(node):
-            lifecycle.resize(run, node, count, actions)
-    admitted = set(run.plan.mine[:run.next_source]) - set(run.redo)
+        if node not in added and node in graph.inputs and count != run.pool.fixed.get(node):
+            worker_counts.resize(run, node, count, actions)
+    admitted = set(run.plan.mine[:run.line.next_source]) - set(run.line.redo)
     for node in added:
         for key in sorted(run.keys(node)):
             if graph.domain[node] != BATCH:
@@ -79,11 +75,11 @@ def reshape(run: "RunState", graph: Graph, actions: list[Action],
                 _catch_up(run, node, key, actions)
 
 
-def _catch_up(run: "RunState", node: str, batch: int, actions: list[Action]) -> None:
+def _catch_up(run: Ledger, node: str, batch: int, actions: list[Action]) -> None:
     """A per-batch node added after `batch` entered the line: it runs the batch from
     its inputs if they are there or still coming, else the batch runs down the whole
     line again (from the source)."""
-    if batch in run.stale or batch in run.redo:
+    if batch in run.line.stale or batch in run.line.redo:
         return  # it runs down the whole line again: this node with it
     gone = [(name, batch) for name in run.graph.inputs[node]
             if batch in run.done[name] and (name, batch) not in run.outputs]
@@ -94,14 +90,14 @@ def _catch_up(run: "RunState", node: str, batch: int, actions: list[Action]) -> 
     supply(run, node, batch, actions)
 
 
-def redo_batch(run: "RunState", batch: int, actions: list[Action]) -> None:
+def redo_batch(run: Ledger, batch: int, actions: list[Action]) -> None:
     if batch in run.budget.on_line:
-        run.stale.add(batch)  # its later stages are at it: redo once they are done
+        run.line.stale.add(batch)  # its later stages are at it: redo once they are done
     else:
         invalidate(run, batch, actions)
 
 
-def supply(run: "RunState", node: str, key: int, actions: list[Action]) -> None:
+def supply(run: Ledger, node: str, key: int, actions: list[Action]) -> None:
     """Make sure what `node`'s task `key` reads will be there: an output already read
     and deleted is made again — a batch from the source, a reduce's output by running
     the reduce again (and so on up)."""
@@ -120,7 +116,7 @@ def supply(run: "RunState", node: str, key: int, actions: list[Action]) -> None:
     run.maybe_ready(node, key)
 
 
-def invalidate(run: "RunState", batch: int, actions: list[Action]) -> None:
+def invalidate(run: Ledger, batch: int, actions: list[Action]) -> None:
     """Run source batch `batch` down the whole line again."""
     for node in run.graph.order:
         if run.graph.domain[node] == BATCH:
@@ -129,10 +125,10 @@ def invalidate(run: "RunState", batch: int, actions: list[Action]) -> None:
             if batch in run.done[node]:
                 run.done[node].discard(batch)
                 actions.append(Forget(node, batch))
-    run.redo = sorted(set(run.redo) | {batch})
+    run.line.redo = sorted(set(run.line.redo) | {batch})
 
 
-def _undo_downstream(run: "RunState", node: str, actions: list[Action],
+def _undo_downstream(run: Ledger, node: str, actions: list[Action],
                      include: bool) -> list[Key]:
     """What runs once per shard or globally, downstream of `node` (and `node` itself
     with `include`), is not done any more: it runs again when its inputs are.
@@ -153,5 +149,5 @@ def _undo_downstream(run: "RunState", node: str, actions: list[Action],
             undone.append((other, key))
         for agent in run.agents[other].values():
             if agent.busy and agent.batch is not None:
-                run.obsolete.add((other, agent.batch))
+                run.line.obsolete.add((other, agent.batch))
     return undone

@@ -30,66 +30,20 @@ files and a reduce's input order do not depend on the workers.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
-
 from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, Agent
+from podpipe.engine import grants
 from podpipe.engine.events import Action, AddWorker, RemoveWorker
+from podpipe.engine.ledger import Ledger
 from podpipe.model.graph import BATCH
 from podpipe.model.pipeline import SOURCE
 
-if TYPE_CHECKING:  # the state machine calls in here; no import at run time
-    from podpipe.engine.state import RunState
 
-WINDOW = 4           # ticks (a second) a node's pressure is averaged over, at most
-SEEN = 2             # ticks seen before a node is judged (half a second)
 IO_BOUND = 0.35      # a worker using less CPU than this (cores) mostly waits
-SLACK = 0.25         # cores a pod may be over by when a worker is added (the ticks' noise)
 JUDGED = 0.04        # seconds of a node's tasks that judge it between ticks, at least
 MOST_PER_CPU = 4     # workers of one node per core, at most
 
 
-class Pool:
-    """The cores `auto` may use, and each node's recent pressure and CPU."""
-
-    def __init__(self, cpus: float) -> None:
-        self.cpus = cpus
-        self.pressure: dict[str, deque[float]] = {}
-        # Per tick: the cores a node used since the last, and its workers busy at the
-        # last (a worker that has just started has used no CPU yet).
-        self.cpu: dict[str, deque[tuple[float, int]]] = {}
-        self.busy: dict[str, int] = {}  # workers busy at the last tick
-        self.tasks: dict[str, deque[tuple[float, float]]] = {}  # its last tasks:
-        # (seconds wanted of a core, seconds taken), since it last got a worker
-        self.most: dict[str, int] = {}  # the most workers each node had
-        self.used = 0.0  # the cores the pod wanted at the last tick
-        self.settled = 0  # ticks since a worker was last added (the first ran part of it)
-
-    def free(self) -> float:
-        """The cores the pod had to spare at the last tick; none unless a whole tick
-        has passed since a worker was last added (or the run began)."""
-        return self.cpus + SLACK - self.used if self.settled >= 2 else 0.0
-
-    def observe(self, node: str, pressure: float, cpu: float, busy: int) -> None:
-        self.pressure.setdefault(node, deque(maxlen=WINDOW)).append(pressure)
-        self.cpu.setdefault(node, deque(maxlen=WINDOW)).append((cpu, self.busy.get(node, 0)))
-        self.busy[node] = busy
-
-    def average(self, node: str) -> float:
-        seen = self.pressure.get(node) or [0.0]
-        return sum(seen) / len(seen)
-
-    def full(self, node: str) -> bool:
-        return len(self.pressure.get(node, ())) >= SEEN
-
-    def per_worker(self, node: str) -> float | None:
-        """The cores one busy worker of `node` used over the window; None if none of
-        its workers was seen busy."""
-        seen = [(c, b) for c, b in self.cpu.get(node, ()) if b]
-        busy = sum(b for _, b in seen)
-        return sum(c for c, _ in seen) / busy if busy else None
-
-
-def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> None:
+def rebalance(run: Ledger, cpu: dict[str, float], actions: list[Action]) -> None:
     pool = run.pool
     line = [n for n in run.graph.order if run.graph.domain[n] == BATCH]
     pool.used = sum(cpu.values())  # every process of the pod: tables and reduces too
@@ -126,7 +80,7 @@ def rebalance(run: "RunState", cpu: dict[str, float], actions: list[Action]) -> 
                 return
 
 
-def after_task(run: "RunState", node: str, wanted: float, busy: float,
+def after_task(run: Ledger, node: str, wanted: float, busy: float,
                actions: list[Action]) -> None:
     """A task of `node` took `busy` seconds and wanted `wanted` of them, and the
     worker has its next batch if one was ready. With batches still waiting, rather
@@ -159,25 +113,25 @@ def after_task(run: "RunState", node: str, wanted: float, busy: float,
         add(run, node, more, actions)
 
 
-def _resizable(run: "RunState", node: str) -> bool:
+def _resizable(run: Ledger, node: str) -> bool:
     """May `auto` resize `node` now: its workers are `auto`, it runs per batch, and
     every worker is up (none starting, held or being swapped)?"""
-    return (run.fixed.get(node) is None and run.graph.domain[node] == BATCH
+    return (run.pool.fixed.get(node) is None and run.graph.domain[node] == BATCH
             and all(a.status not in (ABSENT, HELD) and a.swap is None
                     for a in run.agents[node].values()))
 
 
-def _starving(run: "RunState") -> int:
+def _starving(run: Ledger) -> int:
     """The source's backlog: workers of the nodes it feeds that sit idle with nothing
     to do, while the line has room for another batch (loading ahead of a slow stage
     helps nobody)."""
-    if not run.can_admit():
+    if not grants.can_admit(run):
         return 0
     return sum(1 for consumer in run.graph.consumers[SOURCE] if not run.ready[consumer]
                for a in run.agents[consumer].values() if a.status == IDLE)
 
 
-def add(run: "RunState", node: str, how_many: int, actions: list[Action]) -> None:
+def add(run: Ledger, node: str, how_many: int, actions: list[Action]) -> None:
     for _ in range(how_many):
         worker = max(run.agents[node]) + 1
         run.agents[node][worker] = Agent()
@@ -202,3 +156,17 @@ def split(costs: dict[str, float], cpus: float) -> tuple[dict[str, int], float]:
     workers = {node: max(1, round(cpus * cost / total)) for node, cost in costs.items()}
     pace = min(cpus / total, *(workers[n] / c for n, c in costs.items() if c > 0))
     return workers, pace
+
+
+def resize(run: Ledger, node: str, count: int | None, actions: list[Action]) -> None:
+    """`node` is to run as `count` workers from now on (None: `auto`, from the ones it
+    has): more are started; those beyond it go once idle (the highest first)."""
+    run.pool.fixed[node] = count
+    have = sorted(run.agents[node])
+    if count is None or count == len(have):
+        return
+    if count > len(have):
+        add(run, node, count - len(have), actions)
+        return
+    for worker in have[count:]:  # taken back between batches (`between_batches`)
+        run.agents[node][worker].retire = True

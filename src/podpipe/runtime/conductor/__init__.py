@@ -36,6 +36,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from podpipe.engine import events as ev
+from podpipe.engine.ledger import Progress
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
@@ -66,7 +67,7 @@ FLUSH_SECONDS = 0.25
 
 class Conductor:
     def __init__(self, run: Run, *, launcher: Launcher | None,
-                 observer: Callable[[dict[str, Any]], None] | None = None,
+                 observer: Callable[[status.Status], None] | None = None,
                  restored: Restored | None = None,
                  durable: DurableTier | None = None, reaper: bool = True,
                  metrics: str | None = None, listener: socket.socket) -> None:
@@ -102,7 +103,7 @@ class Conductor:
 
     # -- the loop --------------------------------------------------------------
 
-    def start(self) -> dict[str, Any]:
+    def start(self) -> status.Status:
         """Run to the end; returns the final status, raises the run's error."""
         try:
             with self.loop:  # signals are events from here on
@@ -126,7 +127,7 @@ class Conductor:
         finally:
             self.run.scratch.remove()
             self.counters.ended = time.time()
-            self.timeline.sample(self.engine)
+            self.timeline.sample(self.engine.progress())
             self.timeline.close()
             if self.metrics is not None:
                 self.metrics.close()
@@ -137,7 +138,7 @@ class Conductor:
             self._flush(final=True)
         if self.outcome[1] is not None:
             raise self.outcome[1]
-        return status.plain(self._snapshot())
+        return self._snapshot()
 
     def _loop(self) -> None:
         next_flush = time.monotonic()
@@ -378,7 +379,7 @@ class Conductor:
         self.processes.stop_all(terminate=not succeeded, told=self.agents.nodes())
         self.agents.close()
 
-    def _snapshot(self) -> status.Status:
+    def _snapshot(self, progress: Progress | None = None) -> status.Status:
         run, (state, error) = self.run, self.outcome
         who = Identity(run.run_id, run.pipeline.name, str(run.run_dir), str(run.scratch.path),
                        run.pod, run.placement.ordinal, run.placement.replicas,
@@ -386,7 +387,8 @@ class Conductor:
         # containers: their pids are in their own namespaces, alive while connected
         processes = self.processes.infos(run.pod) if self.processes.local else \
             self.agents.infos(run.pod)
-        current = snapshot(who, run.graph, self.engine, self.counters, self.checkpoints,
+        current = snapshot(who, run.graph, progress or self.engine.progress(), self.counters,
+                           self.checkpoints,
                            processes, state, str(error) if error else None)
         current.sinks = {name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
                          for name, w in self.sinks.items()}
@@ -396,19 +398,21 @@ class Conductor:
         if not final:
             self.events.extend(self.checkpoints.flush(self.engine, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
-            if self.processes.local and None in self.engine.fixed.values():
+            if self.processes.local and None in self.engine.pool.fixed.values():
                 self.events.append(ev.Tick(self.processes.cpu_use()))  # workers: auto
-            self.timeline.sample(self.engine)
+        progress = self.engine.progress()
+        if not final:
+            self.timeline.sample(progress)
             self.timeline.flush()
-        current = self._snapshot()
+        current = self._snapshot(progress)
         try:
             status.write(self.run.run_dir, current)
         except OSError:
             pass  # the status file is a view; the run does not depend on it
         if self.metrics is not None:
-            self.metrics.latest = status.plain(current)
+            self.metrics.latest = current
         if self.observer is not None:
-            self.observer(status.plain(current))
+            self.observer(current)
 
     def _log(self, message: str) -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""

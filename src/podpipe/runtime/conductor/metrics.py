@@ -9,9 +9,10 @@ does not pay for its import).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from podpipe.errors import UsageError
+from podpipe.runtime.rundir.status import Status
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -52,7 +53,7 @@ class Metrics:
         from prometheus_client import CollectorRegistry, start_http_server
 
         host, port = address(where)
-        self.latest: dict[str, Any] | None = None  # the run's status, as last flushed
+        self.latest: Status | None = None  # the run's status, as last flushed
         self.registry = CollectorRegistry()
         self.registry.register(self)
         try:
@@ -72,30 +73,29 @@ class Metrics:
         if s is None:
             return
         labels = ["pipeline", "pod", "node"]
-        pod = str((s.get("pod") or {}).get("ordinal", 0))
+        pod = str(s.pod.ordinal if s.pod else 0)
         for name, text, field, counter in _PER_NODE:
             family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, text,
                                                                              labels=labels)
-            for node, st in s["stages"].items():
-                family.add_metric([s["pipeline"], pod, node], st[field])
+            for node, st in s.stages.items():
+                family.add_metric([s.pipeline, pod, node], getattr(st, field))
             yield family
-        single = [("podpipe_scratch_bytes", "RAM scratch in use", s["scratch_bytes"], False),
-                  ("podpipe_scratch_budget_bytes", "The RAM scratch budget", s["budget_bytes"],
+        single = [("podpipe_scratch_bytes", "RAM scratch in use", s.scratch_bytes, False),
+                  ("podpipe_scratch_budget_bytes", "The RAM scratch budget", s.budget_bytes,
                    False),
                   ("podpipe_scratch_peak_bytes", "The most RAM scratch in use so far",
-                   s["peak_scratch_bytes"], False),
+                   s.peak_scratch_bytes, False),
                   ("podpipe_spilled_outputs", "Outputs spilled to the node tier",
-                   s["spilled_outputs"], True),
-                  ("podpipe_running", "1 while the run goes", int(s["state"] == "running"),
+                   s.spilled_outputs, True),
+                  ("podpipe_running", "1 while the run goes", int(s.state == "running"),
                    False)]
-        durable = s.get("durable") or {}
-        if durable:
+        if s.durable:
             single += [("podpipe_durable_checkpoints", "Major checkpoints written",
-                        durable.get("checkpoints") or 0, True),
+                        s.durable.checkpoints or 0, True),
                        ("podpipe_durable_behind", "1 if the last checkpoint is not written",
-                        int(bool(durable.get("behind"))), False)]
+                        int(bool(s.durable.behind)), False)]
         for name, text, value, counter in single:
             family = (CounterMetricFamily if counter else GaugeMetricFamily)(
                 name, text, labels=["pipeline", "pod"])
-            family.add_metric([s["pipeline"], pod], value)
+            family.add_metric([s.pipeline, pod], value)
             yield family

@@ -218,11 +218,9 @@ class Processes:
         for name, process in self._by_node.items():
             if terminate or name not in told:
                 process.signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        lifetime.reap(processes, STOP_GRACE_SECONDS, lambda p, t: p.wait(t) is not None,
+                      lambda p: p.signal(signal.SIGKILL))  # it would not stop
         for process in processes:
-            if process.wait(timeout=max(0.0, deadline - time.monotonic())) is None:
-                process.signal(signal.SIGKILL)  # it would not stop
-                process.wait()
             lifetime.kill_group(process.pid)  # and what it started
         if self._launcher is not None:
             if self._watching:

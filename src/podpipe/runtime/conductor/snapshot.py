@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from podpipe.engine.state import RunState
+from podpipe.engine.ledger import Progress
 from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS
 from podpipe.model.pipeline import SOURCE
@@ -151,7 +151,7 @@ class Identity:
     source_batches: int
 
 
-def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
+def snapshot(who: Identity, graph: Graph, progress: Progress, counters: Counters,
              checkpoints: Checkpoints, processes: list[status.ProcessInfo], state: str,
              error: str | None) -> status.Status:
     """The status record of this pod's run, as it is now."""
@@ -160,22 +160,17 @@ def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
               *processes]
     stages = {}
     for node in graph.order:
-        s = counters.stages[node]
+        s, p = counters.stages[node], progress.nodes[node]
         stages[node] = status.StageStatus(
             kind=kind(node, graph), version=s.version, versions=s.versions,
-            held=engine.held(node),
-            batches_done=engine.done_count(node), batches_total=engine.total(node),
+            held=p.held, batches_done=p.done, batches_total=p.total,
             rows_in=s.rows_in, rows_out=s.rows_out, busy_seconds=round(s.busy, 4),
             bytes_written=s.bytes_written, bytes_read=s.bytes_read,
-            restarts=engine.restart_count(node),
+            restarts=p.restarts,
             restored={tier: checkpoints.restored.get(node, {}).get(tier, 0) for tier in TIERS},
             recomputed=checkpoints.recomputed.get(node, 0), reused=s.reused,
-            workers=engine.worker_count(node),
-            workers_max=max(engine.worker_count(node), engine.pool.most.get(node, 0)),
-            queued=len(engine.ready[node]),
-            in_flight=sum(a.busy for a in engine.agents[node].values()),
-            tier=loaded.tier if node in graph.tables and (loaded := engine.outputs.get(
-                (node, 0))) is not None else None,
+            workers=p.workers, workers_max=p.workers_max, queued=p.queued,
+            in_flight=p.in_flight, tier=p.tier,
             calls=s.calls.status() if s.calls is not None else None)
     ended = counters.ended
     durable = checkpoints.durable
@@ -184,11 +179,11 @@ def snapshot(who: Identity, graph: Graph, engine: RunState, counters: Counters,
         run_dir=who.run_dir, scratch=who.scratch,
         started=counters.started, ended=ended,
         elapsed_seconds=round((ended or time.time()) - counters.started, 3),
-        budget_bytes=who.budget, scratch_bytes=engine.budget.usage,
-        peak_scratch_bytes=engine.budget.peak, source_batches=who.source_batches,
-        spilled_outputs=engine.budget.spills,
-        pod=status.PodInfo(who.ordinal, who.replicas, engine.shards_here(),
-                           engine.waiting_for()),
+        budget_bytes=who.budget, scratch_bytes=progress.scratch,
+        peak_scratch_bytes=progress.peak, source_batches=who.source_batches,
+        spilled_outputs=progress.spills,
+        pod=status.PodInfo(who.ordinal, who.replicas, progress.shards_here,
+                           progress.waiting_for),
         shards=who.shards, processes=listed, stages=stages,
         restore_notes=list(checkpoints.notes),
         durable=status.DurableInfo(**durable.status()) if durable else None,

@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence, TypeVar
+
+P = TypeVar("P")
 
 
 def child(body: Callable[[], int]) -> NoReturn:
@@ -86,3 +89,15 @@ def end_children(keep: frozenset[int] = frozenset()) -> list[int]:
                 continue
             ended.append(int(entry))
     return ended
+
+
+def reap(processes: Sequence[P], grace: float, ends: Callable[[P, float | None], bool],
+         kill: Callable[[P], None]) -> None:
+    """Wait for each of `processes` to end, all of them within `grace` seconds, and
+    kill those that will not. `ends(p, seconds)`: did it end within them? (After
+    `kill`, it is waited for without limit: `None`.)"""
+    deadline = time.monotonic() + grace
+    for process in processes:
+        if not ends(process, max(0.0, deadline - time.monotonic())):
+            kill(process)
+            ends(process, None)

@@ -23,6 +23,7 @@ from podpipe.errors import UsageError
 from podpipe.model.shards import Placement
 from podpipe.runtime.storage import durable
 from podpipe.runtime.plumbing import files
+from podpipe.runtime.rundir import status
 
 RECORD = "run.json"
 LOCK = "lock"
@@ -96,3 +97,16 @@ def lock(path: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     _held.append(fd)
+
+
+def claim_for_resume(path: Path) -> status.Status:
+    """Lock the run directory for a resume and return its status, refusing (exit 2)
+    a run that is no run directory, still runs, or already succeeded."""
+    status.read(path)  # (a clear error if it is no run directory, before the lock)
+    lock(path)
+    before = status.read(path)  # as it is now that nobody else can change it
+    if before.state in ("running", "succeeded"):
+        raise UsageError(f"{path}: the run " + ("is still running (its conductor is alive)"
+                         if before.state == "running" else "already succeeded")
+                         + "; nothing to resume")
+    return before

@@ -8,7 +8,7 @@ process is gone is reported as `interrupted`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import msgspec
 
@@ -114,6 +114,17 @@ class SinkInfo(_Record):
     bytes: int
 
 
+class RunRow(_Record):
+    """A run as `podpipe runs` lists it."""
+
+    run_id: str
+    pipeline: str
+    state: str
+    started: float
+    elapsed_seconds: float
+    run_dir: str
+
+
 class Controller(_Record):
     pid: int
     start: str | None
@@ -150,11 +161,6 @@ class Status(_Record, kw_only=True):
     schemaVersion: int = SCHEMA_VERSION
 
 
-def record(data: dict[str, Any]) -> Status:
-    """The typed record of a status built as plain data (an aggregate)."""
-    return msgspec.convert(data, Status)
-
-
 def plain(status: Status) -> dict[str, Any]:
     """The status as plain data, as `podpipe status --json` prints it."""
     return msgspec.to_builtins(status)
@@ -164,21 +170,79 @@ def write(run_dir: Path, status: Status) -> None:
     files.publish(run_dir / FILE, msgspec.json.format(msgspec.json.encode(status), indent=2))
 
 
-def read(run_dir: str | Path) -> dict[str, Any]:
-    """The status of the run in `run_dir` as plain data (checked against `Status`)."""
+def read(run_dir: str | Path) -> Status:
+    """The status of the run in `run_dir`, checked against `Status`; a run whose
+    writer is gone reads as `interrupted`."""
     run_dir = Path(run_dir)
     try:
-        status = plain(msgspec.json.decode((run_dir / FILE).read_bytes(), type=Status))
+        status = msgspec.json.decode((run_dir / FILE).read_bytes(), type=Status)
     except FileNotFoundError:
         kind = "no such directory" if not run_dir.is_dir() else f"has no {FILE}"
         raise UsageError(f"{run_dir}: not a podpipe run directory ({kind})") from None
     except (OSError, msgspec.DecodeError) as exc:
         raise UsageError(f"{run_dir / FILE}: unreadable status: {exc}") from None
-    if status["state"] == "running":
+    if status.state == "running":
         # The process that writes the file: a pod's conductor, or the process that
-        # started every replica (runtime.replicas).
-        owner = status.get("controller") or next(
-            (p for p in status["processes"] if p["role"] == "conductor"), None)
-        if owner is None or not alive(owner["pid"], owner.get("start")):
-            status["state"] = "interrupted"
+        # started every replica (runtime.runs.replicas).
+        owner: Controller | ProcessInfo | None = status.controller or next(
+            (p for p in status.processes if p.role == "conductor"), None)
+        if owner is None or not alive(owner.pid, owner.start):
+            status = msgspec.structs.replace(status, state="interrupted")
     return status
+
+
+# -- several pods' statuses as one: a function per field, never a blind sum -----
+
+T = TypeVar("T")
+
+
+def _sum(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def _first(a: T | None, b: T | None) -> T | None:
+    return a if a is not None else b
+
+
+def _largest(a: Any, b: Any) -> Any:
+    """The larger, None counting as nothing. Of two pods' percentiles: an upper bound
+    of the percentile of both together (at most 1% of each pod's latencies lie above
+    its p99, so at most 1% of all lie above the larger p99); never their sum."""
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
+_CALLS: dict[str, Callable[[Any, Any], Any]] = {
+    "requests": _sum, "memo_hits": _sum, "retries": _sum, "failures": _sum,
+    "in_flight": _sum, "in_flight_max": _largest,  # the most at once in one process
+    "latency_p50": _largest, "latency_p99": _largest,
+}
+
+
+def _calls(a: CallStatus | None, b: CallStatus | None) -> CallStatus | None:
+    if a is None or b is None:
+        return _first(a, b)
+    return CallStatus(**{f: _CALLS[f](getattr(a, f), getattr(b, f))
+                         for f in CallStatus.__struct_fields__})
+
+
+_STAGE: dict[str, Callable[[Any, Any], Any]] = {
+    "kind": _first, "batches_done": _sum, "batches_total": _sum, "rows_in": _sum,
+    "rows_out": _sum, "busy_seconds": _sum, "bytes_written": _sum, "bytes_read": _sum,
+    "restarts": _sum, "restored": _counts, "recomputed": _sum, "reused": _sum,
+    "version": _first, "versions": _counts, "held": _first,
+    "workers": _sum,           # processes now, in every pod
+    "workers_max": _largest,   # the most one pod had
+    "queued": _sum, "in_flight": _sum, "tier": _first, "calls": _calls,
+}
+
+
+def add_stage(total: StageStatus | None, one: StageStatus) -> StageStatus:
+    """A node's figures over pods: `one` pod's added to the `total` of those before."""
+    if total is None:
+        return one
+    return StageStatus(**{f: _STAGE[f](getattr(total, f), getattr(one, f))
+                          for f in StageStatus.__struct_fields__})

@@ -73,10 +73,10 @@ def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[Answer]:
 def _pods(run_dir: str, otherwise: str) -> list[Path]:
     """The run directories of a running run's pods (one, unless it has replicas)."""
     current = status.read(run_dir)
-    if current["state"] != "running":
-        raise UsageError(f"{run_dir}: the run is {current['state']}, not running; "
+    if current.state != "running":
+        raise UsageError(f"{run_dir}: the run is {current.state}, not running; "
                          + otherwise)
-    return ([Path(p["run_dir"]) for p in current["pods"]] if current.get("controller")
+    return ([Path(p.run_dir) for p in current.pods or []] if current.controller
             else [Path(run_dir)])
 
 
@@ -92,9 +92,9 @@ class Answer:
 
 def _request(run_dir: Path, message: protocol.Message, timeout: float, what: str) -> Answer:
     current = status.read(run_dir)
-    if current["state"] != "running":
-        return Answer(str(run_dir), None, current["state"])
-    path = Scratch(Path(current["scratch"])).socket
+    if current.state != "running" or current.scratch is None:
+        return Answer(str(run_dir), None, current.state)
+    path = Scratch(Path(current.scratch)).socket
     try:
         sock = protocol.connect(str(path), wait=0)
     except OSError as exc:

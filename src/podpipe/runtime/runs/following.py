@@ -15,7 +15,7 @@ import select
 import signal
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from podpipe.errors import INTERRUPTED_EXIT_CODE, UsageError
 from podpipe.runtime.plumbing import logline
@@ -50,7 +50,7 @@ def mark_latest(run_path: Path) -> None:
         tmp.unlink(missing_ok=True)  # a convenience: the run does not depend on it
 
 
-def listing(runs_dir: str | None = None) -> list[dict[str, Any]]:
+def listing(runs_dir: str | None = None) -> list[status.RunRow]:
     """The runs in a runs directory, newest first: id, pipeline, state, started,
     elapsed seconds, run directory."""
     root = Path(runs_dir) if runs_dir else DEFAULT_RUNS
@@ -66,26 +66,25 @@ def listing(runs_dir: str | None = None) -> list[dict[str, Any]]:
             current = status.read(path)
         except UsageError:
             continue  # not a run directory (or one being made)
-        found.append({"run_id": current["run_id"], "pipeline": current["pipeline"],
-                      "state": current["state"], "started": current["started"],
-                      "elapsed_seconds": current["elapsed_seconds"], "run_dir": str(path)})
-    return sorted(found, key=lambda r: r["started"], reverse=True)
+        found.append(status.RunRow(current.run_id, current.pipeline, current.state,
+                                   current.started, current.elapsed_seconds, str(path)))
+    return sorted(found, key=lambda r: r.started, reverse=True)
 
 
-def stop(run_dir: str, timeout: float | None = 60.0) -> tuple[int, dict[str, Any]]:
+def stop(run_dir: str, timeout: float | None = 60.0) -> tuple[int, status.Status]:
     """Stop a running run as Ctrl-C does (SIGINT to its conductor, or to the process
     that started its replicas): in-flight batches are abandoned, what is done stays,
     and `podpipe resume` finishes it. Waits for it to end; returns as `wait` does."""
     path = resolve(run_dir)
     current = status.read(path)
-    if current["state"] != "running":
-        raise UsageError(f"{path}: the run is not running (it {current['state']})"
-                         if current["state"] != "interrupted" else
+    if current.state != "running":
+        raise UsageError(f"{path}: the run is not running (it {current.state})"
+                         if current.state != "interrupted" else
                          f"{path}: the run is not running (it was interrupted); resume it "
                          f"with 'podpipe resume {path}'")
     owner = _owner(current)
     try:
-        os.kill(owner["pid"], signal.SIGINT)
+        os.kill(owner.pid, signal.SIGINT)
     except ProcessLookupError:
         pass  # it ended meanwhile
     except PermissionError:
@@ -94,22 +93,22 @@ def stop(run_dir: str, timeout: float | None = 60.0) -> tuple[int, dict[str, Any
     return wait(str(path), timeout)
 
 
-def _owner(current: dict[str, Any]) -> dict[str, Any]:
+def _owner(current: status.Status) -> status.Controller | status.ProcessInfo:
     """The process that writes a running run's status: its conductor, or the process
     that started its replicas."""
-    return current.get("controller") or next(
-        p for p in current["processes"] if p["role"] == "conductor")
+    return current.controller or next(
+        p for p in current.processes if p.role == "conductor")
 
 
-def wait(run_dir: str, timeout: float | None = None) -> tuple[int, dict[str, Any]]:
+def wait(run_dir: str, timeout: float | None = None) -> tuple[int, status.Status]:
     """Block until the run ends (on its process's exit, not by polling); returns its
     own exit code and its final status. TIMED_OUT if it is still running then."""
     path = resolve(run_dir)
     current = status.read(path)
-    if current["state"] == "running":
+    if current.state == "running":
         owner = _owner(current)
         try:
-            pidfd = os.pidfd_open(owner["pid"])
+            pidfd = os.pidfd_open(owner.pid)
         except ProcessLookupError:
             pidfd = None  # ended between the two reads
         if pidfd is not None:
@@ -120,7 +119,7 @@ def wait(run_dir: str, timeout: float | None = None) -> tuple[int, dict[str, Any
             if not ready:
                 return TIMED_OUT, status.read(path)
         current = status.read(path)
-    return EXIT_CODES.get(current["state"], 1), current
+    return EXIT_CODES.get(current.state, 1), current
 
 
 def logs(run_dir: str, stage: str | None = None, *, batch: int | None = None,
@@ -148,7 +147,7 @@ def logs(run_dir: str, stage: str | None = None, *, batch: int | None = None,
     for _, _, text in heapq.merge(*[r.read(i) for i, r in enumerate(chosen())]):
         yield text
     while follow:
-        running = status.read(path)["state"] == "running"
+        running = status.read(path).state == "running"
         new = [line for i, r in enumerate(chosen()) for line in r.read(i)]
         for _, _, text in sorted(new):
             yield text

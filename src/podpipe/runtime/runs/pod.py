@@ -49,9 +49,9 @@ def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> spe
 def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         run_dir: str | None = None, replicas: int = 1, pod_index: int | None = None,
         memory: str | None = None, fresh: bool = False,
-        observer: Callable[[dict[str, Any]], None] | None = None,
+        observer: Callable[[status.Status], None] | None = None,
         reaper: bool = True, metrics: str | None = None,
-        server: ForkServer | None = None) -> dict[str, Any]:
+        server: ForkServer | None = None) -> status.Status:
     """Run the pipeline to the end on this machine; returns the final status.
 
     One pod, the replica `pod_index` (else POD_INDEX, else the StatefulSet hostname
@@ -139,26 +139,26 @@ def cores(spec_path: str, cpus: float, measured: str, *,
     pipeline = validate(spec_path, overrides)
     graph = Graph.of(pipeline)
     ran = status.read(runs.resolve(measured))
-    if ran["state"] != "succeeded":
-        raise UsageError(f"--from {measured}: the run {ran['state']}; a finished run's "
+    if ran.state != "succeeded":
+        raise UsageError(f"--from {measured}: the run {ran.state}; a finished run's "
                          "figures are needed")
-    stages = ran["stages"]
+    stages = ran.stages
     per_batch = [n for n in graph.order if graph.domain[n] == "batch"]
-    missing = [n for n in per_batch if n not in stages or not stages[n]["batches_done"]]
+    missing = [n for n in per_batch if n not in stages or not stages[n].batches_done]
     if missing:
         raise UsageError(f"--from {measured}: the run has no figures for {missing}; is it "
                          f"a run of {pipeline.name!r}?")
-    costs = {n: stages[n]["busy_seconds"] / stages[n]["batches_done"] for n in per_batch}
+    costs = {n: stages[n].busy_seconds / stages[n].batches_done for n in per_batch}
     workers, pace = split(costs, cpus)
-    batches = ran["source_batches"] or stages["source"]["batches_done"]
-    rows = stages["source"]["rows_out"] / max(1, stages["source"]["batches_done"])
-    once = sum(s["busy_seconds"] for n, s in stages.items() if n not in per_batch)
+    batches = ran.source_batches or stages["source"].batches_done
+    rows = stages["source"].rows_out / max(1, stages["source"].batches_done)
+    once = sum(s.busy_seconds for n, s in stages.items() if n not in per_batch)
     return {"pipeline": pipeline.name, "cpus": cpus, "from": str(runs.resolve(measured)),
             "nodes": [{"node": n, "seconds_per_batch": round(costs[n], 6),
                        "workers": workers[n]} for n in per_batch],
             "batches_per_second": round(pace, 3), "rows_per_second": round(pace * rows),
             "batches": batches, "predicted_seconds": round(batches / pace + once, 3),
-            "measured_seconds": ran["elapsed_seconds"]}
+            "measured_seconds": ran.elapsed_seconds}
 
 
 def _ordinal(pipeline: specs.Pipeline, replicas: int, pod_index: int | None) -> int | None:
@@ -214,7 +214,7 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     if (run_path / status.FILE).exists():
         # A restarted conductor container: the memory volume outlived it, and the run
         # directory is on the node tier. Finish the run from them, unless it is done.
-        if status.read(run_path)["state"] != "succeeded":
+        if status.read(run_path).state != "succeeded":
             resume(str(run_path), scratch=lambda: scratches.Scratch.adopt(
                        scratch_path, None, volume=True),
                    launch=layout == "processes", pod=pod)
@@ -232,31 +232,25 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     return 0
 
 
-def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = None,
+def resume(run_dir: str, *, observer: Callable[[status.Status], None] | None = None,
            scratch: Callable[[], scratches.Scratch] | None = None, launch: bool = True,
-           pod: str | None = None, reaper: bool = True) -> dict[str, Any]:
+           pod: str | None = None, reaper: bool = True) -> status.Status:
     """Finish a run whose conductor died, or whose pod was lost, from what survived:
     outputs still in its RAM scratch, else on the node tier (checked by checksum),
     else computed again. Returns the final status. `scratch`, `launch` and `pod`:
     as a pod on Kubernetes has them (see `serve`); by default the run's own scratch
     on this machine is taken over if it is still there."""
     run_path = Path(run_dir)
-    before = status.read(run_path)  # (a clear error if it is no run directory)
-    rundir.lock(run_path)
-    before = status.read(run_path)  # as it is now that nobody else can change it
-    if before["state"] in ("running", "succeeded"):
-        raise UsageError(f"{run_path}: the run " + ("is still running (its conductor is "
-                         "alive)" if before["state"] == "running" else "already succeeded")
-                         + "; nothing to resume")
+    before = rundir.claim_for_resume(run_path)
     recorded = rundir.read(run_path)
     os.chdir(recorded.cwd)  # relative paths in the spec resolve as they did
     overrides = recorded.overrides
     placement = recorded.placement or sharding.Placement()
     pipeline = validate(str(run_path / "spec.yaml"), overrides)
-    run_id = before["run_id"]
+    run_id = before.run_id
     notes: list[str] = []
     if scratch is None:
-        old = Path(before["scratch"])
+        old = Path(before.scratch or "")
         root = scratches.default_root()
         adopt = old.parent == root and old.name.startswith(scratches.PREFIX)
         scratches.sweep(root, keep=old if adopt else None)
@@ -273,17 +267,17 @@ def resume(run_dir: str, *, observer: Callable[[dict[str, Any]], None] | None = 
     return _conduct(pipeline, run_path, overrides, run_id,
                     pod or f"{pipeline.name}-{placement.ordinal}",
                     scratch, launch=launch, observer=observer, placement=placement,
-                    origin=Origin(journal=True, source_batches=before["source_batches"]),
+                    origin=Origin(journal=True, source_batches=before.source_batches),
                     notes=notes, reaper=reaper)
 
 
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
              pod: str, make_scratch: Callable[[], scratches.Scratch], *, launch: bool,
-             observer: Callable[[dict[str, Any]], None] | None, origin: Origin,
+             observer: Callable[[status.Status], None] | None, origin: Origin,
              placement: sharding.Placement = sharding.Placement(),
              fresh: bool = False, notes: list[str] | None = None,
              latest: bool = False, reaper: bool = True,
-             metrics: str | None = None, server: ForkServer | None = None) -> dict[str, Any]:
+             metrics: str | None = None, server: ForkServer | None = None) -> status.Status:
     """Make the scratch, plan the source, find where the run starts from, and hand
     over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
     `notes`: what making the scratch found wrong, for the status; `latest`: once it

@@ -22,13 +22,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.sizes import format_size
-from podpipe.runtime.plumbing import files
+from podpipe.runtime.plumbing import files, lifetime
 from podpipe.runtime.rundir import layout as rundir, status
 from podpipe.runtime.runs import following as runs
 from podpipe.runtime.data import sink
@@ -42,7 +42,7 @@ STOP_GRACE_SECONDS = 10.0
 
 def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
         run_dir: str | None, replicas: int, fresh: bool,
-        observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+        observer: Callable[[status.Status], None] | None) -> status.Status:
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-x{replicas}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     durable = pipeline.checkpoints.durable or (run_path / "durable").resolve().as_uri()
@@ -64,16 +64,11 @@ def is_replicas(run_dir: str | Path) -> bool:
 
 
 def resume(run_dir: str, *, replicas: int | None,
-           observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+           observer: Callable[[status.Status], None] | None) -> status.Status:
     """Start the pods of a stopped run again, `replicas` of them (default: as before).
     The previous pods' directories move to `pods.previous`."""
     run_path = Path(run_dir)
-    status.read(run_path)  # (a clear error if it is no run directory)
-    rundir.lock(run_path)
-    before = status.read(run_path)
-    if before["state"] in ("running", "succeeded"):
-        raise UsageError(f"{run_path}: the run " + ("is still running" if before["state"] ==
-                         "running" else "already succeeded") + "; nothing to resume")
+    rundir.claim_for_resume(run_path)
     if replicas is not None and replicas < 1:
         raise UsageError(f"--replicas {replicas}: expected at least 1")
     recorded = rundir.read(run_path)
@@ -89,7 +84,7 @@ def resume(run_dir: str, *, replicas: int | None,
 
 
 def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
-              observer: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+              observer: Callable[[status.Status], None] | None) -> status.Status:
     recorded = rundir.read(run_path)
     replicas = recorded.replicas or 1
     root = scratches.default_root()
@@ -100,7 +95,7 @@ def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
                          "--memory or --replicas")
     overrides = recorded.overrides + [f"checkpoints.durable={recorded.durable}"]
     (run_path / "pods").mkdir(mode=0o700)
-    pods: list[subprocess.Popen] = []
+    pods: list[subprocess.Popen[bytes]] = []
     for index in range(replicas):
         command = [sys.executable, "-m", "podpipe", "run", str(run_path / "spec.yaml"),
                    "--replicas", str(replicas), "--pod-index", str(index), "--quiet",
@@ -130,42 +125,43 @@ def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
                         if p.poll() is None:
                             p.send_signal(signal.SIGTERM)
         finally:
-            deadline = time.monotonic() + STOP_GRACE_SECONDS
-            for p in pods:
-                if p.poll() is None:
-                    try:
-                        p.wait(max(0.0, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        p.wait()
+            lifetime.reap(pods, STOP_GRACE_SECONDS, _ends, subprocess.Popen.kill)
     final = _aggregate(run_path, pipeline, recorded, pods, started, ended=time.time())
-    if final["state"] == "succeeded":  # every pod's output is in place: mark the sinks
+    if final.state == "succeeded":  # every pod's output is in place: mark the sinks
         try:
-            final["sinks"] = _mark_sinks(pipeline, final["source_batches"])
+            final.sinks = _mark_sinks(pipeline, final.source_batches or 0)
         except RunError as exc:
-            final.update(state="failed", error=str(exc))
+            final.state, final.error = "failed", str(exc)
     _write(run_path, final, None)
     if interrupted:
         raise InterruptedRun(f"interrupted; the pods were stopped (resume: podpipe resume "
                              f"{run_path})")
-    if final["state"] != "succeeded":
-        raise RunError(final["error"])
+    if final.state != "succeeded":
+        raise RunError(final.error or final.state)
     return final
 
 
-def _stop_hopeless_waits(current: dict[str, Any], pods: list[subprocess.Popen]) -> None:
+def _ends(pod: subprocess.Popen[bytes], seconds: float | None) -> bool:
+    try:
+        pod.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _stop_hopeless_waits(current: status.Status, pods: list[subprocess.Popen[bytes]]) -> None:
     """Stop the pod of the global reduce when a shard it waits for is a failed pod's."""
-    failed = {s for pod in current["pods"] if pod["state"] in ("failed", "interrupted")
-              and pods[pod["ordinal"]].poll() is not None for s in pod["shards"]}
-    first = current["pods"][0]
-    if pods[0].poll() is None and failed & set(first.get("waiting_for", [])):
+    rows = current.pods or []
+    failed = {s for pod in rows if pod.state in ("failed", "interrupted")
+              and pods[pod.ordinal].poll() is not None for s in pod.shards}
+    if rows and pods[0].poll() is None and failed & set(rows[0].waiting_for):
         pods[0].send_signal(signal.SIGTERM)
 
 
-def _write(run_path: Path, current: dict[str, Any],
-           observer: Callable[[dict[str, Any]], None] | None) -> None:
+def _write(run_path: Path, current: status.Status,
+           observer: Callable[[status.Status], None] | None) -> None:
     try:
-        status.write(run_path, status.record(current))
+        status.write(run_path, current)
     except OSError:
         pass
     if observer is not None:
@@ -179,85 +175,73 @@ def _check_sinks(pipeline: specs.Pipeline) -> None:
     sink.check_run(pipeline, Graph.of(pipeline), len(source.plan(pipeline.source)))
 
 
-def _mark_sinks(pipeline: specs.Pipeline, source_batches: int) -> dict[str, Any]:
+def _mark_sinks(pipeline: specs.Pipeline, source_batches: int) -> dict[str, status.SinkInfo]:
     from podpipe.model.graph import Graph
 
     every = sink.every_batch(pipeline, Graph.of(pipeline), source_batches)
     marked = {}
     for target in pipeline.sinks:
         w = sink.mark(target, every[target.name])
-        marked[target.name] = {"uri": w.uri, "files": w.files, "rows": w.rows,
-                               "bytes": w.nbytes}
+        marked[target.name] = status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
     return marked
 
 
 def _aggregate(run_path: Path, pipeline: specs.Pipeline, recorded: rundir.RunRecord,
-               pods: list[subprocess.Popen], started: float,
-               ended: float | None = None) -> dict[str, Any]:
-    """The run's status: the pods' own, added up, and a line per pod."""
+               pods: list[subprocess.Popen[bytes]], started: float,
+               ended: float | None = None) -> status.Status:
+    """The run's status: the pods' own, merged field by field (`status.add_stage`),
+    and a line per pod."""
     replicas = recorded.replicas or 1
-    states: list[str] = []
-    rows: list[dict[str, Any]] = []
-    stages: dict[str, dict[str, Any]] = {}
-    processes: list[dict[str, Any]] = []
-    totals = {"scratch_bytes": 0, "peak_scratch_bytes": 0, "spilled_outputs": 0}
+    rows: list[status.PodRow] = []
+    stages: dict[str, status.StageStatus] = {}
+    processes: list[status.ProcessInfo] = []
+    scratch_bytes = peak = spilled = 0
     notes: list[str] = []
     source_batches = None
     for index, process in enumerate(pods):
         owns = list(sharding.owned(pipeline.shards, replicas, index))
         try:
-            own = status.read(run_path / "pods" / str(index))
+            own: status.Status | None = status.read(run_path / "pods" / str(index))
         except UsageError:
             own = None
         code = process.poll()
+        row = status.PodRow(ordinal=index, shards=owns, state="starting", error=None,
+                            pid=process.pid, run_dir=str(run_path / "pods" / str(index)))
         if own is None:
-            state = "starting" if code is None else "failed"
-            error = None if code is None else \
-                f"exited with code {code} before it ran (log: {run_path}/logs/pod-{index}.log)"
+            if code is not None:
+                row.state, row.error = "failed", (f"exited with code {code} before it ran "
+                                                  f"(log: {run_path}/logs/pod-{index}.log)")
         else:
-            state, error = own["state"], own.get("error")
-            if code is not None and state == "running":
-                state = "failed"
-        states.append(state)
-        row = {"ordinal": index, "shards": owns, "state": state, "error": error,
-               "pid": process.pid, "run_dir": str(run_path / "pods" / str(index))}
-        if own is not None:
-            row.update(waiting_for=own["pod"]["waiting_for"],
-                       pids=[p["pid"] for p in own["processes"]])
-            processes += own["processes"]
-            for key in totals:
-                totals[key] += own[key]
-            notes += [f"pod {index}: {n}" for n in own["restore_notes"]]
-            source_batches = own["source_batches"]
-            for node, s in own["stages"].items():
-                _add(stages.setdefault(node, {}), s)
+            row.state, row.error = own.state, own.error
+            if code is not None and own.state == "running":
+                row.state = "failed"
+            row.waiting_for = own.pod.waiting_for if own.pod else []
+            row.pids = [p.pid for p in own.processes]
+            processes += own.processes
+            scratch_bytes += own.scratch_bytes
+            peak += own.peak_scratch_bytes  # each pod's own budget: the run's is their sum
+            spilled += own.spilled_outputs
+            notes += [f"pod {index}: {n}" for n in own.restore_notes]
+            source_batches = own.source_batches
+            for node, s in own.stages.items():
+                stages[node] = status.add_stage(stages.get(node), s)
         rows.append(row)
-    failed = [r for r in rows if r["state"] in ("failed", "interrupted")]
-    if all(s == "succeeded" for s in states):
+    failed = [r for r in rows if r.state in ("failed", "interrupted")]
+    if all(r.state == "succeeded" for r in rows):
         state = "succeeded"
     elif any(p.poll() is None for p in pods):
         state = "running"
     else:
         state = "failed"
-    return {
-        "run_id": recorded.run_id, "pipeline": pipeline.name, "state": state,
-        "error": "; ".join(f"pod {r['ordinal']}: {r['error'] or r['state']}" for r in failed)
+    return status.Status(
+        run_id=recorded.run_id or run_path.name, pipeline=pipeline.name, state=state,
+        error="; ".join(f"pod {r.ordinal}: {r.error or r.state}" for r in failed)
         if state == "failed" else None,
-        "run_dir": str(run_path), "scratch": None, "started": started, "ended": ended,
-        "elapsed_seconds": round((ended or time.time()) - started, 3),
-        "budget_bytes": pipeline.memory * replicas, **totals,
-        "source_batches": source_batches, "shards": pipeline.shards, "replicas": replicas,
-        "controller": {"pid": os.getpid(), "start": process_start(os.getpid())},
-        "durable": {"url": recorded.durable},
-        "pods": rows, "processes": processes, "stages": stages, "restore_notes": notes,
-    }
-
-
-def _add(total: dict[str, Any], one: dict[str, Any]) -> None:
-    for key, value in one.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-            total.setdefault(key, value)
-        elif isinstance(value, dict):
-            _add(total.setdefault(key, {}), value)
-        else:
-            total[key] = round(total.get(key, 0) + value, 4)
+        run_dir=str(run_path), scratch=None, started=started, ended=ended,
+        elapsed_seconds=round((ended or time.time()) - started, 3),
+        budget_bytes=pipeline.memory * replicas, scratch_bytes=scratch_bytes,
+        peak_scratch_bytes=peak, spilled_outputs=spilled,
+        source_batches=source_batches, shards=pipeline.shards, replicas=replicas,
+        controller=status.Controller(os.getpid(), process_start(os.getpid())),
+        durable=status.DurableInfo(url=recorded.durable) if recorded.durable else None,
+        pods=rows, processes=processes, stages=stages, restore_notes=notes)

@@ -1,0 +1,269 @@
+"""The ledger: the run's data, and the only code that changes it.
+
+Everything the engine knows of a run lives here: the keys each node runs (`plan`),
+the RAM budget, the outputs on hand and who has still to read them, what each node
+has done and has ready, each node's processes (`agents`) and their restarts, the
+source batches on and off the line (`line`), and the outcome. The operations here
+are the primitives the policies build on (delete an output once read, mark a task
+ready once its inputs are there, a batch one task closer to leaving the line, fail
+the run); the policies (`grants`, `jam`, `lifecycle`, `rework`, `workers`) read the
+ledger and act through these and the plain records it holds, and `state.RunState`
+routes each event to them. Views (the status, the timeline) read `progress()`, a
+frozen record, never the ledger itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from podpipe.engine.agent import Agent, Pool
+from podpipe.engine.budget import Budget
+from podpipe.engine.events import Action, Delete, Failed, Key, Recycle
+from podpipe.engine.keys import Keys
+from podpipe.errors import PodpipeError
+from podpipe.model.graph import BATCH, SINGLE, Graph
+from podpipe.model.output import Output
+
+
+@dataclass
+class Line:
+    """Source batches on their way: the next to load, those to load again, and what
+    a rework voided."""
+
+    next_source: int = 0
+    redo: list[int] = field(default_factory=list)  # source batches dropped, to load again
+    stale: set[int] = field(default_factory=set)   # on the line, to redo once off it
+    obsolete: set[Key] = field(default_factory=set)  # in-flight tasks whose result is void
+
+
+@dataclass(frozen=True)
+class NodeProgress:
+    done: int
+    total: int
+    restarts: int
+    workers: int
+    workers_max: int
+    queued: int
+    in_flight: int
+    held: str | None
+    tier: str | None  # a table, once loaded: where it is
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the run looks like now, for views: made by `Ledger.progress`."""
+
+    scratch: int        # bytes of RAM scratch in use
+    peak: int           # the most in use so far
+    recent_peak: int    # the most in use since the previous record
+    budget: int
+    spills: int
+    on_line: int        # source batches on the line
+    nodes: dict[str, NodeProgress]
+    shards_here: list[int]
+    waiting_for: list[int]
+
+    @property
+    def queued(self) -> dict[str, int]:
+        return {n: p.queued for n, p in self.nodes.items()}
+
+    @property
+    def workers(self) -> dict[str, int]:
+        return {n: p.workers for n, p in self.nodes.items()}
+
+
+class Ledger:
+    def __init__(self, graph: Graph, source_batches: int, budget: int, *,
+                 retries: dict[str, int] | None = None, shards: int = 1,
+                 owned: tuple[int, ...] | None = None, global_here: bool = True,
+                 workers: dict[str, int | None] | None = None,
+                 cpus: float = 1.0) -> None:
+        self.plan = Keys(graph, source_batches, shards=shards, owned=owned,
+                         global_here=global_here)
+        self.budget = Budget(budget, self.plan.per_batch_nodes)
+        self.retries: dict[str, int] = dict(retries or {})
+        self.restarts = {node: 0 for node in graph.order}
+        self.outputs: dict[Key, Output] = {}
+        self.unread: dict[Key, set[str]] = {}
+        self.done: dict[str, set[int]] = {node: set() for node in graph.order}
+        self.ready: dict[str, list[int]] = {node: [] for node in graph.order}
+        # Each node's processes, by worker number: a fixed count, or (`workers: auto`,
+        # None) one to start with, more while it holds the line back (`workers.py`).
+        self.pool = Pool(cpus, {n: (workers or {}).get(n, 1) for n in graph.order})
+        self.agents: dict[str, dict[int, Agent]] = {
+            node: {w: Agent() for w in range(self.pool.fixed[node] or 1)}
+            for node in graph.order}
+        self.line = Line()
+        self.swapped: set[str] = set()   # stages running a swapped-in version
+        self.pinned: set[Key] = set()    # outputs a stage's code still maps: not recycled
+        self.outcome: Action | None = None
+        for table in graph.tables:
+            self.ready[table] = [0]
+
+    @property
+    def graph(self) -> Graph:
+        return self.plan.graph
+
+    @property
+    def keep(self) -> frozenset[str]:
+        """The nodes whose outputs the node tier keeps (`Keys.kept`)."""
+        return self.plan.kept
+
+    def add_node(self, node: str, workers: int | None = 1) -> None:
+        """A node new to the graph (an apply): nothing done, its processes to come."""
+        self.done[node], self.ready[node] = set(), []
+        self.pool.fixed[node] = workers
+        self.agents[node] = {w: Agent() for w in range(workers or 1)}
+        self.restarts[node] = 0
+
+    def in_containers(self) -> None:
+        """Before the run starts: every node is a container the kubelet starts, which
+        the conductor cannot add to: a fixed `workers: N` is N processes inside it
+        (`podpipe agent --workers N`), `auto` one."""
+        counts = {node: self.pool.fixed[node] or 1 for node in self.graph.order}
+        self.pool.fixed = dict(counts)
+        self.agents = {node: {w: Agent() for w in range(counts[node])} for node in counts}
+
+    @property
+    def tables_held(self) -> int:  # bytes of RAM the tables hold (the node tier's: none)
+        held = (self.outputs.get((table, 0)) for table in self.graph.tables)
+        return sum(o.nbytes for o in held if o is not None and o.tier == "ram")
+
+    def all_agents(self) -> list[tuple[str, int, Agent]]:
+        """(node, worker, agent) of every process the run has, in graph order."""
+        return [(node, w, agent) for node in self.graph.order
+                for w, agent in sorted(self.agents[node].items())]
+
+    def worker_count(self, node: str) -> int:
+        return len(self.agents[node])
+
+    # -- queries --------------------------------------------------------------
+
+    def keys(self, node: str) -> frozenset[int]:
+        """What `node` runs in this pod: source batches, shards, or {0} (global)."""
+        return self.plan.of(node)
+
+    def total(self, node: str) -> int:
+        return len(self.keys(node))
+
+    def done_count(self, node: str) -> int:
+        return len(self.done[node] & self.keys(node))
+
+    def restart_count(self, node: str) -> int:
+        return self.restarts[node]
+
+    def done_keys(self) -> dict[str, list[int]]:
+        """What each node has finished (for a checkpoint's manifest)."""
+        return {node: sorted(keys) for node, keys in self.done.items()}
+
+    def kept(self) -> list[Output]:
+        """The outputs the run holds now (a resumed run: those it restored)."""
+        return list(self.outputs.values())
+
+    def shards_here(self) -> list[int]:
+        return self.plan.shards_here()
+
+    def to_redo(self) -> int:
+        """Source batches still to run down the line again (given up or stale)."""
+        return len(set(self.line.redo) | self.line.stale)
+
+    def held(self, node: str) -> str | None:
+        """Why `node` is held (a swapped-in version failed), or None."""
+        return next((a.broken for a in self.agents[node].values() if a.broken), None)
+
+    @property
+    def finished(self) -> bool:
+        return all(self.keys(n) <= self.done[n] for n in self.graph.order)
+
+    def complete(self, shard: int | None) -> bool:
+        """Has this pod finished everything of `shard` (None: the global nodes)?"""
+        return all(k in self.done[node] for node in self.graph.order
+                   for k in self.plan.in_group(node, shard))
+
+    def waiting_for(self) -> list[int]:
+        """The shards of other pods a global reduce here still needs."""
+        needed = [n for n in self.graph.reduce_inputs() if self.graph.domain[n] == SINGLE]
+        if not self.plan.global_here or not needed:
+            return []
+        here = self.plan.in_domain(SINGLE)
+        return [s for s in self.plan.all_shards
+                if s not in here and any(s not in self.done[n] for n in needed)]
+
+    def input_keys(self, node: str, key: int) -> list[Key]:
+        return self.plan.input_keys(node, key)
+
+    def progress(self) -> Progress:
+        """A frozen record of the run now, for views; starts the next record's window
+        for `recent_peak`."""
+        nodes = {}
+        for node in self.graph.order:
+            loaded = self.outputs.get((node, 0)) if node in self.graph.tables else None
+            nodes[node] = NodeProgress(
+                done=self.done_count(node), total=self.total(node),
+                restarts=self.restarts[node], workers=self.worker_count(node),
+                workers_max=max(self.worker_count(node), self.pool.most.get(node, 0)),
+                queued=len(self.ready[node]),
+                in_flight=sum(a.busy for a in self.agents[node].values()),
+                held=self.held(node), tier=loaded.tier if loaded is not None else None)
+        budget = self.budget
+        return Progress(scratch=budget.usage, peak=budget.peak,
+                        recent_peak=budget.since_last(), budget=budget.limit,
+                        spills=budget.spills, on_line=len(budget.on_line), nodes=nodes,
+                        shards_here=self.shards_here(), waiting_for=self.waiting_for())
+
+    # -- the primitives ----------------------------------------------------------
+
+    def readers(self, node: str, key: int) -> set[str]:
+        """The nodes of this pod that still have to read `node`'s output for `key`."""
+        readers = set()
+        for consumer in self.graph.consumers[node]:
+            mine = self.plan.key_of(consumer, node, key)
+            if mine in self.keys(consumer) and mine not in self.done[consumer]:
+                readers.add(consumer)
+        return readers
+
+    def one_less(self, batch: int) -> bool:
+        """One task fewer left for `batch` on the line; off the line after the last.
+        True if it left the line stale (made partly by a replaced version): to be
+        undone and redone (`rework.invalidate`)."""
+        if self.budget.one_less(batch) and batch in self.line.stale:
+            self.line.stale.discard(batch)
+            return True
+        return False
+
+    def delete(self, key: Key, actions: list[Action]) -> None:
+        output = self.outputs.pop(key)
+        self.unread.pop(key, None)  # (a table has no readers to count)
+        pinned = key in self.pinned
+        self.pinned.discard(key)
+        if output.tier != "ram":  # the node tier keeps its copies for the run
+            return
+        if pinned or output.node in self.keep:  # someone else maps it: a stage's cache,
+            self.budget.give(output.nbytes)    # a node-tier copy, a reader of what runs
+            actions.append(Delete(output.path, held=True))  # once (undone by a recompute)
+        else:
+            pooled = self.budget.recycle(output.nbytes)  # its pages, for a later output
+            actions.append(Delete(output.path) if pooled is None
+                           else Recycle(output.path, pooled))
+
+    def maybe_ready(self, node: str, key: int) -> None:
+        if key in self.done[node] or key in self.ready[node] or key not in self.keys(node):
+            return
+        if any(a.batch == key for a in self.agents[node].values()):
+            return  # in flight
+        if all(self._has(node, name, k) for name in self.graph.inputs[node]
+               for k in self.plan.reads(node, name, key)):
+            self.ready[node].append(key)
+            self.ready[node].sort()
+
+    def _has(self, node: str, name: str, key: int) -> bool:
+        """Is input `name`'s output for `key` there for `node`? A reduce does not take a
+        batch made partly by a replaced version (stale), which is to be done again."""
+        if key not in self.done[name]:
+            return False
+        return not (key in self.line.stale and self.graph.domain[name] == BATCH and
+                    self.graph.reads_all(node, name))
+
+    def fail(self, error: PodpipeError, actions: list[Action]) -> None:
+        self.outcome = Failed(error)
+        actions.append(self.outcome)

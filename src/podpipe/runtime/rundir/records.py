@@ -1,0 +1,71 @@
+"""The run's records of when things happened: `tasks.jsonl` and `samples.jsonl`.
+
+Typed and versioned (`schemaVersion`), defined here once: the conductor's timeline
+writes them, `podpipe report` reads them back through the same types. Both files
+are appended to and never rewritten; a resumed run appends its own, from its own
+start. A line that does not decode (one being written as the run was read) is
+skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+TASKS, SAMPLES = "tasks.jsonl", "samples.jsonl"
+SCHEMA_VERSION = 1
+
+
+class TaskRecord(msgspec.Struct, kw_only=True):
+    """A task, once it ended (times in seconds since the run started)."""
+
+    node: str
+    worker: int
+    batch: int
+    version: str | None
+    handed: float                # handed out
+    asked: float | None = None   # asked for RAM for its output
+    granted: float | None = None  # was granted it
+    bytes_in: int = 0
+    ended: float = 0.0
+    state: str = "unfinished"    # done, failed, denied (its RAM), lost (its process)
+    rows_in: int = 0
+    rows_out: int = 0
+    bytes_out: int = 0
+    schemaVersion: int = SCHEMA_VERSION
+
+
+class SampleRecord(msgspec.Struct, kw_only=True):
+    """The pod four times a second: RAM scratch in use, and the most it reached since
+    the previous sample (so that the highest sample is the run's peak), the budget,
+    the batches on the line, each node's queue and workers."""
+
+    t: float
+    scratch: int
+    peak: int
+    budget: int
+    on_line: int
+    queues: dict[str, int]
+    workers: dict[str, int]
+    schemaVersion: int = SCHEMA_VERSION
+
+
+R = TypeVar("R", TaskRecord, SampleRecord)
+
+
+def read(path: Path, kind: type[R]) -> list[R]:
+    """Every whole record of `kind` in the file at `path` (none if it is not there)."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    decoder = msgspec.json.Decoder(kind)
+    found = []
+    for line in text.splitlines():
+        try:
+            found.append(decoder.decode(line))
+        except msgspec.DecodeError:
+            continue
+    return found
