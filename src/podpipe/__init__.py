@@ -18,7 +18,7 @@ _API = ("run", "resume", "status", "validate", "Run", "StageFigures")
 __all__ = ["InputError", "PodpipeError", "RunError", "SpecError", "UsageError", *_API]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     # The API imports the runtime; a stage process (`python -m podpipe agent`) must not.
     if name in _API:
         from podpipe import api

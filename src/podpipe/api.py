@@ -32,7 +32,7 @@ from podpipe.runtime.rundir.status import StageStatus, Status
 if TYPE_CHECKING:
     import pyarrow as pa
 
-Spec = Union[str, "os.PathLike[str]", dict, Pipeline]
+Spec = Union[str, "os.PathLike[str]", dict[str, Any], Pipeline]
 
 
 # One node's figures in a run (a stage, the source, a reduce or a sink): batches
@@ -88,7 +88,7 @@ class Run:
             raise UsageError(f"sink {sink!r} holds no part files")
         return pa.concat_tables([pq.read_table(f) for f in files])
 
-    def _sink(self, name: str):
+    def _sink(self, name: str) -> specs.Sink:
         pipeline = specs.load(self.run_dir / "spec.yaml", self._overrides())
         for target in pipeline.sinks:
             if target.name == name:

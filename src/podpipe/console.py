@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich import box
 from rich.console import Console
@@ -27,7 +27,8 @@ class LiveProgress:
     scratch in use against the budget. Shown from the first status on (a run refused
     before it starts leaves the terminal as it was)."""
 
-    def __init__(self, console: Console, clock=time.monotonic) -> None:
+    def __init__(self, console: Console,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
         self.progress = Progress(
             TextColumn("{task.fields[name]:<12}"), BarColumn(),

@@ -141,7 +141,7 @@ def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[st
     return [config, service, statefulset, monitor]
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # (PyYAML has no type hints)
     """Plain YAML as people write it: no anchors, multi-line strings as blocks."""
 
     def ignore_aliases(self, data: Any) -> bool:
@@ -153,7 +153,8 @@ _Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
 
 
 def dump(manifests: list[dict[str, Any]]) -> str:
-    return yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False, width=100)
+    text: str = yaml.dump_all(manifests, Dumper=_Dumper, sort_keys=False, width=100)
+    return text
 
 
 def image_patch(manifests: list[dict[str, Any]], stage: str, image: str) -> list[dict[str, Any]]:

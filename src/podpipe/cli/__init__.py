@@ -10,9 +10,15 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING, Callable
 
 from podpipe.cli.arguments import parser
 from podpipe.errors import PodpipeError, StageError, UsageError, exit_code
+
+if TYPE_CHECKING:  # imported where used: `podpipe run` forks its fork server first thing
+    from rich.console import Console
+
+    from podpipe.runtime.rundir.status import Status
 
 
 
@@ -78,7 +84,7 @@ def entry() -> None:
     os._exit(code)
 
 
-def _run(args: argparse.Namespace, console) -> int:
+def _run(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import pod
 
     return _with_progress(console, args.quiet, lambda observer: pod.run(
@@ -87,7 +93,7 @@ def _run(args: argparse.Namespace, console) -> int:
         metrics=args.metrics_port, server=args.server))
 
 
-def _resume(args: argparse.Namespace, console) -> int:
+def _resume(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import pod, replicas, following as runs
 
     args.run_dir = str(runs.resolve(args.run_dir))
@@ -102,7 +108,7 @@ def _resume(args: argparse.Namespace, console) -> int:
                           lambda observer: pod.resume(args.run_dir, observer=observer))
 
 
-def _plan(args: argparse.Namespace, console) -> int:
+def _plan(args: argparse.Namespace, console: Console) -> int:
     from podpipe import console as terminal
     from podpipe.runtime.runs import pod
 
@@ -121,7 +127,8 @@ def _plan(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _with_progress(console, quiet: bool, start) -> int:
+def _with_progress(console: Console, quiet: bool,
+                   start: Callable[[Callable[[Status], None] | None], Status]) -> int:
     from podpipe import console as terminal
 
     if quiet:
@@ -151,7 +158,7 @@ def _with_progress(console, quiet: bool, start) -> int:
     return 0
 
 
-def _status(args: argparse.Namespace, console) -> int:
+def _status(args: argparse.Namespace, console: Console) -> int:
     from podpipe import console as terminal
     from podpipe.runtime.runs import following as runs
     from podpipe.runtime.rundir import status
@@ -176,7 +183,7 @@ def _status(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _stop(args: argparse.Namespace, console) -> int:
+def _stop(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import following as runs
 
     code, final = runs.stop(args.run_dir, args.timeout)
@@ -190,7 +197,7 @@ def _stop(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace, console) -> int:
+def _validate(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import pod
 
     pipeline = pod.validate(args.spec, args.set)
@@ -202,7 +209,7 @@ def _validate(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _render(args: argparse.Namespace, console) -> int:
+def _render(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
     from podpipe import render
@@ -236,7 +243,7 @@ def _render(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _conductor(args: argparse.Namespace, console) -> int:
+def _conductor(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import pod
 
     return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
@@ -244,7 +251,7 @@ def _conductor(args: argparse.Namespace, console) -> int:
                      replicas=args.replicas, metrics=args.metrics_port)
 
 
-def _swap(args: argparse.Namespace, console) -> int:
+def _swap(args: argparse.Namespace, console: Console) -> int:
     import shlex
 
     from podpipe.runtime.runs import control
@@ -268,7 +275,7 @@ def _swap(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _apply(args: argparse.Namespace, console) -> int:
+def _apply(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import control
     from podpipe.runtime.plumbing import protocol
 
@@ -308,7 +315,7 @@ def _swap_patch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait(args: argparse.Namespace, console) -> int:
+def _wait(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import following as runs
 
     code, final = runs.wait(args.run_dir, args.timeout)
@@ -317,7 +324,7 @@ def _wait(args: argparse.Namespace, console) -> int:
     return code
 
 
-def _runs(args: argparse.Namespace, console) -> int:
+def _runs(args: argparse.Namespace, console: Console) -> int:
     from podpipe import console as terminal
     from podpipe.runtime.runs import following as runs
 
@@ -331,7 +338,7 @@ def _runs(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _logs(args: argparse.Namespace, console) -> int:
+def _logs(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import following as runs
 
     for line in runs.logs(args.run_dir, args.stage, batch=args.batch, follow=args.follow):
@@ -341,7 +348,7 @@ def _logs(args: argparse.Namespace, console) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace, console) -> int:
+def _report(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
     from podpipe import report

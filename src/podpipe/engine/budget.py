@@ -18,7 +18,7 @@ from __future__ import annotations
 import mmap
 from collections import deque
 
-from podpipe.engine.events import Unpool
+from podpipe.engine.events import Action, Unpool
 
 POOL_FILES = 16  # warm files kept at most
 PAGE = mmap.PAGESIZE  # what a file takes of tmpfs, at the least
@@ -142,7 +142,7 @@ class Budget:
         size, chosen = min(holding) if holding else max((n, i) for i, n in self.pool.items())
         return chosen if want * WARM_USE >= size else None
 
-    def grant(self, want: int, actions: list) -> tuple[int | None, int] | None:
+    def grant(self, want: int, actions: list[Action]) -> tuple[int | None, int] | None:
         """Room for an output of `want` bytes, over a warm file if there is one (its
         bytes are counted already; a larger one is truncated only once the output is
         written, so the reservation is the larger of the two), pooled files given up
@@ -160,7 +160,7 @@ class Budget:
         self.take(need)
         return reuse, max(want, warm)
 
-    def trim(self, need: int, keep: int | None, actions: list) -> None:
+    def trim(self, need: int, keep: int | None, actions: list[Action]) -> None:
         """Give up pooled files (oldest first, not `keep`) until `need` more bytes fit."""
         for pooled in [i for i in self.pool if i != keep]:
             if self.fits(need):
@@ -168,7 +168,7 @@ class Budget:
             self.give(self.pool.pop(pooled))
             actions.append(Unpool(pooled))
 
-    def drain(self, actions: list) -> None:
+    def drain(self, actions: list[Action]) -> None:
         """The run is over: every pooled file goes."""
         for pooled in list(self.pool):
             self.give(self.pool.pop(pooled))

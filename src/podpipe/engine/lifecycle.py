@@ -20,7 +20,7 @@ MAX_BACKOFF = 5.0
 
 def backoff(attempt: int) -> float:
     """Seconds before the `attempt`-th restart: 0.1, 0.4, 1.6, ... up to 5."""
-    return min(0.1 * 4 ** (attempt - 1), MAX_BACKOFF)
+    return min(0.1 * 4.0 ** (attempt - 1), MAX_BACKOFF)
 
 
 def restart(run: Ledger, node: str, worker: int, agent: Agent, actions: list[Action],

@@ -38,7 +38,7 @@ class Reader:
                 return None
         return node.start_mark.line + 1 if node is not None else None
 
-    def mapping(self, path: str, value: Any, allowed: set[str], required: set[str]) -> dict:
+    def mapping(self, path: str, value: Any, allowed: set[str], required: set[str]) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(path, f"expected a mapping with fields {sorted(allowed)}, "
                                   f"got {kind(value)}")

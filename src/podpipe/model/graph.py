@@ -128,7 +128,8 @@ class Graph:
         return GLOBAL in self.domain.values()
 
 
-def _topological(inputs: dict[str, tuple[str, ...]], fail, pipeline: Pipeline) -> tuple[str, ...]:
+def _topological(inputs: dict[str, tuple[str, ...]], fail: Callable[[str, str], Exception],
+                pipeline: Pipeline) -> tuple[str, ...]:
     """Kahn's order, stable in spec order; a cycle is reported as a path."""
     declared = list(inputs)
     done: list[str] = []

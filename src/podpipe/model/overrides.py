@@ -57,7 +57,7 @@ def _child(node: Any, part: str) -> Any:
     return None
 
 
-def _index(items: list, part: str) -> int | None:
+def _index(items: list[Any], part: str) -> int | None:
     if part.isdigit():
         return int(part) if int(part) < len(items) else None
     return next((i for i, item in enumerate(items)

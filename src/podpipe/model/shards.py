@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from podpipe.errors import UsageError
+from podpipe.model.pipeline import Pipeline
 
 
 def shard_of(batch: int, shards: int) -> int:
@@ -94,7 +95,7 @@ class Placement:
         return self.replicas > 1 or self.shards > 1
 
 
-def check_handover(pipeline, replicas: int) -> None:
+def check_handover(pipeline: Pipeline, replicas: int) -> None:
     """A global reduce over several replicas needs a durable tier: the pods hand their
     shards' outputs to pod 0 through it."""
     from podpipe.model.graph import Graph

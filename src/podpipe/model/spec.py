@@ -26,6 +26,10 @@ from podpipe.model.sizes import parse_size
 
 API_VERSION = "podpipe/v1alpha1"
 KIND = "Pipeline"
+
+# The spec's records are defined in `model.pipeline`; parsing them is this module's.
+__all__ = ["API_VERSION", "KIND", "MAX_BATCH_ROWS", "SOURCE", "Call", "Checkpoints", "Pipeline", "Resources",
+           "Sink", "Source", "Stage", "Table", "load", "parse"]
 DEFAULT_MEMORY = "1GiB"
 DEFAULT_BATCH_ROWS = 500_000
 SOURCE_FORMATS = ("parquet", "csv", "arrow")
@@ -55,7 +59,8 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipel
     return parse(raw, file=str(path), overrides=overrides)
 
 
-def parse(raw: bytes | str, *, file: str = "spec", overrides=()) -> Pipeline:
+def parse(raw: bytes | str, *, file: str = "spec",
+          overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
     """Validate spec text; see `load`."""
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecError(f"is larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec is a short "

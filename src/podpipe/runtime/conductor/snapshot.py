@@ -44,7 +44,7 @@ class _Calls:
     retries: int = 0
     failures: int = 0
     in_flight_max: int = 0
-    latencies: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     now: dict[str, int] = field(default_factory=dict)  # agent -> requests in flight
 
     def add(self, calls: protocol.CallStats) -> None:

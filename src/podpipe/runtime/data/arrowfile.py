@@ -28,7 +28,8 @@ def ipc_size(table: pa.Table) -> int:
     mock = pa.MockOutputStream()
     with pa.ipc.new_file(mock, table.schema) as writer:
         writer.write_table(table)
-    return mock.size()
+    size: int = mock.size()
+    return size
 
 
 class _HashingFile:
@@ -172,7 +173,7 @@ class Watched:
 
     def __init__(self, mappings: Mappings, keep: bool = True) -> None:
         self.mappings, self.keep = mappings, keep
-        self.watches: list[tuple[str, tuple[int, int], weakref.ref]] = []
+        self.watches: list[tuple[str, tuple[int, int], weakref.ref[Any]]] = []
 
     def __call__(self, path: str) -> pa.Table:
         key, view = self.mappings.view(path, self.keep)

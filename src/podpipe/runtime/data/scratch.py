@@ -21,6 +21,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from podpipe.errors import UsageError
 from podpipe.runtime.plumbing import files
@@ -69,7 +70,7 @@ def private_dir(path: Path) -> bool:
             and not st.st_mode & 0o077)
 
 
-def _owner(path: Path) -> dict:
+def _owner(path: Path) -> dict[str, Any]:
     """The owner file of a scratch, read without following a link."""
     fd = os.open(path / OWNER, os.O_RDONLY | os.O_NOFOLLOW)
     with os.fdopen(fd) as f:

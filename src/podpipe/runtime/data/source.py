@@ -83,7 +83,7 @@ def plan(source: Source, field: str = "spec.source") -> list[SourceBatch]:
     return batches
 
 
-def _footer(fs, path: str, fmt: str, columns: tuple[str, ...] | None,
+def _footer(fs: fsspec.AbstractFileSystem, path: str, fmt: str, columns: tuple[str, ...] | None,
             ) -> tuple[list[int], pa.Schema, list[int]]:
     """Rows per row group (or record batch), the schema, and the bytes a load
     reads per row group (compressed, of the columns read; for Arrow files, the
@@ -107,7 +107,7 @@ def _footer(fs, path: str, fmt: str, columns: tuple[str, ...] | None,
     return rows, reader.schema, [size * r // max(1, sum(rows)) for r in rows]
 
 
-def _csv_rows(fs, path: str) -> int:
+def _csv_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
     """The rows of a CSV file (it has no footer: read it once, streaming)."""
     try:
         with fs.open(path, "rb") as f:

@@ -163,7 +163,8 @@ class Status(_Record, kw_only=True):
 
 def plain(status: Status) -> dict[str, Any]:
     """The status as plain data, as `podpipe status --json` prints it."""
-    return msgspec.to_builtins(status)
+    plain: dict[str, Any] = msgspec.to_builtins(status)
+    return plain
 
 
 def write(run_dir: Path, status: Status) -> None:

@@ -46,7 +46,7 @@ class _Where:
 class SpawnLauncher:
     def __init__(self, where: _Where) -> None:
         self.where = where
-        self.popens: dict[int, subprocess.Popen] = {}
+        self.popens: dict[int, subprocess.Popen[bytes]] = {}
         self.spawned: list[Process] = []  # asked for, not yet taken
 
     def early(self, name: str) -> None:

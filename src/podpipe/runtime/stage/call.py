@@ -45,7 +45,7 @@ class CallFailed(Exception):
 
 def expand(text: str, env: dict[str, str], where: str) -> str:
     """`$(NAME)` replaced by the environment's NAME (KeyError naming `where` if unset)."""
-    def value(match: re.Match) -> str:
+    def value(match: re.Match[str]) -> str:
         name = match.group(1)
         if name not in env:
             raise KeyError(f"{where}: $({name}) is not set in the stage's environment")
@@ -95,7 +95,7 @@ class Client:
             return pa.concat_tables(answers)
         return pa.Table.from_pylist([row for answer in answers for row in answer])
 
-    async def _batch(self, table: pa.Table, kept: Answers | None, figures: Figures) -> list:
+    async def _batch(self, table: pa.Table, kept: Answers | None, figures: Figures) -> list[Any]:
         import aiohttp
 
         if self.session is None:  # one per process: its connections are kept alive
@@ -196,7 +196,8 @@ class Client:
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, rows.schema) as writer:
             writer.write_table(rows)
-        return sink.getvalue().to_pybytes()
+        data: bytes = sink.getvalue().to_pybytes()
+        return data
 
     def decode(self, data: bytes, rows: int, index: int) -> Any:
         """The answer to request `index`, checked: as many rows as it was sent."""

@@ -48,7 +48,8 @@ class LoadSource(Work):
         self.source = source
         self.loader = source.Loader(pipeline.source)
 
-    def run(self, batch, inputs, task):
+    def run(self, batch: int, inputs: list[list[pa.Table]],
+            task: protocol.Task) -> pa.Table | Path | None:
         assert task.source is not None
         return self.loader.load(task.source)
 
@@ -59,7 +60,8 @@ class LoadTable(Work):
 
         self.tables, self.table = tables, pipeline.table(node)
 
-    def run(self, batch, inputs, task):
+    def run(self, batch: int, inputs: list[list[pa.Table]],
+            task: protocol.Task) -> pa.Table | Path | None:
         return self.tables.load(self.table)
 
 
@@ -81,7 +83,8 @@ class CallService(Work):
         self.durable = answers_store(pipeline, node)
         self.kept: Any = None
 
-    def run(self, batch, inputs, task):
+    def run(self, batch: int, inputs: list[list[pa.Table]],
+            task: protocol.Task) -> pa.Table | Path | None:
         if task.answers and (self.kept is None or str(self.kept.folder) != task.answers):
             self.kept = Answers(Path(task.answers), self.durable)
         return self.client.send(_concat(inputs[0]), self.kept if task.answers else None)
@@ -108,7 +111,8 @@ class CallFunction(Work):
             raise SpecError(f"{target!r} is not callable", file=file, field=field)
         self.source = getattr(imported, "__file__", None)  # what defines its version
 
-    def run(self, batch, inputs, task):
+    def run(self, batch: int, inputs: list[list[pa.Table]],
+            task: protocol.Task) -> pa.Table | Path | None:
         result = self.function(*[_concat(tables) for tables in inputs])
         if result is None:
             raise TypeError("returned None; expected a table")
@@ -119,7 +123,8 @@ class RunCommand(Work):
     def __init__(self, command: tuple[str, ...], node: str) -> None:
         self.command, self.node = list(command), node
 
-    def run(self, batch, inputs, task):
+    def run(self, batch: int, inputs: list[list[pa.Table]],
+            task: protocol.Task) -> pa.Table | Path | None:
         paths = [p for group in task.inputs for p in group]
         output = Path(task.output).with_suffix(".cmd")
         env = {**os.environ, ENV_INPUT: paths[0], ENV_INPUTS: ":".join(paths),
@@ -160,7 +165,8 @@ class WriteSink(Work):
 
         self.writer = sink.Writer(target)
 
-    def run(self, batch, inputs, task):
+    def run(self, batch: int, inputs: list[list[pa.Table]],
+            task: protocol.Task) -> pa.Table | Path | None:
         self.writer.write(_concat(inputs[0]), batch, task.versions or {})
         return None
 
@@ -217,7 +223,8 @@ def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
     function's module (`src-…`), or the command, image and env (`cmd-…`); a table's
     is a digest of its files (`tbl-…`)."""
     if isinstance(work, LoadTable):
-        return work.tables.version(work.table)
+        version: str = work.tables.version(work.table)
+        return version
     if node == SOURCE or node not in {s.name for s in pipeline.stages}:
         return "builtin"
     stage = pipeline.stage(node)

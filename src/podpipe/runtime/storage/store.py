@@ -81,7 +81,8 @@ class FsspecStore:
 
     def read(self, key: str) -> bytes | None:
         try:
-            return self._call(self._fs.cat_file, self._path(key), reading=True)
+            data: bytes | None = self._call(self._fs.cat_file, self._path(key), reading=True)
+            return data
         except FileNotFoundError:
             return None
 

@@ -38,8 +38,9 @@ def path_for(run_dir: Path, node: str, batch: int) -> Path:
 class NodeTier:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.made: queue.SimpleQueue = queue.SimpleQueue()  # copies done, to journal
+        # (a descriptor of the output, its copy to be), None to stop
+        self.queue: queue.SimpleQueue[tuple[int, Output] | None] = queue.SimpleQueue()
+        self.made: queue.SimpleQueue[Output] = queue.SimpleQueue()  # copies done, to journal
         self.errors: list[str] = []
         self.thread = threading.Thread(target=self._work, name="node-tier", daemon=True)
         self.thread.start()
