@@ -309,3 +309,32 @@ def test_the_bundled_example_quotes_every_june_line_through_its_service(lineitem
     expected = pc.sum(service.quote(june)["quote"]).as_py()
     assert read_sink(tmp_path / "out").to_pylist() == [{"quotes": june.num_rows,
                                                           "total": expected}]
+
+
+def test_two_replicas_of_a_call_stage_show_one_status_with_percentiles_never_added(
+        tmp_path, stub):
+    """The status of a multi-replica run merges its pods' field by field: counts add
+    up, the most in flight is one process's, and latency percentiles are the larger
+    of the pods' (an upper bound), never their sum; read while the pods run (one may
+    have no latency yet) and after."""
+    service = stub("--latency", "0.05")
+    _spec(tmp_path, service.url, shards=2)
+    run = _start(tmp_path, "--replicas", "2")
+    _answered_at_least(service, run, 10)
+    live = podpipe("status", "run", "--json", cwd=tmp_path)
+    assert live.returncode == 0, live.stderr  # (a pod without latency beside one with it)
+    assert json.loads(live.stdout)["stages"]["ask"]["kind"] == "call"
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, out + err
+    final = json.loads(podpipe("status", "run", "--json", cwd=tmp_path).stdout)
+    pods = [run_status(tmp_path / "run" / "pods" / str(i))["stages"]["ask"]["calls"]
+            for i in (0, 1)]
+    calls = final["stages"]["ask"]["calls"]
+    assert all(p["requests"] > 0 for p in pods)  # both pods called the service
+    assert calls["requests"] == sum(p["requests"] for p in pods) == REQUESTS
+    for field in ("latency_p50", "latency_p99", "in_flight_max"):
+        assert calls[field] == max(p[field] for p in pods) < sum(p[field] for p in pods)
+    assert 1 <= final["stages"]["ask"]["workers_max"] <= max(
+        run_status(tmp_path / "run" / "pods" / str(i))["stages"]["ask"]["workers_max"]
+        for i in (0, 1))
+    _expected(tmp_path)
