@@ -33,7 +33,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, assert_never
 
 from podpipe.engine import events as ev
 from podpipe.engine.ledger import Progress
@@ -258,23 +258,27 @@ class Conductor:
     # -- what the engine decides -----------------------------------------------
 
     def _carry_out(self, action: ev.Action) -> None:
-        if isinstance(action, ev.Dispatch):
-            self._dispatch(action)
-        elif self.scratch_work.carry_out(action):
-            pass  # a grant or denial, a file deleted, pooled or given up, a spill
-        elif isinstance(action, ev.Keep):
-            self.checkpoints.keep(action.output)
-        elif self.crew.carry_out(action):
-            pass  # a process restarted, killed, replaced, stopped, held, added, taken back
-        elif isinstance(action, ev.Forget):
-            self.checkpoints.forget(action.node, action.key)
-        elif isinstance(action, ev.Finished):
-            self._end("succeeded", None)
-        elif isinstance(action, ev.Failed):
-            error = action.error
-            if isinstance(error, StageError) and self.processes.log(error.stage):
-                error.args = (f"{error.args[0]} (log: {self.processes.log(error.stage)})",)
-            self._end("failed", error)
+        match action:
+            case ev.Dispatch():
+                self._dispatch(action)
+            case ev.Grant() | ev.Deny() | ev.Delete() | ev.Recycle() | ev.Unpool() | ev.Spill():
+                self.scratch_work.carry_out(action)  # RAM granted, denied, freed, spilled
+            case ev.Keep():
+                self.checkpoints.keep(action.output)
+            case (ev.Restart() | ev.Kill() | ev.Replace() | ev.Stop() | ev.Hold() | ev.AddWorker()
+                  | ev.RemoveWorker()):
+                self.crew.carry_out(action)  # a process restarted, killed, replaced, ...
+            case ev.Forget():
+                self.checkpoints.forget(action.node, action.key)
+            case ev.Finished():
+                self._end("succeeded", None)
+            case ev.Failed():
+                error = action.error
+                if isinstance(error, StageError) and self.processes.log(error.stage):
+                    error.args = (f"{error.args[0]} (log: {self.processes.log(error.stage)})",)
+                self._end("failed", error)
+            case _:
+                assert_never(action)
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+from typing import assert_never
+
 from podpipe.engine import events as ev
+
+ProcessAction = (ev.Restart | ev.Kill | ev.Replace | ev.Stop | ev.Hold | ev.AddWorker |
+                 ev.RemoveWorker)
 from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.conductor.agents import Agents
 from podpipe.runtime.conductor.processes import Processes
@@ -26,42 +31,42 @@ class Crew:
         self.processes, self.agents, self.loop, self.swaps = processes, agents, loop, swaps
         self._log = log
 
-    def carry_out(self, action: ev.Action) -> bool:
-        """Carry out `action` if it is about a process; whether it was."""
-        if isinstance(action, ev.Restart):
-            self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
-                      f"in {action.delay:.1f} s")
-            if self.processes.local:  # containers: the kubelet restarts them
-                self.loop.call_later(action.delay, agent_name(action.node, action.worker))
-        elif isinstance(action, ev.Kill):
-            name = agent_name(action.node, action.worker)
-            self._log(f"stage {name!r} took longer than its timeout: killed")
-            if self.processes.local:
-                self.retire(name, kill=True)
-            else:  # a container: its connection closes, it exits, the kubelet restarts it
-                self.agents.drop(name)
-        elif isinstance(action, ev.Replace):
-            name = agent_name(action.node, action.worker)
-            self.retire(name, kill=action.kill)
-            self.processes.start(name, self.swaps.replacing(action.node))
-        elif isinstance(action, ev.Stop):
-            for name in self.processes.of(action.node) or [action.node]:
+    def carry_out(self, action: ProcessAction) -> None:
+        """Carry out `action`, one about a process."""
+        match action:
+            case ev.Restart():
+                self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
+                          f"in {action.delay:.1f} s")
+                if self.processes.local:  # containers: the kubelet restarts them
+                    self.loop.call_later(action.delay, agent_name(action.node, action.worker))
+            case ev.Kill():
+                name = agent_name(action.node, action.worker)
+                self._log(f"stage {name!r} took longer than its timeout: killed")
+                if self.processes.local:
+                    self.retire(name, kill=True)
+                else:  # a container: its connection closes, it exits, the kubelet restarts it
+                    self.agents.drop(name)
+            case ev.Replace():
+                name = agent_name(action.node, action.worker)
                 self.retire(name, kill=action.kill)
-        elif isinstance(action, ev.Hold):
-            self._log(f"stage {action.node!r} held: the new version failed: {action.message}")
-            for name in self.processes.of(action.node) or [action.node]:
-                self.retire(name, kill=False)
-            self.swaps.held(action.node, action.message)
-        elif isinstance(action, ev.AddWorker):
-            self._log(f"stage {action.node!r} gets worker {action.worker}")
-            self.processes.begin(agent_name(action.node, action.worker),  # not waited for
-                                 self.swaps.overrides.get(action.node, []))
-        elif isinstance(action, ev.RemoveWorker):
-            self._log(f"stage {action.node!r} gives back worker {action.worker}")
-            self.retire(agent_name(action.node, action.worker), kill=False)
-        else:
-            return False
-        return True
+                self.processes.start(name, self.swaps.replacing(action.node))
+            case ev.Stop():
+                for name in self.processes.of(action.node) or [action.node]:
+                    self.retire(name, kill=action.kill)
+            case ev.Hold():
+                self._log(f"stage {action.node!r} held: the new version failed: {action.message}")
+                for name in self.processes.of(action.node) or [action.node]:
+                    self.retire(name, kill=False)
+                self.swaps.held(action.node, action.message)
+            case ev.AddWorker():
+                self._log(f"stage {action.node!r} gets worker {action.worker}")
+                self.processes.begin(agent_name(action.node, action.worker),  # not waited for
+                                     self.swaps.overrides.get(action.node, []))
+            case ev.RemoveWorker():
+                self._log(f"stage {action.node!r} gives back worker {action.worker}")
+                self.retire(agent_name(action.node, action.worker), kill=False)
+            case _:
+                assert_never(action)
 
     def retire(self, name: str, *, kill: bool) -> None:
         """Stop the agent `name`'s process for good: told to stop when it can hear it,

@@ -13,7 +13,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from typing import assert_never
+
 from podpipe.engine import events as ev
+
+ScratchAction = ev.Grant | ev.Deny | ev.Delete | ev.Recycle | ev.Unpool | ev.Spill
 from podpipe.runtime.plumbing import files, protocol
 from podpipe.runtime.storage import tiers
 from podpipe.runtime.conductor.agents import Agents
@@ -28,31 +32,31 @@ class ScratchWork:
         self.scratch, self.run_dir, self.agents, self.timeline = scratch, run_dir, agents, timeline
         self.is_table, self._log = is_table, log
 
-    def carry_out(self, action: ev.Action) -> bool:
-        """Carry out `action` if it is about RAM scratch; whether it was."""
-        if isinstance(action, ev.Grant):
-            reuse = None if action.reuse is None else str(self.scratch.pool_path(action.reuse))
-            self.agents.send(agent_name(action.node, action.worker), protocol.Grant(reuse=reuse))
-            self.timeline.granted(agent_name(action.node, action.worker))
-        elif isinstance(action, ev.Deny):
-            self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
-            self.timeline.ended(agent_name(action.node, action.worker), "denied")
-        elif isinstance(action, ev.Delete) and action.held:
-            Path(action.path).unlink(missing_ok=True)  # its pages go when the holder lets go
-        elif isinstance(action, ev.Delete):
-            discard(action.path)
-        elif isinstance(action, ev.Recycle):
-            try:
-                os.rename(action.path, self.scratch.pool_path(action.pooled))
-            except FileNotFoundError:
-                pass  # (a grant of it then finds no file: the output is written anew)
-        elif isinstance(action, ev.Unpool):
-            discard(self.scratch.pool_path(action.pooled))
-        elif isinstance(action, ev.Spill):
-            self._spill(action)
-        else:
-            return False
-        return True
+    def carry_out(self, action: ScratchAction) -> None:
+        """Carry out `action`, one about RAM scratch."""
+        match action:
+            case ev.Grant():
+                reuse = None if action.reuse is None else str(self.scratch.pool_path(action.reuse))
+                self.agents.send(agent_name(action.node, action.worker), protocol.Grant(reuse=reuse))
+                self.timeline.granted(agent_name(action.node, action.worker))
+            case ev.Deny():
+                self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
+                self.timeline.ended(agent_name(action.node, action.worker), "denied")
+            case ev.Delete() if action.held:
+                Path(action.path).unlink(missing_ok=True)  # its pages go when the holder lets go
+            case ev.Delete():
+                discard(action.path)
+            case ev.Recycle():
+                try:
+                    os.rename(action.path, self.scratch.pool_path(action.pooled))
+                except FileNotFoundError:
+                    pass  # (a grant of it then finds no file: the output is written anew)
+            case ev.Unpool():
+                discard(self.scratch.pool_path(action.pooled))
+            case ev.Spill():
+                self._spill(action)
+            case _:
+                assert_never(action)
 
     def _spill(self, action: ev.Spill) -> None:
         path = tiers.path_for(self.run_dir, action.node, action.batch)
