@@ -1,4 +1,4 @@
-"""The ledger: the run's data, and the only code that changes it.
+"""The ledger: the run's data and its primitive operations.
 
 Everything the engine knows of a run lives here: the keys each node runs (`plan`),
 the RAM budget, the outputs on hand and who has still to read them, what each node
@@ -6,9 +6,10 @@ has done and has ready, each node's processes (`agents`) and their restarts, the
 source batches on and off the line (`line`), and the outcome. The operations here
 are the primitives the policies build on (delete an output once read, mark a task
 ready once its inputs are there, a batch one task closer to leaving the line, fail
-the run); the policies (`grants`, `jam`, `lifecycle`, `rework`, `workers`) read the
-ledger and act through these and the plain records it holds, and `state.RunState`
-routes each event to them. Views (the status, the timeline) read `progress()`, a
+the run); the policies (`grants`, `jam`, `lifecycle`, `rework`, `workers`) import
+it (never the state machine) and act through these and, still, the plain records it
+holds (`done`, `ready`, `agents`, `line`), and `state.RunState` routes each event to
+them. Views (the status, the timeline) read `progress()`, a
 frozen record, never the ledger itself.
 """
 

@@ -4,26 +4,24 @@ The conductor turns what happens (an agent connects, a task finishes, a process
 exits) into events, feeds them to `RunState.handle` one at a time, and carries out
 the actions it returns (hand a task to an agent, grant RAM, delete a file, copy an
 output to the node tier, replace a process, finish, fail). All the decisions of a
-run live in this package, so they can be tested without processes:
+run live in this package, so they can be tested without processes. `RunState` is
+the run's ledger (`ledger.py`: its data and primitive operations) with the one
+dispatcher: `handle` routes each event (one `match`) and then asks the policies,
+in order, what follows:
 
-- readiness (here): a per-batch task is ready once every input has that batch; a
-  reduce task once every input has all the batches of its shard (a global reduce:
-  every shard's output, some made by other pods and imported); a table is loaded
-  first, beside the first source batches (while the tables load, the line keeps
-  their share of the budget free), and stays for the run;
+- readiness and lifetime (`ledger.py`): a per-batch task is ready once every input
+  has that batch; a reduce task once every input has all the batches of its shard
+  (a global reduce: every shard's output, some made by other pods and imported); an
+  output is deleted as soon as every node that reads it has read it; what a resume
+  would need is kept on the node tier (`Keep`);
 - keys (`keys.py`): which batches, shards and global keys this pod runs;
-- the RAM budget (`budget.py`): bytes, backpressure; who gets them when
-  (`grants.py`, RAM granted with a task among them); when the line jams
-  (`jam.py`), giving up its newest batch, else spilling to the node tier;
-- lifetime (here): an output is deleted as soon as every node that reads it has
-  read it; what a resume would need is kept on the node tier (`Keep`);
-- restarts of dead processes with backoff, swaps, holds (`lifecycle.py`), and the
-  state a resumed run starts from
-  (`restored`);
-- swaps (here): a stage with a swap coming gets no new task and is replaced
-  (`Replace`) once between batches; a swapped-in version that fails is *held*
-  (`Hold`): it takes no task until swapped again, and the run waits;
-- rework (`rework.py`): a recompute or an apply undoes what no longer stands.
+- the RAM budget (`budget.py`): bytes, backpressure; who gets them and which task
+  goes where when (`grants.py`); when the line jams (`jam.py`), giving up its
+  newest batch, else spilling to the node tier;
+- restarts of dead processes with backoff, swaps between batches, holds of a
+  swapped-in version that fails (`lifecycle.py`);
+- workers per node (`workers.py`); rework (`rework.py`): a recompute or an apply
+  undoes what no longer stands; the state a resumed run starts from (`resume.py`).
 """
 
 from __future__ import annotations
