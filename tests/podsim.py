@@ -131,7 +131,7 @@ class Pod:
             elif isinstance(action, S.Recycle):
                 # never a file the node tier is copying (it reads the same pages), nor
                 # one a task still reads (the next output is written over it)
-                assert action.path.rpartition("/")[0] not in self.state.keep, action
+                assert action.path.rpartition("/")[0] not in self.state.ledger.keep, action
                 assert not self.reading(action.path), action
                 self.pool[action.pooled] = self.live.pop(action.path)
             elif isinstance(action, S.Unpool):  # pooled, or held by a task taken away
@@ -168,7 +168,7 @@ class Pod:
                    for group in task.inputs for o in group)
 
     def hello(self, node: str) -> None:
-        for worker in sorted(self.state.agents[node]):
+        for worker in sorted(self.state.ledger.agents[node]):
             self.apply(self.state.handle(S.AgentReady(node, worker)))
 
     def run(self, imports: list[S.Imported] = ()) -> S.Action:
@@ -191,7 +191,7 @@ class Pod:
                     break
             waiting_for_grant = {a for a in self.tasks
                                  if a[0] not in self.graph.sinks and a not in self.granted
-                                 and self.state.agents[a[0]][a[1]].status == WAITING}
+                                 and self.state.ledger.agents[a[0]][a[1]].status == WAITING}
             movable = [a for a in self.tasks if a not in waiting_for_grant]
             movable += sorted(self.restarting)
             assert movable, "hung: no agent can move and the run neither ended nor failed"
@@ -237,5 +237,5 @@ class Pod:
                 self.processed.append((node, task.batch))
                 self.apply(self.state.handle(S.TaskDone(
                     node, task.batch, out(path, nbytes, tier=tier), worker)))
-            assert self.state.budget.usage <= self.state.budget.limit
+            assert self.state.ledger.budget.usage <= self.state.ledger.budget.limit
         return self.outcome

@@ -44,7 +44,7 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
         return sizes[zlib.crc32(f"{node}/{batch}".encode()) % len(sizes)]
 
     graph = Graph.of(pipeline)
-    everything = sum(size(n, b) for n in graph.order for b in RunState(graph, batches, 1).keys(n))
+    everything = sum(size(n, b) for n in graph.order for b in RunState(graph, batches, 1).ledger.keys(n))
     budget = max(sizes) * 6 if tight else everything
     pod = Pod(pipeline, batches, budget, size, random.Random(seed), crashes, workers)
     outcome = pod.run()
@@ -54,7 +54,7 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
     if isinstance(outcome, S.Failed):
         assert isinstance(outcome.error, BudgetError)
         return
-    expected = sorted((n, b) for n in graph.order for b in pod.state.keys(n))
+    expected = sorted((n, b) for n in graph.order for b in pod.state.ledger.keys(n))
     if tight or crashes:  # a batch given up for lack of RAM runs again
         assert sorted(set(pod.processed)) == expected
     else:
@@ -62,14 +62,14 @@ def test_any_order_finishes_each_task_once_within_budget(pipeline, batches, seed
     tables = {path: n for path, n in pod.live.items() if path.split("/")[0] in graph.tables}
     assert pod.live == tables and pod.pool == {} and pod.held == {}, \
         "outputs left in scratch after the run"
-    assert pod.state.budget.usage == sum(tables.values())  # tables stay for the whole run
+    assert pod.state.ledger.budget.usage == sum(tables.values())  # tables stay for the whole run
 
 
 def test_the_line_overlaps_batches_once_their_footprint_is_known():
     pod = Pod(CHAIN, 10, budget=10_000, size=lambda n, b: 10, rng=random.Random(1))
     assert isinstance(pod.run(), S.Finished)
-    assert pod.state.budget.footprint == 30  # source + a + b, per batch
-    assert pod.state.budget.peak > 30        # more than one batch was on the line at once
+    assert pod.state.ledger.budget.footprint == 30  # source + a + b, per batch
+    assert pod.state.ledger.budget.peak > 30        # more than one batch was on the line at once
 
 
 def test_the_second_batch_enters_as_soon_as_the_first_is_loaded():
@@ -165,11 +165,11 @@ def test_a_stage_that_has_not_connected_yet_is_waited_for_not_given_up_on():
             task = files.pop(node, None)
             if task is not None:
                 step(S.SpaceRequested(node, task.batch, sizes[node]))
-                if run.agents[node][0].status == agents.RUNNING:
+                if run.ledger.agents[node][0].status == agents.RUNNING:
                     step(S.TaskDone(node, task.batch,
                                     out(f"{node}/{task.batch}", sizes[node])))
-    assert run.agents["a"][0].status == WAITING
-    assert run.outcome is None
+    assert run.ledger.agents["a"][0].status == WAITING
+    assert run.ledger.outcome is None
     step(S.AgentReady("b"))
     assert files["b"].batch == 0
 
@@ -185,12 +185,12 @@ def test_a_process_killed_mid_batch_is_restarted_and_only_its_batch_is_redone():
     assert run.handle(S.AgentExited("a", -9)) == [S.Restart("a", 1, 0.1)]
     # the source output stays; a's reservation is released (the source's next task came
     # with RAM for an output like its first)
-    assert run.agents["source"][0].reserved == 10 and run.budget.usage == 10 + 10
+    assert run.ledger.agents["source"][0].reserved == 10 and run.ledger.budget.usage == 10 + 10
     actions = run.handle(S.AgentReady("a"))
     assert actions == [S.Dispatch("a", 0, ((out("source/0", 10),),))]
     run.handle(S.SpaceRequested("a", 0, 10))
-    assert run.handle(S.AgentExited("a", -9)) == [S.Failed(run.outcome.error)]
-    assert str(run.outcome.error) == ("stage 'a', batch 0: its process exited (code -9) "
+    assert run.handle(S.AgentExited("a", -9)) == [S.Failed(run.ledger.outcome.error)]
+    assert str(run.ledger.outcome.error) == ("stage 'a', batch 0: its process exited (code -9) "
                                       "before finishing the batch, after 1 restarts")
 
 
@@ -202,7 +202,7 @@ def test_reduce_inputs_beyond_the_budget_spill_to_the_node_tier_and_the_run_fini
                          [{"input": "r", "uri": "out/"}])
     pod = Pod(pipeline, 10, budget=100, size=lambda n, b: 30, rng=random.Random(3))
     assert isinstance(pod.run(), S.Finished)
-    assert pod.state.budget.spills >= 6
+    assert pod.state.ledger.budget.spills >= 6
     assert pod.max_live <= 100
 
 
@@ -219,14 +219,14 @@ def test_pods_that_share_the_shards_do_every_task_once_and_the_lowest_runs_the_g
     rng = random.Random(seed)
     graph = Graph.of(SHARDED)
     one = RunState(graph, batches, 10**9, shards=shards)
-    expected = sorted((n, k) for n in graph.order for k in one.keys(n))
+    expected = sorted((n, k) for n in graph.order for k in one.ledger.keys(n))
     processed: list[tuple[str, int]] = []
     handed_over: list[S.Imported] = []
     for index in reversed(range(replicas)):  # the others first: pod 0 waits for them
         pod = Pod(SHARDED, batches, 10**9, lambda n, b: 1, rng, shards=shards,
                   owned=sharding.owned(shards, replicas, index), global_here=index == 0)
         if index == 0:
-            assert pod.state.waiting_for() == sorted({e.shard for e in handed_over})
+            assert pod.state.ledger.waiting_for() == sorted({e.shard for e in handed_over})
         assert isinstance(pod.run(handed_over if index == 0 else []), S.Finished)
         processed += pod.processed
         handed_over += [S.Imported("r", k, out(f"r/{k}", 1, tier="node"))
@@ -242,11 +242,11 @@ def test_a_swap_now_requeues_the_in_flight_batch_without_counting_a_restart():
         run.handle(S.AgentReady(node))
     run.handle(S.SpaceRequested("source", 0, 10))
     run.handle(S.TaskDone("source", 0, out("s0", 10)))
-    assert run.agents["a"][0].status == agents.RUNNING and run.agents["a"][0].batch == 0
+    assert run.ledger.agents["a"][0].status == agents.RUNNING and run.ledger.agents["a"][0].batch == 0
     # no restart, no failure: the busy process is killed and its batch requeued
     assert run.handle(S.SwapRequested("a", now=True)) == [S.Replace("a", kill=True)]
-    assert run.agents["a"][0].status == ABSENT and run.ready["a"] == [0]
-    assert run.restarts["a"] == 0
+    assert run.ledger.agents["a"][0].status == ABSENT and run.ledger.ready["a"] == [0]
+    assert run.ledger.restarts["a"] == 0
     actions = run.handle(S.AgentReady("a"))  # the new version says hello
     assert S.Dispatch("a", 0, ((out("s0", 10),),)) in actions
 
@@ -267,10 +267,10 @@ def test_a_broken_version_holds_its_stage_and_the_run_waits_instead_of_failing(f
     actions = run.handle(failure)
     assert not any(isinstance(a, (S.Failed, S.Spill, S.Restart)) for a in actions)
     assert [a for a in actions if isinstance(a, S.Hold)][0].node == "a"
-    assert run.held("a") and run.ready["a"] == [0] and run.outcome is None
-    assert not jam.stuck(run)  # someone may come back: nothing is given up or spilled
+    assert run.ledger.held("a") and run.ledger.ready["a"] == [0] and run.ledger.outcome is None
+    assert not jam.stuck(run.ledger)  # someone may come back: nothing is given up or spilled
     assert run.handle(S.SwapRequested("a")) == [S.Replace("a", kill=False)]  # swapped back
-    assert run.held("a") is None
+    assert run.ledger.held("a") is None
     actions = run.handle(S.AgentReady("a"))
     assert any(isinstance(a, S.Dispatch) and a.node == "a" and a.batch == 0 for a in actions)
 
@@ -289,7 +289,7 @@ def test_a_stage_with_a_swap_coming_gets_no_new_task_and_is_replaced_between_bat
     for batch in (0, 1):
         run.handle(S.SpaceRequested("source", batch, 10))
         run.handle(S.TaskDone("source", batch, out(f"s{batch}", 10)))
-    assert run.agents["a"][0].status == agents.RUNNING and run.ready["a"] == [1]
+    assert run.ledger.agents["a"][0].status == agents.RUNNING and run.ledger.ready["a"] == [1]
     assert run.handle(S.SwapRequested("a")) == []  # busy: not yet
     run.handle(S.SpaceRequested("a", 0, 10))
     actions = run.handle(S.TaskDone("a", 0, out("a0", 10)))
@@ -314,14 +314,14 @@ def test_a_recompute_redoes_what_the_stage_had_done_and_everything_after_it(
 
     def handle(event):
         if isinstance(event, S.Recompute):
-            marker["before"] = {n: set(pod.state.done[n]) for n in graph.order}
+            marker["before"] = {n: set(pod.state.ledger.done[n]) for n in graph.order}
             marker["processed"] = len(pod.processed)
         return original(event)
 
     pod.state.handle = handle
     pod.inject = (at, S.Recompute(node))
     assert isinstance(pod.run(), S.Finished)
-    assert pod.live == {} and pod.state.budget.usage == 0
+    assert pod.live == {} and pod.state.ledger.budget.usage == 0
     if "before" not in marker:
         return  # the run ended before the recompute came
     after = pod.processed[marker["processed"]:]
@@ -331,7 +331,7 @@ def test_a_recompute_redoes_what_the_stage_had_done_and_everything_after_it(
             (marker["before"][n] if graph.domain[n] != "batch" else set())
         for key in redone:
             assert (n, key) in after, (n, key, "not done again")
-    assert all(k in pod.state.done[n] for n in graph.order for k in pod.state.keys(n))
+    assert all(k in pod.state.ledger.done[n] for n in graph.order for k in pod.state.ledger.keys(n))
 
 
 def _upstream(graph, node):
@@ -351,14 +351,14 @@ def test_a_recompute_after_the_reduce_ran_makes_its_inputs_again_from_the_source
     (recomputing what follows it reuses its output while that is still there)."""
     pod = Pod(DIAMOND, 4, 10**6, lambda n, b: 1, random.Random(3))
     state = pod.state
-    fired = _recompute_when(pod, node, lambda: 0 in state.done["r"] and not state.finished)
+    fired = _recompute_when(pod, node, lambda: 0 in state.ledger.done["r"] and not state.ledger.finished)
     assert isinstance(pod.run(), S.Finished)
     assert fired, "the reduce never ran before the end"
     after = pod.processed[fired["at"]:]
     assert ("after", 0) in after and (node == "after" or ("r", 0) in after)
     if node == "d":
         assert sorted(b for n, b in after if n == "source") == [0, 1, 2, 3]
-    assert pod.live == {} and state.budget.usage == 0
+    assert pod.live == {} and state.ledger.budget.usage == 0
 
 
 def test_an_output_a_task_still_reads_is_deleted_but_not_emptied_under_it():
@@ -367,11 +367,11 @@ def test_an_output_a_task_still_reads_is_deleted_but_not_emptied_under_it():
     pod = Pod(DIAMOND, 4, 10**6, lambda n, b: 1, random.Random(3))
     state = pod.state
     fired = _recompute_when(pod, "r",
-                            lambda: any(a.busy for a in state.agents["after"].values()))
+                            lambda: any(a.busy for a in state.ledger.agents["after"].values()))
     assert isinstance(pod.run(), S.Finished)
     assert [a for a in fired["actions"] if isinstance(a, S.Delete) and a.path == "r/0"] \
         == [S.Delete(path="r/0", held=True)]
-    assert pod.live == {} and state.budget.usage == 0
+    assert pod.live == {} and state.ledger.budget.usage == 0
 
 
 def _recompute_when(pod: Pod, node: str, condition) -> dict:
@@ -437,14 +437,14 @@ def test_a_reshaped_line_runs_every_key_of_its_added_nodes_and_drops_the_removed
     pod.inject = (at, S.Reshaped(Graph.of(new), {}))
     outcome = pod.run()
     assert isinstance(outcome, S.Finished), outcome
-    assert pod.live == {} and pod.state.budget.usage == 0
+    assert pod.live == {} and pod.state.ledger.budget.usage == 0
     graph = Graph.of(new)
     if pod.steps < at:
         return  # the run ended before the change came
     for node in graph.order:
-        assert pod.state.keys(node) <= pod.state.done[node], node
+        assert pod.state.ledger.keys(node) <= pod.state.ledger.done[node], node
         if node not in Graph.of(CHAIN).order:
-            assert {b for n, b in pod.processed if n == node} == pod.state.keys(node)
+            assert {b for n, b in pod.processed if n == node} == pod.state.ledger.keys(node)
 
 
 # -- workers ---------------------------------------------------------------------
@@ -452,8 +452,8 @@ def test_a_reshaped_line_runs_every_key_of_its_added_nodes_and_drops_the_removed
 
 def _ready_run(workers: dict, batches: int = 6, cpus: float = 2.0) -> RunState:
     run = RunState(Graph.of(CHAIN), batches, 10**6, workers=workers, cpus=cpus)
-    for node in run.graph.order:
-        for worker in sorted(run.agents[node]):
+    for node in run.ledger.graph.order:
+        for worker in sorted(run.ledger.agents[node]):
             run.handle(S.AgentReady(node, worker))
     return run
 
@@ -461,18 +461,18 @@ def _ready_run(workers: dict, batches: int = 6, cpus: float = 2.0) -> RunState:
 def test_each_worker_of_a_node_takes_its_own_batch():
     run = _ready_run({"source": 1, "a": 3, "b": 1, "sink-0": 1})
     for batch in range(3):  # the source loads three batches
-        assert run.agents["source"][0].batch == batch
+        assert run.ledger.agents["source"][0].batch == batch
         run.handle(S.SpaceRequested("source", batch, 10))
         run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10)))
-    assert sorted(run.agents["a"]) == [0, 1, 2]
-    assert sorted(a.batch for a in run.agents["a"].values()) == [0, 1, 2]  # at once
+    assert sorted(run.ledger.agents["a"]) == [0, 1, 2]
+    assert sorted(a.batch for a in run.ledger.agents["a"].values()) == [0, 1, 2]  # at once
 
 
 def test_a_swap_replaces_every_worker_and_recomputes_once_the_last_is_gone():
     pod = Pod(CHAIN, 6, 10**6, lambda n, b: 1, random.Random(5), workers=3)
     pod.inject = (12, S.SwapRequested("a", recompute=True))
     assert isinstance(pod.run(), S.Finished)
-    assert pod.state.swapped == {"a"}
+    assert pod.state.ledger.swapped == {"a"}
     # every batch of `a` was (re)done by the new version after its last old worker went
     assert sorted({b for n, b in pod.processed if n == "a"}) == list(range(6))
 
@@ -484,24 +484,24 @@ def test_a_held_stage_holds_every_worker():
         run.handle(S.AgentReady("a", worker))  # the new version's processes
     actions = run.handle(S.AgentBroken("a", "cannot import", InputError("x"), 1))
     assert [a for a in actions if isinstance(a, S.Hold)] == [S.Hold("a", "cannot import")]
-    assert {a.status for a in run.agents["a"].values()} == {HELD}
+    assert {a.status for a in run.ledger.agents["a"].values()} == {HELD}
 
 
 def test_auto_gives_the_bottleneck_a_worker_when_a_core_is_free():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
-    run.ready["a"] = [5, 6, 7, 8]  # batches wait for `a`, whose one worker is busy
-    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
+    run.ledger.ready["a"] = [5, 6, 7, 8]  # batches wait for `a`, whose one worker is busy
+    run.ledger.agents["a"][0].status, run.ledger.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # a second of ticks: `a` uses a whole core, the rest little
         actions += run.handle(S.Tick({"source": 0.1, "a": 1.0, "b": 0.1}))
     assert S.AddWorker("a", 1) in actions
-    assert run.worker_count("a") == 2
+    assert run.ledger.worker_count("a") == 2
 
 
 def test_auto_gives_a_waiting_node_as_many_workers_as_it_has_batches_waiting():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
-    run.ready["a"] = [5, 6, 7, 8, 9]
-    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
+    run.ledger.ready["a"] = [5, 6, 7, 8, 9]
+    run.ledger.agents["a"][0].status, run.ledger.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # `a` mostly waits (I/O): little CPU per worker
         actions += run.handle(S.Tick({"a": 0.02}))
@@ -513,16 +513,16 @@ def test_auto_takes_no_node_that_sat_waiting_for_its_input_for_io_bound():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     for _ in range(3):  # `a` waits for its input: idle, no CPU
         run.handle(S.Tick({"b": 1.0}))
-    run.ready["a"] = [5, 6, 7, 8, 9]  # then a backlog: it has just started on batch 4
-    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
+    run.ledger.ready["a"] = [5, 6, 7, 8, 9]  # then a backlog: it has just started on batch 4
+    run.ledger.agents["a"][0].status, run.ledger.agents["a"][0].batch = agents.RUNNING, 4
     actions = run.handle(S.Tick({"a": 0.0, "b": 1.0}))
     assert not any(isinstance(a, S.AddWorker) for a in actions)
 
 
 def test_auto_counts_the_cores_every_process_of_the_pod_uses():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
-    run.ready["a"] = [5, 6, 7, 8]
-    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
+    run.ledger.ready["a"] = [5, 6, 7, 8]
+    run.ledger.agents["a"][0].status, run.ledger.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # `a` uses a core, and a process off the line (a table's load,
         actions += run.handle(S.Tick({"a": 1.0, "dim": 1.0}))  # say) the other
@@ -585,31 +585,31 @@ def test_after_a_worker_is_added_the_cores_are_judged_again_from_a_whole_tick():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.handle(S.Tick({"a": 1.0}))
     run.handle(S.Tick({"a": 1.0}))
-    assert run.pool.free() == pytest.approx(1.25)
-    workers.add(run, "b", 1, [])
+    assert run.ledger.pool.free() == pytest.approx(1.25)
+    assert workers.add(run.ledger, "b", 1) == [S.AddWorker("b", 1)]
     run.handle(S.Tick({"a": 1.0}))  # b's new worker ran for part of it
-    assert run.pool.free() == 0.0
+    assert run.ledger.pool.free() == 0.0
     run.handle(S.Tick({"a": 1.0, "b": 1.0}))
-    assert run.pool.free() == pytest.approx(0.25)
+    assert run.ledger.pool.free() == pytest.approx(0.25)
 
 
 def test_auto_takes_an_idle_worker_back_when_the_cores_are_taken():
     run = _ready_run({"source": None, "a": None, "b": None, "sink-0": None}, batches=20)
     run.handle(S.Tick({}))
-    run.agents["b"][1] = agents.Agent(status=agents.IDLE)  # b had a second worker
-    run.ready["a"] = [5, 6, 7]
-    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
+    run.ledger.agents["b"][1] = agents.Agent(status=agents.IDLE)  # b had a second worker
+    run.ledger.ready["a"] = [5, 6, 7]
+    run.ledger.agents["a"][0].status, run.ledger.agents["a"][0].batch = agents.RUNNING, 4
     actions = []
     for _ in range(4):  # both cores busy: `a` and the source
         actions += run.handle(S.Tick({"source": 1.0, "a": 1.0, "b": 0.01}))
-    assert S.RemoveWorker("b", 1) in actions and 1 not in run.agents["b"]
+    assert S.RemoveWorker("b", 1) in actions and 1 not in run.ledger.agents["b"]
     assert not any(isinstance(a, S.AddWorker) for a in actions)
 
 
 def test_fixed_workers_are_left_as_they_are():
     run = _ready_run({"source": 1, "a": 1, "b": 1, "sink-0": 1}, batches=20)
-    run.ready["a"] = [5, 6, 7]
-    run.agents["a"][0].status, run.agents["a"][0].batch = agents.RUNNING, 4
+    run.ledger.ready["a"] = [5, 6, 7]
+    run.ledger.agents["a"][0].status, run.ledger.agents["a"][0].batch = agents.RUNNING, 4
     actions = [a for _ in range(8) for a in run.handle(S.Tick({"a": 1.0}))]
     assert not any(isinstance(a, (S.AddWorker, S.RemoveWorker)) for a in actions)
 
@@ -637,9 +637,8 @@ def test_the_budget_counts_whole_pages_as_tmpfs_holds_them(monkeypatch):
     budget.take(100)
     warm = budget.recycle(5000)  # no one reads it: pooled, its two pages kept
     assert budget.pool == {warm: 8192} and budget.usage == 5 * 4096
-    actions: list = []
-    assert budget.grant(4097, actions) == (warm, 8192)  # two pages, both warm already
-    assert budget.usage == 5 * 4096 and actions == []
+    assert budget.grant(4097) == ((warm, 8192), [])  # two pages, both warm already
+    assert budget.usage == 5 * 4096
     budget.give(8192)
     budget.take(4097)  # written: the output's own two pages
     assert budget.usage == 5 * 4096
@@ -655,11 +654,10 @@ def test_the_pool_hands_out_the_smallest_warm_file_that_holds_an_output():
     assert budget.reuse(80) == small and budget.reuse(300) == large
     assert budget.reuse(900) == large  # none holds it: the largest, all its pages reused
     assert budget.reuse(40) is None  # under half of the smallest: its pages would go
-    actions: list = []
-    budget.trim(600, keep=large, actions=actions)  # 600 more must fit: the small one goes
-    assert actions == [S.Unpool(small)] and budget.usage == 500
-    budget.drain(actions)
-    assert budget.pool == {} and budget.usage == 0 and actions[-1] == S.Unpool(large)
+    given_up = budget.trim(600, keep=large)  # 600 more must fit: the small one goes
+    assert given_up == [S.Unpool(small)] and budget.usage == 500
+    assert budget.drain() == [S.Unpool(large)]
+    assert budget.pool == {} and budget.usage == 0
     assert budget.has_room([]) is True
 
 
@@ -675,7 +673,7 @@ def test_a_pooled_file_is_written_over_by_the_next_output():
     pod.apply = watching
     assert isinstance(pod.run(), S.Finished)
     assert reused, "no output was written over a warm file"
-    assert pod.pool == {} and pod.state.budget.usage == 0
+    assert pod.pool == {} and pod.state.ledger.budget.usage == 0
 
 
 def _dispatched(actions) -> list[tuple[str, int]]:
@@ -684,7 +682,7 @@ def _dispatched(actions) -> list[tuple[str, int]]:
 
 def test_tables_load_beside_the_first_batches_and_stay_for_the_run_once_each():
     run = RunState(Graph.of(JOINED), 3, 10_000)
-    dispatched = [d for node in run.graph.order for d in _dispatched(
+    dispatched = [d for node in run.ledger.graph.order for d in _dispatched(
         run.handle(S.AgentReady(node)))]
     assert dispatched == [("source", 0), ("dim", 0), ("codes", 0)]
     run.handle(S.SpaceRequested("source", 0, 10))
@@ -695,13 +693,13 @@ def test_tables_load_beside_the_first_batches_and_stay_for_the_run_once_each():
     assert _dispatched(actions) == [("a", 0)]
     pod = Pod(JOINED, 3, 10_000, lambda node, batch: 10, random.Random(1))
     assert isinstance(pod.run(), S.Finished)
-    assert sorted(o.path for o in pod.state.outputs.values()) == ["codes/0", "dim/0"]
-    assert pod.state.budget.usage == 20
+    assert sorted(o.path for o in pod.state.ledger.outputs.values()) == ["codes/0", "dim/0"]
+    assert pod.state.ledger.budget.usage == 20
 
 
 def test_while_the_tables_load_the_line_leaves_their_share_of_the_budget_free():
     run = RunState(Graph.of(JOINED), 3, 1000)
-    for node in run.graph.order:
+    for node in run.ledger.graph.order:
         run.handle(S.AgentReady(node))
     run.handle(S.SpaceRequested("source", 0, 100))
     # The next batch would take the line's guess to 2 x 100 x 4 nodes, beside the
@@ -737,7 +735,7 @@ def test_a_table_larger_than_half_the_budget_is_loaded_on_the_node_tier():
                for a in run.handle(S.SpaceRequested("codes", 0, 400)))
     run.handle(S.TaskDone("dim", 0, out("dim/0", 501, tier="node")))
     run.handle(S.TaskDone("codes", 0, out("codes/0", 400)))
-    assert run.budget.usage == 400  # the node tier's is not RAM budget
+    assert run.ledger.budget.usage == 400  # the node tier's is not RAM budget
 
 
 def test_an_apply_resizes_a_node_up_at_once_and_down_as_its_workers_come_free():
@@ -753,14 +751,14 @@ def test_an_apply_resizes_a_node_up_at_once_and_down_as_its_workers_come_free():
     for batch in (0, 1):  # two batches: workers 0 and 1 of `a` on them, 2 idle
         run.handle(S.SpaceRequested("source", batch, 10))
         run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10)))
-    assert {w: agent.batch for w, agent in run.agents["a"].items()} == {0: 0, 1: 1, 2: None}
+    assert {w: agent.batch for w, agent in run.ledger.agents["a"].items()} == {0: 0, 1: 1, 2: None}
     actions = run.handle(S.Reshaped(graph, {}, counts))
     assert [a for a in actions if isinstance(a, S.RemoveWorker)] == [S.RemoveWorker("a", 2)]
     run.handle(S.SpaceRequested("a", 1, 10, 1))  # the busy one goes once its task is done
     actions = run.handle(S.TaskDone("a", 1, out("a/1", 10), 1))
     assert S.RemoveWorker("a", 1) in actions
     assert not [a for a in actions if isinstance(a, S.Dispatch) and a.worker == 1]
-    assert sorted(run.agents["a"]) == [0] and run.pool.fixed["a"] == 1
+    assert sorted(run.ledger.agents["a"]) == [0] and run.ledger.pool.fixed["a"] == 1
 
 
 def test_a_task_comes_with_the_ram_its_node_last_needed_and_asks_only_for_more():
@@ -771,27 +769,27 @@ def test_a_task_comes_with_the_ram_its_node_last_needed_and_asks_only_for_more()
     actions = run.handle(S.TaskDone("source", 0, out("source/0", 100)))
     assert S.Dispatch("source", 1, (), reserved=100) in actions
     assert S.Dispatch("a", 0, ((out("source/0", 100),),)) in actions  # `a`: none seen yet
-    assert run.budget.usage == 100 + 100
+    assert run.ledger.budget.usage == 100 + 100
     run.handle(S.SpaceRequested("a", 0, 50))
     run.handle(S.TaskDone("a", 0, out("a/0", 50)))  # source/0 read: pooled, warm
-    assert run.budget.pool == {1: 100}
+    assert run.ledger.budget.pool == {1: 100}
     # source's batch 1 is larger than what came with it: that goes back, the rest is
     # granted as asked (over the warm file, the largest there is)
     assert run.handle(S.SpaceRequested("source", 1, 120)) == [S.Grant("source", reuse=1)]
-    assert run.budget.usage == 50 + 120 and run.budget.pool == {}
+    assert run.ledger.budget.usage == 50 + 120 and run.ledger.budget.pool == {}
     actions = run.handle(S.TaskDone("source", 1, out("source/1", 120)))
     assert S.Dispatch("source", 2, (), reserved=120) in actions  # the most of its last
     assert S.Dispatch("a", 1, ((out("source/1", 120),),), reserved=50) in actions
     run.handle(S.SpaceRequested("b", 0, 10))
     actions = run.handle(S.TaskDone("b", 0, out("b/0", 10)))  # a/0 read: pooled
-    assert run.budget.pool == {2: 50}
+    assert run.ledger.budget.pool == {2: 50}
     # `a` dies holding what came with its task: the RAM goes back, and nothing is
     # granted with a task while someone waits for RAM
-    before = run.budget.usage
+    before = run.ledger.budget.usage
     assert run.handle(S.AgentExited("a", -9)) == [S.Restart("a", 1, 0.1)]
-    assert run.budget.usage == before - 50
+    assert run.ledger.budget.usage == before - 50
     run.handle(S.SpaceRequested("source", 2, 10_000))  # all of it: it waits
-    assert run.agents["source"][0].status == WAITING
+    assert run.ledger.agents["source"][0].status == WAITING
     actions = run.handle(S.AgentReady("a"))
     assert S.Dispatch("a", 1, ((out("source/1", 120),),)) in actions  # no RAM with it
 
@@ -806,7 +804,7 @@ def test_a_warm_file_granted_with_a_task_is_deleted_if_its_process_dies():
     run.handle(S.TaskDone("a", 0, out("a/0", 50)))  # source/0 pooled
     actions = run.handle(S.TaskDone("source", 1, out("source/1", 100)))  # it fitted
     assert S.Dispatch("source", 2, (), reserved=100, reuse=1) in actions
-    assert run.budget.pool == {} and run.agents["source"][0].reuse == 1
-    before = run.budget.usage
+    assert run.ledger.budget.pool == {} and run.ledger.agents["source"][0].reuse == 1
+    before = run.ledger.budget.usage
     actions = run.handle(S.AgentExited("source", -9))
-    assert S.Unpool(1) in actions and run.budget.usage == before - 100
+    assert S.Unpool(1) in actions and run.ledger.budget.usage == before - 100

@@ -27,6 +27,56 @@ class Agent:
     def busy(self) -> bool:
         return self.status in (RUNNING, WAITING)
 
+    # -- what happens to it (the policies call these; nothing else sets its fields) --
+
+    def ready(self) -> None:
+        """Connected (again), or done with its task: waiting for the next."""
+        self.status, self.batch, self.want = IDLE, None, 0
+
+    def start(self, batch: int) -> None:
+        self.status, self.batch = RUNNING, batch
+
+    def wait_for(self, nbytes: int) -> None:
+        """Its output is written once `nbytes` of RAM are granted."""
+        self.status, self.want = WAITING, nbytes
+
+    def resume(self) -> None:
+        """Granted (or sent to the node tier): it writes its output."""
+        self.status, self.want = RUNNING, 0
+
+    def granted(self, reserved: int, reuse: int | None) -> None:
+        """RAM granted to it, over a warm file if `reuse`."""
+        self.reserved, self.reuse = reserved, reuse
+
+    def settle(self) -> tuple[int, int | None]:
+        """What was granted to it, given back: (bytes, its warm file)."""
+        given = self.reserved, self.reuse
+        self.reserved, self.reuse = 0, None
+        return given
+
+    def put_down(self) -> int | None:
+        """It leaves its task: the batch it was on (to go back to its queue), if any."""
+        batch = self.batch if self.busy else None
+        self.batch, self.want = None, 0
+        return batch
+
+    def gone(self) -> None:
+        """Its process is gone: it is started again, or a new one comes."""
+        self.status = ABSENT
+
+    def replaced(self) -> None:
+        """A new version's process comes in its place."""
+        self.status, self.broken, self.swap = ABSENT, None, None
+
+    def hold(self, why: str) -> None:
+        self.status, self.broken = HELD, why
+
+    def swap_coming(self, swap: SwapRequested) -> None:
+        self.swap = swap
+
+    def retire_when_idle(self) -> None:
+        self.retire = True
+
 
 WINDOW = 4           # ticks (a second) a node's pressure is averaged over, at most
 SEEN = 2             # ticks seen before a node is judged (half a second)
@@ -50,6 +100,46 @@ class Pool:
         self.most: dict[str, int] = {}  # the most workers each node had
         self.used = 0.0  # the cores the pod wanted at the last tick
         self.settled = 0  # ticks since a worker was last added (the first ran part of it)
+
+    # -- what happens to it --------------------------------------------------------
+
+    def fix(self, node: str, count: int | None) -> None:
+        """`node` runs as `count` workers (None: `auto`)."""
+        self.fixed[node] = count
+
+    def drop(self, node: str) -> None:
+        self.fixed.pop(node, None)
+        self.forget(node)
+
+    def tick(self, used: float) -> None:
+        """A tick: the pod wanted `used` cores since the last."""
+        self.used = used
+        self.settled += 1
+
+    def had(self, node: str, workers: int) -> None:
+        self.most[node] = max(self.most.get(node, 0), workers)
+
+    def task(self, node: str, wanted: float, busy: float) -> deque[tuple[float, float]]:
+        """A task of `node` wanted `wanted` seconds of a core and took `busy`; returns
+        its last tasks."""
+        seen = self.tasks.setdefault(node, deque(maxlen=64))
+        seen.append((wanted, busy))
+        return seen
+
+    def resized(self, node: str) -> None:
+        """`node` got workers: judged anew, and what they take shows in the next whole
+        tick."""
+        self.forget(node)
+        self.settled = 0
+
+    def shrunk(self, node: str) -> None:
+        """`node` gave a worker back: its pressure is judged anew."""
+        if node in self.pressure:
+            self.pressure[node].clear()
+
+    def forget(self, node: str) -> None:
+        self.pressure.pop(node, None)
+        self.tasks.pop(node, None)
 
     def free(self) -> float:
         """The cores the pod had to spare at the last tick; none unless a whole tick

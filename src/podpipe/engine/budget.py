@@ -56,6 +56,13 @@ class Budget:
         most, self.recent = self.recent, self.usage
         return most
 
+    def spilled(self) -> None:
+        """An output went to the node tier for lack of RAM."""
+        self.spills += 1
+
+    def regraphed(self, per_batch_nodes: int) -> None:
+        self.per_batch_nodes = per_batch_nodes
+
     def take(self, nbytes: int) -> None:
         self.usage += pages(nbytes)
         self.peak = max(self.peak, self.usage)
@@ -142,37 +149,41 @@ class Budget:
         size, chosen = min(holding) if holding else max((n, i) for i, n in self.pool.items())
         return chosen if want * WARM_USE >= size else None
 
-    def grant(self, want: int, actions: list[Action]) -> tuple[int | None, int] | None:
+    def grant(self, want: int) -> tuple[tuple[int | None, int] | None, list[Action]]:
         """Room for an output of `want` bytes, over a warm file if there is one (its
         bytes are counted already; a larger one is truncated only once the output is
         written, so the reservation is the larger of the two), pooled files given up
-        if that makes it fit: (the warm file or None, bytes reserved); None if it
-        does not fit."""
+        if that makes it fit: (the warm file or None, bytes reserved), or None if it
+        does not fit; and the pooled files given up (`Unpool`)."""
         want = pages(want)
         reuse = self.reuse(want)
         warm = self.pool[reuse] if reuse is not None else 0
         need = max(0, want - warm)
-        self.trim(need, reuse, actions)
+        given_up = self.trim(need, reuse)
         if not self.fits(need):
-            return None
+            return None, given_up
         if reuse is not None:
             del self.pool[reuse]
         self.take(need)
-        return reuse, max(want, warm)
+        return (reuse, max(want, warm)), given_up
 
-    def trim(self, need: int, keep: int | None, actions: list[Action]) -> None:
+    def trim(self, need: int, keep: int | None) -> list[Action]:
         """Give up pooled files (oldest first, not `keep`) until `need` more bytes fit."""
+        given_up: list[Action] = []
         for pooled in [i for i in self.pool if i != keep]:
             if self.fits(need):
-                return
+                break
             self.give(self.pool.pop(pooled))
-            actions.append(Unpool(pooled))
+            given_up.append(Unpool(pooled))
+        return given_up
 
-    def drain(self, actions: list[Action]) -> None:
+    def drain(self) -> list[Action]:
         """The run is over: every pooled file goes."""
-        for pooled in list(self.pool):
-            self.give(self.pool.pop(pooled))
-            actions.append(Unpool(pooled))
+        for pooled in self.pool:
+            self.give(self.pool[pooled])
+        drained: list[Action] = [Unpool(pooled) for pooled in self.pool]
+        self.pool.clear()
+        return drained
 
     def victim(self, waiting: list[int], running: set[int]) -> int | None:
         """The batch to give up so that an older one waiting for RAM can move: the

@@ -13,6 +13,9 @@ never goes ahead of a request: it is made only while no one waits for RAM.
 
 A warm file granted is the task's: written over or deleted by its agent. One whose
 agent died or was taken away is deleted here (`release`).
+
+Which idle process gets which ready batch is decided here too (`dispatch`), with
+the source's admission onto the line (`can_admit`: backpressure).
 """
 
 from __future__ import annotations
@@ -30,103 +33,108 @@ from podpipe.model.sizes import format_size
 TABLE_SHARE = 2  # tables may hold at most 1/TABLE_SHARE of the budget; beyond: node tier
 
 
-def request(run: Ledger, agent: Agent, event: SpaceRequested,
-            actions: list[Action]) -> None:
+def request(run: Ledger, agent: Agent, event: SpaceRequested) -> list[Action]:
     """`event`'s agent asks for its output's bytes: what came with its task, if any,
     was too little (its warm file it has deleted already) and is given back."""
     settle(run, agent)
-    agent.status, agent.want = WAITING, event.nbytes
+    agent.wait_for(event.nbytes)
     if run.graph.domain[event.node] == TABLE:
         if run.tables_held + event.nbytes > run.budget.limit // TABLE_SHARE:
-            agent.status, agent.want = RUNNING, 0  # too large to hold in RAM: mapped
-            run.budget.spills += 1                 # from the node tier instead
-            actions.append(Spill(event.node, event.batch, event.worker))
+            agent.resume()        # too large to hold in RAM: mapped from the node tier
+            run.budget.spilled()  # instead
+            return [Spill(event.node, event.batch, event.worker)]
     elif pages(event.nbytes) > run.budget.limit:
-        run.fail(BudgetError(
+        return run.fail(BudgetError(
             f"stage {event.node!r}, batch {event.batch}: its output needs "
             f"{format_size(event.nbytes)}, more than the whole RAM budget of "
             f"{format_size(run.budget.limit)}; lower spec.source.batchRows or raise "
-            "spec.memory (--memory)"), actions)
+            "spec.memory (--memory)"))
+    return []
 
 
-def grant_waiting(run: Ledger, actions: list[Action]) -> None:
+def grant_waiting(run: Ledger) -> list[Action]:
+    actions: list[Action] = []
     # Downstream first: granting them frees their inputs soonest.
     for node in reversed(run.graph.order):
         for worker, agent in sorted(run.agents[node].items()):
             if agent.status != WAITING:
                 continue
-            granted = run.budget.grant(agent.want, actions)
+            granted, given_up = run.budget.grant(agent.want)
+            actions += given_up
             if granted is None:
                 continue
-            agent.reuse, agent.reserved = granted
-            agent.status, agent.want = RUNNING, 0
-            actions.append(Grant(node, worker, agent.reuse))
+            reuse, reserved = granted
+            agent.granted(reserved, reuse)
+            agent.resume()
+            actions.append(Grant(node, worker, reuse))
+    return actions
 
 
-def with_task(run: Ledger, node: str, agent: Agent,
-              actions: list[Action]) -> tuple[int, int | None]:
+def with_task(run: Ledger, node: str, agent: Agent) -> tuple[int, int | None, list[Action]]:
     """RAM granted to `agent` with its next task of `node`: (bytes, warm file or
-    None); (0, None) if none (no output of the node seen yet, someone waiting for
-    RAM, or it does not fit)."""
+    None, the pooled files given up to make room); no bytes if none (no output of
+    the node seen yet, someone waiting for RAM, or it does not fit)."""
     expected = run.budget.expect(node)
     if expected is None or run.graph.domain[node] != BATCH or any(
             a.status == WAITING for _, _, a in run.all_agents()):
-        return 0, None
-    granted = run.budget.grant(expected, actions)
+        return 0, None, []
+    granted, given_up = run.budget.grant(expected)
     if granted is None:
-        return 0, None
-    agent.reuse, agent.reserved = granted
-    return agent.reserved, agent.reuse
+        return 0, None, given_up
+    reuse, reserved = granted
+    agent.granted(reserved, reuse)
+    return reserved, reuse, given_up
 
 
 def settle(run: Ledger, agent: Agent) -> int | None:
     """What was granted to `agent` and is not an output goes back to the budget;
     returns the warm file that came with it (its agent wrote over it or deleted it,
     unless it is gone: `release`)."""
-    run.budget.give(agent.reserved)
-    warm, agent.reserved, agent.reuse = agent.reuse, 0, None
+    reserved, warm = agent.settle()
+    run.budget.give(reserved)
     return warm
 
 
-def release(run: Ledger, agent: Agent, actions: list[Action]) -> None:
+def release(run: Ledger, agent: Agent) -> list[Action]:
     """The RAM granted to `agent` goes back, its warm file (if unused) with it: its
     process is gone or taken away."""
-    if (warm := settle(run, agent)) is not None:
-        actions.append(Unpool(warm))
+    warm = settle(run, agent)
+    return [] if warm is None else [Unpool(warm)]
 
 
 # -- tasks: who gets a batch when ------------------------------------------------
 
 
-def dispatch(run: Ledger, actions: list[Action]) -> None:
+def dispatch(run: Ledger) -> list[Action]:
     """Hand each idle agent the next batch ready for its node (the source: the next
     source batch, if the line has room for it), with RAM granted where its output's
     size is known (`with_task`)."""
+    actions: list[Action] = []
     for node, worker, agent in run.all_agents():
         if agent.status != IDLE or agent.swap is not None or agent.retire:
             continue
         if node == SOURCE and not run.ready[node]:
-            batch = _admit(run)
-            if batch is None:
-                continue
-        elif run.ready[node]:
-            batch = run.ready[node].pop(0)
+            batch = run.admit() if can_admit(run) else None
         else:
+            batch = run.next_ready(node)
+        if batch is None:
             continue
-        agent.status, agent.batch = RUNNING, batch
-        inputs = tuple(tuple(run.outputs[(name, k)]
-                             for k in run.plan.reads(node, name, batch))
+        agent.start(batch)
+        inputs = tuple(tuple(run.outputs[(name, k)] for k in run.plan.reads(node, name, batch))
                        for name in run.graph.inputs[node])
-        reserved, reuse = with_task(run, node, agent, actions)
+        reserved, reuse, given_up = with_task(run, node, agent)
+        actions += given_up
         actions.append(Dispatch(node, batch, inputs, worker, reserved, reuse,
                                 node in run.keep,
                                 any(i in run.keep for i in run.graph.inputs[node])))
+    return actions
+
 
 def can_admit(run: Ledger) -> bool:
     """Is there a source batch to load, and room on the line for it (backpressure)?
     While the tables load, their share of the budget (all they may hold in RAM)
     is kept free: their RAM comes first."""
-    if run.line.next_source >= len(run.plan.mine) and not run.line.redo:
+    if not run.may_admit():
         return False
     reserve = 0
     if any(0 not in run.done[t] for t in run.graph.tables):
@@ -134,16 +142,3 @@ def can_admit(run: Ledger) -> bool:
     first = [run.outputs[(SOURCE, b)].nbytes for b in run.budget.on_line
              if (SOURCE, b) in run.outputs]
     return run.budget.has_room(first, reserve)
-
-def _admit(run: Ledger) -> int | None:
-    """The next source batch, if the line has room for it (backpressure)."""
-    if not can_admit(run):
-        return None
-    mine = run.plan.mine
-    if run.line.redo:
-        batch = run.line.redo.pop(0)
-    else:
-        batch = mine[run.line.next_source]
-        run.line.next_source += 1
-    run.budget.enter(batch)
-    return batch

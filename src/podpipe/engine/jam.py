@@ -9,64 +9,69 @@ as often as that lets an older batch move. What still cannot move (outputs that
 must stay, such as a reduce's inputs) goes to the node tier: the most downstream
 waiting output is granted there (`Spill`), and is not RAM budget.
 
-Functions of the run state (`state.RunState`), which calls `relieve` when `stuck`.
+Functions of the ledger; `state.RunState` calls `relieve` when `stuck`.
 """
 
 from __future__ import annotations
 
 from podpipe.engine import grants
-from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, WAITING
+from podpipe.engine.agent import ABSENT, HELD, RUNNING, WAITING
 from podpipe.engine.events import Action, Deny, Spill
 from podpipe.engine.ledger import Ledger
 from podpipe.model.graph import BATCH
 
 
-
-def relieve(run: Ledger, actions: list[Action]) -> None:
-    while stuck(run) and _evict(run, actions):  # each gives up one batch
-        grants.grant_waiting(run, actions)
-        grants.dispatch(run, actions)
+def relieve(run: Ledger) -> list[Action]:
+    actions: list[Action] = []
+    while stuck(run):  # each eviction gives up one batch
+        evicted = _evict(run)
+        if evicted is None:
+            break
+        actions += evicted
+        actions += grants.grant_waiting(run)
+        actions += grants.dispatch(run)
     if stuck(run):
-        _spill(run, actions)
+        actions += _spill(run)
+    return actions
 
 
-def _evict(run: Ledger, actions: list[Action]) -> bool:
+def _evict(run: Ledger) -> list[Action] | None:
     """Give up the newest batch on the line so that an older one waiting for RAM can
     move: refuse its waiting requests, delete its outputs, and run it again from
     the source later (stages are deterministic, sink files idempotent). A batch
-    with a task still computing is left alone."""
+    with a task still computing is left alone. None if there is none to give up."""
     line = [(n, w, a) for n, w, a in run.all_agents() if run.graph.domain[n] == BATCH]
     batch = run.budget.victim(
         [a.batch for _, _, a in line if a.status == WAITING and a.batch is not None],
         {a.batch for _, _, a in line if a.status == RUNNING and a.batch is not None})
     if batch is None:
-        return False
+        return None
+    actions: list[Action] = []
     for node, worker, agent in line:
         if agent.status == WAITING and agent.batch == batch:
-            agent.status, agent.batch, agent.want = IDLE, None, 0
+            agent.ready()
             actions.append(Deny(node, worker))
     for node in run.graph.order:
         if run.graph.domain[node] != BATCH:
             continue
         if (node, batch) in run.outputs:
-            run.delete((node, batch), actions)
-        run.done[node].discard(batch)
-        if batch in run.ready[node]:
-            run.ready[node].remove(batch)
+            actions += run.delete((node, batch))
+        run.undo(node, batch)
     run.budget.give_up(batch)
-    run.line.stale.discard(batch)
-    run.line.redo = sorted(run.line.redo + [batch])
-    return True
+    run.load_again(batch)
+    return actions
 
-def _spill(run: Ledger, actions: list[Action]) -> None:
+
+def _spill(run: Ledger) -> list[Action]:
     """Nothing in RAM can move and nothing can be given up (what waits must stay,
     such as a reduce's inputs): the most downstream waiting output goes to the
     node tier, memory-mapped from there by its readers. It is not RAM budget."""
     node, worker, agent = next(found for found in reversed(run.all_agents())
                                if found[2].status == WAITING)
-    agent.status, agent.want = RUNNING, 0
-    run.budget.spills += 1
-    actions.append(Spill(node, agent.batch or 0, worker))
+    agent.resume()
+    run.budget.spilled()
+    return [Spill(node, agent.batch or 0, worker)]
+
 
 def stuck(run: Ledger) -> bool:
     """Someone waits for RAM and nothing can free any: no task is running, and no

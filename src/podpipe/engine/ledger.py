@@ -1,16 +1,14 @@
-"""The ledger: the run's data and its primitive operations.
+"""The ledger: the run's data, and the only code that changes it.
 
 Everything the engine knows of a run lives here: the keys each node runs (`plan`),
 the RAM budget, the outputs on hand and who has still to read them, what each node
-has done and has ready, each node's processes (`agents`) and their restarts, the
-source batches on and off the line (`line`), and the outcome. The operations here
-are the primitives the policies build on (delete an output once read, mark a task
-ready once its inputs are there, a batch one task closer to leaving the line, fail
-the run); the policies (`grants`, `jam`, `lifecycle`, `rework`, `workers`) import
-it (never the state machine) and act through these and, still, the plain records it
-holds (`done`, `ready`, `agents`, `line`), and `state.RunState` routes each event to
-them. Views (the status, the timeline) read `progress()`, a
-frozen record, never the ledger itself.
+has done and has ready, each node's processes (`agents`, each an `Agent` record
+that changes only through its own methods) and their restarts, the source batches
+on and off the line (`line`), and the outcome. The policies (`grants`, `jam`,
+`lifecycle`, `rework`, `workers`) read it and change it only through the operations
+below (and the `Agent`, `Budget` and `Pool` methods); what they emit they return as
+actions. `state.RunState` routes each event to them. Views (the status, the
+timeline) read `progress()`, a frozen record, never the ledger itself.
 """
 
 from __future__ import annotations
@@ -19,10 +17,11 @@ from dataclasses import dataclass, field
 
 from podpipe.engine.agent import Agent, Pool
 from podpipe.engine.budget import Budget
-from podpipe.engine.events import Action, Delete, Failed, Key, Recycle
+from podpipe.engine.events import (Action, Delete, Failed, Finished, Imported, Keep, Key,
+                                   Recycle, TaskDone)
 from podpipe.engine.keys import Keys
 from podpipe.errors import PodpipeError
-from podpipe.model.graph import BATCH, SINGLE, Graph
+from podpipe.model.graph import BATCH, SINGLE, TABLE, Graph
 from podpipe.model.output import Output
 
 
@@ -212,7 +211,7 @@ class Ledger:
                         spills=budget.spills, on_line=len(budget.on_line), nodes=nodes,
                         shards_here=self.shards_here(), waiting_for=self.waiting_for())
 
-    # -- the primitives ----------------------------------------------------------
+    # -- operations: outputs ------------------------------------------------------
 
     def readers(self, node: str, key: int) -> set[str]:
         """The nodes of this pod that still have to read `node`'s output for `key`."""
@@ -223,29 +222,103 @@ class Ledger:
                 readers.add(consumer)
         return readers
 
-    def one_less(self, batch: int) -> bool:
-        """One task fewer left for `batch` on the line; off the line after the last.
-        True if it left the line stale (made partly by a replaced version): to be
-        undone and redone (`rework.invalidate`)."""
-        if self.budget.one_less(batch) and batch in self.line.stale:
-            self.line.stale.discard(batch)
-            return True
-        return False
-
-    def delete(self, key: Key, actions: list[Action]) -> None:
+    def delete(self, key: Key) -> list[Action]:
+        """`key`'s output is read by all who will: its file goes (its pages to the pool
+        of warm files, unless someone else maps it)."""
         output = self.outputs.pop(key)
         self.unread.pop(key, None)  # (a table has no readers to count)
         pinned = key in self.pinned
         self.pinned.discard(key)
         if output.tier != "ram":  # the node tier keeps its copies for the run
-            return
+            return []
         if pinned or output.node in self.keep:  # someone else maps it: a stage's cache,
             self.budget.give(output.nbytes)    # a node-tier copy, a reader of what runs
-            actions.append(Delete(output.path, held=True))  # once (undone by a recompute)
-        else:
-            pooled = self.budget.recycle(output.nbytes)  # its pages, for a later output
-            actions.append(Delete(output.path) if pooled is None
-                           else Recycle(output.path, pooled))
+            return [Delete(output.path, held=True)]  # once (undone by a recompute)
+        pooled = self.budget.recycle(output.nbytes)  # its pages, for a later output
+        return [Delete(output.path) if pooled is None else Recycle(output.path, pooled)]
+
+    def read_again(self, key: Key, node: str) -> None:
+        """`node` is to read `key`'s output (again: a rework)."""
+        self.unread[key].add(node)
+
+    def task_done(self, event: TaskDone) -> tuple[list[Action], bool]:
+        """A task's output is in: kept, its inputs read (deleted by the last reader),
+        what follows made ready. True with the actions if its batch left the line
+        stale (made partly by a replaced version): to be done again."""
+        node, batch, output = event.node, event.batch, event.output
+        actions: list[Action] = []
+        if (node, batch) in self.line.obsolete:  # undone while it ran (a recompute)
+            self.line.obsolete.discard((node, batch))
+            if output is not None and output.tier == "ram":
+                actions.append(Delete(output.path))
+            self.maybe_ready(node, batch)
+            return actions, False
+        self.done[node].add(batch)
+        per_batch = self.graph.domain[node] == BATCH
+        if self.graph.domain[node] == TABLE:  # held for the run, read by every task
+            if output is not None:
+                self.outputs[(node, batch)] = output
+                if output.tier == "ram":
+                    self.budget.take(output.nbytes)
+            for consumer in self.graph.consumers[node]:
+                for mine in sorted(self.keys(consumer)):
+                    self.maybe_ready(consumer, mine)
+            return actions, False
+        if output is not None:
+            key = (node, batch)
+            self.outputs[key] = output
+            if output.tier == "ram":
+                self.budget.take(output.nbytes)
+                if per_batch:
+                    self.budget.made(node, batch, output.nbytes)
+            if node in self.keep or output.tier != "ram":
+                actions.append(Keep(output))
+            self.unread[key] = self.readers(node, batch)  # (resumed: some are done)
+            if not self.unread[key]:
+                actions += self.delete(key)
+        for key in self.input_keys(node, batch):
+            if key in self.outputs and self.outputs[key].path in event.pinned:
+                self.pinned.add(key)
+            readers = self.unread.get(key)
+            if readers is not None:
+                readers.discard(node)
+                if not readers:
+                    actions += self.delete(key)
+        stale = per_batch and self.one_less(batch)
+        for consumer in self.graph.consumers[node]:
+            self.maybe_ready(consumer, self.plan.key_of(consumer, node, batch))
+        return actions, stale
+
+    def take_import(self, event: Imported) -> None:
+        """Another pod's output of a shard, for a global reduce here."""
+        key = (event.node, event.shard)
+        if event.shard in self.plan.in_domain(SINGLE) or key in self.outputs:
+            return  # ours, or had already
+        self.done[event.node].add(event.shard)
+        self.outputs[key] = event.output
+        self.unread[key] = self.readers(event.node, event.shard)
+        for consumer in self.graph.consumers[event.node]:
+            self.maybe_ready(consumer, self.plan.key_of(consumer, event.node, event.shard))
+
+    def restore(self, key: Key, output: Output, readers: set[str]) -> None:
+        """An output a resumed run found kept, still to be read by `readers`."""
+        self.outputs[key] = output
+        self.unread[key] = readers
+        if output.tier == "ram":
+            self.budget.take(output.nbytes)
+
+    # -- operations: what is done and ready ---------------------------------------
+
+    def mark_done(self, node: str, key: int) -> None:
+        self.done[node].add(key)
+
+    def undo(self, node: str, key: int) -> bool:
+        """`node`'s `key` is not done (nor ready) any more; was it done?"""
+        was = key in self.done[node]
+        self.done[node].discard(key)
+        if key in self.ready[node]:
+            self.ready[node].remove(key)
+        return was
 
     def maybe_ready(self, node: str, key: int) -> None:
         if key in self.done[node] or key in self.ready[node] or key not in self.keys(node):
@@ -265,6 +338,101 @@ class Ledger:
         return not (key in self.line.stale and self.graph.domain[name] == BATCH and
                     self.graph.reads_all(node, name))
 
-    def fail(self, error: PodpipeError, actions: list[Action]) -> None:
+    def requeue(self, node: str, batch: int) -> None:
+        """A batch taken back from a process goes back to its node's queue."""
+        self.ready[node] = sorted(self.ready[node] + [batch])
+
+    def next_ready(self, node: str) -> int | None:
+        return self.ready[node].pop(0) if self.ready[node] else None
+
+    # -- operations: the line --------------------------------------------------------
+
+    def admit(self) -> int:
+        """The next source batch onto the line: one to load again first."""
+        if self.line.redo:
+            batch = self.line.redo.pop(0)
+        else:
+            batch = self.plan.mine[self.line.next_source]
+            self.line.next_source += 1
+        self.budget.enter(batch)
+        return batch
+
+    def may_admit(self) -> bool:
+        """Is there a source batch still to load?"""
+        return self.line.next_source < len(self.plan.mine) or bool(self.line.redo)
+
+    def one_less(self, batch: int) -> bool:
+        """One task fewer left for `batch` on the line; off the line after the last.
+        True if it left the line stale (made partly by a replaced version): to be
+        undone and redone (`rework.invalidate`)."""
+        if self.budget.one_less(batch) and batch in self.line.stale:
+            self.line.stale.discard(batch)
+            return True
+        return False
+
+    def load_again(self, batch: int) -> None:
+        """Source batch `batch` runs down the whole line again, from the source."""
+        self.line.stale.discard(batch)
+        self.line.redo = sorted(set(self.line.redo) | {batch})
+
+    def mark_stale(self, batch: int) -> None:
+        """`batch` is on the line, made partly by a replaced version: redone once off."""
+        self.line.stale.add(batch)
+
+    def void(self, key: Key) -> None:
+        """The result of the task `key`, in flight, is void (a recompute undid it)."""
+        self.line.obsolete.add(key)
+
+    def all_loaded(self) -> None:
+        """A resumed run: what is left of the source comes through `load_again`."""
+        self.line.next_source = len(self.plan.mine)
+
+    # -- operations: processes and nodes --------------------------------------------
+
+    def add_worker(self, node: str) -> int:
+        worker = max(self.agents[node]) + 1
+        self.agents[node][worker] = Agent()
+        return worker
+
+    def remove_worker(self, node: str, worker: int) -> None:
+        del self.agents[node][worker]
+
+    def count_restart(self, node: str) -> None:
+        self.restarts[node] += 1
+
+    def swapped_in(self, node: str) -> None:
+        self.swapped.add(node)
+
+    def allow_retries(self, retries: dict[str, int]) -> None:
+        self.retries.update(retries)
+
+    def take_agents(self, node: str) -> list[Agent]:
+        """A node an apply removed: its processes, to be stopped."""
+        return list(self.agents.pop(node).values())
+
+    def forget_node(self, node: str) -> None:
+        """A node an apply removed (its processes taken, its outputs deleted): gone,
+        with its claims on others' outputs."""
+        for readers in self.unread.values():
+            readers.discard(node)
+        del self.done[node], self.ready[node], self.restarts[node]
+        self.pool.drop(node)
+        self.swapped.discard(node)
+
+    def unclaimed(self) -> list[Key]:
+        """Outputs nobody is to read any more (after nodes were removed)."""
+        return [key for key, readers in self.unread.items() if not readers]
+
+    def regraph(self, graph: Graph) -> None:
+        """The graph changed (an apply): the same pod's keys over it."""
+        self.plan = self.plan.regraphed(graph)
+        self.budget.regraphed(self.plan.per_batch_nodes)
+
+    def fail(self, error: PodpipeError) -> list[Action]:
         self.outcome = Failed(error)
-        actions.append(self.outcome)
+        return [self.outcome]
+
+    def finish(self) -> list[Action]:
+        drained = self.budget.drain()
+        self.outcome = Finished()
+        return drained + [self.outcome]

@@ -24,8 +24,9 @@ def restored(graph: Graph, source_batches: int, budget: int, *,
     shard and its outputs a global reduce reads are kept; the same for what runs
     once globally.
     """
-    run = RunState(graph, source_batches, budget, retries=retries, shards=shards,
-                   owned=owned, global_here=global_here, workers=workers, cpus=cpus)
+    engine = RunState(graph, source_batches, budget, retries=retries, shards=shards,
+                      owned=owned, global_here=global_here, workers=workers, cpus=cpus)
+    run = engine.ledger
     uses: list[Key] = []
     for domain in (BATCH, SINGLE, GLOBAL):
         nodes = [n for n in graph.order if graph.domain[n] == domain]
@@ -34,21 +35,18 @@ def restored(graph: Graph, source_batches: int, budget: int, *,
             if not (all((n, key) in kept for n in needed) and
                     all(key in finished.get(n, ()) for n in nodes if n in graph.sinks)):
                 if domain == BATCH:
-                    run.line.redo.append(key)
+                    run.load_again(key)
                 continue
             for node in nodes:
-                run.done[node].add(key)
+                run.mark_done(node, key)
             uses.extend((node, key) for node in needed)
     for node, key in uses:  # once all is marked done: who still reads them
         readers = run.readers(node, key)
         if readers:
-            output = run.outputs[(node, key)] = kept[(node, key)]
-            run.unread[(node, key)] = readers
-            if output.tier == "ram":
-                run.budget.take(output.nbytes)
-    run.line.next_source = len(run.plan.mine)  # what is left comes through `redo`
+            run.restore((node, key), kept[(node, key)], readers)
+    run.all_loaded()  # what is left of the source comes through `load_again`
     for node in graph.order:
         if graph.domain[node] != BATCH:
             for key in run.keys(node):
                 run.maybe_ready(node, key)
-    return run
+    return engine

@@ -29,159 +29,111 @@ from __future__ import annotations
 from typing import assert_never
 
 from podpipe.engine import grants, jam, lifecycle, rework, workers
-from podpipe.engine.agent import IDLE, Agent
-from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Delete,
-                                   Event, Finished, Imported, Keep, Kill, Recompute,
-                                   Reshaped, SpaceRequested, SwapRequested, TaskDone,
-                                   TaskFailed, TaskTimedOut, Tick)
+from podpipe.engine.agent import Agent
+from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Event,
+                                   Imported, Kill, Recompute, Reshaped, SpaceRequested,
+                                   SwapRequested, TaskDone, TaskFailed, TaskTimedOut, Tick)
 from podpipe.engine.ledger import Ledger
 from podpipe.errors import DataError, PodpipeError, StageError
-from podpipe.model.graph import BATCH, SINGLE, TABLE
+from podpipe.model.graph import Graph
 
 AgentEvent = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited |
               TaskTimedOut | AgentBroken)
 
 
-class RunState(Ledger):
-    """The ledger of a run, fed its events one at a time (`handle`)."""
+class RunState:
+    """A run's ledger, fed its events one at a time (`handle`)."""
 
-    # -- the transition -------------------------------------------------------
+    def __init__(self, graph: Graph, source_batches: int, budget: int, *,
+                 retries: dict[str, int] | None = None, shards: int = 1,
+                 owned: tuple[int, ...] | None = None, global_here: bool = True,
+                 workers: dict[str, int | None] | None = None,
+                 cpus: float = 1.0) -> None:
+        self.ledger = Ledger(graph, source_batches, budget, retries=retries, shards=shards,
+                             owned=owned, global_here=global_here, workers=workers,
+                             cpus=cpus)
 
     def handle(self, event: Event) -> list[Action]:
-        if self.outcome is not None:
+        run = self.ledger
+        if run.outcome is not None:
             return []
         actions: list[Action] = []
         match event:
             case Reshaped():
-                rework.reshape(self, event.graph, actions, event.workers)
-                self.retries.update(event.retries)
+                actions += rework.reshape(run, event.graph, event.workers)
+                run.allow_retries(event.retries)
             case Recompute():
-                rework.recompute(self, event.node, actions)
+                actions += rework.recompute(run, event.node)
             case SwapRequested():
-                for each in self.agents[event.node].values():  # every worker is replaced
-                    each.swap = event
+                for each in run.agents[event.node].values():  # every worker is replaced
+                    each.swap_coming(event)
             case Tick():
-                workers.rebalance(self, event.cpu, actions)
+                actions += workers.rebalance(run, event.cpu)
             case Imported():
-                self._import(event)
+                run.take_import(event)
             case (AgentReady() | SpaceRequested() | TaskDone() | TaskFailed() | AgentExited()
                   | TaskTimedOut() | AgentBroken()):
-                found = self.agents.get(event.node, {}).get(event.worker)
+                found = run.agents.get(event.node, {}).get(event.worker)
                 if found is None:
                     return actions  # a process taken back meanwhile (workers: auto)
-                self._agent_event(event, found, actions)
+                actions += self._agent_event(event, found)
             case _:
                 assert_never(event)
-        if self.outcome is not None:
+        if run.outcome is not None:
             return actions
-        lifecycle.between_batches(self, actions)
-        grants.grant_waiting(self, actions)
-        grants.dispatch(self, actions)
+        actions += lifecycle.between_batches(run)
+        actions += grants.grant_waiting(run)
+        actions += grants.dispatch(run)
         if isinstance(event, TaskDone) and event.wanted is not None:
-            workers.after_task(self, event.node, event.wanted, event.busy, actions)
-        if self.finished:
-            self.budget.drain(actions)
-            self.outcome = Finished()
-            actions.append(self.outcome)
-        elif jam.stuck(self):
-            jam.relieve(self, actions)
+            actions += workers.after_task(run, event.node, event.wanted, event.busy)
+        if run.finished:
+            actions += run.finish()
+        elif jam.stuck(run):
+            actions += jam.relieve(run)
         return actions
 
-    def _agent_event(self, event: AgentEvent, agent: Agent, actions: list[Action]) -> None:
-        node, worker = event.node, event.worker
-        swapped = node in self.swapped  # a swapped-in version that fails is held
+    def _agent_event(self, event: AgentEvent, agent: Agent) -> list[Action]:
+        run, node, worker = self.ledger, event.node, event.worker
+        swapped = node in run.swapped  # a swapped-in version that fails is held
         match event:
             case AgentReady():
-                agent.status, agent.batch = IDLE, None
+                agent.ready()
+                return []
             case SpaceRequested():
-                grants.request(self, agent, event, actions)
+                return grants.request(run, agent, event)
             case TaskDone():
-                self._done(agent, event, actions)
+                agent.ready()
+                grants.settle(run, agent)  # its output is counted on its own
+                actions, stale = run.task_done(event)
+                if stale:  # off the line, made partly by a replaced version: again
+                    actions += rework.invalidate(run, event.batch)
+                return actions
             case TaskFailed() if swapped:
-                lifecycle.hold(self, node, f"batch {event.batch}: {event.message}", actions)
+                return lifecycle.hold(run, node, f"batch {event.batch}: {event.message}")
             case TaskFailed():
                 error: PodpipeError = (
                     DataError(f"stage {node!r}, batch {event.batch}: {event.message}")
                     if event.input_error else StageError(node, event.batch, event.message,
                                                          event.traceback))
-                self.fail(error, actions)
+                return run.fail(error)
             case AgentBroken() if swapped:
-                lifecycle.hold(self, node, event.message, actions)
+                return lifecycle.hold(run, node, event.message)
             case AgentBroken():
-                self.fail(event.error, actions)
+                return run.fail(event.error)
             case AgentExited() if swapped:
-                lifecycle.hold(self, node, f"its process exited (code {event.returncode})",
-                               actions)
+                return lifecycle.hold(run, node, f"its process exited (code {event.returncode})")
             case AgentExited():
-                if not self.finished:
-                    lifecycle.restart(self, node, worker, agent, actions,
-                                      "its container disconnected" if event.returncode is None
-                                      else f"its process exited (code {event.returncode})")
+                if run.finished:
+                    return []
+                return lifecycle.restart(run, node, worker, agent, "its container disconnected"
+                                         if event.returncode is None
+                                         else f"its process exited (code {event.returncode})")
             case TaskTimedOut():
-                if agent.busy and agent.batch == event.batch:  # (else: done meanwhile)
-                    actions.append(Kill(node, worker))
-                    message = f"the batch took longer than its timeout of {event.seconds:g} s"
-                    if swapped:
-                        lifecycle.hold(self, node, message, actions)
-                    else:
-                        lifecycle.restart(self, node, worker, agent, actions, message)
+                if not agent.busy or agent.batch != event.batch:
+                    return []  # done meanwhile
+                message = f"the batch took longer than its timeout of {event.seconds:g} s"
+                return [Kill(node, worker)] + (
+                    lifecycle.hold(run, node, message) if swapped
+                    else lifecycle.restart(run, node, worker, agent, message))
             case _:
                 assert_never(event)
-
-    # -- pieces ----------------------------------------------------------------
-
-    def _import(self, event: Imported) -> None:
-        key = (event.node, event.shard)
-        if event.shard in self.plan.in_domain(SINGLE) or key in self.outputs:
-            return  # ours, or had already
-        self.done[event.node].add(event.shard)
-        self.outputs[key] = event.output
-        self.unread[key] = self.readers(event.node, event.shard)
-        for consumer in self.graph.consumers[event.node]:
-            self.maybe_ready(consumer, self.plan.key_of(consumer, event.node, event.shard))
-
-    def _done(self, agent: Agent, event: TaskDone, actions: list[Action]) -> None:
-        node, batch, output = event.node, event.batch, event.output
-        agent.status, agent.batch = IDLE, None
-        grants.settle(self, agent)  # its output is counted below, on its own
-        if (node, batch) in self.line.obsolete:  # undone while it ran (a recompute)
-            self.line.obsolete.discard((node, batch))
-            if output is not None and output.tier == "ram":
-                actions.append(Delete(output.path))
-            self.maybe_ready(node, batch)
-            return
-        self.done[node].add(batch)
-        per_batch = self.graph.domain[node] == BATCH
-        if self.graph.domain[node] == TABLE:  # held for the run, read by every task
-            if output is not None:
-                self.outputs[(node, batch)] = output
-                if output.tier == "ram":
-                    self.budget.take(output.nbytes)
-            for consumer in self.graph.consumers[node]:
-                for mine in sorted(self.keys(consumer)):
-                    self.maybe_ready(consumer, mine)
-            return
-        if output is not None:
-            key = (node, batch)
-            self.outputs[key] = output
-            if output.tier == "ram":
-                self.budget.take(output.nbytes)
-                if per_batch:
-                    self.budget.made(node, batch, output.nbytes)
-            if node in self.keep or output.tier != "ram":
-                actions.append(Keep(output))
-            self.unread[key] = self.readers(node, batch)  # (resumed: some are done)
-            if not self.unread[key]:
-                self.delete(key, actions)
-        for key in self.input_keys(node, batch):
-            if key in self.outputs and self.outputs[key].path in event.pinned:
-                self.pinned.add(key)
-            readers = self.unread.get(key)
-            if readers is not None:
-                readers.discard(node)
-                if not readers:
-                    self.delete(key, actions)
-        if per_batch and self.one_less(batch):  # off the line, made partly by a
-            rework.invalidate(self, batch, actions)  # replaced version: done again
-        for consumer in self.graph.consumers[node]:
-            self.maybe_ready(consumer, self.plan.key_of(consumer, node, batch))

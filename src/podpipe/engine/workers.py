@@ -29,8 +29,7 @@ files and a reduce's input order do not depend on the workers.
 
 from __future__ import annotations
 
-from collections import deque
-from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING, Agent
+from podpipe.engine.agent import ABSENT, HELD, IDLE, RUNNING
 from podpipe.engine import grants
 from podpipe.engine.events import Action, AddWorker, RemoveWorker
 from podpipe.engine.ledger import Ledger
@@ -43,55 +42,51 @@ JUDGED = 0.04        # seconds of a node's tasks that judge it between ticks, at
 MOST_PER_CPU = 4     # workers of one node per core, at most
 
 
-def rebalance(run: Ledger, cpu: dict[str, float], actions: list[Action]) -> None:
+def rebalance(run: Ledger, cpu: dict[str, float]) -> list[Action]:
     pool = run.pool
     line = [n for n in run.graph.order if run.graph.domain[n] == BATCH]
-    pool.used = sum(cpu.values())  # every process of the pod: tables and reduces too
-    pool.settled += 1
+    pool.tick(sum(cpu.values()))  # every process of the pod: tables and reduces too
     for node in line:
         agents = run.agents[node].values()
         running = sum(1 for a in agents if a.status == RUNNING)
         waiting = len(run.ready[node]) if node != SOURCE else _starving(run)
         pool.observe(node, (running + waiting) / max(1, len(agents)), cpu.get(node, 0.0),
                      running)
-        pool.most[node] = max(pool.most.get(node, 0), len(agents))
+        pool.had(node, len(agents))
     auto = [n for n in line if _resizable(run, n) and pool.full(n)]
     pressing = sorted((n for n in auto if pool.average(n) > 1.0
                        and pool.per_worker(n) is not None),
                       key=lambda n: (-pool.average(n), run.graph.order.index(n)))
     if not pressing:
-        return
+        return []
     node = pressing[0]
     count = len(run.agents[node])
     per_worker = pool.per_worker(node) or 0.0
     most = max(1, int(MOST_PER_CPU * pool.cpus))
     if per_worker < IO_BOUND:  # it mostly waits: as many as it has batches waiting
         waiting = len(run.ready[node]) if node != SOURCE else 1
-        add(run, node, min(max(1, waiting), most - count), actions)
-    elif per_worker <= pool.free() and count < most:
-        add(run, node, 1, actions)
-    else:  # no core free: take back an idle worker of a node that does not need it
-        for other in auto:
-            idle = [w for w, a in run.agents[other].items() if a.status == IDLE and w > 0]
-            if other != node and idle and pool.average(other) < 0.5:
-                del run.agents[other][max(idle)]
-                pool.pressure[other].clear()  # judge it anew with fewer workers
-                actions.append(RemoveWorker(other, max(idle)))
-                return
+        return add(run, node, min(max(1, waiting), most - count))
+    if per_worker <= pool.free() and count < most:
+        return add(run, node, 1)
+    for other in auto:  # no core free: take back an idle worker of a node that does not
+        idle = [w for w, a in run.agents[other].items() if a.status == IDLE and w > 0]
+        if other != node and idle and pool.average(other) < 0.5:  # need it
+            run.remove_worker(other, max(idle))
+            pool.shrunk(other)  # judge it anew with fewer workers
+            return [RemoveWorker(other, max(idle))]
+    return []
 
 
-def after_task(run: Ledger, node: str, wanted: float, busy: float,
-               actions: list[Action]) -> None:
+def after_task(run: Ledger, node: str, wanted: float, busy: float) -> list[Action]:
     """A task of `node` took `busy` seconds and wanted `wanted` of them, and the
     worker has its next batch if one was ready. With batches still waiting, rather
     than once the ticks have judged the node (half a second: most of a short run),
     its last tasks, `JUDGED` seconds of them at least, judge it: if they mostly
     waited (I/O bound), as many workers as there are batches waiting; if two or more
     used their core, one more worker if the pod has that core."""
-    seen = run.pool.tasks.setdefault(node, deque(maxlen=64))
-    seen.append((wanted, busy))
+    seen = run.pool.task(node, wanted, busy)
     if not _resizable(run, node):
-        return
+        return []
     took = used = 0.0
     tasks = 0
     for task_wanted, task_busy in reversed(seen):
@@ -99,7 +94,7 @@ def after_task(run: Ledger, node: str, wanted: float, busy: float,
         if took >= JUDGED and tasks >= 2:
             break
     if took < JUDGED:
-        return  # too little seen yet: a stall of a few ms would decide
+        return []  # too little seen yet: a stall of a few ms would decide
     cores = used / took
     waiting = len(run.ready[node]) if node != SOURCE else _starving(run)
     room = max(1, int(MOST_PER_CPU * run.pool.cpus)) - len(run.agents[node])
@@ -108,9 +103,8 @@ def after_task(run: Ledger, node: str, wanted: float, busy: float,
     elif tasks >= 2 and waiting and room and cores <= run.pool.free():
         more = 1
     else:
-        return
-    if more > 0:
-        add(run, node, more, actions)
+        return []
+    return add(run, node, more) if more > 0 else []
 
 
 def _resizable(run: Ledger, node: str) -> bool:
@@ -131,14 +125,10 @@ def _starving(run: Ledger) -> int:
                for a in run.agents[consumer].values() if a.status == IDLE)
 
 
-def add(run: Ledger, node: str, how_many: int, actions: list[Action]) -> None:
-    for _ in range(how_many):
-        worker = max(run.agents[node]) + 1
-        run.agents[node][worker] = Agent()
-        actions.append(AddWorker(node, worker))
-    run.pool.pressure.pop(node, None)  # judge it anew with the new workers
-    run.pool.tasks.pop(node, None)
-    run.pool.settled = 0  # what they take shows in the next whole tick
+def add(run: Ledger, node: str, how_many: int) -> list[Action]:
+    added: list[Action] = [AddWorker(node, run.add_worker(node)) for _ in range(how_many)]
+    run.pool.resized(node)  # judged anew; what they take shows in the next whole tick
+    return added
 
 
 def split(costs: dict[str, float], cpus: float) -> tuple[dict[str, int], float]:
@@ -158,15 +148,15 @@ def split(costs: dict[str, float], cpus: float) -> tuple[dict[str, int], float]:
     return workers, pace
 
 
-def resize(run: Ledger, node: str, count: int | None, actions: list[Action]) -> None:
+def resize(run: Ledger, node: str, count: int | None) -> list[Action]:
     """`node` is to run as `count` workers from now on (None: `auto`, from the ones it
     has): more are started; those beyond it go once idle (the highest first)."""
-    run.pool.fixed[node] = count
+    run.pool.fix(node, count)
     have = sorted(run.agents[node])
     if count is None or count == len(have):
-        return
+        return []
     if count > len(have):
-        add(run, node, count - len(have), actions)
-        return
+        return add(run, node, count - len(have))
     for worker in have[count:]:  # taken back between batches (`between_batches`)
-        run.agents[node][worker].retire = True
+        run.agents[node][worker].retire_when_idle()
+    return []

@@ -36,7 +36,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, assert_never
 
 from podpipe.engine import events as ev
-from podpipe.engine.ledger import Progress
+from podpipe.engine.ledger import Ledger, Progress
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
@@ -46,7 +46,7 @@ from podpipe.runtime.rundir import status
 from podpipe.runtime.conductor.agents import Agents, Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
-from podpipe.runtime.conductor.metrics import Metrics
+from podpipe.runtime.conductor.metrics import Watchers
 from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.conductor.processes import SPAWNED, Launcher, Processes
 from podpipe.runtime.conductor.run import Run, Timeout
@@ -78,7 +78,7 @@ class Conductor:
             owned=run.placement.owned, global_here=run.placement.runs_global,
             workers=workers(run.pipeline, run.graph), cpus=cpus(run.pipeline))
         if launcher is None:  # containers: one per node, started by the kubelet
-            self.engine.in_containers()
+            self.ledger.in_containers()
         self.loop = loops.EventLoop()
         self.agents = Agents(self.loop, listener, self._log)
         self.processes = Processes(launcher, self.loop, reaper=reaper)
@@ -90,12 +90,15 @@ class Conductor:
         self.timeline = Timeline(run.run_dir, self.counters.started)
         self.scratch_work = ScratchWork(run.scratch, run.run_dir, self.agents, self.timeline,
                                         lambda node: node in self.run.graph.tables, self._log)
-        self.metrics: Metrics | None = None  # Prometheus, if asked: served from the start
-        self._metrics_at = metrics
-        self.observer = observer
+        self.watchers = Watchers(observer, metrics)  # shown each status
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
         self.sinks: dict[str, Written] = {}  # once the run succeeded
+
+    @property
+    def ledger(self) -> Ledger:
+        """What the engine knows, read between events."""
+        return self.engine.ledger
 
     @property
     def running(self) -> bool:
@@ -108,17 +111,16 @@ class Conductor:
         try:
             with self.loop:  # signals are events from here on
                 try:
-                    if self._metrics_at:
-                        self.metrics = Metrics(self._metrics_at)
+                    self.watchers.open()  # Prometheus, if asked: from the start
                     for node in self.run.graph.order:
                         self.run.scratch.make_output_dir(node)
                     self.agents.listen()
-                    if self.engine.finished:  # resumed when all was done: nothing to do
+                    if self.ledger.finished:  # resumed when all was done: nothing to do
                         self._end("succeeded", None)
                     elif self.processes.local:
                         if self.processes.reaper:
                             lifetime.become_subreaper()  # what stages leave is ours
-                        for node, worker, _ in self.engine.all_agents():
+                        for node, worker, _ in self.ledger.all_agents():
                             self.processes.begin(agent_name(node, worker))
                     self._loop()
                 finally:
@@ -127,11 +129,10 @@ class Conductor:
         finally:
             self.run.scratch.remove()
             self.counters.ended = time.time()
-            self.timeline.sample(self.engine.progress())
+            self.timeline.sample(self.ledger.progress())
             self.timeline.close()
-            if self.metrics is not None:
-                self.metrics.close()
-            error = self.checkpoints.close(self.engine, self.run.graph, self.run.placement,
+            self.watchers.close()
+            error = self.checkpoints.close(self.ledger, self.run.graph, self.run.placement,
                                            self.outcome[0] == "succeeded")
             if error is not None:
                 self.outcome = ("failed", error)
@@ -285,7 +286,7 @@ class Conductor:
         task = run.task(action)
         stage = run.stage(node)
         if node in run.graph.sinks:
-            task.versions = self.checkpoints.versions_behind(run.graph, self.engine, node,
+            task.versions = self.checkpoints.versions_behind(run.graph, self.ledger, node,
                                                              action.batch)
         elif stage is not None and run.pipeline.checkpoints.reuse:
             task.memo = self.checkpoints.memo(run.pipeline, node,
@@ -337,7 +338,7 @@ class Conductor:
                                        workers(accepted.pipeline, graph)))
         self._pump()  # the engine knows the new graph before the new processes say hello
         for node in diff.added:
-            for worker in range(self.engine.worker_count(node)):
+            for worker in range(self.ledger.worker_count(node)):
                 self.processes.start(agent_name(node, worker), [])
         # Changed nodes, and swapped ones the spec now defines: a swap to the spec.
         swapped = [n for n in self.swaps.overrides if n in graph.inputs and n not in diff.added]
@@ -347,7 +348,7 @@ class Conductor:
         self._pump()
         self.agents.answer(conn, protocol.Applied(
             added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
-            redo=self.engine.to_redo(), resized=list(diff.resized)))
+            redo=self.ledger.to_redo(), resized=list(diff.resized)))
 
     # -- the end, and what it looks like --------------------------------------------
 
@@ -365,7 +366,7 @@ class Conductor:
 
         run = self.run
         try:
-            self.sinks = sink.finish(run.pipeline, run.graph, len(run.plan), self.engine.keys,
+            self.sinks = sink.finish(run.pipeline, run.graph, len(run.plan), self.ledger.keys,
                                      whole=run.placement.replicas == 1)
         except RunError as exc:
             self.outcome = ("failed", exc)
@@ -391,7 +392,7 @@ class Conductor:
         # containers: their pids are in their own namespaces, alive while connected
         processes = self.processes.infos(run.pod) if self.processes.local else \
             self.agents.infos(run.pod)
-        current = snapshot(who, run.graph, progress or self.engine.progress(), self.counters,
+        current = snapshot(who, run.graph, progress or self.ledger.progress(), self.counters,
                            self.checkpoints,
                            processes, state, str(error) if error else None)
         current.sinks = {name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
@@ -400,11 +401,11 @@ class Conductor:
 
     def _flush(self, final: bool = False) -> None:
         if not final:
-            self.events.extend(self.checkpoints.flush(self.engine, self.run.graph,
+            self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
-            if self.processes.local and None in self.engine.pool.fixed.values():
+            if self.processes.local and None in self.ledger.pool.fixed.values():
                 self.events.append(ev.Tick(self.processes.cpu_use()))  # workers: auto
-        progress = self.engine.progress()
+        progress = self.ledger.progress()
         if not final:
             self.timeline.sample(progress)
             self.timeline.flush()
@@ -413,10 +414,7 @@ class Conductor:
             status.write(self.run.run_dir, current)
         except OSError:
             pass  # the status file is a view; the run does not depend on it
-        if self.metrics is not None:
-            self.metrics.latest = current
-        if self.observer is not None:
-            self.observer(current)
+        self.watchers.show(current)
 
     def _log(self, message: str) -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from podpipe.engine import events as ev
+from podpipe.engine.ledger import Ledger
 from podpipe.engine.state import RunState
 from podpipe.errors import RunError
 from podpipe.model.graph import SINGLE, Graph
@@ -96,7 +97,7 @@ class Checkpoints:
         url = (pipeline.checkpoints.durable or "").rstrip("/")
         return f"{url}/{pipeline.name}/memo/{node}/{key}.arrow"
 
-    def versions_behind(self, graph: Graph, engine: RunState, sink: str,
+    def versions_behind(self, graph: Graph, engine: Ledger, sink: str,
                         key: int) -> dict[str, list[str]]:
         """The versions of the stages that made what `sink` writes for `key` (walked up
         the graph once per sink task, from the version recorded per output)."""
@@ -112,7 +113,7 @@ class Checkpoints:
             todo.extend(engine.input_keys(node, k))
         return {stage: sorted(v) for stage, v in versions.items()}
 
-    def flush(self, engine: RunState, graph: Graph, placement: Placement,
+    def flush(self, engine: Ledger, graph: Graph, placement: Placement,
               source_batches: int) -> list[ev.Imported]:
         """Journal the copies made since the last flush, take a major checkpoint when
         one is due; returns the other pods' shard outputs found for a global reduce."""
@@ -127,7 +128,7 @@ class Checkpoints:
             self._checkpoint(engine, graph, placement)
         return self._imports(engine, graph, placement, source_batches)
 
-    def _checkpoint(self, engine: RunState, graph: Graph, placement: Placement) -> None:
+    def _checkpoint(self, engine: Ledger, graph: Graph, placement: Placement) -> None:
         assert self.durable is not None
         groups = {durables.group_name(s): engine.complete(s)
                   for s in engine.shards_here()}
@@ -135,7 +136,7 @@ class Checkpoints:
             groups[durables.group_name(None)] = engine.complete(None)
         self.durable.take(self.on_disk, engine.done_keys(), groups, self._made_by)
 
-    def _imports(self, engine: RunState, graph: Graph, placement: Placement,
+    def _imports(self, engine: Ledger, graph: Graph, placement: Placement,
                  source_batches: int) -> list[ev.Imported]:
         """A global reduce runs here: the other pods' shard outputs it reads, from
         their complete checkpoints on the durable tier."""
@@ -160,7 +161,7 @@ class Checkpoints:
                 imported.append(ev.Imported(copy.node, shard, copy.on("node", copy.path)))
         return imported
 
-    def close(self, engine: RunState, graph: Graph, placement: Placement,
+    def close(self, engine: Ledger, graph: Graph, placement: Placement,
               succeeded: bool) -> RunError | None:
         """Finish the copies handed over, and the last checkpoint: what a rescheduled
         pod would start from (a failed run), or what the other pods and a later

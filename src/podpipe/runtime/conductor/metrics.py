@@ -9,7 +9,7 @@ does not pay for its import).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from podpipe.errors import UsageError
 from podpipe.runtime.rundir.status import Status
@@ -99,3 +99,27 @@ class Metrics:
                 name, text, labels=["pipeline", "pod"])
             family.add_metric([s.pipeline, pod], value)
             yield family
+
+
+class Watchers:
+    """Who is shown each status the conductor flushes: the caller's observer (the
+    terminal's live progress, the Python API's) and Prometheus, when asked for
+    (`where`: `[ADDR:]PORT`), served from `open` to `close`."""
+
+    def __init__(self, observer: Callable[[Status], None] | None, where: str | None) -> None:
+        self.observer, self.where = observer, where
+        self.metrics: Metrics | None = None
+
+    def open(self) -> None:
+        if self.where:
+            self.metrics = Metrics(self.where)
+
+    def show(self, status: Status) -> None:
+        if self.metrics is not None:
+            self.metrics.latest = status
+        if self.observer is not None:
+            self.observer(status)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()

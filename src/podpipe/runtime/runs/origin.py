@@ -153,10 +153,10 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
                       owned=placement.owned, global_here=placement.runs_global,
                       workers=workers(pipeline, graph), cpus=cpus(pipeline))
     counts: dict[str, dict[str, int]] = {}
-    for output in engine.kept():  # the kept outputs it uses
+    for output in engine.ledger.kept():  # the kept outputs it uses
         tally = counts.setdefault(output.node, {})
         tally[output.tier] = tally.get(output.tier, 0) + 1
-    on_disk = [o for o in engine.kept() if o.tier != "ram"]
+    on_disk = [o for o in engine.ledger.kept() if o.tier != "ram"]
     return Restored(engine, counts, finished, notes, on_disk, made_by or {})
 
 

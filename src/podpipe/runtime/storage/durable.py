@@ -191,98 +191,26 @@ def fetch(checkpoint: Checkpoint, run_dir: Path,
 Finished = dict[str, list[int]]  # node -> keys done
 
 
-class DurableTier:
-    """Takes major checkpoints of this pod's groups in a background thread."""
+class _Writer:
+    """Writes a pod's checkpoints to the store: uploads what is new, writes each
+    group's manifest (carrying forward what an earlier pod's had), keeps the last
+    `keep` of them. Called from the durable tier's thread only."""
 
-    def __init__(self, store: Store, *, every_batches: int | None, interval: float,
-                 keep: int, source_batches: int, shards: int,
+    def __init__(self, store: Store, *, keep: int, source_batches: int, shards: int,
                  group_of: Callable[[str, int], str]) -> None:
-        self.store, self.url = store, store.url
-        self.keep, self.source_batches = keep, source_batches
-        self.shards, self.group_of = shards, group_of
-        self.every_batches, self.interval = every_batches, interval
+        self.store, self.keep = store, keep
+        self.source_batches, self.shards, self.group_of = source_batches, shards, group_of
         self.seq: dict[str, int] = {}       # group -> its last manifest's number
         self.earlier: dict[str, Checkpoint | None] = {}  # group -> its manifest before us
         self.written: dict[str, bytes] = {}  # group -> its last manifest's content
         self.uploaded: dict[tuple[str, int], str] = {}  # (node, key) -> key in the store
-        self.taken_at_copies, self.taken_at = 0, time.monotonic()
-        self.pending: tuple[list[Output], Finished, dict[str, bool],
-                            dict[tuple[str, int], str]] | None = None
-        self.checkpoints, self.behind = 0, False
-        self.error: str | None = None
-        self.lock = threading.Condition()
-        self.closing = False
-        self.thread = threading.Thread(target=self._work, name="durable-tier", daemon=True)
-        self.thread.start()
+        self.checkpoints = 0
 
-    def latest(self, group: str) -> Checkpoint | None:
-        return latest(self.store, group)
+    @property
+    def last(self) -> int | None:
+        return max(self.seq.values(), default=None)
 
-    def due(self, copies: int) -> bool:
-        """Time for a checkpoint: `every_batches` new copies, or `interval` seconds with
-        at least one."""
-        new = copies - self.taken_at_copies
-        if new <= 0:
-            return False
-        if self.every_batches is not None and new >= self.every_batches:
-            return True
-        return time.monotonic() - self.taken_at >= self.interval
-
-    def take(self, copies: list[Output], finished: Finished, groups: dict[str, bool],
-             made_by: dict[tuple[str, int], str] | None = None) -> None:
-        """Checkpoint these node-tier copies, for `groups` (name -> complete), with the
-        versions that made what finished (`made_by`); a newer request replaces one not
-        started."""
-        with self.lock:
-            self.pending = (list(copies), finished, groups, dict(made_by or {}))
-            self.behind = True
-            self.taken_at_copies, self.taken_at = len(copies), time.monotonic()
-            self.lock.notify()
-
-    def close(self, wait: float) -> bool:
-        """Stop, after finishing the checkpoint in hand for at most `wait` seconds;
-        returns whether every checkpoint asked for was taken."""
-        with self.lock:
-            self.closing = True
-            self.lock.notify()
-        self.thread.join(wait)
-        with self.lock:
-            return self.pending is None
-
-    def status(self) -> dict[str, Any]:
-        return {"url": self.url, "checkpoints": self.checkpoints,
-                "last": max(self.seq.values(), default=None),
-                "behind": self.behind, "error": self.error}
-
-    def _work(self) -> None:
-        attempt = 0
-        while True:
-            with self.lock:
-                while self.pending is None and not self.closing:
-                    self.lock.wait()
-                if self.pending is None:
-                    return
-                copies, finished, groups, made_by = self.pending
-            try:
-                self._checkpoint(copies, finished, groups, made_by)
-            except Exception as exc:  # noqa: BLE001 - any store failure: retry later
-                self.error = f"{type(exc).__name__}: {exc}"
-                with self.lock:
-                    if self.closing:
-                        return
-                    self.lock.wait(BACKOFF[min(attempt, len(BACKOFF) - 1)])
-                attempt += 1
-                continue
-            attempt = 0
-            with self.lock:
-                if self.pending is not None and self.pending[0] is copies:
-                    self.pending = None
-                    self.behind = False
-                self.error = None
-                if self.closing and self.pending is None:
-                    return
-
-    def _checkpoint(self, copies: list[Output], finished: Finished,
+    def checkpoint(self, copies: list[Output], finished: Finished,
                     groups: dict[str, bool], made_by: dict[tuple[str, int], str]) -> None:
         outputs: dict[str, list[Stored]] = {g: [] for g in groups}
         for copy in copies:
@@ -347,3 +275,90 @@ class DurableTier:
         for key in keys:
             if key.startswith(f"{group}/outputs/") and key not in named:
                 self.store.delete(key)
+
+
+class DurableTier:
+    """Takes major checkpoints of this pod's groups in a background thread, when due:
+    the latest request replaces one not started; a failed one is tried again."""
+
+    def __init__(self, store: Store, *, every_batches: int | None, interval: float,
+                 keep: int, source_batches: int, shards: int,
+                 group_of: Callable[[str, int], str]) -> None:
+        self.url = store.url
+        self.writer = _Writer(store, keep=keep, source_batches=source_batches, shards=shards,
+                              group_of=group_of)
+        self.every_batches, self.interval = every_batches, interval
+        self.taken_at_copies, self.taken_at = 0, time.monotonic()
+        self.pending: tuple[list[Output], Finished, dict[str, bool],
+                            dict[tuple[str, int], str]] | None = None
+        self.behind = False
+        self.error: str | None = None
+        self.lock = threading.Condition()
+        self.closing = False
+        self.thread = threading.Thread(target=self._work, name="durable-tier", daemon=True)
+        self.thread.start()
+
+    def latest(self, group: str) -> Checkpoint | None:
+        return latest(self.writer.store, group)
+    def due(self, copies: int) -> bool:
+        """Time for a checkpoint: `every_batches` new copies, or `interval` seconds with
+        at least one."""
+        new = copies - self.taken_at_copies
+        if new <= 0:
+            return False
+        if self.every_batches is not None and new >= self.every_batches:
+            return True
+        return time.monotonic() - self.taken_at >= self.interval
+
+    def take(self, copies: list[Output], finished: Finished, groups: dict[str, bool],
+             made_by: dict[tuple[str, int], str] | None = None) -> None:
+        """Checkpoint these node-tier copies, for `groups` (name -> complete), with the
+        versions that made what finished (`made_by`); a newer request replaces one not
+        started."""
+        with self.lock:
+            self.pending = (list(copies), finished, groups, dict(made_by or {}))
+            self.behind = True
+            self.taken_at_copies, self.taken_at = len(copies), time.monotonic()
+            self.lock.notify()
+
+    def close(self, wait: float) -> bool:
+        """Stop, after finishing the checkpoint in hand for at most `wait` seconds;
+        returns whether every checkpoint asked for was taken."""
+        with self.lock:
+            self.closing = True
+            self.lock.notify()
+        self.thread.join(wait)
+        with self.lock:
+            return self.pending is None
+
+    def status(self) -> dict[str, Any]:
+        return {"url": self.url, "checkpoints": self.writer.checkpoints,
+                "last": self.writer.last, "behind": self.behind, "error": self.error}
+
+    def _work(self) -> None:
+        attempt = 0
+        while True:
+            with self.lock:
+                while self.pending is None and not self.closing:
+                    self.lock.wait()
+                if self.pending is None:
+                    return
+                copies, finished, groups, made_by = self.pending
+            try:
+                self.writer.checkpoint(copies, finished, groups, made_by)
+            except Exception as exc:  # noqa: BLE001 - any store failure: retry later
+                self.error = f"{type(exc).__name__}: {exc}"
+                with self.lock:
+                    if self.closing:
+                        return
+                    self.lock.wait(BACKOFF[min(attempt, len(BACKOFF) - 1)])
+                attempt += 1
+                continue
+            attempt = 0
+            with self.lock:
+                if self.pending is not None and self.pending[0] is copies:
+                    self.pending = None
+                    self.behind = False
+                self.error = None
+                if self.closing and self.pending is None:
+                    return
