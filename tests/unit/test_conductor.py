@@ -16,7 +16,8 @@ from podpipe.model import spec as specs
 from podpipe.model.output import Output
 from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.conductor.agents import Agents, to_event
-from podpipe.runtime.conductor.processes import Process, Processes
+from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.plumbing.launching import Process
 from podpipe.runtime.conductor.swaps import Swaps
 from podpipe.runtime.plumbing.loop import EventLoop
 

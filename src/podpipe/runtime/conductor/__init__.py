@@ -48,7 +48,8 @@ from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
 from podpipe.runtime.conductor.metrics import Watchers
 from podpipe.runtime.conductor.nodes import cpus, retries, workers
-from podpipe.runtime.conductor.processes import SPAWNED, Launcher, Processes
+from podpipe.runtime.conductor.processes import SPAWNED, Processes
+from podpipe.runtime.plumbing.launching import Launcher
 from podpipe.runtime.conductor.run import Run, Timeout
 from podpipe.runtime.conductor.scratchwork import ScratchWork
 from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot

@@ -2,7 +2,7 @@
 
 The conductor asks a launcher for one process per node and gets a `Process` it can
 watch (pidfd), wait for, terminate and kill. Two launchers of the conductor's
-interface (`conductor.processes.Launcher`):
+interface (`plumbing.launching.Launcher`):
 
 - `ForkLauncher` (the default): a fork server imports pyarrow once and forks every
   stage process from it, so a pod of N stages does not pay N interpreter starts;
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from podpipe.runtime.conductor.processes import Launcher, Process
+from podpipe.runtime.plumbing.launching import Launcher, Process
 from podpipe.runtime.plumbing import files, lifetime, protocol
 from podpipe.runtime.plumbing.lifetime import die_with_parent
 
