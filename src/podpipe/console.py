@@ -21,6 +21,17 @@ from podpipe.runtime.rundir.status import RunRow, Status
 
 WATCH_SECONDS = 0.5  # how often `status --watch` reads the status again
 
+# Control characters but newline and tab, as a terminal would act on them (C0, DEL, C1).
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+            if c not in (0x0A, 0x09)}
+
+
+def printable(text: str) -> str:
+    """`text` as a terminal should show it: a stage's escape sequences (colours,
+    links, a cleared screen) written out as `\\x1b...` rather than acted on. (The
+    consoles print with markup off: `[/x]` in a message is text too.)"""
+    return text.translate(_CONTROL)
+
 
 class LiveProgress:
     """A rich progress bar per node (batches done/total, rows/s), and one for the RAM
@@ -175,8 +186,8 @@ def status_table(status: Status) -> Table:
     held = [f"\nheld: stage {n!r} (version {s.version}): {s.held}; swap it to go on"
             for n, s in status.stages.items() if s.held]
     table.caption = (f"run {status.run_id}  state {status.state}  scratch "
-                     f"{status.scratch}" + (f"\nerror: {status.error}"
-                                                if status.error else "") + "".join(held)
+                     f"{status.scratch}" + (f"\nerror: {printable(status.error)}"
+                                                if status.error else "") + printable("".join(held))
                      + (f"\ndurable: {durable_warning(status)}"
                         if status.state != "running" and durable_warning(status) else ""))
     for line in calls(status):

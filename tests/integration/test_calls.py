@@ -338,3 +338,14 @@ def test_two_replicas_of_a_call_stage_show_one_status_with_percentiles_never_add
         run_status(tmp_path / "run" / "pods" / str(i))["stages"]["ask"]["workers_max"]
         for i in (0, 1))
     _expected(tmp_path)
+
+
+def test_a_retry_after_of_an_hour_waits_no_longer_than_the_calls_timeout(tmp_path, stub):
+    """A 429 asking for an hour held the stage for that hour (no stage timeout by
+    default): the wait is capped by the call's `timeout`, and the run finishes."""
+    service = stub("--throttle", "3", "--retry-after", "3600")
+    _spec(tmp_path, service.url, call={"timeout": 1})
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path, timeout=200)
+    assert done.returncode == 0, done.stderr
+    assert service.stats()["received"] > REQUESTS  # the 429s were asked again, and answered
+    _expected(tmp_path)

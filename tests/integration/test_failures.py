@@ -355,3 +355,35 @@ def test_reduce_inputs_beyond_the_budget_spill_to_the_node_tier(workdir, kind):
     assert status["spilled_outputs"] >= 5
     assert status["peak_scratch_bytes"] <= 100 * 1024
     assert "spills to the node tier" in (workdir / "run/logs/conductor.log").read_text()
+
+
+def test_a_fifo_as_the_spec_is_refused_at_once_not_waited_on(workdir):
+    """A FIFO nobody writes to hung `validate` and `run` in the open."""
+    os.mkfifo(workdir / "p.yaml")
+    for command in (["validate", "p.yaml"], ["run", "p.yaml", "--quiet"]):
+        done = podpipe(*command, cwd=workdir, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "p.yaml" in done.stderr and "not a regular file" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_swap_and_apply_take_latest_as_every_other_command_does(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "a", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", cwd=workdir).returncode == 0
+    for command in (["swap", "latest", "a", "--run", "pystages:plus_one"],
+                    ["apply", "latest", "p.yaml"]):
+        done = podpipe(*command, cwd=workdir)
+        assert done.returncode == 2, done.stderr
+        assert "the run is succeeded, not running" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("root", ["/etc/passwd", "relative/dir", ""])
+def test_a_scratch_root_that_is_no_directory_is_bad_input(workdir, root):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "a", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir, PODPIPE_SCRATCH_ROOT=root)
+    assert done.returncode == 2, done.stderr
+    assert "PODPIPE_SCRATCH_ROOT" in done.stderr and "Traceback" not in done.stderr

@@ -299,8 +299,11 @@ def test_sizes_beyond_sane_limits_are_refused_with_the_limit(tmp_path, setting, 
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
-def test_a_spec_that_never_ends_is_refused_after_a_mebibyte(tmp_path):
+def test_a_spec_that_never_ends_is_refused_and_a_huge_one_after_a_mebibyte(tmp_path):
     done = podpipe("validate", "/dev/zero", cwd=tmp_path, timeout=30)
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr
+    (tmp_path / "huge.yaml").write_text("# " + "x" * (2 << 20) + "\n")
+    done = podpipe("validate", "huge.yaml", cwd=tmp_path, timeout=30)
     assert done.returncode == 2 and "larger than 1 MiB" in done.stderr, done.stderr
 
 
@@ -506,3 +509,40 @@ def test_a_run_whose_checkpoints_stopped_working_says_so_and_fails_if_they_are_r
     else:
         assert run.returncode == 0, err
         assert "the last checkpoint to" in out and "was not written" in out
+
+
+def test_a_stages_message_reaches_the_terminal_as_text_and_the_log_keeps_its_bytes(tmp_path):
+    """Markup in an error (`[/x]` once crashed the printer and lost the error; a
+    `[link=...]` became a link) and escape sequences (colours, OSC 8 links) are shown
+    as text; the stage's log keeps what it wrote."""
+    import pty
+
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "boom", "run": "pystages:fail_with_markup", "inputs": ["source"]}],
+        [{"input": "boom", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "MarkupError" not in done.stderr
+    assert "bad [/x] [link=http://evil.example]here[/link]" in done.stderr
+    assert "\x1b" not in done.stderr and "\\x1b[31mred\\x1b[0m" in done.stderr
+    assert "\x1b[31mred" in (tmp_path / "run/logs/boom.log").read_text()  # the raw bytes
+    ours, theirs = pty.openpty()  # `podpipe logs` in a terminal
+    from conftest import cli_env
+
+    logs = subprocess.run([sys.executable, "-m", "podpipe", "logs", "run", "boom"],
+                          cwd=tmp_path, env=cli_env(), stdout=theirs, stderr=subprocess.PIPE,
+                          timeout=60)
+    os.close(theirs)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(ours, 1 << 16)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(ours)
+    assert logs.returncode == 0, logs.stderr
+    assert b"\\x1b[31mred" in shown and b"\x1b[31mred" not in shown

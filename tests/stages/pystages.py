@@ -275,3 +275,9 @@ def mapped_deleted(t: pa.Table) -> pa.Table:
 def mapped_deleted_gated(t: pa.Table) -> pa.Table:
     """`mapped_deleted` once the file named by GATE exists."""
     return _gated(mapped_deleted, t)
+
+
+def fail_with_markup(t: pa.Table) -> pa.Table:
+    """Fails with what a terminal or rich would act on: markup, colours, a link."""
+    raise ValueError("bad [/x] [link=http://evil.example]here[/link] "
+                     "\x1b[31mred\x1b[0m \x1b]8;;http://evil.example\x07link\x1b]8;;\x07")

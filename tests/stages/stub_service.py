@@ -5,7 +5,7 @@
 POST / with an Arrow IPC stream (or a JSON array of row objects) of column `x`;
 the answer has `y = 2 * x` (same format, a row per row). It answers after
 `latency` seconds; a share `errors` of requests gets a 503 (seeded: the same
-requests every run), every `throttle`-th a 429 with `Retry-After`; `--down` makes
+requests every run), every `throttle`-th a 429 with `Retry-After` (`--retry-after`, 0.05 s); `--down` makes
 every request a 503 with a short body. GET /stats: requests received and
 answered, distinct bodies answered, the most in flight at once; POST /mode with
 JSON `{latency, errors, throttle, down}` changes them and starts the counts afresh
@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--errors", type=float, default=0.0)
     parser.add_argument("--throttle", type=int, default=0)
+    parser.add_argument("--retry-after", default="0.05", help="what a 429 asks to wait")
     parser.add_argument("--down", action="store_true")
     args = parser.parse_args()
     rng = random.Random(7)
@@ -61,7 +62,7 @@ def main() -> None:
             if args.down:
                 return web.Response(status=503, text="overloaded, try later")
             if args.throttle and seen["received"] % args.throttle == 0:
-                return web.Response(status=429, headers={"Retry-After": "0.05"})
+                return web.Response(status=429, headers={"Retry-After": args.retry_after})
             if rng.random() < args.errors:
                 return web.Response(status=503, text="busy")
             if request.content_type == "application/json" or body[:1] == b"[":

@@ -53,18 +53,22 @@ def main(argv: list[str] | None = None) -> int:
 
         args.server = warm()
     from rich.console import Console
+    from rich.text import Text
 
-    console, errors = Console(), Console(stderr=True)
+    from podpipe.console import printable
+
+    # Markup off: what a message says (a path, a stage's error) is shown as text.
+    console, errors = Console(markup=False), Console(stderr=True, markup=False)
     try:
         return _COMMANDS[args.command](args, console)
     except BrokenPipeError:  # `podpipe plan --json | head`: the reader had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except PodpipeError as exc:
-        errors.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True,
-                     soft_wrap=True)
+        errors.print(Text.assemble(("error:", "bold red"), " ", printable(str(exc))),
+                     highlight=False, soft_wrap=True)
         if isinstance(exc, StageError) and exc.traceback:  # where in the user's code
-            errors.print("the stage's code, last frames:\n" + exc.traceback, markup=False,
+            errors.print("the stage's code, last frames:\n" + printable(exc.traceback),
                          highlight=False, soft_wrap=True)
         return exit_code(exc)
     except KeyboardInterrupt:
@@ -129,7 +133,10 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 
 def _with_progress(console: Console, quiet: bool,
                    start: Callable[[Callable[[Status], None] | None], Status]) -> int:
+    from rich.text import Text
+
     from podpipe import console as terminal
+    from podpipe.console import printable
 
     if quiet:
         final = start(None)
@@ -144,7 +151,8 @@ def _with_progress(console: Console, quiet: bool,
             live.stop()
             raise
     for note in final.restore_notes:
-        console.print(f"[yellow]restored:[/] {note}", highlight=False)
+        console.print(Text.assemble(("restored:", "yellow"), " ", printable(note)),
+                      highlight=False)
     console.print(terminal.summary(final))
     for line in terminal.calls(final):
         console.print(f"calls: {line}", highlight=False)
@@ -153,7 +161,8 @@ def _with_progress(console: Console, quiet: bool,
                       f"{terminal.plural(out.rows, 'row')} → {out.uri}", highlight=False)
     warning = terminal.durable_warning(final)
     if warning:
-        console.print(f"[yellow]durable:[/] {warning}", highlight=False)
+        console.print(Text.assemble(("durable:", "yellow"), " ", printable(warning)),
+                      highlight=False)
     console.print(f"run directory: {final.run_dir}")
     return 0
 
@@ -303,7 +312,9 @@ def _swap_patch(args: argparse.Namespace) -> int:
 
     if args.image is None:
         raise UsageError("--k8s: a swap on Kubernetes is an image change; give --image")
-    run_dir = Path(args.run_dir)
+    from podpipe.runtime.runs import following as runs
+
+    run_dir = runs.resolve(args.run_dir)
     recorded = rundir.read(run_dir)
     try:
         spec_text = (run_dir / "spec.yaml").read_text()
@@ -341,8 +352,11 @@ def _runs(args: argparse.Namespace, console: Console) -> int:
 def _logs(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import following as runs
 
+    from podpipe.console import printable
+
+    shown = printable if sys.stdout.isatty() else str  # (the log files keep the bytes)
     for line in runs.logs(args.run_dir, args.stage, batch=args.batch, follow=args.follow):
-        sys.stdout.write(line + "\n")
+        sys.stdout.write(shown(line) + "\n")
         if args.follow:
             sys.stdout.flush()
     return 0

@@ -142,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
                     "the new version takes the later batches. The conductor, the other "
                     "stages and the data in RAM stay. A new version that fails holds the "
                     "stage (the run waits): swap back to go on.")
-    swap.add_argument("run_dir", metavar="RUN_DIR")
+    swap.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
     swap.add_argument("stage", metavar="STAGE")
     what = swap.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", metavar="MODULE:FUNCTION", help="a Python callable")
@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
                     "stop the removed ones, swap the changed ones, leave the rest "
                     "running. Refuses what a running run cannot take (a changed source, "
                     "a rewired stage), saying why.")
-    apply.add_argument("run_dir", metavar="RUN_DIR")
+    apply.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
     apply.add_argument("new_spec", metavar="NEW_SPEC")
     apply.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
 

@@ -9,7 +9,9 @@ expected. Everything past this module sees typed objects only.
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ KIND = "Pipeline"
 
 # The spec's records are defined in `model.pipeline`; parsing them is this module's.
 __all__ = ["API_VERSION", "KIND", "MAX_BATCH_ROWS", "SOURCE", "Call", "Checkpoints", "Pipeline", "Resources",
-           "Sink", "Source", "Stage", "Table", "load", "parse"]
+           "Sink", "Source", "Stage", "Table", "load", "parse", "read"]
 DEFAULT_MEMORY = "1GiB"
 DEFAULT_BATCH_ROWS = 500_000
 SOURCE_FORMATS = ("parquet", "csv", "arrow")
@@ -46,17 +48,30 @@ _CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or milli
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
     """Read, override (`--set KEY=VALUE`) and validate the spec at `path`."""
+    return parse(read(path), file=str(path), overrides=overrides)
+
+
+def read(path: str | Path) -> bytes:
+    """The bytes of the spec file at `path`: a regular file (a FIFO, a device or a
+    socket could block or never end), at most MAX_SPEC_BYTES (+1, to tell)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SPEC_BYTES + 1)  # never more: /dev/zero is a file too
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO would block the open
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise SpecError("is not a regular file (a FIFO, device or socket is "
+                                "refused: it could block or never end), expected a YAML "
+                                "file", file=str(path))
+            return f.read(MAX_SPEC_BYTES + 1)  # never more
     except FileNotFoundError:
         raise SpecError("no such file", file=str(path)) from None
     except IsADirectoryError:
         raise SpecError("is a directory, expected a YAML file", file=str(path)) from None
     except OSError as exc:
         raise SpecError(f"cannot read: {exc.strerror}", file=str(path)) from exc
-    return parse(raw, file=str(path), overrides=overrides)
 
 
 def parse(raw: bytes | str, *, file: str = "spec",

@@ -36,11 +36,12 @@ class UnsafeScratch(Exception):
 
 
 def default_root() -> Path:
-    """`PODPIPE_SCRATCH_ROOT`, else /dev/shm; UsageError for an empty or relative one."""
+    """`PODPIPE_SCRATCH_ROOT`, else /dev/shm; UsageError for an empty or relative one,
+    or one that is no directory."""
     value = os.environ.get("PODPIPE_SCRATCH_ROOT")
     if value is None:
         return Path("/dev/shm")
-    if not value or not os.path.isabs(value):
+    if not value or not os.path.isabs(value) or not os.path.isdir(value):
         raise UsageError(f"PODPIPE_SCRATCH_ROOT={value!r}: expected an absolute path to a "
                          "directory on a tmpfs (unset it for /dev/shm)")
     return Path(value)

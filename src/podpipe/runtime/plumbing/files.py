@@ -10,6 +10,8 @@ following links: what a run writes is its user's alone.
 from __future__ import annotations
 
 import os
+import pwd
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -102,3 +104,42 @@ def private_dirs(path: Path) -> None:
 def append_private(path: Path) -> int:
     """A file descriptor appending to `path` (a log), created 0600, never through a link."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+
+
+class NotOurs(Exception):
+    """A path podpipe would read back or act on is another user's, or others may
+    write to it: it is not trusted."""
+
+
+def _who(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_ours(path: Path) -> None:
+    """Refuse (`NotOurs`) `path` unless this user owns it, and it (a link: its target
+    too) is not writable by group or others: what another user arranged must not
+    steer this user's run."""
+    me = os.geteuid()
+    for st in (os.lstat(path), os.stat(path)):
+        if st.st_uid != me:
+            raise NotOurs(f"{path} is owned by {_who(st.st_uid)}, not by you "
+                          f"({_who(me)}): podpipe does not act on another user's runs")
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
+            raise NotOurs(f"{path} is writable by others (mode {stat.filemode(st.st_mode)}): "
+                          "podpipe does not trust what others may have changed")
+
+
+def read_ours(path: Path, limit: int = 1 << 26) -> bytes:
+    """The bytes of `path`, a file of this user's that others cannot write (`NotOurs`
+    otherwise), opened without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotOurs(f"{path} is not a regular file")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            check_ours(path)  # (says why)
+        return f.read(limit)

@@ -69,8 +69,14 @@ def write(path: Path, record: RunRecord) -> None:
 
 
 def read(path: Path) -> RunRecord:
+    """`run.json`: how the run was started (its spec, overrides, working directory), in
+    a run directory of this user's (UsageError naming the owner otherwise: a resume
+    would run the code it names)."""
     try:
-        return msgspec.json.decode((path / RECORD).read_bytes(), type=RunRecord)
+        files.check_ours(path)
+        return msgspec.json.decode(files.read_ours(path / RECORD), type=RunRecord)
+    except files.NotOurs as exc:
+        raise UsageError(str(exc)) from None
     except (OSError, msgspec.DecodeError) as exc:
         raise UsageError(f"{path}: not a podpipe run directory ({exc})") from None
 

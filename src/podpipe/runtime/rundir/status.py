@@ -173,13 +173,17 @@ def write(run_dir: Path, status: Status) -> None:
 
 def read(run_dir: str | Path) -> Status:
     """The status of the run in `run_dir`, checked against `Status`; a run whose
-    writer is gone reads as `interrupted`."""
+    writer is gone reads as `interrupted`. The directory and the file must be this
+    user's, and not writable by others (UsageError naming the owner otherwise)."""
     run_dir = Path(run_dir)
     try:
-        status = msgspec.json.decode((run_dir / FILE).read_bytes(), type=Status)
+        files.check_ours(run_dir)  # (another user's run is not ours to act on)
+        status = msgspec.json.decode(files.read_ours(run_dir / FILE), type=Status)
     except FileNotFoundError:
         kind = "no such directory" if not run_dir.is_dir() else f"has no {FILE}"
         raise UsageError(f"{run_dir}: not a podpipe run directory ({kind})") from None
+    except files.NotOurs as exc:
+        raise UsageError(str(exc)) from None
     except (OSError, msgspec.DecodeError) as exc:
         raise UsageError(f"{run_dir / FILE}: unreadable status: {exc}") from None
     if status.state == "running":

@@ -13,9 +13,11 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from podpipe.model import spec as specs
 from podpipe.errors import RunError, UsageError
 from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.rundir import status
+from podpipe.runtime.runs import following
 from podpipe.runtime.data.scratch import Scratch
 
 
@@ -62,16 +64,14 @@ def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
 def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[Answer]:
     """Have the running run at `run_dir` (every pod of a multi-replica run) go on with
     the spec at `spec_path`; returns each pod's answer."""
-    try:
-        text = Path(spec_path).read_text()
-    except OSError as exc:
-        raise UsageError(f"{spec_path}: {exc.strerror}") from None
+    text = specs.read(spec_path).decode("utf-8", errors="replace")  # (checked there)
     return [_request(pod, protocol.ApplyRequest(spec=text, path=spec_path), timeout, "apply")
             for pod in _pods(run_dir, "nothing to apply to (run the new spec instead)")]
 
 
 def _pods(run_dir: str, otherwise: str) -> list[Path]:
     """The run directories of a running run's pods (one, unless it has replicas)."""
+    run_dir = str(following.resolve(run_dir))  # a path, or `latest`
     current = status.read(run_dir)
     if current.state != "running":
         raise UsageError(f"{run_dir}: the run is {current.state}, not running; "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from podpipe.errors import INTERRUPTED_EXIT_CODE, UsageError
-from podpipe.runtime.plumbing import logline
+from podpipe.runtime.plumbing import files, logline
 from podpipe.runtime.rundir import status
 
 LATEST = "latest"
@@ -35,6 +35,12 @@ def resolve(run_dir: str) -> Path:
     if not link.is_symlink():
         raise UsageError(f"latest: no run in {DEFAULT_RUNS} yet (runs started with "
                          "--run-dir elsewhere are not tracked there)")
+    try:  # the runs folder and the link are this user's (another's could point anywhere)
+        files.check_ours(DEFAULT_RUNS)
+        if os.lstat(link).st_uid != os.geteuid():
+            raise files.NotOurs(f"{link} was made by another user: not followed")
+    except files.NotOurs as exc:
+        raise UsageError(f"latest: {exc}") from None
     return (DEFAULT_RUNS / os.readlink(link)).resolve()
 
 

@@ -7,7 +7,8 @@ order. Requests overlap (asyncio, one aiohttp session per process: connections
 pooled and kept alive), at most `concurrency` at once over all the stage's workers
 (each has its share) and `rateLimit` a second; a request that meets a connection
 error, a timeout, a 429 or a 5xx is sent again after a backoff (exponential, with
-jitter, at least what `Retry-After` says), `retries` times at most.
+jitter, at least what `Retry-After` says, up to the call's `timeout`), `retries` times
+at most.
 
 **At most once per request.** Every answer is kept on the node tier, under a
 digest of the request (method, URL, the headers named in `memoKey`, body), as it
@@ -172,7 +173,8 @@ class Client:
                                  f"begins {data[:120]!r}")
             figures.retries += 1
             delay = min(MAX_BACKOFF, BACKOFF * 2 ** attempt) * random.uniform(0.5, 1.5)
-            await asyncio.sleep(max(delay, wait or 0.0))
+            # as long as the service asks, but never longer than a request may take
+            await asyncio.sleep(max(delay, min(wait or 0.0, self.call.timeout)))
         raise AssertionError("unreachable")
 
     async def _pace(self) -> None:
