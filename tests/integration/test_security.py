@@ -7,6 +7,7 @@ skipped, saying why.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -546,3 +547,70 @@ def test_a_stages_message_reaches_the_terminal_as_text_and_the_log_keeps_its_byt
     os.close(ours)
     assert logs.returncode == 0, logs.stderr
     assert b"\\x1b[31mred" in shown and b"\x1b[31mred" not in shown
+
+
+def _give_to_nobody(path: Path) -> None:
+    """Make `path` and everything under it another user's (as if they had made it)."""
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, NOBODY, NOBODY, follow_symlinks=False)
+
+
+@as_root
+def test_another_users_runs_folder_and_latest_do_not_steer_a_resume(tmp_path):
+    """Their `.podpipe/runs`, `latest` pointing at their failed run: root's `resume
+    latest` (or of the directory itself) ran the code their run names, as root."""
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]}],
+        [{"input": "boom", "uri": "out/"}]))
+    make_numbers(tmp_path / "data")
+    assert podpipe("run", "p.yaml", "--quiet", cwd=tmp_path).returncode == 1
+    theirs = (tmp_path / ".podpipe" / "runs" / "latest").resolve()
+    _give_to_nobody(tmp_path / ".podpipe")
+    for target in ("latest", str(theirs)):
+        done = podpipe("resume", target, "--quiet", cwd=tmp_path, BOOM_AT="-1")
+        assert done.returncode == 2, done.stderr
+        assert "owned by nobody (uid 65534), not by you" in done.stderr, done.stderr
+    assert json.loads((theirs / "status.json").read_text())["state"] == "failed"  # untouched
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
+
+
+@as_root
+def test_a_planted_status_does_not_make_stop_signal_the_process_it_names(tmp_path):
+    """`stop DIR` on another user's run directory signalled whatever pid its status
+    named: here, a process of root's."""
+    from podpipe.runtime.data.scratch import process_start
+
+    make_numbers(tmp_path / "data", files=1, rows=10)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", "--run-dir", "planted",
+                   cwd=tmp_path).returncode == 0
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        status = json.loads((tmp_path / "planted" / "status.json").read_text())
+        status["state"] = "running"
+        conductor = next(p for p in status["processes"] if p["role"] == "conductor")
+        conductor.update(pid=victim.pid, start=process_start(victim.pid))
+        (tmp_path / "planted" / "status.json").write_text(json.dumps(status))
+        _give_to_nobody(tmp_path / "planted")
+        done = podpipe("stop", "planted", cwd=tmp_path, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert "not by you" in done.stderr
+        assert victim.poll() is None  # not signalled
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@as_root
+def test_a_status_writable_by_others_is_not_trusted(tmp_path):
+    make_numbers(tmp_path / "data", files=1, rows=10)
+    write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                           "inputs": ["source"]}],
+                                         [{"input": "s", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path).returncode == 0
+    assert podpipe("status", "run", cwd=tmp_path).returncode == 0
+    os.chmod(tmp_path / "run" / "status.json", 0o666)
+    done = podpipe("status", "run", cwd=tmp_path)
+    assert done.returncode == 2 and "writable by others" in done.stderr, done.stderr
