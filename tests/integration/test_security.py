@@ -614,3 +614,89 @@ def test_a_status_writable_by_others_is_not_trusted(tmp_path):
     os.chmod(tmp_path / "run" / "status.json", 0o666)
     done = podpipe("status", "run", cwd=tmp_path)
     assert done.returncode == 2 and "writable by others" in done.stderr, done.stderr
+
+
+def _shared_folder() -> Path:
+    """A folder every user may write to, as /tmp is (nobody cannot reach pytest's
+    tmp_path, root's 0700)."""
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="podpipe-shared-"))
+    shared.chmod(0o755)
+    (shared / "out").mkdir()
+    (shared / "out").chmod(0o1777)
+    return shared
+
+
+@as_root
+def test_links_planted_under_a_sinks_temporary_names_are_not_written_through(tmp_path):
+    """Another user who may write in the sink's folder plants links under the names
+    the run writes, its processes' pids being in `ps`: the part files' and
+    `_SUCCESS`'s temporary names. Nothing of root's is overwritten, the output is
+    whole."""
+    import shutil
+
+    from conftest import start_run
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's own")
+    victim.chmod(0o600)
+    shared = _shared_folder()
+    out = shared / "out"
+    make_numbers(tmp_path / "data", files=2, rows=100, row_group=100)
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:double_gated", "inputs": ["source"]}],
+        [{"input": "a", "uri": f"{out}/"}]))
+    run = start_run(tmp_path, GATE=str(tmp_path / "gate"))
+    try:
+        wait_until(lambda: {"conductor", "sink-0"} <= {
+            p["stage"] or p["role"] for p in run_status(tmp_path / "run").get("processes", [])},
+            "the run's processes")
+        pids = {p["stage"] or p["role"]: p["pid"]
+                for p in run_status(tmp_path / "run")["processes"]}
+        plants = [out / f".part-{b:06d}.parquet.{pids['sink-0']}.tmp" for b in range(2)]
+        plants.append(out / f"._SUCCESS.{pids['conductor']}.tmp")
+
+        def plant() -> bool:
+            for link in plants:
+                os.symlink(victim, link)
+            return True
+        assert _as_nobody(plant) == 0
+        (tmp_path / "gate").touch()
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    try:
+        assert victim.read_bytes() == b"root's own"
+        assert run.returncode == 0, err
+        assert read_sink(out)["x"].to_pylist() == [2 * x for x in range(200)]
+    finally:
+        shutil.rmtree(shared)
+
+
+@as_root
+def test_a_staging_link_planted_in_a_sink_is_refused_before_anything_is_written(tmp_path):
+    """A `_staging` link made a `mode: overwrite` run write into, and delete part
+    files from, the folder it points to."""
+    import shutil
+
+    theirs = tmp_path / "roots-output"
+    theirs.mkdir()
+    (theirs / "part-000005.parquet").write_bytes(b"root's own")
+    shared = _shared_folder()
+    out = shared / "out"
+    make_numbers(tmp_path / "data", files=2, rows=100, row_group=100)
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "a", "uri": f"{out}/", "mode": "overwrite"}]))
+    assert _as_nobody(lambda: os.symlink(theirs, out / "_staging") is None) == 0
+    try:
+        done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert "_staging" in done.stderr and "not written through" in done.stderr
+        assert sorted(p.name for p in theirs.iterdir()) == ["part-000005.parquet"]
+        assert (theirs / "part-000005.parquet").read_bytes() == b"root's own"
+    finally:
+        shutil.rmtree(shared)

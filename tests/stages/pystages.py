@@ -281,3 +281,8 @@ def fail_with_markup(t: pa.Table) -> pa.Table:
     """Fails with what a terminal or rich would act on: markup, colours, a link."""
     raise ValueError("bad [/x] [link=http://evil.example]here[/link] "
                      "\x1b[31mred\x1b[0m \x1b]8;;http://evil.example\x07link\x1b]8;;\x07")
+
+
+def double_gated(t: pa.Table) -> pa.Table:
+    """`double`, once the file named by GATE exists."""
+    return _gated(double, t)

@@ -20,11 +20,17 @@ when a run starts writing into the sink, so it is there only over a complete out
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import stat
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
@@ -35,6 +41,9 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import Pipeline, Sink
 from podpipe.runtime.plumbing import files
 
+
+# A temporary name of `files.temporary_name`: `.NAME.PID.tmp`.
+_TEMPORARY = re.compile(r"\.(?:part-\d{6}\.parquet|_SUCCESS)\.(\d+)\.tmp")
 
 VERSIONS = b"podpipe.versions"
 STAGING = "_staging"
@@ -53,13 +62,68 @@ def _batch_of(name: str) -> int | None:
 
 
 class _Folder:
-    """A sink's folder on its filesystem: where its part files are and go."""
+    """A sink's folder on its filesystem: where its part files are and go.
+
+    On a local filesystem, where another user may write in a shared folder, files are
+    created exclusively without following links (`files.writing`), and `_staging` is
+    used only if it is a directory of this user's (not a link someone planted)."""
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.fs, root = fsspec.core.url_to_fs(sink.uri)
         self.root = root.rstrip("/")
         self.staging = f"{self.root}/{STAGING}"
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def check_staging(self) -> None:
+        """A `_staging` there already must be a directory of this user's that others
+        cannot write to: one planted as a link would have the run write into, and
+        delete part files from, wherever it points."""
+        if not self.local or not os.path.lexists(self.staging):
+            return
+        try:
+            if not stat.S_ISDIR(os.lstat(self.staging).st_mode):
+                raise files.NotOurs(f"{self.staging} is not a directory (a link?)")
+            files.check_ours(Path(self.staging))
+        except files.NotOurs as exc:
+            raise UsageError(f"sink {self.sink.name!r}: {exc}; not written through. "
+                             "Remove it, or write elsewhere") from None
+
+    def write(self, path: str, write: Callable[[BinaryIO], object]) -> None:
+        """Publish the file `path`: written under a temporary name, renamed over it."""
+        if self.local:
+            with files.writing(Path(path), mode=0o666) as f:
+                write(f)
+            return
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/{files.temporary_name(name)}"
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                write(f)
+            self.fs.mv(tmp, path)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+
+    def sweep(self) -> None:
+        """Remove the temporary files of this user's processes that are gone (a sink
+        process killed mid-write left them)."""
+        if not self.local:
+            return
+        for folder in (self.root, self.staging):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for name in names:
+                match = _TEMPORARY.fullmatch(name)
+                path = os.path.join(folder, name)
+                if match is None or os.path.exists(f"/proc/{match.group(1)}"):
+                    continue
+                with contextlib.suppress(OSError):
+                    if os.lstat(path).st_uid == os.geteuid():
+                        os.unlink(path)
 
     @property
     def writes_to(self) -> str:
@@ -95,9 +159,15 @@ class _Folder:
 
 class Writer:
     def __init__(self, sink: Sink) -> None:
-        folder = _Folder(sink)
-        self.fs, self.root = folder.fs, folder.writes_to
-        self.fs.makedirs(self.root, exist_ok=True)
+        self.folder = _Folder(sink)
+        self.root = self.folder.writes_to
+        if sink.mode == "overwrite" and self.folder.local:
+            self.folder.check_staging()
+            with contextlib.suppress(FileExistsError):
+                os.makedirs(self.folder.root, exist_ok=True)
+                os.mkdir(self.root, 0o700)  # ours: a planted one was refused above
+        else:
+            self.folder.fs.makedirs(self.root, exist_ok=True)
 
     def write(self, table: pa.Table, batch: int,
               versions: dict[str, list[str]] | None = None) -> str:
@@ -105,15 +175,7 @@ class Writer:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                    VERSIONS: json.dumps(versions)})
         final = f"{self.root}/{file_name(batch)}"
-        tmp = f"{self.root}/{files.temporary_name(file_name(batch))}"
-        try:
-            with self.fs.open(tmp, "wb") as f:
-                pq.write_table(table, f)
-            self.fs.mv(tmp, final)
-        except BaseException:
-            if self.fs.exists(tmp):
-                self.fs.rm(tmp)
-            raise
+        self.folder.write(final, lambda f: pq.write_table(table, f))
         return final
 
 
@@ -136,9 +198,11 @@ def check(sink: Sink, batches: Iterable[int]) -> None:
     `error`, a sink holding part files of other batches is refused, naming them, and
     the marker of an earlier run is removed (the folder is about to change). In mode
     `overwrite` the folder is left as it is until `commit`."""
-    if sink.mode != "error":
-        return
     folder = _Folder(sink)
+    folder.sweep()
+    if sink.mode != "error":
+        folder.check_staging()
+        return
     stale = sorted(set(folder.parts(folder.root)) - set(batches))
     if stale:
         names = ", ".join(file_name(b) for b in stale[:4]) + \
@@ -181,6 +245,7 @@ def commit(sink: Sink, mine: Iterable[int], every: Iterable[int]) -> None:
     if sink.mode != "overwrite":
         return
     folder = _Folder(sink)
+    folder.check_staging()
     staged = folder.parts(folder.staging)
     folder.remove_marker()
     try:
@@ -233,10 +298,7 @@ def mark(sink: Sink, batches: Iterable[int]) -> Written:
                             "versions": json.loads(versions) if versions else {}})
         manifest = json.dumps({"sink": sink.name, "uri": sink.uri, "files": entries,
                                "rows": sum(e["rows"] for e in entries)}, indent=1) + "\n"
-        tmp = f"{folder.root}/{files.temporary_name(MARKER)}"
-        with folder.fs.open(tmp, "w") as f:
-            f.write(manifest)
-        folder.fs.mv(tmp, f"{folder.root}/{MARKER}")
+        folder.write(f"{folder.root}/{MARKER}", lambda f: f.write(manifest.encode()))
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise folder.fail(f"cannot write {MARKER}", exc) from exc
     return Written(sink.uri, len(entries), sum(e["rows"] for e in entries),

@@ -14,7 +14,7 @@ import pwd
 import stat
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 
 def temporary_name(name: str) -> str:
@@ -61,13 +61,35 @@ def publishing(path: Path, *, durable: bool = False,
 def _create_private(tmp: Path) -> None:
     """Create the temporary file exclusively, readable by this user only, never
     through a link someone planted under its name (a stale one of ours goes)."""
+    os.close(_create(tmp, 0o600))
+
+
+def _create(tmp: Path, mode: int) -> int:
+    """A descriptor writing the new file `tmp`, created exclusively, never through a
+    link (one planted under its name is removed, not followed)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     try:
-        fd = os.open(tmp, flags, 0o600)
+        return os.open(tmp, flags, mode)
     except FileExistsError:
         tmp.unlink()
-        fd = os.open(tmp, flags, 0o600)
-    os.close(fd)
+        return os.open(tmp, flags, mode)
+
+
+@contextmanager
+def writing(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """A file to write `path` through: a temporary file created exclusively, without
+    following links (`mode`, less the umask), renamed over `path` once written; on
+    failure it is removed. (`publishing` yields a path, for writers that open it
+    themselves; where others may write in the folder, this is the one to use.)"""
+    tmp = temporary(path)
+    fd = _create(tmp, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def publish(path: Path, data: bytes | str, *, durable: bool = False) -> None:
