@@ -137,8 +137,10 @@ def run(spec: Spec, *, overrides: Sequence[str] = (), run_dir: str | None = None
     return Run(final.run_dir, final)
 
 
-def resume(run_dir: str | os.PathLike[str], *, progress: bool = False) -> Run:
-    """Finish a run whose conductor died or whose pod was lost (`podpipe resume`)."""
+def resume(run_dir: str | os.PathLike[str], *, progress: bool = False,
+           accept_changed_source: bool = False) -> Run:
+    """Finish a run whose conductor died or whose pod was lost (`podpipe resume`);
+    `accept_changed_source`: over a source whose files changed, redo the whole run."""
     from podpipe.runtime.runs import pod, replicas, following as runs
 
     path = str(runs.resolve(str(run_dir)))
@@ -148,7 +150,8 @@ def resume(run_dir: str | os.PathLike[str], *, progress: bool = False) -> Run:
             if replicas.is_replicas(path):
                 final = replicas.resume(path, replicas=None, observer=observer)
             else:
-                final = pod.resume(path, observer=observer, reaper=False)
+                final = pod.resume(path, observer=observer, reaper=False,
+                                   accept_changed_source=accept_changed_source)
     finally:
         os.chdir(cwd)
     return Run(final.run_dir, final)

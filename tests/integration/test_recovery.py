@@ -330,3 +330,32 @@ def test_when_the_store_goes_down_the_run_goes_on_and_says_checkpoints_are_behin
     assert _output(workdir) == expected
     durable = _status(workdir)["durable"]
     assert durable["behind"]  # its last checkpoints never reached the store
+
+
+def test_a_resume_over_a_changed_source_is_refused_and_redone_whole_if_accepted(tmp_path):
+    """The source rewritten between a failure and `resume` (same files, same batches,
+    other values): the resume mixed old and new data and exited 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import read_sink
+
+    make_numbers(tmp_path / "data")  # x = 0 .. 9,999 in two files
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]}],
+        [{"input": "boom", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
+                   BOOM_AT="7500")  # the second file's middle: its first batches are done
+    assert done.returncode == 1, done.stderr
+    for i in range(2):  # the same shape, x doubled
+        pq.write_table(pa.table({"x": pa.array(range(2 * i * 5000, 2 * (i + 1) * 5000, 2),
+                                               pa.int64())}),
+                       tmp_path / "data" / f"part-{i}.parquet", row_group_size=1000)
+    done = podpipe("resume", "run", "--quiet", cwd=tmp_path, BOOM_AT="-1")
+    assert done.returncode == 2, done.stderr
+    assert "the source changed since the run started" in done.stderr
+    assert "part-0.parquet" in done.stderr and "--accept-changed-source" in done.stderr
+    done = podpipe("resume", "run", "--quiet", "--accept-changed-source", cwd=tmp_path,
+                   BOOM_AT="-1")
+    assert done.returncode == 0, done.stderr
+    assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == list(range(0, 20_000, 2))

@@ -55,6 +55,9 @@ def parser() -> argparse.ArgumentParser:
                         help="a run of several replicas: resume with M of them (rescale); "
                              "shards that move resume from their durable checkpoints")
     resume.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    resume.add_argument("--accept-changed-source", action="store_true",
+                        help="the source's files changed since the run started (refused "
+                             "otherwise): redo the whole run from the new source")
 
     plan = sub.add_parser(
         "plan", help="show which pod runs which shards and how many bytes it pulls",

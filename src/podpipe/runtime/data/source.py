@@ -14,10 +14,12 @@ worker that gets a slice of it).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
 import fsspec
+import msgspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -49,6 +51,40 @@ def files(uri: str, field: str = "spec.source.uri",
     if not found:
         raise DataError(f"{field} {uri!r} matches no files")
     return fs, found
+
+
+def identity(source: Source, batches: list[SourceBatch]) -> dict[str, Any]:
+    """What a run reads: the source's files (path, bytes, modification time, as the
+    file system reports them) and the batches planned from them. A resume over a
+    source whose identity changed would mix old and new data (`changes`)."""
+    fs, _ = fsspec.core.url_to_fs(source.uri)
+    found = []
+    for path in sorted({b.file for b in batches}):
+        try:
+            info = fs.info(path)
+        except OSError as exc:
+            raise DataError(f"spec.source.uri: {path}: {exc}") from exc
+        found.append([path, int(info.get("size") or 0),
+                      str(info.get("mtime") or info.get("LastModified") or info.get("ETag")
+                          or "")])
+    planned = hashlib.sha256(msgspec.json.encode(batches)).hexdigest()[:16]
+    return {"uri": source.uri, "format": source.format, "files": found, "batches": planned}
+
+
+def changes(was: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What changed between two identities of a source, in words; None if nothing."""
+    if was == now:
+        return None
+    before = {f[0]: f[1:] for f in was.get("files", [])}
+    after = {f[0]: f[1:] for f in now.get("files", [])}
+    said = [f"{p} (bytes or modification time)" for p in sorted(before.keys() & after.keys())
+            if before[p] != after[p]]
+    said += [f"{p} (gone)" for p in sorted(before.keys() - after.keys())]
+    said += [f"{p} (new)" for p in sorted(after.keys() - before.keys())]
+    if not said:
+        said = ["its batches plan differently (rows per file or row group)"]
+    shown = ", ".join(said[:4]) + (f" and {len(said) - 4} more" if len(said) > 4 else "")
+    return f"the source changed since the run started: {shown}"
 
 
 def plan(source: Source, field: str = "spec.source") -> list[SourceBatch]:

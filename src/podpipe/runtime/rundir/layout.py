@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -40,6 +41,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     replicas: int | None = None    # how many,
     durable: str | None = None     # the store they share,
     attempt: int | None = None     # and how many times they were started
+    source: dict[str, Any] | None = None  # what one pod's run reads (`source.identity`)
     schemaVersion: int = SCHEMA_VERSION
 
     @property

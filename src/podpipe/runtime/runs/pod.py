@@ -234,7 +234,8 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
 
 def resume(run_dir: str, *, observer: Callable[[status.Status], None] | None = None,
            scratch: Callable[[], scratches.Scratch] | None = None, launch: bool = True,
-           pod: str | None = None, reaper: bool = True) -> status.Status:
+           pod: str | None = None, reaper: bool = True,
+           accept_changed_source: bool = False) -> status.Status:
     """Finish a run whose conductor died, or whose pod was lost, from what survived:
     outputs still in its RAM scratch, else on the node tier (checked by checksum),
     else computed again. Returns the final status. `scratch`, `launch` and `pod`:
@@ -268,7 +269,7 @@ def resume(run_dir: str, *, observer: Callable[[status.Status], None] | None = N
                     pod or f"{pipeline.name}-{placement.ordinal}",
                     scratch, launch=launch, observer=observer, placement=placement,
                     origin=Origin(journal=True, source_batches=before.source_batches),
-                    notes=notes, reaper=reaper)
+                    notes=notes, reaper=reaper, accept_changed_source=accept_changed_source)
 
 
 def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
@@ -277,7 +278,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
              placement: sharding.Placement = sharding.Placement(),
              fresh: bool = False, notes: list[str] | None = None,
              latest: bool = False, reaper: bool = True,
-             metrics: str | None = None, server: ForkServer | None = None) -> status.Status:
+             metrics: str | None = None, server: ForkServer | None = None,
+             accept_changed_source: bool = False) -> status.Status:
     """Make the scratch, plan the source, find where the run starts from, and hand
     over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
     `notes`: what making the scratch found wrong, for the status; `latest`: once it
@@ -304,6 +306,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         from podpipe.runtime.storage import answers
 
         plan = source.plan(pipeline.source)
+        origin = _same_source(run_path, source.identity(pipeline.source, plan), origin,
+                              fresh=fresh, accept_changed=accept_changed_source)
         loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
         if fresh:
             sink.check_run(pipeline, graph, len(plan))
@@ -339,6 +343,32 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
                      durable=tier, reaper=reaper, metrics=metrics, listener=listener).start()
+
+
+def _same_source(run_path: Path, now: dict[str, Any], origin: Origin, *, fresh: bool,
+                 accept_changed: bool) -> Origin:
+    """A resume reads the source the run started from: one whose files or plan changed
+    would mix old and new data, and is refused (UsageError naming the files) unless
+    `accept_changed`: then the run starts over, from nothing, over the new source.
+    A fresh run records what it reads."""
+    from podpipe.runtime.data import source
+    from podpipe.runtime.storage import journal
+
+    recorded = rundir.read(run_path)
+    if not fresh and origin.journal and recorded.source is not None:
+        changed = source.changes(recorded.source, now)
+        if changed is not None and not accept_changed:
+            raise UsageError(f"{run_path}: {changed}. The outputs kept were made from the "
+                             "old one: resume with --accept-changed-source to redo the "
+                             "run from the new source, or start a new run")
+        if changed is not None:  # start over: nothing of the old source is used
+            for name in (journal.FILE, f"{journal.FILE}-wal", f"{journal.FILE}-shm"):
+                (run_path / name).unlink(missing_ok=True)
+            origin = Origin()
+    if recorded.source != now:
+        recorded.source = now
+        rundir.write(run_path, recorded)
+    return origin
 
 
 def _durable_store(pipeline: specs.Pipeline, digest: str) -> durable.Store | None:
