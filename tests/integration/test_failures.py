@@ -387,3 +387,62 @@ def test_a_scratch_root_that_is_no_directory_is_bad_input(workdir, root):
     done = podpipe("run", "p.yaml", "--quiet", cwd=workdir, PODPIPE_SCRATCH_ROOT=root)
     assert done.returncode == 2, done.stderr
     assert "PODPIPE_SCRATCH_ROOT" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_sink_inside_the_source_through_a_link_is_refused(workdir):
+    """`link/out/` with `link -> data`: the spec's check compares the paths as
+    written; the run's check follows the links, and refuses before writing."""
+    (workdir / "link").symlink_to(workdir / "data")
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "a", "uri": "link/out/"}], uri="data/"))
+    assert podpipe("validate", "p.yaml", cwd=workdir).returncode == 0
+    done = podpipe("run", "p.yaml", "--quiet", cwd=workdir)
+    assert done.returncode == 2, done.stderr
+    assert "inside the source" in done.stderr and "once links are followed" in done.stderr
+    assert not (workdir / "data" / "out").exists()
+
+
+def test_a_fixed_schema_holds_for_the_run_across_a_restart(workdir):
+    """A stage's process restarted after batch 4 returned float64 where the run's
+    output was int64: the restarted process's first output fixed its own schema, and
+    the sink mixed both (exit 0). The schema is the run's: the batch fails the run."""
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:floats_after_dying", "inputs": ["source"],
+          "workers": 1}],
+        [{"input": "a", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir,
+                   DIE_AT="5000", DIE_MARKER=str(workdir / "died"))
+    assert (workdir / "died").exists()  # it did die, and was restarted
+    assert done.returncode == 1, done.stderr
+    assert "stage 'a', batch 5: its output schema differs from batch 0's, which fixed " \
+           "the stage's schema for the run" in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_node_tier_disk_is_reported_and_the_run_goes_on(tmp_path):
+    """The node tier (the run directory) on a disk that fills up: the copies fail and
+    are reported, the journal is set aside, and the run finishes with the right
+    output (the conductor crashed on SQLite's "database or disk is full")."""
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        make_numbers(tmp_path / "data", files=2, rows=50_000, row_group=10_000)
+        write_spec(tmp_path / "p.yaml", spec(
+            [{"name": "a", "run": "pystages:double", "inputs": ["source"]},
+             {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["a"]}],
+            [{"input": "total", "uri": "out/"}], batch_rows=10_000))
+        done = podpipe("run", "p.yaml", "--quiet", "--run-dir", str(tiny / "run"),
+                       cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert "Traceback" not in done.stderr
+        total = read_sink(tmp_path / "out")
+        assert total["sum"].to_pylist() == [2 * sum(range(100_000))]
+        status = json.loads((tiny / "run" / "status.json").read_text())
+        assert status["node_tier"]["errors"], status["node_tier"]
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], check=False)

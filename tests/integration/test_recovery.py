@@ -359,3 +359,26 @@ def test_a_resume_over_a_changed_source_is_refused_and_redone_whole_if_accepted(
                    BOOM_AT="-1")
     assert done.returncode == 0, done.stderr
     assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == list(range(0, 20_000, 2))
+
+
+def test_a_run_killed_before_its_first_status_is_listed_and_resumed(tmp_path):
+    """A conductor killed in its first moments left a run directory without
+    `status.json` (nor a journal): `runs` never listed it and `resume` refused it. It
+    is listed as interrupted, and a resume runs it from nothing."""
+    from conftest import read_sink
+
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "a", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", cwd=tmp_path).returncode == 0
+    run_dir = (tmp_path / ".podpipe" / "runs" / "latest").resolve()
+    for name in ("status.json", "journal.sqlite", "journal.sqlite-wal", "journal.sqlite-shm"):
+        (run_dir / name).unlink(missing_ok=True)  # as the killed conductor left it
+    shutil.rmtree(tmp_path / "out")
+    listed = json.loads(podpipe("runs", "--json", cwd=tmp_path).stdout)
+    assert [(Path(r["run_dir"]).name, r["state"]) for r in listed] == [
+        (run_dir.name, "interrupted")]
+    done = podpipe("resume", "latest", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == [2 * x for x in range(10_000)]

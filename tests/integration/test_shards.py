@@ -236,3 +236,26 @@ def test_resume_with_replicas_of_a_one_pod_run_says_how_to_rescale(tmp_path):
                    SLOW_SECONDS="0").returncode == 0
     done = podpipe("resume", "run", "--replicas", "2", cwd=tmp_path)
     assert done.returncode == 2 and "podpipe run SPEC --replicas M" in done.stderr
+
+
+def test_a_killed_controller_takes_its_pods_with_it_and_resume_finishes_the_run(
+        tmp_path, expected):
+    """`kill -9` of `run --replicas 2` left both pods and their stage processes
+    running (status said interrupted), and `resume` started a second set beside
+    them. The pods now stop with it, resumable, and the resume finishes the run."""
+    workdir = tmp_path / "w"
+    _spec(workdir)
+    run = subprocess.Popen([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet",
+                            "--replicas", "2", "--run-dir", "run"], cwd=workdir,
+                           env=cli_env(SLOW_SECONDS="30"),  # minutes of work left
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: all(_pod_status(workdir / "run", i).get("processes")
+                           for i in (0, 1)), "both pods running")
+    pids = [p["pid"] for i in (0, 1) for p in _pod_status(workdir / "run", i)["processes"]]
+    run.kill()
+    run.communicate()
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pids),
+               "the pods and their stage processes to end with the controller")
+    done = podpipe("resume", "run", "--quiet", cwd=workdir, SLOW_SECONDS="0.01", timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert _output(workdir) == expected

@@ -286,3 +286,19 @@ def fail_with_markup(t: pa.Table) -> pa.Table:
 def double_gated(t: pa.Table) -> pa.Table:
     """`double`, once the file named by GATE exists."""
     return _gated(double, t)
+
+
+def floats_after_dying(t: pa.Table) -> pa.Table:
+    """x as it is until the batch holding $DIE_AT, where its process dies once; from
+    that batch on x comes back as float64: a restarted process's first output has
+    another schema than the run's."""
+    at = int(os.environ["DIE_AT"])
+    if pc.any(pc.greater_equal(t["x"], at)).as_py():
+        marker = os.environ["DIE_MARKER"]
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.kill(os.getpid(), signal.SIGKILL)
+        except FileExistsError:
+            pass
+        return pa.table({"x": pc.cast(t["x"], pa.float64())})
+    return t

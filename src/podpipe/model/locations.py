@@ -4,6 +4,8 @@ back as the source.
 
 Local paths (no scheme, or `file://`) are compared absolute and normalized,
 relative ones from the working directory; other URLs as text, scheme included.
+`resolved` follows the links of a local path, for the check a run makes before it
+writes (the spec's own check does not touch the file system).
 """
 
 from __future__ import annotations
@@ -22,6 +24,17 @@ def _normal(uri: str) -> str:
         path = uri[len("file://"):] if match else uri
         return "file://" + os.path.normpath(os.path.abspath(path))
     return uri.rstrip("/")
+
+
+def resolved(uri: str) -> str:
+    """A local path with the links in it that exist now followed (`os.path.realpath`:
+    the one place here that looks at the file system); other URLs as they are. A sink
+    reached through a link into the source is inside it all the same."""
+    match = _SCHEME.match(uri)
+    if match is None or match.group(1) == "file":
+        path = uri[len("file://"):] if match else uri
+        return os.path.realpath(path)
+    return uri
 
 
 def _inside(path: str, folder: str) -> bool:

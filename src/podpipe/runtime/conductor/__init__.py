@@ -56,6 +56,7 @@ from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.storage.durable import DurableTier
+from podpipe.runtime.data.scratch import discard
 from podpipe.runtime.plumbing.protocol import agent_name, split_name
 
 if TYPE_CHECKING:
@@ -235,6 +236,14 @@ class Conductor:
         event = to_event(name, message, self.run.pipeline.file)
         if event is None:
             return
+        if isinstance(message, protocol.Done) and message.schema is not None:
+            node, worker = split_name(name)
+            wrong = self.checkpoints.schema_fixed(node, message.batch, message.schema)
+            if wrong is not None:  # (two workers' first outputs: the run has one schema)
+                if message.output is not None and message.output.tier == "ram":
+                    discard(message.output.path)
+                message = protocol.Failed(batch=message.batch, message=wrong)
+                event = ev.TaskFailed(node, message.batch, wrong, worker=worker)
         if isinstance(message, protocol.Done):
             version = self.counters.done(name, message.batch, message.stats)
             self.checkpoints.record(split_name(name)[0], message.batch, version,
@@ -298,6 +307,8 @@ class Conductor:
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
         if action.reserved:  # granted with the task
             self.timeline.granted(name)
+        if stage is not None and stage.schema == "fixed" and node in self.checkpoints.schemas:
+            task.schema_batch, task.schema = self.checkpoints.schemas[node]
         seconds = stage.timeout if stage is not None else None
         if seconds is not None:
             self.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))

@@ -64,6 +64,23 @@ class Checkpoints:
         # the version of the stage that made each output (what a sink file records)
         self._made_by: dict[ev.Key, str] = dict(restored.made_by) if restored else {}
         self._looked = 0.0  # when the durable tier was last read for other shards
+        # `schema: fixed` stages: node -> (batch, its output's schema), fixed for the
+        # run by the first output accepted (kept in the journal: a resume keeps it)
+        self.schemas = self.journal.schemas()
+
+    def schema_fixed(self, node: str, batch: int, schema: bytes) -> str | None:
+        """An output of `node` with `schema`: the first fixes the node's schema for the
+        run; why a later one does not do (another schema), or None."""
+        fixed = self.schemas.get(node)
+        if fixed is None:
+            self.schemas[node] = (batch, schema)
+            self.journal.fix_schema(node, batch, schema)
+            return None
+        if fixed[1] == schema:
+            return None
+        return (f"its output schema differs from batch {fixed[0]}'s, which fixed the "
+                "stage's schema for the run (say 'schema: any' on the stage if that is "
+                "intended)")
 
     def record(self, node: str, batch: int, version: str, output: Output | None) -> None:
         """Journal what finished, by which version, and where its output is."""

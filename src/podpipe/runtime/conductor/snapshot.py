@@ -188,4 +188,5 @@ def snapshot(who: Identity, graph: Graph, progress: Progress, counters: Counters
         restore_notes=list(checkpoints.notes),
         durable=status.DurableInfo(**durable.status()) if durable else None,
         node_tier=status.NodeTierInfo(checkpoints.copies,  # journaled
-                                      checkpoints.node_tier.errors[-5:]))
+                                      ([checkpoints.journal.error] if checkpoints.journal.error
+                                       else []) + checkpoints.node_tier.errors[-5:]))

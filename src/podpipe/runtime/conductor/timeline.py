@@ -49,7 +49,7 @@ class Timeline:
         if stats is not None:
             task.rows_in, task.rows_out, task.bytes_out = (stats.rows_in, stats.rows_out,
                                                            stats.bytes_out)
-        self._tasks.write(self._encode(task) + b"\n")
+        self._append(self._tasks, self._encode(task))
 
     def sample(self, progress: Progress) -> None:
         """`progress`: the engine's, made for this sample (its peak is the most since
@@ -57,7 +57,14 @@ class Timeline:
         line = SampleRecord(t=self._now(), scratch=progress.scratch, peak=progress.recent_peak,
                             budget=progress.budget, on_line=progress.on_line,
                             queues=progress.queued, workers=progress.workers)
-        self._samples.write(self._encode(line) + b"\n")
+        self._append(self._samples, self._encode(line))
+
+    @staticmethod
+    def _append(f: IO[bytes], line: bytes) -> None:
+        try:
+            f.write(line + b"\n")
+        except OSError:
+            pass  # a view (a full disk, say): the run does not depend on it
 
     def flush(self) -> None:
         for f in (self._tasks, self._samples):

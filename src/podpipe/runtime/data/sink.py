@@ -37,6 +37,7 @@ import xxhash
 
 from podpipe.engine.keys import Keys
 from podpipe.errors import RunError, UsageError
+from podpipe.model import locations
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import Pipeline, Sink
 from podpipe.runtime.plumbing import files
@@ -220,9 +221,17 @@ def every_batch(pipeline: Pipeline, graph: Graph, source_batches: int) -> dict[s
 
 
 def check_run(pipeline: Pipeline, graph: Graph, source_batches: int) -> None:
-    """`check` every sink of a run before it writes anything."""
+    """`check` every sink of a run before it writes anything; a sink that is inside
+    the source or a table once links are followed is refused as the spec refuses one
+    inside it as written."""
     every = every_batch(pipeline, graph, source_batches)
     for target in pipeline.sinks:
+        for what, uri in [("the source", pipeline.source.uri)] + [
+                (f"table {t.name!r}", t.uri) for t in pipeline.tables]:
+            if locations.reads_back(locations.resolved(uri), locations.resolved(target.uri)):
+                raise UsageError(f"sink {target.name!r}: {target.uri!r} is inside {what} "
+                                 f"{uri!r} once links are followed: the next run would read "
+                                 "its output as input")
         check(target, every[target.name])
 
 

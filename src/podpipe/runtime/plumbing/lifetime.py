@@ -37,11 +37,21 @@ def child(body: Callable[[], int]) -> NoReturn:
 
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL us when our parent dies; leave if it already has."""
+    _with_parent(signal.SIGKILL)
+
+
+def stop_with_parent() -> None:
+    """Ask the kernel to SIGTERM us when our parent dies (we stop as on Ctrl-C, in a
+    state to resume); leave if it already has."""
+    _with_parent(signal.SIGTERM)
+
+
+def _with_parent(sig: int) -> None:
     import ctypes
 
     parent = os.getppid()
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:

@@ -36,7 +36,7 @@ import msgspec
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
 
-PROTOCOL = 2  # 1: the untyped JSON dicts of podpipe 0.1
+PROTOCOL = 3  # 1: the untyped JSON dicts of podpipe 0.1; 2: before a run's fixed schema
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
@@ -99,6 +99,8 @@ class Task(_Message, tag="task"):
     reuse: str | None = None         # written at once (over this warm file), unasked
     checksum: bool = True            # hash the output: a copy of it is checked by that
     keep_mapped: bool = False        # keep the inputs mapped: their files are recycled
+    schema: bytes | None = None      # a `schema: fixed` stage: the run's schema for it,
+    schema_batch: int = -1           # (Arrow, serialized) fixed by this batch's output
 
 
 class Reserve(_Message, tag="reserve"):
@@ -149,6 +151,8 @@ class Done(_Message, tag="done"):
     output: Output | None
     stats: Stats
     pinned: list[str] = []  # inputs the stage's code still holds: not to be written over
+    schema: bytes | None = None  # a `schema: fixed` stage's output schema, while the
+                                 # task carried none (the run's is not fixed yet)
 
 
 class Failed(_Message, tag="failed"):

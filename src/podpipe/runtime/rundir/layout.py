@@ -20,7 +20,8 @@ from typing import Any
 
 import msgspec
 
-from podpipe.errors import UsageError
+from podpipe.errors import PodpipeError, UsageError
+from podpipe.model import spec as specs
 from podpipe.model.shards import Placement
 from podpipe.runtime.storage import durable
 from podpipe.runtime.plumbing import files
@@ -107,12 +108,48 @@ def lock(path: Path) -> None:
     _held.append(fd)
 
 
+def _in_use(path: Path) -> bool:
+    """Does a process hold the run directory's lock (a run or resume of it)?"""
+    try:
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (and with it the lock taken here, if it was)
+
+
+def status_of(path: Path) -> status.Status:
+    """The run's status; for a run directory whose conductor never wrote one (killed
+    in its first moments), one saying so: `starting` while a process holds the
+    directory, else `interrupted` (a resume starts it from nothing)."""
+    if (path / status.FILE).exists() or not (path / RECORD).exists():
+        return status.read(path)  # (or a clear error: no run directory)
+    recorded = read(path)
+    try:
+        name = specs.load(path / "spec.yaml", recorded.overrides).name
+    except PodpipeError:
+        name = "?"
+    started = os.stat(path / RECORD).st_mtime
+    return status.Status(
+        run_id=recorded.run_id or path.name, pipeline=name,
+        state="starting" if _in_use(path) else "interrupted",
+        error=None, run_dir=str(path), scratch=None, started=started, ended=None,
+        elapsed_seconds=0.0, budget_bytes=0, scratch_bytes=0, peak_scratch_bytes=0,
+        source_batches=None, spilled_outputs=0, shards=1, processes=[], stages={},
+        restore_notes=[])
+
+
 def claim_for_resume(path: Path) -> status.Status:
     """Lock the run directory for a resume and return its status, refusing (exit 2)
     a run that is no run directory, still runs, or already succeeded."""
-    status.read(path)  # (a clear error if it is no run directory, before the lock)
+    status_of(path)  # (a clear error if it is no run directory, before the lock)
     lock(path)
-    before = status.read(path)  # as it is now that nobody else can change it
+    before = status_of(path)  # as it is now that nobody else can change it
     if before.state in ("running", "succeeded"):
         raise UsageError(f"{path}: the run " + ("is still running (its conductor is alive)"
                          if before.state == "running" else "already succeeded")

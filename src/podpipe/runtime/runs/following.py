@@ -19,7 +19,7 @@ from typing import Iterator
 
 from podpipe.errors import INTERRUPTED_EXIT_CODE, UsageError
 from podpipe.runtime.plumbing import files, logline
-from podpipe.runtime.rundir import status
+from podpipe.runtime.rundir import layout as rundir, status
 
 LATEST = "latest"
 DEFAULT_RUNS = Path(".podpipe") / "runs"
@@ -69,7 +69,7 @@ def listing(runs_dir: str | None = None) -> list[status.RunRow]:
         raise UsageError(f"{root}: {exc.strerror}") from None
     for path in entries:
         try:
-            current = status.read(path)
+            current = rundir.status_of(path)  # (one killed before its first status too)
         except UsageError:
             continue  # not a run directory (or one being made)
         found.append(status.RunRow(current.run_id, current.pipeline, current.state,

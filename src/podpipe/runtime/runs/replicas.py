@@ -69,6 +69,14 @@ def resume(run_dir: str, *, replicas: int | None,
     The previous pods' directories move to `pods.previous`."""
     run_path = Path(run_dir)
     rundir.claim_for_resume(run_path)
+    for pod in sorted((run_path / "pods").glob("*")):  # a killed run's pods may still
+        try:                                            # be stopping: not beside them
+            live = status.read(pod).state == "running"
+        except UsageError:
+            continue
+        if live:
+            raise UsageError(f"{run_path}: pod {pod.name} of the run is still running "
+                             f"({pod}); wait for it to stop, then resume")
     if replicas is not None and replicas < 1:
         raise UsageError(f"--replicas {replicas}: expected at least 1")
     recorded = rundir.read(run_path)
@@ -104,7 +112,8 @@ def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
         command += ["--fresh"] if fresh else []
         log = open(files.append_private(run_path / "logs" / f"pod-{index}.log"), "ab")
         pods.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL))
+                                     stdin=subprocess.DEVNULL,  # this process killed,
+                                     preexec_fn=lifetime.stop_with_parent))  # they stop
         log.close()
     started = time.time()
     interrupted = False

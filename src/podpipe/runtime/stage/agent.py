@@ -134,7 +134,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
         reused = result is not None
         if not reused:
             result = work.run(batch, inputs, task)
-        wrong = schemas.check(batch, result)
+        wrong, schema = schemas.check(batch, result, task)
         if wrong is not None:
             if isinstance(result, Path):
                 result.unlink(missing_ok=True)
@@ -205,7 +205,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
     _logged(batch, "done", f"{stats.rows_out:,} rows, {stats.busy:.3f} s")
     del inputs, result  # what the task mapped is let go here (`Watched`)
     protocol.send(sock, protocol.Done(batch=batch, output=output, stats=stats,
-                                      pinned=watched.pinned()))
+                                      pinned=watched.pinned(), schema=schema))
 
 
 def _logged(batch: int, what: str, detail: str) -> None:

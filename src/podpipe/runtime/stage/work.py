@@ -172,28 +172,39 @@ class WriteSink(Work):
 
 
 class SchemaCheck:
-    """A stage's output keeps the schema of its first batch, unless the spec says
-    `schema: any`: a dataset of batches with other schemas cannot be read as one
-    table. Remembered per process: a restarted stage starts again from its next batch."""
+    """A stage's output keeps one schema over the whole run, unless the spec says
+    `schema: any`: the first output the conductor accepts fixes it (every worker's
+    task carries it from then on, a resumed run's too); until then this process
+    holds its own outputs to its first, and each output's schema goes with its Done
+    for the conductor to fix or compare (`Checkpoints.schema_fixed`)."""
 
     def __init__(self, fixed: bool) -> None:
         self.fixed = fixed
         self.first: tuple[int, pa.Schema] | None = None
 
-    def check(self, batch: int, result: pa.Table | Path | None) -> str | None:
-        """Why this output does not do, or None."""
+    def check(self, batch: int, result: pa.Table | Path | None,
+              task: protocol.Task) -> tuple[str | None, bytes | None]:
+        """Why this output does not do, or None; and its schema to send, serialized,
+        while the run's is not fixed."""
         if not self.fixed or result is None:
-            return None
-        schema = result.schema if isinstance(result, pa.Table) else \
-            arrowfile.read_table(result).schema
+            return None, None
+        schema = (result.schema if isinstance(result, pa.Table) else
+                  arrowfile.read_table(result).schema).remove_metadata()
+        if task.schema is not None:
+            fixed = pa.ipc.read_schema(pa.py_buffer(task.schema))
+            if schema.equals(fixed):
+                return None, None
+            return (f"its output schema differs from batch {task.schema_batch}'s, which "
+                    f"fixed the stage's schema for the run: "
+                    f"{arrowfile.schema_difference(fixed, schema)} (say 'schema: any' on "
+                    "the stage if that is intended)"), None
         if self.first is None or self.first[0] == batch:
             self.first = (batch, schema)
-            return None
-        if schema.equals(self.first[1]):
-            return None
-        return (f"its output schema differs from batch {self.first[0]}'s: "
-                f"{arrowfile.schema_difference(self.first[1], schema)} (say 'schema: any' "
-                "on the stage if that is intended)")
+        elif not schema.equals(self.first[1]):
+            return (f"its output schema differs from batch {self.first[0]}'s: "
+                    f"{arrowfile.schema_difference(self.first[1], schema)} (say 'schema: "
+                    "any' on the stage if that is intended)"), None
+        return None, schema.serialize().to_pybytes()
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:

@@ -11,6 +11,7 @@ trusted on resume without checking the file's checksum.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from pathlib import Path
@@ -26,6 +27,8 @@ CREATE TABLE IF NOT EXISTS outputs (
     node TEXT NOT NULL, batch INTEGER NOT NULL, tier TEXT NOT NULL, path TEXT NOT NULL,
     nbytes INTEGER NOT NULL, rows INTEGER NOT NULL, checksum TEXT NOT NULL,
     PRIMARY KEY (node, batch, tier));
+CREATE TABLE IF NOT EXISTS schemas (
+    node TEXT PRIMARY KEY, batch INTEGER NOT NULL, schema BLOB NOT NULL);
 """
 
 
@@ -34,7 +37,13 @@ class CorruptJournal(Exception):
 
 
 class Journal:
+    """The run's record for a resume. A write that fails (a full disk) sets the
+    journal aside rather than crash the run or leave it half-written and trusted: a
+    resume then starts from the other tiers (`error` says so)."""
+
     def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.error: str | None = None
         path = run_dir / FILE
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))  # private;
         self.db = sqlite3.connect(path, timeout=10)  # its -wal and -shm files follow it
@@ -46,22 +55,38 @@ class Journal:
             self.db.close()
             raise CorruptJournal(f"{path}: {exc}") from exc
 
+    def _write(self, sql: str, values: tuple[object, ...] = ()) -> None:
+        if self.error is not None:
+            return  # set aside: nothing more is recorded
+        try:
+            if sql:
+                self.db.execute(sql, values)
+            else:
+                self.db.commit()
+        except sqlite3.Error as exc:  # "database or disk is full", an I/O error
+            self.error = (f"the journal cannot be written ({exc}): set aside, a resume "
+                          "starts from the other tiers")
+            with contextlib.suppress(sqlite3.Error):
+                self.db.close()
+            with contextlib.suppress(OSError):
+                Journal.set_aside(self.run_dir)
+
     def forget(self, node: str, batch: int) -> None:
         """What `node` made for `batch` no longer stands (recomputed): no resume uses it."""
-        self.db.execute("DELETE FROM done WHERE node = ? AND batch = ?", (node, batch))
-        self.db.execute("DELETE FROM outputs WHERE node = ? AND batch = ?", (node, batch))
+        self._write("DELETE FROM done WHERE node = ? AND batch = ?", (node, batch))
+        self._write("DELETE FROM outputs WHERE node = ? AND batch = ?", (node, batch))
 
     def finished(self, node: str, batch: int, version: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO done VALUES (?, ?, ?)", (node, batch, version))
+        self._write("INSERT OR REPLACE INTO done VALUES (?, ?, ?)", (node, batch, version))
 
     def stored(self, copy: Output) -> None:
         """A copy of an output on `copy.tier` (one row per tier that holds one)."""
-        self.db.execute("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (copy.node, copy.key, copy.tier, copy.path, copy.nbytes,
-                         copy.rows, copy.checksum))
+        self._write("INSERT OR REPLACE INTO outputs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (copy.node, copy.key, copy.tier, copy.path, copy.nbytes, copy.rows,
+                     copy.checksum))
 
     def commit(self) -> None:
-        self.db.commit()
+        self._write("")
 
     def done(self) -> dict[str, set[int]]:
         finished: dict[str, set[int]] = {}
@@ -71,6 +96,18 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             raise CorruptJournal(str(exc)) from exc
         return finished
+
+    def fix_schema(self, node: str, batch: int, schema: bytes) -> None:
+        """`node`'s output schema for the run (`schema: fixed`), as `batch` made it."""
+        self._write("INSERT OR IGNORE INTO schemas VALUES (?, ?, ?)", (node, batch, schema))
+
+    def schemas(self) -> dict[str, tuple[int, bytes]]:
+        """node -> (the batch that fixed its schema, the schema)."""
+        try:
+            return {node: (batch, bytes(schema)) for node, batch, schema in
+                    self.db.execute("SELECT node, batch, schema FROM schemas")}
+        except sqlite3.DatabaseError as exc:
+            raise CorruptJournal(str(exc)) from exc
 
     def made_by(self) -> dict[tuple[str, int], str]:
         """The version of the stage that made each (node, batch) it recorded."""
@@ -99,5 +136,6 @@ class Journal:
         return aside
 
     def close(self) -> None:
-        self.db.commit()
-        self.db.close()
+        self.commit()
+        if self.error is None:
+            self.db.close()
