@@ -566,12 +566,13 @@ def test_another_users_runs_folder_and_latest_do_not_steer_a_resume(tmp_path):
     assert podpipe("run", "p.yaml", "--quiet", cwd=tmp_path).returncode == 1
     theirs = (tmp_path / ".podpipe" / "runs" / "latest").resolve()
     _give_to_nobody(tmp_path / ".podpipe")
+    before = sorted(p.name for p in (tmp_path / "out").glob("*"))
     for target in ("latest", str(theirs)):
         done = podpipe("resume", target, "--quiet", cwd=tmp_path, BOOM_AT="-1")
         assert done.returncode == 2, done.stderr
         assert "owned by nobody (uid 65534), not by you" in done.stderr, done.stderr
     assert json.loads((theirs / "status.json").read_text())["state"] == "failed"  # untouched
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*")) == before  # nothing written
 
 
 @as_root

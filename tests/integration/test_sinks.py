@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import duckdb
@@ -102,3 +103,32 @@ def test_a_bad_sink_mode_is_refused_naming_the_field(workdir):
     result = podpipe("validate", str(path), cwd=workdir)
     assert result.returncode == 2
     assert "spec.sinks[0].mode" in result.stderr and "overwrite" in result.stderr
+
+
+def test_temporary_files_a_killed_sink_left_are_swept_by_the_next_run(tmp_path):
+    """A sink process killed mid-write leaves `.part-N.parquet.PID.tmp` in the sink
+    folder; they stayed there through resumes and later runs. Those of gone
+    processes (this user's) are removed when a run starts writing there; those of a
+    live process are not."""
+    import subprocess
+
+    from tests.conftest import make_numbers, read_sink
+
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "a", "uri": "out/"}]))
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])  # a pid that is gone
+    dead.wait()
+    left = [out / f".part-000003.parquet.{dead.pid}.tmp", out / f"._SUCCESS.{dead.pid}.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    live = out / f".part-000004.parquet.{os.getpid()}.tmp"  # a live process's: kept
+    live.write_bytes(b"being written")
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert not any(path.exists() for path in left)
+    assert live.exists()
+    assert len(read_sink(out)) == 10_000
