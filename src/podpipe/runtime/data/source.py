@@ -58,17 +58,25 @@ def identity(source: Source, batches: list[SourceBatch]) -> dict[str, Any]:
     file system reports them) and the batches planned from them. A resume over a
     source whose identity changed would mix old and new data (`changes`)."""
     fs, _ = fsspec.core.url_to_fs(source.uri)
+    found = file_stats(fs, sorted({b.file for b in batches}), "spec.source.uri")
+    planned = hashlib.sha256(msgspec.json.encode(batches)).hexdigest()[:16]
+    return {"uri": source.uri, "format": source.format, "files": found, "batches": planned}
+
+
+def file_stats(fs: fsspec.AbstractFileSystem, paths: list[str],
+               field: str) -> list[list[Any]]:
+    """[path, bytes, modification time] of each file, as its file system reports them
+    (an object store: its LastModified or ETag)."""
     found = []
-    for path in sorted({b.file for b in batches}):
+    for path in paths:
         try:
             info = fs.info(path)
         except OSError as exc:
-            raise DataError(f"spec.source.uri: {path}: {exc}") from exc
+            raise DataError(f"{field}: {path}: {exc}") from exc
         found.append([path, int(info.get("size") or 0),
                       str(info.get("mtime") or info.get("LastModified") or info.get("ETag")
                           or "")])
-    planned = hashlib.sha256(msgspec.json.encode(batches)).hexdigest()[:16]
-    return {"uri": source.uri, "format": source.format, "files": found, "batches": planned}
+    return found
 
 
 def changes(was: dict[str, Any], now: dict[str, Any]) -> str | None:

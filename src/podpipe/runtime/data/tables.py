@@ -42,15 +42,7 @@ def identity(table: Table) -> dict[str, Any]:
     modification time), as the file system reports them."""
     where = _named(table)
     fs, paths = source.files(table.uri, f"{where}.uri")
-    found = []
-    for path in paths:
-        try:
-            info = fs.info(path)
-        except OSError as exc:
-            raise DataError(f"{where}.uri: {path}: {exc}") from exc
-        found.append([path, int(info.get("size") or 0),
-                      str(info.get("mtime") or info.get("LastModified") or info.get("ETag")
-                          or "")])
+    found = source.file_stats(fs, paths, f"{where}.uri")
     return {"uri": table.uri, "format": table.format,
             "columns": list(table.columns) if table.columns else None, "files": found}
 
