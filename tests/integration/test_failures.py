@@ -448,3 +448,21 @@ def test_a_full_node_tier_disk_is_reported_and_the_run_goes_on(tmp_path):
         assert len(list((tiny / "run" / "node").rglob("*.arrow"))) < 10
     finally:
         subprocess.run(["umount", "-l", str(tiny)], check=False)
+
+
+def test_csv_files_whose_columns_read_as_different_types_are_refused_at_planning(tmp_path):
+    """`x` reads as int64 in one file and double in the other: refused before the
+    run starts (exit 2 naming both files and the column), as Parquet files of
+    different schemas are; timing decided between a mixed sink and an exit 1."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.csv").write_text("x,y\n1,a\n2,b\n")
+    (tmp_path / "data" / "b.csv").write_text("x,y\n1.5,c\n2.5,d\n")
+    document = spec([{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
+                    [{"input": "a", "uri": "out/"}], uri="data/*.csv")
+    document["spec"]["source"]["format"] = "csv"
+    write_spec(tmp_path / "p.yaml", document)
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "a.csv" in done.stderr and "b.csv" in done.stderr and "different schemas" in \
+        done.stderr and "x" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()

@@ -101,13 +101,12 @@ def plan(source: Source, field: str = "spec.source") -> list[SourceBatch]:
     batches: list[SourceBatch] = []
     first: tuple[str, pa.Schema] | None = None
     for path in paths:
-        if source.format == "csv":
-            rows = _csv_rows(fs, path)
-            batches.extend(_pack(path, [rows], source.batch_rows,
-                                 [int(fs.size(path) or 0)], whole=True))
-            continue
         try:
-            sizes, schema, part_bytes = _footer(fs, path, source.format, source.columns)
+            if source.format == "csv":  # no footer: read once, streaming (its types as
+                sizes, schema = _csv_rows(fs, path)   # the first block infers them)
+                part_bytes = [int(fs.size(path) or 0)]
+            else:
+                sizes, schema, part_bytes = _footer(fs, path, source.format, source.columns)
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{path}: cannot read as {source.format}: {exc}") from exc
         missing = [c for c in source.columns or () if c not in schema.names]
@@ -121,7 +120,8 @@ def plan(source: Source, field: str = "spec.source") -> list[SourceBatch]:
         elif not read.equals(first[1]):  # one dataset, one schema: the sinks' too
             raise DataError(f"{path} and {first[0]} have different schemas: "
                             f"{arrowfile.schema_difference(first[1], read)}")
-        batches.extend(_pack(path, sizes, source.batch_rows, part_bytes))
+        batches.extend(_pack(path, sizes, source.batch_rows, part_bytes,
+                             whole=source.format == "csv"))
     if not batches:
         raise DataError(f"{field}.uri {source.uri!r}: the files hold no rows")
     return batches
@@ -151,13 +151,12 @@ def _footer(fs: fsspec.AbstractFileSystem, path: str, fmt: str, columns: tuple[s
     return rows, reader.schema, [size * r // max(1, sum(rows)) for r in rows]
 
 
-def _csv_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
-    """The rows of a CSV file (it has no footer: read it once, streaming)."""
-    try:
-        with fs.open(path, "rb") as f:
-            return sum(b.num_rows for b in pacsv.open_csv(f))
-    except (OSError, pa.ArrowException) as exc:
-        raise DataError(f"{path}: cannot read as csv: {exc}") from exc
+def _csv_rows(fs: fsspec.AbstractFileSystem, path: str) -> tuple[list[int], pa.Schema]:
+    """The rows of a CSV file (its one part) and its schema as read (the types the
+    first block infers, as the loader's)."""
+    with fs.open(path, "rb") as f:
+        reader = pacsv.open_csv(f)
+        return [sum(b.num_rows for b in reader)], reader.schema
 
 
 def _pack(path: str, sizes: list[int], batch_rows: int,
