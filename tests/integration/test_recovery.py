@@ -382,3 +382,41 @@ def test_a_run_killed_before_its_first_status_is_listed_and_resumed(tmp_path):
     done = podpipe("resume", "latest", "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == [2 * x for x in range(10_000)]
+
+
+def test_a_stages_own_child_left_by_a_killed_conductor_is_ended_by_the_resume(tmp_path):
+    """A stage's child (here `sleep 300`, started by the stage's code) outlived a
+    killed conductor — the subreaper that would have ended it — and its resume."""
+    from conftest import read_sink, start_run, wait_until
+
+    make_numbers(tmp_path / "data", files=1, rows=1000)
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "a", "run": "pystages:spawns_a_sleeper_gated", "inputs": ["source"]}],
+        [{"input": "a", "uri": "out/"}]))
+    child_file = tmp_path / "child.pid"
+    env = {"GATE": str(tmp_path / "gate"), "CHILD_PID": str(child_file)}
+    run = start_run(tmp_path, **env)
+    wait_until(child_file.exists, "the stage's child")
+    child = int(child_file.read_text())
+    stages = [p["pid"] for p in json.loads((tmp_path / "run" / "status.json").read_text())
+              ["processes"] if p["role"] == "stage"]
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    try:
+        run.kill()  # the conductor
+        run.communicate()
+        wait_until(lambda: not any(alive(p) for p in stages), "the stage processes to die")
+        assert alive(child)  # what the conductor would have ended
+        (tmp_path / "gate").touch()
+        done = podpipe("resume", "run", "--quiet", cwd=tmp_path, **env)
+        assert done.returncode == 0, done.stderr
+        assert not alive(child)
+        assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == \
+            [2 * x for x in range(1000)]
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)

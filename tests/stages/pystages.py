@@ -302,3 +302,17 @@ def floats_after_dying(t: pa.Table) -> pa.Table:
             pass
         return pa.table({"x": pc.cast(t["x"], pa.float64())})
     return t
+
+
+def spawns_a_sleeper_gated(t: pa.Table) -> pa.Table:
+    """Starts a child of its own once (`sleep 300`, in its process group; its pid in
+    $CHILD_PID), then `double` once the file named by GATE exists."""
+    import subprocess
+
+    marker = os.environ["CHILD_PID"]
+    if not os.path.exists(marker):
+        child = subprocess.Popen(["sleep", "300"])
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(child.pid))
+        os.replace(marker + ".tmp", marker)
+    return _gated(double, t)

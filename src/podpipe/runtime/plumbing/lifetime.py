@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence, TypeVar
 
 P = TypeVar("P")
@@ -111,3 +112,30 @@ def reap(processes: Sequence[P], grace: float, ends: Callable[[P, float | None],
         if not ends(process, max(0.0, deadline - time.monotonic())):
             kill(process)
             ends(process, None)
+
+
+RUN_ENV = "PODPIPE_RUN_DIR"  # in a local run's stage processes: the run directory
+
+
+def end_leftovers(run_dir: Path) -> list[int]:
+    """SIGKILL what a killed run's stages left behind: this user's processes whose
+    environment names `run_dir` (`RUN_ENV`, which a stage's own children inherit) —
+    the conductor, the subreaper that would have ended them, is gone. Returns the
+    pids ended."""
+    marker = f"{RUN_ENV}={run_dir.resolve()}".encode()
+    me, mine = os.geteuid(), os.getpid()
+    ended = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == mine:
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != me:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            os.kill(int(entry), signal.SIGKILL)
+            ended.append(int(entry))
+        except (OSError, ProcessLookupError):
+            continue  # gone meanwhile, or not ours to read
+    return ended

@@ -40,7 +40,10 @@ class _Where:
     pod: str
 
     def env(self, worker: int = 0) -> dict[str, str]:
-        return {"PODPIPE_POD": self.pod, protocol.WORKER_ENV: str(worker)}
+        # RUN_ENV marks every process the run's stages start, children too: a resume
+        # ends those a killed conductor left (`lifetime.end_leftovers`)
+        return {"PODPIPE_POD": self.pod, protocol.WORKER_ENV: str(worker),
+                lifetime.RUN_ENV: str(self.log_dir.parent.resolve())}
 
 
 class SpawnLauncher:

@@ -34,6 +34,7 @@ from podpipe.runtime.runs import following as runs
 from podpipe.runtime.data import scratch as scratches
 from podpipe.runtime.runs.launcher import ForkServer
 from podpipe.runtime.runs.launcher import launcher as make_launcher
+from podpipe.runtime.plumbing import lifetime
 from podpipe.runtime.plumbing.loop import EventLoop, Signalled
 from podpipe.runtime.runs.origin import Origin, start_from
 
@@ -243,6 +244,8 @@ def resume(run_dir: str, *, observer: Callable[[status.Status], None] | None = N
     on this machine is taken over if it is still there."""
     run_path = Path(run_dir)
     before = rundir.claim_for_resume(run_path)
+    if launch:  # what the killed run's stages started and left behind, gone with it
+        lifetime.end_leftovers(run_path)
     recorded = rundir.read(run_path)
     os.chdir(recorded.cwd)  # relative paths in the spec resolve as they did
     overrides = recorded.overrides
