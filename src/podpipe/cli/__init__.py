@@ -118,14 +118,14 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
 
 def _plan(args: argparse.Namespace, console: Console) -> int:
     from podpipe import console as terminal
-    from podpipe.runtime.runs import pod
+    from podpipe.runtime.runs import planning
 
     if args.cpus is not None and args.measured is None:
         raise UsageError("--cpus: needs --from RUN_DIR, a finished run whose busy time per "
                          "node the split is computed from")
-    planned = pod.plan(args.spec, overrides=args.set, replicas=args.replicas)
+    planned = planning.plan(args.spec, overrides=args.set, replicas=args.replicas)
     if args.cpus is not None:
-        planned["cores"] = pod.cores(args.spec, args.cpus, args.measured, overrides=args.set)
+        planned["cores"] = planning.cores(args.spec, args.cpus, args.measured, overrides=args.set)
     if args.json:
         print(json.dumps(planned, indent=2))
         return 0
