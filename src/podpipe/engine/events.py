@@ -1,4 +1,5 @@
-"""What the engine is told (events) and what it answers (actions).
+"""What the engine is told (events), what it answers (actions), and the record of
+its progress that views read (`Progress`).
 
 The conductor turns what happens in a pod into events and carries out the actions;
 each action carries everything needed to carry it out, so the conductor never
@@ -300,3 +301,42 @@ class RemoveWorker:
 
 Action = (Dispatch | Grant | Deny | Delete | Recycle | Unpool | Spill | Keep | Restart | Kill |
           Replace | Stop | Hold | Forget | Finished | Failed | AddWorker | RemoveWorker)
+
+
+# -- what views read (`Ledger.progress`) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeProgress:
+    done: int
+    total: int
+    restarts: int
+    workers: int
+    workers_max: int
+    queued: int
+    in_flight: int
+    held: str | None
+    tier: str | None  # a table, once loaded: where it is
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the run looks like now, for views: made by `Ledger.progress`."""
+
+    scratch: int        # bytes of RAM scratch in use
+    peak: int           # the most in use so far
+    recent_peak: int    # the most in use since the previous record
+    budget: int
+    spills: int
+    on_line: int        # source batches on the line
+    nodes: dict[str, NodeProgress]
+    shards_here: list[int]
+    waiting_for: list[int]
+
+    @property
+    def queued(self) -> dict[str, int]:
+        return {n: p.queued for n, p in self.nodes.items()}
+
+    @property
+    def workers(self) -> dict[str, int]:
+        return {n: p.workers for n, p in self.nodes.items()}

@@ -9,6 +9,13 @@ on and off the line (`line`), and the outcome. The policies (`grants`, `jam`,
 below (and the `Agent`, `Budget` and `Pool` methods); what they emit they return as
 actions. `state.RunState` routes each event to them. Views (the status, the
 timeline) read `progress()`, a frozen record, never the ledger itself.
+
+Below, in order: the records it holds (`Line`), construction and nodes; queries;
+then the operations, by what they change: outputs (`delete`, `task_done`,
+`take_import`, `restore`), what is done and ready (`undo`, `maybe_ready`,
+`requeue`, `next_ready`), the line (`admit`, `one_less`, `load_again`, ...), and
+processes and nodes (`add_worker`, `take_agents`, `forget_node`, `regraph`,
+`fail`, `finish`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field
 from podpipe.engine.agent import Agent, Pool
 from podpipe.engine.budget import Budget
 from podpipe.engine.events import (Action, Delete, Failed, Finished, Imported, Keep, Key,
-                                   Recycle, TaskDone)
+                                   NodeProgress, Progress, Recycle, TaskDone)
 from podpipe.engine.keys import Keys
 from podpipe.errors import PodpipeError
 from podpipe.model.graph import BATCH, SINGLE, TABLE, Graph
@@ -34,42 +41,6 @@ class Line:
     redo: list[int] = field(default_factory=list)  # source batches dropped, to load again
     stale: set[int] = field(default_factory=set)   # on the line, to redo once off it
     obsolete: set[Key] = field(default_factory=set)  # in-flight tasks whose result is void
-
-
-@dataclass(frozen=True)
-class NodeProgress:
-    done: int
-    total: int
-    restarts: int
-    workers: int
-    workers_max: int
-    queued: int
-    in_flight: int
-    held: str | None
-    tier: str | None  # a table, once loaded: where it is
-
-
-@dataclass(frozen=True)
-class Progress:
-    """What the run looks like now, for views: made by `Ledger.progress`."""
-
-    scratch: int        # bytes of RAM scratch in use
-    peak: int           # the most in use so far
-    recent_peak: int    # the most in use since the previous record
-    budget: int
-    spills: int
-    on_line: int        # source batches on the line
-    nodes: dict[str, NodeProgress]
-    shards_here: list[int]
-    waiting_for: list[int]
-
-    @property
-    def queued(self) -> dict[str, int]:
-        return {n: p.queued for n, p in self.nodes.items()}
-
-    @property
-    def workers(self) -> dict[str, int]:
-        return {n: p.workers for n, p in self.nodes.items()}
 
 
 class Ledger:

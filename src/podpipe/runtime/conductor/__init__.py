@@ -2,7 +2,7 @@
 
 It starts each node's agents, one per worker (in a Kubernetes pod the kubelet starts
 them as containers), accepts their connections on a Unix socket in RAM scratch, and
-blocks on events only (`runtime.loop`). One event, start to end:
+blocks on events only (`plumbing.loop`). One event, start to end:
 
     socket bytes -> protocol.Reader (typed message) -> _from_agent -> events queue
     events queue -> engine.handle (one at a time) -> actions -> _carry_out
@@ -23,7 +23,8 @@ Pieces it wires, each owning its state: `agents` (connections), `processes` (wha
 it starts), `crew` and `scratchwork` (the engine's decisions about processes and
 RAM scratch, carried out), `swaps` (swap, apply), `checkpoints` (journal, node and
 durable tiers, imports), `snapshot` (counters, status), `timeline` (the task record
-behind `podpipe report`), `metrics` (Prometheus, if asked), `run` (what it runs, a
+behind `podpipe report`), `metrics` (the watchers of each status: the caller's
+observer, Prometheus if asked), `run` (what it runs, a
 task as the run has it), `nodes` (restarts, workers, cores each node runs with).
 """
 
@@ -36,7 +37,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, assert_never
 
 from podpipe.engine import events as ev
-from podpipe.engine.ledger import Ledger, Progress
+from podpipe.engine.events import Progress
+from podpipe.engine.ledger import Ledger
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph

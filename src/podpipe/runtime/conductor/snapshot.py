@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from podpipe.engine.ledger import Progress
+from podpipe.engine.events import Progress
 from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS
 from podpipe.model.pipeline import SOURCE

@@ -10,7 +10,7 @@ from typing import IO
 
 import msgspec
 
-from podpipe.engine.ledger import Progress
+from podpipe.engine.events import Progress
 from podpipe.runtime.plumbing import files, protocol
 from podpipe.runtime.rundir.records import SAMPLES, TASKS, SampleRecord, TaskRecord
 
