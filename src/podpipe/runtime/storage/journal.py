@@ -15,6 +15,7 @@ import contextlib
 import os
 import sqlite3
 from pathlib import Path
+from typing import Callable
 
 from podpipe.model.output import Output
 
@@ -56,13 +57,14 @@ class Journal:
             raise CorruptJournal(f"{path}: {exc}") from exc
 
     def _write(self, sql: str, values: tuple[object, ...] = ()) -> None:
+        self._guarded(lambda: self.db.execute(sql, values))
+
+    def _guarded(self, write: Callable[[], object]) -> None:
+        """Do `write`, unless the journal was set aside; a failure sets it aside."""
         if self.error is not None:
             return  # set aside: nothing more is recorded
         try:
-            if sql:
-                self.db.execute(sql, values)
-            else:
-                self.db.commit()
+            write()
         except sqlite3.Error as exc:  # "database or disk is full", an I/O error
             self.error = (f"the journal cannot be written ({exc}): set aside, a resume "
                           "starts from the other tiers")
@@ -86,7 +88,7 @@ class Journal:
                      copy.checksum))
 
     def commit(self) -> None:
-        self._write("")
+        self._guarded(self.db.commit)
 
     def done(self) -> dict[str, set[int]]:
         finished: dict[str, set[int]] = {}
