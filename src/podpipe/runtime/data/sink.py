@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,6 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import Pipeline, Sink
 from podpipe.runtime.plumbing import files
 
-
-# A temporary name of `files.temporary_name`: `.NAME.PID.tmp`.
-_TEMPORARY = re.compile(r"\.(?:part-\d{6}\.parquet|_SUCCESS)\.(\d+)\.tmp")
 
 VERSIONS = b"podpipe.versions"
 STAGING = "_staging"
@@ -118,10 +114,11 @@ class _Folder:
             except OSError:
                 continue
             for name in names:
-                match = _TEMPORARY.fullmatch(name)
+                of = files.temporary_of(name)
+                if of is None or not (of[0] == MARKER or _batch_of(of[0]) is not None) \
+                        or os.path.exists(f"/proc/{of[1]}"):
+                    continue  # not a sink's temporary file, or its writer still runs
                 path = os.path.join(folder, name)
-                if match is None or os.path.exists(f"/proc/{match.group(1)}"):
-                    continue
                 with contextlib.suppress(OSError):
                     if os.lstat(path).st_uid == os.geteuid():
                         os.unlink(path)

@@ -23,6 +23,15 @@ def temporary_name(name: str) -> str:
     return f".{name}.{os.getpid()}.tmp"
 
 
+def temporary_of(name: str) -> tuple[str, int] | None:
+    """The file a temporary `name` is written for, and the pid of the process writing
+    it (`temporary_name` read backwards); None if `name` is no temporary name."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    final, _, pid = name[1:-len(".tmp")].rpartition(".")
+    return (final, int(pid)) if final and pid.isdigit() else None
+
+
 def temporary(path: Path) -> Path:
     return path.with_name(temporary_name(path.name))
 
