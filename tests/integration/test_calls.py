@@ -349,3 +349,37 @@ def test_a_retry_after_of_an_hour_waits_no_longer_than_the_calls_timeout(tmp_pat
     assert done.returncode == 0, done.stderr
     assert service.stats()["received"] > REQUESTS  # the 429s were asked again, and answered
     _expected(tmp_path)
+
+
+def test_a_stale_answer_on_a_kept_alive_connection_is_never_kept(tmp_path, stub):
+    """Case 3 of the integrity issue: without `echo` a stale answer of the right length
+    cannot be told from the right one (the run below shows the stub's fault is real);
+    with `echo` it is refused, its connection dropped, and the request sent again —
+    also the stale answers the first run kept are refused when a second run finds them
+    on the durable tier."""
+    service = stub("--echo", "--stale", "5")
+    durable = tmp_path / "durable"
+    _spec(tmp_path, service.url, checkpoints={"durable": f"file://{durable}"})
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "blind", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert service.stats()["stale"] == 5
+    out = read_sink(tmp_path / "out")
+    wrong = sum(x * 2 != y for x, y in zip(out["x"].to_pylist(), out["y"].to_pylist()))
+    assert sorted(out["y"].to_pylist()) != [2 * x for x in range(10_000)] or wrong
+
+    for durable_tier, stale in ((tmp_path / "fresh", 5), (durable, 0)):
+        service.mode(stale=stale)
+        shutil.rmtree(tmp_path / "out")
+        _spec(tmp_path, service.url, call={"echo": ["x"]},
+              checkpoints={"durable": f"file://{durable_tier}"})
+        run_dir = f"run-{stale}"
+        done = podpipe("run", "p.yaml", "--quiet", "--run-dir", run_dir, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert service.stats()["stale"] == stale
+        _expected(tmp_path)
+        out = read_sink(tmp_path / "out")
+        assert out["x"].to_pylist() == [y // 2 for y in out["y"].to_pylist()]
+        calls = run_status(tmp_path / run_dir)["stages"]["ask"]["calls"]
+        assert calls["retries"] >= stale and calls["failures"] == 0
+    # the wrong answers the first run kept were checked and asked again
+    assert calls["memo_hits"] <= REQUESTS - 5

@@ -6,7 +6,9 @@ POST / with an Arrow IPC stream (or a JSON array of row objects) of column `x`;
 the answer has `y = 2 * x` (same format, a row per row). It answers after
 `latency` seconds; a share `errors` of requests gets a 503 (seeded: the same
 requests every run), every `throttle`-th a 429 with `Retry-After` (`--retry-after`, 0.05 s); `--down` makes
-every request a 503 with a short body. GET /stats: requests received and
+every request a 503 with a short body. `--echo` puts `x` back in each answer;
+`--stale N` makes N requests that come on a kept-alive connection get first a
+stale copy of the answer before them on it, then their own (a faulty proxy's way). GET /stats: requests received and
 answered, distinct bodies answered, the most in flight at once; POST /mode with
 JSON `{latency, errors, throttle, down}` changes them and starts the counts afresh
 (one URL for a clean run and a faulty one). Prints its port.
@@ -32,17 +34,20 @@ def main() -> None:
     parser.add_argument("--throttle", type=int, default=0)
     parser.add_argument("--retry-after", default="0.05", help="what a 429 asks to wait")
     parser.add_argument("--down", action="store_true")
+    parser.add_argument("--echo", action="store_true")
+    parser.add_argument("--stale", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(7)
     seen = {"received": 0, "answered": 0, "in_flight": 0, "max_in_flight": 0,
-            "max_per_second": 0}
+            "max_per_second": 0, "stale": 0}
+    before: dict[object, bytes] = {}  # the last answer sent on each connection
     distinct: set[str] = set()
     arrivals: list[float] = []  # when each request came, for the busiest second
 
     async def mode(request: web.Request) -> web.Response:
         for name, value in (await request.json()).items():
             setattr(args, name, value)
-        seen.update(received=0, answered=0, max_in_flight=0, max_per_second=0)
+        seen.update(received=0, answered=0, max_in_flight=0, max_per_second=0, stale=0)
         distinct.clear()
         arrivals.clear()
         rng.seed(7)
@@ -67,16 +72,25 @@ def main() -> None:
                 return web.Response(status=503, text="busy")
             if request.content_type == "application/json" or body[:1] == b"[":
                 rows = json.loads(body)
-                out = json.dumps([{"y": 2 * r["x"]} for r in rows]).encode()
+                out = json.dumps([{"y": 2 * r["x"], **({"x": r["x"]} if args.echo else {})}
+                                  for r in rows]).encode()
             else:
                 table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
-                doubled = pa.table({"y": pc.multiply(table["x"], 2)})
+                doubled = pa.table({"y": pc.multiply(table["x"], 2),
+                                    **({"x": table["x"]} if args.echo else {})})
                 sink = pa.BufferOutputStream()
                 with pa.ipc.new_stream(sink, doubled.schema) as writer:
                     writer.write_table(doubled)
                 out = sink.getvalue().to_pybytes()
             seen["answered"] += 1
             distinct.add(hashlib.sha256(body).hexdigest())
+            stale = before.get(request.transport)
+            if args.stale and stale is not None and request.transport is not None:
+                args.stale -= 1
+                seen["stale"] += 1
+                request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                        % len(stale) + stale)
+            before[request.transport] = out
             return web.Response(body=out)
         finally:
             seen["in_flight"] -= 1

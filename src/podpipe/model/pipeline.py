@@ -46,6 +46,7 @@ class Call:
     retries: int = 5               # on connection errors, timeouts, 429 and 5xx
     headers: dict[str, str] = field(default_factory=dict)
     memo_key: tuple[str, ...] = ()  # headers that tell requests apart (with the body)
+    echo: tuple[str, ...] = ()     # request columns each answer carries back, checked
     memo: bool = True              # keep every answer; never send a request twice
 
 

@@ -285,7 +285,8 @@ _URL = re.compile(r"^https?://[^/?#\s]+(/\S*)?$")
 
 def _call(r: Reader, path: str, value: Any) -> Call:
     c = r.mapping(path, value, {"url", "format", "rowsPerRequest", "concurrency", "rateLimit",
-                                "timeout", "retries", "headers", "memoKey", "memo"}, {"url"})
+                                "timeout", "retries", "headers", "memoKey", "echo", "memo"},
+                  {"url"})
     url = r.string(f"{path}.url", c["url"])
     if not _URL.match(url):
         raise r.fail(f"{path}.url", f"expected an http:// or https:// URL with a host, such "
@@ -315,6 +316,7 @@ def _call(r: Reader, path: str, value: Any) -> Call:
         timeout=r.seconds(f"{path}.timeout", c.get("timeout", 10.0)),
         retries=r.integer(f"{path}.retries", c.get("retries", 5), minimum=0, maximum=100),
         headers=dict(headers), memo_key=memo_key,
+        echo=r.strings(f"{path}.echo", c["echo"]) if "echo" in c else (),
         memo=r.boolean(f"{path}.memo", c.get("memo", True)))
 
 

@@ -2,13 +2,14 @@
 
 A batch is cut into consecutive slices of `rowsPerRequest` rows; each slice is one
 POST (an Arrow IPC stream, or a JSON array of row objects) and its answer must
-have as many rows. The stage's output is the answers, concatenated in request
-order. Requests overlap (asyncio, one aiohttp session per process: connections
+have as many rows, and carry back the `echo` columns as they were sent. The stage's
+output is the answers, concatenated in request order. Requests overlap (asyncio, one aiohttp session per process: connections
 pooled and kept alive), at most `concurrency` at once over all the stage's workers
 (each has its share) and `rateLimit` a second; a request that meets a connection
 error, a timeout, a 429 or a 5xx is sent again after a backoff (exponential, with
 jitter, at least what `Retry-After` says, up to the call's `timeout`), `retries` times
-at most.
+at most; so is one whose answer fails its check, on a new connection (the one it came
+on may hold an answer meant for another request).
 
 **At most once per request.** Every answer is kept on the node tier, under a
 digest of the request (method, URL, the headers named in `memoKey`, body), as it
@@ -123,21 +124,24 @@ class Client:
         data = kept.get(name) if kept is not None else None
         if data is not None and kept is not None:
             try:
-                answer = self.decode(data, rows.num_rows, index)
+                answer = self.decode(data, rows, index)
                 figures.memo_hits += 1
                 return answer
             except CallFailed:  # a kept answer that does not do: asked again
                 kept.drop(name)
-        async with gate:  # a slot is held until its answer is kept: what a kill can make
-            data = await self._post(index, rows.num_rows, body, figures)  # us send again
-            answer = self.decode(data, rows.num_rows, index)           # is at most the
-            if kept is not None:                                        # `concurrency`
-                # kept as it comes, not once the batch is done: a restart (or a lost
-                # node) finds it
+        # a slot is held until its answer is kept: what a kill can make us send again is
+        # at most the `concurrency`
+        async with gate:
+            answer, data = await self._post(index, rows, body, figures)
+            if kept is not None:
+                # checked, then kept as it comes, not once the batch is done: a restart
+                # (or a lost node) finds it
                 await asyncio.get_running_loop().run_in_executor(None, kept.put, name, data)
         return answer
 
-    async def _post(self, index: int, rows: int, body: bytes, figures: Figures) -> bytes:
+    async def _post(self, index: int, rows: pa.Table, body: bytes,
+                    figures: Figures) -> tuple[Any, bytes]:
+        """The checked answer to request `index` and its bytes, after retries."""
         import aiohttp
 
         for attempt in range(self.call.retries + 1):
@@ -148,9 +152,10 @@ class Client:
             if self.notify is not None and started - self._told >= NOTIFY_SECONDS:
                 self._told = started
                 self.notify(figures.in_flight)
-            status, data, wait = None, b"", None
+            status, data, wait, connection = None, b"", None, None
             try:
                 async with self.session.post(self.url, data=body, headers=self.headers) as reply:
+                    connection = reply.connection.protocol if reply.connection else None
                     status, data = reply.status, await reply.read()
                     wait = _retry_after(reply.headers.get("Retry-After"))
                 problem = f"HTTP {status}"
@@ -163,14 +168,22 @@ class Client:
                 figures.requests += 1
                 figures.latencies.append(time.monotonic() - started)
             if status is not None and 200 <= status < 300:
-                return data
-            if (status is not None and status != 429 and status < 500) or \
+                try:
+                    return self.decode(data, rows, index), data
+                except CallFailed as exc:  # a wrong answer: perhaps one meant for another
+                    problem = str(exc)     # request, left on a kept-alive connection; the
+                    if connection is not None:  # connection goes with whatever else it
+                        connection.close()      # holds, and the request is sent again
+            elif (status is not None and status != 429 and status < 500) or \
                     attempt == self.call.retries:
                 figures.failures += 1
                 tried = f" after {attempt} retries" if attempt else ""
                 raise CallFailed(f"request {index} (rows {index * self.call.rows_per_request}"
-                                 f"+{rows}) to {self.url} failed{tried}: {problem}; the answer "
-                                 f"begins {data[:120]!r}")
+                                 f"+{rows.num_rows}) to {self.url} failed{tried}: {problem}; "
+                                 f"the answer begins {data[:120]!r}")
+            if attempt == self.call.retries:
+                figures.failures += 1
+                raise CallFailed(f"{problem} (after {attempt} retries)")
             figures.retries += 1
             delay = min(MAX_BACKOFF, BACKOFF * 2 ** attempt) * random.uniform(0.5, 1.5)
             # as long as the service asks, but never longer than a request may take
@@ -201,8 +214,9 @@ class Client:
         data: bytes = sink.getvalue().to_pybytes()
         return data
 
-    def decode(self, data: bytes, rows: int, index: int) -> Any:
-        """The answer to request `index`, checked: as many rows as it was sent."""
+    def decode(self, data: bytes, rows: pa.Table, index: int) -> Any:
+        """The answer to request `index` (of `rows`), checked: as many rows as it was
+        sent, and the `echo` columns' values as they were sent."""
         try:
             if self.call.format == "json":
                 answer = json.loads(data)
@@ -215,10 +229,41 @@ class Client:
         except (ValueError, pa.ArrowException) as exc:
             raise CallFailed(f"request {index}: the answer of {self.url} is not "
                              f"{self.call.format}: {exc}; it begins {data[:120]!r}") from None
-        if count != rows:
-            raise CallFailed(f"request {index}: the answer of {self.url} has {count} rows, "
-                             f"the request {rows}; each answer must have a row per row sent")
+        if count != rows.num_rows:
+            raise CallFailed(f"request {index}: the answer of {self.url} has {count} rows, the "
+                             f"request {rows.num_rows}; each answer must have a row per row sent")
+        for column in self.call.echo:
+            wrong = self._echoed(answer, rows, column)
+            if wrong:
+                raise CallFailed(f"request {index}: the answer of {self.url} does not echo "
+                                 f"the rows sent: {wrong} (call.echo; it may be the answer to "
+                                 f"another request)")
         return answer
+
+    def _echoed(self, answer: Any, rows: pa.Table, column: str) -> str:
+        """What is wrong with `column` as `answer` echoes it ('' when nothing)."""
+        if column not in rows.column_names:
+            return f"{column!r} is not a column of the rows sent {rows.column_names}"
+        sent = rows.column(column)
+        if self.call.format == "json":
+            got = [row.get(column) for row in answer]
+            want = json.loads(json.dumps(sent.to_pylist(), default=str))
+            if got == want:
+                return ""
+        else:
+            if column not in answer.column_names:
+                return f"it has no column {column!r}"
+            echoed = answer.column(column)
+            try:
+                if echoed.type != sent.type:
+                    echoed = echoed.cast(sent.type)
+                if echoed.equals(sent):
+                    return ""
+            except pa.ArrowException:
+                return f"column {column!r} is {echoed.type}, sent as {sent.type}"
+            got, want = echoed.to_pylist(), sent.to_pylist()
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), 0)
+        return f"row {at}'s {column!r} is {got[at]!r}, sent as {want[at]!r}"
 
 
 def _retry_after(value: str | None) -> float | None:
