@@ -40,7 +40,8 @@ def start_run(cwd: Path, **env: str) -> subprocess.Popen:
 # each, so that `workers: auto` (which gives a waiting stage a worker per batch) does
 # not end the run before the test gets to it. Tests of workers set them explicitly.
 TIME_BUYING = {"pystages:slow", "pystages:hang_once", "pystages:hang_on_batch_one",
-               "pystages:q1_total_gated", "pystages:tag_v1_gated"}
+               "pystages:q1_total_gated", "pystages:tag_v1_gated",
+               "pystages:double_then_gated"}
 
 
 def spec(stages: list[dict], sinks: list[dict], *, uri: str = "data/*.parquet",

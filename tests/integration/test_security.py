@@ -679,8 +679,10 @@ def test_links_planted_under_a_sinks_temporary_names_are_not_written_through(tmp
 
 @as_root
 def test_a_staging_link_planted_in_a_sink_is_refused_before_anything_is_written(tmp_path):
-    """A `_staging` link made a `mode: overwrite` run write into, and delete part
-    files from, the folder it points to."""
+    """A planted `_staging` link made a `mode: overwrite` run write into, and delete
+    part files from, the folder it points to. Each run now stages in a folder of its
+    own: the old name is left alone, and a failed run's staging folder swapped for a
+    link (the sink folder writable by all, not sticky) makes its resume refuse."""
     import shutil
 
     theirs = tmp_path / "roots-output"
@@ -688,16 +690,37 @@ def test_a_staging_link_planted_in_a_sink_is_refused_before_anything_is_written(
     (theirs / "part-000005.parquet").write_bytes(b"root's own")
     shared = _shared_folder()
     out = shared / "out"
+    out.chmod(0o777)
     make_numbers(tmp_path / "data", files=2, rows=100, row_group=100)
     write_spec(tmp_path / "p.yaml", spec(
-        [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],
-        [{"input": "a", "uri": f"{out}/", "mode": "overwrite"}]))
+        [{"name": "a", "run": "pystages:fail_on_third", "inputs": ["source"]}],
+        [{"input": "a", "uri": f"{out}/", "mode": "overwrite"}], batch_rows=10))
     assert _as_nobody(lambda: os.symlink(theirs, out / "_staging") is None) == 0
     try:
-        done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+        done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
+                       BOOM_AT="150")
+        assert done.returncode == 1, done.stderr
+        staging, = out.glob("_staging-*")
+        assert list(staging.glob("part-*.parquet"))
+        moved = out / "moved"
+
+        def swap() -> bool:
+            os.rename(staging, moved)
+            os.symlink(theirs, staging)
+            return True
+        assert _as_nobody(swap) == 0
+        done = podpipe("resume", "run", cwd=tmp_path, BOOM_AT="-1")
         assert done.returncode == 2, done.stderr
-        assert "_staging" in done.stderr and "not written through" in done.stderr
+        assert staging.name in done.stderr and "not written through" in done.stderr
         assert sorted(p.name for p in theirs.iterdir()) == ["part-000005.parquet"]
         assert (theirs / "part-000005.parquet").read_bytes() == b"root's own"
+        staging.unlink()  # the owner puts it back: the resume finishes the run
+        os.rename(moved, staging)
+        done = podpipe("resume", "run", cwd=tmp_path, BOOM_AT="-1")
+        assert done.returncode == 0, done.stderr
+        assert sorted(read_sink(out)["x"].to_pylist()) == list(range(200))
+        assert not list(out.glob("_staging-*"))  # (their `_staging` link left alone)
     finally:
         shutil.rmtree(shared)
+
+

@@ -9,7 +9,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
-from tests.conftest import podpipe, spec, write_spec
+from tests.conftest import cli_env, podpipe, spec, wait_until, write_spec
 
 
 def _pipeline(tmp: Path, *, mode: str | None = None, stage: str = "pystages:double",
@@ -60,7 +60,7 @@ def test_overwrite_leaves_exactly_the_new_files_and_a_manifest(workdir):
     out = workdir / "out"
     assert _parts(out) == [f"part-{b:06d}.parquet" for b in range(4)]
     assert _count(out) == 10_000  # the source's rows, none twice
-    assert not (out / "_staging").exists()
+    assert not list(out.glob("_staging*"))
     assert "out: wrote 4 files, 10,000 rows → out/" in done.stdout
     final = json.loads(podpipe("status", "latest", "--json", cwd=workdir).stdout)
     assert final["stages"]["out"]["rows_out"] == 10_000  # a sink's rows out: what it wrote
@@ -95,7 +95,9 @@ def test_a_failed_overwrite_leaves_the_previous_output_in_place(workdir):
                     cwd=workdir)
     assert fixed.returncode == 0, fixed.stderr
     assert len(_parts(out)) == 4 and _count(out) == 10_000
-    assert not (out / "_staging").exists()
+    # the failed run's staging (if it staged any) stays for its resume; the run that
+    # succeeded left none
+    assert len(list(out.glob("_staging-*"))) <= 1
 
 
 def test_a_bad_sink_mode_is_refused_naming_the_field(workdir):
@@ -132,3 +134,34 @@ def test_temporary_files_a_killed_sink_left_are_swept_by_the_next_run(tmp_path):
     assert not any(path.exists() for path in left)
     assert live.exists()
     assert len(read_sink(out)) == 10_000
+
+
+def test_two_overwrite_runs_into_one_sink_each_stage_their_own_files(workdir):
+    """Each run stages in a folder of its own: the one that commits first leaves the
+    other's staged files alone, and the last commit is the output."""
+    import subprocess
+    import sys
+
+    gate = workdir / "gate"
+    slow = _pipeline(workdir, mode="overwrite", stage="pystages:double_then_gated",
+                     name="slow.yaml")
+    first = subprocess.Popen([sys.executable, "-m", "podpipe", "run", str(slow), "--quiet",
+                              "--run-dir", "first"], cwd=workdir, env=cli_env(GATE=str(gate)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = workdir / "out"
+    try:
+        def staged() -> bool:
+            assert first.poll() is None, first.communicate()
+            return len(list(out.glob("_staging-*/part-*.parquet"))) >= 5
+        wait_until(staged, "the first run to stage half its files")
+        second = podpipe("run", str(_pipeline(workdir, mode="overwrite")), "--quiet",
+                         "--set", "source.batchRows=2000", cwd=workdir)
+        assert second.returncode == 0, second.stderr
+        assert len(_parts(out)) == 6 and _count(out) == 10_000  # the second run's output
+        assert len(list(out.glob("_staging-*/part-*.parquet"))) == 5  # the first's, kept
+    finally:
+        gate.touch()
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert len(_parts(out)) == 10 and _count(out) == 10_000  # the last commit's
+    assert not list(out.glob("_staging*")) and not list(out.glob("*.tmp"))

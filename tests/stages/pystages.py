@@ -316,3 +316,11 @@ def spawns_a_sleeper_gated(t: pa.Table) -> pa.Table:
             f.write(str(child.pid))
         os.replace(marker + ".tmp", marker)
     return _gated(double, t)
+
+
+def double_then_gated(t: pa.Table) -> pa.Table:
+    """`double` for x below 5000, then once the file named by GATE exists: half the
+    run's batches are done before the test has acted."""
+    if pc.min(t["x"]).as_py() >= 5000:
+        _gated(lambda table: table, t)
+    return double(t)

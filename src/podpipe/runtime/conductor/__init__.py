@@ -381,7 +381,7 @@ class Conductor:
         run = self.run
         try:
             self.sinks = sink.finish(run.pipeline, run.graph, len(run.plan), self.ledger.keys,
-                                     whole=run.placement.replicas == 1)
+                                     run.staging, whole=run.placement.replicas == 1)
         except RunError as exc:
             self.outcome = ("failed", exc)
 

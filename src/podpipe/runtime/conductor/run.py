@@ -39,6 +39,7 @@ class Run:
     pod: str
     placement: Placement
     overrides: list[str]  # the pod's, passed to every process
+    staging: str          # the run's token: its staging folder in a `mode: overwrite` sink
 
     def stage(self, node: str) -> Stage | None:
         """`node`'s definition if it is a stage (not the source, a table or a sink)."""
@@ -61,6 +62,8 @@ class Run:
                              keep_mapped=not action.reads_kept)
         if node == SOURCE:
             task.source = self.plan[batch]
+        elif any(target.name == node for target in self.pipeline.sinks):
+            task.staging = self.staging
         stage = self.stage(node)
         if stage is not None and stage.call is not None and stage.call.memo:
             task.answers = str(answers.folder(self.run_dir, node))

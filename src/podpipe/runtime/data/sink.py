@@ -9,9 +9,11 @@ A sink's `mode` says what happens to a folder that already holds output:
 - `error` (the default): a part file this run would not write (another `batchRows`,
   another source) is refused before anything runs (`check`); files of the names this
   run writes are replaced as it goes.
-- `overwrite`: the run writes into `_staging/` inside the sink, and only once it
-  succeeded moves its files up and removes the part files it did not write
-  (`commit`): a failed run leaves the previous output as it was.
+- `overwrite`: the run writes into `_staging-<run>/` inside the sink (its own: the
+  run's random `staging` token, kept in `run.json` for its resume), and only once it
+  succeeded moves its files up, removes the part files it did not write and its
+  staging folder (`commit`): a failed run leaves the previous output as it was, and
+  two runs into one sink never touch each other's staged files.
 
 Once every batch is in, `_SUCCESS` is written last (`mark`): a JSON manifest of the
 files, their rows and xxh3 checksums, and the versions behind them. It is removed
@@ -43,7 +45,7 @@ from podpipe.runtime.plumbing import files
 
 
 VERSIONS = b"podpipe.versions"
-STAGING = "_staging"
+STAGING = "_staging-"  # and the run's token
 MARKER = "_SUCCESS"
 
 
@@ -62,20 +64,21 @@ class _Folder:
     """A sink's folder on its filesystem: where its part files are and go.
 
     On a local filesystem, where another user may write in a shared folder, files are
-    created exclusively without following links (`files.writing`), and `_staging` is
-    used only if it is a directory of this user's (not a link someone planted)."""
+    created exclusively without following links (`files.writing`), and the run's
+    staging folder is used only if it is a directory of this user's (not a link
+    someone planted). `staging`: the run's token (mode `overwrite`)."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: Sink, staging: str = "") -> None:
         self.sink = sink
         self.fs, root = fsspec.core.url_to_fs(sink.uri)
         self.root = root.rstrip("/")
-        self.staging = f"{self.root}/{STAGING}"
+        self.staging = f"{self.root}/{STAGING}{staging}"
         self.local = isinstance(self.fs, LocalFileSystem)
 
     def check_staging(self) -> None:
-        """A `_staging` there already must be a directory of this user's that others
-        cannot write to: one planted as a link would have the run write into, and
-        delete part files from, wherever it points."""
+        """The run's staging folder, there already, must be a directory of this user's
+        that others cannot write to: one planted as a link would have the run write
+        into, and delete part files from, wherever it points."""
         if not self.local or not os.path.lexists(self.staging):
             return
         try:
@@ -108,20 +111,19 @@ class _Folder:
         process killed mid-write left them)."""
         if not self.local:
             return
-        for folder in (self.root, self.staging):
-            try:
-                names = os.listdir(folder)
-            except OSError:
-                continue
-            for name in names:
-                of = files.temporary_of(name)
-                if of is None or not (of[0] == MARKER or _batch_of(of[0]) is not None) \
-                        or os.path.exists(f"/proc/{of[1]}"):
-                    continue  # not a sink's temporary file, or its writer still runs
-                path = os.path.join(folder, name)
-                with contextlib.suppress(OSError):
-                    if os.lstat(path).st_uid == os.geteuid():
-                        os.unlink(path)
+        try:  # (a run's staging folder goes whole once the run is done)
+            names = os.listdir(self.root)
+        except OSError:
+            return
+        for name in names:
+            of = files.temporary_of(name)
+            if of is None or not (of[0] == MARKER or _batch_of(of[0]) is not None) \
+                    or os.path.exists(f"/proc/{of[1]}"):
+                continue  # not a sink's temporary file, or its writer still runs
+            path = os.path.join(self.root, name)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_uid == os.geteuid():
+                    os.unlink(path)
 
     @property
     def writes_to(self) -> str:
@@ -156,14 +158,15 @@ class _Folder:
 
 
 class Writer:
-    def __init__(self, sink: Sink) -> None:
-        self.folder = _Folder(sink)
+    def __init__(self, sink: Sink, staging: str) -> None:
+        self.staging = staging
+        self.folder = _Folder(sink, staging)
         self.root = self.folder.writes_to
         if sink.mode == "overwrite" and self.folder.local:
             self.folder.check_staging()
             with contextlib.suppress(FileExistsError):
                 os.makedirs(self.folder.root, exist_ok=True)
-                os.mkdir(self.root, 0o700)  # ours: a planted one was refused above
+                os.mkdir(self.root, 0o700)  # the run's: a planted one was refused above
         else:
             self.folder.fs.makedirs(self.root, exist_ok=True)
 
@@ -177,10 +180,11 @@ class Writer:
         return final
 
 
-def written(sink: Sink) -> set[int]:
-    """The batches whose files this run has written into the sink so far (a resume
-    does not write them again)."""
-    folder = _Folder(sink)
+def written(sink: Sink, staging: str) -> set[int]:
+    """The batches whose files this run (its `staging` token) has written into the
+    sink so far (a resume does not write them again)."""
+    folder = _Folder(sink, staging)
+    folder.check_staging()
     return set(folder.parts(folder.writes_to))
 
 
@@ -233,39 +237,40 @@ def check_run(pipeline: Pipeline, graph: Graph, source_batches: int) -> None:
 
 
 def finish(pipeline: Pipeline, graph: Graph, source_batches: int,
-           keys_here: Callable[[str], Iterable[int]], *, whole: bool) -> dict[str, Written]:
+           keys_here: Callable[[str], Iterable[int]], staging: str, *,
+           whole: bool) -> dict[str, Written]:
     """A pod's run succeeded: `commit` each sink's output (the keys this pod ran,
-    `keys_here(sink)`) and, when the pod ran every shard (`whole`), `mark` it."""
+    `keys_here(sink)`, staged under the run's `staging` token) and, when the pod ran
+    every shard (`whole`), `mark` it."""
     every = every_batch(pipeline, graph, source_batches)
     written = {}
     for target in pipeline.sinks:
-        commit(target, keys_here(target.name), every[target.name])
+        commit(target, staging, keys_here(target.name), every[target.name])
         if whole:
             written[target.name] = mark(target, every[target.name])
     return written
 
 
-def commit(sink: Sink, mine: Iterable[int], every: Iterable[int]) -> None:
-    """A pod's run succeeded: in mode `overwrite`, move its staged files (`mine`) up
-    and remove the part files no replica of the run writes (`every` are theirs)."""
+def commit(sink: Sink, staging: str, mine: Iterable[int], every: Iterable[int]) -> None:
+    """A pod's run succeeded: in mode `overwrite`, move its staged files (`mine`,
+    under its `staging` token) up, remove the part files no replica of the run
+    writes (`every` are theirs), then its staging folder."""
     if sink.mode != "overwrite":
         return
-    folder = _Folder(sink)
+    folder = _Folder(sink, staging)
     folder.check_staging()
     staged = folder.parts(folder.staging)
     folder.remove_marker()
     try:
         for batch in sorted(set(mine)):
             if batch in staged:
-                folder.fs.mv(staged[batch], f"{folder.root}/{file_name(batch)}")
+                folder.fs.mv(staged.pop(batch), f"{folder.root}/{file_name(batch)}")
         every = set(every)
-        for batch, path in [*folder.parts(folder.root).items(), *staged.items()]:
-            if batch not in every:  # an earlier run's, or one that failed
+        for batch, path in folder.parts(folder.root).items():
+            if batch not in every:  # an earlier run's
                 folder.fs.rm(path)
-        if not folder.fs.ls(folder.staging, detail=False):
-            folder.fs.rmdir(folder.staging)
-    except FileNotFoundError:
-        pass  # no staging left: another replica's commit removed it
+        if folder.fs.exists(folder.staging):
+            folder.fs.rm(folder.staging, recursive=True)  # the run's own, checked above
     except OSError as exc:
         raise folder.fail("cannot move the staged output in place", exc) from exc
 

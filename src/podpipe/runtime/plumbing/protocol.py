@@ -36,7 +36,7 @@ import msgspec
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
 
-PROTOCOL = 3  # 1: the untyped JSON dicts of podpipe 0.1; 2: before a run's fixed schema
+PROTOCOL = 4  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging token
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
@@ -95,6 +95,7 @@ class Task(_Message, tag="task"):
     memo: str | None = None          # reuse across runs: where this output is kept
     versions: dict[str, list[str]] | None = None  # for sinks: the versions behind it
     answers: str | None = None       # a call stage: the folder of answers kept
+    staging: str = ""                # a sink: the run's token (`sink.Writer`)
     granted: int = 0                 # RAM granted with the task: an output no larger is
     reuse: str | None = None         # written at once (over this warm file), unasked
     checksum: bool = True            # hash the output: a copy of it is checked by that

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ class RunRecord(msgspec.Struct, kw_only=True):
     durable: str | None = None     # the store they share,
     attempt: int | None = None     # and how many times they were started
     source: dict[str, Any] | None = None  # what one pod's run reads (`source.identity`)
+    # the run's own staging folder in a `mode: overwrite` sink (`_staging-<this>`)
+    staging: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
     schemaVersion: int = SCHEMA_VERSION
 
     @property

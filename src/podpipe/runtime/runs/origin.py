@@ -28,6 +28,7 @@ from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
 from podpipe.model.output import TIERS, Output
 from podpipe.model.pipeline import Pipeline
+from podpipe.runtime.rundir import layout
 from podpipe.runtime.storage import durable, tiers
 from podpipe.runtime.storage.journal import CorruptJournal, Journal
 
@@ -72,9 +73,10 @@ def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[Sour
                                          spec_digest, roots)
                 restored.notes.insert(0, note)
                 return restored
-            return _restore(pipeline, graph, plan, {}, [], [note], placement, roots)
+            return _restore(pipeline, graph, plan, {}, [], [note], placement, roots,
+                            staging=layout.read(run_path).staging)
         return _restore(pipeline, graph, plan, finished, copies, [], placement, roots,
-                        made_by)
+                        made_by, staging=layout.read(run_path).staging)
     if origin.durable and pipeline.checkpoints.durable:
         return _from_durable(pipeline, graph, plan, run_path, placement, spec_digest,
                              roots)
@@ -112,23 +114,25 @@ def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run
         for node, keys in found.finished.items():
             finished.setdefault(node, set()).update(keys)
         made_by.update(found.made_by)
-    return _restore(pipeline, graph, plan, finished, copies, notes, placement, roots, made_by)
+    return _restore(pipeline, graph, plan, finished, copies, notes, placement, roots, made_by,
+                    staging=layout.read(run_path).staging)
 
 
 def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
              finished: dict[str, set[int]], copies: list[Output], notes: list[str],
              placement: sharding.Placement, roots: list[Path],
-             made_by: dict[Key, str] | None = None) -> Restored:
+             made_by: dict[Key, str] | None = None, *, staging: str) -> Restored:
     """The engine of a resumed run: what each node had finished, and the copies of its
     outputs that check out, nearest tier first. A sink's batch counts as finished only
-    if its file is there."""
+    if its file is there (staged under the run's `staging` token, in mode
+    `overwrite`)."""
     from podpipe.runtime.data import sink
     from podpipe.runtime.conductor import Restored
     from podpipe.runtime.conductor.nodes import cpus, retries, workers
 
     for target in pipeline.sinks:
         if target.name in finished:
-            finished[target.name] &= sink.written(target)
+            finished[target.name] &= sink.written(target, staging)
     kept: dict[Key, Output] = {}
     for_reduce = set(graph.reduce_inputs())
     for copy in sorted(copies, key=lambda c: TIERS.index(c.tier)):

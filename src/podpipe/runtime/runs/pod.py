@@ -290,7 +290,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         runs.mark_latest(run_path)
     from podpipe.runtime.conductor import Conductor, Run
 
-    run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides)
+    run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides,
+              rundir.read(run_path).staging)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
                      durable=tier, reaper=reaper, metrics=metrics, listener=listener).start()
 

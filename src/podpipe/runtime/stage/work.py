@@ -163,10 +163,13 @@ class WriteSink(Work):
     def __init__(self, target: specs.Sink) -> None:
         from podpipe.runtime.data import sink
 
-        self.writer = sink.Writer(target)
+        self.target, self.make = target, sink.Writer
+        self.writer: sink.Writer | None = None  # for the run's staging token, from a task
 
     def run(self, batch: int, inputs: list[list[pa.Table]],
             task: protocol.Task) -> pa.Table | Path | None:
+        if self.writer is None or self.writer.staging != task.staging:
+            self.writer = self.make(self.target, task.staging)
         self.writer.write(_concat(inputs[0]), batch, task.versions or {})
         return None
 
