@@ -9,6 +9,7 @@ answered exceed the distinct requests by at most those in flight at the kill.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -383,3 +384,33 @@ def test_a_stale_answer_on_a_kept_alive_connection_is_never_kept(tmp_path, stub)
         assert calls["retries"] >= stale and calls["failures"] == 0
     # the wrong answers the first run kept were checked and asked again
     assert calls["memo_hits"] <= REQUESTS - 5
+
+
+def test_every_worker_killed_at_once_twice_is_two_incidents_not_four_restarts(tmp_path, stub):
+    """A container crash ends all its workers at once: with `retries: 3`, both workers
+    of the call stage killed together twice is two incidents and two deaths per
+    batch at most — the run finishes (it failed 'after 3 restarts' when each process
+    counted)."""
+    service = stub("--latency", "0.1")
+    _spec(tmp_path, service.url)
+    path = tmp_path / "p.yaml"
+    text = path.read_text().replace("call:", "workers: 2\n    retries: 3\n    call:", 1)
+    path.write_text(text)
+    run = _start(tmp_path)
+    killed: set[int] = set()
+    for _ in range(2):
+        def both_up() -> bool:
+            assert run.poll() is None, run.communicate()
+            pids = {p["pid"] for p in run_status(tmp_path / "run").get("processes", [])
+                    if p["stage"] == "ask"}
+            return len(pids) == 2 and not pids & killed and service.stats()["in_flight"] > 0
+        wait_until(both_up, "both workers of 'ask' up and asking")
+        pids = [p["pid"] for p in run_status(tmp_path / "run")["processes"]
+                if p["stage"] == "ask"]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stderr
+    assert run_status(tmp_path / "run")["stages"]["ask"]["restarts"] == 4
+    _expected(tmp_path)

@@ -194,6 +194,59 @@ def test_a_process_killed_mid_batch_is_restarted_and_only_its_batch_is_redone():
                                       "before finishing the batch, after 1 restarts")
 
 
+def _two_workers_busy(retries: int) -> RunState:
+    """`a` with two workers, each running a batch (0 and 1)."""
+    run = RunState(Graph.of(CHAIN), 6, 10_000, retries={"a": retries}, workers={"a": 2})
+    for node, worker in (("source", 0), ("a", 0), ("a", 1), ("b", 0), ("sink-0", 0)):
+        run.handle(S.AgentReady(node, worker))
+    for batch in (0, 1):
+        run.handle(S.SpaceRequested("source", batch, 10))
+        run.handle(S.TaskDone("source", batch, out(f"source/{batch}", 10)))
+    assert {run.ledger.agents["a"][w].batch for w in (0, 1)} == {0, 1}
+    return run
+
+
+def _restart_both(run: RunState, at: float) -> None:
+    for worker in (0, 1):
+        actions = run.handle(S.AgentExited("a", -9, worker, at=at + worker * 0.01))
+        assert not any(isinstance(a, S.Failed) for a in actions), run.ledger.outcome
+    for worker in (0, 1):
+        run.handle(S.AgentReady("a", worker))
+
+
+def test_workers_of_a_node_dying_together_are_one_incident_and_retries_count_per_batch():
+    """Every process of a node killed at once, twice (a container crashing twice), with
+    `retries: 2`: two incidents, two deaths per batch — the run goes on; the third
+    death of batch 0's processes fails it, naming the batch."""
+    run = _two_workers_busy(retries=2)
+    _restart_both(run, at=10.0)
+    _restart_both(run, at=20.0)
+    assert run.ledger.restart_count("a") == 4 and run.ledger.outcome is None
+    worker = next(w for w, agent in run.ledger.agents["a"].items() if agent.batch == 0)
+    run.handle(S.AgentExited("a", -9, worker, at=30.0))
+    assert str(run.ledger.outcome.error) == ("stage 'a', batch 0: its process exited (code -9) "
+                                             "before finishing the batch, after 2 restarts")
+
+
+def test_a_batch_done_ends_a_crash_loop_count_but_not_its_batches_deaths():
+    """Deaths without a batch done in between are a crash loop: `retries: 1` allows
+    one; a batch finished in between starts the count afresh."""
+    run = RunState(Graph.of(CHAIN), 4, 10_000, retries={"a": 1})
+    for node in ("source", "a", "b", "sink-0"):
+        run.handle(S.AgentReady(node))
+    assert run.handle(S.AgentExited("a", 1, at=1.0)) == [S.Restart("a", 1, 0.1)]  # idle
+    run.handle(S.AgentReady("a"))
+    run.handle(S.SpaceRequested("source", 0, 10))
+    run.handle(S.TaskDone("source", 0, out("source/0", 10)))
+    run.handle(S.SpaceRequested("a", 0, 10))
+    run.handle(S.TaskDone("a", 0, out("a/0", 10)))  # progress
+    assert run.handle(S.AgentExited("a", 1, at=2.0)) == [S.Restart("a", 1, 0.1)]
+    run.handle(S.AgentReady("a"))
+    failed = run.handle(S.AgentExited("a", 1, at=3.0))  # twice without a batch done
+    assert isinstance(failed[-1], S.Failed)
+    assert "2 times without finishing a batch, after 1 restarts" in str(failed[-1].error)
+
+
 def test_reduce_inputs_beyond_the_budget_spill_to_the_node_tier_and_the_run_finishes():
     """Every per-batch output a reduce reads must stay until the reduce runs: with a
     budget for three of ten, the rest go to the node tier instead of failing."""
@@ -246,7 +299,7 @@ def test_a_swap_now_requeues_the_in_flight_batch_without_counting_a_restart():
     # no restart, no failure: the busy process is killed and its batch requeued
     assert run.handle(S.SwapRequested("a", now=True)) == [S.Replace("a", kill=True)]
     assert run.ledger.agents["a"][0].status == ABSENT and run.ledger.ready["a"] == [0]
-    assert run.ledger.restarts["a"] == 0
+    assert run.ledger.restart_count("a") == 0
     actions = run.handle(S.AgentReady("a"))  # the new version says hello
     assert S.Dispatch("a", 0, ((out("s0", 10),),)) in actions
 

@@ -1,15 +1,56 @@
 """What the engine knows of each node's processes: each one's status, task and RAM
-(`Agent`), and how many each node is to have (`Pool`: fixed, or `workers: auto`'s
-measure of the cores they use)."""
+(`Agent`), how many each node is to have (`Pool`: fixed, or `workers: auto`'s
+measure of the cores they use), and how its processes died (`Crashes`)."""
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
 from podpipe.engine.events import SwapRequested
 
 IDLE, RUNNING, WAITING, ABSENT, HELD = "idle", "running", "waiting", "absent", "held"
+INCIDENT_SECONDS = 1.0  # a node's workers dying this close together: one incident
+
+
+class Crashes:
+    """A node's process deaths as they count against its `retries`.
+
+    Per batch: a batch whose processes died more than `retries` times fails the run
+    (as Spark counts task failures and Ray task retries), however many workers the
+    node has. Per incident: deaths of the node's workers within a moment of the
+    first (one container's crash ends them all at once) are one, and a node with more
+    incidents than its `retries` since it last finished a batch is crash-looping (a
+    process that dies before it takes a batch is caught so)."""
+
+    def __init__(self) -> None:
+        self.restarts = 0        # processes restarted, for the status
+        self.incidents = 0       # since the node last finished a batch
+        self._deaths: dict[int, int] = {}  # batch -> deaths of the processes running it
+        self._began = -math.inf  # when the latest incident began,
+        self._ended: set[int] = set()  # and the workers it ended
+
+    def death(self, worker: int, batch: int | None, at: float) -> tuple[int, int]:
+        """`worker` died at `at` (monotonic seconds), running `batch` (None: none):
+        the deaths of `batch`'s processes and the node's incidents since its last
+        batch done, this one counted."""
+        if at - self._began > INCIDENT_SECONDS or worker in self._ended:
+            self.incidents += 1  # (a worker restarted since dying again: a new one)
+            self._began, self._ended = at, set()
+        self._ended.add(worker)
+        if batch is None:
+            return 0, self.incidents
+        self._deaths[batch] = self._deaths.get(batch, 0) + 1
+        return self._deaths[batch], self.incidents
+
+    def restarted(self) -> None:
+        self.restarts += 1
+
+    def progress(self, batch: int) -> None:
+        """The node finished `batch`: no crash loop."""
+        self.incidents = 0
+        self._deaths.pop(batch, None)
 
 
 @dataclass

@@ -64,6 +64,7 @@ class AgentExited:
     node: str
     returncode: int | None
     worker: int = 0
+    at: float = 0.0  # when (monotonic seconds): deaths close together are one incident
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class TaskTimedOut:
     batch: int
     seconds: float
     worker: int = 0
+    at: float = 0.0  # when (monotonic seconds)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from podpipe.engine.agent import Agent, Pool
+from podpipe.engine.agent import Agent, Crashes, Pool
 from podpipe.engine.budget import Budget
 from podpipe.engine.events import (Action, Delete, Failed, Finished, Imported, Keep, Key,
                                    NodeProgress, Progress, Recycle, TaskDone)
@@ -53,7 +53,7 @@ class Ledger:
                          global_here=global_here)
         self.budget = Budget(budget, self.plan.per_batch_nodes)
         self.retries: dict[str, int] = dict(retries or {})
-        self.restarts = {node: 0 for node in graph.order}
+        self.crashes = {node: Crashes() for node in graph.order}
         self.outputs: dict[Key, Output] = {}
         self.unread: dict[Key, set[str]] = {}
         self.done: dict[str, set[int]] = {node: set() for node in graph.order}
@@ -85,7 +85,7 @@ class Ledger:
         self.done[node], self.ready[node] = set(), []
         self.pool.fixed[node] = workers
         self.agents[node] = {w: Agent() for w in range(workers or 1)}
-        self.restarts[node] = 0
+        self.crashes[node] = Crashes()
 
     def in_containers(self) -> None:
         """Before the run starts: every node is a container the kubelet starts, which
@@ -121,7 +121,7 @@ class Ledger:
         return len(self.done[node] & self.keys(node))
 
     def restart_count(self, node: str) -> int:
-        return self.restarts[node]
+        return self.crashes[node].restarts
 
     def done_keys(self) -> dict[str, list[int]]:
         """What each node has finished (for a checkpoint's manifest)."""
@@ -171,7 +171,7 @@ class Ledger:
             loaded = self.outputs.get((node, 0)) if node in self.graph.tables else None
             nodes[node] = NodeProgress(
                 done=self.done_count(node), total=self.total(node),
-                restarts=self.restarts[node], workers=self.worker_count(node),
+                restarts=self.crashes[node].restarts, workers=self.worker_count(node),
                 workers_max=max(self.worker_count(node), self.pool.most.get(node, 0)),
                 queued=len(self.ready[node]),
                 in_flight=sum(a.busy for a in self.agents[node].values()),
@@ -218,6 +218,7 @@ class Ledger:
         stale (made partly by a replaced version): to be done again."""
         node, batch, output = event.node, event.batch, event.output
         actions: list[Action] = []
+        self.crashes[node].progress(batch)
         if (node, batch) in self.line.obsolete:  # undone while it ran (a recompute)
             self.line.obsolete.discard((node, batch))
             if output is not None and output.tier == "ram":
@@ -368,9 +369,6 @@ class Ledger:
     def remove_worker(self, node: str, worker: int) -> None:
         del self.agents[node][worker]
 
-    def count_restart(self, node: str) -> None:
-        self.restarts[node] += 1
-
     def swapped_in(self, node: str) -> None:
         self.swapped.add(node)
 
@@ -386,7 +384,7 @@ class Ledger:
         with its claims on others' outputs."""
         for readers in self.unread.values():
             readers.discard(node)
-        del self.done[node], self.ready[node], self.restarts[node]
+        del self.done[node], self.ready[node], self.crashes[node]
         self.pool.drop(node)
         self.swapped.discard(node)
 

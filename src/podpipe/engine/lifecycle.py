@@ -22,23 +22,28 @@ def backoff(attempt: int) -> float:
     return min(0.1 * 4.0 ** (attempt - 1), MAX_BACKOFF)
 
 
-def restart(run: Ledger, node: str, worker: int, agent: Agent, gone: str) -> list[Action]:
-    """A process the run needs died (`gone` says how): put its in-flight batch back
-    and have it started again, with backoff, while it has restarts left; else fail
-    the run."""
+def restart(run: Ledger, node: str, worker: int, agent: Agent, gone: str,
+            at: float) -> list[Action]:
+    """A process the run needs died at `at` (`gone` says how): put its in-flight
+    batch back and have it started again, with backoff, while the batch and the node
+    have retries left (`Crashes`); else fail the run."""
     batch, busy = agent.batch, agent.busy
-    attempt = run.restarts[node] + 1
+    crashes = run.crashes[node]
+    deaths, incidents = crashes.death(worker, batch if busy else None, at)
     tries = run.retries.get(node, 0)
-    if attempt > tries:
+    if deaths > tries or incidents > tries:
         where = " before finishing the batch" if busy else " while the run needed it"
         if gone.startswith("the batch"):
             where = ""
+        if tries and deaths <= tries:
+            where += f", {incidents} times without finishing a batch"
         return run.fail(StageError(node, batch if busy else None, gone + where +
                                    (f", after {tries} restarts" if tries else "")))
-    run.count_restart(node)
+    crashes.restarted()
     actions = take_back(run, node, agent)
     agent.gone()
-    return actions + [Restart(node, attempt, backoff(attempt), worker)]
+    return actions + [Restart(node, max(deaths, incidents), backoff(max(deaths, incidents)),
+                              worker)]
 
 
 def between_batches(run: Ledger) -> list[Action]:

@@ -127,13 +127,14 @@ class RunState:
                     return []
                 return lifecycle.restart(run, node, worker, agent, "its container disconnected"
                                          if event.returncode is None
-                                         else f"its process exited (code {event.returncode})")
+                                         else f"its process exited (code {event.returncode})",
+                                         event.at)
             case TaskTimedOut():
                 if not agent.busy or agent.batch != event.batch:
                     return []  # done meanwhile
                 message = f"the batch took longer than its timeout of {event.seconds:g} s"
                 return [Kill(node, worker)] + (
                     lifecycle.hold(run, node, message) if swapped
-                    else lifecycle.restart(run, node, worker, agent, message))
+                    else lifecycle.restart(run, node, worker, agent, message, event.at))
             case _:
                 assert_never(event)

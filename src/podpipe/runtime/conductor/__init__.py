@@ -168,7 +168,7 @@ class Conductor:
                 self.agents.drop(happening.tag)  # a restarted process says hello anew
                 self.timeline.ended(happening.tag, "lost")
                 node, worker = split_name(happening.tag)
-                self.events.append(ev.AgentExited(node, returncode, worker))
+                self.events.append(ev.AgentExited(node, returncode, worker, time.monotonic()))
         elif isinstance(happening, loops.Signalled):
             self._end("interrupted", InterruptedRun(
                 f"interrupted; finish the run with 'podpipe resume {self.run.run_dir}'"))
@@ -178,7 +178,7 @@ class Conductor:
                 if self.counters.tasks.get(timeout.agent) == timeout.task:
                     node, worker = split_name(timeout.agent)
                     self.events.append(ev.TaskTimedOut(node, timeout.batch, timeout.seconds,
-                                                       worker))
+                                                       worker, time.monotonic()))
             else:  # a restart's backoff is over
                 node, _ = split_name(happening.tag)
                 self.processes.start(happening.tag, self.swaps.overrides.get(node, []))
@@ -209,7 +209,7 @@ class Conductor:
                 name = self.agents.forget(conn)
                 if name is not None and not self.processes.local:  # a container's
                     node, worker = split_name(name)
-                    self.events.append(ev.AgentExited(node, None, worker))
+                    self.events.append(ev.AgentExited(node, None, worker, time.monotonic()))
             else:
                 self._message(conn, message)
 
