@@ -148,7 +148,8 @@ def resume(run_dir: str | os.PathLike[str], *, progress: bool = False,
     try:
         with _shown(progress) as observer:
             if replicas.is_replicas(path):
-                final = replicas.resume(path, replicas=None, observer=observer)
+                final = replicas.resume(path, replicas=None, observer=observer,
+                                        accept_changed_source=accept_changed_source)
             else:
                 final = pod.resume(path, observer=observer, reaper=False,
                                    accept_changed_source=accept_changed_source)

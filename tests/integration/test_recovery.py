@@ -332,20 +332,25 @@ def test_when_the_store_goes_down_the_run_goes_on_and_says_checkpoints_are_behin
     assert durable["behind"]  # its last checkpoints never reached the store
 
 
-def test_a_resume_over_a_changed_source_is_refused_and_redone_whole_if_accepted(tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_resume_over_a_changed_source_is_refused_and_redone_whole_if_accepted(tmp_path,
+                                                                               replicas):
     """The source rewritten between a failure and `resume` (same files, same batches,
-    other values): the resume mixed old and new data and exited 0."""
+    other values): the resume mixed old and new data and exited 0 — with several
+    replicas too, whose pods resume from their durable checkpoints."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from conftest import read_sink
 
     make_numbers(tmp_path / "data")  # x = 0 .. 9,999 in two files
-    write_spec(tmp_path / "p.yaml", spec(
-        [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]}],
-        [{"input": "boom", "uri": "out/"}]))
-    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
-                   BOOM_AT="7500")  # the second file's middle: its first batches are done
+    document = spec([{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]}],
+                    [{"input": "boom", "uri": "out/"}], shards=replicas)
+    document["spec"]["checkpoints"] = {"everyBatches": 1, "interval": 0.2}
+    write_spec(tmp_path / "p.yaml", document)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", "--replicas", str(replicas),
+                   cwd=tmp_path, BOOM_AT="7500")  # the second file's middle: its first
+    # batches are done (with two replicas, in both pods: one fails, the other finishes)
     assert done.returncode == 1, done.stderr
     for i in range(2):  # the same shape, x doubled
         pq.write_table(pa.table({"x": pa.array(range(2 * i * 5000, 2 * (i + 1) * 5000, 2),
@@ -359,6 +364,37 @@ def test_a_resume_over_a_changed_source_is_refused_and_redone_whole_if_accepted(
                    BOOM_AT="-1")
     assert done.returncode == 0, done.stderr
     assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == list(range(0, 20_000, 2))
+
+
+def test_a_durable_checkpoint_of_another_source_is_not_used(tmp_path):
+    """A run on another node starts from the durable tier's checkpoints of the same
+    spec: made before the source was rewritten, they would mix old data into the new
+    run. Each records the source it was made from; one of another is not used."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import read_sink
+
+    make_numbers(tmp_path / "data")
+    document = spec([{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]},
+                     {"name": "total", "run": "pystages:sum_all", "reduce": True,
+                      "inputs": ["boom"]}],
+                    [{"input": "total", "uri": "out/"}])
+    document["spec"]["checkpoints"] = {"everyBatches": 1, "interval": 0.2,
+                                       "durable": f"file://{tmp_path / 'store'}"}
+    write_spec(tmp_path / "p.yaml", document)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "lost", cwd=tmp_path,
+                   BOOM_AT="7500")
+    assert done.returncode == 1, done.stderr
+    assert list((tmp_path / "store").rglob("manifest-*.json"))
+    for i in range(2):  # the same shape, x doubled
+        pq.write_table(pa.table({"x": pa.array(range(2 * i * 5000, 2 * (i + 1) * 5000, 2),
+                                               pa.int64())}),
+                       tmp_path / "data" / f"part-{i}.parquet", row_group_size=1000)
+    done = podpipe("run", "p.yaml", "--run-dir", "again", cwd=tmp_path, BOOM_AT="-1")
+    assert done.returncode == 0, done.stderr
+    assert read_sink(tmp_path / "out")["sum"].to_pylist() == [sum(range(0, 20_000, 2))]
+    assert "made from another source" in done.stdout + done.stderr
 
 
 def test_a_run_killed_before_its_first_status_is_listed_and_resumed(tmp_path):

@@ -102,12 +102,9 @@ def _resume(args: argparse.Namespace, console: Console) -> int:
 
     args.run_dir = str(runs.resolve(args.run_dir))
     if replicas.is_replicas(args.run_dir):
-        if args.accept_changed_source:
-            raise UsageError("--accept-changed-source: a run of several replicas resumes "
-                             "from its durable checkpoints; start the pipeline again "
-                             "instead")
         return _with_progress(console, args.quiet, lambda observer: replicas.resume(
-            args.run_dir, replicas=args.replicas, observer=observer))
+            args.run_dir, replicas=args.replicas, observer=observer,
+            accept_changed_source=args.accept_changed_source))
     if args.replicas is not None:
         raise UsageError(f"--replicas: {args.run_dir} is the run of one pod; start the "
                          "pipeline again with 'podpipe run SPEC --replicas M' (with "

@@ -63,6 +63,12 @@ def identity(source: Source, batches: list[SourceBatch]) -> dict[str, Any]:
     return {"uri": source.uri, "format": source.format, "files": found, "batches": planned}
 
 
+def digest(identity: dict[str, Any]) -> str:
+    """A short name for a source's `identity` (a durable checkpoint records the one it
+    was made from)."""
+    return hashlib.sha256(msgspec.json.encode(identity)).hexdigest()[:16]
+
+
 def file_stats(fs: fsspec.AbstractFileSystem, paths: list[str],
                field: str) -> list[list[Any]]:
     """[path, bytes, modification time] of each file, as its file system reports them

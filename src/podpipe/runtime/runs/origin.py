@@ -48,10 +48,11 @@ class Origin:
 
 def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
                run_path: Path, placement: sharding.Placement, spec_digest: str,
-               scratch: Path | None = None) -> Restored | None:
+               source_digest: str, scratch: Path | None = None) -> Restored | None:
     """The state the run starts from; None: from nothing. `spec_digest` names the
-    checkpoints of the spec as run. Copies are trusted only inside the node tier and
-    the run's RAM `scratch`."""
+    checkpoints of the spec as run; only those made from the source as it is now
+    (`source_digest`) are used. Copies are trusted only inside the node tier and the
+    run's RAM `scratch`."""
     roots = [run_path / tiers.DIR] + ([scratch] if scratch is not None else [])
     if origin.journal:
         if origin.source_batches is not None and len(plan) != origin.source_batches:
@@ -70,7 +71,7 @@ def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[Sour
                     "the other tiers")
             if origin.durable and pipeline.checkpoints.durable:
                 restored = _from_durable(pipeline, graph, plan, run_path, placement,
-                                         spec_digest, roots)
+                                         spec_digest, source_digest, roots)
                 restored.notes.insert(0, note)
                 return restored
             return _restore(pipeline, graph, plan, {}, [], [note], placement, roots,
@@ -79,12 +80,12 @@ def start_from(origin: Origin, pipeline: Pipeline, graph: Graph, plan: list[Sour
                         made_by, staging=layout.read(run_path).staging)
     if origin.durable and pipeline.checkpoints.durable:
         return _from_durable(pipeline, graph, plan, run_path, placement, spec_digest,
-                             roots)
+                             source_digest, roots)
     return None
 
 
 def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run_path: Path,
-                  placement: sharding.Placement, spec_digest: str,
+                  placement: sharding.Placement, spec_digest: str, source_digest: str,
                   roots: list[Path]) -> Restored:
     """Each group of this pod (its shards, the global part if it runs it) from its
     latest checkpoint on the durable tier, wherever it was made."""
@@ -107,6 +108,10 @@ def _from_durable(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch], run
             notes.append(f"{name}: the durable checkpoint has {found.source_batches} source "
                          f"batches in {found.shards} shards, the source {len(plan)} in "
                          f"{placement.shards} now: not used")
+            continue
+        if found.manifest.source != source_digest:
+            notes.append(f"{name}: the durable checkpoint was made from another source (its "
+                         "files or their batches changed since): not used")
             continue
         fetched, more = durable.fetch(found, run_path)
         copies += fetched

@@ -256,13 +256,14 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         from podpipe.runtime.storage import answers
 
         plan = source.plan(pipeline.source)
-        origin = _same_source(run_path, source.identity(pipeline.source, plan), origin,
-                              fresh=fresh, accept_changed=accept_changed_source)
+        identity = source.identity(pipeline.source, plan)
+        origin = _same_source(run_path, identity, origin, fresh=fresh,
+                              accept_changed=accept_changed_source)
         loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
         if fresh:
             sink.check_run(pipeline, graph, len(plan))
         restored = start_from(origin, pipeline, graph, plan, run_path, placement, digest,
-                              scratch.path)
+                              source.digest(identity), scratch.path)
         if origin.durable or origin.journal:  # answers a lost node had kept, say
             for stage in pipeline.stages:
                 if stage.call is not None and stage.call.memo:
@@ -275,7 +276,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
             store,
             every_batches=checkpoints.every_batches, interval=checkpoints.interval,
             keep=checkpoints.keep, source_batches=len(plan), shards=pipeline.shards,
-            group_of=durable.grouping(graph, pipeline.shards))
+            group_of=durable.grouping(graph, pipeline.shards), source=source.digest(identity))
     except BaseException:
         if launcher is not None:
             launcher.close()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from podpipe.errors import InterruptedRun, RunError, UsageError
 from podpipe.model import shards as sharding
@@ -46,9 +46,9 @@ def run(spec_path: str, pipeline: specs.Pipeline, *, overrides: list[str],
     run_id = f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-x{replicas}"
     run_path = Path(run_dir) if run_dir else Path(pipeline.checkpoints.node) / "runs" / run_id
     durable = pipeline.checkpoints.durable or (run_path / "durable").resolve().as_uri()
-    _check_sinks(pipeline)
+    read = _check_sinks(pipeline)
     rundir.make(run_path, spec_path, overrides, run_id=run_id, replicas=replicas,
-                durable=durable, attempt=1)
+                durable=durable, attempt=1, source=read)
     rundir.lock(run_path)
     if not run_dir:
         runs.mark_latest(run_path)
@@ -64,9 +64,14 @@ def is_replicas(run_dir: str | Path) -> bool:
 
 
 def resume(run_dir: str, *, replicas: int | None,
-           observer: Callable[[status.Status], None] | None) -> status.Status:
+           observer: Callable[[status.Status], None] | None,
+           accept_changed_source: bool = False) -> status.Status:
     """Start the pods of a stopped run again, `replicas` of them (default: as before).
-    The previous pods' directories move to `pods.previous`."""
+    The previous pods' directories move to `pods.previous`. A source whose files or
+    plan changed since the run started is refused (UsageError naming them) unless
+    `accept_changed_source`: then the pods start from nothing, over the new source."""
+    from podpipe.runtime.data import source
+
     run_path = Path(run_dir)
     rundir.claim_for_resume(run_path)
     for pod in sorted((run_path / "pods").glob("*")):  # a killed run's pods may still
@@ -84,11 +89,18 @@ def resume(run_dir: str, *, replicas: int | None,
     recorded.replicas = replicas or recorded.replicas
     recorded.attempt = (recorded.attempt or 1) + 1
     pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
+    now = source.identity(pipeline.source, source.plan(pipeline.source))
+    changed = None if recorded.source is None else source.changes(recorded.source, now)
+    if changed is not None and not accept_changed_source:
+        raise UsageError(f"{run_path}: {changed}. The checkpoints kept were made from the "
+                         "old one: resume with --accept-changed-source to redo the run "
+                         "from the new source, or start a new run")
+    recorded.source = now
     shutil.rmtree(run_path / "pods.previous", ignore_errors=True)
     if (run_path / "pods").exists():
         (run_path / "pods").rename(run_path / "pods.previous")
     rundir.write(run_path, recorded)
-    return _run_pods(run_path, pipeline, fresh=False, observer=observer)
+    return _run_pods(run_path, pipeline, fresh=changed is not None, observer=observer)
 
 
 def _run_pods(run_path: Path, pipeline: specs.Pipeline, *, fresh: bool,
@@ -177,11 +189,14 @@ def _write(run_path: Path, current: status.Status,
         observer(current)
 
 
-def _check_sinks(pipeline: specs.Pipeline) -> None:
+def _check_sinks(pipeline: specs.Pipeline) -> dict[str, Any]:
+    """Check the sinks before any pod starts; what the run reads (`source.identity`)."""
     from podpipe.model.graph import Graph
     from podpipe.runtime.data import source
 
-    sink.check_run(pipeline, Graph.of(pipeline), len(source.plan(pipeline.source)))
+    plan = source.plan(pipeline.source)
+    sink.check_run(pipeline, Graph.of(pipeline), len(plan))
+    return source.identity(pipeline.source, plan)
 
 
 def _mark_sinks(pipeline: specs.Pipeline, source_batches: int) -> dict[str, status.SinkInfo]:

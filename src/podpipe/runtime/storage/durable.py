@@ -67,6 +67,7 @@ class Manifest(msgspec.Struct):
     outputs: list[Stored]
     made_by: dict[str, dict[int, str]] = {}  # node -> key -> the stage version that made it
     created: float = 0.0
+    source: str = ""  # a digest of what the run read (`source.digest`): its files, its plan
     schemaVersion: int = SCHEMA_VERSION
 
 
@@ -197,9 +198,10 @@ class _Writer:
     `keep` of them. Called from the durable tier's thread only."""
 
     def __init__(self, store: Store, *, keep: int, source_batches: int, shards: int,
-                 group_of: Callable[[str, int], str]) -> None:
+                 group_of: Callable[[str, int], str], source: str) -> None:
         self.store, self.keep = store, keep
         self.source_batches, self.shards, self.group_of = source_batches, shards, group_of
+        self.source = source
         self.seq: dict[str, int] = {}       # group -> its last manifest's number
         self.earlier: dict[str, Checkpoint | None] = {}  # group -> its manifest before us
         self.written: dict[str, bytes] = {}  # group -> its last manifest's content
@@ -232,7 +234,7 @@ class _Writer:
                 if self.group_of(made, k) == group:
                     versions.setdefault(made, {})[k] = version
             earlier = self.earlier[group]
-            if earlier is not None:
+            if earlier is not None and earlier.manifest.source == self.source:
                 # What a pod before us checkpointed stays checkpointed (the same spec,
                 # so the same bytes), unless we made it again.
                 ours = {(o.output.node, o.output.key) for o in outputs[group]}
@@ -245,7 +247,8 @@ class _Writer:
                 complete = complete or earlier.complete
             manifest = Manifest(0, self.source_batches, self.shards, complete, done,
                                 outputs[group],
-                                {n: dict(sorted(v.items())) for n, v in sorted(versions.items())})
+                                {n: dict(sorted(v.items())) for n, v in sorted(versions.items())},
+                                source=self.source)
             content = msgspec.json.encode(manifest)
             if self.written.get(group) == content:
                 continue  # nothing new in this group
@@ -283,10 +286,10 @@ class DurableTier:
 
     def __init__(self, store: Store, *, every_batches: int | None, interval: float,
                  keep: int, source_batches: int, shards: int,
-                 group_of: Callable[[str, int], str]) -> None:
+                 group_of: Callable[[str, int], str], source: str = "") -> None:
         self.url = store.url
         self.writer = _Writer(store, keep=keep, source_batches=source_batches, shards=shards,
-                              group_of=group_of)
+                              group_of=group_of, source=source)
         self.every_batches, self.interval = every_batches, interval
         self.taken_at_copies, self.taken_at = 0, time.monotonic()
         self.pending: tuple[list[Output], Finished, dict[str, bool],
