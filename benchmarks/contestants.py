@@ -92,7 +92,7 @@ class Workload:
         """Run `node` on its inputs: a stage's function, or a sink's write."""
         if node in self.sinks:
             if node not in self._writers:
-                self._writers[node] = sink.Writer(self.sinks[node])
+                self._writers[node] = sink.Writer(self.sinks[node], "")  # (no staging)
             self._writers[node].write(inputs[0], batch)
             return None
         return arrowfile.to_arrow(self.function(node)(*inputs))

@@ -30,7 +30,7 @@ def run(pipeline: specs.Pipeline) -> None:
             raise SystemExit(f"stage {stage.name!r} is a command; the floor runs functions")
         module, _, name = stage.run.partition(":")
         functions[stage.name] = getattr(importlib.import_module(module), name)
-    writers = {s.name: sink.Writer(s) for s in pipeline.sinks}
+    writers = {s.name: sink.Writer(s, "") for s in pipeline.sinks}  # (no staging)
     loader = source.Loader(pipeline.source)
     per_batch = [n for n in graph.order if graph.domain[n] == BATCH and n != SOURCE]
     once = [n for n in graph.order if graph.domain[n] != BATCH]

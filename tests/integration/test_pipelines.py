@@ -62,7 +62,7 @@ def test_a_reduce_gets_every_batch_as_one_chunked_table(workdir):
     out = read_sink(workdir / "out")
     assert out["rows"].to_pylist() == [1000] * 10
     assert sum(out["sum"].to_pylist()) == sum(range(10_000))
-    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["_SUCCESS", "part-000000.parquet"]
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == ["_SUCCESS.parquet", "part-000000.parquet"]
 
 
 @pytest.mark.parametrize("function,expected", [
@@ -158,7 +158,7 @@ def test_sinks_are_deterministic_and_a_rerun_replaces_not_duplicates(workdir):
     first = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
     assert podpipe("run", "p.yaml", "--quiet", cwd=workdir).returncode == 0
     second = {p.name: p.read_bytes() for p in (workdir / "out").iterdir()}
-    assert first == second and len(first) == 11 and "_SUCCESS" in first
+    assert first == second and len(first) == 11 and "_SUCCESS.parquet" in first
 
 
 def test_progress_and_summary_are_shown_without_quiet(workdir):

@@ -29,4 +29,4 @@ def test_the_readmes_first_pipeline_runs_as_written(tmp_path):
     cities = pq.read_table(tmp_path / "out" / "cities" / "part-000000.parquet")
     assert dict(zip(cities["city"].to_pylist(), cities["kmh_count"].to_pylist())) == {
         "Oslo": 2, "Lima": 1}
-    assert (tmp_path / "out" / "trips" / "_SUCCESS").exists()
+    assert (tmp_path / "out" / "trips" / "_SUCCESS.parquet").exists()

@@ -656,7 +656,7 @@ def test_links_planted_under_a_sinks_temporary_names_are_not_written_through(tmp
         pids = {p["stage"] or p["role"]: p["pid"]
                 for p in run_status(tmp_path / "run")["processes"]}
         plants = [out / f".part-{b:06d}.parquet.{pids['sink-0']}.tmp" for b in range(2)]
-        plants.append(out / f"._SUCCESS.{pids['conductor']}.tmp")
+        plants.append(out / f"._SUCCESS.parquet.{pids['conductor']}.tmp")
 
         def plant() -> bool:
             for link in plants:

@@ -1,4 +1,5 @@
-"""Sinks you can trust: a rerun never mixes with an earlier output, `_SUCCESS` last."""
+"""Sinks you can trust: a rerun never mixes with an earlier output, `_SUCCESS.parquet` last, and
+every usual reader reads a sink folder as it is."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
+from podpipe.runtime.data import sink
 from tests.conftest import cli_env, podpipe, spec, wait_until, write_spec
 
 
@@ -43,7 +45,7 @@ def test_a_rerun_with_other_batches_is_refused_in_mode_error(workdir):
     assert "sink 'out'" in again.stderr and "part-000002.parquet" in again.stderr
     assert "mode: overwrite" in again.stderr and "Traceback" not in again.stderr
     assert _parts(workdir / "out") == before  # nothing was written
-    assert (workdir / "out" / "_SUCCESS").exists()  # the earlier output is still whole
+    assert (workdir / "out" / "_SUCCESS.parquet").exists()  # the earlier output is still whole
 
     same = podpipe("run", str(path), "--quiet", cwd=workdir)  # the same batches: replaced
     assert same.returncode == 0, same.stderr
@@ -65,10 +67,10 @@ def test_overwrite_leaves_exactly_the_new_files_and_a_manifest(workdir):
     final = json.loads(podpipe("status", "latest", "--json", cwd=workdir).stdout)
     assert final["stages"]["out"]["rows_out"] == 10_000  # a sink's rows out: what it wrote
     assert final["sinks"]["out"] == {"uri": "out/", "files": 4, "rows": 10_000,
-                                     "bytes": sum(f["bytes"] for f in json.loads(
-                                         (workdir / "out" / "_SUCCESS").read_text())["files"])}
+                                     "bytes": sum(f["bytes"] for f in
+                                                  sink.manifest(workdir / "out")["files"])}
 
-    manifest = json.loads((out / "_SUCCESS").read_text())
+    manifest = sink.manifest(out)
     assert [f["file"] for f in manifest["files"]] == _parts(out)
     assert manifest["rows"] == 10_000
     assert [f["rows"] for f in manifest["files"]] == [
@@ -81,7 +83,7 @@ def test_a_failed_overwrite_leaves_the_previous_output_in_place(workdir):
     assert podpipe("run", str(path), "--quiet", cwd=workdir).returncode == 0
     out = workdir / "out"
     before = {p.name: p.read_bytes() for p in out.glob("part-*.parquet")}
-    marker = (out / "_SUCCESS").read_text()
+    marker = (out / "_SUCCESS.parquet").read_bytes()
 
     failing = _pipeline(workdir, mode="overwrite", stage="pystages:fail_on_third",
                         name="failing.yaml")
@@ -89,7 +91,7 @@ def test_a_failed_overwrite_leaves_the_previous_output_in_place(workdir):
                      cwd=workdir)
     assert failed.returncode == 1, failed.stderr
     assert {p.name: p.read_bytes() for p in out.glob("part-*.parquet")} == before
-    assert (out / "_SUCCESS").read_text() == marker
+    assert (out / "_SUCCESS.parquet").read_bytes() == marker
 
     fixed = podpipe("run", str(path), "--quiet", "--set", "source.batchRows=3000",
                     cwd=workdir)
@@ -124,7 +126,7 @@ def test_temporary_files_a_killed_sink_left_are_swept_by_the_next_run(tmp_path):
     out.mkdir()
     dead = subprocess.Popen(["true"])  # a pid that is gone
     dead.wait()
-    left = [out / f".part-000003.parquet.{dead.pid}.tmp", out / f"._SUCCESS.{dead.pid}.tmp"]
+    left = [out / f".part-000003.parquet.{dead.pid}.tmp", out / f"._SUCCESS.parquet.{dead.pid}.tmp"]
     for path in left:
         path.write_bytes(b"half a file")
     live = out / f".part-000004.parquet.{os.getpid()}.tmp"  # a live process's: kept
@@ -165,3 +167,32 @@ def test_two_overwrite_runs_into_one_sink_each_stage_their_own_files(workdir):
     assert first.returncode == 0, stderr
     assert len(_parts(out)) == 10 and _count(out) == 10_000  # the last commit's
     assert not list(out.glob("_staging*")) and not list(out.glob("*.tmp"))
+
+
+def test_every_usual_reader_reads_a_complete_sink_folder_as_it_is(workdir):
+    """A JSON `_SUCCESS` made polars ('different file extensions') and DuckDB ('No
+    magic bytes', 'too small to be a Parquet file') fail on the folder."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as ds
+
+    path = _pipeline(workdir)
+    assert podpipe("run", str(path), "--quiet", cwd=workdir).returncode == 0
+    out = workdir / "out"
+    assert (out / "_SUCCESS.parquet").exists()
+    total = sum(2 * x for x in range(10_000))
+    sums = {
+        "duckdb *": duckdb.connect().sql(f"select sum(x) from read_parquet('{out}/*')"),
+        "duckdb **": duckdb.connect().sql(f"select sum(x) from read_parquet('{out}/**')"),
+        "duckdb dir": duckdb.connect().sql(f"select sum(x) from '{out}/*.parquet'"),
+    }
+    found = {name: relation.fetchone()[0] for name, relation in sums.items()}
+    found["polars read"] = pl.read_parquet(f"{out}/")["x"].sum()
+    found["polars scan"] = pl.scan_parquet(str(out)).select(pl.col("x").sum()).collect().item()
+    found["pandas"] = int(pd.read_parquet(out)["x"].sum())
+    found["pyarrow dataset"] = ds.dataset(out, format="parquet").to_table()["x"].to_numpy().sum()
+    found["pyarrow read_table"] = pq.read_table(out)["x"].to_numpy().sum()
+    assert found == dict.fromkeys(found, total)
+    manifest = sink.manifest(out)
+    assert [f["file"] for f in manifest["files"]] == _parts(out) and manifest["rows"] == 10_000

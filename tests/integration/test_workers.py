@@ -41,7 +41,7 @@ def test_sinks_are_byte_identical_for_every_worker_count(tmp_path):
             assert final["stages"]["double"]["workers"] == workers
             assert sorted(p["worker"] for p in final["processes"]
                           if p["stage"] == "double") == list(range(workers))
-        (tmp_path / "out" / "_SUCCESS").unlink()
+        (tmp_path / "out" / "_SUCCESS.parquet").unlink()
     assert len(outputs[1]) == 24
     assert outputs[1] == outputs[2] == outputs[4] == outputs["auto"]
 

@@ -15,9 +15,13 @@ A sink's `mode` says what happens to a folder that already holds output:
   staging folder (`commit`): a failed run leaves the previous output as it was, and
   two runs into one sink never touch each other's staged files.
 
-Once every batch is in, `_SUCCESS` is written last (`mark`): a JSON manifest of the
-files, their rows and xxh3 checksums, and the versions behind them. It is removed
-when a run starts writing into the sink, so it is there only over a complete output.
+Once every batch is in, `_SUCCESS.parquet` is written last (`mark`): a Parquet file
+of no rows, with the parts' schema, whose key-value metadata `podpipe.manifest` is a
+JSON manifest of the files, their rows and xxh3 checksums, and the versions behind
+them (`manifest` reads it). So every usual reader reads the folder as it is: pandas,
+pyarrow and Spark skip `_` files, DuckDB and polars read it as the empty file it is
+(a JSON `_SUCCESS` made them fail). It is removed when a run starts writing into the
+sink, so it is there only over a complete output.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -45,8 +49,9 @@ from podpipe.runtime.plumbing import files
 
 
 VERSIONS = b"podpipe.versions"
+MANIFEST = b"podpipe.manifest"
 STAGING = "_staging-"  # and the run's token
-MARKER = "_SUCCESS"
+MARKER = "_SUCCESS.parquet"
 
 
 def file_name(batch: int) -> str:
@@ -286,11 +291,13 @@ class Written:
 
 
 def mark(sink: Sink, batches: Iterable[int]) -> Written:
-    """The run's output in `sink` is complete: write `_SUCCESS` (last), a manifest of
-    its files (`batches`'), their rows, sizes, xxh3 checksums and versions."""
+    """The run's output in `sink` is complete: write `_SUCCESS.parquet` (last), no
+    rows with the parts' schema, its metadata a manifest of the files (`batches`'),
+    their rows, sizes, xxh3 checksums and versions."""
     folder = _Folder(sink)
     parts = folder.parts(folder.root)
-    entries = []
+    entries: list[dict[str, Any]] = []
+    schema = pa.schema([])
     try:
         for batch in sorted(set(batches)):
             path = parts.get(batch)
@@ -303,14 +310,26 @@ def mark(sink: Sink, batches: Iterable[int]) -> Written:
                     nbytes += len(chunk)
             with folder.fs.open(path, "rb") as f:
                 meta = pq.read_metadata(f)
+            if not entries:
+                schema = meta.schema.to_arrow_schema().remove_metadata()
             versions = (meta.metadata or {}).get(VERSIONS)
             entries.append({"file": file_name(batch), "rows": meta.num_rows, "bytes": nbytes,
                             "xxh3": digest.hexdigest(),
                             "versions": json.loads(versions) if versions else {}})
         manifest = json.dumps({"sink": sink.name, "uri": sink.uri, "files": entries,
-                               "rows": sum(e["rows"] for e in entries)}, indent=1) + "\n"
-        folder.write(f"{folder.root}/{MARKER}", lambda f: f.write(manifest.encode()))
+                               "rows": sum(e["rows"] for e in entries)})
+        empty = schema.empty_table().replace_schema_metadata({MANIFEST: manifest})
+        folder.write(f"{folder.root}/{MARKER}", lambda f: pq.write_table(empty, f))
     except (OSError, ValueError, pa.ArrowException) as exc:
         raise folder.fail(f"cannot write {MARKER}", exc) from exc
     return Written(sink.uri, len(entries), sum(e["rows"] for e in entries),
                    sum(e["bytes"] for e in entries))
+
+
+def manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a complete sink folder (its `_SUCCESS.parquet`); FileNotFoundError
+    if it has none."""
+    fs, root = fsspec.core.url_to_fs(str(folder))
+    with fs.open(f"{root.rstrip('/')}/{MARKER}", "rb") as f:
+        found: dict[str, Any] = json.loads(pq.read_schema(f).metadata[MANIFEST])
+    return found
