@@ -33,7 +33,7 @@ BATCHES, ROWS, PER_REQUEST = 8, 10_000, 100
 
 
 def _spec(folder: Path, url: str, concurrency: int) -> Path:
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "calls"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "calls"},
            "spec": {"source": {"uri": str(folder / "data.parquet"), "batchRows": ROWS},
                     "stages": [{"name": "ask", "inputs": ["source"],
                                 "call": {"url": url, "rowsPerRequest": PER_REQUEST,

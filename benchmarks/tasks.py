@@ -59,7 +59,7 @@ def main() -> int:
             stages.append({"name": f"s{i}", "run": "benchmarks.workloads.bottleneck:identity",
                            "inputs": [previous], "workers": 1})
             previous = f"s{i}"
-        spec = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline",
+        spec = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline",
                 "metadata": {"name": "tasks"},
                 "spec": {"source": {"uri": str(work / "data.parquet"), "batchRows": ROWS,
                                     "workers": 1},

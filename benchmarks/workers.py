@@ -44,7 +44,7 @@ def _spec(folder: Path, bottleneck: str, rows: int, workers) -> Path:
                "workers": workers},
               {"name": "last", "run": "benchmarks.workloads.bottleneck:light",
                "inputs": ["bottleneck"]}]
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline",
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline",
            "metadata": {"name": "workers"},
            "spec": {"source": {"uri": str(folder / "data" / "*.parquet"), "batchRows": rows},
                     "stages": stages, "memory": "2Gi",

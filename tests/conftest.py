@@ -49,7 +49,7 @@ def spec(stages: list[dict], sinks: list[dict], *, uri: str = "data/*.parquet",
     stages = [{**stage, "workers": 1} if stage.get("run") in TIME_BUYING and
               "workers" not in stage and not stage.get("reduce") else stage
               for stage in stages]
-    return {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": name},
+    return {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": name},
             "spec": {"source": {"uri": uri, "batchRows": batch_rows}, "stages": stages,
                      "sinks": sinks, "memory": memory, **extra}}
 

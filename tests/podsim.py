@@ -20,7 +20,7 @@ from podpipe.model.graph import Graph
 
 def _pipeline(stages: list[dict], sinks: list[dict]):
     import yaml
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
            "spec": {"source": {"uri": "x.parquet"}, "stages": stages, "sinks": sinks}}
     return specs.parse(yaml.safe_dump(doc))
 
@@ -48,7 +48,7 @@ SHARDED = _pipeline([
 
 def _with_tables(stages: list[dict], sinks: list[dict], tables: list[str]):
     import yaml
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
            "spec": {"source": {"uri": "x.parquet"}, "stages": stages, "sinks": sinks,
                     "tables": [{"name": t, "uri": f"{t}.parquet"} for t in tables]}}
     return specs.parse(yaml.safe_dump(doc))

@@ -13,7 +13,7 @@ from podpipe.errors import InputError, PodpipeError, RunError, SpecError, UsageE
 
 __version__ = "0.1.0"
 
-_API = ("run", "resume", "status", "validate", "Run", "StageFigures")
+_API = ("run", "resume", "status", "validate", "Run", "StageStatus", "StageFigures")
 
 __all__ = ["InputError", "PodpipeError", "RunError", "SpecError", "UsageError", *_API]
 

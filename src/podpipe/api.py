@@ -37,6 +37,7 @@ Spec = Union[str, "os.PathLike[str]", dict[str, Any], Pipeline]
 
 # One node's figures in a run (a stage, the source, a reduce or a sink): batches
 # done and in all, rows in and out, busy seconds, bytes, restarts, workers, ...
+# (`StageStatus`; `StageFigures` is its name before, kept as an alias)
 StageFigures = StageStatus
 
 
@@ -69,7 +70,7 @@ class Run:
         return self.status.elapsed_seconds
 
     @property
-    def stages(self) -> dict[str, StageFigures]:
+    def stages(self) -> dict[str, StageStatus]:
         return dict(self.status.stages)
 
     def sink_files(self, name: str) -> list[str]:
@@ -112,8 +113,8 @@ def validate(spec: Spec, *, overrides: Sequence[str] = ()) -> Pipeline:
             return spec
         spec = spec.document
     if isinstance(spec, dict):
-        return specs.parse(yaml.safe_dump(spec, sort_keys=False), file="<dict>",
-                           overrides=list(overrides))
+        return specs.parse(yaml.safe_dump(spec, sort_keys=False), file="the spec dict",
+                           overrides=list(overrides), lines=False)
     if isinstance(spec, str) and "\n" in spec:
         return specs.parse(spec, file="<string>", overrides=list(overrides))
     if isinstance(spec, (str, os.PathLike)):

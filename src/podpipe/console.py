@@ -114,7 +114,8 @@ def plural(count: int, noun: str) -> str:
 def summary(status: Status) -> Table:
     """Per node: batches, rows in and out, busy time, RAM written, read zero-copy.
     Fits 80 columns (short units, no vertical rules); a cell never wraps."""
-    table = Table(title=f"{status.pipeline}: {status.state} in "
+    took = "for" if status.state == "running" else "in"  # running for 5.35 s so far
+    table = Table(title=f"{status.pipeline}: {status.state} {took} "
                         f"{status.elapsed_seconds:.2f} s (peak RAM scratch "
                         f"{format_size(status.peak_scratch_bytes)} of "
                         f"{format_size(status.budget_bytes)})",
@@ -130,6 +131,27 @@ def summary(status: Status) -> Table:
                       f"{s.busy_seconds:.2f}", short_size(s.bytes_written),
                       short_size(s.bytes_read))
     return table
+
+
+def resumed(status: Status) -> str | None:
+    """A resumed run in a line: what it found done, what it kept and from where, what
+    it did again; the details (`restore_notes`) are in the conductor's log."""
+    if status.resumed_done is None:
+        return None
+    kept: dict[str, int] = {}
+    for st in status.stages.values():
+        for tier, count in st.restored.items():
+            kept[tier] = kept.get(tier, 0) + count
+    where = ", ".join(f"{count:,} from {'the ' + tier + ' tier' if tier != 'ram' else 'RAM'}"
+                      for tier, count in kept.items() if count)
+    done = sum(st.batches_done for st in status.stages.values())
+    line = (f"{plural(status.resumed_done, 'task')} were done before"
+            + (f" (outputs kept: {where})" if where else "")
+            + f"; {plural(max(0, done - status.resumed_done), 'task')} done now")
+    if status.restore_notes:
+        line += (f"; {plural(len(status.restore_notes), 'note')} in "
+                 f"{status.run_dir}/logs/conductor.log")
+    return line
 
 
 def calls(status: Status) -> list[str]:
@@ -195,9 +217,10 @@ def status_table(status: Status) -> Table:
     waited = holding_back(status) if status.state == "running" else None
     if waited:
         table.caption += f"\nwaiting on: {waited[0]} ({waited[1]} queued)"
-    pids = Table(title="processes")
+    pids = Table(title="processes", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                 padding=(0, 1, 0, 0))  # no rules: fits 80 columns whole
     for column in ("role", "stage", "worker", "pod", "pid", "alive"):
-        pids.add_column(column)
+        pids.add_column(column, no_wrap=True)
     live = status.state == "running"
     for p in status.processes:
         alive = (live if p.alive is None else p.alive) if live else False
@@ -211,10 +234,14 @@ def status_table(status: Status) -> Table:
 
 def runs_table(found: list[RunRow], where: str) -> Table:
     """`podpipe runs`: a row per run in the runs directory `where`, newest first."""
-    table = Table(box=None, title=f"runs in {where}, newest first", title_justify="left")
+    table = Table(box=None, title=f"runs in {where}, newest first", title_justify="left",
+                  pad_edge=False)
+    # whole words, never cut: a state, a time; the run names its pipeline too, so the
+    # pipeline is what gives way on a narrow terminal
     for column in ("run", "pipeline", "state", "started", "elapsed s"):
         table.add_column(column, justify="right" if column == "elapsed s" else "left",
-                         no_wrap=column in ("run", "started"))
+                         no_wrap=column != "pipeline", overflow="fold",
+                         min_width=len("interrupted") if column == "state" else None)
     for run in found:
         started = time.strftime("%m-%d %H:%M:%S", time.localtime(run.started))
         table.add_row(Path(run.run_dir).name, run.pipeline, run.state, started,

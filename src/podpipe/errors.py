@@ -45,6 +45,10 @@ class SpecError(InputError):
         super().__init__(f"{where}: {message}")
 
 
+class SpecWarning(UserWarning):
+    """A spec that is read but should change (an old `apiVersion`, say)."""
+
+
 class UsageError(InputError):
     """A command-line flag or argument is invalid."""
 

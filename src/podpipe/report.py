@@ -4,10 +4,15 @@ Read from the run directory alone (`status.json`, `tasks.jsonl`, `samples.jsonl`
 the spec, the logs), so it works for a finished run, a running one (a snapshot)
 and a run of several replicas (a section per pod). The page has no script and
 fetches nothing: inline CSS and SVG, to open from a laptop's disk. Its parts:
-the graph (nodes coloured by how busy they were), a timeline (a bar per task,
-coloured by version, its wait for RAM drawn apart), RAM scratch over time against
-the budget, a table per node, and one sentence naming the bottleneck. The same
-timeline can be written as a Chrome trace (`chrome_trace`), for Perfetto.
+the graph (nodes coloured by how busy they were; left to right, or top to bottom
+when that is too wide for a laptop's screen), then per attempt of the run (its
+first, then each resume, each on its own time axis) a timeline (a bar per task,
+coloured by version, its wait for RAM drawn apart), RAM scratch against the budget,
+the cores and resident memory of each node's processes and each node's queue over
+time (every chart with labelled axes), a table per node, and one sentence naming the
+bottleneck once the run was long enough to have one. The same timeline, with
+counter tracks for RAM, queues and cores, can be written as a Chrome trace
+(`podpipe.trace`), for Perfetto.
 """
 
 from __future__ import annotations
@@ -26,7 +31,24 @@ from podpipe.runtime.rundir import records
 from podpipe.runtime.rundir.records import SAMPLES, TASKS
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1")
-WIDTH = 960
+WIDTH = 900  # the page fits a 1000 px window, margins and all
+# a bottleneck is named only for a line that loaded this many source batches: with
+# fewer, the shares say more about starting up (or a failure) than about the line
+BOTTLENECK_BATCHES = 4
+
+
+class Attempt:
+    """One attempt of a run: its first, or a resume; times since its own start."""
+
+    def __init__(self, number: int, tasks: list[records.TaskRecord],
+                 samples: list[records.SampleRecord], elapsed: float) -> None:
+        self.number, self.tasks, self.samples = number, tasks, samples
+        ends = [t.ended for t in tasks] + [x.t for x in samples]
+        self.elapsed = max([elapsed, *ends, 1e-3])
+
+    @property
+    def peak(self) -> int:
+        return max((x.peak for x in self.samples), default=0)
 
 
 class Pod:
@@ -39,9 +61,19 @@ class Pod:
         self.samples = records.read(run_dir / SAMPLES, records.SampleRecord)
 
     @property
-    def elapsed(self) -> float:
-        ends = [t.ended for t in self.tasks] + [s.t for s in self.samples]
-        return max([self.status.elapsed_seconds, *ends, 1e-3])
+    def attempts(self) -> list[Attempt]:
+        """The run's attempts, first to last (the last one's length is the status's)."""
+        numbers = sorted({t.attempt for t in self.tasks} | {x.attempt for x in self.samples}
+                         or {1})
+        return [Attempt(n, [t for t in self.tasks if t.attempt == n],
+                        [x for x in self.samples if x.attempt == n],
+                        self.status.elapsed_seconds if n == numbers[-1] else 0.0)
+                for n in numbers]
+
+    @property
+    def peak(self) -> int:
+        """The most RAM scratch any attempt held (what the page's title says)."""
+        return max([self.status.peak_scratch_bytes, *(a.peak for a in self.attempts)])
 
 
 def pods_of(run_dir: Path) -> list[Pod]:
@@ -65,10 +97,13 @@ def page(run_dir: Path) -> str:
     """The report of the run in `run_dir` as one HTML document."""
     top = status.read(run_dir)
     graph = _graph(run_dir)
-    sections = [_pod_section(pod, graph) for pod in pods_of(run_dir)]
-    title = (f"{top.pipeline}: {top.state} in {top.elapsed_seconds:.2f} s "
-             f"(peak RAM scratch {format_size(top.peak_scratch_bytes)} of "
-             f"{format_size(top.budget_bytes)})")
+    pods = pods_of(run_dir)
+    sections = [_pod_section(pod, graph) for pod in pods]
+    attempts = max(len(pod.attempts) for pod in pods)
+    peak = max(top.peak_scratch_bytes, *(pod.peak for pod in pods))
+    title = (f"{top.pipeline}: {top.state} in {top.elapsed_seconds:.2f} s"
+             + (f" (attempt {attempts}, resumed)" if attempts > 1 else "")
+             + f" — peak RAM scratch {format_size(peak)} of {format_size(top.budget_bytes)}")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>
@@ -77,11 +112,14 @@ h1 {{ font-size: 20px }} h2 {{ font-size: 16px; margin-top: 28px }}
 table {{ border-collapse: collapse; margin: 8px 0 }}
 td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap }}
 td:first-child, th:first-child {{ text-align: left }}
+th {{ white-space: normal; vertical-align: bottom }}
 .error {{ background: #fde8e8; border: 1px solid #e15759; padding: 8px 12px }}
 .error pre {{ white-space: pre-wrap; margin: 6px 0 0 }}
 .bottleneck {{ font-size: 15px; background: #eef4fb; padding: 8px 12px }}
 svg text {{ font: 11px system-ui, sans-serif }}
 .legend span {{ display: inline-block; width: 12px; height: 12px; margin: 0 4px -2px 12px }}
+svg .axis {{ fill: #555 }} svg .tick {{ stroke: #ddd }}
+h3 {{ font-size: 14px; margin: 18px 0 4px }}
 </style></head><body>
 <h1>{_e(title)}</h1>
 <p>run <code>{_e(top.run_id)}</code> in <code>{_e(str(run_dir))}</code></p>
@@ -99,12 +137,20 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
         parts.append(_error(pod))
     if s.restore_notes or any(sum(n.restored.values()) for n in s.stages.values()):
         parts.append(_restored(s))
-    busy = _shares(pod, graph)
-    parts.append(f"<p class=\"bottleneck\">{_bottleneck(busy, s)}</p>")
+    attempts = pod.attempts
+    last = attempts[-1]
+    busy = _shares(last, graph)
+    parts.append(f"<p class=\"bottleneck\">{_bottleneck(busy, s, last)}</p>")
     parts.append("<h2>The graph</h2>" + _graph_svg(graph, s, busy))
-    parts.append("<h2>Timeline</h2>" + _timeline_svg(pod, graph))
-    parts.append("<h2>RAM scratch</h2>" + _memory_svg(pod))
-    parts.append("<h2>Per node</h2>" + _table(pod, graph, busy))
+    for attempt in attempts:
+        if len(attempts) > 1:
+            what = "the first run" if attempt.number == 1 else "resumed"
+            parts.append(f'<h2 class="attempt" data-attempt="{attempt.number}">Attempt '
+                         f"{attempt.number} ({what}): {attempt.elapsed:.2f} s</h2>")
+        parts.append("<h3>Timeline</h3>" + _timeline_svg(attempt, graph))
+        parts.append("<h3>RAM scratch</h3>" + _memory_svg(attempt, s))
+        parts.append(_per_node_charts(attempt, graph))
+    parts.append("<h2>Per node</h2>" + _table(s, graph, busy))
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -132,7 +178,7 @@ def _restored(s: Status) -> str:
             f"<th>durable tier</th></tr>{rows}</table>" + (f"<ul>{notes}</ul>" if notes else ""))
 
 
-def _shares(pod: Pod, graph: Graph) -> dict[str, dict[str, float]]:
+def _shares(pod: Attempt, graph: Graph) -> dict[str, dict[str, float]]:
     """Per node, over the time the line ran (its first task's start to its last
     task's end): the share during which at least one of its workers was busy, the
     share during which one waited for RAM and none was busy, and the rest (waiting
@@ -164,11 +210,17 @@ def _union(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def _bottleneck(busy: dict[str, dict[str, float]], s: Status) -> str:
+def _bottleneck(busy: dict[str, dict[str, float]], s: Status, attempt: Attempt) -> str:
     per_batch = {n: b for n, b in busy.items()  # the line's stations (not what runs once)
                  if (st := s.stages.get(n)) is None or st.kind not in ("reduce", "table")}
-    if not per_batch:
+    if not per_batch or not attempt.tasks:
         return "No task ran."
+    line = max(t.ended for t in attempt.tasks) - min(t.handed for t in attempt.tasks)
+    loaded = sum(1 for t in attempt.tasks if t.node == "source" and t.state == "done")
+    if loaded < BOTTLENECK_BATCHES:
+        return (f"Too short to name a bottleneck: {loaded} source "
+                f"{'batch' if loaded == 1 else 'batches'} in {line:.2f} s"
+                + (f"; the run {s.state}." if s.state != "succeeded" else "."))
     node = max(per_batch, key=lambda n: per_batch[n]["busy"])
     share = per_batch[node]["busy"]
     workers = st.workers_max if (st := s.stages.get(node)) else 1
@@ -181,26 +233,41 @@ def _bottleneck(busy: dict[str, dict[str, float]], s: Status) -> str:
 
 
 def _graph_svg(graph: Graph, s: Status, busy: dict[str, dict[str, float]]) -> str:
+    """Left to right by depth; top to bottom (a row per depth, wrapped) when the depths
+    would not fit the page's width."""
     depth: dict[str, int] = {}
     for node in graph.order:
         depth[node] = 1 + max((depth[i] for i in graph.inputs[node]), default=-1)
-    columns: dict[int, list[str]] = {}
+    levels: dict[int, list[str]] = {}
     for node in graph.order:
-        columns.setdefault(depth[node], []).append(node)
-    box_w, box_h, gap_x, gap_y = 120, 44, 40, 16
-    width = len(columns) * (box_w + gap_x)
-    height = max(len(c) for c in columns.values()) * (box_h + gap_y) + gap_y
-    where = {n: (d * (box_w + gap_x) + 10, i * (box_h + gap_y) + gap_y)
-             for d, nodes in columns.items() for i, n in enumerate(nodes)}
-    parts = [f'<svg class="graph" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}">']
+        levels.setdefault(depth[node], []).append(node)
+    box_w, box_h, gap_x, gap_y = 120, 44, 30, 16
+    across = (WIDTH + gap_x) // (box_w + gap_x)  # boxes a row (or columns) the page holds
+    down = len(levels) > across
+    where: dict[str, tuple[int, int]] = {}
+    if down:  # each depth a row (wrapped when wider than the page), top to bottom
+        row = 0
+        for d in sorted(levels):
+            for i, n in enumerate(levels[d]):
+                where[n] = ((i % across) * (box_w + gap_x) + 10,
+                            (row + i // across) * (box_h + 2 * gap_y) + gap_y)
+            row += (len(levels[d]) - 1) // across + 1
+    else:
+        where = {n: (d * (box_w + gap_x) + 10, i * (box_h + gap_y) + gap_y)
+                 for d, nodes in levels.items() for i, n in enumerate(nodes)}
+    width = max(x for x, _ in where.values()) + box_w + 10
+    height = max(y for _, y in where.values()) + box_h + gap_y
+    parts = [f'<svg class="graph" data-layout="{"down" if down else "across"}" '
+             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">']
     for node in graph.order:
         for source in graph.inputs[node]:
             x1, y1 = where[source]
             x2, y2 = where[node]
+            ends = ((x1 + box_w / 2, y1 + box_h, x2 + box_w / 2, y2) if down else
+                    (x1 + box_w, y1 + box_h / 2, x2, y2 + box_h / 2))
             parts.append(f'<line class="edge" data-from="{_e(source)}" data-to="{_e(node)}" '
-                         f'x1="{x1 + box_w}" y1="{y1 + box_h / 2}" x2="{x2}" '
-                         f'y2="{y2 + box_h / 2}" stroke="#888" stroke-width="1.5"/>')
+                         f'x1="{ends[0]}" y1="{ends[1]}" x2="{ends[2]}" y2="{ends[3]}" '
+                         f'stroke="#888" stroke-width="1.5"/>')
     for node in graph.order:
         x, y = where[node]
         share = busy[node]["busy"]
@@ -218,7 +285,7 @@ def _graph_svg(graph: Graph, s: Status, busy: dict[str, dict[str, float]]) -> st
     return "".join(parts)
 
 
-def _timeline_svg(pod: Pod, graph: Graph) -> str:
+def _timeline_svg(pod: Attempt, graph: Graph) -> str:
     lanes = sorted({(t.node, t.worker) for t in pod.tasks},
                    key=lambda lane: (graph.order.index(lane[0]) if lane[0] in graph.order
                                      else 99, lane[1]))
@@ -230,7 +297,7 @@ def _timeline_svg(pod: Pod, graph: Graph) -> str:
         if key not in color:
             color[key] = PALETTE[sum(1 for n, _ in color if n == t.node) % len(PALETTE)]
     left, lane_h, scale = 110, 18, (WIDTH - 120) / pod.elapsed
-    height = len(lanes) * lane_h + 30
+    height = len(lanes) * lane_h + 44
     parts = [f'<svg class="timeline" width="{WIDTH}" height="{height}">']
     for i, (node, worker) in enumerate(lanes):
         y = i * lane_h
@@ -251,12 +318,7 @@ def _timeline_svg(pod: Pod, graph: Graph) -> str:
                 parts.append(f'<rect class="ram-wait" x="{rx:.1f}" y="{y + 2}" '
                              f'width="{rw:.1f}" height="{lane_h - 4}" fill="#e15759" '
                              f'opacity="0.6"><title>waiting for RAM</title></rect>')
-    axis_y = len(lanes) * lane_h + 14
-    for k in range(6):
-        at = pod.elapsed * k / 5
-        anchor = "end" if k == 5 else "start"
-        parts.append(f'<text x="{left + at * scale:.0f}" y="{axis_y}" '
-                     f'text-anchor="{anchor}">{at:.1f} s</text>')
+    parts.append(_time_axis(len(lanes) * lane_h, left, scale, pod.elapsed))
     parts.append("</svg>")
     versions = max(sum(1 for n, _ in color if n == node) for node, _ in color)
     names = ["a stage's first version", "its second", "its third"]
@@ -268,30 +330,90 @@ def _timeline_svg(pod: Pod, graph: Graph) -> str:
             + "".join(parts))
 
 
-def _memory_svg(pod: Pod) -> str:
-    s = pod.status
-    samples = pod.samples
+def _time_axis(y: float, left: float, scale: float, elapsed: float) -> str:
+    """Ticks under a chart at `y`, in seconds since the attempt started, titled."""
+    parts = []
+    for k in range(6):
+        at = elapsed * k / 5
+        anchor = "end" if k == 5 else "middle" if k else "start"
+        parts.append(f'<text class="axis" x="{left + at * scale:.0f}" y="{y + 14}" '
+                     f'text-anchor="{anchor}">{at:.1f} s</text>')
+    parts.append(f'<text class="axis axis-title" x="{left + elapsed * scale / 2:.0f}" '
+                 f'y="{y + 28}" text-anchor="middle">seconds since the attempt started</text>')
+    return "".join(parts)
+
+
+def _chart(kind: str, attempt: Attempt, series: dict[str, list[tuple[float, float]]],
+           label: str, unit: Any, extra: tuple[str, float] | None = None,
+           attrs: str = "") -> str:
+    """Lines over time: a labelled value axis (0, half, the top, in `unit`), the time
+    axis, a legend; `extra`: a dashed line (a budget, say) and its name; `attrs`: the
+    svg's own (data for a test, say)."""
+    height, left, top_pad = 182, 78, 24  # (the value axis's title above its top)
+    top = max([1e-9, *(v for points in series.values() for _, v in points),
+               extra[1] if extra else 0.0])
+    scale_x = (WIDTH - left - 10) / attempt.elapsed
+    scale_y = (height - 20 - top_pad) / top
+    base = height - 20
+
+    def y_of(v: float) -> float:
+        return base - v * scale_y
+    parts = [f'<svg class="{kind}"{attrs} data-top="{top:g}" width="{WIDTH}" '
+             f'height="{height + 30}">',
+             f'<text class="axis axis-title" x="0" y="12">{_e(label)}</text>']
+    for frac in (0.0, 0.5, 1.0):
+        y = y_of(top * frac)
+        parts.append(f'<line class="tick" x1="{left}" x2="{WIDTH - 10}" y1="{y:.1f}" '
+                     f'y2="{y:.1f}"/><text class="axis" x="{left - 4}" y="{y + 4:.1f}" '
+                     f'text-anchor="end">{_e(unit(top * frac))}</text>')
+    if extra:
+        y = y_of(extra[1])
+        parts.append(f'<line x1="{left}" x2="{WIDTH - 10}" y1="{y:.1f}" y2="{y:.1f}" '
+                     f'stroke="#e15759" stroke-dasharray="4 3"/><text x="{WIDTH - 12}" '
+                     f'y="{y - 3:.1f}" text-anchor="end">{_e(extra[0])}</text>')
+    legend = []
+    for i, (name, points) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        line = " ".join(f"{left + t * scale_x:.1f},{y_of(v):.1f}" for t, v in points)
+        parts.append(f'<polyline data-series="{_e(name)}" points="{line}" fill="none" '
+                     f'stroke="{color}" stroke-width="1.5"/>')
+        legend.append(f'<span style="background:{color}"></span>{_e(name)}')
+    parts.append(_time_axis(base, left, scale_x, attempt.elapsed))
+    parts.append("</svg>")
+    return f'<div class="legend">{"".join(legend)}</div>' + "".join(parts)
+
+
+def _memory_svg(attempt: Attempt, s: Status) -> str:
     budget = s.budget_bytes
-    top = max([budget, *(x.peak for x in samples)]) or 1
-    height, left = 160, 60
-    scale_x, scale_y = (WIDTH - left - 10) / pod.elapsed, (height - 20) / top
-    points = " ".join(f"{left + x.t * scale_x:.1f},{height - 10 - x.peak * scale_y:.1f}"
-                      for x in samples)
-    highest = max((x.peak for x in samples), default=0)
-    budget_y = height - 10 - budget * scale_y
-    return (f'<svg class="memory" data-max="{highest}" data-budget="{budget}" width="{WIDTH}" '
-            f'height="{height}">'
-            f'<line x1="{left}" x2="{WIDTH - 10}" y1="{budget_y:.1f}" y2="{budget_y:.1f}" '
-            f'stroke="#e15759" stroke-dasharray="4 3"/>'
-            f'<text x="0" y="{budget_y + 4:.1f}">budget</text>'
-            f'<text x="0" y="{height - 10}">0</text>'
-            f'<polyline points="{points}" fill="none" stroke="#4e79a7" stroke-width="1.5"/>'
-            f'</svg><p>peak {format_size(highest)} of {format_size(budget)}; '
-            f'{s.spilled_outputs} outputs spilled to the node tier.</p>')
+    highest = attempt.peak
+    chart = _chart("memory", attempt, {"in use": [(x.t, x.peak) for x in attempt.samples]},
+                   "RAM scratch in use", format_size, ("budget", budget),
+                   f' data-max="{highest}" data-budget="{budget}"')
+    return (chart + f"<p>peak {format_size(highest)} of {format_size(budget)}; "
+            f"{s.spilled_outputs} outputs spilled to the node tier.</p>")
 
 
-def _table(pod: Pod, graph: Graph, busy: dict[str, dict[str, float]]) -> str:
-    s = pod.status
+def _per_node_charts(attempt: Attempt, graph: Graph) -> str:
+    """Each node's cores, resident memory and queue over the attempt."""
+    def series(field: str) -> dict[str, list[tuple[float, float]]]:
+        return {node: [(x.t, float(getattr(x, field).get(node, 0))) for x in attempt.samples]
+                for node in graph.order
+                if any(getattr(x, field).get(node) for x in attempt.samples)}
+    parts = []
+    for kind, field, title, label, unit in (
+            ("cpu", "cpu", "Cores per node", "cores wanted (ran or waited for one)",
+             lambda v: f"{v:.2f}"),
+            ("rss", "rss", "Resident memory per node", "resident bytes of its processes",
+             format_size),
+            ("queues", "queues", "Queue per node", "batches ready, not yet taken",
+             lambda v: f"{v:.0f}")):
+        found = series(field)
+        parts.append(f"<h3>{title}</h3>" + (_chart(kind, attempt, found, label, unit)
+                                             if found else "<p>None sampled.</p>"))
+    return "".join(parts)
+
+
+def _table(s: Status, graph: Graph, busy: dict[str, dict[str, float]]) -> str:
     head = ("<tr><th>node</th><th>kind</th><th>workers</th><th>busy</th><th>waiting for "
             "RAM</th><th>waiting for input or idle</th><th>rows/s busy</th><th>written</th>"
             "<th>restarts</th><th>restored</th></tr>")
@@ -311,33 +433,3 @@ def _table(pod: Pod, graph: Graph, busy: dict[str, dict[str, float]]) -> str:
 
 def _e(text: str) -> str:
     return html.escape(str(text), quote=True)
-
-
-# -- a Chrome trace ------------------------------------------------------------------
-
-
-def chrome_trace(run_dir: Path) -> dict[str, Any]:
-    """The timeline in the Trace Event Format (Perfetto, chrome://tracing): a process
-    per pod, a thread per node's worker, a complete event per task and per wait for
-    RAM."""
-    events: list[dict[str, Any]] = []
-    for pid, pod in enumerate(pods_of(run_dir)):
-        events.append({"ph": "M", "name": "process_name", "pid": pid,
-                       "args": {"name": pod.title or pod.status.pipeline}})
-        lanes = sorted({(t.node, t.worker) for t in pod.tasks})
-        tid = {lane: i for i, lane in enumerate(lanes)}
-        for (node, worker), i in tid.items():
-            events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": i,
-                           "args": {"name": node if worker == 0 else f"{node}.{worker}"}})
-        for t in pod.tasks:
-            lane = tid[(t.node, t.worker)]
-            events.append({"ph": "X", "name": f"batch {t.batch}", "cat": t.node,
-                           "pid": pid, "tid": lane, "ts": round(t.handed * 1e6),
-                           "dur": round((t.ended - t.handed) * 1e6),
-                           "args": {"state": t.state, "version": t.version,
-                                    "rows_out": t.rows_out}})
-            if t.asked is not None and t.granted is not None:
-                events.append({"ph": "X", "name": "waiting for RAM", "cat": "ram",
-                               "pid": pid, "tid": lane, "ts": round(t.asked * 1e6),
-                               "dur": round((t.granted - t.asked) * 1e6)})
-    return {"traceEvents": events, "displayTimeUnit": "ms"}

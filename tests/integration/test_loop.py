@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -241,3 +242,110 @@ def test_cli_polish_plurals_no_blank_lines_no_broken_pipe(tmp_path):
         err = plan.stderr.read().decode()
         plan.wait(timeout=60)
     assert plan.returncode == 0 and "Traceback" not in err, err
+
+
+def test_log_lines_have_levels_json_for_collectors_and_the_stages_own_output_raw(workdir):
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "chatty", "run": "pystages:chatty", "inputs": ["source"]}],
+        [{"input": "chatty", "uri": "out/"}]))
+    text = podpipe("run", "p.yaml", "--quiet", "--run-dir", "text", cwd=workdir)
+    assert text.returncode == 0, text.stderr
+    chatty = (workdir / "text" / "logs" / "chatty.log").read_text().splitlines()
+    assert any(re.match(r"^\S+ \S+ INFO batch 3: started$", line) for line in chatty), chatty
+    assert "chatty sees x from 3000" in chatty  # the stage's own, as it printed it
+
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "json", "--log-format", "json",
+                   cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    logs = workdir / "json" / "logs"
+    lines = (logs / "chatty.log").read_text().splitlines()
+    assert "chatty sees x from 3000" in lines  # raw still
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    started = next(r for r in records if r["message"] == "batch 3: started")
+    assert started["level"] == "info" and started["stage"] == "chatty"
+    assert started["worker"] == 0 and started["batch"] == 3 and started["run"] == "json"
+    assert len(records) == len(lines) - 10  # every other line is podpipe's, and JSON
+    ended = [json.loads(line) for line in (logs / "conductor.log").read_text().splitlines()]
+    assert ended[-1]["message"] == "the run succeeded" and ended[-1]["level"] == "info"
+    assert ended[-1]["run"].startswith("t-")
+    one = podpipe("logs", "json", "--batch", "3", cwd=workdir).stdout  # read back as text
+    assert "[chatty] " in one and "chatty sees x from 3000" in one
+    assert "chatty sees x from 4000" not in one
+
+    quiet = podpipe("run", "p.yaml", "--quiet", "--run-dir", "warn", "--log-level",
+                    "warning", cwd=workdir)
+    assert quiet.returncode == 0, quiet.stderr
+    kept = (workdir / "warn" / "logs" / "chatty.log").read_text().splitlines()
+    assert sorted(kept) == sorted(f"chatty sees x from {b * 1000}" for b in range(10))
+    bad = podpipe("run", "p.yaml", "--log-level", "loud", cwd=workdir)
+    assert bad.returncode == 2 and "--log-level" in bad.stderr
+
+
+def test_a_resume_says_in_one_line_what_it_found_and_keeps_the_details_in_the_log(tmp_path):
+    """A resume after a failed batch printed a warning per batch ('the journal names
+    /dev/shm/…, outside the run's tiers') for the normal case: the failed run's RAM
+    scratch is gone."""
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]},
+         {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["boom"]}],
+        [{"input": "total", "uri": "out/"}]))
+    assert podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
+                   BOOM_AT="7500").returncode == 1
+    done = podpipe("resume", "run", cwd=tmp_path, BOOM_AT="-1")
+    assert done.returncode == 0, done.stderr
+    said = [line for line in done.stdout.splitlines() if "resumed:" in line or
+            "restored:" in line]
+    assert len(said) == 1 and said[0].startswith("resumed: "), done.stdout
+    assert "tasks were done before" in said[0] and "done now" in said[0]
+    assert "/dev/shm" not in done.stdout and "outside the run's tiers" not in done.stdout
+
+
+def test_an_old_api_version_is_one_warning_line(tmp_path):
+    make_numbers(tmp_path / "data", files=1, rows=100)
+    path = write_spec(tmp_path / "p.yaml", spec([{"name": "s", "run": "pystages:double",
+                                                  "inputs": ["source"]}],
+                                                [{"input": "s", "uri": "out/"}]))
+    path.write_text(path.read_text().replace("podpipe.dev/v1alpha1", "podpipe/v1alpha1"))
+    done = podpipe("validate", "p.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == ("warning: p.yaml: apiVersion 'podpipe/v1alpha1' is now "
+                                   "'podpipe.dev/v1alpha1'; the old one is read for now")
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_runs_and_status_fit_80_columns_without_cutting_a_word(tmp_path):
+    """`runs` at 80 columns cut states to `succeed…`; `status` cut its process table
+    with `...` and titled a live run 'running in 5.35 s'."""
+    make_numbers(tmp_path / "data", files=1, rows=100)
+    write_spec(tmp_path / "long.yaml", spec(
+        [{"name": "s", "run": "pystages:double", "inputs": ["source"]}],
+        [{"input": "s", "uri": "out/"}], name="borough-hour-trips-by-zone-and-weekday"))
+    for _ in range(2):
+        assert podpipe("run", "long.yaml", "--quiet", cwd=tmp_path).returncode == 0
+    run, marker = _hung_run(tmp_path)
+    session = f"podpipe-cols-{tmp_path.name}"[:40]
+    env = cli_env()
+    command = (f"cd {tmp_path} && export PYTHONPATH={env['PYTHONPATH']}; {sys.executable} -m "
+               f"podpipe runs; {sys.executable} -m podpipe status run; echo EXIT=$?; sleep 600")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "60",
+                    command], check=True)
+    try:
+        screen = ""
+
+        def finished() -> bool:
+            nonlocal screen
+            screen = _tmux_screen(session)
+            return "EXIT=" in screen
+        wait_until(finished, "runs and status to print")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        podpipe("stop", "run", cwd=tmp_path)
+        run.communicate(timeout=60)
+    assert "EXIT=0" in screen, screen
+    lines = screen.splitlines()
+    assert sum(1 for line in lines if re.search(r"\bsucceeded\b", line)) == 2, screen
+    assert "…" not in screen and "..." not in screen, screen
+    assert re.search(r"t: running for \d+\.\d\d s", screen), screen
+    assert re.search(r"^ *stage +s +0 +\S+ +\d+ +yes *$", screen, re.M), screen
+    assert re.search(r"^ *conductor +\S+ +\d+ +yes *$", screen, re.M), screen

@@ -14,7 +14,7 @@ BASE = [{"name": "a", "run": "m:f", "inputs": ["source"]},
 
 
 def _p(stages, sinks=None, **spec_fields):
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
            "spec": {"source": {"uri": "x.parquet"}, "stages": stages,
                     "sinks": sinks or [{"input": "b", "uri": "out/"}], **spec_fields}}
     return specs.parse(yaml.safe_dump(doc))
@@ -53,7 +53,7 @@ def test_a_table_may_be_added_but_not_changed_under_a_running_run():
             {"name": f"{m['name']}-out", "input": m["name"], "uri": f"{m['name']}/"}
             for m in more]
         return specs.parse(yaml.safe_dump({
-            "apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+            "apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
             "spec": {"source": {"uri": "x.parquet"}, "tables": tables,
                      "stages": [{"name": "a", "run": "m:f", "inputs": ["source"]},
                                 {"name": "b", "run": "m:f", "inputs": b_inputs}, *more],
@@ -74,7 +74,7 @@ def test_a_table_may_be_added_but_not_changed_under_a_running_run():
 def test_a_changed_worker_count_is_a_resize_not_a_change():
     def pipeline(workers):
         return specs.parse(yaml.safe_dump({
-            "apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+            "apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
             "spec": {"source": {"uri": "x.parquet"},
                      "stages": [{"name": "a", "run": "m:f", "inputs": ["source"],
                                  "workers": workers}],

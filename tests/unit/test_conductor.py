@@ -21,7 +21,7 @@ from podpipe.runtime.plumbing.launching import Process
 from podpipe.runtime.conductor.swaps import Swaps
 from podpipe.runtime.plumbing.loop import EventLoop
 
-SPEC = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+SPEC = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
         "spec": {"source": {"uri": "x.parquet"},
                  "stages": [{"name": "a", "run": "m:f", "inputs": ["source"]}],
                  "sinks": [{"input": "a", "uri": "out/"}]}}

@@ -56,7 +56,7 @@ def test_a_pod_index_that_is_not_a_number_is_refused():
 
 
 def _spec(stages, shards_=4):
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
            "spec": {"source": {"uri": "x.parquet"}, "shards": shards_, "stages": stages,
                     "sinks": [{"input": stages[-1]["name"], "uri": "out/"}]}}
     return yaml.safe_dump(doc)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from podpipe.errors import SpecError
+from podpipe.errors import SpecError, SpecWarning
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 
 GOOD = """\
-apiVersion: podpipe/v1alpha1
+apiVersion: podpipe.dev/v1alpha1
 kind: Pipeline
 metadata: {name: q1}
 spec:
@@ -95,7 +95,7 @@ BAD = [
      "got run and command"),
     ("neither-run-nor-command", _edit("spec.stages.0.run", _DELETE), "spec.stages[0]",
      "got neither"),
-    ("wrong-api-version", _edit("apiVersion", "v1"), "apiVersion", "podpipe/v1alpha1"),
+    ("wrong-api-version", _edit("apiVersion", "v1"), "apiVersion", "podpipe.dev/v1alpha1"),
     ("wrong-kind", _edit("kind", "Pod"), "kind", "'Pipeline'"),
     ("no-stages", _edit("spec.stages", []), "spec.stages", "non-empty list"),
     ("batch-rows-not-int", _edit("spec.source.batchRows", "many"), "spec.source.batchRows",
@@ -191,7 +191,7 @@ def test_a_bad_override_is_an_input_error(override, message):
     ({"durable": "file:///tmp/s", "reuse": "yes"}, "expected true or false"),
 ])
 def test_reuse_across_runs_needs_a_durable_tier_and_a_boolean(checkpoints, message):
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
            "spec": {"source": {"uri": "x.parquet"},
                     "stages": [{"name": "a", "run": "m:f", "inputs": ["source"]}],
                     "sinks": [{"input": "a", "uri": "out/"}], "checkpoints": checkpoints}}
@@ -201,7 +201,7 @@ def test_reuse_across_runs_needs_a_durable_tier_and_a_boolean(checkpoints, messa
 
 
 TABLES = """\
-apiVersion: podpipe/v1alpha1
+apiVersion: podpipe.dev/v1alpha1
 kind: Pipeline
 metadata: {name: q12}
 spec:
@@ -250,3 +250,29 @@ def test_a_bad_table_is_refused_naming_it(edit, field, message):
         specs.parse(yaml.safe_dump(doc), file="q12.yaml")
     assert caught.value.field == field and message in str(caught.value), str(caught.value)
     assert caught.value.exit_code == 2
+
+
+def test_the_old_api_version_is_read_with_a_warning_naming_the_new_one():
+    old = GOOD.replace("podpipe.dev/v1alpha1", "podpipe/v1alpha1")
+    with pytest.warns(SpecWarning, match="apiVersion 'podpipe/v1alpha1' is now "
+                                         "'podpipe.dev/v1alpha1'"):
+        pipeline = specs.parse(old, file="p.yaml")
+    assert pipeline.name == "q1"
+
+
+def test_a_spec_given_as_a_dict_names_the_key_path_not_a_line_of_text_it_never_saw():
+    import podpipe
+
+    doc = yaml.safe_load(GOOD)
+    doc["spec"]["stages"][1]["run"] = "no-colon"
+    with pytest.raises(SpecError) as raised:
+        podpipe.validate(doc)
+    message = str(raised.value)
+    assert message.startswith("the spec dict: spec.stages[1].run: "), message
+    assert "<dict>" not in message and raised.value.line is None
+
+
+def test_the_package_says_it_is_typed():
+    from importlib.resources import files
+
+    assert files("podpipe").joinpath("py.typed").is_file()

@@ -16,7 +16,7 @@ from podpipe.runtime.data import arrowfile, tables
 
 
 def _pipeline(tmp_path, memory: str = "64MiB", columns=None):
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
            "spec": {"source": {"uri": str(tmp_path / "x.parquet")}, "memory": memory,
                     "tables": [{"name": "dim", "uri": str(tmp_path / "dim"),
                                 **({"columns": columns} if columns else {})}],

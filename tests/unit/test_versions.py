@@ -11,7 +11,7 @@ from podpipe.runtime.stage import work
 
 
 def _pipeline(stage: dict):
-    doc = {"apiVersion": "podpipe/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},
            "spec": {"source": {"uri": "x.parquet"}, "stages": [stage],
                     "sinks": [{"input": stage["name"], "uri": "out/"}]}}
     return specs.parse(yaml.safe_dump(doc))

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import TYPE_CHECKING, Callable
 
 from podpipe.cli.arguments import parser
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     # slower). They sleep when idle instead; a setting of the user's wins.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     args = parser().parse_args(argv)
+    _log_settings(args)
     if args.command == "agent":  # a stage process: keep its start light, no rich
         from podpipe.runtime.stage import agent
 
@@ -59,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Markup off: what a message says (a path, a stage's error) is shown as text.
     console, errors = Console(markup=False), Console(stderr=True, markup=False)
+
+    def warn(message: Warning | str, *_: object, **__: object) -> None:
+        errors.print(Text.assemble(("warning:", "yellow"), " ", printable(str(message))),
+                     highlight=False, soft_wrap=True)
+    warnings.showwarning = warn
     try:
         return _COMMANDS[args.command](args, console)
     except BrokenPipeError:  # `podpipe plan --json | head`: the reader had enough
@@ -94,7 +101,19 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return _with_progress(console, args.quiet, lambda observer: pod.run(
         args.spec, overrides=args.set, run_dir=args.run_dir, replicas=args.replicas,
         pod_index=args.pod_index, memory=args.memory, fresh=args.fresh, observer=observer,
-        metrics=args.metrics_port, server=args.server))
+        metrics=args.metrics_port, metrics_linger=args.metrics_linger, server=args.server))
+
+
+def _log_settings(args: argparse.Namespace) -> None:
+    """The log flags, for this process and every process of the run (inherited)."""
+    from podpipe.runtime.plumbing import logline
+
+    level = getattr(args, "log_level", None) or (
+        "debug" if getattr(args, "verbose", False) else None)
+    if level:
+        os.environ[logline.LEVEL_ENV] = level
+    if getattr(args, "log_format", None):
+        os.environ[logline.FORMAT_ENV] = args.log_format
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
@@ -151,9 +170,10 @@ def _with_progress(console: Console, quiet: bool,
         except PodpipeError:
             live.stop()
             raise
-    for note in final.restore_notes:
-        console.print(Text.assemble(("restored:", "yellow"), " ", printable(note)),
-                      highlight=False)
+    resumed = terminal.resumed(final)
+    if resumed:
+        console.print(Text.assemble(("resumed:", "yellow"), " ", printable(resumed)),
+                      highlight=False, soft_wrap=True)
     console.print(terminal.summary(final))
     for line in terminal.calls(final):
         console.print(f"calls: {line}", highlight=False)
@@ -366,7 +386,7 @@ def _logs(args: argparse.Namespace, console: Console) -> int:
 def _report(args: argparse.Namespace, console: Console) -> int:
     from pathlib import Path
 
-    from podpipe import report
+    from podpipe import report, trace
     from podpipe.runtime.plumbing import files
     from podpipe.runtime.runs import following as runs
 
@@ -374,7 +394,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     if args.format == "html":
         text = report.page(run_dir)
     else:
-        text = json.dumps(report.chrome_trace(run_dir)) + "\n"
+        text = json.dumps(trace.chrome_trace(run_dir)) + "\n"
     out = Path(args.output) if args.output else \
         run_dir / ("report.html" if args.format == "html" else "trace.json")
     try:

@@ -11,6 +11,31 @@ import os
 from podpipe import __version__
 
 
+def _seconds(text: str) -> float:
+    """A flag's seconds: a number from 0 to an hour."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 3600, got {text!r}")
+    return value
+
+
+def _logging() -> argparse.ArgumentParser:
+    """The log flags of the commands that run a pipeline (`runtime.plumbing.logline`)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="podpipe's lines in the run's logs at this level and above "
+                            "(default info, which `logs --batch` needs; a stage's own "
+                            "output is always kept)")
+    flags.add_argument("-v", "--verbose", action="store_true", help="--log-level debug")
+    flags.add_argument("--log-format", choices=["text", "json"],
+                       help="text (default), or one JSON object a line (time, level, "
+                            "message, run, stage, worker, batch) for log collectors")
+    return flags
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="podpipe",
@@ -20,7 +45,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"podpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a pipeline to the end",
+    log_flags = _logging()
+    run = sub.add_parser("run", help="run a pipeline to the end", parents=[log_flags],
                          description="Run a pipeline spec to the end in a pod on this machine.")
     run.add_argument("spec", metavar="SPEC", help="pipeline spec (YAML)")
     run.add_argument("--run-dir", metavar="DIR",
@@ -38,15 +64,21 @@ def parser() -> argparse.ArgumentParser:
                           "stages.filter.run=mod:fn (repeatable)")
     run.add_argument("--fresh", action="store_true",
                      help="ignore the durable tier's checkpoints of this spec; start over")
-    run.add_argument("--quiet", action="store_true",
+    run.add_argument("-q", "--quiet", action="store_true",
                      help="no progress, no summary: one line with the outcome")
     run.add_argument("--metrics-port", metavar="[ADDR:]PORT",
                      default=os.environ.get("PODPIPE_METRICS_PORT"),
                      help="serve Prometheus metrics there while the run goes (default "
                           "$PODPIPE_METRICS_PORT; a bare PORT listens on loopback)")
+    run.add_argument("--metrics-linger", type=_seconds, metavar="SECONDS",
+                     default=os.environ.get("PODPIPE_METRICS_LINGER", "0"),
+                     help="with --metrics-port: keep serving the final values this long "
+                          "after the run ends, for a scrape to see them (default "
+                          "$PODPIPE_METRICS_LINGER, else 0; 15 for a 15 s scrape)")
 
     resume = sub.add_parser(
         "resume", help="finish a run whose conductor died or whose pod was lost",
+        parents=[log_flags],
         description="Finish the run in RUN_DIR from what survived it: outputs still in its "
                     "RAM scratch, else on the node tier (checked by checksum), else "
                     "computed again. Batches whose results were kept are not run again.")
@@ -54,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     resume.add_argument("--replicas", type=int, metavar="M",
                         help="a run of several replicas: resume with M of them (rescale); "
                              "shards that move resume from their durable checkpoints")
-    resume.add_argument("--quiet", action="store_true", help="no progress, no summary")
+    resume.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
     resume.add_argument("--accept-changed-source", action="store_true",
                         help="the source's files changed since the run started (refused "
                              "otherwise): redo the whole run from the new source")
@@ -235,7 +267,8 @@ def parser() -> argparse.ArgumentParser:
                             "`workers: N`), each restarted if it fails")
 
     conductor = sub.add_parser("conductor", help="(internal) the conductor of a pod on "
-                                                 "Kubernetes: a native sidecar's command")
+                                                 "Kubernetes: a native sidecar's command",
+                               parents=[log_flags])
     conductor.add_argument("--spec", required=True)
     conductor.add_argument("--scratch", required=True, metavar="DIR",
                            help="the pod's memory-backed volume")

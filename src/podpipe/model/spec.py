@@ -12,12 +12,13 @@ import itertools
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from podpipe.errors import SpecError
+from podpipe.errors import SpecError, SpecWarning
 from podpipe.model import locations
 from podpipe.model import overrides as overrides_
 from podpipe.model.graph import Graph
@@ -26,7 +27,8 @@ from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeli
 from podpipe.model.fields import Reader, kind
 from podpipe.model.sizes import parse_size
 
-API_VERSION = "podpipe/v1alpha1"
+API_VERSION = "podpipe.dev/v1alpha1"
+OLD_API_VERSION = "podpipe/v1alpha1"  # before the DNS-style group: read, with a warning
 KIND = "Pipeline"
 
 # The spec's records are defined in `model.pipeline`; parsing them is this module's.
@@ -75,8 +77,9 @@ def read(path: str | Path) -> bytes:
 
 
 def parse(raw: bytes | str, *, file: str = "spec",
-          overrides: list[str] | tuple[str, ...] = ()) -> Pipeline:
-    """Validate spec text; see `load`."""
+          overrides: list[str] | tuple[str, ...] = (), lines: bool = True) -> Pipeline:
+    """Validate spec text; see `load`. `lines`: errors name the line (not for a spec
+    given as a dict, whose text the user never saw: its key paths do)."""
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecError(f"is larger than {MAX_SPEC_BYTES // 2**20} MiB; a spec is a short "
                         "YAML document", file=file)
@@ -101,7 +104,7 @@ def parse(raw: bytes | str, *, file: str = "spec",
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError(f"invalid YAML: {problem}", file=file,
                         line=mark.line + 1 if mark else None) from None
-    reader = Reader(file, root)
+    reader = Reader(file, root if lines else None)
     for item in overrides:
         document = overrides_.apply(document, item, reader.file)
     return _pipeline(reader, document)
@@ -110,7 +113,10 @@ def parse(raw: bytes | str, *, file: str = "spec",
 def _pipeline(r: Reader, doc: Any) -> Pipeline:
     doc = r.mapping("", doc, {"apiVersion", "kind", "metadata", "spec"},
                     {"apiVersion", "kind", "metadata", "spec"})
-    if doc["apiVersion"] != API_VERSION:
+    if doc["apiVersion"] == OLD_API_VERSION:
+        warnings.warn(SpecWarning(f"{r.file}: apiVersion {OLD_API_VERSION!r} is now "
+                                  f"{API_VERSION!r}; the old one is read for now"))
+    elif doc["apiVersion"] != API_VERSION:
         raise r.fail("apiVersion", f"expected {API_VERSION!r}, got {doc['apiVersion']!r}")
     if doc["kind"] != KIND:
         raise r.fail("kind", f"expected {KIND!r}, got {doc['kind']!r}")

@@ -74,8 +74,10 @@ class Conductor:
                  observer: Callable[[status.Status], None] | None = None,
                  restored: Restored | None = None,
                  durable: DurableTier | None = None, reaper: bool = True,
-                 metrics: str | None = None, listener: socket.socket) -> None:
+                 metrics: str | None = None, metrics_linger: float = 0.0,
+                 listener: socket.socket) -> None:
         self.run = run
+        logline.speaking_for(run=run.run_id)
         self.engine = restored.engine if restored else RunState(
             run.graph, len(run.plan), run.pipeline.memory,
             retries=retries(run.pipeline, run.graph), shards=run.placement.shards,
@@ -94,7 +96,7 @@ class Conductor:
         self.timeline = Timeline(run.run_dir, self.counters.started)
         self.scratch_work = ScratchWork(run.scratch, run.run_dir, self.agents, self.timeline,
                                         lambda node: node in self.run.graph.tables, self._log)
-        self.watchers = Watchers(observer, metrics)  # shown each status
+        self.watchers = Watchers(observer, metrics, metrics_linger)  # shown each status
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
         self.sinks: dict[str, Written] = {}  # once the run succeeded
@@ -133,14 +135,14 @@ class Conductor:
         finally:
             self.run.scratch.remove()
             self.counters.ended = time.time()
-            self.timeline.sample(self.ledger.progress())
+            self.timeline.sample(self.ledger.progress(), {}, {})
             self.timeline.close()
-            self.watchers.close()
             error = self.checkpoints.close(self.ledger, self.run.graph, self.run.placement,
                                            self.outcome[0] == "succeeded")
             if error is not None:
                 self.outcome = ("failed", error)
             self._flush(final=True)
+            self.watchers.close()  # (after the final values: a lingering endpoint has them)
         if self.outcome[1] is not None:
             raise self.outcome[1]
         return self._snapshot()
@@ -251,6 +253,7 @@ class Conductor:
             self.checkpoints.record(split_name(name)[0], message.batch, version,
                                     message.output)
             self.timeline.ended(name, "done", message.stats)
+            self.watchers.task_done(split_name(name)[0], message.stats.busy)
         elif isinstance(message, protocol.Reserve):
             self.timeline.asked(name)
         elif isinstance(message, protocol.Failed):
@@ -369,7 +372,8 @@ class Conductor:
     def _end(self, state: str, error: PodpipeError | None) -> None:
         if self.running:
             self.outcome = (state, error)
-            self._log(f"the run {state}" + (f": {error}" if error else ""))
+            self._log(f"the run {state}" + (f": {error}" if error else ""),
+                      "info" if state == "succeeded" else "error")
 
     def _finish_sinks(self) -> None:
         """The run succeeded: put each sink's output in place (mode overwrite) and,
@@ -417,11 +421,13 @@ class Conductor:
         if not final:
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
-            if self.processes.local and None in self.ledger.pool.fixed.values():
-                self.events.append(ev.Tick(self.processes.cpu_use()))  # workers: auto
+        cpu = self.processes.cpu_use() if self.processes.local and not final else {}
+        if cpu and None in self.ledger.pool.fixed.values():
+            self.events.append(ev.Tick(cpu))  # workers: auto
         progress = self.ledger.progress()
         if not final:
-            self.timeline.sample(progress)
+            rss = self.processes.memory_use() if self.processes.local else {}
+            self.timeline.sample(progress, cpu, rss)
             self.timeline.flush()
         current = self._snapshot(progress)
         try:
@@ -430,11 +436,14 @@ class Conductor:
             pass  # the status file is a view; the run does not depend on it
         self.watchers.show(current)
 
-    def _log(self, message: str) -> None:
+    def _log(self, message: str, level: str = "info") -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""
+        text = logline.line(message, level)
+        if not text:
+            return
         try:
             with open(files.append_private(self.run.run_dir / "logs" / "conductor.log"),
                       "a") as log:
-                log.write(logline.line(message))
+                log.write(text)
         except OSError:
             pass

@@ -20,7 +20,7 @@ from typing import Callable
 
 from podpipe.engine import events as ev
 from podpipe.errors import InputError, SpecError
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import logline, protocol
 from podpipe.runtime.rundir import status
 from podpipe.runtime.plumbing.loop import EventLoop
 
@@ -63,7 +63,7 @@ def to_event(name: str, message: protocol.Message, spec_file: str) -> ev.Event |
 
 class Agents:
     def __init__(self, loop: EventLoop, listener: socket.socket,
-                 log: Callable[[str], None] = lambda _: None) -> None:
+                 log: logline.Log = lambda message, level="info": None) -> None:
         """`listener`: the conductor's socket, listening (`protocol.listen`) since
         before the run was planned (an agent may connect early); taken from `listen`."""
         self._loop, self._listener, self._log = loop, listener, log
@@ -86,7 +86,8 @@ class Agents:
                 return []
             uid = peer_uid(sock)
             if uid != os.geteuid():  # only the run's own user may drive it
-                self._log(f"refused a connection from uid {uid}: not the run's user")
+                self._log(f"refused a connection from uid {uid}: not the run's user",
+                          "warning")
                 sock.close()
                 return []
             conn = Conn(sock)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from podpipe.runtime.plumbing import logline
 from podpipe.engine import events as ev
 from podpipe.engine.ledger import Ledger
 from podpipe.engine.state import RunState
@@ -49,7 +50,7 @@ class Restored:
 
 class Checkpoints:
     def __init__(self, run_dir: Path, durable: DurableTier | None,
-                 restored: Restored | None, log: Callable[[str], None],
+                 restored: Restored | None, log: logline.Log,
                  required: bool = False) -> None:
         self.run_dir, self.durable, self._log = run_dir, durable, log
         self.required = required  # a run whose last checkpoint failed fails
@@ -58,7 +59,10 @@ class Checkpoints:
         self.on_disk: list[Output] = list(restored.on_disk) if restored else []
         self.restored = restored.counts if restored else {}
         self.notes = list(restored.notes) if restored else []
-        self._previously = restored.finished if restored else {}
+        # a resume: what was done before it (None: not a resume)
+        self._previously = restored.finished if restored else None
+        for note in self.notes:  # the details in the log; the terminal says a line
+            log(f"restored: {note}", "warning")
         self.recomputed: dict[str, int] = {}
         self.copies = 0  # node-tier copies made and journaled by this conductor
         # the version of the stage that made each output (what a sink file records)
@@ -67,6 +71,13 @@ class Checkpoints:
         # `schema: fixed` stages: node -> (batch, its output's schema), fixed for the
         # run by the first output accepted (kept in the journal: a resume keeps it)
         self.schemas = self.journal.schemas()
+
+    @property
+    def done_before(self) -> int | None:
+        """A resume: the tasks done before it (None: not a resume)."""
+        if self._previously is None:
+            return None
+        return sum(len(keys) for keys in self._previously.values())
 
     def schema_fixed(self, node: str, batch: int, schema: bytes) -> str | None:
         """An output of `node` with `schema`: the first fixes the node's schema for the
@@ -86,7 +97,7 @@ class Checkpoints:
         """Journal what finished, by which version, and where its output is."""
         self.journal.finished(node, batch, version)
         self._made_by[(node, batch)] = version
-        if batch in self._previously.get(node, ()):
+        if self._previously is not None and batch in self._previously.get(node, ()):
             self.recomputed[node] = self.recomputed.get(node, 0) + 1
         if output is not None:
             self.journal.stored(output)

@@ -17,7 +17,7 @@ from podpipe.engine import events as ev
 
 ProcessAction = (ev.Restart | ev.Kill | ev.Replace | ev.Stop | ev.Hold | ev.AddWorker |
                  ev.RemoveWorker)
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import logline, protocol
 from podpipe.runtime.conductor.agents import Agents
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.swaps import Swaps
@@ -27,7 +27,7 @@ from podpipe.runtime.plumbing.protocol import agent_name
 
 class Crew:
     def __init__(self, processes: Processes, agents: Agents, loop: EventLoop, swaps: Swaps,
-                 log: Callable[[str], None]) -> None:
+                 log: logline.Log) -> None:
         self.processes, self.agents, self.loop, self.swaps = processes, agents, loop, swaps
         self._log = log
 
@@ -36,12 +36,12 @@ class Crew:
         match action:
             case ev.Restart():
                 self._log(f"restarting stage {action.node!r} (restart {action.attempt}) "
-                          f"in {action.delay:.1f} s")
+                          f"in {action.delay:.1f} s", "warning")
                 if self.processes.local:  # containers: the kubelet restarts them
                     self.loop.call_later(action.delay, agent_name(action.node, action.worker))
             case ev.Kill():
                 name = agent_name(action.node, action.worker)
-                self._log(f"stage {name!r} took longer than its timeout: killed")
+                self._log(f"stage {name!r} took longer than its timeout: killed", "warning")
                 if self.processes.local:
                     self.retire(name, kill=True)
                 else:  # a container: its connection closes, it exits, the kubelet restarts it
@@ -54,7 +54,8 @@ class Crew:
                 for name in self.processes.of(action.node) or [action.node]:
                     self.retire(name, kill=action.kill)
             case ev.Hold():
-                self._log(f"stage {action.node!r} held: the new version failed: {action.message}")
+                self._log(f"stage {action.node!r} held: the new version failed: "
+                          f"{action.message}", "error")
                 for name in self.processes.of(action.node) or [action.node]:
                     self.retire(name, kill=False)
                 self.swaps.held(action.node, action.message)

@@ -5,21 +5,30 @@ conductor last made (four times a second), so serving costs the run nothing
 between scrapes. The HTTP server is prometheus-client's, on a thread of its own;
 prometheus-client is imported only when metrics are asked for (a run without them
 does not pay for its import).
+
+Names follow Prometheus's rules: counters end in `_total` (prometheus-client adds
+it), units are in the names, and no label is one a scrape adds to the target (`pod`,
+`job`, `instance`, `namespace`, `container`): a pod's ordinal is `replica`, and the
+run (a job of a standing line, later) is `podpipe_job`. Each node's task durations are
+a histogram. `--metrics-linger` keeps the endpoint up a while after the run ends, so
+that a scrape every 15 s sees its last values.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from podpipe.errors import UsageError
 from podpipe.runtime.rundir.status import Status
 
 if TYPE_CHECKING:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily)
 
 # per node: (metric, help, the status field, counter?)
 _PER_NODE = (
-    ("podpipe_batches_done", "Batches (keys) the node has finished", "batches_done", False),
+    ("podpipe_batches_done", "Batches (keys) the node has finished", "batches_done", True),
     ("podpipe_batches", "Batches (keys) the node runs in this pod", "batches_total", False),
     ("podpipe_rows_in", "Rows the node has read", "rows_in", True),
     ("podpipe_rows_out", "Rows the node has written", "rows_out", True),
@@ -48,12 +57,19 @@ def address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", number
 
 
+# upper bounds of the task duration histogram's buckets, in seconds
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+LABELS = ["pipeline", "replica", "podpipe_job"]  # on every series
+
+
 class Metrics:
     def __init__(self, where: str) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
         host, port = address(where)
         self.latest: Status | None = None  # the run's status, as last flushed
+        # node -> tasks per bucket (the last: beyond every bound), and their seconds
+        self.durations: dict[str, tuple[list[int], list[float]]] = {}
         self.registry = CollectorRegistry()
         self.registry.register(self)
         try:
@@ -66,20 +82,38 @@ class Metrics:
         self.server.shutdown()
         self.server.server_close()
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    def task_done(self, node: str, seconds: float) -> None:
+        counts, total = self.durations.setdefault(node, ([0] * (len(BUCKETS) + 1), [0.0]))
+        counts[next((i for i, bound in enumerate(BUCKETS) if seconds <= bound),
+                    len(BUCKETS))] += 1
+        total[0] += seconds
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily |
+                                  HistogramMetricFamily]:
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                            HistogramMetricFamily)
 
         s = self.latest
         if s is None:
             return
-        labels = ["pipeline", "pod", "node"]
-        pod = str(s.pod.ordinal if s.pod else 0)
+        run = [s.pipeline, str(s.pod.ordinal if s.pod else 0), s.run_id]
         for name, text, field, counter in _PER_NODE:
-            family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, text,
-                                                                             labels=labels)
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(
+                name, text, labels=LABELS + ["node"])
             for node, st in s.stages.items():
-                family.add_metric([s.pipeline, pod, node], getattr(st, field))
+                family.add_metric(run + [node], getattr(st, field))
             yield family
+        histogram = HistogramMetricFamily(
+            "podpipe_task_duration_seconds", "Seconds each task of the node took",
+            labels=LABELS + ["node"])
+        for node, (counts, total) in sorted(self.durations.items()):  # (a copy: the
+            counts, so_far = list(counts), 0                            # run adds on)
+            buckets = []
+            for bound, count in zip([*map(str, BUCKETS), "+Inf"], counts):
+                so_far += count
+                buckets.append((bound, so_far))
+            histogram.add_metric(run + [node], buckets, total[0])
+        yield histogram
         single = [("podpipe_scratch_bytes", "RAM scratch in use", s.scratch_bytes, False),
                   ("podpipe_scratch_budget_bytes", "The RAM scratch budget", s.budget_bytes,
                    False),
@@ -96,8 +130,8 @@ class Metrics:
                         int(bool(s.durable.behind)), False)]
         for name, text, value, counter in single:
             family = (CounterMetricFamily if counter else GaugeMetricFamily)(
-                name, text, labels=["pipeline", "pod"])
-            family.add_metric([s.pipeline, pod], value)
+                name, text, labels=LABELS)
+            family.add_metric(run, value)
             yield family
 
 
@@ -106,8 +140,9 @@ class Watchers:
     terminal's live progress, the Python API's) and Prometheus, when asked for
     (`where`: `[ADDR:]PORT`), served from `open` to `close`."""
 
-    def __init__(self, observer: Callable[[Status], None] | None, where: str | None) -> None:
-        self.observer, self.where = observer, where
+    def __init__(self, observer: Callable[[Status], None] | None, where: str | None,
+                 linger: float = 0.0) -> None:
+        self.observer, self.where, self.linger = observer, where, linger
         self.metrics: Metrics | None = None
 
     def open(self) -> None:
@@ -120,6 +155,14 @@ class Watchers:
         if self.observer is not None:
             self.observer(status)
 
-    def close(self) -> None:
+    def task_done(self, node: str, seconds: float) -> None:
         if self.metrics is not None:
+            self.metrics.task_done(node, seconds)
+
+    def close(self) -> None:
+        """The run ended: the endpoint goes, after `linger` seconds (its final values
+        are served meanwhile); never, for a pod that holds once its run is over (the
+        endpoint goes with the process)."""
+        if self.metrics is not None and self.linger != float("inf"):
+            time.sleep(self.linger)
             self.metrics.close()

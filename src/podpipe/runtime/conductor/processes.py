@@ -7,6 +7,7 @@ swap, or stopped by an apply, is *retired*: its exit is expected, not an event.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterable
@@ -17,6 +18,8 @@ from podpipe.runtime.plumbing.launching import Launcher, Process
 from podpipe.runtime.rundir import status
 from podpipe.runtime.plumbing.loop import EventLoop
 from podpipe.runtime.plumbing.protocol import split_name
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 STOP_GRACE_SECONDS = 5.0
 SPAWNED = "spawned"  # the loop's tag for `answers`
@@ -132,6 +135,20 @@ class Processes:
             used[node] = used.get(node, 0.0) + \
                 max(0.0, seconds - self._cpu.get(process.pid, seconds)) / elapsed
         self._cpu, self._sampled = seen, now
+        return used
+
+    def memory_use(self) -> dict[str, int]:
+        """The resident bytes of each node's processes now (their pages of RAM scratch
+        they have mapped included)."""
+        used: dict[str, int] = {}
+        for name, process in self._by_node.items():
+            try:
+                with open(f"/proc/{process.pid}/statm") as f:
+                    pages = int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            node = split_name(name)[0]
+            used[node] = used.get(node, 0) + pages * _PAGE
         return used
 
     def log(self, node: str) -> str | None:

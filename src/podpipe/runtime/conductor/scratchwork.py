@@ -18,7 +18,7 @@ from typing import assert_never
 from podpipe.engine import events as ev
 
 ScratchAction = ev.Grant | ev.Deny | ev.Delete | ev.Recycle | ev.Unpool | ev.Spill
-from podpipe.runtime.plumbing import files, protocol
+from podpipe.runtime.plumbing import files, logline, protocol
 from podpipe.runtime.storage import tiers
 from podpipe.runtime.conductor.agents import Agents
 from podpipe.runtime.conductor.timeline import Timeline
@@ -28,7 +28,7 @@ from podpipe.runtime.data.scratch import Scratch, discard
 
 class ScratchWork:
     def __init__(self, scratch: Scratch, run_dir: Path, agents: Agents, timeline: Timeline,
-                 is_table: Callable[[str], bool], log: Callable[[str], None]) -> None:
+                 is_table: Callable[[str], bool], log: logline.Log) -> None:
         self.scratch, self.run_dir, self.agents, self.timeline = scratch, run_dir, agents, timeline
         self.is_table, self._log = is_table, log
 
@@ -66,7 +66,7 @@ class ScratchWork:
                       f"is mapped from the node tier ({path})")
         else:
             self._log(f"RAM budget full: stage {action.node!r} batch {action.batch} "
-                      f"spills to the node tier ({path})")
+                      f"spills to the node tier ({path})", "warning")
         self.agents.send(agent_name(action.node, action.worker),
                          protocol.Grant(path=str(path), tier="node"))
         self.timeline.granted(agent_name(action.node, action.worker))

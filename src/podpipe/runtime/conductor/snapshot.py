@@ -185,7 +185,7 @@ def snapshot(who: Identity, graph: Graph, progress: Progress, counters: Counters
         pod=status.PodInfo(who.ordinal, who.replicas, progress.shards_here,
                            progress.waiting_for),
         shards=who.shards, processes=listed, stages=stages,
-        restore_notes=list(checkpoints.notes),
+        restore_notes=list(checkpoints.notes), resumed_done=checkpoints.done_before,
         durable=status.DurableInfo(**durable.status()) if durable else None,
         node_tier=status.NodeTierInfo(checkpoints.copies,  # journaled
                                       ([checkpoints.journal.error] if checkpoints.journal.error

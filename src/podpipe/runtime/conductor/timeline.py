@@ -12,12 +12,15 @@ import msgspec
 
 from podpipe.engine.events import Progress
 from podpipe.runtime.plumbing import files, protocol
-from podpipe.runtime.rundir.records import SAMPLES, TASKS, SampleRecord, TaskRecord
+from podpipe.runtime.rundir.records import SAMPLES, TASKS, SampleRecord, TaskRecord, read
 
 
 class Timeline:
     def __init__(self, run_dir: Path, started: float) -> None:
         self.started = started
+        # a resume appends to the records of the attempts before it, as the next one
+        before = read(run_dir / SAMPLES, SampleRecord) + read(run_dir / TASKS, TaskRecord)
+        self.attempt = 1 + max((r.attempt for r in before), default=0)
         self._tasks: IO[bytes] = open(files.append_private(run_dir / TASKS), "ab")
         self._samples: IO[bytes] = open(files.append_private(run_dir / SAMPLES), "ab")
         self._open: dict[str, TaskRecord] = {}  # agent -> its task so far
@@ -30,7 +33,7 @@ class Timeline:
         node, worker = protocol.split_name(agent)
         self._open[agent] = TaskRecord(node=node, worker=worker, batch=batch,
                                        version=version, handed=self._now(),
-                                       bytes_in=nbytes_in)
+                                       bytes_in=nbytes_in, attempt=self.attempt)
 
     def asked(self, agent: str) -> None:
         if agent in self._open:
@@ -51,12 +54,14 @@ class Timeline:
                                                            stats.bytes_out)
         self._append(self._tasks, self._encode(task))
 
-    def sample(self, progress: Progress) -> None:
+    def sample(self, progress: Progress, cpu: dict[str, float], rss: dict[str, int]) -> None:
         """`progress`: the engine's, made for this sample (its peak is the most since
-        the previous one)."""
+        the previous one); `cpu`, `rss`: each node's processes' cores and bytes."""
         line = SampleRecord(t=self._now(), scratch=progress.scratch, peak=progress.recent_peak,
                             budget=progress.budget, on_line=progress.on_line,
-                            queues=progress.queued, workers=progress.workers)
+                            queues=progress.queued, workers=progress.workers,
+                            cpu={n: round(c, 3) for n, c in cpu.items()}, rss=rss,
+                            attempt=self.attempt)
         self._append(self._samples, self._encode(line))
 
     @staticmethod

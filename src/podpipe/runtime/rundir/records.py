@@ -3,7 +3,7 @@
 Typed and versioned (`schemaVersion`), defined here once: the conductor's timeline
 writes them, `podpipe report` reads them back through the same types. Both files
 are appended to and never rewritten; a resumed run appends its own, from its own
-start. A line that does not decode (one being written as the run was read) is
+start, as the next `attempt`. A line that does not decode (one being written as the run was read) is
 skipped.
 """
 
@@ -34,13 +34,15 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     rows_in: int = 0
     rows_out: int = 0
     bytes_out: int = 0
+    attempt: int = 1             # the run's first, or which resume (times: since its start)
     schemaVersion: int = SCHEMA_VERSION
 
 
 class SampleRecord(msgspec.Struct, kw_only=True):
     """The pod four times a second: RAM scratch in use, and the most it reached since
     the previous sample (so that the highest sample is the run's peak), the budget,
-    the batches on the line, each node's queue and workers."""
+    the batches on the line, each node's queue and workers, the cores its processes
+    wanted since the previous sample (`cputime.wanted`) and their resident bytes."""
 
     t: float
     scratch: int
@@ -49,6 +51,9 @@ class SampleRecord(msgspec.Struct, kw_only=True):
     on_line: int
     queues: dict[str, int]
     workers: dict[str, int]
+    cpu: dict[str, float] = {}
+    rss: dict[str, int] = {}
+    attempt: int = 1
     schemaVersion: int = SCHEMA_VERSION
 
 

@@ -152,6 +152,7 @@ class Status(_Record, kw_only=True):
     stages: dict[str, StageStatus]
     restore_notes: list[str]
     durable: DurableInfo | None = None
+    resumed_done: int | None = None            # a resume: the tasks done before it
     pod: PodInfo | None = None                 # one pod's
     node_tier: NodeTierInfo | None = None
     replicas: int | None = None                # several replicas'

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from podpipe.runtime.plumbing.launching import Launcher, Process
-from podpipe.runtime.plumbing import files, lifetime, protocol
+from podpipe.runtime.plumbing import files, lifetime, logline, protocol
 from podpipe.runtime.plumbing.lifetime import die_with_parent
 
 
@@ -43,7 +43,7 @@ class _Where:
         # RUN_ENV marks every process the run's stages start, children too: a resume
         # ends those a killed conductor left (`lifetime.end_leftovers`)
         return {"PODPIPE_POD": self.pod, protocol.WORKER_ENV: str(worker),
-                lifetime.RUN_ENV: str(self.log_dir.parent.resolve())}
+                lifetime.RUN_ENV: str(self.log_dir.parent.resolve()), **logline.settings()}
 
 
 class SpawnLauncher:

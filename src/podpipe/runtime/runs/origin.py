@@ -146,12 +146,12 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
             continue  # a resume uses only what a reduce reads: check nothing else
         if key in kept or copy.key not in finished.get(copy.node, ()):
             continue
+        if not Path(copy.path).exists():
+            continue  # a RAM copy of a lost pod (or scratch), or one deleted once read
         if not any(_inside(copy.path, root) for root in roots):
             notes.append(f"{copy.node} batch {copy.key}: the journal names {copy.path}, "
                          "outside the run's tiers; not used")
             continue
-        if not Path(copy.path).exists():
-            continue  # a RAM copy of a lost pod, or one deleted once read
         if not tiers.verified(copy.path, copy.checksum):
             notes.append(f"{copy.node} batch {copy.key}: the {copy.tier} copy is corrupt "
                          "(checksum); not used")

@@ -34,7 +34,7 @@ from podpipe.runtime.runs import following as runs
 from podpipe.runtime.data import scratch as scratches
 from podpipe.runtime.runs.launcher import ForkServer
 from podpipe.runtime.runs.launcher import launcher as make_launcher
-from podpipe.runtime.plumbing import lifetime
+from podpipe.runtime.plumbing import lifetime, logline
 from podpipe.runtime.plumbing.loop import EventLoop, Signalled
 from podpipe.runtime.runs.origin import Origin, start_from
 
@@ -51,7 +51,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         run_dir: str | None = None, replicas: int = 1, pod_index: int | None = None,
         memory: str | None = None, fresh: bool = False,
         observer: Callable[[status.Status], None] | None = None,
-        reaper: bool = True, metrics: str | None = None,
+        reaper: bool = True, metrics: str | None = None, metrics_linger: float = 0.0,
         server: ForkServer | None = None) -> status.Status:
     """Run the pipeline to the end on this machine; returns the final status.
 
@@ -106,7 +106,7 @@ def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
                     lambda: scratches.Scratch.create(run_id, root), launch=True,
                     observer=observer, origin=Origin(durable=not fresh),
                     placement=placement, fresh=True, latest=not run_dir, reaper=reaper,
-                    metrics=metrics, server=server)
+                    metrics=metrics, metrics_linger=metrics_linger, server=server)
 
 
 def _ordinal(pipeline: specs.Pipeline, replicas: int, pod_index: int | None) -> int | None:
@@ -174,7 +174,8 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
         _conduct(pipeline, run_path, overrides, run_id, pod,
                  lambda: scratches.Scratch.at(scratch_path),
                  launch=layout == "processes", observer=None, origin=Origin(durable=True),
-                 placement=placement, fresh=True, metrics=metrics)
+                 placement=placement, fresh=True, metrics=metrics,
+                 metrics_linger=float("inf") if hold else 0.0)
     if hold:
         _hold(conductor_socket)
     return 0
@@ -228,7 +229,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
              placement: sharding.Placement = sharding.Placement(),
              fresh: bool = False, notes: list[str] | None = None,
              latest: bool = False, reaper: bool = True,
-             metrics: str | None = None, server: ForkServer | None = None,
+             metrics: str | None = None, metrics_linger: float = 0.0,
+             server: ForkServer | None = None,
              accept_changed_source: bool = False) -> status.Status:
     """Make the scratch, plan the source, find where the run starts from, and hand
     over to the conductor. `fresh`: the run directory is new (removed if nothing ran);
@@ -294,7 +296,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides,
               rundir.read(run_path).staging)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
-                     durable=tier, reaper=reaper, metrics=metrics, listener=listener).start()
+                     durable=tier, reaper=reaper, metrics=metrics,
+                     metrics_linger=metrics_linger, listener=listener).start()
 
 
 def _same_source(run_path: Path, now: dict[str, Any], origin: Origin, *, fresh: bool,
@@ -340,7 +343,8 @@ def _durable_store(pipeline: specs.Pipeline, digest: str) -> durable.Store | Non
 
 def _hold(socket_path: Path) -> None:
     """Stay up until SIGTERM or SIGINT, telling every agent that connects to stop."""
-    print("the run is over; holding until SIGTERM", file=sys.stderr, flush=True)
+    sys.stderr.write(logline.line("the run is over; holding until SIGTERM"))
+    sys.stderr.flush()
     socket_path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(socket_path))

@@ -27,6 +27,7 @@ from podpipe.model import spec as specs
 from podpipe.model.output import Output
 from podpipe.runtime.data import arrowfile
 from podpipe.runtime.plumbing import cputime, files, logline, protocol
+from podpipe.runtime.plumbing.lifetime import RUN_ENV
 from podpipe.runtime.data.scratch import discard
 from podpipe.runtime.storage.store import Store, open_store
 from podpipe.runtime.stage.work import CallService, SchemaCheck, Work, WriteSink, version_of, work_for
@@ -59,18 +60,23 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
     pod that exits is restarted).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the conductor decides when we stop
+    run = os.environ.get(RUN_ENV)
+    logline.speaking_for(run=Path(run).name if run else None, stage=node,
+                         worker=int(os.environ.get(protocol.WORKER_ENV, "0")))
     if hold:  # a container: SIGTERM is the pod going away, a clean end at any point
         signal.signal(signal.SIGTERM, _exit_now)
     sys.path.insert(0, os.getcwd())
     try:
         sock = protocol.connect(socket_path, wait)
     except OSError as exc:
-        print(f"cannot reach the conductor at {socket_path}: {exc}", file=sys.stderr)
+        sys.stderr.write(logline.line(f"cannot reach the conductor at {socket_path}: {exc}",
+                                      "error"))
         return 1
     code = _serve(sock, spec_path, overrides, node)
     if hold and code == 0:
         sock.close()
-        print("stopped by the conductor; holding until SIGTERM", file=sys.stderr, flush=True)
+        sys.stderr.write(logline.line("stopped by the conductor; holding until SIGTERM"))
+        sys.stderr.flush()
         while True:
             signal.pause()
     return code
@@ -113,7 +119,7 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
     except _Stopped:
         return 0
     except (protocol.Closed, ConnectionError):
-        print("the conductor went away", file=sys.stderr)
+        sys.stderr.write(logline.line("the conductor went away", "warning"))
         return 1  # in a pod, the restarted container reconnects to the new conductor
 
 
@@ -232,7 +238,8 @@ def _reuse(memo: str, output: Path) -> Path | None:
             return None
         arrowfile.read_table(local)  # whole and readable, or not used
     except (StoreError, OSError, pa.ArrowException, ValueError) as exc:
-        print(f"cannot reuse the output kept at {memo}: {exc}", file=sys.stderr)
+        sys.stderr.write(logline.line(f"cannot reuse the output kept at {memo}: {exc}",
+                                      "warning"))
         local.unlink(missing_ok=True)
         return None
     return local
@@ -245,7 +252,8 @@ def _keep(memo: str, output: Path) -> None:
         store, key = _memo_store(memo)
         store.upload(key, output)
     except StoreError as exc:
-        print(f"cannot keep the output for reuse at {memo}: {exc}", file=sys.stderr)
+        sys.stderr.write(logline.line(f"cannot keep the output for reuse at {memo}: {exc}",
+                                      "warning"))
 
 
 def _reserve(sock: socket.socket, batch: int, nbytes: int) -> protocol.Grant | None:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from podpipe.errors import StoreError
 from podpipe.model.pipeline import Pipeline
-from podpipe.runtime.plumbing import files
+from podpipe.runtime.plumbing import files, logline
 from podpipe.runtime.storage.store import Store, open_store
 
 ANSWER = re.compile(r"^[0-9a-f]{40}\.(arrow|json)$")  # a kept answer's file name
@@ -53,7 +54,8 @@ class Answers:
             try:
                 self.durable.write(name, data)
             except StoreError as exc:
-                print(f"cannot keep an answer on the durable tier: {exc}", flush=True)
+                sys.stderr.write(logline.line(f"cannot keep an answer on the durable tier: "
+                                              f"{exc}", "warning"))
         files.publish(self.folder / name, data)
 
 
