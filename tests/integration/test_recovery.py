@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import cli_env, make_numbers, podpipe, spec, write_spec
+from conftest import cli_env, make_numbers, podpipe, run_status, spec, write_spec
 
 BATCHES, ROWS = 10, 1000
 
@@ -40,7 +40,7 @@ def _spec(workdir: Path) -> Path:
 
 def _output(workdir: Path) -> dict[str, bytes]:
     out = workdir / "out"
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("part-*.parquet"))}
 
 
 @pytest.fixture
@@ -394,7 +394,10 @@ def test_a_durable_checkpoint_of_another_source_is_not_used(tmp_path):
     done = podpipe("run", "p.yaml", "--run-dir", "again", cwd=tmp_path, BOOM_AT="-1")
     assert done.returncode == 0, done.stderr
     assert read_sink(tmp_path / "out")["sum"].to_pylist() == [sum(range(0, 20_000, 2))]
-    assert "made from another source" in done.stdout + done.stderr
+    notes = run_status(tmp_path / "again")["restore_notes"]
+    assert any("made from another source" in note for note in notes), notes
+    assert "made from another source" in (tmp_path / "again" / "logs" / "conductor.log"
+                                          ).read_text()
 
 
 def test_a_run_killed_before_its_first_status_is_listed_and_resumed(tmp_path):

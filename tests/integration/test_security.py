@@ -157,7 +157,8 @@ def test_a_peer_of_another_uid_is_refused_before_anything_it_says_is_read(tmp_pa
     path = shared / "c.sock"
     try:
         with EventLoop(signals=()) as loop:
-            agents = Agents(loop, protocol.listen(path), logged.append)
+            agents = Agents(loop, protocol.listen(path),
+                            lambda message, level="info": logged.append(message))
             agents.listen()
             os.chmod(path, 0o666)
 

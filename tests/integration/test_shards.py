@@ -90,7 +90,7 @@ def _spec(workdir: Path, durable: str | None = None) -> Path:
 
 def _output(workdir: Path) -> dict[str, bytes]:
     out = workdir / "out"
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet"))}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("part-*.parquet"))}
 
 
 @pytest.fixture

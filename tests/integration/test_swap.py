@@ -177,7 +177,7 @@ def test_swap_k8s_prints_the_image_patch(tmp_path):
 
 def _files(workdir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(workdir)): p.read_bytes()
-            for folder in ("out", "counts") for p in sorted((workdir / folder).glob("*.parquet"))}
+            for folder in ("out", "counts") for p in sorted((workdir / folder).glob("part-*.parquet"))}
 
 
 def test_recompute_ends_exactly_as_a_clean_run_of_the_new_version(tmp_path):

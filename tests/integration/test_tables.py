@@ -37,7 +37,7 @@ def _args(lineitem: Path, query: int, **stages: str) -> list[str]:
 
 
 def _answer(workdir: Path) -> bytes:
-    files = sorted((workdir / "out").glob("*.parquet"))
+    files = sorted((workdir / "out").glob("part-*.parquet"))
     assert len(files) == 1, files
     return files[0].read_bytes()
 
