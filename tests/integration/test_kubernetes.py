@@ -33,7 +33,8 @@ EXAMPLE = ROOT / "examples" / "tpch" / "q1.yaml"
 class LocalPod:
     """Replica `ordinal` of a rendered StatefulSet, run as local processes."""
 
-    def __init__(self, manifests: list[dict], root: Path, image_root: Path, ordinal: int = 0):
+    def __init__(self, manifests: list[dict], root: Path, image_root: Path, ordinal: int = 0,
+                 data: Path | None = None):
         config, _, statefulset = manifests
         self.name = f"{statefulset['metadata']['name']}-{ordinal}"
         self.ordinal, self.root, self.image_root = ordinal, root, image_root
@@ -41,6 +42,8 @@ class LocalPod:
         self.volumes = {v["name"]: self._volume(v, config) for v in self.pod["volumes"]}
         for claim in statefulset["spec"].get("volumeClaimTemplates", []):
             self.volumes[claim["metadata"]["name"]] = self._dir(f"pvc/{claim['metadata']['name']}")
+        if data is not None and "data" in self.volumes:  # the data volume: a folder here
+            self.volumes["data"] = data
         self.processes: dict[str, subprocess.Popen] = {}
 
     def _dir(self, relative: str) -> Path:
@@ -57,13 +60,15 @@ class LocalPod:
             return path
         if "hostPath" in volume:
             return self._dir("host" + volume["hostPath"]["path"])
+        if "persistentVolumeClaim" in volume:
+            return self._dir(f"pvc/{volume['persistentVolumeClaim']['claimName']}")
         assert "emptyDir" in volume, volume
         return self._dir(f"emptydir/{volume['name']}")
 
     def host_path(self, container: dict, path: str) -> str:
-        """Where a container path lives here: its mounts, else the image (workingDir)."""
+        """Where a container path lives here: its mounts, else the image (its /app)."""
         mounts = {m["mountPath"]: self.volumes[m["name"]] for m in container["volumeMounts"]}
-        mounts[container["workingDir"]] = self.image_root
+        mounts.setdefault("/app", self.image_root)
         for mount in sorted(mounts, key=len, reverse=True):
             if path == mount or path.startswith(mount.rstrip("/") + "/"):
                 return str(mounts[mount]) + path[len(mount):]
@@ -99,7 +104,8 @@ class LocalPod:
         argv = self.argv(container, self.env(container),
                          container["command"] + container.get("args", []))
         with open(self.root / f"{container['name']}.log", "ab") as log:
-            process = subprocess.Popen(argv, cwd=self.image_root,
+            process = subprocess.Popen(argv, cwd=self.host_path(container,
+                                                                container["workingDir"]),
                                        env=self.process_env(container),
                                        stdin=subprocess.DEVNULL, stdout=log,
                                        stderr=subprocess.STDOUT)
@@ -182,17 +188,18 @@ def rendered_pod(tmp_path: Path, image_root: Path, *flags: str, ordinal: int = 0
                  example: Path = EXAMPLE) -> tuple[LocalPod, Path]:
     """Replica `ordinal` of the example rendered with `flags` (its source: the image's
     data), and the run directory it will have on the node tier."""
-    done = podpipe("render", str(example), "--set", "source.uri=data/*.parquet", *flags,
-                   cwd=ROOT)
+    done = podpipe("render", str(example), "--set", "source.uri=data/*.parquet",
+                   "--data-claim", "lake", *flags, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / f"pod{ordinal}",
-                   image_root, ordinal)
+                   image_root, ordinal, data=image_root)
     return pod, pod.volumes["node"] / "runs" / pod.name
 
 
 @pytest.fixture
 def image_root(tmp_path: Path, lineitem: Path) -> Path:
-    """The image's WORKDIR: the user's code (the example) and, here, its data."""
+    """The image's WORKDIR: the user's code (the example); here also the data volume
+    (`--data-claim`), which the source reads and the sink writes."""
     app = tmp_path / "app"
     app.mkdir()
     (app / "examples").symlink_to(ROOT / "examples")
@@ -361,7 +368,7 @@ def test_two_rendered_replicas_share_the_shards_and_pod_0_combines_them(tmp_path
     from examples.tpch import data
 
     flags = ("--replicas", "2", "--layout", "processes", "--set", "source.batchRows=5000",
-             "--set", f"checkpoints.durable=file://{tmp_path / 'store'}")
+             "--set", "checkpoints.durable=store")  # on the data volume, both pods'
     pods = [rendered_pod(tmp_path, image_root, *flags, ordinal=i,
                          example=ROOT / "examples" / "tpch" / "q1-sharded.yaml")
             for i in (0, 1)]

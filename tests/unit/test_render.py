@@ -31,7 +31,10 @@ EXAMPLE = ROOT / "examples" / "tpch" / "q1.yaml"
 
 
 def render(*args: str, cwd: Path = ROOT) -> list[dict]:
-    done = podpipe("render", *args, cwd=cwd)
+    """The manifests of `podpipe render ARGS` (with a data volume for the example's
+    relative paths unless ARGS name one)."""
+    data = [] if any(a.startswith("--data-") for a in args) else ["--data-claim", "lake"]
+    done = podpipe("render", *args, *data, cwd=cwd)
     assert done.returncode == 0, done.stderr
     return list(yaml.safe_load_all(done.stdout))
 
@@ -129,7 +132,8 @@ def test_the_validation_catches_what_it_should():
 def test_the_example_renders_as_its_golden_file(name, flags):
     """The golden files were read by hand once; a change to them is a change to review.
     PODPIPE_UPDATE_GOLDEN=1 rewrites them."""
-    done = podpipe("render", str(EXAMPLE.relative_to(ROOT)), *flags, cwd=ROOT)
+    done = podpipe("render", str(EXAMPLE.relative_to(ROOT)), *flags, "--data-claim", "lake",
+                   cwd=ROOT)
     assert done.returncode == 0, done.stderr
     golden = GOLDEN / f"{name}.yaml"
     if os.environ.get("PODPIPE_UPDATE_GOLDEN"):
@@ -178,6 +182,9 @@ def test_a_stage_image_and_resources_come_from_the_spec(tmp_path):
     containers = {c["name"]: c for c in pod_spec(render(str(path), cwd=tmp_path))["containers"]}
     double = containers["double"]
     assert double["image"] == "reg/double:2"
+    assert double["resources"] == {"requests": {"cpu": "2", "memory": "1024Mi"}}  # the pod
+    old = pod_spec(render(str(path), "--kube-version", "1.33", cwd=tmp_path))  # has the limit
+    double = next(c for c in old["containers"] if c["name"] == "double")
     assert double["resources"] == {"requests": {"cpu": "2", "memory": "1024Mi"},
                                    "limits": {"memory": "1536Mi"}}  # its own + the scratch
     assert containers["source"]["image"].startswith("podpipe:")
@@ -185,7 +192,7 @@ def test_a_stage_image_and_resources_come_from_the_spec(tmp_path):
 
 def test_the_patch_swaps_one_stage_image_and_checks_the_container_first():
     manifests = render(str(EXAMPLE), "--flavor", "openkruise")
-    done = podpipe("render", str(EXAMPLE), "--flavor", "openkruise",
+    done = podpipe("render", str(EXAMPLE), "--flavor", "openkruise", "--data-claim", "lake",
                    "--patch", "prices=reg/prices:v2", cwd=ROOT)
     assert done.returncode == 0, done.stderr
     patch = json.loads(done.stdout)
@@ -227,7 +234,7 @@ def _apply(document: dict, patch: list[dict]) -> dict:
     (("--set", "stages.prices.run=nocolon"), "spec.stages[1].run"),
 ])
 def test_bad_render_flags_exit_2_naming_the_flag(flags, message):
-    done = podpipe("render", str(EXAMPLE), *flags, cwd=ROOT)
+    done = podpipe("render", str(EXAMPLE), *flags, "--data-claim", "lake", cwd=ROOT)
     assert done.returncode == 2, done.stdout
     assert message in done.stderr
     assert "Traceback" not in done.stderr
@@ -235,7 +242,7 @@ def test_bad_render_flags_exit_2_naming_the_flag(flags, message):
 
 def test_render_writes_the_output_file_whole(tmp_path):
     out = tmp_path / "pod.yaml"
-    done = podpipe("render", str(EXAMPLE), "-o", str(out), cwd=ROOT)
+    done = podpipe("render", str(EXAMPLE), "--data-claim", "lake", "-o", str(out), cwd=ROOT)
     assert done.returncode == 0 and done.stdout == ""
     assert [m["kind"] for m in yaml.safe_load_all(out.read_text())] == \
         ["ConfigMap", "Service", "StatefulSet"]
@@ -256,7 +263,7 @@ def test_metrics_port_goes_to_the_conductor(flags, where):
 def test_in_one_container_a_nodes_fixed_workers_multiply_its_cpu_request():
     plain = pod_spec(render(str(EXAMPLE), "--layout", "processes"))["containers"][0]
     sized = podpipe("render", str(EXAMPLE.relative_to(ROOT)), "--layout", "processes",
-                    "--set", "stages.prices.workers=3", cwd=ROOT)
+                    "--data-claim", "lake", "--set", "stages.prices.workers=3", cwd=ROOT)
     assert sized.returncode == 0, sized.stderr
     pod = list(yaml.safe_load_all(sized.stdout))[2]["spec"]["template"]["spec"]
     before = int(plain["resources"]["requests"]["cpu"].rstrip("m"))
@@ -320,3 +327,70 @@ def test_a_pod_monitor_without_metrics_is_refused():
                            "--pod-monitor"], capture_output=True, text=True)
     assert done.returncode == 2 and "--pod-monitor" in done.stderr and "--metrics-port" in \
         done.stderr
+
+
+def test_a_spec_with_local_paths_needs_a_data_volume_and_gets_one_at_its_working_dir(tmp_path):
+    """The README's first pipeline resolved `data/…` and `out/…` under /app, on the
+    image's read-only root, with no volume there: render said nothing."""
+    spec = ROOT / "examples" / "tpch" / "q1.yaml"
+    refused = podpipe("render", str(spec), cwd=ROOT)
+    assert refused.returncode == 2, refused.stdout
+    assert "spec.source.uri 'data/tpch-sf0.1/lineitem/*.parquet'" in refused.stderr
+    assert "spec.sinks[0].uri" in refused.stderr and "--data-claim" in refused.stderr
+    assert "--data-host-path" in refused.stderr and "Traceback" not in refused.stderr
+    outside = podpipe("render", str(spec), "--data-claim", "lake", "--set",
+                      "sinks.0.uri=/mnt/out/", cwd=ROOT)
+    assert outside.returncode == 2 and "'/mnt/out/': not on the data volume" in outside.stderr
+    on_s3 = podpipe("render", str(spec), "--set", "source.uri=s3://lake/lineitem/",
+                    "--set", "sinks.0.uri=s3://lake/q1/", cwd=ROOT)  # nothing local: none
+    assert on_s3.returncode == 0, on_s3.stderr
+    spread = podpipe("render", str(spec), "--data-host-path", "/srv/lake", "--replicas", "2",
+                     cwd=ROOT)
+    assert spread.returncode == 2 and "on its own node's disk" in spread.stderr
+    shared = podpipe("render", str(spec), "--data-claim", "lake", "--replicas", "2", cwd=ROOT)
+    assert shared.returncode == 0 and "must be ReadWriteMany" in shared.stderr
+
+    pod = pod_spec(render(str(spec), "--data-host-path", "/srv/lake"))
+    assert {"name": "data", "hostPath": {"path": "/srv/lake", "type": "Directory"}} in \
+        pod["volumes"]
+    mounts = {c["name"]: next(m for m in c["volumeMounts"] if m["name"] == "data")
+              for c in pod["containers"] + pod["initContainers"]}
+    assert {name for name, m in mounts.items() if not m["readOnly"]} == \
+        {"sink-0", "podpipe-conductor"}  # the sink and the conductor (its commit) write
+    assert all(m["mountPath"] == "/data" for m in mounts.values())
+    for container in pod["containers"] + pod["initContainers"]:
+        assert container["workingDir"] == "/data"
+        assert {"name": "PYTHONPATH", "value": "/app"} in container["env"]  # the user's code
+        assert "checkpoints.node=/var/lib/podpipe" in container["args"]  # not the image's
+
+
+def _memory(quantity: str) -> int:
+    assert quantity.endswith("Mi"), quantity
+    return int(quantity[:-2])
+
+
+def test_the_ram_scratch_is_counted_once_in_what_the_scheduler_reserves():
+    """Requests added up to 2,688Mi and limits to 23,168Mi: each data container's limit
+    was its need plus the whole budget, and the budget was in no request."""
+    pod = pod_spec(render(str(EXAMPLE)))
+    containers = pod["initContainers"] + pod["containers"]
+    needs = sum(_memory(c["resources"]["requests"]["memory"]) for c in containers)
+    budget = 1024  # the example's memory: 1GiB
+    assert pod["resources"]["requests"]["memory"] == f"{needs + budget}Mi"
+    assert pod["resources"]["limits"]["memory"] == f"{needs + budget}Mi"
+    assert all("limits" not in c["resources"] for c in containers)  # the pod's limit covers
+    cpu = sum(int(c["resources"]["requests"]["cpu"].rstrip("m")) for c in containers)
+    assert pod["resources"]["requests"]["cpu"] == f"{cpu}m"
+    annotations = render(str(EXAMPLE))[2]["spec"]["template"]["metadata"]["annotations"]
+    assert f"= {needs + budget}Mi" in annotations["podpipe.dev/sizing"]
+
+    old = pod_spec(render(str(EXAMPLE), "--kube-version", "1.33"))
+    assert "resources" not in old  # no pod-level resources before 1.34
+    conductor, *data = old["initContainers"] + old["containers"]
+    assert _memory(conductor["resources"]["requests"]["memory"]) == 128 + budget  # once
+    for c in data:  # the pages a container writes are charged to it
+        assert _memory(c["resources"]["limits"]["memory"]) == \
+            _memory(c["resources"]["requests"]["memory"]) + budget
+    bad = podpipe("render", str(EXAMPLE), "--data-claim", "lake", "--kube-version", "2.0",
+                  cwd=ROOT)
+    assert bad.returncode == 2 and "--kube-version '2.0'" in bad.stderr

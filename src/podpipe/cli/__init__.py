@@ -251,7 +251,9 @@ def _render(args: argparse.Namespace, console: Console) -> int:
         image=args.image or render.Options.image, storage_class=args.storage_class,
         node_size=args.node_size, host_path=args.host_path, secret=args.secret,
         namespace=args.namespace, overrides=tuple(args.set), metrics_port=args.metrics_port,
-        pod_monitor=args.pod_monitor)
+        pod_monitor=args.pod_monitor, data_claim=args.data_claim,
+        data_host_path=args.data_host_path, log_format=args.log_format,
+        kube_version=args.kube_version)
     manifests = render.render(pipeline, Path(args.spec).read_text(), options)
     if args.patch:
         stage, sep, image = args.patch.partition("=")
@@ -337,13 +339,10 @@ def _swap_patch(args: argparse.Namespace) -> int:
 
     run_dir = runs.resolve(args.run_dir)
     recorded = rundir.read(run_dir)
-    try:
-        spec_text = (run_dir / "spec.yaml").read_text()
-    except OSError as exc:
-        raise UsageError(f"{run_dir}: not a podpipe run directory ({exc})") from None
+    if not (run_dir / "spec.yaml").is_file():
+        raise UsageError(f"{run_dir}: not a podpipe run directory (no spec.yaml)")
     pipeline = pod.validate(str(run_dir / "spec.yaml"), recorded.overrides)
-    manifests = render.render(pipeline, spec_text, render.Options())
-    sys.stdout.write(json.dumps(render.image_patch(manifests, args.stage, args.image)) + "\n")
+    sys.stdout.write(json.dumps(render.stage_patch(pipeline, args.stage, args.image)) + "\n")
     return 0
 
 

@@ -234,6 +234,17 @@ def parser() -> argparse.ArgumentParser:
                         help="size of each pod's node-tier volume (default 20Gi)")
     render.add_argument("--host-path", metavar="DIR",
                         help="put the node tier on the host at DIR instead of a volume claim")
+    render.add_argument("--data-claim", metavar="CLAIM",
+                        help="mount this PersistentVolumeClaim at /data, where the spec's "
+                             "relative paths resolve (read-write for sinks, read-only for "
+                             "the rest); a spec with local paths needs it or --data-host-path")
+    render.add_argument("--data-host-path", metavar="DIR",
+                        help="mount the node's DIR at /data instead of a claim")
+    render.add_argument("--kube-version", default="1.34", metavar="MAJOR.MINOR",
+                        help="the cluster's Kubernetes (default 1.34): from 1.34 the pod's "
+                             "memory is sized at the pod level, the RAM scratch counted once")
+    render.add_argument("--log-format", choices=["text", "json"],
+                        help="every container's log lines: json for a cluster's collector")
     render.add_argument("--secret", metavar="NAME",
                         help="a Secret whose keys become every container's env "
                              "(object-store credentials)")

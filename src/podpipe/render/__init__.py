@@ -12,7 +12,14 @@ StatefulSet whose every replica is one pod of the pod pipeline pattern:
 - the RAM scratch as an `emptyDir` with `medium: Memory` and `sizeLimit` = the
   pipeline's budget, mounted at the scratch path and at `/dev/shm` everywhere;
   the node tier on a PersistentVolumeClaim per pod (or a hostPath); the pod index
-  from the `apps.kubernetes.io/pod-index` label through the downward API.
+  from the `apps.kubernetes.io/pod-index` label through the downward API;
+- the data: every local path of the spec (source, tables, sinks, a `file://` durable
+  tier) must resolve on a volume the pod mounts: `--data-claim CLAIM` (a
+  PersistentVolumeClaim) or `--data-host-path DIR`, mounted at `/data`, the working
+  directory then (relative paths resolve there; the user's code stays importable
+  from the image's `/app`), read-write for the sinks' containers and the conductor,
+  read-only for the others. Without one, a spec with local paths is refused: they
+  would resolve on the image's read-only root.
 
 The `openkruise` flavor renders an Advanced StatefulSet whose pods take image
 changes in place (`InPlaceIfPossible`), so a stage can be swapped without losing
@@ -22,7 +29,7 @@ what is in RAM; `image_patch` is the JSON patch that does it.
 from __future__ import annotations
 
 import hashlib
-import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +41,8 @@ from podpipe.model import shards
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import parse_size
 from podpipe.model.spec import Pipeline, Resources
+from podpipe.render import data, sizing as sizes
+from podpipe.render.data import DATA, WORKDIR
 
 FLAVORS = ("kubernetes", "openkruise")
 LAYOUTS = ("containers", "processes")
@@ -45,15 +54,10 @@ SCRATCH = "/podpipe/scratch"
 SOCKET = f"{SCRATCH}/conductor.sock"
 NODE_TIER = "/var/lib/podpipe"
 RUN_DIR = f"{NODE_TIER}/runs/$(POD_NAME)"  # expanded by the kubelet from the env
-WORKDIR = "/app"                           # the image's WORKDIR: user code, relative paths
 CONDUCTOR = "podpipe-conductor"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 UID = 10001
 
-# What a container asks for when its stage does not say (`resources:` in the spec).
-DEFAULT_CPU = "250m"
-DEFAULT_MEMORY = 256 << 20
-CONDUCTOR_MEMORY = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,24 @@ class Options:
     overrides: tuple[str, ...] = ()           # `--set`, passed on to every process
     metrics_port: int | None = None           # the conductor serves Prometheus metrics
     pod_monitor: bool = False                 # and a PodMonitor tells Prometheus to scrape
+    data_claim: str | None = None             # the data volume: a PVC of this name,
+    data_host_path: str | None = None         # or a directory of the node
+    log_format: str | None = None             # every container's PODPIPE_LOG_FORMAT
+    kube_version: str = "1.34"                # the cluster's: pod-level resources from 1.34
+
+    @property
+    def minor(self) -> int:
+        return int(self.kube_version.partition(".")[2] or 0)
+
+    @property
+    def pod_resources(self) -> bool:
+        """Pod-level `resources` (beta, on by default, from 1.34): the pod's memory
+        covers its memory-backed volume, counted once."""
+        return self.minor >= 34
+
+    @property
+    def data(self) -> bool:
+        return self.data_claim is not None or self.data_host_path is not None
 
     def check(self) -> None:
         if self.flavor not in FLAVORS:
@@ -89,6 +111,14 @@ class Options:
             raise UsageError(f"--host-path {self.host_path!r}: expected an absolute path")
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise UsageError(f"--metrics-port {self.metrics_port}: expected a port, 1 to 65535")
+        if not re.fullmatch(r"1\.\d{1,2}", self.kube_version) or self.minor < 25:
+            raise UsageError(f"--kube-version {self.kube_version!r}: expected 1.25 or later, "
+                             "as MAJOR.MINOR")
+        if self.data_claim is not None and self.data_host_path is not None:
+            raise UsageError("--data-claim and --data-host-path: choose one data volume")
+        if self.data_host_path is not None and not self.data_host_path.startswith("/"):
+            raise UsageError(f"--data-host-path {self.data_host_path!r}: expected an "
+                             "absolute path")
         if self.pod_monitor and self.metrics_port is None:
             raise UsageError("--pod-monitor: the pods serve no metrics to scrape; add "
                              "--metrics-port PORT")
@@ -98,6 +128,8 @@ def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[st
     """The manifests, in apply order: ConfigMap, Service, StatefulSet (and a PodMonitor,
     the Prometheus Operator's, with `pod_monitor`)."""
     options.check()
+    data.check(pipeline, claim=options.data_claim, host_path=options.data_host_path,
+               replicas=options.replicas)
     name = pipeline.name
     labels = {"app.kubernetes.io/name": "podpipe", "app.kubernetes.io/instance": name}
     meta = {"name": name, **({"namespace": options.namespace} if options.namespace else {}),
@@ -108,12 +140,14 @@ def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[st
     service = {"apiVersion": "v1", "kind": "Service", "metadata": meta,
                "spec": {"clusterIP": "None", "selector": labels, "publishNotReadyAddresses": True}}
     spec_digest = hashlib.sha256(spec_text.encode()).hexdigest()[:16]
+    pod, sizing = _pod_spec(pipeline, options)
     template = {"metadata": {"labels": labels,
                              "annotations": {"podpipe.dev/spec-sha256": spec_digest,
                                              "kubectl.kubernetes.io/default-container":
                                                  CONDUCTOR if options.layout == "containers"
                                                  else "pod"}},
-                "spec": _pod_spec(pipeline, options)}
+                "spec": pod}
+    template["metadata"]["annotations"]["podpipe.dev/sizing"] = sizing
     statefulset: dict[str, Any] = {
         "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta,
         "spec": {"serviceName": name, "replicas": options.replicas,
@@ -164,7 +198,16 @@ def image_patch(manifests: list[dict[str, Any]], stage: str, image: str) -> list
     container if the StatefulSet was rendered differently.
     """
     pod = manifests[-1]["spec"]["template"]["spec"]
-    names = [c["name"] for c in pod["containers"]]
+    return _patch([c["name"] for c in pod["containers"]], stage, image)
+
+
+def stage_patch(pipeline: Pipeline, stage: str, image: str) -> list[dict[str, Any]]:
+    """`image_patch` of the pipeline's StatefulSet as `render` makes it (a container
+    per node, in graph order), without rendering it (`swap --k8s`)."""
+    return _patch(list(Graph.of(pipeline).order), stage, image)
+
+
+def _patch(names: list[str], stage: str, image: str) -> list[dict[str, Any]]:
     if stage not in names:
         if len(names) == 1:
             raise UsageError(f"stage {stage!r} has no container of its own in the "
@@ -184,12 +227,15 @@ def _metrics_port(container: dict[str, Any], options: Options) -> None:
                                "protocol": "TCP"}]
 
 
-def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
+def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str]:
+    """The pod, and how its memory was sized (in words, for an annotation)."""
     nodes = Graph.of(pipeline).order
     if CONDUCTOR in nodes:
         raise UsageError(f"a stage named {CONDUCTOR!r} would clash with the conductor's "
                          "container; rename it")
     flags = [arg for item in options.overrides for arg in ("--set", item)]
+    if not pipeline.checkpoints.node.startswith("/"):  # (relative: on the read-only root)
+        flags += ["--set", f"checkpoints.node={NODE_TIER}"]
     shards.check_handover(pipeline, options.replicas)
     conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH, "--run-dir", RUN_DIR,
                       "--layout", options.layout, "--replicas", str(options.replicas),
@@ -198,20 +244,28 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
         conductor_args += ["--metrics-port", f"0.0.0.0:{options.metrics_port}"]
     budget = pipeline.memory
     if options.layout == "processes":
-        total = [_resources(pipeline, node) for node in nodes]
+        total = [sizes.of_node(pipeline, node) for node in nodes]
         # The conductor starts each node's workers in this one container: a node with
         # `workers: N` asks for N times its CPU (`auto` asks for one's; it grows into
         # what the container has).
-        cpu = sum(_millicores(r.cpu or DEFAULT_CPU) * (pipeline.workers(node) or 1)
+        cpu = sum(sizes.millicores(r.cpu or sizes.DEFAULT_CPU) * (pipeline.workers(node) or 1)
                   for node, r in zip(nodes, total))
-        memory = sum(r.memory or DEFAULT_MEMORY for r in total) + CONDUCTOR_MEMORY
+        memory = sum(r.memory or sizes.DEFAULT_MEMORY for r in total) + sizes.CONDUCTOR_MEMORY
         init: list[dict[str, Any]] = []
         containers = [_container("pod", options.image, ["podpipe", "conductor"],
-                                 conductor_args, Resources(f"{cpu}m", memory), budget, options)]
+                                 conductor_args, Resources(f"{cpu}m", memory), budget, options,
+                                 writes_data=True)]
+        # one container: the scratch it writes is in its request too (counted once)
+        containers[0]["resources"]["requests"]["memory"] = sizes.mebibytes(memory + budget)
+        pod_resources = None
+        sizing = (f"one container: requests {sizes.mebibytes(memory)} (the processes' "
+                  f"needs, the conductor's {sizes.mebibytes(sizes.CONDUCTOR_MEMORY)} in) + "
+                  f"the RAM scratch {sizes.mebibytes(budget)}; its limit the same")
         _metrics_port(containers[0], options)
     else:
         sidecar = _container(CONDUCTOR, options.image, ["podpipe", "conductor"],
-                             conductor_args, Resources("50m", CONDUCTOR_MEMORY), 0, options)
+                             conductor_args, Resources("50m", sizes.CONDUCTOR_MEMORY), 0, options,
+                             writes_data=True)  # (a sink's commit, its manifest)
         sidecar["restartPolicy"] = "Always"  # a native sidecar: up before, down after
         _metrics_port(sidecar, options)
         sidecar["startupProbe"] = {"exec": {"command": ["podpipe", "probe", SOCKET]},
@@ -224,8 +278,10 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
             _container(node, _image(pipeline, node, options), ["podpipe", "agent"],
                        ["--stage", node, "--spec", SPEC_FILE, "--socket", SOCKET,
                         "--wait", "60", "--hold", *_workers_flag(pipeline, node), *flags],
-                       _per_container(pipeline, node), budget, options)
+                       sizes.per_container(pipeline, node), budget, options,
+                       writes_data=node in {s.name for s in pipeline.sinks})
             for node in nodes]
+        sizing, pod_resources = sizes.size(init + containers, budget, options.kube_version)
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -236,15 +292,19 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> dict[str, Any]:
     if init:
         pod["initContainers"] = init
     pod["containers"] = containers
+    if pod_resources is not None:
+        pod["resources"] = pod_resources
     pod["volumes"] = _volumes(pipeline, options)
-    return pod
+    return pod, sizing
 
 
 def _container(name: str, image: str, command: list[str], args: list[str],
-               resources: Resources, scratch_bytes: int, options: Options) -> dict[str, Any]:
+               resources: Resources, scratch_bytes: int, options: Options, *,
+               writes_data: bool = False) -> dict[str, Any]:
     """A container; its memory limit covers its own need plus the scratch it may write
-    (pages of a memory-backed volume are charged to the writer's cgroup)."""
-    memory = resources.memory or DEFAULT_MEMORY
+    (pages of a memory-backed volume are charged to the writer's cgroup). With a data
+    volume it works there (`writes_data`: read-write)."""
+    memory = resources.memory or sizes.DEFAULT_MEMORY
     container: dict[str, Any] = {
         "name": name, "image": image, "imagePullPolicy": "IfNotPresent",
         "command": command, "args": args, "workingDir": WORKDIR,
@@ -254,9 +314,9 @@ def _container(name: str, image: str, command: list[str], args: list[str],
                 "fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
             {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
         ],
-        "resources": {"requests": {"cpu": resources.cpu or DEFAULT_CPU,
-                                   "memory": _mebibytes(memory)},
-                      "limits": {"memory": _mebibytes(memory + scratch_bytes)}},
+        "resources": {"requests": {"cpu": resources.cpu or sizes.DEFAULT_CPU,
+                                   "memory": sizes.mebibytes(memory)},
+                      "limits": {"memory": sizes.mebibytes(memory + scratch_bytes)}},
         "volumeMounts": [
             {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
             {"name": "scratch", "mountPath": SCRATCH},
@@ -269,6 +329,13 @@ def _container(name: str, image: str, command: list[str], args: list[str],
                             "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
+    if options.data:
+        container["workingDir"] = DATA
+        container["env"].append({"name": "PYTHONPATH", "value": WORKDIR})  # the user's code
+        container["volumeMounts"].append({"name": "data", "mountPath": DATA,
+                                          "readOnly": not writes_data})
+    if options.log_format:
+        container["env"].append({"name": "PODPIPE_LOG_FORMAT", "value": options.log_format})
     if options.secret:
         container["envFrom"] = [{"secretRef": {"name": options.secret}}]
     return container
@@ -278,12 +345,18 @@ def _volumes(pipeline: Pipeline, options: Options) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [
         {"name": "spec", "configMap": {"name": f"{pipeline.name}-spec"}},
         {"name": "scratch", "emptyDir": {"medium": "Memory",
-                                         "sizeLimit": _mebibytes(pipeline.memory)}},
+                                         "sizeLimit": sizes.mebibytes(pipeline.memory)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
     if options.host_path is not None:
         volumes.append({"name": "node", "hostPath": {"path": options.host_path,
                                                      "type": "DirectoryOrCreate"}})
+    if options.data_claim is not None:
+        volumes.append({"name": "data",
+                        "persistentVolumeClaim": {"claimName": options.data_claim}})
+    elif options.data_host_path is not None:
+        volumes.append({"name": "data", "hostPath": {"path": options.data_host_path,
+                                                     "type": "Directory"}})
     return volumes
 
 
@@ -300,29 +373,8 @@ def _image(pipeline: Pipeline, node: str, options: Options) -> str:
     return stage.image if stage is not None and stage.image else options.image
 
 
-def _resources(pipeline: Pipeline, node: str) -> Resources:
-    stage = next((s for s in pipeline.stages if s.name == node), None)
-    return stage.resources if stage is not None else Resources()
-
-
 def _workers_flag(pipeline: Pipeline, node: str) -> list[str]:
     count = pipeline.workers(node) or 1
     return ["--workers", str(count)] if count > 1 else []
 
 
-def _per_container(pipeline: Pipeline, node: str) -> Resources:
-    """A node's container's resources: a process's (`resources`) times its workers."""
-    own = _resources(pipeline, node)
-    count = pipeline.workers(node) or 1
-    if count == 1:
-        return own
-    return Resources(f"{_millicores(own.cpu or DEFAULT_CPU) * count}m",
-                     (own.memory or DEFAULT_MEMORY) * count)
-
-
-def _mebibytes(nbytes: int) -> str:
-    return f"{math.ceil(nbytes / (1 << 20))}Mi"
-
-
-def _millicores(cpu: str) -> int:
-    return int(cpu[:-1]) if cpu.endswith("m") else math.ceil(float(cpu) * 1000)
