@@ -248,11 +248,12 @@ def _render(args: argparse.Namespace, console: Console) -> int:
     pipeline = pod.validate(args.spec, args.set)
     options = render.Options(
         flavor=args.flavor, replicas=args.replicas, layout=args.layout,
-        image=args.image or render.Options.image, storage_class=args.storage_class,
-        node_size=args.node_size, host_path=args.host_path, secret=args.secret,
+        image=args.image or render.Options.image, secret=args.secret,
+        volumes=render.Volumes(storage_class=args.storage_class, node_size=args.node_size,
+                               host_path=args.host_path, data_claim=args.data_claim,
+                               data_host_path=args.data_host_path),
         namespace=args.namespace, overrides=tuple(args.set), metrics_port=args.metrics_port,
-        pod_monitor=args.pod_monitor, data_claim=args.data_claim,
-        data_host_path=args.data_host_path, log_format=args.log_format,
+        pod_monitor=args.pod_monitor, log_format=args.log_format,
         kube_version=args.kube_version)
     manifests = render.render(pipeline, Path(args.spec).read_text(), options)
     if args.patch:

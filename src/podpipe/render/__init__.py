@@ -42,7 +42,9 @@ from podpipe.model.graph import Graph
 from podpipe.model.sizes import parse_size
 from podpipe.model.spec import Pipeline, Resources
 from podpipe.render import data, sizing as sizes
-from podpipe.render.data import DATA, WORKDIR
+from podpipe.render.data import DATA, WORKDIR, Volumes
+
+__all__ = ["Options", "Volumes", "dump", "image_patch", "render", "stage_patch"]
 
 FLAVORS = ("kubernetes", "openkruise")
 LAYOUTS = ("containers", "processes")
@@ -68,33 +70,15 @@ class Options:
     replicas: int = 1
     image: str = f"podpipe:{__version__}"     # for nodes whose stage names no `image:`
     layout: str = "containers"
-    storage_class: str | None = None          # the node tier's PVCs; None: the default
-    node_size: str = "20Gi"                   # each pod's node-tier volume
-    host_path: str | None = None              # the node tier on the host instead of a PVC
+    volumes: Volumes = Volumes()              # the node tier's and the data's
     secret: str | None = None                 # env from this Secret: store credentials
     namespace: str | None = None
     grace_seconds: int = 10                   # OpenKruise in-place update grace period
     overrides: tuple[str, ...] = ()           # `--set`, passed on to every process
     metrics_port: int | None = None           # the conductor serves Prometheus metrics
     pod_monitor: bool = False                 # and a PodMonitor tells Prometheus to scrape
-    data_claim: str | None = None             # the data volume: a PVC of this name,
-    data_host_path: str | None = None         # or a directory of the node
     log_format: str | None = None             # every container's PODPIPE_LOG_FORMAT
     kube_version: str = "1.34"                # the cluster's: pod-level resources from 1.34
-
-    @property
-    def minor(self) -> int:
-        return int(self.kube_version.partition(".")[2] or 0)
-
-    @property
-    def pod_resources(self) -> bool:
-        """Pod-level `resources` (beta, on by default, from 1.34): the pod's memory
-        covers its memory-backed volume, counted once."""
-        return self.minor >= 34
-
-    @property
-    def data(self) -> bool:
-        return self.data_claim is not None or self.data_host_path is not None
 
     def check(self) -> None:
         if self.flavor not in FLAVORS:
@@ -103,22 +87,13 @@ class Options:
             raise UsageError(f"--layout {self.layout!r}: expected one of {', '.join(LAYOUTS)}")
         if self.replicas < 1:
             raise UsageError(f"--replicas {self.replicas}: expected at least 1")
-        try:
-            parse_size(self.node_size)
-        except ValueError as exc:
-            raise UsageError(f"--node-size: {exc}") from None
-        if self.host_path is not None and not self.host_path.startswith("/"):
-            raise UsageError(f"--host-path {self.host_path!r}: expected an absolute path")
+        self.volumes.check()
         if self.metrics_port is not None and not 0 < self.metrics_port < 65536:
             raise UsageError(f"--metrics-port {self.metrics_port}: expected a port, 1 to 65535")
-        if not re.fullmatch(r"1\.\d{1,2}", self.kube_version) or self.minor < 25:
+        if not re.fullmatch(r"1\.\d{1,2}", self.kube_version) or \
+                int(self.kube_version[2:]) < 25:
             raise UsageError(f"--kube-version {self.kube_version!r}: expected 1.25 or later, "
                              "as MAJOR.MINOR")
-        if self.data_claim is not None and self.data_host_path is not None:
-            raise UsageError("--data-claim and --data-host-path: choose one data volume")
-        if self.data_host_path is not None and not self.data_host_path.startswith("/"):
-            raise UsageError(f"--data-host-path {self.data_host_path!r}: expected an "
-                             "absolute path")
         if self.pod_monitor and self.metrics_port is None:
             raise UsageError("--pod-monitor: the pods serve no metrics to scrape; add "
                              "--metrics-port PORT")
@@ -128,8 +103,7 @@ def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[st
     """The manifests, in apply order: ConfigMap, Service, StatefulSet (and a PodMonitor,
     the Prometheus Operator's, with `pod_monitor`)."""
     options.check()
-    data.check(pipeline, claim=options.data_claim, host_path=options.data_host_path,
-               replicas=options.replicas)
+    data.check(pipeline, options.volumes, options.replicas)
     name = pipeline.name
     labels = {"app.kubernetes.io/name": "podpipe", "app.kubernetes.io/instance": name}
     meta = {"name": name, **({"namespace": options.namespace} if options.namespace else {}),
@@ -156,7 +130,7 @@ def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[st
                  "updateStrategy": {"type": "RollingUpdate"},
                  "template": template},
     }
-    if options.host_path is None:
+    if options.volumes.host_path is None:
         statefulset["spec"]["volumeClaimTemplates"] = [_node_claim(options)]
     if options.flavor == "openkruise":
         statefulset["apiVersion"] = "apps.kruise.io/v1beta1"
@@ -329,7 +303,7 @@ def _container(name: str, image: str, command: list[str], args: list[str],
                             "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
     }
-    if options.data:
+    if options.volumes.data:
         container["workingDir"] = DATA
         container["env"].append({"name": "PYTHONPATH", "value": WORKDIR})  # the user's code
         container["volumeMounts"].append({"name": "data", "mountPath": DATA,
@@ -348,23 +322,24 @@ def _volumes(pipeline: Pipeline, options: Options) -> list[dict[str, Any]]:
                                          "sizeLimit": sizes.mebibytes(pipeline.memory)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
     ]
-    if options.host_path is not None:
-        volumes.append({"name": "node", "hostPath": {"path": options.host_path,
+    where = options.volumes
+    if where.host_path is not None:
+        volumes.append({"name": "node", "hostPath": {"path": where.host_path,
                                                      "type": "DirectoryOrCreate"}})
-    if options.data_claim is not None:
+    if where.data_claim is not None:
         volumes.append({"name": "data",
-                        "persistentVolumeClaim": {"claimName": options.data_claim}})
-    elif options.data_host_path is not None:
-        volumes.append({"name": "data", "hostPath": {"path": options.data_host_path,
+                        "persistentVolumeClaim": {"claimName": where.data_claim}})
+    elif where.data_host_path is not None:
+        volumes.append({"name": "data", "hostPath": {"path": where.data_host_path,
                                                      "type": "Directory"}})
     return volumes
 
 
 def _node_claim(options: Options) -> dict[str, Any]:
     spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
-                            "resources": {"requests": {"storage": options.node_size}}}
-    if options.storage_class:
-        spec["storageClassName"] = options.storage_class
+                            "resources": {"requests": {"storage": options.volumes.node_size}}}
+    if options.volumes.storage_class:
+        spec["storageClassName"] = options.volumes.storage_class
     return {"metadata": {"name": "node"}, "spec": spec}
 
 
