@@ -8,7 +8,7 @@ the graph (nodes coloured by how busy they were; left to right, or top to bottom
 when that is too wide for a laptop's screen), then per attempt of the run (its
 first, then each resume, each on its own time axis) a timeline (a bar per task,
 coloured by version, its wait for RAM drawn apart), RAM scratch against the budget,
-the cores and resident memory of each node's processes and each node's queue over
+the cores and resident memory of each process and each node's queue over
 time (every chart with labelled axes), a table per node, and one sentence naming the
 bottleneck once the run was long enough to have one. The same timeline, with
 counter tracks for RAM, queues and cores, can be written as a Chrome trace
@@ -394,16 +394,22 @@ def _memory_svg(attempt: Attempt, s: Status) -> str:
 
 
 def _per_node_charts(attempt: Attempt, graph: Graph) -> str:
-    """Each node's cores, resident memory and queue over the attempt."""
+    """Each process's cores and resident memory, and each node's queue, over the
+    attempt (a process is its node's name, `.N` for its worker N > 0)."""
+    def rank(name: str) -> tuple[int, str]:
+        node = name.partition(".")[0]
+        return (graph.order.index(node) if node in graph.order else len(graph.order), name)
+
     def series(field: str) -> dict[str, list[tuple[float, float]]]:
-        return {node: [(x.t, float(getattr(x, field).get(node, 0))) for x in attempt.samples]
-                for node in graph.order
-                if any(getattr(x, field).get(node) for x in attempt.samples)}
+        names = sorted({n for x in attempt.samples for n, v in getattr(x, field).items() if v},
+                       key=rank)
+        return {n: [(x.t, float(getattr(x, field).get(n, 0))) for x in attempt.samples]
+                for n in names}
     parts = []
     for kind, field, title, label, unit in (
-            ("cpu", "cpu", "Cores per node", "cores wanted (ran or waited for one)",
+            ("cpu", "cpu", "Cores per process", "cores wanted (ran or waited for one)",
              lambda v: f"{v:.2f}"),
-            ("rss", "rss", "Resident memory per node", "resident bytes of its processes",
+            ("rss", "rss", "Resident memory per process", "resident bytes of the process",
              format_size),
             ("queues", "queues", "Queue per node", "batches ready, not yet taken",
              lambda v: f"{v:.0f}")):

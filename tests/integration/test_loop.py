@@ -27,23 +27,7 @@ def _failing(workdir: Path) -> None:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_a_failing_stage_shows_the_users_file_and_line_in_the_terminal(tmp_path):
     _failing(tmp_path)
-    session = f"podpipe-test-{tmp_path.name}"[:40]
-    env = cli_env()
-    command = (f"cd {tmp_path} && PYTHONPATH={env['PYTHONPATH']} {sys.executable} -m "
-               "podpipe run p.yaml; echo EXIT=$?; sleep 600")  # the pane stays to be read
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24",
-                    command], check=True)
-    try:
-        screen = ""
-
-        def finished() -> bool:
-            nonlocal screen
-            screen = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-t", session],
-                                    capture_output=True, text=True).stdout
-            return "EXIT=" in screen
-        wait_until(finished, "the run to end in the terminal")
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    screen = _in_tmux(tmp_path, "podpipe run p.yaml", rows=24)
     assert "EXIT=1" in screen
     assert "stage 'enrich', batch 0: KeyError" in screen
     assert MISTAKE in screen, screen
@@ -122,6 +106,28 @@ def test_wait_gives_up_after_its_timeout_on_a_run_still_going(tmp_path):
     finally:
         run.send_signal(2)
         run.communicate(timeout=60)
+
+
+def _in_tmux(workdir: Path, commands: str, rows: int) -> str:
+    """The screen of a tmux pane 80 columns wide once `commands` (podpipe's, `;`
+    between them) have run in `workdir` and printed `EXIT=<the last one's code>`."""
+    session = f"podpipe-test-{workdir.name}"[:40]
+    env = cli_env()
+    podpipe_ = f"{sys.executable} -m podpipe"
+    command = (f"cd {workdir} && export PYTHONPATH={env['PYTHONPATH']}; "
+               f"{commands.replace('podpipe', podpipe_)}; echo EXIT=$?; sleep 600")
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", str(rows),
+                    command], check=True)  # (the pane stays, to be read)
+    screen = ""
+    try:
+        def finished() -> bool:
+            nonlocal screen
+            screen = _tmux_screen(session)
+            return "EXIT=" in screen
+        wait_until(finished, f"{commands!r} to end in the terminal")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    return screen
 
 
 def _tmux_screen(session: str) -> str:
@@ -324,22 +330,9 @@ def test_runs_and_status_fit_80_columns_without_cutting_a_word(tmp_path):
     for _ in range(2):
         assert podpipe("run", "long.yaml", "--quiet", cwd=tmp_path).returncode == 0
     run, marker = _hung_run(tmp_path)
-    session = f"podpipe-cols-{tmp_path.name}"[:40]
-    env = cli_env()
-    command = (f"cd {tmp_path} && export PYTHONPATH={env['PYTHONPATH']}; {sys.executable} -m "
-               f"podpipe runs; {sys.executable} -m podpipe status run; echo EXIT=$?; sleep 600")
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "60",
-                    command], check=True)
     try:
-        screen = ""
-
-        def finished() -> bool:
-            nonlocal screen
-            screen = _tmux_screen(session)
-            return "EXIT=" in screen
-        wait_until(finished, "runs and status to print")
+        screen = _in_tmux(tmp_path, "podpipe runs; podpipe status run", rows=60)
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         podpipe("stop", "run", cwd=tmp_path)
         run.communicate(timeout=60)
     assert "EXIT=0" in screen, screen

@@ -155,8 +155,10 @@ def test_a_corrupt_copy_is_detected_by_checksum_and_its_batch_computed_again(tmp
     copy.write_bytes(copy.read_bytes()[:-7])  # truncated on a bad disk
     done, after = _resume(workdir)
     assert done.returncode == 0, done.stderr
-    assert f"double batch {int(copy.stem)}: the node copy is corrupt" in done.stdout
-    assert any("corrupt" in note for note in after["restore_notes"])
+    said = f"double batch {int(copy.stem)}: the node copy is corrupt"
+    assert "resumed: " in done.stdout and " note in " in done.stdout  # a line; the log says
+    assert said in (workdir / "run" / "logs" / "conductor.log").read_text()  # which
+    assert any(said in note for note in after["restore_notes"])
     assert _output(workdir) == expected
     double = after["stages"]["double"]
     assert double["recomputed"] >= 1

@@ -75,7 +75,7 @@ def test_every_chart_has_labelled_axes_and_cores_memory_and_queues_are_drawn(tmp
     page = tmp_path / "run" / "report.html"
     dom = _chromium(page, tmp_path, "--dump-dom").stdout
     for label in ("RAM scratch in use", "cores wanted (ran or waited for one)",
-                  "resident bytes of its processes", "batches ready, not yet taken"):
+                  "resident bytes of the process", "batches ready, not yet taken"):
         assert f">{label}</text>" in dom, label
     for kind in ("timeline", "memory", "cpu", "rss", "queues"):
         svg = re.search(rf'<svg class="{kind}"[^>]*>.*?</svg>', dom, re.S)
@@ -166,6 +166,14 @@ def test_the_chrome_trace_has_an_event_per_task(q1_run, tmp_path):
 TARGET_LABELS = {"pod", "job", "instance", "namespace", "container", "service", "endpoint"}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # a port free now
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def _scrape(port: int) -> str:
     import urllib.request
 
@@ -200,14 +208,11 @@ def _samples(text: str) -> dict[tuple, float]:
 
 
 def test_the_conductor_serves_prometheus_metrics_while_the_run_goes(tmp_path):
-    import socket
     import sys
 
     from conftest import cli_env, wait_until
 
-    with socket.socket() as probe:  # a port free now
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     make_numbers(tmp_path / "data", files=2, rows=1000, row_group=500)
     write_spec(tmp_path / "p.yaml", spec(
         [{"name": "once", "run": "pystages:hang_once", "inputs": ["source"]}],
@@ -243,14 +248,11 @@ def test_the_final_metrics_are_served_while_the_run_lingers_with_task_durations(
     """The endpoint closed with the run: a scrape every 15 s missed a short run's end.
     `--metrics-linger` serves the final values a while; each node's task durations
     are a histogram."""
-    import socket
     import sys
 
     from conftest import cli_env, wait_until
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = _free_port()
     make_numbers(tmp_path / "data", files=2, rows=1000, row_group=500)
     write_spec(tmp_path / "p.yaml", spec(
         [{"name": "a", "run": "pystages:double", "inputs": ["source"]}],

@@ -422,8 +422,12 @@ class Conductor:
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
         cpu = self.processes.cpu_use() if self.processes.local and not final else {}
-        if cpu and None in self.ledger.pool.fixed.values():
-            self.events.append(ev.Tick(cpu))  # workers: auto
+        if cpu and None in self.ledger.pool.fixed.values():  # workers: auto, per node
+            per_node: dict[str, float] = {}
+            for name, cores in cpu.items():
+                node = split_name(name)[0]
+                per_node[node] = per_node.get(node, 0.0) + cores
+            self.events.append(ev.Tick(per_node))
         progress = self.ledger.progress()
         if not final:
             rss = self.processes.memory_use() if self.processes.local else {}

@@ -117,7 +117,8 @@ class Processes:
         return [name for name in self._by_node if split_name(name)[0] == node]
 
     def cpu_use(self) -> dict[str, float]:
-        """The cores each node's processes wanted since the last call: the time they
+        """The cores each process (by agent name: `node` or `node.N`) wanted since the
+        last call: the time it
         ran plus the time they were ready to run but waited for a core (one process
         busy all along: 1.0, whether it had a core to itself or shared one). A
         process that waits on I/O wants none; one that waits for a core is not
@@ -131,15 +132,13 @@ class Processes:
             if seconds is None:
                 continue  # gone meanwhile
             seen[process.pid] = seconds
-            node = split_name(name)[0]
-            used[node] = used.get(node, 0.0) + \
-                max(0.0, seconds - self._cpu.get(process.pid, seconds)) / elapsed
+            used[name] = max(0.0, seconds - self._cpu.get(process.pid, seconds)) / elapsed
         self._cpu, self._sampled = seen, now
         return used
 
     def memory_use(self) -> dict[str, int]:
-        """The resident bytes of each node's processes now (their pages of RAM scratch
-        they have mapped included)."""
+        """The resident bytes of each process now (by agent name; the pages of RAM
+        scratch it has mapped included)."""
         used: dict[str, int] = {}
         for name, process in self._by_node.items():
             try:
@@ -147,8 +146,7 @@ class Processes:
                     pages = int(f.read().split()[1])
             except (OSError, ValueError, IndexError):
                 continue  # gone meanwhile
-            node = split_name(name)[0]
-            used[node] = used.get(node, 0) + pages * _PAGE
+            used[name] = pages * _PAGE
         return used
 
     def log(self, node: str) -> str | None:

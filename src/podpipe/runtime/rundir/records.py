@@ -41,8 +41,9 @@ class TaskRecord(msgspec.Struct, kw_only=True):
 class SampleRecord(msgspec.Struct, kw_only=True):
     """The pod four times a second: RAM scratch in use, and the most it reached since
     the previous sample (so that the highest sample is the run's peak), the budget,
-    the batches on the line, each node's queue and workers, the cores its processes
-    wanted since the previous sample (`cputime.wanted`) and their resident bytes."""
+    the batches on the line, each node's queue and workers, and per process (`node`
+    or `node.N`) the cores it wanted since the previous sample (`cputime.wanted`) and
+    its resident bytes."""
 
     t: float
     scratch: int
