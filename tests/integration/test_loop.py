@@ -285,6 +285,11 @@ def test_log_lines_have_levels_json_for_collectors_and_the_stages_own_output_raw
     assert sorted(kept) == sorted(f"chatty sees x from {b * 1000}" for b in range(10))
     bad = podpipe("run", "p.yaml", "--log-level", "loud", cwd=workdir)
     assert bad.returncode == 2 and "--log-level" in bad.stderr
+    assert "DEBUG" not in (workdir / "text" / "logs" / "conductor.log").read_text()
+    verbose = podpipe("run", "p.yaml", "--quiet", "--run-dir", "verbose", "-v", cwd=workdir)
+    assert verbose.returncode == 0, verbose.stderr
+    conductor = (workdir / "verbose" / "logs" / "conductor.log").read_text()
+    assert re.search(r" DEBUG chatty connected: pid \d+, version ", conductor), conductor
 
 
 def test_a_resume_says_in_one_line_what_it_found_and_keeps_the_details_in_the_log(tmp_path):

@@ -269,6 +269,8 @@ class Conductor:
             return
         self.counters.hello(node, hello.version)
         self.swaps.hello(node, hello.version, hello.pid)
+        self._log(f"{agent_name(node, hello.worker)} connected: pid {hello.pid}, version "
+                  f"{hello.version}", "debug")
         self.events.append(ev.AgentReady(node, hello.worker))
 
     # -- what the engine decides -----------------------------------------------
@@ -421,16 +423,11 @@ class Conductor:
         if not final:
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
-        cpu = self.processes.cpu_use() if self.processes.local and not final else {}
-        if cpu and None in self.ledger.pool.fixed.values():  # workers: auto, per node
-            per_node: dict[str, float] = {}
-            for name, cores in cpu.items():
-                node = split_name(name)[0]
-                per_node[node] = per_node.get(node, 0.0) + cores
-            self.events.append(ev.Tick(per_node))
+        cpu, rss = self.processes.usage() if not final else ({}, {})
+        if cpu and None in self.ledger.pool.fixed.values():  # workers: auto
+            self.events.append(ev.Tick(Processes.per_node(cpu)))
         progress = self.ledger.progress()
         if not final:
-            rss = self.processes.memory_use() if self.processes.local else {}
             self.timeline.sample(progress, cpu, rss)
             self.timeline.flush()
         current = self._snapshot(progress)

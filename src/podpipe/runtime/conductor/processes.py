@@ -116,6 +116,20 @@ class Processes:
         self._wait_asked()
         return [name for name in self._by_node if split_name(name)[0] == node]
 
+    def usage(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Each process's cores since the last call and its resident bytes (none for
+        containers: their processes are not ours to read)."""
+        return (self.cpu_use(), self.memory_use()) if self.local else ({}, {})
+
+    @staticmethod
+    def per_node(cpu: dict[str, float]) -> dict[str, float]:
+        """Processes' cores, summed over each node's workers."""
+        nodes: dict[str, float] = {}
+        for name, cores in cpu.items():
+            node = split_name(name)[0]
+            nodes[node] = nodes.get(node, 0.0) + cores
+        return nodes
+
     def cpu_use(self) -> dict[str, float]:
         """The cores each process (by agent name: `node` or `node.N`) wanted since the
         last call: the time it
