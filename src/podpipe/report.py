@@ -407,7 +407,7 @@ def _per_node_charts(attempt: Attempt, graph: Graph) -> str:
                 for n in names}
     parts = []
     for kind, field, title, label, unit in (
-            ("cpu", "cpu", "Cores per process", "cores wanted (ran or waited for one)",
+            ("cpu", "cpu", "Cores per process", "cores it ran on",
              lambda v: f"{v:.2f}"),
             ("rss", "rss", "Resident memory per process", "resident bytes of the process",
              format_size),

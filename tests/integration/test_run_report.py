@@ -74,7 +74,7 @@ def test_every_chart_has_labelled_axes_and_cores_memory_and_queues_are_drawn(tmp
     assert podpipe("report", "run", cwd=tmp_path).returncode == 0
     page = tmp_path / "run" / "report.html"
     dom = _chromium(page, tmp_path, "--dump-dom").stdout
-    for label in ("RAM scratch in use", "cores wanted (ran or waited for one)",
+    for label in ("RAM scratch in use", "cores it ran on",
                   "resident bytes of the process", "batches ready, not yet taken"):
         assert f">{label}</text>" in dom, label
     for kind in ("timeline", "memory", "cpu", "rss", "queues"):

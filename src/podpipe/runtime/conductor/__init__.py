@@ -424,8 +424,8 @@ class Conductor:
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
         cpu, rss = self.processes.usage() if not final else ({}, {})
-        if cpu and None in self.ledger.pool.fixed.values():  # workers: auto
-            self.events.append(ev.Tick(Processes.per_node(cpu)))
+        if self.processes.local and not final and None in self.ledger.pool.fixed.values():
+            self.events.append(ev.Tick(Processes.per_node(self.processes.cpu_use())))
         progress = self.ledger.progress()
         if not final:
             self.timeline.sample(progress, cpu, rss)

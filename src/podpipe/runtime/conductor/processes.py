@@ -7,7 +7,6 @@ swap, or stopped by an apply, is *retired*: its exit is expected, not an event.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterable
@@ -19,7 +18,6 @@ from podpipe.runtime.rundir import status
 from podpipe.runtime.plumbing.loop import EventLoop
 from podpipe.runtime.plumbing.protocol import split_name
 
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 STOP_GRACE_SECONDS = 5.0
 SPAWNED = "spawned"  # the loop's tag for `answers`
@@ -38,6 +36,8 @@ class Processes:
         self._retired: set[int] = set()
         self._cpu: dict[int, float] = {}  # pid -> seconds wanted at the last sample
         self._sampled = time.monotonic()
+        self._ran: dict[int, float] = {}  # pid -> seconds run at the last `usage`
+        self._usage_at = time.monotonic()
 
     @property
     def local(self) -> bool:
@@ -117,9 +117,22 @@ class Processes:
         return [name for name in self._by_node if split_name(name)[0] == node]
 
     def usage(self) -> tuple[dict[str, float], dict[str, int]]:
-        """Each process's cores since the last call and its resident bytes (none for
-        containers: their processes are not ours to read)."""
-        return (self.cpu_use(), self.memory_use()) if self.local else ({}, {})
+        """Each process's cores since the last call (the time it ran) and its resident
+        bytes, its pages of RAM scratch included (none for containers: their processes
+        are not ours to read). One read a process: the conductor does it 4× a second."""
+        now = time.monotonic()
+        elapsed = max(1e-3, now - self._usage_at)
+        cores: dict[str, float] = {}
+        resident: dict[str, int] = {}
+        ran: dict[int, float] = {}
+        for name, process in self._by_node.items() if self.local else ():
+            found = cputime.ran_and_resident(process.pid)
+            if found is None:
+                continue  # gone meanwhile
+            ran[process.pid], resident[name] = found
+            cores[name] = max(0.0, found[0] - self._ran.get(process.pid, found[0])) / elapsed
+        self._ran, self._usage_at = ran, now
+        return cores, resident
 
     @staticmethod
     def per_node(cpu: dict[str, float]) -> dict[str, float]:
@@ -148,19 +161,6 @@ class Processes:
             seen[process.pid] = seconds
             used[name] = max(0.0, seconds - self._cpu.get(process.pid, seconds)) / elapsed
         self._cpu, self._sampled = seen, now
-        return used
-
-    def memory_use(self) -> dict[str, int]:
-        """The resident bytes of each process now (by agent name; the pages of RAM
-        scratch it has mapped included)."""
-        used: dict[str, int] = {}
-        for name, process in self._by_node.items():
-            try:
-                with open(f"/proc/{process.pid}/statm") as f:
-                    pages = int(f.read().split()[1])
-            except (OSError, ValueError, IndexError):
-                continue  # gone meanwhile
-            used[name] = pages * _PAGE
         return used
 
     def log(self, node: str) -> str | None:

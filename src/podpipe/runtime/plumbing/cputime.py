@@ -13,6 +13,7 @@ import os
 import time
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _OWN: dict[str, int] = {}  # this process's threads: thread id -> its schedstat, open
 
 
@@ -44,6 +45,18 @@ def wanted(pid: int | str = "self") -> float | None:
         except (OSError, ValueError, IndexError):
             continue  # ended meanwhile, or a kernel without schedstat
     return ran + waited
+
+
+def ran_and_resident(pid: int) -> tuple[float, int] | None:
+    """Seconds `pid` ran (all its threads) and its resident bytes, from one read of
+    its `stat` (what a report samples: cheaper than `wanted`, which reads a file per
+    thread); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[21]) * _PAGE
 
 
 def _own_wait() -> float:

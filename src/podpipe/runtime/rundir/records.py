@@ -42,8 +42,8 @@ class SampleRecord(msgspec.Struct, kw_only=True):
     """The pod four times a second: RAM scratch in use, and the most it reached since
     the previous sample (so that the highest sample is the run's peak), the budget,
     the batches on the line, each node's queue and workers, and per process (`node`
-    or `node.N`) the cores it wanted since the previous sample (`cputime.wanted`) and
-    its resident bytes."""
+    or `node.N`) the cores it ran on since the previous sample and its resident bytes
+    (`cputime.ran_and_resident`)."""
 
     t: float
     scratch: int
