@@ -384,3 +384,26 @@ def test_two_rendered_replicas_share_the_shards_and_pod_0_combines_them(tmp_path
     finally:
         codes = [pod.terminate() for pod, _ in pods]
     assert all(set(c.values()) == {0} for c in codes), codes
+
+
+def test_a_stage_containers_startup_probe_passes_once_its_agent_is_the_conductors(
+        tmp_path, image_root):
+    """Only the conductor had a probe: a stage container counted as started before its
+    agent had reached the conductor."""
+    pod, _ = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=15000")
+    sidecar = pod.pod["initContainers"][0]
+    source = next(c for c in pod.pod["containers"] if c["name"] == "source")
+    assert sidecar["livenessProbe"]["exec"]["command"] == sidecar["startupProbe"]["exec"][
+        "command"]
+    probe = source["startupProbe"]["exec"]["command"]
+    assert probe[-2:] == ["--agent", "source"]
+    argv = pod.argv(source, pod.env(source), probe)
+    try:
+        pod.start(sidecar)
+        pod.probe(sidecar)
+        waiting = subprocess.run(argv, env=pod.process_env(source), timeout=60)
+        assert waiting.returncode == 1  # the conductor is up, the source's agent is not
+        pod.start(source)
+        pod.probe(source)  # passes once it has connected
+    finally:
+        pod.terminate()

@@ -394,3 +394,14 @@ def test_the_ram_scratch_is_counted_once_in_what_the_scheduler_reserves():
     bad = podpipe("render", str(EXAMPLE), "--data-claim", "lake", "--kube-version", "2.0",
                   cwd=ROOT)
     assert bad.returncode == 2 and "--kube-version '2.0'" in bad.stderr
+
+
+def test_every_stage_container_has_a_startup_probe_on_its_agent_and_the_conductor_a_liveness_one():
+    pod = pod_spec(render(str(EXAMPLE)))
+    for container in pod["containers"]:
+        command = container["startupProbe"]["exec"]["command"]
+        assert command == ["podpipe", "probe", "/podpipe/scratch/conductor.sock", "--agent",
+                           container["name"]]
+    conductor = pod["initContainers"][0]
+    assert conductor["livenessProbe"]["exec"]["command"][:2] == ["podpipe", "probe"]
+    assert "--agent" not in conductor["livenessProbe"]["exec"]["command"]

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "probe":
         from podpipe.runtime.plumbing import protocol
 
-        return 0 if protocol.probe(args.socket) else 1
+        return 0 if protocol.probe(args.socket, agent=args.agent) else 1
     args.server = None
     if args.command == "run":  # its fork server imports pyarrow while the spec is read
         from podpipe.runtime.runs.launcher import warm

@@ -299,4 +299,6 @@ def parser() -> argparse.ArgumentParser:
 
     probe = sub.add_parser("probe", help="(internal) exit 0 if a conductor answers on SOCKET")
     probe.add_argument("socket", metavar="SOCKET")
+    probe.add_argument("--agent", metavar="NAME",
+                       help="and the agent NAME (a node, or node.N) is connected to it")
     return parser

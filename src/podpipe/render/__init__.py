@@ -245,6 +245,10 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
         sidecar["startupProbe"] = {"exec": {"command": ["podpipe", "probe", SOCKET]},
                                    "periodSeconds": 1, "timeoutSeconds": 3,
                                    "failureThreshold": 300}
+        # a conductor that stops answering is restarted (it resumes from the pod's RAM)
+        sidecar["livenessProbe"] = {"exec": {"command": ["podpipe", "probe", SOCKET]},
+                                    "periodSeconds": 10, "timeoutSeconds": 5,
+                                    "failureThreshold": 3}
         init = [sidecar]
         # A node with `workers: N` runs its N processes in its container, and asks for
         # N times its CPU; `auto` runs one there.
@@ -255,6 +259,10 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
                        sizes.per_container(pipeline, node), budget, options,
                        writes_data=node in {s.name for s in pipeline.sinks})
             for node in nodes]
+        for container in containers:  # started once its agent is the conductor's
+            container["startupProbe"] = {
+                "exec": {"command": ["podpipe", "probe", SOCKET, "--agent", container["name"]]},
+                "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 300}
         sizing, pod_resources = sizes.size(init + containers, budget, options.kube_version)
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,

@@ -220,8 +220,8 @@ class Conductor:
             self._swap(conn, message)
         elif isinstance(message, protocol.ApplyRequest):
             self._apply(conn, message)
-        elif isinstance(message, protocol.Probe):  # a startup probe: the conductor is up
-            self.agents.answer(conn, protocol.Ready())
+        elif isinstance(message, protocol.Probe):  # the conductor is up; that agent too?
+            self.agents.answer_probe(conn, message)
         elif isinstance(message, protocol.Hello):
             self._hello(conn, message)
         else:

@@ -141,6 +141,10 @@ class Agents:
     def connected(self, node: str) -> bool:
         return node in self._by_node
 
+    def answer_probe(self, conn: Conn, probe: protocol.Probe) -> None:
+        """A probe: the conductor is up, and is the agent it names (if any) connected?"""
+        self.answer(conn, protocol.Ready(probe.agent is None or self.connected(probe.agent)))
+
     def nodes(self) -> list[str]:
         return list(self._by_node)
 

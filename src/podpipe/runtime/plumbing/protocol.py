@@ -15,7 +15,8 @@ manifests and the engine (`model.output.Output`).
     conductor -> agent   Grant(path?, tier) | Deny       Deny: drop the result
     agent -> conductor   Done(batch, output?, stats) | Failed(batch, message, input_error)
     conductor -> agent   Stop
-    probe -> conductor   Probe, answered Ready (or Stop once the run is over)
+    probe -> conductor   Probe, answered Ready (or Stop once the run is over); with an
+                         `agent`, Ready(connected=False) until that agent is connected
     podpipe swap/apply   SwapRequest | ApplyRequest, answered Swapped | Held | Applied | Refused
     conductor <-> fork server   LogTo once; Spawn -> Spawned, and Exited when a child ends
 
@@ -169,11 +170,11 @@ class Stop(_Message, tag="stop"):
 
 
 class Probe(_Message, tag="probe"):
-    pass
+    agent: str | None = None  # is this agent (`node`, `node.N`) connected? None: the conductor up
 
 
 class Ready(_Message, tag="ready"):
-    pass
+    connected: bool = True
 
 
 # -- podpipe swap / apply <-> conductor -------------------------------------------
@@ -341,13 +342,15 @@ def connect(path: str, wait: float) -> socket.socket:
             raise
 
 
-def probe(path: str, timeout: float = 2.0) -> bool:
-    """True if a conductor answers on `path` within `timeout` seconds."""
+def probe(path: str, timeout: float = 2.0, agent: str | None = None) -> bool:
+    """True if a conductor answers on `path` within `timeout` seconds (with `agent`:
+    and says that agent is connected, or that the run is over)."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
-            send(sock, Probe())
-            return isinstance(recv(sock), (Ready, Stop))
+            send(sock, Probe(agent=agent))
+            answer = recv(sock)
+            return isinstance(answer, Stop) or (isinstance(answer, Ready) and answer.connected)
     except (OSError, Closed):
         return False
