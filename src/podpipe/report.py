@@ -13,15 +13,19 @@ time (every chart with labelled axes), a table per node, and one sentence naming
 bottleneck once the run was long enough to have one. The same timeline, with
 counter tracks for RAM, queues and cores, can be written as a Chrome trace
 (`podpipe.trace`), for Perfetto.
+
+Reading it, top to bottom: what a run is made of (`Attempt`, `Pod`, `pods_of`), the
+page (`page`, then a section per pod: `_pod_section`), what its figures mean
+(`_shares`, `_bottleneck`), and the data each chart is given (`_memory_svg`,
+`_per_node_charts`, `_table`). The drawing itself is `podpipe.charts`.
 """
 
 from __future__ import annotations
 
-import html
-import json
 from pathlib import Path
-from typing import Any
 
+from podpipe import charts
+from podpipe.charts import escape as _e
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size
@@ -30,8 +34,6 @@ from podpipe.runtime.rundir.status import Status
 from podpipe.runtime.rundir import records
 from podpipe.runtime.rundir.records import SAMPLES, TASKS
 
-PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1")
-WIDTH = 900  # the page fits a 1000 px window, margins and all
 # a bottleneck is named only for a line that loaded this many source batches: with
 # fewer, the shares say more about starting up (or a failure) than about the line
 BOTTLENECK_BATCHES = 4
@@ -107,7 +109,7 @@ def page(run_dir: Path) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
 <style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: {WIDTH + 40}px }}
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-width: {charts.WIDTH + 40}px }}
 h1 {{ font-size: 20px }} h2 {{ font-size: 16px; margin-top: 28px }}
 table {{ border-collapse: collapse; margin: 8px 0 }}
 td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap }}
@@ -141,13 +143,13 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
     last = attempts[-1]
     busy = _shares(last, graph)
     parts.append(f"<p class=\"bottleneck\">{_bottleneck(busy, s, last)}</p>")
-    parts.append("<h2>The graph</h2>" + _graph_svg(graph, s, busy))
+    parts.append("<h2>The graph</h2>" + charts.pipeline_graph(graph, s, busy))
     for attempt in attempts:
         if len(attempts) > 1:
             what = "the first run" if attempt.number == 1 else "resumed"
             parts.append(f'<h2 class="attempt" data-attempt="{attempt.number}">Attempt '
                          f"{attempt.number} ({what}): {attempt.elapsed:.2f} s</h2>")
-        parts.append("<h3>Timeline</h3>" + _timeline_svg(attempt, graph))
+        parts.append("<h3>Timeline</h3>" + charts.timeline(attempt.tasks, attempt.elapsed, graph))
         parts.append("<h3>RAM scratch</h3>" + _memory_svg(attempt, s))
         parts.append(_per_node_charts(attempt, graph))
     parts.append("<h2>Per node</h2>" + _table(s, graph, busy))
@@ -232,161 +234,10 @@ def _bottleneck(busy: dict[str, dict[str, float]], s: Status, attempt: Attempt) 
             "waited on starting up, on RAM, or on the source's files.")
 
 
-def _graph_svg(graph: Graph, s: Status, busy: dict[str, dict[str, float]]) -> str:
-    """Left to right by depth; top to bottom (a row per depth, wrapped) when the depths
-    would not fit the page's width."""
-    depth: dict[str, int] = {}
-    for node in graph.order:
-        depth[node] = 1 + max((depth[i] for i in graph.inputs[node]), default=-1)
-    levels: dict[int, list[str]] = {}
-    for node in graph.order:
-        levels.setdefault(depth[node], []).append(node)
-    box_w, box_h, gap_x, gap_y = 120, 44, 30, 16
-    across = (WIDTH + gap_x) // (box_w + gap_x)  # boxes a row (or columns) the page holds
-    down = len(levels) > across
-    where: dict[str, tuple[int, int]] = {}
-    if down:  # each depth a row (wrapped when wider than the page), top to bottom
-        row = 0
-        for d in sorted(levels):
-            for i, n in enumerate(levels[d]):
-                where[n] = ((i % across) * (box_w + gap_x) + 10,
-                            (row + i // across) * (box_h + 2 * gap_y) + gap_y)
-            row += (len(levels[d]) - 1) // across + 1
-    else:
-        where = {n: (d * (box_w + gap_x) + 10, i * (box_h + gap_y) + gap_y)
-                 for d, nodes in levels.items() for i, n in enumerate(nodes)}
-    width = max(x for x, _ in where.values()) + box_w + 10
-    height = max(y for _, y in where.values()) + box_h + gap_y
-    parts = [f'<svg class="graph" data-layout="{"down" if down else "across"}" '
-             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}">']
-    for node in graph.order:
-        for source in graph.inputs[node]:
-            x1, y1 = where[source]
-            x2, y2 = where[node]
-            ends = ((x1 + box_w / 2, y1 + box_h, x2 + box_w / 2, y2) if down else
-                    (x1 + box_w, y1 + box_h / 2, x2, y2 + box_h / 2))
-            parts.append(f'<line class="edge" data-from="{_e(source)}" data-to="{_e(node)}" '
-                         f'x1="{ends[0]}" y1="{ends[1]}" x2="{ends[2]}" y2="{ends[3]}" '
-                         f'stroke="#888" stroke-width="1.5"/>')
-    for node in graph.order:
-        x, y = where[node]
-        share = busy[node]["busy"]
-        shade = int(235 - 150 * min(1.0, share))
-        st = s.stages.get(node)
-        label = (st.kind if st else "") + (f" ×{st.workers_max}"
-                                           if st and st.workers_max > 1 else "")
-        parts.append(f'<g class="node" data-node="{_e(node)}">'
-                     f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="6" '
-                     f'fill="rgb({shade},{shade + 10 if shade < 245 else 255},255)" '
-                     f'stroke="#4e79a7"/>'
-                     f'<text x="{x + 8}" y="{y + 18}" font-weight="bold">{_e(node[:16])}</text>'
-                     f'<text x="{x + 8}" y="{y + 34}">{_e(label)} · {share:.0%} busy</text></g>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _timeline_svg(pod: Attempt, graph: Graph) -> str:
-    lanes = sorted({(t.node, t.worker) for t in pod.tasks},
-                   key=lambda lane: (graph.order.index(lane[0]) if lane[0] in graph.order
-                                     else 99, lane[1]))
-    if not lanes:
-        return "<p>No task has ended yet.</p>"
-    color: dict[tuple[str, str], str] = {}  # a node's first version, its next, ...
-    for t in sorted(pod.tasks, key=lambda t: t.handed):
-        key = (t.node, t.version or "")
-        if key not in color:
-            color[key] = PALETTE[sum(1 for n, _ in color if n == t.node) % len(PALETTE)]
-    left, lane_h, scale = 110, 18, (WIDTH - 120) / pod.elapsed
-    height = len(lanes) * lane_h + 44
-    parts = [f'<svg class="timeline" width="{WIDTH}" height="{height}">']
-    for i, (node, worker) in enumerate(lanes):
-        y = i * lane_h
-        name = node if worker == 0 else f"{node}.{worker}"
-        parts.append(f'<text x="0" y="{y + 13}">{_e(name[:16])}</text>')
-        for t in (t for t in pod.tasks if (t.node, t.worker) == (node, worker)):
-            x = left + t.handed * scale
-            w = max(1.0, (t.ended - t.handed) * scale)
-            fill = color[(node, t.version or "")] if t.state == "done" else "#bbb"
-            parts.append(f'<rect class="task" data-node="{_e(node)}" data-batch="{t.batch}" '
-                         f'data-state="{_e(t.state)}" x="{x:.1f}" y="{y + 2}" '
-                         f'width="{w:.1f}" height="{lane_h - 4}" fill="{fill}">'
-                         f'<title>{_e(name)} batch {t.batch}: {t.state}, '
-                         f'{t.ended - t.handed:.3f} s</title></rect>')
-            if t.asked is not None and t.granted is not None:
-                rx = left + t.asked * scale
-                rw = max(0.5, (t.granted - t.asked) * scale)
-                parts.append(f'<rect class="ram-wait" x="{rx:.1f}" y="{y + 2}" '
-                             f'width="{rw:.1f}" height="{lane_h - 4}" fill="#e15759" '
-                             f'opacity="0.6"><title>waiting for RAM</title></rect>')
-    parts.append(_time_axis(len(lanes) * lane_h, left, scale, pod.elapsed))
-    parts.append("</svg>")
-    versions = max(sum(1 for n, _ in color if n == node) for node, _ in color)
-    names = ["a stage's first version", "its second", "its third"]
-    legend = "".join(f'<span style="background:{PALETTE[i % len(PALETTE)]}"></span>'
-                     + (names[i] if i < len(names) else f"version {i + 1}")
-                     for i in range(versions))
-    return (f'<div class="legend">{legend}<span style="background:#e15759"></span>waiting for '
-            'RAM<span style="background:#bbb"></span>not done (failed, denied, lost)</div>'
-            + "".join(parts))
-
-
-def _time_axis(y: float, left: float, scale: float, elapsed: float) -> str:
-    """Ticks under a chart at `y`, in seconds since the attempt started, titled."""
-    parts = []
-    for k in range(6):
-        at = elapsed * k / 5
-        anchor = "end" if k == 5 else "middle" if k else "start"
-        parts.append(f'<text class="axis" x="{left + at * scale:.0f}" y="{y + 14}" '
-                     f'text-anchor="{anchor}">{at:.1f} s</text>')
-    parts.append(f'<text class="axis axis-title" x="{left + elapsed * scale / 2:.0f}" '
-                 f'y="{y + 28}" text-anchor="middle">seconds since the attempt started</text>')
-    return "".join(parts)
-
-
-def _chart(kind: str, attempt: Attempt, series: dict[str, list[tuple[float, float]]],
-           label: str, unit: Any, extra: tuple[str, float] | None = None,
-           attrs: str = "") -> str:
-    """Lines over time: a labelled value axis (0, half, the top, in `unit`), the time
-    axis, a legend; `extra`: a dashed line (a budget, say) and its name; `attrs`: the
-    svg's own (data for a test, say)."""
-    height, left, top_pad = 182, 78, 24  # (the value axis's title above its top)
-    top = max([1e-9, *(v for points in series.values() for _, v in points),
-               extra[1] if extra else 0.0])
-    scale_x = (WIDTH - left - 10) / attempt.elapsed
-    scale_y = (height - 20 - top_pad) / top
-    base = height - 20
-
-    def y_of(v: float) -> float:
-        return base - v * scale_y
-    parts = [f'<svg class="{kind}"{attrs} data-top="{top:g}" width="{WIDTH}" '
-             f'height="{height + 30}">',
-             f'<text class="axis axis-title" x="0" y="12">{_e(label)}</text>']
-    for frac in (0.0, 0.5, 1.0):
-        y = y_of(top * frac)
-        parts.append(f'<line class="tick" x1="{left}" x2="{WIDTH - 10}" y1="{y:.1f}" '
-                     f'y2="{y:.1f}"/><text class="axis" x="{left - 4}" y="{y + 4:.1f}" '
-                     f'text-anchor="end">{_e(unit(top * frac))}</text>')
-    if extra:
-        y = y_of(extra[1])
-        parts.append(f'<line x1="{left}" x2="{WIDTH - 10}" y1="{y:.1f}" y2="{y:.1f}" '
-                     f'stroke="#e15759" stroke-dasharray="4 3"/><text x="{WIDTH - 12}" '
-                     f'y="{y - 3:.1f}" text-anchor="end">{_e(extra[0])}</text>')
-    legend = []
-    for i, (name, points) in enumerate(series.items()):
-        color = PALETTE[i % len(PALETTE)]
-        line = " ".join(f"{left + t * scale_x:.1f},{y_of(v):.1f}" for t, v in points)
-        parts.append(f'<polyline data-series="{_e(name)}" points="{line}" fill="none" '
-                     f'stroke="{color}" stroke-width="1.5"/>')
-        legend.append(f'<span style="background:{color}"></span>{_e(name)}')
-    parts.append(_time_axis(base, left, scale_x, attempt.elapsed))
-    parts.append("</svg>")
-    return f'<div class="legend">{"".join(legend)}</div>' + "".join(parts)
-
-
 def _memory_svg(attempt: Attempt, s: Status) -> str:
     budget = s.budget_bytes
     highest = attempt.peak
-    chart = _chart("memory", attempt, {"in use": [(x.t, x.peak) for x in attempt.samples]},
+    chart = charts.lines("memory", attempt.elapsed, {"in use": [(x.t, x.peak) for x in attempt.samples]},
                    "RAM scratch in use", format_size, ("budget", budget),
                    f' data-max="{highest}" data-budget="{budget}"')
     return (chart + f"<p>peak {format_size(highest)} of {format_size(budget)}; "
@@ -414,7 +265,7 @@ def _per_node_charts(attempt: Attempt, graph: Graph) -> str:
             ("queues", "queues", "Queue per node", "batches ready, not yet taken",
              lambda v: f"{v:.0f}")):
         found = series(field)
-        parts.append(f"<h3>{title}</h3>" + (_chart(kind, attempt, found, label, unit)
+        parts.append(f"<h3>{title}</h3>" + (charts.lines(kind, attempt.elapsed, found, label, unit)
                                              if found else "<p>None sampled.</p>"))
     return "".join(parts)
 
@@ -435,7 +286,3 @@ def _table(s: Status, graph: Graph, busy: dict[str, dict[str, float]]) -> str:
                     f"<td>{rate:,.0f}</td><td>{format_size(st.bytes_written)}</td>"
                     f"<td>{st.restarts}</td><td>{sum(st.restored.values())}</td></tr>")
     return f"<table>{head}{''.join(rows)}</table>"
-
-
-def _e(text: str) -> str:
-    return html.escape(str(text), quote=True)

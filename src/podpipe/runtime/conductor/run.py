@@ -62,7 +62,7 @@ class Run:
                              keep_mapped=not action.reads_kept)
         if node == SOURCE:
             task.source = self.plan[batch]
-        elif any(target.name == node for target in self.pipeline.sinks):
+        elif node in self.graph.sinks:  # (a set the graph has: no scan a task)
             task.staging = self.staging
         stage = self.stage(node)
         if stage is not None and stage.call is not None and stage.call.memo:
