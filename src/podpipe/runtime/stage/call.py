@@ -167,23 +167,20 @@ class Client:
                 figures.in_flight -= 1
                 figures.requests += 1
                 figures.latencies.append(time.monotonic() - started)
+            retryable = status is None or status == 429 or status >= 500
             if status is not None and 200 <= status < 300:
                 try:
                     return self.decode(data, rows, index), data
                 except CallFailed as exc:  # a wrong answer: perhaps one meant for another
-                    problem = str(exc)     # request, left on a kept-alive connection; the
-                    if connection is not None:  # connection goes with whatever else it
-                        connection.close()      # holds, and the request is sent again
-            elif (status is not None and status != 429 and status < 500) or \
-                    attempt == self.call.retries:
+                    problem, retryable = str(exc), True  # request, left on a kept-alive
+                    if connection is not None:  # connection: it goes with whatever else
+                        connection.close()      # it holds, and the request is sent again
+            if not retryable or attempt == self.call.retries:
                 figures.failures += 1
                 tried = f" after {attempt} retries" if attempt else ""
                 raise CallFailed(f"request {index} (rows {index * self.call.rows_per_request}"
                                  f"+{rows.num_rows}) to {self.url} failed{tried}: {problem}; "
                                  f"the answer begins {data[:120]!r}")
-            if attempt == self.call.retries:
-                figures.failures += 1
-                raise CallFailed(f"{problem} (after {attempt} retries)")
             figures.retries += 1
             delay = min(MAX_BACKOFF, BACKOFF * 2 ** attempt) * random.uniform(0.5, 1.5)
             # as long as the service asks, but never longer than a request may take
