@@ -17,6 +17,7 @@ from rich.table import Table
 
 from podpipe.model.sizes import format_size
 from podpipe.runtime.rundir.status import RunRow, Status
+from podpipe.runtime.runs.lines import LineRecord
 
 
 WATCH_SECONDS = 0.5  # how often `status --watch` reads the status again
@@ -246,6 +247,39 @@ def runs_table(found: list[RunRow], where: str) -> Table:
         started = time.strftime("%m-%d %H:%M:%S", time.localtime(run.started))
         table.add_row(Path(run.run_dir).name, run.pipeline, run.state, started,
                       f"{run.elapsed_seconds:.1f}")
+    return table
+
+
+def lines_table(found: list[tuple[Path, LineRecord]], where: str) -> Table:
+    """`podpipe lines`: a row per line of this user's in `where`."""
+    table = Table(box=None, title=f"lines in {where}", title_justify="left", pad_edge=False)
+    for column in ("line", "state", "pid", "queued", "running", "done", "failed"):
+        table.add_column(column, justify="right" if column in ("pid", "queued", "done",
+                                                               "failed") else "left",
+                         no_wrap=column != "running", overflow="fold")
+    for _, line in found:
+        table.add_row(line.name, line.state, str(line.pid) if line.state != "down" else "",
+                      str(len(line.queued)), line.running or "", str(line.done),
+                      str(line.failed))
+    return table
+
+
+def line_table(line: LineRecord, where: str) -> Table:
+    """`podpipe status LINE`: its warm processes, its queue, its recent jobs."""
+    up_for = f", up for {time.time() - line.started:.0f} s" if line.state == "up" else ""
+    table = Table(box=None, pad_edge=False, title_justify="left", show_header=False,
+                  title=f"line {line.name}: {line.state}{up_for} ({where})")
+    table.add_column("what", no_wrap=True)
+    table.add_column("", overflow="fold")
+    warm = ", ".join(f"{name} {pid}" for name, pid in sorted(line.processes.items()))
+    table.add_row("processes", warm or "none")
+    table.add_row("running", line.running or "no job")
+    table.add_row("queued", ", ".join(line.queued) or "none")
+    table.add_row("jobs", f"{line.done} succeeded, {line.failed} failed")
+    for job in reversed(line.recent[-5:]):
+        took = f" in {job.seconds:.2f} s" if job.seconds is not None else ""
+        table.add_row("", f"{job.job}: {job.state}{took}" +
+                      (f": {job.error}" if job.error else ""))
     return table
 
 

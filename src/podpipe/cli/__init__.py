@@ -13,6 +13,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Callable
 
+from podpipe.cli import standing
 from podpipe.cli.arguments import parser
 from podpipe.errors import PodpipeError, StageError, UsageError, exit_code
 
@@ -189,6 +190,8 @@ def _with_progress(console: Console, quiet: bool,
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
+    if standing.is_line(args.run_dir):
+        return standing.status(args, console)
     from podpipe import console as terminal
     from podpipe.runtime.runs import following as runs
     from podpipe.runtime.rundir import status
@@ -408,4 +411,5 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
              "render": _render, "resume": _resume, "plan": _plan, "swap": _swap,
              "apply": _apply, "wait": _wait, "stop": _stop, "report": _report, "runs": _runs,
-             "logs": _logs}
+             "logs": _logs, "up": standing.up, "submit": standing.submit,
+             "down": standing.down, "lines": standing.listed}

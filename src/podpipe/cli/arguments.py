@@ -107,12 +107,16 @@ def parser() -> argparse.ArgumentParser:
                       help="a finished run of the pipeline whose busy time per node "
                            "(per batch) the split is computed from")
 
-    status = sub.add_parser("status", help="show a run's state, processes and progress",
+    status = sub.add_parser("status", help="show a run's (or a line's) state, processes and "
+                                           "progress",
                             description="Show the run in RUN_DIR (or 'latest') as its "
                                         "status file says it is now; exit 0 if it could "
                                         "be read. With --watch, keep showing it until the "
-                                        "run ends, then exit as the run did (as 'wait').")
-    status.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
+                                        "run ends, then exit as the run did (as 'wait'). "
+                                        "Given a standing line (its name or directory): "
+                                        "its warm processes, queue and recent jobs.")
+    status.add_argument("run_dir", metavar="RUN_DIR",
+                        help="a run directory, 'latest', or a line")
     status.add_argument("--json", action="store_true",
                         help="one JSON object: state, scratch, processes, stages")
     status.add_argument("-w", "--watch", action="store_true",
@@ -165,6 +169,52 @@ def parser() -> argparse.ArgumentParser:
                         help="where to write it (default RUN_DIR/report.html, or "
                              "RUN_DIR/trace.json)")
     report.add_argument("--format", choices=("html", "chrome-trace"), default="html")
+
+    up = sub.add_parser(
+        "up", help="start a standing line: a pod that stays up, warm, and takes jobs",
+        parents=[log_flags],
+        description="Start the pipeline as a standing line: every stage's processes "
+                    "started once (imports done) and kept warm; then jobs ('podpipe "
+                    "submit') run on it one after another, each with its own run "
+                    "directory. Returns once the line is warm (or runs it in the "
+                    "terminal with --foreground; Ctrl-C ends it). The line lives in "
+                    "CHECKPOINTS_NODE/lines/NAME.")
+    up.add_argument("spec", metavar="SPEC", help="pipeline spec (YAML)")
+    up.add_argument("--name", metavar="LINE", help="the line's name (default: the "
+                    "pipeline's)")
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a spec field for the whole line (repeatable)")
+    up.add_argument("--foreground", action="store_true",
+                    help="run the line in this terminal until Ctrl-C or 'podpipe down'")
+    up.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    submit = sub.add_parser(
+        "submit", help="put a job on a standing line; print its id",
+        description="Queue one pass of a dataset through the line LINE (a name under "
+                    ".podpipe/lines, or a line's directory). A job may set its data "
+                    "only: source.uri, source.columns, source.batchRows, source.format, "
+                    "sinks.NAME.uri, sinks.NAME.mode, stages.NAME.env.VAR (relative "
+                    "paths resolve from the line's working directory). Its run "
+                    "directory works with status, logs, wait, stop, report and resume.")
+    submit.add_argument("line", metavar="LINE")
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="the job's data, e.g. source.uri=data/2026-12-06/*.parquet "
+                             "(repeatable)")
+    submit.add_argument("--wait", action="store_true",
+                        help="wait for the job to end; exit as it did: 0, 1, 130")
+
+    down = sub.add_parser("down", help="end a standing line",
+                          description="End the line LINE: its running job is stopped "
+                                      "(resumable), queued jobs stay queued for its next "
+                                      "'up', every process ends and its RAM scratch goes.")
+    down.add_argument("line", metavar="LINE")
+    down.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                      help="how long to wait for it to end (default 60)")
+
+    lines = sub.add_parser("lines", help="list this user's standing lines")
+    lines.add_argument("--dir", metavar="DIR", help="another lines directory "
+                       "(CHECKPOINTS_NODE/lines)")
+    lines.add_argument("--json", action="store_true", help="one JSON list")
 
     validate = sub.add_parser("validate", help="check a spec without running it")
     validate.add_argument("spec", metavar="SPEC")

@@ -95,6 +95,13 @@ class Ledger:
         self.pool.fixed = dict(counts)
         self.agents = {node: {w: Agent() for w in range(counts[node])} for node in counts}
 
+    def warm(self, workers: dict[str, list[int]]) -> None:
+        """Before the run starts: a standing line's processes, warm from its last job
+        (each node's worker numbers); a `workers: auto` node starts with those it has."""
+        for node, numbers in workers.items():
+            if numbers and node in self.agents and self.pool.fixed[node] is None:
+                self.agents[node] = {w: Agent() for w in numbers}
+
     @property
     def tables_held(self) -> int:  # bytes of RAM the tables hold (the node tier's: none)
         held = (self.outputs.get((table, 0)) for table in self.graph.tables)

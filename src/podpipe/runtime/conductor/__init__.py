@@ -8,8 +8,7 @@ blocks on events only (`plumbing.loop`). One event, start to end:
     events queue -> engine.handle (one at a time) -> actions -> _carry_out
     _carry_out -> a grant, a task handed out, a file freed, a process replaced, ...
 
-An event is never fed to the engine while the previous one's actions are being
-carried out.
+An event is never fed to the engine while the previous one's actions are carried out.
 
 Reading this module, top to bottom: **the loop** (`start`, `_loop`, `_happened`:
 sockets, process exits, signals, timers; `_pump` feeds the engine); **what agents
@@ -19,17 +18,17 @@ what a task did); **what the engine decides** (`_carry_out`: RAM scratch in
 out a task); **swaps and apply**; **the end** (`_end`, the sinks' last step,
 stopping everyone, the status written).
 
-Pieces it wires, each owning its state: `agents` (connections), `processes` (what
-it starts), `crew` and `scratchwork` (the engine's decisions about processes and
-RAM scratch, carried out), `swaps` (swap, apply), `checkpoints` (journal, node and
-durable tiers, imports), `snapshot` (counters, status), `timeline` (the task record
-behind `podpipe report`), `metrics` (the watchers of each status: the caller's
-observer, Prometheus if asked), `run` (what it runs, a
-task as the run has it), `nodes` (restarts, workers, cores each node runs with).
+Pieces it wires, each owning its state: `agents` (connections), `processes`,
+`crew` and `scratchwork` (the engine's decisions about processes and RAM scratch,
+carried out), `swaps`, `checkpoints` (journal, tiers, imports), `snapshot`
+(counters, status), `timeline` (behind `podpipe report`), `metrics` (the watchers
+of each status), `run` (what it runs), `floor` (a standing line's loop, warm
+processes and connections, lent to each job).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections import deque
@@ -42,19 +41,18 @@ from podpipe.engine.ledger import Ledger
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
-from podpipe.runtime.plumbing import loop as loops
-from podpipe.runtime.plumbing import files, lifetime, logline, protocol
+from podpipe.runtime.plumbing import files, lifetime, logline, loop as loops, protocol
 from podpipe.runtime.rundir import status
-from podpipe.runtime.conductor.agents import Agents, Conn, to_event
+from podpipe.runtime.conductor.agents import Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
+from podpipe.runtime.conductor.floor import Floor
 from podpipe.runtime.conductor.metrics import Watchers
-from podpipe.runtime.conductor.nodes import cpus, retries, workers
 from podpipe.runtime.conductor.processes import SPAWNED, Processes
 from podpipe.runtime.plumbing.launching import Launcher
-from podpipe.runtime.conductor.run import Run, Timeout
+from podpipe.runtime.conductor.run import Run, Timeout, cpus, retries, workers
 from podpipe.runtime.conductor.scratchwork import ScratchWork
-from podpipe.runtime.conductor.snapshot import Counters, Identity, snapshot
+from podpipe.runtime.conductor.snapshot import Counters, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.storage.durable import DurableTier
@@ -64,7 +62,7 @@ from podpipe.runtime.plumbing.protocol import agent_name, split_name
 if TYPE_CHECKING:
     from podpipe.runtime.data.sink import Written
 
-__all__ = ["Conductor", "Restored", "Run"]
+__all__ = ["Conductor", "Floor", "Restored", "Run"]
 
 FLUSH_SECONDS = 0.25
 
@@ -75,7 +73,8 @@ class Conductor:
                  restored: Restored | None = None,
                  durable: DurableTier | None = None, reaper: bool = True,
                  metrics: str | None = None, metrics_linger: float = 0.0,
-                 listener: socket.socket) -> None:
+                 listener: socket.socket | None = None, floor: Floor | None = None) -> None:
+        """`floor`: a standing line's (its loop, processes, connections), else its own."""
         self.run = run
         logline.speaking_for(run=run.run_id)
         self.engine = restored.engine if restored else RunState(
@@ -85,11 +84,11 @@ class Conductor:
             workers=workers(run.pipeline, run.graph), cpus=cpus(run.pipeline))
         if launcher is None:  # containers: one per node, started by the kubelet
             self.ledger.in_containers()
-        self.loop = loops.EventLoop()
-        self.agents = Agents(self.loop, listener, self._log)
-        self.processes = Processes(launcher, self.loop, reaper=reaper)
+        self.floor = floor or Floor.of_run(launcher, listener, reaper, self._log)
+        self.agents, self.processes = self.floor.agents, self.floor.processes
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
-        self.crew = Crew(self.processes, self.agents, self.loop, self.swaps, self._log)
+        self.swaps.overrides.update(self.floor.swapped)
+        self.crew = Crew(self.processes, self.agents, self.floor.loop, self.swaps, self._log)
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log,
                                        required=run.pipeline.checkpoints.required)
         self.counters = Counters(run.graph)
@@ -115,16 +114,20 @@ class Conductor:
     def start(self) -> status.Status:
         """Run to the end; returns the final status, raises the run's error."""
         try:
-            with self.loop:  # signals are events from here on
+            # signals are events from here on (a line's loop has them already)
+            with self.floor.loop if not self.floor.standing else contextlib.nullcontext():
                 try:
                     self.watchers.open()  # Prometheus, if asked: from the start
                     for node in self.run.graph.order:
                         self.run.scratch.make_output_dir(node)
-                    self.agents.listen()
+                    if not self.floor.standing:
+                        self.agents.listen()
                     if self.ledger.finished:  # resumed when all was done: nothing to do
                         self._end("succeeded", None)
                     elif self.processes.local:
-                        if self.processes.reaper:
+                        if self.floor.standing:  # a line's warm processes: told of it
+                            self.floor.take(self.run, self.ledger)
+                        elif self.processes.reaper:
                             lifetime.become_subreaper()  # what stages leave is ours
                         for node, worker, _ in self.ledger.all_agents():
                             self.processes.begin(agent_name(node, worker))
@@ -133,7 +136,7 @@ class Conductor:
                     self._stop_all()
                 self._finish_sinks()
         finally:
-            self.run.scratch.remove()
+            self.run.scratch.clear() if self.floor.standing else self.run.scratch.remove()
             self.counters.ended = time.time()
             self.timeline.sample(self.ledger.progress(), {}, {})
             self.timeline.close()
@@ -150,7 +153,7 @@ class Conductor:
     def _loop(self) -> None:
         next_flush = time.monotonic()
         while self.running:
-            for happening in self.loop.wait(max(0.0, next_flush - time.monotonic())):
+            for happening in self.floor.loop.wait(max(0.0, next_flush - time.monotonic())):
                 self._happened(happening)
                 self._pump()
                 if not self.running:
@@ -187,7 +190,7 @@ class Conductor:
 
     def _drain(self) -> None:
         """Accept and read everything already waiting on the sockets."""
-        while self.running and (ready := self.loop.drain_ready()):
+        while self.running and (ready := self.floor.loop.drain_ready()):
             for happening in ready:
                 self._read(happening.tag)
                 self._pump()
@@ -216,6 +219,10 @@ class Conductor:
                 self._message(conn, message)
 
     def _message(self, conn: Conn, message: protocol.Message) -> None:
+        if self.floor.requests(conn, message):  # the line's to answer (a submit, a down)
+            if self.floor.interrupt is not None:  # (the job stopped, or the line down)
+                self._end("interrupted", InterruptedRun(self.floor.interrupt))
+            return
         if isinstance(message, protocol.SwapRequest):
             self._swap(conn, message)
         elif isinstance(message, protocol.ApplyRequest):
@@ -265,6 +272,8 @@ class Conductor:
         node = hello.node
         expected = (self.processes.expects(agent_name(node, hello.worker))
                     if self.processes.local else node in self.run.graph.inputs)
+        if self.floor.standing and not self.floor.serves(conn, hello, self.run):
+            return  # told of this job: it says hello again
         if not self.agents.hello(conn, hello, expected=expected):
             return
         self.counters.hello(node, hello.version)
@@ -318,17 +327,14 @@ class Conductor:
             task.schema_batch, task.schema = self.checkpoints.schemas[node]
         seconds = stage.timeout if stage is not None else None
         if seconds is not None:
-            self.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))
+            self.floor.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))
         self.agents.send(name, task)
 
     # -- swaps and apply -----------------------------------------------------------
 
-    def _shared_global(self) -> bool:
-        return self.run.graph.has_global and self.run.placement.replicas > 1
-
     def _swap(self, conn: Conn, request: protocol.SwapRequest) -> None:
         refused = self.swaps.check(request, self.run.pipeline, local=self.processes.local,
-                                   shared_global=self._shared_global())
+                                   shared_global=self.run.shared_global)
         if refused is not None:
             self.agents.answer(conn, protocol.Refused(message=refused))
             return
@@ -342,7 +348,7 @@ class Conductor:
         goes on untouched."""
         accepted = self.swaps.check_apply(request, self.run.pipeline,
                                           local=self.processes.local,
-                                          shared_global=self._shared_global())
+                                          shared_global=self.run.shared_global)
         if not isinstance(accepted, Change):
             self.agents.answer(conn, protocol.Refused(message=accepted))
             return
@@ -382,12 +388,8 @@ class Conductor:
         when this pod runs every shard, write its `_SUCCESS`."""
         if self.running or self.outcome[0] != "succeeded":
             return
-        from podpipe.runtime.data import sink  # pyarrow.parquet: not at the conductor's start
-
-        run = self.run
         try:
-            self.sinks = sink.finish(run.pipeline, run.graph, len(run.plan), self.ledger.keys,
-                                     run.staging, whole=run.placement.replicas == 1)
+            self.sinks = self.run.finish_sinks(self.ledger.keys)
         except RunError as exc:
             self.outcome = ("failed", exc)
 
@@ -396,7 +398,11 @@ class Conductor:
 
         Containers are told to stop (and hold) only when the run succeeded: after a
         failure their connection just closes, they exit, and the kubelet restarts
-        them to serve the restarted conductor's resume."""
+        them to serve the restarted conductor's resume. A line's stay for the next
+        job, but for those still busy."""
+        if self.floor.standing:
+            self.floor.swapped = dict(self.swaps.overrides)
+            return self.floor.give_back(self.ledger)
         succeeded = self.outcome[0] == "succeeded"
         if self.processes.local or succeeded:
             for node in self.agents.nodes():
@@ -405,19 +411,13 @@ class Conductor:
         self.agents.close()
 
     def _snapshot(self, progress: Progress | None = None) -> status.Status:
-        run, (state, error) = self.run, self.outcome
-        who = Identity(run.run_id, run.pipeline.name, str(run.run_dir), str(run.scratch.path),
-                       run.pod, run.placement.ordinal, run.placement.replicas,
-                       run.placement.shards, run.pipeline.memory, len(run.plan))
+        state, error = self.outcome
         # containers: their pids are in their own namespaces, alive while connected
-        processes = self.processes.infos(run.pod) if self.processes.local else \
-            self.agents.infos(run.pod)
-        current = snapshot(who, run.graph, progress or self.ledger.progress(), self.counters,
-                           self.checkpoints,
-                           processes, state, str(error) if error else None)
-        current.sinks = {name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
-                         for name, w in self.sinks.items()}
-        return current
+        processes = self.processes.infos(self.run.pod) if self.processes.local else \
+            self.agents.infos(self.run.pod)
+        return snapshot(self.run, progress or self.ledger.progress(), self.counters,
+                        self.checkpoints, processes, state, str(error) if error else None,
+                        self.sinks)
 
     def _flush(self, final: bool = False) -> None:
         if not final:

@@ -155,6 +155,15 @@ class Agents:
             del self._by_node[node]
         return node
 
+    def unbind(self, node: str) -> Conn | None:
+        """`node`'s agent goes on connected, as no node's until it says hello again (a
+        standing line's warm process, told of the next job): what it says meanwhile is
+        of the job before and goes unheard."""
+        conn = self._by_node.pop(node, None)
+        if conn is not None:
+            conn.node = None
+        return conn
+
     def drop(self, node: str) -> None:
         """`node`'s agent is no longer its agent (its process went or is going)."""
         conn = self._by_node.pop(node, None)

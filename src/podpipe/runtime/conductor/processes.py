@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from podpipe.errors import RunError
 from podpipe.runtime.plumbing import cputime, lifetime
@@ -90,6 +91,19 @@ class Processes:
     def _wait_asked(self) -> None:
         for node in sorted(self._asked):
             self.start(node, [])
+
+    def serve(self, spec_path: Path, overrides: list[str], log_dir: Path) -> None:
+        """Processes started from now on serve this spec (a standing line's next job)."""
+        assert self._launcher is not None
+        self._launcher.serve(spec_path, overrides, log_dir)
+
+    def workers(self) -> dict[str, list[int]]:
+        """Each node's processes, by worker number (those asked for included)."""
+        found: dict[str, list[int]] = {}
+        for name in sorted({*self._by_node, *self._asked}):
+            node, worker = split_name(name)
+            found.setdefault(node, []).append(worker)
+        return found
 
     def exited(self, pid: int, node: str) -> int | None:
         """The exit code of `node`'s process `pid`; None if it was retired (expected).

@@ -1,18 +1,25 @@
-"""What a conductor runs (the spec, which an apply changes, and where), and its timers."""
+"""What a conductor runs (the spec, which an apply changes, and where), its timers, and
+what the engine runs each node with (the restarts its processes may have, its
+workers, the cores `workers: auto` may use)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from podpipe.engine.events import Dispatch
 from podpipe.model.batch import SourceBatch
 from podpipe.model.graph import Graph
-from podpipe.model.pipeline import SOURCE, Pipeline, Stage
+from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline, Stage
 from podpipe.model.shards import Placement
 from podpipe.runtime.storage import answers
 from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.data.scratch import Scratch
+
+if TYPE_CHECKING:
+    from podpipe.runtime.data.sink import Written
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,19 @@ class Run:
     overrides: list[str]  # the pod's, passed to every process
     staging: str          # the run's token: its staging folder in a `mode: overwrite` sink
 
+    @property
+    def shared_global(self) -> bool:
+        """Do several replicas share a global reduce (what a swap or apply may not touch)?"""
+        return self.graph.has_global and self.placement.replicas > 1
+
+    def finish_sinks(self, keys: Callable[[str], frozenset[int]]) -> dict[str, Written]:
+        """The run succeeded: each sink's output put in place (mode overwrite) and,
+        when this pod runs every shard, its `_SUCCESS` written (RunError if not)."""
+        from podpipe.runtime.data import sink  # pyarrow.parquet: not at the conductor's start
+
+        return sink.finish(self.pipeline, self.graph, len(self.plan), keys, self.staging,
+                           whole=self.placement.replicas == 1)
+
     def stage(self, node: str) -> Stage | None:
         """`node`'s definition if it is a stage (not the source, a table or a sink)."""
         return next((s for s in self.pipeline.stages if s.name == node), None)
@@ -68,3 +88,31 @@ class Run:
         if stage is not None and stage.call is not None and stage.call.memo:
             task.answers = str(answers.folder(self.run_dir, node))
         return task
+
+
+def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
+    """Restarts each node's process may have (the spec's, else the default)."""
+    allowed = {node: DEFAULT_RETRIES for node in graph.order}
+    allowed.update({stage.name: stage.retries for stage in pipeline.stages})
+    return allowed
+
+
+def workers(pipeline: Pipeline, graph: Graph) -> dict[str, int | None]:
+    """Each node's fixed number of processes; None: `workers: auto`."""
+    return {node: pipeline.workers(node) for node in graph.order}
+
+
+def cpus(pipeline: Pipeline) -> float:
+    """The cores `workers: auto` may use: `spec.cpus`, else what this process may use
+    (its CPU affinity, and its cgroup's CPU quota, as a Kubernetes pod has)."""
+    if pipeline.cpus is not None:
+        return pipeline.cpus
+    count = float(len(os.sched_getaffinity(0)))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            count = min(count, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1.0, count)

@@ -12,6 +12,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from podpipe.engine.events import Progress
 from podpipe.model.graph import Graph
@@ -20,7 +21,11 @@ from podpipe.model.pipeline import SOURCE
 from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.rundir import status
 from podpipe.runtime.conductor.checkpoints import Checkpoints
+from podpipe.runtime.conductor.run import Run
 from podpipe.runtime.data.scratch import process_start
+
+if TYPE_CHECKING:
+    from podpipe.runtime.data.sink import Written
 
 
 @dataclass
@@ -135,28 +140,13 @@ def kind(node: str, graph: Graph) -> str:
     return "reduce" if node in graph.reduce else "stage"
 
 
-@dataclass(frozen=True)
-class Identity:
-    """What names the run and the pod in its status."""
-
-    run_id: str
-    pipeline: str
-    run_dir: str
-    scratch: str
-    pod: str
-    ordinal: int
-    replicas: int
-    shards: int
-    budget: int
-    source_batches: int
-
-
-def snapshot(who: Identity, graph: Graph, progress: Progress, counters: Counters,
-             checkpoints: Checkpoints, processes: list[status.ProcessInfo], state: str,
-             error: str | None) -> status.Status:
-    """The status record of this pod's run, as it is now."""
-    me = os.getpid()
-    listed = [status.ProcessInfo("conductor", None, me, who.pod, start=process_start(me)),
+def snapshot(run: Run, progress: Progress, counters: Counters, checkpoints: Checkpoints,
+             processes: list[status.ProcessInfo], state: str, error: str | None,
+             sinks: dict[str, Written]) -> status.Status:
+    """The status record of this pod's run, as it is now (`sinks`: what each sink
+    wrote, once the run succeeded)."""
+    me, graph, placement = os.getpid(), run.graph, run.placement
+    listed = [status.ProcessInfo("conductor", None, me, run.pod, start=process_start(me)),
               *processes]
     stages = {}
     for node in graph.order:
@@ -175,16 +165,18 @@ def snapshot(who: Identity, graph: Graph, progress: Progress, counters: Counters
     ended = counters.ended
     durable = checkpoints.durable
     return status.Status(
-        run_id=who.run_id, pipeline=who.pipeline, state=state, error=error,
-        run_dir=who.run_dir, scratch=who.scratch,
+        run_id=run.run_id, pipeline=run.pipeline.name, state=state, error=error,
+        run_dir=str(run.run_dir), scratch=str(run.scratch.path),
         started=counters.started, ended=ended,
         elapsed_seconds=round((ended or time.time()) - counters.started, 3),
-        budget_bytes=who.budget, scratch_bytes=progress.scratch,
-        peak_scratch_bytes=progress.peak, source_batches=who.source_batches,
+        budget_bytes=run.pipeline.memory, scratch_bytes=progress.scratch,
+        peak_scratch_bytes=progress.peak, source_batches=len(run.plan),
         spilled_outputs=progress.spills,
-        pod=status.PodInfo(who.ordinal, who.replicas, progress.shards_here,
+        pod=status.PodInfo(placement.ordinal, placement.replicas, progress.shards_here,
                            progress.waiting_for),
-        shards=who.shards, processes=listed, stages=stages,
+        shards=placement.shards, processes=listed, stages=stages,
+        sinks={name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
+               for name, w in sinks.items()},
         restore_notes=list(checkpoints.notes), resumed_done=checkpoints.done_before,
         durable=status.DurableInfo(**durable.status()) if durable else None,
         node_tier=status.NodeTierInfo(checkpoints.copies,  # journaled

@@ -168,6 +168,13 @@ class Scratch:
                 blocks[found.st_ino] = found.st_blocks * 512
         return sum(blocks.values())
 
+    def clear(self) -> None:
+        """A standing line's job is over: what it left in RAM goes (every output, the
+        pool of warm files); the line's socket and owner record stay."""
+        for kind in ("data", "pool"):
+            shutil.rmtree(self.path / kind, ignore_errors=True)
+            (self.path / kind).mkdir(mode=0o700, exist_ok=True)
+
     def remove(self) -> None:
         if not self.volume:
             shutil.rmtree(self.path, ignore_errors=True)

@@ -26,6 +26,10 @@ class Launcher(Protocol):
     def early(self, name: str) -> None:
         """Ask for `name` before the run is planned, as soon as it can be started."""
 
+    def serve(self, spec_path: Path, overrides: list[str], log_dir: Path) -> None:
+        """Processes started from now on serve this spec and log to `log_dir` (a
+        standing line's next job)."""
+
     def ask(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> None:
         """Start the agent `name` (a node's worker) soon: `answered` will have it."""
 

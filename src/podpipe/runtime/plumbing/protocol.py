@@ -37,7 +37,8 @@ import msgspec
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
 
-PROTOCOL = 4  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging token
+PROTOCOL = 5  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging
+# token; 4: no standing line (Job, the spec in Hello)
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
@@ -77,6 +78,7 @@ class Hello(_Message, tag="hello"):
     pid: int
     protocol: int = PROTOCOL
     worker: int = 0  # which of the node's processes (`workers`)
+    spec: str = ""   # the spec it serves (on a standing line: the job's)
 
 
 class Broken(_Message, tag="broken"):
@@ -169,6 +171,16 @@ class Stop(_Message, tag="stop"):
     pass
 
 
+class Job(_Message, tag="job"):
+    """A standing line's next job: serve this spec from now on (a warm process keeps
+    its imports), logging to `log`; the agent says hello again for it."""
+
+    spec: str
+    overrides: list[str]
+    log: str
+    run: str  # the job's run directory
+
+
 class Probe(_Message, tag="probe"):
     agent: str | None = None  # is this agent (`node`, `node.N`) connected? None: the conductor up
 
@@ -215,6 +227,43 @@ class Refused(_Message, tag="refused"):
     message: str
 
 
+# -- podpipe submit / down / status <-> a standing line -------------------------------
+
+
+class SubmitRequest(_Message, tag="submit"):
+    overrides: list[str]  # the job's --set, after the line's (paths: from the line's cwd)
+    wait: bool = False    # answer again (`JobOver`) once the job is over
+
+
+class Submitted(_Message, tag="submitted"):
+    job: str      # its id
+    run_dir: str  # its run directory
+    ahead: int    # jobs before it in the queue (the running one counted)
+
+
+class JobRequest(_Message, tag="job_request"):
+    """Answer `JobOver` once the job at `run_dir` is over; with `stop`, stop it first."""
+
+    run_dir: str
+    stop: bool = False
+
+
+class JobOver(_Message, tag="job_over"):
+    job: str
+    run_dir: str
+    state: str  # succeeded, failed, interrupted
+    error: str | None = None
+
+
+class DownRequest(_Message, tag="down"):
+    pass
+
+
+class Downed(_Message, tag="downed"):
+    dropped: list[str]  # the queued jobs that did not run (resumable)
+    stopped: list[str]  # the running job, stopped (resumable)
+
+
 # -- conductor <-> fork server ------------------------------------------------------
 
 
@@ -245,9 +294,10 @@ class Exited(_Message, tag="exited"):
     code: int
 
 
-Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Probe |
-           Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
-           LogTo | Spawn | Spawned | Exited)
+Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Job |
+           Probe | Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
+           SubmitRequest | Submitted | JobRequest | JobOver | DownRequest | Downed | LogTo | Spawn |
+           Spawned | Exited)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)

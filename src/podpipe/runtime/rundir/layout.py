@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from podpipe.runtime.rundir import status
 
 RECORD = "run.json"
 LOCK = "lock"
-_held: list[int] = []  # the locks this process holds, for its life
+_held: dict[str, int] = {}  # the locks this process holds (for its life, but a line's jobs)
 SCHEMA_VERSION = 1
 
 
@@ -44,6 +45,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     durable: str | None = None     # the store they share,
     attempt: int | None = None     # and how many times they were started
     source: dict[str, Any] | None = None  # what one pod's run reads (`source.identity`)
+    line: str | None = None        # a standing line's job: the line's directory
     # the run's own staging folder in a `mode: overwrite` sink (`_staging-<this>`)
     staging: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
     schemaVersion: int = SCHEMA_VERSION
@@ -108,7 +110,14 @@ def lock(path: Path) -> None:
                          "of it is going on); wait for it to end") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _held.append(fd)
+    _held[str(path)] = fd
+
+
+def unlock(path: Path) -> None:
+    """Let go of the run directory (a standing line's job is over; the line goes on)."""
+    fd = _held.pop(str(path), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _in_use(path: Path) -> bool:
@@ -129,7 +138,8 @@ def _in_use(path: Path) -> bool:
 def status_of(path: Path) -> status.Status:
     """The run's status; for a run directory whose conductor never wrote one (killed
     in its first moments), one saying so: `starting` while a process holds the
-    directory, else `interrupted` (a resume starts it from nothing)."""
+    directory (`queued`: a job a standing line holds), else `interrupted` (a resume
+    starts it from nothing)."""
     if (path / status.FILE).exists() or not (path / RECORD).exists():
         return status.read(path)  # (or a clear error: no run directory)
     recorded = read(path)
@@ -140,11 +150,19 @@ def status_of(path: Path) -> status.Status:
     started = os.stat(path / RECORD).st_mtime
     return status.Status(
         run_id=recorded.run_id or path.name, pipeline=name,
-        state="starting" if _in_use(path) else "interrupted",
+        state=("queued" if recorded.line else "starting") if _in_use(path) else "interrupted",
         error=None, run_dir=str(path), scratch=None, started=started, ended=None,
         elapsed_seconds=0.0, budget_bytes=0, scratch_bytes=0, peak_scratch_bytes=0,
         source_batches=None, spilled_outputs=0, shards=1, processes=[], stages={},
         restore_notes=[])
+
+
+def failed_before_start(path: Path, error: str) -> None:
+    """A run (a line's job) that failed before its conductor started — its source
+    unreadable, say: its status says so, naming why."""
+    current = status_of(path)
+    current.state, current.error, current.ended = "failed", error, time.time()
+    status.write(path, current)
 
 
 def claim_for_resume(path: Path) -> status.Status:

@@ -20,6 +20,7 @@ from typing import Iterator
 from podpipe.errors import INTERRUPTED_EXIT_CODE, UsageError
 from podpipe.runtime.plumbing import files, logline
 from podpipe.runtime.rundir import layout as rundir, status
+from podpipe.runtime.runs import lines
 
 LATEST = "latest"
 DEFAULT_RUNS = Path(".podpipe") / "runs"
@@ -82,7 +83,11 @@ def stop(run_dir: str, timeout: float | None = 60.0) -> tuple[int, status.Status
     that started its replicas): in-flight batches are abandoned, what is done stays,
     and `podpipe resume` finishes it. Waits for it to end; returns as `wait` does."""
     path = resolve(run_dir)
-    current = status.read(path)
+    current = rundir.status_of(path)
+    line = lines.job_line(path)
+    if line is not None and current.state in ("running", "queued"):  # the line goes on
+        lines.stop_job(path, line)
+        return wait(str(path), timeout)
     if current.state != "running":
         raise UsageError(f"{path}: the run is not running (it {current.state})"
                          if current.state != "interrupted" else
@@ -110,8 +115,13 @@ def wait(run_dir: str, timeout: float | None = None) -> tuple[int, status.Status
     """Block until the run ends (on its process's exit, not by polling); returns its
     own exit code and its final status. TIMED_OUT if it is still running then."""
     path = resolve(run_dir)
-    current = status.read(path)
-    if current.state == "running":
+    current = rundir.status_of(path)
+    line = lines.job_line(path)
+    if line is not None and current.state in ("running", "queued"):  # its line says when
+        if lines.wait_job(path, line, timeout) is None:
+            return TIMED_OUT, rundir.status_of(path)
+        current = status.read(path)
+    elif current.state == "running":
         owner = _owner(current)
         try:
             pidfd = os.pidfd_open(owner.pid)

@@ -39,11 +39,19 @@ class _Where:
     log_dir: Path
     pod: str
 
-    def env(self, worker: int = 0) -> dict[str, str]:
+    def __post_init__(self) -> None:
         # RUN_ENV marks every process the run's stages start, children too: a resume
-        # ends those a killed conductor left (`lifetime.end_leftovers`)
+        # ends those a killed conductor left (`lifetime.end_leftovers`). A standing
+        # line's processes stay the line's whatever job they serve.
+        self.home = str(self.log_dir.parent.resolve())
+
+    def env(self, worker: int = 0) -> dict[str, str]:
         return {"PODPIPE_POD": self.pod, protocol.WORKER_ENV: str(worker),
-                lifetime.RUN_ENV: str(self.log_dir.parent.resolve()), **logline.settings()}
+                lifetime.RUN_ENV: self.home, **logline.settings()}
+
+    def serve(self, spec_path: Path, overrides: list[str], log_dir: Path) -> None:
+        """Start processes for another spec from now on (a standing line's next job)."""
+        self.spec_path, self.overrides, self.log_dir = spec_path, overrides, log_dir
 
 
 class SpawnLauncher:
@@ -54,6 +62,9 @@ class SpawnLauncher:
 
     def early(self, name: str) -> None:
         """Nothing to gain: each process imports for itself (`ForkLauncher.early`)."""
+
+    def serve(self, spec_path: Path, overrides: list[str], log_dir: Path) -> None:
+        self.where.serve(spec_path, overrides, log_dir)
 
     def ask(self, name: str, overrides: tuple[str, ...] | list[str] = ()) -> None:
         """Start it now (a process of its own needs no answer): `answered` has it."""
@@ -199,6 +210,11 @@ class ForkLauncher:
         self.asked: set[str] = set()  # spawns not yet answered
         self.spawned: dict[str, Process] = {}  # answered, not yet taken
         self.gone = False  # the server closed its end
+
+    def serve(self, spec_path: Path, overrides: list[str], log_dir: Path) -> None:
+        """Processes started from now on serve this spec and log there (a standing
+        line's next job; the fork server's own log stays where it is)."""
+        self.where.serve(spec_path, overrides, log_dir)
 
     def early(self, name: str) -> None:
         """Ask for the agent `name` now, before the run is planned: the fork server

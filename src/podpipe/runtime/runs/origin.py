@@ -133,7 +133,7 @@ def _restore(pipeline: Pipeline, graph: Graph, plan: list[SourceBatch],
     `overwrite`)."""
     from podpipe.runtime.data import sink
     from podpipe.runtime.conductor import Restored
-    from podpipe.runtime.conductor.nodes import cpus, retries, workers
+    from podpipe.runtime.conductor.run import cpus, retries, workers
 
     for target in pipeline.sinks:
         if target.name in finished:

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from podpipe.errors import RunError, StoreError, UsageError
 from podpipe.model import shards as sharding
@@ -37,6 +37,9 @@ from podpipe.runtime.runs.launcher import launcher as make_launcher
 from podpipe.runtime.plumbing import lifetime, logline
 from podpipe.runtime.plumbing.loop import EventLoop, Signalled
 from podpipe.runtime.runs.origin import Origin, start_from
+
+if TYPE_CHECKING:
+    from podpipe.runtime.conductor import Restored, Run
 
 # The conductor, the sinks and the replicas (pyarrow, fsspec) are imported where they
 # are used: a run imports them while its fork server starts, not before.
@@ -238,11 +241,8 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
     starts, the run is the runs directory's `latest`; `reaper`: this process is the
     run's alone (see `conductor.processes`); `metrics`: serve Prometheus metrics
     there (`[ADDR:]PORT`)."""
-    graph = Graph.of(pipeline)
     scratch = launcher = listener = None
-    digest = rundir.spec_digest(run_path)
     try:
-        store = _durable_store(pipeline, digest)
         try:
             scratch = make_scratch()
         except OSError as exc:
@@ -253,32 +253,9 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
                                      run_path / "logs", pod, server)
             # source's agent, forked once pyarrow is in (not pandas, it needs none)
             launcher.early(protocol.agent_name(SOURCE, 0))
-        # while the fork server starts
-        from podpipe.runtime.data import sink, source, tables
-        from podpipe.runtime.storage import answers
-
-        plan = source.plan(pipeline.source)
-        identity = source.identity(pipeline.source, plan)
-        origin = _same_source(run_path, identity, origin, fresh=fresh,
-                              accept_changed=accept_changed_source)
-        loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
-        if fresh:
-            sink.check_run(pipeline, graph, len(plan))
-        restored = start_from(origin, pipeline, graph, plan, run_path, placement, digest,
-                              source.digest(identity), scratch.path)
-        if origin.durable or origin.journal:  # answers a lost node had kept, say
-            for stage in pipeline.stages:
-                if stage.call is not None and stage.call.memo:
-                    answers.fetch(pipeline, stage.name, answers.folder(run_path, stage.name))
-        if restored is not None:
-            tables.changed(pipeline, restored.made_by, loaded)
-            restored.notes.extend(notes or [])
-        checkpoints = pipeline.checkpoints
-        tier = None if store is None else durable.DurableTier(
-            store,
-            every_batches=checkpoints.every_batches, interval=checkpoints.interval,
-            keep=checkpoints.keep, source_batches=len(plan), shards=pipeline.shards,
-            group_of=durable.grouping(graph, pipeline.shards), source=source.digest(identity))
+        run, restored, tier = prepare(pipeline, run_path, overrides, run_id, pod, scratch,
+                                      origin=origin, placement=placement, fresh=fresh,
+                                      notes=notes, accept_changed_source=accept_changed_source)
     except BaseException:
         if launcher is not None:
             launcher.close()
@@ -291,13 +268,53 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
         raise
     if latest:
         runs.mark_latest(run_path)
-    from podpipe.runtime.conductor import Conductor, Run
+    from podpipe.runtime.conductor import Conductor
 
-    run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides,
-              rundir.read(run_path).staging)
     return Conductor(run, launcher=launcher, observer=observer, restored=restored,
                      durable=tier, reaper=reaper, metrics=metrics,
                      metrics_linger=metrics_linger, listener=listener).start()
+
+
+def prepare(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_id: str,
+            pod: str, scratch: scratches.Scratch, *, origin: Origin,
+            placement: sharding.Placement = sharding.Placement(), fresh: bool = False,
+            notes: list[str] | None = None, accept_changed_source: bool = False,
+            ) -> tuple[Run, Restored | None, durable.DurableTier | None]:
+    """What the conductor needs before it starts: the source planned (and checked
+    against what a resumed run read), the tables and sinks checked, where the run
+    starts from, the durable tier. A standing line's job starts from this too."""
+    from podpipe.runtime.conductor import Run
+    from podpipe.runtime.data import sink, source, tables
+    from podpipe.runtime.storage import answers
+
+    graph = Graph.of(pipeline)
+    digest = rundir.spec_digest(run_path)
+    store = _durable_store(pipeline, digest)
+    plan = source.plan(pipeline.source)
+    identity = source.identity(pipeline.source, plan)
+    origin = _same_source(run_path, identity, origin, fresh=fresh,
+                          accept_changed=accept_changed_source)
+    loaded = tables.check(pipeline, Path(pipeline.checkpoints.node))
+    if fresh:
+        sink.check_run(pipeline, graph, len(plan))
+    restored = start_from(origin, pipeline, graph, plan, run_path, placement, digest,
+                          source.digest(identity), scratch.path)
+    if origin.durable or origin.journal:  # answers a lost node had kept, say
+        for stage in pipeline.stages:
+            if stage.call is not None and stage.call.memo:
+                answers.fetch(pipeline, stage.name, answers.folder(run_path, stage.name))
+    if restored is not None:
+        tables.changed(pipeline, restored.made_by, loaded)
+        restored.notes.extend(notes or [])
+    checkpoints = pipeline.checkpoints
+    tier = None if store is None else durable.DurableTier(
+        store,
+        every_batches=checkpoints.every_batches, interval=checkpoints.interval,
+        keep=checkpoints.keep, source_batches=len(plan), shards=pipeline.shards,
+        group_of=durable.grouping(graph, pipeline.shards), source=source.digest(identity))
+    run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides,
+              rundir.read(run_path).staging)
+    return run, restored, tier
 
 
 def _same_source(run_path: Path, now: dict[str, Any], origin: Origin, *, fresh: bool,

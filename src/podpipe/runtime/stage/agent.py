@@ -72,7 +72,13 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
         sys.stderr.write(logline.line(f"cannot reach the conductor at {socket_path}: {exc}",
                                       "error"))
         return 1
-    code = _serve(sock, spec_path, overrides, node)
+    served = _serve(sock, spec_path, overrides, node)
+    while isinstance(served, protocol.Job):  # a standing line's next job, this process warm
+        _log_to(served.log)
+        logline.speaking_for(run=Path(served.run).name, stage=node,
+                             worker=int(os.environ.get(protocol.WORKER_ENV, "0")))
+        served = _serve(sock, served.spec, served.overrides, node)
+    code = served
     if hold and code == 0:
         sock.close()
         sys.stderr.write(logline.line("stopped by the conductor; holding until SIGTERM"))
@@ -82,12 +88,25 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
     return code
 
 
+def _log_to(log: str) -> None:
+    """From now on, what this process prints goes to `log` (a job's own, on a line)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = files.append_private(Path(log))
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def _exit_now(*_: Any) -> None:
     sys.stderr.flush()
     os._exit(0)  # outputs are written under temporary names: nothing half-done is trusted
 
 
-def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str) -> int:
+def _serve(sock: socket.socket, spec_path: str, overrides: list[str],
+           node: str) -> int | protocol.Job:
+    """Serve the spec's node until told to stop (the exit code) or, on a standing
+    line, to serve the next job (the `Job`: this process stays, warm)."""
     try:
         pipeline = specs.load(spec_path, overrides)
         if node in {s.name for s in pipeline.stages}:  # this process is the stage's own:
@@ -103,7 +122,8 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
         return 2
     protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(),
                                        version=version_of(pipeline, node, work),
-                                       worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
+                                       worker=int(os.environ.get(protocol.WORKER_ENV, "0")),
+                                       spec=spec_path))
     if isinstance(work, CallService):  # the conductor hears of its requests in flight
         work.client.notify = lambda n: protocol.send(sock, protocol.Calling(in_flight=n))
     stages = {s.name: s for s in pipeline.stages}
@@ -114,6 +134,9 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str)
             message = protocol.recv(sock)
             if isinstance(message, protocol.Stop):
                 return 0
+            if isinstance(message, protocol.Job):
+                work.close()
+                return message
             if isinstance(message, protocol.Task):
                 _task(sock, work, message, node, schemas, mappings)
     except _Stopped:

@@ -86,6 +86,15 @@ class Client:
         self.notify: Callable[[int], None] | None = None  # told the requests in flight
         self._told = 0.0
 
+    def close(self) -> None:
+        """Close the session and its connections (a standing line's next job makes its
+        own client: another spec may name another service)."""
+        if self.loop is not None:
+            if self.session is not None:
+                self.loop.run_until_complete(self.session.close())
+            self.loop.close()
+        self.loop = self.session = None
+
     def send(self, table: pa.Table, kept: Answers | None) -> pa.Table:
         """The answers to `table`'s requests, in order; `kept`: the answers kept
         (None: `memo: false`). CallFailed naming the request that failed."""

@@ -40,6 +40,9 @@ class Work:
             task: protocol.Task) -> pa.Table | Path | None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Let go of what it holds (a standing line's next job makes its own)."""
+
 
 class LoadSource(Work):
     def __init__(self, pipeline: Pipeline) -> None:
@@ -88,6 +91,9 @@ class CallService(Work):
         if task.answers and (self.kept is None or str(self.kept.folder) != task.answers):
             self.kept = Answers(Path(task.answers), self.durable)
         return self.client.send(_concat(inputs[0]), self.kept if task.answers else None)
+
+    def close(self) -> None:
+        self.client.close()
 
     def stats(self) -> protocol.CallStats:
         """What the last task's requests did (failed or not)."""

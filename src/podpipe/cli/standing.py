@@ -1,0 +1,129 @@
+"""The standing line's commands: `up`, `submit`, `down`, `lines`, and `status LINE`.
+
+Each calls one library function (`runtime.runs.line` is the line's own process,
+`runtime.runs.lines` the requests sent to it) and shows its result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from podpipe.errors import RunError, UsageError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+EXIT_CODES = {"succeeded": 0, "failed": 1, "interrupted": 130}
+
+
+def up(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.runtime.runs import line, lines, pod
+
+    pipeline = pod.validate(args.spec, args.set)  # a bad spec: exit 2 before anything
+    name = args.name or pipeline.name
+    if not name.replace("-", "").isalnum() or not name[0].isalnum():
+        raise UsageError(f"--name {name!r}: expected letters, digits and '-'")
+    path = Path(pipeline.checkpoints.node) / "lines" / name
+    if (path / lines.RECORD).exists() and lines.read(path).up:
+        raise UsageError(f"line {name} is up already (pid {lines.read(path).pid}); "
+                         f"'podpipe down {path}' first")
+    if args.foreground:
+        def ready(error: str | None) -> None:
+            if args.ready_fd is not None:
+                os.write(args.ready_fd, (error or "up").encode() + b"\n")
+                os.close(args.ready_fd)
+            elif error is None:
+                console.print(f"line {name} is up: {path}; submit with 'podpipe submit "
+                              f"{path} --set source.uri=...'; Ctrl-C ends it",
+                              highlight=False, soft_wrap=True)
+        return line.run_line(path, args.spec, args.set, name, ready)
+    line.detach(path, args.spec, args.set, name)
+    console.print(f"line {name} is up: {path}\nsubmit a job: podpipe submit {path} "
+                  f"--set source.uri=...\nend it:       podpipe down {path}",
+                  highlight=False, soft_wrap=True)
+    return 0
+
+
+def submit(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.runtime.plumbing import protocol
+    from podpipe.runtime.runs import lines
+
+    for answer in lines.submit(args.line, args.set, wait=args.wait):
+        if isinstance(answer, protocol.Submitted):
+            ahead = f" ({answer.ahead} ahead of it)" if answer.ahead else ""
+            console.print(f"{answer.job}{ahead}\nrun directory: {answer.run_dir}",
+                          highlight=False, soft_wrap=True)
+            sys.stdout.flush()
+        elif isinstance(answer, protocol.JobOver):
+            if answer.state == "failed":
+                raise RunError(f"job {answer.job} failed: {answer.error}")
+            console.print(f"{answer.job}: {answer.state}" +
+                          (f": {answer.error}" if answer.error else ""), highlight=False,
+                          soft_wrap=True)
+            return EXIT_CODES.get(answer.state, 1)
+    return 0
+
+
+def down(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.runtime.plumbing import protocol
+    from podpipe.runtime.runs import lines
+
+    record = lines.read(lines.home(args.line))
+    answer = lines.ask(args.line, protocol.DownRequest())
+    assert isinstance(answer, protocol.Downed)
+    if not lines.gone(record, args.timeout):
+        raise RunError(f"line {record.name}: still up after {args.timeout:g} s "
+                       f"(pid {record.pid})")
+    said = [f"line {record.name} is down"]
+    if answer.stopped:
+        said.append(f"stopped job {answer.stopped[0]} (resumable: 'podpipe resume "
+                    "RUN_DIR')")
+    if answer.dropped:
+        said.append(f"{len(answer.dropped)} queued job(s) did not run; they stay queued "
+                    "for the line's next 'up'")
+    console.print("; ".join(said), highlight=False, soft_wrap=True)
+    return 0
+
+
+def listed(args: argparse.Namespace, console: Console) -> int:
+    from podpipe import console as terminal
+    from podpipe.runtime.runs import lines
+
+    found = lines.listing(args.dir)
+    if args.json:
+        import msgspec
+
+        print(json.dumps([{"dir": str(p), **msgspec.to_builtins(r)} for p, r in found],
+                         indent=2))
+    else:
+        console.print(terminal.lines_table(found, args.dir or str(lines.DEFAULT_LINES)))
+    return 0
+
+
+def is_line(arg: str) -> bool:
+    """Is a RUN_DIR argument a standing line rather than a run?"""
+    from podpipe.runtime.runs import lines
+
+    return arg != "latest" and (lines.home(arg) / lines.RECORD).exists()
+
+
+def status(args: argparse.Namespace, console: Console) -> int:
+    from podpipe import console as terminal
+    from podpipe.runtime.runs import lines
+
+    path = lines.home(args.run_dir)
+    record = lines.read(path)
+    if not record.up and record.state != "starting":
+        record.state = "down"
+    if args.json:
+        import msgspec
+
+        print(json.dumps({"dir": str(path), **msgspec.to_builtins(record)}, indent=2))
+    else:
+        console.print(terminal.line_table(record, str(path)))
+    return 0

@@ -1,0 +1,78 @@
+"""What a standing line lends each job's conductor: its loop, its warm processes and
+their connections, and who hears what is the line's to answer (a submit, a down).
+
+A conductor of a `podpipe run` makes these for itself and ends them with the run.
+On a standing line (`runs.line`) they outlive every job: at a job's start the
+conductor `take`s them (each connected agent is told of the job and says hello
+again for it, its imports and modules warm; processes the line starts from then on
+serve the job's spec), and at its end `give_back` returns them, idle. A process
+still busy when its job ended (the job failed, or the line went down) is killed:
+its next task would come from another job, and what it is writing is no one's.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Callable
+
+from podpipe.engine.ledger import Ledger
+from podpipe.runtime.conductor.agents import Agents, Conn
+from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.run import Run
+from podpipe.runtime.plumbing import logline, protocol
+from podpipe.runtime.plumbing.launching import Launcher
+from podpipe.runtime.plumbing.loop import EventLoop
+
+
+@dataclass
+class Floor:
+    loop: EventLoop
+    agents: Agents
+    processes: Processes
+    standing: bool = False  # a line's, lent to one job after another
+    # a message that is the line's (submit, down): answered by the line, job or not
+    requests: Callable[[Conn, protocol.Message], bool] = lambda conn, message: False
+    swapped: dict[str, list[str]] = field(default_factory=dict)  # on the line: later jobs' too
+    interrupt: str | None = None  # the line stops the running job: why
+
+    @classmethod
+    def of_run(cls, launcher: Launcher | None, listener: socket.socket | None, reaper: bool,
+               log: logline.Log) -> Floor:
+        """A `podpipe run`'s own, ended with it."""
+        assert listener is not None
+        loop = EventLoop()
+        return cls(loop, Agents(loop, listener, log), Processes(launcher, loop, reaper=reaper))
+
+    def take(self, run: Run, ledger: Ledger) -> None:
+        """The job `run` starts: its processes are the line's warm ones."""
+        spec = str(run.run_dir / "spec.yaml")
+        self.processes.serve(run.run_dir / "spec.yaml", run.overrides, run.run_dir / "logs")
+        ledger.warm(self.processes.workers())
+        for name in self.agents.nodes():
+            conn = self.agents.unbind(name)
+            if conn is not None:
+                self.tell(conn, run, spec, name)
+
+    def serves(self, conn: Conn, hello: protocol.Hello, run: Run) -> bool:
+        """Does this hello say the agent serves the job's spec? Else (a process that
+        started for the job before, or at the line's start) it is told of this one."""
+        spec = str(run.run_dir / "spec.yaml")
+        if hello.spec == spec:
+            return True
+        self.tell(conn, run, spec, protocol.agent_name(hello.node, hello.worker))
+        return False
+
+    def tell(self, conn: Conn, run: Run, spec: str, name: str) -> None:
+        node = protocol.split_name(name)[0]
+        self.agents.answer(conn, protocol.Job(
+            spec=spec, overrides=[*run.overrides, *self.swapped.get(node, [])],
+            log=str(run.run_dir / "logs" / f"{name}.log"), run=str(run.run_dir)))
+
+    def give_back(self, ledger: Ledger) -> None:
+        """The job is over: idle processes stay, warm; busy ones are killed."""
+        for node, worker, agent in ledger.all_agents():
+            name = protocol.agent_name(node, worker)
+            if agent.busy and self.processes.expects(name):
+                self.agents.drop(name)
+                self.processes.retire(name, kill=True)

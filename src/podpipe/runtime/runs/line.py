@@ -1,0 +1,391 @@
+"""A standing line: one pod that stays up, warm, and takes one job after another.
+
+`podpipe up` runs this process (detached, or in the terminal with `--foreground`).
+It starts every node's processes once and waits for each to say hello — imports
+done, the stage modules loaded — then serves: jobs come as `submit` requests on its
+socket, queue in order (each a file under `queue/`, so the queue outlives the
+process), and run one at a time, each with the conductor of a `podpipe run` over
+the line's `Floor`: the same loop, the same warm processes, told of the job and
+saying hello for it. A job is a run directory like any run's (journal, status,
+logs, report, sink output); a failure is the job's, and the line takes the next.
+
+Between jobs the line answers requests itself; during a job its conductor hands
+the line's requests (a submit, a job's wait or stop, down) back to it through the
+floor. SIGINT/SIGTERM or `podpipe down` stop the running job (resumable) and end
+the line: every process stopped, the scratch removed, queued jobs kept in `queue/`
+for the next `up` of the line.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
+                            UsageError)
+from podpipe.model import spec as specs
+from podpipe.model.graph import Graph
+from podpipe.model.shards import Placement
+from podpipe.runtime.conductor import Conductor, Floor
+from podpipe.runtime.conductor.agents import Agents, Conn
+from podpipe.runtime.conductor.processes import SPAWNED, Processes
+from podpipe.runtime.conductor.run import workers
+from podpipe.runtime.data import scratch as scratches
+from podpipe.runtime.plumbing import files, lifetime, logline, protocol
+from podpipe.runtime.plumbing import loop as loops
+from podpipe.runtime.rundir import layout as rundir, status
+from podpipe.runtime.runs import following, lines, pod
+from podpipe.runtime.runs.launcher import launcher as make_launcher
+from podpipe.runtime.runs.origin import Origin
+
+RECENT = 20  # jobs over that the line's record lists
+# What a job may set: its data, never the graph (`apply` and `swap` change that).
+JOB_FIELDS = ("source.uri", "source.columns", "source.batchRows", "source.format")
+JOB_NODE_FIELDS = {"sinks": ("uri", "mode"), "stages": ("env",)}
+
+
+@dataclass
+class _Job:
+    job: str
+    run_path: Path
+    overrides: list[str]
+    sinks: frozenset[str]  # where it writes: no other job on the line may
+    queued_as: Path        # its file in queue/
+    waiters: list[Conn] = field(default_factory=list)
+    stop: bool = False
+
+
+def job_overrides(items: list[str]) -> None:
+    """Refuse (UsageError naming it) a job's --set that is not one of its data's."""
+    for item in items:
+        key = item.partition("=")[0]
+        parts = key.split(".")
+        if key in JOB_FIELDS or (len(parts) >= 3 and parts[2] in
+                                 JOB_NODE_FIELDS.get(parts[0], ())):
+            continue
+        raise UsageError(f"--set {key}: a job may set only its data — "
+                         f"{', '.join(JOB_FIELDS)}, sinks.NAME.uri, sinks.NAME.mode, "
+                         "stages.NAME.env.VAR; the graph is the line's (change it with "
+                         "'podpipe apply' or 'podpipe swap')")
+
+
+class Line:
+    def __init__(self, path: Path, spec_path: str, overrides: list[str], name: str) -> None:
+        self.path, self.overrides = path, overrides
+        self.pipeline = specs.load(spec_path, overrides)
+        self.graph = Graph.of(self.pipeline)
+        self.record = lines.LineRecord(
+            name=name, pid=os.getpid(), start=scratches.process_start(os.getpid()),
+            socket="", spec=os.path.abspath(spec_path), cwd=os.getcwd(),
+            overrides=overrides, started=time.time())
+        self.loop = loops.EventLoop()  # signals are events once it is entered
+        self.queue: deque[_Job] = deque()
+        self.running: _Job | None = None
+        self.down = False
+        self.broken: PodpipeError | None = None  # a process that could not start
+        self._seq = 0
+
+    # -- up ----------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lay out the line, start its processes (`warm` waits for them)."""
+        files.private_dirs(self.path / "queue")
+        files.private_dirs(self.path / "logs")
+        files.publish(self.path / "spec.yaml", Path(self.record.spec).read_bytes())
+        root = scratches.default_root()
+        scratches.sweep(root)
+        self.scratch = scratches.Scratch.create(f"line-{self.record.name}", root)
+        self.record.socket = str(self.scratch.socket)
+        listener = protocol.listen(self.scratch.socket)
+        launcher = make_launcher(self.path / "spec.yaml", self.overrides, self.scratch.socket,
+                                 self.path / "logs", self.record.name)
+        agents = Agents(self.loop, listener, self._log)
+        self.floor = Floor(self.loop, agents, Processes(launcher, self.loop), standing=True,
+                           requests=self._request)
+        self.launcher = launcher
+        agents.listen()
+        counts = workers(self.pipeline, self.graph)
+        self.expected = {protocol.agent_name(node, worker) for node in self.graph.order
+                         for worker in range(counts[node] or 1)}
+        for name in sorted(self.expected):
+            self.floor.processes.begin(name)
+        self._requeue()
+
+    def warm(self) -> None:
+        """Wait until every process has said hello (its imports done); raise what
+        stopped one from starting."""
+        while not self.down and not self.expected <= set(self.floor.agents.nodes()):
+            for happening in self.floor.loop.wait(None):
+                self._idle(happening)
+            if self.broken is not None:
+                raise self.broken
+        self.record.state = "up"
+        self._publish()
+
+    def _requeue(self) -> None:
+        """Jobs a line of this name had queued when it went down: queued again."""
+        for entry in sorted((self.path / "queue").iterdir()):
+            self._seq = max(self._seq, int(entry.name.partition("-")[0]) + 1)
+            try:
+                run_path = Path(files.read_ours(entry).decode())
+                recorded = rundir.read(run_path)
+                pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
+            except (OSError, files.NotOurs, PodpipeError) as exc:
+                self._log(f"{entry.name}: not queued again ({exc})", "warning")
+                entry.unlink(missing_ok=True)
+                continue
+            rundir.lock(run_path)
+            self.queue.append(_Job(run_path.name, run_path, recorded.overrides,
+                                   _sinks(pipeline), entry))
+
+    # -- serving -------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Take jobs until down."""
+        while not self.down:
+            if self.queue:
+                self._run(self.queue.popleft())
+                continue
+            for happening in self.floor.loop.wait(None):
+                self._idle(happening)
+
+    def _idle(self, happening: loops.Happening) -> None:
+        """Between jobs (or while warming up): what happened, answered by the line."""
+        agents, processes = self.floor.agents, self.floor.processes
+        if isinstance(happening, loops.Ready):
+            if happening.tag == SPAWNED:
+                return processes.settle()
+            for conn, message in agents.read(happening.tag):
+                if message is None:
+                    agents.forget(conn)
+                elif isinstance(message, protocol.Hello):
+                    name = protocol.agent_name(message.node, message.worker)
+                    if agents.hello(conn, message, expected=processes.expects(name)):
+                        self.record.processes[name] = message.pid
+                elif isinstance(message, protocol.Broken):
+                    self.broken = (SpecError(message.message, file=self.record.spec,
+                                                   field=message.field)
+                                   if message.field else InputError(message.message))
+                elif isinstance(message, protocol.Probe):
+                    agents.answer_probe(conn, message)
+                else:
+                    self._request(conn, message)
+        elif isinstance(happening, loops.ProcessExited):
+            if processes.exited(happening.pid, happening.tag) is not None:
+                agents.drop(happening.tag)  # started again for the next job
+                self.record.processes.pop(happening.tag, None)
+                if self.record.state == "starting" and self.broken is None:
+                    self.broken = RunError(f"{happening.tag} exited while the line started; "
+                                           f"see {self.path / 'logs' / happening.tag}.log")
+        elif isinstance(happening, loops.Signalled):
+            self.down = True
+
+    def _request(self, conn: Conn, message: protocol.Message) -> bool:
+        """A request that is the line's: answered here (True), else the job's (False)."""
+        if isinstance(message, protocol.SubmitRequest):
+            try:
+                job = self._submit(message)
+            except PodpipeError as exc:
+                self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
+                return True
+            ahead = len(self.queue) - 1 + (self.running is not None)
+            self.floor.agents.answer(conn, protocol.Submitted(
+                job=job.job, run_dir=str(job.run_path), ahead=ahead))
+            if message.wait:
+                job.waiters.append(conn)
+        elif isinstance(message, protocol.JobRequest):
+            self._job_request(conn, message)
+        elif isinstance(message, protocol.DownRequest):
+            self.floor.agents.answer(conn, protocol.Downed(
+                dropped=[j.job for j in self.queue],
+                stopped=[self.running.job] if self.running else []))
+            self.down = True
+            if self.running is not None:
+                self.floor.interrupt = "the line went down"
+        else:
+            return False
+        return True
+
+    def _submit(self, request: protocol.SubmitRequest) -> _Job:
+        job_overrides(request.overrides)
+        overrides = [*self.overrides, *request.overrides]
+        pipeline = specs.load(self.path / "spec.yaml", overrides)
+        graph = Graph.of(pipeline)
+        if graph.order != self.graph.order or graph.inputs != self.graph.inputs:
+            raise UsageError("the job's --set changes the graph; the graph is the line's")
+        sinks = _sinks(pipeline)
+        for other in [*([self.running] if self.running else []), *self.queue]:
+            if other.sinks & sinks:
+                raise UsageError(f"job {other.job}, on the line already, writes to "
+                                 f"{', '.join(sorted(other.sinks & sinks))} too: give this "
+                                 "job other sink folders (--set sinks.NAME.uri=...)")
+        job = (f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-"
+               f"{secrets.token_hex(2)}")
+        run_path = (Path(pipeline.checkpoints.node) / "runs" / job).absolute()
+        rundir.make(run_path, str(self.path / "spec.yaml"), overrides,
+                    placement=Placement(), line=str(self.path.absolute()))
+        rundir.lock(run_path)
+        queued_as = self.path / "queue" / f"{self._seq:08d}-{job}"
+        self._seq += 1
+        files.publish(queued_as, str(run_path))
+        entry = _Job(job, run_path, overrides, sinks, queued_as)
+        self.queue.append(entry)
+        self._publish()
+        return entry
+
+    def _job_request(self, conn: Conn, request: protocol.JobRequest) -> None:
+        """Wait for a job (answered once it is over), or stop it."""
+        found = next((j for j in [*([self.running] if self.running else []), *self.queue]
+                      if str(j.run_path) == request.run_dir), None)
+        if found is None:  # over already: its status says how
+            try:
+                current = rundir.status_of(Path(request.run_dir))
+            except UsageError as exc:
+                self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
+                return
+            self.floor.agents.answer(conn, protocol.JobOver(
+                job=current.run_id, run_dir=request.run_dir, state=current.state,
+                error=current.error))
+            return
+        found.waiters.append(conn)
+        if request.stop and found is self.running:
+            self.floor.interrupt = f"stopped; finish it with 'podpipe resume {found.run_path}'"
+        elif request.stop:
+            self.queue.remove(found)
+            self._over(found, "interrupted", "stopped before it started")
+
+    # -- a job -----------------------------------------------------------------------
+
+    def _run(self, job: _Job) -> None:
+        self.running, self.record.running = job, job.job
+        self._publish()
+        state, error, started = "succeeded", None, time.time()
+        try:
+            pipeline = specs.load(job.run_path / "spec.yaml", job.overrides)
+            run, restored, tier = pod.prepare(
+                pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
+                origin=Origin(durable=True), fresh=True)
+            following.mark_latest(job.run_path)
+            Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
+                      floor=self.floor).start()
+        except InterruptedRun as exc:
+            state, error = "interrupted", str(exc)
+            if self.floor.interrupt is None:  # a signal: the line goes down too
+                self.down = True
+        except PodpipeError as exc:
+            state, error = "failed", str(exc)
+            if not (job.run_path / status.FILE).exists():  # it never started
+                rundir.failed_before_start(job.run_path, error)
+        finally:
+            self.scratch.clear()
+        self.floor.interrupt = None
+        self.running = self.record.running = None
+        self._over(job, state, error, time.time() - started)
+
+    def _over(self, job: _Job, state: str, error: str | None,
+              seconds: float | None = None) -> None:
+        rundir.unlock(job.run_path)
+        if state != "interrupted":  # (one interrupted stays queued for the next `up`)
+            job.queued_as.unlink(missing_ok=True)
+        self.record.recent = [*self.record.recent, lines.JobRow(
+            job=job.job, run_dir=str(job.run_path), state=state, error=error,
+            seconds=None if seconds is None else round(seconds, 4))][-RECENT:]
+        self.record.done += state == "succeeded"
+        self.record.failed += state == "failed"
+        self._log(f"job {job.job} {state}" + (f": {error}" if error else ""),
+                  "info" if state == "succeeded" else "warning")
+        for conn in job.waiters:
+            self.floor.agents.answer(conn, protocol.JobOver(
+                job=job.job, run_dir=str(job.run_path), state=state, error=error))
+        self._publish()
+
+    # -- down --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Every process stopped, the scratch removed; queued jobs stay in queue/."""
+        floor = getattr(self, "floor", None)
+        if floor is not None:
+            for name in floor.agents.nodes():
+                floor.agents.send(name, protocol.Stop())
+            floor.processes.stop_all(terminate=False, told=floor.agents.nodes())
+            floor.agents.close()
+        for job in self.queue:
+            rundir.unlock(job.run_path)
+        if hasattr(self, "scratch"):
+            self.scratch.remove()
+        self.record.state, self.record.processes = "down", {}
+        self._publish()
+
+    def _publish(self) -> None:
+        self.record.queued = [j.job for j in self.queue]
+        try:
+            lines.write(self.path, self.record)
+        except OSError as exc:
+            self._log(f"cannot write {self.path / lines.RECORD}: {exc}", "warning")
+
+    def _log(self, message: str, level: str = "info") -> None:
+        text = logline.line(message, level)
+        if text:
+            with open(files.append_private(self.path / "logs" / "line.log"), "a") as log:
+                log.write(text)
+
+
+def _sinks(pipeline: specs.Pipeline) -> frozenset[str]:
+    """Where a job's sinks write, as comparable as the spec lets them be."""
+    return frozenset(s.uri if "://" in s.uri else os.path.abspath(s.uri) + "/"
+                     for s in pipeline.sinks)
+
+
+def run_line(path: Path, spec_path: str, overrides: list[str], name: str,
+             ready: Callable[[str | None], None]) -> int:
+    """The line's process, start to end; `ready` is told once it is warm (None), or
+    why it could not start."""
+    try:
+        line = Line(path, spec_path, overrides, name)
+    except PodpipeError as exc:
+        ready(str(exc))
+        raise
+    lifetime.become_subreaper()  # what the stages leave is the line's to end
+    told = False
+    try:
+        with line.loop:
+            line.open()
+            line.warm()
+            if not line.down:
+                ready(None)
+                told = True
+                line.serve()
+    except PodpipeError as exc:
+        if not told:
+            ready(str(exc))
+        raise
+    finally:
+        line.close()
+    return 0
+
+
+def detach(path: Path, spec_path: str, overrides: list[str], name: str) -> None:
+    """Start the line's process on its own (its own session, logging to
+    `logs/line.log`) and return once it is warm; UsageError saying why it is not."""
+    files.private_dirs(path / "logs")
+    theirs, ours = os.pipe()
+    argv = [sys.executable, "-m", "podpipe", "up", spec_path, "--name", name,
+            "--foreground", "--ready-fd", str(ours)]
+    for item in overrides:
+        argv += ["--set", item]
+    log = path / "logs" / "line.log"
+    with open(files.append_private(log), "ab") as out:
+        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                         pass_fds=[ours], start_new_session=True)
+    os.close(ours)
+    with os.fdopen(theirs) as said:
+        answer = said.read().strip()
+    if answer != "up":
+        raise UsageError(answer or f"line {name} did not start; see {log}")

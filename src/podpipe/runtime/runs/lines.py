@@ -1,0 +1,205 @@
+"""Standing lines from another shell: where a line lives, what it says of itself, and
+the requests a user sends it (`podpipe submit`, `down`, `lines`, `wait`/`stop` of a job).
+
+A line lives in `<checkpoints.node>/lines/<name>/` (by default `.podpipe/lines/`):
+
+    line.json   `LineRecord`: the line's process, its socket, its spec, and what it
+                holds now (warm processes, the queue, the running and recent jobs),
+                published whole at every change
+    spec.yaml   the spec as the line runs it
+    queue/      one file per job not yet over, in order (`<seq>-<job>`): the queue
+                outlives the line's process
+    logs/       the line's own log, and its processes' before their first job
+
+Each job is a run directory under `<checkpoints.node>/runs/` like any run's, whose
+`run.json` names its line. Everything read back is checked to be this user's, and
+the line checks each peer's uid on its socket: another user's line can be neither
+read nor steered from here.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import msgspec
+
+from podpipe.errors import RunError, UsageError
+from podpipe.runtime.data.scratch import alive
+from podpipe.runtime.plumbing import files, protocol
+from podpipe.runtime.rundir import layout as rundir
+
+DEFAULT_LINES = Path(".podpipe") / "lines"
+RECORD = "line.json"
+
+
+class JobRow(msgspec.Struct, kw_only=True):
+    job: str
+    run_dir: str
+    state: str          # queued, running, succeeded, failed, interrupted
+    error: str | None = None
+    seconds: float | None = None  # from its start to its end
+
+
+class LineRecord(msgspec.Struct, kw_only=True):
+    name: str
+    pid: int
+    start: str | None        # the process's start time: a reused pid is not the line
+    socket: str
+    spec: str                # the user's file
+    cwd: str
+    overrides: list[str]
+    started: float
+    state: str = "starting"  # starting, up, down
+    processes: dict[str, int] = {}  # warm processes: agent name -> pid
+    queued: list[str] = []   # job ids, in order (the running one not among them)
+    running: str | None = None
+    recent: list[JobRow] = []  # the last jobs over, newest last
+    done: int = 0
+    failed: int = 0
+
+    @property
+    def up(self) -> bool:
+        """Is the line's process alive and serving (not down, not dead)?"""
+        return self.state == "up" and alive(self.pid, self.start)
+
+
+def home(line: str) -> Path:
+    """A LINE argument: a line's name (under `.podpipe/lines`) or its directory."""
+    if "/" in line or line in (".", ".."):
+        return Path(line)
+    return DEFAULT_LINES / line
+
+
+def read(path: Path) -> LineRecord:
+    """The line's record, from a directory of this user's (UsageError otherwise)."""
+    try:
+        files.check_ours(path)
+        return msgspec.json.decode(files.read_ours(path / RECORD), type=LineRecord)
+    except files.NotOurs as exc:
+        raise UsageError(f"line {path}: {exc}") from None
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such line (start one with 'podpipe up SPEC')") from None
+    except (OSError, msgspec.DecodeError) as exc:
+        raise UsageError(f"{path}: not a podpipe line ({exc})") from None
+
+
+def write(path: Path, record: LineRecord) -> None:
+    files.publish(path / RECORD, msgspec.json.encode(record))
+
+
+def listing(lines_dir: str | None = None) -> list[tuple[Path, LineRecord]]:
+    """This user's lines in a lines directory, by name, with their records (a line
+    whose process is gone shows as `down`)."""
+    root = Path(lines_dir) if lines_dir else DEFAULT_LINES
+    try:
+        entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    except FileNotFoundError:
+        return []
+    found = []
+    for path in entries:
+        try:
+            record = read(path)
+        except UsageError:
+            continue  # another user's, or not a line
+        if not record.up and record.state != "starting":
+            record.state = "down"
+        found.append((path, record))
+    return found
+
+
+def gone(record: LineRecord, timeout: float) -> bool:
+    """Wait until the line's process has ended (True), at most `timeout` seconds."""
+    if not alive(record.pid, record.start):
+        return True
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
+
+
+def connect(line: str) -> tuple[Path, socket.socket]:
+    """A connection to the running line `line` (UsageError if it is down or not ours)."""
+    path = home(line)
+    record = read(path)
+    if not record.up:
+        raise UsageError(f"line {record.name} is down; start it with 'podpipe up "
+                         f"{record.spec} --name {record.name}'")
+    try:
+        return path, protocol.connect(record.socket, wait=0)
+    except OSError as exc:
+        raise UsageError(f"line {record.name}: cannot reach it at {record.socket}: "
+                         f"{exc}") from None
+
+
+def ask(line: str, message: protocol.Message, timeout: float | None = 30.0) -> protocol.Message:
+    """Send the line one request; its answer (UsageError if it refused)."""
+    _, sock = connect(line)
+    with sock:
+        return _answer(sock, message, timeout, line)
+
+
+def _answer(sock: socket.socket, message: protocol.Message | None, timeout: float | None,
+            line: str) -> protocol.Message:
+    sock.settimeout(timeout)
+    try:
+        if message is not None:
+            protocol.send(sock, message)
+        answer = protocol.recv(sock)
+    except socket.timeout:
+        raise RunError(f"line {line}: no answer in {timeout:.0f} s") from None
+    except (protocol.Closed, OSError) as exc:
+        raise RunError(f"line {line}: it went away ({exc})") from None
+    if isinstance(answer, protocol.Refused):
+        raise UsageError(answer.message)
+    return answer
+
+
+def submit(line: str, overrides: list[str], *, wait: bool = False
+           ) -> Iterator[protocol.Submitted | protocol.JobOver]:
+    """Put a job on the line: its `Submitted` answer and, with `wait`, its `JobOver`
+    once it has ended (the connection stays open for it: no polling)."""
+    _, sock = connect(line)
+    with sock:
+        answer = _answer(sock, protocol.SubmitRequest(overrides=overrides, wait=wait), 60.0, line)
+        assert isinstance(answer, protocol.Submitted)
+        yield answer
+        if wait:
+            over = _answer(sock, None, None, line)
+            assert isinstance(over, protocol.JobOver)
+            yield over
+
+
+def job_line(run_path: Path) -> str | None:
+    """The line a run directory's job is on (None: a run of its own)."""
+    return rundir.read(run_path).line
+
+
+def wait_job(run_path: Path, line: str, timeout: float | None) -> protocol.JobOver | None:
+    """Block until the job at `run_path` is over (None after `timeout` seconds)."""
+    _, sock = connect(line)
+    with sock:
+        try:
+            answer = _answer(sock, protocol.JobRequest(run_dir=str(run_path.resolve())),
+                             timeout, line)
+        except RunError:
+            if timeout is not None:
+                return None
+            raise
+    assert isinstance(answer, protocol.JobOver)
+    return answer
+
+
+def stop_job(run_path: Path, line: str) -> protocol.JobOver:
+    """Stop the job at `run_path` (resumable: `podpipe resume`); the line goes on."""
+    answer = ask(line, protocol.JobRequest(run_dir=str(run_path.resolve()), stop=True),
+                 timeout=None)
+    assert isinstance(answer, protocol.JobOver)
+    return answer
