@@ -126,7 +126,7 @@ class Conductor:
                         self._end("succeeded", None)
                     elif self.processes.local:
                         if self.floor.standing:  # a line's warm processes: told of it
-                            self.floor.take(self.run, self.ledger)
+                            self.floor.take(self.ledger)
                         elif self.processes.reaper:
                             lifetime.become_subreaper()  # what stages leave is ours
                         for node, worker, _ in self.ledger.all_agents():

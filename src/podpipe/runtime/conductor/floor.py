@@ -2,10 +2,11 @@
 their connections, and who hears what is the line's to answer (a submit, a down).
 
 A conductor of a `podpipe run` makes these for itself and ends them with the run.
-On a standing line (`runs.line`) they outlive every job: at a job's start the
-conductor `take`s them (each connected agent is told of the job and says hello
+On a standing line (`runs.line`) they outlive every job: the line `announce`s the
+next job before it plans it (each connected agent is told of the job and says hello
 again for it, its imports and modules warm; processes the line starts from then on
-serve the job's spec), and at its end `give_back` returns them, idle. A process
+serve the job's spec), its conductor `take`s them, and at the job's end `give_back`
+returns them, idle. A process
 still busy when its job ended (the job failed, or the line went down) is killed:
 its next task would come from another job, and what it is writing is no one's.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from podpipe.engine.ledger import Ledger
@@ -44,30 +46,35 @@ class Floor:
         loop = EventLoop()
         return cls(loop, Agents(loop, listener, log), Processes(launcher, loop, reaper=reaper))
 
-    def take(self, run: Run, ledger: Ledger) -> None:
-        """The job `run` starts: its processes are the line's warm ones."""
-        spec = str(run.run_dir / "spec.yaml")
-        self.processes.serve(run.run_dir / "spec.yaml", run.overrides, run.run_dir / "logs")
-        ledger.warm(self.processes.workers())
+    def announce(self, run_dir: Path, overrides: list[str]) -> None:
+        """The next job is the one at `run_dir`: processes the line starts from now on
+        serve its spec, and each connected one is told of it now — they load it while
+        the job is planned, and say hello for it once its conductor listens."""
+        self.spec = str(run_dir / "spec.yaml")
+        self.processes.serve(run_dir / "spec.yaml", overrides, run_dir / "logs")
         for name in self.agents.nodes():
             conn = self.agents.unbind(name)
             if conn is not None:
-                self.tell(conn, run, spec, name)
+                self.tell(conn, run_dir, overrides, name)
+
+    def take(self, ledger: Ledger) -> None:
+        """The job starts: its engine counts the line's warm processes as its own."""
+        ledger.warm(self.processes.workers())
 
     def serves(self, conn: Conn, hello: protocol.Hello, run: Run) -> bool:
         """Does this hello say the agent serves the job's spec? Else (a process that
         started for the job before, or at the line's start) it is told of this one."""
-        spec = str(run.run_dir / "spec.yaml")
-        if hello.spec == spec:
+        if hello.spec == str(run.run_dir / "spec.yaml"):
             return True
-        self.tell(conn, run, spec, protocol.agent_name(hello.node, hello.worker))
+        self.tell(conn, run.run_dir, run.overrides,
+                  protocol.agent_name(hello.node, hello.worker))
         return False
 
-    def tell(self, conn: Conn, run: Run, spec: str, name: str) -> None:
+    def tell(self, conn: Conn, run_dir: Path, overrides: list[str], name: str) -> None:
         node = protocol.split_name(name)[0]
         self.agents.answer(conn, protocol.Job(
-            spec=spec, overrides=[*run.overrides, *self.swapped.get(node, [])],
-            log=str(run.run_dir / "logs" / f"{name}.log"), run=str(run.run_dir)))
+            spec=str(run_dir / "spec.yaml"), overrides=[*overrides, *self.swapped.get(node, [])],
+            log=str(run_dir / "logs" / f"{name}.log"), run=str(run_dir)))
 
     def give_back(self, ledger: Ledger) -> None:
         """The job is over: idle processes stay, warm; busy ones are killed."""

@@ -56,6 +56,7 @@ class _Job:
     job: str
     run_path: Path
     overrides: list[str]
+    pipeline: specs.Pipeline
     sinks: frozenset[str]  # where it writes: no other job on the line may
     queued_as: Path        # its file in queue/
     waiters: list[Conn] = field(default_factory=list)
@@ -142,7 +143,7 @@ class Line:
                 entry.unlink(missing_ok=True)
                 continue
             rundir.lock(run_path)
-            self.queue.append(_Job(run_path.name, run_path, recorded.overrides,
+            self.queue.append(_Job(run_path.name, run_path, recorded.overrides, pipeline,
                                    _sinks(pipeline), entry))
 
     # -- serving -------------------------------------------------------------------
@@ -235,7 +236,7 @@ class Line:
         queued_as = self.path / "queue" / f"{self._seq:08d}-{job}"
         self._seq += 1
         files.publish(queued_as, str(run_path))
-        entry = _Job(job, run_path, overrides, sinks, queued_as)
+        entry = _Job(job, run_path, overrides, pipeline, sinks, queued_as)
         self.queue.append(entry)
         self._publish()
         return entry
@@ -267,10 +268,10 @@ class Line:
         self.running, self.record.running = job, job.job
         self._publish()
         state, error, started = "succeeded", None, time.time()
+        self.floor.announce(job.run_path, job.overrides)  # they load it while we plan
         try:
-            pipeline = specs.load(job.run_path / "spec.yaml", job.overrides)
             run, restored, tier = pod.prepare(
-                pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
+                job.pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
                 origin=Origin(durable=True), fresh=True)
             following.mark_latest(job.run_path)
             Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
