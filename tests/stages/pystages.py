@@ -59,6 +59,13 @@ def fail_on_third(t: pa.Table) -> pa.Table:
     return t
 
 
+def fail_while_marked(t: pa.Table) -> pa.Table:
+    """Fails the batch holding x == 2500 while the file FAIL_MARKER exists."""
+    if os.path.exists(os.environ["FAIL_MARKER"]) and pc.any(pc.equal(t["x"], 2500)).as_py():
+        raise ValueError("x is 2500 and the marker is there")
+    return t
+
+
 def slow(t: pa.Table) -> pa.Table:
     time.sleep(float(os.environ.get("SLOW_SECONDS", "0.3")))
     return t

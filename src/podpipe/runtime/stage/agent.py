@@ -72,8 +72,11 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
         sys.stderr.write(logline.line(f"cannot reach the conductor at {socket_path}: {exc}",
                                       "error"))
         return 1
+    started_with = dict(os.environ)  # a job's stage env is its own, not the last job's
     served = _serve(sock, spec_path, overrides, node)
     while isinstance(served, protocol.Job):  # a standing line's next job, this process warm
+        os.environ.clear()
+        os.environ.update(started_with)
         _log_to(served.log)
         logline.speaking_for(run=Path(served.run).name, stage=node,
                              worker=int(os.environ.get(protocol.WORKER_ENV, "0")))

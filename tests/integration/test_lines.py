@@ -1,0 +1,247 @@
+"""A standing line: `podpipe up`, jobs submitted one after another, `down`.
+
+Real processes throughout: the line is the detached process `podpipe up` starts,
+jobs come through its socket from `podpipe submit` processes, and every job's sink
+is compared byte for byte with a `podpipe run` of the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, make_numbers, podpipe, spec, wait_until, write_spec
+
+
+def _spec(workdir: Path, double: str = "pystages:double") -> Path:
+    make_numbers(workdir / "data")  # 2 files of 5,000 rows: 10 batches of 1,000
+    return write_spec(workdir / "p.yaml", spec(
+        [{"name": "check", "run": "pystages:fail_while_marked", "inputs": ["source"]},
+         {"name": "double", "run": double, "inputs": ["check"]},
+         {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["double"]}],
+        [{"name": "doubled", "input": "double", "uri": "out/doubled/"},
+         {"name": "summed", "input": "total", "uri": "out/summed/"}]))
+
+
+def _sinks(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes()
+            for p in sorted(folder.rglob("part-*.parquet"))}
+
+
+def _to(name: str) -> list[str]:
+    """A job's --set: its sinks under out/NAME/."""
+    return ["--set", f"sinks.doubled.uri=out/{name}/doubled/",
+            "--set", f"sinks.summed.uri=out/{name}/summed/"]
+
+
+def _line(workdir: Path, name: str = "t") -> dict:
+    return json.loads((workdir / ".podpipe" / "lines" / name / "line.json").read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "Z" not in \
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def line(tmp_path: Path):
+    """A line `t` up in tmp_path over `_spec` (FAIL_MARKER: a file the test makes to
+    fail batch 2's check); downed (if still up) and checked for leftovers after."""
+    _spec(tmp_path)
+    env = {"FAIL_MARKER": str(tmp_path / "fail")}
+    done = podpipe("up", "p.yaml", "--name", "t", cwd=tmp_path, **env)
+    assert done.returncode == 0, done.stderr
+    assert "line t is up" in done.stdout
+    record = _line(tmp_path)
+    pids = [record["pid"], *record["processes"].values()]
+    yield tmp_path, env
+    if _line(tmp_path)["state"] == "up":
+        podpipe("down", "t", cwd=tmp_path)
+    for pid in pids:  # nothing of the line's outlives it
+        wait_until(lambda: not _alive(pid), f"process {pid} of the line to end", 15)
+
+
+def test_jobs_on_a_warm_line_write_what_a_run_writes(line):
+    workdir, env = line
+    ref = podpipe("run", "p.yaml", "--quiet", *_to("ref"), cwd=workdir, **env)
+    assert ref.returncode == 0, ref.stderr
+    warm = _line(workdir)["processes"]
+    assert set(warm) == {"source", "check", "double", "total", "doubled", "summed"}
+    jobs = []
+    for name in ("a", "b"):
+        done = podpipe("submit", "t", *_to(name), "--wait", cwd=workdir, **env)
+        assert done.returncode == 0, done.stderr
+        jobs.append(done.stdout.split()[0])
+        assert f"{jobs[-1]}: succeeded" in done.stdout
+        assert _sinks(workdir / "out" / name) == _sinks(workdir / "out" / "ref")
+    assert len(_sinks(workdir / "out" / "ref")) == 11  # 10 batches and the total
+    record = _line(workdir)
+    assert record["processes"] == warm  # the same processes took both jobs
+    assert (record["done"], record["failed"], record["running"]) == (2, 0, None)
+    # each job is a run directory like a run's
+    run_dir = workdir / ".podpipe" / "runs" / jobs[1]
+    status = podpipe("status", str(run_dir), "--json", cwd=workdir)
+    assert json.loads(status.stdout)["state"] == "succeeded"
+    logs = podpipe("logs", str(run_dir), "double", cwd=workdir)
+    assert "batch 9: done" in logs.stdout and jobs[0] not in logs.stdout
+    assert podpipe("report", str(run_dir), cwd=workdir).returncode == 0
+    assert podpipe("wait", "latest", cwd=workdir).returncode == 0
+    shown = podpipe("status", "t", cwd=workdir)
+    assert "2 succeeded, 0 failed" in shown.stdout, shown.stdout
+    listed = podpipe("lines", cwd=workdir)
+    assert "t " in listed.stdout and " up " in listed.stdout
+    down = podpipe("down", "t", cwd=workdir)
+    assert down.returncode == 0 and "line t is down" in down.stdout
+    assert " down " in podpipe("lines", cwd=workdir).stdout
+
+
+def test_a_failed_job_is_the_jobs_alone_and_resumes(line):
+    workdir, env = line
+    ref = podpipe("run", "p.yaml", "--quiet", *_to("ref"), cwd=workdir, **env)
+    assert ref.returncode == 0, ref.stderr
+    assert podpipe("submit", "t", *_to("one"), "--wait", cwd=workdir).returncode == 0
+    (workdir / "fail").touch()
+    failed = podpipe("submit", "t", *_to("two"), "--wait", cwd=workdir)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "stage 'check', batch 2: ValueError" in failed.stderr, failed.stderr
+    job = failed.stdout.split()[0]
+    (workdir / "fail").unlink()
+    third = podpipe("submit", "t", *_to("three"), "--wait", cwd=workdir)
+    assert third.returncode == 0, third.stderr
+    assert _sinks(workdir / "out" / "three") == _sinks(workdir / "out" / "ref")
+    record = _line(workdir)
+    assert (record["done"], record["failed"]) == (2, 1)
+    assert [j["state"] for j in record["recent"]] == ["succeeded", "failed", "succeeded"]
+    # the failed job: its status says so; a resume redoes only what is missing
+    run_dir = workdir / ".podpipe" / "runs" / job
+    status = json.loads(podpipe("status", str(run_dir), "--json", cwd=workdir).stdout)
+    assert status["state"] == "failed" and "batch 2" in status["error"]
+    resumed = podpipe("resume", str(run_dir), cwd=workdir, **env)
+    assert resumed.returncode == 0, resumed.stderr
+    after = json.loads(podpipe("status", str(run_dir), "--json", cwd=workdir).stdout)
+    assert after["resumed_done"] > 0, after  # what the failed job had finished stayed
+    assert _sinks(workdir / "out" / "two") == _sinks(workdir / "out" / "ref")
+
+
+def test_bad_submits_are_refused_and_down_says_what_it_dropped(tmp_path: Path):
+    workdir = tmp_path
+    _spec(workdir, double="pystages:double_gated")
+    gate = workdir / "gate"
+    up = podpipe("up", "p.yaml", "--name", "t", cwd=workdir,
+                 FAIL_MARKER=str(workdir / "fail"), GATE=str(gate))
+    assert up.returncode == 0, up.stderr
+    pids = [_line(workdir)["pid"], *_line(workdir)["processes"].values()]
+    runs = workdir / ".podpipe" / "runs"
+    before = set(runs.iterdir()) if runs.exists() else set()
+    changes_graph = podpipe("submit", "t", "--set", "stages.double.inputs=[source]",
+                            cwd=workdir)
+    assert changes_graph.returncode == 2
+    assert "a job may set only its data" in changes_graph.stderr
+    unknown = podpipe("submit", "t", "--set", "sinks.nope.uri=out/x/", cwd=workdir)
+    assert unknown.returncode == 2 and "nope" in unknown.stderr
+    assert (set(runs.iterdir()) if runs.exists() else set()) == before  # nothing queued
+    assert _line(workdir)["queued"] == []
+    # a job held by the gate, then one writing where it writes, then one queued
+    first = podpipe("submit", "t", *_to("a"), cwd=workdir)
+    assert first.returncode == 0
+    wait_until(lambda: _line(workdir)["running"] is not None, "the first job to start")
+    clash = podpipe("submit", "t", *_to("a"), cwd=workdir)
+    assert clash.returncode == 2 and first.stdout.split()[0] in clash.stderr
+    queued = podpipe("submit", "t", *_to("b"), cwd=workdir)
+    assert queued.returncode == 0 and "1 ahead" in queued.stdout
+    down = podpipe("down", "t", cwd=workdir)
+    assert down.returncode == 0, down.stderr
+    assert "1 queued job(s) did not run" in down.stdout, down.stdout
+    refused = podpipe("submit", "t", *_to("c"), cwd=workdir)
+    assert refused.returncode == 2 and "line t is down" in refused.stderr
+    assert " down " in podpipe("lines", cwd=workdir).stdout
+    for pid in pids:  # the held process was killed, not waited for
+        wait_until(lambda: not _alive(pid), f"process {pid} of the line to end", 15)
+    stopped = json.loads(podpipe("status", str(runs / first.stdout.split()[0]), "--json",
+                                 cwd=workdir).stdout)
+    assert stopped["state"] == "interrupted"
+
+
+def test_two_lines_at_once(tmp_path: Path):
+    _spec(tmp_path)
+    env = {"FAIL_MARKER": str(tmp_path / "fail")}
+    for name in ("one", "two"):
+        done = podpipe("up", "p.yaml", "--name", name, cwd=tmp_path, **env)
+        assert done.returncode == 0, done.stderr
+    try:
+        again = podpipe("up", "p.yaml", "--name", "one", cwd=tmp_path, **env)
+        assert again.returncode == 2 and "is up already" in again.stderr
+        submits = [subprocess.Popen([sys.executable, "-m", "podpipe", "submit", name,
+                                     *_to(name), "--wait"], cwd=tmp_path, env=cli_env(),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name in ("one", "two")]
+        for submit in submits:
+            out, err = submit.communicate(timeout=120)
+            assert submit.returncode == 0, err
+        assert _sinks(tmp_path / "out" / "one") == _sinks(tmp_path / "out" / "two")
+        assert len(_sinks(tmp_path / "out" / "one")) == 11
+    finally:
+        for name in ("one", "two"):
+            podpipe("down", name, cwd=tmp_path)
+    assert all(_line(tmp_path, n)["state"] == "down" for n in ("one", "two"))
+
+
+def _as_nobody(function) -> int:
+    """Run `function` in a forked child as uid 65534 (nobody); its exit code: 0 if it
+    returned True."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            code = 0 if function() else 3
+        except BaseException:
+            code = 4
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_can_neither_read_nor_steer_the_line(line):
+    from podpipe.errors import UsageError
+    from podpipe.runtime.plumbing import protocol
+    from podpipe.runtime.runs import lines
+
+    workdir, env = line
+    home = str(workdir / ".podpipe" / "lines" / "t")
+    record = _line(workdir)
+    os.chmod(workdir, 0o755)  # they may reach the folder; the line in it is 0700
+
+    def refused(request) -> bool:
+        try:
+            request()
+        except UsageError:
+            return True
+        return False
+
+    assert _as_nobody(lambda: refused(lambda: list(lines.submit(home, [])))) == 0
+    assert _as_nobody(lambda: refused(lambda: lines.ask(home, protocol.DownRequest()))) == 0
+
+    def socket_refused() -> bool:  # whatever they know of it, the socket is not theirs
+        import socket
+
+        with socket.socket(socket.AF_UNIX) as sock:
+            try:
+                sock.connect(record["socket"])
+            except PermissionError:
+                return True
+        return False
+    assert _as_nobody(socket_refused) == 0
+    after = _line(workdir)
+    assert after["state"] == "up" and after["queued"] == [] and after["recent"] == []
