@@ -245,3 +245,41 @@ def test_another_user_can_neither_read_nor_steer_the_line(line):
     assert _as_nobody(socket_refused) == 0
     after = _line(workdir)
     assert after["state"] == "up" and after["queued"] == [] and after["recent"] == []
+
+
+def test_a_killed_line_comes_back_and_finishes_its_job(tmp_path: Path):
+    """The line's process killed mid-job: its supervisor starts it again, the job
+    goes on from what it kept and ends byte-identical to a clean run; the job queued
+    behind it runs after it."""
+    import signal
+
+    workdir = tmp_path
+    _spec(workdir, double="pystages:double_gated")
+    gate = workdir / "gate"
+    env = {"FAIL_MARKER": str(workdir / "fail"), "GATE": str(gate)}
+    gate.touch()
+    ref = podpipe("run", "p.yaml", "--quiet", *_to("ref"), cwd=workdir, **env)
+    assert ref.returncode == 0, ref.stderr
+    gate.unlink()
+    assert podpipe("up", "p.yaml", "--name", "t", cwd=workdir, **env).returncode == 0
+    try:
+        job = podpipe("submit", "t", *_to("a"), cwd=workdir).stdout.split()[0]
+        after = podpipe("submit", "t", *_to("b"), cwd=workdir).stdout.split()[0]
+        run_dir = workdir / ".podpipe" / "runs" / job
+        wait_until(lambda: (run_dir / "status.json").exists(), "the job to start")
+        first = _line(workdir)
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_until(lambda: _line(workdir)["pid"] != first["pid"]
+                   and _line(workdir)["state"] == "up", "the line to come back")
+        assert _line(workdir)["supervisor"] == first["supervisor"]
+        gate.touch()
+        for each, name in ((job, "a"), (after, "b")):
+            done = podpipe("wait", str(workdir / ".podpipe" / "runs" / each), cwd=workdir)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert _sinks(workdir / "out" / name) == _sinks(workdir / "out" / "ref")
+        assert podpipe("down", "t", cwd=workdir).returncode == 0
+        assert not _alive(first["supervisor"])
+    finally:
+        gate.touch()
+        if _line(workdir)["state"] == "up":
+            podpipe("down", "t", cwd=workdir)

@@ -33,15 +33,12 @@ def up(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"line {name} is up already (pid {lines.read(path).pid}); "
                          f"'podpipe down {path}' first")
     if args.foreground:
-        def ready(error: str | None) -> None:
-            if args.ready_fd is not None:
-                os.write(args.ready_fd, (error or "up").encode() + b"\n")
-                os.close(args.ready_fd)
-            elif error is None:
-                console.print(f"line {name} is up: {path}; submit with 'podpipe submit "
-                              f"{path} --set source.uri=...'; Ctrl-C ends it",
-                              highlight=False, soft_wrap=True)
-        return line.run_line(path, args.spec, args.set, name, ready)
+        def show() -> None:
+            console.print(f"line {name} is up: {path}; submit with 'podpipe submit "
+                          f"{path} --set source.uri=...'; Ctrl-C ends it",
+                          highlight=False, soft_wrap=True)
+        return line.supervise(path, args.spec, args.set, name,
+                              line.Ready(args.ready_fd, show))
     line.detach(path, args.spec, args.set, name)
     console.print(f"line {name} is up: {path}\nsubmit a job: podpipe submit {path} "
                   f"--set source.uri=...\nend it:       podpipe down {path}",

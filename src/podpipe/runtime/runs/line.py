@@ -18,8 +18,10 @@ for the next `up` of the line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
-                            UsageError)
+                            UsageError, exit_code)
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.shards import Placement
@@ -46,6 +48,7 @@ from podpipe.runtime.runs.launcher import launcher as make_launcher
 from podpipe.runtime.runs.origin import Origin
 
 RECENT = 20  # jobs over that the line's record lists
+RESTARTS = 5  # a line's process that died more often in a minute stays down
 # What a job may set: its data, never the graph (`apply` and `swap` change that).
 JOB_FIELDS = ("source.uri", "source.columns", "source.batchRows", "source.format")
 JOB_NODE_FIELDS = {"sinks": ("uri", "mode"), "stages": ("env",)}
@@ -84,6 +87,7 @@ class Line:
         self.graph = Graph.of(self.pipeline)
         self.record = lines.LineRecord(
             name=name, pid=os.getpid(), start=scratches.process_start(os.getpid()),
+            supervisor=os.getppid(),
             socket="", spec=os.path.abspath(spec_path), cwd=os.getcwd(),
             overrides=overrides, started=time.time())
         self.loop = loops.EventLoop()  # signals are events once it is entered
@@ -99,6 +103,10 @@ class Line:
         """Lay out the line, start its processes (`warm` waits for them)."""
         files.private_dirs(self.path / "queue")
         files.private_dirs(self.path / "logs")
+        if (self.path / lines.RECORD).exists():  # the line before: what it did counts
+            before = lines.read(self.path)
+            self.record.recent, self.record.done, self.record.failed = (
+                before.recent, before.done, before.failed)
         files.publish(self.path / "spec.yaml", Path(self.record.spec).read_bytes())
         root = scratches.default_root()
         scratches.sweep(root)
@@ -269,10 +277,14 @@ class Line:
         self._publish()
         state, error, started = "succeeded", None, time.time()
         self.floor.announce(job.run_path, job.overrides)  # they load it while we plan
+        # a job the line's process was running when it died: resumed from what it kept
+        begun = (job.run_path / status.FILE).exists()
+        origin = Origin(journal=True, source_batches=status.read(job.run_path).source_batches
+                        ) if begun else Origin(durable=True)
         try:
             run, restored, tier = pod.prepare(
                 job.pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
-                origin=Origin(durable=True), fresh=True)
+                origin=origin, fresh=not begun)
             following.mark_latest(job.run_path)
             Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
                       floor=self.floor).start()
@@ -344,14 +356,95 @@ def _sinks(pipeline: specs.Pipeline) -> frozenset[str]:
                      for s in pipeline.sinks)
 
 
+class Ready:
+    """Where the line says it is warm, or why it could not start: the pipe `podpipe
+    up` waits on (`fd`), else `show` (the terminal of `up --foreground`)."""
+
+    def __init__(self, fd: int | None, show: Callable[[], None]) -> None:
+        self.fd, self.show = fd, show
+
+    def tell(self, error: str | None) -> None:
+        if self.fd is None:
+            if error is None:
+                self.show()
+            return
+        os.write(self.fd, (error or "up").encode() + b"\n")
+        self.release()
+
+    def release(self) -> None:
+        """This process has nothing to say (any more): its end of the pipe closed."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def supervise(path: Path, spec_path: str, overrides: list[str], name: str,
+              ready: Ready) -> int:
+    """Run the line in a child process, and start it again when it dies by a signal
+    (killed, out of memory) after it was up: the new one goes on with the job it was
+    running, from what it kept, and the queue after it. A line that died RESTARTS
+    times in a minute stays down. The exit code: the line's own."""
+    deaths: list[float] = []
+    first = True
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            lifetime.die_with_parent()
+            if not first:
+                ready.release()  # (said by the first)
+            lifetime.child(lambda: _line_process(path, spec_path, overrides, name, ready))
+        first = False
+        ready.release()  # the child's to say: `up` reads until every copy is closed
+        code = _wait_forwarding(pid)
+        if code >= 0:
+            return code
+        now = time.monotonic()
+        deaths = [t for t in deaths if now - t < 60] + [now]
+        record = lines.read(path)
+        if record.state != "up" or len(deaths) > RESTARTS:
+            record.state = "down"
+            lines.write(path, record)
+            return 1
+        sys.stderr.write(logline.line(f"the line's process died ({signal.Signals(-code).name}); "
+                                      "starting it again", "warning"))
+        sys.stderr.flush()
+
+
+def _wait_forwarding(pid: int) -> int:
+    """Wait for the child `pid`, passing SIGTERM and SIGINT on to it; its exit code
+    (-N: killed by signal N)."""
+    def forward(signum: int, _: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            except InterruptedError:
+                continue
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _line_process(path: Path, spec_path: str, overrides: list[str], name: str,
+                  ready: Ready) -> int:
+    try:
+        return run_line(path, spec_path, overrides, name, ready)
+    except PodpipeError as exc:
+        sys.stderr.write(logline.line(str(exc), "error"))
+        return exit_code(exc)
+
+
 def run_line(path: Path, spec_path: str, overrides: list[str], name: str,
-             ready: Callable[[str | None], None]) -> int:
+             ready: Ready) -> int:
     """The line's process, start to end; `ready` is told once it is warm (None), or
     why it could not start."""
     try:
         line = Line(path, spec_path, overrides, name)
     except PodpipeError as exc:
-        ready(str(exc))
+        ready.tell(str(exc))
         raise
     lifetime.become_subreaper()  # what the stages leave is the line's to end
     told = False
@@ -360,12 +453,12 @@ def run_line(path: Path, spec_path: str, overrides: list[str], name: str,
             line.open()
             line.warm()
             if not line.down:
-                ready(None)
+                ready.tell(None)
                 told = True
                 line.serve()
     except PodpipeError as exc:
         if not told:
-            ready(str(exc))
+            ready.tell(str(exc))
         raise
     finally:
         line.close()

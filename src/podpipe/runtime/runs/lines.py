@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -48,6 +49,7 @@ class LineRecord(msgspec.Struct, kw_only=True):
     name: str
     pid: int
     start: str | None        # the process's start time: a reused pid is not the line
+    supervisor: int | None = None  # what starts it again if it dies (`line.supervise`)
     socket: str
     spec: str                # the user's file
     cwd: str
@@ -112,17 +114,22 @@ def listing(lines_dir: str | None = None) -> list[tuple[Path, LineRecord]]:
 
 
 def gone(record: LineRecord, timeout: float) -> bool:
-    """Wait until the line's process has ended (True), at most `timeout` seconds."""
-    if not alive(record.pid, record.start):
-        return True
-    try:
-        pidfd = os.pidfd_open(record.pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
-    finally:
-        os.close(pidfd)
+    """Wait until the line's process and its supervisor have ended (True), at most
+    `timeout` seconds in all."""
+    deadline = time.monotonic() + timeout
+    for pid in (record.pid, record.supervisor):
+        if pid is None or (pid == record.pid and not alive(pid, record.start)):
+            continue
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return False
+        finally:
+            os.close(pidfd)
+    return True
 
 
 def connect(line: str) -> tuple[Path, socket.socket]:
