@@ -258,9 +258,10 @@ def lines_table(found: list[tuple[Path, LineRecord]], where: str) -> Table:
                                                                "failed") else "left",
                          no_wrap=column != "running", overflow="fold")
     for _, line in found:
+        jobs = line.jobs
         table.add_row(line.name, line.state, str(line.pid) if line.state != "down" else "",
-                      str(len(line.queued)), line.running or "", str(line.done),
-                      str(line.failed))
+                      str(len(jobs.queued)), jobs.running or "", str(jobs.done),
+                      str(jobs.failed))
     return table
 
 
@@ -273,10 +274,10 @@ def line_table(line: LineRecord, where: str) -> Table:
     table.add_column("", overflow="fold")
     warm = ", ".join(f"{name} {pid}" for name, pid in sorted(line.processes.items()))
     table.add_row("processes", warm or "none")
-    table.add_row("running", line.running or "no job")
-    table.add_row("queued", ", ".join(line.queued) or "none")
-    table.add_row("jobs", f"{line.done} succeeded, {line.failed} failed")
-    for job in reversed(line.recent[-5:]):
+    table.add_row("running", line.jobs.running or "no job")
+    table.add_row("queued", ", ".join(line.jobs.queued) or "none")
+    table.add_row("jobs", f"{line.jobs.done} succeeded, {line.jobs.failed} failed")
+    for job in reversed(line.jobs.recent[-5:]):
         took = f" in {job.seconds:.2f} s" if job.seconds is not None else ""
         table.add_row("", f"{job.job}: {job.state}{took}" +
                       (f": {job.error}" if job.error else ""))

@@ -86,7 +86,8 @@ def test_jobs_on_a_warm_line_write_what_a_run_writes(line):
     assert len(_sinks(workdir / "out" / "ref")) == 11  # 10 batches and the total
     record = _line(workdir)
     assert record["processes"] == warm  # the same processes took both jobs
-    assert (record["done"], record["failed"], record["running"]) == (2, 0, None)
+    jobs_now = record["jobs"]
+    assert (jobs_now["done"], jobs_now["failed"], jobs_now["running"]) == (2, 0, None)
     # each job is a run directory like a run's
     run_dir = workdir / ".podpipe" / "runs" / jobs[1]
     status = podpipe("status", str(run_dir), "--json", cwd=workdir)
@@ -119,8 +120,9 @@ def test_a_failed_job_is_the_jobs_alone_and_resumes(line):
     assert third.returncode == 0, third.stderr
     assert _sinks(workdir / "out" / "three") == _sinks(workdir / "out" / "ref")
     record = _line(workdir)
-    assert (record["done"], record["failed"]) == (2, 1)
-    assert [j["state"] for j in record["recent"]] == ["succeeded", "failed", "succeeded"]
+    assert (record["jobs"]["done"], record["jobs"]["failed"]) == (2, 1)
+    assert [j["state"] for j in record["jobs"]["recent"]] == ["succeeded", "failed",
+                                                               "succeeded"]
     # the failed job: its status says so; a resume redoes only what is missing
     run_dir = workdir / ".podpipe" / "runs" / job
     status = json.loads(podpipe("status", str(run_dir), "--json", cwd=workdir).stdout)
@@ -149,11 +151,12 @@ def test_bad_submits_are_refused_and_down_says_what_it_dropped(tmp_path: Path):
     unknown = podpipe("submit", "t", "--set", "sinks.nope.uri=out/x/", cwd=workdir)
     assert unknown.returncode == 2 and "nope" in unknown.stderr
     assert (set(runs.iterdir()) if runs.exists() else set()) == before  # nothing queued
-    assert _line(workdir)["queued"] == []
+    assert _line(workdir)["jobs"]["queued"] == []
     # a job held by the gate, then one writing where it writes, then one queued
     first = podpipe("submit", "t", *_to("a"), cwd=workdir)
     assert first.returncode == 0
-    wait_until(lambda: _line(workdir)["running"] is not None, "the first job to start")
+    wait_until(lambda: _line(workdir)["jobs"]["running"] is not None,
+               "the first job to start")
     clash = podpipe("submit", "t", *_to("a"), cwd=workdir)
     assert clash.returncode == 2 and first.stdout.split()[0] in clash.stderr
     queued = podpipe("submit", "t", *_to("b"), cwd=workdir)
@@ -244,7 +247,8 @@ def test_another_user_can_neither_read_nor_steer_the_line(line):
         return False
     assert _as_nobody(socket_refused) == 0
     after = _line(workdir)
-    assert after["state"] == "up" and after["queued"] == [] and after["recent"] == []
+    assert after["state"] == "up"
+    assert after["jobs"]["queued"] == [] and after["jobs"]["recent"] == []
 
 
 def test_a_killed_line_comes_back_and_finishes_its_job(tmp_path: Path):

@@ -22,7 +22,7 @@ EXIT_CODES = {"succeeded": 0, "failed": 1, "interrupted": 130}
 
 
 def up(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.runtime.runs import line, lines, pod
+    from podpipe.runtime.runs import lines, pod, upkeep
 
     pipeline = pod.validate(args.spec, args.set)  # a bad spec: exit 2 before anything
     name = args.name or pipeline.name
@@ -37,9 +37,9 @@ def up(args: argparse.Namespace, console: Console) -> int:
             console.print(f"line {name} is up: {path}; submit with 'podpipe submit "
                           f"{path} --set source.uri=...'; Ctrl-C ends it",
                           highlight=False, soft_wrap=True)
-        return line.supervise(path, args.spec, args.set, name,
-                              line.Ready(args.ready_fd, show))
-    line.detach(path, args.spec, args.set, name)
+        return upkeep.supervise(path, args.spec, args.set, name,
+                                upkeep.Ready(args.ready_fd, show))
+    upkeep.detach(path, args.spec, args.set, name)
     console.print(f"line {name} is up: {path}\nsubmit a job: podpipe submit {path} "
                   f"--set source.uri=...\nend it:       podpipe down {path}",
                   highlight=False, soft_wrap=True)

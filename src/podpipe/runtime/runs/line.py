@@ -1,10 +1,12 @@
 """A standing line: one pod that stays up, warm, and takes one job after another.
 
-`podpipe up` runs this process (detached, or in the terminal with `--foreground`).
-It starts every node's processes once and waits for each to say hello — imports
+`podpipe up` runs this process (detached, or in the terminal with `--foreground`;
+either way under a supervisor that starts it again if it dies: `runs.upkeep`). It
+starts every node's processes once and waits for each to say hello — imports
 done, the stage modules loaded — then serves: jobs come as `submit` requests on its
 socket, queue in order (each a file under `queue/`, so the queue outlives the
-process), and run one at a time, each with the conductor of a `podpipe run` over
+process; a job the line was running when its process died is resumed by the next),
+and run one at a time, each with the conductor of a `podpipe run` over
 the line's `Floor`: the same loop, the same warm processes, told of the job and
 saying hello for it. A job is a run directory like any run's (journal, status,
 logs, report, sink output); a failure is the job's, and the line takes the next.
@@ -18,20 +20,15 @@ for the next `up` of the line.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
-                            UsageError, exit_code)
+                            UsageError)
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.shards import Placement
@@ -40,7 +37,7 @@ from podpipe.runtime.conductor.agents import Agents, Conn
 from podpipe.runtime.conductor.processes import SPAWNED, Processes
 from podpipe.runtime.conductor.run import workers
 from podpipe.runtime.data import scratch as scratches
-from podpipe.runtime.plumbing import files, lifetime, logline, protocol
+from podpipe.runtime.plumbing import files, logline, protocol
 from podpipe.runtime.plumbing import loop as loops
 from podpipe.runtime.rundir import layout as rundir, status
 from podpipe.runtime.runs import following, lines, pod
@@ -48,7 +45,6 @@ from podpipe.runtime.runs.launcher import launcher as make_launcher
 from podpipe.runtime.runs.origin import Origin
 
 RECENT = 20  # jobs over that the line's record lists
-RESTARTS = 5  # a line's process that died more often in a minute stays down
 # What a job may set: its data, never the graph (`apply` and `swap` change that).
 JOB_FIELDS = ("source.uri", "source.columns", "source.batchRows", "source.format")
 JOB_NODE_FIELDS = {"sinks": ("uri", "mode"), "stages": ("env",)}
@@ -105,8 +101,8 @@ class Line:
         files.private_dirs(self.path / "logs")
         if (self.path / lines.RECORD).exists():  # the line before: what it did counts
             before = lines.read(self.path)
-            self.record.recent, self.record.done, self.record.failed = (
-                before.recent, before.done, before.failed)
+            self.record.jobs = before.jobs
+            self.record.jobs.running = None
         files.publish(self.path / "spec.yaml", Path(self.record.spec).read_bytes())
         root = scratches.default_root()
         scratches.sweep(root)
@@ -273,7 +269,7 @@ class Line:
     # -- a job -----------------------------------------------------------------------
 
     def _run(self, job: _Job) -> None:
-        self.running, self.record.running = job, job.job
+        self.running, self.record.jobs.running = job, job.job
         self._publish()
         state, error, started = "succeeded", None, time.time()
         self.floor.announce(job.run_path, job.overrides)  # they load it while we plan
@@ -299,7 +295,7 @@ class Line:
         finally:
             self.scratch.clear()
         self.floor.interrupt = None
-        self.running = self.record.running = None
+        self.running = self.record.jobs.running = None
         self._over(job, state, error, time.time() - started)
 
     def _over(self, job: _Job, state: str, error: str | None,
@@ -307,11 +303,11 @@ class Line:
         rundir.unlock(job.run_path)
         if state != "interrupted":  # (one interrupted stays queued for the next `up`)
             job.queued_as.unlink(missing_ok=True)
-        self.record.recent = [*self.record.recent, lines.JobRow(
+        self.record.jobs.recent = [*self.record.jobs.recent, lines.JobRow(
             job=job.job, run_dir=str(job.run_path), state=state, error=error,
             seconds=None if seconds is None else round(seconds, 4))][-RECENT:]
-        self.record.done += state == "succeeded"
-        self.record.failed += state == "failed"
+        self.record.jobs.done += state == "succeeded"
+        self.record.jobs.failed += state == "failed"
         self._log(f"job {job.job} {state}" + (f": {error}" if error else ""),
                   "info" if state == "succeeded" else "warning")
         for conn in job.waiters:
@@ -337,7 +333,7 @@ class Line:
         self._publish()
 
     def _publish(self) -> None:
-        self.record.queued = [j.job for j in self.queue]
+        self.record.jobs.queued = [j.job for j in self.queue]
         try:
             lines.write(self.path, self.record)
         except OSError as exc:
@@ -354,132 +350,3 @@ def _sinks(pipeline: specs.Pipeline) -> frozenset[str]:
     """Where a job's sinks write, as comparable as the spec lets them be."""
     return frozenset(s.uri if "://" in s.uri else os.path.abspath(s.uri) + "/"
                      for s in pipeline.sinks)
-
-
-class Ready:
-    """Where the line says it is warm, or why it could not start: the pipe `podpipe
-    up` waits on (`fd`), else `show` (the terminal of `up --foreground`)."""
-
-    def __init__(self, fd: int | None, show: Callable[[], None]) -> None:
-        self.fd, self.show = fd, show
-
-    def tell(self, error: str | None) -> None:
-        if self.fd is None:
-            if error is None:
-                self.show()
-            return
-        os.write(self.fd, (error or "up").encode() + b"\n")
-        self.release()
-
-    def release(self) -> None:
-        """This process has nothing to say (any more): its end of the pipe closed."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def supervise(path: Path, spec_path: str, overrides: list[str], name: str,
-              ready: Ready) -> int:
-    """Run the line in a child process, and start it again when it dies by a signal
-    (killed, out of memory) after it was up: the new one goes on with the job it was
-    running, from what it kept, and the queue after it. A line that died RESTARTS
-    times in a minute stays down. The exit code: the line's own."""
-    deaths: list[float] = []
-    first = True
-    while True:
-        pid = os.fork()
-        if pid == 0:
-            lifetime.die_with_parent()
-            if not first:
-                ready.release()  # (said by the first)
-            lifetime.child(lambda: _line_process(path, spec_path, overrides, name, ready))
-        first = False
-        ready.release()  # the child's to say: `up` reads until every copy is closed
-        code = _wait_forwarding(pid)
-        if code >= 0:
-            return code
-        now = time.monotonic()
-        deaths = [t for t in deaths if now - t < 60] + [now]
-        record = lines.read(path)
-        if record.state != "up" or len(deaths) > RESTARTS:
-            record.state = "down"
-            lines.write(path, record)
-            return 1
-        sys.stderr.write(logline.line(f"the line's process died ({signal.Signals(-code).name}); "
-                                      "starting it again", "warning"))
-        sys.stderr.flush()
-
-
-def _wait_forwarding(pid: int) -> int:
-    """Wait for the child `pid`, passing SIGTERM and SIGINT on to it; its exit code
-    (-N: killed by signal N)."""
-    def forward(signum: int, _: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while True:
-            try:
-                return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-            except InterruptedError:
-                continue
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
-def _line_process(path: Path, spec_path: str, overrides: list[str], name: str,
-                  ready: Ready) -> int:
-    try:
-        return run_line(path, spec_path, overrides, name, ready)
-    except PodpipeError as exc:
-        sys.stderr.write(logline.line(str(exc), "error"))
-        return exit_code(exc)
-
-
-def run_line(path: Path, spec_path: str, overrides: list[str], name: str,
-             ready: Ready) -> int:
-    """The line's process, start to end; `ready` is told once it is warm (None), or
-    why it could not start."""
-    try:
-        line = Line(path, spec_path, overrides, name)
-    except PodpipeError as exc:
-        ready.tell(str(exc))
-        raise
-    lifetime.become_subreaper()  # what the stages leave is the line's to end
-    told = False
-    try:
-        with line.loop:
-            line.open()
-            line.warm()
-            if not line.down:
-                ready.tell(None)
-                told = True
-                line.serve()
-    except PodpipeError as exc:
-        if not told:
-            ready.tell(str(exc))
-        raise
-    finally:
-        line.close()
-    return 0
-
-
-def detach(path: Path, spec_path: str, overrides: list[str], name: str) -> None:
-    """Start the line's process on its own (its own session, logging to
-    `logs/line.log`) and return once it is warm; UsageError saying why it is not."""
-    files.private_dirs(path / "logs")
-    theirs, ours = os.pipe()
-    argv = [sys.executable, "-m", "podpipe", "up", spec_path, "--name", name,
-            "--foreground", "--ready-fd", str(ours)]
-    for item in overrides:
-        argv += ["--set", item]
-    log = path / "logs" / "line.log"
-    with open(files.append_private(log), "ab") as out:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                         pass_fds=[ours], start_new_session=True)
-    os.close(ours)
-    with os.fdopen(theirs) as said:
-        answer = said.read().strip()
-    if answer != "up":
-        raise UsageError(answer or f"line {name} did not start; see {log}")

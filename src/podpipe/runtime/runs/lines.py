@@ -45,6 +45,16 @@ class JobRow(msgspec.Struct, kw_only=True):
     seconds: float | None = None  # from its start to its end
 
 
+class LineJobs(msgspec.Struct, kw_only=True):
+    """The jobs a line has: queued, running, over."""
+
+    queued: list[str] = []   # job ids, in order (the running one not among them)
+    running: str | None = None
+    recent: list[JobRow] = []  # the last jobs over, newest last
+    done: int = 0            # succeeded, since the line was first up
+    failed: int = 0
+
+
 class LineRecord(msgspec.Struct, kw_only=True):
     name: str
     pid: int
@@ -57,11 +67,7 @@ class LineRecord(msgspec.Struct, kw_only=True):
     started: float
     state: str = "starting"  # starting, up, down
     processes: dict[str, int] = {}  # warm processes: agent name -> pid
-    queued: list[str] = []   # job ids, in order (the running one not among them)
-    running: str | None = None
-    recent: list[JobRow] = []  # the last jobs over, newest last
-    done: int = 0
-    failed: int = 0
+    jobs: LineJobs = msgspec.field(default_factory=lambda: LineJobs())
 
     @property
     def up(self) -> bool:
