@@ -5,7 +5,8 @@ process, transforms it in turn, each reading the previous stage's output straigh
 out of the pod's shared memory as memory-mapped Arrow IPC files.
 
 From Python (`podpipe.api`): `podpipe.run(spec) -> Run`, `podpipe.resume`,
-`podpipe.status`, `podpipe.validate`; errors are `podpipe.SpecError` (invalid
+`podpipe.status`, `podpipe.validate`, `podpipe.up(spec) -> Line` (a standing line:
+`line.submit(...) -> Job`, `job.wait()`, `line.down()`); errors are `podpipe.SpecError` (invalid
 input) and `podpipe.RunError` (a failed run: `.stage`, `.batch`, `.traceback`).
 """
 
@@ -13,7 +14,8 @@ from podpipe.errors import InputError, PodpipeError, RunError, SpecError, UsageE
 
 __version__ = "0.1.0"
 
-_API = ("run", "resume", "status", "validate", "Run", "StageStatus", "StageFigures")
+_API = ("run", "resume", "status", "validate", "up", "Run", "Job", "Line", "StageStatus",
+        "StageFigures")
 
 __all__ = ["InputError", "PodpipeError", "RunError", "SpecError", "UsageError", *_API]
 

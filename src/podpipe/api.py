@@ -7,6 +7,10 @@
     run.stages["prices"].rows_out
     run.to_arrow("sink-0")       # the sink's Parquet files as one pyarrow Table
 
+    with podpipe.up("examples/tpch/q1.yaml") as line:   # a standing line, warm
+        job = line.submit(source="data/day-2/*.parquet", sinks={"0": "out/day-2/"})
+        job.wait().to_arrow("sink-0")
+
 A spec is a path, YAML text, a dict (the YAML as data) or a `Pipeline` from
 `podpipe.validate`. A run whose stage fails raises `podpipe.RunError` naming the
 stage and the batch, with the last frames of the stage's code in `.traceback`;
@@ -157,6 +161,103 @@ def resume(run_dir: str | os.PathLike[str], *, progress: bool = False,
     finally:
         os.chdir(cwd)
     return Run(final.run_dir, final)
+
+
+class Job(Run):
+    """A job on a standing line: a run directory like a run's (its status is read
+    when the `Job` is made; `wait` waits for its end)."""
+
+    def wait(self, timeout: float | None = None) -> "Job":
+        """Block until the job has ended; raises RunError if it failed (naming the
+        stage and the batch), TimeoutError if it still runs after `timeout` s."""
+        from podpipe.errors import RunError
+        from podpipe.runtime.runs import following
+
+        code, final = following.wait(str(self.run_dir), timeout)
+        self.status = final
+        if code == following.TIMED_OUT:
+            raise TimeoutError(f"job {self.run_dir.name} still runs after {timeout} s")
+        if final.state != "succeeded":
+            raise RunError(f"job {self.run_dir.name} {final.state}: {final.error}")
+        return self
+
+    def __repr__(self) -> str:
+        return f"<podpipe.Job {self.run_dir.name} {self.state}>"
+
+
+class Line:
+    """A standing line (`podpipe up`): warm processes that take one job after
+    another. A context manager: `with podpipe.up(spec) as line:` downs it after."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def submit(self, *, source: str | None = None, sinks: dict[str, str] | None = None,
+               overrides: Sequence[str] = ()) -> Job:
+        """Queue a job: `source` its source URI, `sinks` each sink's URI by name (or
+        index), `overrides` any other data field as `--set` takes it."""
+        from podpipe.runtime.plumbing import protocol
+        from podpipe.runtime.runs import lines
+
+        items = [*([f"source.uri={source}"] if source else []),
+                 *[f"sinks.{name}.uri={uri}" for name, uri in (sinks or {}).items()],
+                 *overrides]
+        answer = next(lines.submit(str(self.path), items))
+        assert isinstance(answer, protocol.Submitted)
+        return Job(answer.run_dir)
+
+    def swap(self, stage: str, *, run: str | None = None, command: list[str] | None = None,
+             version: str | None = None) -> None:
+        """Swap `stage` in the running job, from its next batch, and every later job."""
+        from podpipe.runtime.runs import control
+
+        overrides = control.swap_overrides(stage, run=run, command=command, image=None,
+                                           version=version)
+        control.swap(str(self.path), stage, overrides, now=False, timeout=60)
+
+    def status(self) -> Any:
+        """The line's record now: its processes, queue, running and recent jobs."""
+        from podpipe.runtime.runs import lines
+
+        return lines.read(self.path)
+
+    def down(self, timeout: float = 60.0) -> list[str]:
+        """End the line; the queued jobs that did not run (they stay queued)."""
+        from podpipe.errors import RunError
+        from podpipe.runtime.plumbing import protocol
+        from podpipe.runtime.runs import lines
+
+        record = lines.read(self.path)
+        if not record.up:
+            return []
+        answer = lines.ask(str(self.path), protocol.DownRequest())
+        assert isinstance(answer, protocol.Downed)
+        if not lines.gone(record, timeout):
+            raise RunError(f"line {record.name}: still up after {timeout:g} s")
+        return answer.dropped
+
+    def __enter__(self) -> "Line":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def __repr__(self) -> str:
+        return f"<podpipe.Line {self.path}>"
+
+
+def up(spec: Spec, *, name: str | None = None, overrides: Sequence[str] = ()) -> Line:
+    """Start a standing line (as `podpipe up`); returns once its processes are warm."""
+    from podpipe.runtime.runs import lines, upkeep
+
+    with _spec_file(spec) as path:
+        pipeline = validate(path, overrides=overrides)
+        line_name = name or pipeline.name
+        home = Path(pipeline.checkpoints.node) / "lines" / line_name
+        if (home / lines.RECORD).exists() and lines.read(home).up:
+            raise UsageError(f"line {line_name} is up already; down it first")
+        upkeep.detach(home, path, list(overrides), line_name)
+    return Line(home)
 
 
 def status(run_dir: str | os.PathLike[str] = "latest") -> Run:

@@ -287,3 +287,37 @@ def test_a_killed_line_comes_back_and_finishes_its_job(tmp_path: Path):
         gate.touch()
         if _line(workdir)["state"] == "up":
             podpipe("down", "t", cwd=workdir)
+
+
+def test_a_swap_on_the_line_holds_for_every_later_job(tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "tag", "run": "pystages:tag_v1", "inputs": ["source"]},
+         {"name": "count", "run": "pystages:count_versions", "reduce": True,
+          "inputs": ["tag"]}],
+        [{"input": "count", "uri": "out/x/"}]))
+    assert podpipe("up", "p.yaml", "--name", "t", cwd=tmp_path).returncode == 0
+    try:
+        def job(name: str) -> tuple[dict, dict]:
+            done = podpipe("submit", "t", "--set", f"sinks.0.uri=out/{name}/", "--wait",
+                           cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            counts = pq.read_table(tmp_path / "out" / name).to_pydict()
+            run_dir = tmp_path / ".podpipe" / "runs" / done.stdout.split()[0]
+            status = json.loads(podpipe("status", str(run_dir), "--json", cwd=tmp_path).stdout)
+            return counts, status["stages"]["tag"]
+        first, before = job("one")
+        assert first["version"] == ["v1"] and first["x_count"] == [10_000]
+        swapped = podpipe("swap", "t", "tag", "--run", "pystages:tag_v2", cwd=tmp_path)
+        assert swapped.returncode == 0, swapped.stderr
+        assert "from the line's next job on" in swapped.stdout
+        bad = podpipe("swap", "t", "nope", "--run", "pystages:tag_v2", cwd=tmp_path)
+        assert bad.returncode == 2 and "no stage 'nope'" in bad.stderr
+        for name in ("two", "three"):
+            counts, after = job(name)
+            assert counts["version"] == ["v2"] and counts["x_count"] == [10_000]
+            assert after["version"] != before["version"]
+    finally:
+        podpipe("down", "t", cwd=tmp_path)

@@ -190,7 +190,9 @@ def _with_progress(console: Console, quiet: bool,
 
 
 def _status(args: argparse.Namespace, console: Console) -> int:
-    if standing.is_line(args.run_dir):
+    from podpipe.runtime.runs import lines
+
+    if lines.is_line(args.run_dir):
         return standing.status(args, console)
     from podpipe import console as terminal
     from podpipe.runtime.runs import following as runs
@@ -302,7 +304,10 @@ def _swap(args: argparse.Namespace, console: Console) -> int:
     for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
                                timeout=args.timeout, recompute=args.recompute):
         said = answer.message
-        if isinstance(said, protocol.Swapped):
+        if isinstance(said, protocol.Swapped) and said.pending:
+            console.print(f"{answer.run_dir}: stage {args.stage!r} is swapped from the "
+                          "line's next job on", highlight=False)
+        elif isinstance(said, protocol.Swapped):
             console.print(f"{answer.run_dir}: stage {args.stage!r} now runs version "
                           f"{said.version} (pid {said.pid})", highlight=False)
         else:

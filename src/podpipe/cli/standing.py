@@ -102,21 +102,14 @@ def listed(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def is_line(arg: str) -> bool:
-    """Is a RUN_DIR argument a standing line rather than a run?"""
-    from podpipe.runtime.runs import lines
-
-    return arg != "latest" and (lines.home(arg) / lines.RECORD).exists()
-
-
 def status(args: argparse.Namespace, console: Console) -> int:
     from podpipe import console as terminal
     from podpipe.runtime.runs import lines
 
     path = lines.home(args.run_dir)
     record = lines.read(path)
-    if not record.up and record.state != "starting":
-        record.state = "down"
+    if not record.up:
+        record.state = "starting" if lines.coming_up(record) else "down"
     if args.json:
         import msgspec
 

@@ -68,7 +68,7 @@ class Agents:
         before the run was planned (an agent may connect early); taken from `listen`."""
         self._loop, self._listener, self._log = loop, listener, log
         self._by_node: dict[str, Conn] = {}
-        self._all: list[Conn] = []     # every connection, to close at the end
+        self._all: set[Conn] = set()   # every open connection, to close at the end
         self.pids: dict[str, int] = {}  # as each agent said in its hello
 
     def listen(self) -> None:
@@ -91,7 +91,7 @@ class Agents:
                 sock.close()
                 return []
             conn = Conn(sock)
-            self._all.append(conn)
+            self._all.add(conn)
             self._loop.watch(sock, conn)
             return []
         assert isinstance(tag, Conn)
@@ -182,6 +182,7 @@ class Agents:
             return False  # it went away; its exit event, still queued, decides
 
     def _close(self, conn: Conn) -> None:
+        self._all.discard(conn)  # (a standing line takes connections for days)
         if conn.sock.fileno() >= 0:
             self._loop.unwatch(conn.sock)
             conn.sock.close()

@@ -208,6 +208,7 @@ class Swapped(_Message, tag="swapped"):
     stage: str
     version: str
     pid: int
+    pending: bool = False  # a standing line between jobs: from its next job on
 
 
 class Held(_Message, tag="held"):

@@ -17,7 +17,7 @@ from podpipe.model import spec as specs
 from podpipe.errors import RunError, UsageError
 from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.rundir import status
-from podpipe.runtime.runs import following
+from podpipe.runtime.runs import following, lines
 from podpipe.runtime.data.scratch import Scratch
 
 
@@ -43,8 +43,13 @@ def swap_overrides(stage: str, *, run: str | None, command: list[str] | None,
 
 def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool, timeout: float,
          recompute: bool = False) -> list[Answer]:
-    """Swap `stage` in the run at `run_dir` (in every pod of a multi-replica run);
+    """Swap `stage` in the run at `run_dir` (in every pod of a multi-replica run), or
+    on a standing line (its running job from the next batch, and every later job);
     returns each pod's answer."""
+    if lines.is_line(run_dir):
+        request = protocol.SwapRequest(stage=stage, overrides=overrides, now=now,
+                                       recompute=recompute)
+        return [Answer(str(lines.home(run_dir)), lines.ask(run_dir, request, timeout))]
     return [_ask(pod, stage, overrides, now, timeout, recompute)
             for pod in _pods(run_dir, "nothing to swap (change the spec and run it again)")]
 

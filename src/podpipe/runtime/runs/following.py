@@ -117,7 +117,8 @@ def wait(run_dir: str, timeout: float | None = None) -> tuple[int, status.Status
     path = resolve(run_dir)
     current = rundir.status_of(path)
     line = lines.job_line(path)
-    if line is not None and current.state in ("running", "queued"):  # its line says when
+    if line is not None and current.state not in ("succeeded", "failed") and \
+            lines.serving(line):  # its line says when (it may have taken it up again)
         if lines.wait_job(path, line, timeout) is None:
             return TIMED_OUT, rundir.status_of(path)
         current = status.read(path)

@@ -103,6 +103,7 @@ class Line:
             before = lines.read(self.path)
             self.record.jobs = before.jobs
             self.record.jobs.running = None
+        self._publish()  # (starting)
         files.publish(self.path / "spec.yaml", Path(self.record.spec).read_bytes())
         root = scratches.default_root()
         scratches.sweep(root)
@@ -207,6 +208,8 @@ class Line:
                 job.waiters.append(conn)
         elif isinstance(message, protocol.JobRequest):
             self._job_request(conn, message)
+        elif isinstance(message, protocol.SwapRequest) and self.running is None:
+            self._swap(conn, message)  # (during a job: its conductor's, then the line's)
         elif isinstance(message, protocol.DownRequest):
             self.floor.agents.answer(conn, protocol.Downed(
                 dropped=[j.job for j in self.queue],
@@ -231,9 +234,12 @@ class Line:
                 raise UsageError(f"job {other.job}, on the line already, writes to "
                                  f"{', '.join(sorted(other.sinks & sinks))} too: give this "
                                  "job other sink folders (--set sinks.NAME.uri=...)")
-        job = (f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-"
-               f"{secrets.token_hex(2)}")
-        run_path = (Path(pipeline.checkpoints.node) / "runs" / job).absolute()
+        while True:  # (tens of jobs a second: a run's 4 hex digits would collide)
+            job = (f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-"
+                   f"{secrets.token_hex(4)}")
+            run_path = (Path(pipeline.checkpoints.node) / "runs" / job).absolute()
+            if not run_path.exists():
+                break
         rundir.make(run_path, str(self.path / "spec.yaml"), overrides,
                     placement=Placement(), line=str(self.path.absolute()))
         rundir.lock(run_path)
@@ -265,6 +271,23 @@ class Line:
         elif request.stop:
             self.queue.remove(found)
             self._over(found, "interrupted", "stopped before it started")
+
+    def _swap(self, conn: Conn, request: protocol.SwapRequest) -> None:
+        """Between jobs: the stage runs its new version from the next job on."""
+        swapped = [*self.floor.swapped.get(request.stage, []), *request.overrides]
+        try:
+            if request.stage not in {s.name for s in self.pipeline.stages}:
+                raise UsageError(f"no stage {request.stage!r} on the line; its stages are "
+                                 f"{[s.name for s in self.pipeline.stages]}")
+            specs.load(self.path / "spec.yaml", [*self.overrides, *swapped])
+        except PodpipeError as exc:
+            self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
+            return
+        self.floor.swapped[request.stage] = swapped
+        self._log(f"swap of stage {request.stage!r} from the next job: "
+                  f"{' '.join(request.overrides)}")
+        self.floor.agents.answer(conn, protocol.Swapped(stage=request.stage, version="",
+                                                        pid=0, pending=True))
 
     # -- a job -----------------------------------------------------------------------
 

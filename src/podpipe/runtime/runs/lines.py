@@ -34,6 +34,7 @@ from podpipe.runtime.plumbing import files, protocol
 from podpipe.runtime.rundir import layout as rundir
 
 DEFAULT_LINES = Path(".podpipe") / "lines"
+STARTING_SECONDS = 60.0  # how long a request waits for a line that is (re)starting
 RECORD = "line.json"
 
 
@@ -82,6 +83,11 @@ def home(line: str) -> Path:
     return DEFAULT_LINES / line
 
 
+def is_line(arg: str) -> bool:
+    """Is a RUN_DIR argument a standing line rather than a run?"""
+    return arg != "latest" and (home(arg) / RECORD).exists()
+
+
 def read(path: Path) -> LineRecord:
     """The line's record, from a directory of this user's (UsageError otherwise)."""
     try:
@@ -113,8 +119,8 @@ def listing(lines_dir: str | None = None) -> list[tuple[Path, LineRecord]]:
             record = read(path)
         except UsageError:
             continue  # another user's, or not a line
-        if not record.up and record.state != "starting":
-            record.state = "down"
+        if not record.up:
+            record.state = "starting" if coming_up(record) else "down"
         found.append((path, record))
     return found
 
@@ -138,10 +144,21 @@ def gone(record: LineRecord, timeout: float) -> bool:
     return True
 
 
+def coming_up(record: LineRecord) -> bool:
+    """Is the line starting, or starting again after its process died (its
+    supervisor alive)?"""
+    return record.state != "down" and not record.up and record.supervisor is not None \
+        and alive(record.supervisor, None)
+
+
 def connect(line: str) -> tuple[Path, socket.socket]:
     """A connection to the running line `line` (UsageError if it is down or not ours)."""
     path = home(line)
     record = read(path)
+    deadline = time.monotonic() + STARTING_SECONDS
+    while coming_up(record) and time.monotonic() < deadline:
+        time.sleep(0.05)  # (its supervisor starts it again: nothing to block on yet)
+        record = read(path)
     if not record.up:
         raise UsageError(f"line {record.name} is down; start it with 'podpipe up "
                          f"{record.spec} --name {record.name}'")
@@ -188,6 +205,15 @@ def submit(line: str, overrides: list[str], *, wait: bool = False
             over = _answer(sock, None, None, line)
             assert isinstance(over, protocol.JobOver)
             yield over
+
+
+def serving(line: str) -> bool:
+    """Is the line up, or coming up?"""
+    try:
+        record = read(home(line))
+    except UsageError:
+        return False
+    return record.up or coming_up(record)
 
 
 def job_line(run_path: Path) -> str | None:

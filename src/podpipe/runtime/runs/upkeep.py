@@ -57,7 +57,9 @@ def supervise(path: Path, spec_path: str, overrides: list[str], name: str,
             lifetime.die_with_parent()
             if not first:
                 ready.release()  # (said by the first)
-            lifetime.child(lambda: _line_process(path, spec_path, overrides, name, ready))
+            # (a restart reads the line's own copy: the user's file may be gone or changed)
+            spec = spec_path if first else str(path / "spec.yaml")
+            lifetime.child(lambda: _line_process(path, spec, overrides, name, ready))
         first = False
         ready.release()  # the child's to say: `up` reads until every copy is closed
         code = _wait_forwarding(pid)
