@@ -165,7 +165,18 @@ def resume(run_dir: str | os.PathLike[str], *, progress: bool = False,
 
 class Job(Run):
     """A job on a standing line: a run directory like a run's (its status is read
-    when the `Job` is made; `wait` waits for its end)."""
+    when the `Job` is made, `queued` until it starts; `wait` waits for its end)."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        from podpipe.runtime.rundir import layout as rundir
+
+        super().__init__(run_dir, rundir.status_of(Path(run_dir)))
+
+    def refresh(self) -> "Job":
+        from podpipe.runtime.rundir import layout as rundir
+
+        self.status = rundir.status_of(self.run_dir)
+        return self
 
     def wait(self, timeout: float | None = None) -> "Job":
         """Block until the job has ended; raises RunError if it failed (naming the

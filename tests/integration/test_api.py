@@ -84,3 +84,32 @@ def test_an_invalid_spec_raises_spec_error_naming_the_field(tmp_path):
         podpipe.run(document)
     with pytest.raises(podpipe.UsageError, match="expected a path, YAML text"):
         podpipe.validate(42)
+
+
+def test_a_standing_line_from_python(tmp_path, monkeypatch):
+    """`podpipe.up` as a context manager: jobs submitted, waited for and read back as
+    tables; a failing job raises RunError naming its stage and batch; the line is down
+    after the block, and a dict spec's temporary file is not needed by it."""
+    make_numbers(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests" / "stages"))
+    document = spec([{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]},
+                     {"name": "double", "run": "pystages:double", "inputs": ["boom"]}],
+                    [{"name": "out", "input": "double", "uri": "out/"}], name="line")
+    with podpipe.up(document) as line:
+        assert line.status().state == "up"
+        first = line.submit(sinks={"out": "out/a/"},
+                            overrides=["stages.boom.env.BOOM_AT='-1'"]).wait()
+        assert first.state == "succeeded"
+        doubled = first.to_arrow("out")
+        assert doubled.num_rows == 10_000 and doubled["x"][3].as_py() == 6
+        failing = line.submit(sinks={"out": "out/b/"})
+        with pytest.raises(podpipe.RunError, match="stage 'boom', batch 2"):
+            failing.wait()
+        again = line.submit(sinks={"out": "out/c/"},
+                            overrides=["stages.boom.env.BOOM_AT='-1'"]).wait()
+        assert again.to_arrow("out").equals(doubled)
+        assert isinstance(again, podpipe.Run) and repr(again).startswith("<podpipe.Job ")
+    assert line.status().state == "down"
+    with pytest.raises(podpipe.UsageError, match="line line is down"):
+        line.submit(sinks={"out": "out/d/"})

@@ -321,3 +321,22 @@ def test_a_swap_on_the_line_holds_for_every_later_job(tmp_path: Path):
             assert after["version"] != before["version"]
     finally:
         podpipe("down", "t", cwd=tmp_path)
+
+
+def test_a_jobs_environment_is_its_own(tmp_path: Path):
+    """`stages.NAME.env` set by one job is not the next job's (the process is warm)."""
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "boom", "run": "pystages:fail_on_third", "inputs": ["source"]}],
+        [{"input": "boom", "uri": "out/x/"}]))
+    assert podpipe("up", "p.yaml", "--name", "t", cwd=tmp_path).returncode == 0
+    try:
+        def job(name: str, *env: str) -> subprocess.CompletedProcess:
+            return podpipe("submit", "t", "--set", f"sinks.0.uri=out/{name}/", *env,
+                           "--wait", cwd=tmp_path)
+        assert job("a", "--set", "stages.boom.env.BOOM_AT='-1'").returncode == 0
+        plain = job("b")  # BOOM_AT unset again: the stage's default, 2500, fails batch 2
+        assert plain.returncode == 1 and "stage 'boom', batch 2" in plain.stderr
+        assert job("c", "--set", "stages.boom.env.BOOM_AT='-1'").returncode == 0
+    finally:
+        podpipe("down", "t", cwd=tmp_path)

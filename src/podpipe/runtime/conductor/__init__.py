@@ -18,12 +18,10 @@ what a task did); **what the engine decides** (`_carry_out`: RAM scratch in
 out a task); **swaps and apply**; **the end** (`_end`, the sinks' last step,
 stopping everyone, the status written).
 
-Pieces it wires, each owning its state: `agents` (connections), `processes`,
-`crew` and `scratchwork` (the engine's decisions about processes and RAM scratch,
-carried out), `swaps`, `checkpoints` (journal, tiers, imports), `snapshot`
-(counters, status), `timeline` (behind `podpipe report`), `metrics` (the watchers
-of each status), `run` (what it runs), `floor` (a standing line's loop, warm
-processes and connections, lent to each job).
+Pieces it wires, each owning its state: `agents`, `processes`, `crew` and
+`scratchwork` (the engine's decisions carried out), `swaps`, `checkpoints`,
+`snapshot`, `timeline`, `metrics`, `run` (what it runs), `floor` (its loop, processes
+and connections: a standing line's, lent to each job).
 """
 
 from __future__ import annotations
@@ -151,7 +149,7 @@ class Conductor:
         return self._snapshot()
 
     def _loop(self) -> None:
-        next_flush = time.monotonic()
+        next_flush, sampled = time.monotonic(), False  # the status at once, usage later
         while self.running:
             for happening in self.floor.loop.wait(max(0.0, next_flush - time.monotonic())):
                 self._happened(happening)
@@ -159,9 +157,9 @@ class Conductor:
                 if not self.running:
                     break
             if time.monotonic() >= next_flush and self.running:
-                self._flush()
+                self._flush(sample=sampled)
                 self._pump()
-                next_flush = time.monotonic() + FLUSH_SECONDS
+                next_flush, sampled = time.monotonic() + FLUSH_SECONDS, True
 
     def _happened(self, happening: loops.Happening) -> None:
         if isinstance(happening, loops.Ready):
@@ -419,12 +417,13 @@ class Conductor:
                         self.checkpoints, processes, state, str(error) if error else None,
                         self.sinks)
 
-    def _flush(self, final: bool = False) -> None:
-        if not final:
+    def _flush(self, final: bool = False, sample: bool = True) -> None:
+        if not final:  # (`sample`: the processes' use of cores, memory; not at the start)
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
-        cpu, rss = self.processes.usage() if not final else ({}, {})
-        if self.processes.local and not final and None in self.ledger.pool.fixed.values():
+        sample = sample and not final
+        cpu, rss = self.processes.usage() if sample else ({}, {})
+        if self.processes.local and sample and None in self.ledger.pool.fixed.values():
             self.events.append(ev.Tick(Processes.per_node(self.processes.cpu_use())))
         progress = self.ledger.progress()
         if not final:

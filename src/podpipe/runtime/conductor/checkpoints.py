@@ -195,7 +195,9 @@ class Checkpoints:
         pod would start from (a failed run), or what the other pods and a later
         rescaled run take over (a sharded run's finished shards). A pod whose shards
         a global reduce elsewhere reads must hand them over: the error if it could not."""
-        self.node_tier.close()  # copies handed over are finished: a resume uses them
+        # copies handed over are finished: a resume uses them (none resumes a run that
+        # succeeded, unless its checkpoint is taken from them)
+        self.node_tier.close(abandon=succeeded and self.durable is None)
         for copy in self.node_tier.finished():
             self.journal.stored(copy)
             self.on_disk.append(copy)

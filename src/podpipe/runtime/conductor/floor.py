@@ -37,6 +37,7 @@ class Floor:
     requests: Callable[[Conn, protocol.Message], bool] = lambda conn, message: False
     swapped: dict[str, list[str]] = field(default_factory=dict)  # on the line: later jobs' too
     interrupt: str | None = None  # the line stops the running job: why
+    _swapped_before: dict[str, list[str]] = field(default_factory=dict)  # at the last job
 
     @classmethod
     def of_run(cls, launcher: Launcher | None, listener: socket.socket | None, reaper: bool,
@@ -46,16 +47,22 @@ class Floor:
         loop = EventLoop()
         return cls(loop, Agents(loop, listener, log), Processes(launcher, loop, reaper=reaper))
 
-    def announce(self, run_dir: Path, overrides: list[str]) -> None:
+    def announce(self, run_dir: Path, overrides: list[str],
+                 unchanged: frozenset[str] = frozenset()) -> None:
         """The next job is the one at `run_dir`: processes the line starts from now on
         serve its spec, and each connected one is told of it now — they load it while
-        the job is planned, and say hello for it once its conductor listens."""
-        self.spec = str(run_dir / "spec.yaml")
+        the job is planned, and say hello for it once its conductor listens. Those of
+        the `unchanged` nodes (defined as for the job before, not swapped since) keep
+        what they set up."""
         self.processes.serve(run_dir / "spec.yaml", overrides, run_dir / "logs")
+        unchanged = frozenset(n for n in unchanged
+                              if self.swapped.get(n) == self._swapped_before.get(n))
+        self._swapped_before = dict(self.swapped)
         for name in self.agents.nodes():
             conn = self.agents.unbind(name)
             if conn is not None:
-                self.tell(conn, run_dir, overrides, name)
+                self.tell(conn, run_dir, overrides, name,
+                          keep=protocol.split_name(name)[0] in unchanged)
 
     def take(self, ledger: Ledger) -> None:
         """The job starts: its engine counts the line's warm processes as its own."""
@@ -70,11 +77,12 @@ class Floor:
                   protocol.agent_name(hello.node, hello.worker))
         return False
 
-    def tell(self, conn: Conn, run_dir: Path, overrides: list[str], name: str) -> None:
+    def tell(self, conn: Conn, run_dir: Path, overrides: list[str], name: str,
+             keep: bool = False) -> None:
         node = protocol.split_name(name)[0]
         self.agents.answer(conn, protocol.Job(
             spec=str(run_dir / "spec.yaml"), overrides=[*overrides, *self.swapped.get(node, [])],
-            log=str(run_dir / "logs" / f"{name}.log"), run=str(run_dir)))
+            log=str(run_dir / "logs" / f"{name}.log"), run=str(run_dir), keep=keep))
 
     def give_back(self, ledger: Ledger) -> None:
         """The job is over: idle processes stay, warm; busy ones are killed."""

@@ -179,6 +179,7 @@ class Job(_Message, tag="job"):
     overrides: list[str]
     log: str
     run: str  # the job's run directory
+    keep: bool = False  # the node's definition is the job before's: keep what is set up
 
 
 class Probe(_Message, tag="probe"):

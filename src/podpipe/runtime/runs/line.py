@@ -91,12 +91,13 @@ class Line:
         self.running: _Job | None = None
         self.down = False
         self.broken: PodpipeError | None = None  # a process that could not start
+        self.served: specs.Pipeline | None = None  # the last job's, as its processes have it
         self._seq = 0
 
     # -- up ----------------------------------------------------------------------
 
-    def open(self) -> None:
-        """Lay out the line, start its processes (`warm` waits for them)."""
+    def open(self) -> set[str]:
+        """Lay out the line, start its processes; their names (`warm` waits for them)."""
         files.private_dirs(self.path / "queue")
         files.private_dirs(self.path / "logs")
         if (self.path / lines.RECORD).exists():  # the line before: what it did counts
@@ -118,16 +119,17 @@ class Line:
         self.launcher = launcher
         agents.listen()
         counts = workers(self.pipeline, self.graph)
-        self.expected = {protocol.agent_name(node, worker) for node in self.graph.order
-                         for worker in range(counts[node] or 1)}
-        for name in sorted(self.expected):
+        expected = {protocol.agent_name(node, worker) for node in self.graph.order
+                    for worker in range(counts[node] or 1)}
+        for name in sorted(expected):
             self.floor.processes.begin(name)
         self._requeue()
+        return expected
 
-    def warm(self) -> None:
-        """Wait until every process has said hello (its imports done); raise what
-        stopped one from starting."""
-        while not self.down and not self.expected <= set(self.floor.agents.nodes()):
+    def warm(self, expected: set[str]) -> None:
+        """Wait until every process `expected` has said hello (its imports done); raise
+        what stopped one from starting."""
+        while not self.down and not expected <= set(self.floor.agents.nodes()):
             for happening in self.floor.loop.wait(None):
                 self._idle(happening)
             if self.broken is not None:
@@ -247,8 +249,7 @@ class Line:
         self._seq += 1
         files.publish(queued_as, str(run_path))
         entry = _Job(job, run_path, overrides, pipeline, sinks, queued_as)
-        self.queue.append(entry)
-        self._publish()
+        self.queue.append(entry)  # (its file in queue/ is what `status LINE` lists)
         return entry
 
     def _job_request(self, conn: Conn, request: protocol.JobRequest) -> None:
@@ -295,7 +296,9 @@ class Line:
         self.running, self.record.jobs.running = job, job.job
         self._publish()
         state, error, started = "succeeded", None, time.time()
-        self.floor.announce(job.run_path, job.overrides)  # they load it while we plan
+        self.floor.announce(job.run_path, job.overrides,  # they load it while we plan
+                            _unchanged(self.served, job.pipeline))
+        self.served = job.pipeline
         # a job the line's process was running when it died: resumed from what it kept
         begun = (job.run_path / status.FILE).exists()
         origin = Origin(journal=True, source_batches=status.read(job.run_path).source_batches
@@ -331,11 +334,11 @@ class Line:
             seconds=None if seconds is None else round(seconds, 4))][-RECENT:]
         self.record.jobs.done += state == "succeeded"
         self.record.jobs.failed += state == "failed"
-        self._log(f"job {job.job} {state}" + (f": {error}" if error else ""),
-                  "info" if state == "succeeded" else "warning")
-        for conn in job.waiters:
+        for conn in job.waiters:  # (its status is final: written as its conductor ended)
             self.floor.agents.answer(conn, protocol.JobOver(
                 job=job.job, run_dir=str(job.run_path), state=state, error=error))
+        self._log(f"job {job.job} {state}" + (f": {error}" if error else ""),
+                  "info" if state == "succeeded" else "warning")
         self._publish()
 
     # -- down --------------------------------------------------------------------------
@@ -367,6 +370,17 @@ class Line:
         if text:
             with open(files.append_private(self.path / "logs" / "line.log"), "a") as log:
                 log.write(text)
+
+
+def _unchanged(before: specs.Pipeline | None, now: specs.Pipeline) -> frozenset[str]:
+    """The stages and sinks defined in `now` as in `before` (the job before's): their
+    processes keep what they set up (a stage's function and version, a call stage's
+    client and its connections). Never the source or a table: their files may have
+    changed under the same names, and what they set up would read the old ones."""
+    if before is None:
+        return frozenset()
+    same = {s.name for s in now.stages if s in before.stages}
+    return frozenset(same | {s.name for s in now.sinks if s in before.sinks})
 
 
 def _sinks(pipeline: specs.Pipeline) -> frozenset[str]:

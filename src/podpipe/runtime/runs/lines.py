@@ -92,13 +92,25 @@ def read(path: Path) -> LineRecord:
     """The line's record, from a directory of this user's (UsageError otherwise)."""
     try:
         files.check_ours(path)
-        return msgspec.json.decode(files.read_ours(path / RECORD), type=LineRecord)
+        record = msgspec.json.decode(files.read_ours(path / RECORD), type=LineRecord)
+        record.jobs.queued = [j for j in queued(path) if j != record.jobs.running]
+        return record
     except files.NotOurs as exc:
         raise UsageError(f"line {path}: {exc}") from None
     except FileNotFoundError:
         raise UsageError(f"{path}: no such line (start one with 'podpipe up SPEC')") from None
     except (OSError, msgspec.DecodeError) as exc:
         raise UsageError(f"{path}: not a podpipe line ({exc})") from None
+
+
+def queued(path: Path) -> list[str]:
+    """The jobs in the line's queue folder, in order (`<seq>-<job>`): the queue as it
+    is now, whenever the line last wrote its record."""
+    try:
+        return [entry.partition("-")[2] for entry in sorted(os.listdir(path / "queue"))
+                if not entry.startswith(".")]
+    except FileNotFoundError:
+        return []
 
 
 def write(path: Path, record: LineRecord) -> None:

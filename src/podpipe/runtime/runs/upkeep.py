@@ -117,8 +117,7 @@ def run_line(path: Path, spec_path: str, overrides: list[str], name: str,
     told = False
     try:
         with line.loop:
-            line.open()
-            line.warm()
+            line.warm(line.open())
             if not line.down:
                 ready.tell(None)
                 told = True
@@ -143,8 +142,11 @@ def detach(path: Path, spec_path: str, overrides: list[str], name: str) -> None:
         argv += ["--set", item]
     log = path / "logs" / "line.log"
     with open(files.append_private(log), "ab") as out:
-        subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                         pass_fds=[ours], start_new_session=True)
+        # Through a shell that leaves it in the background and exits: the line is not
+        # this process's child (no zombie of it here, whatever this process does next).
+        subprocess.run(["/bin/sh", "-c", '"$@" &', "sh", *argv], stdin=subprocess.DEVNULL,
+                       stdout=out, stderr=out, pass_fds=[ours], start_new_session=True,
+                       check=True)
     os.close(ours)
     with os.fdopen(theirs) as said:
         answer = said.read().strip()

@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,14 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
         return 1
     started_with = dict(os.environ)  # a job's stage env is its own, not the last job's
     served = _serve(sock, spec_path, overrides, node)
-    while isinstance(served, protocol.Job):  # a standing line's next job, this process warm
-        os.environ.clear()
-        os.environ.update(started_with)
-        _log_to(served.log)
-        logline.speaking_for(run=Path(served.run).name, stage=node,
+    while isinstance(served, tuple):  # a standing line's next job, this process warm
+        job, setup = served
+        if not job.keep:
+            _environment(started_with)
+        _log_to(job.log)
+        logline.speaking_for(run=Path(job.run).name, stage=node,
                              worker=int(os.environ.get(protocol.WORKER_ENV, "0")))
-        served = _serve(sock, served.spec, served.overrides, node)
+        served = _serve(sock, job.spec, job.overrides, node, setup if job.keep else None)
     code = served
     if hold and code == 0:
         sock.close()
@@ -101,20 +103,46 @@ def _log_to(log: str) -> None:
     os.close(fd)
 
 
+def _environment(env: dict[str, str]) -> None:
+    """The process's environment as `env` again (what changed only: each change is a
+    system call)."""
+    for name in [name for name in os.environ if name not in env]:
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
 def _exit_now(*_: Any) -> None:
     sys.stderr.flush()
     os._exit(0)  # outputs are written under temporary names: nothing half-done is trusted
 
 
-def _serve(sock: socket.socket, spec_path: str, overrides: list[str],
-           node: str) -> int | protocol.Job:
-    """Serve the spec's node until told to stop (the exit code) or, on a standing
-    line, to serve the next job (the `Job`: this process stays, warm)."""
-    try:
+@dataclass
+class _Setup:
+    """What a process sets up for its node, kept across a standing line's jobs that
+    leave the node's definition as it was (`Job.keep`)."""
+
+    pipeline: specs.Pipeline
+    work: Work
+    version: str
+
+    @classmethod
+    def of(cls, spec_path: str, overrides: list[str], node: str) -> _Setup:
         pipeline = specs.load(spec_path, overrides)
         if node in {s.name for s in pipeline.stages}:  # this process is the stage's own:
             os.environ.update(pipeline.stage(node).env)  # before its module is imported
         work = work_for(pipeline, node)
+        return cls(pipeline, work, version_of(pipeline, node, work))
+
+
+def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
+           kept: _Setup | None = None) -> int | tuple[protocol.Job, _Setup]:
+    """Serve the spec's node until told to stop (the exit code) or, on a standing
+    line, to serve the next job (the `Job`, and what was set up: this process stays,
+    warm). `kept`: what the job before set up, still right for this one."""
+    try:
+        setup = kept or _Setup.of(spec_path, overrides, node)
     except SpecError as exc:  # the conductor names the user's file, not our copy
         protocol.send(sock, protocol.Broken(node=node, field=exc.field, message=exc.detail,
                                             worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
@@ -123,8 +151,8 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str],
         protocol.send(sock, protocol.Broken(node=node, message=str(exc),
                                             worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
         return 2
-    protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(),
-                                       version=version_of(pipeline, node, work),
+    pipeline, work = setup.pipeline, setup.work
+    protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(), version=setup.version,
                                        worker=int(os.environ.get(protocol.WORKER_ENV, "0")),
                                        spec=spec_path))
     if isinstance(work, CallService):  # the conductor hears of its requests in flight
@@ -138,8 +166,9 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str],
             if isinstance(message, protocol.Stop):
                 return 0
             if isinstance(message, protocol.Job):
-                work.close()
-                return message
+                if not message.keep:
+                    work.close()
+                return message, setup
             if isinstance(message, protocol.Task):
                 _task(sock, work, message, node, schemas, mappings)
     except _Stopped:

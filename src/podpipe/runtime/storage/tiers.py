@@ -42,6 +42,7 @@ class NodeTier:
         self.queue: queue.SimpleQueue[tuple[int, Output] | None] = queue.SimpleQueue()
         self.made: queue.SimpleQueue[Output] = queue.SimpleQueue()  # copies done, to journal
         self.errors: list[str] = []
+        self.abandon = False  # copies still queued are dropped, not made
         self.thread = threading.Thread(target=self._work, name="node-tier", daemon=True)
         self.thread.start()
 
@@ -61,14 +62,20 @@ class NodeTier:
             made.append(self.made.get())
         return made
 
-    def close(self) -> None:
-        """Finish the copies already handed over, then stop."""
+    def close(self, *, abandon: bool = False) -> None:
+        """Finish the copies already handed over, then stop; with `abandon` (nothing
+        will resume from them: the run succeeded), only the one being made."""
+        if abandon:
+            self.abandon = True
         self.queue.put(None)
         self.thread.join()
 
     def _work(self) -> None:
         while (item := self.queue.get()) is not None:
             fd, copy = item
+            if self.abandon:
+                os.close(fd)
+                continue
             try:
                 if _copy(fd, Path(copy.path)) == copy.checksum:
                     self.made.put(copy)
