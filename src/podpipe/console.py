@@ -274,6 +274,8 @@ def line_table(line: LineRecord, where: str) -> Table:
     table.add_column("", overflow="fold")
     warm = ", ".join(f"{name} {pid}" for name, pid in sorted(line.processes.items()))
     table.add_row("processes", warm or "none")
+    table.add_row("tables", ", ".join(f"{name} ({version})" for name, version in
+                                      sorted(line.tables.items())) or "none in RAM")
     table.add_row("running", line.jobs.running or "no job")
     table.add_row("queued", ", ".join(line.jobs.queued) or "none")
     table.add_row("jobs", f"{line.jobs.done} succeeded, {line.jobs.failed} failed")

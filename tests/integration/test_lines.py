@@ -119,10 +119,17 @@ def test_a_failed_job_is_the_jobs_alone_and_resumes(line):
     third = podpipe("submit", "t", *_to("three"), "--wait", cwd=workdir)
     assert third.returncode == 0, third.stderr
     assert _sinks(workdir / "out" / "three") == _sinks(workdir / "out" / "ref")
+    unreadable = podpipe("submit", "t", *_to("four"), "--set", "source.uri=nothing/*.parquet",
+                         "--wait", cwd=workdir)
+    assert unreadable.returncode == 1 and "nothing/*.parquet" in unreadable.stderr
+    lost = json.loads(podpipe("status", str(workdir / ".podpipe" / "runs" /
+                                             unreadable.stdout.split()[0]), "--json",
+                              cwd=workdir).stdout)
+    assert lost["state"] == "failed" and "nothing/*.parquet" in lost["error"]
     record = _line(workdir)
-    assert (record["jobs"]["done"], record["jobs"]["failed"]) == (2, 1)
+    assert (record["jobs"]["done"], record["jobs"]["failed"]) == (2, 2)
     assert [j["state"] for j in record["jobs"]["recent"]] == ["succeeded", "failed",
-                                                               "succeeded"]
+                                                               "succeeded", "failed"]
     # the failed job: its status says so; a resume redoes only what is missing
     run_dir = workdir / ".podpipe" / "runs" / job
     status = json.loads(podpipe("status", str(run_dir), "--json", cwd=workdir).stdout)
@@ -338,5 +345,52 @@ def test_a_jobs_environment_is_its_own(tmp_path: Path):
         plain = job("b")  # BOOM_AT unset again: the stage's default, 2500, fails batch 2
         assert plain.returncode == 1 and "stage 'boom', batch 2" in plain.stderr
         assert job("c", "--set", "stages.boom.env.BOOM_AT='-1'").returncode == 0
+    finally:
+        podpipe("down", "t", cwd=tmp_path)
+
+
+def test_a_table_stays_in_ram_while_its_files_do_not_change(tmp_path: Path):
+    """A job takes the table the job before loaded (its table process runs no task);
+    a job after its files changed loads it again, and reads the new one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    make_numbers(tmp_path / "data")
+    codes = tmp_path / "codes.parquet"
+    pq.write_table(pa.table({"k": range(10), "label": [f"L{k}" for k in range(10)]}), codes)
+    document = spec([{"name": "labelled", "run": "pystages:with_label",
+                      "inputs": ["source", "codes"]}], [{"input": "labelled", "uri": "out/x/"}])
+    document["spec"]["tables"] = [{"name": "codes", "uri": "codes.parquet"}]
+    write_spec(tmp_path / "p.yaml", document)
+    assert podpipe("up", "p.yaml", "--name", "t", cwd=tmp_path).returncode == 0
+    try:
+        def job(name: str) -> tuple[list[str], dict, list[str]]:
+            done = podpipe("submit", "t", "--set", f"sinks.0.uri=out/{name}/", "--wait",
+                           cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            run_dir = tmp_path / ".podpipe" / "runs" / done.stdout.split()[0]
+            status = json.loads(podpipe("status", str(run_dir), "--json", cwd=tmp_path).stdout)
+            tasks = [json.loads(row)["node"] for row in
+                     (run_dir / "tasks.jsonl").read_text().splitlines()]
+            labels = pq.read_table(tmp_path / "out" / name).column("label").to_pylist()
+            return labels, status["stages"]["codes"], tasks
+        labels, first, tasks = job("a")
+        assert labels[:3] == ["L0", "L1", "L2"] and "codes" in tasks  # loaded
+        again, second, tasks = job("b")
+        assert again == labels and "codes" not in tasks                # kept in RAM
+        assert second["version"] == first["version"] and second["batches_done"] == 1
+        pq.write_table(pa.table({"k": range(10), "label": [f"M{k}" for k in range(10)]}),
+                       codes)
+        os.utime(codes, (1, 1))  # (another size or time: the files' identity changed)
+        changed, third, tasks = job("c")
+        assert changed[:3] == ["M0", "M1", "M2"] and "codes" in tasks  # loaded anew
+        assert third["version"] != first["version"]
+        # what a person sees: the line, in a terminal 80 columns wide
+        from test_loop import _in_tmux
+
+        screen = _in_tmux(tmp_path, "podpipe status t; podpipe lines", rows=30)
+        assert all(len(row) <= 80 for row in screen.splitlines()), screen
+        assert "line t: up" in screen and f"codes ({third['version']})" in screen, screen
+        assert "3 succeeded, 0 failed" in screen and "EXIT=0" in screen, screen
     finally:
         podpipe("down", "t", cwd=tmp_path)

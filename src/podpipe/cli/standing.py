@@ -107,13 +107,28 @@ def status(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import lines
 
     path = lines.home(args.run_dir)
-    record = lines.read(path)
-    if not record.up:
-        record.state = "starting" if lines.coming_up(record) else "down"
+
+    def now() -> lines.LineRecord:
+        record = lines.read(path)
+        if not record.up:
+            record.state = "starting" if lines.coming_up(record) else "down"
+        return record
+    record = now()
     if args.json:
         import msgspec
 
         print(json.dumps({"dir": str(path), **msgspec.to_builtins(record)}, indent=2))
+    elif args.watch:  # until the line is down (or Ctrl-C)
+        import time
+
+        from rich.live import Live
+
+        with Live(terminal.line_table(record, str(path)), console=console,
+                  auto_refresh=False) as live:
+            while record.state != "down":
+                time.sleep(terminal.WATCH_SECONDS)
+                record = now()
+                live.update(terminal.line_table(record, str(path)), refresh=True)
     else:
         console.print(terminal.line_table(record, str(path)))
     return 0

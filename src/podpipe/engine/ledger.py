@@ -95,6 +95,15 @@ class Ledger:
         self.pool.fixed = dict(counts)
         self.agents = {node: {w: Agent() for w in range(counts[node])} for node in counts}
 
+    def table_kept(self, node: str, output: Output) -> None:
+        """Before the run starts: table `node` is in RAM already (a standing line kept
+        it from the job before, its files unchanged): held, read by every task."""
+        self.ready[node] = []
+        self.done[node].add(0)
+        self.outputs[(node, 0)] = output
+        if output.tier == "ram":
+            self.budget.take(output.nbytes)
+
     def warm(self, workers: dict[str, list[int]]) -> None:
         """Before the run starts: a standing line's processes, warm from its last job
         (each node's worker numbers); a `workers: auto` node starts with those it has."""

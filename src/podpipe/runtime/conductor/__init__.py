@@ -134,7 +134,8 @@ class Conductor:
                     self._stop_all()
                 self._finish_sinks()
         finally:
-            self.run.scratch.clear() if self.floor.standing else self.run.scratch.remove()
+            if not self.floor.standing:  # (a line clears it, keeping its tables)
+                self.run.scratch.remove()
             self.counters.ended = time.time()
             self.timeline.sample(self.ledger.progress(), {}, {})
             self.timeline.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from podpipe.engine.ledger import Ledger
+from podpipe.model.output import Output
 from podpipe.runtime.conductor.agents import Agents, Conn
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.run import Run
@@ -37,6 +38,7 @@ class Floor:
     requests: Callable[[Conn, protocol.Message], bool] = lambda conn, message: False
     swapped: dict[str, list[str]] = field(default_factory=dict)  # on the line: later jobs' too
     interrupt: str | None = None  # the line stops the running job: why
+    tables: dict[str, Output] = field(default_factory=dict)  # kept in RAM for the next job
     _swapped_before: dict[str, list[str]] = field(default_factory=dict)  # at the last job
 
     @classmethod
@@ -65,8 +67,11 @@ class Floor:
                           keep=protocol.split_name(name)[0] in unchanged)
 
     def take(self, ledger: Ledger) -> None:
-        """The job starts: its engine counts the line's warm processes as its own."""
+        """The job starts: its engine counts the line's warm processes as its own, and
+        the tables the line kept in RAM as loaded."""
         ledger.warm(self.processes.workers())
+        for node, output in self.tables.items():
+            ledger.table_kept(node, output)
 
     def serves(self, conn: Conn, hello: protocol.Hello, run: Run) -> bool:
         """Does this hello say the agent serves the job's spec? Else (a process that

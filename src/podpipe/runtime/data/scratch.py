@@ -168,12 +168,15 @@ class Scratch:
                 blocks[found.st_ino] = found.st_blocks * 512
         return sum(blocks.values())
 
-    def clear(self) -> None:
-        """A standing line's job is over: what it left in RAM goes (every output, the
-        pool of warm files); the line's socket and owner record stay."""
-        for kind in ("data", "pool"):
-            shutil.rmtree(self.path / kind, ignore_errors=True)
-            (self.path / kind).mkdir(mode=0o700, exist_ok=True)
+    def clear(self, keep: frozenset[str] = frozenset()) -> None:
+        """A standing line's job is over: what it left in RAM goes (every output but
+        those of the nodes to `keep`, the pool of warm files); the line's socket and
+        owner record stay."""
+        shutil.rmtree(self.path / "pool", ignore_errors=True)
+        (self.path / "pool").mkdir(mode=0o700, exist_ok=True)
+        for folder in (self.path / "data").iterdir():
+            if folder.name not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def remove(self) -> None:
         if not self.volume:

@@ -394,6 +394,27 @@ def connect(path: str, wait: float) -> socket.socket:
             raise
 
 
+def ask(sock: socket.socket, message: Message | None, timeout: float | None,
+        what: str) -> Message:
+    """Send `message` (None: nothing, only wait) and return the answer; RunError if
+    none comes in `timeout` seconds or the peer goes away, UsageError if it refused
+    (each naming `what`: the request, or whom it went to)."""
+    from podpipe.errors import RunError, UsageError
+
+    sock.settimeout(timeout)
+    try:
+        if message is not None:
+            send(sock, message)
+        answer = recv(sock)
+    except socket.timeout:
+        raise RunError(f"{what}: no answer in {timeout:.0f} s") from None
+    except (Closed, OSError) as exc:
+        raise RunError(f"{what}: the other end went away ({exc})") from None
+    if isinstance(answer, Refused):
+        raise UsageError(f"{what}: {answer.message}")
+    return answer
+
+
 def probe(path: str, timeout: float = 2.0, agent: str | None = None) -> bool:
     """True if a conductor answers on `path` within `timeout` seconds (with `agent`:
     and says that agent is connected, or that the run is over)."""

@@ -9,7 +9,6 @@ swap back), or the request was refused (why).
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,14 +104,4 @@ def _request(run_dir: Path, message: protocol.Message, timeout: float, what: str
     except OSError as exc:
         raise UsageError(f"{run_dir}: cannot reach the conductor at {path}: {exc}") from None
     with sock:
-        sock.settimeout(timeout)
-        protocol.send(sock, message)
-        try:
-            answer = protocol.recv(sock)
-        except socket.timeout:
-            raise RunError(f"{what}: no answer in {timeout:.0f} s") from None
-        except (protocol.Closed, OSError) as exc:
-            raise RunError(f"{what}: the conductor went away ({exc})") from None
-    if isinstance(answer, protocol.Refused):
-        raise UsageError(f"{what}: {answer.message}")
-    return Answer(str(run_dir), answer)
+        return Answer(str(run_dir), protocol.ask(sock, message, timeout, what))

@@ -43,6 +43,7 @@ from podpipe.runtime.rundir import layout as rundir, status
 from podpipe.runtime.runs import following, lines, pod
 from podpipe.runtime.runs.launcher import launcher as make_launcher
 from podpipe.runtime.runs.origin import Origin
+from podpipe.runtime.runs.warmth import Warmth
 
 RECENT = 20  # jobs over that the line's record lists
 # What a job may set: its data, never the graph (`apply` and `swap` change that).
@@ -91,7 +92,7 @@ class Line:
         self.running: _Job | None = None
         self.down = False
         self.broken: PodpipeError | None = None  # a process that could not start
-        self.served: specs.Pipeline | None = None  # the last job's, as its processes have it
+        self.warmth = Warmth()  # what the next job may find set up, or loaded
         self._seq = 0
 
     # -- up ----------------------------------------------------------------------
@@ -297,19 +298,21 @@ class Line:
         self._publish()
         state, error, started = "succeeded", None, time.time()
         self.floor.announce(job.run_path, job.overrides,  # they load it while we plan
-                            _unchanged(self.served, job.pipeline))
-        self.served = job.pipeline
+                            self.warmth.unchanged(job.pipeline))
+        self.floor.tables = self.warmth.offer(job.pipeline)
         # a job the line's process was running when it died: resumed from what it kept
         begun = (job.run_path / status.FILE).exists()
         origin = Origin(journal=True, source_batches=status.read(job.run_path).source_batches
                         ) if begun else Origin(durable=True)
+        conductor = None
         try:
             run, restored, tier = pod.prepare(
                 job.pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
                 origin=origin, fresh=not begun)
             following.mark_latest(job.run_path)
-            Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
-                      floor=self.floor).start()
+            conductor = Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
+                                  floor=self.floor)
+            conductor.start()
         except InterruptedRun as exc:
             state, error = "interrupted", str(exc)
             if self.floor.interrupt is None:  # a signal: the line goes down too
@@ -318,8 +321,11 @@ class Line:
             state, error = "failed", str(exc)
             if not (job.run_path / status.FILE).exists():  # it never started
                 rundir.failed_before_start(job.run_path, error)
-        finally:
-            self.scratch.clear()
+        finally:  # what it had in RAM goes, but its tables: the next job's if unchanged
+            self.scratch.clear(keep=frozenset(self.warmth.tables) if conductor is None else
+                               self.warmth.keep(job.pipeline, conductor.ledger.outputs, {
+                                   n: s.version for n, s in conductor.counters.stages.items()
+                                   if s.version is not None}))
         self.floor.interrupt = None
         self.running = self.record.jobs.running = None
         self._over(job, state, error, time.time() - started)
@@ -360,6 +366,8 @@ class Line:
 
     def _publish(self) -> None:
         self.record.jobs.queued = [j.job for j in self.queue]
+        self.record.tables = {name: version for name, (_, version, _) in
+                              self.warmth.tables.items()}
         try:
             lines.write(self.path, self.record)
         except OSError as exc:
@@ -370,17 +378,6 @@ class Line:
         if text:
             with open(files.append_private(self.path / "logs" / "line.log"), "a") as log:
                 log.write(text)
-
-
-def _unchanged(before: specs.Pipeline | None, now: specs.Pipeline) -> frozenset[str]:
-    """The stages and sinks defined in `now` as in `before` (the job before's): their
-    processes keep what they set up (a stage's function and version, a call stage's
-    client and its connections). Never the source or a table: their files may have
-    changed under the same names, and what they set up would read the old ones."""
-    if before is None:
-        return frozenset()
-    same = {s.name for s in now.stages if s in before.stages}
-    return frozenset(same | {s.name for s in now.sinks if s in before.sinks})
 
 
 def _sinks(pipeline: specs.Pipeline) -> frozenset[str]:

@@ -68,6 +68,7 @@ class LineRecord(msgspec.Struct, kw_only=True):
     started: float
     state: str = "starting"  # starting, up, down
     processes: dict[str, int] = {}  # warm processes: agent name -> pid
+    tables: dict[str, str] = {}     # tables in RAM for the next job: name -> version
     jobs: LineJobs = msgspec.field(default_factory=lambda: LineJobs())
 
     @property
@@ -185,23 +186,7 @@ def ask(line: str, message: protocol.Message, timeout: float | None = 30.0) -> p
     """Send the line one request; its answer (UsageError if it refused)."""
     _, sock = connect(line)
     with sock:
-        return _answer(sock, message, timeout, line)
-
-
-def _answer(sock: socket.socket, message: protocol.Message | None, timeout: float | None,
-            line: str) -> protocol.Message:
-    sock.settimeout(timeout)
-    try:
-        if message is not None:
-            protocol.send(sock, message)
-        answer = protocol.recv(sock)
-    except socket.timeout:
-        raise RunError(f"line {line}: no answer in {timeout:.0f} s") from None
-    except (protocol.Closed, OSError) as exc:
-        raise RunError(f"line {line}: it went away ({exc})") from None
-    if isinstance(answer, protocol.Refused):
-        raise UsageError(answer.message)
-    return answer
+        return protocol.ask(sock, message, timeout, f"line {line}")
 
 
 def submit(line: str, overrides: list[str], *, wait: bool = False
@@ -210,11 +195,12 @@ def submit(line: str, overrides: list[str], *, wait: bool = False
     once it has ended (the connection stays open for it: no polling)."""
     _, sock = connect(line)
     with sock:
-        answer = _answer(sock, protocol.SubmitRequest(overrides=overrides, wait=wait), 60.0, line)
+        answer = protocol.ask(sock, protocol.SubmitRequest(overrides=overrides, wait=wait),
+                              60.0, f"line {line}")
         assert isinstance(answer, protocol.Submitted)
         yield answer
         if wait:
-            over = _answer(sock, None, None, line)
+            over = protocol.ask(sock, None, None, f"line {line}")
             assert isinstance(over, protocol.JobOver)
             yield over
 
@@ -238,8 +224,8 @@ def wait_job(run_path: Path, line: str, timeout: float | None) -> protocol.JobOv
     _, sock = connect(line)
     with sock:
         try:
-            answer = _answer(sock, protocol.JobRequest(run_dir=str(run_path.resolve())),
-                             timeout, line)
+            answer = protocol.ask(sock, protocol.JobRequest(run_dir=str(run_path.resolve())),
+                                  timeout, f"line {line}")
         except RunError:
             if timeout is not None:
                 return None

@@ -1,0 +1,65 @@
+"""What a standing line keeps warm from one job to the next, and when it may not.
+
+- **What its processes set up**: a stage's or a sink's process keeps its function,
+  its version, a call stage's client and connections, when the next job defines the
+  node as the job before did (`unchanged`). Never the source's or a table's: their
+  files may have changed under the same names, and what they set up would read the
+  old ones.
+- **Tables in RAM**: a table a job loaded stays in the line's RAM scratch, and the
+  next job takes it as loaded (`offer`) when it defines the table alike and the
+  table's files are as they were (its version: a digest of their names, sizes and
+  modification times, `tables.version`); else it is dropped and the job loads it
+  anew. The job's status records the version it read, as a run's does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from podpipe.model.output import Output
+from podpipe.model.pipeline import Pipeline, Table
+from podpipe.runtime.data import scratch as scratches
+from podpipe.runtime.data import tables as table_files
+
+
+class Warmth:
+    def __init__(self) -> None:
+        self.served: Pipeline | None = None  # the last job's, as its processes have it
+        self.tables: dict[str, tuple[Table, str, Output]] = {}  # in RAM: as defined, version
+
+    def unchanged(self, now: Pipeline) -> frozenset[str]:
+        """The stages and sinks `now` defines as the job before did; `now` is served
+        from here on."""
+        before, self.served = self.served, now
+        if before is None:
+            return frozenset()
+        same = {s.name for s in now.stages if s in before.stages}
+        return frozenset(same | {s.name for s in now.sinks if s in before.sinks})
+
+    def offer(self, now: Pipeline) -> dict[str, Output]:
+        """The tables kept in RAM that the job `now` may take as loaded; the others
+        are let go (their files deleted)."""
+        offered = {}
+        for name, (table, version, output) in list(self.tables.items()):
+            same = next((t for t in now.tables if t.name == name), None) == table
+            try:
+                fresh = same and table_files.version(table) == version
+            except (OSError, ValueError):  # (its files gone: the job says so)
+                fresh = False
+            if fresh and Path(output.path).exists():
+                offered[name] = output
+            else:
+                del self.tables[name]
+                scratches.discard(output.path)
+        return offered
+
+    def keep(self, pipeline: Pipeline, outputs: dict[tuple[str, int], Output],
+             versions: dict[str, str]) -> frozenset[str]:
+        """After a job: the tables it had in RAM (loaded or offered), kept for the
+        next; their nodes (whose scratch folders stay)."""
+        self.tables = {}
+        for table in pipeline.tables:
+            output = outputs.get((table.name, 0))
+            if output is not None and output.tier == "ram" and table.name in versions:
+                self.tables[table.name] = (table, versions[table.name], output)
+        return frozenset(self.tables)
