@@ -141,16 +141,33 @@ def one_batch(work: Path, jobs: int, cold: int) -> dict:
         cold_times.append(time.perf_counter() - started)
     _cli("up", str(spec), "--name", "one", cwd=work)
     line = str(work / ".podpipe" / "lines" / "one")
+    from podpipe.runtime.runs import lines
+
+    record = lines.read(Path(line))
+    pids = {"line": record.pid, **record.processes}
     try:
         for _ in range(5):  # the line's first jobs: its processes' first calls
             _job(line, [])
+        before = {name: _cpu(pid) for name, pid in pids.items()}
         times = [_job(line, [])[0] for _ in range(jobs)]
+        after = {name: _cpu(pid) for name, pid in pids.items()}
     finally:
         _cli("down", line, cwd=work)
+    cpu_ms = {name: [round((after[name][i] - before[name][i]) / jobs * 1e3, 2)
+                     for i in (0, 1)] for name in pids}  # [user, sys] ms per job
     return {"jobs": jobs, "p50_ms": round(_pct(times, 0.5) * 1e3, 2),
             "p99_ms": round(_pct(times, 0.99) * 1e3, 2),
             "max_ms": round(max(times) * 1e3, 2),
+            "cpu_ms_per_job": cpu_ms,
+            "cpu_ms_per_job_total": round(sum(u + s for u, s in cpu_ms.values()), 2),
             "cold_runs": cold, "cold_median_s": round(statistics.median(cold_times), 3)}
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """A process's user and system CPU seconds so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def _rss(pid: int) -> int:
@@ -228,6 +245,8 @@ def chart(soaked: dict, path: Path) -> None:
 
 def markdown(results: dict, command: str) -> str:
     q1, one, soaked = results["q1"], results["one_batch"], results["soak"]
+    cpu = ", ".join(f"{name} {u:g} + {s:g}" for name, (u, s) in
+                    one.get("cpu_ms_per_job", {}).items()) + " ms user + system"
     m = q1["median_seconds"]
     growth = ", ".join(f"{k} {v / 2**20:+.1f} MiB" for k, v in
                        soaked["growth_after_20_bytes"].items())
@@ -247,7 +266,8 @@ def markdown(results: dict, command: str) -> str:
 
 p50 **{one['p50_ms']} ms**, p99 **{one['p99_ms']} ms** (max {one['max_ms']} ms) from submit
 to the sink committed; a cold `podpipe run` of the same spec: {one['cold_median_s']} s
-(median of {one['cold_runs']}).
+(median of {one['cold_runs']}). CPU a job, all the line's processes:
+{one.get('cpu_ms_per_job_total', '?')} ms ({cpu}).
 
 ## {soaked['jobs']} jobs back to back
 

@@ -259,7 +259,7 @@ class Line:
 
 def up(spec: Spec, *, name: str | None = None, overrides: Sequence[str] = ()) -> Line:
     """Start a standing line (as `podpipe up`); returns once its processes are warm."""
-    from podpipe.runtime.runs import lines, upkeep
+    from podpipe.runtime.runs import line, lines, upkeep
 
     with _spec_file(spec) as path:
         pipeline = validate(path, overrides=overrides)
@@ -267,7 +267,7 @@ def up(spec: Spec, *, name: str | None = None, overrides: Sequence[str] = ()) ->
         home = Path(pipeline.checkpoints.node) / "lines" / line_name
         if (home / lines.RECORD).exists() and lines.read(home).up:
             raise UsageError(f"line {line_name} is up already; down it first")
-        upkeep.detach(home, path, list(overrides), line_name)
+        upkeep.detach(line.Start(home, path, list(overrides), line_name))
     return Line(home)
 
 

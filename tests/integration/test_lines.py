@@ -394,3 +394,40 @@ def test_a_table_stays_in_ram_while_its_files_do_not_change(tmp_path: Path):
         assert "3 succeeded, 0 failed" in screen and "EXIT=0" in screen, screen
     finally:
         podpipe("down", "t", cwd=tmp_path)
+
+
+def test_a_line_serves_its_metrics_for_its_life(line):
+    """`up --metrics-port`: one endpoint from up to down, with the last job's series
+    (labelled with its id) and the line's jobs by state."""
+    import socket
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    workdir, env = line
+    podpipe("down", "t", cwd=workdir)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    up = podpipe("up", "p.yaml", "--name", "t", "--metrics-port", str(port), cwd=workdir, **env)
+    assert up.returncode == 0, up.stderr
+
+    def scrape() -> dict[tuple, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                if family.name.startswith("podpipe_") for s in family.samples}
+    before = scrape()
+    assert before[("podpipe_line_jobs", (("line", "t"), ("state", "queued")))] == 0
+    jobs = [podpipe("submit", "t", *_to(name), "--wait", cwd=workdir).stdout.split()[0]
+            for name in ("a", "b")]
+    after = scrape()
+    assert after[("podpipe_line_jobs_ended_total", (("line", "t"),
+                                                    ("state", "succeeded")))] == 2
+    done = {dict(labels)["podpipe_job"]: value for (name, labels), value in after.items()
+            if name == "podpipe_batches_done_total" and dict(labels)["node"] == "double"}
+    assert done == {jobs[1]: 10}  # the last job's, by its id
+    assert podpipe("down", "t", cwd=workdir).returncode == 0
+    with pytest.raises(OSError):
+        scrape()

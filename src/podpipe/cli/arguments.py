@@ -186,6 +186,9 @@ def parser() -> argparse.ArgumentParser:
                     help="override a spec field for the whole line (repeatable)")
     up.add_argument("--foreground", action="store_true",
                     help="run the line in this terminal until Ctrl-C or 'podpipe down'")
+    up.add_argument("--metrics-port", metavar="[ADDR:]PORT",
+                    help="serve Prometheus metrics there for the line's life: the running "
+                         "job's series (label podpipe_job) and the line's jobs by state")
     up.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     submit = sub.add_parser(

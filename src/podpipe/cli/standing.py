@@ -22,7 +22,7 @@ EXIT_CODES = {"succeeded": 0, "failed": 1, "interrupted": 130}
 
 
 def up(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.runtime.runs import lines, pod, upkeep
+    from podpipe.runtime.runs import line, lines, pod, upkeep
 
     pipeline = pod.validate(args.spec, args.set)  # a bad spec: exit 2 before anything
     name = args.name or pipeline.name
@@ -32,14 +32,18 @@ def up(args: argparse.Namespace, console: Console) -> int:
     if (path / lines.RECORD).exists() and lines.read(path).up:
         raise UsageError(f"line {name} is up already (pid {lines.read(path).pid}); "
                          f"'podpipe down {path}' first")
+    if args.metrics_port:
+        from podpipe.runtime.conductor.metrics import address
+
+        address(args.metrics_port)  # a clear error before anything starts
+    start = line.Start(path, args.spec, args.set, name, args.metrics_port)
     if args.foreground:
         def show() -> None:
             console.print(f"line {name} is up: {path}; submit with 'podpipe submit "
                           f"{path} --set source.uri=...'; Ctrl-C ends it",
                           highlight=False, soft_wrap=True)
-        return upkeep.supervise(path, args.spec, args.set, name,
-                                upkeep.Ready(args.ready_fd, show))
-    upkeep.detach(path, args.spec, args.set, name)
+        return upkeep.supervise(start, upkeep.Ready(args.ready_fd, show))
+    upkeep.detach(start)
     console.print(f"line {name} is up: {path}\nsubmit a job: podpipe submit {path} "
                   f"--set source.uri=...\nend it:       podpipe down {path}",
                   highlight=False, soft_wrap=True)

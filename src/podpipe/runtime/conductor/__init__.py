@@ -93,7 +93,7 @@ class Conductor:
         self.timeline = Timeline(run.run_dir, self.counters.started)
         self.scratch_work = ScratchWork(run.scratch, run.run_dir, self.agents, self.timeline,
                                         lambda node: node in self.run.graph.tables, self._log)
-        self.watchers = Watchers(observer, metrics, metrics_linger)  # shown each status
+        self.watchers = Watchers(observer, metrics, metrics_linger, self.floor.metrics)
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
         self.sinks: dict[str, Written] = {}  # once the run succeeded

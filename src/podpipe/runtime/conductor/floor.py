@@ -21,6 +21,7 @@ from typing import Callable
 from podpipe.engine.ledger import Ledger
 from podpipe.model.output import Output
 from podpipe.runtime.conductor.agents import Agents, Conn
+from podpipe.runtime.conductor.metrics import Metrics
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.run import Run
 from podpipe.runtime.plumbing import logline, protocol
@@ -39,6 +40,7 @@ class Floor:
     swapped: dict[str, list[str]] = field(default_factory=dict)  # on the line: later jobs' too
     interrupt: str | None = None  # the line stops the running job: why
     tables: dict[str, Output] = field(default_factory=dict)  # kept in RAM for the next job
+    metrics: Metrics | None = None  # the line's endpoint (`up --metrics-port`), lent to jobs
     _swapped_before: dict[str, list[str]] = field(default_factory=dict)  # at the last job
 
     @classmethod

@@ -9,7 +9,9 @@ does not pay for its import).
 Names follow Prometheus's rules: counters end in `_total` (prometheus-client adds
 it), units are in the names, and no label is one a scrape adds to the target (`pod`,
 `job`, `instance`, `namespace`, `container`): a pod's ordinal is `replica`, and the
-run (a job of a standing line, later) is `podpipe_job`. Each node's task durations are
+run (a job of a standing line) is `podpipe_job`. A line (`up --metrics-port`) serves
+one endpoint for its life: the running (else the last) job's series, and its own
+`podpipe_line_jobs{state}` and `podpipe_line_jobs_ended_total{state}`. Each node's task durations are
 a histogram. `--metrics-linger` keeps the endpoint up a while after the run ends, so
 that a scrape every 15 s sees its last values.
 """
@@ -68,6 +70,8 @@ class Metrics:
 
         host, port = address(where)
         self.latest: Status | None = None  # the run's status, as last flushed
+        # a standing line's own figures: (line, jobs queued, running, done, failed)
+        self.line: Callable[[], tuple[str, int, int, int, int]] | None = None
         # node -> tasks per bucket (the last: beyond every bound), and their seconds
         self.durations: dict[str, tuple[list[int], list[float]]] = {}
         self.registry = CollectorRegistry()
@@ -93,6 +97,8 @@ class Metrics:
         from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                             HistogramMetricFamily)
 
+        if self.line is not None:
+            yield from _line_families(*self.line())
         s = self.latest
         if s is None:
             return
@@ -135,18 +141,38 @@ class Metrics:
             yield family
 
 
+def _line_families(line: str, queued: int, running: int, done: int,
+                   failed: int) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """A standing line's jobs: queued and running now, done and failed so far."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    jobs = GaugeMetricFamily("podpipe_line_jobs", "The line's jobs now, by state",
+                             labels=["line", "state"])
+    jobs.add_metric([line, "queued"], queued)
+    jobs.add_metric([line, "running"], running)
+    yield jobs
+    ended = CounterMetricFamily("podpipe_line_jobs_ended", "The line's jobs that ended, "
+                                "by how", labels=["line", "state"])
+    ended.add_metric([line, "succeeded"], done)
+    ended.add_metric([line, "failed"], failed)
+    yield ended
+
+
 class Watchers:
     """Who is shown each status the conductor flushes: the caller's observer (the
     terminal's live progress, the Python API's) and Prometheus, when asked for
     (`where`: `[ADDR:]PORT`), served from `open` to `close`."""
 
     def __init__(self, observer: Callable[[Status], None] | None, where: str | None,
-                 linger: float = 0.0) -> None:
+                 linger: float = 0.0, lent: Metrics | None = None) -> None:
+        """`lent`: a standing line's endpoint, serving each of its jobs in turn."""
         self.observer, self.where, self.linger = observer, where, linger
-        self.metrics: Metrics | None = None
+        self.metrics, self.lent = lent, lent is not None
 
     def open(self) -> None:
-        if self.where:
+        if self.metrics is not None:  # a line's: this job's durations from nothing
+            self.metrics.durations = {}
+        elif self.where:
             self.metrics = Metrics(self.where)
 
     def show(self, status: Status) -> None:
@@ -163,6 +189,6 @@ class Watchers:
         """The run ended: the endpoint goes, after `linger` seconds (its final values
         are served meanwhile); never, for a pod that holds once its run is over (the
         endpoint goes with the process)."""
-        if self.metrics is not None and self.linger != float("inf"):
+        if self.metrics is not None and self.linger != float("inf") and not self.lent:
             time.sleep(self.linger)
             self.metrics.close()

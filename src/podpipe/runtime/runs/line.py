@@ -77,16 +77,27 @@ def job_overrides(items: list[str]) -> None:
                          "'podpipe apply' or 'podpipe swap')")
 
 
+@dataclass(frozen=True)
+class Start:
+    """How a line is started (`podpipe up`): where it lives, its spec and overrides,
+    its name, where it serves its metrics (`[ADDR:]PORT`, or none)."""
+
+    path: Path
+    spec: str
+    overrides: list[str]
+    name: str
+    metrics: str | None = None
+
+
 class Line:
-    def __init__(self, path: Path, spec_path: str, overrides: list[str], name: str) -> None:
-        self.path, self.overrides = path, overrides
-        self.pipeline = specs.load(spec_path, overrides)
+    def __init__(self, start: Start) -> None:
+        self.path, self.start = start.path, start
+        self.pipeline = specs.load(start.spec, start.overrides)
         self.graph = Graph.of(self.pipeline)
         self.record = lines.LineRecord(
-            name=name, pid=os.getpid(), start=scratches.process_start(os.getpid()),
-            supervisor=os.getppid(),
-            socket="", spec=os.path.abspath(spec_path), cwd=os.getcwd(),
-            overrides=overrides, started=time.time())
+            name=start.name, pid=os.getpid(), start=scratches.process_start(os.getpid()),
+            supervisor=os.getppid(), socket="", spec=os.path.abspath(start.spec),
+            cwd=os.getcwd(), overrides=start.overrides, started=time.time())
         self.loop = loops.EventLoop()  # signals are events once it is entered
         self.queue: deque[_Job] = deque()
         self.running: _Job | None = None
@@ -112,11 +123,18 @@ class Line:
         self.scratch = scratches.Scratch.create(f"line-{self.record.name}", root)
         self.record.socket = str(self.scratch.socket)
         listener = protocol.listen(self.scratch.socket)
-        launcher = make_launcher(self.path / "spec.yaml", self.overrides, self.scratch.socket,
-                                 self.path / "logs", self.record.name)
+        launcher = make_launcher(self.path / "spec.yaml", self.start.overrides,
+                                 self.scratch.socket, self.path / "logs", self.record.name)
         agents = Agents(self.loop, listener, self._log)
         self.floor = Floor(self.loop, agents, Processes(launcher, self.loop), standing=True,
                            requests=self._request)
+        if self.start.metrics:  # one endpoint for the line's life, lent to each job
+            from podpipe.runtime.conductor.metrics import Metrics
+
+            self.floor.metrics = Metrics(self.start.metrics)
+            self.floor.metrics.line = lambda: (
+                self.record.name, len(self.queue), int(self.running is not None),
+                self.record.jobs.done, self.record.jobs.failed)
         self.launcher = launcher
         agents.listen()
         counts = workers(self.pipeline, self.graph)
@@ -226,7 +244,7 @@ class Line:
 
     def _submit(self, request: protocol.SubmitRequest) -> _Job:
         job_overrides(request.overrides)
-        overrides = [*self.overrides, *request.overrides]
+        overrides = [*self.start.overrides, *request.overrides]
         pipeline = specs.load(self.path / "spec.yaml", overrides)
         graph = Graph.of(pipeline)
         if graph.order != self.graph.order or graph.inputs != self.graph.inputs:
@@ -281,7 +299,7 @@ class Line:
             if request.stage not in {s.name for s in self.pipeline.stages}:
                 raise UsageError(f"no stage {request.stage!r} on the line; its stages are "
                                  f"{[s.name for s in self.pipeline.stages]}")
-            specs.load(self.path / "spec.yaml", [*self.overrides, *swapped])
+            specs.load(self.path / "spec.yaml", [*self.start.overrides, *swapped])
         except PodpipeError as exc:
             self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
             return
@@ -357,6 +375,8 @@ class Line:
                 floor.agents.send(name, protocol.Stop())
             floor.processes.stop_all(terminate=False, told=floor.agents.nodes())
             floor.agents.close()
+            if floor.metrics is not None:
+                floor.metrics.close()
         for job in self.queue:
             rundir.unlock(job.run_path)
         if hasattr(self, "scratch"):

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+from dataclasses import replace
 from typing import Callable
 
 from podpipe.errors import PodpipeError, UsageError, exit_code
 from podpipe.runtime.plumbing import files, lifetime, logline
 from podpipe.runtime.runs import lines
-from podpipe.runtime.runs.line import Line
+from podpipe.runtime.runs.line import Line, Start
 
 RESTARTS = 5  # a line's process that died more often in a minute stays down
 
@@ -43,8 +43,7 @@ class Ready:
             self.fd = None
 
 
-def supervise(path: Path, spec_path: str, overrides: list[str], name: str,
-              ready: Ready) -> int:
+def supervise(start: Start, ready: Ready) -> int:
     """Run the line in a child process, and start it again when it dies by a signal
     (killed, out of memory) after it was up: the new one goes on with the job it was
     running, from what it kept, and the queue after it. A line that died RESTARTS
@@ -58,8 +57,8 @@ def supervise(path: Path, spec_path: str, overrides: list[str], name: str,
             if not first:
                 ready.release()  # (said by the first)
             # (a restart reads the line's own copy: the user's file may be gone or changed)
-            spec = spec_path if first else str(path / "spec.yaml")
-            lifetime.child(lambda: _line_process(path, spec, overrides, name, ready))
+            this = start if first else replace(start, spec=str(start.path / "spec.yaml"))
+            lifetime.child(lambda: _line_process(this, ready))
         first = False
         ready.release()  # the child's to say: `up` reads until every copy is closed
         code = _wait_forwarding(pid)
@@ -67,10 +66,10 @@ def supervise(path: Path, spec_path: str, overrides: list[str], name: str,
             return code
         now = time.monotonic()
         deaths = [t for t in deaths if now - t < 60] + [now]
-        record = lines.read(path)
+        record = lines.read(start.path)
         if record.state != "up" or len(deaths) > RESTARTS:
             record.state = "down"
-            lines.write(path, record)
+            lines.write(start.path, record)
             return 1
         sys.stderr.write(logline.line(f"the line's process died ({signal.Signals(-code).name}); "
                                       "starting it again", "warning"))
@@ -95,21 +94,19 @@ def _wait_forwarding(pid: int) -> int:
             signal.signal(s, handler)
 
 
-def _line_process(path: Path, spec_path: str, overrides: list[str], name: str,
-                  ready: Ready) -> int:
+def _line_process(start: Start, ready: Ready) -> int:
     try:
-        return run_line(path, spec_path, overrides, name, ready)
+        return run_line(start, ready)
     except PodpipeError as exc:
         sys.stderr.write(logline.line(str(exc), "error"))
         return exit_code(exc)
 
 
-def run_line(path: Path, spec_path: str, overrides: list[str], name: str,
-             ready: Ready) -> int:
+def run_line(start: Start, ready: Ready) -> int:
     """The line's process, start to end; `ready` is told once it is warm (None), or
     why it could not start."""
     try:
-        line = Line(path, spec_path, overrides, name)
+        line = Line(start)
     except PodpipeError as exc:
         ready.tell(str(exc))
         raise
@@ -131,16 +128,18 @@ def run_line(path: Path, spec_path: str, overrides: list[str], name: str,
     return 0
 
 
-def detach(path: Path, spec_path: str, overrides: list[str], name: str) -> None:
+def detach(start: Start) -> None:
     """Start the line's process on its own (its own session, logging to
     `logs/line.log`) and return once it is warm; UsageError saying why it is not."""
-    files.private_dirs(path / "logs")
+    files.private_dirs(start.path / "logs")
     theirs, ours = os.pipe()
-    argv = [sys.executable, "-m", "podpipe", "up", spec_path, "--name", name,
+    argv = [sys.executable, "-m", "podpipe", "up", start.spec, "--name", start.name,
             "--foreground", "--ready-fd", str(ours)]
-    for item in overrides:
+    for item in start.overrides:
         argv += ["--set", item]
-    log = path / "logs" / "line.log"
+    if start.metrics:
+        argv += ["--metrics-port", start.metrics]
+    log = start.path / "logs" / "line.log"
     with open(files.append_private(log), "ab") as out:
         # Through a shell that leaves it in the background and exits: the line is not
         # this process's child (no zombie of it here, whatever this process does next).
@@ -151,4 +150,4 @@ def detach(path: Path, spec_path: str, overrides: list[str], name: str) -> None:
     with os.fdopen(theirs) as said:
         answer = said.read().strip()
     if answer != "up":
-        raise UsageError(answer or f"line {name} did not start; see {log}")
+        raise UsageError(answer or f"line {start.name} did not start; see {log}")
