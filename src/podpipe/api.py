@@ -144,11 +144,18 @@ def run(spec: Spec, *, overrides: Sequence[str] = (), run_dir: str | None = None
 
 def resume(run_dir: str | os.PathLike[str], *, progress: bool = False,
            accept_changed_source: bool = False) -> Run:
-    """Finish a run whose conductor died or whose pod was lost (`podpipe resume`);
+    """Finish a run whose conductor died or whose pod was lost (`podpipe resume`; a
+    standing line's job goes back on its line while the line is up);
     `accept_changed_source`: over a source whose files changed, redo the whole run."""
-    from podpipe.runtime.runs import pod, replicas, following as runs
+    from podpipe.runtime.plumbing import protocol
+    from podpipe.runtime.runs import lines, pod, replicas, following as runs
 
     path = str(runs.resolve(str(run_dir)))
+    line = lines.job_line(Path(path))
+    if line is not None and lines.serving(line):  # a line's job: back on its line
+        answer = next(lines.submit(line, [], resume=Path(path)))
+        assert isinstance(answer, protocol.Submitted)
+        return Job(answer.run_dir).wait()
     cwd = os.getcwd()  # a resume works from the run's own directory; give it back
     try:
         with _shown(progress) as observer:

@@ -134,8 +134,13 @@ def test_a_failed_job_is_the_jobs_alone_and_resumes(line):
     run_dir = workdir / ".podpipe" / "runs" / job
     status = json.loads(podpipe("status", str(run_dir), "--json", cwd=workdir).stdout)
     assert status["state"] == "failed" and "batch 2" in status["error"]
-    resumed = podpipe("resume", str(run_dir), cwd=workdir, **env)
+    resumed = podpipe("resume", str(run_dir), cwd=workdir)  # back on its line
     assert resumed.returncode == 0, resumed.stderr
+    assert f"{job}: succeeded" in resumed.stdout
+    assert _line(workdir)["jobs"]["recent"][-1] == {**_line(workdir)["jobs"]["recent"][-1],
+                                                    "job": job, "state": "succeeded"}
+    again = podpipe("resume", str(run_dir), cwd=workdir)
+    assert again.returncode == 2 and "already succeeded" in again.stderr
     after = json.loads(podpipe("status", str(run_dir), "--json", cwd=workdir).stdout)
     assert after["resumed_done"] > 0, after  # what the failed job had finished stayed
     assert _sinks(workdir / "out" / "two") == _sinks(workdir / "out" / "ref")

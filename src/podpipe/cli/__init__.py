@@ -118,9 +118,14 @@ def _log_settings(args: argparse.Namespace) -> None:
 
 
 def _resume(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.runtime.runs import pod, replicas, following as runs
+    from pathlib import Path
+
+    from podpipe.runtime.runs import lines, pod, replicas, following as runs
 
     args.run_dir = str(runs.resolve(args.run_dir))
+    line = lines.job_line(Path(args.run_dir))
+    if line is not None and lines.serving(line):  # a line's job: back on its line
+        return standing.resume(args.run_dir, line, console)
     if replicas.is_replicas(args.run_dir):
         return _with_progress(console, args.quiet, lambda observer: replicas.resume(
             args.run_dir, replicas=args.replicas, observer=observer,

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 from podpipe.errors import RunError, UsageError
 
@@ -51,10 +51,25 @@ def up(args: argparse.Namespace, console: Console) -> int:
 
 
 def submit(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.runtime.plumbing import protocol
     from podpipe.runtime.runs import lines
 
-    for answer in lines.submit(args.line, args.set, wait=args.wait):
+    return _follow(lines.submit(args.line, args.set, wait=args.wait), console)
+
+
+def resume(run_dir: str, line: str, console: Console) -> int:
+    """`podpipe resume JOB` while the job's line is up: back on the line, waited for."""
+    from pathlib import Path
+
+    from podpipe.runtime.runs import lines
+
+    return _follow(lines.submit(line, [], wait=True, resume=Path(run_dir)), console)
+
+
+def _follow(answers: Iterator[Any], console: Console) -> int:
+    """Show a job's `Submitted` and, if waited for, its end; exit as it did."""
+    from podpipe.runtime.plumbing import protocol
+
+    for answer in answers:
         if isinstance(answer, protocol.Submitted):
             ahead = f" ({answer.ahead} ahead of it)" if answer.ahead else ""
             console.print(f"{answer.job}{ahead}\nrun directory: {answer.run_dir}",

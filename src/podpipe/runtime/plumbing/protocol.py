@@ -243,6 +243,13 @@ class Submitted(_Message, tag="submitted"):
     ahead: int    # jobs before it in the queue (the running one counted)
 
 
+class ResumeRequest(_Message, tag="resume"):
+    """Put a failed or stopped job of the line back on it (answered `Submitted`)."""
+
+    run_dir: str
+    wait: bool = False    # answer again (`JobOver`) once the job is over
+
+
 class JobRequest(_Message, tag="job_request"):
     """Answer `JobOver` once the job at `run_dir` is over; with `stop`, stop it first."""
 
@@ -298,8 +305,8 @@ class Exited(_Message, tag="exited"):
 
 Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Job |
            Probe | Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
-           SubmitRequest | Submitted | JobRequest | JobOver | DownRequest | Downed | LogTo | Spawn |
-           Spawned | Exited)
+           SubmitRequest | Submitted | ResumeRequest | JobRequest | JobOver | DownRequest |
+           Downed | LogTo | Spawn | Spawned | Exited)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)

@@ -216,9 +216,10 @@ class Line:
 
     def _request(self, conn: Conn, message: protocol.Message) -> bool:
         """A request that is the line's: answered here (True), else the job's (False)."""
-        if isinstance(message, protocol.SubmitRequest):
+        if isinstance(message, (protocol.SubmitRequest, protocol.ResumeRequest)):
             try:
-                job = self._submit(message)
+                job = self._submit(message) if isinstance(message, protocol.SubmitRequest) \
+                    else self._resume(message)
             except PodpipeError as exc:
                 self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
                 return True
@@ -271,6 +272,30 @@ class Line:
         self.queue.append(entry)  # (its file in queue/ is what `status LINE` lists)
         return entry
 
+    def _resume(self, request: protocol.ResumeRequest) -> _Job:
+        """A failed or stopped job of this line, queued again: it redoes only what it
+        did not keep (its journal, the node tier), as `podpipe resume` does."""
+        run_path = Path(request.run_dir)
+        if any(j.run_path == run_path for j in [*([self.running] if self.running else []),
+                                                 *self.queue]):
+            raise UsageError(f"{run_path}: the job is on the line already")
+        recorded = rundir.read(run_path)
+        if recorded.line != str(self.path.absolute()):
+            raise UsageError(f"{run_path}: not a job of line {self.record.name}")
+        rundir.claim_for_resume(run_path)  # (refused if it succeeded; locked from here)
+        try:
+            pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
+            queued_as = self.path / "queue" / f"{self._seq:08d}-{run_path.name}"
+            self._seq += 1
+            files.publish(queued_as, str(run_path))
+        except BaseException:
+            rundir.unlock(run_path)
+            raise
+        entry = _Job(run_path.name, run_path, recorded.overrides, pipeline, _sinks(pipeline),
+                     queued_as)
+        self.queue.append(entry)
+        return entry
+
     def _job_request(self, conn: Conn, request: protocol.JobRequest) -> None:
         """Wait for a job (answered once it is over), or stop it."""
         found = next((j for j in [*([self.running] if self.running else []), *self.queue]
@@ -286,6 +311,7 @@ class Line:
                 error=current.error))
             return
         found.waiters.append(conn)
+        found.stop = request.stop
         if request.stop and found is self.running:
             self.floor.interrupt = f"stopped; finish it with 'podpipe resume {found.run_path}'"
         elif request.stop:
@@ -351,8 +377,8 @@ class Line:
     def _over(self, job: _Job, state: str, error: str | None,
               seconds: float | None = None) -> None:
         rundir.unlock(job.run_path)
-        if state != "interrupted":  # (one interrupted stays queued for the next `up`)
-            job.queued_as.unlink(missing_ok=True)
+        if state != "interrupted" or job.stop:  # (one the line's end stopped stays queued:
+            job.queued_as.unlink(missing_ok=True)  # the line's next `up` goes on with it)
         self.record.jobs.recent = [*self.record.jobs.recent, lines.JobRow(
             job=job.job, run_dir=str(job.run_path), state=state, error=error,
             seconds=None if seconds is None else round(seconds, 4))][-RECENT:]

@@ -189,14 +189,16 @@ def ask(line: str, message: protocol.Message, timeout: float | None = 30.0) -> p
         return protocol.ask(sock, message, timeout, f"line {line}")
 
 
-def submit(line: str, overrides: list[str], *, wait: bool = False
-           ) -> Iterator[protocol.Submitted | protocol.JobOver]:
-    """Put a job on the line: its `Submitted` answer and, with `wait`, its `JobOver`
-    once it has ended (the connection stays open for it: no polling)."""
+def submit(line: str, overrides: list[str], *, wait: bool = False,
+           resume: Path | None = None) -> Iterator[protocol.Submitted | protocol.JobOver]:
+    """Put a job on the line (`resume`: the failed or stopped job at that run
+    directory, again): its `Submitted` answer and, with `wait`, its `JobOver` once it
+    has ended (the connection stays open for it: no polling)."""
+    request: protocol.Message = protocol.SubmitRequest(overrides=overrides, wait=wait) \
+        if resume is None else protocol.ResumeRequest(run_dir=str(resume.resolve()), wait=wait)
     _, sock = connect(line)
     with sock:
-        answer = protocol.ask(sock, protocol.SubmitRequest(overrides=overrides, wait=wait),
-                              60.0, f"line {line}")
+        answer = protocol.ask(sock, request, 60.0, f"line {line}")
         assert isinstance(answer, protocol.Submitted)
         yield answer
         if wait:
