@@ -218,10 +218,6 @@ class Conductor:
                 self._message(conn, message)
 
     def _message(self, conn: Conn, message: protocol.Message) -> None:
-        if self.floor.requests(conn, message):  # the line's to answer (a submit, a down)
-            if self.floor.interrupt is not None:  # (the job stopped, or the line down)
-                self._end("interrupted", InterruptedRun(self.floor.interrupt))
-            return
         if isinstance(message, protocol.SwapRequest):
             self._swap(conn, message)
         elif isinstance(message, protocol.ApplyRequest):
@@ -237,6 +233,9 @@ class Conductor:
                 else self.agents.node_of(conn)
             if name is not None:  # (else not an agent, or one replaced by a swap)
                 self._from_agent(name, message)
+            elif self.floor.requests(conn, message):  # a line's to answer (submit, down)
+                if self.floor.interrupt is not None:  # (the job stopped, the line down)
+                    self._end("interrupted", InterruptedRun(self.floor.interrupt))
 
     def _from_agent(self, name: str, message: protocol.Message) -> None:
         """What agent `name` says of its task: counted and recorded, then an event."""
