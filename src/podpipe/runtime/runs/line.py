@@ -158,10 +158,16 @@ class Line:
 
     def _requeue(self) -> None:
         """Jobs a line of this name had queued when it went down: queued again."""
+        runs = (Path(self.pipeline.checkpoints.node) / "runs").absolute()
         for entry in sorted((self.path / "queue").iterdir()):
-            self._seq = max(self._seq, int(entry.name.partition("-")[0]) + 1)
+            seq, _, job = entry.name.partition("-")
+            if not seq.isdigit():
+                continue  # (a file being written when the line went)
+            self._seq = max(self._seq, int(seq) + 1)
             try:
                 run_path = Path(files.read_ours(entry).decode())
+                if run_path.parent != runs or run_path.name != job:  # (its own, no other)
+                    raise UsageError(f"names {run_path}, not a run directory in {runs}")
                 recorded = rundir.read(run_path)
                 pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
             except (OSError, files.NotOurs, PodpipeError) as exc:
@@ -194,8 +200,7 @@ class Line:
                     agents.forget(conn)
                 elif isinstance(message, protocol.Hello):
                     name = protocol.agent_name(message.node, message.worker)
-                    if agents.hello(conn, message, expected=processes.expects(name)):
-                        self.record.processes[name] = message.pid
+                    agents.hello(conn, message, expected=processes.expects(name))
                 elif isinstance(message, protocol.Broken):
                     self.broken = (SpecError(message.message, file=self.record.spec,
                                                    field=message.field)
@@ -207,7 +212,6 @@ class Line:
         elif isinstance(happening, loops.ProcessExited):
             if processes.exited(happening.pid, happening.tag) is not None:
                 agents.drop(happening.tag)  # started again for the next job
-                self.record.processes.pop(happening.tag, None)
                 if self.record.state == "starting" and self.broken is None:
                     self.broken = RunError(f"{happening.tag} exited while the line started; "
                                            f"see {self.path / 'logs' / happening.tag}.log")
@@ -251,7 +255,7 @@ class Line:
         if graph.order != self.graph.order or graph.inputs != self.graph.inputs:
             raise UsageError("the job's --set changes the graph; the graph is the line's")
         sinks = _sinks(pipeline)
-        for other in [*([self.running] if self.running else []), *self.queue]:
+        for other in self._jobs:
             if other.sinks & sinks:
                 raise UsageError(f"job {other.job}, on the line already, writes to "
                                  f"{', '.join(sorted(other.sinks & sinks))} too: give this "
@@ -265,19 +269,30 @@ class Line:
         rundir.make(run_path, str(self.path / "spec.yaml"), overrides,
                     placement=Placement(), line=str(self.path.absolute()))
         rundir.lock(run_path)
-        queued_as = self.path / "queue" / f"{self._seq:08d}-{job}"
+        return self._enqueue(run_path, overrides, pipeline)
+
+    def _enqueue(self, run_path: Path, overrides: list[str],
+                 pipeline: specs.Pipeline) -> _Job:
+        """The job at `run_path` last in the queue, and its file in queue/ (what the
+        line's next `up` finds, and `status LINE` lists)."""
+        queued_as = self.path / "queue" / f"{self._seq:08d}-{run_path.name}"
         self._seq += 1
         files.publish(queued_as, str(run_path))
-        entry = _Job(job, run_path, overrides, pipeline, sinks, queued_as)
-        self.queue.append(entry)  # (its file in queue/ is what `status LINE` lists)
+        entry = _Job(run_path.name, run_path, overrides, pipeline, _sinks(pipeline),
+                     queued_as)
+        self.queue.append(entry)
         return entry
+
+    @property
+    def _jobs(self) -> list[_Job]:
+        """The running job and those queued."""
+        return [*([self.running] if self.running else []), *self.queue]
 
     def _resume(self, request: protocol.ResumeRequest) -> _Job:
         """A failed or stopped job of this line, queued again: it redoes only what it
         did not keep (its journal, the node tier), as `podpipe resume` does."""
         run_path = Path(request.run_dir)
-        if any(j.run_path == run_path for j in [*([self.running] if self.running else []),
-                                                 *self.queue]):
+        if any(j.run_path == run_path for j in self._jobs):
             raise UsageError(f"{run_path}: the job is on the line already")
         recorded = rundir.read(run_path)
         if recorded.line != str(self.path.absolute()):
@@ -285,21 +300,14 @@ class Line:
         rundir.claim_for_resume(run_path)  # (refused if it succeeded; locked from here)
         try:
             pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
-            queued_as = self.path / "queue" / f"{self._seq:08d}-{run_path.name}"
-            self._seq += 1
-            files.publish(queued_as, str(run_path))
+            return self._enqueue(run_path, recorded.overrides, pipeline)
         except BaseException:
             rundir.unlock(run_path)
             raise
-        entry = _Job(run_path.name, run_path, recorded.overrides, pipeline, _sinks(pipeline),
-                     queued_as)
-        self.queue.append(entry)
-        return entry
 
     def _job_request(self, conn: Conn, request: protocol.JobRequest) -> None:
         """Wait for a job (answered once it is over), or stop it."""
-        found = next((j for j in [*([self.running] if self.running else []), *self.queue]
-                      if str(j.run_path) == request.run_dir), None)
+        found = next((j for j in self._jobs if str(j.run_path) == request.run_dir), None)
         if found is None:  # over already: its status says how
             try:
                 current = rundir.status_of(Path(request.run_dir))
@@ -412,6 +420,10 @@ class Line:
 
     def _publish(self) -> None:
         self.record.jobs.queued = [j.job for j in self.queue]
+        if self.record.state != "down" and hasattr(self, "floor"):  # its warm processes
+            agents = self.floor.agents
+            self.record.processes = {n: pid for n, pid in sorted(agents.pids.items())
+                                     if agents.connected(n)}
         self.record.tables = {name: version for name, (_, version, _) in
                               self.warmth.tables.items()}
         try:
