@@ -224,13 +224,16 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
     swap = sub.add_parser(
-        "swap", help="swap a stage's version in a running run",
+        "swap", help="swap a stage's version in a running run (or on a standing line)",
         description="Replace STAGE's process in the running run at RUN_DIR by a new "
                     "version: it finishes its batch (--now: abandons it, to be redone), "
                     "the new version takes the later batches. The conductor, the other "
                     "stages and the data in RAM stay. A new version that fails holds the "
-                    "stage (the run waits): swap back to go on.")
-    swap.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
+                    "stage (the run waits): swap back to go on. On a standing line, the "
+                    "running job's from its next batch and every later job's; between "
+                    "jobs, from the next job on.")
+    swap.add_argument("run_dir", metavar="RUN_DIR",
+                      help="a run directory, 'latest', or a line")
     swap.add_argument("stage", metavar="STAGE")
     what = swap.add_mutually_exclusive_group(required=True)
     what.add_argument("--run", metavar="MODULE:FUNCTION", help="a Python callable")

@@ -1,14 +1,14 @@
-"""What a standing line lends each job's conductor: its loop, its warm processes and
-their connections, and who hears what is the line's to answer (a submit, a down).
+"""A conductor's floor: its event loop, its processes and their connections, and who
+hears what is the line's to answer (a submit, a down).
 
-A conductor of a `podpipe run` makes these for itself and ends them with the run.
-On a standing line (`runs.line`) they outlive every job: the line `announce`s the
-next job before it plans it (each connected agent is told of the job and says hello
-again for it, its imports and modules warm; processes the line starts from then on
-serve the job's spec), its conductor `take`s them, and at the job's end `give_back`
-returns them, idle. A process
-still busy when its job ended (the job failed, or the line went down) is killed:
-its next task would come from another job, and what it is writing is no one's.
+A conductor of a `podpipe run` makes its own (`of_run`) and ends it with the run.
+On a standing line (`runs.line`) the floor outlives every job: the line `announce`s
+the next job before it plans it (each connected agent is told of the job and says
+hello again for it, its imports and modules warm; processes the line starts from
+then on serve the job's spec), the job's conductor `take`s it, and at the job's end
+`give_back` returns it, idle. A process still busy when its job ended (the job
+failed, or the line went down) is killed: its next task would come from another
+job, and what it is writing is no one's.
 """
 
 from __future__ import annotations

@@ -217,7 +217,10 @@ def serving(line: str) -> bool:
 
 
 def job_line(run_path: Path) -> str | None:
-    """The line a run directory's job is on (None: a run of its own)."""
+    """The line a run directory's job is on (None: a run of its own, or no run
+    directory: what reads it says so)."""
+    if not (run_path / rundir.RECORD).exists():
+        return None
     return rundir.read(run_path).line
 
 
