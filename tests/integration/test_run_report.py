@@ -65,8 +65,8 @@ def test_every_chart_has_labelled_axes_and_cores_memory_and_queues_are_drawn(tmp
     """The RAM chart had no values on its axis and no time axis; there was no chart of
     cores, resident memory or queues, though the samples recorded queues."""
     make_numbers(tmp_path / "data", files=1, rows=8000)
-    write_spec(tmp_path / "p.yaml", spec(
-        [{"name": "slow", "run": "pystages:slow", "inputs": ["source"]}],
+    write_spec(tmp_path / "p.yaml", spec(  # (busy on a core, not asleep: its cores show)
+        [{"name": "slow", "run": "pystages:spin", "inputs": ["source"], "workers": 1}],
         [{"input": "slow", "uri": "out/"}]))
     done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
                    SLOW_SECONDS="0.2")  # 8 batches, one at a time: 1.6 s at least

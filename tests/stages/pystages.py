@@ -66,6 +66,14 @@ def fail_while_marked(t: pa.Table) -> pa.Table:
     return t
 
 
+def spin(t: pa.Table) -> pa.Table:
+    """Busy for SLOW_SECONDS of CPU (not asleep: its cores show)."""
+    end = time.process_time() + float(os.environ.get("SLOW_SECONDS", "0.3"))
+    while time.process_time() < end:
+        pass
+    return t
+
+
 def slow(t: pa.Table) -> pa.Table:
     time.sleep(float(os.environ.get("SLOW_SECONDS", "0.3")))
     return t

@@ -150,7 +150,7 @@ class Conductor:
         return self._snapshot()
 
     def _loop(self) -> None:
-        next_flush, sampled = time.monotonic(), False  # the status at once, usage later
+        next_flush = time.monotonic()
         while self.running:
             for happening in self.floor.loop.wait(max(0.0, next_flush - time.monotonic())):
                 self._happened(happening)
@@ -158,9 +158,9 @@ class Conductor:
                 if not self.running:
                     break
             if time.monotonic() >= next_flush and self.running:
-                self._flush(sample=sampled)
+                self._flush()
                 self._pump()
-                next_flush, sampled = time.monotonic() + FLUSH_SECONDS, True
+                next_flush = time.monotonic() + FLUSH_SECONDS
 
     def _happened(self, happening: loops.Happening) -> None:
         if isinstance(happening, loops.Ready):
@@ -417,13 +417,12 @@ class Conductor:
                         self.checkpoints, processes, state, str(error) if error else None,
                         self.sinks)
 
-    def _flush(self, final: bool = False, sample: bool = True) -> None:
-        if not final:  # (`sample`: the processes' use of cores, memory; not at the start)
+    def _flush(self, final: bool = False) -> None:
+        if not final:
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
-        sample = sample and not final
-        cpu, rss = self.processes.usage() if sample else ({}, {})
-        if self.processes.local and sample and None in self.ledger.pool.fixed.values():
+        cpu, rss = self.processes.usage() if not final else ({}, {})
+        if self.processes.local and not final and None in self.ledger.pool.fixed.values():
             self.events.append(ev.Tick(Processes.per_node(self.processes.cpu_use())))
         progress = self.ledger.progress()
         if not final:
