@@ -269,12 +269,8 @@ def up(spec: Spec, *, name: str | None = None, overrides: Sequence[str] = ()) ->
     from podpipe.runtime.runs import line, lines, upkeep
 
     with _spec_file(spec) as path:
-        pipeline = validate(path, overrides=overrides)
-        line_name = name or pipeline.name
-        home = Path(pipeline.checkpoints.node) / "lines" / line_name
-        if (home / lines.RECORD).exists() and lines.read(home).up:
-            raise UsageError(f"line {line_name} is up already; down it first")
-        upkeep.detach(line.Start(home, path, list(overrides), line_name))
+        home = lines.place(validate(path, overrides=overrides), name)
+        upkeep.detach(line.Start(home, path, list(overrides), home.name))
     return Line(home)
 
 

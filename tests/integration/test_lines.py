@@ -40,7 +40,10 @@ def _to(name: str) -> list[str]:
 
 
 def _line(workdir: Path, name: str = "t") -> dict:
-    return json.loads((workdir / ".podpipe" / "lines" / name / "line.json").read_text())
+    """The line as `podpipe status LINE --json` shows it."""
+    shown = podpipe("status", name, "--json", cwd=workdir)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
 
 
 def _alive(pid: int) -> bool:

@@ -19,7 +19,6 @@ from podpipe.runtime.plumbing import protocol
 from podpipe.runtime.plumbing.loop import EventLoop
 from podpipe.runtime.rundir import layout as rundir
 from podpipe.runtime.runs import lines
-from podpipe.runtime.runs.line import job_overrides
 
 from podsim import CHAIN
 
@@ -28,7 +27,7 @@ from podsim import CHAIN
                                   "source.columns=[a, b]", "sinks.out.uri=out/b/",
                                   "sinks.0.mode=overwrite", "stages.f.env.LEVEL=3"])
 def test_a_job_may_set_its_data(item):
-    job_overrides([item])  # no error
+    lines.job_overrides([item])  # no error
 
 
 @pytest.mark.parametrize("item", ["stages.f.run=m:g", "stages.f.inputs=[source]", "memory=1Gi",
@@ -36,7 +35,7 @@ def test_a_job_may_set_its_data(item):
                                   "checkpoints.node=/tmp"])
 def test_a_job_may_not_set_the_graph_or_the_line(item):
     with pytest.raises(UsageError, match=f"--set {item.partition('=')[0]}: a job may set only"):
-        job_overrides([item])
+        lines.job_overrides([item])
 
 
 def test_a_line_is_a_name_or_a_folder():

@@ -13,25 +13,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from podpipe.errors import RunError, UsageError
+from podpipe.errors import RunError
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-EXIT_CODES = {"succeeded": 0, "failed": 1, "interrupted": 130}
 
 
 def up(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import line, lines, pod, upkeep
 
     pipeline = pod.validate(args.spec, args.set)  # a bad spec: exit 2 before anything
-    name = args.name or pipeline.name
-    if not name.replace("-", "").isalnum() or not name[0].isalnum():
-        raise UsageError(f"--name {name!r}: expected letters, digits and '-'")
-    path = Path(pipeline.checkpoints.node) / "lines" / name
-    if (path / lines.RECORD).exists() and lines.read(path).up:
-        raise UsageError(f"line {name} is up already (pid {lines.read(path).pid}); "
-                         f"'podpipe down {path}' first")
+    path = lines.place(pipeline, args.name)
+    name = path.name
     if args.metrics_port:
         from podpipe.runtime.conductor.metrics import address
 
@@ -58,8 +52,6 @@ def submit(args: argparse.Namespace, console: Console) -> int:
 
 def resume(run_dir: str, line: str, console: Console) -> int:
     """`podpipe resume JOB` while the job's line is up: back on the line, waited for."""
-    from pathlib import Path
-
     from podpipe.runtime.runs import lines
 
     return _follow(lines.submit(line, [], wait=True, resume=Path(run_dir)), console)
@@ -68,6 +60,7 @@ def resume(run_dir: str, line: str, console: Console) -> int:
 def _follow(answers: Iterator[Any], console: Console) -> int:
     """Show a job's `Submitted` and, if waited for, its end; exit as it did."""
     from podpipe.runtime.plumbing import protocol
+    from podpipe.runtime.runs import following
 
     for answer in answers:
         if isinstance(answer, protocol.Submitted):
@@ -81,7 +74,7 @@ def _follow(answers: Iterator[Any], console: Console) -> int:
             console.print(f"{answer.job}: {answer.state}" +
                           (f": {answer.error}" if answer.error else ""), highlight=False,
                           soft_wrap=True)
-            return EXIT_CODES.get(answer.state, 1)
+            return following.EXIT_CODES.get(answer.state, 1)
     return 0
 
 

@@ -15,7 +15,8 @@ then the operations, by what they change: outputs (`delete`, `task_done`,
 `take_import`, `restore`), what is done and ready (`undo`, `maybe_ready`,
 `requeue`, `next_ready`), the line (`admit`, `one_less`, `load_again`, ...), and
 processes and nodes (`add_worker`, `take_agents`, `forget_node`, `regraph`,
-`fail`, `finish`).
+`fail`, `finish`). Before a run starts: `in_containers`, and a standing line's job
+taking its warm processes and tables (`warm`, `table_kept`).
 """
 
 from __future__ import annotations

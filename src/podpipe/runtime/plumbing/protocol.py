@@ -9,16 +9,25 @@ while decoding) in one well-kept dependency, several times faster than json plus
 hand-written checks, and its structs are also the records of the journal, the
 manifests and the engine (`model.output.Output`).
 
-    agent -> conductor   Hello(node, version, pid, protocol) | Broken(node, message, field)
+    agent -> conductor   Hello(node, version, pid, protocol, spec) | Broken(node, message, field)
     conductor -> agent   Task(batch, inputs, output, source?, memo?, versions?)
     agent -> conductor   Reserve(batch, nbytes)          before writing its output
     conductor -> agent   Grant(path?, tier) | Deny       Deny: drop the result
     agent -> conductor   Done(batch, output?, stats) | Failed(batch, message, input_error)
-    conductor -> agent   Stop
+    conductor -> agent   Stop | Job(spec, overrides, log, keep): a standing line's next
+                         job, answered by a new Hello for its spec
     probe -> conductor   Probe, answered Ready (or Stop once the run is over); with an
                          `agent`, Ready(connected=False) until that agent is connected
     podpipe swap/apply   SwapRequest | ApplyRequest, answered Swapped | Held | Applied | Refused
+    submit/resume/wait/stop/down -> a standing line   SubmitRequest | ResumeRequest,
+                         answered Submitted (and JobOver when the job ends, if asked);
+                         JobRequest answered JobOver; DownRequest answered Downed
     conductor <-> fork server   LogTo once; Spawn -> Spawned, and Exited when a child ends
+
+Reading it, top to bottom: the framing's constants and agent names; the messages,
+grouped by who speaks (agent and conductor; swap and apply; a line's clients; the
+fork server) and the `Message` union; then encoding, `Reader` (a stream cut into
+messages), and the socket helpers (`listen`, `connect`, `ask`, `probe`).
 
 `Hello.protocol` is the version of this wire: a conductor refuses an agent of
 another one (a container image of another podpipe release).

@@ -13,7 +13,14 @@ logs, report, sink output); a failure is the job's, and the line takes the next.
 
 Between jobs the line answers requests itself; during a job its conductor hands
 the line's requests (a submit, a job's wait or stop, down) back to it through the
-floor. SIGINT/SIGTERM or `podpipe down` stop the running job (resumable) and end
+floor.
+
+Reading this module, top to bottom: how a line is started (`Start`); the `Line`: **up** (`open` lays it out and starts its
+processes, `warm` waits for them, `_requeue` takes the queue it had), **serving**
+(`serve` takes jobs, `_idle` hears what happens between them, `_request` the
+line's requests: `_submit`, `_resume`, `_job_request`, `_swap`), **a job**
+(`_run` announces, plans and conducts it, `_over` says how it ended), **down**
+(`close`, the record `_publish`ed). SIGINT/SIGTERM or `podpipe down` stop the running job (resumable) and end
 the line: every process stopped, the scratch removed, queued jobs kept in `queue/`
 for the next `up` of the line.
 """
@@ -46,9 +53,6 @@ from podpipe.runtime.runs.origin import Origin
 from podpipe.runtime.runs.warmth import Warmth
 
 RECENT = 20  # jobs over that the line's record lists
-# What a job may set: its data, never the graph (`apply` and `swap` change that).
-JOB_FIELDS = ("source.uri", "source.columns", "source.batchRows", "source.format")
-JOB_NODE_FIELDS = {"sinks": ("uri", "mode"), "stages": ("env",)}
 
 
 @dataclass
@@ -61,20 +65,6 @@ class _Job:
     queued_as: Path        # its file in queue/
     waiters: list[Conn] = field(default_factory=list)
     stop: bool = False
-
-
-def job_overrides(items: list[str]) -> None:
-    """Refuse (UsageError naming it) a job's --set that is not one of its data's."""
-    for item in items:
-        key = item.partition("=")[0]
-        parts = key.split(".")
-        if key in JOB_FIELDS or (len(parts) >= 3 and parts[2] in
-                                 JOB_NODE_FIELDS.get(parts[0], ())):
-            continue
-        raise UsageError(f"--set {key}: a job may set only its data — "
-                         f"{', '.join(JOB_FIELDS)}, sinks.NAME.uri, sinks.NAME.mode, "
-                         "stages.NAME.env.VAR; the graph is the line's (change it with "
-                         "'podpipe apply' or 'podpipe swap')")
 
 
 @dataclass(frozen=True)
@@ -248,7 +238,7 @@ class Line:
         return True
 
     def _submit(self, request: protocol.SubmitRequest) -> _Job:
-        job_overrides(request.overrides)
+        lines.job_overrides(request.overrides)
         overrides = [*self.start.overrides, *request.overrides]
         pipeline = specs.load(self.path / "spec.yaml", overrides)
         graph = Graph.of(pipeline)

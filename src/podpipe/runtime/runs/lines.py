@@ -1,5 +1,6 @@
-"""Standing lines from another shell: where a line lives, what it says of itself, and
-the requests a user sends it (`podpipe submit`, `down`, `lines`, `wait`/`stop` of a job).
+"""Standing lines from another shell: where a line lives (`place`, `home`), what it
+says of itself (`LineRecord`), what a job may set (`job_overrides`), and the requests
+a user sends it (`podpipe submit`, `down`, `lines`, `wait`/`stop`/`resume` of a job).
 
 A line lives in `<checkpoints.node>/lines/<name>/` (by default `.podpipe/lines/`):
 
@@ -29,9 +30,14 @@ from typing import Iterator
 import msgspec
 
 from podpipe.errors import RunError, UsageError
+from podpipe.model.pipeline import NAME, Pipeline
 from podpipe.runtime.data.scratch import alive
 from podpipe.runtime.plumbing import files, protocol
 from podpipe.runtime.rundir import layout as rundir
+
+# What a job may set: its data, never the graph (`apply` and `swap` change that).
+JOB_FIELDS = ("source.uri", "source.columns", "source.batchRows", "source.format")
+JOB_NODE_FIELDS = {"sinks": ("uri", "mode"), "stages": ("env",)}
 
 DEFAULT_LINES = Path(".podpipe") / "lines"
 STARTING_SECONDS = 60.0  # how long a request waits for a line that is (re)starting
@@ -82,6 +88,35 @@ def home(line: str) -> Path:
     if "/" in line or line in (".", ".."):
         return Path(line)
     return DEFAULT_LINES / line
+
+
+def job_overrides(items: list[str]) -> None:
+    """Refuse (UsageError naming it) a job's --set that is not one of its data's."""
+    for item in items:
+        key = item.partition("=")[0]
+        parts = key.split(".")
+        if key in JOB_FIELDS or (len(parts) >= 3 and parts[2] in
+                                 JOB_NODE_FIELDS.get(parts[0], ())):
+            continue
+        raise UsageError(f"--set {key}: a job may set only its data — "
+                         f"{', '.join(JOB_FIELDS)}, sinks.NAME.uri, sinks.NAME.mode, "
+                         "stages.NAME.env.VAR; the graph is the line's (change it with "
+                         "'podpipe apply' or 'podpipe swap')")
+
+
+def place(pipeline: Pipeline, name: str | None) -> Path:
+    """Where `up` puts the line `name` (default: the pipeline's) of `pipeline`:
+    `<checkpoints.node>/lines/<name>`. UsageError for a name that is no DNS label (it
+    becomes a folder: no path may leave the lines folder) or a line up already."""
+    name = name or pipeline.name
+    if not NAME.match(name):
+        raise UsageError(f"--name {name!r}: expected a DNS label (lowercase letters, digits "
+                         "and '-', at most 63)")
+    path = Path(pipeline.checkpoints.node) / "lines" / name
+    if (path / RECORD).exists() and (record := read(path)).up:
+        raise UsageError(f"line {name} is up already (pid {record.pid}); "
+                         f"'podpipe down {path}' first")
+    return path
 
 
 def is_line(arg: str) -> bool:
