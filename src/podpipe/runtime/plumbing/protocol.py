@@ -43,6 +43,7 @@ from pathlib import Path
 
 import msgspec
 
+from podpipe.errors import RunError, UsageError
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
 
@@ -415,8 +416,6 @@ def ask(sock: socket.socket, message: Message | None, timeout: float | None,
     """Send `message` (None: nothing, only wait) and return the answer; RunError if
     none comes in `timeout` seconds or the peer goes away, UsageError if it refused
     (each naming `what`: the request, or whom it went to)."""
-    from podpipe.errors import RunError, UsageError
-
     sock.settimeout(timeout)
     try:
         if message is not None:
