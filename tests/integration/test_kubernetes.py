@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,6 +37,8 @@ class LocalPod:
     def __init__(self, manifests: list[dict], root: Path, image_root: Path, ordinal: int = 0,
                  data: Path | None = None):
         config, _, statefulset = manifests
+        self.default_container = statefulset["spec"]["template"]["metadata"]["annotations"][
+            "kubectl.kubernetes.io/default-container"]
         self.name = f"{statefulset['metadata']['name']}-{ordinal}"
         self.ordinal, self.root, self.image_root = ordinal, root, image_root
         self.pod = statefulset["spec"]["template"]["spec"]
@@ -98,7 +101,15 @@ class LocalPod:
                       lambda m: env.get(m.group(1), m.group(0)), text)
 
     def argv(self, container: dict, env: dict[str, str], command: list[str]) -> list[str]:
-        return [self.host_path(container, self._expand(arg, env)) for arg in command]
+        """The command, `$(VAR)`s expanded, its paths (an argument, or the value of a
+        `KEY=PATH` one) mapped as the container's mounts see them."""
+        return [self._mapped(container, self._expand(arg, env)) for arg in command]
+
+    def _mapped(self, container: dict, arg: str) -> str:
+        key, sep, value = arg.partition("=")
+        if sep and value.startswith("/") and not key.startswith("/"):
+            return f"{key}={self.host_path(container, value)}"
+        return self.host_path(container, arg)
 
     def start(self, container: dict) -> subprocess.Popen:
         argv = self.argv(container, self.env(container),
@@ -121,6 +132,18 @@ class LocalPod:
             assert self.processes[container["name"]].poll() is None, self.log(container["name"])
             assert time.monotonic() < deadline, "the startup probe never passed"
             time.sleep(probe["periodSeconds"])
+
+    def exec(self, container: str, argv: list[str], timeout: float = 120
+             ) -> subprocess.CompletedProcess:
+        """`kubectl exec POD -c CONTAINER -- ARGV`: a command in the container's env,
+        mounts and working directory."""
+        spec = next(c for c in self.pod["containers"] + self.pod.get("initContainers", [])
+                    if c["name"] == container)
+        assert self.processes[container].poll() is None, f"{container} is not running"
+        return subprocess.run(self.argv(spec, self.env(spec), argv),
+                              cwd=self.host_path(spec, spec["workingDir"]),
+                              env=self.process_env(spec), capture_output=True, text=True,
+                              timeout=timeout)
 
     def run(self) -> None:
         for container in self.pod.get("initContainers", []):
@@ -312,10 +335,12 @@ def test_a_conductor_container_killed_mid_run_resumes_from_the_pods_memory(tmp_p
                                                                           image_root):
     from examples.tpch import data
 
-    gate = tmp_path / "gate"  # the reduce waits for it: the run cannot end before the kill
+    # the reduce waits for the gate (on the data volume, which the pod sees as /data):
+    # the run cannot end before the kill
+    gate = image_root / "gate"
     pod, run_dir = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=500",
                                 "--set", "stages.total.run=pystages:q1_total_gated",
-                                "--set", f"stages.total.env.GATE={gate}")  # 120 batches
+                                "--set", "stages.total.env.GATE=/data/gate")  # 120 batches
     (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
     try:
         pod.run()
@@ -407,3 +432,119 @@ def test_a_stage_containers_startup_probe_passes_once_its_agent_is_the_conductor
         pod.probe(source)  # passes once it has connected
     finally:
         pod.terminate()
+
+
+def kubectl(pods: dict[str, LocalPod], command: str) -> subprocess.CompletedProcess:
+    """Run one `kubectl exec POD [-c C] -- ARGV` line as printed by podpipe, on the
+    emulated pod it names (its default container unless -c)."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["kubectl", "exec"], argv
+    split = argv.index("--")
+    flags, target = argv[2:split], argv[split + 1:]
+    container = flags[flags.index("-c") + 1] if "-c" in flags else None
+    pod = pods[next(f for f in flags if not f.startswith("-") and f != container)]
+    return pod.exec(container or pod.default_container, target)
+
+
+def _line_up(pod: LocalPod, line: str, timeout: float = 120) -> Path:
+    """The pod's line folder once its line says it is up (its processes warm)."""
+    home = pod.volumes["node"] / pod.name / "lines" / line
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if json.loads((home / "line.json").read_text())["state"] == "up":
+                return home
+        except (OSError, ValueError):
+            pass
+        for name, process in pod.processes.items():
+            assert process.poll() is None, f"{name} exited:\n{pod.log(name)}"
+        assert time.monotonic() < deadline, pod.log("podpipe-conductor")[-3000:]
+        time.sleep(0.1)
+
+
+def test_a_standing_rendered_pod_takes_two_jobs_and_a_swap_between_them(tmp_path,
+                                                                         image_root):
+    """`render --standing`: the pod runs nothing until jobs come, through the commands
+    `submit --k8s` prints (kubectl exec into the pod), each job a run directory on the
+    pod's node tier with the right answer; a swap between them holds for the second;
+    the stage containers stay up, warm, across both."""
+    from examples.tpch import data
+
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    pod, _ = rendered_pod(tmp_path, image_root, "--standing", "--set", "source.batchRows=15000")
+    assert "--standing" in pod.pod["initContainers"][0]["args"]
+    pods = {pod.name: pod}
+    try:
+        pod.run()
+        home = _line_up(pod, "tpch-q1")
+        warm = {name: p.pid for name, p in pod.processes.items()}
+        answers = []
+        for n in (1, 2):
+            printed = podpipe("submit", "tpch-q1", "--k8s", "--wait",
+                              "--set", f"sinks.0.uri=out/job{n}/", cwd=ROOT)
+            assert printed.returncode == 0, printed.stderr
+            commands = printed.stdout.splitlines()
+            assert len(commands) == 1 and commands[0].startswith("kubectl exec tpch-q1-0 ")
+            done = kubectl(pods, commands[0])
+            assert done.returncode == 0, (done.stdout, done.stderr,
+                                          pod.log("podpipe-conductor")[-3000:])
+            run_dir = Path(re.search(r"run directory: (\S+)", done.stdout).group(1))
+            # (the path as the emulated container sees it: here, the host's)
+            answers.append(json.loads((run_dir / "status.json").read_text()))
+            if n == 1:
+                swapped = kubectl(pods, f"kubectl exec {pod.name} -- podpipe swap tpch-q1 "
+                                        "prices --run pystages:q1_prices_v2")
+                assert swapped.returncode == 0, swapped.stderr
+                assert "from the line's next job on" in swapped.stdout
+        for n, status in zip((1, 2), answers):
+            assert status["state"] == "succeeded", status.get("error")
+            assert data.compare(pq.read_table(image_root / "out" / f"job{n}"), SF) == []
+        assert answers[0]["stages"]["prices"]["version"] != \
+            answers[1]["stages"]["prices"]["version"]
+        assert {name: p.pid for name, p in pod.processes.items()} == warm  # none restarted
+        assert all(p.poll() is None for p in pod.processes.values())
+        record = json.loads((home / "line.json").read_text())
+        assert record["jobs"]["done"] == 2 and record["state"] == "up"
+    finally:
+        codes = pod.terminate()
+    assert set(codes.values()) == {0}, codes
+    assert [p.name for p in pod.volumes["scratch"].iterdir()] == []  # nothing left in RAM
+
+
+def test_one_job_submitted_to_every_pod_of_a_standing_line_runs_each_pods_shards(
+        tmp_path, image_root):
+    """Two standing replicas of the sharded example: `submit --k8s --replicas 2` prints
+    one command per pod with one job id; each pod's job runs its shards, and pod 0's
+    global reduce reads pod 1's from the durable tier."""
+    from examples.tpch import data
+
+    flags = ("--standing", "--replicas", "2", "--layout", "processes",
+             "--set", "source.batchRows=5000", "--set", "checkpoints.durable=store")
+    pods = {}
+    for i in (0, 1):
+        pod, _ = rendered_pod(tmp_path, image_root, *flags, ordinal=i,
+                              example=ROOT / "examples" / "tpch" / "q1-sharded.yaml")
+        pods[pod.name] = pod
+    try:
+        for pod in pods.values():
+            pod.run()
+        for pod in pods.values():
+            _line_up(pod, "tpch-q1-sharded")
+        printed = podpipe("submit", "tpch-q1-sharded", "--k8s", "--replicas", "2", "--wait",
+                          "--job", "hourly-0001", cwd=ROOT)
+        assert printed.returncode == 0, printed.stderr
+        commands = printed.stdout.splitlines()
+        assert [c.split()[2] for c in commands] == ["tpch-q1-sharded-0", "tpch-q1-sharded-1"]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:  # (pod 0's reduce waits for pod 1's shards)
+            done = list(pool.map(lambda c: kubectl(pods, c), commands))
+        assert [d.returncode for d in done] == [0, 0], [d.stderr for d in done]
+        statuses = [json.loads((pod.volumes["node"] / pod.name / "runs" / "hourly-0001" /
+                                "status.json").read_text()) for pod in pods.values()]
+        assert [s["pod"]["shards"] for s in statuses] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+        assert [s["stages"]["total"]["batches_done"] for s in statuses] == [1, 0]
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1-sharded"), SF) == []
+    finally:
+        codes = [pod.terminate() for pod in pods.values()]
+    assert all(set(c.values()) == {0} for c in codes), codes

@@ -174,8 +174,12 @@ def test_bad_submits_are_refused_and_down_says_what_it_dropped(tmp_path: Path):
                "the first job to start")
     clash = podpipe("submit", "t", *_to("a"), cwd=workdir)
     assert clash.returncode == 2 and first.stdout.split()[0] in clash.stderr
-    queued = podpipe("submit", "t", *_to("b"), cwd=workdir)
+    queued = podpipe("submit", "t", *_to("b"), "--job", "b-1", cwd=workdir)
     assert queued.returncode == 0 and "1 ahead" in queued.stdout
+    assert queued.stdout.split()[0] == "b-1"
+    again = podpipe("submit", "t", *_to("c"), "--job", "b-1", cwd=workdir)
+    assert again.returncode == 2 and "a job id is used once" in again.stderr
+    assert _line(workdir)["jobs"]["queued"] == ["b-1"]
     down = podpipe("down", "t", cwd=workdir)
     assert down.returncode == 0, down.stderr
     assert "1 queued job(s) did not run" in down.stdout, down.stdout

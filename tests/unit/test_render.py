@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,8 @@ FLAVORS = {
     "openkruise-processes-metrics": ("--flavor", "openkruise", "--layout", "processes",
                                      "--metrics-port", "9400"),
     "containers-workers": ("--flavor", "openkruise", "--set", "stages.prices.workers=3"),
+    "standing": ("--standing", "--host-path", "/srv/podpipe"),
+    "standing-processes": ("--standing", "--layout", "processes"),
 }
 
 
@@ -405,3 +408,46 @@ def test_every_stage_container_has_a_startup_probe_on_its_agent_and_the_conducto
     conductor = pod["initContainers"][0]
     assert conductor["livenessProbe"]["exec"]["command"][:2] == ["podpipe", "probe"]
     assert "--agent" not in conductor["livenessProbe"]["exec"]["command"]
+
+
+def test_a_standing_pod_runs_its_conductor_as_a_line_in_a_node_tier_of_its_own():
+    """`--standing`: no run directory; the conductor serves a line; the node tier is
+    each pod's own folder (pods may share a host path) and `PODPIPE_LINES` tells
+    `podpipe submit` inside the pod where its line is."""
+    pod = render(str(EXAMPLE), "--standing", "--host-path", "/srv/podpipe")[-1][
+        "spec"]["template"]["spec"]
+    conductor = pod["initContainers"][0]
+    assert "--standing" in conductor["args"] and "--run-dir" not in conductor["args"]
+    every = [conductor, *pod["containers"]]
+    assert all("checkpoints.node=/var/lib/podpipe/$(POD_NAME)" in c["args"] for c in every)
+    env = [e["name"] for e in conductor["env"]]
+    assert env.index("POD_NAME") < env.index("PODPIPE_LINES")  # (expanded from it)
+    assert {"name": "PODPIPE_LINES", "value": "/var/lib/podpipe/$(POD_NAME)/lines"} in \
+        conductor["env"]
+    one_shot = render(str(EXAMPLE))[-1]["spec"]["template"]["spec"]["initContainers"][0]
+    assert "--standing" not in one_shot["args"] and "--run-dir" in one_shot["args"]
+
+
+def test_submit_k8s_prints_one_command_per_pod_with_one_job_id():
+    done = podpipe("submit", "tpch-q1", "--k8s", "--replicas", "3", "--namespace", "etl",
+                   "--set", "source.uri=s3://lake/2026-12-07/*.parquet", "--wait", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    commands = [shlex.split(line) for line in done.stdout.splitlines()]
+    assert [c[:5] for c in commands] == [["kubectl", "exec", "-n", "etl", f"tpch-q1-{i}"]
+                                         for i in range(3)]
+    jobs = {c[c.index("--job") + 1] for c in commands}
+    assert len(jobs) == 1 and jobs.pop().startswith("tpch-q1-")
+    assert all(c[c.index("--") + 1:c.index("--") + 4] == ["podpipe", "submit", "tpch-q1"]
+               and "source.uri=s3://lake/2026-12-07/*.parquet" in c and c[-1] == "--wait"
+               for c in commands)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--k8s", "--set", "stages.prices.run=x:y"), "a job may set only its data"),
+    (("--k8s", "--job", "../etc"), "--job '../etc': expected letters"),
+    (("--k8s", "--replicas", "0"), "--replicas 0"),
+])
+def test_bad_submit_k8s_flags_exit_2(flags, message):
+    done = podpipe("submit", "tpch-q1", *flags, cwd=ROOT)
+    assert done.returncode == 2, done.stdout
+    assert message in done.stderr and "Traceback" not in done.stderr

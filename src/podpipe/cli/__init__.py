@@ -264,7 +264,7 @@ def _render(args: argparse.Namespace, console: Console) -> int:
                                data_host_path=args.data_host_path),
         namespace=args.namespace, overrides=tuple(args.set), metrics_port=args.metrics_port,
         pod_monitor=args.pod_monitor, log_format=args.log_format,
-        kube_version=args.kube_version)
+        kube_version=args.kube_version, standing=args.standing)
     manifests = render.render(pipeline, Path(args.spec).read_text(), options)
     if args.patch:
         stage, sep, image = args.patch.partition("=")
@@ -287,8 +287,19 @@ def _render(args: argparse.Namespace, console: Console) -> int:
 
 
 def _conductor(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.runtime.runs import pod
+    from pathlib import Path
 
+    from podpipe.runtime.runs import pod, upkeep
+
+    if args.standing:  # a standing line: no run of its own, jobs until SIGTERM
+        placed = pod.placing(args.spec, args.set, Path(args.scratch), args.replicas,
+                             args.hold)
+        if placed is None:
+            return 0
+        return upkeep.stand(args.spec, *placed, args.set, Path(args.scratch),
+                            launch=args.layout == "processes", metrics=args.metrics_port)
+    if args.run_dir is None:
+        raise UsageError("podpipe conductor: --run-dir DIR, or --standing")
     return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
                      run_dir=args.run_dir, layout=args.layout, hold=args.hold,
                      replicas=args.replicas, metrics=args.metrics_port)

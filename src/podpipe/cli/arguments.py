@@ -205,6 +205,16 @@ def parser() -> argparse.ArgumentParser:
                              "(repeatable)")
     submit.add_argument("--wait", action="store_true",
                         help="wait for the job to end; exit as it did: 0, 1, 130")
+    submit.add_argument("--job", metavar="ID",
+                        help="the job's id (its run directory's name; used once), else a "
+                             "new one")
+    submit.add_argument("--k8s", action="store_true",
+                        help="print instead the commands that submit the job to every pod "
+                             "of the line rendered with 'render --standing' as LINE (the "
+                             "pipeline's name): kubectl exec POD -- podpipe submit ...")
+    submit.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help="with --k8s: the StatefulSet's replicas (default 1)")
+    submit.add_argument("--namespace", metavar="NS", help="with --k8s: the pods' namespace")
 
     down = sub.add_parser("down", help="end a standing line",
                           description="End the line LINE: its running job is stopped "
@@ -313,6 +323,9 @@ def parser() -> argparse.ArgumentParser:
                              "that scrapes every pod of the pipeline")
     render.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec field in every process of the pod")
+    render.add_argument("--standing", action="store_true",
+                        help="each pod is a standing line that takes jobs ('podpipe submit "
+                             "--k8s' prints the commands) instead of running the spec once")
     render.add_argument("--patch", metavar="STAGE=IMAGE",
                         help="print instead the JSON patch that swaps STAGE's image "
                              "(kubectl patch --type json; OpenKruise applies it in place)")
@@ -339,8 +352,12 @@ def parser() -> argparse.ArgumentParser:
     conductor.add_argument("--spec", required=True)
     conductor.add_argument("--scratch", required=True, metavar="DIR",
                            help="the pod's memory-backed volume")
-    conductor.add_argument("--run-dir", required=True, metavar="DIR",
-                           help="the run directory, on the node tier")
+    conductor.add_argument("--run-dir", metavar="DIR",
+                           help="the run directory, on the node tier (not with --standing)")
+    conductor.add_argument("--standing", action="store_true",
+                           help="run no job of its own: the pod is a standing line, named "
+                                "as the pipeline, taking jobs from 'podpipe submit' inside "
+                                "the pod until SIGTERM")
     conductor.add_argument("--layout", choices=("containers", "processes"),
                            default="containers",
                            help="containers: the kubelet starts one agent container per "

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from podpipe.errors import RunError
+from podpipe.errors import RunError, UsageError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -47,7 +47,30 @@ def up(args: argparse.Namespace, console: Console) -> int:
 def submit(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import lines
 
-    return _follow(lines.submit(args.line, args.set, wait=args.wait), console)
+    if args.job is not None:
+        lines.check_job_id(args.job)
+    if args.k8s:
+        return _submit_k8s(args)
+    return _follow(lines.submit(args.line, args.set, wait=args.wait, job=args.job), console)
+
+
+def _submit_k8s(args: argparse.Namespace) -> int:
+    """`submit --k8s`: print the commands that submit one job to every pod."""
+    import shlex
+
+    from podpipe import render
+    from podpipe.model.pipeline import NAME
+    from podpipe.runtime.runs import lines
+
+    if not NAME.match(args.line):
+        raise UsageError(f"--k8s: LINE {args.line!r} is the rendered pipeline's name (its "
+                         "StatefulSet's), a DNS label")
+    lines.job_overrides(args.set)
+    job = args.job or lines.job_id(args.line)
+    for argv in render.submit_commands(args.line, args.replicas, job, args.set,
+                                       namespace=args.namespace, wait=args.wait):
+        print(shlex.join(argv))
+    return 0
 
 
 def resume(run_dir: str, line: str, console: Console) -> int:
@@ -110,7 +133,7 @@ def listed(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps([{"dir": str(p), **msgspec.to_builtins(r)} for p, r in found],
                          indent=2))
     else:
-        console.print(terminal.lines_table(found, args.dir or str(lines.DEFAULT_LINES)))
+        console.print(terminal.lines_table(found, args.dir or str(lines.lines_dir())))
     return 0
 
 

@@ -44,7 +44,8 @@ from podpipe.model.spec import Pipeline, Resources
 from podpipe.render import data, sizing as sizes
 from podpipe.render.data import DATA, WORKDIR, Volumes
 
-__all__ = ["Options", "Volumes", "dump", "image_patch", "render", "stage_patch"]
+__all__ = ["Options", "Volumes", "dump", "image_patch", "render", "stage_patch",
+           "submit_commands"]
 
 FLAVORS = ("kubernetes", "openkruise")
 LAYOUTS = ("containers", "processes")
@@ -79,6 +80,7 @@ class Options:
     pod_monitor: bool = False                 # and a PodMonitor tells Prometheus to scrape
     log_format: str | None = None             # every container's PODPIPE_LOG_FORMAT
     kube_version: str = "1.34"                # the cluster's: pod-level resources from 1.34
+    standing: bool = False                    # each pod a standing line, taking jobs
 
     def check(self) -> None:
         if self.flavor not in FLAVORS:
@@ -181,6 +183,20 @@ def stage_patch(pipeline: Pipeline, stage: str, image: str) -> list[dict[str, An
     return _patch(list(Graph.of(pipeline).order), stage, image)
 
 
+def submit_commands(line: str, replicas: int, job: str, overrides: list[str], *,
+                    namespace: str | None = None, wait: bool = False) -> list[list[str]]:
+    """The commands that put the job `job` on every pod of a line rendered with
+    `--standing` as `line` (the pipeline's name: its StatefulSet's and each pod's
+    line's): `podpipe submit` inside each pod, through `kubectl exec` (the line's
+    socket stays in the pod). Each pod runs the shards it owns."""
+    if replicas < 1:
+        raise UsageError(f"--replicas {replicas}: expected at least 1")
+    flags = [arg for item in overrides for arg in ("--set", item)]
+    where = ["-n", namespace] if namespace else []
+    return [["kubectl", "exec", *where, f"{line}-{i}", "--", "podpipe", "submit", line,
+             "--job", job, *flags, *(["--wait"] if wait else [])] for i in range(replicas)]
+
+
 def _patch(names: list[str], stage: str, image: str) -> list[dict[str, Any]]:
     if stage not in names:
         if len(names) == 1:
@@ -208,10 +224,14 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
         raise UsageError(f"a stage named {CONDUCTOR!r} would clash with the conductor's "
                          "container; rename it")
     flags = [arg for item in options.overrides for arg in ("--set", item)]
-    if not pipeline.checkpoints.node.startswith("/"):  # (relative: on the read-only root)
-        flags += ["--set", f"checkpoints.node={NODE_TIER}"]
+    node_tier = pipeline.checkpoints.node
+    if not node_tier.startswith("/"):  # (relative: on the read-only root)
+        # a line's jobs and its home are each pod's own (pods may share a host path)
+        node_tier = f"{NODE_TIER}/$(POD_NAME)" if options.standing else NODE_TIER
+        flags += ["--set", f"checkpoints.node={node_tier}"]
     shards.check_handover(pipeline, options.replicas)
-    conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH, "--run-dir", RUN_DIR,
+    conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH,
+                      *(["--standing"] if options.standing else ["--run-dir", RUN_DIR]),
                       "--layout", options.layout, "--replicas", str(options.replicas),
                       *flags]
     if options.metrics_port is not None:
@@ -264,6 +284,9 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
                 "exec": {"command": ["podpipe", "probe", SOCKET, "--agent", container["name"]]},
                 "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 300}
         sizing, pod_resources = sizes.size(init + containers, budget, options.kube_version)
+    if options.standing:  # `kubectl exec POD -- podpipe submit LINE` finds its line
+        conductor = init[0] if init else containers[0]
+        conductor["env"].append({"name": "PODPIPE_LINES", "value": f"{node_tier}/lines"})
     pod: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

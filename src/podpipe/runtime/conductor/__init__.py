@@ -122,12 +122,13 @@ class Conductor:
                         self.agents.listen()
                     if self.ledger.finished:  # resumed when all was done: nothing to do
                         self._end("succeeded", None)
-                    elif self.processes.local:
+                    else:
                         if self.floor.standing:  # a line's warm processes: told of it
                             self.floor.take(self.ledger)
-                        elif self.processes.reaper:
+                        elif self.processes.local and self.processes.reaper:
                             lifetime.become_subreaper()  # what stages leave is ours
-                        for node, worker, _ in self.ledger.all_agents():
+                        for node, worker, _ in (self.ledger.all_agents()
+                                                if self.processes.local else []):
                             self.processes.begin(agent_name(node, worker))
                     self._loop()
                 finally:

@@ -58,7 +58,8 @@ class Floor:
         the job is planned, and say hello for it once its conductor listens. Those of
         the `unchanged` nodes (defined as for the job before, not swapped since) keep
         what they set up."""
-        self.processes.serve(run_dir / "spec.yaml", overrides, run_dir / "logs")
+        if self.processes.local:
+            self.processes.serve(run_dir / "spec.yaml", overrides, run_dir / "logs")
         unchanged = frozenset(n for n in unchanged
                               if self.swapped.get(n) == self._swapped_before.get(n))
         self._swapped_before = dict(self.swapped)
@@ -92,9 +93,12 @@ class Floor:
             log=str(run_dir / "logs" / f"{name}.log"), run=str(run_dir), keep=keep))
 
     def give_back(self, ledger: Ledger) -> None:
-        """The job is over: idle processes stay, warm; busy ones are killed."""
+        """The job is over: idle processes stay, warm; busy ones are killed (a
+        container's agent is let go: it exits, and the kubelet starts it again)."""
         for node, worker, agent in ledger.all_agents():
             name = protocol.agent_name(node, worker)
             if agent.busy and self.processes.expects(name):
                 self.agents.drop(name)
                 self.processes.retire(name, kill=True)
+            elif agent.busy and not self.processes.local:
+                self.agents.drop(name)

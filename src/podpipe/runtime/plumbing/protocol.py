@@ -245,6 +245,7 @@ class Refused(_Message, tag="refused"):
 class SubmitRequest(_Message, tag="submit"):
     overrides: list[str]  # the job's --set, after the line's (paths: from the line's cwd)
     wait: bool = False    # answer again (`JobOver`) once the job is over
+    job: str | None = None  # its id (the same on every pod of a rendered line), else new
 
 
 class Submitted(_Message, tag="submitted"):

@@ -28,7 +28,6 @@ for the next `up` of the line.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -70,23 +69,30 @@ class _Job:
 @dataclass(frozen=True)
 class Start:
     """How a line is started (`podpipe up`): where it lives, its spec and overrides,
-    its name, where it serves its metrics (`[ADDR:]PORT`, or none)."""
+    its name, where it serves its metrics (`[ADDR:]PORT`, or none). A pod's line on
+    Kubernetes (`podpipe conductor --standing`) has its RAM scratch in the pod's
+    memory volume (`volume`), no supervisor but the kubelet, and with one container
+    per node does not `launch` the processes: the kubelet starts them."""
 
     path: Path
     spec: str
     overrides: list[str]
     name: str
     metrics: str | None = None
+    volume: Path | None = None
+    launch: bool = True
+    supervised: bool = True
+    placement: Placement = Placement()  # the shards each job runs: the pod's
 
 
 class Line:
     def __init__(self, start: Start) -> None:
-        self.path, self.start = start.path, start
+        self.start = start
         self.pipeline = specs.load(start.spec, start.overrides)
         self.graph = Graph.of(self.pipeline)
         self.record = lines.LineRecord(
             name=start.name, pid=os.getpid(), start=scratches.process_start(os.getpid()),
-            supervisor=os.getppid(), socket="", spec=os.path.abspath(start.spec),
+            supervisor=os.getppid() if start.supervised else None, socket="", spec=os.path.abspath(start.spec),
             cwd=os.getcwd(), overrides=start.overrides, started=time.time())
         self.loop = loops.EventLoop()  # signals are events once it is entered
         self.queue: deque[_Job] = deque()
@@ -95,6 +101,11 @@ class Line:
         self.broken: PodpipeError | None = None  # a process that could not start
         self.warmth = Warmth()  # what the next job may find set up, or loaded
         self._seq = 0
+
+    @property
+    def path(self) -> Path:
+        """Where the line lives."""
+        return self.start.path
 
     # -- up ----------------------------------------------------------------------
 
@@ -108,13 +119,17 @@ class Line:
             self.record.jobs.running = None
         self._publish()  # (starting)
         files.publish(self.path / "spec.yaml", Path(self.record.spec).read_bytes())
-        root = scratches.default_root()
-        scratches.sweep(root)
-        self.scratch = scratches.Scratch.create(f"line-{self.record.name}", root)
+        if self.start.volume is not None:  # (what a conductor before left there goes)
+            self.scratch = scratches.Scratch.at(self.start.volume)
+        else:
+            root = scratches.default_root()
+            scratches.sweep(root)
+            self.scratch = scratches.Scratch.create(f"line-{self.record.name}", root)
         self.record.socket = str(self.scratch.socket)
         listener = protocol.listen(self.scratch.socket)
         launcher = make_launcher(self.path / "spec.yaml", self.start.overrides,
-                                 self.scratch.socket, self.path / "logs", self.record.name)
+                                 self.scratch.socket, self.path / "logs", self.record.name
+                                 ) if self.start.launch else None
         agents = Agents(self.loop, listener, self._log)
         self.floor = Floor(self.loop, agents, Processes(launcher, self.loop), standing=True,
                            requests=self._request)
@@ -128,12 +143,13 @@ class Line:
         self.launcher = launcher
         agents.listen()
         counts = workers(self.pipeline, self.graph)
-        expected = {protocol.agent_name(node, worker) for node in self.graph.order
-                    for worker in range(counts[node] or 1)}
-        for name in sorted(expected):
-            self.floor.processes.begin(name)
+        self.names = {protocol.agent_name(node, worker) for node in self.graph.order
+                      for worker in range(counts[node] or 1)}
+        if launcher is not None:
+            for name in sorted(self.names):
+                self.floor.processes.begin(name)
         self._requeue()
-        return expected
+        return set(self.names)
 
     def warm(self, expected: set[str]) -> None:
         """Wait until every process `expected` has said hello (its imports done); raise
@@ -190,7 +206,8 @@ class Line:
                     agents.forget(conn)
                 elif isinstance(message, protocol.Hello):
                     name = protocol.agent_name(message.node, message.worker)
-                    agents.hello(conn, message, expected=processes.expects(name))
+                    agents.hello(conn, message, expected=processes.expects(name)
+                                 if processes.local else name in self.names)
                 elif isinstance(message, protocol.Broken):
                     self.broken = (SpecError(message.message, file=self.record.spec,
                                                    field=message.field)
@@ -250,14 +267,9 @@ class Line:
                 raise UsageError(f"job {other.job}, on the line already, writes to "
                                  f"{', '.join(sorted(other.sinks & sinks))} too: give this "
                                  "job other sink folders (--set sinks.NAME.uri=...)")
-        while True:  # (tens of jobs a second: a run's 4 hex digits would collide)
-            job = (f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}-"
-                   f"{secrets.token_hex(4)}")
-            run_path = (Path(pipeline.checkpoints.node) / "runs" / job).absolute()
-            if not run_path.exists():
-                break
+        run_path = lines.job_dir(pipeline, request.job)
         rundir.make(run_path, str(self.path / "spec.yaml"), overrides,
-                    placement=Placement(), line=str(self.path.absolute()))
+                    placement=self.start.placement, line=str(self.path.absolute()))
         rundir.lock(run_path)
         return self._enqueue(run_path, overrides, pipeline)
 
@@ -350,7 +362,7 @@ class Line:
         try:
             run, restored, tier = pod.prepare(
                 job.pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
-                origin=origin, fresh=not begun)
+                origin=origin, placement=self.start.placement, fresh=not begun)
             following.mark_latest(job.run_path)
             conductor = Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
                                   floor=self.floor)

@@ -21,6 +21,8 @@ read nor steered from here.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import select
 import socket
 import time
@@ -40,6 +42,8 @@ JOB_FIELDS = ("source.uri", "source.columns", "source.batchRows", "source.format
 JOB_NODE_FIELDS = {"sinks": ("uri", "mode"), "stages": ("env",)}
 
 DEFAULT_LINES = Path(".podpipe") / "lines"
+LINES_ENV = "PODPIPE_LINES"  # where LINE names are looked for, if not DEFAULT_LINES
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 STARTING_SECONDS = 60.0  # how long a request waits for a line that is (re)starting
 RECORD = "line.json"
 
@@ -87,7 +91,13 @@ def home(line: str) -> Path:
     """A LINE argument: a line's name (under `.podpipe/lines`) or its directory."""
     if "/" in line or line in (".", ".."):
         return Path(line)
-    return DEFAULT_LINES / line
+    return lines_dir() / line
+
+
+def lines_dir() -> Path:
+    """Where this user's lines are: `$PODPIPE_LINES` (a rendered pod's node tier), else
+    `.podpipe/lines`."""
+    return Path(os.environ.get(LINES_ENV) or DEFAULT_LINES)
 
 
 def job_overrides(items: list[str]) -> None:
@@ -102,6 +112,34 @@ def job_overrides(items: list[str]) -> None:
                          f"{', '.join(JOB_FIELDS)}, sinks.NAME.uri, sinks.NAME.mode, "
                          "stages.NAME.env.VAR; the graph is the line's (change it with "
                          "'podpipe apply' or 'podpipe swap')")
+
+
+def job_id(pipeline: str) -> str:
+    """A new job's id: the pipeline's name, the time, and 8 random hex digits (tens of
+    jobs a second: a run's 4 would collide)."""
+    return f"{pipeline}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+
+
+def job_dir(pipeline: Pipeline, job: str | None) -> Path:
+    """A new job's run directory, named `job` (one id given to every pod of a line on
+    Kubernetes: UsageError if it names a run directory already), else a new id."""
+    runs = (Path(pipeline.checkpoints.node) / "runs").absolute()
+    if job is not None:
+        check_job_id(job)
+        if (runs / job).exists():
+            raise UsageError(f"--job {job}: a run directory of that name exists already "
+                             f"({runs / job}); a job id is used once")
+        return runs / job
+    while (path := runs / job_id(pipeline.name)).exists():
+        pass
+    return path
+
+
+def check_job_id(job: str) -> None:
+    """Refuse (UsageError) a job id that could not be a run directory's name."""
+    if not JOB_ID.match(job):
+        raise UsageError(f"--job {job!r}: expected letters, digits, '.', '_' or '-' "
+                         "(at most 200), starting with a letter or digit")
 
 
 def place(pipeline: Pipeline, name: str | None) -> Path:
@@ -153,10 +191,10 @@ def write(path: Path, record: LineRecord) -> None:
     files.publish(path / RECORD, msgspec.json.encode(record))
 
 
-def listing(lines_dir: str | None = None) -> list[tuple[Path, LineRecord]]:
+def listing(folder: str | None = None) -> list[tuple[Path, LineRecord]]:
     """This user's lines in a lines directory, by name, with their records (a line
     whose process is gone shows as `down`)."""
-    root = Path(lines_dir) if lines_dir else DEFAULT_LINES
+    root = Path(folder) if folder else lines_dir()
     try:
         entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
     except FileNotFoundError:
@@ -225,11 +263,14 @@ def ask(line: str, message: protocol.Message, timeout: float | None = 30.0) -> p
 
 
 def submit(line: str, overrides: list[str], *, wait: bool = False,
-           resume: Path | None = None) -> Iterator[protocol.Submitted | protocol.JobOver]:
+           resume: Path | None = None, job: str | None = None,
+           ) -> Iterator[protocol.Submitted | protocol.JobOver]:
     """Put a job on the line (`resume`: the failed or stopped job at that run
-    directory, again): its `Submitted` answer and, with `wait`, its `JobOver` once it
-    has ended (the connection stays open for it: no polling)."""
-    request: protocol.Message = protocol.SubmitRequest(overrides=overrides, wait=wait) \
+    directory, again; `job`: its id, else a new one): its `Submitted` answer and, with
+    `wait`, its `JobOver` once it has ended (the connection stays open for it: no
+    polling)."""
+    request: protocol.Message = protocol.SubmitRequest(overrides=overrides, wait=wait,
+                                                       job=job) \
         if resume is None else protocol.ResumeRequest(run_dir=str(resume.resolve()), wait=wait)
     _, sock = connect(line)
     with sock:

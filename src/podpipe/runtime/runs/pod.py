@@ -136,30 +136,16 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     on the node tier. With layout `containers` the kubelet starts the agents, one
     container per node; with `processes` this process starts them, as `run` does.
     With `hold`, a finished pod stays up (a StatefulSet restarts what exits),
-    answering agents that reconnect with `stop`, until SIGTERM.
+    answering agents that reconnect with `stop`, until SIGTERM. (A pod rendered
+    `--standing` runs `upkeep.stand` instead.)
     """
     overrides = list(overrides)
-    pipeline = validate(spec_path, overrides)
+    placed = placing(spec_path, overrides, Path(scratch), replicas, hold)
+    if placed is None:
+        return 0
+    pipeline, placement = placed
     scratch_path = Path(scratch)
     conductor_socket = scratches.Scratch(scratch_path, volume=True).socket
-    try:
-        ordinal = sharding.ordinal(None, dict(os.environ), socket.gethostname(),
-                                   pipeline.name) or 0
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    placement = sharding.Placement(ordinal, replicas, pipeline.shards)
-    if ordinal >= replicas or not placement.owned:
-        # Replica i owns the shards s with s % replicas == i: a pod beyond the replicas
-        # the manifests were rendered for, or more replicas than shards, owns none.
-        print(f"pod index {ordinal} owns no shard: the pipeline has {pipeline.shards} "
-              f"shard(s) over {replicas} replica(s) (rendered with --replicas {replicas})",
-              file=sys.stderr)
-        if hold:
-            scratches.Scratch.at(scratch_path)  # nothing of an earlier conductor's left
-            _hold(conductor_socket)
-        return 0
-    sharding.check_handover(pipeline, placement.replicas)
-    _check_budget(pipeline, scratch_path)
     run_path = Path(run_dir)
     pod = os.environ.get("POD_NAME") or socket.gethostname()
     if (run_path / status.FILE).exists():
@@ -182,6 +168,33 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     if hold:
         _hold(conductor_socket)
     return 0
+
+
+def placing(spec_path: str, overrides: list[str], scratch_path: Path, replicas: int,
+            hold: bool) -> tuple[specs.Pipeline, sharding.Placement] | None:
+    """The spec and the shards this pod of a rendered StatefulSet owns (its ordinal
+    from the env or its hostname), checked against its memory volume; None for a pod
+    that owns none (after holding until SIGTERM, with `hold`)."""
+    pipeline = validate(spec_path, overrides)
+    try:
+        ordinal = sharding.ordinal(None, dict(os.environ), socket.gethostname(),
+                                   pipeline.name) or 0
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    placement = sharding.Placement(ordinal, replicas, pipeline.shards)
+    if ordinal >= replicas or not placement.owned:
+        # Replica i owns the shards s with s % replicas == i: a pod beyond the replicas
+        # the manifests were rendered for, or more replicas than shards, owns none.
+        print(f"pod index {ordinal} owns no shard: the pipeline has {pipeline.shards} "
+              f"shard(s) over {replicas} replica(s) (rendered with --replicas {replicas})",
+              file=sys.stderr)
+        if hold:
+            scratches.Scratch.at(scratch_path)  # nothing of an earlier conductor's left
+            _hold(scratches.Scratch(scratch_path, volume=True).socket)
+        return None
+    sharding.check_handover(pipeline, placement.replicas)
+    _check_budget(pipeline, scratch_path)
+    return pipeline, placement
 
 
 def resume(run_dir: str, *, observer: Callable[[status.Status], None] | None = None,
