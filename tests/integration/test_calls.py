@@ -414,3 +414,34 @@ def test_every_worker_killed_at_once_twice_is_two_incidents_not_four_restarts(tm
     assert run.returncode == 0, stderr
     assert run_status(tmp_path / "run")["stages"]["ask"]["restarts"] == 4
     _expected(tmp_path)
+
+
+def test_a_standing_lines_jobs_share_the_answers_kept(tmp_path, stub):
+    """Answers stand for their request: a line keeps them for all its jobs (in its
+    folder), so a second job over the same data sends nothing, and a third over other
+    rows sends only its new requests."""
+    service = stub()
+    _spec(tmp_path, service.url)
+    up = podpipe("up", "p.yaml", "--name", "calls", cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    try:
+        seen = []
+        make_numbers(tmp_path / "more", files=3)  # the same 10,000 rows, 5,000 more
+        for n, data, rows in ((1, "data", 10_000), (2, "data", 10_000), (3, "more", 15_000)):
+            done = podpipe("submit", "calls", "--wait", "--set", f"sinks.0.uri=out{n}/",
+                           "--set", f"source.uri={data}/*.parquet", cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            job = run_status(Path(done.stdout.split("run directory: ")[1].split()[0]))
+            seen.append((service.stats()["answered"], job["stages"]["ask"]["calls"]))
+            assert sorted(read_sink(tmp_path / f"out{n}")["y"].to_pylist()) == \
+                [2 * x for x in range(rows)]
+    finally:
+        assert podpipe("down", "calls", cwd=tmp_path).returncode == 0
+    (first, calls1), (second, calls2), (third, calls3) = seen
+    assert first == REQUESTS and calls1["requests"] == REQUESTS
+    assert second == first and calls2["requests"] == 0 and calls2["memo_hits"] == REQUESTS
+    # the first 10,000 rows' requests were answered: only the 5,000 new rows' are sent
+    assert calls3["memo_hits"] == REQUESTS and calls3["requests"] == REQUESTS // 2
+    assert third == first + REQUESTS // 2
+    kept = tmp_path / ".podpipe" / "lines" / "calls" / "answers" / "ask"
+    assert len(list(kept.iterdir())) == REQUESTS + REQUESTS // 2

@@ -47,6 +47,7 @@ class Run:
     placement: Placement
     overrides: list[str]  # the pod's, passed to every process
     staging: str          # the run's token: its staging folder in a `mode: overwrite` sink
+    memos: Path           # where call stages keep answers: the run directory, or a line's
 
     @property
     def shared_global(self) -> bool:
@@ -86,7 +87,7 @@ class Run:
             task.staging = self.staging
         stage = self.stage(node)
         if stage is not None and stage.call is not None and stage.call.memo:
-            task.answers = str(answers.folder(self.run_dir, node))
+            task.answers = str(answers.folder(self.memos, node))
         return task
 
 

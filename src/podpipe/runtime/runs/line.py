@@ -362,7 +362,8 @@ class Line:
         try:
             run, restored, tier = pod.prepare(
                 job.pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
-                origin=origin, placement=self.start.placement, fresh=not begun)
+                origin=origin, placement=self.start.placement, fresh=not begun,
+                memos=self.path)
             following.mark_latest(job.run_path)
             conductor = Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
                                   floor=self.floor)

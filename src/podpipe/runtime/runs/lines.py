@@ -11,6 +11,7 @@ A line lives in `<checkpoints.node>/lines/<name>/` (by default `.podpipe/lines/`
     queue/      one file per job not yet over, in order (`<seq>-<job>`): the queue
                 outlives the line's process
     logs/       the line's own log, and its processes' before their first job
+    answers/    call stages' kept answers, shared by the line's jobs
 
 Each job is a run directory under `<checkpoints.node>/runs/` like any run's, whose
 `run.json` names its line. Everything read back is checked to be this user's, and

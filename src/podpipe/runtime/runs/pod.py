@@ -292,10 +292,12 @@ def prepare(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_
             pod: str, scratch: scratches.Scratch, *, origin: Origin,
             placement: sharding.Placement = sharding.Placement(), fresh: bool = False,
             notes: list[str] | None = None, accept_changed_source: bool = False,
+            memos: Path | None = None,
             ) -> tuple[Run, Restored | None, durable.DurableTier | None]:
     """What the conductor needs before it starts: the source planned (and checked
     against what a resumed run read), the tables and sinks checked, where the run
-    starts from, the durable tier. A standing line's job starts from this too."""
+    starts from, the durable tier. A standing line's job starts from this too, its
+    call stages' answers kept in the line's `memos` folder (shared by its jobs)."""
     from podpipe.runtime.conductor import Run
     from podpipe.runtime.data import sink, source, tables
     from podpipe.runtime.storage import answers
@@ -315,7 +317,8 @@ def prepare(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_
     if origin.durable or origin.journal:  # answers a lost node had kept, say
         for stage in pipeline.stages:
             if stage.call is not None and stage.call.memo:
-                answers.fetch(pipeline, stage.name, answers.folder(run_path, stage.name))
+                answers.fetch(pipeline, stage.name,
+                              answers.folder(memos or run_path, stage.name))
     if restored is not None:
         tables.changed(pipeline, restored.made_by, loaded)
         restored.notes.extend(notes or [])
@@ -326,7 +329,7 @@ def prepare(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run_
         keep=checkpoints.keep, source_batches=len(plan), shards=pipeline.shards,
         group_of=durable.grouping(graph, pipeline.shards), source=source.digest(identity))
     run = Run(pipeline, graph, plan, scratch, run_path, run_id, pod, placement, overrides,
-              rundir.read(run_path).staging)
+              rundir.read(run_path).staging, memos or run_path)
     return run, restored, tier
 
 
