@@ -2,10 +2,13 @@
 
 No cluster here, so this does what the kubelet would do for one replica of the
 rendered StatefulSet, with processes: every volume becomes a directory (the
-ConfigMap's files written into one), each container's mount paths and working
-directory are mapped onto those directories, its env is filled in (the downward
-API's pod name and pod index included) and `$(VAR)` references expanded, the
-native sidecar starts first and the others only once its startup probe passes.
+ConfigMap's files written into one), each container runs in a mount namespace of
+its own whose root filesystem is read-only, with those directories mounted where
+the manifest mounts them and nowhere else (`contain.py`), in its working
+directory; its env is filled in (the downward API's pod name and pod index
+included) and `$(VAR)` references expanded; the native sidecar starts first and
+the others only once its startup probe passes, run inside the container as a
+kubelet's exec probe is (`kubectl exec` the same way).
 Then the pipeline must finish with the right answer and every container must stop
 cleanly on SIGTERM, as on pod deletion.
 """
@@ -16,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +33,8 @@ import yaml
 from conftest import ROOT, SF, podpipe
 
 EXAMPLE = ROOT / "examples" / "tpch" / "q1.yaml"
+CONTAIN = Path(__file__).with_name("contain.py")
+WORKDIR = "/app"  # the image's
 
 
 class LocalPod:
@@ -48,6 +54,7 @@ class LocalPod:
         if data is not None and "data" in self.volumes:  # the data volume: a folder here
             self.volumes["data"] = data
         self.processes: dict[str, subprocess.Popen] = {}
+        self.starts: dict[str, int] = {}  # by container: how often it was started
 
     def _dir(self, relative: str) -> Path:
         path = self.root / relative
@@ -69,19 +76,21 @@ class LocalPod:
         return self._dir(f"emptydir/{volume['name']}")
 
     def host_path(self, container: dict, path: str) -> str:
-        """Where a container path lives here: its mounts, else the image (its /app)."""
+        """Where a path the container sees lives on this machine (its mounts, else the
+        image's /app): for the test to read what the container wrote."""
         mounts = {m["mountPath"]: self.volumes[m["name"]] for m in container["volumeMounts"]}
-        mounts.setdefault("/app", self.image_root)
+        mounts.setdefault(WORKDIR, self.image_root)
         for mount in sorted(mounts, key=len, reverse=True):
             if path == mount or path.startswith(mount.rstrip("/") + "/"):
                 return str(mounts[mount]) + path[len(mount):]
         return path
 
     def env(self, container: dict) -> dict[str, str]:
-        """The container's env as the kubelet fills it in (container paths)."""
+        """The container's env as the kubelet fills it in, and a PATH on which
+        `podpipe` is the one installed here (the image's)."""
         fields = {"metadata.name": self.name,
                   "metadata.labels['apps.kubernetes.io/pod-index']": str(self.ordinal)}
-        env: dict[str, str] = {}
+        env: dict[str, str] = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = self._expand(item["value"], env)
@@ -89,61 +98,56 @@ class LocalPod:
                 env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
         return env
 
-    def process_env(self, container: dict) -> dict[str, str]:
-        """The env, paths mapped, and a PATH on which `podpipe` is the one installed
-        here (the image's)."""
-        env = {k: self.host_path(container, v) for k, v in self.env(container).items()}
-        return {**env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-
     @staticmethod
     def _expand(text: str, env: dict[str, str]) -> str:
         return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
                       lambda m: env.get(m.group(1), m.group(0)), text)
 
-    def argv(self, container: dict, env: dict[str, str], command: list[str]) -> list[str]:
-        """The command, `$(VAR)`s expanded, its paths (an argument, or the value of a
-        `KEY=PATH` one) mapped as the container's mounts see them."""
-        return [self._mapped(container, self._expand(arg, env)) for arg in command]
-
-    def _mapped(self, container: dict, arg: str) -> str:
-        key, sep, value = arg.partition("=")
-        if sep and value.startswith("/") and not key.startswith("/"):
-            return f"{key}={self.host_path(container, value)}"
-        return self.host_path(container, arg)
+    def argv(self, container: dict, command: list[str]) -> list[str]:
+        """The command, `$(VAR)`s expanded from the container's env (as the kubelet does)."""
+        env = self.env(container)
+        return [self._expand(arg, env) for arg in command]
 
     def start(self, container: dict) -> subprocess.Popen:
-        argv = self.argv(container, self.env(container),
-                         container["command"] + container.get("args", []))
-        with open(self.root / f"{container['name']}.log", "ab") as log:
-            process = subprocess.Popen(argv, cwd=self.host_path(container,
-                                                                container["workingDir"]),
-                                       env=self.process_env(container),
-                                       stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT)
-        self.processes[container["name"]] = process
+        """Start the container: its command in a mount namespace of its own whose root
+        is read-only, with the pod's volumes where it mounts them (`contain.py`)."""
+        name = container["name"]
+        self.starts[name] = self.starts.get(name, 0) + 1
+        mounts = [[m["mountPath"], str(self.volumes[m["name"]]), m.get("readOnly", False)]
+                  for m in container["volumeMounts"]]
+        config = {"root": str(self.root / "containers" / f"{name}-{self.starts[name]}"),
+                  "mounts": [[WORKDIR, str(self.image_root), True], *mounts],
+                  "workdir": container["workingDir"], "env": self.env(container),
+                  "argv": self.argv(container, container["command"] + container.get("args", []))}
+        with open(self.root / f"{name}.log", "ab") as log:
+            process = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--", sys.executable,
+                 str(CONTAIN), json.dumps(config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[name] = process
         return process
+
+    def exec(self, container: str, argv: list[str], timeout: float = 120
+             ) -> subprocess.CompletedProcess:
+        """`kubectl exec POD -c CONTAINER -- ARGV`: a command in the running container
+        (its mounts, root and working directory), with its env."""
+        spec = next(c for c in self.pod["containers"] + self.pod.get("initContainers", [])
+                    if c["name"] == container)
+        process = self.processes[container]
+        assert process.poll() is None, f"{container} is not running"
+        return subprocess.run(["nsenter", "--target", str(process.pid), "--mount", "--root",
+                               "--wd", "--", *argv], env=self.env(spec),
+                              capture_output=True, text=True, timeout=timeout)
 
     def probe(self, container: dict, timeout: float = 60) -> None:
         """Run the startup probe the way the kubelet does until it passes."""
         probe = container["startupProbe"]
-        argv = self.argv(container, self.env(container), probe["exec"]["command"])
+        argv = self.argv(container, probe["exec"]["command"])
         deadline = time.monotonic() + timeout
-        while subprocess.run(argv, env=self.process_env(container), timeout=probe["timeoutSeconds"] * 10).returncode != 0:
+        while self.exec(container["name"], argv, probe["timeoutSeconds"] * 10).returncode != 0:
             assert self.processes[container["name"]].poll() is None, self.log(container["name"])
             assert time.monotonic() < deadline, "the startup probe never passed"
             time.sleep(probe["periodSeconds"])
-
-    def exec(self, container: str, argv: list[str], timeout: float = 120
-             ) -> subprocess.CompletedProcess:
-        """`kubectl exec POD -c CONTAINER -- ARGV`: a command in the container's env,
-        mounts and working directory."""
-        spec = next(c for c in self.pod["containers"] + self.pod.get("initContainers", [])
-                    if c["name"] == container)
-        assert self.processes[container].poll() is None, f"{container} is not running"
-        return subprocess.run(self.argv(spec, self.env(spec), argv),
-                              cwd=self.host_path(spec, spec["workingDir"]),
-                              env=self.process_env(spec), capture_output=True, text=True,
-                              timeout=timeout)
 
     def run(self) -> None:
         for container in self.pod.get("initContainers", []):
@@ -225,8 +229,8 @@ def image_root(tmp_path: Path, lineitem: Path) -> Path:
     (`--data-claim`), which the source reads and the sink writes."""
     app = tmp_path / "app"
     app.mkdir()
-    (app / "examples").symlink_to(ROOT / "examples")
-    (app / "data").symlink_to(lineitem)
+    (app / "examples").symlink_to(ROOT / "examples")  # (the machine's root: in the image)
+    shutil.copytree(lineitem, app / "data")  # (a link to /tmp would not be in the pod)
     return app
 
 
@@ -242,7 +246,9 @@ def test_the_rendered_pod_runs_the_example_to_the_right_answer(tmp_path, image_r
         status = wait_for(run_dir, pod)
         assert status["state"] == "succeeded", status.get("error")
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
-        assert status["pipeline"] == "tpch-q1" and status["run_dir"] == str(run_dir)
+        # (the run directory as the pod sees it: on the node tier's volume)
+        assert status["pipeline"] == "tpch-q1" and \
+            status["run_dir"] == "/var/lib/podpipe/runs/tpch-q1-0"
         assert all(s["batches_done"] == s["batches_total"] for s in status["stages"].values())
         # A finished pod stays up: every container holds, none exits (and restarts).
         deadline = time.monotonic() + 60
@@ -256,6 +262,35 @@ def test_the_rendered_pod_runs_the_example_to_the_right_answer(tmp_path, image_r
         codes = pod.terminate()
     assert codes == {name: 0 for name in codes}, codes
     assert [p.name for p in pod.volumes["scratch"].iterdir()] == []  # nothing left in RAM
+
+
+def test_the_readmes_first_pipeline_as_written_runs_from_a_host_path(tmp_path, lineitem):
+    """examples/tpch/q1.yaml unchanged (relative paths: `data/…` in, `out/…` out),
+    rendered with `--data-host-path`: its paths resolve on the node's folder, where the
+    data is and the answer lands; nothing else in the pod is writable by a stage."""
+    from examples.tpch import data
+
+    done = podpipe("render", str(EXAMPLE), "--data-host-path", "/srv/lake", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "examples").symlink_to(ROOT / "examples")
+    pod = LocalPod(list(yaml.safe_load_all(done.stdout)), tmp_path / "pod0", app)
+    lake = pod.volumes["data"]
+    assert lake == tmp_path / "pod0" / "host" / "srv" / "lake"
+    shutil.copytree(lineitem, lake / "data" / "tpch-sf0.1" / "lineitem")
+    try:
+        pod.run()
+        status = wait_for(pod.volumes["node"] / "runs" / pod.name, pod)
+        assert status["state"] == "succeeded", status.get("error")
+        assert data.compare(pq.read_table(lake / "out" / "tpch-q1"), SF) == []
+        for where in ("/app/x", "/data/x", "/etc/x"):  # the image, and a volume read-only
+            touched = pod.exec("prices", ["touch", where])
+            assert touched.returncode != 0 and "Read-only file system" in touched.stderr
+        assert pod.exec("sink-0", ["touch", "/data/x"]).returncode == 0  # the sink writes
+    finally:
+        codes = pod.terminate()
+    assert set(codes.values()) == {0}, codes
 
 
 def test_a_restarted_conductor_of_a_finished_pod_holds_instead_of_rerunning(tmp_path,
@@ -284,7 +319,8 @@ def _prices_dying_once(tmp_path: Path, image_root: Path, *flags: str) -> tuple[L
     (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
     return rendered_pod(tmp_path, image_root, "--set", "source.batchRows=5000",
                         "--set", 'stages.prices.env.DIE_ON_CALL="3"',
-                        "--set", "stages.prices.env.DIE_MARKER=died-once",
+                        # (on the node tier: the data volume is read-only to a stage)
+                        "--set", "stages.prices.env.DIE_MARKER=/var/lib/podpipe/died-once",
                         "--set", "stages.prices.run=pystages:q1_prices_dying_once", *flags)
 
 
@@ -299,7 +335,7 @@ def test_a_stage_container_that_dies_is_restarted_and_the_run_still_gets_it_righ
         pod.run()
         status = wait_for(run_dir, pod, restart=True)
         assert status["state"] == "succeeded", status.get("error")
-        assert (image_root / "died-once").exists()
+        assert (pod.volumes["node"] / "died-once").exists()
         assert status["stages"]["prices"]["restarts"] == 1
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
     finally:
@@ -317,7 +353,7 @@ def test_a_container_runs_its_stages_workers_and_restarts_one_that_dies(tmp_path
         pod.run()
         status = wait_for(run_dir, pod)  # no container exits: nothing for a kubelet to do
         assert status["state"] == "succeeded", status.get("error")
-        assert (image_root / "died-once").exists()
+        assert (pod.volumes["node"] / "died-once").exists()
         prices = status["stages"]["prices"]
         assert prices["workers"] == 2 and prices["restarts"] == 1
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
@@ -422,11 +458,12 @@ def test_a_stage_containers_startup_probe_passes_once_its_agent_is_the_conductor
         "command"]
     probe = source["startupProbe"]["exec"]["command"]
     assert probe[-2:] == ["--agent", "source"]
-    argv = pod.argv(source, pod.env(source), probe)
+    argv = pod.argv(source, probe)
     try:
         pod.start(sidecar)
         pod.probe(sidecar)
-        waiting = subprocess.run(argv, env=pod.process_env(source), timeout=60)
+        waiting = pod.exec(sidecar["name"], argv)  # (the source's is not up: it sees
+        #                                               the same socket, a volume of both)
         assert waiting.returncode == 1  # the conductor is up, the source's agent is not
         pod.start(source)
         pod.probe(source)  # passes once it has connected
@@ -488,14 +525,14 @@ def test_a_standing_rendered_pod_takes_two_jobs_and_a_swap_between_them(tmp_path
             done = kubectl(pods, commands[0])
             assert done.returncode == 0, (done.stdout, done.stderr,
                                           pod.log("podpipe-conductor")[-3000:])
-            run_dir = Path(re.search(r"run directory: (\S+)", done.stdout).group(1))
-            # (the path as the emulated container sees it: here, the host's)
+            run_dir = Path(pod.host_path(pod.pod["initContainers"][0], re.search(
+                r"run directory: (\S+)", done.stdout).group(1)))
             answers.append(json.loads((run_dir / "status.json").read_text()))
             if n == 1:
                 swapped = kubectl(pods, f"kubectl exec {pod.name} -- podpipe swap tpch-q1 "
                                         "prices --run pystages:q1_prices_v2")
                 assert swapped.returncode == 0, swapped.stderr
-                assert "from the line's next job on" in swapped.stdout
+                assert "from the line's next job on" in " ".join(swapped.stdout.split())
         for n, status in zip((1, 2), answers):
             assert status["state"] == "succeeded", status.get("error")
             assert data.compare(pq.read_table(image_root / "out" / f"job{n}"), SF) == []
