@@ -38,18 +38,21 @@ WORKDIR = "/app"  # the image's
 
 
 class LocalPod:
-    """Replica `ordinal` of a rendered StatefulSet, run as local processes."""
+    """Replica `ordinal` of a rendered StatefulSet (or index `ordinal` of a rendered
+    Job), run as local processes."""
 
     def __init__(self, manifests: list[dict], root: Path, image_root: Path, ordinal: int = 0,
                  data: Path | None = None):
-        config, _, statefulset = manifests
-        self.default_container = statefulset["spec"]["template"]["metadata"]["annotations"][
+        config = manifests[0]
+        workload = next(m for m in manifests if m["kind"] in ("StatefulSet", "Job"))
+        self.default_container = workload["spec"]["template"]["metadata"]["annotations"][
             "kubectl.kubernetes.io/default-container"]
-        self.name = f"{statefulset['metadata']['name']}-{ordinal}"
+        self.name = f"{workload['metadata']['name']}-{ordinal}" + \
+            ("-x7k2p" if workload["kind"] == "Job" else "")  # (a Job's pods: a random tail)
         self.ordinal, self.root, self.image_root = ordinal, root, image_root
-        self.pod = statefulset["spec"]["template"]["spec"]
+        self.pod = workload["spec"]["template"]["spec"]
         self.volumes = {v["name"]: self._volume(v, config) for v in self.pod["volumes"]}
-        for claim in statefulset["spec"].get("volumeClaimTemplates", []):
+        for claim in workload["spec"].get("volumeClaimTemplates", []):
             self.volumes[claim["metadata"]["name"]] = self._dir(f"pvc/{claim['metadata']['name']}")
         if data is not None and "data" in self.volumes:  # the data volume: a folder here
             self.volumes["data"] = data
@@ -72,6 +75,8 @@ class LocalPod:
             return self._dir("host" + volume["hostPath"]["path"])
         if "persistentVolumeClaim" in volume:
             return self._dir(f"pvc/{volume['persistentVolumeClaim']['claimName']}")
+        if "ephemeral" in volume:  # a claim made for the pod, gone with it
+            return self._dir(f"ephemeral/{volume['name']}")
         assert "emptyDir" in volume, volume
         return self._dir(f"emptydir/{volume['name']}")
 
@@ -89,7 +94,9 @@ class LocalPod:
         """The container's env as the kubelet fills it in, and a PATH on which
         `podpipe` is the one installed here (the image's)."""
         fields = {"metadata.name": self.name,
-                  "metadata.labels['apps.kubernetes.io/pod-index']": str(self.ordinal)}
+                  "metadata.labels['apps.kubernetes.io/pod-index']": str(self.ordinal),
+                  "metadata.annotations['batch.kubernetes.io/job-completion-index']":
+                      str(self.ordinal)}
         env: dict[str, str] = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
         for item in container.get("env", []):
             if "value" in item:
@@ -585,3 +592,57 @@ def test_one_job_submitted_to_every_pod_of_a_standing_line_runs_each_pods_shards
     finally:
         codes = [pod.terminate() for pod in pods.values()]
     assert all(set(c.values()) == {0} for c in codes), codes
+
+
+def _job_pod(tmp_path: Path, image_root: Path, *flags: str) -> dict[str, int | None]:
+    """Run index 0 of the example rendered as a Job, as the kubelet would a pod whose
+    restartPolicy is Never: wait for every main container to exit, then end the
+    sidecar (SIGTERM); every container's exit code."""
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    pod, _ = rendered_pod(tmp_path, image_root, "--flavor", "job",
+                          "--set", "source.batchRows=15000", *flags)
+    assert pod.pod["restartPolicy"] == "Never"
+    try:
+        pod.run()
+        deadline = time.monotonic() + 120
+        while any(pod.processes[c["name"]].poll() is None for c in pod.pod["containers"]):
+            assert time.monotonic() < deadline, {n: p.poll() for n, p in pod.processes.items()}
+            time.sleep(0.1)
+    finally:
+        codes = pod.terminate()  # (the sidecar: the kubelet ends it once the others are)
+    return codes
+
+
+def _pod_failure(manifests_flags: tuple[str, ...], codes: dict[str, int | None]) -> str:
+    """What the Job's podFailurePolicy does with a failed pod that exited with `codes`:
+    the first rule whose exit codes one container's code is in, else Count."""
+    done = podpipe("render", str(EXAMPLE), "--flavor", "job", "--data-claim", "lake",
+                   *manifests_flags, cwd=ROOT)
+    job = list(yaml.safe_load_all(done.stdout))[-1]
+    for rule in job["spec"]["podFailurePolicy"]["rules"]:
+        exits = rule.get("onExitCodes")
+        if exits and any(code in exits["values"] for code in codes.values()):
+            return rule["action"]
+    return "Count"
+
+
+LAYOUTS = pytest.mark.parametrize("layout", ["containers", "processes"])
+
+
+@LAYOUTS
+def test_a_job_flavour_pod_completes_when_its_run_succeeds(tmp_path, image_root, layout):
+    from examples.tpch import data
+
+    codes = _job_pod(tmp_path, image_root, "--layout", layout)
+    assert set(codes.values()) == {0}, codes  # every container: the pod Succeeded
+    assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+
+
+@LAYOUTS
+def test_a_job_flavour_pod_fails_with_its_run_and_the_job_is_not_retried(tmp_path,
+                                                                         image_root, layout):
+    flags = ("--set", "stages.prices.run=pystages:q1_prices_broken", "--layout", layout)
+    codes = _job_pod(tmp_path, image_root, *flags)
+    assert set(codes.values()) == {1}, codes  # every container ends with the run
+    assert _pod_failure(flags, codes) == "FailJob"
+    assert not (image_root / "out" / "tpch-q1").exists()

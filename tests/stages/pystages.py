@@ -127,6 +127,11 @@ def q1_prices_v2(t: pa.Table) -> pa.Table:
     return prices(t)
 
 
+def q1_prices_broken(t: pa.Table) -> pa.Table:
+    """TPC-H Q1's prices stage with a bug: every batch fails."""
+    raise ValueError("a bug in prices")
+
+
 def q1_prices_dying_once(t: pa.Table) -> pa.Table:
     """TPC-H Q1's prices stage, dying once (`_die_once`)."""
     from examples.tpch.stages import prices

@@ -27,7 +27,7 @@ GOLDEN = ROOT / "tests" / "golden"
 # OpenKruise's CRD, copied from ../shared/schemas/openkruise so that CI has it.
 KRUISE_CRD = ROOT / "tests" / "schemas" / "openkruise" / "apps.kruise.io_statefulsets.yaml"
 SHARED_CRD = ROOT.parent / "shared" / "schemas" / "openkruise" / KRUISE_CRD.name
-VERSIONS = ("1.33.0", kubernetes_validate.latest_version())
+VERSIONS = ("1.33.0", "1.34.0", kubernetes_validate.latest_version())
 EXAMPLE = ROOT / "examples" / "tpch" / "q1.yaml"
 
 
@@ -98,13 +98,17 @@ FLAVORS = {
     "containers-workers": ("--flavor", "openkruise", "--set", "stages.prices.workers=3"),
     "standing": ("--standing", "--host-path", "/srv/podpipe"),
     "standing-processes": ("--standing", "--layout", "processes"),
+    "job": ("--flavor", "job", "--replicas", "2", "--storage-class", "local-path"),
+    "job-processes-1.33": ("--flavor", "job", "--layout", "processes", "--kube-version",
+                           "1.33", "--host-path", "/srv/podpipe"),
 }
 
 
 @pytest.mark.parametrize("flags", FLAVORS.values(), ids=FLAVORS.keys())
 def test_every_rendered_object_validates_against_the_real_schemas(flags):
     manifests = render(str(EXAMPLE), *flags)
-    assert [m["kind"] for m in manifests] == ["ConfigMap", "Service", "StatefulSet"]
+    assert [m["kind"] for m in manifests] == (["ConfigMap", "Job"] if "job" in flags else
+                                              ["ConfigMap", "Service", "StatefulSet"])
     for manifest in manifests:
         validate(manifest)
 
@@ -451,3 +455,37 @@ def test_bad_submit_k8s_flags_exit_2(flags, message):
     done = podpipe("submit", "tpch-q1", *flags, cwd=ROOT)
     assert done.returncode == 2, done.stdout
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_job_runs_each_index_once_and_fails_at_once_on_a_stage_failure():
+    """`--flavor job`: an Indexed Job over the same pod template; the pod index from
+    the completion index; containers the kubelet does not restart, so the agents
+    restart their own workers and end with the run; a stage's failure (exit 1) or bad
+    input (2) fails the Job, a disruption is run again without counting."""
+    config, job = render(str(EXAMPLE), "--flavor", "job", "--replicas", "3")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == \
+        ("Indexed", 3, 3)
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob",
+                        "onExitCodes": {"operator": "In", "values": [1, 2]}}
+    assert rules[1]["action"] == "Ignore" and \
+        rules[1]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    conductor = pod["initContainers"][0]
+    assert "--once" in conductor["args"] and "--run-dir" in conductor["args"]
+    for container in pod["containers"]:
+        assert "--restart" in container["args"] and "--hold" not in container["args"]
+    for container in [conductor, *pod["containers"]]:
+        index = next(e for e in container["env"] if e["name"] == "POD_INDEX")
+        assert index["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    node = next(v for v in pod["volumes"] if v["name"] == "node")
+    assert node["ephemeral"]["volumeClaimTemplate"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    refused = podpipe("render", str(EXAMPLE), "--flavor", "job", "--standing",
+                      "--data-claim", "lake", cwd=ROOT)
+    assert refused.returncode == 2 and "a Job runs the spec once" in refused.stderr
+    patch = podpipe("render", str(EXAMPLE), "--flavor", "job", "--patch", "prices=img:2",
+                    "--data-claim", "lake", cwd=ROOT)
+    assert patch.returncode == 2 and "cannot change" in patch.stderr

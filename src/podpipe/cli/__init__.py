@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         def serve() -> int:
             return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
                                wait=args.wait)
-        if args.workers == 1:
+        if args.workers == 1 and not args.restart:
             return serve()
         if args.workers < 1:
             print(f"error: --workers {args.workers}: expected 1 or more", file=sys.stderr)
@@ -302,7 +302,8 @@ def _conductor(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("podpipe conductor: --run-dir DIR, or --standing")
     return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
                      run_dir=args.run_dir, layout=args.layout, hold=args.hold,
-                     replicas=args.replicas, metrics=args.metrics_port)
+                     replicas=args.replicas, metrics=args.metrics_port,
+                     once=args.once)
 
 
 def _swap(args: argparse.Namespace, console: Console) -> int:

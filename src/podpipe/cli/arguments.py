@@ -284,9 +284,12 @@ def parser() -> argparse.ArgumentParser:
                     "whose pods run the pipeline: the conductor as a native sidecar, one "
                     "container per stage, the RAM scratch as a memory-backed emptyDir.")
     render.add_argument("spec", metavar="SPEC")
-    render.add_argument("--flavor", choices=("kubernetes", "openkruise"), default="kubernetes",
-                        help="apps/v1 StatefulSet, or OpenKruise's Advanced StatefulSet "
-                             "(in-place image updates)")
+    render.add_argument("--flavor", choices=("kubernetes", "openkruise", "job"),
+                        default="kubernetes",
+                        help="apps/v1 StatefulSet, OpenKruise's Advanced StatefulSet "
+                             "(in-place image updates), or an Indexed Job: a one-shot run "
+                             "that completes (kubectl wait --for=condition=complete), or "
+                             "fails without retrying a stage's failure")
     render.add_argument("--replicas", type=int, default=1, metavar="N")
     render.add_argument("--image", metavar="IMAGE",
                         help="image of the conductor and of every stage without an image: "
@@ -345,6 +348,10 @@ def parser() -> argparse.ArgumentParser:
     agent.add_argument("--workers", type=int, default=1, metavar="N",
                        help="run the node's N workers in this container (its "
                             "`workers: N`), each restarted if it fails")
+    agent.add_argument("--restart", action="store_true",
+                       help="restart a worker that dies even when it is the only one (a "
+                            "Job's pod: the kubelet does not restart its containers); the "
+                            "container ends with the run: 0, or 1 if it failed")
 
     conductor = sub.add_parser("conductor", help="(internal) the conductor of a pod on "
                                                  "Kubernetes: a native sidecar's command",
@@ -369,6 +376,9 @@ def parser() -> argparse.ArgumentParser:
                            help="serve Prometheus metrics there")
     conductor.add_argument("--no-hold", dest="hold", action="store_false",
                            help="exit when the run is over instead of staying up")
+    conductor.add_argument("--once", action="store_true",
+                           help="a Job's pod: the run is not resumed once it has failed; "
+                                "the agents are told how it ended (and exit 0, or 1)")
 
     probe = sub.add_parser("probe", help="(internal) exit 0 if a conductor answers on SOCKET")
     probe.add_argument("socket", metavar="SOCKET")

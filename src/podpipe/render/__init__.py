@@ -23,7 +23,8 @@ StatefulSet whose every replica is one pod of the pod pipeline pattern:
 
 The `openkruise` flavor renders an Advanced StatefulSet whose pods take image
 changes in place (`InPlaceIfPossible`), so a stage can be swapped without losing
-what is in RAM; `image_patch` is the JSON patch that does it.
+what is in RAM; `image_patch` is the JSON patch that does it. The `job` flavor
+renders an Indexed Job instead, for a one-shot run that completes (`workloads`).
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ from podpipe.model import shards
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import parse_size
 from podpipe.model.spec import Pipeline, Resources
-from podpipe.render import data, sizing as sizes
+from podpipe.render import data, sizing as sizes, workloads
 from podpipe.render.data import DATA, WORKDIR, Volumes
 
 __all__ = ["Options", "Volumes", "dump", "image_patch", "render", "stage_patch",
            "submit_commands"]
 
-FLAVORS = ("kubernetes", "openkruise")
+FLAVORS = ("kubernetes", "openkruise", "job")
 LAYOUTS = ("containers", "processes")
 
 # Paths inside every container; the agents and the conductor get them as flags.
@@ -58,7 +59,6 @@ SOCKET = f"{SCRATCH}/conductor.sock"
 NODE_TIER = "/var/lib/podpipe"
 RUN_DIR = f"{NODE_TIER}/runs/$(POD_NAME)"  # expanded by the kubelet from the env
 CONDUCTOR = "podpipe-conductor"
-POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 UID = 10001
 
 
@@ -99,11 +99,15 @@ class Options:
         if self.pod_monitor and self.metrics_port is None:
             raise UsageError("--pod-monitor: the pods serve no metrics to scrape; add "
                              "--metrics-port PORT")
+        if self.standing and self.flavor == "job":
+            raise UsageError("--standing --flavor job: a Job runs the spec once; a "
+                             "standing line stands in a StatefulSet (the default flavor)")
 
 
 def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[str, Any]]:
-    """The manifests, in apply order: ConfigMap, Service, StatefulSet (and a PodMonitor,
-    the Prometheus Operator's, with `pod_monitor`)."""
+    """The manifests, in apply order: ConfigMap, Service, StatefulSet — or ConfigMap,
+    Job (`--flavor job`) — and a PodMonitor, the Prometheus Operator's, with
+    `pod_monitor`."""
     options.check()
     data.check(pipeline, options.volumes, options.replicas)
     name = pipeline.name
@@ -124,31 +128,19 @@ def render(pipeline: Pipeline, spec_text: str, options: Options) -> list[dict[st
                                                  else "pod"}},
                 "spec": pod}
     template["metadata"]["annotations"]["podpipe.dev/sizing"] = sizing
-    statefulset: dict[str, Any] = {
-        "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta,
-        "spec": {"serviceName": name, "replicas": options.replicas,
-                 "podManagementPolicy": "Parallel",
-                 "selector": {"matchLabels": labels},
-                 "updateStrategy": {"type": "RollingUpdate"},
-                 "template": template},
-    }
-    if options.volumes.host_path is None:
-        statefulset["spec"]["volumeClaimTemplates"] = [_node_claim(options)]
-    if options.flavor == "openkruise":
-        statefulset["apiVersion"] = "apps.kruise.io/v1beta1"
-        statefulset["spec"]["updateStrategy"] = {
-            "type": "RollingUpdate",
-            "rollingUpdate": {"podUpdatePolicy": "InPlaceIfPossible",
-                              "inPlaceUpdateStrategy": {
-                                  "gracePeriodSeconds": options.grace_seconds}}}
-        template["spec"]["readinessGates"] = [{"conditionType": "InPlaceUpdateReady"}]
+    if options.flavor == "job":
+        objects = [config, workloads.job(meta, template, options.replicas)]
+    else:
+        objects = [config, service, workloads.statefulset(
+            meta, labels, template, options.replicas, options.volumes,
+            kruise=options.flavor == "openkruise", grace_seconds=options.grace_seconds)]
     if not options.pod_monitor:
-        return [config, service, statefulset]
+        return objects
     monitor = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": meta,
                "spec": {"selector": {"matchLabels": labels},
                         "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics",
                                                  "interval": "15s"}]}}
-    return [config, service, statefulset, monitor]
+    return [*objects, monitor]
 
 
 class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # (PyYAML has no type hints)
@@ -173,7 +165,11 @@ def image_patch(manifests: list[dict[str, Any]], stage: str, image: str) -> list
     It tests the container's name before replacing, so it cannot land on the wrong
     container if the StatefulSet was rendered differently.
     """
-    pod = manifests[-1]["spec"]["template"]["spec"]
+    workload = next(m for m in manifests if m["kind"] in ("StatefulSet", "Job"))
+    if workload["kind"] == "Job":
+        raise UsageError("--patch: a Job's pod template cannot change; swap the stage in "
+                         "the running run, or render the Job again")
+    pod = workload["spec"]["template"]["spec"]
     return _patch([c["name"] for c in pod["containers"]], stage, image)
 
 
@@ -230,10 +226,11 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
         node_tier = f"{NODE_TIER}/$(POD_NAME)" if options.standing else NODE_TIER
         flags += ["--set", f"checkpoints.node={node_tier}"]
     shards.check_handover(pipeline, options.replicas)
+    flavor = workloads.Flavor(options.flavor)
     conductor_args = ["--spec", SPEC_FILE, "--scratch", SCRATCH,
                       *(["--standing"] if options.standing else ["--run-dir", RUN_DIR]),
                       "--layout", options.layout, "--replicas", str(options.replicas),
-                      *flags]
+                      *flavor.conductor_flags(options.layout), *flags]
     if options.metrics_port is not None:
         conductor_args += ["--metrics-port", f"0.0.0.0:{options.metrics_port}"]
     budget = pipeline.memory
@@ -275,7 +272,8 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
         containers = [
             _container(node, _image(pipeline, node, options), ["podpipe", "agent"],
                        ["--stage", node, "--spec", SPEC_FILE, "--socket", SOCKET,
-                        "--wait", "60", "--hold", *_workers_flag(pipeline, node), *flags],
+                        "--wait", "60", *flavor.agent_flags(), *_workers_flag(pipeline, node),
+                        *flags],
                        sizes.per_container(pipeline, node), budget, options,
                        writes_data=node in {s.name for s in pipeline.sinks})
             for node in nodes]
@@ -316,7 +314,7 @@ def _container(name: str, image: str, command: list[str], args: list[str],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_INDEX", "valueFrom": {"fieldRef": {
-                "fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}},
+                "fieldPath": workloads.Flavor(options.flavor).pod_index}}},
             {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
         ],
         "resources": {"requests": {"cpu": resources.cpu or sizes.DEFAULT_CPU,
@@ -357,6 +355,9 @@ def _volumes(pipeline: Pipeline, options: Options) -> list[dict[str, Any]]:
     if where.host_path is not None:
         volumes.append({"name": "node", "hostPath": {"path": where.host_path,
                                                      "type": "DirectoryOrCreate"}})
+    elif options.flavor == "job":  # (a StatefulSet claims it per pod by a template)
+        volumes.append({"name": "node", "ephemeral": {"volumeClaimTemplate": {
+            "spec": workloads.node_claim(where)}}})
     if where.data_claim is not None:
         volumes.append({"name": "data",
                         "persistentVolumeClaim": {"claimName": where.data_claim}})
@@ -364,14 +365,6 @@ def _volumes(pipeline: Pipeline, options: Options) -> list[dict[str, Any]]:
         volumes.append({"name": "data", "hostPath": {"path": where.data_host_path,
                                                      "type": "Directory"}})
     return volumes
-
-
-def _node_claim(options: Options) -> dict[str, Any]:
-    spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"],
-                            "resources": {"requests": {"storage": options.volumes.node_size}}}
-    if options.volumes.storage_class:
-        spec["storageClassName"] = options.volumes.storage_class
-    return {"metadata": {"name": "node"}, "spec": spec}
 
 
 def _image(pipeline: Pipeline, node: str, options: Options) -> str:

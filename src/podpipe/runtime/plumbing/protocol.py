@@ -178,7 +178,7 @@ class Failed(_Message, tag="failed"):
 
 
 class Stop(_Message, tag="stop"):
-    pass
+    failed: bool = False  # the run failed: the agent exits 1 (a Job's pod fails with it)
 
 
 class Job(_Message, tag="job"):

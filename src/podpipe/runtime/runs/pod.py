@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from podpipe.errors import RunError, StoreError, UsageError
+from podpipe.errors import InterruptedRun, RunError, StoreError, UsageError
 from podpipe.model import shards as sharding
 from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
@@ -129,7 +129,7 @@ def _ordinal(pipeline: specs.Pipeline, replicas: int, pod_index: int | None) -> 
 
 def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
           scratch: str, run_dir: str, layout: str = "containers", hold: bool = True,
-          replicas: int = 1, metrics: str | None = None) -> int:
+          replicas: int = 1, metrics: str | None = None, once: bool = False) -> int:
     """The conductor of a pod on Kubernetes (`podpipe conductor`); returns the exit code.
 
     The scratch is the pod's memory-backed volume at `scratch`, the run directory is
@@ -137,7 +137,9 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     container per node; with `processes` this process starts them, as `run` does.
     With `hold`, a finished pod stays up (a StatefulSet restarts what exits),
     answering agents that reconnect with `stop`, until SIGTERM. (A pod rendered
-    `--standing` runs `upkeep.stand` instead.)
+    `--standing` runs `upkeep.stand` instead.) `once`: a Job's pod, whose run is not
+    resumed once it failed; with `hold`, agents that reconnect are told how it ended
+    (they exit 1 when it failed, and the pod fails).
     """
     overrides = list(overrides)
     placed = placing(spec_path, overrides, Path(scratch), replicas, hold)
@@ -148,26 +150,36 @@ def serve(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),
     conductor_socket = scratches.Scratch(scratch_path, volume=True).socket
     run_path = Path(run_dir)
     pod = os.environ.get("POD_NAME") or socket.gethostname()
-    if (run_path / status.FILE).exists():
-        # A restarted conductor container: the memory volume outlived it, and the run
-        # directory is on the node tier. Finish the run from them, unless it is done.
-        if status.read(run_path).state != "succeeded":
-            resume(str(run_path), scratch=lambda: scratches.Scratch.adopt(
-                       scratch_path, None, volume=True),
-                   launch=layout == "processes", pod=pod)
-    else:
-        rundir.make(run_path, spec_path, overrides, placement=placement)
-        rundir.lock(run_path)
-        run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
-        # A shard that moved here, a pod rescheduled: from the durable tier.
-        _conduct(pipeline, run_path, overrides, run_id, pod,
-                 lambda: scratches.Scratch.at(scratch_path),
-                 launch=layout == "processes", observer=None, origin=Origin(durable=True),
-                 placement=placement, fresh=True, metrics=metrics,
-                 metrics_linger=float("inf") if hold else 0.0)
+    failed = False
+    try:
+        if (run_path / status.FILE).exists():
+            # A restarted conductor container: the memory volume outlived it, and the
+            # run directory is on the node tier. Finish the run from them, unless it is
+            # done (or, in a Job's pod, failed).
+            state = status.read(run_path).state
+            failed = once and state == "failed"
+            if state != "succeeded" and not failed:
+                resume(str(run_path), scratch=lambda: scratches.Scratch.adopt(
+                           scratch_path, None, volume=True),
+                       launch=layout == "processes", pod=pod)
+        else:
+            rundir.make(run_path, spec_path, overrides, placement=placement)
+            rundir.lock(run_path)
+            run_id = f"{pod}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # A shard that moved here, a pod rescheduled: from the durable tier.
+            _conduct(pipeline, run_path, overrides, run_id, pod,
+                     lambda: scratches.Scratch.at(scratch_path),
+                     launch=layout == "processes", observer=None,
+                     origin=Origin(durable=True), placement=placement, fresh=True,
+                     metrics=metrics, metrics_linger=float("inf") if hold else 0.0)
+    except RunError as exc:
+        if not (once and hold) or isinstance(exc, InterruptedRun):  # (the pod goes)
+            raise
+        sys.stderr.write(logline.line(str(exc), "error"))
+        failed = True
     if hold:
-        _hold(conductor_socket)
-    return 0
+        _hold(conductor_socket, failed=failed)
+    return int(failed)
 
 
 def placing(spec_path: str, overrides: list[str], scratch_path: Path, replicas: int,
@@ -374,8 +386,9 @@ def _durable_store(pipeline: specs.Pipeline, digest: str) -> durable.Store | Non
     return store
 
 
-def _hold(socket_path: Path) -> None:
-    """Stay up until SIGTERM or SIGINT, telling every agent that connects to stop."""
+def _hold(socket_path: Path, failed: bool = False) -> None:
+    """Stay up until SIGTERM or SIGINT, telling every agent that connects to stop (and
+    that the run `failed`)."""
     sys.stderr.write(logline.line("the run is over; holding until SIGTERM"))
     sys.stderr.flush()
     socket_path.unlink(missing_ok=True)
@@ -390,7 +403,7 @@ def _hold(socket_path: Path) -> None:
                 conn.settimeout(5)
                 try:
                     protocol.recv(conn)  # its hello, or a probe
-                    protocol.send(conn, protocol.Stop())
+                    protocol.send(conn, protocol.Stop(failed=failed))
                 except (OSError, protocol.Closed):
                     pass
     listener.close()

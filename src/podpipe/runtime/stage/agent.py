@@ -52,6 +52,13 @@ def user_frames(exc: BaseException, most: int = 5) -> str:
     return "".join(traceback.format_list(frames[-most:])).rstrip()
 
 
+# The agent's exit codes: 0 the run is over (or it was told to stop), 1 the run
+# failed (as the conductor said: a Job's pod fails), 2 its spec or input is wrong;
+# AGAIN: the conductor went away or could not be reached, a process started again
+# connects again (what the kubelet and a container's supervisor do).
+AGAIN = 75
+
+
 def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
           hold: bool = False, wait: float = 0.0) -> int:
     """The agent's main loop; returns the process exit code.
@@ -72,7 +79,7 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
     except OSError as exc:
         sys.stderr.write(logline.line(f"cannot reach the conductor at {socket_path}: {exc}",
                                       "error"))
-        return 1
+        return AGAIN
     started_with = dict(os.environ)  # a job's stage env is its own, not the last job's
     served = _serve(sock, spec_path, overrides, node)
     while isinstance(served, tuple):  # a standing line's next job, this process warm
@@ -163,8 +170,8 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
     try:
         while True:
             message = protocol.recv(sock)
-            if isinstance(message, protocol.Stop):
-                return 0
+            if isinstance(message, protocol.Stop):  # the run is over (failed: exit 1)
+                return int(message.failed)
             if isinstance(message, protocol.Job):
                 if not message.keep:
                     work.close()
@@ -175,7 +182,7 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
         return 0
     except (protocol.Closed, ConnectionError):
         sys.stderr.write(logline.line("the conductor went away", "warning"))
-        return 1  # in a pod, the restarted container reconnects to the new conductor
+        return AGAIN  # in a pod, the restarted container reconnects to the new conductor
 
 
 class _Stopped(Exception):
