@@ -646,3 +646,100 @@ def test_a_job_flavour_pod_fails_with_its_run_and_the_job_is_not_retried(tmp_pat
     assert set(codes.values()) == {1}, codes  # every container ends with the run
     assert _pod_failure(flags, codes) == "FailJob"
     assert not (image_root / "out" / "tpch-q1").exists()
+
+
+def _gated_pod(tmp_path: Path, image_root: Path) -> tuple[LocalPod, Path]:
+    """The example in 123 batches, its prices stage waiting in its fifth batch for the
+    gate /data/gate (the test opens it as image_root / "gate"): the run cannot end
+    before the test says, and prices has batches left when its image is updated."""
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    return rendered_pod(tmp_path, image_root, "--set", "source.batchRows=500",
+                        "--set", "stages.prices.run=pystages:q1_prices_held_at_five",
+                        "--set", "stages.prices.env.PRICES_GATE=/data/gate")
+
+
+def _status_until(run_dir: Path, pod: LocalPod, what: str, test) -> dict:
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            current = json.loads((run_dir / "status.json").read_text())
+            if test(current):
+                return current
+        except (OSError, ValueError):
+            pass
+        assert time.monotonic() < deadline, f"never: {what}\n" + \
+            pod.log("podpipe-conductor")[-3000:]
+        time.sleep(0.05)
+
+
+def _update_in_place(pod: LocalPod, name: str, run: str) -> None:
+    """What an in-place image update does to one container (OpenKruise): the
+    container ends (SIGTERM) and starts again, in the same pod, with the new image —
+    here, its code: the stage's `run` in the new image's spec."""
+    spec = next(c for c in pod.pod["containers"] if c["name"] == name)
+    args = list(spec["args"])
+    at = args.index(next(a for a in args if a.startswith(f"stages.{name}.run=")))
+    args[at] = f"stages.{name}.run={run}"
+    spec["args"] = args
+    process = pod.processes[name]
+    process.send_signal(signal.SIGTERM)
+    process.wait(15)
+    pod.start(spec)
+
+
+def test_a_broken_image_updated_in_place_is_held_and_swapped_back(tmp_path, image_root):
+    """In a pod of containers a swap is an image updated in place: the conductor sees
+    the container come back with another version. One that fails holds the stage
+    (the run waits, it does not fail) until the image is put back, then the run goes
+    on to the right answer."""
+    from examples.tpch import data
+
+    pod, run_dir = _gated_pod(tmp_path, image_root)
+    try:
+        pod.run()
+        _status_until(run_dir, pod, "four batches through prices",
+                      lambda s: s["stages"]["prices"]["batches_done"] >= 4)
+        _update_in_place(pod, "prices", "pystages:q1_prices_broken")
+        held = _status_until(run_dir, pod, "prices held", lambda s: s["stages"]["prices"]["held"])
+        assert "a bug in prices" in held["stages"]["prices"]["held"]
+        assert held["state"] == "running"
+        (image_root / "gate").touch()
+        _update_in_place(pod, "prices", "pystages:q1_prices_held_at_five")  # swapped back
+        status = wait_for(run_dir, pod, restart=True)
+        assert status["state"] == "succeeded", status.get("error")
+        assert status["stages"]["prices"]["held"] is None
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+    finally:
+        pod.terminate()
+
+
+def test_a_swap_with_recompute_through_the_pod_redoes_the_old_versions_batches(
+        tmp_path, image_root):
+    """`podpipe swap RUN STAGE --image IMG --recompute` inside the pod: the conductor
+    awaits the new image; when the container comes back with it, what the old
+    version made is done again, so every batch's output is the new version's."""
+    from examples.tpch import data
+
+    pod, run_dir = _gated_pod(tmp_path, image_root)
+    try:
+        pod.run()
+        before = _status_until(run_dir, pod, "four batches through prices",
+                               lambda s: s["stages"]["prices"]["batches_done"] >= 4)
+        old = before["stages"]["prices"]["version"]
+        swapped = kubectl({pod.name: pod}, f"kubectl exec {pod.name} -- podpipe swap "
+                                           "/var/lib/podpipe/runs/tpch-q1-0 prices "
+                                           "--image registry/tpch:2 --recompute")
+        assert swapped.returncode == 0, swapped.stderr
+        said = " ".join(swapped.stdout.split())
+        assert "takes its new version when its container comes back" in said
+        assert "what the old version made is done again" in said
+        _update_in_place(pod, "prices", "pystages:q1_prices_v2")  # (no gate: it goes on)
+        status = wait_for(run_dir, pod, restart=True)
+        assert status["state"] == "succeeded", status.get("error")
+        prices = status["stages"]["prices"]
+        # (versions: the batches each version made) the new one made every batch again
+        assert prices["version"] != old and set(prices["versions"]) == {old, prices["version"]}
+        assert prices["versions"][prices["version"]] == prices["batches_total"]
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+    finally:
+        pod.terminate()

@@ -127,6 +127,18 @@ def q1_prices_v2(t: pa.Table) -> pa.Table:
     return prices(t)
 
 
+def q1_prices_held_at_five(t: pa.Table) -> pa.Table:
+    """TPC-H Q1's prices stage that does four batches, then waits in its fifth for the
+    file named by PRICES_GATE: the stage cannot finish before the test says."""
+    from examples.tpch.stages import prices
+
+    global _calls
+    _calls += 1
+    while _calls >= 5 and not os.path.exists(os.environ["PRICES_GATE"]):
+        time.sleep(0.02)
+    return prices(t)
+
+
 def q1_prices_broken(t: pa.Table) -> pa.Table:
     """TPC-H Q1's prices stage with a bug: every batch fails."""
     raise ValueError("a bug in prices")

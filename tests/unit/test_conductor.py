@@ -80,15 +80,23 @@ def test_a_swap_to_an_invalid_version_or_an_unknown_stage_is_refused(tmp_path):
     with EventLoop(signals=()) as loop:
         agents = Agents(loop, protocol.listen(tmp_path / "c.sock"))
         swaps = Swaps(tmp_path, [], agents)
-        ask = lambda stage, *o, **kw: swaps.check(  # noqa: E731
-            protocol.SwapRequest(stage=stage, overrides=list(o)), pipeline,
-            local=kw.get("local", True), shared_global=False)
+        def ask(stage: str, *overrides: str, local: bool = True, recompute: bool = False):
+            said = swaps.check(protocol.SwapRequest(stage=stage, overrides=list(overrides),
+                                                    recompute=recompute),
+                               pipeline, local=local, shared_global=False)
+            return said.message if isinstance(said, protocol.Refused) else said
         assert "no stage 'b'" in ask("b")
-        assert "patching the image" in ask("a", local=False)
+        assert "swap one by its image" in ask("a", local=False)
         assert "not valid" in ask("a", "stages.a.run=not a callable")
         assert ask("a", 'stages.a.run="m:g"') is None
         assert "being swapped already" in ask("a", 'stages.a.run="m:h"')
         assert swaps.replacing("a") == ['stages.a.run="m:g"']  # what the new one runs
+        # a container: its new image awaited (answered at once), recomputing as asked
+        swaps = Swaps(tmp_path, [], agents)
+        awaited = ask("a", "stages.a.image=img:2", local=False, recompute=True)
+        assert isinstance(awaited, protocol.Swapped) and awaited.pending
+        assert swaps.image_updated("a") == ev.VersionChanged("a", recompute=True)
+        assert swaps.image_updated("a") == ev.VersionChanged("a", recompute=False)
         agents.close()
 
 

@@ -321,9 +321,15 @@ def _swap(args: argparse.Namespace, console: Console) -> int:
     for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
                                timeout=args.timeout, recompute=args.recompute):
         said = answer.message
-        if isinstance(said, protocol.Swapped) and said.pending:
+        if isinstance(said, protocol.Swapped) and said.pending and answer.line:
             console.print(f"{answer.run_dir}: stage {args.stage!r} is swapped from the "
                           "line's next job on", highlight=False)
+        elif isinstance(said, protocol.Swapped) and said.pending:  # a pod's container
+            console.print(f"{answer.run_dir}: stage {args.stage!r} takes its new version "
+                          "when its container comes back with the image (update it in "
+                          "place: 'podpipe swap ... --k8s' prints the patch)" +
+                          ("; what the old version made is done again then"
+                           if args.recompute else ""), highlight=False)
         elif isinstance(said, protocol.Swapped):
             console.print(f"{answer.run_dir}: stage {args.stage!r} now runs version "
                           f"{said.version} (pid {said.pid})", highlight=False)

@@ -110,6 +110,17 @@ class SwapRequested:
 
 
 @dataclass(frozen=True)
+class VersionChanged:
+    """A container came back with another version of `node` (an image updated in
+    place, on Kubernetes): it is swapped in — a version that fails is held, and one
+    that comes back again (swapped back) takes the stage up again. With `recompute`,
+    what the old versions made is done again too."""
+
+    node: str
+    recompute: bool = False
+
+
+@dataclass(frozen=True)
 class Recompute:
     """The batches `node` has done were made by a version now replaced: do them again
     (from the source, the one tier that holds every batch's inputs), and everything
@@ -143,7 +154,7 @@ class Tick:
 
 
 Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | TaskTimedOut |
-         AgentBroken | Imported | SwapRequested | Recompute | Reshaped | Tick)
+         AgentBroken | Imported | SwapRequested | VersionChanged | Recompute | Reshaped | Tick)
 
 # ------------------------------------------------------------------ actions
 

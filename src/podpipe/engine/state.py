@@ -29,10 +29,11 @@ from __future__ import annotations
 from typing import assert_never
 
 from podpipe.engine import grants, jam, lifecycle, rework, workers
-from podpipe.engine.agent import Agent
+from podpipe.engine.agent import HELD, Agent
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Event,
                                    Imported, Kill, Recompute, Reshaped, SpaceRequested,
-                                   SwapRequested, TaskDone, TaskFailed, TaskTimedOut, Tick)
+                                   SwapRequested, TaskDone, TaskFailed, TaskTimedOut, Tick,
+                                   VersionChanged)
 from podpipe.engine.ledger import Ledger
 from podpipe.errors import DataError, PodpipeError, StageError
 from podpipe.model.graph import Graph
@@ -64,6 +65,13 @@ class RunState:
                 run.allow_retries(event.retries)
             case Recompute():
                 actions += rework.recompute(run, event.node)
+            case VersionChanged():
+                for each in run.agents[event.node].values():  # held: taken up again
+                    if each.status == HELD:
+                        each.replaced()
+                run.swapped_in(event.node)
+                if event.recompute:
+                    actions += rework.recompute(run, event.node)
             case SwapRequested():
                 for each in run.agents[event.node].values():  # every worker is replaced
                     each.swap_coming(event)

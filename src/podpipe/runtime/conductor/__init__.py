@@ -275,7 +275,11 @@ class Conductor:
             return  # told of this job: it says hello again
         if not self.agents.hello(conn, hello, expected=expected):
             return
+        before = self.counters.stages[node].version
         self.counters.hello(node, hello.version)
+        if not self.processes.local and before not in (None, hello.version):
+            self._log(f"stage {node!r} came back as version {hello.version} (was {before})")
+            self.events.append(self.swaps.image_updated(node))
         self.swaps.hello(node, hello.version, hello.pid)
         self._log(f"{agent_name(node, hello.worker)} connected: pid {hello.pid}, version "
                   f"{hello.version}", "debug")
@@ -332,10 +336,10 @@ class Conductor:
     # -- swaps and apply -----------------------------------------------------------
 
     def _swap(self, conn: Conn, request: protocol.SwapRequest) -> None:
-        refused = self.swaps.check(request, self.run.pipeline, local=self.processes.local,
-                                   shared_global=self.run.shared_global)
-        if refused is not None:
-            self.agents.answer(conn, protocol.Refused(message=refused))
+        said = self.swaps.check(request, self.run.pipeline, local=self.processes.local,
+                                shared_global=self.run.shared_global)
+        if said is not None:  # refused; or a container's new image is awaited
+            self.agents.answer(conn, said)
             return
         self.swaps.asked_by(request.stage, conn)
         self._log(f"swap of stage {request.stage!r} requested: {' '.join(request.overrides)}")
@@ -394,11 +398,8 @@ class Conductor:
 
     def _stop_all(self) -> None:
         """Stop every agent: politely when idle, by signal when not, never waiting long.
-
-        Containers are told to stop (and hold) only when the run succeeded: after a
-        failure their connection just closes, they exit, and the kubelet restarts
-        them to serve the restarted conductor's resume. A line's stay for the next
-        job, but for those still busy."""
+        Containers are told to stop only when the run succeeded (after a failure they
+        exit, for a restarted conductor's resume); a line's stay, but the busy ones."""
         if self.floor.standing:
             self.floor.swapped = dict(self.swaps.overrides)
             return self.floor.give_back(self.ledger)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from podpipe.engine import events as ev
 from podpipe.errors import PodpipeError
 from podpipe.model import change
 from podpipe.model import spec as specs
@@ -40,21 +41,42 @@ class Swaps:
         self._asked: dict[str, _Swap] = {}      # requested, not yet replaced
         self._coming: dict[str, _Swap] = {}     # replaced, new process not yet up
         self.overrides: dict[str, list[str]] = {}  # swapped stages: their own --set
+        # containers: stages whose new image is expected (`swap --image`), and whether
+        # what the old versions made is to be done again then
+        self.expected: dict[str, bool] = {}
 
     @property
     def busy(self) -> list[str]:
         return sorted({*self._asked, *self._coming})
 
     def check(self, request: protocol.SwapRequest, pipeline: Pipeline, *, local: bool,
-              shared_global: bool) -> str | None:
-        """Why this swap cannot be done, else None (and it is recorded)."""
+              shared_global: bool) -> protocol.Refused | protocol.Swapped | None:
+        """Why this swap cannot be done (`Refused`); else None, and it is recorded: the
+        conductor has the engine carry it out. A container's (not `local`): the answer
+        now, `pending` until the container comes back with the new image."""
+        refused = self._refused(request, pipeline, local=local, shared_global=shared_global)
+        if refused is not None:
+            return protocol.Refused(message=refused)
+        if local:
+            return None
+        return protocol.Swapped(stage=request.stage, version="", pid=0, pending=True)
+
+    def image_updated(self, node: str) -> ev.VersionChanged:
+        """A container of `node` came back with another version (its image updated in
+        place, by `swap --image` or not): swapped in; recomputing if the swap said so."""
+        return ev.VersionChanged(node, self.expected.pop(node, False))
+
+    def _refused(self, request: protocol.SwapRequest, pipeline: Pipeline, *, local: bool,
+                 shared_global: bool) -> str | None:
         node = request.stage
         stages = [s.name for s in pipeline.stages]
         if node not in stages:
             return f"no stage {node!r} in this run; its stages are {stages}"
-        if not local:
-            return ("this pod's stages are containers: swap them by patching the image "
-                    "(podpipe swap RUN_DIR STAGE --image IMAGE --k8s prints the patch)")
+        if not local and not any(o.startswith(f"stages.{node}.image=")
+                                 for o in request.overrides):
+            return ("this pod's stages are containers: swap one by its image (podpipe "
+                    "swap RUN_DIR STAGE --image IMAGE; --k8s prints the patch that updates "
+                    "it in place)")
         if node in self._asked or node in self._coming:
             return f"stage {node!r} is being swapped already"
         if request.recompute and shared_global:
@@ -65,7 +87,10 @@ class Swaps:
             specs.load(self._run_dir / "spec.yaml", [*self._base, *overrides])
         except PodpipeError as exc:
             return f"the new version is not valid: {exc}"
-        self._asked[node] = _Swap(overrides, None)
+        if local:
+            self._asked[node] = _Swap(overrides, None)
+        else:  # carried out by the kubelet: the container comes back with the new image
+            self.expected[node] = request.recompute
         return None
 
     def asked_by(self, node: str, conn: Conn) -> None:

@@ -48,7 +48,8 @@ def swap(run_dir: str, stage: str, overrides: list[str], *, now: bool, timeout: 
     if lines.is_line(run_dir):
         request = protocol.SwapRequest(stage=stage, overrides=overrides, now=now,
                                        recompute=recompute)
-        return [Answer(str(lines.home(run_dir)), lines.ask(run_dir, request, timeout))]
+        return [Answer(str(lines.home(run_dir)), lines.ask(run_dir, request, timeout),
+                       line=True)]
     return [_ask(pod, stage, overrides, now, timeout, recompute)
             for pod in _pods(run_dir, "nothing to swap (change the spec and run it again)")]
 
@@ -92,6 +93,7 @@ class Answer:
     run_dir: str
     message: protocol.Message | None
     state: str = "running"
+    line: bool = False  # a standing line's answer
 
 
 def _request(run_dir: Path, message: protocol.Message, timeout: float, what: str) -> Answer:
