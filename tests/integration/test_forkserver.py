@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import make_numbers, spec, write_spec
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import protocol, sockets
 
 
 def _spawn(node: str, tmp_path: Path, listening: Path, early: bool) -> protocol.Spawn:
@@ -24,7 +24,7 @@ def test_an_early_spawn_is_forked_before_pandas_the_others_after(tmp_path):
     write_spec(tmp_path / "p.yaml", spec(
         [{"name": "double", "run": "pystages:double", "inputs": ["source"]}],
         [{"input": "double", "uri": "out/"}]))
-    conductor = protocol.listen(tmp_path / "run.sock")
+    conductor = sockets.listen(tmp_path / "run.sock")
     ours, theirs = socket.socketpair()
     # both asked before the server has imported anything: the early one must not
     # wait for pandas, the other must have it

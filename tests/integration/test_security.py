@@ -143,7 +143,7 @@ def test_another_user_cannot_reach_the_conductor(tmp_path):
 def test_a_peer_of_another_uid_is_refused_before_anything_it_says_is_read(tmp_path):
     """Even where the socket is reachable (modes changed by hand), the conductor checks
     the peer's uid (SO_PEERCRED) and refuses another user's connection."""
-    from podpipe.runtime.plumbing import protocol
+    from podpipe.runtime.plumbing import protocol, sockets
     from podpipe.runtime.conductor.agents import Agents
     from podpipe.runtime.plumbing.loop import EventLoop, Ready
 
@@ -157,7 +157,7 @@ def test_a_peer_of_another_uid_is_refused_before_anything_it_says_is_read(tmp_pa
     path = shared / "c.sock"
     try:
         with EventLoop(signals=()) as loop:
-            agents = Agents(loop, protocol.listen(path),
+            agents = Agents(loop, sockets.listen(path),
                             lambda message, level="info": logged.append(message))
             agents.listen()
             os.chmod(path, 0o666)

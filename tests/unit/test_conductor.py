@@ -14,7 +14,7 @@ from podpipe.engine import events as ev
 from podpipe.errors import InputError, SpecError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import protocol, sockets
 from podpipe.runtime.conductor.agents import Agents, to_event
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.plumbing.launching import Process
@@ -62,7 +62,7 @@ def test_an_agent_of_another_protocol_version_is_not_taken(tmp_path):
 
     pairs = [socket.socketpair(), socket.socketpair()]
     with EventLoop(signals=()) as loop:
-        agents = Agents(loop, protocol.listen(tmp_path / "c.sock"))
+        agents = Agents(loop, sockets.listen(tmp_path / "c.sock"))
         old, fresh = Conn(pairs[0][0]), Conn(pairs[1][0])
         assert not agents.hello(old, protocol.Hello(node="a", version="v", pid=1, protocol=1))
         assert not agents.connected("a") and old.sock.fileno() < 0
@@ -78,7 +78,7 @@ def test_a_swap_to_an_invalid_version_or_an_unknown_stage_is_refused(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     pipeline = specs.load(tmp_path / "spec.yaml")
     with EventLoop(signals=()) as loop:
-        agents = Agents(loop, protocol.listen(tmp_path / "c.sock"))
+        agents = Agents(loop, sockets.listen(tmp_path / "c.sock"))
         swaps = Swaps(tmp_path, [], agents)
         def ask(stage: str, *overrides: str, local: bool = True, recompute: bool = False):
             said = swaps.check(protocol.SwapRequest(stage=stage, overrides=list(overrides),

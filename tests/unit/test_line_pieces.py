@@ -15,7 +15,7 @@ from podpipe.errors import UsageError
 from podpipe.model.graph import Graph
 from podpipe.runtime.conductor.agents import Agents, Conn
 from podpipe.runtime.data.scratch import Scratch
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import protocol, sockets
 from podpipe.runtime.plumbing.loop import EventLoop
 from podpipe.runtime.rundir import layout as rundir
 from podpipe.runtime.runs import lines
@@ -71,7 +71,7 @@ def test_a_warm_line_hands_a_job_the_workers_it_has():
 
 
 def test_a_connection_unbound_goes_unheard_until_it_says_hello(tmp_path):
-    listener = protocol.listen(tmp_path / "s.sock")
+    listener = sockets.listen(tmp_path / "s.sock")
     with EventLoop() as loop:
         agents = Agents(loop, listener)
         ours, theirs = socket.socketpair()

@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return container.supervise(args.workers, serve)
     if args.command == "probe":
-        from podpipe.runtime.plumbing import protocol
+        from podpipe.runtime.plumbing import sockets
 
-        return 0 if protocol.probe(args.socket, agent=args.agent) else 1
+        return 0 if sockets.probe(args.socket, agent=args.agent) else 1
     args.server = None
     if args.command == "run":  # its fork server imports pyarrow while the spec is read
         from podpipe.runtime.runs.launcher import warm

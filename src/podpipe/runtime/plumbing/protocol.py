@@ -26,8 +26,8 @@ manifests and the engine (`model.output.Output`).
 
 Reading it, top to bottom: the framing's constants and agent names; the messages,
 grouped by who speaks (agent and conductor; swap and apply; a line's clients; the
-fork server) and the `Message` union; then encoding, `Reader` (a stream cut into
-messages), and the socket helpers (`listen`, `connect`, `ask`, `probe`).
+fork server) and the `Message` union; then encoding and `Reader` (a stream cut into
+messages). The sockets they go over: `plumbing.sockets`.
 
 `Hello.protocol` is the version of this wire: a conductor refuses an agent of
 another one (a container image of another podpipe release).
@@ -35,15 +35,11 @@ another one (a container image of another podpipe release).
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import time
-from pathlib import Path
 
 import msgspec
 
-from podpipe.errors import RunError, UsageError
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
 
@@ -376,70 +372,3 @@ class Reader:
             messages.append(decode(memoryview(self._buffer)[_HEADER.size:end]))
             del self._buffer[:end]
         return messages
-
-
-def listen(path: Path) -> socket.socket:
-    """The conductor's socket listening at `path` (a dead conductor's replaced):
-    0600, in a 0700 directory (and each peer's uid is checked on connecting)."""
-    path.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def connect(path: str, wait: float) -> socket.socket:
-    """A connection to the conductor's socket, waiting up to `wait` seconds for it to
-    come up (in a pod, containers may start before the conductor is listening)."""
-    deadline = time.monotonic() + wait
-    while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-            return sock
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.1)  # nothing to block on until the socket exists
-        except OSError:
-            sock.close()
-            raise
-
-
-def ask(sock: socket.socket, message: Message | None, timeout: float | None,
-        what: str) -> Message:
-    """Send `message` (None: nothing, only wait) and return the answer; RunError if
-    none comes in `timeout` seconds or the peer goes away, UsageError if it refused
-    (each naming `what`: the request, or whom it went to)."""
-    sock.settimeout(timeout)
-    try:
-        if message is not None:
-            send(sock, message)
-        answer = recv(sock)
-    except socket.timeout:
-        raise RunError(f"{what}: no answer in {timeout:.0f} s") from None
-    except (Closed, OSError) as exc:
-        raise RunError(f"{what}: the other end went away ({exc})") from None
-    if isinstance(answer, Refused):
-        raise UsageError(f"{what}: {answer.message}")
-    return answer
-
-
-def probe(path: str, timeout: float = 2.0, agent: str | None = None) -> bool:
-    """True if a conductor answers on `path` within `timeout` seconds (with `agent`:
-    and says that agent is connected, or that the run is over)."""
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(path)
-            send(sock, Probe(agent=agent))
-            answer = recv(sock)
-            return isinstance(answer, Stop) or (isinstance(answer, Ready) and answer.connected)
-    except (OSError, Closed):
-        return False

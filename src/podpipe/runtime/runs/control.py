@@ -14,7 +14,7 @@ from pathlib import Path
 
 from podpipe.model import spec as specs
 from podpipe.errors import RunError, UsageError
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import protocol, sockets
 from podpipe.runtime.rundir import status
 from podpipe.runtime.runs import following, lines
 from podpipe.runtime.data.scratch import Scratch
@@ -102,8 +102,8 @@ def _request(run_dir: Path, message: protocol.Message, timeout: float, what: str
         return Answer(str(run_dir), None, current.state)
     path = Scratch(Path(current.scratch)).socket
     try:
-        sock = protocol.connect(str(path), wait=0)
+        sock = sockets.connect(str(path), wait=0)
     except OSError as exc:
         raise UsageError(f"{run_dir}: cannot reach the conductor at {path}: {exc}") from None
     with sock:
-        return Answer(str(run_dir), protocol.ask(sock, message, timeout, what))
+        return Answer(str(run_dir), sockets.ask(sock, message, timeout, what))

@@ -43,7 +43,7 @@ from podpipe.runtime.conductor.agents import Agents, Conn
 from podpipe.runtime.conductor.processes import SPAWNED, Processes
 from podpipe.runtime.conductor.run import workers
 from podpipe.runtime.data import scratch as scratches
-from podpipe.runtime.plumbing import files, logline, protocol
+from podpipe.runtime.plumbing import files, logline, protocol, sockets
 from podpipe.runtime.plumbing import loop as loops
 from podpipe.runtime.rundir import layout as rundir, status
 from podpipe.runtime.runs import following, lines, pod
@@ -126,7 +126,7 @@ class Line:
             scratches.sweep(root)
             self.scratch = scratches.Scratch.create(f"line-{self.record.name}", root)
         self.record.socket = str(self.scratch.socket)
-        listener = protocol.listen(self.scratch.socket)
+        listener = sockets.listen(self.scratch.socket)
         launcher = make_launcher(self.path / "spec.yaml", self.start.overrides,
                                  self.scratch.socket, self.path / "logs", self.record.name
                                  ) if self.start.launch else None

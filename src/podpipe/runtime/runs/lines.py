@@ -35,7 +35,7 @@ import msgspec
 from podpipe.errors import RunError, UsageError
 from podpipe.model.pipeline import NAME, Pipeline
 from podpipe.runtime.data.scratch import alive
-from podpipe.runtime.plumbing import files, protocol
+from podpipe.runtime.plumbing import files, protocol, sockets
 from podpipe.runtime.rundir import layout as rundir
 
 # What a job may set: its data, never the graph (`apply` and `swap` change that).
@@ -250,7 +250,7 @@ def connect(line: str) -> tuple[Path, socket.socket]:
         raise UsageError(f"line {record.name} is down; start it with 'podpipe up "
                          f"{record.spec} --name {record.name}'")
     try:
-        return path, protocol.connect(record.socket, wait=0)
+        return path, sockets.connect(record.socket, wait=0)
     except OSError as exc:
         raise UsageError(f"line {record.name}: cannot reach it at {record.socket}: "
                          f"{exc}") from None
@@ -260,7 +260,7 @@ def ask(line: str, message: protocol.Message, timeout: float | None = 30.0) -> p
     """Send the line one request; its answer (UsageError if it refused)."""
     _, sock = connect(line)
     with sock:
-        return protocol.ask(sock, message, timeout, f"line {line}")
+        return sockets.ask(sock, message, timeout, f"line {line}")
 
 
 def submit(line: str, overrides: list[str], *, wait: bool = False,
@@ -275,11 +275,11 @@ def submit(line: str, overrides: list[str], *, wait: bool = False,
         if resume is None else protocol.ResumeRequest(run_dir=str(resume.resolve()), wait=wait)
     _, sock = connect(line)
     with sock:
-        answer = protocol.ask(sock, request, 60.0, f"line {line}")
+        answer = sockets.ask(sock, request, 60.0, f"line {line}")
         assert isinstance(answer, protocol.Submitted)
         yield answer
         if wait:
-            over = protocol.ask(sock, None, None, f"line {line}")
+            over = sockets.ask(sock, None, None, f"line {line}")
             assert isinstance(over, protocol.JobOver)
             yield over
 
@@ -306,7 +306,7 @@ def wait_job(run_path: Path, line: str, timeout: float | None) -> protocol.JobOv
     _, sock = connect(line)
     with sock:
         try:
-            answer = protocol.ask(sock, protocol.JobRequest(run_dir=str(run_path.resolve())),
+            answer = sockets.ask(sock, protocol.JobRequest(run_dir=str(run_path.resolve())),
                                   timeout, f"line {line}")
         except RunError:
             if timeout is not None:

@@ -28,7 +28,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import SOURCE
 from podpipe.model.sizes import format_size, parse_size
 from podpipe.runtime.storage import durable
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import protocol, sockets
 from podpipe.runtime.rundir import layout as rundir, status
 from podpipe.runtime.runs import following as runs
 from podpipe.runtime.data import scratch as scratches
@@ -272,7 +272,7 @@ def _conduct(pipeline: specs.Pipeline, run_path: Path, overrides: list[str], run
             scratch = make_scratch()
         except OSError as exc:
             raise RunError(f"cannot create the RAM scratch: {exc}") from exc
-        listener = protocol.listen(scratch.socket)  # agents may connect while we plan
+        listener = sockets.listen(scratch.socket)  # agents may connect while we plan
         if launch:  # start the fork server first: it imports while we plan; and the
             launcher = make_launcher(run_path / "spec.yaml", overrides, scratch.socket,
                                      run_path / "logs", pod, server)

@@ -27,7 +27,7 @@ from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
 from podpipe.runtime.data import arrowfile
-from podpipe.runtime.plumbing import cputime, files, logline, protocol
+from podpipe.runtime.plumbing import cputime, files, logline, protocol, sockets
 from podpipe.runtime.plumbing.lifetime import RUN_ENV
 from podpipe.runtime.data.scratch import discard
 from podpipe.runtime.storage.store import Store, open_store
@@ -75,7 +75,7 @@ def serve(spec_path: str, overrides: list[str], node: str, socket_path: str, *,
         signal.signal(signal.SIGTERM, _exit_now)
     sys.path.insert(0, os.getcwd())
     try:
-        sock = protocol.connect(socket_path, wait)
+        sock = sockets.connect(socket_path, wait)
     except OSError as exc:
         sys.stderr.write(logline.line(f"cannot reach the conductor at {socket_path}: {exc}",
                                       "error"))
