@@ -743,3 +743,34 @@ def test_a_swap_with_recompute_through_the_pod_redoes_the_old_versions_batches(
         assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
     finally:
         pod.terminate()
+
+
+def test_a_workers_auto_container_grows_its_workers_as_the_conductor_asks(tmp_path,
+                                                                          image_root):
+    """`workers: auto` in a container: it starts one worker; the conductor, judging the
+    node by what its tasks say they wanted of a core (it cannot see the container's
+    processes), asks the container for more, which forks them inside it (up to its
+    CPU limit's worth); the run's answer is right and every worker was the node's."""
+    from examples.tpch import data
+
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    pod, run_dir = rendered_pod(tmp_path, image_root, "--set", "source.batchRows=1000",
+                                "--set", "cpus=2",
+                                "--set", "stages.prices.run=pystages:q1_prices_spinning",
+                                "--set", 'stages.prices.env.SLOW_SECONDS="0.05"')
+    prices = next(c for c in pod.pod["containers"] if c["name"] == "prices")
+    assert prices["args"][prices["args"].index("--workers") + 1] == "auto"
+    assert prices["resources"]["limits"] == {"cpu": "2"}
+    try:
+        pod.run()
+        grown = _status_until(run_dir, pod, "prices to have a second worker",
+                              lambda s: s["stages"]["prices"]["workers"] >= 2)
+        assert grown["state"] == "running"
+        assert len(_children(pod.processes["prices"].pid)) >= 2  # inside its container
+        status = wait_for(run_dir, pod)
+        assert status["state"] == "succeeded", status.get("error")
+        assert status["stages"]["prices"]["restarts"] == 0
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+    finally:
+        codes = pod.terminate()
+    assert set(codes.values()) == {0}, codes

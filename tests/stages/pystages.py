@@ -139,6 +139,14 @@ def q1_prices_held_at_five(t: pa.Table) -> pa.Table:
     return prices(t)
 
 
+def q1_prices_spinning(t: pa.Table) -> pa.Table:
+    """TPC-H Q1's prices stage, busy on a core for SLOW_SECONDS more a batch (the
+    line's bottleneck, CPU bound)."""
+    from examples.tpch.stages import prices
+
+    return prices(spin(t))
+
+
 def q1_prices_broken(t: pa.Table) -> pa.Table:
     """TPC-H Q1's prices stage with a bug: every batch fails."""
     raise ValueError("a bug in prices")

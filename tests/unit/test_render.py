@@ -189,11 +189,12 @@ def test_a_stage_image_and_resources_come_from_the_spec(tmp_path):
     containers = {c["name"]: c for c in pod_spec(render(str(path), cwd=tmp_path))["containers"]}
     double = containers["double"]
     assert double["image"] == "reg/double:2"
-    assert double["resources"] == {"requests": {"cpu": "2", "memory": "1024Mi"}}  # the pod
-    old = pod_spec(render(str(path), "--kube-version", "1.33", cwd=tmp_path))  # has the limit
+    assert double["resources"] == {"requests": {"cpu": "2", "memory": "1024Mi"},  # the pod
+                                   "limits": {"cpu": "2"}}  # has the memory limit; auto's
+    old = pod_spec(render(str(path), "--kube-version", "1.33", cwd=tmp_path))
     double = next(c for c in old["containers"] if c["name"] == "double")
     assert double["resources"] == {"requests": {"cpu": "2", "memory": "1024Mi"},
-                                   "limits": {"memory": "1536Mi"}}  # its own + the scratch
+                                   "limits": {"memory": "1536Mi", "cpu": "2"}}  # + the scratch
     assert containers["source"]["image"].startswith("podpipe:")
 
 
@@ -283,7 +284,14 @@ def test_a_container_runs_its_nodes_fixed_workers_and_asks_for_their_cpu_and_mem
     sized = {c["name"]: c for c in pod_spec(render(
         str(EXAMPLE), "--set", "stages.prices.workers=3"))["containers"]}
     assert sized["prices"]["args"][sized["prices"]["args"].index("--workers") + 1] == "3"
-    assert "--workers" not in sized["filter"]["args"]  # auto: one process
+    auto = sized["filter"]  # auto: one process, more as the conductor asks, within its limit
+    assert auto["args"][auto["args"].index("--workers") + 1] == "auto"
+    assert auto["resources"]["limits"] == {"cpu": "2"}
+    assert auto["resources"]["requests"]["cpu"] == "250m"  # one worker's
+    assert "limits" not in sized["prices"]["resources"]  # fixed: its requests
+    grown = pod_spec(render(str(EXAMPLE), "--set", "cpus=3.5"))["containers"]
+    assert next(c for c in grown if c["name"] == "filter")["resources"]["limits"] == \
+        {"cpu": "3.5"}
     assert sized["prices"]["resources"]["requests"]["cpu"] == "750m"  # 3 x 250m
     one, three = (int(c["prices"]["resources"]["requests"]["memory"].rstrip("Mi"))
                   for c in (plain, sized))
@@ -385,7 +393,11 @@ def test_the_ram_scratch_is_counted_once_in_what_the_scheduler_reserves():
     budget = 1024  # the example's memory: 1GiB
     assert pod["resources"]["requests"]["memory"] == f"{needs + budget}Mi"
     assert pod["resources"]["limits"]["memory"] == f"{needs + budget}Mi"
-    assert all("limits" not in c["resources"] for c in containers)  # the pod's limit covers
+    # the pod's limit covers the memory; an auto container's CPU limit is what it may
+    # grow to (spec.cpus, else 2)
+    assert all(c["resources"].get("limits", {}) in ({}, {"cpu": "2"}) for c in containers)
+    assert "may grow to 2 cores" in render(str(EXAMPLE))[2]["spec"]["template"]["metadata"][
+        "annotations"]["podpipe.dev/sizing"]
     cpu = sum(int(c["resources"]["requests"]["cpu"].rstrip("m")) for c in containers)
     assert pod["resources"]["requests"]["cpu"] == f"{cpu}m"
     annotations = render(str(EXAMPLE))[2]["spec"]["template"]["metadata"]["annotations"]

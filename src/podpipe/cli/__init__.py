@@ -38,14 +38,18 @@ def main(argv: list[str] | None = None) -> int:
         def serve() -> int:
             return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
                                wait=args.wait)
-        if args.workers == 1 and not args.restart:
-            return serve()
-        if args.workers < 1:
-            print(f"error: --workers {args.workers}: expected 1 or more", file=sys.stderr)
-            return 2
         from podpipe.runtime.stage import container
 
-        return container.supervise(args.workers, serve)
+        if args.workers == "auto":  # one, and what the conductor asks for
+            return container.supervise(1, serve, container.Auto.of(
+                args.spec, args.set, args.node, args.socket, args.wait))
+        if not args.workers.isdigit() or int(args.workers) < 1:
+            print(f"error: --workers {args.workers}: expected 1 or more, or auto",
+                  file=sys.stderr)
+            return 2
+        if args.workers == "1" and not args.restart:
+            return serve()
+        return container.supervise(int(args.workers), serve)
     if args.command == "probe":
         from podpipe.runtime.plumbing import sockets
 

@@ -345,9 +345,10 @@ def parser() -> argparse.ArgumentParser:
                        help="wait this long for the conductor's socket to come up")
     agent.add_argument("--hold", action="store_true",
                        help="once the run is over, stay up until SIGTERM")
-    agent.add_argument("--workers", type=int, default=1, metavar="N",
+    agent.add_argument("--workers", default="1", metavar="N|auto",
                        help="run the node's N workers in this container (its "
-                            "`workers: N`), each restarted if it fails")
+                            "`workers: N`), each restarted if it fails; auto: one, and more "
+                            "as the conductor asks, up to the container's CPU limit")
     agent.add_argument("--restart", action="store_true",
                        help="restart a worker that dies even when it is the only one (a "
                             "Job's pod: the kubelet does not restart its containers); the "

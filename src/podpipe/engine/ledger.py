@@ -88,12 +88,13 @@ class Ledger:
         self.agents[node] = {w: Agent() for w in range(workers or 1)}
         self.crashes[node] = Crashes()
 
-    def in_containers(self) -> None:
-        """Before the run starts: every node is a container the kubelet starts, which
-        the conductor cannot add to: a fixed `workers: N` is N processes inside it
-        (`podpipe agent --workers N`), `auto` one."""
+    def in_containers(self, cpus: float) -> None:
+        """Before the run starts: every node is a container the kubelet starts: a fixed
+        `workers: N` is N processes inside it (`podpipe agent --workers N`), `auto`
+        starts as one, and grows in its container (which starts the workers asked
+        for) within `cpus` (what the conductor cannot see from its own container)."""
         counts = {node: self.pool.fixed[node] or 1 for node in self.graph.order}
-        self.pool.fixed = dict(counts)
+        self.pool.cpus = cpus
         self.agents = {node: {w: Agent() for w in range(counts[node])} for node in counts}
 
     def table_kept(self, node: str, output: Output) -> None:

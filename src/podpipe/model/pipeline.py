@@ -102,6 +102,9 @@ class Checkpoints:
     required: bool = False  # a run whose last checkpoint failed fails
 
 
+CONTAINER_CPUS = 2.0  # a `workers: auto` container's cores on Kubernetes, unless `cpus`
+
+
 @dataclass(frozen=True)
 class Pipeline:
     name: str
@@ -115,6 +118,13 @@ class Pipeline:
     tables: tuple[Table, ...] = ()
     file: str = "spec"
     document: Any = field(default=None, repr=False, compare=False)  # as parsed, overridden
+
+    @property
+    def container_cpus(self) -> float:
+        """What a `workers: auto` node's container may grow to on Kubernetes (its CPU
+        limit, as rendered), and what auto shares among them there: `cpus`, else
+        CONTAINER_CPUS (the conductor cannot see the node's cores from its container)."""
+        return self.cpus or CONTAINER_CPUS
 
     def workers(self, node: str) -> int | None:
         """`node`'s fixed number of workers, None for auto (a reduce, a table: 1)."""

@@ -268,7 +268,7 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
                                     "failureThreshold": 3}
         init = [sidecar]
         # A node with `workers: N` runs its N processes in its container, and asks for
-        # N times its CPU; `auto` runs one there.
+        # N times its CPU; `auto` starts one there and grows within its CPU limit.
         containers = [
             _container(node, _image(pipeline, node, options), ["podpipe", "agent"],
                        ["--stage", node, "--spec", SPEC_FILE, "--socket", SOCKET,
@@ -277,11 +277,17 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
                        sizes.per_container(pipeline, node), budget, options,
                        writes_data=node in {s.name for s in pipeline.sinks})
             for node in nodes]
-        for container in containers:  # started once its agent is the conductor's
+        for node, container in zip(nodes, containers):  # started once its agent is up
             container["startupProbe"] = {
                 "exec": {"command": ["podpipe", "probe", SOCKET, "--agent", container["name"]]},
                 "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 300}
+            if pipeline.workers(node) is None:  # auto: what its workers may grow to
+                container["resources"]["limits"]["cpu"] = f"{pipeline.container_cpus:g}"
         sizing, pod_resources = sizes.size(init + containers, budget, options.kube_version)
+        if any(pipeline.workers(node) is None for node in nodes):
+            sizing += (f"; a workers: auto node's container starts one worker and may grow "
+                       f"to {pipeline.container_cpus:g} cores (its CPU limit: spec.cpus, "
+                       "else 2)")
     if options.standing:  # `kubectl exec POD -- podpipe submit LINE` finds its line
         conductor = init[0] if init else containers[0]
         conductor["env"].append({"name": "PODPIPE_LINES", "value": f"{node_tier}/lines"})
@@ -373,7 +379,9 @@ def _image(pipeline: Pipeline, node: str, options: Options) -> str:
 
 
 def _workers_flag(pipeline: Pipeline, node: str) -> list[str]:
-    count = pipeline.workers(node) or 1
+    count = pipeline.workers(node)
+    if count is None:
+        return ["--workers", "auto"]
     return ["--workers", str(count)] if count > 1 else []
 
 

@@ -26,14 +26,17 @@ def size(containers: list[dict[str, Any]], budget: int,
     cpu = sum(millicores(c["resources"]["requests"]["cpu"]) for c in containers)
     total = sum(needs)
     if int(kube_version.partition(".")[2]) >= 34:
-        for c in containers:
-            c["resources"].pop("limits", None)
+        for c in containers:  # (a CPU limit stays: what an auto container grows to)
+            limits = c["resources"].get("limits", {})
+            limits.pop("memory", None)
+            if not limits:
+                c["resources"].pop("limits", None)
         pod = {"requests": {"cpu": f"{cpu}m", "memory": mebibytes(total + budget)},
                "limits": {"memory": mebibytes(total + budget)}}
         return (f"pod-level resources (Kubernetes >= 1.34): requests {mebibytes(total)} "
                 f"(the containers' needs, {len(containers)} of them) + the RAM scratch "
                 f"{mebibytes(budget)} (once) = {mebibytes(total + budget)}, cpu {cpu}m; "
-                "memory limit the same, none per container"), pod
+                "memory limit the same, no container's own"), pod
     conductor = containers[0]
     conductor["resources"]["requests"]["memory"] = mebibytes(needs[0] + budget)
     return (f"Kubernetes {kube_version} has no pod-level resources: the RAM scratch "

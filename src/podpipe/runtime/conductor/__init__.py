@@ -39,7 +39,7 @@ from podpipe.engine.ledger import Ledger
 from podpipe.engine.state import RunState
 from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
-from podpipe.runtime.plumbing import files, lifetime, logline, loop as loops, protocol
+from podpipe.runtime.plumbing import lifetime, logline, loop as loops, protocol
 from podpipe.runtime.rundir import status
 from podpipe.runtime.conductor.agents import Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
@@ -81,7 +81,7 @@ class Conductor:
             owned=run.placement.owned, global_here=run.placement.runs_global,
             workers=workers(run.pipeline, run.graph), cpus=cpus(run.pipeline))
         if launcher is None:  # containers: one per node, started by the kubelet
-            self.ledger.in_containers()
+            self.ledger.in_containers(run.pipeline.container_cpus)
         self.floor = floor or Floor.of_run(launcher, listener, reaper, self._log)
         self.agents, self.processes = self.floor.agents, self.floor.processes
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
@@ -424,8 +424,9 @@ class Conductor:
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
         cpu, rss = self.processes.usage() if not final else ({}, {})
-        if self.processes.local and not final and None in self.ledger.pool.fixed.values():
-            self.events.append(ev.Tick(Processes.per_node(self.processes.cpu_use())))
+        if not final and None in self.ledger.pool.fixed.values():  # containers: as told
+            self.events.append(ev.Tick(Processes.per_node(self.processes.cpu_use()) if
+                                       self.processes.local else self.counters.cpu_wanted()))
         progress = self.ledger.progress()
         if not final:
             self.timeline.sample(progress, cpu, rss)
@@ -439,12 +440,4 @@ class Conductor:
 
     def _log(self, message: str, level: str = "info") -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""
-        text = logline.line(message, level)
-        if not text:
-            return
-        try:
-            with open(files.append_private(self.run.run_dir / "logs" / "conductor.log"),
-                      "a") as log:
-                log.write(text)
-        except OSError:
-            pass
+        logline.append(self.run.run_dir / "logs" / "conductor.log", message, level)

@@ -70,6 +70,7 @@ class Agents:
         self._by_node: dict[str, Conn] = {}
         self._all: set[Conn] = set()   # every open connection, to close at the end
         self.pids: dict[str, int] = {}  # as each agent said in its hello
+        self._auto: dict[str, Conn] = {}  # node -> its auto container (`Supervising`)
 
     def listen(self) -> None:
         """Take connections from now on."""
@@ -105,7 +106,10 @@ class Agents:
             return []
         except (OSError, protocol.Closed):
             data, messages = b"", []
-        said: list[tuple[Conn, protocol.Message | None]] = [(conn, m) for m in messages]
+        for message in [m for m in messages if isinstance(m, protocol.Supervising)]:
+            self._auto[message.node] = conn  # (what it asks for is ours to say: `fork`)
+        said: list[tuple[Conn, protocol.Message | None]] = [
+            (conn, m) for m in messages if not isinstance(m, protocol.Supervising)]
         if not data:
             self._close(conn)
             said.append((conn, None))
@@ -170,6 +174,17 @@ class Agents:
         if conn is not None:
             self._close(conn)
 
+    def fork(self, node: str, worker: int) -> bool:
+        """Have `node`'s auto container start `worker` (its agent will say hello);
+        False if no container of it said it could."""
+        conn = self._auto.get(node)
+        return conn is not None and self.answer(conn, protocol.Fork(worker=worker))
+
+    def shrink(self, node: str, worker: int) -> None:
+        """Have `node`'s auto container end `worker`, told to stop, for good."""
+        if node in self._auto:
+            self.answer(self._auto[node], protocol.Shrink(worker=worker))
+
     def send(self, node: str, message: protocol.Message) -> bool:
         conn = self._by_node.get(node)
         return conn is not None and self.answer(conn, message)
@@ -183,6 +198,8 @@ class Agents:
 
     def _close(self, conn: Conn) -> None:
         self._all.discard(conn)  # (a standing line takes connections for days)
+        for node in [n for n, c in self._auto.items() if c is conn]:
+            del self._auto[node]
         if conn.sock.fileno() >= 0:
             self._loop.unwatch(conn.sock)
             conn.sock.close()

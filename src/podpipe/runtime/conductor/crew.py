@@ -61,11 +61,17 @@ class Crew:
                 self.swaps.held(action.node, action.message)
             case ev.AddWorker():
                 self._log(f"stage {action.node!r} gets worker {action.worker}")
-                self.processes.begin(agent_name(action.node, action.worker),  # not waited for
-                                     self.swaps.overrides.get(action.node, []))
+                if self.processes.local:
+                    self.processes.begin(agent_name(action.node, action.worker),  # not
+                                         self.swaps.overrides.get(action.node, []))  # waited
+                elif not self.agents.fork(action.node, action.worker):  # (its container's)
+                    self._log(f"stage {action.node!r}: no container to start worker "
+                              f"{action.worker} in", "warning")
             case ev.RemoveWorker():
                 self._log(f"stage {action.node!r} gives back worker {action.worker}")
                 self.retire(agent_name(action.node, action.worker), kill=False)
+                if not self.processes.local:
+                    self.agents.shrink(action.node, action.worker)
             case _:
                 assert_never(action)
 

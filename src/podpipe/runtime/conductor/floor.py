@@ -42,6 +42,7 @@ class Floor:
     tables: dict[str, Output] = field(default_factory=dict)  # kept in RAM for the next job
     metrics: Metrics | None = None  # the line's endpoint (`up --metrics-port`), lent to jobs
     _swapped_before: dict[str, list[str]] = field(default_factory=dict)  # at the last job
+    _told: list[str] = field(default_factory=list)  # the agents told of the job (containers')
 
     @classmethod
     def of_run(cls, launcher: Launcher | None, listener: socket.socket | None, reaper: bool,
@@ -63,7 +64,8 @@ class Floor:
         unchanged = frozenset(n for n in unchanged
                               if self.swapped.get(n) == self._swapped_before.get(n))
         self._swapped_before = dict(self.swapped)
-        for name in self.agents.nodes():
+        self._told = self.agents.nodes()
+        for name in self._told:
             conn = self.agents.unbind(name)
             if conn is not None:
                 self.tell(conn, run_dir, overrides, name,
@@ -72,7 +74,8 @@ class Floor:
     def take(self, ledger: Ledger) -> None:
         """The job starts: its engine counts the line's warm processes as its own, and
         the tables the line kept in RAM as loaded."""
-        ledger.warm(self.processes.workers())
+        ledger.warm(self.processes.workers() if self.processes.local else
+                    _by_node(self._told))
         for node, output in self.tables.items():
             ledger.table_kept(node, output)
 
@@ -102,3 +105,12 @@ class Floor:
                 self.processes.retire(name, kill=True)
             elif agent.busy and not self.processes.local:
                 self.agents.drop(name)
+
+
+def _by_node(names: list[str]) -> dict[str, list[int]]:
+    """Agent names (`node`, `node.N`) as each node's worker numbers."""
+    found: dict[str, list[int]] = {}
+    for name in sorted(names):
+        node, worker = protocol.split_name(name)
+        found.setdefault(node, []).append(worker)
+    return found

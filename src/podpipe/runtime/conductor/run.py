@@ -4,7 +4,6 @@ workers, the cores `workers: auto` may use)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -15,7 +14,7 @@ from podpipe.model.graph import Graph
 from podpipe.model.pipeline import DEFAULT_RETRIES, SOURCE, Pipeline, Stage
 from podpipe.model.shards import Placement
 from podpipe.runtime.storage import answers
-from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.plumbing import cputime, protocol
 from podpipe.runtime.data.scratch import Scratch
 
 if TYPE_CHECKING:
@@ -108,12 +107,4 @@ def cpus(pipeline: Pipeline) -> float:
     (its CPU affinity, and its cgroup's CPU quota, as a Kubernetes pod has)."""
     if pipeline.cpus is not None:
         return pipeline.cpus
-    count = float(len(os.sched_getaffinity(0)))
-    try:
-        with open("/sys/fs/cgroup/cpu.max") as f:
-            quota, period = f.read().split()
-        if quota != "max":
-            count = min(count, int(quota) / int(period))
-    except (OSError, ValueError):
-        pass
-    return max(1.0, count)
+    return max(1.0, cputime.cores()[0])

@@ -33,6 +33,7 @@ class _Stage:
     rows_in: int = 0
     rows_out: int = 0
     busy: float = 0.0
+    wanted: float = 0.0     # of a core, as its tasks said (ran, or waited for a core)
     bytes_written: int = 0
     bytes_read: int = 0
     reused: int = 0
@@ -81,6 +82,16 @@ class Counters:
         self.tasks: dict[str, int] = {}  # agent -> tasks handed out, to tell them apart
         self.started = time.time()
         self.ended: float | None = None
+        self._sampled: tuple[float, dict[str, float]] = (time.monotonic(), {})
+
+    def cpu_wanted(self) -> dict[str, float]:
+        """Each node's cores since the last call, from what its tasks said they
+        wanted: what `workers: auto` judges containers by, whose processes the conductor
+        cannot see (a task's seconds count when it ends)."""
+        now, wanted = time.monotonic(), {n: s.wanted for n, s in self.stages.items()}
+        then, before = self._sampled
+        self._sampled = (now, wanted)
+        return {n: (w - before.get(n, 0.0)) / max(now - then, 1e-3) for n, w in wanted.items()}
 
     def add(self, node: str) -> None:
         self.stages.setdefault(node, _Stage())
@@ -120,6 +131,7 @@ class Counters:
         s.rows_in += stats.rows_in
         s.rows_out += stats.rows_out
         s.busy += stats.busy
+        s.wanted += stats.wanted or 0.0
         s.bytes_read += s.reading.pop(batch, 0)
         s.bytes_written += stats.bytes_out
         s.reused += stats.reused

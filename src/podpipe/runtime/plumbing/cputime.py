@@ -77,3 +77,17 @@ def _own_wait() -> float:
         except (OSError, ValueError, IndexError):
             continue  # ended meanwhile, or a kernel without schedstat
     return waited / 1e9
+
+
+def cores() -> tuple[float, bool]:
+    """The cores this process may use: its CPU affinity, and its cgroup's CPU quota (a
+    container's CPU limit); whether a quota said so."""
+    count = float(len(os.sched_getaffinity(0)))
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            return min(count, int(quota) / int(period)), True
+    except (OSError, ValueError):
+        pass
+    return count, False

@@ -21,7 +21,10 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 from typing import Protocol
+
+from podpipe.runtime.plumbing import files
 
 LEVEL_ENV, FORMAT_ENV = "PODPIPE_LOG_LEVEL", "PODPIPE_LOG_FORMAT"
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -100,3 +103,16 @@ def task_of(text: str) -> tuple[int, str] | None:
     found = (_TASK.match(str(record.get("message", ""))) if record is not None
              else _BATCH.match(text))
     return (int(found.group(1)), found.group(2)) if found else None
+
+
+def append(path: Path, message: str, level: str = "info") -> None:
+    """`message` as a line of the log file at `path` (made private); a log that cannot
+    be written loses the line, never the run."""
+    text = line(message, level)
+    if not text:
+        return
+    try:
+        with open(files.append_private(path), "a") as log:
+            log.write(text)
+    except OSError:
+        pass

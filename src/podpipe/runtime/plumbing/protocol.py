@@ -16,6 +16,8 @@ manifests and the engine (`model.output.Output`).
     agent -> conductor   Done(batch, output?, stats) | Failed(batch, message, input_error)
     conductor -> agent   Stop | Job(spec, overrides, log, keep): a standing line's next
                          job, answered by a new Hello for its spec
+    auto container       Supervising(node, most), then conductor -> it: Fork(worker) |
+                         Shrink(worker) (`workers: auto` in a container on Kubernetes)
     probe -> conductor   Probe, answered Ready (or Stop once the run is over); with an
                          `agent`, Ready(connected=False) until that agent is connected
     podpipe swap/apply   SwapRequest | ApplyRequest, answered Swapped | Held | Applied | Refused
@@ -177,6 +179,23 @@ class Stop(_Message, tag="stop"):
     failed: bool = False  # the run failed: the agent exits 1 (a Job's pod fails with it)
 
 
+class Supervising(_Message, tag="supervising"):
+    """A `workers: auto` node's container (`podpipe agent --workers auto`): it starts
+    the node's workers the conductor asks for (`Fork`), up to `most`, and ends those it
+    takes back (`Shrink`)."""
+
+    node: str
+    most: int
+
+
+class Fork(_Message, tag="fork"):
+    worker: int  # start it: its agent says hello
+
+
+class Shrink(_Message, tag="shrink"):
+    worker: int  # end it (told to stop, it is not started again)
+
+
 class Job(_Message, tag="job"):
     """A standing line's next job: serve this spec from now on (a warm process keeps
     its imports), logging to `log`; the agent says hello again for it."""
@@ -311,7 +330,7 @@ class Exited(_Message, tag="exited"):
 
 
 Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Job |
-           Probe | Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
+           Supervising | Fork | Shrink | Probe | Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
            SubmitRequest | Submitted | ResumeRequest | JobRequest | JobOver | DownRequest |
            Downed | LogTo | Spawn | Spawned | Exited)
 

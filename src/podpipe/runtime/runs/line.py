@@ -435,10 +435,7 @@ class Line:
             self._log(f"cannot write {self.path / lines.RECORD}: {exc}", "warning")
 
     def _log(self, message: str, level: str = "info") -> None:
-        text = logline.line(message, level)
-        if text:
-            with open(files.append_private(self.path / "logs" / "line.log"), "a") as log:
-                log.write(text)
+        logline.append(self.path / "logs" / "line.log", message, level)
 
 
 def _sinks(pipeline: specs.Pipeline) -> frozenset[str]:
