@@ -250,11 +250,14 @@ def markdown(results: dict, command: str) -> str:
     m = q1["median_seconds"]
     growth = ", ".join(f"{k} {v / 2**20:+.1f} MiB" for k, v in
                        soaked["growth_after_20_bytes"].items())
-    return f"""# A standing line ({results['date']}, {results['cores']} cores)
+    def when(part: dict) -> str:
+        return part.get("measured", "before 2026-12-07")
+    return f"""# A standing line ({results['cores']} cores)
 
-`{command}`
+`{command}` ({results['date']}; a part it did not measure is as last written: each
+section says when it was measured)
 
-## Q1 at SF {q1['scale_factor']:g}, {q1['batch_rows']:,}-row batches, {q1['rounds']} rounds
+## Q1 at SF {q1['scale_factor']:g}, {q1['batch_rows']:,}-row batches, {q1['rounds']} rounds ({when(q1)})
 
 | | median s | |
 |---|---:|---|
@@ -262,14 +265,14 @@ def markdown(results: dict, command: str) -> str:
 | warm Ray, the work alone | {m['ray']} | Ray / line, median of rounds: **{q1['ray_over_line']}×** |
 | the floor, work alone (one process) | {m['floor']} | line / floor: {q1['line_over_floor']}× |
 
-## A one-batch job (5,000 rows, four stages, a sink), {one['jobs']} jobs
+## A one-batch job (5,000 rows, four stages, a sink), {one['jobs']} jobs ({when(one)})
 
 p50 **{one['p50_ms']} ms**, p99 **{one['p99_ms']} ms** (max {one['max_ms']} ms) from submit
 to the sink committed; a cold `podpipe run` of the same spec: {one['cold_median_s']} s
 (median of {one['cold_runs']}). CPU a job, all the line's processes:
 {one.get('cpu_ms_per_job_total', '?')} ms ({cpu}).
 
-## {soaked['jobs']} jobs back to back
+## {soaked['jobs']} jobs back to back ({when(soaked)})
 
 Sinks that differed from the first job's: {soaked['wrong_sinks']}. Growth from job 20 to
 the end: {growth}. After `down`: processes left {soaked['left_processes']}, in /dev/shm
@@ -295,7 +298,8 @@ def main() -> int:
                          f"--sf {args.sf:g} (and --sf 0.1)")
     results = json.loads((RESULTS / "line.json").read_text()) if args.parts != PARTS and \
         (RESULTS / "line.json").exists() else {}  # the other parts as last measured
-    results.update({"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count()})
+    today = time.strftime("%Y-%m-%d")
+    results.update({"date": today, "cores": os.cpu_count()})
     with tempfile.TemporaryDirectory(prefix="podpipe-line-bench-") as tmp:
         work = Path(tmp)
         if "one_batch" in args.parts:
@@ -304,6 +308,8 @@ def main() -> int:
             results["q1"] = q1_against_ray(work, args.sf, args.rounds)
         if "soak" in args.parts:
             results["soak"] = soak(work, args.soak)
+    for part in args.parts:  # (each part says when it was measured)
+        results[part]["measured"] = today
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "line.json").write_text(json.dumps(results, indent=2) + "\n")
     DOCS.mkdir(parents=True, exist_ok=True)
