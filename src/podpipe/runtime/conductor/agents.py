@@ -106,10 +106,12 @@ class Agents:
             return []
         except (OSError, protocol.Closed):
             data, messages = b"", []
-        for message in [m for m in messages if isinstance(m, protocol.Supervising)]:
-            self._auto[message.node] = conn  # (what it asks for is ours to say: `fork`)
-        said: list[tuple[Conn, protocol.Message | None]] = [
-            (conn, m) for m in messages if not isinstance(m, protocol.Supervising)]
+        said: list[tuple[Conn, protocol.Message | None]] = []
+        for message in messages:
+            if isinstance(message, protocol.Supervising):  # an auto container: what it
+                self._auto[message.node] = conn  # is asked is ours to say (`fork`)
+            else:
+                said.append((conn, message))
         if not data:
             self._close(conn)
             said.append((conn, None))

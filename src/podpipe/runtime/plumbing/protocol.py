@@ -45,8 +45,9 @@ import msgspec
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
 
-PROTOCOL = 5  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging
-# token; 4: no standing line (Job, the spec in Hello)
+PROTOCOL = 6  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging
+# token; 4: no standing line (Job, the spec in Hello); 5: no auto containers (Supervising,
+# Fork, Shrink), no Stop.failed, no SubmitRequest.job
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
@@ -330,9 +331,9 @@ class Exited(_Message, tag="exited"):
 
 
 Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Job |
-           Supervising | Fork | Shrink | Probe | Ready | SwapRequest | ApplyRequest | Swapped | Held | Applied | Refused |
-           SubmitRequest | Submitted | ResumeRequest | JobRequest | JobOver | DownRequest |
-           Downed | LogTo | Spawn | Spawned | Exited)
+           Supervising | Fork | Shrink | Probe | Ready | SwapRequest | ApplyRequest | Swapped |
+           Held | Applied | Refused | SubmitRequest | Submitted | ResumeRequest | JobRequest |
+           JobOver | DownRequest | Downed | LogTo | Spawn | Spawned | Exited)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)

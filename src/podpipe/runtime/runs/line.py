@@ -92,8 +92,9 @@ class Line:
         self.graph = Graph.of(self.pipeline)
         self.record = lines.LineRecord(
             name=start.name, pid=os.getpid(), start=scratches.process_start(os.getpid()),
-            supervisor=os.getppid() if start.supervised else None, socket="", spec=os.path.abspath(start.spec),
-            cwd=os.getcwd(), overrides=start.overrides, started=time.time())
+            supervisor=os.getppid() if start.supervised else None, socket="",
+            spec=os.path.abspath(start.spec), cwd=os.getcwd(), overrides=start.overrides,
+            started=time.time())
         self.loop = loops.EventLoop()  # signals are events once it is entered
         self.queue: deque[_Job] = deque()
         self.running: _Job | None = None
