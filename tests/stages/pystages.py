@@ -371,3 +371,42 @@ def double_then_gated(t: pa.Table) -> pa.Table:
     if pc.min(t["x"]).as_py() >= 5000:
         _gated(lambda table: table, t)
     return double(t)
+
+
+class Scaled:
+    """A class stage: set up once per process (leaving SETUP_DIR/setup-<pid>), x times
+    `factor` per batch (its param), closed on a clean end (SETUP_DIR/closed-<pid>)."""
+
+    def __init__(self, factor: int = 2) -> None:
+        self.factor = factor
+        self.folder = os.environ["SETUP_DIR"]
+        open(os.path.join(self.folder, f"setup-{os.getpid()}"), "x").close()
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        return t.set_column(0, "x", pc.multiply(t["x"], self.factor))
+
+    def close(self) -> None:
+        open(os.path.join(self.folder, f"closed-{os.getpid()}"), "x").close()
+
+
+class ScaledDyingOnce(Scaled):
+    """`Scaled`, its process dying once (`_die_once`)."""
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        _die_once()
+        return super().__call__(t)
+
+
+class NoModel:
+    """A class stage whose setup fails, as one whose model file is missing would."""
+
+    def __init__(self) -> None:
+        raise FileNotFoundError("no model file at models/scorer.bin")
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        return t
+
+
+def offset(t: pa.Table, by: int = 0) -> pa.Table:
+    """x plus `by` (a function stage's param)."""
+    return t.set_column(0, "x", pc.add(t["x"], by))

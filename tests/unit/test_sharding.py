@@ -68,7 +68,7 @@ def test_a_global_reduce_over_shard_reduces_is_accepted():
         {"name": "r", "run": "m:f", "reduce": True, "inputs": ["a"]},
         {"name": "g", "run": "m:f", "reduce": True, "scope": "global", "inputs": ["r"]},
     ]))
-    assert pipeline.shards == 4 and pipeline.stage("g").scope == "global"
+    assert pipeline.shards == 4 and pipeline.stage("g").reduce == "global"
 
 
 @pytest.mark.parametrize("stages, field, message", [

@@ -31,7 +31,7 @@ def test_a_valid_spec_parses_into_typed_fields():
     assert pipeline.memory == 2 * 2**30
     assert pipeline.source.batch_rows == 1000 and pipeline.source.format == "parquet"
     assert [s.name for s in pipeline.stages] == ["filter", "total"]
-    assert pipeline.stage("total").reduce is True
+    assert pipeline.stage("total").reduce == "shard"  # a reduce, over each shard
     assert pipeline.sinks[0].name == "sink-0"
     assert pipeline.checkpoints.every_batches == 4
 

@@ -57,6 +57,9 @@ class TaskFailed:
     worker: int = 0
 
 
+SETUP_FAILED = 3  # an agent's exit code: its stage's setup (a class's __init__) raised
+
+
 @dataclass(frozen=True)
 class AgentExited:
     """The node's process exited (`returncode`), or its container disconnected (None)."""
@@ -65,6 +68,15 @@ class AgentExited:
     returncode: int | None
     worker: int = 0
     at: float = 0.0  # when (monotonic seconds): deaths close together are one incident
+
+    @property
+    def how(self) -> str:
+        """How it went, in words."""
+        if self.returncode is None:
+            return "its container disconnected"
+        if self.returncode == SETUP_FAILED:
+            return "its setup raised (its log shows where)"
+        return f"its process exited (code {self.returncode})"
 
 
 @dataclass(frozen=True)

@@ -129,14 +129,11 @@ class RunState:
             case AgentBroken():
                 return run.fail(event.error)
             case AgentExited() if swapped:
-                return lifecycle.hold(run, node, f"its process exited (code {event.returncode})")
+                return lifecycle.hold(run, node, event.how)
             case AgentExited():
                 if run.finished:
                     return []
-                return lifecycle.restart(run, node, worker, agent, "its container disconnected"
-                                         if event.returncode is None
-                                         else f"its process exited (code {event.returncode})",
-                                         event.at)
+                return lifecycle.restart(run, node, worker, agent, event.how, event.at)
             case TaskTimedOut():
                 if not agent.busy or agent.batch != event.batch:
                     return []  # done meanwhile

@@ -59,7 +59,7 @@ class Graph:
         order = _topological(inputs, fail, pipeline)
         consumers = {n: tuple(m for m in order if n in inputs[m]) for n in order}
         reduce = frozenset(s.name for s in pipeline.stages if s.reduce)
-        scope = {s.name: s.scope for s in pipeline.stages if s.reduce}
+        scope = {s.name: s.reduce for s in pipeline.stages if s.reduce}
         domain: dict[str, str] = {}
         for node in order:
             ins = tuple(i for i in inputs[node] if i not in tables)

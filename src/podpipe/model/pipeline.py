@@ -68,8 +68,7 @@ class Stage:
     run: str | None = None
     command: tuple[str, ...] | None = None
     call: Call | None = None
-    reduce: bool = False
-    scope: str = "shard"         # of a reduce: "shard" (each shard's batches) | "global"
+    reduce: str | None = None    # a reduce's scope: "shard" (each shard's batches) | "global"
     version: str | None = None
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -78,6 +77,7 @@ class Stage:
     timeout: float | None = None  # seconds a batch may take; over it, the process dies
     schema: str = "fixed"         # "any": its output schema may change between batches
     workers: int | None = None    # processes taking its batches; None: auto (1 for a reduce)
+    params: dict[str, Any] = field(default_factory=dict)  # a Python stage's keyword arguments
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ def _guess_format(uri: str) -> str | None:
 
 
 _STAGE_FIELDS = {"name", "run", "command", "call", "inputs", "reduce", "scope", "version", "image",
-                 "env", "resources", "retries", "timeout", "schema", "workers"}
+                 "env", "resources", "retries", "timeout", "schema", "workers", "params"}
 SINK_MODES = ("error", "overwrite")  # what a sink already holding other files does
 SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to batch?
 SCOPES = ("shard", "global")
@@ -269,6 +269,14 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
         if not isinstance(env, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise r.fail(f"{path}.env", "expected a mapping of strings to strings")
+        params = st.get("params", {})
+        if not isinstance(params, dict) or not all(isinstance(k, str) and k.isidentifier()
+                                                   for k in params):
+            raise r.fail(f"{path}.params", "expected a mapping of keyword argument names "
+                                           "to values")
+        if params and run is None:
+            raise r.fail(f"{path}.params", "params are a Python stage's (run:) keyword "
+                                           "arguments; a command or call stage has none")
         resources = _resources(r, f"{path}.resources", st.get("resources", {}))
         retries = (r.integer(f"{path}.retries", st["retries"], minimum=0, maximum=100)
                    if "retries" in st else DEFAULT_RETRIES)
@@ -280,12 +288,13 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
                                             "batch at once); remove 'workers'")
         stages.append(Stage(
             name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
-            command=command, call=call, reduce=reduce, scope=scope,
+            command=command, call=call, reduce=scope if reduce else None,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
             env=dict(env), resources=resources, retries=retries,
             timeout=r.seconds(f"{path}.timeout", st["timeout"]) if "timeout" in st else None,
             schema=schema, workers=r.workers(f"{path}.workers", st.get("workers", "auto")),
+            params=dict(params),
         ))
     return tuple(stages)
 

@@ -276,7 +276,7 @@ class Conductor:
         if not self.agents.hello(conn, hello, expected=expected):
             return
         before = self.counters.stages[node].version
-        self.counters.hello(node, hello.version)
+        self.counters.hello(node, hello.version, hello.setup)
         if not self.processes.local and before not in (None, hello.version):
             self._log(f"stage {node!r} came back as version {hello.version} (was {before})")
             self.events.append(self.swaps.image_updated(node))

@@ -34,6 +34,7 @@ class _Stage:
     rows_out: int = 0
     busy: float = 0.0
     wanted: float = 0.0     # of a core, as its tasks said (ran, or waited for a core)
+    setup: float = 0.0      # the longest setup of one of its processes (a class stage)
     bytes_written: int = 0
     bytes_read: int = 0
     reused: int = 0
@@ -96,8 +97,10 @@ class Counters:
     def add(self, node: str) -> None:
         self.stages.setdefault(node, _Stage())
 
-    def hello(self, node: str, version: str) -> None:
-        self.stages[node].version = version
+    def hello(self, node: str, version: str, setup: float = 0.0) -> None:
+        """A process of `node` is up, running `version`; its setup took `setup` s."""
+        s = self.stages[node]
+        s.version, s.setup = version, max(s.setup, setup)
 
     def dispatched(self, node: str, agent: str, batch: int, nbytes: int) -> int:
         """Count a task handed out to `agent`; returns its number (per agent)."""
@@ -167,6 +170,7 @@ def snapshot(run: Run, progress: Progress, counters: Counters, checkpoints: Chec
             kind=kind(node, graph), version=s.version, versions=s.versions,
             held=p.held, batches_done=p.done, batches_total=p.total,
             rows_in=s.rows_in, rows_out=s.rows_out, busy_seconds=round(s.busy, 4),
+            setup_seconds=round(s.setup, 4),
             bytes_written=s.bytes_written, bytes_read=s.bytes_read,
             restarts=p.restarts,
             restored={tier: checkpoints.restored.get(node, {}).get(tier, 0) for tier in TIERS},

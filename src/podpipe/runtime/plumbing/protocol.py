@@ -88,6 +88,7 @@ class Hello(_Message, tag="hello"):
     protocol: int = PROTOCOL
     worker: int = 0  # which of the node's processes (`workers`)
     spec: str = ""   # the spec it serves (on a standing line: the job's)
+    setup: float = 0.0  # seconds a class stage took to set up (0: none, or kept)
 
 
 class Broken(_Message, tag="broken"):

@@ -70,6 +70,7 @@ class StageStatus(_Record):
     in_flight: int = 0          # tasks its processes are on
     tier: str | None = None     # a table, once loaded: ram, or node (too large for RAM)
     calls: CallStatus | None = None  # a call stage: its requests
+    setup_seconds: float = 0.0  # a class stage: the longest setup of one of its processes
 
 
 class PodInfo(_Record):
@@ -243,6 +244,7 @@ _STAGE: dict[str, Callable[[Any, Any], Any]] = {
     "workers": _sum,           # processes now, in every pod
     "workers_max": _largest,   # the most one pod had
     "queued": _sum, "in_flight": _sum, "tier": _first, "calls": _calls,
+    "setup_seconds": _largest,
 }
 
 

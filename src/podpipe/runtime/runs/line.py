@@ -100,7 +100,7 @@ class Line:
         self.running: _Job | None = None
         self.down = False
         self.broken: PodpipeError | None = None  # a process that could not start
-        self.warmth = Warmth()  # what the next job may find set up, or loaded
+        self.warmth = Warmth(self.pipeline)  # what the next job may find set up, or loaded
         self._seq = 0
 
     @property

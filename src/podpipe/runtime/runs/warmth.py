@@ -23,8 +23,10 @@ from podpipe.runtime.data import tables as table_files
 
 
 class Warmth:
-    def __init__(self) -> None:
-        self.served: Pipeline | None = None  # the last job's, as its processes have it
+    def __init__(self, served: Pipeline | None = None) -> None:
+        """`served`: what the line's processes were started with (its own spec): the
+        first job keeps what they set up for the nodes it defines alike."""
+        self.served = served  # the last job's, as its processes have it
         self.tables: dict[str, tuple[Table, str, Output]] = {}  # in RAM: as defined, version
 
     def unchanged(self, now: Pipeline) -> frozenset[str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from podpipe.engine.events import SETUP_FAILED
 from podpipe.errors import DataError, InputError, SpecError, StoreError
 from podpipe.model import spec as specs
 from podpipe.model.output import Output
@@ -31,7 +32,8 @@ from podpipe.runtime.plumbing import cputime, files, logline, protocol, sockets
 from podpipe.runtime.plumbing.lifetime import RUN_ENV
 from podpipe.runtime.data.scratch import discard
 from podpipe.runtime.storage.store import Store, open_store
-from podpipe.runtime.stage.work import CallService, SchemaCheck, Work, WriteSink, version_of, work_for
+from podpipe.runtime.stage.work import (CallService, SchemaCheck, SetupFailed, Work, WriteSink,
+                                        version_of, work_for)
 
 _NOT_THE_USERS = (str(Path(__file__).resolve().parent.parent),  # podpipe's own package
                   sysconfig.get_paths()["stdlib"])
@@ -158,10 +160,16 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
         protocol.send(sock, protocol.Broken(node=node, message=str(exc),
                                             worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))
         return 2
+    except SetupFailed as exc:  # a death: the user's traceback in this log
+        sys.stderr.write(logline.line(f"{exc}\n{user_frames(exc.__cause__ or exc)}", "error"))
+        return SETUP_FAILED  # a death: restarted, as a crash is
     pipeline, work = setup.pipeline, setup.work
+    setup_seconds = getattr(work, "setup_seconds", 0.0) if kept is None else 0.0
+    if setup_seconds:
+        sys.stderr.write(logline.line(f"set up in {setup_seconds:.3f} s"))
     protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(), version=setup.version,
                                        worker=int(os.environ.get(protocol.WORKER_ENV, "0")),
-                                       spec=spec_path))
+                                       spec=spec_path, setup=setup_seconds))
     if isinstance(work, CallService):  # the conductor hears of its requests in flight
         work.client.notify = lambda n: protocol.send(sock, protocol.Calling(in_flight=n))
     stages = {s.name: s for s in pipeline.stages}
@@ -171,6 +179,7 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
         while True:
             message = protocol.recv(sock)
             if isinstance(message, protocol.Stop):  # the run is over (failed: exit 1)
+                _close(work)
                 return int(message.failed)
             if isinstance(message, protocol.Job):
                 if not message.keep:
@@ -179,10 +188,21 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
             if isinstance(message, protocol.Task):
                 _task(sock, work, message, node, schemas, mappings)
     except _Stopped:
+        _close(work)
         return 0
     except (protocol.Closed, ConnectionError):
         sys.stderr.write(logline.line("the conductor went away", "warning"))
         return AGAIN  # in a pod, the restarted container reconnects to the new conductor
+
+
+def _close(work: Work) -> None:
+    """The clean end: what the node set up let go (a class stage's `close()`); a close
+    that raises is logged, the run's outputs stand."""
+    try:
+        work.close()
+    except Exception as exc:
+        sys.stderr.write(logline.line(f"close() raised {type(exc).__name__}: {exc}\n"
+                                      f"{user_frames(exc)}", "warning"))
 
 
 class _Stopped(Exception):

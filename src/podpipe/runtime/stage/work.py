@@ -6,12 +6,15 @@ agent (`runtime.agent`) hands it each task's inputs and writes what it returns."
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,8 +107,18 @@ class CallService(Work):
             latencies=[round(x, 5) for x in figures.latencies])
 
 
+class SetupFailed(Exception):
+    """A class stage's setup (its `__init__`) raised: the process dies, a death like
+    any other (restarted, then the run fails), the user's traceback in its log."""
+
+
 class CallFunction(Work):
-    def __init__(self, target: str, file: str, field: str) -> None:
+    """A `run:` stage: a function called per batch, or a class instantiated once per
+    process (its setup, `params` its keyword arguments), called per batch and
+    `close()`d when the process ends cleanly. A function takes `params` too."""
+
+    def __init__(self, target: str, file: str, field: str,
+                 params: dict[str, Any] | None = None) -> None:
         module, _, name = target.partition(":")
         try:
             imported = importlib.import_module(module)
@@ -116,6 +129,30 @@ class CallFunction(Work):
         if not callable(self.function):
             raise SpecError(f"{target!r} is not callable", file=file, field=field)
         self.source = getattr(imported, "__file__", None)  # what defines its version
+        self.instance: Any = None  # a class stage's, once set up
+        self.setup_seconds = 0.0
+        params = params or {}
+        try:
+            inspect.signature(self.function).bind_partial(**params)
+        except TypeError as exc:
+            raise SpecError(f"{target!r} takes no such params: {exc}", file=file,
+                            field=field.replace(".run", ".params")) from None
+        except ValueError:
+            pass  # (a builtin without a signature: its call says)
+        if inspect.isclass(self.function):
+            started = time.perf_counter()
+            try:
+                self.instance = self.function(**params)
+            except Exception as exc:
+                raise SetupFailed(f"the setup of {target!r} raised "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            self.setup_seconds = time.perf_counter() - started
+            if not callable(self.instance):
+                raise SpecError(f"{target!r} is a class whose instances are not callable: "
+                                "define __call__(self, *tables)", file=file, field=field)
+            self.function = self.instance
+        elif params:
+            self.function = functools.partial(self.function, **params)
 
     def run(self, batch: int, inputs: list[list[pa.Table]],
             task: protocol.Task) -> pa.Table | Path | None:
@@ -123,6 +160,12 @@ class CallFunction(Work):
         if result is None:
             raise TypeError("returned None; expected a table")
         return arrowfile.to_arrow(result)
+
+    def close(self) -> None:
+        """A class stage's `close()`, if it has one (on a clean end only)."""
+        close = getattr(self.instance, "close", None)
+        if callable(close):
+            close()
 
 
 class RunCommand(Work):
@@ -237,7 +280,7 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
         return CallService(pipeline, node)
     if stage.run:
         return CallFunction(stage.run, pipeline.file,
-                            f"spec.stages[{pipeline.stages.index(stage)}].run")
+                            f"spec.stages[{pipeline.stages.index(stage)}].run", stage.params)
     return RunCommand(stage.command or (), node)
 
 
@@ -260,6 +303,8 @@ def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
         return f"call-{digest.hexdigest()[:12]}"
     if isinstance(work, CallFunction):
         digest.update(stage.run.encode() if stage.run else b"")
+        if stage.params:  # (none: the version as before params were)
+            digest.update(json.dumps(stage.params, sort_keys=True, default=str).encode())
         try:
             digest.update(Path(work.source).read_bytes() if work.source else b"")
         except OSError:

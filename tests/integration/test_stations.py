@@ -1,0 +1,104 @@
+"""Stations that keep state: class stages set up once per process, called per batch
+and closed on a clean end; params for class and function stages. Real processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import make_numbers, podpipe, read_sink, run_status, spec, write_spec
+
+
+def _spec(workdir: Path, scale: dict, *, batch_rows: int = 334, **extra) -> None:
+    make_numbers(workdir / "data")
+    (workdir / "setups").mkdir()
+    stages = [{"name": "scale", "inputs": ["source"], "params": {"factor": 3},
+               "env": {"SETUP_DIR": str(workdir / "setups")}, **scale},
+              {"name": "shift", "run": "pystages:offset", "inputs": ["scale"],
+               "params": {"by": 1}}]
+    write_spec(workdir / "p.yaml", spec(stages, [{"input": "shift", "uri": "out/"}],
+                                        batch_rows=batch_rows, **extra))
+
+
+def _made(workdir: Path, what: str) -> set[int]:
+    return {int(p.name.split("-")[1]) for p in (workdir / "setups").glob(f"{what}-*")}
+
+
+def test_a_class_stage_is_set_up_once_per_worker_and_closed_at_the_end(tmp_path):
+    _spec(tmp_path, {"run": "pystages:Scaled", "workers": 2})  # 30 batches
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == \
+        [3 * x + 1 for x in range(10_000)]  # both params reached their stage
+    status = run_status(tmp_path / "run")
+    assert status["stages"]["scale"]["batches_done"] == 30
+    setups = _made(tmp_path, "setup")
+    assert len(setups) == 2  # one a worker, not one a batch
+    assert _made(tmp_path, "closed") == setups
+    assert status["stages"]["scale"]["setup_seconds"] > 0
+    assert status["stages"]["shift"]["setup_seconds"] == 0  # a function: nothing set up
+    log = (tmp_path / "run" / "logs" / "scale.log").read_text()
+    assert "set up in" in log
+
+
+def test_a_killed_class_stage_is_set_up_again_and_only_a_clean_end_closes(tmp_path):
+    _spec(tmp_path, {"run": "pystages:ScaledDyingOnce", "workers": 1,
+                     "env": {"SETUP_DIR": str(tmp_path / "setups"), "DIE_ON_CALL": "3",
+                             "DIE_MARKER": str(tmp_path / "died")}})
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "died").exists()
+    setups, closed = _made(tmp_path, "setup"), _made(tmp_path, "closed")
+    assert len(setups) == 2 and len(closed) == 1  # the killed one never closed
+    assert closed < setups
+    assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == \
+        [3 * x + 1 for x in range(10_000)]
+
+
+def test_a_setup_that_raises_is_a_death_and_its_log_shows_the_users_line(tmp_path):
+    _spec(tmp_path, {"run": "pystages:NoModel", "retries": 1, "params": {}})
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "stage 'scale': its setup raised (its log shows where)" in done.stderr
+    assert "Traceback" not in done.stderr
+    status = run_status(tmp_path / "run")
+    assert status["state"] == "failed" and status["stages"]["scale"]["restarts"] == 1
+    log = (tmp_path / "run" / "logs" / "scale.log").read_text()
+    assert "the setup of 'pystages:NoModel' raised FileNotFoundError: no model file" in log
+    source = Path(__file__).parents[1] / "stages" / "pystages.py"
+    line = next(i for i, text in enumerate(source.read_text().splitlines(), 1)
+                if "no model file at" in text)
+    assert f'File "{source}", line {line}, in __init__' in log
+
+
+def test_params_a_stage_cannot_take_are_refused_naming_the_field(tmp_path):
+    _spec(tmp_path, {"run": "pystages:Scaled"})
+    bad = podpipe("run", "p.yaml", "--quiet", "--set", "stages.scale.params.speed=2",
+                  cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    assert "spec.stages[0].params" in bad.stderr and "speed" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    command = spec([{"name": "tool", "command": ["cat"], "inputs": ["source"],
+                     "params": {"by": 1}}], [{"input": "tool", "uri": "out/"}])
+    write_spec(tmp_path / "c.yaml", command)
+    on_command = podpipe("validate", "c.yaml", cwd=tmp_path)
+    assert on_command.returncode == 2
+    assert "spec.stages[0].params" in on_command.stderr and "command" in on_command.stderr
+
+
+def test_a_standing_line_sets_a_class_stage_up_once_for_all_its_jobs(tmp_path):
+    """On a line, a class stage defined alike job after job keeps its instance: set up
+    when the line comes up, closed when it goes down."""
+    _spec(tmp_path, {"run": "pystages:Scaled", "workers": 1}, batch_rows=2000)
+    up = podpipe("up", "p.yaml", "--name", "s", cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    try:
+        for n in range(3):
+            done = podpipe("submit", "s", "--wait", "--set", f"sinks.0.uri=out{n}/",
+                           cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            assert sorted(read_sink(tmp_path / f"out{n}")["x"].to_pylist()) == \
+                [3 * x + 1 for x in range(10_000)]
+        assert len(_made(tmp_path, "setup")) == 1 and not _made(tmp_path, "closed")
+    finally:
+        assert podpipe("down", "s", cwd=tmp_path).returncode == 0
+    assert _made(tmp_path, "closed") == _made(tmp_path, "setup")  # closed as it went down
