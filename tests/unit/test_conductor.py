@@ -74,6 +74,30 @@ def test_an_agent_of_another_protocol_version_is_not_taken(tmp_path):
         b.close()
 
 
+def test_a_connection_whose_other_end_closed_unread_is_stale(tmp_path):
+    """A container restarted in place can say hello on a new connection before its
+    old one's end is read: the old one is found stale (and read first), an open one
+    is not, whether or not it has something to say."""
+    import socket
+
+    from podpipe.runtime.conductor.agents import Conn
+
+    ends = [socket.socketpair() for _ in range(3)]
+    with EventLoop(signals=()) as loop:
+        agents = Agents(loop, sockets.listen(tmp_path / "c.sock"))
+        for i, (ours, _theirs) in enumerate(ends):
+            assert agents.hello(Conn(ours), protocol.Hello(node=f"n{i}", version="v", pid=i))
+        ends[0][1].close()  # its process gone
+        protocol.send(ends[1][1], protocol.Reserve(batch=0, nbytes=1))  # talking
+        assert agents.stale("n0") is not None
+        assert agents.stale("n1") is None and agents.stale("n2") is None  # open
+        assert agents.stale("n9") is None  # no such agent
+        agents.close()
+    for ours, theirs in ends:
+        ours.close()
+        theirs.close()
+
+
 def test_a_swap_to_an_invalid_version_or_an_unknown_stage_is_refused(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(SPEC))
     pipeline = specs.load(tmp_path / "spec.yaml")

@@ -273,6 +273,9 @@ class Conductor:
                     if self.processes.local else node in self.run.graph.inputs)
         if self.floor.standing and not self.floor.serves(conn, hello, self.run):
             return  # told of this job: it says hello again
+        if not self.processes.local and (old := self.agents.stale(
+                agent_name(node, hello.worker))) is not None:
+            self._read(old)  # the container's end before its new hello (a restart)
         if not self.agents.hello(conn, hello, expected=expected):
             return
         before = self.counters.stages[node].version

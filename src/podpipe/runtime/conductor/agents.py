@@ -129,6 +129,19 @@ class Agents:
         self.pids[name] = message.pid
         return True
 
+    def stale(self, name: str) -> Conn | None:
+        """`name`'s connection if its other end has closed and that is not yet read (a
+        container restarted in place may say hello on a new connection first)."""
+        conn = self._by_node.get(name)
+        try:
+            gone = conn is not None and conn.sock.recv(1, socket.MSG_PEEK |
+                                                       socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return None  # open, nothing to read
+        except OSError:
+            gone = True
+        return conn if gone else None
+
     def node_of(self, conn: Conn) -> str | None:
         """The node `conn` is the current agent of, else None (not an agent, or one
         replaced by a swap)."""
