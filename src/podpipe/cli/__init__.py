@@ -2,6 +2,14 @@
 
 What may be typed (commands, flags, their help) is `cli.arguments`. Exit codes
 (errors.py): 0 success, 1 the run failed, 2 invalid input, 130 interrupted.
+
+Reading this module, top to bottom: `main` (a pod's own commands, `agent` and
+`probe`, first and without rich; then every other command through `_COMMANDS`,
+its errors shown one way); then one function per command, in the order of the
+table at the end: running (`_run`, `_resume`, `_plan`, with `_with_progress`),
+reading a run (`_status`, `_stop`, `_wait`, `_runs`, `_logs`, `_report`),
+Kubernetes (`_validate`, `_render`, `_conductor`), changing a running line
+(`_swap`, `_apply`). A standing line's commands are `cli.standing`.
 """
 
 from __future__ import annotations
@@ -38,18 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         def serve() -> int:
             return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
                                wait=args.wait)
+        if args.workers == 1 and not args.restart:
+            return serve()
         from podpipe.runtime.stage import container
 
-        if args.workers == "auto":  # one, and what the conductor asks for
+        if args.workers is None:  # auto: one, and what the conductor asks for
             return container.supervise(1, serve, container.Auto.of(
                 args.spec, args.set, args.node, args.socket, args.wait))
-        if not args.workers.isdigit() or int(args.workers) < 1:
-            print(f"error: --workers {args.workers}: expected 1 or more, or auto",
-                  file=sys.stderr)
-            return 2
-        if args.workers == "1" and not args.restart:
-            return serve()
-        return container.supervise(int(args.workers), serve)
+        return container.supervise(args.workers, serve)
     if args.command == "probe":
         from podpipe.runtime.plumbing import sockets
 
@@ -291,16 +295,11 @@ def _render(args: argparse.Namespace, console: Console) -> int:
 
 
 def _conductor(args: argparse.Namespace, console: Console) -> int:
-    from pathlib import Path
-
     from podpipe.runtime.runs import pod, upkeep
 
     if args.standing:  # a standing line: no run of its own, jobs until SIGTERM
-        placed = pod.placing(args.spec, args.set, Path(args.scratch), args.replicas,
-                             args.hold)
-        if placed is None:
-            return 0
-        return upkeep.stand(args.spec, *placed, args.set, Path(args.scratch),
+        return upkeep.stand(args.spec, args.set, scratch=args.scratch,
+                            replicas=args.replicas, hold=args.hold,
                             launch=args.layout == "processes", metrics=args.metrics_port)
     if args.run_dir is None:
         raise UsageError("podpipe conductor: --run-dir DIR, or --standing")

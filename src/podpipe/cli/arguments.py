@@ -22,6 +22,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _workers(text: str) -> int | None:
+    """An agent's --workers: a count, or auto (None)."""
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, or auto, got {text!r}")
+    return int(text)
+
+
 def _logging() -> argparse.ArgumentParser:
     """The log flags of the commands that run a pipeline (`runtime.plumbing.logline`)."""
     flags = argparse.ArgumentParser(add_help=False)
@@ -345,7 +354,7 @@ def parser() -> argparse.ArgumentParser:
                        help="wait this long for the conductor's socket to come up")
     agent.add_argument("--hold", action="store_true",
                        help="once the run is over, stay up until SIGTERM")
-    agent.add_argument("--workers", default="1", metavar="N|auto",
+    agent.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                        help="run the node's N workers in this container (its "
                             "`workers: N`), each restarted if it fails; auto: one, and more "
                             "as the conductor asks, up to the container's CPU limit")

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from podpipe.errors import PodpipeError, UsageError, exit_code
-from podpipe.model import spec as specs
-from podpipe.model.shards import Placement
 from podpipe.runtime.plumbing import files, lifetime, logline
-from podpipe.runtime.runs import lines
+from podpipe.runtime.runs import lines, pod
 from podpipe.runtime.runs.line import Line, Start
 
 RESTARTS = 5  # a line's process that died more often in a minute stays down
@@ -156,16 +154,21 @@ def detach(start: Start) -> None:
         raise UsageError(answer or f"line {start.name} did not start; see {log}")
 
 
-def stand(spec_path: str, pipeline: specs.Pipeline, placement: Placement,
-          overrides: list[str], volume: Path, *, launch: bool, metrics: str | None) -> int:
+def stand(spec_path: str, overrides: list[str], *, scratch: str, replicas: int,
+          hold: bool, launch: bool, metrics: str | None) -> int:
     """A pod of a StatefulSet rendered `--standing` (`podpipe conductor --standing`):
     a line named as its pipeline, at `<checkpoints.node>/lines/` (`PODPIPE_LINES` in
     the pod, so that `podpipe submit NAME` run inside it finds it), its RAM scratch the
-    pod's memory volume, restarted by the kubelet; each job runs the shards this pod
-    owns. `launch`: the layout `processes` (else the kubelet starts a container per
-    node). Until SIGTERM."""
+    pod's memory volume at `scratch`, restarted by the kubelet; each job runs the
+    shards this pod owns (a pod that owns none holds, with `hold`, as a one-shot
+    pod's does). `launch`: the layout `processes` (else the kubelet starts a
+    container per node). Until SIGTERM."""
+    placed = pod.placing(spec_path, overrides, Path(scratch), replicas, hold)
+    if placed is None:
+        return 0
+    pipeline, placement = placed
     start = Start(lines.place(pipeline, None), spec_path, overrides, pipeline.name, metrics,
-                  volume=volume, launch=launch, supervised=False, placement=placement)
+                  volume=Path(scratch), launch=launch, supervised=False, placement=placement)
 
     def warm() -> None:
         sys.stderr.write(logline.line(f"line {start.name} is up at {start.path}; jobs come "
