@@ -8,8 +8,9 @@ Reading this module, top to bottom: `main` (a pod's own commands, `agent` and
 its errors shown one way); then one function per command, in the order of the
 table at the end: running (`_run`, `_resume`, `_plan`, with `_with_progress`),
 reading a run (`_status`, `_stop`, `_wait`, `_runs`, `_logs`, `_report`),
-Kubernetes (`_validate`, `_render`, `_conductor`), changing a running line
-(`_swap`, `_apply`). A standing line's commands are `cli.standing`.
+`_validate`, changing a running line (`_swap`, `_apply`). A standing line's
+commands are `cli.standing`; Kubernetes' (`render`, `conductor`, a swap's patch)
+`cli.kubernetes`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Callable
 
-from podpipe.cli import standing
+from podpipe.cli import kubernetes, standing
 from podpipe.cli.arguments import parser
 from podpipe.errors import PodpipeError, StageError, UsageError, exit_code
 
@@ -257,58 +258,6 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _render(args: argparse.Namespace, console: Console) -> int:
-    from pathlib import Path
-
-    from podpipe import render
-    from podpipe.runtime.runs import pod
-
-    pipeline = pod.validate(args.spec, args.set)
-    options = render.Options(
-        flavor=args.flavor, replicas=args.replicas, layout=args.layout,
-        image=args.image or render.Options.image, secret=args.secret,
-        volumes=render.Volumes(storage_class=args.storage_class, node_size=args.node_size,
-                               host_path=args.host_path, data_claim=args.data_claim,
-                               data_host_path=args.data_host_path),
-        namespace=args.namespace, overrides=tuple(args.set), metrics_port=args.metrics_port,
-        pod_monitor=args.pod_monitor, log_format=args.log_format,
-        kube_version=args.kube_version, standing=args.standing)
-    manifests = render.render(pipeline, Path(args.spec).read_text(), options)
-    if args.patch:
-        stage, sep, image = args.patch.partition("=")
-        if not sep or not stage or not image:
-            raise UsageError(f"--patch {args.patch!r}: expected STAGE=IMAGE")
-        text = json.dumps(render.image_patch(manifests, stage, image)) + "\n"
-    else:
-        text = render.dump(manifests)
-    if args.output is None:
-        sys.stdout.write(text)
-        return 0
-    from podpipe.runtime.plumbing import files
-
-    out = Path(args.output)
-    try:
-        files.publish(out, text)
-    except OSError as exc:
-        raise UsageError(f"-o {out}: {exc.strerror}") from None
-    return 0
-
-
-def _conductor(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.runtime.runs import pod, upkeep
-
-    if args.standing:  # a standing line: no run of its own, jobs until SIGTERM
-        return upkeep.stand(args.spec, args.set, scratch=args.scratch,
-                            replicas=args.replicas, hold=args.hold,
-                            launch=args.layout == "processes", metrics=args.metrics_port)
-    if args.run_dir is None:
-        raise UsageError("podpipe conductor: --run-dir DIR, or --standing")
-    return pod.serve(args.spec, overrides=args.set, scratch=args.scratch,
-                     run_dir=args.run_dir, layout=args.layout, hold=args.hold,
-                     replicas=args.replicas, metrics=args.metrics_port,
-                     once=args.once)
-
-
 def _swap(args: argparse.Namespace, console: Console) -> int:
     import shlex
 
@@ -320,7 +269,7 @@ def _swap(args: argparse.Namespace, console: Console) -> int:
     overrides = control.swap_overrides(args.stage, run=args.run, command=command,
                                        image=args.image, version=args.version)
     if args.k8s:
-        return _swap_patch(args)
+        return kubernetes.swap_patch(args)
     for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
                                timeout=args.timeout, recompute=args.recompute):
         said = answer.message
@@ -358,26 +307,6 @@ def _apply(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{answer.run_dir}: " + ("; ".join(parts) or "no change") +
                       (f"; {said.redo} batches run again from the source for the added "
                        "stages" if said.redo else ""), highlight=False)
-    return 0
-
-
-def _swap_patch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from podpipe import render
-    from podpipe.runtime.runs import pod
-    from podpipe.runtime.rundir import layout as rundir
-
-    if args.image is None:
-        raise UsageError("--k8s: a swap on Kubernetes is an image change; give --image")
-    from podpipe.runtime.runs import following as runs
-
-    run_dir = runs.resolve(args.run_dir)
-    recorded = rundir.read(run_dir)
-    if not (run_dir / "spec.yaml").is_file():
-        raise UsageError(f"{run_dir}: not a podpipe run directory (no spec.yaml)")
-    pipeline = pod.validate(str(run_dir / "spec.yaml"), recorded.overrides)
-    sys.stdout.write(json.dumps(render.stage_patch(pipeline, args.stage, args.image)) + "\n")
     return 0
 
 
@@ -439,8 +368,8 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-_COMMANDS = {"run": _run, "status": _status, "validate": _validate, "conductor": _conductor,
-             "render": _render, "resume": _resume, "plan": _plan, "swap": _swap,
+_COMMANDS = {"run": _run, "status": _status, "validate": _validate,
+             "conductor": kubernetes.conductor, "render": kubernetes.render, "resume": _resume, "plan": _plan, "swap": _swap,
              "apply": _apply, "wait": _wait, "stop": _stop, "report": _report, "runs": _runs,
              "logs": _logs, "up": standing.up, "submit": standing.submit,
              "down": standing.down, "lines": standing.listed}
