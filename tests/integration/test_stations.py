@@ -102,3 +102,47 @@ def test_a_standing_line_sets_a_class_stage_up_once_for_all_its_jobs(tmp_path):
     finally:
         assert podpipe("down", "s", cwd=tmp_path).returncode == 0
     assert _made(tmp_path, "closed") == _made(tmp_path, "setup")  # closed as it went down
+
+
+STAGES = '''\
+import pyarrow.compute as pc
+
+
+def helper(column):
+    return pc.multiply(column, 2)
+
+
+def doubled(t):
+    return t.set_column(0, "x", helper(t["x"]))
+
+
+def kept(t):
+    return t  # kept
+'''
+
+
+def _versions(workdir: Path, run: str) -> dict[str, str]:
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", run, cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    status = run_status(workdir / run)
+    return {name: stage["version"] for name, stage in status["stages"].items()
+            if name in ("doubled", "kept")}
+
+
+def test_a_stage_is_versioned_by_its_own_code_not_its_modules(tmp_path):
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "doubled", "run": "mystages:doubled", "inputs": ["source"]},
+         {"name": "kept", "run": "mystages:kept", "inputs": ["doubled"]}],
+        [{"input": "kept", "uri": "out/", "mode": "overwrite"}], batch_rows=5000))
+    (tmp_path / "mystages.py").write_text(STAGES)
+    first = _versions(tmp_path, "one")
+    assert len(set(first.values())) == 2
+    (tmp_path / "mystages.py").write_text(STAGES.replace("t  # kept", "t.slice(0)"))
+    second = _versions(tmp_path, "two")
+    assert second["doubled"] == first["doubled"] and second["kept"] != first["kept"]
+    (tmp_path / "mystages.py").write_text(STAGES.replace("column, 2", "column, 3"))
+    third = _versions(tmp_path, "three")
+    assert third["doubled"] != first["doubled"] and third["kept"] == first["kept"]
+    assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == \
+        [3 * x for x in range(10_000)]

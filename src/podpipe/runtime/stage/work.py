@@ -25,6 +25,7 @@ from podpipe.model import spec as specs
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime.data import arrowfile
 from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.stage.codeversion import CodeVersion
 from podpipe.runtime.storage.answers import Answers, answers_store
 from podpipe.runtime.plumbing.lifetime import die_with_parent
 
@@ -128,7 +129,8 @@ class CallFunction(Work):
                             file=file, field=field) from exc
         if not callable(self.function):
             raise SpecError(f"{target!r} is not callable", file=file, field=field)
-        self.source = getattr(imported, "__file__", None)  # what defines its version
+        self.source = getattr(imported, "__file__", None)  # unparsable: its version
+        self.target = (module, name)
         self.instance: Any = None  # a class stage's, once set up
         self.setup_seconds = 0.0
         params = params or {}
@@ -285,8 +287,8 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
 
 
 def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
-    """The stage's `version:`, else a digest of what defines it: the source of the
-    function's module (`src-…`), or the command, image and env (`cmd-…`); a table's
+    """The stage's `version:`, else a digest of what defines it: the code of the
+    function or class and what it refers to (`src-…`, see `codeversion`), or the command, image and env (`cmd-…`); a table's
     is a digest of its files (`tbl-…`)."""
     if isinstance(work, LoadTable):
         version: str = work.tables.version(work.table)
@@ -305,10 +307,14 @@ def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
         digest.update(stage.run.encode() if stage.run else b"")
         if stage.params:  # (none: the version as before params were)
             digest.update(json.dumps(stage.params, sort_keys=True, default=str).encode())
-        try:
-            digest.update(Path(work.source).read_bytes() if work.source else b"")
-        except OSError:
-            pass  # no readable source (a builtin or a zip): the callable's name only
+        code = CodeVersion().digest(*work.target)
+        if code is not None:
+            digest.update(code.encode())
+        else:  # a module whose source cannot be parsed: all of it, if it can be read
+            try:
+                digest.update(Path(work.source).read_bytes() if work.source else b"")
+            except OSError:
+                pass  # no readable source (a builtin or a zip): the callable's name only
         return f"src-{digest.hexdigest()[:12]}"
     digest.update(json.dumps([stage.command, stage.image, stage.env],
                              sort_keys=True).encode())
