@@ -146,3 +146,28 @@ def test_a_stage_is_versioned_by_its_own_code_not_its_modules(tmp_path):
     assert third["doubled"] != first["doubled"] and third["kept"] == first["kept"]
     assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == \
         [3 * x for x in range(10_000)]
+
+
+def test_validate_imports_each_run_target_and_names_what_does_not_load(tmp_path):
+    make_numbers(tmp_path / "data")
+    (tmp_path / "mystages.py").write_text(STAGES)
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "doubled", "run": "mystages:doubeld", "inputs": ["source"]},
+         {"name": "kept", "run": "mystages:kept", "inputs": ["doubled"],
+          "params": {"speed": 2}}],
+        [{"input": "kept", "uri": "out/"}]))
+    bad = podpipe("validate", "p.yaml", cwd=tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert ("spec.stages[0].run: cannot import 'mystages:doubeld': AttributeError: "
+            "module 'mystages' has no attribute 'doubeld'") in bad.stderr
+    assert "(and 1 more: spec.stages[1].params)" in bad.stderr
+    assert podpipe("validate", "p.yaml", "--no-import", cwd=tmp_path).returncode == 0
+    fixed = ["--set", "stages.doubled.run=mystages:doubled", "--set", "stages.kept.params={}"]
+    good = podpipe("validate", "p.yaml", *fixed, cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert "valid pipeline 't' with 2 stages" in good.stdout
+    (tmp_path / "mystages.py").write_text("import time\ntime.sleep(600)\n" + STAGES)
+    slow = podpipe("validate", "p.yaml", *fixed, "--import-timeout", "1", cwd=tmp_path)
+    assert slow.returncode == 2
+    assert "importing the stages' modules took longer than 1 s" in slow.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran

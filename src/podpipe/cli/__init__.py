@@ -249,7 +249,8 @@ def _stop(args: argparse.Namespace, console: Console) -> int:
 def _validate(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import pod
 
-    pipeline = pod.validate(args.spec, args.set)
+    pipeline = pod.validate(args.spec, args.set,
+                            import_seconds=None if args.no_import else args.import_timeout)
     from podpipe.console import plural
 
     console.print(f"{args.spec}: valid pipeline {pipeline.name!r} with "

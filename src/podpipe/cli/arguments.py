@@ -238,9 +238,14 @@ def parser() -> argparse.ArgumentParser:
                        "(CHECKPOINTS_NODE/lines)")
     lines.add_argument("--json", action="store_true", help="one JSON list")
 
-    validate = sub.add_parser("validate", help="check a spec without running it")
+    validate = sub.add_parser("validate", help="check a spec without running it, its "
+                              "run: targets imported in a child process")
     validate.add_argument("spec", metavar="SPEC")
     validate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--no-import", action="store_true",
+                          help="do not import the run: targets (fields and graph only)")
+    validate.add_argument("--import-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                          help="how long importing the run: targets may take (default 60)")
 
     swap = sub.add_parser(
         "swap", help="swap a stage's version in a running run (or on a standing line)",

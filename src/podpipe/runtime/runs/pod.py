@@ -45,9 +45,17 @@ if TYPE_CHECKING:
 # are used: a run imports them while its fork server starts, not before.
 
 
-def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> specs.Pipeline:
-    """The spec, parsed and checked (fields, names, graph)."""
-    return specs.load(spec_path, list(overrides))
+def validate(spec_path: str, overrides: list[str] | tuple[str, ...] = (), *,
+             import_seconds: float | None = None) -> specs.Pipeline:
+    """The spec, parsed and checked (fields, names, graph); with `import_seconds`,
+    its `run:` targets imported in a child process within that time
+    (`runtime.stage.imports`)."""
+    pipeline = specs.load(spec_path, list(overrides))
+    if import_seconds is not None:
+        from podpipe.runtime.stage import imports
+
+        imports.check(pipeline, import_seconds)
+    return pipeline
 
 
 def run(spec_path: str, *, overrides: list[str] | tuple[str, ...] = (),

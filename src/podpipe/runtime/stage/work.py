@@ -113,6 +113,29 @@ class SetupFailed(Exception):
     any other (restarted, then the run fails), the user's traceback in its log."""
 
 
+def load_callable(target: str, file: str, field: str, params: dict[str, Any] | None
+                  ) -> tuple[Callable[..., Any], Any]:
+    """`module:name` imported, checked callable and able to take `params` (a
+    SpecError naming `field` otherwise); and its module."""
+    module, _, name = target.partition(":")
+    try:
+        imported = importlib.import_module(module)
+        function: Callable[..., Any] = getattr(imported, name)
+    except Exception as exc:  # any import-time failure of user code
+        raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
+                        file=file, field=field) from exc
+    if not callable(function):
+        raise SpecError(f"{target!r} is not callable", file=file, field=field)
+    try:
+        inspect.signature(function).bind_partial(**(params or {}))
+    except TypeError as exc:
+        raise SpecError(f"{target!r} takes no such params: {exc}", file=file,
+                        field=field.replace(".run", ".params")) from None
+    except ValueError:
+        pass  # (a builtin without a signature: its call says)
+    return function, imported
+
+
 class CallFunction(Work):
     """A `run:` stage: a function called per batch, or a class instantiated once per
     process (its setup, `params` its keyword arguments), called per batch and
@@ -120,27 +143,13 @@ class CallFunction(Work):
 
     def __init__(self, target: str, file: str, field: str,
                  params: dict[str, Any] | None = None) -> None:
-        module, _, name = target.partition(":")
-        try:
-            imported = importlib.import_module(module)
-            self.function: Callable[..., Any] = getattr(imported, name)
-        except Exception as exc:  # any import-time failure of user code
-            raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
-                            file=file, field=field) from exc
-        if not callable(self.function):
-            raise SpecError(f"{target!r} is not callable", file=file, field=field)
+        self.function, imported = load_callable(target, file, field, params)
         self.source = getattr(imported, "__file__", None)  # unparsable: its version
+        module, _, name = target.partition(":")
         self.target = (module, name)
         self.instance: Any = None  # a class stage's, once set up
         self.setup_seconds = 0.0
         params = params or {}
-        try:
-            inspect.signature(self.function).bind_partial(**params)
-        except TypeError as exc:
-            raise SpecError(f"{target!r} takes no such params: {exc}", file=file,
-                            field=field.replace(".run", ".params")) from None
-        except ValueError:
-            pass  # (a builtin without a signature: its call says)
         if inspect.isclass(self.function):
             started = time.perf_counter()
             try:
