@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import make_numbers, podpipe, read_sink, run_status, spec, write_spec
+import pyarrow.parquet as pq
+
+from conftest import (make_numbers, podpipe, read_sink, run_status, spec, start_run, wait_until,
+                      write_spec)
 
 
 def _spec(workdir: Path, scale: dict, *, batch_rows: int = 334, **extra) -> None:
@@ -171,3 +174,39 @@ def test_validate_imports_each_run_target_and_names_what_does_not_load(tmp_path)
     assert slow.returncode == 2
     assert "importing the stages' modules took longer than 1 s" in slow.stderr
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_a_swap_of_a_class_stage_sets_the_new_class_up_in_a_new_process(tmp_path):
+    make_numbers(tmp_path / "data")
+    (tmp_path / "setups").mkdir()
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "gate", "run": "pystages:double_then_gated", "inputs": ["source"],
+          "workers": 1},
+         {"name": "scale", "run": "pystages:Scaled", "inputs": ["gate"], "workers": 1,
+          "params": {"factor": 3}, "env": {"SETUP_DIR": str(tmp_path / "setups")}}],
+        [{"input": "scale", "uri": "out/"}]))  # 10 batches, the last 5 gated
+    run = start_run(tmp_path, GATE=str(tmp_path / "gate"))
+    try:
+        wait_until(lambda: run_status(tmp_path / "run").get("stages", {}).get("scale", {})
+                   .get("batches_done", 0) >= 1, "a batch through the first class")
+        swapped = podpipe("swap", "run", "scale", "--run", "pystages:ScaledPlusOne",
+                          cwd=tmp_path)
+        assert swapped.returncode == 0, swapped.stderr
+        (tmp_path / "gate").touch()
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stderr
+    setups, closed = _made(tmp_path, "setup"), _made(tmp_path, "closed")
+    assert len(setups) == 2 and closed == setups  # each class set up in its process, closed
+    versions = run_status(tmp_path / "run")["stages"]["scale"]["versions"]
+    assert len(versions) == 2 and sum(versions.values()) == 10
+    plus_one = 0
+    for path in sorted((tmp_path / "out").glob("part-*.parquet")):
+        xs = pq.read_table(path)["x"].to_pylist()
+        low = min(xs) // 6  # the batch's first source x
+        offset = xs[0] - 6 * low
+        assert offset in (0, 1) and xs == [6 * x + offset for x in range(low, low + 1000)]
+        assert offset == 1 or low < 5000  # gated batches only reach the new version
+        plus_one += offset
+    assert plus_one == versions[run_status(tmp_path / "run")["stages"]["scale"]["version"]]

@@ -410,3 +410,11 @@ class NoModel:
 def offset(t: pa.Table, by: int = 0) -> pa.Table:
     """x plus `by` (a function stage's param)."""
     return t.set_column(0, "x", pc.add(t["x"], by))
+
+
+class ScaledPlusOne(Scaled):
+    """`Scaled`'s next version: x times `factor`, plus one."""
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        scaled = super().__call__(t)
+        return scaled.set_column(0, "x", pc.add(scaled["x"], 1))
