@@ -69,6 +69,17 @@ def wait_until(condition, what: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def node_stage(name: str) -> Path:
+    """A JavaScript stage of tests/stages/js, once node and apache-arrow are there."""
+    import shutil
+
+    if not shutil.which("node"):
+        pytest.fail("node is not installed: .ci/run installs it")
+    if not (STAGES / "js" / "node_modules" / "apache-arrow").exists():
+        pytest.fail("run `npm ci --prefix tests/stages/js` first (.ci/run does)")
+    return STAGES / "js" / name
+
+
 def run_status(run_dir: Path) -> dict:
     """A run directory's status.json as it is now ({} before the first write)."""
     import json

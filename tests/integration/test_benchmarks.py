@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, node_stage
 
 CONTESTANTS = {"podpipe", "floor", "ray", "services", "store-dir", "store-s3"}
 
@@ -49,3 +49,15 @@ def test_the_quick_shards_benchmark_measures_both_replica_counts_and_plans_a_clu
     assert sum(p["bytes"] for p in simulated["per_pod"]) == simulated["source_bytes"] >= 10**12
     assert sum(p["batches"] for p in simulated["per_pod"]) == simulated["batches"]
     assert "Simulated cluster: 100 pods" in (tmp_path / "shards.md").read_text()
+
+
+def test_the_serving_benchmark_runs_both_modes_to_the_same_output(tmp_path):
+    node_stage("serve_double.mjs")  # node and apache-arrow are there
+    out = tmp_path / "serving.json"
+    done = subprocess.run([sys.executable, "benchmarks/serving.py", "--batches", "4",
+                           "--rows", "100", "--rounds", "1", "--out", str(out)], cwd=ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # non-zero on a wrong output
+    result = json.loads(out.read_text())
+    assert set(result["medians"]) == {"per-batch", "serving"}
+    assert all(m["per_batch_ms"] > 0 for m in result["medians"].values())

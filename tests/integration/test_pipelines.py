@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (ROOT, SF, STAGES, podpipe, read_sink, run_status, spec, start_run,
+from conftest import (ROOT, SF, node_stage, podpipe, read_sink, run_status, spec, start_run,
                       wait_until, write_spec)
 
 
@@ -79,11 +78,7 @@ def test_stages_may_return_polars_or_pandas(workdir, function, expected):
 
 @pytest.fixture
 def js_stage() -> Path:
-    if not shutil.which("node"):
-        pytest.fail("node is not installed: .ci/run installs it")
-    if not (STAGES / "js" / "node_modules" / "apache-arrow").exists():
-        pytest.fail("run `npm ci --prefix tests/stages/js` first (.ci/run does)")
-    return STAGES / "js" / "double.mjs"
+    return node_stage("double.mjs")
 
 
 def test_a_command_stage_in_another_language_reads_and_writes_arrow_ipc(workdir, js_stage):

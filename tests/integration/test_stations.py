@@ -3,12 +3,13 @@ and closed on a clean end; params for class and function stages. Real processes.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from conftest import (make_numbers, podpipe, read_sink, run_status, spec, start_run, wait_until,
-                      write_spec)
+from conftest import (STAGES, make_numbers, node_stage, podpipe, read_sink, run_status, spec,
+                      start_run, wait_until, write_spec)
 
 
 def _spec(workdir: Path, scale: dict, *, batch_rows: int = 334, **extra) -> None:
@@ -107,7 +108,7 @@ def test_a_standing_line_sets_a_class_stage_up_once_for_all_its_jobs(tmp_path):
     assert _made(tmp_path, "closed") == _made(tmp_path, "setup")  # closed as it went down
 
 
-STAGES = '''\
+MYSTAGES = '''\
 import pyarrow.compute as pc
 
 
@@ -138,13 +139,13 @@ def test_a_stage_is_versioned_by_its_own_code_not_its_modules(tmp_path):
         [{"name": "doubled", "run": "mystages:doubled", "inputs": ["source"]},
          {"name": "kept", "run": "mystages:kept", "inputs": ["doubled"]}],
         [{"input": "kept", "uri": "out/", "mode": "overwrite"}], batch_rows=5000))
-    (tmp_path / "mystages.py").write_text(STAGES)
+    (tmp_path / "mystages.py").write_text(MYSTAGES)
     first = _versions(tmp_path, "one")
     assert len(set(first.values())) == 2
-    (tmp_path / "mystages.py").write_text(STAGES.replace("t  # kept", "t.slice(0)"))
+    (tmp_path / "mystages.py").write_text(MYSTAGES.replace("t  # kept", "t.slice(0)"))
     second = _versions(tmp_path, "two")
     assert second["doubled"] == first["doubled"] and second["kept"] != first["kept"]
-    (tmp_path / "mystages.py").write_text(STAGES.replace("column, 2", "column, 3"))
+    (tmp_path / "mystages.py").write_text(MYSTAGES.replace("column, 2", "column, 3"))
     third = _versions(tmp_path, "three")
     assert third["doubled"] != first["doubled"] and third["kept"] == first["kept"]
     assert sorted(read_sink(tmp_path / "out")["x"].to_pylist()) == \
@@ -153,7 +154,7 @@ def test_a_stage_is_versioned_by_its_own_code_not_its_modules(tmp_path):
 
 def test_validate_imports_each_run_target_and_names_what_does_not_load(tmp_path):
     make_numbers(tmp_path / "data")
-    (tmp_path / "mystages.py").write_text(STAGES)
+    (tmp_path / "mystages.py").write_text(MYSTAGES)
     write_spec(tmp_path / "p.yaml", spec(
         [{"name": "doubled", "run": "mystages:doubeld", "inputs": ["source"]},
          {"name": "kept", "run": "mystages:kept", "inputs": ["doubled"],
@@ -169,7 +170,7 @@ def test_validate_imports_each_run_target_and_names_what_does_not_load(tmp_path)
     good = podpipe("validate", "p.yaml", *fixed, cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     assert "valid pipeline 't' with 2 stages" in good.stdout
-    (tmp_path / "mystages.py").write_text("import time\ntime.sleep(600)\n" + STAGES)
+    (tmp_path / "mystages.py").write_text("import time\ntime.sleep(600)\n" + MYSTAGES)
     slow = podpipe("validate", "p.yaml", *fixed, "--import-timeout", "1", cwd=tmp_path)
     assert slow.returncode == 2
     assert "importing the stages' modules took longer than 1 s" in slow.stderr
@@ -210,3 +211,63 @@ def test_a_swap_of_a_class_stage_sets_the_new_class_up_in_a_new_process(tmp_path
         assert offset == 1 or low < 5000  # gated batches only reach the new version
         plus_one += offset
     assert plus_one == versions[run_status(tmp_path / "run")["stages"]["scale"]["version"]]
+
+
+def test_a_serving_js_stage_takes_100_batches_in_one_process_per_worker(tmp_path):
+    make_numbers(tmp_path / "data")
+    starts = tmp_path / "starts"
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "js", "command": ["node", str(node_stage("serve_double.mjs"))],
+          "serve": True, "inputs": ["source"], "workers": 2,
+          "env": {"STARTS_FILE": str(starts)}}],
+        [{"input": "js", "uri": "out/"}], batch_rows=100))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = read_sink(tmp_path / "out")
+    assert out["x"].to_pylist() == [2.0 * x for x in range(10_000)]
+    assert out["batch"].to_pylist() == [x // 100 for x in range(10_000)]
+    status = run_status(tmp_path / "run")
+    assert status["stages"]["js"]["batches_done"] == 100
+    pids = starts.read_text().split()
+    assert 1 <= len(pids) <= 2 and len(set(pids)) == len(pids)  # not one per batch
+    for pid in pids:  # each ended with its worker (its stdin closed)
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_serving_stage_that_answers_an_error_fails_the_run_naming_the_batch(tmp_path):
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "js", "command": ["node", str(node_stage("serve_double.mjs"))],
+          "serve": True, "inputs": ["source"], "workers": 1, "env": {"FAIL_BATCH": "4"}}],
+        [{"input": "js", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", cwd=tmp_path)
+    assert done.returncode == 1
+    assert ("stage 'js', batch 4: RuntimeError: command 'node' failed batch 4: "
+            "Error: no x to double here") in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_serving_stage_that_exits_fails_the_batch_it_was_on(tmp_path):
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "py", "command": [sys.executable, "-u", str(STAGES / "serve_double.py")],
+          "serve": True, "inputs": ["source"], "workers": 1, "env": {"EXIT_BATCH": "6"}}],
+        [{"input": "py", "uri": "out/"}]))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 1
+    assert (f"stage 'py', batch 6: RuntimeError: command {sys.executable!r} (serving) exited with "
+            "code 5 on batch 6") in done.stderr
+    log = (tmp_path / "run" / "logs" / "py.log").read_text()
+    assert "a line for the log" in log  # its stdout lines that are not answers
+    fixed = podpipe("resume", "run", "--quiet", cwd=tmp_path)
+    assert fixed.returncode == 1  # still exits at batch 6: resumed, not trusted
+
+
+def test_serve_is_refused_on_a_python_stage(tmp_path):
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "s", "run": "pystages:double", "serve": True, "inputs": ["source"]}],
+        [{"input": "s", "uri": "out/"}]))
+    done = podpipe("validate", "p.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "spec.stages[0].serve: serve is a command stage's" in done.stderr

@@ -34,6 +34,15 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Command:
+    """A `command:` stage's executable: started per batch, or once per worker and
+    served its batches on stdin (`serve`)."""
+
+    argv: tuple[str, ...]
+    serve: bool = False
+
+
+@dataclass(frozen=True)
 class Call:
     """A call stage's service: each batch is POSTed in slices, every answer kept."""
 
@@ -66,7 +75,7 @@ class Stage:
     name: str
     inputs: tuple[str, ...]
     run: str | None = None
-    command: tuple[str, ...] | None = None
+    command: Command | None = None
     call: Call | None = None
     reduce: str | None = None    # a reduce's scope: "shard" (each shard's batches) | "global"
     version: str | None = None

@@ -23,7 +23,7 @@ from podpipe.model import locations
 from podpipe.model import overrides as overrides_
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
-                                     Call, Resources, Sink, Source, Stage, Table)
+                                     Call, Command, Resources, Sink, Source, Stage, Table)
 from podpipe.model.fields import Reader, kind
 from podpipe.model.sizes import parse_size
 
@@ -211,7 +211,8 @@ def _guess_format(uri: str) -> str | None:
 
 
 _STAGE_FIELDS = {"name", "run", "command", "call", "inputs", "reduce", "scope", "version", "image",
-                 "env", "resources", "retries", "timeout", "schema", "workers", "params"}
+                 "env", "resources", "retries", "timeout", "schema", "workers", "params",
+                 "serve"}
 SINK_MODES = ("error", "overwrite")  # what a sink already holding other files does
 SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to batch?
 SCOPES = ("shard", "global")
@@ -277,6 +278,10 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
         if params and run is None:
             raise r.fail(f"{path}.params", "params are a Python stage's (run:) keyword "
                                            "arguments; a command or call stage has none")
+        serve = r.boolean(f"{path}.serve", st["serve"]) if "serve" in st else False
+        if serve and command is None:
+            raise r.fail(f"{path}.serve", "serve is a command stage's: its executable "
+                                          "started once per worker, taking tasks on stdin")
         resources = _resources(r, f"{path}.resources", st.get("resources", {}))
         retries = (r.integer(f"{path}.retries", st["retries"], minimum=0, maximum=100)
                    if "retries" in st else DEFAULT_RETRIES)
@@ -288,7 +293,7 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
                                             "batch at once); remove 'workers'")
         stages.append(Stage(
             name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
-            command=command, call=call, reduce=scope if reduce else None,
+            command=Command(command, serve) if command is not None else None, call=call, reduce=scope if reduce else None,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
             env=dict(env), resources=resources, retries=retries,

@@ -12,8 +12,6 @@ import importlib
 import inspect
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,20 +20,13 @@ import pyarrow as pa
 
 from podpipe.errors import SpecError
 from podpipe.model import spec as specs
+from podpipe.model.pipeline import Command as CommandSpec
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime.data import arrowfile
 from podpipe.runtime.plumbing import protocol
+from podpipe.runtime.stage import commands
 from podpipe.runtime.stage.codeversion import CodeVersion
 from podpipe.runtime.storage.answers import Answers, answers_store
-from podpipe.runtime.plumbing.lifetime import die_with_parent
-
-# Environment of a `command:` stage, documented in docs/spec.md.
-ENV_INPUT = "PODPIPE_INPUT"          # the first input's Arrow IPC file
-ENV_INPUTS = "PODPIPE_INPUTS"        # every input, joined with ':'; reduce: all batches
-ENV_OUTPUT = "PODPIPE_OUTPUT"        # where to write the output (Arrow IPC file or stream)
-ENV_BATCH = "PODPIPE_BATCH"
-ENV_STAGE = "PODPIPE_STAGE"
-
 
 class Work:
     """What one node does with a task; `run` returns a table, a written file or None."""
@@ -179,44 +170,19 @@ class CallFunction(Work):
             close()
 
 
-class RunCommand(Work):
-    def __init__(self, command: tuple[str, ...], node: str) -> None:
-        self.command, self.node = list(command), node
+class Command(Work):
+    """A `command:` stage: per batch, or served (`runtime.stage.commands`)."""
+
+    def __init__(self, command: CommandSpec, node: str) -> None:
+        self.command = (commands.ServeCommand if command.serve else
+                        commands.RunCommand)(command.argv, node)
 
     def run(self, batch: int, inputs: list[list[pa.Table]],
             task: protocol.Task) -> pa.Table | Path | None:
-        paths = [p for group in task.inputs for p in group]
-        output = Path(task.output).with_suffix(".cmd")
-        env = {**os.environ, ENV_INPUT: paths[0], ENV_INPUTS: ":".join(paths),
-               ENV_OUTPUT: str(output), ENV_BATCH: str(batch), ENV_STAGE: self.node}
-        try:
-            done = subprocess.run(self.command, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=sys.stderr, stderr=sys.stderr,
-                                  preexec_fn=die_with_parent)  # it ends with the stage
-        except OSError as exc:
-            raise RuntimeError(f"cannot start {self.command[0]!r}: {exc.strerror}") from exc
-        keep = False
-        try:
-            if done.returncode != 0:
-                raise RuntimeError(f"command {self.command[0]!r} exited with code "
-                                   f"{done.returncode}")
-            if not output.exists():
-                raise RuntimeError(f"command {self.command[0]!r} wrote no output to "
-                                   f"${ENV_OUTPUT}")
-            with open(output, "rb") as f:
-                is_file_format = f.read(6) == b"ARROW1"
-            try:
-                if is_file_format:
-                    arrowfile.read_table(output)  # validate before trusting it
-                    keep = True
-                    return output
-                return arrowfile.read_any_ipc(output)
-            except (pa.ArrowException, ValueError) as exc:  # ValueError: an empty file
-                raise RuntimeError(f"command {self.command[0]!r} wrote an invalid Arrow "
-                                   f"IPC output: {exc}") from exc
-        finally:
-            if not keep:
-                output.unlink(missing_ok=True)
+        return self.command.run(batch, task)
+
+    def close(self) -> None:
+        self.command.close()
 
 
 class WriteSink(Work):
@@ -292,7 +258,8 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
     if stage.run:
         return CallFunction(stage.run, pipeline.file,
                             f"spec.stages[{pipeline.stages.index(stage)}].run", stage.params)
-    return RunCommand(stage.command or (), node)
+    assert stage.command is not None
+    return Command(stage.command, node)
 
 
 def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
@@ -325,6 +292,8 @@ def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
             except OSError:
                 pass  # no readable source (a builtin or a zip): the callable's name only
         return f"src-{digest.hexdigest()[:12]}"
-    digest.update(json.dumps([stage.command, stage.image, stage.env],
+    command = stage.command
+    digest.update(json.dumps([command.argv if command else None, stage.image, stage.env] +
+                             (["serve"] if command and command.serve else []),
                              sort_keys=True).encode())
     return f"cmd-{digest.hexdigest()[:12]}"
