@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence, Union
 
-import yaml
-
+from podpipe import shipping
 from podpipe.errors import UsageError
 from podpipe.model import spec as specs
 from podpipe.model.pipeline import Pipeline
@@ -93,6 +91,25 @@ class Run:
             raise UsageError(f"sink {sink!r} holds no part files")
         return pa.concat_tables([pq.read_table(f) for f in files])
 
+    def to_pandas(self, sink: str) -> Any:
+        """Sink `sink`'s output as a pandas DataFrame (pandas installed)."""
+        return _needing("pandas", "to_pandas", lambda: self.to_arrow(sink).to_pandas())
+
+    def to_polars(self, sink: str) -> Any:
+        """Sink `sink`'s output as a polars DataFrame (polars installed)."""
+        def convert() -> Any:
+            import polars
+
+            return polars.from_arrow(self.to_arrow(sink))
+
+        return _needing("polars", "to_polars", convert)
+
+    def _repr_html_(self) -> str:
+        """The run's summary in Jupyter: its state and a row per stage."""
+        from podpipe import notebook
+
+        return notebook.summary_html(self.status, str(self.run_dir))
+
     def _sink(self, name: str) -> specs.Sink:
         pipeline = specs.load(self.run_dir / "spec.yaml", self._overrides())
         for target in pipeline.sinks:
@@ -117,8 +134,7 @@ def validate(spec: Spec, *, overrides: Sequence[str] = ()) -> Pipeline:
             return spec
         spec = spec.document
     if isinstance(spec, dict):
-        return specs.parse(yaml.safe_dump(spec, sort_keys=False), file="the spec dict",
-                           overrides=list(overrides), lines=False)
+        return shipping.parse_dict(spec, list(overrides))
     if isinstance(spec, str) and "\n" in spec:
         return specs.parse(spec, file="<string>", overrides=list(overrides))
     if isinstance(spec, (str, os.PathLike)):
@@ -285,27 +301,32 @@ def _read_status(run_dir: Path) -> Status:
     return statuses.read(run_dir)
 
 
-@contextlib.contextmanager
-def _spec_file(spec: Spec) -> Iterator[str]:
-    """A path to the spec: the user's file, or a private temporary one."""
-    if isinstance(spec, (str, os.PathLike)) and not (isinstance(spec, str) and "\n" in spec):
-        yield os.fspath(spec)
-        return
-    pipeline = validate(spec)  # a clear SpecError before anything is written
-    fd, path = tempfile.mkstemp(prefix="podpipe-spec-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(pipeline.document, f, sort_keys=False)
-        yield path
-    finally:
-        os.unlink(path)
+def _spec_file(spec: Spec) -> contextlib.AbstractContextManager[str]:
+    """A path to the spec (a private temporary one unless it is a file already),
+    stages defined in a notebook or script shipped beside it (`shipping`)."""
+    return shipping.spec_file(spec, validate(spec))  # a SpecError before anything
+
+
+def _needing(package: str, method: str, convert: Any) -> Any:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        raise UsageError(f"Run.{method} needs {package}: pip install {package}")
+    return convert()
 
 
 @contextlib.contextmanager
 def _shown(progress: bool) -> Iterator[Any]:
-    """The live progress (rich) as the run's observer, or none."""
+    """The live progress as the run's observer (rich's; in Jupyter without
+    ipywidgets, an HTML table updated in place), or none."""
     if not progress:
         yield None
+        return
+    from podpipe import notebook
+
+    if notebook.in_notebook() and not notebook.has_widgets():
+        with notebook.NotebookProgress() as shown:
+            yield shown
         return
     from rich.console import Console
 

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pyarrow.parquet as pq
 import pytest
+import yaml
 from nbclient import NotebookClient
 
 import podpipe
@@ -113,3 +115,93 @@ def test_a_standing_line_from_python(tmp_path, monkeypatch):
     assert line.status().state == "down"
     with pytest.raises(podpipe.UsageError, match="line line is down"):
         line.submit(sinks={"out": "out/d/"})
+
+
+def test_the_notebook_with_stages_in_its_cells_runs_headless(tmp_path):
+    """examples/api/stages.ipynb: a function and a class defined in cells, run from a
+    dict and from YAML naming `__main__:NAME`, shipped to the stage processes; the
+    progress and the summary as HTML (no ipywidgets here); pandas and polars."""
+    import importlib.util
+
+    assert importlib.util.find_spec("ipywidgets") is None  # the plain HTML output's case
+    notebook = nbformat.read(ROOT / "examples" / "api" / "stages.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    shown = [o for o in code[2].outputs if o.output_type == "display_data"]
+    assert len(shown) == 1 and "<progress value='4' max='4'>" in shown[0].data["text/html"]
+    assert "podpipe run trips: succeeded" in shown[0].data["text/plain"]
+    summary = next(o for o in code[2].outputs if o.output_type == "execute_result")
+    assert "succeeded" in summary.data["text/html"] and "fares" in summary.data["text/html"]
+    trips = [((i % 97) / 4, 5 + i % 41) for i in range(10_000)]
+    short = [(km, minutes) for km, minutes in trips if km <= 4.0]
+    assert f"count  {len(short)}.0" in code[3].outputs[0].data["text/plain"]
+    fare = max(km * 1.5 + 2.5 for km, _ in short)  # params reached the class
+    assert f"│ {fare}" in code[4].outputs[0].data["text/plain"]
+    again = code[5].outputs[0].text.split()
+    assert again[:2] == ["succeeded", str(sum(km <= 5.0 for km, _ in trips))]
+    assert again[2].startswith("src-")
+    assert ("spec.stages[0].run: cannot ship 'locked' to its stage process: TypeError: "
+            "cannot pickle '_thread.lock' object") in code[6].outputs[0].text
+    runs = [r for r in (tmp_path / ".podpipe" / "runs").iterdir() if not r.is_symlink()]
+    assert len(runs) == 2  # what could not be shipped started no run
+    for run in runs:  # each kept its code, this user's alone
+        shipped = list((run / "podpipe-shipped").iterdir())
+        assert shipped and all(p.stat().st_mode & 0o077 == 0 for p in shipped)
+
+
+SCRIPT = '''\
+import os
+import sys
+
+import pyarrow.compute as pc
+
+import podpipe
+
+OFFSET = int(os.environ.get("OFFSET", "1"))
+
+
+def shifted(t):
+    if os.environ.get("FAIL_AT") == str(pc.min(t["x"]).as_py()):
+        raise ValueError("not yet")
+    return t.set_column(0, "x", pc.add(t["x"], OFFSET))
+
+
+if __name__ == "__main__":
+    try:
+        run = podpipe.run("p.yaml", run_dir="run")
+    except podpipe.RunError as error:
+        print("failed at", error.batch)
+        sys.exit(1)
+    print(run.state, run.to_arrow("out")["x"].to_pylist()[:2])
+'''
+
+
+def test_a_scripts_own_function_is_shipped_kept_with_the_run_and_resumed(tmp_path):
+    make_numbers(tmp_path / "data")
+    (tmp_path / "script.py").write_text(SCRIPT)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec(
+        [{"name": "shift", "run": "__main__:shifted", "inputs": ["source"], "workers": 1}],
+        [{"name": "out", "input": "shift", "uri": "out/"}])))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "FAIL_AT": "5000"}
+    failed = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1 and "failed at 5" in failed.stdout, failed.stderr
+    shipped = tmp_path / "run" / "podpipe-shipped" / "shift.pkl"
+    assert shipped.stat().st_mode & 0o077 == 0
+    # The command line resumes it with the code the run kept, not the script.
+    (tmp_path / "script.py").unlink()
+    del env["FAIL_AT"]
+    resumed = subprocess.run([sys.executable, "-m", "podpipe", "resume", "run", "--quiet"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    out = pq.read_table(tmp_path / "out")
+    assert sorted(out["x"].to_pylist()) == [x + 1 for x in range(10_000)]
+    # Run from the command line, nothing is shipped: said, not a temp file's name.
+    cli = subprocess.run([sys.executable, "-m", "podpipe", "run", "p.yaml", "--quiet"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2
+    assert ("spec.stages[0].run: '__main__:shifted' names a function of the notebook or "
+            "script that runs the pipeline, and none was shipped") in cli.stderr
+    assert "Traceback" not in cli.stderr

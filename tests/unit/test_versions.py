@@ -133,3 +133,45 @@ def test_a_command_stage_is_versioned_by_its_command_image_and_env():
     assert base.startswith("cmd-") and base == version()
     assert version(image="tool:2") != base and version(env={"K": "v"}) != base
     assert version(command=["tool", "--y"]) != base
+
+
+def _as_main(tmp_path, source: str):
+    """A script's functions, as a notebook's are: defined in `__main__`."""
+    import importlib.util
+
+    path = tmp_path / "script.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("__main__", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = """\
+K = 2
+
+
+def helper(t):
+    return t * K
+
+
+def other(t):
+    return t  # other
+
+
+def stage(t):
+    return helper(t)
+"""
+
+
+def test_a_shipped_stage_is_versioned_by_its_code_and_what_it_refers_to(tmp_path):
+    from podpipe.runtime.stage import shipped
+
+    def version(source: str) -> str:
+        return shipped.version(_as_main(tmp_path, source).stage, b"pickled")
+
+    one = version(SCRIPT)
+    assert one.startswith("src-") and version(SCRIPT) == one
+    assert version(SCRIPT.replace("t  # other", "t + 1")) == one
+    assert version(SCRIPT.replace("t * K", "t * K + 0")) != one
+    assert version(SCRIPT.replace("K = 2", "K = 3")) != one

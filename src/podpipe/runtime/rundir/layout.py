@@ -2,6 +2,8 @@
 
     RUN_DIR/lock           held (flock) by the process running the run
     RUN_DIR/spec.yaml      the spec as run (an apply replaces it)
+    RUN_DIR/podpipe-shipped/  stages defined in a notebook or script, shipped by value
+                           beside the spec (`runtime.stage.shipped`)
     RUN_DIR/run.json       `RunRecord`: the spec's path, overrides, working directory,
                            where the pod stands among the replicas
     RUN_DIR/status.json    the status (`runtime.status`)
@@ -56,6 +58,21 @@ class RunRecord(msgspec.Struct, kw_only=True):
         return self.attempt is not None
 
 
+SHIPPED = "podpipe-shipped"  # beside a spec: its stages shipped by value, STAGE.pkl
+
+
+def publish_spec(folder: Path, spec_path: str) -> None:
+    """`folder/spec.yaml` from `spec_path`, with the stages shipped beside it (files of
+    this user's that others cannot write: anything else is refused, `NotOurs`)."""
+    source = Path(spec_path).parent / SHIPPED
+    if source.is_dir():
+        files.check_ours(source)
+        files.private_dirs(folder / SHIPPED)
+        for shipped in sorted(source.glob("*.pkl")):
+            files.publish(folder / SHIPPED / shipped.name, files.read_ours(shipped))
+    files.publish(folder / "spec.yaml", Path(spec_path).read_bytes())
+
+
 def make(path: Path, spec_path: str, overrides: list[str], **record: object) -> None:
     """An empty run directory with its logs folder, the spec as run, and `run.json`."""
     try:
@@ -65,7 +82,7 @@ def make(path: Path, spec_path: str, overrides: list[str], **record: object) -> 
                              f"'podpipe resume {path}', or choose an empty directory")
         path.chmod(0o700)  # the run's data, logs and journal are its user's alone
         (path / "logs").mkdir(mode=0o700)
-        files.publish(path / "spec.yaml", Path(spec_path).read_bytes())
+        publish_spec(path, spec_path)
         write(path, RunRecord(spec=os.path.abspath(spec_path), overrides=overrides,
                               cwd=os.getcwd(), **record))  # type: ignore[arg-type]
     except OSError as exc:

@@ -119,7 +119,7 @@ class Line:
             self.record.jobs = before.jobs
             self.record.jobs.running = None
         self._publish()  # (starting)
-        files.publish(self.path / "spec.yaml", Path(self.record.spec).read_bytes())
+        rundir.publish_spec(self.path, self.record.spec)
         if self.start.volume is not None:  # (what a conductor before left there goes)
             self.scratch = scratches.Scratch.at(self.start.volume)
         else:

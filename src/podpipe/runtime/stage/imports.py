@@ -19,7 +19,7 @@ from podpipe.model.spec import Pipeline
 def check(pipeline: Pipeline, timeout: float) -> None:
     """Raise a SpecError for the first `run:` target that does not import, is not
     callable or cannot take its params (the others named after it)."""
-    targets = [{"run": stage.run, "params": stage.params,
+    targets = [{"run": stage.run, "params": stage.params, "stage": stage.name,
                 "field": f"spec.stages[{index}].run"}
                for index, stage in enumerate(pipeline.stages) if stage.run]
     if not targets:
@@ -61,7 +61,8 @@ def _main() -> None:
     problems = []
     for target in asked["targets"]:
         try:
-            load_callable(target["run"], asked["file"], target["field"], target["params"])
+            load_callable(target["run"], asked["file"], target["field"], target["params"],
+                          target["stage"])
         except SpecError as exc:
             problems.append({"field": exc.field or target["field"], "message": exc.detail})
     real_stdout.write(json.dumps(problems))

@@ -24,7 +24,7 @@ from podpipe.model.pipeline import Command as CommandSpec
 from podpipe.model.spec import SOURCE, Pipeline
 from podpipe.runtime.data import arrowfile
 from podpipe.runtime.plumbing import protocol
-from podpipe.runtime.stage import commands
+from podpipe.runtime.stage import commands, shipped
 from podpipe.runtime.stage.codeversion import CodeVersion
 from podpipe.runtime.storage.answers import Answers, answers_store
 
@@ -104,14 +104,21 @@ class SetupFailed(Exception):
     any other (restarted, then the run fails), the user's traceback in its log."""
 
 
-def load_callable(target: str, file: str, field: str, params: dict[str, Any] | None
-                  ) -> tuple[Callable[..., Any], Any]:
-    """`module:name` imported, checked callable and able to take `params` (a
-    SpecError naming `field` otherwise); and its module."""
+def load_callable(target: str, file: str, field: str, params: dict[str, Any] | None,
+                  node: str) -> tuple[Callable[..., Any], Any, str | None]:
+    """`module:name` imported (or `__main__:name` loaded as shipped for stage `node`),
+    checked callable and able to take `params` (a SpecError naming `field`
+    otherwise); its module, and a shipped callable's version."""
     module, _, name = target.partition(":")
+    imported, version = None, None
     try:
-        imported = importlib.import_module(module)
-        function: Callable[..., Any] = getattr(imported, name)
+        if module == shipped.MAIN:
+            function, version = shipped.load(file, node, target, field)
+        else:
+            imported = importlib.import_module(module)
+            function = getattr(imported, name)
+    except SpecError:
+        raise
     except Exception as exc:  # any import-time failure of user code
         raise SpecError(f"cannot import {target!r}: {type(exc).__name__}: {exc}",
                         file=file, field=field) from exc
@@ -124,7 +131,7 @@ def load_callable(target: str, file: str, field: str, params: dict[str, Any] | N
                         field=field.replace(".run", ".params")) from None
     except ValueError:
         pass  # (a builtin without a signature: its call says)
-    return function, imported
+    return function, imported, version
 
 
 class CallFunction(Work):
@@ -133,8 +140,9 @@ class CallFunction(Work):
     `close()`d when the process ends cleanly. A function takes `params` too."""
 
     def __init__(self, target: str, file: str, field: str,
-                 params: dict[str, Any] | None = None) -> None:
-        self.function, imported = load_callable(target, file, field, params)
+                 params: dict[str, Any] | None = None, node: str = "") -> None:
+        self.function, imported, self.shipped = load_callable(target, file, field, params,
+                                                              node)
         self.source = getattr(imported, "__file__", None)  # unparsable: its version
         module, _, name = target.partition(":")
         self.target = (module, name)
@@ -257,7 +265,8 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
         return CallService(pipeline, node)
     if stage.run:
         return CallFunction(stage.run, pipeline.file,
-                            f"spec.stages[{pipeline.stages.index(stage)}].run", stage.params)
+                            f"spec.stages[{pipeline.stages.index(stage)}].run", stage.params,
+                            node)
     assert stage.command is not None
     return Command(stage.command, node)
 
@@ -283,7 +292,7 @@ def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
         digest.update(stage.run.encode() if stage.run else b"")
         if stage.params:  # (none: the version as before params were)
             digest.update(json.dumps(stage.params, sort_keys=True, default=str).encode())
-        code = CodeVersion().digest(*work.target)
+        code = work.shipped or CodeVersion().digest(*work.target)
         if code is not None:
             digest.update(code.encode())
         else:  # a module whose source cannot be parsed: all of it, if it can be read
