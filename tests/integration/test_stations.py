@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import (STAGES, make_numbers, node_stage, podpipe, read_sink, run_status, spec,
                       start_run, wait_until, write_spec)
@@ -271,3 +272,37 @@ def test_serve_is_refused_on_a_python_stage(tmp_path):
     done = podpipe("validate", "p.yaml", cwd=tmp_path)
     assert done.returncode == 2
     assert "spec.stages[0].serve: serve is a command stage's" in done.stderr
+
+
+def _devices_seen(workdir: Path) -> dict[int, str]:
+    return {int(p.name.split("-")[1]): p.read_text()
+            for p in (workdir / "setups").glob("devices-*")}
+
+
+@pytest.mark.parametrize("workers", [4, "auto"])
+def test_each_worker_of_a_gpu_stage_gets_its_own_devices_and_auto_is_capped(tmp_path,
+                                                                             workers):
+    """A pod with 2 GPUs (`spec.gpus`), a stage asking for one per worker: with 4 fixed
+    workers, two get a device each and two none; `auto` gives it no more than 2
+    workers however long its batches wait; other stages see no device."""
+    make_numbers(tmp_path / "data")
+    (tmp_path / "setups").mkdir()
+    stages = [{"name": "score", "run": "pystages:SeesDevices", "inputs": ["source"],
+               "resources": {"gpu": 1}, "workers": workers,
+               "env": {"SETUP_DIR": str(tmp_path / "setups")}},
+              {"name": "after", "run": "pystages:SeesDevices", "inputs": ["score"],
+               "workers": 1, "env": {"SETUP_DIR": str(tmp_path / "setups" / "after")}}]
+    (tmp_path / "setups" / "after").mkdir()
+    write_spec(tmp_path / "p.yaml", spec(stages, [{"input": "after", "uri": "out/"}],
+                                         batch_rows=200, gpus=2))  # 50 batches
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
+                   CUDA_VISIBLE_DEVICES="")  # what this machine has: none
+    assert done.returncode == 0, done.stderr
+    seen = _devices_seen(tmp_path)
+    if workers == 4:
+        assert seen == {0: "0", 1: "1", 2: "", 3: ""}
+    else:
+        assert seen == {0: "0", 1: "1"}  # grown to its devices, no further
+        assert run_status(tmp_path / "run")["stages"]["score"]["workers"] <= 2
+    assert (tmp_path / "setups" / "after" / "devices-0").read_text() == ""
+    assert read_sink(tmp_path / "out").num_rows == 10_000

@@ -418,3 +418,18 @@ class ScaledPlusOne(Scaled):
     def __call__(self, t: pa.Table) -> pa.Table:
         scaled = super().__call__(t)
         return scaled.set_column(0, "x", pc.add(scaled["x"], 1))
+
+
+class SeesDevices:
+    """Records, once per worker, the GPUs its process was given (SETUP_DIR/devices-<worker>
+    holds CUDA_VISIBLE_DEVICES, or '-' when unset); waits 0.05 s a batch, as a stage
+    waiting on its device would (so that `auto` wants more of it)."""
+
+    def __init__(self) -> None:
+        worker = os.environ.get("PODPIPE_WORKER", "0")
+        with open(os.path.join(os.environ["SETUP_DIR"], f"devices-{worker}"), "x") as f:
+            f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        time.sleep(0.05)
+        return t

@@ -501,3 +501,24 @@ def test_a_job_runs_each_index_once_and_fails_at_once_on_a_stage_failure():
     patch = podpipe("render", str(EXAMPLE), "--flavor", "job", "--patch", "prices=img:2",
                     "--data-claim", "lake", cwd=ROOT)
     assert patch.returncode == 2 and "cannot change" in patch.stderr
+
+
+def test_a_gpu_stage_asks_for_its_workers_devices_and_validates(tmp_path):
+    stages = [{"name": "score", "run": "pystages:double", "inputs": ["source"],
+               "resources": {"gpu": 2}, "workers": 3},
+              {"name": "grow", "run": "pystages:double", "inputs": ["score"],
+               "resources": {"gpu": 1}}]
+    path = write_spec(tmp_path / "p.yaml", spec(stages, [{"input": "grow", "uri": "out/"}]))
+    for layout in ("containers", "processes"):
+        manifests = render(str(path), "--layout", layout, "--data-claim", "lake",
+                           cwd=tmp_path)
+        for manifest in manifests:
+            validate(manifest)
+        containers = {c["name"]: c for c in pod_spec(manifests)["containers"]}
+        if layout == "containers":
+            assert containers["score"]["resources"]["limits"]["nvidia.com/gpu"] == "6"
+            assert containers["grow"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            assert "nvidia.com/gpu" not in containers["source"]["resources"].get("limits", {})
+            assert {"name": "PODPIPE_CONTAINER", "value": "1"} in containers["score"]["env"]
+        else:  # one container: every worker's devices
+            assert containers["pod"]["resources"]["limits"]["nvidia.com/gpu"] == "7"

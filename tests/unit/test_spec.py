@@ -276,3 +276,34 @@ def test_the_package_says_it_is_typed():
     from importlib.resources import files
 
     assert files("podpipe").joinpath("py.typed").is_file()
+
+
+def _gpu_pipeline(gpus: dict, *stages: tuple[str, int, object]):
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "g"},
+           "spec": {"source": {"uri": "x.parquet"}, **gpus,
+                    "sinks": [{"input": name, "uri": f"o/{name}/"} for name, _, _ in stages],
+                    "stages": [{"name": name, "run": "m:f", "inputs": ["source"],
+                                "resources": {"gpu": gpu}, "workers": workers}
+                               for name, gpu, workers in stages]}}
+    return specs.parse(yaml.safe_dump(doc))
+
+
+def test_gpu_slots_give_each_worker_its_own_devices_fixed_stages_first():
+    pipeline = _gpu_pipeline({"gpus": 4}, ("a", 1, "auto"), ("b", 2, 1))
+    assert pipeline.gpus == 4 and pipeline.stage("b").resources.gpu == 2
+    slots = pipeline.gpu_slots(["0", "1", "2", "3"])
+    assert slots == {"b": [("0", "1")], "a": [("2",), ("3",)]}
+    short = _gpu_pipeline({}, ("a", 1, 4)).gpu_slots(["5", "7"])
+    assert short == {"a": [("5",), ("7",)]}  # workers 2 and 3: none
+    shared = _gpu_pipeline({}, ("a", 1, "auto"), ("c", 1, "auto")).gpu_slots("0123")
+    assert shared == {"a": [("0",), ("1",)], "c": [("2",), ("3",)]}
+    assert _gpu_pipeline({}, ("a", 2, "auto")).gpu_slots([]) == {"a": []}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("gpus", -1, "spec.gpus"), ("gpus", "two", "spec.gpus")])
+def test_bad_gpu_counts_are_refused_naming_the_field(field, value, message):
+    with pytest.raises(SpecError, match=message.replace(".", r"\.")):
+        _gpu_pipeline({field: value}, ("a", 1, 1))
+    with pytest.raises(SpecError, match=r"spec\.stages\[0\]\.resources\.gpu"):
+        _gpu_pipeline({}, ("a", 0, 1))

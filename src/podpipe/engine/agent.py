@@ -139,6 +139,7 @@ class Pool:
         self.tasks: dict[str, deque[tuple[float, float]]] = {}  # its last tasks:
         # (seconds wanted of a core, seconds taken), since it last got a worker
         self.most: dict[str, int] = {}  # the most workers each node had
+        self.caps: dict[str, int] = {}  # most workers of a node, whatever the cores (GPUs)
         self.used = 0.0  # the cores the pod wanted at the last tick
         self.settled = 0  # ticks since a worker was last added (the first ran part of it)
 
@@ -181,6 +182,11 @@ class Pool:
     def forget(self, node: str) -> None:
         self.pressure.pop(node, None)
         self.tasks.pop(node, None)
+
+    def limit(self, node: str, per_cpu: int) -> int:
+        """The most workers `auto` gives `node`: `per_cpu` a core, and no more than
+        its cap (a GPU stage: its workers with devices)."""
+        return min(max(1, int(per_cpu * self.cpus)), self.caps.get(node, 1 << 30))
 
     def free(self) -> float:
         """The cores the pod had to spare at the last tick; none unless a whole tick

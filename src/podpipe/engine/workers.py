@@ -8,7 +8,8 @@ whose *pressure* — that work per worker, averaged over the last `WINDOW` ticks
 judged once `SEEN` are in — stays above 1 holds the line back. It gets a worker
 if the pod has a core for it (the cores every process of the pod wants now, plus
 what one busy worker of the node wants, fit in `cpus`), or at once as many as it
-has batches waiting, up to `MOST_PER_CPU` per core, when its busy workers want
+has batches waiting, up to `MOST_PER_CPU` per core (and its cap: a GPU stage's
+devices), when its busy workers want
 little of a core (I/O bound, as the seed says: more workers than cores). What a
 process *wants* is the time it ran plus the time it waited for a core
 (`runtime.cputime`), so a stage starved of CPU is not taken for one waiting on I/O;
@@ -62,7 +63,7 @@ def rebalance(run: Ledger, cpu: dict[str, float]) -> list[Action]:
     node = pressing[0]
     count = len(run.agents[node])
     per_worker = pool.per_worker(node) or 0.0
-    most = max(1, int(MOST_PER_CPU * pool.cpus))
+    most = pool.limit(node, MOST_PER_CPU)
     if per_worker < IO_BOUND:  # it mostly waits: as many as it has batches waiting
         waiting = len(run.ready[node]) if node != SOURCE else 1
         return add(run, node, min(max(1, waiting), most - count))
@@ -97,7 +98,7 @@ def after_task(run: Ledger, node: str, wanted: float, busy: float) -> list[Actio
         return []  # too little seen yet: a stall of a few ms would decide
     cores = used / took
     waiting = len(run.ready[node]) if node != SOURCE else _starving(run)
-    room = max(1, int(MOST_PER_CPU * run.pool.cpus)) - len(run.agents[node])
+    room = run.pool.limit(node, MOST_PER_CPU) - len(run.agents[node])
     if cores < IO_BOUND:
         more = min(waiting, room)
     elif tasks >= 2 and waiting and room and cores <= run.pool.free():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 SOURCE = "source"
 # A node's name becomes a process name, a directory in scratch and on the node tier
@@ -22,6 +22,7 @@ class Resources:
 
     cpu: str | None = None       # a Kubernetes CPU quantity: "2", "0.5", "500m"
     memory: int | None = None    # bytes of the process's own memory
+    gpu: int | None = None       # whole GPUs each worker has to itself (nvidia.com/gpu)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class Pipeline:
     checkpoints: Checkpoints
     shards: int = 1
     cpus: float | None = None  # what `workers: auto` may use; None: what this process may
+    gpus: int | None = None    # the pod's GPUs; None: those visible to it
     tables: tuple[Table, ...] = ()
     file: str = "spec"
     document: Any = field(default=None, repr=False, compare=False)  # as parsed, overridden
@@ -150,6 +152,30 @@ class Pipeline:
                                                                     # requests overlaps
                                                                     # the next batch's
         return 1 if stage.reduce else stage.workers
+
+    def gpu_slots(self, devices: Sequence[str]) -> dict[str, list[tuple[str, ...]]]:
+        """Each GPU stage's device sets, one per worker that gets devices (a worker
+        beyond them gets none): `resources.gpu` devices each, none shared. Stages
+        with a fixed `workers` take theirs first, in spec order; `auto` ones share
+        the rest evenly (at least one set each while any is left)."""
+        free = list(devices)
+        slots: dict[str, list[tuple[str, ...]]] = {}
+        wanting = [s for s in self.stages if s.resources.gpu]
+        auto = [s for s in wanting if s.workers is None and not s.reduce]
+        for stage in wanting:
+            if stage in auto:
+                continue
+            per = stage.resources.gpu or 1
+            count = min(1 if stage.reduce else stage.workers or 1, len(free) // per)
+            slots[stage.name] = [tuple(free[i * per:(i + 1) * per]) for i in range(count)]
+            free = free[count * per:]
+        for index, stage in enumerate(auto):
+            per = stage.resources.gpu or 1
+            share = len(free) // (len(auto) - index)  # what is left, split among the rest
+            count = max(min(1, len(free) // per), share // per)
+            slots[stage.name] = [tuple(free[i * per:(i + 1) * per]) for i in range(count)]
+            free = free[count * per:]
+        return slots
 
     def stage(self, name: str) -> Stage:
         for stage in self.stages:

@@ -44,6 +44,7 @@ MAX_BATCH_ROWS = 1 << 31
 
 # A stage's name becomes a process name, a directory in scratch and, on
 # Kubernetes, a container name: so it must be a DNS-1123 label.
+MAX_GPUS = 64  # devices of one pod, or of one stage's worker
 _CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or millicores
 
@@ -128,7 +129,7 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
     meta = r.mapping("metadata", doc["metadata"], {"name", "labels", "annotations"}, {"name"})
     spec = r.mapping("spec", doc["spec"],
                      {"source", "stages", "sinks", "memory", "checkpoints", "shards", "cpus",
-                      "tables"},
+                      "gpus", "tables"},
                      {"source", "stages", "sinks"})
     tables = _tables(r, spec.get("tables", []))
     stages = _stages(r, spec["stages"], {t.name for t in tables})
@@ -155,6 +156,8 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
         shards=r.integer("spec.shards", spec.get("shards", 1), minimum=1,
                          maximum=MAX_SHARDS),
         cpus=_cpus(r, spec.get("cpus")),
+        gpus=r.integer("spec.gpus", spec["gpus"], minimum=0, maximum=MAX_GPUS)
+        if "gpus" in spec else None,
         tables=tables,
         file=r.file,
         document=doc,
@@ -355,7 +358,7 @@ def _cpus(r: Reader, value: Any) -> float | None:
 
 
 def _resources(r: Reader, path: str, value: Any) -> Resources:
-    res = r.mapping(path, value, {"cpu", "memory"}, set())
+    res = r.mapping(path, value, {"cpu", "memory", "gpu"}, set())
     cpu = res.get("cpu")
     if cpu is not None:
         cpu = str(cpu) if isinstance(cpu, (int, float)) and not isinstance(cpu, bool) else cpu
@@ -368,7 +371,9 @@ def _resources(r: Reader, path: str, value: Any) -> Resources:
             memory = parse_size(res["memory"])
         except ValueError as exc:
             raise r.fail(f"{path}.memory", str(exc)) from None
-    return Resources(cpu=cpu, memory=memory)
+    gpu = (r.integer(f"{path}.gpu", res["gpu"], minimum=1, maximum=MAX_GPUS)
+           if res.get("gpu") is not None else None)
+    return Resources(cpu=cpu, memory=memory, gpu=gpu)
 
 
 def _sinks(r: Reader, value: Any, stages: tuple[Stage, ...],

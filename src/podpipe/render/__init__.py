@@ -44,6 +44,7 @@ from podpipe.model.sizes import parse_size
 from podpipe.model.spec import Pipeline, Resources
 from podpipe.render import data, sizing as sizes, workloads
 from podpipe.render.data import DATA, WORKDIR, Volumes
+from podpipe.runtime.plumbing.protocol import CONTAINER_ENV
 
 __all__ = ["Options", "Volumes", "dump", "image_patch", "render", "stage_patch",
            "submit_commands"]
@@ -248,6 +249,7 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
                                  writes_data=True)]
         # one container: the scratch it writes is in its request too (counted once)
         containers[0]["resources"]["requests"]["memory"] = sizes.mebibytes(memory + budget)
+        _gpus(containers[0], sum(_gpus_of(pipeline, node) for node in nodes))
         pod_resources = None
         sizing = (f"one container: requests {sizes.mebibytes(memory)} (the processes' "
                   f"needs, the conductor's {sizes.mebibytes(sizes.CONDUCTOR_MEMORY)} in) + "
@@ -283,6 +285,8 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
                 "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 300}
             if pipeline.workers(node) is None:  # auto: what its workers may grow to
                 container["resources"]["limits"]["cpu"] = f"{pipeline.container_cpus:g}"
+            container["env"].append({"name": CONTAINER_ENV, "value": "1"})
+            _gpus(container, _gpus_of(pipeline, node))
         sizing, pod_resources = sizes.size(init + containers, budget, options.kube_version)
         if any(pipeline.workers(node) is None for node in nodes):
             sizing += (f"; a workers: auto node's container starts one worker and may grow "
@@ -305,6 +309,22 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
         pod["resources"] = pod_resources
     pod["volumes"] = _volumes(pipeline, options)
     return pod, sizing
+
+
+def _gpus_of(pipeline: Pipeline, node: str) -> int:
+    """The GPUs a node's container asks for: `resources.gpu` for each of its workers
+    (`auto`: one worker's — it grows no further than its devices)."""
+    stages = {s.name: s for s in pipeline.stages}
+    if node not in stages or not stages[node].resources.gpu:
+        return 0
+    return (stages[node].resources.gpu or 0) * (pipeline.workers(node) or 1)
+
+
+def _gpus(container: dict[str, Any], count: int) -> None:
+    """An NVIDIA device plugin's devices, as a limit (an extended resource's request
+    is its limit)."""
+    if count:
+        container["resources"]["limits"]["nvidia.com/gpu"] = str(count)
 
 
 def _container(name: str, image: str, command: list[str], args: list[str],

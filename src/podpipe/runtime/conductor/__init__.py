@@ -48,7 +48,7 @@ from podpipe.runtime.conductor.floor import Floor
 from podpipe.runtime.conductor.metrics import Watchers
 from podpipe.runtime.conductor.processes import SPAWNED, Processes
 from podpipe.runtime.plumbing.launching import Launcher
-from podpipe.runtime.conductor.run import Run, Timeout, cpus, retries, workers
+from podpipe.runtime.conductor.run import Run, Timeout, cpus, gpu_caps, retries, workers
 from podpipe.runtime.conductor.scratchwork import ScratchWork
 from podpipe.runtime.conductor.snapshot import Counters, snapshot
 from podpipe.runtime.conductor.swaps import Change, Swaps
@@ -82,6 +82,7 @@ class Conductor:
             workers=workers(run.pipeline, run.graph), cpus=cpus(run.pipeline))
         if launcher is None:  # containers: one per node, started by the kubelet
             self.ledger.in_containers(run.pipeline.container_cpus)
+        self.ledger.pool.caps.update(gpu_caps(run.pipeline, containers=launcher is None))
         self.floor = floor or Floor.of_run(launcher, listener, reaper, self._log)
         self.agents, self.processes = self.floor.agents, self.floor.processes
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents)

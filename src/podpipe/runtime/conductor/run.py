@@ -102,6 +102,15 @@ def workers(pipeline: Pipeline, graph: Graph) -> dict[str, int | None]:
     return {node: pipeline.workers(node) for node in graph.order}
 
 
+def gpu_caps(pipeline: Pipeline, containers: bool) -> dict[str, int]:
+    """The most workers `auto` gives each stage that asks for GPUs: as many as have
+    devices of their own (`Pipeline.gpu_slots`; one at least); in a node's own
+    container, one (its container's devices are rendered for one worker)."""
+    slots = {} if containers else pipeline.gpu_slots(cputime.gpus(pipeline.gpus))
+    return {s.name: max(1, len(slots.get(s.name, []))) for s in pipeline.stages
+            if s.resources.gpu and s.workers is None}
+
+
 def cpus(pipeline: Pipeline) -> float:
     """The cores `workers: auto` may use: `spec.cpus`, else what this process may use
     (its CPU affinity, and its cgroup's CPU quota, as a Kubernetes pod has)."""

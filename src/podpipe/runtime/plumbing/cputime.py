@@ -91,3 +91,25 @@ def cores() -> tuple[float, bool]:
     except (OSError, ValueError):
         pass
     return count, False
+
+
+GPUS_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def gpus(stated: int | None) -> list[str]:
+    """The pod's GPUs, as device names for CUDA_VISIBLE_DEVICES: the ones visible to
+    this process (CUDA_VISIBLE_DEVICES, else the /dev/nvidiaN devices); `stated`
+    (`spec.gpus`): that many — the first visible ones, or 0..N-1 when fewer are."""
+    listed = os.environ.get(GPUS_ENV)
+    if listed is not None:
+        visible = [d.strip() for d in listed.split(",") if d.strip()]
+    else:
+        try:
+            visible = sorted((n[len("nvidia"):] for n in os.listdir("/dev")
+                              if n.startswith("nvidia") and n[len("nvidia"):].isdigit()),
+                             key=int)
+        except OSError:
+            visible = []
+    if stated is None:
+        return visible
+    return visible[:stated] if len(visible) >= stated else [str(i) for i in range(stated)]

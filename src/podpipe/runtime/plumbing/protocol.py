@@ -53,6 +53,7 @@ MAX_MESSAGE = 64 << 20
 
 
 WORKER_ENV = "PODPIPE_WORKER"  # which of its node's processes an agent is (0 if unset)
+CONTAINER_ENV = "PODPIPE_CONTAINER"  # set in a node's own container (as rendered)
 
 
 def agent_name(node: str, worker: int) -> str:

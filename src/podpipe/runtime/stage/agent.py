@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import time
 import traceback
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,23 @@ class _Setup:
         pipeline = specs.load(spec_path, overrides)
         if node in {s.name for s in pipeline.stages}:  # this process is the stage's own:
             os.environ.update(pipeline.stage(node).env)  # before its module is imported
+        os.environ.update(_devices(pipeline, node))
         work = work_for(pipeline, node)
         return cls(pipeline, work, version_of(pipeline, node, work))
+
+
+def _devices(pipeline: specs.Pipeline, node: str) -> dict[str, str]:
+    """This worker's GPUs, when a stage of the pipeline asks for any: its own set of
+    the pod's devices (`Pipeline.gpu_slots`; in a container, of the container's, its
+    node's alone), none for a worker beyond them or a node that asks for none."""
+    if not any(s.resources.gpu for s in pipeline.stages):
+        return {}
+    if os.environ.get(protocol.CONTAINER_ENV):
+        pipeline = dataclasses.replace(pipeline, stages=tuple(
+            s for s in pipeline.stages if s.name == node))
+    slots = pipeline.gpu_slots(cputime.gpus(pipeline.gpus)).get(node, [])
+    worker = int(os.environ.get(protocol.WORKER_ENV, "0"))
+    return {cputime.GPUS_ENV: ",".join(slots[worker]) if worker < len(slots) else ""}
 
 
 def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
