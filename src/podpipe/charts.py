@@ -68,10 +68,16 @@ def pipeline_graph(graph: Graph, s: Status, busy: dict[str, dict[str, float]]) -
     return "".join(parts)
 
 
-def timeline(tasks: list[TaskRecord], elapsed: float, graph: Graph) -> str:
+SETUP_COLOR = "#6a51a3"  # a process setting its stage up (a class's setup)
+
+
+def timeline(tasks: list[TaskRecord], elapsed: float, graph: Graph,
+             setups: list[TaskRecord] | None = None) -> str:
     """A row per node's worker, a bar per task coloured by its version, its wait for
-    RAM apart; `elapsed`: the span drawn."""
-    lanes = sorted({(t.node, t.worker) for t in tasks},
+    RAM apart, and a bar of its own for a process setting its stage up; `elapsed`:
+    the span drawn."""
+    setups = setups or []
+    lanes = sorted({(t.node, t.worker) for t in tasks + setups},
                    key=lambda lane: (graph.order.index(lane[0]) if lane[0] in graph.order
                                      else 99, lane[1]))
     if not lanes:
@@ -88,6 +94,12 @@ def timeline(tasks: list[TaskRecord], elapsed: float, graph: Graph) -> str:
         y = i * lane_h
         name = node if worker == 0 else f"{node}.{worker}"
         parts.append(f'<text x="0" y="{y + 13}">{escape(name[:16])}</text>')
+        for t in (t for t in setups if (t.node, t.worker) == (node, worker)):
+            x, w = left + t.handed * scale, max(1.0, (t.ended - t.handed) * scale)
+            parts.append(f'<rect class="setup" data-node="{escape(node)}" x="{x:.1f}" '
+                         f'y="{y + 2}" width="{w:.1f}" height="{lane_h - 4}" '
+                         f'fill="{SETUP_COLOR}"><title>{escape(name)}: set up in '
+                         f'{t.ended - t.handed:.3f} s</title></rect>')
         for t in (t for t in tasks if (t.node, t.worker) == (node, worker)):
             x = left + t.handed * scale
             w = max(1.0, (t.ended - t.handed) * scale)
@@ -110,6 +122,8 @@ def timeline(tasks: list[TaskRecord], elapsed: float, graph: Graph) -> str:
     legend = "".join(f'<span style="background:{PALETTE[i % len(PALETTE)]}"></span>'
                      + (names[i] if i < len(names) else f"version {i + 1}")
                      for i in range(versions))
+    if setups:
+        legend += f'<span style="background:{SETUP_COLOR}"></span>setting up'
     return (f'<div class="legend">{legend}<span style="background:#e15759"></span>waiting for '
             'RAM<span style="background:#bbb"></span>not done (failed, denied, lost)</div>'
             + "".join(parts))

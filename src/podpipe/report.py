@@ -43,9 +43,11 @@ class Attempt:
     """One attempt of a run: its first, or a resume; times since its own start."""
 
     def __init__(self, number: int, tasks: list[records.TaskRecord],
-                 samples: list[records.SampleRecord], elapsed: float) -> None:
+                 samples: list[records.SampleRecord], elapsed: float,
+                 setups: list[records.TaskRecord] | None = None) -> None:
         self.number, self.tasks, self.samples = number, tasks, samples
-        ends = [t.ended for t in tasks] + [x.t for x in samples]
+        self.setups = setups or []  # its processes setting their stages up
+        ends = [t.ended for t in tasks + self.setups] + [x.t for x in samples]
         self.elapsed = max([elapsed, *ends, 1e-3])
 
     @property
@@ -59,7 +61,9 @@ class Pod:
     def __init__(self, run_dir: Path, title: str) -> None:
         self.run_dir, self.title = run_dir, title
         self.status = status.read(run_dir)
-        self.tasks = records.read(run_dir / TASKS, records.TaskRecord)
+        read = records.read(run_dir / TASKS, records.TaskRecord)
+        self.tasks = [t for t in read if t.state != records.SETUP]
+        self.setups = [t for t in read if t.state == records.SETUP]
         self.samples = records.read(run_dir / SAMPLES, records.SampleRecord)
 
     @property
@@ -69,7 +73,8 @@ class Pod:
                          or {1})
         return [Attempt(n, [t for t in self.tasks if t.attempt == n],
                         [x for x in self.samples if x.attempt == n],
-                        self.status.elapsed_seconds if n == numbers[-1] else 0.0)
+                        self.status.elapsed_seconds if n == numbers[-1] else 0.0,
+                        [t for t in self.setups if t.attempt == n])
                 for n in numbers]
 
     @property
@@ -149,7 +154,8 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
             what = "the first run" if attempt.number == 1 else "resumed"
             parts.append(f'<h2 class="attempt" data-attempt="{attempt.number}">Attempt '
                          f"{attempt.number} ({what}): {attempt.elapsed:.2f} s</h2>")
-        parts.append("<h3>Timeline</h3>" + charts.timeline(attempt.tasks, attempt.elapsed, graph))
+        parts.append("<h3>Timeline</h3>" + charts.timeline(attempt.tasks, attempt.elapsed, graph,
+                                                               attempt.setups))
         parts.append("<h3>RAM scratch</h3>" + _memory_svg(attempt, s))
         parts.append(_per_node_charts(attempt, graph))
     parts.append("<h2>Per node</h2>" + _table(s, graph, busy))

@@ -18,7 +18,7 @@ def chrome_trace(run_dir: Path) -> dict[str, Any]:
     for pid, pod in enumerate(pods_of(run_dir)):
         events.append({"ph": "M", "name": "process_name", "pid": pid,
                        "args": {"name": pod.title or pod.status.pipeline}})
-        lanes = sorted({(t.node, t.worker) for t in pod.tasks})
+        lanes = sorted({(t.node, t.worker) for t in pod.tasks + pod.setups})
         tid = {lane: i for i, lane in enumerate(lanes)}
         for (node, worker), i in tid.items():
             events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": i,
@@ -38,6 +38,11 @@ def chrome_trace(run_dir: Path) -> dict[str, Any]:
                     events.append({"ph": "X", "name": "waiting for RAM", "cat": "ram",
                                    "pid": pid, "tid": lane, "ts": us(t.asked),
                                    "dur": round((t.granted - t.asked) * 1e6)})
+            for t in attempt.setups:
+                events.append({"ph": "X", "name": "setting up", "cat": t.node, "pid": pid,
+                               "tid": tid[(t.node, t.worker)], "ts": us(t.handed),
+                               "dur": round((t.ended - t.handed) * 1e6),
+                               "args": {"version": t.version, "attempt": attempt.number}})
             for x in attempt.samples:
                 for name, args in (("RAM scratch (bytes)", {"in use": x.peak,
                                                             "budget": x.budget}),

@@ -1,8 +1,12 @@
-"""Stations that keep state: class stages set up once per process, called per batch
-and closed on a clean end; params for class and function stages. Real processes."""
+"""Stations: class stages set up once per worker, called per batch and closed on a
+clean end; params; versions per callable; validate importing run: targets; serving
+command stages (JavaScript, Python); GPUs per worker; the model example. Real
+processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,6 +47,12 @@ def test_a_class_stage_is_set_up_once_per_worker_and_closed_at_the_end(tmp_path)
     assert status["stages"]["shift"]["setup_seconds"] == 0  # a function: nothing set up
     log = (tmp_path / "run" / "logs" / "scale.log").read_text()
     assert "set up in" in log
+    # The report's timeline: a setup bar in each of the class's workers' lanes.
+    report = podpipe("report", "run", "-o", "report.html", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<rect class="setup" data-node="scale"') == 2
+    assert page.count('<rect class="setup"') == 2 and "setting up" in page
 
 
 def test_a_killed_class_stage_is_set_up_again_and_only_a_clean_end_closes(tmp_path):
@@ -306,3 +316,74 @@ def test_each_worker_of_a_gpu_stage_gets_its_own_devices_and_auto_is_capped(tmp_
         assert run_status(tmp_path / "run")["stages"]["score"]["workers"] <= 2
     assert (tmp_path / "setups" / "after" / "devices-0").read_text() == ""
     assert read_sink(tmp_path / "out").num_rows == 10_000
+
+
+def test_the_model_example_trains_on_its_data_and_scores_with_its_model_set_up_once(
+        tmp_path, lineitem):
+    """examples/model: a random forest trained on the example's own lineitem, then a
+    class stage loading it once per worker; its predictions are calibrated."""
+    from conftest import ROOT, SF
+
+    (tmp_path / "data" / f"tpch-sf{SF}").mkdir(parents=True)
+    (tmp_path / "data" / f"tpch-sf{SF}" / "lineitem").symlink_to(lineitem)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    trained = subprocess.run([sys.executable, "-m", "examples.model.train", "--sf", str(SF),
+                              "--rows", "20000"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    model = tmp_path / "data" / f"tpch-sf{SF}" / "models" / "late.pkl"
+    assert model.stat().st_size > 0 and "accuracy 0.9" in trained.stdout
+    done = podpipe("run", str(ROOT / "examples" / "model" / "score.yaml"), "--quiet",
+                   "--run-dir", "run", "--set", f"source.uri={lineitem}/*.parquet",
+                   "--set", "source.batchRows=10000", "--set", f"stages.score.params.model={model}",
+                   "--set", "stages.score.workers=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    bands = pq.read_table(tmp_path / "out" / "late-lines").to_pylist()
+    assert sum(b["lines"] for b in bands) == sum(pq.read_metadata(p).num_rows
+                                                 for p in lineitem.glob("*.parquet"))
+    for band in bands:  # calibrated: what it predicts is what happened, within a band
+        if band["lines"] >= 500:
+            assert abs(band["predicted"] - band["actual"]) < 0.1, band
+    status = run_status(tmp_path / "run")
+    assert status["stages"]["score"]["setup_seconds"] > 0
+    assert status["stages"]["score"]["batches_done"] >= 6
+    setups = (tmp_path / "run" / "logs").glob("score*.log")
+    assert sum(log.read_text().count("set up in") for log in setups) <= 2  # per worker
+
+
+def test_a_table_handed_to_a_class_setup_is_indexed_once_per_worker(tmp_path):
+    """`setupInputs: [codes]`: the table the pod loaded once, handed to the class's
+    setup at each worker's first task (not to every call); a function, or a name
+    that is not a table, is refused naming the field."""
+    import pyarrow as pa
+
+    make_numbers(tmp_path / "data")
+    (tmp_path / "setups").mkdir()
+    pq.write_table(pa.table({"k": range(10), "label": [f"L{k}" for k in range(10)]}),
+                   tmp_path / "codes.parquet")
+    document = spec([{"name": "labelled", "run": "pystages:Labelled", "inputs": ["source"],
+                      "setupInputs": ["codes"], "workers": 2, "params": {"modulo": 10},
+                      "env": {"SETUP_DIR": str(tmp_path / "setups")}}],
+                    [{"input": "labelled", "uri": "out/"}], batch_rows=500)  # 20 batches
+    document["spec"]["tables"] = [{"name": "codes", "uri": "codes.parquet"}]
+    write_spec(tmp_path / "p.yaml", document)
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = read_sink(tmp_path / "out")
+    assert out["label"].to_pylist() == [f"L{x % 10}" for x in range(10_000)]
+    indexed = [p.read_text() for p in (tmp_path / "setups").glob("index-*")]
+    assert 1 <= len(indexed) <= 2 and set(indexed) == {"10"}  # once a worker, whole table
+    status = run_status(tmp_path / "run")
+    assert status["stages"]["labelled"]["setup_seconds"] > 0
+    assert status["stages"]["codes"]["batches_done"] == 1  # loaded into the pod once
+    report = podpipe("report", "run", "-o", "report.html", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<rect class="setup" data-node="labelled"') == len(indexed)
+    for bad, message in ((["--set", "stages.labelled.run=pystages:with_label",
+                           "--set", "stages.labelled.params={}"],
+                          "spec.stages[0].setupInputs: 'pystages:with_label' is not a class"),
+                         (["--set", "stages.labelled.setupInputs=[source]"],
+                          "spec.stages[0].setupInputs: 'source': setupInputs are tables")):
+        refused = podpipe("run", "p.yaml", "--quiet", *bad, cwd=tmp_path)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr

@@ -126,3 +126,32 @@ spec:
     - {input: f, uri: "out/"}
   memory: 64MiB
 """
+
+
+def test_a_class_set_up_with_a_table_is_kept_only_while_its_table_is(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from podpipe.model import spec as specs
+    from podpipe.model.output import Output
+    from podpipe.runtime.data import tables
+    from podpipe.runtime.runs.warmth import Warmth
+
+    pq.write_table(pa.table({"k": [1]}), tmp_path / "codes.parquet")
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "w"},
+           "spec": {"source": {"uri": "x.parquet"},
+                    "tables": [{"name": "codes", "uri": str(tmp_path / "codes.parquet")}],
+                    "stages": [{"name": "a", "run": "m:C", "inputs": ["source"],
+                                "setupInputs": ["codes"]},
+                               {"name": "b", "run": "m:f", "inputs": ["a"]}],
+                    "sinks": [{"input": "b", "uri": "o/"}]}}
+    pipeline = specs.parse(yaml.safe_dump(doc))
+    kept = tmp_path / "codes.arrow"
+    kept.write_bytes(b"loaded")
+    warmth = Warmth(served=pipeline)
+    warmth.tables = {"codes": (pipeline.table("codes"), tables.version(pipeline.table("codes")),
+                               Output(node="codes", key=0, path=str(kept), nbytes=6, rows=1))}
+    assert warmth.unchanged(pipeline) == {"a", "b", "sink-0"}
+    pq.write_table(pa.table({"k": [1, 2]}), tmp_path / "codes.parquet")  # it changed
+    assert warmth.unchanged(pipeline) == {"b", "sink-0"}  # a sets up anew with it

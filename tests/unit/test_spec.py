@@ -307,3 +307,21 @@ def test_bad_gpu_counts_are_refused_naming_the_field(field, value, message):
         _gpu_pipeline({field: value}, ("a", 1, 1))
     with pytest.raises(SpecError, match=r"spec\.stages\[0\]\.resources\.gpu"):
         _gpu_pipeline({}, ("a", 0, 1))
+
+
+def test_setup_inputs_are_tables_that_come_last_among_a_stages_inputs():
+    doc = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "s"},
+           "spec": {"source": {"uri": "x.parquet"},
+                    "tables": [{"name": "codes", "uri": "codes.parquet"}],
+                    "stages": [{"name": "a", "run": "m:C", "inputs": ["source"],
+                                "setupInputs": ["codes"]}],
+                    "sinks": [{"input": "a", "uri": "o/"}]}}
+    stage = specs.parse(yaml.safe_dump(doc)).stage("a")
+    assert stage.inputs == ("source", "codes") and stage.setup_inputs == ("codes",)
+    for bad in (["source"], ["nope"]):
+        doc["spec"]["stages"][0]["setupInputs"] = bad
+        with pytest.raises(SpecError, match=r"spec\.stages\[0\]\.setupInputs"):
+            specs.parse(yaml.safe_dump(doc))
+    doc["spec"]["stages"][0].update(setupInputs=["codes"], inputs=["source", "codes"])
+    with pytest.raises(SpecError, match="not listed in its inputs"):
+        specs.parse(yaml.safe_dump(doc))

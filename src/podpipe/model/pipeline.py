@@ -35,6 +35,15 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """How a stage's failures and outputs are judged."""
+
+    retries: int = DEFAULT_RETRIES  # deaths of its processes retried before the run fails
+    timeout: float | None = None  # seconds a batch may take; over it, the process dies
+    schema: str = "fixed"         # "any": its output schema may change between batches
+
+
+@dataclass(frozen=True)
 class Command:
     """A `command:` stage's executable: started per batch, or once per worker and
     served its batches on stdin (`serve`)."""
@@ -83,11 +92,10 @@ class Stage:
     image: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     resources: Resources = field(default_factory=Resources)
-    retries: int = DEFAULT_RETRIES
-    timeout: float | None = None  # seconds a batch may take; over it, the process dies
-    schema: str = "fixed"         # "any": its output schema may change between batches
+    policy: Policy = Policy()
     workers: int | None = None    # processes taking its batches; None: auto (1 for a reduce)
     params: dict[str, Any] = field(default_factory=dict)  # a Python stage's keyword arguments
+    setup_inputs: tuple[str, ...] = ()  # tables handed to a class's setup (the last inputs)
 
 
 @dataclass(frozen=True)

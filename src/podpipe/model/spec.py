@@ -23,7 +23,7 @@ from podpipe.model import locations
 from podpipe.model import overrides as overrides_
 from podpipe.model.graph import Graph
 from podpipe.model.pipeline import (DEFAULT_RETRIES, SOURCE, Checkpoints, Pipeline,
-                                     Call, Command, Resources, Sink, Source, Stage, Table)
+                                     Call, Command, Policy, Resources, Sink, Source, Stage, Table)
 from podpipe.model.fields import Reader, kind
 from podpipe.model.sizes import parse_size
 
@@ -215,7 +215,7 @@ def _guess_format(uri: str) -> str | None:
 
 _STAGE_FIELDS = {"name", "run", "command", "call", "inputs", "reduce", "scope", "version", "image",
                  "env", "resources", "retries", "timeout", "schema", "workers", "params",
-                 "serve"}
+                 "serve", "setupInputs"}
 SINK_MODES = ("error", "overwrite")  # what a sink already holding other files does
 SCHEMAS = ("fixed", "any")  # may a stage's output schema differ from batch to batch?
 SCOPES = ("shard", "global")
@@ -281,6 +281,14 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
         if params and run is None:
             raise r.fail(f"{path}.params", "params are a Python stage's (run:) keyword "
                                            "arguments; a command or call stage has none")
+        inputs = r.strings(f"{path}.inputs", st["inputs"])
+        setup_inputs = (r.strings(f"{path}.setupInputs", st["setupInputs"])
+                        if "setupInputs" in st else ())
+        for name_ in setup_inputs:
+            if name_ not in tables or name_ in inputs or run is None:
+                raise r.fail(f"{path}.setupInputs", f"{name_!r}: setupInputs are tables "
+                             "(spec.tables) handed to a Python class stage's setup once, "
+                             "not listed in its inputs")
         serve = r.boolean(f"{path}.serve", st["serve"]) if "serve" in st else False
         if serve and command is None:
             raise r.fail(f"{path}.serve", "serve is a command stage's: its executable "
@@ -295,13 +303,14 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
             raise r.fail(f"{path}.workers", "a reduce runs as one worker (it reads every "
                                             "batch at once); remove 'workers'")
         stages.append(Stage(
-            name=name, inputs=r.strings(f"{path}.inputs", st["inputs"]), run=run,
+            name=name, inputs=inputs + setup_inputs, run=run, setup_inputs=setup_inputs,
             command=Command(command, serve) if command is not None else None, call=call, reduce=scope if reduce else None,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
-            env=dict(env), resources=resources, retries=retries,
-            timeout=r.seconds(f"{path}.timeout", st["timeout"]) if "timeout" in st else None,
-            schema=schema, workers=r.workers(f"{path}.workers", st.get("workers", "auto")),
+            env=dict(env), resources=resources,
+            policy=Policy(retries=retries, schema=schema, timeout=r.seconds(
+                f"{path}.timeout", st["timeout"]) if "timeout" in st else None),
+            workers=r.workers(f"{path}.workers", st.get("workers", "auto")),
             params=dict(params),
         ))
     return tuple(stages)

@@ -281,6 +281,8 @@ class Conductor:
             return
         before = self.counters.stages[node].version
         self.counters.hello(node, hello.version, hello.setup)
+        if hello.setup:
+            self.timeline.setup(agent_name(node, hello.worker), hello.version, hello.setup)
         if not self.processes.local and before not in (None, hello.version):
             self._log(f"stage {node!r} came back as version {hello.version} (was {before})")
             self.events.append(self.swaps.image_updated(node))
@@ -330,9 +332,9 @@ class Conductor:
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
         if action.reserved:  # granted with the task
             self.timeline.granted(name)
-        if stage is not None and stage.schema == "fixed" and node in self.checkpoints.schemas:
+        if stage is not None and stage.policy.schema == "fixed" and node in self.checkpoints.schemas:
             task.schema_batch, task.schema = self.checkpoints.schemas[node]
-        seconds = stage.timeout if stage is not None else None
+        seconds = stage.policy.timeout if stage is not None else None
         if seconds is not None:
             self.floor.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))
         self.agents.send(name, task)

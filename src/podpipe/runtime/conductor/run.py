@@ -93,7 +93,7 @@ class Run:
 def retries(pipeline: Pipeline, graph: Graph) -> dict[str, int]:
     """Restarts each node's process may have (the spec's, else the default)."""
     allowed = {node: DEFAULT_RETRIES for node in graph.order}
-    allowed.update({stage.name: stage.retries for stage in pipeline.stages})
+    allowed.update({stage.name: stage.policy.retries for stage in pipeline.stages})
     return allowed
 
 

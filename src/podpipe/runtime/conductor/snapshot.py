@@ -138,6 +138,7 @@ class Counters:
         s.bytes_read += s.reading.pop(batch, 0)
         s.bytes_written += stats.bytes_out
         s.reused += stats.reused
+        s.setup = max(s.setup, stats.setup)  # (a class set up at its first task)
         version = s.version or ""
         s.versions[version] = s.versions.get(version, 0) + 1
         return version

@@ -12,7 +12,8 @@ import msgspec
 
 from podpipe.engine.events import Progress
 from podpipe.runtime.plumbing import files, protocol
-from podpipe.runtime.rundir.records import SAMPLES, TASKS, SampleRecord, TaskRecord, read
+from podpipe.runtime.rundir.records import (SAMPLES, SETUP, TASKS, SampleRecord, TaskRecord,
+                                            read)
 
 
 class Timeline:
@@ -45,6 +46,8 @@ class Timeline:
 
     def ended(self, agent: str, state: str, stats: protocol.Stats | None = None) -> None:
         """The agent's task ended: done, failed, denied (its RAM), lost (its process)."""
+        if stats is not None and stats.setup:  # set up first (a class's setupInputs)
+            self.setup(agent, None, stats.setup, at_task=True)
         task = self._open.pop(agent, None)
         if task is None:
             return
@@ -53,6 +56,20 @@ class Timeline:
             task.rows_in, task.rows_out, task.bytes_out = (stats.rows_in, stats.rows_out,
                                                            stats.bytes_out)
         self._append(self._tasks, self._encode(task))
+
+    def setup(self, agent: str, version: str | None, seconds: float, *,
+              at_task: bool = False) -> None:
+        """A process set its stage up in `seconds` (a class's setup): a bar of its own,
+        ending as it said hello, or (`at_task`) starting with its open task."""
+        node, worker = protocol.split_name(agent)
+        task = self._open.get(agent)
+        start = (task.handed if at_task and task is not None else
+                 max(0.0, self._now() - seconds))
+        self._append(self._tasks, self._encode(TaskRecord(
+            node=node, worker=worker, batch=-1,
+            version=version if version is not None else task.version if task else None,
+            handed=round(start, 4), ended=round(start + seconds, 4), state=SETUP,
+            attempt=self.attempt)))
 
     def sample(self, progress: Progress, cpu: dict[str, float], rss: dict[str, int]) -> None:
         """`progress`: the engine's, made for this sample (its peak is the most since

@@ -45,9 +45,9 @@ import msgspec
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
 
-PROTOCOL = 6  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging
+PROTOCOL = 7  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging
 # token; 4: no standing line (Job, the spec in Hello); 5: no auto containers (Supervising,
-# Fork, Shrink), no Stop.failed, no SubmitRequest.job
+# Fork, Shrink), no Stop.failed, no SubmitRequest.job; 6: no Stats.setup
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
@@ -152,6 +152,7 @@ class Stats(msgspec.Struct, forbid_unknown_fields=True):
     wanted: float | None = None  # of `busy`, the seconds it ran or waited for a core
     reused: int = 0
     calls: CallStats | None = None
+    setup: float = 0.0  # seconds of it a class stage's setup took (its setupInputs came)
 
 
 class Calling(_Message, tag="calling"):

@@ -18,6 +18,9 @@ TASKS, SAMPLES = "tasks.jsonl", "samples.jsonl"
 SCHEMA_VERSION = 1
 
 
+SETUP = "setup"  # a TaskRecord's state for a process's setup (`Timeline.setup`)
+
+
 class TaskRecord(msgspec.Struct, kw_only=True):
     """A task, once it ended (times in seconds since the run started)."""
 
@@ -30,7 +33,8 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     granted: float | None = None  # was granted it
     bytes_in: int = 0
     ended: float = 0.0
-    state: str = "unfinished"    # done, failed, denied (its RAM), lost (its process)
+    state: str = "unfinished"    # done, failed, denied (its RAM), lost (its process);
+    # SETUP: not a task but a process setting its stage up (a class's), batch -1
     rows_in: int = 0
     rows_out: int = 0
     bytes_out: int = 0

@@ -2,7 +2,8 @@
 
 - **What its processes set up**: a stage's or a sink's process keeps its function,
   its version, a call stage's client and connections, when the next job defines the
-  node as the job before did (`unchanged`). Never the source's or a table's: their
+  node as the job before did (`unchanged`) — and a class stage whose setup took
+  tables (`setupInputs`), only when those tables are kept too. Never the source's or a table's: their
   files may have changed under the same names, and what they set up would read the
   old ones.
 - **Tables in RAM**: a table a job loaded stays in the line's RAM scratch, and the
@@ -35,20 +36,27 @@ class Warmth:
         before, self.served = self.served, now
         if before is None:
             return frozenset()
-        same = {s.name for s in now.stages if s in before.stages}
+        same = {s.name for s in now.stages if s in before.stages  # a setup that indexed
+                and all(self._fresh(t, now) for t in s.setup_inputs)}  # a table: its own
         return frozenset(same | {s.name for s in now.sinks if s in before.sinks})
+
+    def _fresh(self, name: str, now: Pipeline) -> bool:
+        """Is table `name` in RAM, defined by `now` as it was and its files unchanged?"""
+        if name not in self.tables:
+            return False
+        table, version, output = self.tables[name]
+        try:
+            return (next((t for t in now.tables if t.name == name), None) == table
+                    and table_files.version(table) == version and Path(output.path).exists())
+        except (OSError, ValueError):  # (its files gone: the job says so)
+            return False
 
     def offer(self, now: Pipeline) -> dict[str, Output]:
         """The tables kept in RAM that the job `now` may take as loaded; the others
         are let go (their files deleted)."""
         offered = {}
-        for name, (table, version, output) in list(self.tables.items()):
-            same = next((t for t in now.tables if t.name == name), None) == table
-            try:
-                fresh = same and table_files.version(table) == version
-            except (OSError, ValueError):  # (its files gone: the job says so)
-                fresh = False
-            if fresh and Path(output.path).exists():
+        for name, (_, _, output) in list(self.tables.items()):
+            if self._fresh(name, now):
                 offered[name] = output
             else:
                 del self.tables[name]

@@ -189,7 +189,7 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
     if isinstance(work, CallService):  # the conductor hears of its requests in flight
         work.client.notify = lambda n: protocol.send(sock, protocol.Calling(in_flight=n))
     stages = {s.name: s for s in pipeline.stages}
-    schemas = SchemaCheck(node in stages and stages[node].schema == "fixed")
+    schemas = SchemaCheck(node in stages and stages[node].policy.schema == "fixed")
     mappings = arrowfile.Mappings()  # what it read, kept mapped from task to task
     try:
         while True:
@@ -203,6 +203,9 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
                 return message, setup
             if isinstance(message, protocol.Task):
                 _task(sock, work, message, node, schemas, mappings)
+    except SetupFailed as exc:  # set up at its first task (its setupInputs): a death
+        sys.stderr.write(logline.line(f"{exc}\n{user_frames(exc.__cause__ or exc)}", "error"))
+        return SETUP_FAILED
     except _Stopped:
         _close(work)
         return 0
@@ -232,6 +235,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
     reused = False
     watched = arrowfile.Watched(mappings, task.keep_mapped)
     sys.stderr.write(logline.task_line(batch, "started"))
+    set_up = getattr(work, "setup_seconds", 0.0)  # 0: not yet (a class with setupInputs)
     try:
         inputs = [[watched(p) for p in group] for group in task.inputs]
         result = _reuse(memo, Path(task.output)) if memo else None
@@ -245,6 +249,8 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
             _logged(batch, "failed", wrong)
             protocol.send(sock, protocol.Failed(batch=batch, message=wrong))
             return
+    except SetupFailed:
+        raise  # a death, not the batch's failure (`_serve`)
     except Exception as exc:
         calls = work.stats() if isinstance(work, CallService) else None
         if calls is None:
@@ -255,6 +261,10 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
             message=f"{type(exc).__name__}: {exc}", traceback=user_frames(exc), calls=calls))
         return
     stats = protocol.Stats(rows_in=sum(t.num_rows for group in inputs for t in group))
+    setup_now: float = getattr(work, "setup_seconds", 0.0)
+    if setup_now and not set_up:  # set up in this task (a class with setupInputs)
+        stats.setup = setup_now
+        sys.stderr.write(logline.line(f"set up in {stats.setup:.3f} s (at batch {batch})"))
     if isinstance(work, CallService) and not reused:
         stats.calls = work.stats()
     output = None

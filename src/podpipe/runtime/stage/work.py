@@ -140,7 +140,8 @@ class CallFunction(Work):
     `close()`d when the process ends cleanly. A function takes `params` too."""
 
     def __init__(self, target: str, file: str, field: str,
-                 params: dict[str, Any] | None = None, node: str = "") -> None:
+                 params: dict[str, Any] | None = None, node: str = "",
+                 setup_inputs: tuple[str, ...] = ()) -> None:
         self.function, imported, self.shipped = load_callable(target, file, field, params,
                                                               node)
         self.source = getattr(imported, "__file__", None)  # unparsable: its version
@@ -148,24 +149,38 @@ class CallFunction(Work):
         self.target = (module, name)
         self.instance: Any = None  # a class stage's, once set up
         self.setup_seconds = 0.0
-        params = params or {}
-        if inspect.isclass(self.function):
-            started = time.perf_counter()
-            try:
-                self.instance = self.function(**params)
-            except Exception as exc:
-                raise SetupFailed(f"the setup of {target!r} raised "
-                                  f"{type(exc).__name__}: {exc}") from exc
-            self.setup_seconds = time.perf_counter() - started
-            if not callable(self.instance):
-                raise SpecError(f"{target!r} is a class whose instances are not callable: "
-                                "define __call__(self, *tables)", file=file, field=field)
-            self.function = self.instance
-        elif params:
-            self.function = functools.partial(self.function, **params)
+        self.params, self.setup_inputs = params or {}, len(setup_inputs)
+        self.where = (target, file, field)
+        if setup_inputs and not inspect.isclass(self.function):
+            raise SpecError(f"{target!r} is not a class: setupInputs are handed to a "
+                            "class's setup", file=file, field=field.replace(".run",
+                                                                           ".setupInputs"))
+        if inspect.isclass(self.function) and not setup_inputs:
+            self._set_up([])
+        elif self.params and not inspect.isclass(self.function):
+            self.function = functools.partial(self.function, **self.params)
+
+    def _set_up(self, tables: list[pa.Table]) -> None:
+        """The class instantiated: its setupInputs' tables, then its params."""
+        target, file, field = self.where
+        started = time.perf_counter()
+        try:
+            self.instance = self.function(*tables, **self.params)
+        except Exception as exc:
+            raise SetupFailed(f"the setup of {target!r} raised "
+                              f"{type(exc).__name__}: {exc}") from exc
+        self.setup_seconds = time.perf_counter() - started
+        if not callable(self.instance):
+            raise SpecError(f"{target!r} is a class whose instances are not callable: "
+                            "define __call__(self, *tables)", file=file, field=field)
+        self.function = self.instance
 
     def run(self, batch: int, inputs: list[list[pa.Table]],
             task: protocol.Task) -> pa.Table | Path | None:
+        if self.setup_inputs:  # its last inputs are the tables its setup takes
+            inputs, tables = inputs[:-self.setup_inputs], inputs[-self.setup_inputs:]
+            if self.instance is None:  # the first task: set up with them
+                self._set_up([_concat(t) for t in tables])
         result = self.function(*[_concat(tables) for tables in inputs])
         if result is None:
             raise TypeError("returned None; expected a table")
@@ -266,7 +281,7 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
     if stage.run:
         return CallFunction(stage.run, pipeline.file,
                             f"spec.stages[{pipeline.stages.index(stage)}].run", stage.params,
-                            node)
+                            node, stage.setup_inputs)
     assert stage.command is not None
     return Command(stage.command, node)
 
