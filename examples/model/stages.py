@@ -67,6 +67,6 @@ def calibration(t: pa.Table) -> pa.Table:
     band = pc.min_element_wise(pc.floor(pc.multiply(t["p_late"], 10)), 9)
     banded = pa.table({"band": pc.divide(band, 10), "p_late": t["p_late"],
                        "late": pc.cast(t["late"], pa.float64())})
-    out = banded.group_by("band").aggregate([("p_late", "count"), ("p_late", "mean"),
-                                             ("late", "mean")])
+    out = banded.group_by("band", use_threads=False).aggregate(  # the same sums each run
+        [("p_late", "count"), ("p_late", "mean"), ("late", "mean")])
     return out.rename_columns(["band", "lines", "predicted", "actual"]).sort_by("band")
