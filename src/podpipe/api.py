@@ -91,6 +91,14 @@ class Run:
             raise UsageError(f"sink {sink!r} holds no part files")
         return pa.concat_tables([pq.read_table(f) for f in files])
 
+    def peek(self, stage: str, batch: int | None = None) -> "pa.Table":
+        """`stage`'s output for `batch` (else the newest the pod holds) while the run
+        goes, as `podpipe peek` reads it: the table holds the file it was lent, whatever
+        the run does next; its RAM goes when the table does."""
+        from podpipe.runtime.runs import control
+
+        return control.peek(str(self.run_dir), stage, batch)[0]
+
     def to_pandas(self, sink: str) -> Any:
         """Sink `sink`'s output as a pandas DataFrame (pandas installed)."""
         return _needing("pandas", "to_pandas", lambda: self.to_arrow(sink).to_pandas())

@@ -325,3 +325,15 @@ def plan_table(planned: dict[str, Any]) -> Table:
                          f"{format_size(max(loads))}; the slowest pod reads "
                          f"{max(loads) / (sum(loads) / len(loads)):.2f}x the mean")
     return table
+
+
+def rows_table(table: Any, head: int) -> Table:
+    """The first `head` rows of a pyarrow table, a column each (values as Python
+    prints them; a long one cut)."""
+    shown = Table(box=box.SIMPLE_HEAD)
+    for name in table.column_names:
+        shown.add_column(printable(name), overflow="ellipsis", max_width=32)
+    for row in table.slice(0, head).to_pylist():
+        shown.add_row(*(printable(repr(v) if isinstance(v, (str, bytes)) else str(v))
+                        for v in row.values()))
+    return shown

@@ -259,6 +259,34 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _peek(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.console import plural, printable, rows_table
+    from podpipe.runtime.runs import control
+
+    table, lent = control.peek(args.run_dir, args.stage, args.batch)
+    where = {"ram": "pod RAM", "node": "the node tier"}.get(lent.tier, lent.tier)
+    about = (f"stage {lent.stage!r}, batch {lent.batch}: {plural(table.num_rows, 'row')}, "
+             f"version {lent.version or '?'}, from {where}")
+    if args.to is not None:
+        from pathlib import Path
+
+        import pyarrow.parquet as pq
+
+        from podpipe.runtime.plumbing import files
+
+        with files.publishing(Path(args.to)) as tmp:  # whole, or not at all
+            pq.write_table(table, tmp)
+        console.print(f"{printable(about)} → {printable(args.to)}", highlight=False)
+    elif args.schema:
+        console.print(printable(about), highlight=False)
+        console.print(printable(table.schema.to_string(show_schema_metadata=False)),
+                      highlight=False, markup=False)
+    else:
+        console.print(printable(about), highlight=False)
+        console.print(rows_table(table, args.head))
+    return 0
+
+
 def _swap(args: argparse.Namespace, console: Console) -> int:
     import shlex
 
@@ -371,6 +399,6 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate,
              "conductor": kubernetes.conductor, "render": kubernetes.render, "resume": _resume, "plan": _plan, "swap": _swap,
-             "apply": _apply, "wait": _wait, "stop": _stop, "report": _report, "runs": _runs,
+             "apply": _apply, "peek": _peek, "wait": _wait, "stop": _stop, "report": _report, "runs": _runs,
              "logs": _logs, "up": standing.up, "submit": standing.submit,
              "down": standing.down, "lines": standing.listed}

@@ -11,6 +11,17 @@ import os
 from podpipe import __version__
 
 
+def _batch(text: str) -> int:
+    """A batch number or a count of rows: 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """A flag's seconds: a number from 0 to an hour."""
     try:
@@ -279,6 +290,23 @@ def parser() -> argparse.ArgumentParser:
                            "needs --image")
     swap.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                       help="how long to wait for the in-flight batch (default 300)")
+
+    peek = sub.add_parser(
+        "peek", help="print a stage's output for a batch while the run goes",
+        description="Ask the running run's conductor to lend a stage's output (the "
+                    "newest batch it holds, or --batch N) and print its first rows, its "
+                    "schema, or write it to a Parquet file. The file is read through an "
+                    "open descriptor the conductor hands over: the run may delete it "
+                    "meanwhile, never change it under the reader.")
+    peek.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
+    peek.add_argument("stage", metavar="STAGE")
+    peek.add_argument("--batch", type=_batch, metavar="N",
+                      help="which batch (default: the newest the pod holds)")
+    peek.add_argument("--head", type=_batch, default=20, metavar="ROWS",
+                      help="how many rows to print (default 20)")
+    shown = peek.add_mutually_exclusive_group()
+    shown.add_argument("--schema", action="store_true", help="print its schema, not rows")
+    shown.add_argument("--to", metavar="FILE.parquet", help="write the batch to a Parquet file")
 
     apply = sub.add_parser(
         "apply", help="have a running run go on with a changed spec",

@@ -41,6 +41,7 @@ from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
 from podpipe.runtime.plumbing import lifetime, logline, loop as loops, protocol
 from podpipe.runtime.rundir import status
+from podpipe.runtime.conductor import lending
 from podpipe.runtime.conductor.agents import Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
@@ -85,8 +86,7 @@ class Conductor:
         self.ledger.pool.caps.update(gpu_caps(run.pipeline, containers=launcher is None))
         self.floor = floor or Floor.of_run(launcher, listener, reaper, self._log)
         self.agents, self.processes = self.floor.agents, self.floor.processes
-        self.swaps = Swaps(run.run_dir, run.overrides, self.agents)
-        self.swaps.overrides.update(self.floor.swapped)
+        self.swaps = Swaps(run.run_dir, run.overrides, self.agents, self.floor.swapped)
         self.crew = Crew(self.processes, self.agents, self.floor.loop, self.swaps, self._log)
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log,
                                        required=run.pipeline.checkpoints.required)
@@ -226,6 +226,8 @@ class Conductor:
             self._apply(conn, message)
         elif isinstance(message, protocol.Probe):  # the conductor is up; that agent too?
             self.agents.answer_probe(conn, message)
+        elif isinstance(message, protocol.PeekRequest):  # an output lent to a reader:
+            lending.lend(self.agents, conn, self.ledger, message, self.checkpoints.made_by)
         elif isinstance(message, protocol.Hello):
             self._hello(conn, message)
         else:
@@ -281,8 +283,7 @@ class Conductor:
             return
         before = self.counters.stages[node].version
         self.counters.hello(node, hello.version, hello.setup)
-        if hello.setup:
-            self.timeline.setup(agent_name(node, hello.worker), hello.version, hello.setup)
+        self.timeline.setup(agent_name(node, hello.worker), hello.version, hello.setup)
         if not self.processes.local and before not in (None, hello.version):
             self._log(f"stage {node!r} came back as version {hello.version} (was {before})")
             self.events.append(self.swaps.image_updated(node))
@@ -332,7 +333,7 @@ class Conductor:
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
         if action.reserved:  # granted with the task
             self.timeline.granted(name)
-        if stage is not None and stage.policy.schema == "fixed" and node in self.checkpoints.schemas:
+        if stage and stage.policy.schema == "fixed" and node in self.checkpoints.schemas:
             task.schema_batch, task.schema = self.checkpoints.schemas[node]
         seconds = stage.policy.timeout if stage is not None else None
         if seconds is not None:

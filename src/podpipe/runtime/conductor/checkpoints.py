@@ -93,6 +93,10 @@ class Checkpoints:
                 "stage's schema for the run (say 'schema: any' on the stage if that is "
                 "intended)")
 
+    def made_by(self, node: str, key: int) -> str | None:
+        """The version of `node` that made its output for `key`, if known."""
+        return self._made_by.get((node, key))
+
     def record(self, node: str, batch: int, version: str, output: Output | None) -> None:
         """Journal what finished, by which version, and where its output is."""
         self.journal.finished(node, batch, version)

@@ -36,11 +36,13 @@ class Change:
 
 
 class Swaps:
-    def __init__(self, run_dir: Path, base_overrides: list[str], agents: Agents) -> None:
+    def __init__(self, run_dir: Path, base_overrides: list[str], agents: Agents,
+                 swapped: dict[str, list[str]] | None = None) -> None:
+        """`swapped`: stages swapped before this run began (a line's, for its jobs)."""
         self._run_dir, self._base, self._agents = run_dir, base_overrides, agents
         self._asked: dict[str, _Swap] = {}      # requested, not yet replaced
         self._coming: dict[str, _Swap] = {}     # replaced, new process not yet up
-        self.overrides: dict[str, list[str]] = {}  # swapped stages: their own --set
+        self.overrides: dict[str, list[str]] = dict(swapped or {})  # swapped: their --set
         # containers: stages whose new image is expected (`swap --image`), and whether
         # what the old versions made is to be done again then
         self.expected: dict[str, bool] = {}

@@ -46,7 +46,7 @@ class Timeline:
 
     def ended(self, agent: str, state: str, stats: protocol.Stats | None = None) -> None:
         """The agent's task ended: done, failed, denied (its RAM), lost (its process)."""
-        if stats is not None and stats.setup:  # set up first (a class's setupInputs)
+        if stats is not None:  # set up first? (a class's setupInputs)
             self.setup(agent, None, stats.setup, at_task=True)
         task = self._open.pop(agent, None)
         if task is None:
@@ -60,7 +60,10 @@ class Timeline:
     def setup(self, agent: str, version: str | None, seconds: float, *,
               at_task: bool = False) -> None:
         """A process set its stage up in `seconds` (a class's setup): a bar of its own,
-        ending as it said hello, or (`at_task`) starting with its open task."""
+        ending as it said hello, or (`at_task`) starting with its open task; none for
+        a process that set nothing up (`seconds` 0)."""
+        if not seconds:
+            return
         node, worker = protocol.split_name(agent)
         task = self._open.get(agent)
         start = (task.handed if at_task and task is not None else

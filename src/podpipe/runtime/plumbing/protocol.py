@@ -37,6 +37,7 @@ another one (a container image of another podpipe release).
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -258,6 +259,21 @@ class Refused(_Message, tag="refused"):
     message: str
 
 
+class PeekRequest(_Message, tag="peek"):
+    """`podpipe peek`: lend me a stage's output (`batch`, else its newest held)."""
+    stage: str
+    batch: int | None = None
+
+
+class Lent(_Message, tag="lent"):
+    """The output lent: its file comes with this message, open (`send_fd`)."""
+    stage: str
+    batch: int
+    rows: int
+    tier: str
+    version: str | None = None
+
+
 # -- podpipe submit / down / status <-> a standing line -------------------------------
 
 
@@ -336,7 +352,8 @@ class Exited(_Message, tag="exited"):
 Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Failed | Stop | Job |
            Supervising | Fork | Shrink | Probe | Ready | SwapRequest | ApplyRequest | Swapped |
            Held | Applied | Refused | SubmitRequest | Submitted | ResumeRequest | JobRequest |
-           JobOver | DownRequest | Downed | LogTo | Spawn | Spawned | Exited)
+           JobOver | DownRequest | Downed | LogTo | Spawn | Spawned | Exited | PeekRequest |
+           Lent)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
@@ -356,6 +373,29 @@ def decode(body: bytes | bytearray | memoryview) -> Message:
 
 def send(sock: socket.socket, message: Message) -> None:
     sock.sendall(encode(message))
+
+
+def send_fd(sock: socket.socket, message: Message, fd: int) -> None:
+    """`message` with an open file descriptor (SCM_RIGHTS): the peer holds the file
+    whatever happens to its name afterwards."""
+    data = encode(message)
+    sent = socket.send_fds(sock, [data], [fd])
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def recv_fd(sock: socket.socket) -> tuple[Message, int | None]:
+    """A message and the descriptor sent with it, if any (`send_fd`)."""
+    head, fds, _, _ = socket.recv_fds(sock, _HEADER.size, 1)
+    if not head:
+        raise Closed("connection closed")
+    head += _recv_exactly(sock, _HEADER.size - len(head))
+    (size,) = _HEADER.unpack(head)
+    if size > MAX_MESSAGE:
+        for fd in fds:
+            os.close(fd)
+        raise ProtocolError(f"message of {size} bytes is larger than {MAX_MESSAGE}")
+    return decode(_recv_exactly(sock, size)), (fds[0] if fds else None)
 
 
 def recv(sock: socket.socket) -> Message:

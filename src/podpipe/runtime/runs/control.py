@@ -1,4 +1,4 @@
-"""Talking to a running conductor: `podpipe swap` and `podpipe apply`.
+"""Talking to a running conductor: `podpipe swap`, `podpipe apply`, `podpipe peek`.
 
 The command connects to the conductor's socket in the run's RAM scratch (named in
 `status.json`), sends one request and waits for the answer: the stage's new
@@ -9,8 +9,10 @@ swap back), or the request was refused (why).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from podpipe.model import spec as specs
 from podpipe.errors import RunError, UsageError
@@ -18,6 +20,9 @@ from podpipe.runtime.plumbing import protocol, sockets
 from podpipe.runtime.rundir import status
 from podpipe.runtime.runs import following, lines
 from podpipe.runtime.data.scratch import Scratch
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def swap_overrides(stage: str, *, run: str | None, command: list[str] | None,
@@ -72,6 +77,52 @@ def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[Answer]:
     text = specs.read(spec_path).decode("utf-8", errors="replace")  # (checked there)
     return [_request(pod, protocol.ApplyRequest(spec=text, path=spec_path), timeout, "apply")
             for pod in _pods(run_dir, "nothing to apply to (run the new spec instead)")]
+
+
+def peek(run_dir: str, stage: str, batch: int | None, *,
+         timeout: float = 10.0) -> tuple["pa.Table", protocol.Lent]:
+    """A stage's output for `batch` (else its newest held) while the run goes, lent by
+    its pod's conductor: the table maps the file's open descriptor, so it stays the
+    batch asked for whatever the run does next, and the file's pages go when the
+    table does. In a multi-replica run, the pod holding it (the newest of all)."""
+    refusals, found = [], []
+    for pod in _pods(run_dir, "nothing to peek at (its sinks hold its output)"):
+        current = status.read(pod)
+        if current.state != "running" or current.scratch is None:
+            continue
+        try:
+            with sockets.connect(str(Scratch(Path(current.scratch)).socket), wait=0) as sock:
+                sock.settimeout(timeout)
+                protocol.send(sock, protocol.PeekRequest(stage=stage, batch=batch))
+                answer, fd = protocol.recv_fd(sock)
+        except (OSError, protocol.Closed) as exc:
+            raise RunError(f"peek {stage!r}: {pod}: no answer ({exc})") from None
+        if isinstance(answer, protocol.Refused):
+            refusals.append(answer.message)
+        elif isinstance(answer, protocol.Lent) and fd is not None:
+            found.append((answer, _mapped(fd)))
+    if not found:
+        raise UsageError(f"peek {stage!r}: " + ("; ".join(dict.fromkeys(refusals))
+                                                 or "the run is not running"))
+    lent, table = max(found, key=lambda pair: pair[0].batch)
+    return table, lent
+
+
+def _mapped(fd: int) -> "pa.Table":
+    """The Arrow IPC file behind `fd`, mapped read-only (the descriptor closed: the
+    mapping holds the file)."""
+    import mmap
+
+    import pyarrow as pa
+
+    try:
+        mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    buffer = pa.py_buffer(mapped)
+    if buffer[:6].to_pybytes() == b"ARROW1":
+        return pa.ipc.open_file(pa.BufferReader(buffer)).read_all()
+    return pa.ipc.open_stream(pa.BufferReader(buffer)).read_all()
 
 
 def _pods(run_dir: str, otherwise: str) -> list[Path]:
