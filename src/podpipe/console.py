@@ -203,6 +203,16 @@ def durable_warning(status: Status) -> str | None:
             ": a node lost now would start over from an earlier one")
 
 
+def nondeterministic(status: Status) -> list[str]:
+    """A sentence per stage that made other bytes of a batch made again."""
+    return [f"stage {name!r} is not deterministic: "
+            f"{plural(len(s.nondeterministic), 'batch')} "
+            f"({', '.join(map(str, s.nondeterministic[:5]))}"
+            f"{', ...' if len(s.nondeterministic) > 5 else ''}) gave other bytes when made "
+            "again; a resumed run's output is not what a clean run would write"
+            for name, s in status.stages.items() if s.nondeterministic]
+
+
 def status_table(status: Status) -> Table:
     """`podpipe status` without --json."""
     table = summary(status)

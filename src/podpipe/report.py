@@ -144,6 +144,10 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
         parts.append(_error(pod))
     if s.restore_notes or any(sum(n.restored.values()) for n in s.stages.values()):
         parts.append(_restored(s))
+    parts += [f'<p class="nondeterministic" data-node="{_e(name)}"><b>not deterministic:</b> '
+              f"stage {_e(name)} made other bytes of batches {_e(str(st.nondeterministic))} "
+              "when it made them again</p>" for name, st in s.stages.items()
+              if st.nondeterministic]
     attempts = pod.attempts
     last = attempts[-1]
     busy = _shares(last, graph)

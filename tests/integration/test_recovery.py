@@ -164,15 +164,18 @@ def test_a_corrupt_copy_is_detected_by_checksum_and_its_batch_computed_again(tmp
     assert double["recomputed"] >= 1
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_only_outputs_a_copy_is_checked_against_are_hashed(tmp_path, reuse):
+@pytest.mark.parametrize("reuse,determinism", [(False, "off"), (True, "off"),
+                                               (False, "warn")])
+def test_only_outputs_a_copy_is_checked_against_are_hashed(tmp_path, reuse, determinism):
     """What the reduce reads is kept on the node tier, checked by its checksum on a
-    resume; an output read once and deleted is never checked: it is not hashed,
-    unless outputs are reused across runs (keyed by their inputs' checksums)."""
+    resume; an output read once and deleted is never checked: with `checks.determinism:
+    off` it is not hashed, unless outputs are reused across runs (keyed by their
+    inputs' checksums); by default every output is (a batch made again is compared)."""
     workdir = tmp_path / "w"
     _spec(workdir)
     args = ["--set", f"checkpoints.durable=file://{workdir}/durable",
             "--set", "checkpoints.reuse=true"] if reuse else []
+    args += ["--set", f"checks.determinism={determinism}"]
     done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", *args, cwd=workdir,
                    SLOW_SECONDS="0")
     assert done.returncode == 0, done.stderr
@@ -181,7 +184,7 @@ def test_only_outputs_a_copy_is_checked_against_are_hashed(tmp_path, reuse):
     checksums = {node: {c for n, c in rows if n == node} for node, _ in rows}
     assert all(re.fullmatch(r"[0-9a-f]{16}", c) for c in checksums["double"])
     assert len(checksums["double"]) == BATCHES
-    if reuse:
+    if reuse or determinism != "off":
         assert all(re.fullmatch(r"[0-9a-f]{16}", c) for c in checksums["slow"])
     else:
         assert checksums["slow"] == {""}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 
@@ -449,3 +450,8 @@ class Labelled:
     def __call__(self, t: pa.Table) -> pa.Table:
         keys = pc.remainder(t["x"], self.modulo).to_pylist()
         return t.append_column("label", pa.array([self.labels[k] for k in keys]))
+
+
+def noisy(t: pa.Table) -> pa.Table:
+    """Not deterministic: a column of random numbers, other bytes each time it runs."""
+    return t.append_column("noise", pa.array([random.random() for _ in range(t.num_rows)]))

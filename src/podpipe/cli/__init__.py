@@ -199,6 +199,9 @@ def _with_progress(console: Console, quiet: bool,
     if warning:
         console.print(Text.assemble(("durable:", "yellow"), " ", printable(warning)),
                       highlight=False)
+    for line in terminal.nondeterministic(final):
+        console.print(Text.assemble(("warning:", "yellow"), " ", printable(line)),
+                      highlight=False)
     console.print(f"run directory: {final.run_dir}")
     return 0
 

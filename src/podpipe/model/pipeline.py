@@ -134,6 +134,7 @@ class Pipeline:
     shards: int = 1
     cpus: float | None = None  # what `workers: auto` may use; None: what this process may
     gpus: int | None = None    # the pod's GPUs; None: those visible to it
+    determinism: str = "warn"  # a batch made again with other bytes: warn, fail or off
     tables: tuple[Table, ...] = ()
     file: str = "spec"
     document: Any = field(default=None, repr=False, compare=False)  # as parsed, overridden

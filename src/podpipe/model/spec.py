@@ -44,6 +44,7 @@ MAX_BATCH_ROWS = 1 << 31
 
 # A stage's name becomes a process name, a directory in scratch and, on
 # Kubernetes, a container name: so it must be a DNS-1123 label.
+DETERMINISM = ("warn", "fail", "off")  # `checks.determinism`
 MAX_GPUS = 64  # devices of one pod, or of one stage's worker
 _CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or millicores
@@ -129,7 +130,7 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
     meta = r.mapping("metadata", doc["metadata"], {"name", "labels", "annotations"}, {"name"})
     spec = r.mapping("spec", doc["spec"],
                      {"source", "stages", "sinks", "memory", "checkpoints", "shards", "cpus",
-                      "gpus", "tables"},
+                      "gpus", "tables", "checks"},
                      {"source", "stages", "sinks"})
     tables = _tables(r, spec.get("tables", []))
     stages = _stages(r, spec["stages"], {t.name for t in tables})
@@ -159,6 +160,7 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
         gpus=r.integer("spec.gpus", spec["gpus"], minimum=0, maximum=MAX_GPUS)
         if "gpus" in spec else None,
         tables=tables,
+        determinism=_determinism(r, spec.get("checks", {})),
         file=r.file,
         document=doc,
     )
@@ -412,6 +414,16 @@ def _sinks(r: Reader, value: Any, stages: tuple[Stage, ...],
                          f"{one.name!r} ({one.uri!r}, spec.sinks[{i}]): one sink's files "
                          "would replace or mix with the other's; give each its own folder")
     return tuple(sinks)
+
+
+def _determinism(r: Reader, value: Any) -> str:
+    checks = r.mapping("spec.checks", value, {"determinism"}, set())
+    mode = checks.get("determinism", "warn")
+    mode = "off" if mode is False else mode  # (YAML reads a bare `off` as false)
+    if mode not in DETERMINISM:
+        raise r.fail("spec.checks.determinism", f"expected one of {list(DETERMINISM)}, "
+                     f"got {mode!r}")
+    return str(mode)
 
 
 def _checkpoints(r: Reader, value: Any) -> Checkpoints:

@@ -88,8 +88,7 @@ class Conductor:
         self.agents, self.processes = self.floor.agents, self.floor.processes
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents, self.floor.swapped)
         self.crew = Crew(self.processes, self.agents, self.floor.loop, self.swaps, self._log)
-        self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log,
-                                       required=run.pipeline.checkpoints.required)
+        self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log, run.pipeline)
         self.counters = Counters(run.graph)
         self.timeline = Timeline(run.run_dir, self.counters.started)
         self.scratch_work = ScratchWork(run.scratch, run.run_dir, self.agents, self.timeline,
@@ -249,10 +248,10 @@ class Conductor:
         event = to_event(name, message, self.run.pipeline.file)
         if event is None:
             return
-        if isinstance(message, protocol.Done) and message.schema is not None:
+        if isinstance(message, protocol.Done):  # its schema; its bytes, if made before
             node, worker = split_name(name)
-            wrong = self.checkpoints.schema_fixed(node, message.batch, message.schema)
-            if wrong is not None:  # (two workers' first outputs: the run has one schema)
+            wrong = self.checkpoints.verdicts(node, message, self.counters.stages[node].version)
+            if wrong is not None:
                 if message.output is not None and message.output.tier == "ram":
                     discard(message.output.path)
                 message = protocol.Failed(batch=message.batch, message=wrong)
@@ -333,8 +332,9 @@ class Conductor:
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
         if action.reserved:  # granted with the task
             self.timeline.granted(name)
-        if stage and stage.policy.schema == "fixed" and node in self.checkpoints.schemas:
-            task.schema_batch, task.schema = self.checkpoints.schemas[node]
+        fixed = self.checkpoints.verdicts.schemas.get(node)  # (a stage's, for the run)
+        if stage and stage.policy.schema == "fixed" and fixed is not None:
+            task.schema_batch, task.schema = fixed
         seconds = stage.policy.timeout if stage is not None else None
         if seconds is not None:
             self.floor.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from podpipe.runtime.plumbing import logline
+from podpipe.runtime.plumbing import logline, protocol
 from podpipe.engine import events as ev
 from podpipe.engine.ledger import Ledger
 from podpipe.engine.state import RunState
@@ -48,36 +48,24 @@ class Restored:
     made_by: dict[ev.Key, str] = field(default_factory=dict)  # the versions that made them
 
 
-class Checkpoints:
-    def __init__(self, run_dir: Path, durable: DurableTier | None,
-                 restored: Restored | None, log: logline.Log,
-                 required: bool = False) -> None:
-        self.run_dir, self.durable, self._log = run_dir, durable, log
-        self.required = required  # a run whose last checkpoint failed fails
-        self.journal = Journal(run_dir)
-        self.node_tier = NodeTier(run_dir)
-        self.on_disk: list[Output] = list(restored.on_disk) if restored else []
-        self.restored = restored.counts if restored else {}
-        self.notes = list(restored.notes) if restored else []
-        # a resume: what was done before it (None: not a resume)
-        self._previously = restored.finished if restored else None
-        for note in self.notes:  # the details in the log; the terminal says a line
-            log(f"restored: {note}", "warning")
-        self.recomputed: dict[str, int] = {}
-        self.copies = 0  # node-tier copies made and journaled by this conductor
-        # the version of the stage that made each output (what a sink file records)
-        self._made_by: dict[ev.Key, str] = dict(restored.made_by) if restored else {}
-        self._looked = 0.0  # when the durable tier was last read for other shards
-        # `schema: fixed` stages: node -> (batch, its output's schema), fixed for the
-        # run by the first output accepted (kept in the journal: a resume keeps it)
-        self.schemas = self.journal.schemas()
+class Verdicts:
+    """What an output is judged by before it is accepted: its schema, fixed for the run
+    by the stage's first output (`schema: fixed`, kept in the journal: a resume keeps
+    it); and its bytes, when the same version made the batch before (a resume, a
+    rework): other bytes flag the stage non-deterministic (`checks.determinism`)."""
 
-    @property
-    def done_before(self) -> int | None:
-        """A resume: the tasks done before it (None: not a resume)."""
-        if self._previously is None:
-            return None
-        return sum(len(keys) for keys in self._previously.values())
+    def __init__(self, journal: Journal, determinism: str, log: logline.Log,
+                 made_by: dict[ev.Key, str] | None) -> None:
+        """`made_by`: a resume's versions of what the journal recorded (its checksums
+        are what those versions made)."""
+        self.journal, self.determinism, self._log = journal, determinism, log
+        self.schemas = journal.schemas()  # node -> (batch, its output's schema)
+        versions = made_by or {}
+        self._sums: dict[ev.Key, tuple[str, str]] = {  # (version, checksum) of each
+            (o.node, o.key): (versions[(o.node, o.key)], o.checksum)
+            for o in (journal.copies() if versions else [])
+            if o.checksum and (o.node, o.key) in versions}
+        self.nondeterministic: dict[str, set[int]] = {}  # node -> batches it differed on
 
     def schema_fixed(self, node: str, batch: int, schema: bytes) -> str | None:
         """An output of `node` with `schema`: the first fixes the node's schema for the
@@ -93,6 +81,60 @@ class Checkpoints:
                 "stage's schema for the run (say 'schema: any' on the stage if that is "
                 "intended)")
 
+    def __call__(self, node: str, done: protocol.Done, version: str | None) -> str | None:
+        """Why `done`'s output does not do, or None: its schema against the run's; for a
+        batch `version` made before, its bytes against those — other bytes flag the
+        stage (warn), or refuse the output (`checks.determinism: fail`)."""
+        if done.schema is not None:
+            wrong = self.schema_fixed(node, done.batch, done.schema)
+            if wrong is not None:  # (two workers' first outputs: the run has one schema)
+                return wrong
+        output, before = done.output, self._sums.get((node, done.batch))
+        if (self.determinism == "off" or output is None or not output.checksum
+                or before is None or before[0] != version or before[1] == output.checksum):
+            return None
+        self.nondeterministic.setdefault(node, set()).add(done.batch)
+        why = (f"batch {done.batch} made again by version {version} gave other bytes than "
+               "before: the stage is not deterministic (a resume or a redone batch gives "
+               "other output than a clean run would)")
+        self._log(f"stage {node!r}: {why}", "warning")
+        return f"{why} (checks.determinism: fail)" if self.determinism == "fail" else None
+
+    def made(self, node: str, batch: int, version: str, output: Output | None) -> None:
+        """An output accepted: its bytes are what `version` makes of the batch."""
+        if output is not None and output.checksum:
+            self._sums[(node, batch)] = (version, output.checksum)
+
+
+class Checkpoints:
+    def __init__(self, run_dir: Path, durable: DurableTier | None,
+                 restored: Restored | None, log: logline.Log, pipeline: Pipeline) -> None:
+        self.run_dir, self.durable, self._log = run_dir, durable, log
+        self.required = pipeline.checkpoints.required  # its last checkpoint failed: fails
+        self.journal = Journal(run_dir)
+        self.node_tier = NodeTier(run_dir)
+        self.on_disk: list[Output] = list(restored.on_disk) if restored else []
+        self.restored = restored.counts if restored else {}
+        self.notes = list(restored.notes) if restored else []
+        # a resume: what was done before it (None: not a resume)
+        self._previously = restored.finished if restored else None
+        for note in self.notes:  # the details in the log; the terminal says a line
+            log(f"restored: {note}", "warning")
+        self.recomputed: dict[str, int] = {}
+        self.copies = 0  # node-tier copies made and journaled by this conductor
+        # the version of the stage that made each output (what a sink file records)
+        self._made_by: dict[ev.Key, str] = dict(restored.made_by) if restored else {}
+        self._looked = 0.0  # when the durable tier was last read for other shards
+        self.verdicts = Verdicts(self.journal, pipeline.determinism, log,
+                                 self._made_by if restored else None)
+
+    @property
+    def done_before(self) -> int | None:
+        """A resume: the tasks done before it (None: not a resume)."""
+        if self._previously is None:
+            return None
+        return sum(len(keys) for keys in self._previously.values())
+
     def made_by(self, node: str, key: int) -> str | None:
         """The version of `node` that made its output for `key`, if known."""
         return self._made_by.get((node, key))
@@ -101,6 +143,7 @@ class Checkpoints:
         """Journal what finished, by which version, and where its output is."""
         self.journal.finished(node, batch, version)
         self._made_by[(node, batch)] = version
+        self.verdicts.made(node, batch, version, output)
         if self._previously is not None and batch in self._previously.get(node, ()):
             self.recomputed[node] = self.recomputed.get(node, 0) + 1
         if output is not None:

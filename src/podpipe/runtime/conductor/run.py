@@ -70,7 +70,7 @@ class Run:
         output goes, which rows a source batch is, where a call stage keeps its
         answers; the RAM granted with it, over a pooled file (`engine.grants`); whether
         its output is hashed (a copy of it is checked against that: one kept for a
-        resume, one reused across runs); whether its agent keeps the inputs mapped
+        resume, one reused across runs; and a batch made again, by `checks.determinism`); whether its agent keeps the inputs mapped
         (not those the node tier keeps too: deleted, not emptied, once read)."""
         node, batch, reuse = action.node, action.batch, action.reuse
         task = protocol.Task(batch=batch,
@@ -78,7 +78,8 @@ class Run:
                              output=str(self.scratch.output_path(node, batch)),
                              granted=action.reserved, reuse=None if reuse is None
                              else str(self.scratch.pool_path(reuse)),
-                             checksum=action.kept or self.pipeline.checkpoints.reuse,
+                             checksum=action.kept or self.pipeline.checkpoints.reuse
+                             or self.pipeline.determinism != "off",
                              keep_mapped=not action.reads_kept)
         if node == SOURCE:
             task.source = self.plan[batch]

@@ -176,6 +176,7 @@ def snapshot(run: Run, progress: Progress, counters: Counters, checkpoints: Chec
             restarts=p.restarts,
             restored={tier: checkpoints.restored.get(node, {}).get(tier, 0) for tier in TIERS},
             recomputed=checkpoints.recomputed.get(node, 0), reused=s.reused,
+            nondeterministic=sorted(checkpoints.verdicts.nondeterministic.get(node, ())),
             workers=p.workers, workers_max=p.workers_max, queued=p.queued,
             in_flight=p.in_flight, tier=p.tier,
             calls=s.calls.status() if s.calls is not None else None)

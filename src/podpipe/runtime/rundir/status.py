@@ -71,6 +71,7 @@ class StageStatus(_Record):
     tier: str | None = None     # a table, once loaded: ram, or node (too large for RAM)
     calls: CallStatus | None = None  # a call stage: its requests
     setup_seconds: float = 0.0  # a class stage: the longest setup of one of its processes
+    nondeterministic: list[int] = []  # batches it made other bytes of when made again
 
 
 class PodInfo(_Record):
@@ -245,6 +246,7 @@ _STAGE: dict[str, Callable[[Any, Any], Any]] = {
     "workers_max": _largest,   # the most one pod had
     "queued": _sum, "in_flight": _sum, "tier": _first, "calls": _calls,
     "setup_seconds": _largest,
+    "nondeterministic": lambda a, b: sorted({*a, *b}),
 }
 
 
