@@ -205,3 +205,37 @@ def test_a_scripts_own_function_is_shipped_kept_with_the_run_and_resumed(tmp_pat
     assert ("spec.stages[0].run: '__main__:shifted' names a function of the notebook or "
             "script that runs the pipeline, and none was shipped") in cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+LINE_SCRIPT = '''\
+import pyarrow.compute as pc
+
+import podpipe
+
+
+def tripled(t):
+    return t.set_column(0, "x", pc.multiply(t["x"], 3))
+
+
+document = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline",
+            "metadata": {"name": "shipped-line"},
+            "spec": {"source": {"uri": "data/*.parquet", "batchRows": 5000},
+                     "stages": [{"name": "t", "run": tripled, "inputs": ["source"]}],
+                     "sinks": [{"name": "out", "input": "t", "uri": "out/"}]}}
+with podpipe.up(document) as line:
+    for day in ("a", "b"):
+        job = line.submit(sinks={"out": f"out/{day}/"}).wait()
+        print(day, job.state, job.to_arrow("out")["x"].to_pylist()[:3])
+'''
+
+
+def test_a_standing_line_takes_a_stage_defined_in_the_script_that_starts_it(tmp_path):
+    make_numbers(tmp_path / "data")
+    (tmp_path / "line.py").write_text(LINE_SCRIPT)
+    done = subprocess.run([sys.executable, "line.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["a succeeded [0, 3, 6]", "b succeeded [0, 3, 6]"]
+    line = next((tmp_path / ".podpipe" / "lines").iterdir())
+    assert (line / "podpipe-shipped" / "t.pkl").stat().st_mode & 0o077 == 0

@@ -9,6 +9,8 @@ what was lent stays what it was until the reader lets go.
 from __future__ import annotations
 
 import gc
+import os
+import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -97,3 +99,43 @@ def test_peek_flags_are_checked(tmp_path, what):
     done = cli("peek", "run", "double", "--schema", "--to", "x.parquet", cwd=tmp_path) \
         if what == "schema" else cli("peek", "run", "double", "--head", "x", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a second user needs root")
+def test_another_user_cannot_peek(tmp_path):
+    """The run's scratch and directory are its user's: another user reaches neither
+    the conductor's socket nor the status naming it, so nothing is lent to them."""
+    run = _start(tmp_path)
+    try:
+        sock = str(Path(run_status(tmp_path / "run")["scratch"]) / "conductor.sock")
+
+        def peek() -> bool:
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                podpipe.status(str(tmp_path / "run")).peek("double", 0)
+                return False
+            except Exception:  # (its run directory: not readable)
+                pass
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(sock)
+                except PermissionError:
+                    return True  # the scratch is 0700
+            return False
+
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if peek() else 3)
+            finally:
+                os._exit(4)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        mine = podpipe.status(tmp_path / "run").peek("double", 0)  # the owner can
+        assert mine.num_rows == 1000
+        del mine
+        (tmp_path / "gate").touch()
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 0, stderr

@@ -17,8 +17,7 @@ import sys
 import sysconfig
 import time
 import traceback
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +153,7 @@ def _devices(pipeline: specs.Pipeline, node: str) -> dict[str, str]:
     if not any(s.resources.gpu for s in pipeline.stages):
         return {}
     if os.environ.get(protocol.CONTAINER_ENV):
-        pipeline = dataclasses.replace(pipeline, stages=tuple(
+        pipeline = replace(pipeline, stages=tuple(
             s for s in pipeline.stages if s.name == node))
     slots = pipeline.gpu_slots(cputime.gpus(pipeline.gpus)).get(node, [])
     worker = int(os.environ.get(protocol.WORKER_ENV, "0"))
