@@ -337,13 +337,22 @@ def plan_table(planned: dict[str, Any]) -> Table:
     return table
 
 
-def rows_table(table: Any, head: int) -> Table:
-    """The first `head` rows of a pyarrow table, a column each (values as Python
-    prints them; a long one cut)."""
+def rows_table(table: Any, head: int, width: int) -> tuple[Table, list[str]]:
+    """The first `head` rows of a pyarrow table, a column each, values as Python
+    prints them (a long one cut, never wrapped), as many columns as fit in `width`;
+    and the names of the columns left out."""
+    rows = [[printable(repr(v) if isinstance(v, (str, bytes)) else str(v))
+             for v in row.values()] for row in table.slice(0, head).to_pylist()]
     shown = Table(box=box.SIMPLE_HEAD)
-    for name in table.column_names:
-        shown.add_column(printable(name), overflow="ellipsis", max_width=32)
-    for row in table.slice(0, head).to_pylist():
-        shown.add_row(*(printable(repr(v) if isinstance(v, (str, bytes)) else str(v))
-                        for v in row.values()))
-    return shown
+    used, left_out = 0, list[str]()
+    for i, name in enumerate(table.column_names):
+        wanted = min(max([len(name)] + [len(r[i]) for r in rows]), 28)
+        if left_out or (used + wanted + 3 > width and i > 0):
+            left_out.append(name)
+            continue
+        used += wanted + 3
+        shown.add_column(printable(name), no_wrap=True, overflow="ellipsis",
+                         min_width=min(wanted, 12), max_width=28)
+    for row in rows:
+        shown.add_row(*row[:len(shown.columns)])
+    return shown, left_out

@@ -125,3 +125,19 @@ def test_a_call_stage_gets_a_line_of_its_requests():
     assert line == ("geocode-addresses: 12,345 requests sent, 1,200 kept answers used, "
                     "1 retry, p50 103 ms, p99 251 ms")
     assert console.plural(2, "retry") == "2 retries"
+
+
+def test_peeked_rows_show_the_columns_that_fit_whole_and_name_the_others():
+    import pyarrow as pa
+    from rich.console import Console
+
+    from podpipe.console import rows_table
+
+    table = pa.table({f"column_{i}": [f"value {i} " * 5, "x"] for i in range(10)})
+    shown, left_out = rows_table(table, 5, 80)
+    console = Console(width=80, record=True)
+    console.print(shown)
+    lines = console.export_text().splitlines()
+    assert left_out and left_out[-1] == "column_9" and "column_0" not in left_out
+    assert len([line for line in lines if line.strip()]) == 4  # header, rule, 2 rows
+    assert all(len(line) <= 80 for line in lines)

@@ -286,7 +286,12 @@ def _peek(args: argparse.Namespace, console: Console) -> int:
                       highlight=False, markup=False)
     else:
         console.print(printable(about), highlight=False)
-        console.print(rows_table(table, args.head))
+        shown, left_out = rows_table(table, args.head, console.width)
+        console.print(shown)
+        if left_out:
+            console.print(printable(f"({plural(len(left_out), 'more column')}: "
+                                    f"{', '.join(left_out)}; --schema lists every column)"),
+                          highlight=False)
     return 0
 
 
