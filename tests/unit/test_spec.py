@@ -325,3 +325,21 @@ def test_setup_inputs_are_tables_that_come_last_among_a_stages_inputs():
     doc["spec"]["stages"][0].update(setupInputs=["codes"], inputs=["source", "codes"])
     with pytest.raises(SpecError, match="not listed in its inputs"):
         specs.parse(yaml.safe_dump(doc))
+
+
+def test_a_worker_takes_its_devices_from_the_pod_or_in_its_own_container_from_its_own(
+        monkeypatch):
+    from podpipe.runtime.stage import agent
+
+    pipeline = _gpu_pipeline({}, ("a", 1, 2), ("b", 1, 1))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6")
+    monkeypatch.setenv("PODPIPE_WORKER", "1")
+    monkeypatch.delenv("PODPIPE_CONTAINER", raising=False)
+    assert agent._devices(pipeline, "a") == {"CUDA_VISIBLE_DEVICES": "5"}  # the pod's 3
+    assert agent._devices(pipeline, "b") == {"CUDA_VISIBLE_DEVICES": ""}  # b has worker 0
+    monkeypatch.setenv("PODPIPE_WORKER", "0")
+    assert agent._devices(pipeline, "b") == {"CUDA_VISIBLE_DEVICES": "6"}
+    monkeypatch.setenv("PODPIPE_CONTAINER", "1")  # b's container: the plugin gave it 3,5,6
+    assert agent._devices(pipeline, "b") == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert agent._devices(_gpu_pipeline({}, ("a", 1, 1)), "source") == \
+        {"CUDA_VISIBLE_DEVICES": ""}

@@ -148,14 +148,16 @@ class _Setup:
 
 def _devices(pipeline: specs.Pipeline, node: str) -> dict[str, str]:
     """This worker's GPUs, when a stage of the pipeline asks for any: its own set of
-    the pod's devices (`Pipeline.gpu_slots`; in a container, of the container's, its
-    node's alone), none for a worker beyond them or a node that asks for none."""
+    the pod's devices (`Pipeline.gpu_slots`; in a node's own container, of those
+    visible to it — the device plugin's, for its node alone — not `spec.gpus`), none
+    for a worker beyond them or a node that asks for none."""
     if not any(s.resources.gpu for s in pipeline.stages):
         return {}
-    if os.environ.get(protocol.CONTAINER_ENV):
-        pipeline = replace(pipeline, stages=tuple(
-            s for s in pipeline.stages if s.name == node))
-    slots = pipeline.gpu_slots(cputime.gpus(pipeline.gpus)).get(node, [])
+    stated = pipeline.gpus
+    if os.environ.get(protocol.CONTAINER_ENV):  # what the device plugin gave it alone
+        pipeline, stated = replace(pipeline, stages=tuple(
+            s for s in pipeline.stages if s.name == node)), None
+    slots = pipeline.gpu_slots(cputime.gpus(stated)).get(node, [])
     worker = int(os.environ.get(protocol.WORKER_ENV, "0"))
     return {cputime.GPUS_ENV: ",".join(slots[worker]) if worker < len(slots) else ""}
 

@@ -35,7 +35,6 @@ class _Module:
     path: Path
     lines: list[str]
     binds: dict[str, ast.stmt] = field(default_factory=dict)
-    tree: ast.Module | None = None
 
     def text(self, statement: ast.stmt) -> str:
         first = min([statement.lineno] + [d.lineno for d in
@@ -102,7 +101,7 @@ class CodeVersion:
                     tree = ast.parse(text)
                 except (OSError, SyntaxError, UnicodeDecodeError):
                     return None
-                module = _Module(name, path, text.splitlines(keepends=True), tree=tree)
+                module = _Module(name, path, text.splitlines(keepends=True))
                 for statement in tree.body:
                     for bound in _bound(statement):
                         module.binds[bound] = statement
