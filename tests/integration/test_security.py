@@ -693,13 +693,13 @@ def test_a_staging_link_planted_in_a_sink_is_refused_before_anything_is_written(
     out = shared / "out"
     out.chmod(0o777)
     make_numbers(tmp_path / "data", files=2, rows=100, row_group=100)
-    write_spec(tmp_path / "p.yaml", spec(
-        [{"name": "a", "run": "pystages:fail_on_third", "inputs": ["source"]}],
+    write_spec(tmp_path / "p.yaml", spec(  # batch 15 fails once a part is staged
+        [{"name": "a", "run": "pystages:fail_once_written", "inputs": ["source"]}],
         [{"input": "a", "uri": f"{out}/", "mode": "overwrite"}], batch_rows=10))
     assert _as_nobody(lambda: os.symlink(theirs, out / "_staging") is None) == 0
     try:
         done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=tmp_path,
-                       BOOM_AT="150")
+                       BOOM_AT="150", WRITTEN=f"{out}/_staging-*/part-*.parquet")
         assert done.returncode == 1, done.stderr
         staging, = out.glob("_staging-*")
         assert list(staging.glob("part-*.parquet"))

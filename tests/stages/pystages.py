@@ -455,3 +455,15 @@ class Labelled:
 def noisy(t: pa.Table) -> pa.Table:
     """Not deterministic: a column of random numbers, other bytes each time it runs."""
     return t.append_column("noise", pa.array([random.random() for _ in range(t.num_rows)]))
+
+
+def fail_once_written(t: pa.Table) -> pa.Table:
+    """`fail_on_third`, its failing batch raising only once a file matching the glob
+    WRITTEN exists (what a test wants done before the run fails: a sink's part)."""
+    import glob
+
+    if pc.any(pc.equal(t["x"], int(os.environ.get("BOOM_AT", "2500")))).as_py():
+        while not glob.glob(os.environ["WRITTEN"]):
+            time.sleep(0.02)
+        raise ValueError("boom on purpose")
+    return t
