@@ -139,3 +139,31 @@ def test_another_user_cannot_peek(tmp_path):
     finally:
         run.kill()
     assert run.returncode == 0, stderr
+
+
+def test_peek_on_a_standing_line_reads_its_running_job(tmp_path):
+    make_numbers(tmp_path / "data")
+    write_spec(tmp_path / "p.yaml", spec(
+        [{"name": "double", "run": "pystages:double", "inputs": ["source"], "workers": 1},
+         {"name": "gated", "run": "pystages:tag_v1_gated", "inputs": ["double"],
+          "workers": 1}],
+        [{"name": "out", "input": "gated", "uri": "out/"}], name="peeked"))
+    gate = str(tmp_path / "gate")
+    assert cli("up", "p.yaml", "--name", "l", cwd=tmp_path, GATE=gate).returncode == 0
+    try:
+        idle = cli("peek", "l", "double", cwd=tmp_path)
+        assert idle.returncode == 2 and "no job is running on the line" in idle.stderr
+        submitted = cli("submit", "l", cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        job = next((tmp_path / ".podpipe" / "runs").glob("peeked-*"))
+        wait_until(lambda: run_status(job).get("stages", {}).get("double", {})
+                   .get("batches_done", 0) >= 1, "a batch of the job through double")
+        for target in ("l", str(job)):
+            rows = cli("peek", target, "double", "--batch", "0", cwd=tmp_path)
+            assert rows.returncode == 0, rows.stderr
+            assert "stage 'double', batch 0: 1,000 rows" in rows.stdout
+        Path(gate).touch()
+        assert cli("wait", str(job), cwd=tmp_path).returncode == 0
+    finally:
+        Path(gate).touch()
+        cli("down", "l", cwd=tmp_path)

@@ -298,7 +298,9 @@ def parser() -> argparse.ArgumentParser:
                     "schema, or write it to a Parquet file. The file is read through an "
                     "open descriptor the conductor hands over: the run may delete it "
                     "meanwhile, never change it under the reader.")
-    peek.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
+    peek.add_argument("run_dir", metavar="RUN_DIR",
+                      help="a run directory (a job's too), 'latest', or a line (its running "
+                           "job)")
     peek.add_argument("stage", metavar="STAGE")
     peek.add_argument("--batch", type=_batch, metavar="N",
                       help="which batch (default: the newest the pod holds)")

@@ -22,6 +22,8 @@ from podpipe.runtime.runs import following, lines
 from podpipe.runtime.data.scratch import Scratch
 
 if TYPE_CHECKING:
+    import socket
+
     import pyarrow as pa
 
 
@@ -84,14 +86,17 @@ def peek(run_dir: str, stage: str, batch: int | None, *,
     """A stage's output for `batch` (else its newest held) while the run goes, lent by
     its pod's conductor: the table maps the file's open descriptor, so it stays the
     batch asked for whatever the run does next, and the file's pages go when the
-    table does. In a multi-replica run, the pod holding it (the newest of all)."""
+    table does. In a multi-replica run, the pod holding it (the newest of all); on a
+    standing line, its running job."""
     refusals, found = [], []
-    for pod in _pods(run_dir, "nothing to peek at (its sinks hold its output)"):
-        current = status.read(pod)
-        if current.state != "running" or current.scratch is None:
-            continue
+    line = lines.is_line(run_dir)  # (its running job's conductor answers on its socket)
+    for pod in [run_dir] if line else _pods(run_dir, "nothing to peek at (its sinks "
+                                                     "hold its output)"):
+        sock = lines.connect(run_dir)[1] if line else _conductor(Path(pod))
+        if sock is None:
+            continue  # (a pod that ended)
         try:
-            with sockets.connect(str(Scratch(Path(current.scratch)).socket), wait=0) as sock:
+            with sock:
                 sock.settimeout(timeout)
                 protocol.send(sock, protocol.PeekRequest(stage=stage, batch=batch))
                 answer, fd = protocol.recv_fd(sock)
@@ -106,6 +111,18 @@ def peek(run_dir: str, stage: str, batch: int | None, *,
                                                  or "the run is not running"))
     lent, table = max(found, key=lambda pair: pair[0].batch)
     return table, lent
+
+
+def _conductor(run_dir: Path) -> "socket.socket | None":
+    """A connection to a running pod's conductor; None if the pod is not running."""
+    current = status.read(run_dir)
+    if current.state != "running" or current.scratch is None:
+        return None
+    path = Scratch(Path(current.scratch)).socket
+    try:
+        return sockets.connect(str(path), wait=0)
+    except OSError as exc:
+        raise UsageError(f"{run_dir}: cannot reach the conductor at {path}: {exc}") from None
 
 
 def _mapped(fd: int) -> "pa.Table":
