@@ -89,6 +89,7 @@ class NotebookProgress:
         shown = {"text/html": summary_html(status, str(status.run_dir or "")),
                  "text/plain": summary_text(status)}
         if self.handle is None:
-            self.handle = display(shown, raw=True, display_id=True)  # type: ignore[no-untyped-call]
+            self.handle = display(  # type: ignore[no-untyped-call]
+                shown, raw=True, display_id=True)
         else:
             self.handle.update(shown, raw=True)

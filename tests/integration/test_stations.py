@@ -335,7 +335,8 @@ def test_the_model_example_trains_on_its_data_and_scores_with_its_model_set_up_o
     assert model.stat().st_size > 0 and "accuracy 0.9" in trained.stdout
     done = podpipe("run", str(ROOT / "examples" / "model" / "score.yaml"), "--quiet",
                    "--run-dir", "run", "--set", f"source.uri={lineitem}/*.parquet",
-                   "--set", "source.batchRows=10000", "--set", f"stages.score.params.model={model}",
+                   "--set", "source.batchRows=10000",
+                   "--set", f"stages.score.params.model={model}",
                    "--set", "stages.score.workers=2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     bands = pq.read_table(tmp_path / "out" / "late-lines").to_pylist()

@@ -406,7 +406,8 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate,
-             "conductor": kubernetes.conductor, "render": kubernetes.render, "resume": _resume, "plan": _plan, "swap": _swap,
-             "apply": _apply, "peek": _peek, "wait": _wait, "stop": _stop, "report": _report, "runs": _runs,
-             "logs": _logs, "up": standing.up, "submit": standing.submit,
-             "down": standing.down, "lines": standing.listed}
+             "conductor": kubernetes.conductor, "render": kubernetes.render, "resume": _resume,
+             "plan": _plan, "swap": _swap, "apply": _apply, "peek": _peek, "wait": _wait,
+             "stop": _stop, "report": _report, "runs": _runs, "logs": _logs,
+             "up": standing.up, "submit": standing.submit, "down": standing.down,
+             "lines": standing.listed}

@@ -41,11 +41,11 @@ SOURCE_FORMATS = ("parquet", "csv", "arrow")
 MAX_SPEC_BYTES = 1 << 20
 MAX_SHARDS = 100_000
 MAX_BATCH_ROWS = 1 << 31
+MAX_GPUS = 64  # devices of one pod, or of one stage's worker
+DETERMINISM = ("warn", "fail", "off")  # `checks.determinism`
 
 # A stage's name becomes a process name, a directory in scratch and, on
 # Kubernetes, a container name: so it must be a DNS-1123 label.
-DETERMINISM = ("warn", "fail", "off")  # `checks.determinism`
-MAX_GPUS = 64  # devices of one pod, or of one stage's worker
 _CALLABLE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _CPU = re.compile(r"^(\d+(\.\d{1,3})?|\d+m)$")  # Kubernetes CPU: cores or millicores
 
@@ -306,7 +306,8 @@ def _stages(r: Reader, value: Any, tables: set[str]) -> tuple[Stage, ...]:
                                             "batch at once); remove 'workers'")
         stages.append(Stage(
             name=name, inputs=inputs + setup_inputs, run=run, setup_inputs=setup_inputs,
-            command=Command(command, serve) if command is not None else None, call=call, reduce=scope if reduce else None,
+            command=Command(command, serve) if command is not None else None, call=call,
+            reduce=scope if reduce else None,
             version=str(st["version"]) if st.get("version") is not None else None,
             image=r.string(f"{path}.image", st["image"]) if "image" in st else None,
             env=dict(env), resources=resources,

@@ -70,8 +70,9 @@ class Run:
         output goes, which rows a source batch is, where a call stage keeps its
         answers; the RAM granted with it, over a pooled file (`engine.grants`); whether
         its output is hashed (a copy of it is checked against that: one kept for a
-        resume, one reused across runs; and a batch made again, by `checks.determinism`); whether its agent keeps the inputs mapped
-        (not those the node tier keeps too: deleted, not emptied, once read)."""
+        resume, one reused across runs; and a batch made again, `checks.determinism`);
+        whether its agent keeps the inputs mapped (not those the node tier keeps too:
+        deleted, not emptied, once read)."""
         node, batch, reuse = action.node, action.batch, action.reuse
         task = protocol.Task(batch=batch,
                              inputs=[[o.path for o in group] for group in action.inputs],

@@ -3,9 +3,9 @@
 - **What its processes set up**: a stage's or a sink's process keeps its function,
   its version, a call stage's client and connections, when the next job defines the
   node as the job before did (`unchanged`) — and a class stage whose setup took
-  tables (`setupInputs`), only when those tables are kept too. Never the source's or a table's: their
-  files may have changed under the same names, and what they set up would read the
-  old ones.
+  tables (`setupInputs`), only when those tables are kept too. Never the source's or
+  a table's: their files may have changed under the same names, and what they set
+  up would read the old ones.
 - **Tables in RAM**: a table a job loaded stays in the line's RAM scratch, and the
   next job takes it as loaded (`offer`) when it defines the table alike and the
   table's files are as they were (its version: a digest of their names, sizes and

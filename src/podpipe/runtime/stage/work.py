@@ -288,8 +288,8 @@ def work_for(pipeline: Pipeline, node: str) -> Work:
 
 def version_of(pipeline: Pipeline, node: str, work: Work) -> str:
     """The stage's `version:`, else a digest of what defines it: the code of the
-    function or class and what it refers to (`src-…`, see `codeversion`), or the command, image and env (`cmd-…`); a table's
-    is a digest of its files (`tbl-…`)."""
+    function or class and what it refers to (`src-…`, see `codeversion`), or the
+    command, image and env (`cmd-…`); a table's is a digest of its files (`tbl-…`)."""
     if isinstance(work, LoadTable):
         version: str = work.tables.version(work.table)
         return version
