@@ -1,6 +1,7 @@
 """Reading a spec's values: each checked, each error naming the file, the field (a
 path such as `spec.stages[1].inputs[0]`), its YAML line and what was expected.
-`model.spec` says which fields a pipeline has; this says how a value is read."""
+`model.spec` says which fields a pipeline has (`model.stagespec` a stage's); this
+says how a value is read."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from podpipe.errors import SpecError
 from podpipe.model.pipeline import NAME
 
 MAX_WORKERS = 256  # processes of one node
+MAX_BATCH_ROWS = 1 << 31  # rows of a batch (or of a call's request)
 
 
 class Reader:

@@ -14,6 +14,7 @@ manifests and the engine (`model.output.Output`).
     agent -> conductor   Reserve(batch, nbytes)          before writing its output
     conductor -> agent   Grant(path?, tier) | Deny       Deny: drop the result
     agent -> conductor   Done(batch, output?, stats) | Failed(batch, message, input_error)
+                         (stats.setup: a class set up at this task, its setupInputs come)
     conductor -> agent   Stop | Job(spec, overrides, log, keep): a standing line's next
                          job, answered by a new Hello for its spec
     auto container       Supervising(node, most), then conductor -> it: Fork(worker) |
@@ -21,15 +22,17 @@ manifests and the engine (`model.output.Output`).
     probe -> conductor   Probe, answered Ready (or Stop once the run is over); with an
                          `agent`, Ready(connected=False) until that agent is connected
     podpipe swap/apply   SwapRequest | ApplyRequest, answered Swapped | Held | Applied | Refused
+    podpipe peek         PeekRequest, answered Lent with the output's open file
+                         (`send_fd`: SCM_RIGHTS), or Refused
     submit/resume/wait/stop/down -> a standing line   SubmitRequest | ResumeRequest,
                          answered Submitted (and JobOver when the job ends, if asked);
                          JobRequest answered JobOver; DownRequest answered Downed
     conductor <-> fork server   LogTo once; Spawn -> Spawned, and Exited when a child ends
 
 Reading it, top to bottom: the framing's constants and agent names; the messages,
-grouped by who speaks (agent and conductor; swap and apply; a line's clients; the
-fork server) and the `Message` union; then encoding and `Reader` (a stream cut into
-messages). The sockets they go over: `plumbing.sockets`.
+grouped by who speaks (agent and conductor; swap, apply and peek; a line's clients;
+the fork server) and the `Message` union; then encoding, `send_fd`/`recv_fd` (a
+message with a file descriptor) and `Reader` (a stream cut into messages). The sockets they go over: `plumbing.sockets`.
 
 `Hello.protocol` is the version of this wire: a conductor refuses an agent of
 another one (a container image of another podpipe release).

@@ -15,14 +15,15 @@ Between jobs the line answers requests itself; during a job its conductor hands
 the line's requests (a submit, a job's wait or stop, down) back to it through the
 floor.
 
-Reading this module, top to bottom: how a line is started (`Start`); the `Line`: **up** (`open` lays it out and starts its
-processes, `warm` waits for them, `_requeue` takes the queue it had), **serving**
-(`serve` takes jobs, `_idle` hears what happens between them, `_request` the
-line's requests: `_submit`, `_resume`, `_job_request`, `_swap`), **a job**
-(`_run` announces, plans and conducts it, `_over` says how it ended), **down**
-(`close`, the record `_publish`ed). SIGINT/SIGTERM or `podpipe down` stop the running job (resumable) and end
-the line: every process stopped, the scratch removed, queued jobs kept in `queue/`
-for the next `up` of the line.
+Reading this module, top to bottom: how a line is started (`Start`); the `Line`:
+**up** (`open` lays it out and starts its processes, `warm` waits for them,
+`_requeue` takes the queue it had), **serving** (`serve` takes jobs, `_idle` hears
+what happens between them, `_request` the line's requests: `_submit`, `_resume`,
+`_job_request`, `_swap`, and a peek between jobs refused), **a job** (`_run`
+announces, plans and conducts it, `_over` says how it ended), **down** (`close`,
+the record `_publish`ed). SIGINT/SIGTERM or `podpipe down` stop the running job
+(resumable) and end the line: every process stopped, the scratch removed, queued
+jobs kept in `queue/` for the next `up` of the line.
 """
 
 from __future__ import annotations

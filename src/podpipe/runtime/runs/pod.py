@@ -8,6 +8,14 @@ scratch (`run` also sweeps scratch left by crashed runs), and hand over to the
 conductor. A pod knows its ordinal among the replicas (`model.shards.ordinal`) and
 runs the shards it owns; `run` with several replicas and no ordinal starts them
 all on this machine (`runtime.replicas`).
+
+Reading it, top to bottom: `validate` (a spec, and with a time limit its run:
+targets imported); the three starts — `run` (here), `serve` (a Kubernetes pod's
+conductor; `placing` works out which pod it is) and `resume`; then what they share:
+`_conduct` (the conductor run to the end), `prepare` (what it needs first: the
+source planned, tables and sinks checked, where the run starts from, the durable
+tier), `_same_source`, `_durable_store`, `_hold` (a finished pod's conductor staying
+up, telling agents that connect to stop) and `_check_budget`.
 """
 
 from __future__ import annotations
