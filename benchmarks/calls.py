@@ -28,6 +28,8 @@ import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks import records  # noqa: E402  (run as a script: its folder is not a package)
 RESULTS = Path(__file__).parent / "results"
 BATCHES, ROWS, PER_REQUEST = 8, 10_000, 100
 
@@ -46,8 +48,7 @@ def _spec(folder: Path, url: str, concurrency: int) -> Path:
 
 
 def _span(run_dir: Path, node: str) -> float:
-    tasks = [json.loads(line) for line in (run_dir / "tasks.jsonl").read_text().splitlines()]
-    mine = [t for t in tasks if t["node"] == node and t["state"] == "done"]
+    mine = records.done_tasks(run_dir, node)
     return max(t["ended"] for t in mine) - min(t["handed"] for t in mine)
 
 

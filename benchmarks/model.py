@@ -25,6 +25,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks import records  # noqa: E402  (run as a script: its folder is not a package)
 RESULTS = Path(__file__).parent / "results"
 SPEC = ROOT / "examples" / "model" / "score.yaml"
 WAYS = {"setup once": "examples.model.stages:LateScorer",
@@ -44,9 +46,7 @@ def _run(way: str, sf: str, rows: int, folder: Path, round_: int) -> dict[str, f
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(done.stderr)
-    tasks = [json.loads(line) for line in (run_dir / "tasks.jsonl").read_text().splitlines()]
-    mine = [t["ended"] - t["granted"] for t in tasks
-            if t["node"] == "score" and t["state"] == "done"]
+    mine = records.per_batch_seconds(run_dir, "score")
     status = json.loads((run_dir / "status.json").read_text())
     return {"wall_s": round(wall, 3), "per_batch_ms": round(statistics.median(mine) * 1e3, 1),
             "batches": len(mine),
@@ -83,9 +83,7 @@ def main() -> int:
                                  medians["setup once"]["per_batch_ms"], 2),
         "wall_ratio": round(medians["loaded per batch"]["wall_s"] /
                             medians["setup once"]["wall_s"], 2)}
-    RESULTS.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("medians", "per_batch_ratio", "wall_ratio")}))
+    records.save(args.out, result, ("medians", "per_batch_ratio", "wall_ratio"))
     return 0
 
 

@@ -14,7 +14,6 @@ writes results/serving.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks import records  # noqa: E402  (run as a script: its folder is not a package)
 RESULTS = Path(__file__).parent / "results"
 JS = ROOT / "tests" / "stages" / "js"
 MODES = {"per-batch": ("double.mjs", False), "serving": ("serve_double.mjs", True)}
@@ -54,9 +55,7 @@ def _run(spec: Path, run_dir: Path, batches: int) -> dict[str, float]:
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(done.stderr)
-    tasks = [json.loads(line) for line in (run_dir / "tasks.jsonl").read_text().splitlines()]
-    mine = [t["ended"] - t["granted"] for t in tasks
-            if t["node"] == "js" and t["state"] == "done"]
+    mine = records.per_batch_seconds(run_dir, "js")
     assert len(mine) == batches, len(mine)
     return {"wall_s": round(wall, 3), "per_batch_ms": round(statistics.median(mine) * 1e3, 2)}
 
@@ -90,9 +89,7 @@ def main() -> int:
         "per_batch_ratio": round(medians["per-batch"]["per_batch_ms"] /
                                  medians["serving"]["per_batch_ms"], 1),
         "wall_ratio": round(medians["per-batch"]["wall_s"] / medians["serving"]["wall_s"], 2)}
-    RESULTS.mkdir(exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("medians", "per_batch_ratio", "wall_ratio")}))
+    records.save(args.out, result, ("medians", "per_batch_ratio", "wall_ratio"))
     return 0
 
 

@@ -4,7 +4,6 @@ Real processes: the conductor SIGKILLed mid-run, its RAM scratch deleted, resume
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -50,14 +49,13 @@ def test_a_batch_made_again_with_other_bytes_flags_the_stage(tmp_path):
     done = podpipe("resume", "run", cwd=tmp_path, GATE=str(tmp_path / "gate"))
     assert done.returncode == 0, done.stderr
     flagged = run_status(tmp_path / "run")["stages"]["maker"]["nondeterministic"]
-    assert flagged and set(flagged) <= set(range(10))
+    assert flagged and set(flagged) <= set(made)  # only what it had made before the kill
     assert "warning: stage 'maker' is not deterministic" in done.stdout
     log = (tmp_path / "run" / "logs" / "conductor.log").read_text()
     assert f"stage 'maker': batch {flagged[0]} made again by version src-" in log
     report = podpipe("report", "run", "-o", "r.html", cwd=tmp_path)
     assert report.returncode == 0
     assert 'class="nondeterministic" data-node="maker"' in (tmp_path / "r.html").read_text()
-    assert made  # (what it made before the kill)
 
 
 def test_with_checks_determinism_fail_the_resumed_run_fails_naming_stage_and_batch(tmp_path):
@@ -69,7 +67,7 @@ def test_with_checks_determinism_fail_the_resumed_run_fails_naming_stage_and_bat
     assert "(checks.determinism: fail)" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("mode", [None, "off"])
+@pytest.mark.parametrize("mode", [None, "off"], ids=["deterministic-stage", "checks-off"])
 def test_a_deterministic_stage_or_checks_off_flags_nothing(tmp_path, mode):
     _killed_mid_run(tmp_path, "double" if mode is None else "noisy", mode)
     done = podpipe("resume", "run", cwd=tmp_path, GATE=str(tmp_path / "gate"))
@@ -78,4 +76,4 @@ def test_a_deterministic_stage_or_checks_off_flags_nothing(tmp_path, mode):
     assert status["stages"]["maker"]["nondeterministic"] == []
     assert status["stages"]["maker"]["recomputed"] >= 1  # made again, compared (or not)
     assert "not deterministic" not in done.stdout
-    assert json.loads(json.dumps(status))["state"] == "succeeded"
+    assert status["state"] == "succeeded"

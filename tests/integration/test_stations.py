@@ -352,6 +352,12 @@ def test_the_model_example_trains_on_its_data_and_scores_with_its_model_set_up_o
     assert sum(log.read_text().count("set up in") for log in setups) <= 2  # per worker
 
 
+def _indexed(workdir: Path) -> list[str]:
+    """Each setup of `pystages:Labelled`: the rows of the table it indexed."""
+    return [line for p in (workdir / "setups").glob("index-*")
+            for line in p.read_text().splitlines()]
+
+
 def test_a_table_handed_to_a_class_setup_is_indexed_once_per_worker(tmp_path):
     """`setupInputs: [codes]`: the table the pod loaded once, handed to the class's
     setup at each worker's first task (not to every call); a function, or a name
@@ -372,7 +378,7 @@ def test_a_table_handed_to_a_class_setup_is_indexed_once_per_worker(tmp_path):
     assert done.returncode == 0, done.stderr
     out = read_sink(tmp_path / "out")
     assert out["label"].to_pylist() == [f"L{x % 10}" for x in range(10_000)]
-    indexed = [p.read_text() for p in (tmp_path / "setups").glob("index-*")]
+    indexed = _indexed(tmp_path)
     assert 1 <= len(indexed) <= 2 and set(indexed) == {"10"}  # once a worker, whole table
     status = run_status(tmp_path / "run")
     assert status["stages"]["labelled"]["setup_seconds"] > 0
@@ -388,3 +394,38 @@ def test_a_table_handed_to_a_class_setup_is_indexed_once_per_worker(tmp_path):
                           "spec.stages[0].setupInputs: 'source': setupInputs are tables")):
         refused = podpipe("run", "p.yaml", "--quiet", *bad, cwd=tmp_path)
         assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+
+
+def test_a_line_keeps_a_setup_built_from_a_table_until_the_table_changes(tmp_path):
+    """On a standing line, a class stage set up with a table (`setupInputs`) keeps its
+    index from job to job while the table's files are as they were; once they change,
+    the next job reloads the table and sets the class up again with it."""
+    import pyarrow as pa
+
+    make_numbers(tmp_path / "data")
+    (tmp_path / "setups").mkdir()
+
+    def codes(labels: str) -> None:
+        pq.write_table(pa.table({"k": range(10), "label": [f"{labels}{k}" for k in range(10)]}),
+                       tmp_path / "codes.parquet")
+    codes("L")
+    document = spec([{"name": "labelled", "run": "pystages:Labelled", "inputs": ["source"],
+                      "setupInputs": ["codes"], "workers": 1,
+                      "env": {"SETUP_DIR": str(tmp_path / "setups")}}],
+                    [{"input": "labelled", "uri": "out/"}], batch_rows=5000)
+    document["spec"]["tables"] = [{"name": "codes", "uri": "codes.parquet"}]
+    write_spec(tmp_path / "p.yaml", document)
+    assert podpipe("up", "p.yaml", "--name", "t", cwd=tmp_path).returncode == 0
+    try:
+        def job(n: int) -> list[str]:
+            done = podpipe("submit", "t", "--wait", "--set", f"sinks.0.uri=out{n}/",
+                           cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            return sorted(set(read_sink(tmp_path / f"out{n}")["label"].to_pylist()))
+        assert job(0) == job(1) == [f"L{k}" for k in range(10)]
+        assert len(_indexed(tmp_path)) == 1  # set up once for both jobs
+        codes("M")
+        assert job(2) == [f"M{k}" for k in range(10)]  # the new table, indexed anew
+        assert len(_indexed(tmp_path)) == 2
+    finally:
+        assert podpipe("down", "t", cwd=tmp_path).returncode == 0

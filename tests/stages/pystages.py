@@ -438,14 +438,14 @@ class SeesDevices:
 
 class Labelled:
     """A class stage handed a table at its setup (`setupInputs: [codes]`): it builds
-    its index of `codes` (k -> label) once per worker (SETUP_DIR/index-<pid>, holding
-    the rows it indexed), then labels each row of a batch by x % `modulo`."""
+    its index of `codes` (k -> label) once per worker (SETUP_DIR/index-<pid>: a line
+    per setup, the rows it indexed), then labels each row of a batch by x % `modulo`."""
 
     def __init__(self, codes: pa.Table, modulo: int = 10) -> None:
         self.labels = dict(zip(codes["k"].to_pylist(), codes["label"].to_pylist()))
         self.modulo = modulo
-        with open(os.path.join(os.environ["SETUP_DIR"], f"index-{os.getpid()}"), "x") as f:
-            f.write(str(codes.num_rows))
+        with open(os.path.join(os.environ["SETUP_DIR"], f"index-{os.getpid()}"), "a") as f:
+            f.write(f"{codes.num_rows}\n")
 
     def __call__(self, t: pa.Table) -> pa.Table:
         keys = pc.remainder(t["x"], self.modulo).to_pylist()

@@ -171,17 +171,14 @@ class Pipeline:
         slots: dict[str, list[tuple[str, ...]]] = {}
         wanting = [s for s in self.stages if s.resources.gpu]
         auto = [s for s in wanting if s.workers is None and not s.reduce]
-        for stage in wanting:
-            if stage in auto:
-                continue
+        fixed = [s for s in wanting if s not in auto]
+        for index, stage in enumerate(fixed + auto):
             per = stage.resources.gpu or 1
-            count = min(1 if stage.reduce else stage.workers or 1, len(free) // per)
-            slots[stage.name] = [tuple(free[i * per:(i + 1) * per]) for i in range(count)]
-            free = free[count * per:]
-        for index, stage in enumerate(auto):
-            per = stage.resources.gpu or 1
-            share = len(free) // (len(auto) - index)  # what is left, split among the rest
-            count = max(min(1, len(free) // per), share // per)
+            if stage in fixed:
+                count = min(1 if stage.reduce else stage.workers or 1, len(free) // per)
+            else:  # what is left, split among the auto stages still to come
+                share = len(free) // (len(wanting) - index)
+                count = max(min(1, len(free) // per), share // per)
             slots[stage.name] = [tuple(free[i * per:(i + 1) * per]) for i in range(count)]
             free = free[count * per:]
         return slots

@@ -314,10 +314,8 @@ def _pod_spec(pipeline: Pipeline, options: Options) -> tuple[dict[str, Any], str
 def _gpus_of(pipeline: Pipeline, node: str) -> int:
     """The GPUs a node's container asks for: `resources.gpu` for each of its workers
     (`auto`: one worker's — it grows no further than its devices)."""
-    stages = {s.name: s for s in pipeline.stages}
-    if node not in stages or not stages[node].resources.gpu:
-        return 0
-    return (stages[node].resources.gpu or 0) * (pipeline.workers(node) or 1)
+    gpu = next((s.resources.gpu for s in pipeline.stages if s.name == node), None)
+    return (gpu or 0) * (pipeline.workers(node) or 1)
 
 
 def _gpus(container: dict[str, Any], count: int) -> None:

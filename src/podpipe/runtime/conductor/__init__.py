@@ -12,16 +12,15 @@ An event is never fed to the engine while the previous one's actions are carried
 
 Reading this module, top to bottom: **the loop** (`start`, `_loop`, `_happened`:
 sockets, process exits, signals, timers; `_pump` feeds the engine); **what agents
-say** (`_read`, `_message` for requests such as swap and apply, `_from_agent` for
-what a task did); **what the engine decides** (`_carry_out`: RAM scratch in
-`scratchwork`, processes in `crew`, tasks and checkpoints here; `_dispatch` hands
-out a task); **swaps and apply**; **the end** (`_end`, the sinks' last step,
-stopping everyone, the status written).
-
+say** (`_read`, `_message` for requests: swap, apply, peek; `_from_agent` for what
+a task did, its output judged by `checkpoints.verdicts`); **what the engine decides**
+(`_carry_out`: RAM scratch in `scratchwork`, processes in `crew`, tasks and
+checkpoints here; `_dispatch` hands out a task); **swaps and apply**; **the end**
+(`_end`, the sinks' last step, stopping everyone, the status written).
 Pieces it wires, each owning its state: `agents`, `processes`, `crew` and
-`scratchwork` (the engine's decisions carried out), `swaps`, `checkpoints`,
-`snapshot`, `timeline`, `metrics`, `run` (what it runs), `floor` (its loop, processes
-and connections: a standing line's, lent to each job).
+`scratchwork` (the engine's decisions carried out), `swaps`, `checkpoints`, `lending`
+(peek), `snapshot`, `timeline`, `metrics`, `run` (what it runs), `floor` (its loop,
+processes and connections: a standing line's, lent to each job).
 """
 
 from __future__ import annotations

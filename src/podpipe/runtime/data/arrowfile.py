@@ -194,7 +194,11 @@ class Watched:
 
 def read_any_ipc(path: str | Path) -> pa.Table:
     """An IPC file or stream (what a command stage may write), memory-mapped."""
-    buffer = _mapped(path)
+    return read_ipc_buffer(_mapped(path))
+
+
+def read_ipc_buffer(buffer: pa.Buffer) -> pa.Table:
+    """The table in an IPC file or stream held in `buffer` (a mapping: zero-copy)."""
     if buffer[:6].to_pybytes() == b"ARROW1":
         return pa.ipc.open_file(pa.BufferReader(buffer)).read_all()
     return pa.ipc.open_stream(pa.BufferReader(buffer)).read_all()

@@ -132,14 +132,13 @@ def _mapped(fd: int) -> "pa.Table":
 
     import pyarrow as pa
 
+    from podpipe.runtime.data import arrowfile
+
     try:
         mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
-    buffer = pa.py_buffer(mapped)
-    if buffer[:6].to_pybytes() == b"ARROW1":
-        return pa.ipc.open_file(pa.BufferReader(buffer)).read_all()
-    return pa.ipc.open_stream(pa.BufferReader(buffer)).read_all()
+    return arrowfile.read_ipc_buffer(pa.py_buffer(mapped))
 
 
 def _pods(run_dir: str, otherwise: str) -> list[Path]:

@@ -181,7 +181,7 @@ def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
         sys.stderr.write(logline.line(f"{exc}\n{user_frames(exc.__cause__ or exc)}", "error"))
         return SETUP_FAILED  # a death: restarted, as a crash is
     pipeline, work = setup.pipeline, setup.work
-    setup_seconds = getattr(work, "setup_seconds", 0.0) if kept is None else 0.0
+    setup_seconds = work.setup_seconds if kept is None else 0.0
     if setup_seconds:
         sys.stderr.write(logline.line(f"set up in {setup_seconds:.3f} s"))
     protocol.send(sock, protocol.Hello(node=node, pid=os.getpid(), version=setup.version,
@@ -236,7 +236,7 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
     reused = False
     watched = arrowfile.Watched(mappings, task.keep_mapped)
     sys.stderr.write(logline.task_line(batch, "started"))
-    set_up = getattr(work, "setup_seconds", 0.0)  # 0: not yet (a class with setupInputs)
+    set_up = work.setup_seconds  # 0: not yet (a class with setupInputs sets up at a task)
     try:
         inputs = [[watched(p) for p in group] for group in task.inputs]
         result = _reuse(memo, Path(task.output)) if memo else None
@@ -262,9 +262,8 @@ def _task(sock: socket.socket, work: Work, task: protocol.Task, node: str,
             message=f"{type(exc).__name__}: {exc}", traceback=user_frames(exc), calls=calls))
         return
     stats = protocol.Stats(rows_in=sum(t.num_rows for group in inputs for t in group))
-    setup_now: float = getattr(work, "setup_seconds", 0.0)
-    if setup_now and not set_up:  # set up in this task (a class with setupInputs)
-        stats.setup = setup_now
+    if work.setup_seconds and not set_up:  # set up in this task (a class with setupInputs)
+        stats.setup = work.setup_seconds
         sys.stderr.write(logline.line(f"set up in {stats.setup:.3f} s (at batch {batch})"))
     if isinstance(work, CallService) and not reused:
         stats.calls = work.stats()

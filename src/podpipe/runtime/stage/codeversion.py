@@ -127,7 +127,7 @@ class CodeVersion:
             digest.update(f"{where}\0{parsed.text(statement)}\0".encode())
             if isinstance(statement, (ast.Import, ast.ImportFrom)):
                 todo.extend(self._imported(parsed, statement, wanted, whole, digest))
-                continue
+                continue  # (a name it leads to, if any; a whole module is digested there)
             used = {n.id for n in ast.walk(statement) if isinstance(n, ast.Name)}
             todo.extend((where, used_name) for used_name in sorted(used))
         return digest.hexdigest()
@@ -146,19 +146,18 @@ class CodeVersion:
                 return []
             for alias in statement.names:
                 if (alias.asname or alias.name) == wanted:
-                    if self._parsed(f"{source}.{alias.name}") is not None:  # a submodule
-                        return self._whole(f"{source}.{alias.name}", whole, digest)
-                    return [(source, alias.name)]
+                    if self._parsed(f"{source}.{alias.name}") is None:
+                        return [(source, alias.name)]
+                    self._whole(f"{source}.{alias.name}", whole, digest)  # a submodule
             return []
         for alias in statement.names:
             if (alias.asname or alias.name).partition(".")[0] == wanted:
-                return self._whole(alias.name, whole, digest)
+                self._whole(alias.name, whole, digest)
         return []
 
-    def _whole(self, name: str, whole: set[str], digest: "hashlib._Hash"
-               ) -> list[tuple[str, str]]:
+    def _whole(self, name: str, whole: set[str], digest: "hashlib._Hash") -> None:
+        """All of the project's module `name` into `digest`, once."""
         parsed = self._parsed(name)
         if parsed is not None and name not in whole:
             whole.add(name)
             digest.update(f"{name}\0{''.join(parsed.lines)}\0".encode())
-        return []

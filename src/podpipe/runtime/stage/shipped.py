@@ -67,7 +67,7 @@ def version(function: Callable[..., Any], pickled: bytes) -> str:
         codes = ([obj.__code__] if isinstance(obj, types.FunctionType) else
                  [m.__code__ for m in vars(obj).values() if isinstance(m, types.FunctionType)])
         space = (obj.__globals__ if isinstance(obj, types.FunctionType) else
-                 vars(sys.modules.get(obj.__module__, types)))
+                 getattr(sys.modules.get(obj.__module__), "__dict__", {}))
         for name in sorted(set().union(*map(_referred, codes)) if codes else ()):
             value = space.get(name)
             if isinstance(value, (types.FunctionType, type)) and value.__module__ == MAIN:

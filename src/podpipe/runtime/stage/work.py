@@ -28,8 +28,12 @@ from podpipe.runtime.stage import commands, shipped
 from podpipe.runtime.stage.codeversion import CodeVersion
 from podpipe.runtime.storage.answers import Answers, answers_store
 
+
 class Work:
-    """What one node does with a task; `run` returns a table, a written file or None."""
+    """What one node does with a task; `run` returns a table, a written file or None.
+    `setup_seconds`: what setting it up took (a class stage's; 0 until it is set up)."""
+
+    setup_seconds = 0.0
 
     def run(self, batch: int, inputs: list[list[pa.Table]],
             task: protocol.Task) -> pa.Table | Path | None:
@@ -148,7 +152,6 @@ class CallFunction(Work):
         module, _, name = target.partition(":")
         self.target = (module, name)
         self.instance: Any = None  # a class stage's, once set up
-        self.setup_seconds = 0.0
         self.params, self.setup_inputs = params or {}, len(setup_inputs)
         self.where = (target, file, field)
         if setup_inputs and not inspect.isclass(self.function):
