@@ -18,7 +18,7 @@ from podpipe.runtime.plumbing import protocol, sockets
 from podpipe.runtime.conductor.agents import Agents, to_event
 from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.plumbing.launching import Process
-from podpipe.runtime.conductor.swaps import Swaps
+from podpipe.runtime.conductor.requests.swaps import Swaps
 from podpipe.runtime.plumbing.loop import EventLoop
 
 SPEC = {"apiVersion": "podpipe.dev/v1alpha1", "kind": "Pipeline", "metadata": {"name": "t"},

@@ -8,9 +8,9 @@ Reading this module, top to bottom: `main` (a pod's own commands, `agent` and
 its errors shown one way); then one function per command, in the order of the
 table at the end: running (`_run`, `_resume`, `_plan`, with `_with_progress`),
 reading a run (`_status`, `_stop`, `_wait`, `_runs`, `_logs`, `_report`),
-`_validate`, changing a running line (`_swap`, `_apply`). A standing line's
-commands are `cli.standing`; Kubernetes' (`render`, `conductor`, a swap's patch)
-`cli.kubernetes`.
+`_validate`. Changing or looking into a running run (`swap`, `apply`, `peek`,
+`shadow`, `promote`) is `cli.changing`; a standing line's commands are
+`cli.standing`; Kubernetes' (`render`, `conductor`, a swap's patch) `cli.kubernetes`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Callable
 
-from podpipe.cli import kubernetes, standing
+from podpipe.cli import changing, kubernetes, standing
 from podpipe.cli.arguments import parser
 from podpipe.errors import PodpipeError, StageError, UsageError, exit_code
 
@@ -42,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _log_settings(args)
     if args.command == "agent":  # a stage process: keep its start light, no rich
+        from podpipe.runtime.plumbing import protocol
         from podpipe.runtime.stage import agent
+
+        if protocol.shadow_of(args.node):  # a stage's candidate (`podpipe shadow`)
+            from podpipe.runtime.stage import shadow
+
+            return shadow.serve(args.spec, args.set, args.node, args.socket, wait=args.wait)
 
         def serve() -> int:
             return agent.serve(args.spec, args.set, args.node, args.socket, hold=args.hold,
@@ -262,91 +268,6 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _peek(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.console import plural, printable, rows_table
-    from podpipe.runtime.runs import control
-
-    table, lent = control.peek(args.run_dir, args.stage, args.batch)
-    where = {"ram": "pod RAM", "node": "the node tier"}.get(lent.tier, lent.tier)
-    about = (f"stage {lent.stage!r}, batch {lent.batch}: {plural(table.num_rows, 'row')}, "
-             f"version {lent.version or '?'}, from {where}")
-    if args.to is not None:
-        from pathlib import Path
-
-        import pyarrow.parquet as pq
-
-        from podpipe.runtime.plumbing import files
-
-        with files.publishing(Path(args.to)) as tmp:  # whole, or not at all
-            pq.write_table(table, tmp)
-        console.print(f"{printable(about)} → {printable(args.to)}", highlight=False)
-    elif args.schema:
-        console.print(printable(about), highlight=False)
-        console.print(printable(table.schema.to_string(show_schema_metadata=False)),
-                      highlight=False, markup=False)
-    else:
-        console.print(printable(about), highlight=False)
-        shown, left_out = rows_table(table, args.head, console.width)
-        console.print(shown)
-        if left_out:
-            console.print(printable(f"({plural(len(left_out), 'more column')}: "
-                                    f"{', '.join(left_out)}; --schema lists every column)"),
-                          highlight=False)
-    return 0
-
-
-def _swap(args: argparse.Namespace, console: Console) -> int:
-    import shlex
-
-    from podpipe.runtime.runs import control
-
-    from podpipe.runtime.plumbing import protocol
-
-    command = shlex.split(args.new_command) if args.new_command is not None else None
-    overrides = control.swap_overrides(args.stage, run=args.run, command=command,
-                                       image=args.image, version=args.version)
-    if args.k8s:
-        return kubernetes.swap_patch(args)
-    for answer in control.swap(args.run_dir, args.stage, overrides, now=args.now,
-                               timeout=args.timeout, recompute=args.recompute):
-        said = answer.message
-        if isinstance(said, protocol.Swapped) and said.pending and answer.line:
-            console.print(f"{answer.run_dir}: stage {args.stage!r} is swapped from the "
-                          "line's next job on", highlight=False)
-        elif isinstance(said, protocol.Swapped) and said.pending:  # a pod's container
-            console.print(f"{answer.run_dir}: stage {args.stage!r} takes its new version "
-                          "when its container comes back with the image (update it in "
-                          "place: 'podpipe swap ... --k8s' prints the patch)" +
-                          ("; what the old version made is done again then"
-                           if args.recompute else ""), highlight=False)
-        elif isinstance(said, protocol.Swapped):
-            console.print(f"{answer.run_dir}: stage {args.stage!r} now runs version "
-                          f"{said.version} (pid {said.pid})", highlight=False)
-        else:
-            console.print(f"{answer.run_dir}: not swapped, the pod is {answer.state}",
-                          highlight=False)
-    return 0
-
-
-def _apply(args: argparse.Namespace, console: Console) -> int:
-    from podpipe.runtime.runs import control
-    from podpipe.runtime.plumbing import protocol
-
-    for answer in control.apply(args.run_dir, args.new_spec, timeout=args.timeout):
-        said = answer.message
-        if not isinstance(said, protocol.Applied):
-            console.print(f"{answer.run_dir}: not applied, the pod is {answer.state}",
-                          highlight=False)
-            continue
-        parts = [f"{what} {', '.join(names)}" for what, names in
-                 (("added", said.added), ("removed", said.removed), ("changed", said.changed),
-                  ("resized", said.resized)) if names]
-        console.print(f"{answer.run_dir}: " + ("; ".join(parts) or "no change") +
-                      (f"; {said.redo} batches run again from the source for the added "
-                       "stages" if said.redo else ""), highlight=False)
-    return 0
-
-
 def _wait(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import following as runs
 
@@ -407,7 +328,8 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate,
              "conductor": kubernetes.conductor, "render": kubernetes.render, "resume": _resume,
-             "plan": _plan, "swap": _swap, "apply": _apply, "peek": _peek, "wait": _wait,
+             "plan": _plan, "swap": changing.swap, "apply": changing.apply, "peek": changing.peek,
+             "shadow": changing.shadow, "promote": changing.promote, "wait": _wait,
              "stop": _stop, "report": _report, "runs": _runs, "logs": _logs,
              "up": standing.up, "submit": standing.submit, "down": standing.down,
              "lines": standing.listed}

@@ -9,17 +9,7 @@ import argparse
 import os
 
 from podpipe import __version__
-
-
-def _batch(text: str) -> int:
-    """A batch number or a count of rows: 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
-    return value
+from podpipe.cli import changing
 
 
 def _seconds(text: str) -> float:
@@ -258,69 +248,7 @@ def parser() -> argparse.ArgumentParser:
     validate.add_argument("--import-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                           help="how long importing the run: targets may take (default 60)")
 
-    swap = sub.add_parser(
-        "swap", help="swap a stage's version in a running run (or on a standing line)",
-        description="Replace STAGE's process in the running run at RUN_DIR by a new "
-                    "version: it finishes its batch (--now: abandons it, to be redone), "
-                    "the new version takes the later batches. The conductor, the other "
-                    "stages and the data in RAM stay. A new version that fails holds the "
-                    "stage (the run waits): swap back to go on. On a standing line, the "
-                    "running job's from its next batch and every later job's; between "
-                    "jobs, from the next job on.")
-    swap.add_argument("run_dir", metavar="RUN_DIR",
-                      help="a run directory, 'latest', or a line")
-    swap.add_argument("stage", metavar="STAGE")
-    what = swap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--run", metavar="MODULE:FUNCTION", help="a Python callable")
-    what.add_argument("--command", dest="new_command", metavar="COMMAND",
-                      help="an executable and its arguments, one string (split as a shell "
-                           "would)")
-    what.add_argument("--image", metavar="IMAGE", help="the stage's container image")
-    swap.add_argument("--version", metavar="V",
-                      help="the new version's name (default: a digest of what defines it)")
-    swap.add_argument("--now", action="store_true",
-                      help="do not wait for the in-flight batch: abandon it, to be redone")
-    swap.add_argument("--recompute", action="store_true",
-                      help="also redo the batches the old version did, and everything "
-                           "downstream of them, from the source: the outputs end as if the "
-                           "new version had run from the start")
-    swap.add_argument("--k8s", action="store_true",
-                      help="print the JSON patch that swaps the image on Kubernetes "
-                           "(kubectl patch --type json; OpenKruise applies it in place); "
-                           "needs --image")
-    swap.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                      help="how long to wait for the in-flight batch (default 300)")
-
-    peek = sub.add_parser(
-        "peek", help="print a stage's output for a batch while the run goes",
-        description="Ask the running run's conductor to lend a stage's output (the "
-                    "newest batch it holds, or --batch N) and print its first rows, its "
-                    "schema, or write it to a Parquet file. The file is read through an "
-                    "open descriptor the conductor hands over: the run may delete it "
-                    "meanwhile, never change it under the reader.")
-    peek.add_argument("run_dir", metavar="RUN_DIR",
-                      help="a run directory (a job's too), 'latest', or a line (its running "
-                           "job)")
-    peek.add_argument("stage", metavar="STAGE")
-    peek.add_argument("--batch", type=_batch, metavar="N",
-                      help="which batch (default: the newest the pod holds)")
-    peek.add_argument("--head", type=_batch, default=20, metavar="ROWS",
-                      help="how many rows to print (default 20)")
-    shown = peek.add_mutually_exclusive_group()
-    shown.add_argument("--schema", action="store_true", help="print its schema, not rows")
-    shown.add_argument("--to", metavar="FILE.parquet", help="write the batch to a Parquet file")
-
-    apply = sub.add_parser(
-        "apply", help="have a running run go on with a changed spec",
-        description="Compare the running pipeline with NEW_SPEC (stages and sinks, by "
-                    "name): start the added ones (they get every batch; where their "
-                    "inputs are gone from RAM, the batch runs again from the source), "
-                    "stop the removed ones, swap the changed ones, leave the rest "
-                    "running. Refuses what a running run cannot take (a changed source, "
-                    "a rewired stage), saying why.")
-    apply.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
-    apply.add_argument("new_spec", metavar="NEW_SPEC")
-    apply.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    changing.add(sub)  # swap, peek, apply, shadow, promote
 
     render = sub.add_parser(
         "render", help="print Kubernetes manifests that run the pipeline as a StatefulSet",

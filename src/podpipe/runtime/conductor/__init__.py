@@ -10,17 +10,19 @@ blocks on events only (`plumbing.loop`). One event, start to end:
 
 An event is never fed to the engine while the previous one's actions are carried out.
 
-Reading this module, top to bottom: **the loop** (`start`, `_loop`, `_happened`:
-sockets, process exits, signals, timers; `_pump` feeds the engine); **what agents
-say** (`_read`, `_message` for requests: swap, apply, peek; `_from_agent` for what
-a task did, its output judged by `checkpoints.verdicts`); **what the engine decides**
-(`_carry_out`: RAM scratch in `scratchwork`, processes in `crew`, tasks and
-checkpoints here; `_dispatch` hands out a task); **swaps and apply**; **the end**
-(`_end`, the sinks' last step, stopping everyone, the status written).
-Pieces it wires, each owning its state: `agents`, `processes`, `crew` and
-`scratchwork` (the engine's decisions carried out), `swaps`, `checkpoints`, `lending`
-(peek), `snapshot`, `timeline`, `metrics`, `run` (what it runs), `floor` (its loop,
-processes and connections: a standing line's, lent to each job).
+Reading this module, top to bottom: **the loop** (`start`, its end: candidates,
+then every process stopped, the sinks' last step; `_loop`, `_happened`: sockets,
+process exits, signals, timers; `_pump` feeds the engine); **what agents say**
+(`_read`, `_message` for requests: swap, apply, peek, shadow, promote; a candidate's
+own; `_from_agent` for what a task did, its output judged by `checkpoints.verdicts`
+and offered to the stage's candidate); **what the engine decides** (`_carry_out`: RAM
+scratch in `scratchwork`, processes in `crew`, tasks and checkpoints here;
+`_dispatch` hands out a task); **swaps and apply**; **the end** (`_end`, the status
+written). Pieces it wires, each owning its state: `agents`, `processes`, `crew`
+and `scratchwork` (the engine's decisions carried out), `requests` (`swaps`,
+`lending` for peek, `shadows`), `checkpoints`, `snapshot`, `timeline`, `metrics`,
+`run` (what it runs), `floor` (its loop, processes and connections: a standing
+line's, lent to each job).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, assert_never
+from typing import Any, Callable, assert_never
 
 from podpipe.engine import events as ev
 from podpipe.engine.events import Progress
@@ -40,7 +42,7 @@ from podpipe.errors import InterruptedRun, PodpipeError, RunError, StageError
 from podpipe.model.graph import Graph
 from podpipe.runtime.plumbing import lifetime, logline, loop as loops, protocol
 from podpipe.runtime.rundir import status
-from podpipe.runtime.conductor import lending
+from podpipe.runtime.conductor.requests import lending
 from podpipe.runtime.conductor.agents import Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
@@ -51,14 +53,12 @@ from podpipe.runtime.plumbing.launching import Launcher
 from podpipe.runtime.conductor.run import Run, Timeout, cpus, gpu_caps, retries, workers
 from podpipe.runtime.conductor.scratchwork import ScratchWork
 from podpipe.runtime.conductor.snapshot import Counters, snapshot
-from podpipe.runtime.conductor.swaps import Change, Swaps
+from podpipe.runtime.conductor.requests.shadows import Shadows, ShadowTimeout
+from podpipe.runtime.conductor.requests.swaps import Change, Swaps
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.storage.durable import DurableTier
 from podpipe.runtime.data.scratch import discard
 from podpipe.runtime.plumbing.protocol import agent_name, split_name
-
-if TYPE_CHECKING:
-    from podpipe.runtime.data.sink import Written
 
 __all__ = ["Conductor", "Floor", "Restored", "Run"]
 
@@ -86,6 +86,8 @@ class Conductor:
         self.floor = floor or Floor.of_run(launcher, listener, reaper, self._log)
         self.agents, self.processes = self.floor.agents, self.floor.processes
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents, self.floor.swapped)
+        self.shadows = Shadows(run.scratch, self.agents, self.processes, self.floor.loop,
+                               self._log)
         self.crew = Crew(self.processes, self.agents, self.floor.loop, self.swaps, self._log)
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log, run.pipeline)
         self.counters = Counters(run.graph)
@@ -95,7 +97,6 @@ class Conductor:
         self.watchers = Watchers(observer, metrics, metrics_linger, self.floor.metrics)
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
-        self.sinks: dict[str, Written] = {}  # once the run succeeded
 
     @property
     def ledger(self) -> Ledger:
@@ -130,9 +131,15 @@ class Conductor:
                                                 if self.processes.local else []):
                             self.processes.begin(agent_name(node, worker))
                     self._loop()
-                finally:
-                    self._stop_all()
-                self._finish_sinks()
+                finally:  # every process stops (a line's stay, but the busy ones),
+                    self.shadows.stop_all(standing=self.floor.standing)  # candidates first
+                    self.floor.swapped = dict(self.swaps.overrides)  # (a line's next jobs')
+                    self.floor.stop(self.ledger, succeeded=self.outcome[0] == "succeeded")
+                if self.outcome[0] == "succeeded":  # each sink's output put in place
+                    try:
+                        self.counters.sinks = self.run.finish_sinks(self.ledger.keys)
+                    except RunError as exc:
+                        self.outcome = ("failed", exc)
         finally:
             if not self.floor.standing:  # (a line clears it, keeping its tables)
                 self.run.scratch.remove()
@@ -168,7 +175,9 @@ class Conductor:
         elif isinstance(happening, loops.ProcessExited):
             self._drain()  # what it said before dying counts first
             returncode = self.processes.exited(happening.pid, happening.tag)
-            if returncode is not None and self.running:
+            if protocol.shadow_of(happening.tag) is not None:  # a stage's candidate
+                self.shadows.exited(happening.tag, returncode)
+            elif returncode is not None and self.running:
                 self.agents.drop(happening.tag)  # a restarted process says hello anew
                 self.timeline.ended(happening.tag, "lost")
                 node, worker = split_name(happening.tag)
@@ -183,6 +192,8 @@ class Conductor:
                     node, worker = split_name(timeout.agent)
                     self.events.append(ev.TaskTimedOut(node, timeout.batch, timeout.seconds,
                                                        worker, time.monotonic()))
+            elif isinstance(happening.tag, ShadowTimeout):
+                self.shadows.timed_out(happening.tag)
             else:  # a restart's backoff is over
                 node, _ = split_name(happening.tag)
                 self.processes.start(happening.tag, self.swaps.overrides.get(node, []))
@@ -226,6 +237,12 @@ class Conductor:
             self.agents.answer_probe(conn, message)
         elif isinstance(message, protocol.PeekRequest):  # an output lent to a reader:
             lending.lend(self.agents, conn, self.ledger, message, self.checkpoints.made_by)
+        elif isinstance(message, protocol.ShadowRequest):  # a candidate beside a stage
+            self.shadows.request(conn, message, self.run.pipeline, self.swaps.version)
+        elif isinstance(message, protocol.PromoteRequest):  # ... made live: a swap to it
+            self.shadows.promote(conn, message.stage, self._swap)
+        elif self.shadows.heard(conn, message):  # a stage's candidate said it
+            pass
         elif isinstance(message, protocol.Hello):
             self._hello(conn, message)
         else:
@@ -257,8 +274,10 @@ class Conductor:
                 event = ev.TaskFailed(node, message.batch, wrong, worker=worker)
         if isinstance(message, protocol.Done):
             version = self.counters.done(name, message.batch, message.stats)
-            self.checkpoints.record(split_name(name)[0], message.batch, version,
-                                    message.output)
+            node = split_name(name)[0]
+            self.checkpoints.record(node, message.batch, version, message.output)
+            self.shadows.offer(node, message.batch, message.output, self.ledger.budget.fits,
+                               lambda o: self.ledger.pinned.add((o.node, o.key)))
             self.timeline.ended(name, "done", message.stats)
             self.watchers.task_done(split_name(name)[0], message.stats.busy)
         elif isinstance(message, protocol.Reserve):
@@ -297,6 +316,8 @@ class Conductor:
             case ev.Dispatch():
                 self._dispatch(action)
             case ev.Grant() | ev.Deny() | ev.Delete() | ev.Recycle() | ev.Unpool() | ev.Spill():
+                if isinstance(action, (ev.Deny, ev.Spill)):  # short of RAM: candidates
+                    self.shadows.pressure()                  # let go first
                 self.scratch_work.carry_out(action)  # RAM granted, denied, freed, spilled
             case ev.Keep():
                 self.checkpoints.keep(action.output)
@@ -326,6 +347,7 @@ class Conductor:
             task.memo = self.checkpoints.memo(run.pipeline, node,
                                               self.counters.stages[node].version, action.inputs)
         name = agent_name(node, action.worker)
+        self.shadows.dispatched(node, action.batch, action.inputs)
         nbytes = sum(o.nbytes for g in action.inputs for o in g)
         seq = self.counters.dispatched(node, name, action.batch, nbytes)
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
@@ -341,15 +363,17 @@ class Conductor:
 
     # -- swaps and apply -----------------------------------------------------------
 
-    def _swap(self, conn: Conn, request: protocol.SwapRequest) -> None:
+    def _swap(self, conn: Conn, request: protocol.SwapRequest) -> bool:
         said = self.swaps.check(request, self.run.pipeline, local=self.processes.local,
                                 shared_global=self.run.shared_global)
         if said is not None:  # refused; or a container's new image is awaited
             self.agents.answer(conn, said)
-            return
+            return False
         self.swaps.asked_by(request.stage, conn)
         self._log(f"swap of stage {request.stage!r} requested: {' '.join(request.overrides)}")
         self.events.append(ev.SwapRequested(request.stage, request.now, request.recompute))
+        return True
+
 
     def _apply(self, conn: Conn, request: protocol.ApplyRequest) -> None:
         """`podpipe apply`: run the new spec from here on. Removed nodes stop, added
@@ -362,8 +386,7 @@ class Conductor:
             self.agents.answer(conn, protocol.Refused(message=accepted))
             return
         diff, graph = accepted.diff, Graph.of(accepted.pipeline)
-        self._log(f"apply: added {list(diff.added)}, removed {list(diff.removed)}, "
-                  f"changed {list(diff.changed)}, resized {list(diff.resized)}")
+        self._log(f"apply: {accepted.said()}")
         self.run = replace(self.run, pipeline=accepted.pipeline, graph=graph)
         for node in diff.added:
             self.counters.add(node)
@@ -380,9 +403,7 @@ class Conductor:
             self.swaps.to_spec(node)
             self.events.append(ev.SwapRequested(node))
         self._pump()
-        self.agents.answer(conn, protocol.Applied(
-            added=list(diff.added), removed=list(diff.removed), changed=list(diff.changed),
-            redo=self.ledger.to_redo(), resized=list(diff.resized)))
+        self.agents.answer(conn, accepted.applied(redo=self.ledger.to_redo()))
 
     # -- the end, and what it looks like --------------------------------------------
 
@@ -392,30 +413,6 @@ class Conductor:
             self._log(f"the run {state}" + (f": {error}" if error else ""),
                       "info" if state == "succeeded" else "error")
 
-    def _finish_sinks(self) -> None:
-        """The run succeeded: put each sink's output in place (mode overwrite) and,
-        when this pod runs every shard, write its `_SUCCESS`."""
-        if self.running or self.outcome[0] != "succeeded":
-            return
-        try:
-            self.sinks = self.run.finish_sinks(self.ledger.keys)
-        except RunError as exc:
-            self.outcome = ("failed", exc)
-
-    def _stop_all(self) -> None:
-        """Stop every agent: politely when idle, by signal when not, never waiting long.
-        Containers are told to stop only when the run succeeded (after a failure they
-        exit, for a restarted conductor's resume); a line's stay, but the busy ones."""
-        if self.floor.standing:
-            self.floor.swapped = dict(self.swaps.overrides)
-            return self.floor.give_back(self.ledger)
-        succeeded = self.outcome[0] == "succeeded"
-        if self.processes.local or succeeded:
-            for node in self.agents.nodes():
-                self.agents.send(node, protocol.Stop())
-        self.processes.stop_all(terminate=not succeeded, told=self.agents.nodes())
-        self.agents.close()
-
     def _snapshot(self, progress: Progress | None = None) -> status.Status:
         state, error = self.outcome
         # containers: their pids are in their own namespaces, alive while connected
@@ -423,7 +420,7 @@ class Conductor:
             self.agents.infos(self.run.pod)
         return snapshot(self.run, progress or self.ledger.progress(), self.counters,
                         self.checkpoints, processes, state, str(error) if error else None,
-                        self.sinks)
+                        self.shadows.statuses())
 
     def _flush(self, final: bool = False) -> None:
         if not final:

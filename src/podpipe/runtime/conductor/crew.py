@@ -20,7 +20,7 @@ ProcessAction = (ev.Restart | ev.Kill | ev.Replace | ev.Stop | ev.Hold | ev.AddW
 from podpipe.runtime.plumbing import logline, protocol
 from podpipe.runtime.conductor.agents import Agents
 from podpipe.runtime.conductor.processes import Processes
-from podpipe.runtime.conductor.swaps import Swaps
+from podpipe.runtime.conductor.requests.swaps import Swaps
 from podpipe.runtime.plumbing.loop import EventLoop
 from podpipe.runtime.plumbing.protocol import agent_name
 

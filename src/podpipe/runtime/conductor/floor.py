@@ -95,6 +95,19 @@ class Floor:
             spec=str(run_dir / "spec.yaml"), overrides=[*overrides, *self.swapped.get(node, [])],
             log=str(run_dir / "logs" / f"{name}.log"), run=str(run_dir), keep=keep))
 
+    def stop(self, ledger: Ledger, *, succeeded: bool) -> None:
+        """The run (a job) is over. A run's agents stop: politely when idle, by signal
+        when not, never waiting long; containers are told to stop only when the run
+        succeeded (after a failure they exit, for a restarted conductor's resume). A
+        line's stay, but the busy ones (`give_back`)."""
+        if self.standing:
+            return self.give_back(ledger)
+        if self.processes.local or succeeded:
+            for node in self.agents.nodes():
+                self.agents.send(node, protocol.Stop())
+        self.processes.stop_all(terminate=not succeeded, told=self.agents.nodes())
+        self.agents.close()
+
     def give_back(self, ledger: Ledger) -> None:
         """The job is over: idle processes stay, warm; busy ones are killed (a
         container's agent is let go: it exits, and the kubelet starts it again)."""

@@ -17,7 +17,7 @@ from podpipe.runtime.plumbing import cputime, lifetime
 from podpipe.runtime.plumbing.launching import Launcher, Process
 from podpipe.runtime.rundir import status
 from podpipe.runtime.plumbing.loop import EventLoop
-from podpipe.runtime.plumbing.protocol import split_name
+from podpipe.runtime.plumbing.protocol import shadow_of, split_name
 
 
 STOP_GRACE_SECONDS = 5.0
@@ -98,9 +98,10 @@ class Processes:
         self._launcher.serve(spec_path, overrides, log_dir)
 
     def workers(self) -> dict[str, list[int]]:
-        """Each node's processes, by worker number (those asked for included)."""
+        """Each node's processes, by worker number (those asked for included; not its
+        candidate's, which the engine does not count)."""
         found: dict[str, list[int]] = {}
-        for name in sorted({*self._by_node, *self._asked}):
+        for name in sorted(n for n in {*self._by_node, *self._asked} if not shadow_of(n)):
             node, worker = split_name(name)
             found.setdefault(node, []).append(worker)
         return found
@@ -150,9 +151,9 @@ class Processes:
 
     @staticmethod
     def per_node(cpu: dict[str, float]) -> dict[str, float]:
-        """Processes' cores, summed over each node's workers."""
+        """Processes' cores, summed over each node's workers (not its candidate's)."""
         nodes: dict[str, float] = {}
-        for name, cores in cpu.items():
+        for name, cores in [(n, c) for n, c in cpu.items() if shadow_of(n) is None]:
             node = split_name(name)[0]
             nodes[node] = nodes.get(node, 0.0) + cores
         return nodes

@@ -83,6 +83,7 @@ class Counters:
         self.tasks: dict[str, int] = {}  # agent -> tasks handed out, to tell them apart
         self.started = time.time()
         self.ended: float | None = None
+        self.sinks: dict[str, Written] = {}  # what each sink wrote, once the run succeeded
         self._sampled: tuple[float, dict[str, float]] = (time.monotonic(), {})
 
     def cpu_wanted(self) -> dict[str, float]:
@@ -158,9 +159,9 @@ def kind(node: str, graph: Graph) -> str:
 
 def snapshot(run: Run, progress: Progress, counters: Counters, checkpoints: Checkpoints,
              processes: list[status.ProcessInfo], state: str, error: str | None,
-             sinks: dict[str, Written]) -> status.Status:
-    """The status record of this pod's run, as it is now (`sinks`: what each sink
-    wrote, once the run succeeded)."""
+             shadows: dict[str, status.ShadowStatus] | None = None) -> status.Status:
+    """The status record of this pod's run, as it is now (`shadows`: stages'
+    candidates)."""
     me, graph, placement = os.getpid(), run.graph, run.placement
     listed = [status.ProcessInfo("conductor", None, me, run.pod, start=process_start(me)),
               *processes]
@@ -179,7 +180,8 @@ def snapshot(run: Run, progress: Progress, counters: Counters, checkpoints: Chec
             nondeterministic=sorted(checkpoints.verdicts.nondeterministic.get(node, ())),
             workers=p.workers, workers_max=p.workers_max, queued=p.queued,
             in_flight=p.in_flight, tier=p.tier,
-            calls=s.calls.status() if s.calls is not None else None)
+            calls=s.calls.status() if s.calls is not None else None,
+            shadow=(shadows or {}).get(node))
     ended = counters.ended
     durable = checkpoints.durable
     return status.Status(
@@ -194,7 +196,7 @@ def snapshot(run: Run, progress: Progress, counters: Counters, checkpoints: Chec
                            progress.waiting_for),
         shards=placement.shards, processes=listed, stages=stages,
         sinks={name: status.SinkInfo(w.uri, w.files, w.rows, w.nbytes)
-               for name, w in sinks.items()},
+               for name, w in counters.sinks.items()},
         restore_notes=list(checkpoints.notes), resumed_done=checkpoints.done_before,
         durable=status.DurableInfo(**durable.status()) if durable else None,
         node_tier=status.NodeTierInfo(checkpoints.copies,  # journaled

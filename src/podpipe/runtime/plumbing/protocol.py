@@ -23,16 +23,20 @@ manifests and the engine (`model.output.Output`).
                          `agent`, Ready(connected=False) until that agent is connected
     podpipe swap/apply   SwapRequest | ApplyRequest, answered Swapped | Held | Applied | Refused
     podpipe peek         PeekRequest, answered Lent with the output's open file
-                         (`send_fd`: SCM_RIGHTS), or Refused
+                         (`send_fds`: SCM_RIGHTS), or Refused
+    podpipe shadow       ShadowRequest, answered Shadowing (or Refused); PromoteRequest as
+                         a swap. The candidate's process (`shadow_name`) says Hello, takes
+                         ShadowTask (its inputs' and the live output's files, open) and
+                         answers Compared | Failed
     submit/resume/wait/stop/down -> a standing line   SubmitRequest | ResumeRequest,
                          answered Submitted (and JobOver when the job ends, if asked);
                          JobRequest answered JobOver; DownRequest answered Downed
     conductor <-> fork server   LogTo once; Spawn -> Spawned, and Exited when a child ends
 
 Reading it, top to bottom: the framing's constants and agent names; the messages,
-grouped by who speaks (agent and conductor; swap, apply and peek; a line's clients;
-the fork server) and the `Message` union; then encoding, `send_fd`/`recv_fd` (a
-message with a file descriptor) and `Reader` (a stream cut into messages). The sockets they go over: `plumbing.sockets`.
+grouped by who speaks (agent and conductor; a shadow; the fork server; what commands
+ask, in `requests`) and the `Message` union; then encoding, `send_fds`/`recv_fds` (a
+message with file descriptors) and `Reader` (a stream cut into messages). The sockets they go over: `plumbing.sockets`.
 
 `Hello.protocol` is the version of this wire: a conductor refuses an agent of
 another one (a container image of another podpipe release).
@@ -43,21 +47,48 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from typing import Any
 
 import msgspec
 
 from podpipe.model.batch import SourceBatch
 from podpipe.model.output import Output
+from podpipe.runtime.plumbing.message import Tagged
+from podpipe.runtime.plumbing.requests import (Applied as Applied, ApplyRequest as ApplyRequest,
+                                               Downed as Downed, DownRequest as DownRequest,
+                                               Held as Held, JobOver as JobOver,
+                                               JobRequest as JobRequest, Lent as Lent,
+                                               PeekRequest as PeekRequest,
+                                               PromoteRequest as PromoteRequest,
+                                               Refused as Refused,
+                                               ResumeRequest as ResumeRequest,
+                                               Shadowing as Shadowing,
+                                               ShadowRequest as ShadowRequest,
+                                               SubmitRequest as SubmitRequest,
+                                               Submitted as Submitted, Swapped as Swapped,
+                                               SwapRequest as SwapRequest)
 
-PROTOCOL = 7  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging
+PROTOCOL = 8  # 1: untyped JSON dicts (podpipe 0.1); 2: no fixed schema; 3: no sink staging
 # token; 4: no standing line (Job, the spec in Hello); 5: no auto containers (Supervising,
-# Fork, Shrink), no Stop.failed, no SubmitRequest.job; 6: no Stats.setup
+# Fork, Shrink), no Stop.failed, no SubmitRequest.job; 6: no Stats.setup; 7: no shadows
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 64 << 20
 
 
 WORKER_ENV = "PODPIPE_WORKER"  # which of its node's processes an agent is (0 if unset)
 CONTAINER_ENV = "PODPIPE_CONTAINER"  # set in a node's own container (as rendered)
+
+
+SHADOW = "@shadow"  # a stage's candidate's process: `prices@shadow` (`shadow_name`)
+
+
+def shadow_name(node: str) -> str:
+    return node + SHADOW
+
+
+def shadow_of(name: str) -> str | None:
+    """The stage whose candidate the process `name` is; None if it is not one."""
+    return name[:-len(SHADOW)] if name.endswith(SHADOW) else None
 
 
 def agent_name(node: str, worker: int) -> str:
@@ -79,8 +110,7 @@ class ProtocolError(Closed):
     """The peer sent something that is not a message of this protocol."""
 
 
-class _Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
-    pass
+_Message = Tagged
 
 
 # -- agent <-> conductor ------------------------------------------------------------
@@ -215,111 +245,50 @@ class Job(_Message, tag="job"):
     keep: bool = False  # the node's definition is the job before's: keep what is set up
 
 
+class ShadowTask(_Message, tag="shadow_task"):
+    """A batch for a stage's candidate (`podpipe shadow`): its inputs' files come with
+    it, open (`send_fds`): `groups[i]` descriptors for input i, then the live output's
+    last. `output`: where a command writes (removed once compared)."""
+
+    batch: int
+    groups: list[int]
+    output: str
+
+
+class Differing(msgspec.Struct, forbid_unknown_fields=True):
+    """A column where the candidate's output differs from the live one's."""
+
+    name: str
+    rows: int                      # rows where it differs
+    max_abs: float | None = None   # numeric: the largest |live - candidate|
+    max_rel: float | None = None   # ... over the larger of the two magnitudes
+
+
+class Comparison(msgspec.Struct, forbid_unknown_fields=True):
+    """A candidate's output against the live one's for one batch (`data.compare`)."""
+
+    equal: bool
+    live_rows: int
+    rows: int
+    schema: str = ""  # how the schemas differ ("": they do not)
+    rows_differing: int = 0  # rows where any common column differs (same row count)
+    columns: list[Differing] = []
+    examples: list[dict[str, Any]] = []  # a few differing rows: {"row": i, column:
+                                         # [live, candidate], ...}
+
+
+class Compared(_Message, tag="compared"):
+    batch: int
+    comparison: Comparison
+    seconds: float = 0.0  # the candidate's time on the batch
+
+
 class Probe(_Message, tag="probe"):
     agent: str | None = None  # is this agent (`node`, `node.N`) connected? None: the conductor up
 
 
 class Ready(_Message, tag="ready"):
     connected: bool = True
-
-
-# -- podpipe swap / apply <-> conductor -------------------------------------------
-
-
-class SwapRequest(_Message, tag="swap"):
-    stage: str
-    overrides: list[str]
-    now: bool = False
-    recompute: bool = False
-
-
-class ApplyRequest(_Message, tag="apply"):
-    spec: str   # the new spec's text
-    path: str   # the user's file, to name in messages
-
-
-class Swapped(_Message, tag="swapped"):
-    stage: str
-    version: str
-    pid: int
-    pending: bool = False  # a standing line between jobs: from its next job on
-
-
-class Held(_Message, tag="held"):
-    stage: str
-    message: str
-
-
-class Applied(_Message, tag="applied"):
-    added: list[str]
-    removed: list[str]
-    changed: list[str]
-    redo: int  # source batches that run down the line again
-    resized: list[str] = []  # nodes whose workers changed
-
-
-class Refused(_Message, tag="refused"):
-    message: str
-
-
-class PeekRequest(_Message, tag="peek"):
-    """`podpipe peek`: lend me a stage's output (`batch`, else its newest held)."""
-    stage: str
-    batch: int | None = None
-
-
-class Lent(_Message, tag="lent"):
-    """The output lent: its file comes with this message, open (`send_fd`)."""
-    stage: str
-    batch: int
-    rows: int
-    tier: str
-    version: str | None = None
-
-
-# -- podpipe submit / down / status <-> a standing line -------------------------------
-
-
-class SubmitRequest(_Message, tag="submit"):
-    overrides: list[str]  # the job's --set, after the line's (paths: from the line's cwd)
-    wait: bool = False    # answer again (`JobOver`) once the job is over
-    job: str | None = None  # its id (the same on every pod of a rendered line), else new
-
-
-class Submitted(_Message, tag="submitted"):
-    job: str      # its id
-    run_dir: str  # its run directory
-    ahead: int    # jobs before it in the queue (the running one counted)
-
-
-class ResumeRequest(_Message, tag="resume"):
-    """Put a failed or stopped job of the line back on it (answered `Submitted`)."""
-
-    run_dir: str
-    wait: bool = False    # answer again (`JobOver`) once the job is over
-
-
-class JobRequest(_Message, tag="job_request"):
-    """Answer `JobOver` once the job at `run_dir` is over; with `stop`, stop it first."""
-
-    run_dir: str
-    stop: bool = False
-
-
-class JobOver(_Message, tag="job_over"):
-    job: str
-    run_dir: str
-    state: str  # succeeded, failed, interrupted
-    error: str | None = None
-
-
-class DownRequest(_Message, tag="down"):
-    pass
-
-
-class Downed(_Message, tag="downed"):
-    dropped: list[str]  # the queued jobs that did not run (resumable)
-    stopped: list[str]  # the running job, stopped (resumable)
 
 
 # -- conductor <-> fork server ------------------------------------------------------
@@ -356,7 +325,7 @@ Message = (Hello | Broken | Task | Reserve | Grant | Deny | Calling | Done | Fai
            Supervising | Fork | Shrink | Probe | Ready | SwapRequest | ApplyRequest | Swapped |
            Held | Applied | Refused | SubmitRequest | Submitted | ResumeRequest | JobRequest |
            JobOver | DownRequest | Downed | LogTo | Spawn | Spawned | Exited | PeekRequest |
-           Lent)
+           Lent | ShadowRequest | Shadowing | PromoteRequest | ShadowTask | Compared)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
@@ -378,18 +347,21 @@ def send(sock: socket.socket, message: Message) -> None:
     sock.sendall(encode(message))
 
 
-def send_fd(sock: socket.socket, message: Message, fd: int) -> None:
-    """`message` with an open file descriptor (SCM_RIGHTS): the peer holds the file
-    whatever happens to its name afterwards."""
+MOST_FDS = 200  # descriptors with one message (the kernel's limit: 253)
+
+
+def send_fds(sock: socket.socket, message: Message, fds: list[int]) -> None:
+    """`message` with open file descriptors (SCM_RIGHTS): the peer holds the files
+    whatever happens to their names afterwards."""
     data = encode(message)
-    sent = socket.send_fds(sock, [data], [fd])
+    sent = socket.send_fds(sock, [data], fds)
     if sent < len(data):
         sock.sendall(data[sent:])
 
 
-def recv_fd(sock: socket.socket) -> tuple[Message, int | None]:
-    """A message and the descriptor sent with it, if any (`send_fd`)."""
-    head, fds, _, _ = socket.recv_fds(sock, _HEADER.size, 1)
+def recv_fds(sock: socket.socket, most: int = MOST_FDS) -> tuple[Message, list[int]]:
+    """A message and the descriptors sent with it, if any (`send_fds`)."""
+    head, fds, _, _ = socket.recv_fds(sock, _HEADER.size, most)
     if not head:
         raise Closed("connection closed")
     head += _recv_exactly(sock, _HEADER.size - len(head))
@@ -398,7 +370,12 @@ def recv_fd(sock: socket.socket) -> tuple[Message, int | None]:
         for fd in fds:
             os.close(fd)
         raise ProtocolError(f"message of {size} bytes is larger than {MAX_MESSAGE}")
-    return decode(_recv_exactly(sock, size)), (fds[0] if fds else None)
+    try:
+        return decode(_recv_exactly(sock, size)), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def recv(sock: socket.socket) -> Message:

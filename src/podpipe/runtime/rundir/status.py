@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 import msgspec
 
 from podpipe.errors import UsageError
-from podpipe.runtime.plumbing import files
+from podpipe.runtime.plumbing import files, protocol
 from podpipe.runtime.data.scratch import alive
 
 FILE = "status.json"
@@ -48,6 +48,30 @@ class CallStatus(_Record):
     latency_p99: float | None = None
 
 
+class ShadowDifference(_Record):
+    batch: int
+    comparison: protocol.Comparison
+
+
+class ShadowStatus(_Record):
+    """A stage's candidate version run beside it (`podpipe shadow`), and how its
+    outputs compared with the live ones."""
+
+    overrides: list[str]          # what the candidate is (its --set)
+    every: int = 1                # it is offered every Nth batch the stage makes
+    version: str = ""
+    state: str = "starting"       # starting | running | stopped | promoted | failed
+    compared: int = 0
+    equal: int = 0
+    differing: int = 0
+    skipped: int = 0              # not compared: no room in RAM, or it was behind
+    failed: int = 0               # it raised, timed out or died on the batch
+    seconds: float = 0.0          # its time on the batches compared
+    differences: list[ShadowDifference] = []  # the first few that differed
+    failures: list[str] = []      # the first few failures
+    error: str | None = None      # why it ended, if it did not by a stop or a promote
+
+
 class StageStatus(_Record):
     kind: str                   # source | table | stage | call | reduce | sink
     batches_done: int
@@ -72,6 +96,7 @@ class StageStatus(_Record):
     calls: CallStatus | None = None  # a call stage: its requests
     setup_seconds: float = 0.0  # a class stage: the longest setup of one of its processes
     nondeterministic: list[int] = []  # batches it made other bytes of when made again
+    shadow: ShadowStatus | None = None  # its candidate, if one was run beside it
 
 
 class PodInfo(_Record):
@@ -237,6 +262,17 @@ def _calls(a: CallStatus | None, b: CallStatus | None) -> CallStatus | None:
                          for f in CallStatus.__struct_fields__})
 
 
+def _shadows(a: ShadowStatus | None, b: ShadowStatus | None) -> ShadowStatus | None:
+    """Each pod's candidate of a stage, their comparisons added up."""
+    if a is None or b is None:
+        return _first(a, b)
+    counts = ("compared", "equal", "differing", "skipped", "failed")
+    return msgspec.structs.replace(
+        a, **{f: getattr(a, f) + getattr(b, f) for f in counts},
+        seconds=round(a.seconds + b.seconds, 6), differences=[*a.differences, *b.differences],
+        failures=[*a.failures, *b.failures], error=a.error or b.error)
+
+
 _STAGE: dict[str, Callable[[Any, Any], Any]] = {
     "kind": _first, "batches_done": _sum, "batches_total": _sum, "rows_in": _sum,
     "rows_out": _sum, "busy_seconds": _sum, "bytes_written": _sum, "bytes_read": _sum,
@@ -246,7 +282,7 @@ _STAGE: dict[str, Callable[[Any, Any], Any]] = {
     "workers_max": _largest,   # the most one pod had
     "queued": _sum, "in_flight": _sum, "tier": _first, "calls": _calls,
     "setup_seconds": _largest,
-    "nondeterministic": lambda a, b: sorted({*a, *b}),
+    "nondeterministic": lambda a, b: sorted({*a, *b}), "shadow": _shadows,
 }
 
 

@@ -1,4 +1,4 @@
-"""Talking to a running conductor: `podpipe swap`, `podpipe apply`, `podpipe peek`.
+"""Talking to a running conductor: `podpipe swap`, `apply`, `peek`, `shadow`, `promote`.
 
 The command connects to the conductor's socket in the run's RAM scratch (named in
 `status.json`), sends one request and waits for the answer: the stage's new
@@ -73,6 +73,37 @@ def _ask(run_dir: Path, stage: str, overrides: list[str], now: bool,
     return answer
 
 
+def shadow(run_dir: str, request: protocol.ShadowRequest, *,
+           timeout: float) -> list[Answer]:
+    """Start (or `stop`) a candidate of a stage beside it in the running run at
+    `run_dir` (every pod of it), or in a line's running job: each pod's answer,
+    `Shadowing` once the candidate is up (UsageError if refused)."""
+    return _each(run_dir, request, timeout, f"shadow {request.stage!r}",
+                 "nothing to run a candidate beside (run it, and swap to it)")
+
+
+def promote(run_dir: str, stage: str, *, timeout: float) -> list[Answer]:
+    """Make the stage's candidate its live version from the next batch: each pod's
+    answer, as a swap's (`Swapped`; RunError if the new version failed: held)."""
+    answers = _each(run_dir, protocol.PromoteRequest(stage=stage), timeout,
+                    f"promote {stage!r}", "nothing to promote")
+    for answer in answers:
+        if isinstance(answer.message, protocol.Held):
+            raise RunError(f"stage {stage!r}: the promoted version failed: "
+                           f"{answer.message.message}; the stage is held and the run "
+                           "waits: swap it back to go on")
+    return answers
+
+
+def _each(run_dir: str, request: protocol.Message, timeout: float, what: str,
+          otherwise: str) -> list[Answer]:
+    """`request` to the running run's every pod, or to a line (its running job)."""
+    if lines.is_line(run_dir):
+        return [Answer(str(lines.home(run_dir)), lines.ask(run_dir, request, timeout),
+                       line=True)]
+    return [_request(pod, request, timeout, what) for pod in _pods(run_dir, otherwise)]
+
+
 def apply(run_dir: str, spec_path: str, *, timeout: float) -> list[Answer]:
     """Have the running run at `run_dir` (every pod of a multi-replica run) go on with
     the spec at `spec_path`; returns each pod's answer."""
@@ -99,13 +130,13 @@ def peek(run_dir: str, stage: str, batch: int | None, *,
             with sock:
                 sock.settimeout(timeout)
                 protocol.send(sock, protocol.PeekRequest(stage=stage, batch=batch))
-                answer, fd = protocol.recv_fd(sock)
+                answer, fds = protocol.recv_fds(sock, 1)
         except (OSError, protocol.Closed) as exc:
             raise RunError(f"peek {stage!r}: {pod}: no answer ({exc})") from None
         if isinstance(answer, protocol.Refused):
             refusals.append(answer.message)
-        elif isinstance(answer, protocol.Lent) and fd is not None:
-            found.append((answer, _mapped(fd)))
+        elif isinstance(answer, protocol.Lent) and fds:
+            found.append((answer, _mapped(fds[0])))
     if not found:
         raise UsageError(f"peek {stage!r}: " + ("; ".join(dict.fromkeys(refusals))
                                                  or "the run is not running"))

@@ -245,9 +245,10 @@ class Line:
             self._job_request(conn, message)
         elif isinstance(message, protocol.SwapRequest) and self.running is None:
             self._swap(conn, message)  # (during a job: its conductor's, then the line's)
-        elif isinstance(message, protocol.PeekRequest) and self.running is None:
-            self.floor.agents.answer(conn, protocol.Refused(
-                message="no job is running on the line: nothing of it is in RAM"))
+        elif isinstance(message, (protocol.PeekRequest, protocol.ShadowRequest,
+                                  protocol.PromoteRequest)) and self.running is None:
+            self.floor.agents.answer(conn, protocol.Refused(message="no job is running on "
+                                     "the line (peek, shadow, promote: the running job's)"))
         elif isinstance(message, protocol.DownRequest):
             self.floor.agents.answer(conn, protocol.Downed(
                 dropped=[j.job for j in self.queue],

@@ -128,7 +128,7 @@ def _exit_now(*_: Any) -> None:
 
 
 @dataclass
-class _Setup:
+class Setup:
     """What a process sets up for its node, kept across a standing line's jobs that
     leave the node's definition as it was (`Job.keep`)."""
 
@@ -137,7 +137,7 @@ class _Setup:
     version: str
 
     @classmethod
-    def of(cls, spec_path: str, overrides: list[str], node: str) -> _Setup:
+    def of(cls, spec_path: str, overrides: list[str], node: str) -> Setup:
         pipeline = specs.load(spec_path, overrides)
         if node in {s.name for s in pipeline.stages}:  # this process is the stage's own:
             os.environ.update(pipeline.stage(node).env)  # before its module is imported
@@ -163,12 +163,12 @@ def _devices(pipeline: specs.Pipeline, node: str) -> dict[str, str]:
 
 
 def _serve(sock: socket.socket, spec_path: str, overrides: list[str], node: str,
-           kept: _Setup | None = None) -> int | tuple[protocol.Job, _Setup]:
+           kept: Setup | None = None) -> int | tuple[protocol.Job, Setup]:
     """Serve the spec's node until told to stop (the exit code) or, on a standing
     line, to serve the next job (the `Job`, and what was set up: this process stays,
     warm). `kept`: what the job before set up, still right for this one."""
     try:
-        setup = kept or _Setup.of(spec_path, overrides, node)
+        setup = kept or Setup.of(spec_path, overrides, node)
     except SpecError as exc:  # the conductor names the user's file, not our copy
         protocol.send(sock, protocol.Broken(node=node, field=exc.field, message=exc.detail,
                                             worker=int(os.environ.get(protocol.WORKER_ENV, "0"))))

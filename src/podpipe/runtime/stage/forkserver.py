@@ -142,6 +142,11 @@ def _spawn(message: protocol.Spawn, conductor: int, loop: EventLoop) -> int:
         os.close(log)
         os.environ.update(message.env)
         os.chdir(message.cwd)
+        if protocol.shadow_of(message.node):  # a stage's candidate (`podpipe shadow`)
+            from podpipe.runtime.stage import shadow
+
+            return shadow.serve(message.spec, message.overrides, message.node,
+                                message.socket)
         from podpipe.runtime.stage import agent
 
         return agent.serve(message.spec, message.overrides, message.node, message.socket)

@@ -1,7 +1,7 @@
 """`podpipe peek`: a stage's output lent to a reader while the run goes.
 
 The conductor never reads batch data: it opens the output's file and passes the
-open descriptor over the reader's connection (`protocol.send_fd`), and pins the
+open descriptor over the reader's connection (`protocol.send_fds`), and pins the
 output so that the engine, once every stage has read it, deletes its name rather
 than recycle its pages for a later output (`Ledger.delete`). The reader maps the
 descriptor: what it reads stays the batch it asked for whatever the run does next,
@@ -43,10 +43,10 @@ def lend(agents: Agents, conn: Conn, ledger: Ledger, request: protocol.PeekReque
         return
     try:
         ledger.pinned.add((node, key))  # deleted, never recycled, while it may be mapped
-        protocol.send_fd(conn.sock, protocol.Lent(stage=node, batch=key, rows=output.rows,
-                                                  tier=output.tier,
-                                                  version=made_by(node, key)),
-                         fd)
+        protocol.send_fds(conn.sock, protocol.Lent(stage=node, batch=key, rows=output.rows,
+                                                   tier=output.tier,
+                                                   version=made_by(node, key)),
+                          [fd])
     except OSError:
         pass  # the reader went away
     finally:

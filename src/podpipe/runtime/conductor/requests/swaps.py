@@ -34,6 +34,18 @@ class Change:
     pipeline: Pipeline
     diff: change.Change
 
+    def said(self) -> str:
+        d = self.diff
+        return (f"added {list(d.added)}, removed {list(d.removed)}, changed "
+                f"{list(d.changed)}, resized {list(d.resized)}")
+
+    def applied(self, redo: int) -> protocol.Applied:
+        """The answer to the apply: what changed, and how many source batches run
+        down the line again."""
+        d = self.diff
+        return protocol.Applied(added=list(d.added), removed=list(d.removed),
+                                changed=list(d.changed), redo=redo, resized=list(d.resized))
+
 
 class Swaps:
     def __init__(self, run_dir: Path, base_overrides: list[str], agents: Agents,
@@ -84,16 +96,24 @@ class Swaps:
         if request.recompute and shared_global:
             return ("--recompute in a run of several replicas with a global reduce is not "
                     "supported yet (the other pods' shards would need handing over again)")
-        overrides = [*self.overrides.get(node, []), *request.overrides]
-        try:
-            specs.load(self._run_dir / "spec.yaml", [*self._base, *overrides])
-        except PodpipeError as exc:
-            return f"the new version is not valid: {exc}"
+        overrides = self.version(node, request.overrides)
+        if isinstance(overrides, str):
+            return overrides
         if local:
             self._asked[node] = _Swap(overrides, None)
         else:  # carried out by the kubelet: the container comes back with the new image
             self.expected[node] = request.recompute
         return None
+
+    def version(self, node: str, overrides: list[str]) -> list[str] | str:
+        """The overrides that make `node` a new version (`overrides` after those it was
+        swapped with), or why that version is not valid."""
+        overrides = [*self.overrides.get(node, []), *overrides]
+        try:
+            specs.load(self._run_dir / "spec.yaml", [*self._base, *overrides])
+        except PodpipeError as exc:
+            return f"the new version is not valid: {exc}"
+        return overrides
 
     def asked_by(self, node: str, conn: Conn) -> None:
         self._asked[node].conn = conn
