@@ -49,3 +49,11 @@ def hangs(t: pa.Table) -> pa.Table:
 def dies(t: pa.Table) -> pa.Table:
     os.kill(os.getpid(), signal.SIGKILL)
     return t
+
+
+def double_slowly(t: pa.Table) -> pa.Table:
+    """x doubled, once the file named by GATE exists, 0.6 s a batch: a run of ten
+    batches lasts past a candidate's timeout of 3 s on its first."""
+    _wait_for("GATE")
+    time.sleep(0.6)
+    return double(t)

@@ -61,6 +61,7 @@ class ShadowStatus(_Record):
     every: int = 1                # it is offered every Nth batch the stage makes
     version: str = ""
     state: str = "starting"       # starting | running | stopped | promoted | failed
+    offered: int = 0              # batches it was offered (made while it was up)
     compared: int = 0
     equal: int = 0
     differing: int = 0
@@ -266,7 +267,7 @@ def _shadows(a: ShadowStatus | None, b: ShadowStatus | None) -> ShadowStatus | N
     """Each pod's candidate of a stage, their comparisons added up."""
     if a is None or b is None:
         return _first(a, b)
-    counts = ("compared", "equal", "differing", "skipped", "failed")
+    counts = ("offered", "compared", "equal", "differing", "skipped", "failed")
     return msgspec.structs.replace(
         a, **{f: getattr(a, f) + getattr(b, f) for f in counts},
         seconds=round(a.seconds + b.seconds, 6), differences=[*a.differences, *b.differences],

@@ -308,6 +308,7 @@ class Shadows:
         candidate.seen += 1
         if (candidate.seen - 1) % candidate.status.every:
             return
+        candidate.status.offered += 1
         files = [*(o for group in inputs for o in group), live]
         nbytes = sum(o.nbytes for o in files) + live.nbytes
         if len(files) > protocol.MOST_FDS or len(candidate.queue) >= QUEUE \
