@@ -16,7 +16,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from podpipe.model.sizes import format_size
-from podpipe.runtime.plumbing.protocol import Comparison
 from podpipe.runtime.rundir.status import RunRow, ShadowStatus, Status
 from podpipe.runtime.runs.lines import LineRecord
 
@@ -226,7 +225,7 @@ def shadow_lines(stage: str, shadow: ShadowStatus, made: int) -> list[str]:
             f"skipped, {shadow.failed} failed; its time {shadow.seconds:.2f} s"]
     for difference in shadow.differences:
         c = difference.comparison
-        said.append(f"batch {difference.batch}: {differs(c)}")
+        said.append(f"batch {difference.batch}: {c.said()}")
         said += [f"  row {e['row']}: " + ", ".join(f"{name} {v[0]!r} live, {v[1]!r} "
                                                    "candidate" for name, v in e.items()
                                                    if name != "row") for e in c.examples]
@@ -234,20 +233,6 @@ def shadow_lines(stage: str, shadow: ShadowStatus, made: int) -> list[str]:
         said.append(f"(and {shadow.differing - len(shadow.differences)} more batches "
                     "differing)")
     return said + [f"failed: {failure}" for failure in shadow.failures]
-
-
-def differs(c: Comparison) -> str:
-    """How a candidate's output differs from the live one, in a sentence."""
-    parts = [f"the schema differs ({c.schema})"] if c.schema else []
-    if c.rows != c.live_rows:
-        parts.append(f"{c.rows:,} rows where the live version made {c.live_rows:,}")
-    if c.columns:
-        parts.append(f"{c.rows_differing:,} of {c.live_rows:,} rows differ, in " + ", ".join(
-            f"{d.name} ({d.rows:,} rows" + (f", max abs {d.max_abs:.3g}" if d.max_abs
-                                            is not None else "")
-            + (f", max rel {d.max_rel:.3g}" if d.max_rel is not None else "") + ")"
-            for d in c.columns))
-    return "; ".join(parts) or "the contents differ"
 
 
 def status_table(status: Status) -> Table:

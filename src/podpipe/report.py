@@ -4,7 +4,8 @@ Read from the run directory alone (`status.json`, `tasks.jsonl`, `samples.jsonl`
 the spec, the logs), so it works for a finished run, a running one (a snapshot)
 and a run of several replicas (a section per pod). The page has no script and
 fetches nothing: inline CSS and SVG, to open from a laptop's disk. Its parts:
-the graph (nodes coloured by how busy they were; left to right, or top to bottom
+a stage's candidate (`podpipe shadow`) and how it compared, the graph (nodes
+coloured by how busy they were; left to right, or top to bottom
 when that is too wide for a laptop's screen), then per attempt of the run (its
 first, then each resume, each on its own time axis) a timeline (a bar per task,
 coloured by version, its wait for RAM drawn apart), RAM scratch against the budget,
@@ -30,7 +31,7 @@ from podpipe.model import spec as specs
 from podpipe.model.graph import Graph
 from podpipe.model.sizes import format_size
 from podpipe.runtime.rundir import layout as rundir, status
-from podpipe.runtime.rundir.status import Status
+from podpipe.runtime.rundir.status import StageStatus, Status
 from podpipe.runtime.rundir import records
 from podpipe.runtime.rundir.records import SAMPLES, TASKS
 
@@ -148,6 +149,7 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
               f"stage {_e(name)} made other bytes of batches {_e(str(st.nondeterministic))} "
               "when it made them again</p>" for name, st in s.stages.items()
               if st.nondeterministic]
+    parts += [_shadow(name, st) for name, st in s.stages.items() if st.shadow is not None]
     attempts = pod.attempts
     last = attempts[-1]
     busy = _shares(last, graph)
@@ -165,6 +167,25 @@ def _pod_section(pod: Pod, graph: Graph) -> str:
     parts.append("<h2>Per node</h2>" + _table(s, graph, busy))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _shadow(name: str, stage: StageStatus) -> str:
+    """A stage's candidate (`podpipe shadow`): how its outputs compared with the live
+    ones, batch by batch where they differed."""
+    c = stage.shadow
+    assert c is not None
+    rows = "".join(f"<tr><td>{d.batch}</td><td>{_e(d.comparison.said())}</td></tr>"
+                   for d in c.differences)
+    return (f'<section class="shadow" data-node="{_e(name)}"><h2>Candidate of {_e(name)}: '
+            f"{_e(c.state)}</h2><p>version {_e(c.version or '(not up)')} "
+            f"({_e(' '.join(c.overrides))}): compared {c.compared} of the stage's "
+            f"{stage.batches_done} batches, {c.equal} equal, {c.differing} differing, "
+            f"{c.skipped} skipped, {c.failed} failed"
+            + (f"; {_e(c.error)}" if c.error else "") + "</p>"
+            + (f"<table><tr><th>batch</th><th>how it differed</th></tr>{rows}</table>"
+               if rows else "")
+            + "".join(f"<p class=\"failure\">{_e(f)}</p>" for f in c.failures)
+            + "</section>")
 
 
 def _error(pod: Pod) -> str:

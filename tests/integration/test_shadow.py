@@ -111,7 +111,12 @@ def test_a_candidate_that_differs_names_the_columns_rows_and_differences(tmp_pat
     # the live version's output, not the candidate's, went down the line
     assert read_sink(tmp_path / "out")["x"].to_pylist() == [2 * x for x in range(10_000)]
     conductor = (tmp_path / "run" / "logs" / "conductor.log").read_text()
-    assert f"batch {batch} differs (columns x (10 rows))" in conductor
+    assert f"batch {batch} differs: 10 of 1,000 rows differ, in x (10 rows" in conductor
+    report = cli("report", "run", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "run" / "report.html").read_text()
+    section = page[page.index('<section class="shadow" data-node="double">'):]
+    assert f"<tr><td>{batch}</td><td>10 of 1,000 rows differ, in x (10 rows" in section
 
 
 def _clean_run(workdir: Path, **stage) -> Path:

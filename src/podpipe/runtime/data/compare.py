@@ -57,13 +57,16 @@ def compare(live: pa.Table, candidate: pa.Table, examples: int = EXAMPLES) -> Co
 
 def _differs(a: pa.ChunkedArray, b: pa.ChunkedArray) -> pa.Array:
     """True where `a` and `b` differ, row by row (a column of another type in the
-    candidate: where its values, cast to the live type, differ; all rows if they cannot
-    be)."""
+    candidate: where the values differ once cast to one type, the live one's or else
+    the candidate's; all rows if they cannot be)."""
     if not a.type.equals(b.type):
         try:
             b = b.cast(a.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return pa.array([True] * len(a))
+            try:
+                a = a.cast(b.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                return pa.array([True] * len(a))
     try:
         same = pc.fill_null(pc.equal(a, b), False)
     except pa.ArrowNotImplementedError:  # lists, structs: as Python values

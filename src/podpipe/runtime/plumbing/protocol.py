@@ -276,6 +276,20 @@ class Comparison(msgspec.Struct, forbid_unknown_fields=True):
     examples: list[dict[str, Any]] = []  # a few differing rows: {"row": i, column:
                                          # [live, candidate], ...}
 
+    def said(self) -> str:
+        """How the candidate's output differs from the live one, in a sentence."""
+        parts = [f"the schema differs ({self.schema})"] if self.schema else []
+        if self.rows != self.live_rows:
+            parts.append(f"{self.rows:,} rows where the live version made {self.live_rows:,}")
+        if self.columns:
+            parts.append(f"{self.rows_differing:,} of {self.live_rows:,} rows differ, in "
+                         + ", ".join(f"{d.name} ({d.rows:,} rows"
+                                     + (f", max abs {d.max_abs:.3g}" if d.max_abs is not None
+                                        else "")
+                                     + (f", max rel {d.max_rel:.3g}" if d.max_rel is not None
+                                        else "") + ")" for d in self.columns))
+        return "; ".join(parts) or "the contents differ"
+
 
 class Compared(_Message, tag="compared"):
     batch: int

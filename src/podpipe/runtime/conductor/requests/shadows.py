@@ -222,8 +222,8 @@ class Shadows:
                 if len(s.differences) < KEPT:
                     s.differences.append(status.ShadowDifference(busy.batch,
                                                                  message.comparison))
-                    self._log(f"shadow of stage {node!r}: batch {busy.batch} differs "
-                              f"({_differs(message.comparison)})", "warning")
+                    self._log(f"shadow of stage {node!r}: batch {busy.batch} differs: "
+                              f"{message.comparison.said()}", "warning")
         elif isinstance(message, protocol.Failed):
             self._failed(candidate, node, f"batch {busy.batch}: {message.message}")
         self._done(candidate)
@@ -377,19 +377,6 @@ class Shadows:
         for node in list(self._by_node):
             self.stop(node, standing=standing)
         self._inputs.clear()
-
-
-def _differs(comparison: protocol.Comparison) -> str:
-    """What differs, in a few words: `rows 100 vs 98`, `columns a (3 rows), ...`."""
-    parts = []
-    if comparison.schema:
-        parts.append(f"schema: {comparison.schema}")
-    if comparison.rows != comparison.live_rows:
-        parts.append(f"rows {comparison.live_rows} live vs {comparison.rows}")
-    if comparison.columns:
-        parts.append("columns " + ", ".join(f"{c.name} ({c.rows} rows)"
-                                            for c in comparison.columns))
-    return "; ".join(parts) or "contents"
 
 
 def _close(fds: list[int]) -> None:
