@@ -77,3 +77,53 @@ def test_a_deterministic_stage_or_checks_off_flags_nothing(tmp_path, mode):
     assert status["stages"]["maker"]["recomputed"] >= 1  # made again, compared (or not)
     assert "not deterministic" not in done.stdout
     assert status["state"] == "succeeded"
+
+
+def _finished(workdir: Path, stages: list[dict], **extra) -> None:
+    """A clean run of source -> STAGES -> sink, finished."""
+    make_numbers(workdir / "data")
+    write_spec(workdir / "p.yaml", spec(stages, [{"input": stages[-1]["name"],
+                                                  "uri": "out/"}], **extra))
+    done = podpipe("run", "p.yaml", "--quiet", "--run-dir", "run", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+
+
+def test_verify_on_a_deterministic_pipeline_reports_nothing(tmp_path):
+    _finished(tmp_path, [
+        {"name": "double", "run": "pystages:double", "inputs": ["source"]},
+        {"name": "plus", "run": "pystages:plus_one", "inputs": ["double"]},
+        {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["plus"]}])
+    checked = podpipe("verify", "run", "--batches", "4", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "stage 'double': the same bytes on 4 batches" in checked.stdout
+    assert "stage 'plus': the same bytes on 4 batches" in checked.stdout
+    assert "stage 'total': 4 not compared (a reduce: made of every batch)" in checked.stdout
+    assert "other bytes" not in checked.stdout
+    assert list(Path("/dev/shm").glob("podpipe-verify-*")) == []  # its folder went with it
+
+
+def test_verify_names_the_stage_that_gives_other_bytes(tmp_path):
+    _finished(tmp_path, [
+        {"name": "double", "run": "pystages:double", "inputs": ["source"]},
+        {"name": "maker", "run": "pystages:noisy", "inputs": ["double"]}])
+    checked = podpipe("verify", "run", "--batches", "2", cwd=tmp_path)
+    assert checked.returncode == 1, checked.stderr
+    assert "stage 'maker': other bytes on 2 batches (0: other bytes than the run made; " \
+        "9: other bytes than the run made)" in checked.stdout
+    assert "stage 'double': the same bytes on 2 batches" in checked.stdout
+    one = podpipe("verify", "run", "--stage", "double", "--batches", "1", cwd=tmp_path)
+    assert one.returncode == 0 and "maker" not in one.stdout
+    for args, message in ((["--stage", "nope"], "--stage 'nope': no such stage"),
+                          (["--batches", "0"], "--batches 0: expected 1 or more")):
+        refused = podpipe("verify", "run", *args, cwd=tmp_path)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+    (tmp_path / "data" / "part-0.parquet").touch()  # newer: the source changed
+    changed = podpipe("verify", "run", cwd=tmp_path)
+    assert changed.returncode == 2 and "part-0.parquet (bytes or modification time)" \
+        in changed.stderr
+
+
+def test_verify_refuses_a_run_that_did_not_finish(tmp_path):
+    _killed_mid_run(tmp_path, "double", None)
+    refused = podpipe("verify", "run", cwd=tmp_path)
+    assert refused.returncode == 2 and "the run is interrupted" in refused.stderr

@@ -268,6 +268,27 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace, console: Console) -> int:
+    from podpipe.console import plural
+    from podpipe.runtime.runs import verify
+
+    verdicts = verify.verify(args.run_dir, stage=args.stage, batches=args.batches,
+                             timeout=args.timeout)
+    differed = False
+    for stage in dict.fromkeys(v.stage for v in verdicts):
+        mine = [v for v in verdicts if v.stage == stage]
+        same, other = [v for v in mine if v.same], [v for v in mine if v.same is False]
+        skipped = [v for v in mine if v.same is None]
+        differed |= bool(other)
+        said = [f"other bytes on {plural(len(other), 'batch')} (" + "; ".join(
+            f"{v.batch}: {v.why}" for v in other) + ")"] if other else []
+        said += [f"the same bytes on {plural(len(same), 'batch')}"] if same else []
+        said += [f"{len(skipped)} not compared ("
+                 + "; ".join(sorted({v.why for v in skipped})) + ")"] if skipped else []
+        console.print(f"stage {stage!r}: {', '.join(said)}", highlight=False, soft_wrap=True)
+    return 1 if differed else 0
+
+
 def _wait(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.runs import following as runs
 
@@ -329,7 +350,8 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 _COMMANDS = {"run": _run, "status": _status, "validate": _validate,
              "conductor": kubernetes.conductor, "render": kubernetes.render, "resume": _resume,
              "plan": _plan, "swap": changing.swap, "apply": changing.apply, "peek": changing.peek,
-             "shadow": changing.shadow, "promote": changing.promote, "wait": _wait,
+             "shadow": changing.shadow, "promote": changing.promote, "verify": _verify,
+             "wait": _wait,
              "stop": _stop, "report": _report, "runs": _runs, "logs": _logs,
              "up": standing.up, "submit": standing.submit, "down": standing.down,
              "lines": standing.listed}

@@ -250,6 +250,22 @@ def parser() -> argparse.ArgumentParser:
 
     changing.add(sub)  # swap, peek, apply, shadow, promote
 
+    verify = sub.add_parser(
+        "verify", help="make a finished run's batches again and compare each stage's bytes",
+        description="Make BATCHES of the finished run's source batches (spread over the "
+                    "run) again from the source, stage after stage, in a throwaway process, "
+                    "and compare each output's checksum with what the run made: a stage "
+                    "that gives other bytes of the same batch is not deterministic (a "
+                    "resume would not give what a clean run does). Reduces, call stages, "
+                    "stages reading a table and sinks are not made again. Exit 1 when a "
+                    "stage gave other bytes or raised.")
+    verify.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, or 'latest'")
+    verify.add_argument("--stage", metavar="STAGE", help="report this stage only")
+    verify.add_argument("--batches", type=int, default=3, metavar="K",
+                        help="how many batches to make again (default 3)")
+    verify.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                        help="how long making them may take (default 600)")
+
     render = sub.add_parser(
         "render", help="print Kubernetes manifests that run the pipeline as a StatefulSet",
         description="Print a ConfigMap (the spec), a headless Service and a StatefulSet "

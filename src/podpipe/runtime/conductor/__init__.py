@@ -278,7 +278,8 @@ class Conductor:
             self.checkpoints.record(node, message.batch, version, message.output)
             self.shadows.offer(node, message.batch, message.output, self.ledger.budget.fits,
                                lambda o: self.ledger.pinned.add((o.node, o.key)))
-            self.timeline.ended(name, "done", message.stats)
+            self.timeline.ended(name, "done", message.stats,
+                                message.output.checksum if message.output else "")
             self.watchers.task_done(split_name(name)[0], message.stats.busy)
         elif isinstance(message, protocol.Reserve):
             self.timeline.asked(name)

@@ -44,14 +44,16 @@ class Timeline:
         if agent in self._open:
             self._open[agent].granted = self._now()
 
-    def ended(self, agent: str, state: str, stats: protocol.Stats | None = None) -> None:
-        """The agent's task ended: done, failed, denied (its RAM), lost (its process)."""
+    def ended(self, agent: str, state: str, stats: protocol.Stats | None = None,
+              checksum: str = "") -> None:
+        """The agent's task ended: done (its output's `checksum`, if hashed), failed,
+        denied (its RAM), lost (its process)."""
         if stats is not None:  # set up first? (a class's setupInputs)
             self.setup(agent, None, stats.setup, at_task=True)
         task = self._open.pop(agent, None)
         if task is None:
             return
-        task.ended, task.state = self._now(), state
+        task.ended, task.state, task.checksum = self._now(), state, checksum
         if stats is not None:
             task.rows_in, task.rows_out, task.bytes_out = (stats.rows_in, stats.rows_out,
                                                            stats.bytes_out)

@@ -38,6 +38,7 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     rows_in: int = 0
     rows_out: int = 0
     bytes_out: int = 0
+    checksum: str = ""           # its output's xxh3, if hashed (`podpipe verify` reads it)
     attempt: int = 1             # the run's first, or which resume (times: since its start)
     schemaVersion: int = SCHEMA_VERSION
 
