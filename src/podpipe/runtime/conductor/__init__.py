@@ -86,14 +86,14 @@ class Conductor:
         self.floor = floor or Floor.of_run(launcher, listener, reaper, self._log)
         self.agents, self.processes = self.floor.agents, self.floor.processes
         self.swaps = Swaps(run.run_dir, run.overrides, self.agents, self.floor.swapped)
-        self.shadows = Shadows(run.scratch, self.agents, self.processes, self.floor.loop,
-                               self._log)
         self.crew = Crew(self.processes, self.agents, self.floor.loop, self.swaps, self._log)
         self.checkpoints = Checkpoints(run.run_dir, durable, restored, self._log, run.pipeline)
         self.counters = Counters(run.graph)
         self.timeline = Timeline(run.run_dir, self.counters.started)
         self.scratch_work = ScratchWork(run.scratch, run.run_dir, self.agents, self.timeline,
                                         lambda node: node in self.run.graph.tables, self._log)
+        self.shadows = Shadows(run.scratch, self.agents, self.processes, self.floor.loop,
+                               self.scratch_work, self._log)
         self.watchers = Watchers(observer, metrics, metrics_linger, self.floor.metrics)
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
@@ -276,8 +276,7 @@ class Conductor:
             version = self.counters.done(name, message.batch, message.stats)
             node = split_name(name)[0]
             self.checkpoints.record(node, message.batch, version, message.output)
-            self.shadows.offer(node, message.batch, message.output, self.ledger.budget.fits,
-                               lambda o: self.ledger.pinned.add((o.node, o.key)))
+            self.shadows.offer(node, message.batch, message.output, self.ledger.budget.fits)
             self.timeline.ended(name, "done", message.stats,
                                 message.output.checksum if message.output else "")
             self.watchers.task_done(split_name(name)[0], message.stats.busy)
@@ -339,6 +338,8 @@ class Conductor:
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run
+        if action.reuse is not None:  # (a pooled file a stage's candidate holds: not it)
+            action = replace(action, reuse=self.scratch_work.reusable(action.reuse))
         task = run.task(action)
         stage = run.stage(node)
         if node in run.graph.sinks:

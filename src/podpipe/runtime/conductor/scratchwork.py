@@ -2,9 +2,13 @@
 or not), a denial, a file deleted, pooled or given up, an output spilled to the
 node tier.
 
-Like `crew` it owns no state of its own: it works the run's scratch, the agents'
-connections and the task record (`timeline`), so that the conductor's own
-`_carry_out` keeps to tasks, checkpoints and the end.
+Like `crew` it works the run's scratch, the agents' connections and the task record
+(`timeline`), so that the conductor's own `_carry_out` keeps to tasks, checkpoints and
+the end. Its one state: the files a stage's candidate holds open (`hold`, `let_go`:
+`podpipe shadow`). Those are never emptied or written over while held — deleted only
+by name, their pages kept for the candidate — yet recycled as usual: one pooled while
+held is not handed out to be written over (its name is deleted then, and the output
+written anew), so a candidate costs the line no warm files it would otherwise have.
 """
 
 from __future__ import annotations
@@ -31,18 +35,41 @@ class ScratchWork:
                  is_table: Callable[[str], bool], log: logline.Log) -> None:
         self.scratch, self.run_dir, self.agents, self.timeline = scratch, run_dir, agents, timeline
         self.is_table, self._log = is_table, log
+        self._held: dict[str, int] = {}     # path -> candidates' batches holding it open
+        self._held_pool: dict[int, str] = {}  # a pooled file that was such a path
+
+    def hold(self, path: str) -> None:
+        self._held[path] = self._held.get(path, 0) + 1
+
+    def let_go(self, path: str) -> None:
+        if self._held.get(path, 0) > 1:
+            self._held[path] -= 1
+            return
+        self._held.pop(path, None)
+        for pooled in [p for p, was in self._held_pool.items() if was == path]:
+            del self._held_pool[pooled]  # a warm file like any other from now on
+
+    def reusable(self, pooled: int | None) -> int | None:
+        """`pooled`, to be written over by an output; None if a candidate still holds it
+        (its name deleted now: the output is written anew)."""
+        if pooled is not None and pooled in self._held_pool:
+            del self._held_pool[pooled]
+            Path(self.scratch.pool_path(pooled)).unlink(missing_ok=True)
+            return None
+        return pooled
 
     def carry_out(self, action: ScratchAction) -> None:
         """Carry out `action`, one about RAM scratch."""
         match action:
             case ev.Grant():
-                reuse = None if action.reuse is None else str(self.scratch.pool_path(action.reuse))
+                pooled = self.reusable(action.reuse)
+                reuse = None if pooled is None else str(self.scratch.pool_path(pooled))
                 self.agents.send(agent_name(action.node, action.worker), protocol.Grant(reuse=reuse))
                 self.timeline.granted(agent_name(action.node, action.worker))
             case ev.Deny():
                 self.agents.send(agent_name(action.node, action.worker), protocol.Deny())
                 self.timeline.ended(agent_name(action.node, action.worker), "denied")
-            case ev.Delete() if action.held:
+            case ev.Delete() if action.held or action.path in self._held:
                 Path(action.path).unlink(missing_ok=True)  # its pages go when the holder lets go
             case ev.Delete():
                 discard(action.path)
@@ -51,6 +78,10 @@ class ScratchWork:
                     os.rename(action.path, self.scratch.pool_path(action.pooled))
                 except FileNotFoundError:
                     pass  # (a grant of it then finds no file: the output is written anew)
+                if action.path in self._held:  # (renamed: still the file it maps)
+                    self._held_pool[action.pooled] = action.path
+            case ev.Unpool() if action.pooled in self._held_pool:
+                self.reusable(action.pooled)  # deleted by name only
             case ev.Unpool():
                 discard(self.scratch.pool_path(action.pooled))
             case ev.Spill():

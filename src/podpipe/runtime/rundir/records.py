@@ -21,7 +21,11 @@ SCHEMA_VERSION = 1
 SETUP = "setup"  # a TaskRecord's state for a process's setup (`Timeline.setup`)
 
 
-class TaskRecord(msgspec.Struct, kw_only=True):
+class _Record(msgspec.Struct, kw_only=True):
+    """A line of a run directory's file: its schema, field for field."""
+
+
+class TaskRecord(_Record):
     """A task, once it ended (times in seconds since the run started)."""
 
     node: str
@@ -43,7 +47,7 @@ class TaskRecord(msgspec.Struct, kw_only=True):
     schemaVersion: int = SCHEMA_VERSION
 
 
-class SampleRecord(msgspec.Struct, kw_only=True):
+class SampleRecord(_Record):
     """The pod four times a second: RAM scratch in use, and the most it reached since
     the previous sample (so that the highest sample is the run's peak), the budget,
     the batches on the line, each node's queue and workers, and per process (`node`

@@ -6,8 +6,8 @@ takes only what the conductor offers it: a batch the live version has made, with
 batch's inputs and the live output as open files (`protocol.ShadowTask`, SCM_RIGHTS:
 nothing the run deletes meanwhile is lost, nothing is recycled under it). It computes
 the batch, compares its table with the live one (`data.compare`) and answers
-`Compared`; its output goes nowhere. It runs at a lower priority (`NICENESS`): the
-line's processes have the cores first. A failure is answered as a batch's
+`Compared`; its output goes nowhere. It runs at the lowest priority
+(`_lowest_priority`): the line's processes have the cores first. A failure is answered as a batch's
 (`Failed`); the conductor times it out and restarts it, and the run never waits for
 it.
 """
@@ -30,7 +30,24 @@ from podpipe.runtime.plumbing.lifetime import RUN_ENV
 from podpipe.runtime.stage.agent import AGAIN, Setup, user_frames
 from podpipe.runtime.stage.work import SetupFailed, Work
 
-NICENESS = 10  # below the line's processes
+NICENESS = 19  # below the line's processes
+
+
+def _lowest_priority() -> None:
+    """Run only as the line leaves the cores: the idle scheduling class, and the
+    lowest weight for this process's autogroup — a process that starts a session
+    (as every stage process does) is a group of its own, which the kernel shares the
+    cores among as equals whatever its processes' nice values."""
+    os.nice(NICENESS)
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass  # (not Linux: nice alone)
+    try:
+        with open("/proc/self/autogroup", "w") as group:
+            group.write(str(NICENESS))
+    except OSError:
+        pass  # no autogroups here: nice counts among all processes
 
 
 def serve(spec_path: str, overrides: list[str], name: str, socket_path: str, *,
@@ -41,7 +58,7 @@ def serve(spec_path: str, overrides: list[str], name: str, socket_path: str, *,
     node = protocol.shadow_of(name)
     assert node is not None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.nice(NICENESS)
+    _lowest_priority()
     run = os.environ.get(RUN_ENV)
     logline.speaking_for(run=Path(run).name if run else None, stage=name)
     sys.path.insert(0, os.getcwd())

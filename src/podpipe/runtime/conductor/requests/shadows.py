@@ -4,8 +4,8 @@ A candidate is one more process of the stage (`protocol.shadow_name`, started wi
 the candidate's overrides, `stage.shadow` on the other end) that the engine never
 hears of. Each batch the live version makes (every `every`th) is offered to it once
 the live task is done: the batch's inputs and the live output are opened here and
-passed to it open (`send_fds`), and pinned, so that the run deletes their names
-rather than recycle their pages under it. It answers how its output compared with
+passed to it open (`send_fds`), and held (`ScratchWork.hold`), so that the run
+neither empties nor writes over them while it maps them. It answers how its output compared with
 the live one's (`Compared`), or that it failed. The run never waits for it:
 
 - a batch is skipped when the candidate is `QUEUE` batches behind, or when the files
@@ -14,7 +14,7 @@ the live one's (`Compared`), or that it failed. The run never waits for it:
   waiting for it are dropped first (`pressure`), recorded as skipped;
 - a candidate that fails a batch is recorded; one over the stage's `timeout` is
   killed and started again, as is one that dies, `MOST_DEATHS` times at most;
-- it runs at a lower priority than the line (`stage.shadow.NICENESS`).
+- it runs at the lowest priority (`stage.shadow`: idle class, nice 19, its autogroup too).
 
 Reading it: the requests (`request`: start or stop; `promote`), the candidate's process
 (`heard`, `exited`, `timed_out`), the line's batches (`dispatched`,
@@ -32,6 +32,7 @@ from podpipe.model.output import Output
 from podpipe.model.pipeline import Pipeline, Stage
 from podpipe.runtime.conductor.agents import Agents, Conn
 from podpipe.runtime.conductor.processes import Processes
+from podpipe.runtime.conductor.scratchwork import ScratchWork
 from podpipe.runtime.data.scratch import Scratch
 from podpipe.runtime.plumbing import logline, protocol
 from podpipe.runtime.plumbing.loop import EventLoop
@@ -61,6 +62,7 @@ class _Offer:
     batch: int
     groups: list[int]
     fds: list[int]
+    paths: list[str]  # their files' (held: `ScratchWork.hold`)
     nbytes: int  # the files held open, and as much again for its output
 
 
@@ -84,9 +86,9 @@ class _Candidate:
 
 class Shadows:
     def __init__(self, scratch: Scratch, agents: Agents, processes: Processes,
-                 loop: EventLoop, log: logline.Log) -> None:
+                 loop: EventLoop, files: ScratchWork, log: logline.Log) -> None:
         self._scratch, self._agents, self._processes = scratch, agents, processes
-        self._loop, self._log = loop, log
+        self._loop, self._files, self._log = loop, files, log
         self._by_node: dict[str, _Candidate] = {}
         self._inputs: dict[tuple[str, int], Inputs] = {}  # the live stage's tasks
         self.held = 0  # bytes of the files offered to candidates, still open
@@ -295,11 +297,11 @@ class Shadows:
         if candidate is not None and candidate.live:  # (done once it is up: offered)
             self._inputs[(node, batch)] = inputs
 
-    def offer(self, node: str, batch: int, live: Output | None, room: Callable[[int], bool],
-              pin: Callable[[Output], None]) -> None:
+    def offer(self, node: str, batch: int, live: Output | None,
+              room: Callable[[int], bool]) -> None:
         """The live stage made `batch` (`live`: its output): the candidate's to
         compare, if it can take it now (else skipped). `room(n)`: do `n` more bytes fit
-        in the RAM budget; `pin`: that output's pages are not to be recycled."""
+        in the RAM budget."""
         inputs = self._inputs.pop((node, batch), None)
         candidate = self._by_node.get(node)
         if candidate is None or candidate.status.state != "running" or live is None \
@@ -323,9 +325,10 @@ class Shadows:
             _close(fds)
             candidate.status.skipped += 1
             return
-        for output in files:
-            pin(output)
-        candidate.queue.append(_Offer(batch, [len(g) for g in inputs], fds, nbytes))
+        paths = [output.path for output in files]
+        for path in paths:
+            self._files.hold(path)
+        candidate.queue.append(_Offer(batch, [len(g) for g in inputs], fds, paths, nbytes))
         self.held += nbytes
         self._next(node, candidate)
 
@@ -355,17 +358,20 @@ class Shadows:
     def _done(self, candidate: _Candidate) -> None:
         """The batch the candidate was on is over: what it held is let go."""
         if candidate.busy is not None:
-            self.held -= candidate.busy.nbytes
-            _close(candidate.busy.fds)
+            self._release(candidate.busy)
             candidate.busy = None
 
     def _let_go(self, candidate: _Candidate, *, skipped: bool = True) -> None:
         """The batches waiting for the candidate are dropped."""
         while candidate.queue:
-            offer = candidate.queue.popleft()
-            _close(offer.fds)
-            self.held -= offer.nbytes
+            self._release(candidate.queue.popleft())
             candidate.status.skipped += int(skipped)
+
+    def _release(self, offer: _Offer) -> None:
+        _close(offer.fds)
+        for path in offer.paths:
+            self._files.let_go(path)
+        self.held -= offer.nbytes
 
     # -- what the status shows ------------------------------------------------------
 
