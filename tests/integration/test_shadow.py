@@ -35,10 +35,10 @@ def _shadow(workdir: Path) -> dict:
     return run_status(workdir / "run").get("stages", {}).get("double", {}).get("shadow") or {}
 
 
-def _settled(workdir: Path) -> bool:
+def _settled(run_dir: Path) -> bool:
     """The first half is through `double`, and the candidate has answered for every
     batch it was offered (or skipped it)."""
-    status = run_status(workdir / "run")
+    status = run_status(run_dir)
     shadow = status.get("stages", {}).get("double", {}).get("shadow") or {}
     return (status["stages"]["double"]["batches_done"] == BATCHES // 2
             and shadow.get("offered", -1) == shadow.get("compared", 0)
@@ -54,7 +54,7 @@ def _with_candidate(workdir: Path, candidate: str, *extra: str, **stage):
     assert started.returncode == 0, started.stderr
     assert "runs beside it" in started.stdout
     (workdir / "gate").touch()
-    wait_until(lambda: _settled(workdir), "the first half compared", timeout=120)
+    wait_until(lambda: _settled(workdir / "run"), "the first half compared", timeout=120)
     return run
 
 
@@ -232,3 +232,32 @@ def test_shadow_refuses_what_it_cannot_do(tmp_path):
         run.kill()
     never = cli("shadow", "run", "double", "--run", "candidates:double", cwd=tmp_path)
     assert never.returncode == 2 and "not running" in never.stderr
+
+
+def test_a_line_runs_a_candidate_beside_its_running_job(tmp_path):
+    _spec(tmp_path)
+    env = {"GATE": str(tmp_path / "gate"), "GATE2": str(tmp_path / "gate2")}
+    up = cli("up", "p.yaml", "--name", "t", cwd=tmp_path, **env)
+    assert up.returncode == 0, up.stderr
+    try:
+        between = cli("shadow", "t", "double", "--run", "candidates:double", cwd=tmp_path)
+        assert between.returncode == 2 and "no job is running on the line" in between.stderr
+        submitted = cli("submit", "t", "--set", "sinks.0.uri=out/", cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        job = Path(submitted.stdout.split("run directory: ")[1].strip())
+        wait_until(lambda: run_status(job).get("state") == "running", "the job running")
+        started = cli("shadow", "t", "double", "--run", "candidates:double_off", cwd=tmp_path)
+        assert started.returncode == 0 and "runs beside it" in started.stdout, started.stderr
+        (tmp_path / "gate").touch()
+        wait_until(lambda: _settled(job), "the job's first half compared", timeout=120)
+        assert run_status(job)["stages"]["double"]["shadow"]["differing"] >= 1
+        (tmp_path / "gate2").touch()
+        wait_until(lambda: run_status(job).get("state") == "succeeded", "the job done")
+        shadow = run_status(job)["stages"]["double"]["shadow"]
+        assert shadow["state"] == "stopped" and shadow["differing"] == shadow["compared"]
+        assert read_sink(tmp_path / "out")["x"].to_pylist() == [2 * x for x in range(10_000)]
+        wait_until(lambda: subprocess.run(["pgrep", "-f", "double@shadow"],
+                                          capture_output=True).returncode == 1,
+                   "the candidate gone with its job")
+    finally:
+        cli("down", "t", cwd=tmp_path)
