@@ -223,12 +223,14 @@ def shadow_lines(stage: str, shadow: ShadowStatus, made: int) -> list[str]:
             + (f" (offered every {shadow.every})" if shadow.every > 1 else "")
             + f": {shadow.equal} equal, {shadow.differing} differing; {shadow.skipped} "
             f"skipped, {shadow.failed} failed; its time {shadow.seconds:.2f} s"]
-    for difference in shadow.differences:
+    for i, difference in enumerate(shadow.differences):
         c = difference.comparison
         said.append(f"batch {difference.batch}: {c.said()}")
         said += [f"  row {e['row']}: " + ", ".join(f"{name} {v[0]!r} live, {v[1]!r} "
                                                    "candidate" for name, v in e.items()
-                                                   if name != "row") for e in c.examples]
+                                                   if name != "row")
+                 for e in (c.examples if i == 0 else [])]  # (the first batch's: --json
+                                                           # has every batch's)
     if shadow.differing > len(shadow.differences):
         said.append(f"(and {shadow.differing - len(shadow.differences)} more batches "
                     "differing)")

@@ -234,30 +234,53 @@ def test_shadow_refuses_what_it_cannot_do(tmp_path):
     assert never.returncode == 2 and "not running" in never.stderr
 
 
-def test_a_line_runs_a_candidate_beside_its_running_job(tmp_path):
+def test_a_line_runs_a_candidate_beside_its_jobs_until_it_is_stopped(tmp_path):
     _spec(tmp_path)
-    env = {"GATE": str(tmp_path / "gate"), "GATE2": str(tmp_path / "gate2")}
-    up = cli("up", "p.yaml", "--name", "t", cwd=tmp_path, **env)
+    gates = {"GATE": tmp_path / "gate", "GATE2": tmp_path / "gate2"}
+    up = cli("up", "p.yaml", "--name", "t", cwd=tmp_path,
+             **{k: str(v) for k, v in gates.items()})
     assert up.returncode == 0, up.stderr
+
+    def job(out: str) -> Path:
+        """A job submitted, held at its gates until its first half is compared."""
+        for gate in gates.values():
+            gate.unlink(missing_ok=True)
+        submitted = cli("submit", "t", "--set", f"sinks.0.uri={out}/", cwd=tmp_path)
+        assert submitted.returncode == 0, submitted.stderr
+        return Path(submitted.stdout.split("run directory: ")[1].strip())
+
+    def through(run_dir: Path, compared: bool) -> dict | None:
+        """The job let through; its candidate's figures."""
+        wait_until(lambda: run_status(run_dir).get("state") == "running", "the job")
+        gates["GATE"].touch()
+        if compared:
+            wait_until(lambda: _settled(run_dir), "the job's first half compared", 120)
+        gates["GATE2"].touch()
+        wait_until(lambda: run_status(run_dir).get("state") == "succeeded", "the job done")
+        return run_status(run_dir)["stages"]["double"].get("shadow")
+
     try:
         between = cli("shadow", "t", "double", "--run", "candidates:double", cwd=tmp_path)
         assert between.returncode == 2 and "no job is running on the line" in between.stderr
-        submitted = cli("submit", "t", "--set", "sinks.0.uri=out/", cwd=tmp_path)
-        assert submitted.returncode == 0, submitted.stderr
-        job = Path(submitted.stdout.split("run directory: ")[1].strip())
-        wait_until(lambda: run_status(job).get("state") == "running", "the job running")
+        first = job("one")
+        wait_until(lambda: run_status(first).get("state") == "running", "the job running")
         started = cli("shadow", "t", "double", "--run", "candidates:double_off", cwd=tmp_path)
         assert started.returncode == 0 and "runs beside it" in started.stdout, started.stderr
-        (tmp_path / "gate").touch()
-        wait_until(lambda: _settled(job), "the job's first half compared", timeout=120)
-        assert run_status(job)["stages"]["double"]["shadow"]["differing"] >= 1
-        (tmp_path / "gate2").touch()
-        wait_until(lambda: run_status(job).get("state") == "succeeded", "the job done")
-        shadow = run_status(job)["stages"]["double"]["shadow"]
-        assert shadow["state"] == "stopped" and shadow["differing"] == shadow["compared"]
-        assert read_sink(tmp_path / "out")["x"].to_pylist() == [2 * x for x in range(10_000)]
+        shadow = through(first, compared=True)
+        assert shadow["state"] == "stopped" and shadow["differing"] == shadow["compared"] >= 1
+        second = through(job("two"), compared=True)  # the line started it again
+        assert second["overrides"] == ['stages.double.run="candidates:double_off"']
+        assert second["differing"] == second["compared"] >= 1
+        dropped = cli("shadow", "t", "double", "--stop", cwd=tmp_path)
+        assert dropped.returncode == 0 and "is stopped" in dropped.stdout, dropped.stderr
+        again = cli("shadow", "t", "double", "--stop", cwd=tmp_path)
+        assert again.returncode == 2 and "runs no candidate of 'double'" in again.stderr
+        assert through(job("three"), compared=False) is None
+        for out in ("one", "two", "three"):  # the live version's output, every job
+            assert read_sink(tmp_path / out)["x"].to_pylist() == \
+                [2 * x for x in range(10_000)]
         wait_until(lambda: subprocess.run(["pgrep", "-f", "double@shadow"],
                                           capture_output=True).returncode == 1,
-                   "the candidate gone with its job")
+                   "no candidate left")
     finally:
         cli("down", "t", cwd=tmp_path)

@@ -124,7 +124,9 @@ class Conductor:
                         self._end("succeeded", None)
                     else:
                         if self.floor.standing:  # a line's warm processes: told of it
-                            self.floor.take(self.ledger)
+                            self.floor.take(self.ledger)  # (and its candidates, again:)
+                            self.shadows.again(self.floor.candidates, self.run.pipeline,
+                                               self.swaps.version)
                         elif self.processes.local and self.processes.reaper:
                             lifetime.become_subreaper()  # what stages leave is ours
                         for node, worker, _ in (self.ledger.all_agents()
@@ -132,7 +134,7 @@ class Conductor:
                             self.processes.begin(agent_name(node, worker))
                     self._loop()
                 finally:  # every process stops (a line's stay, but the busy ones),
-                    self.shadows.stop_all(standing=self.floor.standing)  # candidates first
+                    self.floor.candidates = self.shadows.stop_all(standing=self.floor.standing)
                     self.floor.swapped = dict(self.swaps.overrides)  # (a line's next jobs')
                     self.floor.stop(self.ledger, succeeded=self.outcome[0] == "succeeded")
                 if self.outcome[0] == "succeeded":  # each sink's output put in place

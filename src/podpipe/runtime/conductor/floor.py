@@ -8,7 +8,9 @@ hello again for it, its imports and modules warm; processes the line starts from
 then on serve the job's spec), the job's conductor `take`s it, and at the job's end
 `give_back` returns it, idle. A process still busy when its job ended (the job
 failed, or the line went down) is killed: its next task would come from another
-job, and what it is writing is no one's.
+job, and what it is writing is no one's. A stage's candidate (`podpipe shadow`)
+started during a job is started again for each later job (`candidates`) until it
+is stopped, promoted or given up.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Floor:
     interrupt: str | None = None  # the line stops the running job: why
     tables: dict[str, Output] = field(default_factory=dict)  # kept in RAM for the next job
     metrics: Metrics | None = None  # the line's endpoint (`up --metrics-port`), lent to jobs
+    # stages' candidates (`podpipe shadow`) the line runs beside every job until dropped
+    candidates: dict[str, protocol.ShadowRequest] = field(default_factory=dict)
     _swapped_before: dict[str, list[str]] = field(default_factory=dict)  # at the last job
     _told: list[str] = field(default_factory=list)  # the agents told of the job (containers')
 
@@ -94,6 +98,12 @@ class Floor:
         self.agents.answer(conn, protocol.Job(
             spec=str(run_dir / "spec.yaml"), overrides=[*overrides, *self.swapped.get(node, [])],
             log=str(run_dir / "logs" / f"{name}.log"), run=str(run_dir), keep=keep))
+
+    def drop_candidate(self, conn: Conn, stage: str) -> None:
+        """Between jobs: `podpipe shadow LINE STAGE --stop`."""
+        self.agents.answer(conn, protocol.Shadowing(stage=stage, stopped=True)
+                           if self.candidates.pop(stage, None) is not None else
+                           protocol.Refused(f"the line runs no candidate of {stage!r}"))
 
     def stop(self, ledger: Ledger, *, succeeded: bool) -> None:
         """The run (a job) is over. A run's agents stop: politely when idle, by signal

@@ -19,7 +19,7 @@ Reading this module, top to bottom: how a line is started (`Start`); the `Line`:
 **up** (`open` lays it out and starts its processes, `warm` waits for them,
 `_requeue` takes the queue it had), **serving** (`serve` takes jobs, `_idle` hears
 what happens between them, `_request` the line's requests: `_submit`, `_resume`,
-`_job_request`, `_swap`, and a peek between jobs refused), **a job** (`_run`
+`_job_request`, `_swap`, a candidate dropped, and a peek between jobs refused), **a job** (`_run`
 announces, plans and conducts it, `_over` says how it ended), **down** (`close`,
 the record `_publish`ed). SIGINT/SIGTERM or `podpipe down` stop the running job
 (resumable) and end the line: every process stopped, the scratch removed, queued
@@ -236,23 +236,23 @@ class Line:
             except PodpipeError as exc:
                 self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
                 return True
-            ahead = len(self.queue) - 1 + (self.running is not None)
-            self.floor.agents.answer(conn, protocol.Submitted(
-                job=job.job, run_dir=str(job.run_path), ahead=ahead))
+            self.floor.agents.answer(conn, protocol.Submitted(job=job.job, run_dir=str(
+                job.run_path), ahead=len(self.queue) - 1 + (self.running is not None)))
             if message.wait:
                 job.waiters.append(conn)
         elif isinstance(message, protocol.JobRequest):
             self._job_request(conn, message)
         elif isinstance(message, protocol.SwapRequest) and self.running is None:
             self._swap(conn, message)  # (during a job: its conductor's, then the line's)
+        elif isinstance(message, protocol.ShadowRequest) and message.stop and not self.running:
+            self.floor.drop_candidate(conn, message.stage)  # (kept for the next jobs)
         elif isinstance(message, (protocol.PeekRequest, protocol.ShadowRequest,
                                   protocol.PromoteRequest)) and self.running is None:
             self.floor.agents.answer(conn, protocol.Refused(message="no job is running on "
                                      "the line (peek, shadow, promote: the running job's)"))
         elif isinstance(message, protocol.DownRequest):
-            self.floor.agents.answer(conn, protocol.Downed(
-                dropped=[j.job for j in self.queue],
-                stopped=[self.running.job] if self.running else []))
+            self.floor.agents.answer(conn, protocol.Downed(dropped=[j.job for j in self.queue],
+                                     stopped=[self.running.job] if self.running else []))
             self.down = True
             if self.running is not None:
                 self.floor.interrupt = "the line went down"

@@ -91,18 +91,19 @@ class Shadows:
         self._loop, self._files, self._log = loop, files, log
         self._by_node: dict[str, _Candidate] = {}
         self._inputs: dict[tuple[str, int], Inputs] = {}  # the live stage's tasks
-        self.held = 0  # bytes of the files offered to candidates, still open
+        self._held = 0  # bytes of the files offered to candidates, still open
 
     # -- requests -------------------------------------------------------------------
 
-    def request(self, conn: Conn, request: protocol.ShadowRequest, pipeline: Pipeline,
+    def request(self, conn: Conn | None, request: protocol.ShadowRequest, pipeline: Pipeline,
                 version: Callable[[str, list[str]], list[str] | str]) -> None:
         """`podpipe shadow`: start a candidate of the stage, answered once it says
         hello (`Shadowing`); or stop it. `version(stage, overrides)`: the overrides
         that make that version of the stage (after those it was swapped with), or why
-        it is not valid."""
+        it is not valid. `conn` None: a line's candidate, started again for its next
+        job."""
         node = request.stage
-        if request.stop:
+        if request.stop and conn is not None:
             self._agents.answer(conn, protocol.Shadowing(stage=node, stopped=True)
                                 if self.stop(node) else protocol.Refused(
                                     f"stage {node!r} has no candidate running"))
@@ -110,8 +111,11 @@ class Shadows:
         stage = next((s for s in pipeline.stages if s.name == node), None)
         refused = self._refused(request, stage, [s.name for s in pipeline.stages])
         process = refused if refused is not None else version(node, request.overrides)
-        if isinstance(process, str) or stage is None:
+        if (isinstance(process, str) or stage is None) and conn is not None:
             self._agents.answer(conn, protocol.Refused(str(process)))
+        elif isinstance(process, str) or stage is None:
+            self._log(f"the line's candidate of stage {node!r} does not run in this job: "
+                      f"{process}", "warning")
         else:
             self._start(conn, request, process, stage.policy.timeout)
 
@@ -151,7 +155,14 @@ class Shadows:
                       f"differing, {s.skipped} skipped, {s.failed} failed")
             self.stop(node, "promoted")
 
-    def _start(self, conn: Conn, request: protocol.ShadowRequest, process: list[str],
+    def again(self, requests: dict[str, protocol.ShadowRequest], pipeline: Pipeline,
+              version: Callable[[str, list[str]], list[str] | str]) -> None:
+        """A line's job starts: the candidates the line runs beside its jobs, started
+        for it."""
+        for request in requests.values():
+            self.request(None, request, pipeline, version)
+
+    def _start(self, conn: Conn | None, request: protocol.ShadowRequest, process: list[str],
                timeout: float | None) -> None:
         node = request.stage
         (self._scratch.path / "shadow").mkdir(mode=0o700, exist_ok=True)
@@ -314,7 +325,7 @@ class Shadows:
         files = [*(o for group in inputs for o in group), live]
         nbytes = sum(o.nbytes for o in files) + live.nbytes
         if len(files) > protocol.MOST_FDS or len(candidate.queue) >= QUEUE \
-                or not room(self.held + nbytes):
+                or not room(self._held + nbytes):
             candidate.status.skipped += 1
             return
         fds: list[int] = []
@@ -329,7 +340,7 @@ class Shadows:
         for path in paths:
             self._files.hold(path)
         candidate.queue.append(_Offer(batch, [len(g) for g in inputs], fds, paths, nbytes))
-        self.held += nbytes
+        self._held += nbytes
         self._next(node, candidate)
 
     def pressure(self) -> None:
@@ -371,18 +382,23 @@ class Shadows:
         _close(offer.fds)
         for path in offer.paths:
             self._files.let_go(path)
-        self.held -= offer.nbytes
+        self._held -= offer.nbytes
 
     # -- what the status shows ------------------------------------------------------
 
     def statuses(self) -> dict[str, status.ShadowStatus]:
         return {node: c.status for node, c in self._by_node.items()}
 
-    def stop_all(self, *, standing: bool) -> None:
-        """The run (or a line's job) is over: every candidate stops with it."""
+    def stop_all(self, *, standing: bool) -> dict[str, protocol.ShadowRequest]:
+        """The run (or a line's job) is over: every candidate stops with it. Those
+        that were running: for a line to start again beside its next job."""
+        going = {node: protocol.ShadowRequest(stage=node, overrides=c.status.overrides,
+                                              every=c.status.every)
+                 for node, c in self._by_node.items() if c.live}
         for node in list(self._by_node):
             self.stop(node, standing=standing)
         self._inputs.clear()
+        return going
 
 
 def _close(fds: list[int]) -> None:
