@@ -119,7 +119,8 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; max-wid
 h1 {{ font-size: 20px }} h2 {{ font-size: 16px; margin-top: 28px }}
 table {{ border-collapse: collapse; margin: 8px 0 }}
 td, th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap }}
-td:first-child, th:first-child {{ text-align: left }}
+td:first-child, th:first-child, .shadow td, .shadow th {{ text-align: left }}
+.shadow td {{ white-space: normal }}
 th {{ white-space: normal; vertical-align: bottom }}
 .error {{ background: #fde8e8; border: 1px solid #e15759; padding: 8px 12px }}
 .error pre {{ white-space: pre-wrap; margin: 6px 0 0 }}

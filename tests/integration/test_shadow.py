@@ -112,6 +112,14 @@ def test_a_candidate_that_differs_names_the_columns_rows_and_differences(tmp_pat
     assert read_sink(tmp_path / "out")["x"].to_pylist() == [2 * x for x in range(10_000)]
     conductor = (tmp_path / "run" / "logs" / "conductor.log").read_text()
     assert f"batch {batch} differs: 10 of 1,000 rows differ, in x (10 rows" in conductor
+    from test_loop import _in_tmux
+
+    screen = _in_tmux(tmp_path, "podpipe shadow run double", rows=30).splitlines()
+    assert all(len(line) <= 80 for line in screen)  # wrapped by words at 80 columns:
+    assert '(stages.double.run="candidates:double_off"), stopped' in screen
+    assert f"batch {batch}: 10 of 1,000 rows differ, in x (10 rows, max abs 1, max rel " \
+        f"{1 / (2 * x + 1):.3g})" in screen
+    assert f"  row 7: x {2 * x} live, {2 * x + 1} candidate" in screen
     report = cli("report", "run", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     page = (tmp_path / "run" / "report.html").read_text()

@@ -286,7 +286,7 @@ def _shown(args: argparse.Namespace, console: Console) -> int:
         return Text("\n".join(terminal.shadow_lines(args.stage, stage.shadow,
                                                      stage.batches_done)))
     if not args.watch:
-        console.print(shown(), soft_wrap=True)
+        console.print(shown())
         return 0
     from rich.live import Live
 
