@@ -28,8 +28,9 @@ class _Timeline:
 def _work(tmp_path: Path) -> tuple[ScratchWork, Scratch, _Agents]:
     scratch = Scratch.create("r", root=tmp_path)
     agents = _Agents()
-    return ScratchWork(scratch, tmp_path, agents, _Timeline(), lambda n: False,  # type: ignore[arg-type]
-                       lambda m, level="info": None), scratch, agents
+    work = ScratchWork(scratch, tmp_path, agents, _Timeline(),  # type: ignore[arg-type]
+                       lambda n: False, lambda m, level="info": None)
+    return work, scratch, agents
 
 
 def _opened(path: Path) -> int:

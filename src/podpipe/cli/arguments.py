@@ -252,7 +252,7 @@ def parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser(
         "verify", help="make a finished run's batches again and compare each stage's bytes",
-        description="Make BATCHES of the finished run's source batches (spread over the "
+        description="Make K of the finished run's source batches (spread over the "
                     "run) again from the source, stage after stage, in a throwaway process, "
                     "and compare each output's checksum with what the run made: a stage "
                     "that gives other bytes of the same batch is not deterministic (a "

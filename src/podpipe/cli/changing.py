@@ -103,7 +103,8 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "Its output goes nowhere; it never slows or fails the run (it runs at "
                     "a lower priority, skips batches when behind or short of RAM). "
                     "Without --run/--command: show how it compared; --stop drops it; "
-                    "'podpipe promote' makes it live.")
+                    "'podpipe promote' makes it live. On a line, the candidate runs beside "
+                    "every later job too, until --stop (between jobs as well).")
     shadow.add_argument("run_dir", metavar="RUN_DIR",
                         help="a run directory (a job's too), 'latest', or a line (its "
                              "running job)")

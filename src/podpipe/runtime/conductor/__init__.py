@@ -340,8 +340,8 @@ class Conductor:
 
     def _dispatch(self, action: ev.Dispatch) -> None:
         node, run = action.node, self.run
-        if action.reuse is not None:  # (a pooled file a stage's candidate holds: not it)
-            action = replace(action, reuse=self.scratch_work.reusable(action.reuse))
+        if self.scratch_work.reusable(action.reuse) != action.reuse:  # a candidate holds
+            action = replace(action, reuse=None)  # that pooled file: written anew
         task = run.task(action)
         stage = run.stage(node)
         if node in run.graph.sinks:

@@ -36,7 +36,8 @@ manifests and the engine (`model.output.Output`).
 Reading it, top to bottom: the framing's constants and agent names; the messages,
 grouped by who speaks (agent and conductor; a shadow; the fork server; what commands
 ask, in `requests`) and the `Message` union; then encoding, `send_fds`/`recv_fds` (a
-message with file descriptors) and `Reader` (a stream cut into messages). The sockets they go over: `plumbing.sockets`.
+message with file descriptors) and `Reader` (a stream cut into messages). The
+sockets they go over: `plumbing.sockets`.
 
 `Hello.protocol` is the version of this wire: a conductor refuses an agent of
 another one (a container image of another podpipe release).
