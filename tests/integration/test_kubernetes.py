@@ -774,3 +774,56 @@ def test_a_workers_auto_container_grows_its_workers_as_the_conductor_asks(tmp_pa
     finally:
         codes = pod.terminate()
     assert set(codes.values()) == {0}, codes
+
+
+def test_a_candidate_added_to_the_running_pod_as_a_container_compares_batches(
+        tmp_path, image_root):
+    """`podpipe shadow RUN STAGE --image IMG` inside the pod: the conductor awaits the
+    candidate; the container `render --shadow` prints (an ephemeral container of the
+    stage's mounts), started as the kubelet would, connects over the pod's memory
+    volume and compares the stage's batches; the run's answer is the live version's."""
+    from examples.tpch import data
+
+    for module in ("pystages.py", "candidates.py"):
+        (image_root / module).symlink_to(ROOT / "tests" / "stages" / module)
+    flags = ("--set", "source.batchRows=500",
+             "--set", "stages.prices.run=candidates:q1_prices_held_twice",
+             "--set", "stages.prices.env.PRICES_GATE=/data/gate",
+             "--set", "stages.prices.env.PRICES_GATE2=/data/gate2")
+    pod, run_dir = rendered_pod(tmp_path, image_root, *flags)
+    done = podpipe("render", str(EXAMPLE), "--set", "source.uri=data/*.parquet",
+                   "--data-claim", "lake", *flags, "--shadow", "prices=registry/tpch:2",
+                   cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    [candidate] = json.loads(done.stdout)["spec"]["ephemeralContainers"]
+    # the new image's code, here: its args name the candidate's `run`
+    candidate["args"] = [f"stages.prices.run=pystages:q1_prices_v2"
+                         if a.startswith("stages.prices.run=") else a
+                         for a in candidate["args"]]
+    try:
+        pod.run()
+        _status_until(run_dir, pod, "four batches through prices",
+                      lambda s: s["stages"]["prices"]["batches_done"] >= 4)
+        asked = kubectl({pod.name: pod}, f"kubectl exec {pod.name} -- podpipe shadow "
+                                         "/var/lib/podpipe/runs/tpch-q1-0 prices "
+                                         "--image registry/tpch:2")
+        assert asked.returncode == 0, asked.stderr
+        assert "awaits the candidate's container" in " ".join(asked.stdout.split())
+        pod.start(candidate)  # kubectl patch pod … --subresource ephemeralcontainers
+        _status_until(run_dir, pod, "the candidate up", lambda s: (
+            s["stages"]["prices"].get("shadow") or {}).get("state") == "running")
+        # batch 5 ends, batch 6 (handed out once the candidate was up) is made and
+        # offered to it, batch 7 waits: the candidate has the cores
+        (image_root / "gate").touch()
+        shadow = _status_until(run_dir, pod, "a batch compared", lambda s: (
+            s["stages"]["prices"]["shadow"]["compared"] >= 1))["stages"]["prices"]["shadow"]
+        assert shadow["equal"] == shadow["compared"] and shadow["version"].startswith("src-")
+        (image_root / "gate2").touch()
+        status = wait_for(run_dir, pod)
+        assert status["state"] == "succeeded", status.get("error")
+        final = status["stages"]["prices"]["shadow"]
+        assert final["state"] == "stopped" and final["differing"] == final["failed"] == 0
+        assert data.compare(pq.read_table(image_root / "out" / "tpch-q1"), SF) == []
+        pod.processes[candidate["name"]].wait(30)  # it ends with the run
+    finally:
+        pod.terminate()

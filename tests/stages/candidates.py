@@ -57,3 +57,20 @@ def double_slowly(t: pa.Table) -> pa.Table:
     _wait_for("GATE")
     time.sleep(0.6)
     return double(t)
+
+
+_calls = 0
+
+
+def q1_prices_held_twice(t: pa.Table) -> pa.Table:
+    """TPC-H Q1's prices stage that does four batches, then waits in its fifth for the
+    file named by PRICES_GATE and from its seventh for PRICES_GATE2 too (a pod's test:
+    its sixth is handed out, and made, after the gate opens)."""
+    from examples.tpch.stages import prices
+
+    global _calls
+    _calls += 1
+    for gate in ("PRICES_GATE",) * (_calls >= 5) + ("PRICES_GATE2",) * (_calls >= 7):
+        while not os.path.exists(os.environ[gate]):
+            time.sleep(0.02)
+    return prices(t)

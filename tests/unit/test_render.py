@@ -522,3 +522,39 @@ def test_a_gpu_stage_asks_for_its_workers_devices_and_validates(tmp_path):
             assert {"name": "PODPIPE_CONTAINER", "value": "1"} in containers["score"]["env"]
         else:  # one container: every worker's devices
             assert containers["pod"]["resources"]["limits"]["nvidia.com/gpu"] == "7"
+
+
+@pytest.mark.parametrize("flags", [(), ("--set", "stages.prices.workers=3", "--flavor",
+                                        "openkruise")], ids=["one", "workers"])
+def test_a_candidates_container_validates_and_mounts_what_its_stage_does(flags):
+    """`render --shadow STAGE=IMAGE`: the ephemeral container a running pod takes (a
+    Pod with it validates), the stage's mounts and env, the candidate's agent."""
+    [patch] = render(str(EXAMPLE), *flags, "--shadow", "prices=registry/tpch:2")
+    [candidate] = patch["spec"]["ephemeralContainers"]
+    workload = render(str(EXAMPLE), *flags)[2]
+    pod_spec = workload["spec"]["template"]["spec"]
+    stage = next(c for c in pod_spec["containers"] if c["name"] == "prices")
+    assert (candidate["name"], candidate["image"]) == ("prices-shadow", "registry/tpch:2")
+    assert candidate["volumeMounts"] == stage["volumeMounts"]  # the memory volume: RAM
+    assert candidate["env"] == stage["env"] and candidate["command"] == stage["command"]
+    args = candidate["args"]
+    assert args[args.index("--stage") + 1] == "prices@shadow"
+    assert "--workers" not in args and "--hold" not in args and "--restart" not in args
+    assert not {"resources", "startupProbe", "ports"} & set(candidate)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "tpch-q1-0"},
+           "spec": {**pod_spec, "ephemeralContainers": [candidate]}}
+    for version in VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+    broken = copy.deepcopy(pod)
+    broken["spec"]["ephemeralContainers"][0]["volumeMounts"][0]["mountPath"] = 7
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+def test_a_candidates_container_is_refused_for_a_stage_without_one():
+    done = podpipe("render", str(EXAMPLE), "--data-claim", "lake", "--shadow", "nope=x:1",
+                   cwd=ROOT)
+    assert done.returncode == 2 and "no stage 'nope'" in done.stderr
+    done = podpipe("render", str(EXAMPLE), "--data-claim", "lake", "--shadow", "prices",
+                   cwd=ROOT)
+    assert done.returncode == 2 and "--shadow 'prices': expected STAGE=IMAGE" in done.stderr

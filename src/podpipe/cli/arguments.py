@@ -317,9 +317,15 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--standing", action="store_true",
                         help="each pod is a standing line that takes jobs ('podpipe submit "
                              "--k8s' prints the commands) instead of running the spec once")
-    render.add_argument("--patch", metavar="STAGE=IMAGE",
-                        help="print instead the JSON patch that swaps STAGE's image "
-                             "(kubectl patch --type json; OpenKruise applies it in place)")
+    patches = render.add_mutually_exclusive_group()
+    patches.add_argument("--patch", metavar="STAGE=IMAGE",
+                         help="print instead the JSON patch that swaps STAGE's image "
+                              "(kubectl patch --type json; OpenKruise applies it in place)")
+    patches.add_argument("--shadow", metavar="STAGE=IMAGE",
+                         help="print instead the patch that adds a candidate of STAGE in "
+                              "IMAGE to a running pod, beside the stage (kubectl patch pod "
+                              "POD --subresource ephemeralcontainers; after 'podpipe "
+                              "shadow RUN STAGE --image IMAGE' in the pod)")
     render.add_argument("-o", "--output", metavar="FILE", help="write to FILE, not stdout")
 
     agent = sub.add_parser("agent", help="(internal) serve one stage of a pod: a container's "

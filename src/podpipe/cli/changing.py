@@ -114,6 +114,10 @@ def add(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                                                "function or class")
     what.add_argument("--command", dest="new_command", metavar="COMMAND",
                       help="the candidate: an executable and its arguments, one string")
+    what.add_argument("--image", metavar="IMAGE",
+                      help="the candidate: an image (a pod of containers: the conductor "
+                           "awaits its container; 'podpipe render ... --shadow STAGE=IMAGE' "
+                           "prints the patch that adds it)")
     what.add_argument("--stop", action="store_true", help="drop the stage's candidate")
     what.add_argument("--json", action="store_true", help="show the comparison as JSON")
     what.add_argument("--watch", action="store_true",
@@ -229,10 +233,10 @@ def shadow(args: argparse.Namespace, console: Console) -> int:
     from podpipe.runtime.plumbing import protocol
     from podpipe.runtime.runs import control
 
-    if args.run is None and args.new_command is None and not args.stop:
+    if args.run is None and args.new_command is None and args.image is None and not args.stop:
         return _shown(args, console)
     overrides = [] if args.stop else control.swap_overrides(
-        args.stage, run=args.run, image=None, version=args.version,
+        args.stage, run=args.run, image=args.image, version=args.version,
         command=shlex.split(args.new_command) if args.new_command is not None else None)
     if args.every < 1:
         raise UsageError("--every: expected 1 or more, got 0")
@@ -243,6 +247,11 @@ def shadow(args: argparse.Namespace, console: Console) -> int:
         if isinstance(said, protocol.Shadowing) and said.stopped:
             console.print(f"{answer.run_dir}: the candidate of {args.stage!r} is stopped",
                           highlight=False)
+        elif isinstance(said, protocol.Shadowing) and said.pending:
+            console.print(f"{answer.run_dir}: the conductor awaits the candidate's "
+                          "container: add it to the pod ('podpipe render ... --shadow "
+                          f"{args.stage}={args.image}' prints the patch)", highlight=False,
+                          soft_wrap=True)
         elif isinstance(said, protocol.Shadowing):
             console.print(f"{answer.run_dir}: candidate version {said.version} of "
                           f"{args.stage!r} runs beside it (pid {said.pid}); see how it "
@@ -305,7 +314,12 @@ def promote(args: argparse.Namespace, console: Console) -> int:
 
     for answer in control.promote(args.run_dir, args.stage, timeout=args.timeout):
         said = answer.message
-        if isinstance(said, protocol.Swapped):
+        if isinstance(said, protocol.Swapped) and said.pending:  # a pod's container
+            console.print(f"{answer.run_dir}: stage {args.stage!r} takes its candidate's "
+                          "image when its container comes back with it (update it in "
+                          "place: 'podpipe swap ... --image IMAGE --k8s' prints the patch)",
+                          highlight=False, soft_wrap=True)
+        elif isinstance(said, protocol.Swapped):
             console.print(f"{answer.run_dir}: stage {args.stage!r} now runs its candidate, "
                           f"version {said.version} (pid {said.pid})", highlight=False)
         else:

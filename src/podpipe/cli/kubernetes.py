@@ -39,6 +39,11 @@ def render(args: argparse.Namespace, console: Console) -> int:
         if not sep or not stage or not image:
             raise UsageError(f"--patch {args.patch!r}: expected STAGE=IMAGE")
         text = json.dumps(rendering.image_patch(manifests, stage, image)) + "\n"
+    elif args.shadow:
+        stage, sep, image = args.shadow.partition("=")
+        if not sep or not stage or not image:
+            raise UsageError(f"--shadow {args.shadow!r}: expected STAGE=IMAGE")
+        text = json.dumps(rendering.shadow_patch(manifests, stage, image)) + "\n"
     else:
         text = rendering.dump(manifests)
     if args.output is None:

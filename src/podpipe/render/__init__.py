@@ -29,6 +29,7 @@ renders an Indexed Job instead, for a one-shot run that completes (`workloads`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from podpipe.model.sizes import parse_size
 from podpipe.model.spec import Pipeline, Resources
 from podpipe.render import data, sizing as sizes, workloads
 from podpipe.render.data import DATA, WORKDIR, Volumes
-from podpipe.runtime.plumbing.protocol import CONTAINER_ENV
+from podpipe.runtime.plumbing.protocol import CONTAINER_ENV, shadow_name
 
 __all__ = ["Options", "Volumes", "dump", "image_patch", "render", "stage_patch",
            "submit_commands"]
@@ -172,6 +173,27 @@ def image_patch(manifests: list[dict[str, Any]], stage: str, image: str) -> list
                          "the running run, or render the Job again")
     pod = workload["spec"]["template"]["spec"]
     return _patch([c["name"] for c in pod["containers"]], stage, image)
+
+
+def shadow_patch(manifests: list[dict[str, Any]], stage: str, image: str) -> dict[str, Any]:
+    """The patch of a running pod's `ephemeralcontainers` that adds a candidate of
+    `stage` (`podpipe shadow`; kubectl patch pod POD --subresource ephemeralcontainers):
+    the stage's container as rendered — its mounts, the memory volume among them, its
+    env — with the image `image`, serving the candidate (`STAGE@shadow`) once, without
+    what an ephemeral container may not have (resources, ports, probes)."""
+    workload = next(m for m in manifests if m["kind"] in ("StatefulSet", "Job"))
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    _patch([c["name"] for c in containers], stage, image)  # (the stage has a container)
+    container = copy.deepcopy(next(c for c in containers if c["name"] == stage))
+    for field in ("resources", "ports", "startupProbe", "livenessProbe", "readinessProbe",
+                  "lifecycle", "restartPolicy"):
+        container.pop(field, None)
+    args = [a for a in container["args"] if a not in ("--hold", "--restart")]
+    if "--workers" in args:  # one process: the candidate is one more worker of its own
+        del args[args.index("--workers"):args.index("--workers") + 2]
+    args[args.index("--stage") + 1] = shadow_name(stage)
+    container.update(name=f"{stage[:56]}-shadow", image=image, args=args)
+    return {"spec": {"ephemeralContainers": [container]}}
 
 
 def stage_patch(pipeline: Pipeline, stage: str, image: str) -> list[dict[str, Any]]:

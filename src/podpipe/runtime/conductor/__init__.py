@@ -222,6 +222,8 @@ class Conductor:
         for conn, message in self.agents.read(tag):
             if not self.running:
                 return
+            if self.shadows.heard(conn, message):  # a stage's candidate said it (or went)
+                continue
             if message is None:  # closed: our own processes' exits come as exits
                 name = self.agents.forget(conn)
                 if name is not None and not self.processes.local:  # a container's
@@ -243,8 +245,6 @@ class Conductor:
             self.shadows.request(conn, message, self.run.pipeline, self.swaps.version)
         elif isinstance(message, protocol.PromoteRequest):  # ... made live: a swap to it
             self.shadows.promote(conn, message.stage, self._swap)
-        elif self.shadows.heard(conn, message):  # a stage's candidate said it
-            pass
         elif isinstance(message, protocol.Hello):
             self._hello(conn, message)
         else:
@@ -372,12 +372,11 @@ class Conductor:
                                 shared_global=self.run.shared_global)
         if said is not None:  # refused; or a container's new image is awaited
             self.agents.answer(conn, said)
-            return False
+            return isinstance(said, protocol.Swapped)
         self.swaps.asked_by(request.stage, conn)
         self._log(f"swap of stage {request.stage!r} requested: {' '.join(request.overrides)}")
         self.events.append(ev.SwapRequested(request.stage, request.now, request.recompute))
         return True
-
 
     def _apply(self, conn: Conn, request: protocol.ApplyRequest) -> None:
         """`podpipe apply`: run the new spec from here on. Removed nodes stop, added

@@ -72,11 +72,13 @@ class ShadowRequest(Tagged, tag="shadow"):
 
 
 class Shadowing(Tagged, tag="shadowing"):
-    """The candidate is up (`version`, its process `pid`); or, with `stopped`, gone."""
+    """The candidate is up (`version`, its process `pid`); with `stopped`, gone; with
+    `pending`, awaited (a pod of containers: its container is added to the pod)."""
     stage: str
     version: str = ""
     pid: int = 0
     stopped: bool = False
+    pending: bool = False
 
 
 class PromoteRequest(Tagged, tag="promote"):

@@ -79,8 +79,12 @@ def supervise(workers: int, serve: Callable[[], int], auto: Auto | None = None) 
     stopping, final = False, 0
 
     def start(worker: int) -> None:
+        if stopping:  # (the conductor may ask for a worker as SIGTERM comes)
+            return
         pid = _start(worker, serve)
         children[os.pidfd_open(pid)] = (pid, worker)
+        if stopping:  # SIGTERM came as it was forked: `stop` did not see it
+            _signal(pid, signal.SIGTERM)
 
     def stop(*_: Any) -> None:
         nonlocal stopping

@@ -128,9 +128,11 @@ class Shadows:
         if stage.call is not None:
             return (f"stage {node!r} calls a service: its candidate would send every "
                     "request again")
-        if not self._processes.local:
-            return ("this pod's stages are containers: a candidate runs as a process of "
-                    "the pod (layout processes), not yet as a container of its own")
+        if not self._processes.local and not any(o.startswith(f"stages.{node}.image=")
+                                                 for o in request.overrides):
+            return ("this pod's stages are containers: give the candidate as an image "
+                    "(--image IMAGE), and add its container to the pod (podpipe render "
+                    f"... --shadow {node}=IMAGE prints the patch)")
         if request.every < 1:
             return f"--every must be at least 1, not {request.every}"
         if running is not None and running.live:
@@ -169,9 +171,13 @@ class Shadows:
         self._by_node[node] = _Candidate(
             status.ShadowStatus(overrides=request.overrides, every=request.every),
             process, timeout, conn)
-        self._processes.begin(shadow_name(node), process)
         self._log(f"shadow of stage {node!r} requested: {' '.join(request.overrides)}"
                   + (f" (every {request.every} batches)" if request.every > 1 else ""))
+        if self._processes.local:
+            self._processes.begin(shadow_name(node), process)
+        elif conn is not None:  # its container, added to the pod, says hello
+            self._by_node[node].asked_by = None
+            self._agents.answer(conn, protocol.Shadowing(stage=node, pending=True))
 
     def stop(self, node: str, state: str = "stopped", *, standing: bool = True) -> bool:
         """End `node`'s candidate (False if it has none running): `state` says how.
@@ -188,9 +194,9 @@ class Shadows:
             self._agents.answer(candidate.asked_by, protocol.Refused(
                 f"the candidate of {node!r} was {state} before it came up"))
             candidate.asked_by = None
+        if idle and candidate.conn is not None and (standing or not self._processes.local):
+            self._agents.answer(candidate.conn, protocol.Stop())  # (a container: it ends)
         if standing:
-            if idle and candidate.conn is not None:
-                self._agents.answer(candidate.conn, protocol.Stop())
             self._processes.retire(shadow_name(node), kill=not idle)
         return True
 
@@ -210,8 +216,9 @@ class Shadows:
                 stage=node or "", version=hello.version, pid=hello.pid))
             candidate.asked_by = None
 
-    def heard(self, conn: Conn, message: protocol.Message) -> bool:
-        """What a candidate said (False if `message` is not a candidate's)."""
+    def heard(self, conn: Conn, message: protocol.Message | None) -> bool:
+        """What a candidate said (None: its connection closed); False if it is not a
+        candidate's."""
         if isinstance(message, protocol.Hello) and shadow_of(message.node) is not None:
             self._hello(conn, message)
             return True
@@ -222,6 +229,10 @@ class Shadows:
             return False
         candidate = self._by_node[node]
         busy = candidate.busy
+        if message is None:  # a container's end (a process's: its exit says it)
+            if not self._processes.local and candidate.live:
+                self._died(node, candidate, "its container ended")
+            return True
         if busy is None or getattr(message, "batch", None) != busy.batch:
             return True  # (of a batch it is no longer on)
         s = candidate.status
@@ -277,6 +288,9 @@ class Shadows:
             self._done(candidate)
         else:
             self._log(f"shadow of stage {node!r}: {why}", "warning")
+        if not self._processes.local:  # an ephemeral container: never started again
+            self._give_up(node, candidate, why)
+            return
         if candidate.deaths >= MOST_DEATHS:
             self._give_up(node, candidate, f"{why}; it died or hung {candidate.deaths} "
                                            "times, and was given up")
@@ -391,10 +405,11 @@ class Shadows:
 
     def stop_all(self, *, standing: bool) -> dict[str, protocol.ShadowRequest]:
         """The run (or a line's job) is over: every candidate stops with it. Those
-        that were running: for a line to start again beside its next job."""
+        that were running: for a line to start again beside its next job (a process's;
+        a container added to the pod ends with the job)."""
         going = {node: protocol.ShadowRequest(stage=node, overrides=c.status.overrides,
                                               every=c.status.every)
-                 for node, c in self._by_node.items() if c.live}
+                 for node, c in self._by_node.items() if c.live and self._processes.local}
         for node in list(self._by_node):
             self.stop(node, standing=standing)
         self._inputs.clear()
