@@ -19,6 +19,7 @@ changed since the run is refused, as a resume refuses it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ class Made(msgspec.Struct, forbid_unknown_fields=True):
     batch: int
     version: str = ""
     checksum: str = ""
-    error: str = ""  # it raised; or, with no checksum, why it was not made again
+    error: str = ""    # it raised
+    skipped: str = ""  # why it was not made again
 
 
 class Verdict(msgspec.Struct):
@@ -67,7 +69,6 @@ def verify(run_dir: str, *, stage: str | None, batches: int,
             "batches again"))
     recorded = rundir.read(path)
     pipeline = _pipeline(path, recorded)
-    _same_source(path, pipeline, recorded)
     graph = Graph.of(pipeline)
     if stage is not None and stage not in {s.name for s in pipeline.stages}:
         raise UsageError(f"--stage {stage!r}: no such stage in {path} (its stages: "
@@ -91,39 +92,26 @@ def verify(run_dir: str, *, stage: str | None, batches: int,
 
 
 def _pipeline(path: Path, recorded: rundir.RunRecord) -> Pipeline:
+    """The run's spec as it ran, its source refused if its files changed since (what
+    the run made could not be made again from it)."""
     from podpipe.model import spec as specs
-
-    here = os.getcwd()
-    try:
-        os.chdir(recorded.cwd)  # relative paths in the spec resolve as they did
-        return specs.load(path / "spec.yaml", recorded.overrides)
-    finally:
-        os.chdir(here)
-
-
-def _same_source(path: Path, pipeline: Pipeline, recorded: rundir.RunRecord) -> None:
-    """Refuse a source that changed since the run (what it made could not be made
-    again from it)."""
     from podpipe.runtime.data import source
 
-    if recorded.source is None:
-        return
-    here = os.getcwd()
-    try:
-        os.chdir(recorded.cwd)
-        now = source.identity(pipeline.source, source.plan(pipeline.source))
-    finally:
-        os.chdir(here)
-    changed = source.changes(recorded.source, now)
+    with contextlib.chdir(recorded.cwd):  # relative paths resolve as they did
+        pipeline = specs.load(path / "spec.yaml", recorded.overrides)
+        now = None if recorded.source is None else \
+            source.identity(pipeline.source, source.plan(pipeline.source))
+    changed = None if now is None else source.changes(recorded.source or {}, now)
     if changed is not None:
         raise UsageError(f"{path}: {changed}; its batches cannot be made again as they "
                          "were")
+    return pipeline
 
 
 def _verdict(node: str, batch: int, recorded: tuple[str | None, str] | None,
              again: Made | None) -> Verdict:
-    if again is None or (again.error and not again.checksum and not again.version):
-        return Verdict(node, batch, None, again.error if again else "not made again")
+    if again is None or again.skipped:
+        return Verdict(node, batch, None, again.skipped if again else "not made again")
     if again.error:
         return Verdict(node, batch, False, f"it raised {again.error}")
     if recorded is None or not recorded[1]:
@@ -195,7 +183,7 @@ def main(run_dir: str, batches: list[int]) -> int:
                     (f"its input {i!r} was not made again" for i in graph.inputs.get(node, ())
                      if i not in outputs), None)
                 if reason is not None:
-                    _say(Made(node, batch, error=reason))
+                    _say(Made(node, batch, skipped=reason))
                     continue
                 out = folder / f"{node}-{batch}.arrow"
                 task = protocol.Task(batch=batch, inputs=[[outputs[i]] for i in

@@ -1,24 +1,32 @@
 """`podpipe shadow` and `promote`: a stage's candidate version run beside the live one.
 
-A candidate is one more process of the stage (`protocol.shadow_name`, started with
-the candidate's overrides, `stage.shadow` on the other end) that the engine never
-hears of. Each batch the live version makes (every `every`th) is offered to it once
-the live task is done: the batch's inputs and the live output are opened here and
-passed to it open (`send_fds`), and held (`ScratchWork.hold`), so that the run
-neither empties nor writes over them while it maps them. It answers how its output compared with
-the live one's (`Compared`), or that it failed. The run never waits for it:
+A candidate is one more process of the stage that the engine never hears of
+(`protocol.shadow_name`, `stage.shadow` on the other end): started here with the
+candidate's overrides, or — in a pod of containers — an ephemeral container added
+to the pod, awaited. Each batch the live version makes while it is up (every
+`every`th) is offered to it once the live task is done: the batch's inputs and the
+live output are opened here and passed to it open (`send_fds`), and held
+(`ScratchWork.hold`), so that the run neither empties nor writes over them while it
+maps them. It answers how its output compared with the live one's (`Compared`), or
+that it failed. The run never waits for it:
 
 - a batch is skipped when the candidate is `QUEUE` batches behind, or when the files
   it would hold open, with its output, do not fit in what the RAM budget has left
   (`room`); under pressure (the engine denies or spills an output) the batches
   waiting for it are dropped first (`pressure`), recorded as skipped;
 - a candidate that fails a batch is recorded; one over the stage's `timeout` is
-  killed and started again, as is one that dies, `MOST_DEATHS` times at most;
-- it runs at the lowest priority (`stage.shadow`: idle class, nice 19, its autogroup too).
+  killed and started again, as is one that dies, `MOST_DEATHS` times at most (a
+  container is never started again: given up);
+- it runs at the lowest priority (`stage.shadow`: idle class, nice 19, its autogroup).
 
-Reading it: the requests (`request`: start or stop; `promote`), the candidate's process
-(`heard`, `exited`, `timed_out`), the line's batches (`dispatched`,
-`offer`, `pressure`), and what the status shows (`statuses`).
+Reading it, top to bottom: **requests** (`request`: start or stop, `_refused` says
+why not; `promote`, a swap to it; `again`, a line's candidates for its next job;
+`_start`, `stop`); **the candidate's process** (`heard`: its hello, its answers, its
+connection's end; `exited`, `timed_out`, then `_died` → started again or
+`_give_up`); **the line's batches** (`dispatched` keeps a task's inputs, `offer`
+opens and holds them with the live output, `_next` hands one over, `_done`,
+`_let_go` and `_release` let go); **the end** (`statuses` for the status file,
+`stop_all`, which returns the candidates a line starts again).
 """
 
 from __future__ import annotations
