@@ -15,9 +15,13 @@ to `docs/benchmarks/line.md`:
 - **Jobs back to back** (`--soak` one-batch jobs): every sink checked against the
   first; the line's process's and each stage process's RSS and the RAM scratch after
   each job (plotted); after `down`, no process and no scratch left.
+- **Jobs at once** (`jobs: N`): `--at-once` jobs submitted together to a line with
+  `jobs: 1` and to one with `jobs: 2` (the same spec, both up side by side, rounds
+  alternating which goes first), from the first submit to the last job's end;
+  one-batch jobs, and Q1 at SF 0.1 jobs (100,000-row batches, a fifth as many).
 
     python benchmarks/line.py [--sf 1] [--rounds 5] [--jobs 200] [--cold 10] [--soak 500]
-                              [--parts one_batch q1 soak]
+                              [--at-once 50] [--parts one_batch q1 soak at_once]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ RESULTS = Path(__file__).parent / "results"
 DOCS = ROOT / "docs" / "benchmarks"
 Q1 = ROOT / "examples" / "tpch" / "q1.yaml"
 PODPIPE = [sys.executable, "-m", "podpipe"]
-PARTS = ["one_batch", "q1", "soak"]
+PARTS = ["one_batch", "q1", "soak", "at_once"]
 
 
 def _cli(*args: str, cwd: Path) -> str:
@@ -222,6 +226,49 @@ def soak(work: Path, count: int) -> dict:
             "left_in_dev_shm": left_shm}
 
 
+def at_once(work: Path, rounds: int, count: int) -> dict:
+    """`count` jobs submitted together, to a line with `jobs: 1` and one with `jobs: 2`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    q1_data = f"source.uri={ROOT}/data/tpch-sf0.1/lineitem/*.parquet"
+    workloads = {"one_batch": (_one_batch_spec(work), [], count),
+                 "q1_sf0.1": (Q1, [q1_data, "source.batchRows=100000"], max(4, count // 5))}
+    found: dict[str, dict] = {}
+    for name, (spec, settings, n) in workloads.items():
+        homes = {}
+        for jobs in (1, 2):
+            line = f"{name.replace('_', '-').replace('.', '')}-j{jobs}"
+            _cli("up", str(spec), "--name", line, "--set", f"jobs={jobs}",
+                 *[a for s in settings for a in ("--set", s)], cwd=work)
+            homes[jobs] = str(work / ".podpipe" / "lines" / line)
+        times: dict[int, list[float]] = {1: [], 2: []}
+        answers = []
+        try:
+            for jobs in (1, 2):  # each line's first job: not timed
+                _job(homes[jobs], [f"sinks.0.uri={work}/{name}-warm-{jobs}/"])
+            for r in range(rounds):
+                for jobs in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    sinks = [f"{work}/{name}-{jobs}-{r}-{i}/" for i in range(n)]
+                    started = time.perf_counter()
+                    with ThreadPoolExecutor(n) as pool:
+                        list(pool.map(lambda uri: _job(homes[jobs], [f"sinks.0.uri={uri}"]),
+                                      sinks))
+                    times[jobs].append(time.perf_counter() - started)
+                    answers += [pq.read_table(uri) for uri in sinks]
+        finally:
+            for home in homes.values():
+                _cli("down", home, cwd=work)
+        found[name] = {
+            "jobs_per_round": n, "rounds": rounds,
+            "seconds": {f"jobs_{k}": [round(x, 4) for x in v] for k, v in times.items()},
+            "median_seconds": {f"jobs_{k}": round(statistics.median(v), 4)
+                               for k, v in times.items()},
+            "one_over_two": round(statistics.median(a / b for a, b in zip(times[1], times[2])),
+                                  3),
+            "wrong_sinks": sum(not t.equals(answers[0]) for t in answers)}
+    return found
+
+
 def chart(soaked: dict, path: Path) -> None:
     import matplotlib
 
@@ -245,6 +292,7 @@ def chart(soaked: dict, path: Path) -> None:
 
 def markdown(results: dict, command: str) -> str:
     q1, one, soaked = results["q1"], results["one_batch"], results["soak"]
+    together = results.get("at_once", {})
     cpu = ", ".join(f"{name} {u:g} + {s:g}" for name, (u, s) in
                     one.get("cpu_ms_per_job", {}).items()) + " ms user + system"
     m = q1["median_seconds"]
@@ -279,7 +327,17 @@ the end: {growth}. After `down`: processes left {soaked['left_processes']}, in /
 {soaked['left_in_dev_shm']}.
 
 ![memory over jobs](line.png)
-"""
+""" + "".join(f"""
+## Jobs at once: {w['jobs_per_round']} {name} jobs submitted together, {w['rounds']} rounds ({when(together)})
+
+| line | median s, first submit to last job's end |
+|---|---:|
+| `jobs: 1` | {w['median_seconds']['jobs_1']} |
+| `jobs: 2` | {w['median_seconds']['jobs_2']} |
+
+`jobs: 1` / `jobs: 2`, median of rounds: **{w['one_over_two']}×**; sinks that differed
+from the first job's: {w['wrong_sinks']}.
+""" for name, w in together.items() if isinstance(w, dict) and "rounds" in w)
 
 
 def main() -> int:
@@ -289,6 +347,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=200)
     parser.add_argument("--cold", type=int, default=10)
     parser.add_argument("--soak", type=int, default=500)
+    parser.add_argument("--at-once", type=int, default=50)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="measure only these (the others stay as last written)")
     args = parser.parse_args()
@@ -308,6 +367,8 @@ def main() -> int:
             results["q1"] = q1_against_ray(work, args.sf, args.rounds)
         if "soak" in args.parts:
             results["soak"] = soak(work, args.soak)
+        if "at_once" in args.parts:
+            results["at_once"] = at_once(work, args.rounds, args.at_once)
     for part in args.parts:  # (each part says when it was measured)
         results[part]["measured"] = today
     RESULTS.mkdir(exist_ok=True)

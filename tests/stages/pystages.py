@@ -467,3 +467,9 @@ def fail_once_written(t: pa.Table) -> pa.Table:
             time.sleep(0.02)
         raise ValueError("boom on purpose")
     return t
+
+
+def double_gated_failing(t: pa.Table) -> pa.Table:
+    """`double`, once the file named by GATE exists; then the batch holding x == 2500
+    fails if the file FAIL_MARKER exists."""
+    return _gated(lambda batch: double(fail_while_marked(batch)), t)

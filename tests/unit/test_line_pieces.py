@@ -1,5 +1,5 @@
 """A standing line's pieces that need no process: what a job may set, where a line
-lives, its record, warm workers, a job's scratch cleared, a queued job's status."""
+lives, its record, warm workers, a job's scratch swept, a queued job's status."""
 
 from __future__ import annotations
 
@@ -87,15 +87,24 @@ def test_a_connection_unbound_goes_unheard_until_it_says_hello(tmp_path):
         theirs.close()
 
 
-def test_a_jobs_end_clears_its_data_not_the_lines_socket(tmp_path):
-    scratch = Scratch(tmp_path)._claim("line")
-    scratch.socket.write_text("")
-    scratch.make_output_dir("f")
-    scratch.output_path("f", 0).write_bytes(b"x")
-    scratch.pool_path(1).write_bytes(b"y")
-    scratch.clear()
-    assert scratch.socket.exists() and (tmp_path / "owner.json").exists()
-    assert list((tmp_path / "data").iterdir()) == [] and list((tmp_path / "pool").iterdir()) == []
+def test_a_jobs_end_sweeps_its_data_but_kept_tables_running_jobs_and_the_socket(tmp_path):
+    line = Scratch(tmp_path)._claim("line")
+    line.socket.write_text("")
+    over, running = line.child("job-a"), line.child("job-b")
+    for job in (over, running):
+        for node in ("f", "t"):
+            job.make_output_dir(node)
+            job.output_path(node, 0).write_bytes(b"x")
+        job.pool_path(1).write_bytes(b"y")
+    table = over.output_path("t", 0)
+    line.sweep_jobs({"job-b"}, {str(table)})
+    assert line.socket.exists() and (tmp_path / "owner.json").exists()
+    assert table.exists() and not over.output_path("f", 0).exists()
+    assert not over.pool_path(1).exists()
+    assert running.output_path("f", 0).exists() and running.pool_path(1).exists()
+    line.sweep_jobs({"job-b"}, set())  # the table no longer kept: the folder goes
+    assert not over.path.exists() and running.path.exists()
+    assert oct((tmp_path / "jobs").stat().st_mode & 0o777) == "0o700"
 
 
 def test_a_queued_job_says_so_and_one_that_failed_before_it_started_too(tmp_path):

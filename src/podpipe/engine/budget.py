@@ -33,7 +33,8 @@ def pages(nbytes: int) -> int:
 
 class Budget:
     def __init__(self, limit: int, per_batch_nodes: int) -> None:
-        self.limit = limit
+        self.limit = limit       # what this run may use (a line's job: what is left it)
+        self.whole = limit       # the RAM budget
         self.per_batch_nodes = per_batch_nodes  # tasks a batch has on the line
         self.usage = 0           # bytes in scratch plus bytes granted
         self.peak = 0
@@ -70,6 +71,17 @@ class Budget:
 
     def give(self, nbytes: int) -> None:
         self.usage -= pages(nbytes)
+
+    def share(self, limit: int) -> None:
+        """On a line with `jobs: N`: what the older jobs leave of the line's budget."""
+        self.limit = limit
+
+    def claim(self) -> int:
+        """What this job holds and may still make (each batch on the line up to the
+        footprint): what a younger job on the same line may not take."""
+        footprint = self.footprint or 0
+        return self.usage + sum(max(0, footprint - self.produced.get(b, 0))
+                                for b in self.on_line)
 
     def fits(self, nbytes: int) -> bool:
         return self.usage + pages(nbytes) <= self.limit

@@ -165,8 +165,34 @@ class Tick:
     node: str = SOURCE
 
 
+@dataclass(frozen=True)
+class Shared:
+    """On a line with `jobs: N`: the bytes of the line's budget the older jobs leave
+    this one (what they hold and may still make)."""
+
+    limit: int
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """On a line with `jobs: N`: the processes of `nodes`, which this job has no more
+    tasks for (`Ledger.spent`), serve the next job from now on."""
+
+    nodes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class TookOver:
+    """On a line with `jobs: N`: the older job handed over `node`'s processes (these
+    worker numbers); they say hello for this job next."""
+
+    node: str
+    workers: tuple[int, ...]
+
+
 Event = (AgentReady | SpaceRequested | TaskDone | TaskFailed | AgentExited | TaskTimedOut |
-         AgentBroken | Imported | SwapRequested | VersionChanged | Recompute | Reshaped | Tick)
+         AgentBroken | Imported | SwapRequested | VersionChanged | Recompute | Reshaped | Tick
+         | Shared | HandedOver | TookOver)
 
 # ------------------------------------------------------------------ actions
 

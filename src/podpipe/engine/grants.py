@@ -39,15 +39,15 @@ def request(run: Ledger, agent: Agent, event: SpaceRequested) -> list[Action]:
     settle(run, agent)
     agent.wait_for(event.nbytes)
     if run.graph.domain[event.node] == TABLE:
-        if run.tables_held + event.nbytes > run.budget.limit // TABLE_SHARE:
+        if run.tables_held + event.nbytes > run.budget.whole // TABLE_SHARE:
             agent.resume()        # too large to hold in RAM: mapped from the node tier
             run.budget.spilled()  # instead
             return [Spill(event.node, event.batch, event.worker)]
-    elif pages(event.nbytes) > run.budget.limit:
+    elif pages(event.nbytes) > run.budget.whole:
         return run.fail(BudgetError(
             f"stage {event.node!r}, batch {event.batch}: its output needs "
             f"{format_size(event.nbytes)}, more than the whole RAM budget of "
-            f"{format_size(run.budget.limit)}; lower spec.source.batchRows or raise "
+            f"{format_size(run.budget.whole)}; lower spec.source.batchRows or raise "
             "spec.memory (--memory)"))
     return []
 

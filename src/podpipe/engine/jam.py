@@ -19,6 +19,7 @@ from podpipe.engine.agent import ABSENT, HELD, RUNNING, WAITING
 from podpipe.engine.events import Action, Deny, Spill
 from podpipe.engine.ledger import Ledger
 from podpipe.model.graph import BATCH
+from podpipe.model.pipeline import SOURCE
 
 
 def relieve(run: Ledger) -> list[Action]:
@@ -39,7 +40,10 @@ def _evict(run: Ledger) -> list[Action] | None:
     """Give up the newest batch on the line so that an older one waiting for RAM can
     move: refuse its waiting requests, delete its outputs, and run it again from
     the source later (stages are deterministic, sink files idempotent). A batch
-    with a task still computing is left alone. None if there is none to give up."""
+    with a task still computing is left alone. None if there is none to give up, or
+    if the source's processes serve the line's next job already (`jobs: N`)."""
+    if SOURCE in run.lent:
+        return None
     line = [(n, w, a) for n, w, a in run.all_agents() if run.graph.domain[n] == BATCH]
     batch = run.budget.victim(
         [a.batch for _, _, a in line if a.status == WAITING and a.batch is not None],

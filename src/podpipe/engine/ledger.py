@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from podpipe.engine.agent import Agent, Crashes, Pool
+from podpipe.engine.agent import ABSENT, HELD, Agent, Crashes, Pool
 from podpipe.engine.budget import Budget
 from podpipe.engine.events import (Action, Delete, Failed, Finished, Imported, Keep, Key,
                                    NodeProgress, Progress, Recycle, TaskDone)
@@ -68,6 +68,7 @@ class Ledger:
         self.line = Line()
         self.swapped: set[str] = set()   # stages running a swapped-in version
         self.pinned: set[Key] = set()    # outputs a stage's code still maps: not recycled
+        self.lent: set[str] = set()      # nodes whose processes serve the next job (a line's)
         self.outcome: Action | None = None
         for table in graph.tables:
             self.ready[table] = [0]
@@ -196,7 +197,7 @@ class Ledger:
                 held=self.held(node), tier=loaded.tier if loaded is not None else None)
         budget = self.budget
         return Progress(scratch=budget.usage, peak=budget.peak,
-                        recent_peak=budget.since_last(), budget=budget.limit,
+                        recent_peak=budget.since_last(), budget=budget.whole,
                         spills=budget.spills, on_line=len(budget.on_line), nodes=nodes,
                         shards_here=self.shards_here(), waiting_for=self.waiting_for())
 
@@ -414,6 +415,30 @@ class Ledger:
         """The graph changed (an apply): the same pod's keys over it."""
         self.plan = self.plan.regraphed(graph)
         self.budget.regraphed(self.plan.per_batch_nodes)
+
+    # -- operations: a line's jobs at once (`jobs: N`) ---------------------------------
+
+    def spent(self) -> frozenset[str]:
+        """The nodes this job has no more tasks for, whose processes may serve the next
+        job: every key done, none of its processes busy or held, and nothing to run
+        down the line again (a batch given up or stale would need them)."""
+        if self.line.redo or self.line.stale or self.outcome is not None:
+            return frozenset()
+        return frozenset(
+            n for n in self.graph.order if n not in self.lent and self.agents[n]
+            and self.keys(n) <= self.done[n]
+            and not any(a.busy or a.status == HELD for a in self.agents[n].values()))
+
+    def hand_over(self, node: str) -> None:  # its processes: the next job's from now on
+        self.lent.add(node)
+        self.agents[node] = {}
+
+    def take_over(self, node: str, workers: list[int]) -> None:
+        """The older job handed over `node`'s processes (these worker numbers): a
+        `workers: auto` node has those it has, as a job starting warm does."""
+        if workers and self.pool.fixed[node] is None and all(
+                a.status == ABSENT for a in self.agents[node].values()):
+            self.agents[node] = {w: Agent() for w in workers}
 
     def fail(self, error: PodpipeError) -> list[Action]:
         self.outcome = Failed(error)

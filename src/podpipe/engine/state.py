@@ -31,9 +31,9 @@ from typing import assert_never
 from podpipe.engine import grants, jam, lifecycle, rework, workers
 from podpipe.engine.agent import HELD, Agent
 from podpipe.engine.events import (Action, AgentBroken, AgentExited, AgentReady, Event,
-                                   Imported, Kill, Recompute, Reshaped, SpaceRequested,
-                                   SwapRequested, TaskDone, TaskFailed, TaskTimedOut, Tick,
-                                   VersionChanged)
+                                   HandedOver, Imported, Kill, Recompute, Reshaped, Shared,
+                                   SpaceRequested, SwapRequested, TaskDone, TaskFailed,
+                                   TaskTimedOut, Tick, TookOver, VersionChanged)
 from podpipe.engine.ledger import Ledger
 from podpipe.errors import DataError, PodpipeError, StageError
 from podpipe.model.graph import Graph
@@ -79,6 +79,13 @@ class RunState:
                 actions += workers.rebalance(run, event.cpu)
             case Imported():
                 run.take_import(event)
+            case Shared():  # a line's jobs at once (`jobs: N`): the budget the older
+                run.budget.share(event.limit)  # leave, the processes passed on
+            case HandedOver():
+                for node in event.nodes:
+                    run.hand_over(node)
+            case TookOver():
+                run.take_over(event.node, list(event.workers))
             case (AgentReady() | SpaceRequested() | TaskDone() | TaskFailed() | AgentExited()
                   | TaskTimedOut() | AgentBroken()):
                 found = run.agents.get(event.node, {}).get(event.worker)

@@ -110,9 +110,10 @@ def after_task(run: Ledger, node: str, wanted: float, busy: float) -> list[Actio
 
 def _resizable(run: Ledger, node: str) -> bool:
     """May `auto` resize `node` now: its workers are `auto`, it runs per batch, and
-    every worker is up (none starting, held or being swapped)?"""
+    every worker is up (none starting, held or being swapped; on a line with `jobs:
+    N`, none still the older job's, nor handed over to the next)?"""
     return (run.pool.fixed.get(node) is None and run.graph.domain[node] == BATCH
-            and all(a.status not in (ABSENT, HELD) and a.swap is None
+            and bool(run.agents[node]) and all(a.status not in (ABSENT, HELD) and a.swap is None
                     for a in run.agents[node].values()))
 
 

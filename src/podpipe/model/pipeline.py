@@ -136,6 +136,7 @@ class Pipeline:
     gpus: int | None = None    # the pod's GPUs; None: those visible to it
     determinism: str = "warn"  # a batch made again with other bytes: warn, fail or off
     tables: tuple[Table, ...] = ()
+    jobs: int = 1  # a standing line's jobs at once (a run is one)
     file: str = "spec"
     document: Any = field(default=None, repr=False, compare=False)  # as parsed, overridden
 

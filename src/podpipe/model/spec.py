@@ -45,6 +45,7 @@ SOURCE_FORMATS = ("parquet", "csv", "arrow")
 # Bounds on what a spec may ask for: beyond them it is a mistake, not a workload.
 MAX_SPEC_BYTES = 1 << 20
 MAX_SHARDS = 100_000
+MAX_JOBS = 16  # a line's jobs at once: each is a conductor, a journal, a status
 DETERMINISM = ("warn", "fail", "off")  # `checks.determinism`
 
 
@@ -128,7 +129,7 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
     meta = r.mapping("metadata", doc["metadata"], {"name", "labels", "annotations"}, {"name"})
     spec = r.mapping("spec", doc["spec"],
                      {"source", "stages", "sinks", "memory", "checkpoints", "shards", "cpus",
-                      "gpus", "tables", "checks"},
+                      "gpus", "tables", "checks", "jobs"},
                      {"source", "stages", "sinks"})
     tables = _tables(r, spec.get("tables", []))
     stages = stagespec.stages(r, spec["stages"], {t.name for t in tables})
@@ -158,6 +159,7 @@ def _pipeline(r: Reader, doc: Any) -> Pipeline:
         gpus=r.integer("spec.gpus", spec["gpus"], minimum=0, maximum=stagespec.MAX_GPUS)
         if "gpus" in spec else None,
         tables=tables,
+        jobs=r.integer("spec.jobs", spec.get("jobs", 1), minimum=1, maximum=MAX_JOBS),
         determinism=_determinism(r, spec.get("checks", {})),
         file=r.file,
         document=doc,

@@ -10,19 +10,15 @@ blocks on events only (`plumbing.loop`). One event, start to end:
 
 An event is never fed to the engine while the previous one's actions are carried out.
 
-Reading this module, top to bottom: **the loop** (`start`, its end: candidates,
-then every process stopped, the sinks' last step; `_loop`, `_happened`: sockets,
-process exits, signals, timers; `_pump` feeds the engine); **what agents say**
-(`_read`, `_message` for requests: swap, apply, peek, shadow, promote; a candidate's
-own; `_from_agent` for what a task did, its output judged by `checkpoints.verdicts`
-and offered to the stage's candidate); **what the engine decides** (`_carry_out`: RAM
-scratch in `scratchwork`, processes in `crew`, tasks and checkpoints here;
-`_dispatch` hands out a task); **swaps and apply**; **the end** (`_end`, the status
-written). Pieces it wires, each owning its state: `agents`, `processes`, `crew`
-and `scratchwork` (the engine's decisions carried out), `requests` (`swaps`,
-`lending` for peek, `shadows`), `checkpoints`, `snapshot`, `timeline`, `metrics`,
-`run` (what it runs), `floor` (its loop, processes and connections: a standing
-line's, lent to each job).
+Reading this module, top to bottom: **its life** (`start`: `open`, the floor's loop
+`drive`s it, `leave`, `end`; a line drives several, `runs.line.conducting`);
+**what happens** (`happened`: sockets, exits, signals, timers; `_pump` feeds the
+engine); **what agents say** (`heard`, `_message`: requests, hellos, `_from_agent`:
+a task's end judged by `checkpoints`, offered to a candidate); **what the engine
+decides** (`_carry_out`, `_dispatch`); **swaps and apply**; **the end** (`stop`,
+`_end`, the status `flush`ed). Its pieces, each owning its state: `agents`,
+`processes`, `crew` and `scratchwork`, `requests` (`swaps`, `lending`, `shadows`),
+`checkpoints`, `snapshot`, `timeline`, `metrics`, `run`, `floor`.
 """
 
 from __future__ import annotations
@@ -32,7 +28,7 @@ import socket
 import time
 from collections import deque
 from dataclasses import replace
-from typing import Any, Callable, assert_never
+from typing import Callable, assert_never
 
 from podpipe.engine import events as ev
 from podpipe.engine.events import Progress
@@ -46,7 +42,7 @@ from podpipe.runtime.conductor.requests import lending
 from podpipe.runtime.conductor.agents import Conn, to_event
 from podpipe.runtime.conductor.checkpoints import Checkpoints, Restored
 from podpipe.runtime.conductor.crew import Crew
-from podpipe.runtime.conductor.floor import Floor
+from podpipe.runtime.conductor.floor import FLUSH_SECONDS, Floor
 from podpipe.runtime.conductor.metrics import Watchers
 from podpipe.runtime.conductor.processes import SPAWNED, Processes
 from podpipe.runtime.plumbing.launching import Launcher
@@ -57,13 +53,9 @@ from podpipe.runtime.conductor.requests.shadows import Shadows, ShadowTimeout
 from podpipe.runtime.conductor.requests.swaps import Change, Swaps
 from podpipe.runtime.conductor.timeline import Timeline
 from podpipe.runtime.storage.durable import DurableTier
-from podpipe.runtime.data.scratch import discard
 from podpipe.runtime.plumbing.protocol import agent_name, split_name
 
-__all__ = ["Conductor", "Floor", "Restored", "Run"]
-
-FLUSH_SECONDS = 0.25
-
+__all__ = ["FLUSH_SECONDS", "Conductor", "Floor", "Restored", "Run"]
 
 class Conductor:
     def __init__(self, run: Run, *, launcher: Launcher | None,
@@ -94,7 +86,8 @@ class Conductor:
                                         lambda node: node in self.run.graph.tables, self._log)
         self.shadows = Shadows(run.scratch, self.agents, self.processes, self.floor.loop,
                                self.scratch_work, self._log)
-        self.watchers = Watchers(observer, metrics, metrics_linger, self.floor.metrics)
+        self.watchers = Watchers(run.run_id, observer, metrics, metrics_linger,
+                                 self.floor.metrics)
         self.events: deque[ev.Event] = deque()
         self.outcome: tuple[str, PodpipeError | None] = ("running", None)
 
@@ -110,66 +103,78 @@ class Conductor:
     # -- the loop --------------------------------------------------------------
 
     def start(self) -> status.Status:
-        """Run to the end; returns the final status, raises the run's error."""
+        """Run to the end in its own loop; returns the final status, raises the run's
+        error. (A line drives its jobs' itself: `open`, `happened`, `leave`, `end`.)"""
         try:
             # signals are events from here on (a line's loop has them already)
             with self.floor.loop if not self.floor.standing else contextlib.nullcontext():
                 try:
-                    self.watchers.open()  # Prometheus, if asked: from the start
-                    for node in self.run.graph.order:
-                        self.run.scratch.make_output_dir(node)
-                    if not self.floor.standing:
-                        self.agents.listen()
-                    if self.ledger.finished:  # resumed when all was done: nothing to do
-                        self._end("succeeded", None)
-                    else:
-                        if self.floor.standing:  # a line's warm processes: told of it
-                            self.floor.take(self.ledger)  # (and its candidates, again:)
-                            self.shadows.again(self.floor.candidates, self.run.pipeline,
-                                               self.swaps.version)
-                        elif self.processes.local and self.processes.reaper:
-                            lifetime.become_subreaper()  # what stages leave is ours
-                        for node, worker, _ in (self.ledger.all_agents()
-                                                if self.processes.local else []):
-                            self.processes.begin(agent_name(node, worker))
-                    self._loop()
-                finally:  # every process stops (a line's stay, but the busy ones),
-                    self.floor.candidates = self.shadows.stop_all(standing=self.floor.standing)
-                    self.floor.swapped = dict(self.swaps.overrides)  # (a line's next jobs')
-                    self.floor.stop(self.ledger, succeeded=self.outcome[0] == "succeeded")
-                if self.outcome[0] == "succeeded":  # each sink's output put in place
-                    try:
-                        self.counters.sinks = self.run.finish_sinks(self.ledger.keys)
-                    except RunError as exc:
-                        self.outcome = ("failed", exc)
+                    self.open()
+                    self.floor.drive(self.happened, self.flush, lambda: self.running)
+                finally:
+                    self.leave()
+        except BaseException:
+            self._wrap_up()
+            raise
+        return self.end()
+
+    def open(self) -> None:
+        """Its start: scratch folders, its processes started (a line's: taken)."""
+        self.watchers.open()  # Prometheus, if asked: from the start
+        for node in self.run.graph.order:
+            self.run.scratch.make_output_dir(node)
+        if not self.floor.standing:
+            self.agents.listen()
+        if self.ledger.finished:  # resumed when all was done: nothing to do
+            return self._end("succeeded", None)
+        if self.floor.standing:  # a line's warm processes: told of it
+            self.floor.take(self.ledger)
+        elif self.processes.local and self.processes.reaper:
+            lifetime.become_subreaper()  # what stages leave is ours
+        for node, worker, _ in self.ledger.all_agents() if self.processes.local else []:
+            self.processes.begin(agent_name(node, worker))  # (warm ones: left alone)
+
+    def leave(self) -> None:
+        """The loop is over: every process stops (a line's stay, but the busy ones)."""
+        self.floor.candidates = self.shadows.stop_all(standing=self.floor.standing)
+        self.floor.swapped = dict(self.swaps.overrides)  # (a line's next jobs')
+        self.floor.stop(self.ledger, succeeded=self.outcome[0] == "succeeded")
+
+    def end(self) -> status.Status:
+        """After `leave`: sinks' output put in place, records closed; the status, or raise."""
+        try:
+            if self.outcome[0] == "succeeded":
+                try:
+                    self.counters.sinks = self.run.finish_sinks(self.ledger.keys)
+                except RunError as exc:
+                    self.outcome = ("failed", exc)
         finally:
-            if not self.floor.standing:  # (a line clears it, keeping its tables)
-                self.run.scratch.remove()
-            self.counters.ended = time.time()
-            self.timeline.sample(self.ledger.progress(), {}, {})
-            self.timeline.close()
-            error = self.checkpoints.close(self.ledger, self.run.graph, self.run.placement,
-                                           self.outcome[0] == "succeeded")
-            if error is not None:
-                self.outcome = ("failed", error)
-            self._flush(final=True)
-            self.watchers.close()  # (after the final values: a lingering endpoint has them)
+            self._wrap_up()
         if self.outcome[1] is not None:
             raise self.outcome[1]
         return self._snapshot()
 
-    def _loop(self) -> None:
-        next_flush = time.monotonic()
-        while self.running:
-            for happening in self.floor.loop.wait(max(0.0, next_flush - time.monotonic())):
-                self._happened(happening)
-                self._pump()
-                if not self.running:
-                    break
-            if time.monotonic() >= next_flush and self.running:
-                self._flush()
-                self._pump()
-                next_flush = time.monotonic() + FLUSH_SECONDS
+    def _wrap_up(self) -> None:
+        if not self.floor.standing:  # (a line clears it, keeping its tables)
+            self.run.scratch.remove()
+        self.counters.ended = time.time()
+        self.timeline.sample(self.ledger.progress(), {}, {})
+        self.timeline.close()
+        error = self.checkpoints.close(self.ledger, self.run.graph, self.run.placement,
+                                       self.outcome[0] == "succeeded")
+        if error is not None:
+            self.outcome = ("failed", error)
+        self.flush(final=True)
+        self.watchers.close()  # (after the final values: a lingering endpoint has them)
+
+    def happened(self, happening: loops.Happening | None = None,
+                 event: ev.Event | None = None) -> None:
+        """What happened (a socket, an exit, a timer), or what a line tells its engine."""
+        if happening is not None:
+            self._happened(happening)
+        if event is not None:
+            self.events.append(event)
+        self._pump()
 
     def _happened(self, happening: loops.Happening) -> None:
         if isinstance(happening, loops.Ready):
@@ -197,8 +202,7 @@ class Conductor:
             elif isinstance(happening.tag, ShadowTimeout):
                 self.shadows.timed_out(happening.tag)
             else:  # a restart's backoff is over
-                node, _ = split_name(happening.tag)
-                self.processes.start(happening.tag, self.swaps.overrides.get(node, []))
+                self.crew.due(happening.tag)
 
     def _drain(self) -> None:
         """Accept and read everything already waiting on the sockets."""
@@ -217,20 +221,26 @@ class Conductor:
     # -- what agents say -------------------------------------------------------
 
     def _read(self, tag: object) -> None:
+        if self.floor.reader is not None:  # a line's: it reads, and says it to its jobs
+            return self.floor.reader(tag)
         if tag == SPAWNED:
             return self.processes.settle()
         for conn, message in self.agents.read(tag):
             if not self.running:
                 return
-            if self.shadows.heard(conn, message):  # a stage's candidate said it (or went)
-                continue
-            if message is None:  # closed: our own processes' exits come as exits
-                name = self.agents.forget(conn)
-                if name is not None and not self.processes.local:  # a container's
-                    node, worker = split_name(name)
-                    self.events.append(ev.AgentExited(node, None, worker, time.monotonic()))
-            else:
-                self._message(conn, message)
+            self.heard(conn, message)
+
+    def heard(self, conn: Conn, message: protocol.Message | None) -> None:
+        """What `conn` said (None: it closed)."""
+        if self.shadows.heard(conn, message):  # a stage's candidate said it (or went)
+            return
+        if message is None:  # closed: our own processes' exits come as exits
+            name = self.agents.forget(conn)
+            if name is not None and not self.processes.local:  # a container's
+                node, worker = split_name(name)
+                self.events.append(ev.AgentExited(node, None, worker, time.monotonic()))
+        else:
+            self._message(conn, message)
 
     def _message(self, conn: Conn, message: protocol.Message) -> None:
         if isinstance(message, protocol.SwapRequest):
@@ -254,9 +264,6 @@ class Conductor:
                 else self.agents.node_of(conn)
             if name is not None:  # (else not an agent, or one replaced by a swap)
                 self._from_agent(name, message)
-            elif self.floor.requests(conn, message):  # a line's to answer (submit, down)
-                if self.floor.interrupt is not None:  # (the job stopped, the line down)
-                    self._end("interrupted", InterruptedRun(self.floor.interrupt))
 
     def _from_agent(self, name: str, message: protocol.Message) -> None:
         """What agent `name` says of its task: counted and recorded, then an event."""
@@ -267,13 +274,8 @@ class Conductor:
         if event is None:
             return
         if isinstance(message, protocol.Done):  # its schema; its bytes, if made before
-            node, worker = split_name(name)
-            wrong = self.checkpoints.verdicts(node, message, self.counters.stages[node].version)
-            if wrong is not None:
-                if message.output is not None and message.output.tier == "ram":
-                    discard(message.output.path)
-                message = protocol.Failed(batch=message.batch, message=wrong)
-                event = ev.TaskFailed(node, message.batch, wrong, worker=worker)
+            message, event = self.checkpoints.judged(
+                name, message, event, self.counters.stages[split_name(name)[0]].version)
         if isinstance(message, protocol.Done):
             version = self.counters.done(name, message.batch, message.stats)
             node = split_name(name)[0]
@@ -342,14 +344,9 @@ class Conductor:
         node, run = action.node, self.run
         if self.scratch_work.reusable(action.reuse) != action.reuse:  # a candidate holds
             action = replace(action, reuse=None)  # that pooled file: written anew
-        task = run.task(action)
-        stage = run.stage(node)
-        if node in run.graph.sinks:
-            task.versions = self.checkpoints.versions_behind(run.graph, self.ledger, node,
-                                                             action.batch)
-        elif stage is not None and run.pipeline.checkpoints.reuse:
-            task.memo = self.checkpoints.memo(run.pipeline, node,
-                                              self.counters.stages[node].version, action.inputs)
+        task, stage = run.task(action), run.stage(node)
+        self.checkpoints.fill(task, run.pipeline, run.graph, self.ledger, node, stage,
+                              self.counters.stages[node].version, action.inputs)
         name = agent_name(node, action.worker)
         self.shadows.dispatched(node, action.batch, action.inputs)
         nbytes = sum(o.nbytes for g in action.inputs for o in g)
@@ -357,12 +354,10 @@ class Conductor:
         self.timeline.handed(name, action.batch, self.counters.stages[node].version, nbytes)
         if action.reserved:  # granted with the task
             self.timeline.granted(name)
-        fixed = self.checkpoints.verdicts.schemas.get(node)  # (a stage's, for the run)
-        if stage and stage.policy.schema == "fixed" and fixed is not None:
-            task.schema_batch, task.schema = fixed
         seconds = stage.policy.timeout if stage is not None else None
         if seconds is not None:
-            self.floor.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds))
+            self.floor.loop.call_later(seconds, Timeout(name, action.batch, seq, seconds,
+                                                        self.run.run_id))
         self.agents.send(name, task)
 
     # -- swaps and apply -----------------------------------------------------------
@@ -410,6 +405,10 @@ class Conductor:
 
     # -- the end, and what it looks like --------------------------------------------
 
+    def stop(self, why: str, error: PodpipeError | None = None) -> None:
+        """A line stops its job (`stop JOB`, `down`; `error`: it could not start)."""
+        self._end("failed", error) if error else self._end("interrupted", InterruptedRun(why))
+
     def _end(self, state: str, error: PodpipeError | None) -> None:
         if self.running:
             self.outcome = (state, error)
@@ -425,7 +424,7 @@ class Conductor:
                         self.checkpoints, processes, state, str(error) if error else None,
                         self.shadows.statuses())
 
-    def _flush(self, final: bool = False) -> None:
+    def flush(self, final: bool = False) -> None:
         if not final:
             self.events.extend(self.checkpoints.flush(self.ledger, self.run.graph,
                                                       self.run.placement, len(self.run.plan)))
@@ -443,6 +442,8 @@ class Conductor:
         except OSError:
             pass  # the status file is a view; the run does not depend on it
         self.watchers.show(current)
+        if not final:
+            self._pump()
 
     def _log(self, message: str, level: str = "info") -> None:
         """A line in the run's own log (RUN_DIR/logs/conductor.log)."""

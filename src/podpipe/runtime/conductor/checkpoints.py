@@ -23,13 +23,14 @@ from podpipe.engine.state import RunState
 from podpipe.errors import RunError
 from podpipe.model.graph import SINGLE, Graph
 from podpipe.model.output import Output
-from podpipe.model.pipeline import SOURCE, Pipeline
+from podpipe.model.pipeline import SOURCE, Pipeline, Stage
 from podpipe.model.shards import Placement
 from podpipe.runtime.storage import durable as durables
 from podpipe.runtime.storage import tiers
 from podpipe.runtime.storage.durable import DurableTier
 from podpipe.runtime.storage.journal import Journal
 from podpipe.runtime.storage.tiers import NodeTier
+from podpipe.runtime.data.scratch import discard
 
 DURABLE_WAIT = 10.0     # at the end of a failed run, for its last checkpoint
 HANDOVER_WAIT = 120.0   # at the end of a sharded run, for its shards' last checkpoints
@@ -162,6 +163,33 @@ class Checkpoints:
         self.journal.forget(node, key)
         self.on_disk = [c for c in self.on_disk if (c.node, c.key) != (node, key)]
         self._made_by.pop((node, key), None)
+
+    def fill(self, task: protocol.Task, pipeline: Pipeline, graph: Graph, engine: Ledger,
+             node: str, stage: Stage | None, version: str | None,
+             inputs: tuple[tuple[Output, ...], ...]) -> None:
+        """What they add to a task of `node` before it goes: a sink's, the versions
+        behind what it writes; a stage's, where its output is kept for reuse (`reuse:
+        true`), and the schema its outputs must have (`schema: fixed`, once known)."""
+        if node in graph.sinks:
+            task.versions = self.versions_behind(graph, engine, node, task.batch)
+        elif stage is not None and pipeline.checkpoints.reuse:
+            task.memo = self.memo(pipeline, node, version, inputs)
+        fixed = self.verdicts.schemas.get(node)
+        if stage is not None and stage.policy.schema == "fixed" and fixed is not None:
+            task.schema_batch, task.schema = fixed
+
+    def judged(self, name: str, done: protocol.Done, event: ev.Event, version: str | None
+               ) -> tuple[protocol.Done | protocol.Failed, ev.Event]:
+        """A task done, as its output is judged (`Verdicts`): as it was, or failed
+        (its output in RAM deleted)."""
+        node, worker = protocol.split_name(name)
+        wrong = self.verdicts(node, done, version)
+        if wrong is None:
+            return done, event
+        if done.output is not None and done.output.tier == "ram":
+            discard(done.output.path)
+        return (protocol.Failed(batch=done.batch, message=wrong),
+                ev.TaskFailed(node, done.batch, wrong, worker=worker))
 
     def memo(self, pipeline: Pipeline, node: str, version: str | None,
              inputs: tuple[tuple[Output, ...], ...]) -> str:

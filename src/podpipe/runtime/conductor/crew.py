@@ -31,6 +31,10 @@ class Crew:
         self.processes, self.agents, self.loop, self.swaps = processes, agents, loop, swaps
         self._log = log
 
+    def due(self, name: str) -> None:
+        """A restart's backoff is over: process `name` starts (as swapped, if it was)."""
+        self.processes.start(name, self.swaps.overrides.get(protocol.split_name(name)[0], []))
+
     def carry_out(self, action: ProcessAction) -> None:
         """Carry out `action`, one about a process."""
         match action:

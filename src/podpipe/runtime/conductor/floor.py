@@ -1,7 +1,7 @@
-"""A conductor's floor: its event loop, its processes and their connections, and who
-hears what is the line's to answer (a submit, a down).
+"""A conductor's floor: its event loop, its processes and their connections.
 
-A conductor of a `podpipe run` makes its own (`of_run`) and ends it with the run.
+A conductor of a `podpipe run` makes its own (`of_run`), which `drive`s it (its
+loop: what happens, its status written four times a second) and ends with the run.
 On a standing line (`runs.line`) the floor outlives every job: the line `announce`s
 the next job before it plans it (each connected agent is told of the job and says
 hello again for it, its imports and modules warm; processes the line starts from
@@ -11,11 +11,18 @@ failed, or the line went down) is killed: its next task would come from another
 job, and what it is writing is no one's. A stage's candidate (`podpipe shadow`)
 started during a job is started again for each later job (`candidates`) until it
 is stopped, promoted or given up.
+
+With `jobs: N`, several jobs are on the line at once, oldest first: each node's
+processes serve one job at a time (`owners`), and pass to the next job once the
+older one has no more work for them (`hand_over`): the source first, then each
+station as the older job's last batch leaves it. The line reads every socket
+(`reader`) and hands what it read to the job whose processes said it.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +35,9 @@ from podpipe.runtime.conductor.processes import Processes
 from podpipe.runtime.conductor.run import Run
 from podpipe.runtime.plumbing import logline, protocol
 from podpipe.runtime.plumbing.launching import Launcher
-from podpipe.runtime.plumbing.loop import EventLoop
+from podpipe.runtime.plumbing.loop import EventLoop, Happening
+
+FLUSH_SECONDS = 0.25  # a run's status written, and its engine ticked, this often
 
 
 @dataclass
@@ -37,16 +46,18 @@ class Floor:
     agents: Agents
     processes: Processes
     standing: bool = False  # a line's, lent to one job after another
-    # a message that is the line's (submit, down): answered by the line, job or not
-    requests: Callable[[Conn, protocol.Message], bool] = lambda conn, message: False
     swapped: dict[str, list[str]] = field(default_factory=dict)  # on the line: later jobs' too
-    interrupt: str | None = None  # the line stops the running job: why
     tables: dict[str, Output] = field(default_factory=dict)  # kept in RAM for the next job
     metrics: Metrics | None = None  # the line's endpoint (`up --metrics-port`), lent to jobs
     # stages' candidates (`podpipe shadow`) the line runs beside every job until dropped
     candidates: dict[str, protocol.ShadowRequest] = field(default_factory=dict)
+    # with `jobs: N`: which job each node's processes serve (its run directory), and
+    # who reads the sockets (the line, which hands what it read to that job)
+    owners: dict[str, Path] = field(default_factory=dict)
+    reader: Callable[[object], None] | None = None
     _swapped_before: dict[str, list[str]] = field(default_factory=dict)  # at the last job
     _told: list[str] = field(default_factory=list)  # the agents told of the job (containers')
+    _later: dict[Path, tuple[list[str], frozenset[str]]] = field(default_factory=dict)
 
     @classmethod
     def of_run(cls, launcher: Launcher | None, listener: socket.socket | None, reaper: bool,
@@ -56,32 +67,66 @@ class Floor:
         loop = EventLoop()
         return cls(loop, Agents(loop, listener, log), Processes(launcher, loop, reaper=reaper))
 
+    def drive(self, happened: Callable[[Happening], None], flush: Callable[[], None],
+              running: Callable[[], bool]) -> None:
+        """A run's own loop (a line's is the line's): each thing that happens, to its
+        conductor (`happened`), its status written four times a second, to its end."""
+        next_flush = time.monotonic()
+        while running():
+            for happening in self.loop.wait(max(0.0, next_flush - time.monotonic())):
+                happened(happening)
+                if not running():
+                    break
+            if time.monotonic() >= next_flush and running():
+                flush()
+                next_flush = time.monotonic() + FLUSH_SECONDS
+
     def announce(self, run_dir: Path, overrides: list[str],
-                 unchanged: frozenset[str] = frozenset()) -> None:
+                 unchanged: frozenset[str], nodes: frozenset[str]) -> None:
         """The next job is the one at `run_dir`: processes the line starts from now on
-        serve its spec, and each connected one is told of it now — they load it while
-        the job is planned, and say hello for it once its conductor listens. Those of
-        the `unchanged` nodes (defined as for the job before, not swapped since) keep
-        what they set up."""
+        serve its spec, and each connected one of the nodes no other job holds is told
+        of it now — they load it while the job is planned, and say hello for it once
+        its conductor listens (the others when they are handed over). Those of the
+        `unchanged` nodes (defined as for the job before, not swapped since) keep what
+        they set up."""
         if self.processes.local:
             self.processes.serve(run_dir / "spec.yaml", overrides, run_dir / "logs")
         unchanged = frozenset(n for n in unchanged
                               if self.swapped.get(n) == self._swapped_before.get(n))
         self._swapped_before = dict(self.swapped)
         self._told = self.agents.nodes()
-        for name in self._told:
-            conn = self.agents.unbind(name)
-            if conn is not None:
-                self.tell(conn, run_dir, overrides, name,
-                          keep=protocol.split_name(name)[0] in unchanged)
+        self._later[run_dir] = (overrides, unchanged)
+        self.hand_over(frozenset(nodes) - frozenset(self.owners), run_dir)
+
+    def hand_over(self, nodes: frozenset[str], run_dir: Path) -> None:
+        """The processes of `nodes` serve the job at `run_dir` from now on: each
+        connected one is told of it (and says hello for it)."""
+        overrides, unchanged = self._later[run_dir]
+        for node in nodes:
+            self.owners[node] = run_dir
+        for name in self.agents.nodes():
+            node = protocol.split_name(name)[0]
+            if node in nodes and (conn := self.agents.unbind(name)) is not None:
+                self.tell(conn, run_dir, overrides, name, keep=node in unchanged)
+
+    def let_go(self, run_dir: Path) -> frozenset[str]:
+        """The job at `run_dir` is over: the nodes it held, no one's now."""
+        self._later.pop(run_dir, None)
+        nodes = frozenset(n for n, owner in self.owners.items() if owner == run_dir)
+        for node in nodes:
+            del self.owners[node]
+        return nodes
 
     def take(self, ledger: Ledger) -> None:
         """The job starts: its engine counts the line's warm processes as its own, and
         the tables the line kept in RAM as loaded."""
-        ledger.warm(self.processes.workers() if self.processes.local else
-                    _by_node(self._told))
+        ledger.warm(self.workers())
         for node, output in self.tables.items():
             ledger.table_kept(node, output)
+
+    def workers(self) -> dict[str, list[int]]:
+        """Each node's worker numbers: its processes (a container's: those told)."""
+        return self.processes.workers() if self.processes.local else _by_node(self._told)
 
     def serves(self, conn: Conn, hello: protocol.Hello, run: Run) -> bool:
         """Does this hello say the agent serves the job's spec? Else (a process that

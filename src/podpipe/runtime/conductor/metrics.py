@@ -69,11 +69,14 @@ class Metrics:
         from prometheus_client import CollectorRegistry, start_http_server
 
         host, port = address(where)
-        self.latest: Status | None = None  # the run's status, as last flushed
+        # each run's status as last flushed, by run id (a line's: each job on it, and
+        # those over until another job starts)
+        self.latest: dict[str, Status] = {}
         # a standing line's own figures: (line, jobs queued, running, done, failed)
         self.line: Callable[[], tuple[str, int, int, int, int]] | None = None
-        # node -> tasks per bucket (the last: beyond every bound), and their seconds
-        self.durations: dict[str, tuple[list[int], list[float]]] = {}
+        # run -> node -> tasks per bucket (the last: beyond every bound), and seconds
+        self.durations: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+        self._over: set[str] = set()
         self.registry = CollectorRegistry()
         self.registry.register(self)
         try:
@@ -86,8 +89,21 @@ class Metrics:
         self.server.shutdown()
         self.server.server_close()
 
-    def task_done(self, node: str, seconds: float) -> None:
-        counts, total = self.durations.setdefault(node, ([0] * (len(BUCKETS) + 1), [0.0]))
+    def opened(self, run: str) -> None:
+        """Run `run` starts: the series of those over go."""
+        for gone in self._over:
+            self.latest.pop(gone, None)
+            self.durations.pop(gone, None)
+        self._over = set()
+        self.durations[run] = {}
+
+    def closed(self, run: str) -> None:
+        """Run `run` is over: its last values stay until another starts."""
+        self._over.add(run)
+
+    def task_done(self, run: str, node: str, seconds: float) -> None:
+        counts, total = self.durations.setdefault(run, {}).setdefault(
+            node, ([0] * (len(BUCKETS) + 1), [0.0]))
         counts[next((i for i, bound in enumerate(BUCKETS) if seconds <= bound),
                     len(BUCKETS))] += 1
         total[0] += seconds
@@ -99,46 +115,54 @@ class Metrics:
 
         if self.line is not None:
             yield from _line_families(*self.line())
-        s = self.latest
-        if s is None:
-            return
-        run = [s.pipeline, str(s.pod.ordinal if s.pod else 0), s.run_id]
+        statuses = list(self.latest.values())
+        labels = {s.run_id: [s.pipeline, str(s.pod.ordinal if s.pod else 0), s.run_id]
+                  for s in statuses}
         for name, text, field, counter in _PER_NODE:
             family = (CounterMetricFamily if counter else GaugeMetricFamily)(
                 name, text, labels=LABELS + ["node"])
-            for node, st in s.stages.items():
-                family.add_metric(run + [node], getattr(st, field))
+            for s in statuses:
+                for node, st in s.stages.items():
+                    family.add_metric(labels[s.run_id] + [node], getattr(st, field))
             yield family
         histogram = HistogramMetricFamily(
             "podpipe_task_duration_seconds", "Seconds each task of the node took",
             labels=LABELS + ["node"])
-        for node, (counts, total) in sorted(self.durations.items()):  # (a copy: the
-            counts, so_far = list(counts), 0                            # run adds on)
-            buckets = []
-            for bound, count in zip([*map(str, BUCKETS), "+Inf"], counts):
-                so_far += count
-                buckets.append((bound, so_far))
-            histogram.add_metric(run + [node], buckets, total[0])
+        for s in statuses:
+            for node, (counts, total) in sorted(dict(self.durations.get(s.run_id, {})).items()):
+                counts, so_far = list(counts), 0  # (a copy: the run adds on)
+                buckets = []
+                for bound, count in zip([*map(str, BUCKETS), "+Inf"], counts):
+                    so_far += count
+                    buckets.append((bound, so_far))
+                histogram.add_metric(labels[s.run_id] + [node], buckets, total[0])
         yield histogram
-        single = [("podpipe_scratch_bytes", "RAM scratch in use", s.scratch_bytes, False),
-                  ("podpipe_scratch_budget_bytes", "The RAM scratch budget", s.budget_bytes,
-                   False),
-                  ("podpipe_scratch_peak_bytes", "The most RAM scratch in use so far",
-                   s.peak_scratch_bytes, False),
-                  ("podpipe_spilled_outputs", "Outputs spilled to the node tier",
-                   s.spilled_outputs, True),
-                  ("podpipe_running", "1 while the run goes", int(s.state == "running"),
-                   False)]
-        if s.durable:
-            single += [("podpipe_durable_checkpoints", "Major checkpoints written",
-                        s.durable.checkpoints or 0, True),
-                       ("podpipe_durable_behind", "1 if the last checkpoint is not written",
-                        int(bool(s.durable.behind)), False)]
-        for name, text, value, counter in single:
-            family = (CounterMetricFamily if counter else GaugeMetricFamily)(
-                name, text, labels=LABELS)
-            family.add_metric(run, value)
-            yield family
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for s in statuses:
+            for name, text, value, counter in _single(s):
+                family = families.setdefault(name, (
+                    CounterMetricFamily if counter else GaugeMetricFamily)(
+                        name, text, labels=LABELS))
+                family.add_metric(labels[s.run_id], value)
+        yield from families.values()
+
+
+def _single(s: Status) -> list[tuple[str, str, float, bool]]:
+    """A run's series without a node: name, help, value, a counter?"""
+    single: list[tuple[str, str, float, bool]] = [
+        ("podpipe_scratch_bytes", "RAM scratch in use", s.scratch_bytes, False),
+        ("podpipe_scratch_budget_bytes", "The RAM scratch budget", s.budget_bytes, False),
+        ("podpipe_scratch_peak_bytes", "The most RAM scratch in use so far",
+         s.peak_scratch_bytes, False),
+        ("podpipe_spilled_outputs", "Outputs spilled to the node tier", s.spilled_outputs,
+         True),
+        ("podpipe_running", "1 while the run goes", int(s.state == "running"), False)]
+    if s.durable:
+        single += [("podpipe_durable_checkpoints", "Major checkpoints written",
+                    s.durable.checkpoints or 0, True),
+                   ("podpipe_durable_behind", "1 if the last checkpoint is not written",
+                    int(bool(s.durable.behind)), False)]
+    return single
 
 
 def _line_families(line: str, queued: int, running: int, done: int,
@@ -163,32 +187,34 @@ class Watchers:
     terminal's live progress, the Python API's) and Prometheus, when asked for
     (`where`: `[ADDR:]PORT`), served from `open` to `close`."""
 
-    def __init__(self, observer: Callable[[Status], None] | None, where: str | None,
-                 linger: float = 0.0, lent: Metrics | None = None) -> None:
-        """`lent`: a standing line's endpoint, serving each of its jobs in turn."""
-        self.observer, self.where, self.linger = observer, where, linger
+    def __init__(self, run: str, observer: Callable[[Status], None] | None,
+                 where: str | None, linger: float = 0.0, lent: Metrics | None = None) -> None:
+        """`lent`: a standing line's endpoint, serving each of its jobs."""
+        self.run, self.observer, self.where, self.linger = run, observer, where, linger
         self.metrics, self.lent = lent, lent is not None
 
     def open(self) -> None:
-        if self.metrics is not None:  # a line's: this job's durations from nothing
-            self.metrics.durations = {}
-        elif self.where:
+        if self.metrics is None and self.where:
             self.metrics = Metrics(self.where)
+        if self.metrics is not None:
+            self.metrics.opened(self.run)
 
     def show(self, status: Status) -> None:
         if self.metrics is not None:
-            self.metrics.latest = status
+            self.metrics.latest[self.run] = status
         if self.observer is not None:
             self.observer(status)
 
     def task_done(self, node: str, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.task_done(node, seconds)
+            self.metrics.task_done(self.run, node, seconds)
 
     def close(self) -> None:
         """The run ended: the endpoint goes, after `linger` seconds (its final values
         are served meanwhile); never, for a pod that holds once its run is over (the
         endpoint goes with the process)."""
-        if self.metrics is not None and self.linger != float("inf") and not self.lent:
+        if self.metrics is not None and self.lent:
+            self.metrics.closed(self.run)
+        elif self.metrics is not None and self.linger != float("inf"):
             time.sleep(self.linger)
             self.metrics.close()

@@ -30,6 +30,7 @@ class Timeout:
     batch: int
     task: int
     seconds: float
+    run: str = ""  # whose (a line's jobs share its loop)
 
 
 @dataclass

@@ -186,7 +186,7 @@ def snapshot(run: Run, progress: Progress, counters: Counters, checkpoints: Chec
     durable = checkpoints.durable
     return status.Status(
         run_id=run.run_id, pipeline=run.pipeline.name, state=state, error=error,
-        run_dir=str(run.run_dir), scratch=str(run.scratch.path),
+        run_dir=str(run.run_dir), scratch=str(run.scratch.socket.parent),
         started=counters.started, ended=ended,
         elapsed_seconds=round((ended or time.time()) - counters.started, 3),
         budget_bytes=run.pipeline.memory, scratch_bytes=progress.scratch,

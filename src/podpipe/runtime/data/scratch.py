@@ -81,10 +81,14 @@ def _owner(path: Path) -> dict[str, Any]:
     return owner
 
 
+JOBS = "jobs"  # a standing line's: each job's folder
+
+
 @dataclass(frozen=True)
 class Scratch:
     path: Path
     volume: bool = False  # the directory is a mounted volume: empty it, keep it
+    home: Path | None = None  # a line's job's: the line's scratch (its socket)
 
     @classmethod
     def create(cls, run_id: str, root: Path | None = None) -> "Scratch":
@@ -139,7 +143,7 @@ class Scratch:
 
     @property
     def socket(self) -> Path:
-        return self.path / "conductor.sock"
+        return (self.home or self.path) / "conductor.sock"
 
     def output_dir(self, node: str) -> Path:
         return self.path / "data" / node
@@ -168,15 +172,27 @@ class Scratch:
                 blocks[found.st_ino] = found.st_blocks * 512
         return sum(blocks.values())
 
-    def clear(self, keep: frozenset[str] = frozenset()) -> None:
-        """A standing line's job is over: what it left in RAM goes (every output but
-        those of the nodes to `keep`, the pool of warm files); the line's socket and
-        owner record stay."""
-        shutil.rmtree(self.path / "pool", ignore_errors=True)
-        (self.path / "pool").mkdir(mode=0o700, exist_ok=True)
-        for folder in (self.path / "data").iterdir():
-            if folder.name not in keep:
+    def child(self, job: str) -> "Scratch":
+        """A standing line's job's own outputs and pool, in the line's (`jobs/JOB/`)."""
+        (self.path / JOBS).mkdir(mode=0o700, exist_ok=True)
+        (self.path / JOBS / job).mkdir(mode=0o700, exist_ok=True)
+        return Scratch(self.path / JOBS / job, home=self.path)._claim(job)
+
+    def sweep_jobs(self, running: set[str], keep: set[str]) -> None:
+        """What the line's jobs over left in RAM goes, but the files to `keep` (tables
+        kept for the next job, or read by a running one); the running jobs' stay."""
+        if not (self.path / JOBS).is_dir():
+            return
+        for folder in (self.path / JOBS).iterdir():
+            if folder.name in running or folder.is_symlink():
+                continue
+            kept = [Path(p) for p in keep if Path(p).is_relative_to(folder)]
+            if not kept:
                 shutil.rmtree(folder, ignore_errors=True)
+                continue
+            for found in list(folder.rglob("*")):
+                if found.is_file() and found not in kept and found.name != OWNER:
+                    found.unlink(missing_ok=True)
 
     def remove(self) -> None:
         if not self.volume:

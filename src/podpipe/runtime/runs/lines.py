@@ -62,6 +62,7 @@ class LineJobs(msgspec.Struct, kw_only=True):
 
     queued: list[str] = []   # job ids, in order (the running one not among them)
     running: str | None = None
+    beside: list[str] = []   # younger jobs running beside it (`jobs: N`), oldest first
     recent: list[JobRow] = []  # the last jobs over, newest last
     done: int = 0            # succeeded, since the line was first up
     failed: int = 0

@@ -4,34 +4,34 @@
 either way under a supervisor that starts it again if it dies: `runs.upkeep`). It
 starts every node's processes once and waits for each to say hello — imports
 done, the stage modules loaded — then serves: jobs come as `submit` requests on its
-socket, queue in order (each a file under `queue/`, so the queue outlives the
-process; a job the line was running when its process died is resumed by the next),
-and run one at a time, each with the conductor of a `podpipe run` over
-the line's `Floor`: the same loop, the same warm processes, told of the job and
-saying hello for it. A job is a run directory like any run's (journal, status,
-logs, report, sink output); a failure is the job's, and the line takes the next.
+socket, queue in order (`queue`: files that outlive the process; a job the line was
+running when its process died is resumed by the next), and run one at a time — or
+`jobs: N` at once, each station passing to the next job once the one before is done
+with it (`conducting`) — each with the conductor of a `podpipe run` over the line's
+`Floor`: the same warm processes, told of the job and saying hello for it. A job is
+a run directory like any run's (journal, status, logs, report, sink output); a
+failure is the job's, and the line takes the next.
 
-Between jobs the line answers requests itself; during a job its conductor hands
-the line's requests (a submit, a job's wait or stop, down) back to it through the
-floor.
+The line reads every socket: what a job's processes say goes to its conductor, the
+line's requests (a submit, a job's wait or stop, down) are answered here.
 
 Reading this module, top to bottom: how a line is started (`Start`); the `Line`:
-**up** (`open` lays it out and starts its processes, `warm` waits for them,
-`_requeue` takes the queue it had), **serving** (`serve` takes jobs, `_idle` hears
-what happens between them, `_request` the line's requests: `_submit`, `_resume`,
-`_job_request`, `_swap`, a candidate dropped, and a peek between jobs refused), **a job** (`_run`
-announces, plans and conducts it, `_over` says how it ended), **down** (`close`,
-the record `_publish`ed). SIGINT/SIGTERM or `podpipe down` stop the running job
-(resumable) and end the line: every process stopped, the scratch removed, queued
-jobs kept in `queue/` for the next `up` of the line.
+**up** (`open` lays it out, starts its processes and queues again what it had,
+`warm` waits for them), **serving** (`serve` starts jobs and routes what happens,
+`_idle` and `_heard` what is no job's, `_request` the line's requests: `_submit`,
+`_resume`, `_job_request`, `_swap`, a candidate dropped, and a peek between jobs
+refused), **a job** (`_begin` announces, plans and starts it, `_finish` closes it,
+`_sweep` its RAM scratch, `_over` says how it ended), **down** (`close`, the record
+`_publish`ed). SIGINT/SIGTERM or `podpipe down` stop the running jobs (resumable)
+and end the line: every process stopped, the scratch removed, queued jobs kept in
+`queue/` for the next `up` of the line.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from podpipe.errors import (InputError, InterruptedRun, PodpipeError, RunError, SpecError,
@@ -49,22 +49,12 @@ from podpipe.runtime.plumbing import loop as loops
 from podpipe.runtime.rundir import layout as rundir, status
 from podpipe.runtime.runs import following, lines, pod
 from podpipe.runtime.runs.launcher import launcher as make_launcher
+from podpipe.runtime.runs.line.conducting import Conducting
+from podpipe.runtime.runs.line.queue import Job, Queue, sinks
 from podpipe.runtime.runs.origin import Origin
 from podpipe.runtime.runs.warmth import Warmth
 
 RECENT = 20  # jobs over that the line's record lists
-
-
-@dataclass
-class _Job:
-    job: str
-    run_path: Path
-    overrides: list[str]
-    pipeline: specs.Pipeline
-    sinks: frozenset[str]  # where it writes: no other job on the line may
-    queued_as: Path        # its file in queue/
-    waiters: list[Conn] = field(default_factory=list)
-    stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,12 +87,11 @@ class Line:
             spec=os.path.abspath(start.spec), cwd=os.getcwd(), overrides=start.overrides,
             started=time.time())
         self.loop = loops.EventLoop()  # signals are events once it is entered
-        self.queue: deque[_Job] = deque()
-        self.running: _Job | None = None
+        self.queue = Queue(start.path / "queue")
+        self.running: list[Job] = []  # oldest first (`jobs: N` at once)
         self.down = False
         self.broken: PodpipeError | None = None  # a process that could not start
         self.warmth = Warmth(self.pipeline)  # what the next job may find set up, or loaded
-        self._seq = 0
 
     @property
     def path(self) -> Path:
@@ -133,14 +122,14 @@ class Line:
                                  self.scratch.socket, self.path / "logs", self.record.name
                                  ) if self.start.launch else None
         agents = Agents(self.loop, listener, self._log)
-        self.floor = Floor(self.loop, agents, Processes(launcher, self.loop), standing=True,
-                           requests=self._request)
+        self.floor = Floor(self.loop, agents, Processes(launcher, self.loop), standing=True)
+        self.conducting = Conducting(self.floor, self._idle, self._heard)
         if self.start.metrics:  # one endpoint for the line's life, lent to each job
             from podpipe.runtime.conductor.metrics import Metrics
 
             self.floor.metrics = Metrics(self.start.metrics)
             self.floor.metrics.line = lambda: (
-                self.record.name, len(self.queue), int(self.running is not None),
+                self.record.name, len(self.queue), len(self.running),
                 self.record.jobs.done, self.record.jobs.failed)
         self.launcher = launcher
         agents.listen()
@@ -150,7 +139,8 @@ class Line:
         if launcher is not None:
             for name in sorted(self.names):
                 self.floor.processes.begin(name)
-        self._requeue()
+        self.queue.requeue((Path(self.pipeline.checkpoints.node) / "runs").absolute(),
+                           self._log)
         return set(self.names)
 
     def warm(self, expected: set[str]) -> None:
@@ -164,60 +154,33 @@ class Line:
         self.record.state = "up"
         self._publish()
 
-    def _requeue(self) -> None:
-        """Jobs a line of this name had queued when it went down: queued again."""
-        runs = (Path(self.pipeline.checkpoints.node) / "runs").absolute()
-        for entry in sorted((self.path / "queue").iterdir()):
-            seq, _, job = entry.name.partition("-")
-            if not seq.isdigit():
-                continue  # (a file being written when the line went)
-            self._seq = max(self._seq, int(seq) + 1)
-            try:
-                run_path = Path(files.read_ours(entry).decode())
-                if run_path.parent != runs or run_path.name != job:  # (its own, no other)
-                    raise UsageError(f"names {run_path}, not a run directory in {runs}")
-                recorded = rundir.read(run_path)
-                pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
-            except (OSError, files.NotOurs, PodpipeError) as exc:
-                self._log(f"{entry.name}: not queued again ({exc})", "warning")
-                entry.unlink(missing_ok=True)
-                continue
-            rundir.lock(run_path)
-            self.queue.append(_Job(run_path.name, run_path, recorded.overrides, pipeline,
-                                   _sinks(pipeline), entry))
-
     # -- serving -------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Take jobs until down."""
-        while not self.down:
-            if self.queue:
-                self._run(self.queue.popleft())
-                continue
-            for happening in self.floor.loop.wait(None):
-                self._idle(happening)
+        """Take jobs until down: up to `jobs` at once, in order; each happening handed
+        to the job it is about (`Conducting`), the rest heard here."""
+        conducting = self.conducting
+        while not self.down or conducting.jobs:
+            while self.queue and not self.down and conducting.may_take(self.pipeline.jobs):
+                self._begin(self.queue.popleft())
+            for conductor in conducting.settle():
+                self._finish(conductor)
+            if self.down and not conducting.jobs:
+                break
+            for happening in self.floor.loop.wait(conducting.timeout):
+                conducting.route(happening)
 
     def _idle(self, happening: loops.Happening) -> None:
-        """Between jobs (or while warming up): what happened, answered by the line."""
+        """What happened that is no job's (between jobs, or while warming up)."""
         agents, processes = self.floor.agents, self.floor.processes
         if isinstance(happening, loops.Ready):
             if happening.tag == SPAWNED:
                 return processes.settle()
             for conn, message in agents.read(happening.tag):
-                if message is None:
-                    agents.forget(conn)
-                elif isinstance(message, protocol.Hello):
-                    name = protocol.agent_name(message.node, message.worker)
-                    agents.hello(conn, message, expected=processes.expects(name)
-                                 if processes.local else name in self.names)
-                elif isinstance(message, protocol.Broken):
-                    self.broken = (SpecError(message.message, file=self.record.spec,
-                                                   field=message.field)
-                                   if message.field else InputError(message.message))
-                elif isinstance(message, protocol.Probe):
-                    agents.answer_probe(conn, message)
-                else:
-                    self._request(conn, message)
+                self._heard(conn, message)
+        elif isinstance(happening, loops.TimerDue) and isinstance(happening.tag, str):
+            node = protocol.split_name(happening.tag)[0]  # a restart of a job over
+            processes.start(happening.tag, self.floor.swapped.get(node, []))
         elif isinstance(happening, loops.ProcessExited):
             if processes.exited(happening.pid, happening.tag) is not None:
                 agents.drop(happening.tag)  # started again for the next job
@@ -226,6 +189,24 @@ class Line:
                                            f"see {self.path / 'logs' / happening.tag}.log")
         elif isinstance(happening, loops.Signalled):
             self.down = True
+
+    def _heard(self, conn: Conn, message: protocol.Message | None) -> None:
+        """What a connection said that is no job's (None: it closed)."""
+        agents, processes = self.floor.agents, self.floor.processes
+        if message is None:
+            agents.forget(conn)
+        elif isinstance(message, protocol.Hello):
+            name = protocol.agent_name(message.node, message.worker)
+            agents.hello(conn, message, expected=processes.expects(name)
+                         if processes.local else name in self.names)
+        elif isinstance(message, protocol.Broken):
+            self.broken = (SpecError(message.message, file=self.record.spec,
+                                     field=message.field)
+                           if message.field else InputError(message.message))
+        elif isinstance(message, protocol.Probe):
+            agents.answer_probe(conn, message)
+        else:
+            self._request(conn, message)
 
     def _request(self, conn: Conn, message: protocol.Message) -> bool:
         """A request that is the line's: answered here (True), else the job's (False)."""
@@ -237,66 +218,54 @@ class Line:
                 self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
                 return True
             self.floor.agents.answer(conn, protocol.Submitted(job=job.job, run_dir=str(
-                job.run_path), ahead=len(self.queue) - 1 + (self.running is not None)))
+                job.run_path), ahead=len(self.queue) - 1 + len(self.running)))
             if message.wait:
                 job.waiters.append(conn)
         elif isinstance(message, protocol.JobRequest):
             self._job_request(conn, message)
-        elif isinstance(message, protocol.SwapRequest) and self.running is None:
+        elif isinstance(message, protocol.SwapRequest) and not self.running:
             self._swap(conn, message)  # (during a job: its conductor's, then the line's)
         elif isinstance(message, protocol.ShadowRequest) and message.stop and not self.running:
             self.floor.drop_candidate(conn, message.stage)  # (kept for the next jobs)
         elif isinstance(message, (protocol.PeekRequest, protocol.ShadowRequest,
-                                  protocol.PromoteRequest)) and self.running is None:
+                                  protocol.PromoteRequest)) and not self.running:
             self.floor.agents.answer(conn, protocol.Refused(message="no job is running on "
                                      "the line (peek, shadow, promote: the running job's)"))
         elif isinstance(message, protocol.DownRequest):
             self.floor.agents.answer(conn, protocol.Downed(dropped=[j.job for j in self.queue],
-                                     stopped=[self.running.job] if self.running else []))
+                                     stopped=[j.job for j in self.running]))
             self.down = True
-            if self.running is not None:
-                self.floor.interrupt = "the line went down"
+            for conductor in self.conducting.jobs:
+                conductor.stop("the line went down")
         else:
             return False
         return True
 
-    def _submit(self, request: protocol.SubmitRequest) -> _Job:
+    def _submit(self, request: protocol.SubmitRequest) -> Job:
         lines.job_overrides(request.overrides)
         overrides = [*self.start.overrides, *request.overrides]
         pipeline = specs.load(self.path / "spec.yaml", overrides)
         graph = Graph.of(pipeline)
         if graph.order != self.graph.order or graph.inputs != self.graph.inputs:
             raise UsageError("the job's --set changes the graph; the graph is the line's")
-        sinks = _sinks(pipeline)
+        writes = sinks(pipeline)
         for other in self._jobs:
-            if other.sinks & sinks:
+            if other.sinks & writes:
                 raise UsageError(f"job {other.job}, on the line already, writes to "
-                                 f"{', '.join(sorted(other.sinks & sinks))} too: give this "
+                                 f"{', '.join(sorted(other.sinks & writes))} too: give this "
                                  "job other sink folders (--set sinks.NAME.uri=...)")
         run_path = lines.job_dir(pipeline, request.job)
         rundir.make(run_path, str(self.path / "spec.yaml"), overrides,
                     placement=self.start.placement, line=str(self.path.absolute()))
         rundir.lock(run_path)
-        return self._enqueue(run_path, overrides, pipeline)
-
-    def _enqueue(self, run_path: Path, overrides: list[str],
-                 pipeline: specs.Pipeline) -> _Job:
-        """The job at `run_path` last in the queue, and its file in queue/ (what the
-        line's next `up` finds, and `status LINE` lists)."""
-        queued_as = self.path / "queue" / f"{self._seq:08d}-{run_path.name}"
-        self._seq += 1
-        files.publish(queued_as, str(run_path))
-        entry = _Job(run_path.name, run_path, overrides, pipeline, _sinks(pipeline),
-                     queued_as)
-        self.queue.append(entry)
-        return entry
+        return self.queue.add(run_path, overrides, pipeline)
 
     @property
-    def _jobs(self) -> list[_Job]:
+    def _jobs(self) -> list[Job]:
         """The running job and those queued."""
-        return [*([self.running] if self.running else []), *self.queue]
+        return [*self.running, *self.queue]
 
-    def _resume(self, request: protocol.ResumeRequest) -> _Job:
+    def _resume(self, request: protocol.ResumeRequest) -> Job:
         """A failed or stopped job of this line, queued again: it redoes only what it
         did not keep (its journal, the node tier), as `podpipe resume` does."""
         run_path = Path(request.run_dir)
@@ -308,7 +277,7 @@ class Line:
         rundir.claim_for_resume(run_path)  # (refused if it succeeded; locked from here)
         try:
             pipeline = specs.load(run_path / "spec.yaml", recorded.overrides)
-            return self._enqueue(run_path, recorded.overrides, pipeline)
+            return self.queue.add(run_path, recorded.overrides, pipeline)
         except BaseException:
             rundir.unlock(run_path)
             raise
@@ -328,8 +297,10 @@ class Line:
             return
         found.waiters.append(conn)
         found.stop = request.stop
-        if request.stop and found is self.running:
-            self.floor.interrupt = f"stopped; finish it with 'podpipe resume {found.run_path}'"
+        if request.stop and found in self.running:
+            conductor = self._conductor(found)
+            if conductor is not None:
+                conductor.stop(f"stopped; finish it with 'podpipe resume {found.run_path}'")
         elif request.stop:
             self.queue.remove(found)
             self._over(found, "interrupted", "stopped before it started")
@@ -353,45 +324,74 @@ class Line:
 
     # -- a job -----------------------------------------------------------------------
 
-    def _run(self, job: _Job) -> None:
-        self.running, self.record.jobs.running = job, job.job
+    def _begin(self, job: Job) -> None:
+        """The job starts: announced (the processes no older job holds load it while it
+        is planned), planned, its conductor on the floor."""
+        self.running.append(job)
+        job.started = time.time()
         self._publish()
-        state, error, started = "succeeded", None, time.time()
-        self.floor.announce(job.run_path, job.overrides,  # they load it while we plan
-                            self.warmth.unchanged(job.pipeline))
+        if self.conducting.jobs:  # (the line's swaps so far, for the processes told)
+            self.floor.swapped = dict(self.conducting.jobs[0].swaps.overrides)
+        self.floor.announce(job.run_path, job.overrides, self.warmth.unchanged(job.pipeline),
+                            frozenset(self.graph.order))
         self.floor.tables = self.warmth.offer(job.pipeline)
+        self._sweep()  # (the tables it does not take: gone, unless an older job reads them)
         # a job the line's process was running when it died: resumed from what it kept
         begun = (job.run_path / status.FILE).exists()
         origin = Origin(journal=True, source_batches=status.read(job.run_path).source_batches
                         ) if begun else Origin(durable=True)
-        conductor = None
         try:
             run, restored, tier = pod.prepare(
-                job.pipeline, job.run_path, job.overrides, job.job, self.record.name, self.scratch,
-                origin=origin, placement=self.start.placement, fresh=not begun,
-                memos=self.path)
+                job.pipeline, job.run_path, job.overrides, job.job, self.record.name,
+                self.scratch.child(job.job), origin=origin, placement=self.start.placement,
+                fresh=not begun, memos=self.path)
             following.mark_latest(job.run_path)
-            conductor = Conductor(run, launcher=self.launcher, restored=restored, durable=tier,
-                                  floor=self.floor)
-            conductor.start()
+            job.conductor = Conductor(run, launcher=self.launcher, restored=restored,
+                                      durable=tier, floor=self.floor)
+            self.conducting.add(job.conductor)
+        except PodpipeError as exc:
+            if job.conductor is not None:  # (its start failed: it ends)
+                return job.conductor.stop(str(exc), exc)
+            self.floor.let_go(job.run_path)
+            self.running.remove(job)
+            if not (job.run_path / status.FILE).exists():  # it never started
+                rundir.failed_before_start(job.run_path, str(exc))
+            self._sweep()
+            self._over(job, "failed", str(exc), time.time() - job.started)
+
+    def _finish(self, conductor: Conductor) -> None:
+        """A job's conductor ended: its sinks' output put in place, its records closed,
+        what it had in RAM let go but its tables (the next job's, if unchanged)."""
+        job = next(j for j in self.running if j.conductor is conductor)
+        state, error = "succeeded", None
+        try:
+            conductor.end()
         except InterruptedRun as exc:
             state, error = "interrupted", str(exc)
-            if self.floor.interrupt is None:  # a signal: the line goes down too
-                self.down = True
         except PodpipeError as exc:
             state, error = "failed", str(exc)
-            if not (job.run_path / status.FILE).exists():  # it never started
-                rundir.failed_before_start(job.run_path, error)
-        finally:  # what it had in RAM goes, but its tables: the next job's if unchanged
-            self.scratch.clear(keep=frozenset(self.warmth.tables) if conductor is None else
-                               self.warmth.keep(job.pipeline, conductor.ledger.outputs, {
-                                   n: s.version for n, s in conductor.counters.stages.items()
-                                   if s.version is not None}))
-        self.floor.interrupt = None
-        self.running = self.record.jobs.running = None
-        self._over(job, state, error, time.time() - started)
+        finally:
+            self.running.remove(job)
+            self.warmth.keep(job.pipeline, conductor.ledger.outputs, {
+                n: s.version for n, s in conductor.counters.stages.items()
+                if s.version is not None})
+            self._sweep()
+        self._over(job, state, error, time.time() - job.started)
 
-    def _over(self, job: _Job, state: str, error: str | None,
+    def _conductor(self, job: Job) -> Conductor | None:
+        return job.conductor if job.conductor is not None and job.conductor.running else None
+
+    def _sweep(self) -> None:
+        """The RAM scratch of jobs over goes, but the tables kept for the next job and
+        those a running job reads."""
+        keep = {o.path for _, _, o in self.warmth.tables.values()}
+        for job in self.running:
+            if job.conductor is not None:
+                keep |= {o.path for (node, _), o in job.conductor.ledger.outputs.items()
+                         if node in self.graph.tables}
+        self.scratch.sweep_jobs({j.job for j in self.running}, keep)
+
+    def _over(self, job: Job, state: str, error: str | None,
               seconds: float | None = None) -> None:
         rundir.unlock(job.run_path)
         if state != "interrupted" or job.stop:  # (one the line's end stopped stays queued:
@@ -429,6 +429,8 @@ class Line:
 
     def _publish(self) -> None:
         self.record.jobs.queued = [j.job for j in self.queue]
+        self.record.jobs.running = self.running[0].job if self.running else None
+        self.record.jobs.beside = [j.job for j in self.running[1:]]
         if self.record.state != "down" and hasattr(self, "floor"):  # its warm processes
             agents = self.floor.agents
             self.record.processes = {n: pid for n, pid in sorted(agents.pids.items())
@@ -443,8 +445,3 @@ class Line:
     def _log(self, message: str, level: str = "info") -> None:
         logline.append(self.path / "logs" / "line.log", message, level)
 
-
-def _sinks(pipeline: specs.Pipeline) -> frozenset[str]:
-    """Where a job's sinks write, as comparable as the spec lets them be."""
-    return frozenset(s.uri if "://" in s.uri else os.path.abspath(s.uri) + "/"
-                     for s in pipeline.sinks)

@@ -1,0 +1,146 @@
+"""A line with `jobs: 2`: the next job starts while the one before drains.
+
+Real processes throughout (the detached line of `podpipe up`, `podpipe submit`).
+The older job is held at a gate (its `double` stage waits for a file the test
+makes), so that what the younger job does meanwhile is a condition the run cannot
+skip, whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import make_numbers, podpipe, spec, wait_until, write_spec
+from test_lines import _line, _sinks, _to
+
+
+def _spec(workdir: Path) -> None:
+    make_numbers(workdir / "data")  # 2 files of 5,000 rows: 10 batches of 1,000
+    write_spec(workdir / "p.yaml", spec(
+        [{"name": "check", "run": "pystages:fail_while_marked", "inputs": ["source"]},
+         {"name": "double", "run": "pystages:double_gated_failing", "inputs": ["check"],
+          "workers": 1},
+         {"name": "total", "run": "pystages:sum_all", "reduce": True, "inputs": ["double"]}],
+        [{"name": "doubled", "input": "double", "uri": "out/doubled/"},
+         {"name": "summed", "input": "total", "uri": "out/summed/"}], jobs=2))
+
+
+def _dir(workdir: Path, job: str) -> str:
+    return str(workdir / ".podpipe" / "runs" / job)
+
+
+def _status(workdir: Path, job: str) -> dict:
+    return json.loads((Path(_dir(workdir, job)) / "status.json").read_text())
+
+
+def _done(workdir: Path, job: str, node: str) -> int:
+    try:
+        return _status(workdir, job)["stages"][node]["batches_done"]
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return 0
+
+
+def _tasks(workdir: Path, job: str) -> list[dict]:
+    """Its tasks done, their times made absolute (seconds since the epoch)."""
+    started = _status(workdir, job)["started"]
+    lines = (workdir / ".podpipe" / "runs" / job / "tasks.jsonl").read_text().splitlines()
+    return [{**t, "handed": started + t["handed"], "ended": started + t["ended"]}
+            for t in map(json.loads, lines) if t["state"] == "done"]
+
+
+@pytest.fixture
+def line(tmp_path: Path):
+    """Line `t` (jobs: 2) up over `_spec`, serving its metrics on the port in
+    tmp_path/port, with a reference run's sinks in out/ref."""
+    _spec(tmp_path)
+    (tmp_path / "open").touch()
+    env = {"FAIL_MARKER": str(tmp_path / "no-marker"), "GATE": str(tmp_path / "open")}
+    ref = podpipe("run", "p.yaml", "--quiet", *_to("ref"), cwd=tmp_path, **env)
+    assert ref.returncode == 0, ref.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "port").write_text(str(port))
+    up = podpipe("up", "p.yaml", "--name", "t", "--metrics-port", str(port), cwd=tmp_path,
+                 **env)
+    assert up.returncode == 0, up.stderr
+    yield tmp_path
+    if _line(tmp_path)["state"] == "up":
+        podpipe("down", "t", cwd=tmp_path)
+
+
+def _scrape(workdir: Path) -> dict[str, set[str]]:
+    """Each series name the line's endpoint serves, and the jobs it is labelled with."""
+    port = (workdir / "port").read_text()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    found: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "podpipe_job" in sample.labels:
+                found.setdefault(sample.name, set()).add(sample.labels["podpipe_job"])
+    return found
+
+
+def _submit(workdir: Path, name: str, *more: str) -> str:
+    done = podpipe("submit", "t", *_to(name), *more, cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[0]
+
+
+def test_the_next_job_runs_on_the_stations_the_one_before_is_done_with(line: Path):
+    workdir = line
+    warm = _line(workdir)["processes"]
+    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
+    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
+    younger = _submit(workdir, "b")
+    # The older job is held at `double`: the younger one's source and check, handed
+    # over, take every batch meanwhile, in the same warm processes.
+    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    assert _status(workdir, older)["state"] == "running"
+    assert _done(workdir, older, "double") == 0 and _done(workdir, younger, "double") == 0
+    record = _line(workdir)
+    assert record["jobs"]["running"] == older and record["jobs"]["beside"] == [younger]
+    assert record["processes"] == warm
+    served = _scrape(workdir)  # both jobs' series, each labelled with its id
+    assert served["podpipe_batches_done_total"] == {older, younger}
+    assert served["podpipe_scratch_bytes"] == {older, younger}
+    (workdir / "gate-a").touch()
+    for job, name in ((older, "a"), (younger, "b")):
+        done = podpipe("wait", _dir(workdir, job), cwd=workdir)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _sinks(workdir / "out" / name) == _sinks(workdir / "out" / "ref")
+    # Each station served the older job to its end before the younger one.
+    first, second = _tasks(workdir, older), _tasks(workdir, younger)
+    for node in ("source", "check", "double", "total", "doubled", "summed"):
+        assert max(t["ended"] for t in first if t["node"] == node) <= \
+            min(t["handed"] for t in second if t["node"] == node), node
+    assert _line(workdir)["processes"] == warm
+
+
+def test_an_older_job_that_fails_leaves_the_younger_one_whole(line: Path):
+    workdir = line
+    (workdir / "marker").touch()
+    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}",
+                    "--set", f"stages.double.env.FAIL_MARKER={workdir / 'marker'}")
+    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
+    younger = _submit(workdir, "b")
+    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    (workdir / "gate-a").touch()  # the older job's double fails batch 2
+    failed = podpipe("wait", _dir(workdir, older), cwd=workdir)
+    assert failed.returncode == 1
+    assert "double" in failed.stderr + failed.stdout and "batch 2" in failed.stderr + \
+        failed.stdout
+    done = podpipe("wait", _dir(workdir, younger), cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _sinks(workdir / "out" / "b") == _sinks(workdir / "out" / "ref")
+    (workdir / "marker").unlink()
+    again = podpipe("resume", _dir(workdir, older), cwd=workdir)  # back on the line: what is missing
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _sinks(workdir / "out" / "a") == _sinks(workdir / "out" / "ref")
