@@ -294,7 +294,9 @@ def lines_table(found: list[tuple[Path, LineRecord]], where: str) -> Table:
     for _, line in found:
         jobs = line.jobs
         table.add_row(line.name, line.state, str(line.pid) if line.state != "down" else "",
-                      str(len(jobs.queued)), jobs.running or "", str(jobs.done),
+                      str(len(jobs.queued)), ", ".join(filter(None, [jobs.running,
+                                                                      *jobs.beside])),
+                      str(jobs.done),
                       str(jobs.failed))
     return table
 
@@ -311,6 +313,8 @@ def line_table(line: LineRecord, where: str) -> Table:
     table.add_row("tables", ", ".join(f"{name} ({version})" for name, version in
                                       sorted(line.tables.items())) or "none in RAM")
     table.add_row("running", line.jobs.running or "no job")
+    if line.jobs.beside:  # (`jobs: N`: younger ones, on the stations it is done with)
+        table.add_row("beside it", ", ".join(line.jobs.beside))
     table.add_row("queued", ", ".join(line.jobs.queued) or "none")
     table.add_row("jobs", f"{line.jobs.done} succeeded, {line.jobs.failed} failed")
     for job in reversed(line.jobs.recent[-5:]):

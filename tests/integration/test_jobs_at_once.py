@@ -9,14 +9,19 @@ skip, whatever the machine's speed.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_numbers, podpipe, spec, wait_until, write_spec
+from conftest import cli_env, make_numbers, podpipe, spec, wait_until, write_spec
 from test_lines import _line, _sinks, _to
 
 
@@ -144,3 +149,103 @@ def test_an_older_job_that_fails_leaves_the_younger_one_whole(line: Path):
     again = podpipe("resume", _dir(workdir, older), cwd=workdir)  # back on the line: what is missing
     assert again.returncode == 0, again.stdout + again.stderr
     assert _sinks(workdir / "out" / "a") == _sinks(workdir / "out" / "ref")
+
+
+def _versions(folder: Path) -> list[list[str]]:
+    """Each part file's versions of `double`, in batch order."""
+    return [json.loads(pq.read_schema(p).metadata[b"podpipe.versions"])["double"]
+            for p in sorted(folder.glob("part-*.parquet"))]
+
+
+def test_a_swap_while_jobs_overlap_waits_for_the_older_then_swaps_the_younger(line: Path):
+    """Held while the older job is on the line, the swap then goes to the younger one
+    from its next batch: its `double` (one worker, held at its own gate) made at most
+    the batch it was on with the old version."""
+    workdir = line
+    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
+    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
+    younger = _submit(workdir, "b", "--set", f"stages.double.env.GATE={workdir / 'gate-b'}")
+    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    swap = subprocess.Popen([sys.executable, "-m", "podpipe", "swap", "t", "double", "--run",
+                             "pystages:double"], cwd=workdir, env=cli_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = workdir / ".podpipe" / "lines" / "t" / "logs" / "line.log"
+    wait_until(lambda: "swap of stage 'double' waits until one job is on the line" in
+               log.read_text(), "the swap to wait")
+    assert swap.poll() is None  # (the older job, held at its gate, is on the line)
+    (workdir / "gate-a").touch()
+    done = podpipe("wait", _dir(workdir, older), cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    asked = Path(_dir(workdir, younger)) / "logs" / "conductor.log"
+    wait_until(lambda: "swap of stage 'double' requested" in asked.read_text(),
+               "the swap to reach the younger job")
+    (workdir / "gate-b").touch()
+    out, err = swap.communicate(timeout=120)
+    assert swap.returncode == 0, err
+    done = podpipe("wait", _dir(workdir, younger), cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    old, new = _versions(workdir / "out" / "a" / "doubled"), \
+        _versions(workdir / "out" / "b" / "doubled")
+    assert len(old) == len(new) == 10 and len({v[0] for v in old}) == 1
+    assert new[1:] == [new[-1]] * 9 and new[-1] != old[0] and new[0] in (old[0], new[-1])
+    for name in ("a", "b"):
+        assert pq.read_table(workdir / "out" / name / "doubled").equals(
+            pq.read_table(workdir / "out" / "ref" / "doubled"))
+
+
+def test_a_line_killed_while_jobs_overlap_comes_back_and_finishes_both(line: Path):
+    workdir = line
+    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
+    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
+    younger = _submit(workdir, "b")
+    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    first = _line(workdir)
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_until(lambda: _line(workdir)["pid"] != first["pid"]
+               and _line(workdir)["state"] == "up", "the line to come back")
+    (workdir / "gate-a").touch()
+    for job, name in ((older, "a"), (younger, "b")):
+        done = podpipe("wait", _dir(workdir, job), cwd=workdir)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _sinks(workdir / "out" / name) == _sinks(workdir / "out" / "ref")
+
+
+def test_a_table_changed_while_an_older_job_reads_it_is_each_jobs_own(tmp_path: Path):
+    """The younger job loads the changed table anew; the older one reads the table it
+    loaded to its end; once both are over, only the newer table stays in RAM."""
+    import pyarrow as pa
+
+    make_numbers(tmp_path / "data")
+    codes = tmp_path / "codes.parquet"
+    pq.write_table(pa.table({"k": range(10), "label": [f"L{k}" for k in range(10)]}), codes)
+    document = spec([{"name": "labelled", "run": "pystages:with_label_gated", "workers": 1,
+                      "inputs": ["source", "codes"]}], [{"input": "labelled", "uri": "out/x/"}],
+                    jobs=2)
+    document["spec"]["tables"] = [{"name": "codes", "uri": "codes.parquet"}]
+    write_spec(tmp_path / "p.yaml", document)
+    (tmp_path / "open").touch()
+    up = podpipe("up", "p.yaml", "--name", "t", cwd=tmp_path, GATE=str(tmp_path / "open"))
+    assert up.returncode == 0, up.stderr
+    try:
+        older = podpipe("submit", "t", "--set", "sinks.0.uri=out/a/", "--set",
+                        f"stages.labelled.env.GATE={tmp_path / 'gate-a'}",
+                        cwd=tmp_path).stdout.split()[0]
+        wait_until(lambda: _done(tmp_path, older, "source") == 10, "the older job's source")
+        pq.write_table(pa.table({"k": range(10), "label": [f"M{k}" for k in range(10)]}),
+                       codes)
+        os.utime(codes, (1, 1))  # (another size or time: the files' identity changed)
+        younger = podpipe("submit", "t", "--set", "sinks.0.uri=out/b/",
+                          cwd=tmp_path).stdout.split()[0]
+        wait_until(lambda: _done(tmp_path, younger, "codes") == 1, "the younger job's table")
+        (tmp_path / "gate-a").touch()
+        for job in (older, younger):
+            done = podpipe("wait", _dir(tmp_path, job), cwd=tmp_path)
+            assert done.returncode == 0, done.stdout + done.stderr
+        for name, letter in (("a", "L"), ("b", "M")):
+            labels = set(pq.read_table(tmp_path / "out" / name).column("label").to_pylist())
+            assert {label[0] for label in labels} == {letter}, (name, labels)
+        scratch = Path(_line(tmp_path)["socket"]).parent
+        kept = [p for p in (scratch / "jobs").rglob("*.arrow")]
+        assert [p.parent.parent.parent.name for p in kept] == [younger], kept
+    finally:
+        podpipe("down", "t", cwd=tmp_path)

@@ -473,3 +473,8 @@ def double_gated_failing(t: pa.Table) -> pa.Table:
     """`double`, once the file named by GATE exists; then the batch holding x == 2500
     fails if the file FAIL_MARKER exists."""
     return _gated(lambda batch: double(fail_while_marked(batch)), t)
+
+
+def with_label_gated(t: pa.Table, codes: pa.Table) -> pa.Table:
+    """`with_label`, once the file named by GATE exists."""
+    return _gated(lambda batch: with_label(batch, codes), t)

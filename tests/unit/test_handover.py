@@ -14,7 +14,7 @@ from podpipe.engine.agent import ABSENT
 from podpipe.engine.state import RunState
 from podpipe.model.graph import Graph
 
-from podsim import CHAIN, out
+from podsim import CHAIN, JOINED, out
 
 
 @pytest.fixture(autouse=True)
@@ -90,3 +90,41 @@ def test_a_jam_spills_rather_than_give_up_a_batch_once_the_source_is_handed_over
     assert S.Spill("a", 0) in actions  # to the node tier: batch 1 is not given up, to be
     assert run.ledger.line.redo == []   # read again by a source that is not this job's
     assert not jam.stuck(run.ledger)
+
+
+class _Job:
+    """A job's conductor as the line's `Conducting` shares the budget with it: its
+    engine, fed what the line tells it."""
+
+    def __init__(self, state: RunState) -> None:
+        self.engine, self.ledger = state, state.ledger
+
+    def happened(self, happening=None, event=None) -> None:
+        self.engine.handle(event)
+
+
+def test_each_job_may_use_what_the_older_jobs_leave_and_a_table_both_hold_counts_once():
+    from types import SimpleNamespace
+
+    from podpipe.runtime.runs.line.conducting import Conducting
+
+    graph = Graph.of(JOINED)
+    older, younger, third = (_Job(RunState(graph, 4, 1_000)) for _ in range(3))
+    table = out("dim", 100)
+    for job in (older, younger):  # the same table file, kept from the job before
+        job.ledger.table_kept("dim", table)
+    older.ledger.budget.take(200)              # ... and 200 bytes of its batches
+    older.ledger.budget.footprint = 100        # one batch on its line, 40 made of 100
+    older.ledger.budget.enter(3)
+    older.ledger.budget.made("a", 3, 40)
+    younger.ledger.budget.take(50)
+    conducting = Conducting(SimpleNamespace(reader=None), print, print, print)
+    conducting.jobs = [older, younger, third]  # type: ignore[list-item]
+    conducting._share()
+    assert older.ledger.budget.limit == 1_000                  # the oldest: the whole
+    assert younger.ledger.budget.limit == 1_000 - 360 + 100    # less 100 + 200 + 60,
+    assert third.ledger.budget.limit == 1_000 - 360 - 50       # but the table it holds too;
+                                                               # the third, the table once
+    conducting.jobs = [younger]  # type: ignore[list-item]  # the older ones over:
+    conducting._share()
+    assert younger.ledger.budget.limit == 1_000

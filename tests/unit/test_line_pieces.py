@@ -164,3 +164,22 @@ def test_a_class_set_up_with_a_table_is_kept_only_while_its_table_is(tmp_path):
     assert warmth.unchanged(pipeline) == {"a", "b", "sink-0"}
     pq.write_table(pa.table({"k": [1, 2]}), tmp_path / "codes.parquet")  # it changed
     assert warmth.unchanged(pipeline) == {"b", "sink-0"}  # a sets up anew with it
+
+
+def test_a_line_with_jobs_at_once_shows_the_younger_beside_the_running_one():
+    import io
+
+    from rich.console import Console
+
+    from podpipe import console
+
+    record = lines.LineRecord(name="q1", pid=os.getpid(), start=None, socket="s",
+                              spec="p.yaml", cwd="/", overrides=[], started=0.0, state="up")
+    record.jobs.running, record.jobs.beside = "job-a", ["job-b"]
+    shown = io.StringIO()
+    Console(file=shown, width=80, color_system=None).print(console.line_table(record, "here"))
+    assert "job-a" in shown.getvalue() and "beside it  job-b" in shown.getvalue()
+    listed = io.StringIO()
+    Console(file=listed, width=80, color_system=None).print(
+        console.lines_table([(Path("q1"), record)], "here"))
+    assert "job-a, job-b" in listed.getvalue()

@@ -186,7 +186,9 @@ def parser() -> argparse.ArgumentParser:
         description="Start the pipeline as a standing line: every stage's processes "
                     "started once (imports done) and kept warm; then jobs ('podpipe "
                     "submit') run on it one after another, each with its own run "
-                    "directory. Returns once the line is warm (or runs it in the "
+                    "directory (with 'jobs: N' in the spec, up to N at once: the next "
+                    "job starts on each station the one before is done with). Returns "
+                    "once the line is warm (or runs it in the "
                     "terminal with --foreground; Ctrl-C ends it). The line lives in "
                     "CHECKPOINTS_NODE/lines/NAME.")
     up.add_argument("spec", metavar="SPEC", help="pipeline spec (YAML)")

@@ -21,6 +21,7 @@ class SwapRequest(Tagged, tag="swap"):
 class ApplyRequest(Tagged, tag="apply"):
     spec: str   # the new spec's text
     path: str   # the user's file, to name in messages
+    run: str = ""  # the run it is for (a line's job: its id), if named
 
 
 class Swapped(Tagged, tag="swapped"):
@@ -51,6 +52,7 @@ class PeekRequest(Tagged, tag="peek"):
     """`podpipe peek`: lend me a stage's output (`batch`, else its newest held)."""
     stage: str
     batch: int | None = None
+    run: str = ""  # the run it is for (a line's job: its id), if named
 
 
 class Lent(Tagged, tag="lent"):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from podpipe.model import spec as specs
 from podpipe.errors import RunError, UsageError
 from podpipe.runtime.plumbing import protocol, sockets
@@ -129,7 +131,8 @@ def peek(run_dir: str, stage: str, batch: int | None, *,
         try:
             with sock:
                 sock.settimeout(timeout)
-                protocol.send(sock, protocol.PeekRequest(stage=stage, batch=batch))
+                protocol.send(sock, protocol.PeekRequest(  # (a job's: named)
+                    stage=stage, batch=batch, run="" if line else status.read(pod).run_id))
                 answer, fds = protocol.recv_fds(sock, 1)
         except (OSError, protocol.Closed) as exc:
             raise RunError(f"peek {stage!r}: {pod}: no answer ({exc})") from None
@@ -203,5 +206,7 @@ def _request(run_dir: Path, message: protocol.Message, timeout: float, what: str
         sock = sockets.connect(str(path), wait=0)
     except OSError as exc:
         raise UsageError(f"{run_dir}: cannot reach the conductor at {path}: {exc}") from None
+    if isinstance(message, protocol.ApplyRequest):  # (for this run: a line's job, named)
+        message = msgspec.structs.replace(message, run=current.run_id)
     with sock:
         return Answer(str(run_dir), sockets.ask(sock, message, timeout, what))

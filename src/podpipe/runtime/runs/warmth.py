@@ -19,7 +19,6 @@ from pathlib import Path
 
 from podpipe.model.output import Output
 from podpipe.model.pipeline import Pipeline, Table
-from podpipe.runtime.data import scratch as scratches
 from podpipe.runtime.data import tables as table_files
 
 
@@ -53,14 +52,14 @@ class Warmth:
 
     def offer(self, now: Pipeline) -> dict[str, Output]:
         """The tables kept in RAM that the job `now` may take as loaded; the others
-        are let go (their files deleted)."""
+        are let go (their files go with the line's next sweep, once no job on the
+        line reads them: `Scratch.sweep_jobs`)."""
         offered = {}
         for name, (_, _, output) in list(self.tables.items()):
             if self._fresh(name, now):
                 offered[name] = output
             else:
                 del self.tables[name]
-                scratches.discard(output.path)
         return offered
 
     def keep(self, pipeline: Pipeline, outputs: dict[tuple[str, int], Output],

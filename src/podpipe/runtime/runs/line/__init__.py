@@ -123,7 +123,7 @@ class Line:
                                  ) if self.start.launch else None
         agents = Agents(self.loop, listener, self._log)
         self.floor = Floor(self.loop, agents, Processes(launcher, self.loop), standing=True)
-        self.conducting = Conducting(self.floor, self._idle, self._heard)
+        self.conducting = Conducting(self.floor, self._idle, self._heard, self._log)
         if self.start.metrics:  # one endpoint for the line's life, lent to each job
             from podpipe.runtime.conductor.metrics import Metrics
 
@@ -223,14 +223,14 @@ class Line:
                 job.waiters.append(conn)
         elif isinstance(message, protocol.JobRequest):
             self._job_request(conn, message)
-        elif isinstance(message, protocol.SwapRequest) and not self.running:
-            self._swap(conn, message)  # (during a job: its conductor's, then the line's)
-        elif isinstance(message, protocol.ShadowRequest) and message.stop and not self.running:
+        elif isinstance(message, protocol.SwapRequest):  # (between jobs: during one, its
+            self._swap(conn, message)                   # conductor's, then the line's)
+        elif isinstance(message, protocol.ShadowRequest) and message.stop:
             self.floor.drop_candidate(conn, message.stage)  # (kept for the next jobs)
         elif isinstance(message, (protocol.PeekRequest, protocol.ShadowRequest,
-                                  protocol.PromoteRequest)) and not self.running:
-            self.floor.agents.answer(conn, protocol.Refused(message="no job is running on "
-                                     "the line (peek, shadow, promote: the running job's)"))
+                                  protocol.PromoteRequest, protocol.ApplyRequest)):
+            self.floor.agents.answer(conn, protocol.Refused(message="no job is running on the "
+                                     "line (peek, shadow, promote, apply: a running job's)"))
         elif isinstance(message, protocol.DownRequest):
             self.floor.agents.answer(conn, protocol.Downed(dropped=[j.job for j in self.queue],
                                      stopped=[j.job for j in self.running]))

@@ -34,7 +34,7 @@ from podpipe.runtime.conductor.agents import Conn
 from podpipe.runtime.conductor.processes import SPAWNED
 from podpipe.runtime.conductor.requests.shadows import ShadowTimeout
 from podpipe.runtime.conductor.run import Timeout
-from podpipe.runtime.plumbing import loop as loops, protocol
+from podpipe.runtime.plumbing import logline, loop as loops, protocol
 
 # what changes a running job: its own, asked of the one job on the line
 CHANGES = (protocol.SwapRequest, protocol.ApplyRequest, protocol.PeekRequest,
@@ -46,9 +46,10 @@ LINES = (protocol.SubmitRequest, protocol.ResumeRequest, protocol.JobRequest,
 
 class Conducting:
     def __init__(self, floor: Floor, idle: Callable[[loops.Happening], None],
-                 heard: Callable[[Conn, protocol.Message | None], None]) -> None:
-        """`idle`, `heard`: the line's own, for what is no job's."""
-        self.floor, self._idle, self._heard = floor, idle, heard
+                 heard: Callable[[Conn, protocol.Message | None], None],
+                 log: logline.Log) -> None:
+        """`idle`, `heard`: the line's own, for what is no job's; `log`: the line's."""
+        self.floor, self._idle, self._heard, self._log = floor, idle, heard, log
         self.jobs: list[Conductor] = []  # oldest first
         self.held: list[tuple[Conn, protocol.Message]] = []  # changes waiting for one job
         self._flushed: dict[Path, float] = {}
@@ -118,9 +119,17 @@ class Conducting:
             elif isinstance(message, (protocol.Hello, protocol.Broken)) and \
                     protocol.shadow_of(message.node) is None:
                 target = self._owner(message.node)  # (a process saying hello)
-            elif isinstance(message, CHANGES) and self.together:
-                self.held.append((conn, message))
-                continue
+            elif isinstance(message, CHANGES) and self.jobs:
+                named = self._named(conn, message)
+                if named is None:
+                    continue  # (refused: the job it names is not on the line)
+                if isinstance(message, protocol.PeekRequest) and named.running:
+                    target = named  # (it only reads: no need to wait)
+                elif self.together:
+                    self._hold(conn, message)
+                    continue
+                else:
+                    target = named
             elif isinstance(message, LINES):
                 target = None
             else:  # a change, a probe, a candidate's, a connection closed
@@ -130,6 +139,26 @@ class Conducting:
                 target.happened()  # (its engine hears it before the next message)
             else:
                 self._heard(conn, message)
+
+    def _named(self, conn: Conn, message: protocol.Message) -> Conductor | None:
+        """The job a change is for: the one it names (refused if that is not on the
+        line), else the oldest."""
+        run = getattr(message, "run", "")
+        found = next((c for c in self.jobs if c.run.run_id == run and c.running), None) \
+            if run else self._oldest()
+        if found is None:
+            self.floor.agents.answer(conn, protocol.Refused(
+                message=f"job {run} is not running on the line" if run else
+                "no job is running on the line"))
+        return found
+
+    def _hold(self, conn: Conn, message: protocol.Message) -> None:
+        """A change while jobs overlap: it waits until one job is on the line."""
+        self.held.append((conn, message))
+        what = type(message).__name__.removesuffix("Request").lower()
+        stage = getattr(message, "stage", None)
+        self._log(what + (f" of stage {stage!r}" if stage else "") + " waits until one "
+                  f"job is on the line ({len(self.jobs)} on it)")
 
     def _owner(self, node: str) -> Conductor | None:
         run_dir = self.floor.owners.get(node)
@@ -146,11 +175,14 @@ class Conducting:
         ended = [c for c in self.jobs if not c.running]
         for conductor in ended:
             self._off(conductor)
-        if self.held and not self.together and self.jobs:
+        if self.held and not self.together:  # to the one job left (or the line's)
             held, self.held = self.held, []
             for conn, message in held:
-                self.jobs[0].heard(conn, message)
-                self.jobs[0].happened()
+                if not self.jobs:
+                    self._heard(conn, message)  # (the line's, between jobs)
+                elif (target := self._named(conn, message)) is not None:
+                    target.heard(conn, message)
+                    target.happened()
         for older, newer in zip(self.jobs, self.jobs[1:]):
             spent = frozenset(n for n in older.ledger.spent()
                               if self.floor.owners.get(n) == older.run.run_dir)
@@ -197,17 +229,20 @@ class Conducting:
     def _share(self) -> None:
         """Each job's budget: the line's, less what the older jobs hold and may still
         make (a table two jobs hold counted once)."""
-        taken = 0
-        tables: set[str] = set()
+        if len(self.jobs) == 1:  # (alone: the whole budget, as a run has it)
+            budget = self.jobs[0].ledger.budget
+            if budget.limit != budget.whole:
+                self.jobs[0].happened(event=ev.Shared(budget.whole))
+            return
+        taken, tables = 0, set()  # (what the older jobs take; their tables' files)
         for conductor in self.jobs:
             budget = conductor.ledger.budget
             mine = _tables(conductor.ledger)
-            limit = max(0, budget.whole - taken + sum(n for p, n in mine.items()
-                                                      if p in tables))
-            limit = min(limit, budget.whole)
+            shared = sum(n for path, n in mine.items() if path in tables)
+            limit = min(budget.whole, max(0, budget.whole - taken + shared))
             if budget.limit != limit:
                 conductor.happened(event=ev.Shared(limit))
-            taken += budget.claim()
+            taken += budget.claim() - shared
             tables |= set(mine)
 
 
