@@ -555,6 +555,61 @@ def test_a_standing_rendered_pod_takes_two_jobs_and_a_swap_between_them(tmp_path
     assert [p.name for p in pod.volumes["scratch"].iterdir()] == []  # nothing left in RAM
 
 
+def test_a_standing_rendered_pod_with_jobs_2_starts_the_next_job_on_the_stations_it_passed(
+        tmp_path, image_root):
+    """`jobs: 2` in a pod of containers: the first job held at its reduce (a gate on
+    the pod's node tier), the second job's per-batch stations — the same containers,
+    told of it — take every batch meanwhile; both answers right, no container
+    restarted."""
+    from examples.tpch import data
+
+    (image_root / "pystages.py").symlink_to(ROOT / "tests" / "stages" / "pystages.py")
+    pod, _ = rendered_pod(tmp_path, image_root, "--standing", "--set", "jobs=2", "--set",
+                          "source.batchRows=15000", "--set",
+                          "stages.total.run=pystages:q1_total_gated")
+    pods = {pod.name: pod}
+    (pod.volumes["node"] / "open").touch()
+    try:
+        pod.run()
+        _line_up(pod, "tpch-q1")
+        warm = {name: p.pid for name, p in pod.processes.items()}
+        run_dirs = []
+        for n, gate in ((1, "gate-1"), (2, "open")):
+            printed = podpipe("submit", "tpch-q1", "--k8s", "--set", f"sinks.0.uri=out/job{n}/",
+                              "--set", f"stages.total.env.GATE=/var/lib/podpipe/{gate}",
+                              cwd=ROOT)
+            assert printed.returncode == 0, printed.stderr
+            done = kubectl(pods, printed.stdout.splitlines()[0])
+            assert done.returncode == 0, (done.stdout, done.stderr)
+            run_dirs.append(Path(pod.host_path(pod.pod["initContainers"][0], re.search(
+                r"run directory: (\S+)", done.stdout).group(1))))
+
+        def status(n: int) -> dict:
+            try:
+                return json.loads((run_dirs[n] / "status.json").read_text())
+            except (OSError, ValueError):
+                return {}
+        def partial_done() -> bool:
+            partial = status(1).get("stages", {}).get("partial", {})
+            return partial.get("batches_done", 0) == partial.get("batches_total", -1)
+        deadline = time.monotonic() + 120
+        while not partial_done():
+            assert time.monotonic() < deadline, pod.log("podpipe-conductor")[-3000:]
+            time.sleep(0.1)
+        assert status(0)["state"] == "running"  # (held at its reduce)
+        (pod.volumes["node"] / "gate-1").touch()
+        while {status(0).get("state"), status(1).get("state")} != {"succeeded"}:
+            assert time.monotonic() < deadline, (status(0).get("error"), status(1).get("error"))
+            time.sleep(0.1)
+        for n in (1, 2):
+            assert data.compare(pq.read_table(image_root / "out" / f"job{n}"), SF) == []
+        assert {name: p.pid for name, p in pod.processes.items()} == warm  # none restarted
+    finally:
+        codes = pod.terminate()
+    assert set(codes.values()) == {0}, codes
+    assert [p.name for p in pod.volumes["scratch"].iterdir()] == []  # nothing left in RAM
+
+
 def test_one_job_submitted_to_every_pod_of_a_standing_line_runs_each_pods_shards(
         tmp_path, image_root):
     """Two standing replicas of the sharded example: `submit --k8s --replicas 2` prints
