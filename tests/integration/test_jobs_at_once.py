@@ -249,3 +249,22 @@ def test_a_table_changed_while_an_older_job_reads_it_is_each_jobs_own(tmp_path: 
         assert [p.parent.parent.parent.name for p in kept] == [younger], kept
     finally:
         podpipe("down", "t", cwd=tmp_path)
+
+
+def test_a_change_whose_command_gave_up_waiting_is_dropped(line: Path):
+    workdir = line
+    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
+    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
+    younger = _submit(workdir, "b")
+    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    swap = podpipe("swap", "t", "double", "--run", "pystages:double", "--timeout", "1",
+                   cwd=workdir)
+    assert swap.returncode != 0 and "no answer" in swap.stderr, swap.stderr
+    (workdir / "gate-a").touch()
+    for job in (older, younger):
+        done = podpipe("wait", _dir(workdir, job), cwd=workdir)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert _versions(workdir / "out" / "a" / "doubled") == \
+        _versions(workdir / "out" / "b" / "doubled")  # the younger: not swapped
+    assert "swap of stage 'double' requested" not in \
+        (Path(_dir(workdir, younger)) / "logs" / "conductor.log").read_text()

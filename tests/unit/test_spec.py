@@ -68,6 +68,8 @@ BAD = [
      "invalid name '../x'"),
     ("underscore-name", _edit("spec.stages.0.name", "my_filter"), "spec.stages[0].name",
      "a container's (a DNS label)"),
+    ("no-jobs", _edit("spec.jobs", 0), "spec.jobs", "integer >= 1"),
+    ("too-many-jobs", _edit("spec.jobs", 17), "spec.jobs", "at most 16"),
     ("underscore-name-hint", _edit("spec.stages.0.name", "my_filter"), "spec.stages[0].name",
      "e.g. 'my-filter'"),
     ("k8s-milli-size", _edit("spec.memory", "512m"), "spec.memory", "write 512Mi"),
@@ -163,7 +165,8 @@ def test_a_yaml_syntax_error_carries_its_line():
     ("stages.filter.run=other:g", lambda p: p.stage("filter").run == "other:g"),
     ("spec.sinks.0.uri=elsewhere/", lambda p: p.sinks[0].uri == "elsewhere/"),
     ("shards=4", lambda p: p.shards == 4),
-], ids=["int", "size", "stage-by-name", "list-index", "new-field"])
+    ("jobs=2", lambda p: p.jobs == 2),
+], ids=["int", "size", "stage-by-name", "list-index", "new-field", "jobs"])
 def test_set_overrides_a_field_before_validation(override, check):
     assert check(specs.parse(GOOD, overrides=[override]))
 

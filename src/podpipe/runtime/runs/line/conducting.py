@@ -4,9 +4,10 @@ line's one floor, oldest first.
 The line's loop waits; `route` hands each thing that happened to the job it is
 about: what a process said or did, to the job its node's processes serve (the
 floor's `owners`); a candidate's (`podpipe shadow`), to the oldest job, which
-candidates run beside; a request that changes a job (swap, apply, peek, shadow,
-promote), to the one job on the line — held while jobs overlap, and taken up once
-the older ones are over; a task's timer, to the job that set it; a signal, to
+candidates run beside; a request that changes a job (swap, apply, shadow,
+promote), to the job it names or the one on the line — held while jobs overlap
+(dropped if its asker gives up), taken up once the older ones are over; a peek, to
+the job it names at once; a task's timer, to the job that set it; a signal, to
 every job. What is no job's goes to the line (`idle`, `heard`).
 
 After each, `settle`: a job whose conductor ended is taken off (returned, for the
@@ -113,6 +114,8 @@ class Conducting:
         if tag == SPAWNED:
             return self.floor.processes.settle()
         for conn, message in agents.read(tag):
+            if message is None and self.held:  # (its asker gave up waiting: dropped)
+                self.held = [(c, m) for c, m in self.held if c is not conn]
             name = agents.node_of(conn)
             if name is not None:  # a process's, bound: its job's
                 target = self._owner(protocol.split_name(name)[0])
