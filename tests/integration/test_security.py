@@ -498,9 +498,17 @@ def test_a_run_whose_checkpoints_stopped_working_says_so_and_fails_if_they_are_r
                            env={**cli_env(SLOW_SECONDS="0.3"), "COLUMNS": "200"},
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _running(tmp_path)
-    import shutil
-    shutil.rmtree(store)
-    store.write_text("the store's directory is now a file: every write fails")
+    import itertools
+    for attempt in itertools.count():  # (the run may be writing a checkpoint into it:
+        if store.exists():              # moved aside whole, at once, not emptied under it)
+            store.rename(tmp_path / f"store-gone-{attempt}")
+        try:
+            fd = os.open(store, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue  # (the run made it again meanwhile)
+        with os.fdopen(fd, "w") as file:
+            file.write("the store's directory is now a file: every write fails")
+        break
     out, err = run.communicate(timeout=120)
     final = run_status(tmp_path / "run")
     assert final["durable"]["error"], final["durable"]

@@ -97,13 +97,16 @@ def test_a_jobs_end_sweeps_its_data_but_kept_tables_running_jobs_and_the_socket(
             job.output_path(node, 0).write_bytes(b"x")
         job.pool_path(1).write_bytes(b"y")
     table = over.output_path("t", 0)
-    line.sweep_jobs({"job-b"}, {str(table)})
+    assert over.path.name.startswith("job-a.") and over.path.parent == tmp_path / "jobs"
+    assert line.child("job-a").path != over.path  # (resumed: a folder of its own)
+    line.sweep_jobs({running.path}, {str(table)})
     assert line.socket.exists() and (tmp_path / "owner.json").exists()
     assert table.exists() and not over.output_path("f", 0).exists()
     assert not over.pool_path(1).exists()
     assert running.output_path("f", 0).exists() and running.pool_path(1).exists()
-    line.sweep_jobs({"job-b"}, set())  # the table no longer kept: the folder goes
+    line.sweep_jobs({running.path}, set())  # the table no longer kept: the folder goes
     assert not over.path.exists() and running.path.exists()
+    assert [p for p in (tmp_path / "jobs").iterdir()] == [running.path]
     assert oct((tmp_path / "jobs").stat().st_mode & 0o777) == "0o700"
 
 

@@ -173,18 +173,21 @@ class Scratch:
         return sum(blocks.values())
 
     def child(self, job: str) -> "Scratch":
-        """A standing line's job's own outputs and pool, in the line's (`jobs/JOB/`)."""
+        """A standing line's job's own outputs and pool, in a new folder of the line's
+        (`jobs/JOB.XXXX/`: a job resumed on the line never writes where a file of its
+        earlier start may still be read)."""
         (self.path / JOBS).mkdir(mode=0o700, exist_ok=True)
-        (self.path / JOBS / job).mkdir(mode=0o700, exist_ok=True)
-        return Scratch(self.path / JOBS / job, home=self.path)._claim(job)
+        path = Path(tempfile.mkdtemp(prefix=f"{job}.", dir=self.path / JOBS))  # 0700
+        return Scratch(path, home=self.path)._claim(job)
 
-    def sweep_jobs(self, running: set[str], keep: set[str]) -> None:
+    def sweep_jobs(self, running: set[Path], keep: set[str]) -> None:
         """What the line's jobs over left in RAM goes, but the files to `keep` (tables
-        kept for the next job, or read by a running one); the running jobs' stay."""
+        kept for the next job, or read by a running one); the running jobs' folders
+        stay."""
         if not (self.path / JOBS).is_dir():
             return
         for folder in (self.path / JOBS).iterdir():
-            if folder.name in running or folder.is_symlink():
+            if folder in running or folder.is_symlink():
                 continue
             kept = [Path(p) for p in keep if Path(p).is_relative_to(folder)]
             if not kept:

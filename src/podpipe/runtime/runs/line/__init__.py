@@ -340,11 +340,13 @@ class Line:
         begun = (job.run_path / status.FILE).exists()
         origin = Origin(journal=True, source_batches=status.read(job.run_path).source_batches
                         ) if begun else Origin(durable=True)
+        scratch = self.scratch.child(job.job)
+        job.scratch = scratch.path
         try:
             run, restored, tier = pod.prepare(
                 job.pipeline, job.run_path, job.overrides, job.job, self.record.name,
-                self.scratch.child(job.job), origin=origin, placement=self.start.placement,
-                fresh=not begun, memos=self.path)
+                scratch, origin=origin, placement=self.start.placement, fresh=not begun,
+                memos=self.path)
             following.mark_latest(job.run_path)
             job.conductor = Conductor(run, launcher=self.launcher, restored=restored,
                                       durable=tier, floor=self.floor)
@@ -389,7 +391,7 @@ class Line:
             if job.conductor is not None:
                 keep |= {o.path for (node, _), o in job.conductor.ledger.outputs.items()
                          if node in self.graph.tables}
-        self.scratch.sweep_jobs({j.job for j in self.running}, keep)
+        self.scratch.sweep_jobs({j.scratch for j in self.running if j.scratch}, keep)
 
     def _over(self, job: Job, state: str, error: str | None,
               seconds: float | None = None) -> None:

@@ -31,6 +31,7 @@ class Job:
     waiters: list[Conn] = field(default_factory=list)
     stop: bool = False
     conductor: Conductor | None = None  # once it started
+    scratch: Path | None = None  # its folder of the line's RAM scratch, once it started
     started: float = field(default_factory=time.time)
 
 
