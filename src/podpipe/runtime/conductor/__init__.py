@@ -57,6 +57,7 @@ from podpipe.runtime.plumbing.protocol import agent_name, split_name
 
 __all__ = ["FLUSH_SECONDS", "Conductor", "Floor", "Restored", "Run"]
 
+
 class Conductor:
     def __init__(self, run: Run, *, launcher: Launcher | None,
                  observer: Callable[[status.Status], None] | None = None,
@@ -100,11 +101,10 @@ class Conductor:
     def running(self) -> bool:
         return self.outcome[0] == "running"
 
-    # -- the loop --------------------------------------------------------------
+    # -- its life --------------------------------------------------------------
 
     def start(self) -> status.Status:
-        """Run to the end in its own loop; returns the final status, raises the run's
-        error. (A line drives its jobs' itself: `open`, `happened`, `leave`, `end`.)"""
+        """Run to the end in its own loop (a line drives its jobs'); the status, or raise."""
         try:
             # signals are events from here on (a line's loop has them already)
             with self.floor.loop if not self.floor.standing else contextlib.nullcontext():
@@ -155,7 +155,7 @@ class Conductor:
         return self._snapshot()
 
     def _wrap_up(self) -> None:
-        if not self.floor.standing:  # (a line clears it, keeping its tables)
+        if not self.floor.standing:  # (a line sweeps it, keeping its tables)
             self.run.scratch.remove()
         self.counters.ended = time.time()
         self.timeline.sample(self.ledger.progress(), {}, {})
