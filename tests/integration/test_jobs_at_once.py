@@ -99,15 +99,32 @@ def _submit(workdir: Path, name: str, *more: str) -> str:
     return done.stdout.split()[0]
 
 
+def _overlapping(workdir: Path, older: tuple[str, ...] = (),
+                 younger: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Two jobs on the line at once: the older (sinks under out/a, with `older`'s
+    `--set`s) held at `double` by the gate file gate-a, the younger (out/b, `younger`'s)
+    through its `check` — on the stations the older handed over — on all 10 batches.
+    Their ids."""
+    first = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}",
+                    *older)
+    wait_until(lambda: _done(workdir, first, "check") == 10, "the older job's check")
+    second = _submit(workdir, "b", *younger)
+    wait_until(lambda: _done(workdir, second, "check") == 10, "the younger job's check")
+    return first, second
+
+
+def _succeeded(workdir: Path, job: str) -> None:
+    """`podpipe wait JOB` exits 0: the job succeeded."""
+    done = podpipe("wait", _dir(workdir, job), cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_the_next_job_runs_on_the_stations_the_one_before_is_done_with(line: Path):
     workdir = line
     warm = _line(workdir)["processes"]
-    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
-    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
-    younger = _submit(workdir, "b")
     # The older job is held at `double`: the younger one's source and check, handed
     # over, take every batch meanwhile, in the same warm processes.
-    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    older, younger = _overlapping(workdir)
     assert _status(workdir, older)["state"] == "running"
     assert _done(workdir, older, "double") == 0 and _done(workdir, younger, "double") == 0
     record = _line(workdir)
@@ -118,8 +135,7 @@ def test_the_next_job_runs_on_the_stations_the_one_before_is_done_with(line: Pat
     assert served["podpipe_scratch_bytes"] == {older, younger}
     (workdir / "gate-a").touch()
     for job, name in ((older, "a"), (younger, "b")):
-        done = podpipe("wait", _dir(workdir, job), cwd=workdir)
-        assert done.returncode == 0, done.stdout + done.stderr
+        _succeeded(workdir, job)
         assert _sinks(workdir / "out" / name) == _sinks(workdir / "out" / "ref")
     # Each station served the older job to its end before the younger one.
     first, second = _tasks(workdir, older), _tasks(workdir, younger)
@@ -132,21 +148,18 @@ def test_the_next_job_runs_on_the_stations_the_one_before_is_done_with(line: Pat
 def test_an_older_job_that_fails_leaves_the_younger_one_whole(line: Path):
     workdir = line
     (workdir / "marker").touch()
-    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}",
-                    "--set", f"stages.double.env.FAIL_MARKER={workdir / 'marker'}")
-    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
-    younger = _submit(workdir, "b")
-    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    older, younger = _overlapping(
+        workdir, older=("--set", f"stages.double.env.FAIL_MARKER={workdir / 'marker'}"))
     (workdir / "gate-a").touch()  # the older job's double fails batch 2
     failed = podpipe("wait", _dir(workdir, older), cwd=workdir)
     assert failed.returncode == 1
     assert "double" in failed.stderr + failed.stdout and "batch 2" in failed.stderr + \
         failed.stdout
-    done = podpipe("wait", _dir(workdir, younger), cwd=workdir)
-    assert done.returncode == 0, done.stdout + done.stderr
+    _succeeded(workdir, younger)
     assert _sinks(workdir / "out" / "b") == _sinks(workdir / "out" / "ref")
     (workdir / "marker").unlink()
-    again = podpipe("resume", _dir(workdir, older), cwd=workdir)  # back on the line: what is missing
+    # back on the line, it redoes what is missing
+    again = podpipe("resume", _dir(workdir, older), cwd=workdir)
     assert again.returncode == 0, again.stdout + again.stderr
     assert _sinks(workdir / "out" / "a") == _sinks(workdir / "out" / "ref")
 
@@ -162,10 +175,8 @@ def test_a_swap_while_jobs_overlap_waits_for_the_older_then_swaps_the_younger(li
     from its next batch: its `double` (one worker, held at its own gate) made at most
     the batch it was on with the old version."""
     workdir = line
-    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
-    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
-    younger = _submit(workdir, "b", "--set", f"stages.double.env.GATE={workdir / 'gate-b'}")
-    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    older, younger = _overlapping(
+        workdir, younger=("--set", f"stages.double.env.GATE={workdir / 'gate-b'}"))
     swap = subprocess.Popen([sys.executable, "-m", "podpipe", "swap", "t", "double", "--run",
                              "pystages:double"], cwd=workdir, env=cli_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -174,16 +185,14 @@ def test_a_swap_while_jobs_overlap_waits_for_the_older_then_swaps_the_younger(li
                log.read_text(), "the swap to wait")
     assert swap.poll() is None  # (the older job, held at its gate, is on the line)
     (workdir / "gate-a").touch()
-    done = podpipe("wait", _dir(workdir, older), cwd=workdir)
-    assert done.returncode == 0, done.stdout + done.stderr
+    _succeeded(workdir, older)
     asked = Path(_dir(workdir, younger)) / "logs" / "conductor.log"
     wait_until(lambda: "swap of stage 'double' requested" in asked.read_text(),
                "the swap to reach the younger job")
     (workdir / "gate-b").touch()
     out, err = swap.communicate(timeout=120)
     assert swap.returncode == 0, err
-    done = podpipe("wait", _dir(workdir, younger), cwd=workdir)
-    assert done.returncode == 0, done.stdout + done.stderr
+    _succeeded(workdir, younger)
     old, new = _versions(workdir / "out" / "a" / "doubled"), \
         _versions(workdir / "out" / "b" / "doubled")
     assert len(old) == len(new) == 10 and len({v[0] for v in old}) == 1
@@ -195,18 +204,14 @@ def test_a_swap_while_jobs_overlap_waits_for_the_older_then_swaps_the_younger(li
 
 def test_a_line_killed_while_jobs_overlap_comes_back_and_finishes_both(line: Path):
     workdir = line
-    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
-    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
-    younger = _submit(workdir, "b")
-    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    older, younger = _overlapping(workdir)
     first = _line(workdir)
     os.kill(first["pid"], signal.SIGKILL)
     wait_until(lambda: _line(workdir)["pid"] != first["pid"]
                and _line(workdir)["state"] == "up", "the line to come back")
     (workdir / "gate-a").touch()
     for job, name in ((older, "a"), (younger, "b")):
-        done = podpipe("wait", _dir(workdir, job), cwd=workdir)
-        assert done.returncode == 0, done.stdout + done.stderr
+        _succeeded(workdir, job)
         assert _sinks(workdir / "out" / name) == _sinks(workdir / "out" / "ref")
 
 
@@ -239,8 +244,7 @@ def test_a_table_changed_while_an_older_job_reads_it_is_each_jobs_own(tmp_path: 
         wait_until(lambda: _done(tmp_path, younger, "codes") == 1, "the younger job's table")
         (tmp_path / "gate-a").touch()
         for job in (older, younger):
-            done = podpipe("wait", _dir(tmp_path, job), cwd=tmp_path)
-            assert done.returncode == 0, done.stdout + done.stderr
+            _succeeded(tmp_path, job)
         for name, letter in (("a", "L"), ("b", "M")):
             labels = set(pq.read_table(tmp_path / "out" / name).column("label").to_pylist())
             assert {label[0] for label in labels} == {letter}, (name, labels)
@@ -253,17 +257,13 @@ def test_a_table_changed_while_an_older_job_reads_it_is_each_jobs_own(tmp_path: 
 
 def test_a_change_whose_command_gave_up_waiting_is_dropped(line: Path):
     workdir = line
-    older = _submit(workdir, "a", "--set", f"stages.double.env.GATE={workdir / 'gate-a'}")
-    wait_until(lambda: _done(workdir, older, "check") == 10, "the older job's check")
-    younger = _submit(workdir, "b")
-    wait_until(lambda: _done(workdir, younger, "check") == 10, "the younger job's check")
+    older, younger = _overlapping(workdir)
     swap = podpipe("swap", "t", "double", "--run", "pystages:double", "--timeout", "1",
                    cwd=workdir)
     assert swap.returncode != 0 and "no answer" in swap.stderr, swap.stderr
     (workdir / "gate-a").touch()
     for job in (older, younger):
-        done = podpipe("wait", _dir(workdir, job), cwd=workdir)
-        assert done.returncode == 0, done.stdout + done.stderr
+        _succeeded(workdir, job)
     assert _versions(workdir / "out" / "a" / "doubled") == \
         _versions(workdir / "out" / "b" / "doubled")  # the younger: not swapped
     assert "swap of stage 'double' requested" not in \

@@ -20,7 +20,8 @@ that it failed. The run never waits for it:
 - it runs at the lowest priority (`stage.shadow`: idle class, nice 19, its autogroup).
 
 Reading it, top to bottom: **requests** (`request`: start or stop, `_refused` says
-why not; `promote`, a swap to it; `again`, a line's candidates for its next job;
+why not; `promote`, a swap to it; `again`, a line's candidates for the job it
+runs them beside, its oldest;
 `_start`, `stop`); **the candidate's process** (`heard`: its hello, its answers, its
 connection's end; `exited`, `timed_out`, then `_died` → started again or
 `_give_up`); **the line's batches** (`dispatched` keeps a task's inputs, `offer`
@@ -167,8 +168,8 @@ class Shadows:
 
     def again(self, requests: dict[str, protocol.ShadowRequest], pipeline: Pipeline,
               version: Callable[[str, list[str]], list[str] | str]) -> None:
-        """A line's job starts: the candidates the line runs beside its jobs, started
-        for it."""
+        """A line's job starts, or became its oldest (`jobs: N`): the candidates the
+        line runs beside it, started for it."""
         for request in requests.values():
             self.request(None, request, pipeline, version)
 
