@@ -208,23 +208,24 @@ class Line:
         else:
             self._request(conn, message)
 
-    def _request(self, conn: Conn, message: protocol.Message) -> bool:
-        """A request that is the line's: answered here (True), else the job's (False)."""
+    def _request(self, conn: Conn, message: protocol.Message) -> None:
+        """A request that is the line's, or one for a job when none is on the line
+        (`Conducting` hands a running job its own); anything else goes unanswered."""
         if isinstance(message, (protocol.SubmitRequest, protocol.ResumeRequest)):
             try:
                 job = self._submit(message) if isinstance(message, protocol.SubmitRequest) \
                     else self._resume(message)
             except PodpipeError as exc:
                 self.floor.agents.answer(conn, protocol.Refused(message=str(exc)))
-                return True
+                return
             self.floor.agents.answer(conn, protocol.Submitted(job=job.job, run_dir=str(
                 job.run_path), ahead=len(self.queue) - 1 + len(self.running)))
             if message.wait:
                 job.waiters.append(conn)
         elif isinstance(message, protocol.JobRequest):
             self._job_request(conn, message)
-        elif isinstance(message, protocol.SwapRequest):  # (between jobs: during one, its
-            self._swap(conn, message)                   # conductor's, then the line's)
+        elif isinstance(message, protocol.SwapRequest):  # (no job on the line: from the
+            self._swap(conn, message)                   # next one on)
         elif isinstance(message, protocol.ShadowRequest) and message.stop:
             self.floor.drop_candidate(conn, message.stage)  # (kept for the next jobs)
         elif isinstance(message, (protocol.PeekRequest, protocol.ShadowRequest,
@@ -237,9 +238,6 @@ class Line:
             self.down = True
             for conductor in self.conducting.jobs:
                 conductor.stop("the line went down")
-        else:
-            return False
-        return True
 
     def _submit(self, request: protocol.SubmitRequest) -> Job:
         lines.job_overrides(request.overrides)
@@ -389,8 +387,8 @@ class Line:
         keep = {o.path for _, _, o in self.warmth.tables.values()}
         for job in self.running:
             if job.conductor is not None:
-                keep |= {o.path for (node, _), o in job.conductor.ledger.outputs.items()
-                         if node in self.graph.tables}
+                outputs = job.conductor.ledger.outputs
+                keep |= {o.path for t in self.graph.tables if (o := outputs.get((t, 0)))}
         self.scratch.sweep_jobs({j.scratch for j in self.running if j.scratch}, keep)
 
     def _over(self, job: Job, state: str, error: str | None,

@@ -251,5 +251,5 @@ class Conducting:
 
 def _tables(ledger: Ledger) -> dict[str, int]:
     """The tables a job holds in RAM: file, bytes."""
-    return {o.path: o.nbytes for (node, _), o in ledger.outputs.items()
-            if node in ledger.graph.tables and o.tier == "ram"}
+    held = (ledger.outputs.get((table, 0)) for table in ledger.graph.tables)
+    return {o.path: o.nbytes for o in held if o is not None and o.tier == "ram"}
